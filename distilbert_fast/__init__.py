@@ -1,0 +1,57 @@
+"""distilbert_fast: a drop-in, fast DistilBERT for PyTorch.
+
+    from distilbert_fast import DistilBertForSequenceClassification
+    model = DistilBertForSequenceClassification.from_pretrained("path/to/local/checkpoint")
+
+The classes mirror HuggingFace's (names, parameters, state_dict keys, forward arguments,
+outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.ops``.
+"""
+
+from . import _extension, ops
+from .configuration import DistilBertConfig
+from .modeling import (
+    DistilBertForMaskedLM,
+    DistilBertForMultipleChoice,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+    DistilBertPreTrainedModel,
+)
+from .ops import available_backends, last_backend, set_default_backend, use_backend
+from .outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    ModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+__version__ = "0.1.0"
+BUILD_INFO = _extension.BUILD_INFO
+
+__all__ = [
+    "BUILD_INFO",
+    "BaseModelOutput",
+    "DistilBertConfig",
+    "DistilBertForMaskedLM",
+    "DistilBertForMultipleChoice",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertModel",
+    "DistilBertPreTrainedModel",
+    "MaskedLMOutput",
+    "ModelOutput",
+    "MultipleChoiceModelOutput",
+    "QuestionAnsweringModelOutput",
+    "SequenceClassifierOutput",
+    "TokenClassifierOutput",
+    "available_backends",
+    "last_backend",
+    "ops",
+    "set_default_backend",
+    "use_backend",
+]

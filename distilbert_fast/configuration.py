@@ -1,0 +1,214 @@
+"""DistilBertConfig: HuggingFace's DistilBERT configuration, read from and written to config.json."""
+
+import copy
+import json
+import os
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Keys that configure a run, not the model: accepted for compatibility, never written out.
+_RUNTIME_ONLY = ("backend",)
+
+
+class DistilBertConfig:
+    """Configuration of a DistilBERT model, with HuggingFace's parameters, defaults and aliases.
+
+    Unknown keyword arguments are kept as attributes and written back by ``to_dict``, as
+    HuggingFace does, so a config.json round-trips through this class unchanged.
+    """
+
+    model_type = "distilbert"
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        max_position_embeddings: int = 512,
+        sinusoidal_pos_embds: bool = False,
+        n_layers: int = 6,
+        n_heads: int = 12,
+        dim: int = 768,
+        hidden_dim: int = 4 * 768,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        activation: str = "gelu",
+        initializer_range: float = 0.02,
+        qa_dropout: float = 0.1,
+        seq_classif_dropout: float = 0.2,
+        pad_token_id: int | None = 0,
+        **kwargs: Any,
+    ):
+        # Aliases may arrive as keywords too (hidden_size=..., num_hidden_layers=...).
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                if name == "dim":
+                    dim = value
+                elif name == "n_heads":
+                    n_heads = value
+                else:
+                    n_layers = value
+
+        self.vocab_size = vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.sinusoidal_pos_embds = sinusoidal_pos_embds
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.activation = activation
+        self.initializer_range = initializer_range
+        self.qa_dropout = qa_dropout
+        self.seq_classif_dropout = seq_classif_dropout
+        self.pad_token_id = pad_token_id
+
+        # The parts of HuggingFace's PretrainedConfig that DistilBERT's models read.
+        self.bos_token_id = kwargs.pop("bos_token_id", None)
+        self.eos_token_id = kwargs.pop("eos_token_id", None)
+        self.tie_word_embeddings = kwargs.pop("tie_word_embeddings", True)
+        self.output_attentions = kwargs.pop("output_attentions", False)
+        self.output_hidden_states = kwargs.pop("output_hidden_states", False)
+        self.return_dict = kwargs.pop("return_dict", True)
+        self.chunk_size_feed_forward = kwargs.pop("chunk_size_feed_forward", 0)
+        self.architectures = kwargs.pop("architectures", None)
+        self.problem_type = kwargs.pop("problem_type", None)
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}"
+            )
+
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        if id2label is not None:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+            if num_labels is not None and num_labels != len(self.id2label):
+                raise ValueError(
+                    f"num_labels={num_labels} disagrees with id2label, which has "
+                    f"{len(self.id2label)} entries"
+                )
+        else:
+            self.num_labels = 2 if num_labels is None else num_labels
+        if label2id is not None:
+            self.label2id = {k: int(v) for k, v in label2id.items()}
+        elif "label2id" not in self.__dict__:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+        # Not part of the model: which op backend to run (see distilbert_fast.ops).
+        self.backend = kwargs.pop("backend", None)
+
+        # Keep whatever else the file held (transformers_version, dtype, ...) so it round-trips.
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    # -- aliases ---------------------------------------------------------------------------------
+    def __setattr__(self, key, value):
+        super().__setattr__(self.attribute_map.get(key, key), value)
+
+    def __getattr__(self, key):
+        # Called only when normal lookup fails: resolve aliases.
+        name = type(self).attribute_map.get(key)
+        if name is not None:
+            return getattr(self, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
+
+    # -- labels ----------------------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, num_labels: int):
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+        if getattr(self, "id2label", None) is None or len(self.id2label) != num_labels:
+            self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
+        out["model_type"] = self.model_type
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
+        config_dict = dict(config_dict)
+        model_type = config_dict.pop("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"config has model_type={model_type!r}; DistilBertConfig expects "
+                f"{cls.model_type!r}"
+            )
+        config_dict.update(kwargs)
+        return cls(**config_dict)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "DistilBertConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                config_dict = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
+        return cls.from_dict(config_dict)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "DistilBertConfig":
+        """Reads ``directory/config.json``. ``directory`` must be a local directory: there is no
+        download. Keyword arguments override values from the file."""
+        path = os.path.join(local_directory(directory), CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
+        config = cls.from_json_file(path)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        return config
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        if os.path.isfile(directory):
+            raise ValueError(f"save_pretrained needs a directory, but {directory!s} is a file")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def __eq__(self, other):
+        return isinstance(other, DistilBertConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def local_directory(name: str | os.PathLike) -> str:
+    """Returns ``name`` if it is an existing directory, else raises a clear error.
+
+    distilbert_fast never downloads: a hub name such as 'distilbert-base-uncased' must first be
+    fetched to a local directory (for example with huggingface_hub's snapshot_download).
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"expected a directory path, got {type(name).__name__}")
+    if os.path.isdir(name):
+        return os.fspath(name)
+    if os.path.exists(name):
+        raise NotADirectoryError(f"{name!s} is a file; from_pretrained expects a directory")
+    raise FileNotFoundError(
+        f"{name!s} is not a local directory. distilbert_fast loads only from local directories "
+        "and never downloads; fetch the checkpoint first (e.g. huggingface_hub.snapshot_download)."
+    )

@@ -1,0 +1,765 @@
+"""DistilBERT in PyTorch, a drop-in for HuggingFace's: same modules, parameter names, state_dict
+keys, forward arguments and outputs. The hot ops (masked attention, bias + activation, residual +
+LayerNorm) go through ``distilbert_fast.ops``, whose backend is chosen per call.
+
+Reading order: embeddings -> attention -> FFN -> block -> encoder -> pretrained base -> model ->
+task heads.
+"""
+
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import checkpoint as ckpt
+from .configuration import DistilBertConfig
+from .ops import bias_activation, canonical_activation, masked_attention, residual_layernorm
+from .ops.backends import AUTO, _check_name
+from .outputs import (
+    BaseModelOutput,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+LAYER_NORM_EPS = 1e-12
+
+
+def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
+    """(n_pos, dim): sin on even columns, cos on odd ones, as HuggingFace builds them (float64
+    arithmetic, then float32)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)[None, :]
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    out = torch.empty(n_pos, dim, dtype=torch.float64)
+    out[:, 0::2] = torch.sin(angle[:, 0::2])
+    out[:, 1::2] = torch.cos(angle[:, 1::2])
+    return out.float()
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
+        self.LayerNorm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(config.dropout)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False
+        )
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None) -> torch.Tensor:
+        if input_ids is not None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (batch, seq, dim)
+        if position_ids is None:
+            position_ids = self.position_ids[:, : inputs_embeds.size(1)]  # (1, seq)
+        position_embeddings = self.position_embeddings(position_ids).expand_as(inputs_embeds)
+        embeddings = residual_layernorm(
+            inputs_embeds,
+            position_embeddings,
+            self.LayerNorm.weight,
+            self.LayerNorm.bias,
+            self.LayerNorm.eps,
+            backend=self.config.backend,
+        )
+        return self.dropout(embeddings)  # (batch, seq, dim)
+
+
+class DistilBertSelfAttention(nn.Module):
+    """Multi-head self-attention. ``forward`` returns the heads' output projected by out_lin's
+    weight but not its bias: the block folds that bias into the residual LayerNorm."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.n_heads = config.n_heads
+        self.dim = config.dim
+        self.attention_head_size = config.dim // config.n_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.q_lin = nn.Linear(config.dim, config.dim)
+        self.k_lin = nn.Linear(config.dim, config.dim)
+        self.v_lin = nn.Linear(config.dim, config.dim)
+        self.out_lin = nn.Linear(config.dim, config.dim)
+        self.dropout = nn.Dropout(p=config.attention_dropout)
+
+    def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
+        batch, seq, _ = hidden_states.shape
+        heads_shape = (batch, seq, self.n_heads, self.attention_head_size)
+        q = self.q_lin(hidden_states).view(heads_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        k = self.k_lin(hidden_states).view(heads_shape).transpose(1, 2)
+        v = self.v_lin(hidden_states).view(heads_shape).transpose(1, 2)
+        context, weights = masked_attention(
+            q,
+            k,
+            v,
+            key_padding_mask=key_padding_mask,
+            head_mask=head_mask,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            scale=self.scaling,
+            need_weights=output_attentions,
+            backend=self.config.backend,
+        )
+        context = context.transpose(1, 2).reshape(batch, seq, self.dim)  # (batch, seq, dim)
+        return F.linear(context, self.out_lin.weight), weights
+
+
+class FFN(nn.Module):
+    """lin1 -> activation -> lin2. ``forward`` stops before lin2's bias: the block folds that bias
+    and the dropout into the residual LayerNorm."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.dropout = nn.Dropout(p=config.dropout)
+        self.chunk_size_feed_forward = config.chunk_size_feed_forward
+        self.seq_len_dim = 1
+        self.lin1 = nn.Linear(config.dim, config.hidden_dim)
+        self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.activation = canonical_activation(config.activation)
+
+    def forward(self, x):
+        h = bias_activation(
+            F.linear(x, self.lin1.weight), self.lin1.bias, self.activation, backend=self.config.backend
+        )  # (batch, seq, hidden_dim)
+        return F.linear(h, self.lin2.weight)  # (batch, seq, dim)
+
+
+class TransformerBlock(nn.Module):
+    """Post-LN block: x = LN(x + attention(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.attention = DistilBertSelfAttention(config)
+        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.ffn = FFN(config)
+        self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
+        attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
+        x = residual_layernorm(
+            attn,
+            x,
+            self.sa_layer_norm.weight,
+            self.sa_layer_norm.bias,
+            self.sa_layer_norm.eps,
+            x_bias=self.attention.out_lin.bias,
+            backend=self.config.backend,
+        )
+        chunk = self.ffn.chunk_size_feed_forward
+        if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
+            out = torch.cat([self._ffn_sublayer(part) for part in x.split(chunk, dim=1)], dim=1)
+        else:
+            out = self._ffn_sublayer(x)
+        return out, weights
+
+    def _ffn_sublayer(self, x):
+        return residual_layernorm(
+            self.ffn(x),
+            x,
+            self.output_layer_norm.weight,
+            self.output_layer_norm.bias,
+            self.output_layer_norm.eps,
+            x_bias=self.ffn.lin2.bias,
+            dropout_p=self.ffn.dropout.p if self.training else 0.0,
+            backend=self.config.backend,
+        )
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.n_layers = config.n_layers
+        self.layer = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False,
+                output_hidden_states=False):
+        all_hidden_states = (x,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, layer in enumerate(self.layer):
+            layer_head_mask = None if head_mask is None else head_mask[i]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, weights = checkpoint(
+                    layer, x, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False
+                )
+            else:
+                x, weights = layer(x, key_padding_mask, layer_head_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (x,)
+            if output_attentions:
+                all_attentions = all_attentions + (weights,)
+        return BaseModelOutput(last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions)
+
+
+# -- the pretrained-model base: init, weight tying, loading and saving --------------------------
+
+
+class DistilBertPreTrainedModel(nn.Module):
+    config_class = DistilBertConfig
+    base_model_prefix = "distilbert"
+    # state_dict keys that alias another parameter when weights are tied: (key, source key)
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        if not isinstance(config, DistilBertConfig):
+            raise TypeError(f"config must be a DistilBertConfig, got {type(config).__name__}")
+        if config.dim % config.n_heads != 0:
+            raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
+        canonical_activation(config.activation)
+        if config.backend is not None:
+            _check_name(config.backend)
+        self.config = config
+
+    # -- initialisation --------------------------------------------------------------------------
+    def post_init(self):
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """HuggingFace's init: normal(0, initializer_range) for Linear and Embedding weights, zero
+        biases and padding row, LayerNorm at identity, sinusoidal position table if configured."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        if isinstance(module, Embeddings) and self.config.sinusoidal_pos_embds:
+            table = module.position_embeddings.weight
+            table.copy_(sinusoidal_embeddings(*table.shape))
+            table.requires_grad_(False)  # fixed, as in the original DistilBERT
+
+    # -- embeddings ------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> "DistilBertModel":
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding):
+        self.base_model.embeddings.word_embeddings = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None
+
+    def get_position_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.position_embeddings
+
+    def tie_weights(self):
+        """Shares the output projection's weight with the word embeddings when
+        config.tie_word_embeddings (as after init, load and resize)."""
+        output = self.get_output_embeddings()
+        if output is not None and self.config.tie_word_embeddings:
+            output.weight = self.get_input_embeddings().weight
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Resizes the word embeddings (and a tied or untied output layer) to ``new_num_tokens``,
+        optionally rounded up to ``pad_to_multiple_of``. New rows are drawn around the old rows'
+        mean (``mean_resizing``) or from the normal init, as HuggingFace does. Returns the
+        input embedding module."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            target = old.num_embeddings if new_num_tokens is None else new_num_tokens
+            new_num_tokens = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
+
+        old_weight = old.weight
+        new_weight = self._resized_rows(old_weight, new_num_tokens, mean_resizing)
+        old.weight = nn.Parameter(new_weight, requires_grad=old_weight.requires_grad)
+        old.num_embeddings = new_num_tokens
+        if old.padding_idx is not None and old.padding_idx >= new_num_tokens:
+            old.padding_idx = None
+
+        output = self.get_output_embeddings()
+        if output is not None:
+            if not self.config.tie_word_embeddings:
+                output.weight = nn.Parameter(
+                    self._resized_rows(output.weight, new_num_tokens, mean_resizing),
+                    requires_grad=output.weight.requires_grad,
+                )
+            if output.bias is not None:
+                output.bias = nn.Parameter(
+                    self._resized_bias(output.bias, new_num_tokens, mean_resizing),
+                    requires_grad=output.bias.requires_grad,
+                )
+            output.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return old
+
+    def _resized_rows(self, old: torch.Tensor, n: int, mean_resizing: bool) -> torch.Tensor:
+        new = torch.empty(n, old.shape[1], dtype=old.dtype, device=old.device)
+        keep = min(n, old.shape[0])
+        new[:keep] = old[:keep]
+        added = n - keep
+        if added > 0:
+            if mean_resizing:
+                new[keep:] = _sample_around_mean(old, added)
+            else:
+                new[keep:].normal_(mean=0.0, std=self.config.initializer_range)
+        return new
+
+    @staticmethod
+    def _resized_bias(old: torch.Tensor, n: int, mean_resizing: bool) -> torch.Tensor:
+        new = torch.zeros(n, dtype=old.dtype, device=old.device)
+        keep = min(n, old.shape[0])
+        new[:keep] = old[:keep]
+        if n > keep and mean_resizing:
+            mean = old.float().mean()
+            std = old.float().std() if old.numel() > 1 else torch.zeros(())
+            new[keep:] = torch.normal(mean.item(), 1e-9 * std.item(), size=(n - keep,)).to(old)
+        return new
+
+    def resize_position_embeddings(self, new_num_position_embeddings: int):
+        """Grows or shrinks the position table to ``new_num_position_embeddings`` rows: learned
+        rows are kept (new ones drawn from the init), a sinusoidal table is recomputed."""
+        embeddings = self.base_model.embeddings
+        old = embeddings.position_embeddings.weight
+        n = new_num_position_embeddings
+        if n == old.shape[0]:
+            return
+        if self.config.sinusoidal_pos_embds:
+            new = sinusoidal_embeddings(n, old.shape[1]).to(old)
+        else:
+            new = self._resized_rows(old.detach(), n, mean_resizing=False)
+        embeddings.position_embeddings = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
+        with torch.no_grad():
+            embeddings.position_embeddings.weight.copy_(new)
+        embeddings.position_embeddings.weight.requires_grad_(old.requires_grad)
+        embeddings.position_ids = torch.arange(n, device=embeddings.position_ids.device).expand((1, -1))
+        self.config.max_position_embeddings = n
+
+    # -- conveniences HuggingFace users reach for ---------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        unique = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+        return sum(p.numel() for p in unique.values())
+
+    def gradient_checkpointing_enable(self):
+        self.base_model.transformer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.base_model.transformer.gradient_checkpointing = False
+
+    @property
+    def backend(self) -> str:
+        """The op backend this model asks for ('auto' unless set)."""
+        return self.config.backend or AUTO
+
+    def set_backend(self, name: str | None):
+        """Runs this model's ops on backend ``name`` ('auto', 'eager', ...); None clears it."""
+        if name is not None:
+            _check_name(name)
+        self.config.backend = None if name == AUTO else name
+        return self
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, *, config=None, dtype=None, torch_dtype=None,
+                        backend=None, use_safetensors=None, ignore_mismatched_sizes=False,
+                        **config_kwargs):
+        """Loads config.json and the weights (model.safetensors, pytorch_model.bin, or either
+        sharded with an index) from a local directory. A checkpoint of the base model loads into a
+        task model and the reverse (the 'distilbert.' prefix is added or stripped). Missing and
+        unexpected keys are reported in one warning; wrong shapes are an error unless
+        ``ignore_mismatched_sizes``, which re-initialises those weights with a warning."""
+        directory = ckpt.local_directory(directory)
+        if config is None:
+            config = DistilBertConfig.from_pretrained(directory, **config_kwargs)
+        elif config_kwargs:
+            for key, value in config_kwargs.items():
+                setattr(config, key, value)
+        if backend is not None:
+            config.backend = None if backend == AUTO else backend
+        model = cls(config)
+        state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
+        ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None:
+            model.to(ckpt.resolve_dtype(dtype, state_dict))
+        return model.eval()
+
+    def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None):
+        """Writes config.json and the weights (model.safetensors by default, pytorch_model.bin
+        with ``safe_serialization=False``), sharded with an index above ``max_shard_size``."""
+        self.config.architectures = [type(self).__name__]
+        if state_dict is None:
+            state_dict = self.state_dict()
+        self.config.save_pretrained(directory)
+        ckpt.save_state_dict(
+            state_dict,
+            directory,
+            tied_keys=self._tied_weights_keys if self.config.tie_word_embeddings else {},
+            safe_serialization=safe_serialization,
+            max_shard_size=max_shard_size,
+        )
+
+
+def _sample_around_mean(old: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows from N(mean, 1e-9 * cov) of ``old``'s rows (HuggingFace's mean_resizing),
+    or the mean itself where that covariance is not positive definite."""
+    rows = old.detach().float()
+    mean = rows.mean(0)
+    centered = rows - mean
+    covariance = 1e-9 * (centered.T @ centered) / rows.shape[0]
+    try:
+        dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance)
+        return dist.sample((count,)).to(old.dtype)
+    except (ValueError, RuntimeError):  # not positive definite
+        return mean.expand(count, -1).to(old.dtype)
+
+
+# -- the base model ------------------------------------------------------------------------------
+
+
+class DistilBertModel(DistilBertPreTrainedModel):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.transformer = Transformer(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        head_mask=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        position_ids=None,
+    ):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = config.return_dict if return_dict is None else return_dict
+
+        batch, seq = self._check_inputs(input_ids, inputs_embeds)
+        key_padding_mask = self._key_padding_mask(attention_mask, batch, seq)
+        head_mask = self._layer_head_masks(head_mask)
+        if position_ids is not None:
+            _check_ids("position_ids", position_ids, config.max_position_embeddings)
+
+        embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (batch, seq, dim)
+        out = self.transformer(
+            embeddings, key_padding_mask, head_mask, output_attentions, output_hidden_states
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds) -> tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+            if input_ids.dim() != 2:
+                raise ValueError(
+                    f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}"
+                )
+            _check_ids("input_ids", input_ids, self.config.vocab_size)
+            batch, seq = input_ids.shape
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError("inputs_embeds must be a floating-point torch.Tensor")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq, {self.config.dim}), "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            batch, seq = inputs_embeds.shape[:2]
+        if seq > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate the input"
+            )
+        if seq == 0:
+            raise ValueError("input sequence length must be at least 1, got 0")
+        return batch, seq
+
+    @staticmethod
+    def _key_padding_mask(attention_mask, batch, seq):
+        """attention_mask (batch, seq), nonzero = attend -> bool mask, or None."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(batch, seq)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+    def _layer_head_masks(self, head_mask):
+        """head_mask (heads,) or (layers, heads) -> (layers, heads) in the model's dtype, or None."""
+        if head_mask is None:
+            return None
+        layers, heads = self.config.n_layers, self.config.n_heads
+        if not isinstance(head_mask, torch.Tensor):
+            raise TypeError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
+        if head_mask.dim() == 1 and head_mask.shape[0] == heads:
+            head_mask = head_mask.unsqueeze(0).expand(layers, heads)
+        elif tuple(head_mask.shape) != (layers, heads):
+            raise ValueError(
+                f"head_mask must have shape ({heads},) or ({layers}, {heads}), "
+                f"got {tuple(head_mask.shape)}"
+            )
+        return head_mask.to(self.dtype)
+
+
+def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
+    """ids must be an integer tensor with values in [0, upper): checked here, so a bad id is a
+    ValueError rather than an index error on CPU or a device-side assert on GPU."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= upper:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
+
+
+# -- task heads ----------------------------------------------------------------------------------
+
+
+class DistilBertForMaskedLM(DistilBertPreTrainedModel):
+    _tied_weights_keys = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.activation = canonical_activation(config.activation)
+        self.distilbert = DistilBertModel(config)
+        self.vocab_transform = nn.Linear(config.dim, config.dim)
+        self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
+        self.post_init()
+        self.mlm_loss_fct = nn.CrossEntropyLoss()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.vocab_projector
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.vocab_projector = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                position_ids=None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                              output_hidden_states, return_dict=True, position_ids=position_ids)
+        hidden = out.last_hidden_state  # (batch, seq, dim)
+        hidden = bias_activation(
+            F.linear(hidden, self.vocab_transform.weight),
+            self.vocab_transform.bias,
+            self.activation,
+            backend=self.config.backend,
+        )
+        hidden = residual_layernorm(
+            hidden,
+            None,
+            self.vocab_layer_norm.weight,
+            self.vocab_layer_norm.bias,
+            self.vocab_layer_norm.eps,
+            backend=self.config.backend,
+        )
+        logits = self.vocab_projector(hidden)  # (batch, seq, vocab_size)
+        loss = None
+        if labels is not None:
+            loss = self.mlm_loss_fct(logits.view(-1, logits.size(-1)), labels.view(-1))
+        return _finish(MaskedLMOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                position_ids=None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                              output_hidden_states, return_dict=True, position_ids=position_ids)
+        logits = _pool_and_classify(self, out.last_hidden_state)  # (batch, num_labels)
+        loss = None if labels is None else self._loss(logits, labels)
+        return _finish(SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+    def _loss(self, logits, labels):
+        """HuggingFace's rule: infer problem_type once (and record it in the config), then MSE,
+        cross-entropy or BCE-with-logits."""
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"config.num_labels must be 2 for question answering, got {config.num_labels}")
+        self.distilbert = DistilBertModel(config)
+        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
+        self.dropout = nn.Dropout(config.qa_dropout)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, position_ids=None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                              output_hidden_states, return_dict=True, position_ids=position_ids)
+        hidden = self.dropout(out.last_hidden_state)  # (batch, seq, dim)
+        logits = self.qa_outputs(hidden)  # (batch, seq, 2)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            # Positions outside the sequence are clamped to seq_len, which the loss ignores.
+            ignored = start_logits.size(1)
+            start_positions = start_positions.clamp(0, ignored)
+            end_positions = end_positions.clamp(0, ignored)
+            loss = (
+                F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+            ) / 2
+        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return _finish(result, return_dict)
+
+
+class DistilBertForTokenClassification(DistilBertPreTrainedModel):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                position_ids=None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                              output_hidden_states, return_dict=True, position_ids=position_ids)
+        logits = self.classifier(self.dropout(out.last_hidden_state))  # (batch, seq, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return _finish(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.distilbert = DistilBertModel(config)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, 1)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                position_ids=None):
+        """input_ids, attention_mask: (batch, num_choices, seq); inputs_embeds: (batch,
+        num_choices, seq, dim)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        first = input_ids if input_ids is not None else inputs_embeds
+        if first is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        expected_dims = 3 if input_ids is not None else 4
+        if first.dim() != expected_dims:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} must have {expected_dims} dims (batch, num_choices, seq"
+                f"{'' if expected_dims == 3 else ', dim'}), got {tuple(first.shape)}"
+            )
+        num_choices = first.shape[1]
+        flat = lambda t, keep: None if t is None else t.reshape(-1, *t.shape[2:]) if t.dim() > keep else t  # noqa: E731
+        out = self.distilbert(
+            flat(input_ids, 2),
+            flat(attention_mask, 2),
+            head_mask,
+            flat(inputs_embeds, 3),
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+            position_ids=flat(position_ids, 2),
+        )
+        logits = _pool_and_classify(self, out.last_hidden_state).view(-1, num_choices)  # (batch, num_choices)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return _finish(MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+def _pool_and_classify(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The [CLS] pooling shared by sequence classification and multiple choice:
+    hidden[:, 0] -> pre_classifier -> ReLU -> dropout -> classifier."""
+    pooled = F.relu(head.pre_classifier(hidden[:, 0]))  # (batch, dim)
+    return head.classifier(head.dropout(pooled))
+
+
+def _finish(output, return_dict: bool):
+    return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "DistilBertPreTrainedModel",
+    "DistilBertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForTokenClassification",
+    "DistilBertForMultipleChoice",
+    "sinusoidal_embeddings",
+]

@@ -1,0 +1,153 @@
+"""Which implementation of the hot ops runs: the backend registry and the per-call choice.
+
+A backend implements each op's forward and backward (see ``Backend``). The choice is made per
+call, from (first that is set):
+
+1. the ``backend=`` argument of the op (the models pass ``config.backend``, which
+   ``model.set_backend`` and ``from_pretrained(..., backend=...)`` set),
+2. ``with use_backend(name):`` (per thread / async task),
+3. ``set_default_backend(name)`` (process-wide),
+4. the environment variable ``DISTILBERT_FAST_BACKEND``,
+5. ``"auto"``: the first registered backend, in preference order, that supports the tensor's
+   device.
+
+An explicitly named backend that cannot run on the tensor's device is an error, never a silent
+fallback. ``last_backend()`` says what ran; the debug log says it too, each time it changes.
+"""
+
+import contextlib
+import contextvars
+import logging
+import os
+
+import torch
+
+ENV_VAR = "DISTILBERT_FAST_BACKEND"
+AUTO = "auto"
+
+logger = logging.getLogger("distilbert_fast.ops")
+
+
+class Backend:
+    """One implementation of the three hot ops.
+
+    Each ``*_forward`` returns ``(outputs, saved_tensors, saved_state)``; the op's autograd
+    Function stores both and hands them back to the matching ``*_backward``. ``priority`` orders
+    the ``auto`` choice (higher first).
+    """
+
+    name = "?"
+    priority = 0
+
+    def unsupported_reason(self, tensor: torch.Tensor) -> str | None:
+        """None if this backend can run on ``tensor``'s device and dtype, else why not."""
+        raise NotImplementedError
+
+    def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
+        raise NotImplementedError
+
+    def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
+        raise NotImplementedError
+
+    def bias_activation_forward(self, x, bias, activation):
+        raise NotImplementedError
+
+    def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        raise NotImplementedError
+
+    def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
+        raise NotImplementedError
+
+    def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        raise NotImplementedError
+
+
+_registry: dict[str, Backend] = {}
+_default: str | None = None  # set_default_backend
+_override = contextvars.ContextVar("distilbert_fast_backend", default=None)  # use_backend
+_last: dict[str, str] = {}  # op name -> backend that last ran it
+_logged: dict[tuple[str, str], str] = {}  # (op, device type) -> backend last logged
+
+
+def register_backend(backend: Backend) -> None:
+    if backend.name in (AUTO, "?"):
+        raise ValueError(f"backend name {backend.name!r} is reserved")
+    _registry[backend.name] = backend
+
+
+def registered_backends() -> list[str]:
+    """Names of all registered backends, preferred first."""
+    return [b.name for b in sorted(_registry.values(), key=lambda b: -b.priority)]
+
+
+def available_backends(tensor: torch.Tensor) -> list[str]:
+    """Names of the backends that can run on ``tensor`` (its device and dtype), preferred first."""
+    return [n for n in registered_backends() if _registry[n].unsupported_reason(tensor) is None]
+
+
+def _check_name(name: str) -> None:
+    if name != AUTO and name not in _registry:
+        raise ValueError(
+            f"backend must be one of {[AUTO] + registered_backends()}, got {name!r}"
+        )
+
+
+def set_default_backend(name: str | None) -> None:
+    """Sets the backend used when an op is called without ``backend=`` (None clears it)."""
+    global _default
+    if name is not None:
+        _check_name(name)
+    _default = name
+
+
+def get_default_backend() -> str | None:
+    return _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("eager"): model(...)`` runs the ops inside on that backend."""
+    _check_name(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None) -> Backend:
+    """The backend that runs ``op`` on ``tensor`` for this request (see the module docstring)."""
+    name = requested or _override.get() or _default or os.environ.get(ENV_VAR) or AUTO
+    if name == AUTO:
+        for candidate in registered_backends():
+            if _registry[candidate].unsupported_reason(tensor) is None:
+                return _record(op, tensor, _registry[candidate])
+        raise RuntimeError(
+            f"no backend supports {op} on a {tensor.dtype} tensor on {tensor.device}"
+        )
+    _check_name(name)
+    backend = _registry[name]
+    reason = backend.unsupported_reason(tensor)
+    if reason is not None:
+        raise RuntimeError(
+            f"backend {name!r} cannot run {op} on a {tensor.dtype} tensor on {tensor.device}: "
+            f"{reason}"
+        )
+    return _record(op, tensor, backend)
+
+
+def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
+    _last[op] = backend.name
+    key = (op, tensor.device.type)
+    if _logged.get(key) != backend.name and logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s on %s runs on backend %r", op, tensor.device.type, backend.name)
+        _logged[key] = backend.name
+    return backend
+
+
+def last_backend(op: str | None = None):
+    """The backend that last ran ``op`` ('masked_attention', 'bias_activation',
+    'residual_layernorm'), or a dict of all three when ``op`` is None."""
+    if op is None:
+        return dict(_last)
+    return _last.get(op)

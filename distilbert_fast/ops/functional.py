@@ -1,0 +1,189 @@
+"""The functional API of the hot ops, one autograd Function each.
+
+    masked_attention(q, k, v, ...)          softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v
+    bias_activation(x, bias, activation)    act(x + bias)
+    residual_layernorm(x, residual, ...)    LayerNorm(dropout(x + x_bias) + residual)
+
+Each wrapper checks its arguments (errors name the argument and what was expected), picks the
+backend for this call (see ``backends``) and applies the op's Function, which hands forward and
+backward to that backend.
+"""
+
+import torch
+
+from .backends import resolve_backend
+from .eager import canonical_activation
+
+
+def _dtypes(*inputs):
+    """The dtypes of the tensor inputs (None elsewhere): their gradients come back in them."""
+    return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in inputs)
+
+
+def _cast_grads(grads, dtypes):
+    return tuple(None if g is None or d is None else g.to(d) for g, d in zip(grads, dtypes))
+
+
+def _check_tensor(name, t, ndim=None, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_dropout(dropout_p):
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+# -- masked attention ------------------------------------------------------------------------
+class MaskedAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, backend):
+        (out, weights), saved, state = backend.attention_forward(
+            q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights
+        )
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.backend = state, backend
+        ctx.input_dtypes = _dtypes(q, k, v, key_padding_mask, head_mask)
+        ctx.set_materialize_grads(False)
+        if weights is None:
+            return out, None
+        return out, weights
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_weights):
+        if grad_out is None:
+            grad_out = torch.zeros_like(ctx.saved_tensors[0])
+        dq, dk, dv, dhead_mask = ctx.backend.attention_backward(
+            ctx.saved_tensors, ctx.state, grad_out, grad_weights, ctx.needs_input_grad
+        )
+        grads = _cast_grads((dq, dk, dv, None, dhead_mask), ctx.input_dtypes)
+        return (*grads, None, None, None, None)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    need_weights: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head attention with a key-padding mask.
+
+    q, k, v: (batch, heads, seq, head_dim). key_padding_mask: (batch, seq) bool, True = attend.
+    head_mask: (heads,), multiplies each head's weights. dropout_p applies to the weights (pass 0
+    in eval). scale defaults to head_dim ** -0.5. Returns ``(out, weights)``: out is
+    (batch, heads, seq, head_dim); weights is (batch, heads, seq, seq) after dropout and head_mask
+    when ``need_weights``, else None. A fully-masked row attends uniformly to every key.
+    """
+    _check_tensor("q", q, ndim=4)
+    _check_tensor("k", k, shape=q.shape)
+    _check_tensor("v", v, shape=q.shape)
+    batch, heads, seq, head_dim = q.shape
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, shape=(batch, seq))
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor, got {key_padding_mask.dtype}")
+    if head_mask is not None:
+        _check_tensor("head_mask", head_mask, shape=(heads,))
+    _check_dropout(dropout_p)
+    if scale is None:
+        scale = head_dim**-0.5
+    impl = resolve_backend("masked_attention", q, backend)
+    return MaskedAttentionFunction.apply(
+        q, k, v, key_padding_mask, head_mask, float(dropout_p), float(scale), bool(need_weights), impl
+    )
+
+
+# -- bias + activation -----------------------------------------------------------------------
+class BiasActivationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, activation, backend):
+        y, saved, state = backend.bias_activation_forward(x, bias, activation)
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.backend = state, backend
+        ctx.input_dtypes = _dtypes(x, bias)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        dx, dbias = ctx.backend.bias_activation_backward(
+            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+        )
+        return (*_cast_grads((dx, dbias), ctx.input_dtypes), None, None)
+
+
+def bias_activation(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str = "gelu",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """act(x + bias) over (..., features) with bias (features,). activation: 'gelu' (erf),
+    'gelu_new' (tanh), 'relu', 'silu' (alias 'swish')."""
+    _check_tensor("x", x)
+    if bias is not None:
+        _check_tensor("bias", bias, shape=(x.shape[-1],))
+    activation = canonical_activation(activation)
+    impl = resolve_backend("bias_activation", x, backend)
+    return BiasActivationFunction.apply(x, bias, activation, impl)
+
+
+# -- residual + LayerNorm --------------------------------------------------------------------
+class ResidualLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, x_bias, dropout_p, backend):
+        y, saved, state = backend.residual_layernorm_forward(
+            x, residual, weight, bias, eps, x_bias, dropout_p
+        )
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.backend = state, backend
+        ctx.input_dtypes = _dtypes(x, residual, weight, bias, None, x_bias)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        dx, dresidual, dweight, dbias, dx_bias = ctx.backend.residual_layernorm_backward(
+            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+        )
+        grads = _cast_grads((dx, dresidual, dweight, dbias, None, dx_bias), ctx.input_dtypes)
+        return (*grads, None, None)
+
+
+def residual_layernorm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    x_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm(dropout(x + x_bias) + residual) over the last dim, statistics in float32 for
+    half types. x, residual: (..., dim), same shape; weight, bias, x_bias: (dim,). x_bias is the
+    bias of the linear layer that produced x, folded in here; dropout_p applies to x + x_bias
+    (pass 0 in eval)."""
+    _check_tensor("x", x)
+    dim = x.shape[-1]
+    if residual is not None:
+        _check_tensor("residual", residual, shape=x.shape)
+    _check_tensor("weight", weight, shape=(dim,))
+    _check_tensor("bias", bias, shape=(dim,))
+    if x_bias is not None:
+        _check_tensor("x_bias", x_bias, shape=(dim,))
+    _check_dropout(dropout_p)
+    impl = resolve_backend("residual_layernorm", x, backend)
+    return ResidualLayerNormFunction.apply(
+        x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl
+    )

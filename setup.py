@@ -1,0 +1,64 @@
+"""Builds distilbert_fast and its pybind11 extension ``distilbert_fast._C``.
+
+The CPU part always builds. The CUDA part builds where torch was built with CUDA and nvcc is
+found (CUDA_HOME); the launchers live in ``csrc/cuda`` and the kernels in ``kernels/cuda``.
+Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the torch
+already installed, not a fresh copy pip would download into an isolated build environment.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    cxx_flags = ["-O3", "-std=c++17"]
+    cpu_sources = _sources("csrc/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    build_cuda = (
+        bool(cuda_sources)
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("DISTILBERT_FAST_NO_CUDA", "0") != "1"
+        and _torch_has_cuda()
+    )
+    if build_cuda:
+        return cpp_extension.CUDAExtension(
+            "distilbert_fast._C",
+            cpu_sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "kernels", "cuda")],
+            define_macros=[("WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    return cpp_extension.CppExtension(
+        "distilbert_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}
+    )
+
+
+def _torch_has_cuda():
+    import torch
+
+    return torch.version.cuda is not None
+
+
+setup(
+    name="distilbert_fast",
+    version="0.1.0",
+    description="A drop-in, fast DistilBERT for PyTorch",
+    python_requires=">=3.10",
+    packages=["distilbert_fast", "distilbert_fast.ops", "distilbert_fast.kernels"],
+    # Our Triton/CUDA kernels ship inside the package: a top-level `kernels` would collide with
+    # the unrelated PyPI package of that name.
+    package_dir={"distilbert_fast.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=["torch>=2.11", "safetensors>=0.4", "tqdm>=4.60"],
+    zip_safe=False,
+)
