@@ -76,7 +76,10 @@ def _read_torch_bin(path: str) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: not a valid PyTorch weights file (truncated or corrupt?): {exc}") from exc
+        raise ValueError(
+            f"cannot load {path} with torch.load(weights_only=True): the file is truncated or "
+            f"corrupt, or holds objects other than tensors: {exc}"
+        ) from exc
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
@@ -133,7 +136,9 @@ def load_into_model(model, state_dict: dict[str, torch.Tensor], ignore_mismatche
 
     result = model.load_state_dict(state_dict, strict=False)
     tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
-    missing = [k for k in result.missing_keys if k not in tied]
+    # re-initialised mismatched weights were reported above, not again as missing
+    reinitialised = {key for key, _, _ in mismatched} if ignore_mismatched_sizes else set()
+    missing = [k for k in result.missing_keys if k not in tied and k not in reinitialised]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:
         warnings.warn(
@@ -164,11 +169,21 @@ def _match_prefix(model, state_dict):
     return state_dict
 
 
-def resolve_dtype(dtype, state_dict=None) -> torch.dtype:
-    """torch.float16, 'float16' or 'auto' (the checkpoint's floating dtype) -> a torch.dtype."""
+def resolve_dtype(dtype, state_dict=None, config_dtype=None) -> torch.dtype:
+    """torch.float16, 'float16' or 'auto' -> a torch.dtype. 'auto' is what config.json records
+    (``config_dtype``), else the checkpoint's first floating dtype, else float32."""
+    resolved = _resolve_dtype(dtype, state_dict, config_dtype)
+    if not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r} ({resolved})")
+    return resolved
+
+
+def _resolve_dtype(dtype, state_dict, config_dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        if config_dtype is not None:
+            return _resolve_dtype(str(config_dtype).removeprefix("torch."), None, None)
         for tensor in (state_dict or {}).values():
             if tensor.is_floating_point():
                 return tensor.dtype

@@ -298,8 +298,12 @@ class DistilBertPreTrainedModel(nn.Module):
                     requires_grad=output.weight.requires_grad,
                 )
             if output.bias is not None:
+                # HF resizes a tied head only through tie_weights, which zero-pads the bias
+                # (_adjust_bias): mean_resizing applies to the bias only when untied.
                 output.bias = nn.Parameter(
-                    self._resized_bias(output.bias, new_num_tokens, mean_resizing),
+                    self._resized_bias(
+                        output.bias, new_num_tokens, mean_resizing and not self.config.tie_word_embeddings
+                    ),
                     requires_grad=output.bias.requires_grad,
                 )
             output.out_features = new_num_tokens
@@ -382,14 +386,16 @@ class DistilBertPreTrainedModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory, *, config=None, dtype=None, torch_dtype=None,
+    def from_pretrained(cls, directory, *, config=None, dtype="auto", torch_dtype=None,
                         backend=None, use_safetensors=None, ignore_mismatched_sizes=False,
                         **config_kwargs):
         """Loads config.json and the weights (model.safetensors, pytorch_model.bin, or either
         sharded with an index) from a local directory. A checkpoint of the base model loads into a
         task model and the reverse (the 'distilbert.' prefix is added or stripped). Missing and
         unexpected keys are reported in one warning; wrong shapes are an error unless
-        ``ignore_mismatched_sizes``, which re-initialises those weights with a warning."""
+        ``ignore_mismatched_sizes``, which re-initialises those weights with a warning.
+        ``dtype`` (or its old name ``torch_dtype``) defaults to 'auto', as in transformers 5: the
+        dtype config.json records, else the checkpoint's; pass torch.float32 to upcast."""
         directory = ckpt.local_directory(directory)
         if config is None:
             config = DistilBertConfig.from_pretrained(directory, **config_kwargs)
@@ -401,15 +407,17 @@ class DistilBertPreTrainedModel(nn.Module):
         model = cls(config)
         state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
         ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
-        dtype = dtype if dtype is not None else torch_dtype
-        if dtype is not None:
-            model.to(ckpt.resolve_dtype(dtype, state_dict))
+        if torch_dtype is not None:
+            dtype = torch_dtype
+        config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        model.to(ckpt.resolve_dtype(dtype, state_dict, config_dtype))
         return model.eval()
 
     def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None):
         """Writes config.json and the weights (model.safetensors by default, pytorch_model.bin
         with ``safe_serialization=False``), sharded with an index above ``max_shard_size``."""
         self.config.architectures = [type(self).__name__]
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
         if state_dict is None:
             state_dict = self.state_dict()
         self.config.save_pretrained(directory)

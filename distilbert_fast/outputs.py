@@ -36,13 +36,18 @@ class ModelOutput(OrderedDict):
         return self.to_tuple()[key]
 
     def __setattr__(self, name, value):
-        if name in self.keys() and value is not None:
+        if value is not None and name in self.__dataclass_fields__:
             super().__setitem__(name, value)
         super().__setattr__(name, value)
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         super().__setattr__(key, value)
+
+    def _immutable(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} does not support removing or bulk-updating keys")
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _immutable
 
     def __reduce__(self):
         # Pickle as the dataclass it is, not as an OrderedDict.

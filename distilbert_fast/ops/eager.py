@@ -151,18 +151,21 @@ class EagerBackend(Backend):
         if dropout_p > 0.0:
             h, keep = torch.native_dropout(h, dropout_p, True)
         z = h if residual is None else h + residual
-        y, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), weight, bias, eps)
-        saved = (z, mean, rstd, weight, keep)
-        return y, saved, (dropout_p,)
+        y = F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+        return y, (z, weight, keep), (eps, dropout_p)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        z, mean, rstd, weight, keep = saved_tensors
-        (dropout_p,) = saved_state
+        z, weight, keep = saved_tensors
+        eps, dropout_p = saved_state
         ct = _compute_dtype(z)
-        xhat = (z.to(ct) - mean.to(ct)) * rstd.to(ct)
+        # Statistics recomputed in float32 (float64 for float64 input), not in a half type.
+        zf = z.to(ct)
+        mean = zf.mean(dim=-1, keepdim=True)
+        rstd = torch.rsqrt(((zf - mean) ** 2).mean(dim=-1, keepdim=True) + eps)
+        xhat = (zf - mean) * rstd
         dy = grad_out.to(ct)
         dxhat = dy * weight.to(ct)
-        dz = rstd.to(ct) * (
+        dz = rstd * (
             dxhat
             - dxhat.mean(dim=-1, keepdim=True)
             - xhat * (dxhat * xhat).mean(dim=-1, keepdim=True)

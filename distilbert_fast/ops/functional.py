@@ -24,13 +24,32 @@ def _cast_grads(grads, dtypes):
     return tuple(None if g is None or d is None else g.to(d) for g, d in zip(grads, dtypes))
 
 
-def _check_tensor(name, t, ndim=None, shape=None):
+def _check_tensor(name, t, ndim=None, shape=None, like=None, same_dtype=False, floating=True):
+    """Checks ``t``'s type, rank, shape, floating dtype, and device (and dtype, if
+    ``same_dtype``) against ``like``; errors name the argument and the expected value."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name} must be on {like.device}, got {t.device}")
+        if same_dtype and t.dtype != like.dtype:
+            raise TypeError(f"{name} must have dtype {like.dtype}, got {t.dtype}")
+
+
+def _first_order_only(op):
+    # Backward runs with grad mode on only under create_graph=True; the backends' backward
+    # formulas are not themselves differentiable, so say so instead of returning a silent zero.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: second-order gradients (create_graph=True) are not supported by "
+            "distilbert_fast's ops"
+        )
 
 
 def _check_dropout(dropout_p):
@@ -54,8 +73,8 @@ class MaskedAttentionFunction(torch.autograd.Function):
         return out, weights
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_weights):
+        _first_order_only("masked_attention")
         if grad_out is None:
             grad_out = torch.zeros_like(ctx.saved_tensors[0])
         dq, dk, dv, dhead_mask = ctx.backend.attention_backward(
@@ -85,15 +104,16 @@ def masked_attention(
     when ``need_weights``, else None. A fully-masked row attends uniformly to every key.
     """
     _check_tensor("q", q, ndim=4)
-    _check_tensor("k", k, shape=q.shape)
-    _check_tensor("v", v, shape=q.shape)
+    _check_tensor("k", k, shape=q.shape, like=q, same_dtype=True)
+    _check_tensor("v", v, shape=q.shape, like=q, same_dtype=True)
     batch, heads, seq, head_dim = q.shape
     if key_padding_mask is not None:
-        _check_tensor("key_padding_mask", key_padding_mask, shape=(batch, seq))
+        _check_tensor("key_padding_mask", key_padding_mask, shape=(batch, seq), like=q, floating=False)
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask must be a bool tensor, got {key_padding_mask.dtype}")
     if head_mask is not None:
-        _check_tensor("head_mask", head_mask, shape=(heads,))
+        _check_tensor("head_mask", head_mask, shape=(heads,), like=q)
+        head_mask = head_mask.to(q.dtype)
     _check_dropout(dropout_p)
     if scale is None:
         scale = head_dim**-0.5
@@ -114,8 +134,8 @@ class BiasActivationFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        _first_order_only("bias_activation")
         dx, dbias = ctx.backend.bias_activation_backward(
             ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
         )
@@ -128,11 +148,13 @@ def bias_activation(
     activation: str = "gelu",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """act(x + bias) over (..., features) with bias (features,). activation: 'gelu' (erf),
-    'gelu_new' (tanh), 'relu', 'silu' (alias 'swish')."""
+    """act(x + bias) over (..., features) with bias (features,), in x's dtype (the bias is cast to
+    it, as a Linear layer's is under autocast). activation: 'gelu' (erf), 'gelu_new' (tanh),
+    'relu', 'silu' (alias 'swish')."""
     _check_tensor("x", x)
     if bias is not None:
-        _check_tensor("bias", bias, shape=(x.shape[-1],))
+        _check_tensor("bias", bias, shape=(x.shape[-1],), like=x)
+        bias = bias.to(x.dtype)
     activation = canonical_activation(activation)
     impl = resolve_backend("bias_activation", x, backend)
     return BiasActivationFunction.apply(x, bias, activation, impl)
@@ -151,8 +173,8 @@ class ResidualLayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        _first_order_only("residual_layernorm")
         dx, dresidual, dweight, dbias, dx_bias = ctx.backend.residual_layernorm_backward(
             ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
         )
@@ -172,16 +194,18 @@ def residual_layernorm(
 ) -> torch.Tensor:
     """LayerNorm(dropout(x + x_bias) + residual) over the last dim, statistics in float32 for
     half types. x, residual: (..., dim), same shape; weight, bias, x_bias: (dim,). x_bias is the
-    bias of the linear layer that produced x, folded in here; dropout_p applies to x + x_bias
-    (pass 0 in eval)."""
+    bias of the linear layer that produced x, folded in here and cast to x's dtype; dropout_p
+    applies to x + x_bias (pass 0 in eval). A residual of another dtype promotes the sum, as
+    ``x + residual`` would (this is what happens under autocast)."""
     _check_tensor("x", x)
     dim = x.shape[-1]
     if residual is not None:
-        _check_tensor("residual", residual, shape=x.shape)
-    _check_tensor("weight", weight, shape=(dim,))
-    _check_tensor("bias", bias, shape=(dim,))
+        _check_tensor("residual", residual, shape=x.shape, like=x)
+    _check_tensor("weight", weight, shape=(dim,), like=x)
+    _check_tensor("bias", bias, shape=(dim,), like=x)
     if x_bias is not None:
-        _check_tensor("x_bias", x_bias, shape=(dim,))
+        _check_tensor("x_bias", x_bias, shape=(dim,), like=x)
+        x_bias = x_bias.to(x.dtype)
     _check_dropout(dropout_p)
     impl = resolve_backend("residual_layernorm", x, backend)
     return ResidualLayerNormFunction.apply(

@@ -1,0 +1,27 @@
+# The two commands of the README:
+#   make bench   set up (virtualenv, dependencies, extension build) and run the model benchmark
+#   make test    set up (with the test oracle) and run the whole test suite
+PY := .venv/bin/python
+
+.PHONY: setup setup-test bench test test-cpp clean
+
+setup:
+	scripts/setup.sh
+
+setup-test:
+	scripts/setup.sh --test
+
+bench: setup
+	$(PY) bench/bench_model.py
+
+test: setup-test
+	$(PY) -m pytest tests -q
+
+# The standalone C++ build (CMakeLists.txt): configure, build and run ctest.
+test-cpp:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cmake -j 2
+	cd build/cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build dist *.egg-info distilbert_fast/*.so

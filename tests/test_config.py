@@ -1,0 +1,118 @@
+"""DistilBertConfig: HuggingFace's parameters, defaults, aliases, labels and config.json."""
+
+import json
+
+import pytest
+import transformers
+
+from distilbert_fast import DistilBertConfig
+
+ARCHITECTURE_KEYS = [
+    "vocab_size",
+    "max_position_embeddings",
+    "sinusoidal_pos_embds",
+    "n_layers",
+    "n_heads",
+    "dim",
+    "hidden_dim",
+    "dropout",
+    "attention_dropout",
+    "activation",
+    "initializer_range",
+    "qa_dropout",
+    "seq_classif_dropout",
+    "pad_token_id",
+]
+
+
+def test_defaults_match_huggingface():
+    ours, hf = DistilBertConfig(), transformers.DistilBertConfig()
+    for key in ARCHITECTURE_KEYS:
+        assert getattr(ours, key) == getattr(hf, key), key
+    for key in ["num_labels", "id2label", "label2id", "problem_type", "tie_word_embeddings",
+                "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward"]:
+        assert getattr(ours, key) == getattr(hf, key), key
+
+
+def test_documented_defaults():
+    c = DistilBertConfig()
+    assert (c.vocab_size, c.max_position_embeddings, c.n_layers, c.n_heads, c.dim, c.hidden_dim) == (
+        30522, 512, 6, 12, 768, 3072)
+    assert (c.dropout, c.attention_dropout, c.qa_dropout, c.seq_classif_dropout) == (0.1, 0.1, 0.1, 0.2)
+    assert (c.activation, c.initializer_range, c.pad_token_id, c.sinusoidal_pos_embds) == ("gelu", 0.02, 0, False)
+
+
+def test_aliases_read_write_and_construct():
+    c = DistilBertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=3)
+    assert (c.dim, c.n_heads, c.n_layers) == (64, 4, 3)
+    assert (c.hidden_size, c.num_attention_heads, c.num_hidden_layers) == (64, 4, 3)
+    c.hidden_size = 128
+    assert c.dim == 128
+    assert "hidden_size" not in c.to_dict()
+    with pytest.raises(AttributeError, match="no_such_field"):
+        c.no_such_field
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_labels": 5}, {"id2label": {0: "neg", 1: "pos", 2: "neutral"}}])
+def test_labels_like_huggingface(kwargs):
+    ours, hf = DistilBertConfig(**kwargs), transformers.DistilBertConfig(**kwargs)
+    assert ours.num_labels == hf.num_labels
+    assert ours.id2label == hf.id2label
+    # transformers 5 leaves label2id None when only id2label is given; we always derive it.
+    assert ours.label2id == (hf.label2id or {v: k for k, v in hf.id2label.items()})
+
+
+def test_num_labels_setter_rebuilds_labels():
+    c = DistilBertConfig()
+    c.num_labels = 4
+    assert c.id2label == {i: f"LABEL_{i}" for i in range(4)}
+    assert c.label2id == {f"LABEL_{i}": i for i in range(4)}
+
+
+def test_id2label_string_keys_from_json_become_ints():
+    c = DistilBertConfig(id2label={"0": "a", "1": "b"}, label2id={"a": "0", "b": "1"})
+    assert c.id2label == {0: "a", 1: "b"}
+    assert c.label2id == {"a": 0, "b": 1}
+
+
+def test_to_dict_from_dict_round_trip_keeps_unknown_keys():
+    c = DistilBertConfig(dim=48, n_heads=6, problem_type="regression", num_labels=1, custom_field=[1, 2])
+    d = c.to_dict()
+    assert d["model_type"] == "distilbert"
+    assert d["custom_field"] == [1, 2]
+    again = DistilBertConfig.from_dict(d)
+    assert again == c
+    assert again.to_dict() == d
+
+
+def test_save_and_load_config_json(tmp_path):
+    c = DistilBertConfig(vocab_size=1000, activation="gelu_new", id2label={0: "x", 1: "y", 2: "z"})
+    c.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert on_disk["vocab_size"] == 1000
+    assert on_disk["id2label"] == {"0": "x", "1": "y", "2": "z"}
+    assert "backend" not in on_disk  # a run-time choice, not part of the checkpoint
+    loaded = DistilBertConfig.from_pretrained(tmp_path, dropout=0.0)
+    assert loaded.vocab_size == 1000 and loaded.num_labels == 3 and loaded.dropout == 0.0
+
+
+def test_huggingface_reads_ours_and_we_read_huggingfaces(tmp_path):
+    ours = DistilBertConfig(dim=96, n_heads=3, hidden_dim=200, num_labels=3, sinusoidal_pos_embds=True)
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.DistilBertConfig.from_pretrained(tmp_path / "ours")
+    for key in ARCHITECTURE_KEYS + ["num_labels", "id2label"]:
+        assert getattr(hf, key) == getattr(ours, key), key
+    hf.save_pretrained(tmp_path / "hf")
+    back = DistilBertConfig.from_pretrained(tmp_path / "hf")
+    for key in ARCHITECTURE_KEYS + ["num_labels", "id2label", "label2id"]:
+        assert getattr(back, key) == getattr(ours, key), key
+
+
+def test_invalid_problem_type():
+    with pytest.raises(ValueError, match="problem_type must be one of"):
+        DistilBertConfig(problem_type="ranking")
+
+
+def test_inconsistent_num_labels_and_id2label():
+    with pytest.raises(ValueError, match="num_labels=3 disagrees with id2label"):
+        DistilBertConfig(num_labels=3, id2label={0: "a", 1: "b"})
