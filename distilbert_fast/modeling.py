@@ -554,7 +554,7 @@ def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
         raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}")
     if ids.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(ids))
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
     if low < 0 or high >= upper:
         bad = low if low < 0 else high
         raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
@@ -734,20 +734,27 @@ class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
                 f"{'' if expected_dims == 3 else ', dim'}), got {tuple(first.shape)}"
             )
         num_choices = first.shape[1]
-        flat = lambda t, keep: None if t is None else t.reshape(-1, *t.shape[2:]) if t.dim() > keep else t  # noqa: E731
         out = self.distilbert(
-            flat(input_ids, 2),
-            flat(attention_mask, 2),
+            _merge_choices(input_ids, 2),
+            _merge_choices(attention_mask, 2),
             head_mask,
-            flat(inputs_embeds, 3),
+            _merge_choices(inputs_embeds, 3),
             output_attentions,
             output_hidden_states,
             return_dict=True,
-            position_ids=flat(position_ids, 2),
+            position_ids=_merge_choices(position_ids, 2),
         )
         logits = _pool_and_classify(self, out.last_hidden_state).view(-1, num_choices)  # (batch, num_choices)
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return _finish(MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+
+
+def _merge_choices(t, model_dims):
+    """(batch, num_choices, ...) -> (batch * num_choices, ...); tensors already of the model's
+    rank (e.g. a broadcastable (1, seq) position_ids) pass through."""
+    if t is None or t.dim() <= model_dims:
+        return t
+    return t.reshape(-1, *t.shape[2:])
 
 
 def _pool_and_classify(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,223 @@
+"""Helpers every benchmark in bench/ shares: timing, where a number came from, results files.
+
+    timing = time_fn(lambda: model(**inputs), device, warmup=2, repeats=10, max_time_s=5.0)
+    row = {**environment(device), "median_ms": timing.median_ms, ...}
+    append_rows("bench/results/model.csv", [row])
+
+Timing follows STYLE.md ("Benchmarks that can be trusted"): warm up first, then time each call
+separately and report the median with p20/p80. CPU calls are timed with time.perf_counter; CUDA
+calls with a pair of CUDA events around each call, read after one synchronize.
+"""
+
+import csv
+import datetime
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import torch
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int  # timed calls (warm-up calls not counted)
+    timer: str  # "perf_counter" or "cuda_event"
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0..100) of ``values``, linearly interpolated (numpy's default)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn, device: torch.device, warmup: int, repeats: int, max_time_s: float,
+            min_repeats: int = 3, flush_cache: bool = False) -> Timing:
+    """Times ``fn()`` on ``device``.
+
+    ``warmup`` untimed calls come first (at least one: lazy init, autotuning and compilation
+    happen there). The last of them, synchronised, estimates one call's cost; from it the number
+    of timed calls is ``max_time_s / estimate``, at least ``min_repeats`` and at most ``repeats``, so
+    slow shapes stay near the time budget and fast ones get ``repeats`` samples.
+
+    ``flush_cache`` (CUDA only) overwrites a 256 MiB buffer before each timed call, outside the
+    timed region, so a small kernel is not timed on a warm L2 cache (triton's do_bench does the
+    same). Whole-model benchmarks do not need it.
+    """
+    is_cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if is_cuda else (lambda: None)
+
+    warmup = max(1, warmup)
+    for _ in range(warmup - 1):
+        fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    estimate_s = time.perf_counter() - start
+    n = min(repeats, max(min_repeats, math.ceil(max_time_s / max(estimate_s, 1e-9))))
+
+    if is_cuda:
+        cache = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device) if flush_cache else None
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            if cache is not None:
+                cache.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times_ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        timer = "cuda_event"
+    else:
+        times_ms = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - start) * 1e3)
+        timer = "perf_counter"
+
+    return Timing(
+        median_ms=percentile(times_ms, 50),
+        p20_ms=percentile(times_ms, 20),
+        p80_ms=percentile(times_ms, 80),
+        repeats=n,
+        timer=timer,
+    )
+
+
+# -- where a number came from ----------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args],  # read-only: never rewrites the index
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_commit() -> str:
+    """Short HEAD commit, with '-dirty' if the working tree differs from it (tracked changes or
+    untracked files; the results folder itself does not count)."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit is None:
+        return "unknown"
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    return commit + ("-dirty" if status else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def load_1m() -> float:
+    """The 1-minute load average: other work on the machine skews CPU timings, so it is recorded."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def environment(device: torch.device) -> dict:
+    """The columns that say where and when a result was measured (load_1m is taken now, before
+    the benchmark itself loads the machine)."""
+    try:
+        import transformers
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = ""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": f"{socket.gethostname()} ({cpu_model()}, {os.cpu_count()} cores)",
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "load_1m": f"{load_1m():.2f}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "transformers": transformers_version,
+    }
+
+
+# -- results files ---------------------------------------------------------------------------------
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Appends ``rows`` to the CSV at ``path``, creating it (and its folder) with a header if
+    absent. If the file's header lacks some of the rows' columns (a benchmark grew a column), the
+    file is rewritten once with the union of columns, old rows left blank in the new ones."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    for row in rows[1:]:
+        columns += [c for c in row if c not in columns]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            existing = list(reader.fieldnames or [])
+            missing = [c for c in columns if c not in existing]
+            old_rows = list(reader) if missing else None
+        if missing:
+            existing += missing
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=existing)
+                writer.writeheader()
+                writer.writerows(old_rows)
+        columns = existing
+        mode, header = "a", False
+    else:
+        mode, header = "w", True
+
+    with open(path, mode, newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A plain text table; columns whose index is in ``right`` are right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
