@@ -4,6 +4,7 @@ forward arguments, checkpoint files, config.json, configurations and backend nam
 import json
 import os
 import pickle
+import random
 import re
 
 import pytest
@@ -198,8 +199,9 @@ def test_truncated_safetensors(saved_dir, keep):
         _load(saved_dir)
 
 
-def test_corrupt_safetensors(saved_dir):
-    (saved_dir / "model.safetensors").write_bytes(os.urandom(4096))
+@pytest.mark.parametrize("seed", range(8))
+def test_corrupt_safetensors(saved_dir, seed):
+    (saved_dir / "model.safetensors").write_bytes(random.Random(seed).randbytes(4096))
     with pytest.raises(ValueError, match=r"model\.safetensors: not a valid safetensors file"):
         _load(saved_dir)
 
@@ -225,8 +227,10 @@ def test_truncated_bin(bin_dir):
         _load(bin_dir)
 
 
-def test_corrupt_bin(bin_dir):
-    (bin_dir / "pytorch_model.bin").write_bytes(os.urandom(4096))
+@pytest.mark.parametrize("seed", range(32))
+def test_corrupt_bin(bin_dir, seed):
+    # Random bytes reach torch's unpickler as many different errors (IndexError, KeyError, ...).
+    (bin_dir / "pytorch_model.bin").write_bytes(random.Random(seed).randbytes(4096))
     with pytest.raises(ValueError, match=r"pytorch_model\.bin with torch\.load\(weights_only=True\)"):
         _load(bin_dir)
 
@@ -310,7 +314,7 @@ def test_shard_index_not_an_index(sharded_dir):
 
 def test_corrupt_shard(sharded_dir):
     shard = next(sharded_dir.glob("model-00001-of-*.safetensors"))
-    shard.write_bytes(os.urandom(1000))
+    shard.write_bytes(random.Random(0).randbytes(1000))
     with pytest.raises(ValueError, match=rf"{re.escape(shard.name)}: not a valid safetensors file"):
         _load(sharded_dir)
 
