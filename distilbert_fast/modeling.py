@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from . import checkpoint as ckpt
 from .configuration import DistilBertConfig
 from .ops import bias_activation, canonical_activation, masked_attention, residual_layernorm
-from .ops.backends import AUTO, _check_name
+from .ops.backends import AUTO, check_backend_name
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -213,7 +213,7 @@ class DistilBertPreTrainedModel(nn.Module):
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)
         if config.backend is not None:
-            _check_name(config.backend)
+            check_backend_name(config.backend)
         self.config = config
 
     # -- initialisation --------------------------------------------------------------------------
@@ -380,7 +380,7 @@ class DistilBertPreTrainedModel(nn.Module):
     def set_backend(self, name: str | None):
         """Runs this model's ops on backend ``name`` ('auto', 'eager', ...); None clears it."""
         if name is not None:
-            _check_name(name)
+            check_backend_name(name)
         self.config.backend = None if name == AUTO else name
         return self
 

@@ -713,3 +713,26 @@ def test_state_dict_round_trip(class_name, sinusoidal):
     inputs = make_inputs(class_name, ours.config, padding="partial")
     with torch.no_grad():
         assert_outputs_close(ours(**inputs), hf2(**inputs))
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForMaskedLM"])
+def test_autocast_bfloat16_and_half_weights(class_name):
+    """Drop-in under torch.autocast (float32 weights, bfloat16 compute) and with weights cast to
+    bfloat16: the same dtypes and values as transformers (stock eager attention, no fully-masked
+    row)."""
+    hf, ours = make_pair(class_name, attn="eager")
+    inputs = make_inputs(class_name, hf.config, padding="partial")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_out, our_out = hf(**inputs), ours(**inputs)
+    assert our_out.logits.dtype == hf_out.logits.dtype == torch.bfloat16
+    assert_close(our_out.logits.float(), hf_out.logits.float(), atol=1e-2, name="autocast logits")
+    hf_out.loss.backward()
+    our_out.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():  # bfloat16 rounding: compare at each tensor's scale
+        expected = hf_params[name].grad
+        scale = expected.abs().max().item()
+        assert_close(param.grad, expected, atol=2e-2 * scale + 1e-5, name=f"autocast grad {name}")
+    hf_half, ours_half = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    assert_close(ours_half(**inputs).logits.float(), hf_half(**inputs).logits.float(), atol=1e-2,
+                 name="bfloat16 logits")

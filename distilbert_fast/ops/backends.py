@@ -85,7 +85,8 @@ def available_backends(tensor: torch.Tensor) -> list[str]:
     return [n for n in registered_backends() if _registry[n].unsupported_reason(tensor) is None]
 
 
-def _check_name(name: str) -> None:
+def check_backend_name(name: str) -> None:
+    """Raises ValueError, listing the known names, unless ``name`` is 'auto' or registered."""
     if name != AUTO and name not in _registry:
         raise ValueError(
             f"backend must be one of {[AUTO] + registered_backends()}, got {name!r}"
@@ -96,7 +97,7 @@ def set_default_backend(name: str | None) -> None:
     """Sets the backend used when an op is called without ``backend=`` (None clears it)."""
     global _default
     if name is not None:
-        _check_name(name)
+        check_backend_name(name)
     _default = name
 
 
@@ -107,7 +108,7 @@ def get_default_backend() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str):
     """``with use_backend("eager"): model(...)`` runs the ops inside on that backend."""
-    _check_name(name)
+    check_backend_name(name)
     token = _override.set(name)
     try:
         yield
@@ -125,7 +126,7 @@ def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None)
         raise RuntimeError(
             f"no backend supports {op} on a {tensor.dtype} tensor on {tensor.device}"
         )
-    _check_name(name)
+    check_backend_name(name)
     backend = _registry[name]
     reason = backend.unsupported_reason(tensor)
     if reason is not None:
