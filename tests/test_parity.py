@@ -736,3 +736,61 @@ def test_autocast_bfloat16_and_half_weights(class_name):
     hf_half, ours_half = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
     assert_close(ours_half(**inputs).logits.float(), hf_half(**inputs).logits.float(), atol=1e-2,
                  name="bfloat16 logits")
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForTokenClassification"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(class_name):
+    """Recomputing blocks in backward (dropout on: the RNG state is replayed) changes nothing."""
+    kwargs = dict(SMALL_CONFIG, dropout=0.3, attention_dropout=0.2)
+    plain = our_model(class_name, **kwargs).train()
+    checkpointed = our_model(class_name, **kwargs).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.base_model.transformer.gradient_checkpointing
+    inputs = make_inputs(class_name, plain.config, padding="partial", labels=False)
+    results, block_calls = [], []
+    for model in (plain, checkpointed):
+        calls = [0]
+        for block in model.base_model.transformer.layer:  # count runs (recompute skips hooks)
+            def counted(*args, _forward=block.forward):
+                calls[0] += 1
+                return _forward(*args)
+            block.forward = counted
+        torch.manual_seed(7)
+        out = model(**inputs)[0]
+        out.float().pow(2).mean().backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+        block_calls.append(calls[0])
+    layers = SMALL_CONFIG["n_layers"]
+    assert block_calls == [layers, 2 * layers]  # each block ran again during backward
+    assert_close(results[1][0], results[0][0], atol=0.0, name="checkpointed output")
+    for name, grad in results[0][1].items():
+        assert_close(results[1][1][name], grad, atol=1e-6, name=f"checkpointed grad {name}")
+    checkpointed.gradient_checkpointing_disable()
+    assert not checkpointed.base_model.transformer.gradient_checkpointing
+
+
+@pytest.mark.parametrize("new_size", [80, 40])
+def test_resize_position_embeddings_learned(new_size):
+    hf, ours = make_pair("DistilBertForSequenceClassification")
+    old = ours.get_position_embeddings().weight.detach().clone()
+    hf.resize_position_embeddings(new_size)
+    ours.resize_position_embeddings(new_size)
+    assert ours.config.max_position_embeddings == hf.config.max_position_embeddings == new_size
+    table = ours.get_position_embeddings().weight
+    assert table.shape == hf.get_position_embeddings().weight.shape == (new_size, old.shape[1])
+    keep = min(new_size, old.shape[0])
+    assert torch.equal(table[:keep], old[:keep])
+    assert torch.equal(table[:keep], hf.get_position_embeddings().weight[:keep])
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (2, new_size))
+    assert ours(ids).logits.shape == (2, 2)  # the longest sequence now fits
+    with pytest.raises(ValueError, match=f"exceeds max_position_embeddings={new_size}"):
+        ours(torch.randint(1, SMALL_CONFIG["vocab_size"], (1, new_size + 1)))
+
+
+def test_resize_position_embeddings_sinusoidal_recomputes_the_table():
+    ours = our_model("DistilBertModel", **SMALL_CONFIG, sinusoidal_pos_embds=True)
+    ours.resize_position_embeddings(100)
+    table = ours.get_position_embeddings().weight
+    assert torch.equal(table, distilbert_fast.modeling.sinusoidal_embeddings(100, SMALL_CONFIG["dim"]))
+    assert not table.requires_grad
