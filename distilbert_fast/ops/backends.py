@@ -32,7 +32,8 @@ class Backend:
     """One implementation of the three hot ops.
 
     Each ``*_forward`` returns ``(outputs, saved_tensors, saved_state)``; the op's autograd
-    Function stores both and hands them back to the matching ``*_backward``. ``priority`` orders
+    Function stores both and hands them back to the matching ``*_backward``, whose gradients may
+    come back in the compute dtype: the Function casts each to its input's dtype. ``priority`` orders
     the ``auto`` choice (higher first).
     """
 

@@ -114,7 +114,7 @@ class EagerBackend(Backend):
             dweights = dweights + grad_weights.to(ct)
         dhead_mask = None
         if head_mask is not None and needs_grad[4]:
-            dhead_mask = (dweights * dropped).sum(dim=(0, 2, 3)).to(head_mask.dtype)
+            dhead_mask = (dweights * dropped).sum(dim=(0, 2, 3))
         dprobs = dweights if hm is None else dweights * hm
         if keep is not None:
             dprobs = dprobs * keep / (1.0 - dropout_p)
@@ -125,7 +125,7 @@ class EagerBackend(Backend):
         dscores = dscores * scale
         dq = torch.matmul(dscores, kf)
         dk = torch.matmul(dscores.transpose(-1, -2), qf)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dhead_mask
+        return dq, dk, dv, dhead_mask
 
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
@@ -140,8 +140,8 @@ class EagerBackend(Backend):
         dz = grad_out.to(ct) * activation_derivative(z, activation)
         dbias = None
         if bias is not None and needs_grad[1]:
-            dbias = _sum_to_last_dim(dz).to(bias.dtype)
-        return dz.to(x.dtype), dbias
+            dbias = _sum_to_last_dim(dz)
+        return dz, dbias
 
     # -- residual + LayerNorm ----------------------------------------------------------------
     def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
@@ -170,8 +170,8 @@ class EagerBackend(Backend):
             - dxhat.mean(dim=-1, keepdim=True)
             - xhat * (dxhat * xhat).mean(dim=-1, keepdim=True)
         )
-        dweight = _sum_to_last_dim(dy * xhat).to(weight.dtype) if needs_grad[2] else None
-        dbias = _sum_to_last_dim(dy).to(weight.dtype) if needs_grad[3] else None
+        dweight = _sum_to_last_dim(dy * xhat) if needs_grad[2] else None
+        dbias = _sum_to_last_dim(dy) if needs_grad[3] else None
         dh = dz if keep is None else dz * keep / (1.0 - dropout_p)
         dx_bias = _sum_to_last_dim(dh) if needs_grad[5] else None
         return dh, dz, dweight, dbias, dx_bias
