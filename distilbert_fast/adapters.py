@@ -993,7 +993,8 @@ def _save_tensors(tensors, directory, filename):
     if filename.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(tensors, path)
+        # safetensors refuses tensors that share memory (ln_before's LayerNorm has two names)
+        save_file({k: v.clone() for k, v in tensors.items()}, path)
     else:
         torch.save(tensors, path)
 
