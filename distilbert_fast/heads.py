@@ -404,10 +404,21 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
     def tie_weights(self):
         if not self.config.tie_word_embeddings or not hasattr(self, "heads"):
             return
+        embeddings = self.get_input_embeddings().weight
         for head in self.heads.values():
             output = head.get_output_embeddings()
-            if output is not None:
-                output.weight = self.get_input_embeddings().weight
+            if output is None:
+                continue
+            output.weight = embeddings
+            rows = embeddings.shape[0]
+            if output.bias is not None and output.bias.shape[0] != rows:  # after a resize: zero-pad
+                with torch.no_grad():
+                    bias = torch.zeros(rows, dtype=output.bias.dtype, device=output.bias.device)
+                    keep = min(rows, output.bias.shape[0])
+                    bias[:keep] = output.bias[:keep]
+                output.bias = nn.Parameter(bias, requires_grad=output.bias.requires_grad)
+            output.out_features = rows
+            head.config["vocab_size"] = rows
 
     @property
     def _tied_weights_keys(self):

@@ -11,6 +11,7 @@ from conftest import SMALL_CONFIG, assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distilbert_fast import (
+    AdapterSetup,
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
@@ -241,6 +242,8 @@ def test_adapter_names_overrides_the_active_setup_for_one_call():
     only_a = model(x).last_hidden_state
     assert torch.equal(model(x, adapter_names=["b"]).last_hidden_state, only_b)
     assert model.active_adapters == Stack("a")
+    with AdapterSetup("b"):
+        assert torch.equal(model(x).last_hidden_state, only_b)
     assert torch.equal(model(x).last_hidden_state, only_a)
     stacked = model(x, adapter_names=Stack("a", "b")).last_hidden_state
     assert not torch.allclose(stacked, only_a) and not torch.allclose(stacked, only_b)

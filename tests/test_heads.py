@@ -220,3 +220,16 @@ def test_tagging_loss_skips_padding_as_the_package_does():
     assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits.view(-1, 3), masked.view(-1)), atol=1e-6)
     everything = torch.nn.functional.cross_entropy(out.logits.view(-1, 3), labels.view(-1))
     assert not torch.allclose(out.loss, everything)
+
+
+def test_resize_token_embeddings_keeps_every_masked_lm_head_tied():
+    model = small_model()
+    model.add_masked_lm_head("m1")
+    model.add_masked_lm_head("m2")  # active; m1 is not
+    model.resize_token_embeddings(SMALL_CONFIG["vocab_size"] + 5)
+    for name in ("m1", "m2"):
+        projection = model.heads[name][3]
+        assert projection.weight is model.get_input_embeddings().weight
+        assert projection.bias.shape == (SMALL_CONFIG["vocab_size"] + 5,)
+    out = model(torch.randint(1, 104, (2, 5)), head="m1", labels=torch.randint(0, 104, (2, 5)))
+    assert out.logits.shape == (2, 5, 104) and out.loss.isfinite()
