@@ -820,9 +820,9 @@ class ModelAdaptersMixin:
         for param in self.distilbert.parameters():
             param.requires_grad = not freeze
 
-    def train_adapter(self, adapter_setup):
-        """Training mode for the given adapters: the base model frozen, those adapters trainable
-        and active."""
+    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
+        """Training mode for the given adapters: the base model frozen (but the word embeddings
+        with ``train_embeddings``), those adapters trainable and active."""
         setup = self._parse_setup(adapter_setup)
         self.train()
         self.freeze_model(True)
@@ -831,6 +831,8 @@ class ModelAdaptersMixin:
                 for param in module.parameters():
                     param.requires_grad = True
         self.set_active_adapters(setup)
+        if train_embeddings:
+            self.get_input_embeddings().weight.requires_grad = True
 
     def merge_adapter(self, name: str):
         """Folds LoRA ``name`` into the weights of the layers it adapts, so inference costs
@@ -896,6 +898,8 @@ class ModelAdaptersMixin:
             _rename_adapter_key(k, saved_name, name): v
             for k, v in state_dict.items() if _is_adapter_key(k, saved_name)
         }
+        if name in self._adapters_state.configs:
+            logger.warning("load_adapter: replacing the existing adapter %r", name)
         self.add_adapter(name, config_dict, overwrite_ok=True)
         try:
             self._load_adapter_tensors(name, state_dict, directory)

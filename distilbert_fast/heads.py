@@ -8,7 +8,6 @@ hidden size, and the last layer's Linear to the labels. Head files (head_config.
 pytorch_model_head.bin) use the package's format, so heads move between the two libraries.
 """
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -36,8 +35,6 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-
-logger = logging.getLogger("distilbert_fast.heads")
 
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
@@ -383,10 +380,13 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         if setup is not None and setup.last() in self.heads:
             self.active_head = setup.last()
 
-    def train_adapter(self, adapter_setup):
+    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
         """The base model frozen; the adapters in ``adapter_setup`` and the heads train, except
-        an active head's output embeddings (tied to the word embeddings), as in the package."""
-        super().train_adapter(adapter_setup)
+        an active head's output embeddings (tied to the word embeddings) unless
+        ``train_embeddings``, as in the package."""
+        super().train_adapter(adapter_setup, train_embeddings)
+        if train_embeddings:
+            return
         for name in self._active_heads:
             output = self.heads[name].get_output_embeddings()
             if output is not None:
