@@ -77,7 +77,7 @@ def test_train_adapter_freezes_exactly_the_right_parameters():
     assert model.active_head == "mlm"
     assert {n for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n} == adapter_keys(model, "c")
     model.train_adapter("a", train_embeddings=True)
-    assert model.get_input_embeddings().weight.requires_grad and model.heads["mlm"][3].bias.requires_grad
+    assert model.get_input_embeddings().weight.requires_grad and model.heads["mlm"][3].weight.requires_grad
     model.freeze_model(False)
     assert all(p.requires_grad for n, p in model.distilbert.named_parameters())
 
