@@ -725,10 +725,10 @@ class ModelAdaptersMixin:
     def has_adapters(self) -> bool:
         return bool(self._adapters_state.configs)
 
-    def _check_adapter_name(self, name, what="adapter"):
+    def _check_adapter_name(self, name):
         if name not in self._adapters_state.configs:
             raise ValueError(
-                f"no {what} named {name!r}; this model has adapters {sorted(self._adapters_state.configs)}"
+                f"no adapter named {name!r}; this model has adapters {sorted(self._adapters_state.configs)}"
             )
 
     def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False):
