@@ -8,7 +8,9 @@ outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.op
 """
 
 from . import _extension, ops
+from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, SeqBnConfig, Stack
 from .configuration import DistilBertConfig
+from .heads import DistilBertAdapterModel, DistilBertModelWithHeads, MultiHeadOutput
 from .modeling import (
     DistilBertForMaskedLM,
     DistilBertForMultipleChoice,
@@ -34,7 +36,10 @@ BUILD_INFO = _extension.BUILD_INFO
 
 __all__ = [
     "BUILD_INFO",
+    "AdapterSetup",
     "BaseModelOutput",
+    "BnConfig",
+    "DistilBertAdapterModel",
     "DistilBertConfig",
     "DistilBertForMaskedLM",
     "DistilBertForMultipleChoice",
@@ -42,12 +47,18 @@ __all__ = [
     "DistilBertForSequenceClassification",
     "DistilBertForTokenClassification",
     "DistilBertModel",
+    "DistilBertModelWithHeads",
     "DistilBertPreTrainedModel",
+    "DoubleSeqBnConfig",
+    "LoRAConfig",
     "MaskedLMOutput",
     "ModelOutput",
+    "MultiHeadOutput",
     "MultipleChoiceModelOutput",
     "QuestionAnsweringModelOutput",
+    "SeqBnConfig",
     "SequenceClassifierOutput",
+    "Stack",
     "TokenClassifierOutput",
     "available_backends",
     "last_backend",

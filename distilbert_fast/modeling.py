@@ -7,6 +7,8 @@ task heads.
 """
 
 
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -138,17 +140,15 @@ class TransformerBlock(nn.Module):
         self.sa_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        # Bottleneck adapters after the attention / FFN sublayer: modules set by
+        # distilbert_fast.adapters when an adapter is added (None: a plain block).
+        self.attention_adapters = None
+        self.output_adapters = None
 
     def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
         attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
-        x = residual_layernorm(
-            attn,
-            x,
-            self.sa_layer_norm.weight,
-            self.sa_layer_norm.bias,
-            self.sa_layer_norm.eps,
-            x_bias=self.attention.out_lin.bias,
-            backend=self.config.backend,
+        x = self._residual_layernorm(
+            attn, x, self.attention.out_lin.bias, 0.0, self.sa_layer_norm, self.attention_adapters
         )
         chunk = self.ffn.chunk_size_feed_forward
         if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
@@ -158,14 +158,25 @@ class TransformerBlock(nn.Module):
         return out, weights
 
     def _ffn_sublayer(self, x):
+        dropout_p = self.ffn.dropout.p if self.training else 0.0
+        return self._residual_layernorm(
+            self.ffn(x), x, self.ffn.lin2.bias, dropout_p, self.output_layer_norm, self.output_adapters
+        )
+
+    def _residual_layernorm(self, h, x, h_bias, dropout_p, layer_norm, adapters):
+        """LayerNorm(dropout(h + h_bias) + x): the sublayer's bias, dropout, residual and LayerNorm
+        in one op. Active bottleneck adapters of this sublayer go between the sublayer and its
+        residual + LayerNorm, and call the same op themselves."""
+        if adapters is not None and adapters.active_setup() is not None:
+            return adapters(h, x, h_bias, dropout_p, layer_norm)
         return residual_layernorm(
-            self.ffn(x),
+            h,
             x,
-            self.output_layer_norm.weight,
-            self.output_layer_norm.bias,
-            self.output_layer_norm.eps,
-            x_bias=self.ffn.lin2.bias,
-            dropout_p=self.ffn.dropout.p if self.training else 0.0,
+            layer_norm.weight,
+            layer_norm.bias,
+            layer_norm.eps,
+            x_bias=h_bias,
+            dropout_p=dropout_p,
             backend=self.config.backend,
         )
 
@@ -184,8 +195,12 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layer):
             layer_head_mask = None if head_mask is None else head_mask[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # The recomputation in backward runs under this forward's context variables (the
+                # backend chosen with use_backend, the adapters chosen for this call).
+                context = contextvars.copy_context()
                 x, weights = checkpoint(
-                    layer, x, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False
+                    context.run, layer, x, key_padding_mask, layer_head_mask, output_attentions,
+                    use_reentrant=False,
                 )
             else:
                 x, weights = layer(x, key_padding_mask, layer_head_mask, output_attentions)

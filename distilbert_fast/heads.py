@@ -1,0 +1,559 @@
+"""Flexible prediction heads and ``DistilBertAdapterModel`` (alias ``DistilBertModelWithHeads``):
+one DistilBERT base model with any number of named heads and adapters, as the AdapterHub
+``adapters`` package builds them.
+
+A head is an nn.Sequential with the package's layout and parameter names
+(``heads.<name>.<index>.weight``): per layer a Dropout, then a Linear (+ activation) to the
+hidden size, and the last layer's Linear to the labels. Head files (head_config.json +
+pytorch_model_head.bin) use the package's format, so heads move between the two libraries.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import (
+    _CALL_SETUP,
+    Activation,
+    ModelAdaptersMixin,
+    _load_tensors,
+    _read_json,
+    _save_tensors,
+    _write_json,
+    run_sequential,
+)
+from .configuration import DistilBertConfig
+from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _finish
+from .outputs import (
+    MaskedLMOutput,
+    ModelOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+HEAD_CONFIG_NAME = "head_config.json"
+HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
+HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
+
+
+def _label2id(id2label):
+    return None if id2label is None else {label: int(i) for i, label in id2label.items()}
+
+
+class PredictionHead(nn.Sequential):
+    """A named head; ``config`` holds what head_config.json records (the package's keys)."""
+
+    head_type = None
+
+    def __init__(self, name: str, config: dict):
+        super().__init__()
+        self.name = name
+        self.config = {"head_type": self.head_type, **config}
+
+    def build(self, model, out_features: int | None):
+        """Per layer: Dropout, then Linear(dim, dim) + activation, except the last layer's Linear,
+        which maps to ``out_features`` (to dim + activation when None)."""
+        config, dim = self.config, model.config.dim
+        dropout = config.get("dropout_prob")
+        if dropout is None:  # the package's fallbacks; DistilBERT's config has neither
+            dropout = getattr(model.config, "classifier_dropout", None) or getattr(
+                model.config, "hidden_dropout_prob", None) or 0.0
+        layers = config["layers"]
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be a positive int, got {layers!r}")
+        modules = []
+        for i in range(layers):
+            modules.append(nn.Dropout(dropout))
+            last = i == layers - 1
+            if last and out_features is not None:
+                modules.append(nn.Linear(dim, out_features, bias=config.get("bias", True)))
+            else:
+                modules.append(nn.Linear(dim, dim))
+                if config["activation_function"]:
+                    modules.append(Activation(config["activation_function"]))
+        for i, module in enumerate(modules):
+            self.add_module(str(i), module)
+        self.apply(model._init_weights)
+        self.train(model.training)
+
+    def get_output_embeddings(self):
+        return None
+
+    def run(self, x, backend):
+        return run_sequential(self, x, backend)
+
+
+class ClassificationHead(PredictionHead):
+    head_type = "classification"
+
+    def __init__(self, model, name, num_labels=2, layers=2, activation_function="tanh", id2label=None,
+                 use_pooler=False, bias=True, dropout_prob=None):
+        if use_pooler:
+            raise ValueError("use_pooler=True: DistilBERT has no pooler")
+        super().__init__(name, {
+            "num_labels": num_labels, "layers": layers, "activation_function": activation_function,
+            "label2id": _label2id(id2label), "use_pooler": use_pooler, "bias": bias,
+            "dropout_prob": dropout_prob,
+        })
+        _check_count("num_labels", num_labels)
+        self.build(model, num_labels)
+
+    def forward(self, out, attention_mask=None, labels=None, backend=None):
+        logits = self.run(out.last_hidden_state[:, 0], backend)  # (batch, num_labels)
+        loss = None
+        if labels is not None:
+            if self.config["num_labels"] == 1:
+                loss = F.mse_loss(logits.view(-1), labels.view(-1))
+            else:
+                loss = F.cross_entropy(logits.view(-1, self.config["num_labels"]), labels.view(-1))
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class MultiLabelClassificationHead(ClassificationHead):
+    head_type = "multilabel_classification"
+
+    def forward(self, out, attention_mask=None, labels=None, backend=None):
+        logits = self.run(out.last_hidden_state[:, 0], backend)
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class MultipleChoiceHead(PredictionHead):
+    head_type = "multiple_choice"
+
+    def __init__(self, model, name, num_choices=2, layers=2, activation_function="tanh", id2label=None,
+                 use_pooler=False, dropout_prob=None):
+        if use_pooler:
+            raise ValueError("use_pooler=True: DistilBERT has no pooler")
+        super().__init__(name, {
+            "num_choices": num_choices, "layers": layers, "activation_function": activation_function,
+            "label2id": _label2id(id2label), "use_pooler": use_pooler, "dropout_prob": dropout_prob,
+        })
+        _check_count("num_choices", num_choices)
+        self.build(model, 1)
+
+    def forward(self, out, attention_mask=None, labels=None, backend=None):
+        logits = self.run(out.last_hidden_state[:, 0], backend).view(-1, self.config["num_choices"])
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class TaggingHead(PredictionHead):
+    head_type = "tagging"
+
+    def __init__(self, model, name, num_labels=2, layers=1, activation_function="tanh", id2label=None,
+                 dropout_prob=None):
+        super().__init__(name, {
+            "num_labels": num_labels, "layers": layers, "activation_function": activation_function,
+            "label2id": _label2id(id2label), "dropout_prob": dropout_prob,
+        })
+        _check_count("num_labels", num_labels)
+        self.build(model, num_labels)
+
+    def forward(self, out, attention_mask=None, labels=None, backend=None):
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, num_labels)
+        loss = None
+        if labels is not None:
+            flat = labels.view(-1)
+            if attention_mask is not None:  # padding positions do not count
+                flat = torch.where(attention_mask.view(-1) == 1, flat, torch.full_like(flat, -100))
+            loss = F.cross_entropy(logits.view(-1, self.config["num_labels"]), flat)
+        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+class QuestionAnsweringHead(PredictionHead):
+    head_type = "question_answering"
+
+    def __init__(self, model, name, num_labels=2, layers=1, activation_function="tanh", id2label=None,
+                 dropout_prob=None):
+        super().__init__(name, {
+            "num_labels": num_labels, "layers": layers, "activation_function": activation_function,
+            "label2id": _label2id(id2label), "dropout_prob": dropout_prob,
+        })
+        if num_labels != 2:
+            raise ValueError(f"num_labels must be 2 for a question answering head, got {num_labels}")
+        self.build(model, num_labels)
+
+    def forward(self, out, attention_mask=None, start_positions=None, end_positions=None, backend=None):
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, 2)
+        start_logits, end_logits = (t.squeeze(-1) for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            if start_positions.dim() > 1:
+                start_positions = start_positions.squeeze(-1)
+            if end_positions.dim() > 1:
+                end_positions = end_positions.squeeze(-1)
+            ignored = start_logits.size(1)  # positions outside the sequence do not count
+            start_positions = start_positions.clamp(0, ignored)
+            end_positions = end_positions.clamp(0, ignored)
+            loss = (
+                F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+            ) / 2
+        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+
+
+class MaskedLMHead(PredictionHead):
+    """The package's BertStyleMaskedLMHead: (Linear + activation + LayerNorm) per extra layer,
+    then the vocabulary projection, whose weight is tied to the word embeddings."""
+
+    head_type = "masked_lm"
+
+    def __init__(self, model, name, vocab_size=None, embedding_size=None, layers=2, activation_function="gelu",
+                 layer_norm=True, bias=True, shift_labels=False):
+        dim = model.config.dim
+        super().__init__(name, {
+            "vocab_size": vocab_size or model.config.vocab_size, "embedding_size": embedding_size or dim,
+            "layers": layers, "activation_function": activation_function, "layer_norm": layer_norm,
+            "bias": bias, "shift_labels": shift_labels, "label2id": None,
+        })
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers must be a positive int, got {layers!r}")
+        if shift_labels:
+            raise ValueError("shift_labels=True is for causal LM heads, not masked LM")
+        emb = self.config["embedding_size"]
+        modules = []
+        for i in range(layers - 1):
+            modules.append(nn.Linear(dim if i == 0 else emb, emb))
+            if activation_function:
+                modules.append(Activation(activation_function))
+            if layer_norm:
+                modules.append(nn.LayerNorm(emb, eps=getattr(model.config, "layer_norm_eps", LAYER_NORM_EPS)))
+        modules.append(nn.Linear(emb, self.config["vocab_size"], bias=bias))
+        for i, module in enumerate(modules):
+            self.add_module(str(i), module)
+        self.apply(model._init_weights)
+        self.train(model.training)
+
+    def get_output_embeddings(self):
+        return self[len(self) - 1]
+
+    def forward(self, out, attention_mask=None, labels=None, backend=None):
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, vocab)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, self.config["vocab_size"]), labels.reshape(-1))
+        return MaskedLMOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+HEAD_TYPES = {
+    cls.head_type: cls
+    for cls in (ClassificationHead, MultiLabelClassificationHead, MultipleChoiceHead, TaggingHead,
+                QuestionAnsweringHead, MaskedLMHead)
+}
+
+# The keyword arguments each head's forward takes from the model's forward.
+_HEAD_INPUTS = {"labels", "start_positions", "end_positions"}
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class MultiHeadOutput(ModelOutput):
+    """The outputs of several active heads, in order; ``loss`` is their sum when all have one.
+    ``out[i]`` is head i's output, ``out["loss"]`` the summed loss."""
+
+    head_outputs: list | None = None
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, key):
+        return self.head_outputs[key] if isinstance(key, int) else super().__getitem__(key)
+
+    def __len__(self):
+        return len(self.head_outputs)
+
+    def __iter__(self):
+        return iter(self.head_outputs)
+
+
+class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
+    """DistilBERT with named flexible heads and adapters (``DistilBertModelWithHeads``).
+
+        model = DistilBertAdapterModel.from_pretrained("path/to/distilbert")
+        model.add_adapter("sst", config="seq_bn")
+        model.add_classification_head("sst", num_labels=2)
+        model.train_adapter("sst")          # base frozen; adapter "sst" and head "sst" train
+        out = model(input_ids, labels=labels)
+    """
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__(config)
+        self.distilbert = DistilBertModel(config)
+        self.heads = nn.ModuleDict()
+        self._active_heads: list[str] = []
+        self._init_adapters()
+        self.post_init()
+        # A config written by save_pretrained lists the heads and adapters to rebuild.
+        for name, head_config in dict(getattr(config, "prediction_heads", None) or {}).items():
+            self._add_head_from_config(name, dict(head_config), overwrite_ok=True)
+        self._adapters_from_config()
+
+    # -- heads ---------------------------------------------------------------------------------
+    def _add_head(self, head: PredictionHead, overwrite_ok: bool, set_active: bool = True):
+        if head.name in self.heads and not overwrite_ok:
+            raise ValueError(
+                f"a head named {head.name!r} already exists; pass overwrite_ok=True to replace it"
+            )
+        config = head.config
+        if config.get("label2id", 0) is None:  # the package's default label map
+            count = config.get("num_labels", config.get("num_choices"))
+            if count is not None:
+                config["label2id"] = {f"LABEL_{i}": i for i in range(count)}
+        head.to(self.distilbert.embeddings.LayerNorm.weight.device)
+        self.heads[head.name] = head
+        self.tie_weights()
+        if set_active:
+            self.active_head = head.name
+
+    def _add_head_from_config(self, name, config: dict, overwrite_ok=False, set_active=True):
+        config = dict(config)
+        head_type = config.pop("head_type", None)
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {sorted(HEAD_TYPES)}, got {head_type!r}")
+        label2id = config.pop("label2id", None)
+        if "id2label" not in config and label2id is not None and head_type != "masked_lm":
+            config["id2label"] = {int(i): label for label, i in label2id.items()}
+        self._add_head(HEAD_TYPES[head_type](self, name, **config), overwrite_ok, set_active)
+
+    def add_classification_head(self, head_name, num_labels=2, layers=2, activation_function="tanh",
+                                overwrite_ok=False, multilabel=False, id2label=None, use_pooler=False):
+        cls = MultiLabelClassificationHead if multilabel else ClassificationHead
+        self._add_head(cls(self, head_name, num_labels, layers, activation_function, id2label, use_pooler),
+                       overwrite_ok)
+
+    def add_multiple_choice_head(self, head_name, num_choices=2, layers=2, activation_function="tanh",
+                                 overwrite_ok=False, id2label=None, use_pooler=False):
+        self._add_head(MultipleChoiceHead(self, head_name, num_choices, layers, activation_function, id2label,
+                                          use_pooler), overwrite_ok)
+
+    def add_tagging_head(self, head_name, num_labels=2, layers=1, activation_function="tanh",
+                         overwrite_ok=False, id2label=None):
+        self._add_head(TaggingHead(self, head_name, num_labels, layers, activation_function, id2label),
+                       overwrite_ok)
+
+    def add_qa_head(self, head_name, num_labels=2, layers=1, activation_function="tanh", overwrite_ok=False,
+                    id2label=None):
+        self._add_head(QuestionAnsweringHead(self, head_name, num_labels, layers, activation_function, id2label),
+                       overwrite_ok)
+
+    def add_masked_lm_head(self, head_name, activation_function="gelu", layers=2, overwrite_ok=False):
+        self._add_head(MaskedLMHead(self, head_name, layers=layers, activation_function=activation_function),
+                       overwrite_ok)
+
+    def _check_head_name(self, name):
+        if name not in self.heads:
+            raise ValueError(f"no head named {name!r}; this model has heads {sorted(self.heads)}")
+
+    @property
+    def active_head(self):
+        """The head(s) a forward without ``head=`` uses: a name, a list of names, or None."""
+        if not self._active_heads:
+            return None
+        return self._active_heads[0] if len(self._active_heads) == 1 else list(self._active_heads)
+
+    @active_head.setter
+    def active_head(self, names):
+        names = [] if names is None else [names] if isinstance(names, str) else list(names)
+        for name in names:
+            self._check_head_name(name)
+        self._active_heads = names
+
+    def delete_head(self, head_name: str):
+        self._check_head_name(head_name)
+        del self.heads[head_name]
+        self._active_heads = [name for name in self._active_heads if name != head_name]
+
+    def set_active_adapters(self, adapter_setup):
+        """As in the package: also activates the head named like the setup's last adapter."""
+        super().set_active_adapters(adapter_setup)
+        setup = self.active_adapters
+        if setup is not None and setup.last() in self.heads:
+            self.active_head = setup.last()
+
+    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
+        """The base model frozen; the adapters in ``adapter_setup`` and the heads train, except
+        an active head's output embeddings (tied to the word embeddings) unless
+        ``train_embeddings``, as in the package."""
+        super().train_adapter(adapter_setup, train_embeddings)
+        if train_embeddings:
+            return
+        for name in self._active_heads:
+            output = self.heads[name].get_output_embeddings()
+            if output is not None:
+                for param in output.parameters():
+                    param.requires_grad = False
+
+    # -- tied output embeddings ----------------------------------------------------------------
+    def get_output_embeddings(self):
+        for name in self._active_heads:
+            output = self.heads[name].get_output_embeddings()
+            if output is not None:
+                return output
+        return None
+
+    def tie_weights(self):
+        if not self.config.tie_word_embeddings or not hasattr(self, "heads"):
+            return
+        embeddings = self.get_input_embeddings().weight
+        for head in self.heads.values():
+            output = head.get_output_embeddings()
+            if output is None:
+                continue
+            output.weight = embeddings
+            rows = embeddings.shape[0]
+            if output.bias is not None and output.bias.shape[0] != rows:  # after a resize: zero-pad
+                with torch.no_grad():
+                    bias = torch.zeros(rows, dtype=output.bias.dtype, device=output.bias.device)
+                    keep = min(rows, output.bias.shape[0])
+                    bias[:keep] = output.bias[:keep]
+                output.bias = nn.Parameter(bias, requires_grad=output.bias.requires_grad)
+            output.out_features = rows
+            head.config["vocab_size"] = rows
+
+    @property
+    def _tied_weights_keys(self):
+        word = f"{self.base_model_prefix}.embeddings.word_embeddings.weight"
+        keys = {}
+        for name, head in getattr(self, "heads", {}).items():
+            if head.get_output_embeddings() is not None:
+                keys[f"heads.{name}.{len(head) - 1}.weight"] = word
+        return keys
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, head=None,
+                adapter_names=None, position_ids=None, **head_inputs):
+        """The base model, then head ``head`` (default: the active head(s); none: the base
+        model's output). ``adapter_names`` (a name, a list = Stack, or a Stack) replaces the
+        active adapters for this call. ``labels`` / ``start_positions`` / ``end_positions`` go
+        to the head. Multiple-choice inputs (batch, num_choices, seq) are flattened first."""
+        unknown = sorted(set(head_inputs) - _HEAD_INPUTS)
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        heads = [head] if head is not None else list(self._active_heads)
+        for name in heads:
+            self._check_head_name(name)
+        flatten = lambda t, rank: t if t is None or t.dim() <= rank else t.reshape(-1, *t.shape[-rank + 1:])  # noqa: E731
+        input_ids, attention_mask = flatten(input_ids, 2), flatten(attention_mask, 2)
+        inputs_embeds, position_ids = flatten(inputs_embeds, 3), flatten(position_ids, 2)
+
+        setup = None if adapter_names is None else self._parse_setup(adapter_names)
+        token = None if setup is None else _CALL_SETUP.set(setup)
+        try:
+            out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                                  output_hidden_states, return_dict=True, position_ids=position_ids)
+        finally:
+            if token is not None:
+                _CALL_SETUP.reset(token)
+        if not heads:
+            return out if return_dict else out.to_tuple()
+        backend = self.config.backend
+        outputs = [self.heads[name](out, attention_mask, backend=backend, **_inputs_for(self.heads[name], head_inputs))
+                   for name in heads]
+        if len(outputs) == 1:
+            return _finish(outputs[0], return_dict)
+        losses = [o.loss for o in outputs]
+        loss = sum(losses) if all(x is not None for x in losses) else None
+        return MultiHeadOutput(outputs, loss)
+
+    # -- head files ------------------------------------------------------------------------------
+    def save_head(self, save_directory, head_name: str | None = None, use_safetensors: bool = False):
+        """Writes head_config.json and pytorch_model_head.bin (model_head.safetensors with
+        ``use_safetensors``) in the package's format."""
+        if head_name is None:
+            if len(self.heads) != 1:
+                raise ValueError(f"head_name is needed: this model has heads {sorted(self.heads)}")
+            head_name = next(iter(self.heads))
+        self._check_head_name(head_name)
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(os.path.join(save_directory, HEAD_CONFIG_NAME),
+                    self._file_meta(head_name, dict(self.heads[head_name].config)))
+        prefix = f"heads.{head_name}."
+        tensors = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+        _save_tensors(tensors, save_directory, HEAD_SAFE_WEIGHTS_NAME if use_safetensors else HEAD_WEIGHTS_NAME)
+
+    def load_head(self, save_directory, load_as: str | None = None, id2label=None,
+                  use_safetensors: bool | None = None) -> str:
+        """Loads a head written by ``save_head`` here or in the package. Returns its name."""
+        directory = os.fspath(save_directory)
+        meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
+        model_class = meta.get("model_class", "")
+        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
+            raise ValueError(
+                f"the head in {directory} belongs to a {model_class!r}, not a DistilBertAdapterModel"
+            )
+        saved = meta["name"]
+        name = load_as or saved
+        config = dict(meta["config"])
+        if id2label is not None:
+            config["label2id"] = _label2id(id2label)
+        state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
+        old, new = f"heads.{saved}.", f"heads.{name}."
+        state_dict = {new + k[len(old):]: v for k, v in state_dict.items() if k.startswith(old)}
+        self._add_head_from_config(name, config, overwrite_ok=True)
+        expected = {k for k in self.state_dict() if k.startswith(new)}
+        tied = set(self._tied_weights_keys)
+        missing = sorted(expected - set(state_dict) - tied)
+        unexpected = sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            self.delete_head(name)
+            raise ValueError(
+                f"the head weights in {directory} do not fit a {config.get('head_type')} head: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
+        params = dict(self.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if key in tied:  # the word embeddings themselves: left as the base model has them
+                    continue
+                if params[key].shape != value.shape:
+                    self.delete_head(name)
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} in {directory}, "
+                                     f"head has {tuple(params[key].shape)}")
+                params[key].copy_(value)
+        return name
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_pretrained(self, directory, **kwargs):
+        """The whole model; config.json records the heads and adapters, which from_pretrained
+        rebuilds."""
+        self.config.prediction_heads = {name: dict(head.config) for name, head in self.heads.items()}
+        self._adapters_to_config()
+        super().save_pretrained(directory, **kwargs)
+
+
+def _inputs_for(head: PredictionHead, inputs: dict) -> dict:
+    """The keyword arguments of the model's forward that this head takes."""
+    names = ("start_positions", "end_positions") if isinstance(head, QuestionAnsweringHead) else ("labels",)
+    unused = sorted(k for k, v in inputs.items() if k not in names and v is not None)
+    if unused:
+        raise TypeError(f"head {head.name!r} ({head.head_type}) does not take {unused}")
+    return {k: inputs[k] for k in names if k in inputs}
+
+
+# The adapter-transformers name of the same class.
+DistilBertModelWithHeads = DistilBertAdapterModel
+
+__all__ = [
+    "ClassificationHead",
+    "DistilBertAdapterModel",
+    "DistilBertModelWithHeads",
+    "MaskedLMHead",
+    "MultiHeadOutput",
+    "MultiLabelClassificationHead",
+    "MultipleChoiceHead",
+    "PredictionHead",
+    "QuestionAnsweringHead",
+    "TaggingHead",
+]

@@ -1,0 +1,224 @@
+"""The adapters-package side of the parity test (tests/test_adapters_oracle.py). Runs in
+.venv-adapters (AdapterHub `adapters` 1.3 + transformers 4.57), never imports distilbert_fast.
+
+    compare.py produce OUT   for each case: build a DistilBertAdapterModel of the package with
+                             random adapter and head weights, run it, and write to OUT/<case>/:
+                             base.pt (base-model weights), io.pt (inputs, outputs, gradients of
+                             every parameter) and one save_adapter() directory per adapter
+    compare.py check DIR     for each case directory DIR/<case>/ holding base.pt and adapters
+                             saved by distilbert_fast: load them into the package's model, run
+                             it and write DIR/<case>/oracle_out.pt
+
+The cases are listed here only; OUT/manifest.json tells the test what each holds.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import adapters
+import transformers
+from adapters import (
+    AdapterSetup,
+    BnConfig,
+    DistilBertAdapterModel,
+    DoubleSeqBnConfig,
+    LoRAConfig,
+    SeqBnConfig,
+    Stack,
+)
+
+SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
+BATCH, SEQ = 3, 7
+
+# name -> adapters to add, the Stack to run, the head (type, name, kwargs)
+CASES = {
+    "pfeiffer_classification": dict(
+        adapters={"pf": SeqBnConfig(reduction_factor=4)},
+        setup=["pf"],
+        head=("classification", "pf", dict(num_labels=3)),
+    ),
+    "houlsby_tagging": dict(
+        adapters={"ho": DoubleSeqBnConfig(reduction_factor=4)},
+        setup=["ho"],
+        head=("tagging", "ho", dict(num_labels=5)),
+    ),
+    "lora_qa": dict(
+        adapters={"lo": LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"])},
+        setup=["lo"],
+        head=("qa", "lo", {}),
+    ),
+    "stack_multiple_choice": dict(
+        adapters={"lang": SeqBnConfig(reduction_factor=4), "task": DoubleSeqBnConfig(reduction_factor=8)},
+        setup=["lang", "task"],
+        head=("multiple_choice", "task", dict(num_choices=3)),
+    ),
+    "stack_lora_bottleneck_masked_lm": dict(
+        adapters={"lk": LoRAConfig(r=2, alpha=5, attn_matrices=["q", "k", "v"]),
+                  "pf": SeqBnConfig(reduction_factor=2)},
+        setup=["lk", "pf"],
+        head=("masked_lm", "pf", {}),
+    ),
+    "stack_two_loras_regression": dict(
+        adapters={"l1": LoRAConfig(r=4, alpha=4), "l2": LoRAConfig(r=3, alpha=6)},
+        setup=["l1", "l2"],
+        head=("classification", "l2", dict(num_labels=1)),
+    ),
+    "custom_bn_multilabel": dict(
+        adapters={"cu": BnConfig(
+            mh_adapter=True, output_adapter=True, reduction_factor={"0": 4, "default": 8},
+            non_linearity="gelu", original_ln_before=True, original_ln_after=True,
+            residual_before_ln=False, ln_before=True, ln_after=True, adapter_residual_before_ln=True,
+            scaling="learned", init_weights="houlsby", leave_out=[1],
+        )},
+        setup=["cu"],
+        head=("multilabel", "cu", dict(num_labels=4, layers=3, activation_function="relu")),
+    ),
+    "post_add_channel_scaling": dict(
+        adapters={"pa": BnConfig(
+            mh_adapter=True, output_adapter=False, reduction_factor=2, non_linearity="tanh",
+            original_ln_before=True, original_ln_after=False, residual_before_ln="post_add",
+            ln_after=True, scaling="channel", init_weights="mam_adapter",
+        )},
+        setup=["pa"],
+        head=("classification", "pa", dict(num_labels=2, layers=1)),
+    ),
+}
+
+
+def make_model():
+    config = transformers.DistilBertConfig(**SMALL)
+    config._attn_implementation = "eager"
+    return DistilBertAdapterModel(config)
+
+
+def add_head(model, head):
+    kind, name, kwargs = head
+    if kind == "classification":
+        model.add_classification_head(name, **kwargs)
+    elif kind == "multilabel":
+        model.add_classification_head(name, multilabel=True, **kwargs)
+    elif kind == "tagging":
+        model.add_tagging_head(name, **kwargs)
+    elif kind == "qa":
+        model.add_qa_head(name, **kwargs)
+    elif kind == "multiple_choice":
+        model.add_multiple_choice_head(name, **kwargs)
+    elif kind == "masked_lm":
+        model.add_masked_lm_head(name, **kwargs)
+    else:
+        raise ValueError(kind)
+
+
+def is_adapter_key(key):
+    return ".adapters." in key or ".loras." in key
+
+
+def is_base_key(key):
+    """A base-model weight (prompt_tuning.base_model_embeddings aliases the word embeddings)."""
+    return key.startswith("distilbert.") and not is_adapter_key(key) and ".prompt_tuning." not in key
+
+
+@torch.no_grad()
+def randomise_adapters_and_heads(model, generator):
+    """Adapter and head weights far from their (often zero) init, so each one shows."""
+    for name, param in model.named_parameters():
+        if is_adapter_key(name) or name.startswith("heads."):
+            noise = torch.randn(param.shape, generator=generator) * 0.2
+            if "norm" in name and name.endswith("weight") or name.endswith("scaling"):
+                noise = noise + 1.0
+            param.copy_(noise)
+
+
+def inputs_for(kind, head_kwargs, generator):
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[0, 5:] = 0  # padding
+    mask[2, 3:] = 0
+    ids = torch.randint(1, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "classification":
+        n = head_kwargs["num_labels"]
+        inputs["labels"] = (torch.randn(BATCH, generator=generator) if n == 1
+                            else torch.randint(0, n, (BATCH,), generator=generator))
+    elif kind == "multilabel":
+        inputs["labels"] = torch.randint(0, 2, (BATCH, head_kwargs["num_labels"]), generator=generator).float()
+    elif kind == "tagging":
+        inputs["labels"] = torch.randint(0, head_kwargs["num_labels"], (BATCH, SEQ), generator=generator)
+    elif kind == "qa":
+        inputs["start_positions"] = torch.tensor([1, 4, 9])  # 9: outside, ignored
+        inputs["end_positions"] = torch.tensor([2, 6, 0])
+    elif kind == "multiple_choice":
+        choices = head_kwargs["num_choices"]
+        inputs["input_ids"] = torch.randint(1, SMALL["vocab_size"], (BATCH, choices, SEQ), generator=generator)
+        inputs["attention_mask"] = mask[:, None, :].expand(BATCH, choices, SEQ).contiguous()
+        inputs["labels"] = torch.randint(0, choices, (BATCH,), generator=generator)
+    elif kind == "masked_lm":
+        labels = torch.randint(0, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+        labels[:, ::2] = -100
+        inputs["labels"] = labels
+    return inputs
+
+
+def run(model, setup, head_name, inputs):
+    """Eval-mode forward and backward with every parameter trainable: outputs and gradients."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.zero_grad()
+    with AdapterSetup(Stack(*setup)):
+        out = model(**inputs, head=head_name)
+    out.loss.backward()
+    result = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
+    result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result
+
+
+def produce(out_dir):
+    manifest = {}
+    for i, (case, spec) in enumerate(CASES.items()):
+        torch.manual_seed(100 + i)
+        generator = torch.Generator().manual_seed(200 + i)
+        model = make_model()
+        for name, config in spec["adapters"].items():
+            model.add_adapter(name, config=config)
+        add_head(model, spec["head"])
+        randomise_adapters_and_heads(model, generator)
+        kind, head_name, head_kwargs = spec["head"]
+        inputs = inputs_for(kind, head_kwargs, generator)
+        case_dir = os.path.join(out_dir, case)
+        os.makedirs(case_dir)
+        base = {k: v for k, v in model.state_dict().items() if is_base_key(k)}
+        torch.save(base, os.path.join(case_dir, "base.pt"))
+        result = run(model, spec["setup"], head_name, inputs)
+        torch.save({"inputs": inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
+        for name in spec["adapters"]:
+            model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
+        manifest[case] = {"adapters": list(spec["adapters"]), "setup": spec["setup"], "head": head_name,
+                          "head_type": kind}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump({"cases": manifest, "adapters_version": adapters.__version__,
+                   "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
+                  indent=2)
+
+
+def check(root):
+    with open(os.path.join(root, "manifest.json")) as f:
+        manifest = json.load(f)["cases"]
+    for case, spec in manifest.items():
+        case_dir = os.path.join(root, case)
+        model = make_model()
+        missing, unexpected = model.load_state_dict(torch.load(os.path.join(case_dir, "base.pt")), strict=False)
+        if unexpected or any(is_base_key(k) for k in missing):
+            raise SystemExit(f"{case}: base weights do not fit: missing {missing}, unexpected {unexpected}")
+        for name in spec["adapters"]:
+            model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
+        io = torch.load(os.path.join(case_dir, "io.pt"))
+        result = run(model, spec["setup"], spec["head"], io["inputs"])
+        torch.save(result, os.path.join(case_dir, "oracle_out.pt"))
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1], sys.argv[2]
+    {"produce": produce, "check": check}[mode](path)

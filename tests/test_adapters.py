@@ -1,0 +1,367 @@
+"""Adapters on DistilBertAdapterModel (parity with the adapters package itself is in
+test_adapters_oracle.py): which parameters train, a short training run, exact save/load round
+trips, the fused residual + LayerNorm op serving the adapters, no cost when none is active,
+LoRA merging, and clear errors for bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_CONFIG, assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from distilbert_fast import (
+    AdapterSetup,
+    BnConfig,
+    DistilBertAdapterModel,
+    DistilBertConfig,
+    LoRAConfig,
+    SeqBnConfig,
+    Stack,
+    last_backend,
+)
+from distilbert_fast.ops import backends
+
+N_LAYERS = SMALL_CONFIG["n_layers"]
+CONFIGS = {
+    "seq_bn": "seq_bn",
+    "houlsby": "houlsby",
+    "lora": LoRAConfig(r=4, alpha=16, attn_matrices=["q", "k", "v"]),
+    "custom_bn": BnConfig(mh_adapter=True, output_adapter=True, reduction_factor={"1": 2, "default": 8},
+                          non_linearity="gelu", ln_before=True, ln_after=True, scaling="channel",
+                          original_ln_before=True, residual_before_ln="post_add"),
+}
+
+
+def small_model(**overrides):
+    return DistilBertAdapterModel(DistilBertConfig(**{**SMALL_CONFIG, **overrides})).eval()
+
+
+@torch.no_grad()
+def randomise(model, pattern=(".adapters.", ".loras.", "heads.")):
+    for name, p in model.named_parameters():
+        if any(s in name for s in pattern):
+            p.copy_(0.3 * torch.randn_like(p) + (1.0 if name.endswith(("norm_before.weight", "norm_after.weight",
+                                                                       "scaling")) else 0.0))
+
+
+def ids(batch=2, seq=6):
+    return torch.randint(1, SMALL_CONFIG["vocab_size"], (batch, seq))
+
+
+def adapter_keys(model, name):
+    return {k for k in model.state_dict() if f".adapters.{name}." in k or f".loras.{name}." in k}
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def test_train_adapter_freezes_exactly_the_right_parameters():
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config="lora")
+    model.add_adapter("c", config="houlsby")
+    model.add_classification_head("a", num_labels=2)
+    model.add_masked_lm_head("mlm")
+    model.train_adapter(Stack("a", "b"))
+    assert model.training and model.active_adapters == Stack("a", "b")
+    assert model.active_head == "mlm"  # there is no head "b": the active head stays
+    trainable = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    expected = (adapter_keys(model, "a") | adapter_keys(model, "b")
+                | {k for k in model.state_dict() if k.startswith(("heads.a.", "heads.mlm.0.", "heads.mlm.2."))})
+    # the active masked-LM head's projection is the word embeddings: frozen with its bias
+    assert trainable == expected
+    assert adapter_keys(model, "a") and adapter_keys(model, "b")
+
+    model.train_adapter("c")
+    assert model.active_head == "mlm"
+    assert {n for n, p in model.named_parameters() if p.requires_grad and ".adapters." in n} == adapter_keys(model, "c")
+    model.train_adapter("a", train_embeddings=True)
+    assert model.get_input_embeddings().weight.requires_grad and model.heads["mlm"][3].weight.requires_grad
+    model.freeze_model(False)
+    assert all(p.requires_grad for n, p in model.distilbert.named_parameters())
+
+
+def test_a_few_training_steps_lower_the_loss_and_change_only_adapter_and_head():
+    torch.manual_seed(0)
+    model = small_model(dropout=0.0, attention_dropout=0.0)
+    model.add_adapter("task", config=SeqBnConfig(reduction_factor=2))
+    model.add_adapter("other", config="houlsby")
+    model.add_classification_head("task", num_labels=2)
+    model.train_adapter("task")
+    x = ids(32, 8)
+    labels = (x[:, 1] > SMALL_CONFIG["vocab_size"] // 2).long()  # a synthetic rule on token 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    allowed = adapter_keys(model, "task") | {k for k in before if k.startswith("heads.task.")}
+    assert changed <= allowed, sorted(changed - allowed)
+    assert {k for k in allowed if "adapter_up" in k} <= changed  # the adapter did train
+
+
+# -- save / load -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("safe", [False, True])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_save_adapter_load_adapter_round_trip_is_exact(tmp_path, kind, safe):
+    model = small_model()
+    model.add_adapter("x", config=CONFIGS[kind])
+    model.add_tagging_head("x", num_labels=3)
+    randomise(model)
+    model.save_adapter(str(tmp_path), "x", use_safetensors=safe)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["name"] == "x" and meta["model_type"] == "distilbert" and meta["hidden_size"] == 32
+    assert meta["config"] == model.adapters_config["x"].to_dict()
+    assert (tmp_path / ("adapter.safetensors" if safe else "pytorch_adapter.bin")).is_file()
+
+    other = small_model()
+    other.distilbert.load_state_dict({k: v for k, v in model.distilbert.state_dict().items()
+                                      if ".adapters." not in k and ".loras." not in k}, strict=False)
+    assert other.load_adapter(str(tmp_path), load_as="y") == "y"
+    assert "y" in other.heads  # with_head: the head of the same name came along, renamed
+    saved = model.state_dict()
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, saved[key.replace(".y.", ".x.")]), key
+    x = ids()
+    assert torch.equal(other(x, head="y", adapter_names="y").logits, model(x, head="x", adapter_names="x").logits)
+
+
+def test_saved_adapter_holds_only_its_own_weights_under_the_package_keys(tmp_path):
+    model = small_model()
+    model.add_adapter("a", config="houlsby")
+    model.add_adapter("ab", config="lora")
+    model.save_adapter(str(tmp_path), "a", with_head=False)
+    keys = set(torch.load(tmp_path / "pytorch_adapter.bin", weights_only=True))
+    assert keys == adapter_keys(model, "a")
+    assert "distilbert.transformer.layer.0.attention_adapters.adapters.a.adapter_down.0.weight" in keys
+    assert "distilbert.transformer.layer.1.output_adapters.adapters.a.adapter_up.bias" in keys
+    assert not (tmp_path / "head_config.json").exists()
+
+
+# -- the fused ops, and no cost when no adapter is active ---------------------------------------------
+
+
+def _count_ops(monkeypatch):
+    """Counts the eager backend's residual_layernorm / bias_activation calls; records the x_bias
+    each residual_layernorm call folds in."""
+    eager = backends._registry["eager"]
+    counts = {"residual_layernorm": 0, "bias_activation": 0, "x_biases": []}
+    for op in ("residual_layernorm", "bias_activation"):
+        original = getattr(eager, f"{op}_forward")
+
+        def counting(*args, _op=op, _original=original):
+            counts[_op] += 1
+            if _op == "residual_layernorm":
+                counts["x_biases"].append(args[5])
+            return _original(*args)
+
+        monkeypatch.setattr(eager, f"{op}_forward", counting)
+    return counts
+
+
+@pytest.mark.parametrize("config, extra_layernorms, adapters_per_layer", [
+    ("houlsby", 0, 2),  # each sublayer: the adapter's residual and the block's LN in one op
+    ("seq_bn", 1, 1),   # Pfeiffer: the block's LN before the adapter, then the fused one
+])
+def test_adapter_residual_goes_through_the_fused_op(monkeypatch, config, extra_layernorms, adapters_per_layer):
+    model = small_model().set_backend("eager")
+    model.add_adapter("a", config=config)
+    counts = _count_ops(monkeypatch)
+    x = ids()
+    model(x)
+    plain = dict(counts)
+    counts.update({"residual_layernorm": 0, "bias_activation": 0, "x_biases": []})
+    model(x, adapter_names="a")
+    assert counts["residual_layernorm"] - plain["residual_layernorm"] == extra_layernorms * N_LAYERS
+    # each adapter's down-projection + activation is one bias_activation
+    assert counts["bias_activation"] - plain["bias_activation"] == adapters_per_layer * N_LAYERS
+    # the op that applies the block's LayerNorm adds the adapter's up-projection bias too
+    up_biases = [m.adapter_up.bias for n, m in model.named_modules() if n.endswith(".adapters.a")]
+    assert len(up_biases) == adapters_per_layer * N_LAYERS
+    assert all(any(b is up for b in counts["x_biases"]) for up in up_biases)
+    assert last_backend("residual_layernorm") == "eager"
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of(model, x):
+    with torch.no_grad(), _RecordOps() as recorder:
+        model(x)
+    return recorder.ops
+
+
+def test_no_active_adapter_and_merged_lora_cost_nothing():
+    plain = small_model()
+    model = small_model()
+    model.load_state_dict(plain.state_dict())
+    x = ids()
+    reference_ops = _ops_of(plain, x)
+    for name, config in CONFIGS.items():
+        model.add_adapter(name, config=config)
+    randomise(model)
+    assert _ops_of(model, x) == reference_ops
+    assert torch.equal(model(x).last_hidden_state, plain(x).last_hidden_state)
+
+    model.set_active_adapters("lora")
+    unmerged = model(x).last_hidden_state
+    assert not torch.allclose(unmerged, plain(x).last_hidden_state)
+    weight = model.distilbert.transformer.layer[0].attention.q_lin.weight.clone()
+    model.merge_adapter("lora")
+    assert model.distilbert.transformer.layer[0].attention.q_lin.acts_as_linear()
+    assert _ops_of(model, x) == reference_ops
+    assert_close(model(x).last_hidden_state, unmerged, atol=1e-5)
+    model.reset_adapter()
+    assert_close(model.distilbert.transformer.layer[0].attention.q_lin.weight, weight, atol=1e-6)
+    assert_close(model(x).last_hidden_state, unmerged, atol=1e-6)
+
+
+def test_adapter_names_overrides_the_active_setup_for_one_call():
+    model = small_model()
+    model.add_adapter("a", config="houlsby")
+    model.add_adapter("b", config="seq_bn")
+    randomise(model)
+    x = ids()
+    model.set_active_adapters("b")
+    only_b = model(x).last_hidden_state
+    model.set_active_adapters("a")
+    only_a = model(x).last_hidden_state
+    assert torch.equal(model(x, adapter_names=["b"]).last_hidden_state, only_b)
+    assert model.active_adapters == Stack("a")
+    with AdapterSetup("b"):
+        assert torch.equal(model(x).last_hidden_state, only_b)
+    assert torch.equal(model(x).last_hidden_state, only_a)
+    stacked = model(x, adapter_names=Stack("a", "b")).last_hidden_state
+    assert not torch.allclose(stacked, only_a) and not torch.allclose(stacked, only_b)
+
+
+def test_gradient_checkpointing_recomputes_with_the_call_adapters():
+    model = small_model(dropout=0.0, attention_dropout=0.0)
+    model.add_adapter("a", config="houlsby")
+    model.add_adapter("l", config="lora")
+    randomise(model)
+    model.train()
+    x = ids()
+
+    def grads():
+        model.zero_grad()
+        model(x, adapter_names=Stack("l", "a")).last_hidden_state.pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected = grads()
+    model.gradient_checkpointing_enable()
+    actual = grads()
+    assert set(actual) == set(expected) and any(".loras.l." in n for n in actual)
+    for name in expected:
+        assert_close(actual[name], expected[name], atol=1e-6, name=name)
+
+
+def test_set_active_adapters_activates_the_head_of_the_same_name():
+    model = small_model()
+    model.add_adapter("t", config="seq_bn")
+    model.add_classification_head("t")
+    model.add_tagging_head("other")
+    assert model.active_head == "other"
+    model.set_active_adapters("t")
+    assert model.active_head == "t"
+
+
+def test_delete_adapter_removes_its_modules_and_unmerges():
+    model = small_model()
+    model.add_adapter("a", config="lora")
+    model.add_adapter("b", config="houlsby")
+    randomise(model)
+    weight = model.distilbert.transformer.layer[1].attention.v_lin.weight.clone()
+    model.set_active_adapters(Stack("a", "b"))
+    model.merge_adapter("a")
+    model.delete_adapter("a")
+    assert_close(model.distilbert.transformer.layer[1].attention.v_lin.weight, weight, atol=1e-6)
+    assert not adapter_keys(model, "a") and adapter_keys(model, "b")
+    assert model.active_adapters == Stack("b")
+    model.delete_adapter("b")
+    assert model.active_adapters is None and not model.adapters_config
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [0, -2, 0.0, {"default": 0}, {"0": 4, "default": -1}])
+def test_reduction_factor_must_be_positive(factor):
+    with pytest.raises(ValueError, match="reduction_factor must be a number > 0"):
+        SeqBnConfig(reduction_factor=factor)
+    model = small_model()
+    with pytest.raises(ValueError, match="reduction_factor must be a number > 0"):
+        model.add_adapter("a", config={**SeqBnConfig().to_dict(), "reduction_factor": factor})
+    assert not model.adapters_config
+
+
+def test_bad_adapter_input_gives_clear_errors(tmp_path):
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    x = ids()
+    with pytest.raises(ValueError, match="already exists.*overwrite_ok"):
+        model.add_adapter("a", config="houlsby")
+    model.add_adapter("a", config="houlsby", overwrite_ok=True)
+    assert model.adapters_config["a"].mh_adapter
+    with pytest.raises(ValueError, match="unknown adapter config 'nope'"):
+        model.add_adapter("b", config="nope")
+    with pytest.raises(ValueError, match="'default' entry"):
+        SeqBnConfig(reduction_factor={"1": 4})
+    for call in (lambda: model.set_active_adapters("nope"), lambda: model.train_adapter(["a", "nope"]),
+                 lambda: model.delete_adapter("nope"), lambda: model.merge_adapter("nope"),
+                 lambda: model.save_adapter(str(tmp_path), "nope"), lambda: model(x, adapter_names="nope")):
+        with pytest.raises(ValueError, match="no adapter named 'nope'"):
+            call()
+    model.set_active_adapters("a")
+    model.delete_adapter("a")
+    with pytest.raises(ValueError, match="no adapter named 'a'"):
+        model(x, adapter_names=["a"])
+    with pytest.raises(TypeError, match="adapter names"):
+        Stack(["a"])
+    with pytest.raises(TypeError, match="adapter setup must be"):
+        model(x, adapter_names=5)
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        LoRAConfig(r=0)
+    with pytest.raises(NotImplementedError, match="intermediate_lora"):
+        LoRAConfig(intermediate_lora=True)
+    with pytest.raises(NotImplementedError, match="phm_layer"):
+        SeqBnConfig(phm_layer=True)
+    with pytest.raises(ValueError, match="post_add"):
+        BnConfig(mh_adapter=True, output_adapter=False, reduction_factor=2, non_linearity="relu",
+                 residual_before_ln="post_add")
+    model.add_adapter("h", config="houlsby")
+    with pytest.raises(ValueError, match="bottleneck"):
+        model.merge_adapter("h")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        model.load_adapter(str(tmp_path / "missing"))
+
+
+def test_load_adapter_refuses_weights_that_do_not_fit(tmp_path):
+    wide = DistilBertAdapterModel(DistilBertConfig(**{**SMALL_CONFIG, "dim": 64, "n_heads": 4}))
+    wide.add_adapter("a", config="seq_bn")
+    wide.save_adapter(str(tmp_path), "a")
+    model = small_model()
+    with pytest.raises(ValueError, match="hidden_size 64"):
+        model.load_adapter(str(tmp_path))
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["hidden_size"] = 32
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shape"):
+        model.load_adapter(str(tmp_path))
+    assert not model.adapters_config  # a failed load leaves nothing behind

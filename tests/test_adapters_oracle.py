@@ -1,0 +1,210 @@
+"""Parity with AdapterHub's ``adapters`` package (1.3), the reference for DistilBertAdapterModel.
+
+The package needs transformers 4.57, so it runs in its own virtualenv (.venv-adapters, made by
+scripts/setup_adapters_oracle.sh, which ``scripts/setup.sh --test`` calls) through
+tests/adapters_oracle/compare.py. For each case there (Pfeiffer, Houlsby, LoRA, Stacks, a custom
+BnConfig; every head type):
+
+1. package -> ours: the package builds a model with random adapter and head weights, records its
+   outputs and the gradients of every parameter, and saves each adapter with save_adapter. We
+   load the same base weights, load those adapter directories (with their heads) with our
+   load_adapter, run the same inputs and compare outputs and gradients.
+2. ours -> package: we change the adapter and head weights, save them with our save_adapter, the
+   package loads them into a fresh model of its own and runs; outputs and gradients must match ours.
+
+Run as a script (``.venv/bin/python tests/test_adapters_oracle.py``) to rewrite the record in
+bench/results/adapters_parity.txt.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distilbert_fast
+from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, Stack
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
+COMPARE = os.path.join(REPO, "tests", "adapters_oracle", "compare.py")
+RECORD = os.path.join(REPO, "bench", "results", "adapters_parity.txt")
+SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
+ATOL, RTOL = 2e-5, 1e-4
+
+
+def _require_oracle():
+    if os.path.isfile(ORACLE_PYTHON):
+        return
+    reason = (f"the adapters-package oracle is not set up ({ORACLE_PYTHON} is missing): "
+              "run scripts/setup_adapters_oracle.sh")
+    if os.environ.get("CI"):
+        pytest.fail(reason + " (CI must run this test)")
+    pytest.skip(reason)
+
+
+def _oracle(mode, path):
+    result = subprocess.run([ORACLE_PYTHON, COMPARE, mode, path], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise RuntimeError(f"compare.py {mode} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def _is_adapter_key(key):
+    return ".adapters." in key or ".loras." in key
+
+
+def _run(model, setup, head, inputs):
+    """Eval-mode forward and backward with every parameter trainable, as compare.run does."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.zero_grad()
+    out = model(**inputs, head=head, adapter_names=Stack(*setup))
+    out.loss.backward()
+    result = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
+    result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result
+
+
+def _diffs(ours, theirs, case):
+    """[(case, quantity, max abs diff, bound exceeded?)] over outputs and every gradient."""
+    rows = []
+    output_keys = sorted(k for k in theirs if k != "grads")
+    assert output_keys == sorted(k for k in ours if k != "grads"), (case, output_keys, sorted(ours))
+    assert set(ours["grads"]) == set(theirs["grads"]), (
+        case, sorted(set(ours["grads"]) ^ set(theirs["grads"])))
+    for key in output_keys:
+        rows.append(_row(case, key, ours[key], theirs[key]))
+    worst = max((_row(case, f"grad {n}", ours["grads"][n], g) for n, g in theirs["grads"].items()),
+                key=lambda row: row[2] / (ATOL + RTOL * row[4]))
+    rows.append((case, f"grads ({len(theirs['grads'])} params), worst: {worst[1][5:]}", *worst[2:]))
+    return rows
+
+
+def _row(case, name, actual, expected):
+    assert actual.shape == expected.shape, (case, name, actual.shape, expected.shape)
+    diff = (actual.double() - expected.double()).abs()
+    ok = bool((diff <= ATOL + RTOL * expected.double().abs()).all())
+    return case, name, diff.max().item(), ok, expected.double().abs().max().item()
+
+
+def _our_model(base):
+    model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
+    prefix = "distilbert."
+    model.distilbert.load_state_dict({k[len(prefix):]: v for k, v in base.items()}, strict=True)
+    return model
+
+
+@torch.no_grad()
+def _change_adapters_and_heads(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if _is_adapter_key(name) or name.startswith("heads."):
+            param.mul_(0.5).add_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def compare_both_directions(workdir):
+    """Runs both directions of the module docstring; returns (package->ours rows, ours->package
+    rows, manifest)."""
+    produced, ours_dir = os.path.join(workdir, "package"), os.path.join(workdir, "ours")
+    os.makedirs(produced)
+    os.makedirs(ours_dir)
+    _oracle("produce", produced)
+    with open(os.path.join(produced, "manifest.json")) as f:
+        manifest = json.load(f)
+
+    to_ours, ours_results = [], {}
+    for case, spec in manifest["cases"].items():
+        case_dir = os.path.join(produced, case)
+        base = torch.load(os.path.join(case_dir, "base.pt"), weights_only=True)
+        io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
+        model = _our_model(base)
+        for name in spec["adapters"]:
+            assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
+        assert spec["head"] in model.heads, f"{case}: head {spec['head']!r} did not come with its adapter"
+        to_ours += _diffs(_run(model, spec["setup"], spec["head"], io["inputs"]), io["outputs"], case)
+
+        # ours -> package: other weights, saved by us
+        _change_adapters_and_heads(model, seed=len(ours_results))
+        out_dir = os.path.join(ours_dir, case)
+        os.makedirs(out_dir)
+        torch.save(base, os.path.join(out_dir, "base.pt"))
+        torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
+        for name in spec["adapters"]:
+            model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=True)
+        ours_results[case] = _run(model, spec["setup"], spec["head"], io["inputs"])
+    with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+    _oracle("check", ours_dir)
+    to_package = []
+    for case, ours in ours_results.items():
+        theirs = torch.load(os.path.join(ours_dir, case, "oracle_out.pt"), weights_only=True)
+        to_package += _diffs(ours, theirs, case)
+    return to_ours, to_package, manifest
+
+
+@pytest.fixture(scope="module")
+def both_directions(tmp_path_factory):
+    _require_oracle()
+    return compare_both_directions(str(tmp_path_factory.mktemp("adapters_oracle")))
+
+
+def _assert_rows(rows):
+    bad = [f"{case}: {name}: max abs diff {diff:.2e}" for case, name, diff, ok, _ in rows if not ok]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_case_covers_a_head_type_and_adapter_kind(both_directions):
+    cases = both_directions[2]["cases"].values()
+    assert {c["head_type"] for c in cases} >= {"classification", "multilabel", "tagging", "qa",
+                                               "multiple_choice", "masked_lm"}
+    assert any(len(c["setup"]) > 1 for c in cases)
+
+
+def test_adapters_saved_by_the_package_load_and_match(both_directions):
+    rows = both_directions[0]
+    assert len(rows) >= 2 * len(both_directions[2]["cases"])
+    _assert_rows(rows)
+
+
+def test_adapters_saved_by_us_load_into_the_package_and_match(both_directions):
+    _assert_rows(both_directions[1])
+
+
+def write_record(path=RECORD):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        to_ours, to_package, manifest = compare_both_directions(workdir)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    lines = [
+        "# distilbert_fast vs AdapterHub adapters: outputs and gradients (float32, CPU, eval mode)",
+        f"# date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}, "
+        f"machine {platform.node()} ({platform.machine()}), backend {distilbert_fast.last_backend()}",
+        f"# oracle: adapters {manifest['adapters_version']}, transformers {manifest['transformers_version']}, "
+        f"torch {manifest['torch_version']}; ours: torch {torch.__version__}",
+        f"# model {SMALL}, batch 3 x seq 7 with padding; bound |diff| <= {ATOL} + {RTOL} * |ref|",
+        "# cases: " + "; ".join(f"{c}: Stack{s['setup']} + {s['head_type']} head"
+                                for c, s in manifest["cases"].items()),
+    ]
+    for title, rows in (("package saves, we load and run", to_ours),
+                        ("we save, package loads and runs", to_package)):
+        lines.append(f"\n## {title}")
+        lines += [f"{case:34s} {name:60s} max|diff| {diff:.2e}  {'ok' if ok else 'FAIL'}"
+                  for case, name, diff, ok, _ in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if not os.path.isfile(ORACLE_PYTHON):
+        sys.exit(f"{ORACLE_PYTHON} is missing: run scripts/setup_adapters_oracle.sh")
+    write_record()
