@@ -73,7 +73,7 @@ def _attn_fwd_kernel(
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
     V,  # (batch, heads, seq, head_dim), strides (stride_vb, stride_vh, stride_vs, 1)
     Out,  # (batch, heads, seq, head_dim), strides (stride_ob, stride_oh, stride_os, 1)
-    Lse,  # (batch, heads, seq) float32, contiguous: log2-sum-exp2 of each row's log2 scores
+    Lse,  # (batch, heads, 2, seq) float32, contiguous: each row's max log2 score, log2 of its sum
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
     HeadMask,  # (heads,); read if HAS_HEAD_MASK
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
@@ -149,7 +149,11 @@ def _attn_fwd_kernel(
     out = acc * (out_scale / l_i)[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + bh.to(tl.int64) * seq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    # The max and log2(sum) apart: m + log2(l) in one float32 would lose the low bits of a peaked
+    # row's p = 2^(s - m) / l when scores are large.
+    lse_row = Lse + bh.to(tl.int64) * 2 * seq + offs_m
+    tl.store(lse_row, m_i, mask=m_ok)
+    tl.store(lse_row + seq, tl.math.log2(l_i), mask=m_ok)
 
 
 # -- backward -----------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def _attn_bwd_dkdv_kernel(
     DO,  # (batch, heads, seq, head_dim), strides (stride_dob, stride_doh, stride_dos, 1)
     DK,  # (batch, heads, seq, head_dim), strides (stride_gb, stride_gh, stride_gs, 1)
     DV,  # (batch, heads, seq, head_dim), same strides as DK
-    Lse,  # (batch, heads, seq) float32, contiguous, from the forward
+    Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
     Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
     HeadMask,  # (heads,); read if HAS_HEAD_MASK
@@ -255,12 +259,13 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
                      mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
         # Rows past seq load zeros everywhere, so their p is finite and their terms vanish.
-        lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0)
+        m = tl.load(Lse + 2 * row_base + rows, mask=rows_ok, other=0.0)
+        log2_l = tl.load(Lse + 2 * row_base + seq + rows, mask=rows_ok, other=0.0)
         delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
 
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_M)
         sT = tl.where(attend[:, None], sT, _NEG)
-        pT = tl.math.exp2(sT - lse[None, :])  # softmax weights, before dropout
+        pT = tl.math.exp2((sT - m[None, :]) - log2_l[None, :])  # softmax weights, before dropout
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dL/d(weights)
         if DROPOUT:
             keep = _dropout_keep(seed, dropout_p, cols[:, None], rows[None, :], bh)
@@ -288,7 +293,7 @@ def _attn_bwd_dq_kernel(
     V,  # (batch, heads, seq, head_dim), strides (stride_vb, stride_vh, stride_vs, 1)
     DO,  # (batch, heads, seq, head_dim), strides (stride_dob, stride_doh, stride_dos, 1)
     DQ,  # (batch, heads, seq, head_dim), strides (stride_gb, stride_gh, stride_gs, 1)
-    Lse,  # (batch, heads, seq) float32, contiguous, from the forward
+    Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
     Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
     HmRows,  # (batch, heads, seq) float32, contiguous: per-row share of dhead_mask; if NEED_HM_GRAD
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
@@ -322,7 +327,8 @@ def _attn_bwd_dq_kernel(
                 mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
                  mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(Lse + row_base + rows, mask=rows_ok, other=0.0)
+    m = tl.load(Lse + 2 * row_base + rows, mask=rows_ok, other=0.0)
+    log2_l = tl.load(Lse + 2 * row_base + seq + rows, mask=rows_ok, other=0.0)
     delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -355,7 +361,7 @@ def _attn_bwd_dq_kernel(
                      mask=(cols[None, :] < seq) & d_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(attend[None, :], s, _NEG)
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # dL/d(weights)
         if DROPOUT:
             keep = _dropout_keep(seed, dropout_p, cols[None, :], rows[:, None], bh)
@@ -512,14 +518,16 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
     gives the same dropout mask, here and in ``attention_bwd``.
 
     out: (batch, heads, seq, head_dim) in q's dtype, a view of (batch, seq, heads, head_dim)
-    memory. lse: (batch, heads, seq) float32, each row's log2(sum_j 2^(score_ij * log2 e)), i.e.
-    the natural log-sum-exp divided by ln 2 (a dead row's is log2(seq)); only the backward needs it.
+    memory. lse: (batch, heads, 2, seq) float32, the softmax statistics the backward needs, in
+    log2 units (score_ij * log2 e): [:, :, 0] each row's max, [:, :, 1] log2 of its sum of
+    2^(score - max); their sum times ln 2 is the row's natural log-sum-exp. A fully-masked row
+    scores 0 everywhere: (0, log2(seq)).
     """
     _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     batch, heads, seq, head_dim = q.shape
     out = _grad_like(q)
-    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, 2, seq, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
     ptrs, mask_strides, meta, scalars = _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed)
@@ -546,9 +554,9 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
     for name, t in (("out", out), ("grad_out", grad_out)):
         if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (batch, heads, seq) or not lse.is_contiguous():
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (batch, heads, 2, seq) or not lse.is_contiguous():
         raise ValueError(
-            f"lse must be attention_fwd's contiguous float32 {(batch, heads, seq)} tensor, got "
+            f"lse must be attention_fwd's contiguous float32 {(batch, heads, 2, seq)} tensor, got "
             f"{lse.dtype} {tuple(lse.shape)}"
         )
     q, k, v, out = (_unit_last_stride(t) for t in (q, k, v, out))
