@@ -98,7 +98,7 @@ def forward_backward(fn, args, grad_names, round_to=None, upstream_seed=1234):
     outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
     gen = torch.Generator().manual_seed(upstream_seed)
     upstream = [
-        torch.randn(o.shape, generator=gen).to(round_to or o.dtype).to(o.dtype) for o in outs
+        torch.randn(o.shape, generator=gen).to(round_to or o.dtype).to(o.device, o.dtype) for o in outs
     ]
     grads = torch.autograd.grad(outs, [args[n] for n in grad_names], upstream)
     return [o.detach() for o in outs], dict(zip(grad_names, grads))
