@@ -14,7 +14,7 @@ more. Without ``store_preact`` (inference) nothing extra is written.
 float32 inputs use IEEE float32 products when torch's float32 matmul precision is "highest"
 (torch's default), TF32 otherwise, as torch.matmul would.
 
-Reading order: the kernel, its autotuned variant, then the launcher ``linear_activation_fwd``.
+Reading order: the kernel, the block-size rule, then the launcher ``linear_activation_fwd``.
 No autograd here.
 """
 
@@ -40,7 +40,6 @@ def _linear_activation_fwd_kernel(
     K,
     stride_xm,
     stride_wn,
-    M_BUCKET,  # next power of two of M: only an autotuning key, unused here
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     STORE_Z: tl.constexpr,
@@ -89,28 +88,31 @@ def _linear_activation_fwd_kernel(
     tl.store(Y + out_offs, activation(acc, ACT).to(Y.dtype.element_ty), mask=out_mask)
 
 
-def _tuning_configs():
-    configs = []
-    for bm, bn, bk, warps, stages in (
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ):
-        configs.append(triton.Config(
-            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=warps, num_stages=stages))
-    return configs
-
-
 _INTERPRETED = isinstance(_linear_activation_fwd_kernel, InterpretedFunction)
-# On a GPU the block sizes are tuned once per (power-of-two bucket of M, N, K, dtype); under the
-# interpreter tuning would run every config, so one fixed config is used.
-_tuned_kernel = None if _INTERPRETED else triton.autotune(
-    configs=_tuning_configs(), key=["M_BUCKET", "N", "K"])(_linear_activation_fwd_kernel)
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _config(m, n, dtype, device):
+    """Block sizes and launch options, picked by rule rather than autotuned: autotuning compiles
+    every candidate for every new shape bucket, which costs minutes across a test run. Big tiles
+    (128 x 256, the H100's sweet spot for 2-byte types) while they still give every SM a tile;
+    smaller ones for short inputs; float32 tiles sized to fit shared memory."""
+    if _INTERPRETED:  # big tiles: each program costs milliseconds here
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4)
+    sms = _sm_count(device)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    for bm, bn, warps, stages in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4)):
+        if triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms:
+            break
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def suits(x, weight) -> bool:
@@ -156,18 +158,13 @@ def linear_activation_fwd(x, weight, bias, activation_name, store_preact=False):
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     z = torch.empty_like(y) if store_preact else None
     if m > 0 and n > 0:
-        args = (x2, w, w if bias is None else bias, y, y if z is None else z, m, n, k,
-                x2.stride(0), w.stride(0), triton.next_power_of_2(m))
-        flags = dict(ACT=ACTIVATION_CODES[activation_name], HAS_BIAS=bias is not None,
-                     STORE_Z=store_preact, DOT_PRECISION=_dot_precision(x.dtype))
-        if _INTERPRETED:
-            bm, bn, bk = 64, 128, 64  # big tiles: each program costs milliseconds here
-            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-            _linear_activation_fwd_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                GROUP_M=8)
-        else:
-            def grid(meta):
-                return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            _tuned_kernel[grid](*args, **flags)
+        config = _config(m, n, x.dtype, x.device)
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _linear_activation_fwd_kernel[grid](
+            x2, w, w if bias is None else bias, y, y if z is None else z, m, n, k,
+            x2.stride(0), w.stride(0),
+            ACT=ACTIVATION_CODES[activation_name], HAS_BIAS=bias is not None, STORE_Z=store_preact,
+            DOT_PRECISION=_dot_precision(x.dtype), **config,
+        )
     shape = (*x.shape[:-1], n)
     return y.view(shape), None if z is None else z.view(shape)
