@@ -321,8 +321,8 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
     block_m, block_n, warps = _blocks(n)
     if _INTERPRETED:
         block_m = min(block_m, 32)  # short sequential column sums (see row_chunks)
-    # about 2 programs per SM, each walking a chunk of rows
-    rows_per_chunk, chunks = row_chunks(m, block_m, 1 if _INTERPRETED else 2 * _sm_count(x.device))
+    # about 4 programs per SM (enough loads in flight), each walking a chunk of rows
+    rows_per_chunk, chunks = row_chunks(m, block_m, 1 if _INTERPRETED else 4 * _sm_count(x.device))
 
     def partial(needed):
         return torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if needed else mean

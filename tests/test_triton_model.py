@@ -64,8 +64,7 @@ def assert_grads_close(grads, expected, rel):
 
 
 @needs_triton_here
-@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM",
-                                        "DistilBertForSequenceClassification"])
+@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM"])  # + the MLM head's op
 def test_model_matches_eager(class_name):
     eager, tri = make_models(class_name)
     inputs = make_inputs()
