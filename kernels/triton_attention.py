@@ -14,9 +14,9 @@ Semantics worth knowing before reading the kernels:
 - Keys past the last unmasked key of a live row are skipped entirely (right padding costs
   nothing); masked keys inside that range score ``_NEG``, a finite stand-in for -inf that keeps
   the online softmax free of inf - inf.
-- Dropout keeps each weight with probability 1 - p, drawn from Philox keyed on (seed) with the
-  counter (key index, query index, batch * heads + head, 0): independent of block sizes, so the
-  backward regenerates exactly the forward's mask.
+- Dropout keeps each weight with probability 1 - p, drawn from Philox keyed on the seed with the
+  counter (key index // 4, query index, batch * heads + head, 0), whose four outputs serve four
+  adjacent keys: independent of block sizes, so the backward regenerates the forward's mask.
 
 Layout: q, k, v may have any strides with a unit stride on head_dim (views into a packed QKV
 buffer need no copy). out, dq, dk and dv are returned as (batch, heads, seq, head_dim) views of
@@ -34,6 +34,10 @@ from triton.runtime.interpreter import InterpretedFunction
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # the score of a masked or out-of-range key, in log2 units
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Integer arguments Triton would otherwise specialise on (== 1, % 16): sequence lengths vary from
+# batch to batch, and each specialisation is a fresh compile. (Flags that only pick a scalar, like
+# has_head_mask, are runtime arguments for the same reason.)
+_VARYING = ["heads", "seq", "stride_mb", "has_head_mask"]
 _MAX_HEAD_DIM = 256
 
 
@@ -55,19 +59,24 @@ def _key_extent(mask_row, stride_ms, seq, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, key_idx, query_idx, bh):
-    """Bool block: keep weight (query, key) of head-slice ``bh``. key_idx and query_idx broadcast
-    against each other (either orientation); the counter depends only on the indices."""
-    key_idx, query_idx = tl.broadcast(key_idx, query_idx)
-    c0 = key_idx.to(tl.uint32)
-    c1 = query_idx.to(tl.uint32)
-    c2 = c1 * 0 + bh.to(tl.uint32)
-    r, _, _, _ = tl.philox(seed, c0, c1, c2, c1 * 0)
+def _dropout_keep(seed, dropout_p, rows, start_n, bh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: keep the weight of query rows[i], key start_n + j in head-slice
+    bh. One Philox call gives four numbers, spent on four adjacent keys: counter (key // 4,
+    query, bh, 0). Only indices enter, so any block shape (start_n a multiple of 4) draws the
+    same mask."""
+    # rows: (BLOCK_M,) query indices
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    c0, c1 = tl.broadcast(groups[None, :].to(tl.uint32), rows[:, None].to(tl.uint32))
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero)
+    # (BLOCK_M, BLOCK_N // 4, 2, 2) -> (BLOCK_M, BLOCK_N): key start_n + 4g + c draws from
+    # r0, r2, r1, r3 for c = 0, 1, 2, 3
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
     return tl.uint_to_uniform_float(r) >= dropout_p
 
 
 # -- forward ------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_fwd_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
@@ -75,19 +84,19 @@ def _attn_fwd_kernel(
     Out,  # (batch, heads, seq, head_dim), strides (stride_ob, stride_oh, stride_os, 1)
     Lse,  # (batch, heads, 2, seq) float32, contiguous: each row's max log2 score, log2 of its sum
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
-    HeadMask,  # (heads,); read if HAS_HEAD_MASK
+    HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_ms,
-    heads, seq,
+    heads, seq, has_head_mask,
     qk_scale,  # scale * log2(e): scores in log2 units, so exp2 replaces exp
     dropout_p, inv_keep,  # p and 1 / (1 - p)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head); query blocks of a head are adjacent in
     # the launch order so they share its K and V in L2.
@@ -136,7 +145,7 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)  # the softmax denominator ignores dropout
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, cols[None, :], offs_m[:, None], bh)
+            keep = _dropout_keep(seed, dropout_p, offs_m, start_n, bh, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once, at the end
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                     mask=(cols[:, None] < seq) & d_ok[None, :], other=0.0)
@@ -144,7 +153,7 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     out_scale = inv_keep
-    if HAS_HEAD_MASK:
+    if has_head_mask:
         out_scale = out_scale * tl.load(HeadMask + h).to(tl.float32)
     out = acc * (out_scale / l_i)[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -157,7 +166,7 @@ def _attn_fwd_kernel(
 
 
 # -- backward -----------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING[:2])
 def _attn_bwd_preprocess_kernel(
     Out,  # (batch, heads, seq, head_dim), strides (stride_ob, stride_oh, stride_os, 1)
     DO,  # (batch, heads, seq, head_dim), strides (stride_dob, stride_doh, stride_dos, 1)
@@ -185,7 +194,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + bh.to(tl.int64) * seq + offs_m, delta, mask=offs_m < seq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _attn_bwd_dkdv_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
@@ -196,7 +205,7 @@ def _attn_bwd_dkdv_kernel(
     Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
     Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
-    HeadMask,  # (heads,); read if HAS_HEAD_MASK
+    HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -204,10 +213,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
-    heads, seq, sm_scale, qk_scale, dropout_p, inv_keep,
+    heads, seq, has_head_mask, sm_scale, qk_scale, dropout_p, inv_keep,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one (batch, head), visiting every query block. Blocks are
     # computed transposed, (keys, queries), so dK and dV accumulate without transposing P.
@@ -244,7 +253,7 @@ def _attn_bwd_dkdv_kernel(
         # Keys past a live row's last attended key have zero weight: dK = dV = 0.
         m_stop = tl.where(start_n < kv_end, seq, 0)
     hm = 1.0
-    if HAS_HEAD_MASK:
+    if has_head_mask:
         hm = tl.load(HeadMask + h).to(tl.float32)
     if DROPOUT:
         seed = tl.load(Seed)
@@ -268,7 +277,7 @@ def _attn_bwd_dkdv_kernel(
         pT = tl.math.exp2((sT - m[None, :]) - log2_l[None, :])  # softmax weights, before dropout
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dL/d(weights)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, cols[:, None], rows[None, :], bh)
+            keep = tl.trans(_dropout_keep(seed, dropout_p, rows, start_n, bh, BLOCK_M, BLOCK_N))
             pdT = tl.where(keep, pT * inv_keep, 0.0)  # dropped weights, before head_mask
             dprobsT = tl.where(keep, dpT * (hm * inv_keep), 0.0)
         else:
@@ -286,7 +295,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING + ["need_hm_grad"])
 def _attn_bwd_dq_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
@@ -295,9 +304,9 @@ def _attn_bwd_dq_kernel(
     DQ,  # (batch, heads, seq, head_dim), strides (stride_gb, stride_gh, stride_gs, 1)
     Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
     Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
-    HmRows,  # (batch, heads, seq) float32, contiguous: per-row share of dhead_mask; if NEED_HM_GRAD
+    HmRows,  # (batch, heads, seq) float32, contiguous: per-row share of dhead_mask; if need_hm_grad
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
-    HeadMask,  # (heads,); read if HAS_HEAD_MASK
+    HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -305,10 +314,11 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
-    heads, seq, sm_scale, qk_scale, dropout_p, inv_keep,
+    heads, seq, has_head_mask, sm_scale, qk_scale, dropout_p, inv_keep,
+    need_hm_grad,  # write HmRows
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, HAS_HEAD_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, NEED_HM_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head), visiting the key blocks up to kv_end.
     pid = tl.program_id(0)
@@ -340,7 +350,7 @@ def _attn_bwd_dq_kernel(
         kv_end, dead = _key_extent(mask_row, stride_ms, seq, MASK_BLOCK)
         scale = tl.where(dead, 0.0, qk_scale)
     hm = 1.0
-    if HAS_HEAD_MASK:
+    if has_head_mask:
         hm = tl.load(HeadMask + h).to(tl.float32)
     if DROPOUT:
         seed = tl.load(Seed)
@@ -364,13 +374,13 @@ def _attn_bwd_dq_kernel(
         p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)  # dL/d(weights)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, cols[None, :], rows[:, None], bh)
+            keep = _dropout_keep(seed, dropout_p, rows, start_n, bh, BLOCK_M, BLOCK_N)
             dprobs = tl.where(keep, dp * (hm * inv_keep), 0.0)
-            if NEED_HM_GRAD:  # sum_j dweights * dropped weights (1 / (1 - p) applied below)
+            if need_hm_grad:  # sum_j dweights * dropped weights (1 / (1 - p) applied below)
                 hm_rows += tl.sum(tl.where(keep, p * dp, 0.0), axis=1)
         else:
             dprobs = dp * hm
-            if NEED_HM_GRAD:
+            if need_hm_grad:
                 hm_rows += tl.sum(p * dp, axis=1)
         ds = p * (dprobs - delta[:, None])
         ds = tl.where(grad_ok[None, :], ds, 0.0)
@@ -379,7 +389,7 @@ def _attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
-    if NEED_HM_GRAD:
+    if need_hm_grad:
         tl.store(HmRows + row_base + rows, hm_rows * inv_keep, mask=rows_ok)
 
 
@@ -396,23 +406,30 @@ def _sm_count(device) -> int:
 
 
 def _configs(q):
-    """Fixed block sizes per head_dim and dtype (no autotuning: every variant compiles once).
-    Returns (forward, backward) dicts of BLOCK_M, BLOCK_N, num_warps, num_stages."""
+    """Fixed block sizes (no autotuning, so each variant compiles once): dicts of BLOCK_M
+    (queries), BLOCK_N (keys), num_warps and num_stages for the forward, dK/dV and dQ kernels.
+    The GPU choices are the largest tiles that compile for sm_90 without register spills,
+    dropout included (checked with ptxas; timings on a GPU are still to be taken)."""
     batch, heads, seq, head_dim = q.shape
     if _INTERPRETED:
-        # Small blocks: the CPU tests then cover several blocks and ragged edges at seq 65 / 130.
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-        return small, small
+        # Small, unequal blocks: the CPU tests cover several blocks, ragged edges at seq 65 / 130,
+        # and a dropout mask regenerated under other block shapes than the forward's.
+        return (dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
     wide = head_dim > 64
-    if q.dtype == torch.float32:  # 4-byte tiles: smaller blocks keep shared memory in bounds
-        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        bwd = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        return fwd, bwd
+    if q.dtype == torch.float32:  # true fp32 products run on the FMA units: small tiles, 8 warps
+        return (dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=8, num_stages=2),
+                dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+                dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))
     # 128-query blocks unless that leaves SMs idle (short sequences, small batches).
-    block_m = 128 if batch * heads * triton.cdiv(seq, 128) >= _sm_count(q.device) else 64
-    fwd = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
-    bwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
-    return fwd, bwd
+    if batch * heads * triton.cdiv(seq, 128) >= _sm_count(q.device):
+        fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
+    else:
+        fwd = dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=3)
+    dkdv = dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
+    dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
+    return fwd, dkdv, dq
 
 
 def _unit_last_stride(t):
@@ -489,14 +506,13 @@ def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         HAS_MASK=key_padding_mask is not None,
-        # The whole mask row in one sweep up to 1024 keys (the scan runs once per program).
-        MASK_BLOCK=min(1024, triton.next_power_of_2(q.shape[2])),
-        HAS_HEAD_MASK=head_mask is not None,
+        MASK_BLOCK=512,  # the mask scan's chunk: fixed, so sequence lengths share compiled kernels
         DROPOUT=dropout_p > 0.0,
         # fp32 inputs get true fp32 products (as torch's matmul), not TF32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     scalars = dict(
+        has_head_mask=int(head_mask is not None),
         qk_scale=float(scale) * _LOG2E,
         dropout_p=float(dropout_p),
         inv_keep=1.0 / (1.0 - float(dropout_p)),
@@ -531,11 +547,11 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
     if q.numel() == 0:
         return out, lse
     ptrs, mask_strides, meta, scalars = _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    fwd, _ = _configs(q)
+    fwd, _, _ = _configs(q)
     _attn_fwd_kernel[(triton.cdiv(seq, fwd["BLOCK_M"]) * batch * heads,)](
         q, k, v, out, lse, *ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
-        heads, seq, scalars["qk_scale"], scalars["dropout_p"], scalars["inv_keep"],
+        heads, seq, scalars["has_head_mask"], scalars["qk_scale"], scalars["dropout_p"], scalars["inv_keep"],
         **meta, **fwd,
     )
     return out, lse
@@ -567,25 +583,26 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
         dhm = torch.zeros(heads, dtype=torch.float32, device=q.device) if need_hm else None
         return dq, dk, dv, dhm
     ptrs, mask_strides, meta, scalars = _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    _, bwd = _configs(q)
-    num_m, num_n = triton.cdiv(seq, bwd["BLOCK_M"]), triton.cdiv(seq, bwd["BLOCK_N"])
+    _, dkdv_cfg, dq_cfg = _configs(q)
+    num_m = triton.cdiv(seq, dq_cfg["BLOCK_M"])
 
     delta = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
     _attn_bwd_preprocess_kernel[(num_m * batch * heads,)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, seq,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=bwd["BLOCK_M"],
+        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=dq_cfg["BLOCK_M"],
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-    tail = (heads, seq, float(scale), scalars["qk_scale"], scalars["dropout_p"], scalars["inv_keep"])
-    _attn_bwd_dkdv_kernel[(num_n * batch * heads,)](
+    tail = (heads, seq, scalars["has_head_mask"], float(scale), scalars["qk_scale"], scalars["dropout_p"],
+            scalars["inv_keep"])
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
         q, k, v, grad_out, dk, dv, lse, delta, *ptrs,
-        *strides, *dk.stride()[:3], *mask_strides, *tail, **meta, **bwd,
+        *strides, *dk.stride()[:3], *mask_strides, *tail, **meta, **dkdv_cfg,
     )
     # per-row shares of dhead_mask, summed below (no atomics: deterministic)
     hm_rows = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device) if need_hm else delta
     _attn_bwd_dq_kernel[(num_m * batch * heads,)](
         q, k, v, grad_out, dq, lse, delta, hm_rows, *ptrs,
-        *strides, *dq.stride()[:3], *mask_strides, *tail, NEED_HM_GRAD=need_hm, **meta, **bwd,
+        *strides, *dq.stride()[:3], *mask_strides, *tail, int(need_hm), **meta, **dq_cfg,
     )
     dhm = hm_rows.sum(dim=(0, 2)) if need_hm else None
     return dq, dk, dv, dhm
