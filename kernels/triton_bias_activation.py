@@ -83,7 +83,9 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 # -- forward ------------------------------------------------------------------------------------
-@triton.jit
+# Row counts are not specialised on (Triton would compile a variant for M == 1 and for M % 16 == 0
+# for no gain: rows are only masked); feature counts are, for aligned vector loads.
+@triton.jit(do_not_specialize=["M"])
 def _bias_activation_fwd_kernel(
     X,  # (M, N) input, row-major
     B,  # (N,) bias; unused unless HAS_BIAS
@@ -108,7 +110,7 @@ def _bias_activation_fwd_kernel(
 
 
 # -- backward -----------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_chunk"])
 def _bias_activation_bwd_kernel(
     X,  # (M, N) forward input, row-major
     B,  # (N,) bias; unused unless HAS_BIAS

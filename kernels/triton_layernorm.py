@@ -74,7 +74,7 @@ def _load_z(X, XB, RES, seed, rows, cols, mask, N, res_inner, res_stride_outer, 
 
 
 # -- forward ------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "res_inner"])
 def _residual_layernorm_fwd_kernel(
     X,  # (M, N) input, row-major
     XB,  # (N,) x_bias; unused unless HAS_X_BIAS
@@ -119,7 +119,7 @@ def _residual_layernorm_fwd_kernel(
 
 
 # -- backward -----------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "res_inner", "rows_per_chunk"])
 def _residual_layernorm_bwd_kernel(
     X,  # (M, N) forward input, row-major
     XB,  # (N,) x_bias; unused unless HAS_X_BIAS
@@ -194,7 +194,7 @@ def _residual_layernorm_bwd_kernel(
         tl.store(DXB_PARTIAL + chunk * N + cols, tl.sum(dxb, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _dropout_keep_kernel(
     SEED,  # (1,) int64
     KEEP,  # (M, N) bool output, as int8

@@ -28,7 +28,7 @@ from .triton_bias_activation import ACTIVATION_CODES, activation
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_activation_fwd_kernel(
     X,  # (M, K) activations, unit stride along K
     W,  # (N, K) weight, unit stride along K
