@@ -1,7 +1,7 @@
 """Masked multi-head attention as flash-style Triton kernels (forward and backward).
 
-    weights = softmax(q k^T * scale, masked keys at the lowest score)   (batch, heads, seq, seq)
-    out     = (dropout(weights) * head_mask[h]) @ v                      (batch, heads, seq, head_dim)
+    weights = softmax(q k^T * scale, masked keys at the lowest score) (batch, heads, seq, seq)
+    out     = (dropout(weights) * head_mask[h]) @ v                   (batch, heads, seq, head_dim)
 
 the eager backend's arithmetic (``distilbert_fast/ops/eager.py``, the specification), computed
 block by block with an online softmax in float32 so the (seq x seq) matrix never reaches memory.
@@ -188,8 +188,8 @@ def _attn_bwd_preprocess_kernel(
     ok = (offs_m[:, None] < seq) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
                 mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=ok, other=0.0)
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(Delta + bh.to(tl.int64) * seq + offs_m, delta, mask=offs_m < seq)
 
@@ -213,7 +213,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
-    heads, seq, has_head_mask, sm_scale, qk_scale, dropout_p, inv_keep,
+    heads, seq, has_head_mask, qk_scale, dropout_p, inv_keep, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -314,7 +314,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
-    heads, seq, has_head_mask, sm_scale, qk_scale, dropout_p, inv_keep,
+    heads, seq, has_head_mask, qk_scale, dropout_p, inv_keep, sm_scale,
     need_hm_grad,  # write HmRows
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -335,8 +335,8 @@ def _attn_bwd_dq_kernel(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
                 mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
-                 mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :]
+    do = tl.load(do_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     m = tl.load(Lse + 2 * row_base + rows, mask=rows_ok, other=0.0)
     log2_l = tl.load(Lse + 2 * row_base + seq + rows, mask=rows_ok, other=0.0)
     delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
@@ -405,7 +405,7 @@ def _sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-def _configs(q):
+def _configs(q, dropout):
     """Fixed block sizes (no autotuning, so each variant compiles once): dicts of BLOCK_M
     (queries), BLOCK_N (keys), num_warps and num_stages for the forward, dK/dV and dQ kernels.
     The GPU choices are the largest tiles that compile for sm_90 without register spills,
@@ -425,8 +425,8 @@ def _configs(q):
     # 128-query blocks unless that leaves SMs idle (short sequences, small batches).
     if batch * heads * triton.cdiv(seq, 128) >= _sm_count(q.device):
         fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
-    else:
-        fwd = dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=3)
+    else:  # (64 x 64 tiles with dropout would spill at 4 warps)
+        fwd = dict(BLOCK_M=64, BLOCK_N=32 if wide or dropout else 64, num_warps=4, num_stages=3)
     dkdv = dict(BLOCK_M=32, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
     dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
     return fwd, dkdv, dq
@@ -440,7 +440,8 @@ def _grad_like(q):
     """An uninitialised (batch, heads, seq, head_dim) tensor laid out as (batch, seq, heads,
     head_dim), so transposing back to the model's token-major layout is free."""
     batch, heads, seq, head_dim = q.shape
-    return torch.empty(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    memory = torch.empty(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
+    return memory.permute(0, 2, 1, 3)
 
 
 def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
@@ -461,7 +462,8 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
         raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
-            f"triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {q.device}"
+            "triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import), "
+            f"got {q.device}"
         )
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
@@ -470,7 +472,8 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+            raise ValueError(
+                f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
     if head_mask is not None:
         if tuple(head_mask.shape) != (heads,) or not head_mask.is_floating_point():
             raise ValueError(
@@ -489,7 +492,8 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
                     f"{tuple(seed.shape)} on {seed.device}"
                 )
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
+            raise ValueError(
+                f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
 
 
 def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
@@ -511,12 +515,9 @@ def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
         # fp32 inputs get true fp32 products (as torch's matmul), not TF32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    scalars = dict(
-        has_head_mask=int(head_mask is not None),
-        qk_scale=float(scale) * _LOG2E,
-        dropout_p=float(dropout_p),
-        inv_keep=1.0 / (1.0 - float(dropout_p)),
-    )
+    # in the kernels' order: has_head_mask, qk_scale, dropout_p, inv_keep
+    scalars = (int(head_mask is not None), float(scale) * _LOG2E, float(dropout_p),
+               1.0 / (1.0 - float(dropout_p)))
     if dropout_p == 0.0:
         seed = dummy
     elif not isinstance(seed, torch.Tensor):
@@ -546,13 +547,13 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
     lse = torch.empty(batch, heads, 2, seq, dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    ptrs, mask_strides, meta, scalars = _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    fwd, _, _ = _configs(q)
+    ptrs, mask_strides, meta, scalars = _common_args(
+        q, key_padding_mask, head_mask, dropout_p, scale, seed)
+    fwd, _, _ = _configs(q, dropout_p > 0.0)
     _attn_fwd_kernel[(triton.cdiv(seq, fwd["BLOCK_M"]) * batch * heads,)](
         q, k, v, out, lse, *ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
-        heads, seq, scalars["has_head_mask"], scalars["qk_scale"], scalars["dropout_p"], scalars["inv_keep"],
-        **meta, **fwd,
+        heads, seq, *scalars, **meta, **fwd,
     )
     return out, lse
 
@@ -570,9 +571,10 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
     for name, t in (("out", out), ("grad_out", grad_out)):
         if tuple(t.shape) != tuple(q.shape):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-    if lse.dtype != torch.float32 or tuple(lse.shape) != (batch, heads, 2, seq) or not lse.is_contiguous():
+    stats_shape = (batch, heads, 2, seq)
+    if lse.dtype != torch.float32 or tuple(lse.shape) != stats_shape or not lse.is_contiguous():
         raise ValueError(
-            f"lse must be attention_fwd's contiguous float32 {(batch, heads, 2, seq)} tensor, got "
+            f"lse must be attention_fwd's contiguous float32 {stats_shape} tensor, got "
             f"{lse.dtype} {tuple(lse.shape)}"
         )
     q, k, v, out = (_unit_last_stride(t) for t in (q, k, v, out))
@@ -582,8 +584,9 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
     if q.numel() == 0:
         dhm = torch.zeros(heads, dtype=torch.float32, device=q.device) if need_hm else None
         return dq, dk, dv, dhm
-    ptrs, mask_strides, meta, scalars = _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    _, dkdv_cfg, dq_cfg = _configs(q)
+    ptrs, mask_strides, meta, scalars = _common_args(
+        q, key_padding_mask, head_mask, dropout_p, scale, seed)
+    _, dkdv_cfg, dq_cfg = _configs(q, dropout_p > 0.0)
     num_m = triton.cdiv(seq, dq_cfg["BLOCK_M"])
 
     delta = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
@@ -592,14 +595,13 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=dq_cfg["BLOCK_M"],
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
-    tail = (heads, seq, scalars["has_head_mask"], float(scale), scalars["qk_scale"], scalars["dropout_p"],
-            scalars["inv_keep"])
+    tail = (heads, seq, *scalars, float(scale))
     _attn_bwd_dkdv_kernel[(triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
         q, k, v, grad_out, dk, dv, lse, delta, *ptrs,
         *strides, *dk.stride()[:3], *mask_strides, *tail, **meta, **dkdv_cfg,
     )
     # per-row shares of dhead_mask, summed below (no atomics: deterministic)
-    hm_rows = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device) if need_hm else delta
+    hm_rows = torch.empty_like(delta) if need_hm else delta
     _attn_bwd_dq_kernel[(num_m * batch * heads,)](
         q, k, v, grad_out, dq, lse, delta, hm_rows, *ptrs,
         *strides, *dq.stride()[:3], *mask_strides, *tail, int(need_hm), **meta, **dq_cfg,

@@ -15,6 +15,7 @@ v = identity (out is then keep / (seq * (1 - p)) elementwise).
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -64,7 +65,8 @@ def make_mask(kind, batch, seq):
 
 def make_inputs(batch, heads, seq, head_dim, dtype, mask_kind, with_head_mask):
     """q, k, v, grad_out (rounded to dtype, on DEVICE), the mask, and a head_mask with a zero."""
-    q, k, v, grad_out = (torch.randn(batch, heads, seq, head_dim).to(DEVICE, dtype) for _ in range(4))
+    shape = (batch, heads, seq, head_dim)
+    q, k, v, grad_out = (torch.randn(shape).to(DEVICE, dtype) for _ in range(4))
     head_mask = None
     if with_head_mask:
         head_mask = (torch.rand(heads) + 0.25).to(DEVICE, dtype)
@@ -167,7 +169,8 @@ if ON_CUDA:
 
 def _case_id(case):
     batch, heads, seq, head_dim, mask_kind, with_head_mask = case
-    return f"{batch}x{heads}x{seq}x{head_dim}-{mask_kind or 'nomask'}" + ("-headmask" if with_head_mask else "")
+    name = f"{batch}x{heads}x{seq}x{head_dim}-{mask_kind or 'nomask'}"
+    return name + ("-headmask" if with_head_mask else "")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -212,14 +215,16 @@ def test_fully_masked_row_attends_uniformly(dropout_p):
     q, k, v, grad_out, _, _ = make_inputs(batch, heads, seq, head_dim, torch.float32, None, False)
     mask = torch.ones(batch, seq, dtype=torch.bool, device=DEVICE)
     mask[-1] = False
-    out, dq, dk, dv, _ = run_kernel(q, k, v, grad_out, mask, None, head_dim**-0.5, dropout_p, seed=3)
+    out, dq, dk, dv, _ = run_kernel(q, k, v, grad_out, mask, None, head_dim**-0.5, dropout_p,
+                                    seed=3)
     for name, t in zip(NAMES, (out, dq, dk, dv)):
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
     if dropout_p == 0.0:
-        expected = v[-1].double().mean(dim=-2, keepdim=True).expand(heads, seq, head_dim)
-        assert_close(out[-1], expected, atol=1e-6, name="out of the fully-masked row")
-        assert_close(dv[-1], grad_out[-1].double().mean(dim=-2, keepdim=True).expand(heads, seq, head_dim),
-                     atol=1e-6, name="dv of the fully-masked row")
+        def key_mean(t):  # every query row of the batch element: the mean over keys
+            return t[-1].double().mean(dim=-2, keepdim=True).expand(heads, seq, head_dim)
+
+        assert_close(out[-1], key_mean(v), atol=1e-6, name="out of the fully-masked row")
+        assert_close(dv[-1], key_mean(grad_out), atol=1e-6, name="dv of the fully-masked row")
     assert torch.count_nonzero(dq[-1]) == 0, "the fully-masked row sent a gradient to q"
     assert torch.count_nonzero(dk[-1]) == 0, "the fully-masked row sent a gradient to k"
     assert torch.count_nonzero(dq[0]) > 0 and torch.count_nonzero(dk[0]) > 0
@@ -233,7 +238,8 @@ def recover_keep(batch, heads, seq, dropout_p, seed):
     eye = torch.eye(seq, device=DEVICE).expand(batch, heads, seq, seq)
     out, _ = ta.attention_fwd(zeros, zeros, eye, None, None, dropout_p, 1.0, seed)
     kept = 1.0 / (seq * (1.0 - dropout_p))
-    assert bool(((out == 0) | ((out - kept).abs() < 1e-6 * kept)).all()), "out is not keep / (seq (1 - p))"
+    exact = (out == 0) | ((out - kept).abs() < 1e-6 * kept)
+    assert bool(exact.all()), "out is not keep / (seq (1 - p))"
     return out != 0
 
 
@@ -254,17 +260,19 @@ def test_dropout_keep_rate_and_independence():
     keep = recover_keep(batch, heads, seq, p, seed=99)
     rate = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / keep.numel())
-    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, want {1 - p} +- {5 * sigma:.4f}"
     flat = keep.reshape(batch * heads, seq * seq).double()
     for i in range(flat.shape[0]):  # every (batch, head) draws its own mask
         for j in range(i):
             assert not torch.equal(flat[i], flat[j]), f"slices {i} and {j} share a dropout mask"
-    assert not torch.equal(keep, recover_keep(batch, heads, seq, p, seed=100)), "the seed is ignored"
+    other = recover_keep(batch, heads, seq, p, seed=100)
+    assert not torch.equal(keep, other), "the seed is ignored"
 
 
 def test_dropout_is_deterministic_for_a_seed():
     batch, heads, seq, head_dim, p = 2, 2, 40, 32, 0.5
-    q, k, v, grad_out, mask, head_mask = make_inputs(batch, heads, seq, head_dim, torch.float32, "random", True)
+    q, k, v, grad_out, mask, head_mask = make_inputs(batch, heads, seq, head_dim, torch.float32,
+                                                     "random", True)
     scale = head_dim**-0.5
     first = run_kernel(q, k, v, grad_out, mask, head_mask, scale, p, seed=7)
     as_tensor = torch.tensor([7], dtype=torch.int64, device=DEVICE)  # the no-host-sync form
@@ -286,7 +294,7 @@ def test_packed_qkv_views_and_strided_grad_out():
     assert not q.is_contiguous()
     mask = make_mask("random", batch, seq)
     head_mask = torch.rand(heads, device=DEVICE) + 0.5
-    grad_out = torch.randn(batch, heads, 1, head_dim, device=DEVICE).expand(batch, heads, seq, head_dim)
+    grad_out = torch.randn(batch, heads, 1, head_dim, device=DEVICE).expand(-1, -1, seq, -1)
     strided = run_kernel(q, k, v, grad_out, mask, head_mask, 0.2, 0.1, seed=5)
     dense = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous(), mask,
                        head_mask, 0.2, 0.1, seed=5)
@@ -294,7 +302,7 @@ def test_packed_qkv_views_and_strided_grad_out():
         assert torch.equal(a, b), f"{name} depends on the input strides"
     for name, t in zip(NAMES[:4], strided[:4]):
         assert t.shape == (batch, heads, seq, head_dim), name
-        assert t.transpose(1, 2).is_contiguous(), f"{name} is not (batch, seq, heads, head_dim) memory"
+        assert t.transpose(1, 2).is_contiguous(), f"{name}: not (batch, seq, heads, dim) memory"
 
 
 def test_need_head_mask_grad_false_and_no_head_mask():
@@ -310,7 +318,8 @@ def test_need_head_mask_grad_false_and_no_head_mask():
 # -- bad arguments ------------------------------------------------------------------------------
 def _bad_call(**overrides):
     q = torch.randn(2, 2, 5, 16, device=DEVICE)
-    args = dict(q=q, k=q, v=q, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=0.25, seed=0)
+    args = dict(q=q, k=q, v=q, key_padding_mask=None, head_mask=None, dropout_p=0.0, scale=0.25,
+                seed=0)
     args.update(overrides)
     return lambda: ta.attention_fwd(**args)
 
@@ -321,20 +330,25 @@ def _bad_call(**overrides):
         (dict(q=torch.randn(2, 5, 16)), ValueError, "q must be (batch, heads, seq, head_dim)"),
         (dict(q=torch.randn(2, 2, 5, 16, dtype=torch.float64)), TypeError, "q must be float32"),
         (dict(k=torch.randn(2, 2, 6, 16)), ValueError, "k must have q's shape"),
-        (dict(v=torch.randn(2, 2, 5, 16, dtype=torch.float16)), TypeError, "v must be torch.float32"),
-        (dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300), v=torch.randn(1, 1, 2, 300)),
+        (dict(v=torch.randn(2, 2, 5, 16).half()), TypeError, "v must be torch.float32"),
+        (dict(q=torch.randn(1, 1, 2, 300), k=torch.randn(1, 1, 2, 300),
+              v=torch.randn(1, 1, 2, 300)),
          ValueError, "head_dim must be in [1, 256]"),
-        (dict(key_padding_mask=torch.ones(2, 5)), ValueError, "key_padding_mask must be a bool tensor"),
+        (dict(key_padding_mask=torch.ones(2, 5)), ValueError,
+         "key_padding_mask must be a bool tensor"),
         (dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "shape (2, 5)"),
-        (dict(head_mask=torch.ones(3)), ValueError, "head_mask must be a float tensor of shape (2,)"),
+        (dict(head_mask=torch.ones(3)), ValueError,
+         "head_mask must be a float tensor of shape (2,)"),
         (dict(dropout_p=1.0), ValueError, "dropout_p must be in [0, 1)"),
         (dict(dropout_p=0.1, seed=-1), ValueError, "seed must be an int"),
-        (dict(dropout_p=0.1, seed=torch.tensor([1], dtype=torch.int32)), ValueError, "seed must be a (1,) int64"),
+        (dict(dropout_p=0.1, seed=torch.tensor([1], dtype=torch.int32)), ValueError,
+         "seed must be a (1,) int64"),
     ],
     ids=["rank", "float64", "k-shape", "v-dtype", "head_dim", "mask-dtype", "mask-shape",
          "head_mask", "dropout", "seed", "seed-tensor"],
 )
 def test_bad_arguments_are_named(overrides, error, message):
-    overrides = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in overrides.items()}
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    overrides = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+                 for n, t in overrides.items()}
+    with pytest.raises(error, match=re.escape(message)):
         _bad_call(**overrides)()
