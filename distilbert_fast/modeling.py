@@ -16,7 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
 from .configuration import DistilBertConfig
-from .ops import bias_activation, canonical_activation, masked_attention, residual_layernorm
+from .ops import (
+    bias_activation,
+    canonical_activation,
+    linear_activation,
+    masked_attention,
+    residual_layernorm,
+)
 from .ops.backends import AUTO, check_backend_name
 from .outputs import (
     BaseModelOutput,
@@ -124,8 +130,9 @@ class FFN(nn.Module):
         self.activation = canonical_activation(config.activation)
 
     def forward(self, x):
-        h = bias_activation(
-            F.linear(x, self.lin1.weight), self.lin1.bias, self.activation, backend=self.config.backend
+        # act(lin1(x)) as one op: a backend may fuse the bias and activation into the matmul
+        h = linear_activation(
+            x, self.lin1.weight, self.lin1.bias, self.activation, backend=self.config.backend
         )  # (batch, seq, hidden_dim)
         return F.linear(h, self.lin2.weight)  # (batch, seq, dim)
 

@@ -14,6 +14,11 @@ import random
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Without CUDA the triton backend's kernels run under Triton's interpreter, which triton.jit
+    # picks when it decorates them: so set before distilbert_fast (which loads them) is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402

@@ -7,7 +7,9 @@ Backwards are also checked with ``torch.autograd.gradcheck`` in float64; dropout
 cannot see through, is checked by seeding the op and the reference alike (eager backend: both
 draw from the CPU RNG the same way) and by its statistics.
 
-The comparison tests run for every registered backend that runs on CPU (today: ``eager``).
+The comparison tests run for every registered backend that runs on CPU: ``eager``, and ``triton``
+through Triton's interpreter where CUDA is absent (conftest sets TRITON_INTERPRET=1); each test
+skips the dtypes a backend does not run (the gradchecks need float64).
 """
 
 import functools
@@ -96,7 +98,7 @@ def forward_backward(fn, args, grad_names, round_to=None, upstream_seed=1234):
     outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
     gen = torch.Generator().manual_seed(upstream_seed)
     upstream = [
-        torch.randn(o.shape, generator=gen).to(round_to or o.dtype).to(o.dtype) for o in outs
+        torch.randn(o.shape, generator=gen).to(round_to or o.dtype).to(o.device, o.dtype) for o in outs
     ]
     grads = torch.autograd.grad(outs, [args[n] for n in grad_names], upstream)
     return [o.detach() for o in outs], dict(zip(grad_names, grads))
@@ -298,6 +300,7 @@ def _double(*shape):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_masked_attention_gradcheck_mask_headmask_weights(backend):
     """Key padding with a fully-masked row, head_mask, and the weights used in the loss."""
+    skip_unless_runs(backend, torch.float64)
     q, k, v = _double(2, 2, 4, 3), _double(2, 2, 4, 3), _double(2, 2, 4, 3)
     head_mask = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(True)
     mask = torch.tensor([[True, False, True, True], [False, False, False, False]])
@@ -311,6 +314,7 @@ def test_masked_attention_gradcheck_mask_headmask_weights(backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("scale", [None, 0.7])
 def test_masked_attention_gradcheck_plain(backend, scale):
+    skip_unless_runs(backend, torch.float64)
     q, k, v = _double(1, 3, 5, 4), _double(1, 3, 5, 4), _double(1, 3, 5, 4)
 
     def fn(q, k, v):
@@ -323,6 +327,7 @@ def test_masked_attention_gradcheck_plain(backend, scale):
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu", "silu", "swish"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_bias_activation_gradcheck(backend, activation, with_bias):
+    skip_unless_runs(backend, torch.float64)
     x = _double(2, 3, 5)
     bias = _double(5) if with_bias else None
     inputs = (x, bias) if with_bias else (x,)
@@ -337,6 +342,7 @@ def test_bias_activation_gradcheck(backend, activation, with_bias):
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "noresidual"])
 @pytest.mark.parametrize("with_x_bias", [True, False], ids=["xbias", "noxbias"])
 def test_residual_layernorm_gradcheck(backend, with_residual, with_x_bias):
+    skip_unless_runs(backend, torch.float64)
     dim = 6
     x = _double(2, 3, dim)
     residual = _double(2, 3, dim) if with_residual else None

@@ -1,7 +1,15 @@
 """The op layer: the model's hot ops behind one functional API, each an autograd Function whose
-forward and backward run on a chosen backend (``eager`` now; see ``backends``)."""
+forward and backward run on a chosen backend (``eager`` always; ``triton`` where triton imports;
+see ``backends``)."""
 
 from . import eager  # noqa: F401  (registers the eager backend)
+
+try:  # the triton backend only where triton imports; the package works without it
+    import triton as _triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from . import triton_backend  # noqa: F401  (registers the triton backend)
 from .backends import (
     ENV_VAR,
     Backend,
@@ -17,9 +25,11 @@ from .backends import (
 from .eager import ACTIVATIONS, canonical_activation
 from .functional import (
     BiasActivationFunction,
+    LinearActivationFunction,
     MaskedAttentionFunction,
     ResidualLayerNormFunction,
     bias_activation,
+    linear_activation,
     masked_attention,
     residual_layernorm,
 )
@@ -29,6 +39,7 @@ __all__ = [
     "ENV_VAR",
     "Backend",
     "BiasActivationFunction",
+    "LinearActivationFunction",
     "MaskedAttentionFunction",
     "ResidualLayerNormFunction",
     "available_backends",
@@ -36,6 +47,7 @@ __all__ = [
     "canonical_activation",
     "get_default_backend",
     "last_backend",
+    "linear_activation",
     "masked_attention",
     "register_backend",
     "registered_backends",

@@ -9,7 +9,8 @@ call, from (first that is set):
 3. ``set_default_backend(name)`` (process-wide),
 4. the environment variable ``DISTILBERT_FAST_BACKEND``,
 5. ``"auto"``: the first registered backend, in preference order, that supports the tensor's
-   device.
+   device and is ``auto_eligible`` for it (a backend may run somewhere only when asked: the
+   triton backend runs on CPU under Triton's interpreter, far too slowly to be picked by itself).
 
 An explicitly named backend that cannot run on the tensor's device is an error, never a silent
 fallback. ``last_backend()`` says what ran; the debug log says it too, each time it changes.
@@ -21,6 +22,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 ENV_VAR = "DISTILBERT_FAST_BACKEND"
 AUTO = "auto"
@@ -29,12 +31,16 @@ logger = logging.getLogger("distilbert_fast.ops")
 
 
 class Backend:
-    """One implementation of the three hot ops.
+    """One implementation of the hot ops.
 
     Each ``*_forward`` returns ``(outputs, saved_tensors, saved_state)``; the op's autograd
     Function stores both and hands them back to the matching ``*_backward``, whose gradients may
     come back in the compute dtype: the Function casts each to its input's dtype. ``priority`` orders
     the ``auto`` choice (higher first).
+
+    ``linear_activation`` (act(x @ W^T + b), the first FFN matmul with its epilogue) has a
+    default here built from torch's matmul and the backend's own bias_activation, so a backend
+    only overrides it when it has a fused kernel.
     """
 
     name = "?"
@@ -43,6 +49,11 @@ class Backend:
     def unsupported_reason(self, tensor: torch.Tensor) -> str | None:
         """None if this backend can run on ``tensor``'s device and dtype, else why not."""
         raise NotImplementedError
+
+    def auto_eligible(self, tensor: torch.Tensor) -> bool:
+        """Whether ``auto`` may pick this backend for ``tensor`` (when it also supports it). A
+        backend that runs somewhere only as a debugging aid returns False there."""
+        return True
 
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
         raise NotImplementedError
@@ -61,6 +72,36 @@ class Backend:
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         raise NotImplementedError
+
+    def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
+        """act(x @ weight^T + bias): torch's matmul (F.linear without the bias), then this
+        backend's bias_activation_forward. ``needs_grad``: whether a backward will follow (an
+        override may save more for it, or less without it)."""
+        h = F.linear(x, weight)  # (..., out_features)
+        y, saved, state = self.bias_activation_forward(h, bias, activation)
+        return y, (x, weight, *saved), state
+
+    def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        """(dx, dweight, dbias): this backend's bias_activation_backward gives d(x @ W^T) and
+        dbias, then the matmul gradients (``linear_grads``)."""
+        x, weight, *saved = saved_tensors
+        # indexed like BiasActivationFunction's inputs: (h, bias, activation, backend)
+        inner_needs = (needs_grad[0] or needs_grad[1], needs_grad[2], False, False)
+        dh, dbias = self.bias_activation_backward(tuple(saved), saved_state, grad_out, inner_needs)
+        dx, dweight = linear_grads(x, weight, dh, needs_grad[0], needs_grad[1])
+        return dx, dweight, dbias
+
+
+def linear_grads(x, weight, dh, need_dx, need_dweight):
+    """(dx, dweight) of h = x @ weight^T given dh, each None unless needed. dh is first cast to
+    x's dtype, as autograd would hand it to the matmul's backward, so the matmuls are the ones
+    autograd runs for F.linear."""
+    dh = dh.to(x.dtype)
+    dx = dh.matmul(weight) if need_dx else None
+    dweight = None
+    if need_dweight:
+        dweight = dh.reshape(-1, dh.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+    return dx, dweight
 
 
 _registry: dict[str, Backend] = {}
@@ -122,8 +163,9 @@ def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None)
     name = requested or _override.get() or _default or os.environ.get(ENV_VAR) or AUTO
     if name == AUTO:
         for candidate in registered_backends():
-            if _registry[candidate].unsupported_reason(tensor) is None:
-                return _record(op, tensor, _registry[candidate])
+            impl = _registry[candidate]
+            if impl.auto_eligible(tensor) and impl.unsupported_reason(tensor) is None:
+                return _record(op, tensor, impl)
         raise RuntimeError(
             f"no backend supports {op} on a {tensor.dtype} tensor on {tensor.device}"
         )
@@ -149,7 +191,8 @@ def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
 
 def last_backend(op: str | None = None):
     """The backend that last ran ``op`` ('masked_attention', 'bias_activation',
-    'residual_layernorm'), or a dict of all three when ``op`` is None."""
+    'residual_layernorm', 'linear_activation'), or a dict of every op run so far when ``op`` is
+    None."""
     if op is None:
         return dict(_last)
     return _last.get(op)

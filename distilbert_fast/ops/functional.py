@@ -3,6 +3,7 @@
     masked_attention(q, k, v, ...)          softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v
     bias_activation(x, bias, activation)    act(x + bias)
     residual_layernorm(x, residual, ...)    LayerNorm(dropout(x + x_bias) + residual)
+    linear_activation(x, weight, bias, act) act(x @ weight^T + bias), the first FFN matmul + epilogue
 
 Each wrapper checks its arguments (errors name the argument and what was expected), picks the
 backend for this call (see ``backends``) and applies the op's Function, which hands forward and
@@ -211,3 +212,58 @@ def residual_layernorm(
     return ResidualLayerNormFunction.apply(
         x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl
     )
+
+
+# -- linear + bias + activation --------------------------------------------------------------
+class LinearActivationFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, backend):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        y, saved, state = backend.linear_activation_forward(x, weight, bias, activation, needs_grad)
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.backend = state, backend
+        ctx.input_dtypes = _dtypes(x, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _first_order_only("linear_activation")
+        dx, dweight, dbias = ctx.backend.linear_activation_backward(
+            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+        )
+        return (*_cast_grads((dx, dweight, dbias), ctx.input_dtypes), None, None)
+
+
+def linear_activation(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str = "gelu",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """act(x @ weight^T + bias): x (..., in_features), weight (out_features, in_features) as
+    nn.Linear stores it, bias (out_features,) or None. The same result as
+    ``bias_activation(F.linear(x, weight), bias, activation)`` (bit for bit on the eager
+    backend), as one op a backend may fuse into one kernel. Under torch.autocast, x and weight are
+    cast to the autocast dtype first, as F.linear would; the bias follows x's dtype."""
+    _check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dim, got a 0-dim tensor")
+    _check_tensor("weight", weight, ndim=2, like=x)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (out_features, {x.shape[-1]}), got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, shape=(weight.shape[0],), like=x)
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast casts the matmul's floating inputs, float64 excepted
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = (t if t.dtype == torch.float64 else t.to(dtype) for t in (x, weight))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have dtype {x.dtype} (x's), got {weight.dtype}")
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    activation = canonical_activation(activation)
+    impl = resolve_backend("linear_activation", x, backend)
+    return LinearActivationFunction.apply(x, weight, bias, activation, impl)

@@ -1,0 +1,143 @@
+"""The triton backend: the hot ops as Triton kernels (``distilbert_fast.kernels.triton_*``).
+
+Runs on CUDA tensors in float32, float16 and bfloat16. On CPU it runs only under Triton's
+interpreter (``TRITON_INTERPRET=1`` in the environment before distilbert_fast is imported; float32
+and float16, the interpreter mishandles bfloat16), which is how the CPU test suite checks the
+kernels; ``auto`` never picks it there (see ``auto_eligible``), since the interpreter is slow.
+
+Paths other than the fused kernels, chosen per call:
+- masked_attention with ``need_weights=True`` (``output_attentions``): the (seq x seq) weights are
+  exactly what the flash kernel never materialises, so that call runs the eager backend's code
+  (same device, same forward and backward).
+- linear_activation: the fused matmul + epilogue kernel where ``triton_linear_activation.suits``
+  the shape; otherwise the base class's standalone path (torch matmul, then this backend's
+  bias-activation kernel).
+
+Dropout seeds are drawn per call from the tensor's device generator (so ``torch.manual_seed``
+fixes them, and gradient checkpointing, which restores the RNG state, redraws the same ones) into
+a (1,) int64 device tensor the kernels read, so nothing waits for the GPU. The backward
+regenerates the mask from the saved seed.
+"""
+
+import os
+
+import torch
+
+from ..kernels.triton_attention import attention_bwd, attention_fwd
+from ..kernels.triton_bias_activation import INTERPRETED, bias_activation_bwd, bias_activation_fwd
+from ..kernels.triton_layernorm import residual_layernorm_bwd, residual_layernorm_fwd
+from ..kernels.triton_linear_activation import linear_activation_fwd, suits
+from .backends import Backend, linear_grads, register_backend
+from .eager import EagerBackend
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+
+
+def _new_seed(device) -> torch.Tensor:
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 30
+
+    def __init__(self):
+        self._eager = EagerBackend()  # the need_weights=True attention path
+
+    def unsupported_reason(self, tensor):
+        device = tensor.device.type
+        if device == "cpu":
+            if not INTERPRETED:
+                if os.environ.get("TRITON_INTERPRET") == "1":
+                    return ("TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it "
+                            "before importing distilbert_fast")
+                return "the triton backend runs on CUDA; on CPU only under TRITON_INTERPRET=1"
+            if tensor.dtype not in _INTERPRETER_DTYPES:
+                return f"dtype {tensor.dtype} is not supported under Triton's interpreter (float32, float16)"
+            return None
+        if device != "cuda":
+            return f"the triton backend runs on CUDA (or on CPU under TRITON_INTERPRET=1), not {device}"
+        if tensor.dtype not in _CUDA_DTYPES:
+            return f"dtype {tensor.dtype} is not supported (float32, float16, bfloat16)"
+        return None
+
+    def auto_eligible(self, tensor):
+        return tensor.device.type == "cuda"
+
+    # -- masked attention --------------------------------------------------------------------
+    def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
+        if need_weights:
+            outputs, saved, state = self._eager.attention_forward(
+                q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
+            return outputs, saved, ("eager", state)
+        seed = _new_seed(q.device) if dropout_p > 0.0 else None
+        out, lse = attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed)
+        saved = (q, k, v, out, lse, key_padding_mask, head_mask, seed)
+        return (out, None), saved, ("triton", (dropout_p, scale))
+
+    def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
+        path, state = saved_state
+        if path == "eager":
+            return self._eager.attention_backward(saved_tensors, state, grad_out, grad_weights, needs_grad)
+        q, k, v, out, lse, key_padding_mask, head_mask, seed = saved_tensors
+        dropout_p, scale = state
+        return attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, dropout_p,
+                             scale, seed, needs_grad[4])
+
+    # -- bias + activation -------------------------------------------------------------------
+    def bias_activation_forward(self, x, bias, activation):
+        return bias_activation_fwd(x, bias, activation), (x, bias), (activation,)
+
+    def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        x, bias = saved_tensors
+        (activation,) = saved_state
+        return bias_activation_bwd(x, bias, grad_out, activation,
+                                   need_dbias=bias is not None and needs_grad[1])
+
+    # -- residual + LayerNorm ----------------------------------------------------------------
+    def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
+        # dtypes as eager's: z = h + residual promotes; LayerNorm's output follows z, except
+        # under CUDA autocast, which runs layer_norm in float32
+        z_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else z_dtype
+        seed = _new_seed(x.device) if dropout_p > 0.0 else None
+        y, mean, rstd = residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias, dropout_p,
+                                               seed, out_dtype)
+        # x and residual, not z, are kept: the backward recomputes z (see triton_layernorm)
+        return y, (x, residual, weight, x_bias, mean, rstd, seed), (dropout_p, z_dtype)
+
+    def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        x, residual, weight, x_bias, mean, rstd, seed = saved_tensors
+        dropout_p, z_dtype = saved_state
+        dx, dz, dweight, dbias, dx_bias = residual_layernorm_bwd(
+            x, residual, weight, x_bias, mean, rstd, grad_out, dropout_p, seed,
+            need_dweight_dbias=needs_grad[2] or needs_grad[3],
+            need_dx_bias=x_bias is not None and needs_grad[5],
+            dz_dtype=z_dtype,
+        )
+        return (dx, dz if residual is not None else None, dweight if needs_grad[2] else None,
+                dbias if needs_grad[3] else None, dx_bias)
+
+    # -- linear + bias + activation ----------------------------------------------------------
+    def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
+        if not suits(x, weight):
+            y, saved, state = super().linear_activation_forward(x, weight, bias, activation, needs_grad)
+            return y, saved, ("standalone", state)
+        # The pre-activation is stored for the backward only when one will follow (see
+        # triton_linear_activation for why it is saved, not recomputed).
+        y, z = linear_activation_fwd(x, weight, bias, activation, store_preact=needs_grad)
+        return y, (x, weight, z), ("fused", activation)
+
+    def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        path, state = saved_state
+        if path == "standalone":
+            return super().linear_activation_backward(saved_tensors, state, grad_out, needs_grad)
+        x, weight, z = saved_tensors
+        # z already holds the bias: the kernel's column sums of dz are dbias
+        dz, dbias = bias_activation_bwd(z, None, grad_out, state, need_dbias=needs_grad[2])
+        dx, dweight = linear_grads(x, weight, dz, needs_grad[0], needs_grad[1])
+        return dx, dweight, dbias
+
+
+register_backend(TritonBackend())
