@@ -2,6 +2,7 @@
 forward and backward run on a chosen backend (``eager`` now; see ``backends``)."""
 
 from . import eager  # noqa: F401  (registers the eager backend)
+from . import cuda_backend  # noqa: F401  (registers "cuda" where the extension has CUDA)
 from .backends import (
     ENV_VAR,
     Backend,
