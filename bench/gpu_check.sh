@@ -2,8 +2,9 @@
 # The prepared GPU check, for a machine with CUDA and no package registry (the device tool's
 # H100/H200: torch 2.11 + CUDA 13, triton, transformers and tokenizers preinstalled):
 #   builds the package and its extension against the machine's torch, runs the test suite on the
-#   GPU, runs the model benchmark, and leaves logs and result rows under $OUT (default
-#   bench/results/gpu). Meant to finish well inside 8 minutes.
+#   GPU, a compute-sanitizer memcheck pass over each CUDA kernel (bench/cuda_memcheck.py), and the
+#   model benchmark, and leaves logs and result rows under $OUT (default bench/results/gpu).
+#   Meant to finish well inside 8 minutes.
 #
 #   OUT=/some/dir bench/gpu_check.sh
 # Afterwards, append $OUT/model.csv's rows to bench/results/model.csv and commit them.
@@ -28,9 +29,23 @@ echo "==> tests (GPU where CUDA is present; fixtures missing here are skipped)"
 timeout 240 "$PY" -m pytest tests -q -x -rs 2>&1 | tee "$OUT/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
+echo "==> compute-sanitizer memcheck of the cuda kernels"
+memcheck_rc=0
+SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)
+if [ -z "$SANITIZER" ]; then
+  echo "compute-sanitizer not found: memcheck skipped" | tee "$OUT/memcheck.log"
+elif ! "$PY" -c "import sys, distilbert_fast as d; sys.exit('cuda' not in d.ops.registered_backends())"; then
+  echo "the cuda backend is not built: memcheck skipped" | tee "$OUT/memcheck.log"
+else
+  timeout 150 "$SANITIZER" --tool memcheck --error-exitcode 1 --log-file "$OUT/memcheck.log" \
+    "$PY" bench/cuda_memcheck.py
+  memcheck_rc=$?
+  tail -5 "$OUT/memcheck.log"
+fi
+
 echo "==> model benchmark"
 timeout 180 "$PY" bench/bench_model.py --output "$OUT/model.csv" 2>&1 | tee "$OUT/bench_model.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "tests rc=$tests_rc memcheck rc=$memcheck_rc bench rc=$bench_rc"
+exit $(( tests_rc != 0 || memcheck_rc != 0 || bench_rc != 0 ))
