@@ -37,8 +37,12 @@ def _contiguous(t):
 
 
 def _needs_grad(*tensors) -> bool:
-    # Inside an autograd Function's forward the inputs keep their requires_grad flags; when none
-    # is set there is no backward, so the tensors it would need are not made.
+    # Inside an autograd Function's forward grad mode is off but the inputs keep their
+    # requires_grad flags; when none is set (or under inference_mode) no backward can follow, so
+    # the tensors it would need are not made. Under plain no_grad with trainable parameters they
+    # still are (the Function cannot tell): a little extra memory traffic, same results.
+    if torch.is_inference_mode_enabled():
+        return False
     return torch.is_grad_enabled() or any(t is not None and t.requires_grad for t in tensors)
 
 

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cmath>
+#include <initializer_list>
 
 #include "common.cuh"
 #include "impl.h"

@@ -2,6 +2,7 @@
 // dbias = sum over rows of dx. Formulas mirror distilbert_fast/ops/eager.py.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "column_partials.cuh"
