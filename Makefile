@@ -27,7 +27,7 @@ test-cpp:
 # runs the same check through tests/test_cuda_backend.py where nvcc exists.
 cuda-check:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
-	cmake --build build/cmake --target cuda_kernels_check -j 2
+	cmake --build build/cmake --target cuda_kernels_link_check -j 2
 
 clean:
 	rm -rf build dist *.egg-info distilbert_fast/*.so

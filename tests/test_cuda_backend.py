@@ -70,8 +70,8 @@ def _nvcc():
 
 @pytest.mark.skipif(_nvcc() is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
-    """CMakeLists.txt's cuda_kernels_check target: kernels/cuda for sm_80 and sm_90, warnings as
-    errors, no torch headers."""
+    """CMakeLists.txt's cuda_kernels_check target (kernels/cuda for sm_80 and sm_90, warnings as
+    errors, no torch headers) and cuda_kernels_link_check (every entry point links)."""
     env = {**os.environ, "CUDACXX": _nvcc()}
     configure = subprocess.run(
         ["cmake", "-S", ROOT, "-B", str(tmp_path), "-DCMAKE_BUILD_TYPE=Release"],
@@ -80,7 +80,7 @@ def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
     assert configure.returncode == 0, configure.stdout + configure.stderr
     assert "CUDA compile check skipped" not in configure.stdout, configure.stdout
     build = subprocess.run(
-        ["cmake", "--build", str(tmp_path), "--target", "cuda_kernels_check", "-j", "2"],
+        ["cmake", "--build", str(tmp_path), "--target", "cuda_kernels_link_check", "-j", "2"],
         capture_output=True, text=True, env=env,
     )
     assert build.returncode == 0, (build.stdout + build.stderr)[-6000:]
@@ -181,7 +181,6 @@ def _mask(batch, seq, fully_masked_row=True):
 # -- residual + LayerNorm ------------------------------------------------------------------------
 LN_SHAPES = [
     (8, 128, 768),  # full size, the 768 specialisation
-    (4096, 768),
     (3, 7, 1000),  # any size, vector path (1000 % 8 == 0)
     (5, 37),  # any size, scalar path
     (1, 1, 768),
@@ -214,7 +213,7 @@ def test_residual_layernorm_unaligned_rows_take_the_scalar_path():
 
 
 # -- bias + activation ---------------------------------------------------------------------------
-BA_SHAPES = [(8, 128, 3072), (4096, 3072), (3, 5, 37), (7, 1), (2, 16), (1, 1, 8)]
+BA_SHAPES = [(8, 128, 3072), (3, 5, 37), (7, 1), (2, 16), (1, 1, 8)]
 
 
 @needs_gpu
@@ -433,6 +432,7 @@ def test_model_with_cuda_backend_matches_eager(config, dtype):
     for precision, backend in [(dtype, "cuda"), (dtype, "eager"), (torch.float64, "eager")]:
         m = model.to(precision).set_backend(backend)
         m.zero_grad()
+        ops.backends._last.clear()  # so last_backend() reports only this run's ops
         out = m(ids, attention_mask=mask).last_hidden_state
         out.double().pow(2).mean().backward()
         grads = {n: p.grad.double().clone() for n, p in m.named_parameters() if p.grad is not None}
