@@ -5,11 +5,15 @@ in float32/float16/bfloat16, by STYLE.md's rule (|cuda(d) - eager(float64)| <= 2
 |eager(d) - eager(float64)| + atol(d)), masks with fully-masked rows, a head_mask with a zero,
 dropout (deterministic per seed, and exactly the eager formulas given the kernel's own keep
 mask), bad inputs, and whole models. Elsewhere those skip; what runs everywhere: the backend is
-absent on a build without CUDA (selecting it is a clear error), its device/dtype checks, the
-plain-nvcc compile check of kernels/cuda and a syntax check of the csrc/cuda launchers.
+absent on a build without CUDA (selecting it is a clear error), its device/dtype checks, its
+Python side driven on CPU through the real autograd Functions by a torch model of the extension
+(whose signatures are checked against the binding), the plain-nvcc compile and link check of
+kernels/cuda, and a syntax check of the csrc/cuda launchers.
 """
 
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 import distilbert_fast
 from distilbert_fast import ops
 from distilbert_fast.ops import cuda_backend
-from distilbert_fast.ops.eager import EagerBackend
+from distilbert_fast.ops.eager import EagerBackend, activation_derivative, activation_forward
 
 from conftest import SMALL_CONFIG
 
@@ -54,6 +58,240 @@ def test_unsupported_reason_names_device_and_dtype():
     meta = torch.zeros(1, dtype=torch.float64, device="meta")
     assert "CUDA tensor" in backend.unsupported_reason(meta)
     assert backend.name == "cuda" and backend.priority == 20
+
+
+# -- the backend's Python side, on CPU, driving a torch model of the extension -----------------------
+class TorchModelOfCudaOps:
+    """The contract of ``distilbert_fast._C.cuda_*`` (csrc/cuda/cuda_ops.cpp) written in torch, so
+    that CudaBackend's Python side (argument order, saved tensors and state, needs_grad flags, the
+    eager fallbacks, dtype promotion) is exercised on CPU through the real autograd Functions. Its
+    parameter names are checked against the binding's py::arg lists. Dropout keeps a mask that is
+    a function of (seed, shape), as the kernels' hash is a function of (seed, index)."""
+
+    @staticmethod
+    def keep(seed, shape, p):
+        return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) >= p
+
+    def cuda_residual_layernorm_forward(self, x, residual, x_bias, weight, bias, eps, dropout_p,
+                                        seed, save_for_backward):
+        h = x.float() if x_bias is None else x.float() + x_bias.float()
+        if dropout_p > 0:
+            h = h * self.keep(seed, h.shape, dropout_p) / (1 - dropout_p)
+        z = h if residual is None else h + residual.float()
+        rows = z.reshape(-1, z.shape[-1])
+        mean, rstd = rows.mean(-1), torch.rsqrt(rows.var(-1, unbiased=False) + eps)
+        y = ((rows - mean[:, None]) * rstd[:, None] * weight.float() + bias.float()).view(z.shape)
+        if not save_for_backward:
+            return [y.to(x.dtype), None, None, None]
+        return [y.to(x.dtype), z.to(x.dtype), mean, rstd]
+
+    def cuda_residual_layernorm_backward(self, grad_out, z, weight, mean, rstd, dropout_p, seed,
+                                         need_dresidual, need_dweight, need_dbias, need_dx_bias):
+        cols = z.shape[-1]
+        xhat = (z.float().reshape(-1, cols) - mean[:, None]) * rstd[:, None]
+        dy = grad_out.float().reshape(-1, cols)
+        dxhat = dy * weight.float()
+        dz = rstd[:, None] * (dxhat - dxhat.mean(-1, keepdim=True)
+                              - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        dh = dz
+        if dropout_p > 0:
+            dh = dz * self.keep(seed, z.shape, dropout_p).reshape(-1, cols) / (1 - dropout_p)
+        return [dh.view(z.shape).to(z.dtype), dz.view(z.shape).to(z.dtype) if need_dresidual else None,
+                (dy * xhat).sum(0) if need_dweight else None, dy.sum(0) if need_dbias else None,
+                dh.sum(0) if need_dx_bias else None]
+
+    def cuda_bias_activation_forward(self, x, bias, activation):
+        z = x.float() if bias is None else x.float() + bias.float()
+        return activation_forward(z, ops.ACTIVATIONS[activation]).to(x.dtype)
+
+    def cuda_bias_activation_backward(self, grad_out, x, bias, activation, need_dbias):
+        z = x.float() if bias is None else x.float() + bias.float()
+        dz = grad_out.float() * activation_derivative(z, ops.ACTIVATIONS[activation])
+        return [dz.to(x.dtype), dz.reshape(-1, dz.shape[-1]).sum(0) if need_dbias else None]
+
+    @staticmethod
+    def _scores(q, k, key_padding_mask, scale):
+        # the kernels' rule: masked keys score -inf, except that a row whose keys are all masked
+        # scores 0 everywhere (uniform, as eager's equal lowest scores give)
+        scores = q.float() @ k.float().transpose(-1, -2) * scale
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+            fully_masked = ~key_padding_mask.any(-1)[:, None, None, None]
+            scores = torch.where(fully_masked, torch.zeros_like(scores), scores)
+        return scores
+
+    def cuda_attention_forward(self, q, k, v, key_padding_mask, head_mask, scale, dropout_p, seed,
+                               save_for_backward):
+        scores = self._scores(q, k, key_padding_mask, scale)
+        weights = torch.softmax(scores, -1)
+        if dropout_p > 0:
+            weights = weights * self.keep(seed, weights.shape, dropout_p) / (1 - dropout_p)
+        if head_mask is not None:
+            weights = weights * head_mask.float().view(1, -1, 1, 1)
+        out = (weights @ v.float()).to(q.dtype)
+        return [out, torch.logsumexp(scores, -1) if save_for_backward else None]
+
+    def cuda_attention_backward(self, q, k, v, out, grad_out, key_padding_mask, head_mask, lse,
+                                scale, dropout_p, seed, need_dhead_mask):
+        probs = torch.exp(self._scores(q, k, key_padding_mask, scale) - lse[..., None])
+        keep = self.keep(seed, probs.shape, dropout_p) if dropout_p > 0 else None
+        masked = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        dq, dk, dv, dhead_mask = EagerBackend().attention_backward(
+            (q.float(), k.float(), v.float(), probs, keep, masked, head_mask), (dropout_p, scale),
+            grad_out, None, (True, True, True, False, need_dhead_mask),
+        )
+        return [dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dhead_mask]
+
+
+def _binding_arg_names():
+    """{function name: [py::arg names]} from csrc/cuda/cuda_ops.cpp's m.def lines."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "cuda_ops.cpp")) as f:
+        source = f.read()
+    defs = {}
+    for block in source.split("m.def(")[1:]:
+        name = re.match(r'\s*"(\w+)"', block).group(1)
+        defs[name] = re.findall(r'py::arg\("(\w+)"\)', block.split(");")[0])
+    return defs
+
+
+def test_torch_model_of_the_ops_has_the_bindings_signatures():
+    defs = _binding_arg_names()
+    assert len(defs) == 6
+    for name, args in defs.items():
+        params = list(inspect.signature(getattr(TorchModelOfCudaOps(), name)).parameters)
+        assert params == args, f"{name}: binding takes {args}, the torch model {params}"
+
+
+def _fake_backend():
+    return cuda_backend.CudaBackend(ext=TorchModelOfCudaOps())
+
+
+def _function_grads(apply, tensors, upstream_seed=0):
+    """Outputs and input grads of apply(*tensors) with fixed random upstream grads."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None
+              for t in tensors]
+    outs = apply(*leaves)
+    outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
+    gen = torch.Generator().manual_seed(upstream_seed)
+    for o in outs:
+        o.backward(torch.randn(o.shape, generator=gen).to(o.dtype), retain_graph=True)
+    return outs, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+def _assert_all_close(got, want, what):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"{what} {i}: {g is None} vs {w is None}"
+        if g is not None:
+            assert g.dtype == w.dtype, f"{what} {i}: dtype {g.dtype} vs {w.dtype}"
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what} {i}: {m}")
+
+
+EAGER = EagerBackend()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_backend_plumbing_residual_layernorm(dropout_p):
+    fake = _fake_backend()
+    x, residual = torch.randn(3, 5, 16), torch.randn(1, 5, 16).expand(3, 5, 16)  # as the model's
+    w, b, xb = torch.randn(16), torch.randn(16), torch.randn(16)
+
+    def run(backend):
+        torch.manual_seed(11)
+        return _function_grads(
+            lambda x, r, w, b, xb: ops.ResidualLayerNormFunction.apply(x, r, w, b, 1e-12, xb, dropout_p, backend),
+            [x, residual, w, b, xb])
+
+    got = run(fake)
+    if dropout_p == 0:
+        want = run(EAGER)
+    else:  # eager's formulas with the mask the backend's seed gives
+        torch.manual_seed(11)
+        keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_seed(), x.shape, dropout_p)
+
+        class Fixed(EagerBackend):  # eager, with the mask fixed to the fake kernels' one
+            def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, p):
+                z = (x + x_bias) * keep / (1 - p) + residual
+                return F.layer_norm(z, (16,), weight, bias, eps), (z, weight, keep), (eps, p)
+
+        want = run(Fixed())
+    _assert_all_close(got[0], want[0], "output")
+    _assert_all_close(got[1], want[1], "grad")
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_backend_plumbing_masked_attention(dropout_p, need_weights):
+    fake = _fake_backend()
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1] = False
+    head_mask = torch.tensor([1.0, 0.0, 0.5])
+
+    def run(backend):
+        torch.manual_seed(5)
+        return _function_grads(
+            lambda q, k, v, hm: ops.MaskedAttentionFunction.apply(
+                q, k, v, mask, hm, dropout_p, 8**-0.5, need_weights, backend),
+            [q, k, v, head_mask])
+
+    got = run(fake)
+    if dropout_p == 0 or need_weights:  # need_weights runs eager's own code, dropout included
+        _assert_all_close(got[0], run(EAGER)[0], "output")
+        _assert_all_close(got[1], run(EAGER)[1], "grad")
+        return
+    torch.manual_seed(5)
+    keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_seed(), (2, 3, 7, 7), dropout_p)
+
+    class Fixed(EagerBackend):
+        def attention_forward(self, q, k, v, kpm, hm, p, scale, nw):
+            probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(
+                ~kpm[:, None, None, :], torch.finfo(q.dtype).min), -1)
+            out = (probs * keep / (1 - p) * hm.view(1, -1, 1, 1)) @ v
+            return (out, None), (q, k, v, probs, keep, ~kpm[:, None, None, :], hm), (p, scale)
+
+    want = run(Fixed())
+    _assert_all_close(got[0], want[0], "output")
+    _assert_all_close(got[1], want[1], "grad")
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_backend_plumbing_bias_activation(with_bias):
+    x, bias = torch.randn(4, 6, 10), torch.randn(10) if with_bias else None
+    for activation in ops.ACTIVATIONS:
+        def run(backend):
+            return _function_grads(
+                lambda x, b: ops.BiasActivationFunction.apply(x, b, activation, backend), [x, bias])
+
+        got, want = run(_fake_backend()), run(EAGER)
+        _assert_all_close(got[0], want[0], f"{activation} output")
+        _assert_all_close(got[1], want[1], f"{activation} grad")
+
+
+def test_backend_promotes_like_eager_and_falls_back_where_kernels_cannot_run():
+    fake, w, b = _fake_backend(), torch.ones(8), torch.zeros(8)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    # bfloat16 + float32 residual (autocast's mix): the sum and the output are float32
+    y, saved, state = fake.residual_layernorm_forward(x, torch.randn(2, 8), w, b, 1e-12, None, 0.0)
+    assert y.dtype == torch.float32 and saved[0].dtype == torch.float32 and state[0] == "cuda"
+    # a float64 residual promotes past the kernels' dtypes: eager's code runs, forward and backward
+    y, saved, state = fake.residual_layernorm_forward(
+        x.float(), torch.randn(2, 8, dtype=torch.float64), w.double(), b.double(), 1e-12, None, 0.0
+    )
+    assert y.dtype == torch.float64 and state[0] == "eager"
+    # head_dim above the kernels' limit: eager's code
+    q = torch.randn(1, 1, 3, cuda_backend.MAX_HEAD_DIM + 1)
+    (out, _), _, state = fake.attention_forward(q, q, q, None, None, 0.0, 0.1, False)
+    assert state[0] == "eager" and out.shape == q.shape
+
+
+def test_backend_saves_nothing_without_grad():
+    fake, x, w, b = _fake_backend(), torch.randn(2, 8), torch.ones(8), torch.zeros(8)
+    with torch.inference_mode():
+        _, saved, _ = fake.residual_layernorm_forward(x, None, w, b, 1e-12, None, 0.0)
+        _, saved_attn, _ = fake.attention_forward(*(torch.randn(1, 2, 3, 4),) * 3, None, None, 0.0, 0.5, False)
+    assert saved == () and saved_attn == ()
 
 
 def _cuda_homes():
