@@ -162,6 +162,16 @@ def test_torch_model_of_the_ops_has_the_bindings_signatures():
         assert params == args, f"{name}: binding takes {args}, the torch model {params}"
 
 
+def test_python_constants_match_the_kernel_header():
+    with open(os.path.join(ROOT, "kernels", "cuda", "distilbert_kernels.h")) as f:
+        header = f.read()
+    assert int(re.search(r"kMaxHeadDim = (\d+);", header).group(1)) == cuda_backend.MAX_HEAD_DIM
+    enum = re.search(r"enum class Activation \{([^}]*)\}", header).group(1)
+    codes = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(): int(code)
+             for name, code in re.findall(r"k(\w+) = (\d+)", enum)}
+    assert codes == {name: i for i, name in enumerate(ops.ACTIVATIONS)}  # the codes Python sends
+
+
 def _fake_backend():
     return cuda_backend.CudaBackend(ext=TorchModelOfCudaOps())
 
