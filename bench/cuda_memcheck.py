@@ -1,7 +1,8 @@
 """Runs every CUDA kernel of the ``cuda`` backend once, forward and backward, at small sizes, for
 ``compute-sanitizer --tool memcheck`` (bench/gpu_check.sh):
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/cuda_memcheck.py
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
+        python bench/cuda_memcheck.py
 
 Covers each specialisation: hidden 768 (registers), any hidden size with vector and with scalar
 loads; every activation with and without bias; attention with head_dim 64 and a generic one
