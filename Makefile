@@ -3,7 +3,7 @@
 #   make test    set up (with the test oracle) and run the whole test suite
 PY := .venv/bin/python
 
-.PHONY: setup setup-test bench test test-cpp clean
+.PHONY: setup setup-test bench test test-cpp cuda-check clean
 
 setup:
 	scripts/setup.sh
@@ -22,6 +22,12 @@ test-cpp:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cmake -j 2
 	cd build/cmake && ctest --output-on-failure
+
+# Compile kernels/cuda with plain nvcc for sm_80 and sm_90 (no torch, no GPU needed); `make test`
+# runs the same check through tests/test_cuda_backend.py where nvcc exists.
+cuda-check:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cmake --target cuda_kernels_link_check -j 2
 
 clean:
 	rm -rf build dist *.egg-info distilbert_fast/*.so

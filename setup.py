@@ -22,7 +22,10 @@ def _sources(pattern):
 def _extension():
     cxx_flags = ["-O3", "-std=c++17"]
     cpu_sources = _sources("csrc/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    # the CUDA launchers (torch C++ API) and the raw kernels they call (plain CUDA, no torch)
+    cuda_sources = (
+        _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
+    )
     build_cuda = (
         bool(cuda_sources)
         and cpp_extension.CUDA_HOME is not None
@@ -35,7 +38,8 @@ def _extension():
             cpu_sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "kernels", "cuda")],
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            # -lineinfo: compute-sanitizer reports name source lines (no cost at run time)
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
         )
     return cpp_extension.CppExtension(
         "distilbert_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}

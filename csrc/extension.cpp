@@ -7,6 +7,10 @@
 
 #include <string>
 
+#ifdef WITH_CUDA
+#include "cuda/cuda_ops.h"  // init_cuda_ops: the CUDA kernels' launchers
+#endif
+
 namespace distilbert_fast {
 
 pybind11::dict build_info() {
@@ -41,4 +45,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &distilbert_fast::build_info,
         "How this extension was built: torch headers version, CUDA, OpenMP, compiler.");
+#ifdef WITH_CUDA
+  distilbert_fast::init_cuda_ops(m);
+#endif
 }

@@ -3,6 +3,7 @@ forward and backward run on a chosen backend (``eager`` always; ``triton`` where
 see ``backends``)."""
 
 from . import eager  # noqa: F401  (registers the eager backend)
+from . import cuda_backend  # noqa: F401  (registers "cuda" where the extension has CUDA)
 
 try:  # the triton backend only where triton imports; the package works without it
     import triton as _triton  # noqa: F401

@@ -1,0 +1,90 @@
+// Host-side API of the raw CUDA kernels: plain C++ (pointers, sizes, a stream), no torch.
+//
+// Every function launches on `stream` and returns the launch's cudaError_t (cudaSuccess, or the
+// error of the first launch that failed). Shapes are not re-checked here: callers (csrc/cuda)
+// validate them. Tensors are contiguous, row-major. "T" below means the element type named by
+// `dtype` (float, __half or __nv_bfloat16); every kernel accumulates in float32.
+//
+// Dropout uses a counter-based hash of (seed, element index), so a backward pass regenerates the
+// forward's keep mask from the same seed instead of storing it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace distilbert_fast {
+namespace cuda {
+
+enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class Activation { kGelu = 0, kGeluNew = 1, kRelu = 2, kSilu = 3 };
+
+// Largest head_dim the attention kernels take.
+constexpr int kMaxHeadDim = 128;
+
+// Column sums (dbias, dweight) are reduced in two steps: each of `column_partial_blocks(rows)`
+// row blocks writes one partial row of float sums, then a second kernel adds those rows up.
+int column_partial_blocks(int64_t rows);
+
+// -- residual + LayerNorm ----------------------------------------------------------------------
+// y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias over rows of `cols`.
+//   x, residual (nullable), y, z_out (nullable): T[rows, cols]
+//   x_bias (nullable), weight, bias: float[cols]
+//   z_out, mean, rstd (float[rows]): what the backward needs; all three null in inference.
+cudaError_t residual_layernorm_forward(DType dtype, const void* x, const void* residual,
+                                       const float* x_bias, const float* weight, const float* bias,
+                                       void* y, void* z_out, float* mean, float* rstd,
+                                       int64_t rows, int64_t cols, float eps, float dropout_p,
+                                       uint64_t seed, cudaStream_t stream);
+
+// Floats of scratch residual_layernorm_backward needs.
+size_t residual_layernorm_backward_workspace(int64_t rows, int64_t cols);
+
+// Given dy = dL/dy and the forward's z, mean, rstd:
+//   dresidual = dz (nullable), dx = dz * keep / (1 - p)  (T[rows, cols])
+//   dweight = sum_rows dy * xhat, dbias = sum_rows dy, dx_bias = sum_rows dx (float[cols], each
+//   nullable). workspace: residual_layernorm_backward_workspace(rows, cols) floats.
+cudaError_t residual_layernorm_backward(DType dtype, const void* dy, const void* z,
+                                        const float* weight, const float* mean, const float* rstd,
+                                        void* dx, void* dresidual, float* dweight, float* dbias,
+                                        float* dx_bias, float* workspace, int64_t rows,
+                                        int64_t cols, float dropout_p, uint64_t seed,
+                                        cudaStream_t stream);
+
+// -- bias + activation -------------------------------------------------------------------------
+// y = act(x + bias); x, y: T[rows, cols]; bias: T[cols] or null.
+cudaError_t bias_activation_forward(DType dtype, Activation act, const void* x, const void* bias,
+                                    void* y, int64_t rows, int64_t cols, cudaStream_t stream);
+
+// Floats of scratch bias_activation_backward needs when dbias is wanted.
+size_t bias_activation_backward_workspace(int64_t rows, int64_t cols);
+
+// dx = dy * act'(x + bias) (T[rows, cols]); dbias = sum_rows dx (float[cols], nullable).
+cudaError_t bias_activation_backward(DType dtype, Activation act, const void* dy, const void* x,
+                                     const void* bias, void* dx, float* dbias, float* workspace,
+                                     int64_t rows, int64_t cols, cudaStream_t stream);
+
+// -- masked attention --------------------------------------------------------------------------
+// q, k, v, out: T[batch, heads, seq, head_dim], head_dim <= kMaxHeadDim.
+// key_padding_mask: bool[batch, seq] (true = attend) or null; head_mask: float[heads] or null.
+// out = (softmax(q k^T * scale, masked) . dropout) * head_mask @ v; a row whose keys are all
+// masked attends uniformly to every key. lse: float[batch, heads, seq], the log-sum-exp of each
+// row's scores, for the backward (nullable in inference).
+cudaError_t attention_forward(DType dtype, const void* q, const void* k, const void* v,
+                              const bool* key_padding_mask, const float* head_mask, void* out,
+                              float* lse, int batch, int heads, int seq, int head_dim, float scale,
+                              float dropout_p, uint64_t seed, cudaStream_t stream);
+
+// dq, dk, dv: T[batch, heads, seq, head_dim]. delta: float[batch, heads, seq] scratch.
+// dhead_rows: float[batch, heads, seq] or null; when given, dhead_mask[h] is its sum over batch
+// and seq (the caller reduces it).
+cudaError_t attention_backward(DType dtype, const void* q, const void* k, const void* v,
+                               const void* out, const void* dout, const bool* key_padding_mask,
+                               const float* head_mask, const float* lse, void* dq, void* dk,
+                               void* dv, float* delta, float* dhead_rows, int batch, int heads,
+                               int seq, int head_dim, float scale, float dropout_p, uint64_t seed,
+                               cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace distilbert_fast
