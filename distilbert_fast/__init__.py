@@ -19,6 +19,7 @@ from .modeling import (
     DistilBertPreTrainedModel,
 )
 from .ops import available_backends, last_backend, set_default_backend, use_backend
+from .tokenization import BatchEncoding, DistilBertTokenizer, DistilBertTokenizerFast
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -35,6 +36,7 @@ BUILD_INFO = _extension.BUILD_INFO
 __all__ = [
     "BUILD_INFO",
     "BaseModelOutput",
+    "BatchEncoding",
     "DistilBertConfig",
     "DistilBertForMaskedLM",
     "DistilBertForMultipleChoice",
@@ -43,6 +45,8 @@ __all__ = [
     "DistilBertForTokenClassification",
     "DistilBertModel",
     "DistilBertPreTrainedModel",
+    "DistilBertTokenizer",
+    "DistilBertTokenizerFast",
     "MaskedLMOutput",
     "ModelOutput",
     "MultipleChoiceModelOutput",
