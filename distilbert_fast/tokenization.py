@@ -331,6 +331,10 @@ class DistilBertTokenizer:
             raise ValueError(f"stride must be a non-negative int, got {stride!r}")
         if pad_to_multiple_of is not None and (not _is_int(pad_to_multiple_of) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+        if (truncation_mode != "none" and padding_mode != "none" and pad_to_multiple_of and max_length is not None
+                and max_length % pad_to_multiple_of):
+            raise ValueError(f"truncation and padding are both on but max_length ({max_length}) is not a multiple of "
+                             f"pad_to_multiple_of ({pad_to_multiple_of})")
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         if padding_side is None:
@@ -351,8 +355,9 @@ class DistilBertTokenizer:
         if return_tensors is not None:
             _to_tensors(out, n_rows, return_tensors)
         elif not batched and not return_overflowing_tokens:
-            for key, value in out.items():  # a single input: drop the batch axis
-                out[key] = value[0]
+            for key, value in out.items():  # a single input: drop the batch axis (HF keeps length's)
+                if key != "length":
+                    out[key] = value[0]
         return BatchEncoding(out, rows, return_tensors)
 
     # -- decoding -----------------------------------------------------------------------------------

@@ -9,16 +9,17 @@ which takes its Unicode data from two places of two different ages:
     accent stripping drops (Mn);
   * Rust's standard library, i.e. Unicode 17.0: White_Space and lower-case mappings (full
     mappings: U+0130 becomes two characters);
-  * the `unicode-normalization` crate for NFD, which decomposes exactly the characters assigned
-    by Unicode 12.1 (decompositions never change once assigned, so NFD from a newer table,
-    restricted to the characters 12.1 assigns, is 12.1's NFD).
+  * HF's fork of the `unicode-normalization` crate for NFD, i.e. Unicode 9.0: it decomposes and
+    reorders (by canonical combining class) only the characters Unicode 9.0 assigns. Decompositions
+    and combining classes never change once assigned, so a newer table restricted to the
+    characters 9.0 assigns is 9.0's.
 
-So this script reads the Unicode 8.0 and 12.1 categories and the Unicode 17.0 case mappings from
+So this script reads the Unicode 8.0 and 9.0 categories and the Unicode 17.0 case mappings from
 the C headers that CPython's makeunicodedata.py generated and that the `unicodedata2` sdists on
 PyPI carry (the old ones no longer compile on current Python, their headers still parse), and the
 decompositions through the `unicodedata2` 17.0.1 wheel itself. It fetches them with pip:
 
-    python scripts/gen_unicode_tables.py            # pip-downloads unicodedata2 8.0.0, 12.1.0, 17.0.1
+    python scripts/gen_unicode_tables.py            # pip-downloads unicodedata2 8.0.0, 9.0.0.post4, 17.0.1
     python scripts/gen_unicode_tables.py --check    # fails if the committed file is stale
 
 Output layout (see unicode.h): a two-stage table code point -> record, each record holding flag
@@ -36,7 +37,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "csrc", "tokenizer", "unicode_tables.cc")
 CATEGORY_VERSION = "8.0.0"  # unicode_categories crate
-NORMALIZATION_VERSION = "12.1.0"  # unicode-normalization crate
+NORMALIZATION_PACKAGE = "9.0.0.post4"  # unicodedata2 release holding Unicode 9.0.0
+NORMALIZATION_VERSION = "9.0.0"  # HF's unicode-normalization-alignments crate
 MAPPING_VERSION = "17.0.1"  # unicodedata2 release holding Unicode 17.0.0 (Rust std)
 MAX_CP = 0x110000
 BLOCK = 256
@@ -46,7 +48,8 @@ F_REMOVE = 1  # dropped by clean-up: NUL, U+FFFD and Cc/Cf/Co/Cs other than \t \
 F_SPACE = 2  # becomes a space in clean-up and splits words: \t \n \r and White_Space
 F_PUNCT = 4  # a word of its own: ASCII symbols and P*
 F_HAS_LOWER = 8  # lower-case mapping differs from the character
-F_HAS_STRIP = 16  # NFD minus Mn differs from the character
+F_HAS_NFD = 16  # has a canonical decomposition (NFD differs from the character)
+F_MN = 32  # a nonspacing mark (Mn), dropped by accent stripping
 
 
 def _pip(*args):
@@ -87,8 +90,8 @@ def _sdist_header(version, header, workdir):
         return tar.extractfile(member).read().decode("utf-8")
 
 
-def _categories(version, workdir):
-    db = _sdist_header(version, "unicodedata_db.h", workdir)
+def _categories(version, workdir, package=None):
+    db = _sdist_header(package or version, "unicodedata_db.h", workdir)
     assert f'UNIDATA_VERSION "{version}"' in db
     names = re.search(r"_PyUnicode_CategoryNames\[\] = \{(.*?)\};", db, re.S).group(1)
     category_names = re.findall(r'"(\w*)"', names)
@@ -98,7 +101,7 @@ def _categories(version, workdir):
 
 def load_data(workdir):
     categories = _categories(CATEGORY_VERSION, workdir)
-    normalization_assigned = [c != "Cn" for c in _categories(NORMALIZATION_VERSION, workdir)]
+    normalization_assigned = [c != "Cn" for c in _categories(NORMALIZATION_VERSION, workdir, NORMALIZATION_PACKAGE)]
 
     type16 = _sdist_header(MAPPING_VERSION, "unicodetype_db.h", workdir)
     extended = _c_array(type16, "_PyUnicode_ExtendedCase")
@@ -153,14 +156,16 @@ def build_records(categories, normalization_assigned, lowers, ud16):
         if list(lower_seq) != [cp]:
             flags |= F_HAS_LOWER
             lower_at, lower_len = intern(lower_seq), len(lower_seq)
-        strip_at = strip_len = 0
+        if cat == "Mn":
+            flags |= F_MN
+        nfd_at = nfd_len = ccc = 0
         if normalization_assigned[cp] and not 0xD800 <= cp <= 0xDFFF:
             nfd = [ord(c) for c in ud16.normalize("NFD", chr(cp))]
-            stripped = [c for c in nfd if categories[c] != "Mn"]
-            if stripped != [cp]:
-                flags |= F_HAS_STRIP
-                strip_at, strip_len = intern(stripped), len(stripped)
-        rec = (flags, lower_len, strip_len, lower_at, strip_at)
+            if nfd != [cp]:
+                flags |= F_HAS_NFD
+                nfd_at, nfd_len = intern(nfd), len(nfd)
+            ccc = ud16.combining(chr(cp))  # canonical ordering of NFD
+        rec = (flags, lower_len, nfd_len, ccc, lower_at, nfd_at)
         per_cp.append(records.setdefault(rec, len(records)))
 
     blocks = {}
@@ -183,8 +188,8 @@ def _rows(values, per_line=16):
 
 
 def render(stage1, stage2, records, pool):
-    assert max(stage1) < 65536 and max(stage2) < 65536 and max(r[3] for r in records) < 2**32
-    recs = "\n".join(f"    {{{f}, {ll}, {sl}, {la}, {sa}}}," for f, ll, sl, la, sa in records)
+    assert max(stage1) < 65536 and max(stage2) < 65536 and len(pool) < 2**32
+    recs = "\n".join(f"    {{{f}, {ll}, {nl}, {c}, {la}, {na}}}," for f, ll, nl, c, la, na in records)
     return f"""// GENERATED by scripts/gen_unicode_tables.py: do not edit by hand.
 // General categories from Unicode {CATEGORY_VERSION}; NFD of the characters Unicode {NORMALIZATION_VERSION}
 // assigns; White_Space and lower-case mappings from Unicode 17.0 (see the script for why).
@@ -207,7 +212,7 @@ const uint16_t kStage2[{len(stage2)}] = {{
 {_rows(stage2)}
 }};
 
-// {{flags, lower_len, strip_len, lower_at, strip_at}}
+// {{flags, lower_len, nfd_len, ccc, lower_at, nfd_at}}
 const CharRecord kRecords[{len(records)}] = {{
 {recs}
 }};

@@ -15,15 +15,17 @@ enum Flag : uint8_t {
   kSpace = 2,      // white space: becomes ' ' in clean-up and separates words
   kPunct = 4,      // punctuation: always a word of its own
   kHasLower = 8,   // lower-case mapping differs from the character
-  kHasStrip = 16,  // NFD without Mn marks differs from the character
+  kHasNfd = 16,    // has a canonical decomposition
+  kMn = 32,        // nonspacing mark: dropped by accent stripping
 };
 
 struct CharRecord {
   uint8_t flags;
   uint8_t lower_len;
-  uint8_t strip_len;
+  uint8_t nfd_len;
+  uint8_t ccc;        // canonical combining class (NFD reorders marks by it)
   uint32_t lower_at;  // index into kPool
-  uint32_t strip_at;
+  uint32_t nfd_at;
 };
 
 extern const char* const kCategoryVersion;

@@ -82,7 +82,7 @@ struct Word {
 
 struct Tokenizer::Impl {
   TokenizerOptions opt;
-  bool strip = false;
+  bool strip = false;  // accent stripping (NFD, drop Mn)
   std::vector<std::string> vocab;
   PieceMap initial, continuation;  // continuation keys are without the "##" prefix
   std::unordered_set<std::string> never_split;
@@ -92,6 +92,7 @@ struct Tokenizer::Impl {
 
   struct Scratch {
     Word word;
+    std::vector<std::pair<char32_t, int32_t>> pending;
   };
 
   // Appends the pieces of one word to out.
@@ -130,23 +131,91 @@ struct Tokenizer::Impl {
     }
   }
 
-  // Normalizes and pre-tokenizes text[begin, end) (no special tokens inside), whose first
-  // character has index first_char; each finished word goes through WordPiece.
+  // Normalizes and pre-tokenizes text (no special tokens inside), whose first character has
+  // index first_char; each finished word goes through WordPiece. The stages are HF's:
+  // clean-up and CJK spacing per character, NFD (with canonical reordering of marks) and Mn
+  // removal, lower-casing, then splitting on white space and punctuation.
   Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Encoding* out,
-                       Word* word) const {
+                       Scratch* scratch) const {
+    Word* word = &scratch->word;
+    auto& pending = scratch->pending;  // NFD output awaiting canonical reordering
     word->Clear();
-    auto flush = [&] {
+    pending.clear();
+    auto flush_word = [&] {
       if (!word->Empty()) {
         word->char_at.push_back(static_cast<uint32_t>(word->bytes.size()));
         WordPiece(*word, (*word_id)++, out);
         word->Clear();
       }
     };
-    auto emit_alone = [&](char32_t cp, int32_t orig) {
-      flush();
-      word->Add(cp, orig);
-      flush();
+    // last stage: lower-case, then split on white space and punctuation
+    auto split = [&](char32_t cp, int32_t orig) {
+      const CharRecord& rec = unicode::Lookup(cp);
+      const char32_t* lowered = &cp;
+      size_t n = 1;
+      if (opt.do_lower_case && (rec.flags & unicode::kHasLower)) {
+        lowered = unicode::kPool + rec.lower_at;
+        n = rec.lower_len;
+      }
+      for (size_t m = 0; m < n; ++m) {
+        char32_t l = lowered[m];
+        uint8_t flags = lowered == &cp ? rec.flags : unicode::Lookup(l).flags;
+        if (flags & unicode::kSpace) {
+          flush_word();
+        } else if (flags & unicode::kPunct) {
+          flush_word();
+          word->Add(l, orig);
+          flush_word();
+        } else {
+          word->Add(l, orig);
+        }
+      }
     };
+    // NFD reorders each run of marks by combining class; the alignment stays with the position
+    // (HF's NormalizedString aligns the n-th output character with the n-th input slot)
+    auto flush_pending = [&] {
+      size_t n = pending.size();
+      for (size_t i = 0; i < n;) {
+        if (unicode::Lookup(pending[i].first).ccc == 0) {
+          ++i;
+          continue;
+        }
+        size_t j = i;
+        while (j < n && unicode::Lookup(pending[j].first).ccc != 0) ++j;
+        if (j - i > 1) {
+          std::vector<char32_t> cps;
+          for (size_t k = i; k < j; ++k) cps.push_back(pending[k].first);
+          std::stable_sort(cps.begin(), cps.end(), [](char32_t a, char32_t b) {
+            return unicode::Lookup(a).ccc < unicode::Lookup(b).ccc;
+          });
+          for (size_t k = i; k < j; ++k) pending[k].first = cps[k - i];
+        }
+        i = j;
+      }
+      for (const auto& [cp, orig] : pending)
+        if (!(unicode::Lookup(cp).flags & unicode::kMn)) split(cp, orig);
+      pending.clear();
+    };
+    // middle stage: accent stripping (NFD, drop Mn), or straight to the split
+    auto strip_stage = [&](char32_t cp, int32_t orig, const CharRecord& rec) {
+      if (!strip) return split(cp, orig);
+      const char32_t* d = &cp;
+      size_t n = 1;
+      if (rec.flags & unicode::kHasNfd) {
+        d = unicode::kPool + rec.nfd_at;
+        n = rec.nfd_len;
+      }
+      if (unicode::Lookup(d[0]).ccc == 0) flush_pending();  // a starter ends the run of marks
+      if (n == 1 && pending.empty() && rec.ccc == 0) {  // the common case: nothing to reorder
+        const CharRecord& r = d == &cp ? rec : unicode::Lookup(d[0]);  // a singleton decomposition
+        if (r.ccc == 0) {
+          if (!(r.flags & unicode::kMn)) split(d[0], orig);
+          return;
+        }
+      }
+      for (size_t k = 0; k < n; ++k) pending.emplace_back(d[k], orig);
+    };
+
     size_t pos = 0;
     int32_t ci = first_char;
     bool at_chunk_start = true;
@@ -160,73 +229,51 @@ struct Tokenizer::Impl {
           if (!unicode::DecodeUtf8(text, &next, &c) || (unicode::Lookup(c).flags & unicode::kSpace)) break;
           stop = next;
         }
-        if (never_split.count(std::string(text.substr(pos, stop - pos)))) {
-          flush();
+        if (stop > pos && never_split.count(std::string(text.substr(pos, stop - pos)))) {
+          flush_pending();
+          flush_word();
           size_t p = pos;
           while (p < stop) {
             char32_t c = 0;
             unicode::DecodeUtf8(text, &p, &c);
             word->Add(c, ci++);
           }
-          flush();
+          flush_word();
           pos = stop;
           at_chunk_start = false;
           continue;
         }
       }
       char32_t cp;
-      if (!unicode::DecodeUtf8(text, &pos, &cp)) return Status::Error("invalid UTF-8");
+      if (!unicode::DecodeUtf8(text, &pos, &cp))
+        return Status::Error("invalid UTF-8 at byte " + std::to_string(pos));
       int32_t orig = ci++;
       const CharRecord& rec = unicode::Lookup(cp);
-      if (rec.flags & unicode::kSpace) {
-        flush();
-        at_chunk_start = true;
+      at_chunk_start = (rec.flags & unicode::kSpace) != 0;
+      if (!opt.do_basic_tokenize) {  // white-space split only
+        if (rec.flags & unicode::kSpace) flush_word();
+        else word->Add(cp, orig);
         continue;
       }
-      at_chunk_start = false;
-      if (!opt.do_basic_tokenize) {
-        word->Add(cp, orig);
-        continue;
-      }
+      // first stage: clean-up, CJK spacing
       if (rec.flags & unicode::kRemove) continue;
-      bool alone = opt.tokenize_chinese_chars && unicode::IsChineseChar(cp);
-      if (alone) flush();
-      // strip accents (NFD, drop Mn), then lower-case: each is a per-character mapping
-      char32_t stripped_buf[1] = {cp};
-      const char32_t* stripped = stripped_buf;
-      size_t n_stripped = 1;
-      if (strip && (rec.flags & unicode::kHasStrip)) {
-        stripped = unicode::kPool + rec.strip_at;
-        n_stripped = rec.strip_len;
+      if (rec.flags & unicode::kSpace) {
+        strip_stage(' ', orig, unicode::Lookup(' '));
+      } else if (opt.tokenize_chinese_chars && unicode::IsChineseChar(cp)) {
+        const CharRecord& space = unicode::Lookup(' ');
+        strip_stage(' ', orig, space);
+        strip_stage(cp, orig, rec);
+        strip_stage(' ', orig, space);
+      } else {
+        strip_stage(cp, orig, rec);
       }
-      for (size_t k = 0; k < n_stripped; ++k) {
-        char32_t c = stripped[k];
-        const CharRecord& r = k == 0 && stripped == stripped_buf ? rec : unicode::Lookup(c);
-        const char32_t* lowered = &c;
-        size_t n_lowered = 1;
-        if (opt.do_lower_case && (r.flags & unicode::kHasLower)) {
-          lowered = unicode::kPool + r.lower_at;
-          n_lowered = r.lower_len;
-        }
-        for (size_t m = 0; m < n_lowered; ++m) {
-          char32_t l = lowered[m];
-          uint8_t flags = n_lowered == 1 && lowered == &c ? r.flags : unicode::Lookup(l).flags;
-          if (flags & unicode::kPunct) {
-            emit_alone(l, orig);
-          } else if (flags & unicode::kSpace) {
-            flush();
-          } else {
-            word->Add(l, orig);
-          }
-        }
-      }
-      if (alone) flush();
     }
-    flush();
+    flush_pending();
+    flush_word();
     return Status::Ok();
   }
 
-  Status Encode(std::string_view text, int32_t word_offset, Encoding* out, Word* word) const {
+  Status Encode(std::string_view text, int32_t word_offset, Encoding* out, Scratch* word) const {
     int32_t word_id = word_offset;
     // split out special tokens (matched in the raw text, leftmost then longest)
     size_t seg_start = 0, pos = 0;
@@ -365,8 +412,8 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
 }
 
 Status Tokenizer::EncodeText(std::string_view text, int32_t word_offset, Encoding* out) const {
-  Word word;
-  return impl_->Encode(text, word_offset, out, &word);
+  Impl::Scratch scratch;
+  return impl_->Encode(text, word_offset, out, &scratch);
 }
 
 int32_t Tokenizer::TokenToId(std::string_view token) const { return impl_->initial.Find(token); }
@@ -419,7 +466,7 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
   std::vector<std::vector<Encoding>> per_input(inputs.size());
   std::vector<Status> statuses(inputs.size());
 
-  auto encode_one = [&](size_t idx, Word* word) -> Status {
+  auto encode_one = [&](size_t idx, Impl::Scratch* word) -> Status {
     const Input& in = inputs[idx];
     Encoding seq[2];
     for (int s = 0; s < (in.has_pair ? 2 : 1); ++s) {
@@ -522,7 +569,7 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
   threads = static_cast<int>(std::min<size_t>(threads, inputs.size()));
   std::atomic<size_t> next{0};
   auto worker = [&] {
-    Word word;
+    Impl::Scratch word;
     for (size_t i; (i = next.fetch_add(1)) < inputs.size();) statuses[i] = encode_one(i, &word);
   };
   if (threads <= 1) {
