@@ -585,6 +585,9 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
       return Status::Error(inputs.size() > 1 ? statuses[i].message + " (batch item " + std::to_string(i) + ")"
                                              : statuses[i].message);
 
+  // HF pads to the longest of the main rows: an overflow window longer than that stays as it is
+  size_t longest = 0;
+  for (const auto& r : per_input) longest = std::max(longest, r.empty() ? 0 : r[0].size());
   rows->clear();
   sample_of_row->clear();
   for (size_t i = 0; i < per_input.size(); ++i)
@@ -598,7 +601,7 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
     if (o.padding == Padding::kMaxLength) {
       target = o.max_length;
     } else {
-      for (const auto& e : *rows) target = std::max(target, e.size());
+      target = longest;
     }
     if (o.pad_to_multiple_of > 0 && target % o.pad_to_multiple_of)
       target += o.pad_to_multiple_of - target % o.pad_to_multiple_of;
