@@ -305,6 +305,8 @@ class DistilBertTokenizer:
         if text is None:
             raise ValueError("text is required: a str, a list of str, or (is_split_into_words=True) lists of words")
         batched = _is_batched(text, is_split_into_words, "text")
+        if not batched and text_pair is not None and len(text_pair) == 0:
+            text_pair = None  # HF: an empty pair for a single text means no pair
         if text_pair is not None and _is_batched(text_pair, is_split_into_words, "text_pair") != batched:
             raise ValueError("text and text_pair must both be single inputs or both be batches")
         first = list(text) if batched else [text]

@@ -189,6 +189,11 @@ Status ReadVocabFile(const std::string& path, std::vector<std::string>* vocab) {
     size_t stop = end;
     if (stop > start && data[stop - 1] == '\r') --stop;  // CRLF line ends
     vocab->emplace_back(data.substr(start, stop - start));
+    size_t check = 0;
+    char32_t cp;
+    while (check < vocab->back().size())
+      if (!unicode::DecodeUtf8(vocab->back(), &check, &cp))
+        return Status::Error("vocab file '" + path + "' line " + std::to_string(vocab->size()) + " is not valid UTF-8");
     start = end + 1;
   }
   if (vocab->empty()) return Status::Error("vocab file '" + path + "' is empty: expected one token per line");
