@@ -43,10 +43,11 @@ class BatchEncoding(dict):
     """The outputs of a tokenizer call: a dict (``enc["input_ids"]``) with attribute access
     (``enc.input_ids``), ``word_ids(i)`` / ``sequence_ids(i)`` per row and ``.to(device)``."""
 
-    def __init__(self, data=None, rows=None, tensor_type=None):
+    def __init__(self, data=None, rows=None, tensor_type=None, id_to_token=None):
         super().__init__(data or {})
         self._rows = rows
         self._tensor_type = tensor_type
+        self._id_to_token = id_to_token
 
     def __getattr__(self, name):
         try:
@@ -54,13 +55,9 @@ class BatchEncoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    @property
-    def n_sequences(self):
-        return None if self._rows is None else len(self._rows)
-
     def _row(self, batch_index):
         if self._rows is None:
-            raise ValueError("word_ids() is not available: this BatchEncoding was not made by a tokenizer call")
+            raise ValueError("per-row views need a BatchEncoding made by a tokenizer call")
         if not 0 <= batch_index < len(self._rows):
             raise IndexError(f"batch_index must be in [0, {len(self._rows)}), got {batch_index}")
         return batch_index
@@ -74,7 +71,8 @@ class BatchEncoding(dict):
         return self._rows.sequence_ids(self._row(batch_index))
 
     def tokens(self, batch_index: int = 0):
-        raise NotImplementedError("use tokenizer.convert_ids_to_tokens(enc['input_ids'][i])")
+        """The tokens of row ``batch_index``."""
+        return [self._id_to_token(i) for i in self._rows.ids(self._row(batch_index))]
 
     def to(self, device):
         """Moves every tensor to ``device`` (return_tensors='pt' only); returns self."""
@@ -360,7 +358,7 @@ class DistilBertTokenizer:
             for key, value in out.items():  # a single input: drop the batch axis (HF keeps length's)
                 if key != "length":
                     out[key] = value[0]
-        return BatchEncoding(out, rows, return_tensors)
+        return BatchEncoding(out, rows, return_tensors, self._core.id_to_token)
 
     # -- decoding -----------------------------------------------------------------------------------
 

@@ -272,6 +272,7 @@ def test_batch_encoding_api(ours_pretrained):
     assert enc.input_ids.shape == enc.attention_mask.shape == (2, 4)
     assert enc.to("cpu") is enc and enc.input_ids.device.type == "cpu"
     assert enc.word_ids(1) == [None, 0, None, None]
+    assert enc.tokens(1) == ["[CLS]", "hi", "[SEP]", "[PAD]"]
     with pytest.raises(IndexError, match="batch_index"):
         enc.word_ids(2)
     with pytest.raises(AttributeError):
@@ -334,3 +335,19 @@ def test_every_code_point_matches_hf(pairs):
                     raise AssertionError(f"{variant} text {i}: first difference at token {first}: HF "
                                          f"{ta[first:first + 3]} {a['offset_mapping'][i][first:first + 3]}, ours "
                                          f"{tb[first:first + 3]} {b['offset_mapping'][i][first:first + 3]}")
+
+
+def test_never_split_and_no_basic_tokenize_match_hf_python_tokenizer():
+    """HF's fast tokenizer ignores never_split and do_basic_tokenize; its Python tokenizer
+    (BertTokenizerLegacy) defines them, so ASCII text is compared against that one."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    text = "Hello [MASK] wOrLd! keep_ME.now keep_ME.now, unaffable TEXT-here hello!"
+    for kwargs in (dict(never_split=["keep_ME.now", "TEXT-here", "hello!"]), dict(do_basic_tokenize=False),
+                   dict(do_basic_tokenize=False, do_lower_case=False)):
+        legacy = BertTokenizerLegacy(_vocab_path(), **kwargs)
+        ours = DistilBertTokenizer(vocab_file=_vocab_path(), **kwargs)
+        # (HF's tokenize() shows an out-of-vocab never_split word itself; ours shows its [UNK])
+        expected = [t if t in legacy.vocab else "[UNK]" for t in legacy.tokenize(text)]
+        assert ours.tokenize(text) == expected, kwargs
+        assert ours(text)["input_ids"] == legacy(text)["input_ids"], kwargs

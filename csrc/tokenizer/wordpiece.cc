@@ -230,15 +230,13 @@ struct Tokenizer::Impl {
           stop = next;
         }
         if (stop > pos && never_split.count(std::string(text.substr(pos, stop - pos)))) {
+          // as HF's Python tokenizer: the chunk is one token, its vocab id or [UNK] (no WordPiece)
           flush_pending();
           flush_word();
-          size_t p = pos;
-          while (p < stop) {
-            char32_t c = 0;
-            unicode::DecodeUtf8(text, &p, &c);
-            word->Add(c, ci++);
-          }
-          flush_word();
+          int32_t begin = ci;
+          for (size_t p = pos; p < stop; ++p) ci += (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
+          int32_t id = initial.Find(text.substr(pos, stop - pos));
+          out->Push(id >= 0 ? id : unk, 0, 0, {begin, ci}, (*word_id)++, 0);
           pos = stop;
           at_chunk_start = false;
           continue;

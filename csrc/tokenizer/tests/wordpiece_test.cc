@@ -123,10 +123,10 @@ void TestVariants() {
   no_cjk.tokenize_chinese_chars = false;
   RunCases("no CJK split", *Make(no_cjk), {{"1: CJK run is one word, unknown as a whole", "中文", {"[UNK]"}, {{0, 2}}}});
   TokenizerOptions never;
-  never.never_split = {"HeLLo!"};
+  never.never_split = {"HeLLo!", "ab"};
   RunCases("never_split", *Make(never), {
-      {"1: never_split chunk kept whole (then WordPiece)", "HeLLo! hello!", {"[UNK]", "hello", "!"},
-       {{0, 6}, {7, 12}, {12, 13}}},
+      {"1: never_split chunk is one token or [UNK]", "HeLLo! hello! ab", {"[UNK]", "hello", "!", "ab"},
+       {{0, 6}, {7, 12}, {12, 13}, {14, 16}}},
   });
 }
 
