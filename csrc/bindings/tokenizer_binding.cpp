@@ -171,13 +171,20 @@ class PyTokenizer {
                               std::to_string(first.size()) + ": expected one pair per text");
     }
     std::vector<dbf_tok::Input> inputs(first.size());
+    // the views point into the strings' UTF-8 buffers: hold a reference to each string while the
+    // GIL is released, in case another thread empties the lists meanwhile
+    std::vector<py::object> keep_alive;
     auto fill = [&](py::handle item, std::vector<std::string_view>* parts, const char* what) {
       if (is_split_into_words) {
         if (!PyList_Check(item.ptr()) && !PyTuple_Check(item.ptr()))
           throw py::type_error(std::string(what) + " must be a list of words (str) with is_split_into_words=True");
-        for (py::handle w : item) parts->push_back(Utf8(w.ptr(), what));
+        for (py::handle w : item) {
+          parts->push_back(Utf8(w.ptr(), what));
+          keep_alive.push_back(py::reinterpret_borrow<py::object>(w));
+        }
       } else {
         parts->push_back(Utf8(item.ptr(), what));
+        keep_alive.push_back(py::reinterpret_borrow<py::object>(item));
       }
     };
     for (size_t i = 0; i < inputs.size(); ++i) {
