@@ -329,6 +329,10 @@ class DistilBertTokenizer:
             raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
         if not _is_int(stride) or stride < 0:
             raise ValueError(f"stride must be a non-negative int, got {stride!r}")
+        if truncation_mode != "none" and max_length is not None and max_length >= 2 and stride > max_length - 2:
+            # HF's check when it sets up truncation (with a single text's 2 special tokens, pair or not)
+            raise ValueError(f"stride={stride} is greater than max_length - 2 = {max_length - 2} (max_length={max_length} "
+                             "minus the special tokens [CLS] and [SEP])")
         if pad_to_multiple_of is not None and (not _is_int(pad_to_multiple_of) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         if (truncation_mode != "none" and padding_mode != "none" and pad_to_multiple_of and max_length is not None

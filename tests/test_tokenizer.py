@@ -95,6 +95,7 @@ CASES = {
     "numbers": "3.14159 1,000,000 0x1F 1e-9 ①②③ ¼ ½ ²³",
     "unicode 16 punctuation": "a\u2e5db \u2e43c \u166dd e\u061df",
     "late marks": "a\u08d3b c\u1ac0d e\U00011938f",
+    "marks reordered by NFD": "À\u302e é\u302e \u3029\u302a\u302b\u302c\u302d\u302e Ǻ\u302ex \u302e\u0316a \u08d4\u0316",
     "mixed scripts": "Hello мир 世界 🌍 שלום",
     "long unknown": "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ℌ𝔢𝔩𝔩𝔬 ﬁﬂ ǅ ǈ",
 }

@@ -110,8 +110,10 @@ def test_stride_not_below_max_length(ours):
         ours("one two three four five six", truncation=True, max_length=5, stride=3, return_overflowing_tokens=True)
     with pytest.raises(ValueError, match="stride"):
         ours("one two three four five six", truncation=True, max_length=4, stride=10)
-    # a large stride is fine while nothing is cut
-    assert ours("one", truncation=True, max_length=8, stride=100)["input_ids"][1] == ours.convert_tokens_to_ids("one")
+    # HF checks stride <= max_length - 2 when truncation is set up, whether or not anything is cut
+    with pytest.raises(ValueError, match="stride"):
+        ours("one", truncation=True, max_length=8, stride=7)
+    assert ours("one", truncation=True, max_length=8, stride=6)["input_ids"][1] == ours.convert_tokens_to_ids("one")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -231,3 +233,33 @@ def _variant(lower, strip):
         _VARIANTS[key] = (transformers.BertTokenizer(vocab=vocab, do_lower_case=lower, strip_accents=strip),
                           DistilBertTokenizer(vocab_file=path, do_lower_case=lower, strip_accents=strip))
     return _VARIANTS[key]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_TEXT, min_size=1, max_size=4), pairs=st.booleans(), max_length=st.integers(2, 40),
+       stride=st.integers(0, 10), truncation=st.sampled_from(["longest_first", "only_first", "only_second"]),
+       padding=st.sampled_from([False, True, "max_length"]), side=st.sampled_from(["left", "right"]),
+       multiple=st.sampled_from([None, 4]))
+def test_random_truncation_padding_overflow_match_hf(texts, pairs, max_length, stride, truncation, padding, side,
+                                                     multiple):
+    hf_tok, our_tok = _variant(True, None)
+    pair = texts[::-1] if pairs else None
+    if max_length < (3 if pairs else 2):
+        return  # documented: we refuse max_length below the special tokens, HF does not truncate
+    kwargs = dict(truncation=truncation, max_length=max_length, stride=stride, padding=padding, padding_side=side,
+                  pad_to_multiple_of=multiple, return_overflowing_tokens=True, return_offsets_mapping=True,
+                  return_special_tokens_mask=True, return_token_type_ids=True)
+    if padding and multiple and max_length % multiple:
+        kwargs["max_length"] = max(multiple, max_length - max_length % multiple)
+    try:
+        expected = hf_tok(texts, pair, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - HF raises Exception / ValueError or panics
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        with pytest.raises(ValueError):
+            our_tok(texts, pair, **kwargs)
+        return
+    got = our_tok(texts, pair, **kwargs)
+    assert dict(got) == dict(expected)
+    for i in range(len(expected["input_ids"])):
+        assert got.word_ids(i) == expected.word_ids(i)

@@ -90,9 +90,15 @@ struct Tokenizer::Impl {
   std::vector<int32_t> special_ids;   // sorted
   int32_t unk = -1, cls = -1, sep = -1, pad = -1;
 
+  struct Pending {
+    char32_t cp;
+    int32_t orig;
+    bool consumes;  // first character of its decomposition
+  };
   struct Scratch {
     Word word;
-    std::vector<std::pair<char32_t, int32_t>> pending;
+    std::vector<Pending> pending;
+    std::vector<int32_t> consumed;
   };
 
   // Appends the pieces of one word to out.
@@ -139,6 +145,8 @@ struct Tokenizer::Impl {
                        Scratch* scratch) const {
     Word* word = &scratch->word;
     auto& pending = scratch->pending;  // NFD output awaiting canonical reordering
+    auto& consumed = scratch->consumed;
+    int32_t last_consumed = first_char;
     word->Clear();
     pending.clear();
     auto flush_word = [&] {
@@ -171,29 +179,33 @@ struct Tokenizer::Impl {
         }
       }
     };
-    // NFD reorders each run of marks by combining class; the alignment stays with the position
-    // (HF's NormalizedString aligns the n-th output character with the n-th input slot)
+    // NFD reorders each run of marks by combining class. Alignment as HF's NormalizedString
+    // computes it: the first character of each decomposition "consumes" the next source
+    // character in order, the other characters take the alignment of the last consumed one.
     auto flush_pending = [&] {
       size_t n = pending.size();
+      if (n == 0) return;
+      consumed.clear();
+      for (const Pending& p : pending)
+        if (p.consumes) consumed.push_back(p.orig);
       for (size_t i = 0; i < n;) {
-        if (unicode::Lookup(pending[i].first).ccc == 0) {
+        if (unicode::Lookup(pending[i].cp).ccc == 0) {
           ++i;
           continue;
         }
         size_t j = i;
-        while (j < n && unicode::Lookup(pending[j].first).ccc != 0) ++j;
-        if (j - i > 1) {
-          std::vector<char32_t> cps;
-          for (size_t k = i; k < j; ++k) cps.push_back(pending[k].first);
-          std::stable_sort(cps.begin(), cps.end(), [](char32_t a, char32_t b) {
-            return unicode::Lookup(a).ccc < unicode::Lookup(b).ccc;
+        while (j < n && unicode::Lookup(pending[j].cp).ccc != 0) ++j;
+        if (j - i > 1)
+          std::stable_sort(pending.begin() + i, pending.begin() + j, [](const Pending& a, const Pending& b) {
+            return unicode::Lookup(a.cp).ccc < unicode::Lookup(b.cp).ccc;
           });
-          for (size_t k = i; k < j; ++k) pending[k].first = cps[k - i];
-        }
         i = j;
       }
-      for (const auto& [cp, orig] : pending)
-        if (!(unicode::Lookup(cp).flags & unicode::kMn)) split(cp, orig);
+      size_t next = 0;
+      for (const Pending& p : pending) {
+        int32_t orig = p.consumes ? (last_consumed = consumed[next++]) : last_consumed;
+        if (!(unicode::Lookup(p.cp).flags & unicode::kMn)) split(p.cp, orig);
+      }
       pending.clear();
     };
     // middle stage: accent stripping (NFD, drop Mn), or straight to the split
@@ -209,11 +221,12 @@ struct Tokenizer::Impl {
       if (n == 1 && pending.empty() && rec.ccc == 0) {  // the common case: nothing to reorder
         const CharRecord& r = d == &cp ? rec : unicode::Lookup(d[0]);  // a singleton decomposition
         if (r.ccc == 0) {
+          last_consumed = orig;
           if (!(r.flags & unicode::kMn)) split(d[0], orig);
           return;
         }
       }
-      for (size_t k = 0; k < n; ++k) pending.emplace_back(d[k], orig);
+      for (size_t k = 0; k < n; ++k) pending.push_back(Pending{d[k], orig, k == 0});
     };
 
     size_t pos = 0;
