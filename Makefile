@@ -14,7 +14,7 @@ setup-test:
 bench: setup
 	$(PY) bench/bench_model.py
 
-test: setup-test
+test: setup-test test-cpp
 	$(PY) -m pytest tests -q
 
 # The standalone C++ build (CMakeLists.txt): configure, build and run ctest.

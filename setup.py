@@ -9,7 +9,7 @@ already installed, not a fresh copy pip would download into an isolated build en
 import glob
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -46,6 +46,21 @@ def _extension():
     )
 
 
+def _tokenizer_extension():
+    """distilbert_fast._tokenizer: the C++ WordPiece core (csrc/tokenizer, plain C++17) and its
+    pybind11 binding. No torch: it builds and loads without it."""
+    import pybind11
+
+    return Extension(
+        "distilbert_fast._tokenizer",
+        _sources("csrc/bindings/tokenizer_binding.cpp") + _sources("csrc/tokenizer/*.cc"),
+        include_dirs=[pybind11.get_include(), os.path.join(ROOT, "csrc", "tokenizer")],
+        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"],
+        extra_link_args=["-pthread"],
+        language="c++",
+    )
+
+
 def _torch_has_cuda():
     import torch
 
@@ -61,7 +76,7 @@ setup(
     # Our Triton/CUDA kernels ship inside the package: a top-level `kernels` would collide with
     # the unrelated PyPI package of that name.
     package_dir={"distilbert_fast.kernels": "kernels"},
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _tokenizer_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     install_requires=["torch>=2.11", "safetensors>=0.4", "tqdm>=4.60"],
     zip_safe=False,

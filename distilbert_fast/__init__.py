@@ -21,6 +21,7 @@ from .modeling import (
     DistilBertPreTrainedModel,
 )
 from .ops import available_backends, last_backend, set_default_backend, use_backend
+from .tokenization import BatchEncoding, DistilBertTokenizer, DistilBertTokenizerFast
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -38,6 +39,7 @@ __all__ = [
     "BUILD_INFO",
     "AdapterSetup",
     "BaseModelOutput",
+    "BatchEncoding",
     "BnConfig",
     "DistilBertAdapterModel",
     "DistilBertConfig",
@@ -49,6 +51,8 @@ __all__ = [
     "DistilBertModel",
     "DistilBertModelWithHeads",
     "DistilBertPreTrainedModel",
+    "DistilBertTokenizer",
+    "DistilBertTokenizerFast",
     "DoubleSeqBnConfig",
     "LoRAConfig",
     "MaskedLMOutput",

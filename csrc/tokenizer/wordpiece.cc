@@ -1,0 +1,676 @@
+// BERT WordPiece tokenization matching HuggingFace's Rust tokenizer; see wordpiece.h.
+#include "wordpiece.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <unordered_set>
+
+#include "unicode.h"
+
+namespace dbf_tok {
+namespace {
+
+using unicode::CharRecord;
+
+// Open-addressing hash map from byte strings (kept in one pool) to ids: the WordPiece inner loop
+// looks up many short substrings, so it avoids std::string allocations and node-based buckets.
+class PieceMap {
+ public:
+  void Build(const std::vector<std::pair<std::string, int32_t>>& entries) {
+    size_t cap = 16;
+    while (cap < entries.size() * 2 + 1) cap <<= 1;
+    slots_.assign(cap, Slot{});
+    mask_ = cap - 1;
+    for (const auto& [key, id] : entries) {
+      max_len_ = std::max(max_len_, key.size());
+      size_t i = Hash(key) & mask_;
+      while (slots_[i].id >= 0) i = (i + 1) & mask_;
+      slots_[i] = Slot{static_cast<uint32_t>(pool_.size()), static_cast<uint32_t>(key.size()), id};
+      pool_.append(key);
+    }
+  }
+  int32_t Find(std::string_view key) const {
+    if (slots_.empty()) return -1;
+    size_t i = Hash(key) & mask_;
+    while (true) {
+      const Slot& s = slots_[i];
+      if (s.id < 0) return -1;
+      if (s.len == key.size() && std::memcmp(pool_.data() + s.at, key.data(), key.size()) == 0) return s.id;
+      i = (i + 1) & mask_;
+    }
+  }
+  size_t max_len() const { return max_len_; }
+
+ private:
+  struct Slot {
+    uint32_t at = 0, len = 0;
+    int32_t id = -1;
+  };
+  static size_t Hash(std::string_view s) {  // FNV-1a, then a final mix for the low bits
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    h ^= h >> 29;
+    return static_cast<size_t>(h * 0xbf58476d1ce4e5b9ull >> 17);
+  }
+  std::vector<Slot> slots_;
+  std::string pool_;
+  size_t mask_ = 0, max_len_ = 0;
+};
+
+// A word after normalization: its UTF-8 bytes, and for each character the byte where it starts
+// and the index of the original character it came from.
+struct Word {
+  std::string bytes;
+  std::vector<uint32_t> char_at;  // byte offset of each character, plus a final bytes.size()
+  std::vector<int32_t> origin;    // original character index of each character
+  void Clear() {
+    bytes.clear();
+    char_at.clear();
+    origin.clear();
+  }
+  bool Empty() const { return origin.empty(); }
+  void Add(char32_t cp, int32_t orig) {
+    char_at.push_back(static_cast<uint32_t>(bytes.size()));
+    origin.push_back(orig);
+    unicode::AppendUtf8(cp, &bytes);
+  }
+};
+
+}  // namespace
+
+struct Tokenizer::Impl {
+  TokenizerOptions opt;
+  bool strip = false;  // accent stripping (NFD, drop Mn)
+  std::vector<std::string> vocab;
+  PieceMap initial, continuation;  // continuation keys are without the "##" prefix
+  std::unordered_set<std::string> never_split;
+  std::vector<std::string> specials;  // matched whole in raw text, longest first
+  std::vector<int32_t> special_ids;   // sorted
+  int32_t unk = -1, cls = -1, sep = -1, pad = -1;
+
+  struct Pending {
+    char32_t cp;
+    int32_t orig;
+    bool consumes;  // first character of its decomposition
+  };
+  struct Scratch {
+    Word word;
+    std::vector<Pending> pending;
+    std::vector<int32_t> consumed;
+  };
+
+  // Appends the pieces of one word to out.
+  void WordPiece(const Word& w, int32_t word_id, Encoding* out) const {
+    size_t n = w.origin.size();
+    auto whole_word_unk = [&] {
+      out->Push(unk, 0, 0, {w.origin.front(), w.origin.back() + 1}, word_id, 0);
+    };
+    if (n > static_cast<size_t>(opt.max_input_chars_per_word)) return whole_word_unk();
+    size_t first = out->size();
+    size_t start = 0;
+    while (start < n) {
+      const PieceMap& map = start == 0 ? initial : continuation;
+      uint32_t begin_byte = w.char_at[start];
+      size_t end = n;
+      // skip ends whose piece is longer than any vocab entry
+      while (end > start && w.char_at[end] - begin_byte > map.max_len()) --end;
+      int32_t id = -1;
+      for (; end > start; --end) {
+        id = map.Find(std::string_view(w.bytes).substr(begin_byte, w.char_at[end] - begin_byte));
+        if (id >= 0) break;
+      }
+      if (id < 0) {
+        // no piece matches here: the whole word becomes [UNK]
+        out->ids.resize(first);
+        out->type_ids.resize(first);
+        out->special_tokens_mask.resize(first);
+        out->attention_mask.resize(first);
+        out->offsets.resize(first);
+        out->word_ids.resize(first);
+        out->sequence_ids.resize(first);
+        return whole_word_unk();
+      }
+      out->Push(id, 0, 0, {w.origin[start], w.origin[end - 1] + 1}, word_id, 0);
+      start = end;
+    }
+  }
+
+  // Normalizes and pre-tokenizes text (no special tokens inside), whose first character has
+  // index first_char; each finished word goes through WordPiece. The stages are HF's:
+  // clean-up and CJK spacing per character, NFD (with canonical reordering of marks) and Mn
+  // removal, lower-casing, then splitting on white space and punctuation.
+  Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Encoding* out,
+                       Scratch* scratch) const {
+    Word* word = &scratch->word;
+    auto& pending = scratch->pending;  // NFD output awaiting canonical reordering
+    auto& consumed = scratch->consumed;
+    int32_t last_consumed = first_char;
+    word->Clear();
+    pending.clear();
+    auto flush_word = [&] {
+      if (!word->Empty()) {
+        word->char_at.push_back(static_cast<uint32_t>(word->bytes.size()));
+        WordPiece(*word, (*word_id)++, out);
+        word->Clear();
+      }
+    };
+    // last stage: lower-case, then split on white space and punctuation
+    auto split = [&](char32_t cp, int32_t orig) {
+      const CharRecord& rec = unicode::Lookup(cp);
+      const char32_t* lowered = &cp;
+      size_t n = 1;
+      if (opt.do_lower_case && (rec.flags & unicode::kHasLower)) {
+        lowered = unicode::kPool + rec.lower_at;
+        n = rec.lower_len;
+      }
+      for (size_t m = 0; m < n; ++m) {
+        char32_t l = lowered[m];
+        uint8_t flags = lowered == &cp ? rec.flags : unicode::Lookup(l).flags;
+        if (flags & unicode::kSpace) {
+          flush_word();
+        } else if (flags & unicode::kPunct) {
+          flush_word();
+          word->Add(l, orig);
+          flush_word();
+        } else {
+          word->Add(l, orig);
+        }
+      }
+    };
+    // NFD reorders each run of marks by combining class. Alignment as HF's NormalizedString
+    // computes it: the first character of each decomposition "consumes" the next source
+    // character in order, the other characters take the alignment of the last consumed one.
+    auto flush_pending = [&] {
+      size_t n = pending.size();
+      if (n == 0) return;
+      consumed.clear();
+      for (const Pending& p : pending)
+        if (p.consumes) consumed.push_back(p.orig);
+      for (size_t i = 0; i < n;) {
+        if (unicode::Lookup(pending[i].cp).ccc == 0) {
+          ++i;
+          continue;
+        }
+        size_t j = i;
+        while (j < n && unicode::Lookup(pending[j].cp).ccc != 0) ++j;
+        if (j - i > 1)
+          std::stable_sort(pending.begin() + i, pending.begin() + j, [](const Pending& a, const Pending& b) {
+            return unicode::Lookup(a.cp).ccc < unicode::Lookup(b.cp).ccc;
+          });
+        i = j;
+      }
+      size_t next = 0;
+      for (const Pending& p : pending) {
+        int32_t orig = p.consumes ? (last_consumed = consumed[next++]) : last_consumed;
+        if (!(unicode::Lookup(p.cp).flags & unicode::kMn)) split(p.cp, orig);
+      }
+      pending.clear();
+    };
+    // middle stage: accent stripping (NFD, drop Mn), or straight to the split
+    auto strip_stage = [&](char32_t cp, int32_t orig, const CharRecord& rec) {
+      if (!strip) return split(cp, orig);
+      const char32_t* d = &cp;
+      size_t n = 1;
+      if (rec.flags & unicode::kHasNfd) {
+        d = unicode::kPool + rec.nfd_at;
+        n = rec.nfd_len;
+      }
+      if (unicode::Lookup(d[0]).ccc == 0) flush_pending();  // a starter ends the run of marks
+      if (n == 1 && pending.empty() && rec.ccc == 0) {  // the common case: nothing to reorder
+        const CharRecord& r = d == &cp ? rec : unicode::Lookup(d[0]);  // a singleton decomposition
+        if (r.ccc == 0) {
+          last_consumed = orig;
+          if (!(r.flags & unicode::kMn)) split(d[0], orig);
+          return;
+        }
+      }
+      for (size_t k = 0; k < n; ++k) pending.push_back(Pending{d[k], orig, k == 0});
+    };
+
+    size_t pos = 0;
+    int32_t ci = first_char;
+    bool at_chunk_start = true;
+    while (pos < text.size()) {
+      if (at_chunk_start && !never_split.empty()) {
+        // a never_split entry is kept as it is when it is a whole white-space delimited chunk
+        size_t stop = pos;
+        while (stop < text.size()) {
+          size_t next = stop;
+          char32_t c = 0;
+          if (!unicode::DecodeUtf8(text, &next, &c) || (unicode::Lookup(c).flags & unicode::kSpace)) break;
+          stop = next;
+        }
+        if (stop > pos && never_split.count(std::string(text.substr(pos, stop - pos)))) {
+          // as HF's Python tokenizer: the chunk is one token, its vocab id or [UNK] (no WordPiece)
+          flush_pending();
+          flush_word();
+          int32_t begin = ci;
+          for (size_t p = pos; p < stop; ++p) ci += (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
+          int32_t id = initial.Find(text.substr(pos, stop - pos));
+          out->Push(id >= 0 ? id : unk, 0, 0, {begin, ci}, (*word_id)++, 0);
+          pos = stop;
+          at_chunk_start = false;
+          continue;
+        }
+      }
+      char32_t cp;
+      if (!unicode::DecodeUtf8(text, &pos, &cp))
+        return Status::Error("invalid UTF-8 at byte " + std::to_string(pos));
+      int32_t orig = ci++;
+      const CharRecord& rec = unicode::Lookup(cp);
+      at_chunk_start = (rec.flags & unicode::kSpace) != 0;
+      if (!opt.do_basic_tokenize) {  // white-space split only
+        if (rec.flags & unicode::kSpace) flush_word();
+        else word->Add(cp, orig);
+        continue;
+      }
+      // first stage: clean-up, CJK spacing
+      if (rec.flags & unicode::kRemove) continue;
+      if (rec.flags & unicode::kSpace) {
+        strip_stage(' ', orig, unicode::Lookup(' '));
+      } else if (opt.tokenize_chinese_chars && unicode::IsChineseChar(cp)) {
+        const CharRecord& space = unicode::Lookup(' ');
+        strip_stage(' ', orig, space);
+        strip_stage(cp, orig, rec);
+        strip_stage(' ', orig, space);
+      } else {
+        strip_stage(cp, orig, rec);
+      }
+    }
+    flush_pending();
+    flush_word();
+    return Status::Ok();
+  }
+
+  Status Encode(std::string_view text, int32_t word_offset, Encoding* out, Scratch* word) const {
+    int32_t word_id = word_offset;
+    // split out special tokens (matched in the raw text, leftmost then longest)
+    size_t seg_start = 0, pos = 0;
+    int32_t seg_char = 0, ci = 0;
+    while (pos < text.size()) {
+      unsigned char c = static_cast<unsigned char>(text[pos]);
+      const std::string* hit = nullptr;
+      for (const std::string& s : specials) {
+        if (!s.empty() && static_cast<unsigned char>(s[0]) == c && text.compare(pos, s.size(), s) == 0) {
+          hit = &s;
+          break;  // specials are sorted longest first
+        }
+      }
+      if (hit) {
+        Status st = EncodeSegment(text.substr(seg_start, pos - seg_start), seg_char, &word_id, out, word);
+        if (!st.ok) return st;
+        int32_t len = 0;
+        for (size_t p = 0; p < hit->size();) {
+          char32_t cp;
+          unicode::DecodeUtf8(*hit, &p, &cp);
+          ++len;
+        }
+        out->Push(TokenId(*hit), 0, 0, {ci, ci + len}, word_id++, 0);
+        pos += hit->size();
+        ci += len;
+        seg_start = pos;
+        seg_char = ci;
+        continue;
+      }
+      // advance one character (validity is checked by EncodeSegment)
+      size_t next = pos + 1;
+      while (next < text.size() && (static_cast<unsigned char>(text[next]) & 0xC0) == 0x80) ++next;
+      pos = next;
+      ++ci;
+    }
+    return EncodeSegment(text.substr(seg_start), seg_char, &word_id, out, word);
+  }
+
+  int32_t TokenId(std::string_view token) const {
+    int32_t id = initial.Find(token);
+    return id;
+  }
+};
+
+void Encoding::Reserve(size_t n) {
+  ids.reserve(n);
+  type_ids.reserve(n);
+  special_tokens_mask.reserve(n);
+  attention_mask.reserve(n);
+  offsets.reserve(n);
+  word_ids.reserve(n);
+  sequence_ids.reserve(n);
+}
+
+void Encoding::Push(int32_t id, int32_t type, int32_t special, std::pair<int32_t, int32_t> offset, int32_t word,
+                    int32_t sequence) {
+  ids.push_back(id);
+  type_ids.push_back(type);
+  special_tokens_mask.push_back(special);
+  attention_mask.push_back(1);
+  offsets.push_back(offset);
+  word_ids.push_back(word);
+  sequence_ids.push_back(sequence);
+}
+
+void Encoding::AppendRange(const Encoding& from, size_t begin, size_t end) {
+  ids.insert(ids.end(), from.ids.begin() + begin, from.ids.begin() + end);
+  type_ids.insert(type_ids.end(), from.type_ids.begin() + begin, from.type_ids.begin() + end);
+  special_tokens_mask.insert(special_tokens_mask.end(), from.special_tokens_mask.begin() + begin,
+                             from.special_tokens_mask.begin() + end);
+  attention_mask.insert(attention_mask.end(), from.attention_mask.begin() + begin, from.attention_mask.begin() + end);
+  offsets.insert(offsets.end(), from.offsets.begin() + begin, from.offsets.begin() + end);
+  word_ids.insert(word_ids.end(), from.word_ids.begin() + begin, from.word_ids.begin() + end);
+  sequence_ids.insert(sequence_ids.end(), from.sequence_ids.begin() + begin, from.sequence_ids.begin() + end);
+}
+
+Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Tokenizer::~Tokenizer() = default;
+
+Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions options, std::unique_ptr<Tokenizer>* out) {
+  if (vocab.empty()) return Status::Error("vocab is empty: expected one token per id");
+  if (vocab.size() > static_cast<size_t>(INT32_MAX)) return Status::Error("vocab has more than 2^31 tokens");
+  if (options.max_input_chars_per_word < 1)
+    return Status::Error("max_input_chars_per_word must be >= 1, got " + std::to_string(options.max_input_chars_per_word));
+  if (options.continuing_subword_prefix.empty()) return Status::Error("continuing_subword_prefix must not be empty");
+  auto impl = std::make_unique<Impl>();
+  std::vector<std::pair<std::string, int32_t>> initial, continuation;
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(vocab.size() * 2);
+  const std::string& prefix = options.continuing_subword_prefix;
+  for (size_t i = 0; i < vocab.size(); ++i) {
+    const std::string& tok = vocab[i];
+    size_t check = 0;
+    char32_t cp;
+    while (check < tok.size())
+      if (!unicode::DecodeUtf8(tok, &check, &cp))
+        return Status::Error("vocab token " + std::to_string(i) + " is not valid UTF-8");
+    if (!seen.insert(tok).second)
+      return Status::Error("vocab has the token '" + tok + "' twice (the second time at id " + std::to_string(i) +
+                           "): each token must appear once");
+    initial.emplace_back(tok, static_cast<int32_t>(i));
+    if (tok.size() > prefix.size() && tok.compare(0, prefix.size(), prefix) == 0)
+      continuation.emplace_back(tok.substr(prefix.size()), static_cast<int32_t>(i));
+  }
+  impl->initial.Build(initial);
+  impl->continuation.Build(continuation);
+  impl->strip = options.strip_accents < 0 ? options.do_lower_case : options.strip_accents != 0;
+  std::vector<std::string> specials = {options.pad_token, options.unk_token, options.cls_token, options.sep_token,
+                                       options.mask_token};
+  for (const std::string& s : options.extra_special_tokens) specials.push_back(s);
+  const char* names[] = {"pad_token", "unk_token", "cls_token", "sep_token", "mask_token"};
+  for (size_t k = 0; k < specials.size(); ++k) {
+    const std::string& s = specials[k];
+    std::string name = k < 5 ? names[k] : "extra special token";
+    if (s.empty()) return Status::Error(name + " must not be empty");
+    int32_t id = impl->initial.Find(s);
+    if (id < 0) return Status::Error(name + " '" + s + "' is not in the vocab: the vocab must contain it");
+    impl->special_ids.push_back(id);
+  }
+  std::sort(impl->special_ids.begin(), impl->special_ids.end());
+  impl->special_ids.erase(std::unique(impl->special_ids.begin(), impl->special_ids.end()), impl->special_ids.end());
+  std::sort(specials.begin(), specials.end(), [](const std::string& a, const std::string& b) {
+    return a.size() != b.size() ? a.size() > b.size() : a < b;
+  });
+  specials.erase(std::unique(specials.begin(), specials.end()), specials.end());
+  impl->specials = std::move(specials);
+  impl->never_split.insert(options.never_split.begin(), options.never_split.end());
+  impl->unk = impl->initial.Find(options.unk_token);
+  impl->cls = impl->initial.Find(options.cls_token);
+  impl->sep = impl->initial.Find(options.sep_token);
+  impl->pad = impl->initial.Find(options.pad_token);
+  impl->vocab = std::move(vocab);
+  impl->opt = std::move(options);
+  out->reset(new Tokenizer(std::move(impl)));
+  return Status::Ok();
+}
+
+Status Tokenizer::EncodeText(std::string_view text, int32_t word_offset, Encoding* out) const {
+  Impl::Scratch scratch;
+  return impl_->Encode(text, word_offset, out, &scratch);
+}
+
+int32_t Tokenizer::TokenToId(std::string_view token) const { return impl_->initial.Find(token); }
+const std::string* Tokenizer::IdToToken(int64_t id) const {
+  return id >= 0 && static_cast<size_t>(id) < impl_->vocab.size() ? &impl_->vocab[id] : nullptr;
+}
+size_t Tokenizer::VocabSize() const { return impl_->vocab.size(); }
+const std::vector<int32_t>& Tokenizer::SpecialIds() const { return impl_->special_ids; }
+int32_t Tokenizer::cls_id() const { return impl_->cls; }
+int32_t Tokenizer::sep_id() const { return impl_->sep; }
+int32_t Tokenizer::pad_id() const { return impl_->pad; }
+int32_t Tokenizer::unk_id() const { return impl_->unk; }
+
+namespace {
+
+// The [start, stop) windows HF's Encoding::truncate cuts a sequence of `len` tokens into.
+std::vector<std::pair<size_t, size_t>> Windows(size_t len, size_t max_len, size_t stride, Side side) {
+  std::vector<std::pair<size_t, size_t>> parts;
+  if (max_len >= len) return {{0, len}};
+  if (max_len == 0) return {{0, 0}, {0, len}};  // everything overflows
+  size_t step = max_len - stride;
+  if (side == Side::kRight) {
+    for (size_t start = 0; start < len; start += step) {
+      size_t stop = std::min(start + max_len, len);
+      parts.emplace_back(start, stop);
+      if (stop == len) break;
+    }
+  } else {
+    for (size_t i = 0; i < len; i += step) {
+      size_t stop = len - i;
+      size_t start = stop > max_len ? stop - max_len : 0;
+      parts.emplace_back(start, stop);
+      if (start == 0) break;
+    }
+  }
+  return parts;
+}
+
+}  // namespace
+
+Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOptions& o, int num_threads,
+                              std::vector<Encoding>* rows, std::vector<int32_t>* sample_of_row) const {
+  bool truncate = o.truncation != Truncation::kNone;
+  if ((truncate || o.padding == Padding::kMaxLength) && o.max_length < 0)
+    return Status::Error("max_length is required with truncation or padding='max_length'");
+  if (o.stride < 0) return Status::Error("stride must be >= 0, got " + std::to_string(o.stride));
+  if (o.pad_to_multiple_of < 0)
+    return Status::Error("pad_to_multiple_of must be >= 0, got " + std::to_string(o.pad_to_multiple_of));
+
+  std::vector<std::vector<Encoding>> per_input(inputs.size());
+  std::vector<Status> statuses(inputs.size());
+
+  auto encode_one = [&](size_t idx, Impl::Scratch* word) -> Status {
+    const Input& in = inputs[idx];
+    Encoding seq[2];
+    for (int s = 0; s < (in.has_pair ? 2 : 1); ++s) {
+      const auto& parts = s == 0 ? in.first : in.second;
+      bool split_words = parts.size() != 1;
+      for (size_t w = 0; w < parts.size(); ++w) {
+        size_t before = seq[s].size();
+        Status st = impl_->Encode(parts[w], split_words ? static_cast<int32_t>(w) : 0, &seq[s], word);
+        if (!st.ok) return Status::Error(st.message + (s == 0 ? " in the text" : " in the text pair"));
+        if (split_words)  // each pre-split word is one word
+          std::fill(seq[s].word_ids.begin() + before, seq[s].word_ids.end(), static_cast<int32_t>(w));
+      }
+      std::fill(seq[s].sequence_ids.begin(), seq[s].sequence_ids.end(), s);
+      std::fill(seq[s].type_ids.begin(), seq[s].type_ids.end(), s);
+    }
+    size_t n_added = o.add_special_tokens ? NumSpecialTokensToAdd(in.has_pair) : 0;
+    std::vector<std::pair<size_t, size_t>> win[2] = {{{0, seq[0].size()}}, {{0, seq[1].size()}}};
+    if (truncate) {
+      if (static_cast<size_t>(o.max_length) < n_added)
+        return Status::Error("max_length=" + std::to_string(o.max_length) + " is less than the " +
+                             std::to_string(n_added) + " special tokens added to each sequence");
+      size_t max_len = o.max_length - n_added;
+      size_t n1 = seq[0].size(), n2 = in.has_pair ? seq[1].size() : 0;
+      size_t target[2] = {n1, n2};
+      bool cut = false;
+      if (max_len == 0) {
+        target[0] = target[1] = 0;
+        cut = true;
+      } else if (n1 + n2 > max_len) {
+        cut = true;
+        size_t to_remove = n1 + n2 - max_len;
+        if (o.truncation == Truncation::kLongestFirst && in.has_pair) {
+          // HF: the shorter keeps its length if the longer can absorb the cut, else both halve
+          size_t a = std::min(n1, n2);
+          size_t b = a > max_len ? a : std::max(a, max_len - a);
+          if (a + b > max_len) {
+            a = max_len / 2;
+            b = a + max_len % 2;
+          }
+          target[0] = n1 <= n2 ? a : b;
+          target[1] = n1 <= n2 ? b : a;
+        } else {
+          int which = o.truncation == Truncation::kOnlySecond ? 1 : 0;
+          if (which == 1 && !in.has_pair)
+            return Status::Error("truncation='only_second' needs a pair of sequences");
+          if (o.truncation == Truncation::kLongestFirst) which = 0;
+          size_t len = seq[which].size();
+          if (len <= to_remove)
+            return Status::Error("cannot truncate to max_length=" + std::to_string(o.max_length) + " with truncation='" +
+                                 (which == 0 ? "only_first" : "only_second") + "': the " +
+                                 (which == 0 ? "first" : "second") + " sequence has " + std::to_string(len) +
+                                 " tokens and " + std::to_string(to_remove) + " must go");
+          target[which] = len - to_remove;
+        }
+      }
+      if (cut) {
+        for (int s = 0; s < (in.has_pair ? 2 : 1); ++s) {
+          if (target[s] < seq[s].size() && target[s] > 0 && static_cast<size_t>(o.stride) >= target[s])
+            return Status::Error("stride=" + std::to_string(o.stride) + " must be less than the " +
+                                 std::to_string(target[s]) + " tokens kept of the " + (s == 0 ? "first" : "second") +
+                                 " sequence (max_length minus special tokens" +
+                                 std::string(in.has_pair ? ", shared between the pair" : "") + ")");
+          win[s] = Windows(seq[s].size(), target[s], o.stride, o.truncation_side);
+        }
+      }
+    }
+    // HF's merge order: (a0,b0), then (ai,b0), (ai,b1..) for each overflow ai, then (a0,bj)
+    std::vector<std::pair<size_t, size_t>> combos = {{0, 0}};
+    size_t na = win[0].size(), nb = in.has_pair ? win[1].size() : 1;
+    for (size_t i = 1; i < na; ++i)
+      for (size_t j = 0; j < nb; ++j) combos.emplace_back(i, j);
+    for (size_t j = 1; j < nb; ++j) combos.emplace_back(0, j);
+    if (!o.return_overflowing) combos.resize(1);
+    auto& out = per_input[idx];
+    out.resize(combos.size());
+    for (size_t c = 0; c < combos.size(); ++c) {
+      Encoding& e = out[c];
+      const auto& wa = win[0][combos[c].first];
+      e.Reserve(wa.second - wa.first + n_added + (in.has_pair ? seq[1].size() : 0));
+      if (o.add_special_tokens) e.Push(impl_->cls, 0, 1, {0, 0}, -1, -1);
+      e.AppendRange(seq[0], wa.first, wa.second);
+      if (o.add_special_tokens) e.Push(impl_->sep, 0, 1, {0, 0}, -1, -1);
+      if (in.has_pair) {
+        const auto& wb = win[1][combos[c].second];
+        e.AppendRange(seq[1], wb.first, wb.second);
+        if (o.add_special_tokens) e.Push(impl_->sep, 1, 1, {0, 0}, -1, -1);
+      }
+    }
+    return Status::Ok();
+  };
+
+  size_t bytes = 0;
+  for (const Input& in : inputs) {
+    for (auto s : in.first) bytes += s.size();
+    for (auto s : in.second) bytes += s.size();
+  }
+  int threads = num_threads > 0 ? num_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // small batches are not worth a thread start (tens of microseconds)
+  threads = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(1, bytes / 16384)));
+  threads = static_cast<int>(std::min<size_t>(threads, inputs.size()));
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    Impl::Scratch word;
+    for (size_t i; (i = next.fetch_add(1)) < inputs.size();) statuses[i] = encode_one(i, &word);
+  };
+  if (threads <= 1) {
+    worker();
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+  }
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (!statuses[i].ok)
+      return Status::Error(inputs.size() > 1 ? statuses[i].message + " (batch item " + std::to_string(i) + ")"
+                                             : statuses[i].message);
+
+  // HF pads to the longest of the main rows: an overflow window longer than that stays as it is
+  size_t longest = 0;
+  for (const auto& r : per_input) longest = std::max(longest, r.empty() ? 0 : r[0].size());
+  rows->clear();
+  sample_of_row->clear();
+  for (size_t i = 0; i < per_input.size(); ++i)
+    for (auto& e : per_input[i]) {
+      rows->push_back(std::move(e));
+      sample_of_row->push_back(static_cast<int32_t>(i));
+    }
+
+  if (o.padding != Padding::kNone) {
+    size_t target = 0;
+    if (o.padding == Padding::kMaxLength) {
+      target = o.max_length;
+    } else {
+      target = longest;
+    }
+    if (o.pad_to_multiple_of > 0 && target % o.pad_to_multiple_of)
+      target += o.pad_to_multiple_of - target % o.pad_to_multiple_of;
+    for (auto& e : *rows) {
+      if (e.size() >= target) continue;
+      size_t n = target - e.size();
+      auto pad = [&](auto& v, auto value) {
+        if (o.padding_side == Side::kRight) v.insert(v.end(), n, value);
+        else v.insert(v.begin(), n, value);
+      };
+      pad(e.ids, impl_->pad);
+      pad(e.type_ids, static_cast<int32_t>(o.pad_token_type_id));
+      pad(e.special_tokens_mask, 1);
+      pad(e.attention_mask, 0);
+      pad(e.offsets, std::pair<int32_t, int32_t>{0, 0});
+      pad(e.word_ids, -1);
+      pad(e.sequence_ids, -1);
+    }
+  }
+  return Status::Ok();
+}
+
+Status Tokenizer::Decode(const std::vector<int64_t>& ids, bool skip_special_tokens, std::string* out) const {
+  out->clear();
+  const std::string& prefix = impl_->opt.continuing_subword_prefix;
+  bool first = true;
+  for (int64_t id : ids) {
+    const std::string* tok = IdToToken(id);
+    if (!tok)
+      return Status::Error("token id " + std::to_string(id) + " is out of range: expected 0 <= id < " +
+                           std::to_string(VocabSize()));
+    if (skip_special_tokens && std::binary_search(impl_->special_ids.begin(), impl_->special_ids.end(), id)) continue;
+    std::string piece;
+    if (!first && tok->compare(0, prefix.size(), prefix) == 0) {
+      piece = tok->substr(prefix.size());
+    } else {
+      piece = first ? *tok : " " + *tok;
+    }
+    first = false;
+    // HF's WordPiece decoder cleans each piece up (on one piece only " ." and the like can match)
+    static const std::pair<const char*, const char*> kCleanup[] = {
+        {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"}, {" n't", "n't"},
+        {" 'm", "'m"}, {" do not", " don't"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+    for (const auto& [from, to] : kCleanup) {
+      size_t at = 0, flen = std::strlen(from), tlen = std::strlen(to);
+      while ((at = piece.find(from, at)) != std::string::npos) {
+        piece.replace(at, flen, to);
+        at += tlen;
+      }
+    }
+    out->append(piece);
+  }
+  return Status::Ok();
+}
+
+std::string UnicodeVersions() {
+  return std::string("categories ") + unicode::kCategoryVersion + ", normalization " + unicode::kNormalizationVersion +
+         ", case mappings " + unicode::kCaseVersion;
+}
+
+}  // namespace dbf_tok
