@@ -1,7 +1,8 @@
 """The op layer: the model's hot ops behind one functional API, each an autograd Function whose
-forward and backward run on a chosen backend (``eager`` now; see ``backends``)."""
+forward and backward run on a chosen backend (``eager``, ``cpu``; see ``backends``)."""
 
-from . import eager  # noqa: F401  (registers the eager backend)
+from .. import _extension
+from . import cpu_backend, eager  # noqa: F401  (eager registers itself)
 from .backends import (
     ENV_VAR,
     Backend,
@@ -23,6 +24,8 @@ from .functional import (
     masked_attention,
     residual_layernorm,
 )
+
+cpu_backend.register(_extension._C)  # the C++ CPU kernels, where the extension was built with them
 
 __all__ = [
     "ACTIVATIONS",
