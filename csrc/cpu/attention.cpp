@@ -19,6 +19,10 @@
 // (batch, seq, heads, head_dim) projections transposed to (batch, heads, seq, head_dim). out, dq,
 // dk and dv are allocated as (batch, seq, heads, head_dim) memory returned as (batch, heads, seq,
 // head_dim) views, so the model's transpose back to (batch, seq, dim) is free.
+//
+// out is returned in acc_t (float32 for bf16 inputs; the caller narrows it): the backward's
+// delta_i = dout_i . out_i must see the unrounded output, or a row whose exact gradient is zero
+// (one key) picks up bf16 rounding noise.
 #include "common.h"
 
 #include <cmath>
@@ -116,11 +120,11 @@ template <typename scalar_t>
 void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
                           const Heads<scalar_t>& v, const bool* mask,
                           const acc_t<scalar_t>* head_mask, const bool* keep, double dropout_p,
-                          double scale, const Heads<scalar_t>& out, acc_t<scalar_t>* lse) {
+                          double scale, const Heads<acc_t<scalar_t>>& out, acc_t<scalar_t>* lse) {
   using acc = acc_t<scalar_t>;
   const int64_t S = n.seq, D = n.dim;
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
-  at::parallel_for(0, n.batch * n.heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
     std::vector<acc> qs(S * D), o(S * D), kt(D * kBlock), vb(kBlock * D), m(S), l(S);
     std::vector<acc> s(kBlock);
     std::vector<int64_t> keys;
@@ -172,7 +176,7 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         const acc f = hm / l[i];
         acc* oi = o.data() + i * D;
         for (int64_t d = 0; d < D; ++d) oi[d] *= f;
-        store_row(oi, out.row(b, h, i), D);
+        std::copy_n(oi, D, out.row(b, h, i));
         lse[task * S + i] = m[i] + std::log(l[i]);
       }
     }
@@ -181,7 +185,7 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
 
 template <typename scalar_t>
 void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
-                          const Heads<scalar_t>& v, const Heads<scalar_t>& out,
+                          const Heads<scalar_t>& v, const Heads<acc_t<scalar_t>>& out,
                           const Heads<scalar_t>& dout, const acc_t<scalar_t>* lse,
                           const bool* mask, const acc_t<scalar_t>* head_mask, const bool* keep,
                           double dropout_p, double scale, const Heads<scalar_t>& dq,
@@ -190,8 +194,8 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
   using acc = acc_t<scalar_t>;
   const int64_t S = n.seq, D = n.dim;
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
-  at::parallel_for(0, n.batch * n.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc> qs(S * D), dO(S * D), dQ(S * D), delta(S), row(D);
+  at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc> qs(S * D), dO(S * D), dQ(S * D), delta(S);
     std::vector<acc> kt(D * kBlock), vt(D * kBlock), kb_rows(kBlock * D), dK(kBlock * D),
         dV(kBlock * D), s(kBlock), dw(kBlock);
     std::vector<int64_t> keys;
@@ -205,9 +209,8 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         load_row(q.row(b, h, i), qs.data() + i * D, D);
         for (int64_t d = 0; d < D; ++d) qs[i * D + d] *= acc(scale);
         load_row(dout.row(b, h, i), dO.data() + i * D, D);
-        load_row(out.row(b, h, i), row.data(), D);
         // sum_j P_ij dP_ij = dout_i . out_i, whatever the dropout and head mask
-        delta[i] = row_dot(dO.data() + i * D, row.data(), D);
+        delta[i] = row_dot(dO.data() + i * D, out.row(b, h, i), D);
       }
       std::fill(dQ.begin(), dQ.end(), acc(0));
       // Keys outside the kept set get no gradient: start from zeros.
@@ -215,7 +218,11 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         std::fill_n(dk.row(b, h, j), D, scalar_t(0));
         std::fill_n(dv.row(b, h, j), D, scalar_t(0));
       }
-      acc dhm = 0;
+      // dhead_mask[h] sums dW_ij * P_ij * keep_ij / (1 - p) over the head. Where hm != 0 that is
+      // sum_i delta_i / hm, from the forward's output, which is more accurate than P recomputed
+      // from lse; a pruned head (hm == 0) sums the terms. Double: batch * seq^2 terms.
+      const bool dhm_terms = dhead_mask && hm == acc(0);
+      double dhm = 0;
 
       for (int64_t j0 = 0; j0 < static_cast<int64_t>(keys.size()); j0 += kBlock) {
         const int64_t nb = std::min<int64_t>(kBlock, keys.size() - j0);
@@ -241,7 +248,7 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
           for (int64_t j = 0; j < nb; ++j) {
             const acc p = std::exp(s[j] - lse_bh[i]);
             const acc c = keep_bh ? (keep_bh[i * S + kb[j]] ? keep_scale : acc(0)) : acc(1);
-            dhm += dw[j] * p * c;
+            if (dhm_terms) dhm += dw[j] * p * c;
             const acc w = p * c * hm;
             if (w != acc(0)) row_axpy(w, doi, dV.data() + j * D, D);
             if (uniform) continue;  // constant scores: no gradient to q, k
@@ -261,7 +268,11 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         for (int64_t d = 0; d < D; ++d) dqi[d] *= acc(scale);
         store_row(dqi, dq.row(b, h, i), D);
       }
-      if (dhead_mask) dhead_mask[task] = dhm;
+      if (dhead_mask && !dhm_terms) {
+        for (int64_t i = 0; i < S; ++i) dhm += delta[i];
+        dhm /= hm;
+      }
+      if (dhead_mask) dhead_mask[task] = static_cast<acc>(dhm);
     }
   });
 }
@@ -310,7 +321,7 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
 
 }  // namespace
 
-// out (batch, heads, seq, head_dim) and lse (batch, heads, seq) in the accumulation dtype.
+// out (batch, heads, seq, head_dim) and lse (batch, heads, seq), both in the accumulation dtype.
 std::vector<at::Tensor> masked_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const c10::optional<at::Tensor>& key_padding_mask,
@@ -319,13 +330,14 @@ std::vector<at::Tensor> masked_attention_fwd(const at::Tensor& q, const at::Tens
                                              double dropout_p, double scale) {
   const Dims n = check_qkv(q, k, v);
   check_masks(n, q.scalar_type(), key_padding_mask, head_mask, keep, dropout_p);
-  at::Tensor out = empty_heads(n, q.options());
-  at::Tensor lse = at::empty({n.batch, n.heads, n.seq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  const auto acc_options = q.options().dtype(acc_dtype(q.scalar_type()));
+  at::Tensor out = empty_heads(n, acc_options);
+  at::Tensor lse = at::empty({n.batch, n.heads, n.seq}, acc_options);
   DBF_DISPATCH(q.scalar_type(), "masked_attention_fwd", [&] {
     using acc = acc_t<scalar_t>;
     attention_fwd_kernel<scalar_t>(n, Heads<scalar_t>(q), Heads<scalar_t>(k), Heads<scalar_t>(v),
                                    opt_ptr<bool>(key_padding_mask), opt_ptr<acc>(head_mask),
-                                   opt_ptr<bool>(keep), dropout_p, scale, Heads<scalar_t>(out),
+                                   opt_ptr<bool>(keep), dropout_p, scale, Heads<acc>(out),
                                    lse.data_ptr<acc>());
   });
   return {out, lse};
@@ -345,7 +357,7 @@ std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const a
   check_masks(n, q.scalar_type(), key_padding_mask, head_mask, keep, dropout_p);
   check_arg(grad_out, "grad_out", q.scalar_type(), 4, true);
   check_shape(grad_out, "grad_out", q.sizes());
-  check_arg(out, "out", q.scalar_type(), 4, true);
+  check_arg(out, "out", acc_dtype(q.scalar_type()), 4, true);
   check_shape(out, "out", q.sizes());
   check_arg(lse, "lse", acc_dtype(q.scalar_type()), 3);
   check_shape(lse, "lse", {n.batch, n.heads, n.seq});
@@ -356,7 +368,7 @@ std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const a
   DBF_DISPATCH(q.scalar_type(), "masked_attention_bwd", [&] {
     using acc = acc_t<scalar_t>;
     attention_bwd_kernel<scalar_t>(
-        n, Heads<scalar_t>(q), Heads<scalar_t>(k), Heads<scalar_t>(v), Heads<scalar_t>(out),
+        n, Heads<scalar_t>(q), Heads<scalar_t>(k), Heads<scalar_t>(v), Heads<acc>(out),
         Heads<scalar_t>(grad_out), lse.data_ptr<acc>(), opt_ptr<bool>(key_padding_mask),
         opt_ptr<acc>(head_mask), opt_ptr<bool>(keep), dropout_p, scale, Heads<scalar_t>(dq),
         Heads<scalar_t>(dk), Heads<scalar_t>(dv),

@@ -72,7 +72,7 @@ void fwd_kernel(const scalar_t* x, const acc_t<scalar_t>* bias, int64_t rows, in
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   using Ops = ActOps<A, acc>;
-  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  const int64_t grain = grain_for(cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     alignas(64) acc buf[kChunk];
     for (int64_t r = begin; r < end; ++r) {
@@ -97,7 +97,7 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* x, const acc_t<scalar_t>* bi
   using Vec = Vectorized<acc>;
   using Ops = ActOps<A, acc>;
   ThreadPartials<acc> partial(dbias ? cols : 0);
-  const int64_t grain = std::max<int64_t>(1, 32768 / cols);
+  const int64_t grain = grain_for(cols);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     alignas(64) acc zb[kChunk], gb[kChunk];
     acc* mine = dbias ? partial.mine() : nullptr;

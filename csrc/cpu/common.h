@@ -139,6 +139,13 @@ inline void row_axpy(T alpha, const T* x, T* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// at::parallel_for's grain for items of `work` elements each: parallel regions cost microseconds
+// (more on a loaded machine), so small problems run inline on the calling thread.
+inline int64_t grain_for(int64_t work) {
+  constexpr int64_t kMinWorkPerTask = 32768;
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work));
+}
+
 // Per-thread partial sums of a column reduction (dbias, dweight): each thread adds into its own
 // row of `width` values; sum_into() then adds the rows together. No atomics, deterministic for a
 // fixed thread count.

@@ -77,7 +77,7 @@ void layernorm_fwd_kernel(const RowInputs<scalar_t>& in, const acc_t<scalar_t>* 
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   const int64_t dim = in.dim;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
     std::vector<acc> z(dim);
     for (int64_t row = begin; row < end; ++row) {
       in.build(row, z.data());
@@ -104,7 +104,7 @@ void layernorm_bwd_kernel(const RowInputs<scalar_t>& in, const acc_t<scalar_t>* 
   using Vec = Vectorized<acc>;
   const int64_t dim = in.dim;
   ThreadPartials<acc> pw(dweight ? dim : 0), pb(dbias ? dim : 0), pxb(dx_bias ? dim : 0);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
     std::vector<acc> xhat(dim), g(dim), dyf(dim);
     acc* my_w = dweight ? pw.mine() : nullptr;
     acc* my_b = dbias ? pb.mine() : nullptr;

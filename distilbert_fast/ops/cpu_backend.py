@@ -120,20 +120,21 @@ class CpuBackend(Backend):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         mask = None if key_padding_mask is None else key_padding_mask.contiguous()
         hm = _acc(head_mask, q.dtype)
-        out, lse = self._C.cpu_masked_attention_fwd(q, k, v, mask, hm, keep, dropout_p, scale)
-        saved = (q, k, v, out, lse, mask, hm, keep)
-        return (out, None), saved, ("cpu", (dropout_p, scale))
+        # out_acc: the output in the accumulation dtype, which the backward needs unrounded.
+        out_acc, lse = self._C.cpu_masked_attention_fwd(q, k, v, mask, hm, keep, dropout_p, scale)
+        saved = (q, k, v, out_acc, lse, mask, hm, keep)
+        return (out_acc.to(q.dtype), None), saved, ("cpu", (dropout_p, scale))
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
         path, state = saved_state
         if path == "eager":
             return self._eager.attention_backward(saved_tensors, state, grad_out, grad_weights, needs_grad)
-        q, k, v, out, lse, mask, hm, keep = saved_tensors
+        q, k, v, out_acc, lse, mask, hm, keep = saved_tensors
         dropout_p, scale = state
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         dq, dk, dv, dhead_mask = self._C.cpu_masked_attention_bwd(
-            grad_out, q, k, v, out, lse, mask, hm, keep, dropout_p, scale, bool(needs_grad[4])
+            grad_out, q, k, v, out_acc, lse, mask, hm, keep, dropout_p, scale, bool(needs_grad[4])
         )
         return dq, dk, dv, dhead_mask
 
