@@ -234,6 +234,16 @@ class Provider:
     error: str = ""  # why it cannot run (printed, no timing)
 
 
+def _allow_recompiles(limit: int = 256) -> None:
+    """Every case compiles the same composite for a new shape or dtype (dynamic=False): past
+    dynamo's default recompile limit (8) it would silently run uncompiled."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
+
+
 def providers_for(case: Case, device, compile_enabled: bool) -> list[Provider]:
     probe = next(iter(case.inputs.values()))
     out = [Provider(f"ours[{b}]", lambda b=b, **kw: case.ours(b, **kw)) for b in ops.available_backends(probe)]
@@ -356,6 +366,8 @@ def main(argv=None) -> int:
             print("--threads must be at least 1", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if not args.no_compile:
+        _allow_recompiles()
     env = environment(device)
     sampler = Sampler(device)
     copy_gbps = copy_bandwidth_gbps(device, sampler) if device.type == "cuda" else None
