@@ -52,10 +52,13 @@ struct ActOps {
       const Vec pdf = (Vec(T(-0.5)) * z * z).exp() * Vec(T(kInvSqrt2Pi));
       return at::vec::fmadd(z, pdf, cdf);
     } else if constexpr (A == Act::kGeluNew) {
-      // With s = sigmoid(2u): 0.5 (1 + tanh u) = s and 0.5 (1 - tanh^2 u) = 2 s (1 - s).
-      const Vec s = Vec(T(1)) / (Vec(T(1)) + (Vec(T(-2)) * inner(z)).exp());
+      // With e = exp(-2u), s = sigmoid(2u) = 1 / (1 + e): 0.5 (1 + tanh u) = s and
+      // 0.5 (1 - tanh^2 u) = 2 s (1 - s) = 2 e s^2 (1 - s as e s: no cancellation near s = 1).
+      // -2u is capped at 80 so that e stays finite (the derivative there is ~1e-35 anyway).
+      const Vec e = at::vec::minimum(Vec(T(-2)) * inner(z), Vec(T(80))).exp();
+      const Vec s = Vec(T(1)) / (Vec(T(1)) + e);
       const Vec dinner = Vec(T(kSqrt2OverPi)) * (Vec(T(1)) + Vec(T(3 * kCubic)) * z * z);
-      return s + Vec(T(2)) * z * s * (Vec(T(1)) - s) * dinner;
+      return s + Vec(T(2)) * z * (e * s * s) * dinner;
     } else if constexpr (A == Act::kRelu) {
       return Vec::blendv(Vec(T(0)), Vec(T(1)), z > Vec(T(0)));
     } else {
