@@ -19,9 +19,59 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The C++ CPU kernels use at::vec::Vectorized, whose width is fixed at compile time by the
+# CPU_CAPABILITY_* macros: they are built for the best vector ISA of the machine that builds them
+# (the package is built from source where it runs). DISTILBERT_FAST_CPU_ISA=avx512|avx2|default
+# overrides the choice, e.g. to build for an older CPU than the build machine's. The cpu backend
+# refuses to run on a CPU that lacks the ISA it was built for.
+_CPU_ISAS = {
+    # name: (/proc/cpuinfo flags it needs, compiler flags)
+    "avx512": (
+        ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    ),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    "default": ((), []),
+}
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_isa():
+    isa = os.environ.get("DISTILBERT_FAST_CPU_ISA")
+    if isa is not None:
+        if isa not in _CPU_ISAS:
+            raise ValueError(f"DISTILBERT_FAST_CPU_ISA must be one of {list(_CPU_ISAS)}, got {isa!r}")
+        return isa
+    flags = _cpu_flags()
+    return next(name for name, (needs, _) in _CPU_ISAS.items() if flags.issuperset(needs))
+
+
+def _cpu_isa_flags(isa):
+    """Host compiler flags that build at::vec for ``isa``, in its own inline namespace so its
+    inline functions never merge with torch's own builds of them. Given to the C++ compiler only:
+    nvcc's host pass does not get them."""
+    if isa == "default":
+        return []
+    return [*_CPU_ISAS[isa][1], f"-DCPU_CAPABILITY_{isa.upper()}", f"-DCPU_CAPABILITY=distilbert_fast_{isa}"]
+
+
 def _extension():
-    cxx_flags = ["-O3", "-std=c++17"]
-    cpu_sources = _sources("csrc/*.cpp")
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers; without it the CPU kernels
+    # would run on one thread. The extension then links libgomp.so.1, the soname torch already
+    # loaded, so one OpenMP runtime (and thread pool) serves both.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", *_cpu_isa_flags(_cpu_isa())]
+    link_flags = ["-fopenmp"]
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     # the CUDA launchers (torch C++ API) and the raw kernels they call (plain CUDA, no torch)
     cuda_sources = (
         _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp") + _sources("kernels/cuda/*.cu")
@@ -40,9 +90,11 @@ def _extension():
             define_macros=[("WITH_CUDA", None)],
             # -lineinfo: compute-sanitizer reports name source lines (no cost at run time)
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
-        "distilbert_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}
+        "distilbert_fast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 

@@ -1,12 +1,14 @@
 // The package's pybind11 extension, `distilbert_fast._C`.
 //
 // Later issues add the CPU kernels, the CUDA launchers and the tokenizer binding here; this file
-// stays a short list of m.def lines. Today it reports how it was built, so the package can refuse
-// a stale build (compiled against another torch) with a clear message instead of crashing later.
+// stays a short list of m.def lines plus one init_*_ops call per op family (ops_init.h). Today it
+// reports how it was built, so the package can refuse a stale build (compiled against another
+// torch) with a clear message instead of crashing later.
 #include <torch/extension.h>
 
 #include <string>
 
+#include "ops_init.h"
 #ifdef WITH_CUDA
 #include "cuda/cuda_ops.h"  // init_cuda_ops: the CUDA kernels' launchers
 #endif
@@ -37,6 +39,7 @@ pybind11::dict build_info() {
   info["compiler"] = std::string("unknown");
 #endif
   info["cplusplus"] = static_cast<long>(__cplusplus);
+  info["cpu_isa"] = std::string(DISTILBERT_FAST_CPU_ISA);
   return info;
 }
 
@@ -45,6 +48,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &distilbert_fast::build_info,
         "How this extension was built: torch headers version, CUDA, OpenMP, compiler.");
+  distilbert_fast::init_cpu_ops(m);
 #ifdef WITH_CUDA
   distilbert_fast::init_cuda_ops(m);
 #endif

@@ -460,7 +460,8 @@ def test_config_must_be_a_distilbert_config():
 
 # -- backends --------------------------------------------------------------------------------------
 
-BACKEND_ERROR = r"backend must be one of \['auto', (.*, )?'eager'.*\], got 'cuda_magic'"  # any other backends, in priority order
+# The registered names follow 'auto' in preference order; eager (priority 0) is among them.
+BACKEND_ERROR = r"backend must be one of \['auto', (.*, )?'eager'.*\], got 'cuda_magic'"
 
 
 def test_unknown_backend_everywhere(saved_dir, model):

@@ -17,7 +17,12 @@ from torch import nn
 import distilbert_fast
 from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, hf_forward, make_pair
 
-ATOL = 1e-5
+# fp32 vs fp32: both sides carry their own rounding error. On CPU the default backend is the fused
+# C++ one (cpu), whose reductions sum in another order than HF's composite ops, so the two errors
+# no longer cancel: on the initializer_range=0.3 configs logits and tied-embedding gradients
+# (|g| ~ 2.5) differ by up to ~3e-5, while each side's error vs a float64 HF stays ~1e-5 (the cpu
+# backend's no larger than eager's). Gradients are also held to GRAD_RTOL of their scale below.
+ATOL = 5e-5
 GRAD_RTOL = 1e-4  # gradients: also max abs diff <= GRAD_RTOL * max |HF gradient| (per tensor)
 
 DROPOUT_CONFIG = dict(dropout=0.3, attention_dropout=0.2, seq_classif_dropout=0.25, qa_dropout=0.35)

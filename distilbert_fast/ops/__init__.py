@@ -1,8 +1,10 @@
 """The op layer: the model's hot ops behind one functional API, each an autograd Function whose
-forward and backward run on a chosen backend (``eager`` always; ``triton`` where triton imports;
-see ``backends``)."""
+forward and backward run on a chosen backend (``eager`` always; ``cpu`` where the extension has the
+C++ kernels; ``cuda`` where it was built with CUDA; ``triton`` where triton imports; see
+``backends``)."""
 
-from . import eager  # noqa: F401  (registers the eager backend)
+from .. import _extension
+from . import cpu_backend, eager  # noqa: F401  (eager registers itself)
 from . import cuda_backend  # noqa: F401  (registers "cuda" where the extension has CUDA)
 
 try:  # the triton backend only where triton imports; the package works without it
@@ -34,6 +36,8 @@ from .functional import (
     masked_attention,
     residual_layernorm,
 )
+
+cpu_backend.register(_extension._C)  # the C++ CPU kernels, where the extension was built with them
 
 __all__ = [
     "ACTIVATIONS",

@@ -1,0 +1,185 @@
+"""The ``cpu`` backend: the three hot ops as fused C++ kernels (``csrc/cpu``), bound through the
+extension ``distilbert_fast._C``.
+
+- residual + LayerNorm and bias + activation: one pass over memory per row, vectorised
+  (at::vec), parallel over rows (at::parallel_for). Their forwards save only the inputs (and
+  LayerNorm's per-row mean and rstd); the backwards recompute the rest.
+- masked attention: blocked over keys with an online softmax, never materialising the scores;
+  parallel over (batch, head). ``need_weights=True`` asks for the materialised weights, so that
+  call runs the eager backend's forward and backward instead (the result is the same op).
+
+Dtypes: float32, bfloat16 (float32 accumulation and statistics) and float64 (float64 throughout,
+for gradcheck). Half (float16) is left to the eager backend: ``unsupported_reason`` says so.
+
+Dropout: the keep-masks are drawn here with torch (``bernoulli_`` on a bool tensor) and passed
+to the kernels, so a run is reproducible under ``torch.manual_seed``; the masks are not eager's
+random stream (eager uses ``native_dropout``), so with dropout the two backends agree in
+distribution, not elementwise.
+
+Mixed dtypes in residual + LayerNorm (a residual of another dtype, as under autocast) promote
+x + residual like eager does: x is cast to the promoted dtype first. Weights and biases are passed
+to the kernels in the accumulation dtype; their gradients come back in it and the op's Function
+casts them to the parameters' dtype.
+"""
+
+import functools
+
+import torch
+
+from .backends import Backend, register_backend
+from .eager import EagerBackend
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+# /proc/cpuinfo flags each vector ISA of the build needs at run time (see setup.py).
+_ISA_FLAGS = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"),
+    "avx2": ("avx2", "fma", "f16c"),
+    "default": (),
+}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as a contiguous tensor of the accumulation dtype of ``dtype`` (None stays None)."""
+    if t is None:
+        return None
+    return t.to(_acc_dtype(dtype)).contiguous()
+
+
+def _keep_mask(shape, p: float, device) -> torch.Tensor | None:
+    """A bool keep-mask (True with probability 1 - p), from torch's generator; None if p == 0."""
+    if p == 0.0:
+        return None
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+def _residual_rows(residual: torch.Tensor, dim: int) -> torch.Tensor:
+    """``residual`` (..., dim) as a contiguous (R, dim) whose row r % R is residual's row r.
+
+    A residual broadcast over its leading dims (stride 0 there, as the position embeddings
+    expanded over the batch are) gives its non-broadcast trailing rows without a copy; any other
+    layout is copied to contiguous rows."""
+    if residual.is_contiguous():
+        return residual.reshape(-1, dim)
+    sizes, strides = residual.shape[:-1], residual.stride()[:-1]
+    lead = 0
+    while lead < len(sizes) and (strides[lead] == 0 or sizes[lead] == 1):
+        lead += 1
+    base = residual[(0,) * lead]
+    if lead > 0 and base.is_contiguous():
+        return base.reshape(-1, dim)
+    return residual.contiguous().reshape(-1, dim)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    priority = 10
+
+    def __init__(self, ext):
+        self._C = ext
+        self._eager = EagerBackend()  # need_weights=True attention runs here
+        self.isa = ext.build_info()["cpu_isa"]
+
+    @functools.cached_property
+    def _isa_missing(self) -> list[str]:
+        """CPU flags the build's vector ISA needs that this machine lacks (empty if unknown)."""
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+        except OSError:
+            flags = None
+        if flags is None:
+            return []
+        return [flag for flag in _ISA_FLAGS.get(self.isa, ()) if flag not in flags]
+
+    def unsupported_reason(self, tensor):
+        if tensor.device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors only, got a tensor on {tensor.device}"
+        if tensor.dtype not in _DTYPES:
+            return f"the cpu backend supports float32, bfloat16 and float64, got {tensor.dtype}"
+        if self._isa_missing:
+            return (
+                f"distilbert_fast._C's CPU kernels were built for {self.isa} but this CPU lacks "
+                f"{self._isa_missing}; rebuild with DISTILBERT_FAST_CPU_ISA=avx2 or default"
+            )
+        return None
+
+    # -- masked attention --------------------------------------------------------------------
+    def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
+        if need_weights:
+            (out, weights), saved, state = self._eager.attention_forward(
+                q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights
+            )
+            return (out, weights), saved, ("eager", state)
+        batch, heads, seq, _ = q.shape
+        keep = _keep_mask((batch, heads, seq, seq), dropout_p, q.device)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+        hm = _acc(head_mask, q.dtype)
+        # out_acc: the output in the accumulation dtype, which the backward needs unrounded.
+        out_acc, lse = self._C.cpu_masked_attention_fwd(q, k, v, mask, hm, keep, dropout_p, scale)
+        saved = (q, k, v, out_acc, lse, mask, hm, keep)
+        return (out_acc.to(q.dtype), None), saved, ("cpu", (dropout_p, scale))
+
+    def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
+        path, state = saved_state
+        if path == "eager":
+            return self._eager.attention_backward(saved_tensors, state, grad_out, grad_weights, needs_grad)
+        q, k, v, out_acc, lse, mask, hm, keep = saved_tensors
+        dropout_p, scale = state
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv, dhead_mask = self._C.cpu_masked_attention_bwd(
+            grad_out, q, k, v, out_acc, lse, mask, hm, keep, dropout_p, scale, bool(needs_grad[4])
+        )
+        return dq, dk, dv, dhead_mask
+
+    # -- bias + activation -------------------------------------------------------------------
+    def bias_activation_forward(self, x, bias, activation):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        b = _acc(bias, x.dtype)
+        y = self._C.cpu_bias_activation_fwd(x2, b, activation)
+        return y.view(x.shape), (x2, b), (activation, x.shape)
+
+    def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        x2, b = saved_tensors
+        activation, shape = saved_state
+        dy = grad_out.reshape(x2.shape).contiguous()
+        dx, dbias = self._C.cpu_bias_activation_bwd(dy, x2, b, activation, bool(needs_grad[1]))
+        return dx.view(shape), dbias
+
+    # -- residual + LayerNorm ----------------------------------------------------------------
+    def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
+        shape, dim = x.shape, x.shape[-1]
+        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        x2 = x.to(dtype).reshape(-1, dim).contiguous()
+        res = None if residual is None else _residual_rows(residual.to(dtype), dim)
+        w, b, xb = _acc(weight, dtype), _acc(bias, dtype), _acc(x_bias, dtype)
+        keep = _keep_mask(x2.shape, dropout_p, x.device)
+        y, mean, rstd = self._C.cpu_residual_layernorm_fwd(x2, res, w, b, eps, xb, keep, dropout_p)
+        saved = (x2, res, w, xb, keep, mean, rstd)
+        return y.view(shape), saved, (dropout_p, shape)
+
+    def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        x2, res, w, xb, keep, mean, rstd = saved_tensors
+        dropout_p, shape = saved_state
+        dy = grad_out.to(x2.dtype).reshape(x2.shape).contiguous()
+        needs = [bool(needs_grad[i]) for i in (0, 1, 2, 3, 5)]
+        dx, dres, dweight, dbias, dx_bias = self._C.cpu_residual_layernorm_bwd(
+            dy, x2, res, w, xb, keep, dropout_p, mean, rstd, needs
+        )
+        dx = None if dx is None else dx.view(shape)
+        dres = None if dres is None else dres.view(shape)
+        return dx, dres, dweight, dbias, dx_bias
+
+
+def register(ext) -> bool:
+    """Registers the cpu backend if the extension ``ext`` has its kernels; returns whether it did."""
+    if not hasattr(ext, "cpu_residual_layernorm_fwd"):
+        return False
+    register_backend(CpuBackend(ext))
+    return True

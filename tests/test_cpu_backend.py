@@ -1,0 +1,398 @@
+"""The ``cpu`` backend (C++ kernels in ``csrc/cpu``) against the eager backend, its specification.
+
+Every op, forward and every gradient, on the awkward shapes (1, 7, 65, 130 rows or keys; hidden
+768 and non-powers of two), random masks with a fully-masked row, all-ones masks, a head_mask with
+a zero; float32 and bfloat16 by STYLE.md's rule (the kernel's error vs eager in float64 is at most
+2x eager's own error in that dtype, plus a small atol); gradcheck in float64, which the kernels
+support; dropout against the formula with the very keep-mask the backend drew; the kernels' own
+argument checks; the whole model on backend="cpu" against eager.
+
+(``tests/test_ops.py`` also runs its generic op tests on every CPU backend, this one included.)
+"""
+
+import functools
+
+import pytest
+import torch
+
+import distilbert_fast
+from conftest import SMALL_CONFIG, assert_close
+from distilbert_fast import ops
+from distilbert_fast.ops import cpu_backend
+from test_ops import check_against_reference
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in ops.available_backends(torch.zeros(1)),
+    reason="the cpu backend is not available (extension built without it, or CPU lacks its ISA)",
+)
+
+_C = distilbert_fast._extension._C
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def on(backend, fn):
+    return functools.partial(fn, backend=backend)
+
+
+# -- residual + LayerNorm --------------------------------------------------------------------------
+LN_SHAPES = [(1, 768), (7, 768), (65, 768), (130, 768), (65, 130), (7, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["full", "bare"])
+def test_residual_layernorm_matches_eager(dtype, shape, variant):
+    rows, dim = shape
+    full = variant == "full"
+    args = dict(
+        x=torch.randn(rows, dim),
+        residual=torch.randn(rows, dim) if full else None,
+        weight=1 + 0.3 * torch.randn(dim),
+        bias=torch.randn(dim),
+        eps=1e-5,
+        x_bias=torch.randn(dim) if full else None,
+    )
+    grads = ["x", "weight", "bias"] + (["residual", "x_bias"] if full else [])
+    check_against_reference(
+        on("cpu", ops.residual_layernorm), on("eager", ops.residual_layernorm), args, grads, dtype, ["y"]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_layernorm_broadcast_residual(dtype):
+    """The embeddings' residual is the position table expanded over the batch (stride 0): the
+    kernel reads it in place, and its gradient still sums over the batch."""
+    batch, seq, dim = 3, 7, 40
+    pos = torch.randn(1, seq, dim)
+    args = dict(x=torch.randn(batch, seq, dim), pos=pos, weight=1 + 0.3 * torch.randn(dim), bias=torch.randn(dim))
+
+    def run(backend, x, pos, weight, bias):
+        return ops.residual_layernorm(x, pos.expand(batch, seq, dim), weight, bias, backend=backend)
+
+    check_against_reference(
+        functools.partial(run, "cpu"), functools.partial(run, "eager"), args, ["x", "pos", "weight", "bias"],
+        dtype, ["y"],
+    )
+
+
+def test_residual_rows_reads_broadcast_in_place():
+    pos = torch.randn(1, 5, 8)
+    rows = cpu_backend._residual_rows(pos.expand(4, 5, 8), 8)
+    assert rows.shape == (5, 8) and rows.data_ptr() == pos.data_ptr()
+    # a layout it cannot read in place is copied, with the right values
+    odd = torch.randn(4, 8, 5).transpose(1, 2)
+    assert torch.equal(cpu_backend._residual_rows(odd, 5), odd.reshape(-1, 5))
+
+
+def test_residual_layernorm_mixed_dtypes_promote_like_eager():
+    """Under autocast the residual may be float32 while x is bfloat16: x + residual promotes."""
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    residual, weight, bias = torch.randn(5, 24), torch.ones(24), torch.zeros(24)
+    ours = ops.residual_layernorm(x, residual, weight, bias, backend="cpu")
+    ref = ops.residual_layernorm(x, residual, weight, bias, backend="eager")
+    assert ours.dtype == ref.dtype == torch.float32
+    assert_close(ours, ref, atol=1e-5, name="y")
+
+
+# -- bias + activation -----------------------------------------------------------------------------
+BIAS_ACT_SHAPES = [(1, 768), (7, 3072), (65, 130), (130, 768), (2, 3, 37)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BIAS_ACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu", "silu"])
+def test_bias_activation_matches_eager(dtype, shape, activation):
+    args = dict(x=2 * torch.randn(shape), bias=torch.randn(shape[-1]), activation=activation)
+    check_against_reference(
+        on("cpu", ops.bias_activation), on("eager", ops.bias_activation), args, ["x", "bias"], dtype, ["y"]
+    )
+
+
+def test_bias_activation_without_bias():
+    x = torch.randn(9, 33, requires_grad=True)
+    for backend in ("cpu", "eager"):
+        y = ops.bias_activation(x, None, "gelu", backend=backend)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        if backend == "cpu":
+            ours = (y, dx)
+    assert_close(ours[0], y, atol=1e-6, name="y")
+    assert_close(ours[1], dx, atol=1e-6, name="dx")
+
+
+# -- masked attention ------------------------------------------------------------------------------
+ATTN_SHAPES = [(1, 2, 1, 64), (2, 3, 7, 64), (3, 2, 65, 24), (2, 12, 130, 64)]
+
+
+def _mask(kind, batch, seq):
+    if kind is None:
+        return None
+    if kind == "ones":
+        return torch.ones(batch, seq, dtype=torch.bool)
+    mask = torch.rand(batch, seq) < 0.6
+    mask[:, 0] = True
+    mask[-1] = False  # a fully-masked row (when batch > 1)
+    if batch == 1:
+        mask[0] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask_kind", [None, "ones", "random"], ids=["nomask", "ones", "random"])
+def test_masked_attention_matches_eager(dtype, shape, mask_kind):
+    batch, heads, seq, head_dim = shape
+    head_mask = torch.rand(heads) + 0.5
+    head_mask[0] = 0.0  # a pruned head: zero output and zero gradients to q, k, v
+    args = dict(
+        q=torch.randn(shape), k=torch.randn(shape), v=torch.randn(shape),
+        key_padding_mask=_mask(mask_kind, batch, seq), head_mask=head_mask,
+    )
+    check_against_reference(
+        on("cpu", ops.masked_attention), on("eager", ops.masked_attention), args,
+        ["q", "k", "v", "head_mask"], dtype, ["out"],
+    )
+
+
+def test_masked_attention_fully_masked_batch_row_is_uniform():
+    q, k, v = (torch.randn(2, 3, 9, 16) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1] = False
+    out, _ = ops.masked_attention(q, k, v, mask, backend="cpu")
+    assert_close(out[1], v[1].mean(dim=1, keepdim=True).expand(3, 9, 16), atol=1e-6, name="uniform row")
+
+
+def test_masked_attention_strided_views_and_output_layout():
+    """The model hands in (batch, seq, heads, head_dim) projections transposed to (batch, heads,
+    seq, head_dim): read in place; the output comes back in that same memory order."""
+    batch, seq, heads, head_dim = 2, 11, 3, 8
+    q, k, v = (torch.randn(batch, seq, heads, head_dim).transpose(1, 2) for _ in range(3))
+    out, _ = ops.masked_attention(q, k, v, backend="cpu")
+    ref, _ = ops.masked_attention(q.contiguous(), k.contiguous(), v.contiguous(), backend="eager")
+    assert_close(out, ref, atol=1e-6, name="out")
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_masked_attention_need_weights_runs_eager_path():
+    q, k, v = (torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3))
+    out, weights = ops.masked_attention(q, k, v, need_weights=True, backend="cpu")
+    ref_out, ref_weights = ops.masked_attention(q, k, v, need_weights=True, backend="eager")
+    assert_close(out, ref_out, atol=1e-6, name="out")
+    assert_close(weights, ref_weights, atol=1e-6, name="weights")
+    (dq,) = torch.autograd.grad((out.sum() + weights.square().sum()), q)
+    (ref_dq,) = torch.autograd.grad((ref_out.sum() + ref_weights.square().sum()), q)
+    assert_close(dq, ref_dq, atol=1e-6, name="dq")
+
+
+# -- gradcheck in float64 --------------------------------------------------------------------------
+def _seeded(fn, seed=3):
+    """gradcheck calls ``fn`` many times: reseeding makes the dropout masks the same each time."""
+    def run(*args):
+        torch.manual_seed(seed)
+        return fn(*args)
+    return run
+
+
+def _d(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradcheck_masked_attention(dropout_p):
+    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
+    head_mask = torch.tensor([1.3, 0.0, 0.7], dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, hm):
+        return ops.masked_attention(q, k, v, mask, hm, dropout_p=dropout_p, backend="cpu")[0]
+
+    assert torch.autograd.gradcheck(_seeded(fn), (_d(2, 3, 5, 4), _d(2, 3, 5, 4), _d(2, 3, 5, 4), head_mask))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gradcheck_residual_layernorm(dropout_p):
+    def fn(x, residual, weight, bias, x_bias):
+        return ops.residual_layernorm(x, residual, weight, bias, 1e-5, x_bias, dropout_p, backend="cpu")
+
+    assert torch.autograd.gradcheck(_seeded(fn), (_d(2, 3, 7), _d(2, 3, 7), _d(7), _d(7), _d(7)))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu", "silu"])
+def test_gradcheck_bias_activation(activation):
+    x = _d(4, 19)
+    if activation == "relu":  # keep away from the kink at 0, where finite differences lie
+        x = (x.detach() + 0.1 * torch.sign(x.detach())).requires_grad_(True)
+    fn = functools.partial(ops.bias_activation, activation=activation, backend="cpu")
+    assert torch.autograd.gradcheck(lambda x, b: fn(x, b), (x, torch.zeros(19, dtype=torch.float64, requires_grad=True)))
+
+
+# -- dropout: the backend's own keep-mask, seeded --------------------------------------------------
+@pytest.fixture
+def drawn_masks(monkeypatch):
+    """Records every keep-mask the cpu backend draws."""
+    masks = []
+    draw = cpu_backend._keep_mask
+
+    def recording(shape, p, device):
+        keep = draw(shape, p, device)
+        masks.append(keep)
+        return keep
+
+    monkeypatch.setattr(cpu_backend, "_keep_mask", recording)
+    return masks
+
+
+def test_residual_layernorm_dropout_uses_its_mask(drawn_masks):
+    p = 0.3
+    x, residual = torch.randn(6, 20, requires_grad=True), torch.randn(6, 20, requires_grad=True)
+    weight, bias, x_bias = (torch.randn(20, requires_grad=True) for _ in range(3))
+    y = ops.residual_layernorm(x, residual, weight, bias, 1e-5, x_bias, p, backend="cpu")
+    (keep,) = drawn_masks
+    assert 0 < keep.sum() < keep.numel()
+    z = (x + x_bias) * keep / (1 - p) + residual
+    ref = torch.nn.functional.layer_norm(z, (20,), weight, bias, 1e-5)
+    assert_close(y, ref, atol=1e-5, name="y")
+    upstream = torch.randn_like(y)
+    params = (x, residual, weight, bias, x_bias)
+    for name, a, r in zip("x residual weight bias x_bias".split(), torch.autograd.grad(y, params, upstream),
+                          torch.autograd.grad(ref, params, upstream)):
+        assert_close(a, r, atol=1e-5, name=f"grad {name}")
+
+
+def test_masked_attention_dropout_uses_its_mask(drawn_masks):
+    p = 0.25
+    q, k, v = (torch.randn(2, 3, 9, 8, requires_grad=True) for _ in range(3))
+    mask = _mask("random", 2, 9)
+    head_mask = torch.tensor([1.0, 0.5, 2.0], requires_grad=True)
+    out, _ = ops.masked_attention(q, k, v, mask, head_mask, dropout_p=p, backend="cpu")
+    (keep,) = drawn_masks
+    scores = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~mask[:, None, None, :], torch.finfo(torch.float32).min)
+    weights = scores.softmax(-1) * keep / (1 - p) * head_mask.view(1, -1, 1, 1)
+    ref = weights @ v
+    assert_close(out, ref, atol=1e-5, name="out")
+    upstream = torch.randn_like(out)
+    params = (q, k, v, head_mask)
+    for name, a, r in zip(["q", "k", "v", "head_mask"], torch.autograd.grad(out, params, upstream),
+                          torch.autograd.grad(ref, params, upstream)):
+        assert_close(a, r, atol=1e-5, name=f"grad {name}")
+
+
+def test_dropout_is_deterministic_under_manual_seed():
+    x = torch.randn(8, 32)
+    q = torch.randn(2, 2, 16, 8)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append((
+            ops.residual_layernorm(x, None, torch.ones(32), torch.zeros(32), dropout_p=0.5, backend="cpu"),
+            ops.masked_attention(q, q, q, dropout_p=0.5, backend="cpu")[0],
+        ))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    torch.manual_seed(6)
+    other = ops.residual_layernorm(x, None, torch.ones(32), torch.zeros(32), dropout_p=0.5, backend="cpu")
+    assert not torch.equal(other, runs[0][0])
+
+
+# -- the kernels' own argument checks --------------------------------------------------------------
+def _ln_args(**over):
+    args = dict(x=torch.randn(4, 8), residual=torch.randn(4, 8), weight=torch.ones(8), bias=torch.zeros(8),
+                eps=1e-5, x_bias=None, keep=None, dropout_p=0.0)
+    args.update(over)
+    return args
+
+
+def _attn_args(**over):
+    args = dict(q=torch.randn(2, 3, 5, 4), k=torch.randn(2, 3, 5, 4), v=torch.randn(2, 3, 5, 4),
+                key_padding_mask=torch.ones(2, 5, dtype=torch.bool), head_mask=None, keep=None,
+                dropout_p=0.0, scale=0.5)
+    args.update(over)
+    return args
+
+
+BAD_INPUTS = [
+    # (entry point, args, expected message)
+    ("ln", _ln_args(x=torch.randn(4, 8, dtype=torch.float16)), r"x must have dtype float32, float64 or bfloat16, got Half"),
+    ("ln", _ln_args(x=torch.randn(4, 8, device="meta")), r"x must be a CPU tensor, got one on meta"),
+    ("ln", _ln_args(x=torch.randn(8, 4).t()), r"x must be contiguous, got strides \(1, 4\)"),
+    ("ln", _ln_args(x=torch.randn(4, 2, 4)), r"x must have 2 dims, got shape \(4, 2, 4\)"),
+    ("ln", _ln_args(residual=torch.randn(3, 8)), r"residual must have shape \(R, 8\) with R dividing x's 4 rows, got \(3, 8\)"),
+    ("ln", _ln_args(residual=torch.randn(4, 8, dtype=torch.float64)), r"residual must have dtype Float, got Double"),
+    ("ln", _ln_args(weight=torch.ones(7)), r"weight must have shape \(8,\), got \(7,\)"),
+    ("ln", _ln_args(weight=torch.ones(8, dtype=torch.bfloat16)), r"weight must have dtype Float, got BFloat16"),
+    ("ln", _ln_args(keep=torch.ones(4, 8)), r"keep must have dtype Bool, got Float"),
+    ("ln", _ln_args(dropout_p=1.0), r"dropout_p must be in \[0, 1\), got 1"),
+    ("act", dict(x=torch.randn(3, 5), bias=torch.zeros(6), activation="gelu"), r"bias must have shape \(5,\), got \(6,\)"),
+    ("act", dict(x=torch.randn(3, 5), bias=None, activation="tanh"), r"activation must be one of .*got 'tanh'"),
+    ("act", dict(x=torch.randn(3, 5, dtype=torch.float16), bias=None, activation="relu"), r"x must have dtype float32"),
+    ("attn", _attn_args(k=torch.randn(2, 3, 6, 4)), r"k must have shape \(2, 3, 5, 4\), got \(2, 3, 6, 4\)"),
+    ("attn", _attn_args(v=torch.randn(2, 3, 5, 4, dtype=torch.float64)), r"v must have dtype Float, got Double"),
+    ("attn", _attn_args(q=torch.randn(2, 3, 4, 5).transpose(-1, -2)), r"q must have a contiguous last dim"),
+    ("attn", _attn_args(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), r"key_padding_mask must have shape \(2, 5\), got \(2, 6\)"),
+    ("attn", _attn_args(key_padding_mask=torch.ones(2, 5)), r"key_padding_mask must have dtype Bool, got Float"),
+    ("attn", _attn_args(head_mask=torch.ones(2)), r"head_mask must have shape \(3,\), got \(2,\)"),
+    ("attn", _attn_args(keep=torch.ones(2, 3, 5, 4, dtype=torch.bool)), r"keep must have shape \(2, 3, 5, 5\)"),
+    ("attn", _attn_args(q=torch.randn(2, 3, 5)), r"q must have 4 dims, got shape \(2, 3, 5\)"),
+]
+ENTRY_POINTS = {"ln": _C.cpu_residual_layernorm_fwd, "act": _C.cpu_bias_activation_fwd, "attn": _C.cpu_masked_attention_fwd}
+
+
+@pytest.mark.parametrize("op, args, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
+def test_kernel_rejects_bad_input(op, args, message):
+    with pytest.raises(RuntimeError, match=message):
+        ENTRY_POINTS[op](*args.values())
+
+
+def test_backward_entry_points_check_grad_out():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(4, 8\), got \(4, 7\)"):
+        _C.cpu_bias_activation_bwd(torch.randn(4, 7), x, None, "gelu", False)
+    q = torch.randn(1, 2, 3, 4)
+    out, lse = _C.cpu_masked_attention_fwd(q, q, q, None, None, None, 0.0, 0.5)
+    with pytest.raises(RuntimeError, match=r"lse must have dtype Float, got Double"):
+        _C.cpu_masked_attention_bwd(out, q, q, q, out, lse.double(), None, None, None, 0.0, 0.5, False)
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.randn(3, 4, dtype=torch.float16)
+    assert "cpu" not in ops.available_backends(x)
+    with pytest.raises(RuntimeError, match="backend 'cpu' cannot run bias_activation on a torch.float16 .*float32, bfloat16 and float64"):
+        ops.bias_activation(x, None, "relu", backend="cpu")
+
+
+def test_cpu_is_preferred_over_eager_on_cpu():
+    names = ops.available_backends(torch.zeros(1))
+    assert names.index("cpu") < names.index("eager")
+    ops.bias_activation(torch.randn(2, 3), None, "relu")  # auto: the first available
+    assert ops.last_backend("bias_activation") == names[0]
+
+
+# -- the whole model -------------------------------------------------------------------------------
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["fused", "weights"])
+def test_model_on_cpu_backend_matches_eager(output_attentions):
+    """The tiny model in eval mode, with padding, a fully padded sequence and a head mask with a
+    zero: outputs and every parameter's gradient agree between the cpu and eager backends."""
+    config = distilbert_fast.DistilBertConfig(**{**SMALL_CONFIG, "hidden_dim": 65})
+    model = distilbert_fast.DistilBertModel(config).eval()
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (3, 13))
+    attention_mask = torch.ones(3, 13, dtype=torch.long)
+    attention_mask[0, 9:] = 0
+    attention_mask[2] = 0
+    head_mask = torch.ones(config.n_layers, config.n_heads)
+    head_mask[1, 2] = 0.0
+    results = {}
+    for backend in ("cpu", "eager"):
+        model.set_backend(backend)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=attention_mask, head_mask=head_mask,
+                    output_attentions=output_attentions)
+        torch.manual_seed(1)
+        out.last_hidden_state.backward(torch.randn_like(out.last_hidden_state))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (out, grads)
+        assert ops.last_backend("masked_attention") == backend
+    (ours, our_grads), (ref, ref_grads) = results["cpu"], results["eager"]
+    assert_close(ours.last_hidden_state, ref.last_hidden_state, atol=2e-5, name="last_hidden_state")
+    if output_attentions:
+        for i, (a, r) in enumerate(zip(ours.attentions, ref.attentions)):
+            assert_close(a, r, atol=1e-6, name=f"attentions[{i}]")
+    assert our_grads.keys() == ref_grads.keys() and len(our_grads) > 10
+    for name in ref_grads:
+        assert_close(our_grads[name], ref_grads[name], atol=5e-5, rtol=1e-4, name=f"grad {name}")
