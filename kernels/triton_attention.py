@@ -29,7 +29,8 @@ Reading order: jit helpers, the forward kernel, the three backward kernels, then
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .triton_common import is_interpreted, sm_count
 
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # the score of a masked or out-of-range key, in log2 units
@@ -394,15 +395,7 @@ def _attn_bwd_dq_kernel(
 
 
 # -- launchers ----------------------------------------------------------------------------------
-_INTERPRETED = isinstance(_attn_fwd_kernel, InterpretedFunction)
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+_INTERPRETED = is_interpreted(_attn_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _configs(q, dropout):
@@ -423,7 +416,7 @@ def _configs(q, dropout):
                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))
     # 128-query blocks unless that leaves SMs idle (short sequences, small batches).
-    if batch * heads * triton.cdiv(seq, 128) >= _sm_count(q.device):
+    if batch * heads * triton.cdiv(seq, 128) >= sm_count(q.device):
         fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
     else:  # (64 x 64 tiles with dropout would spill at 4 warps)
         fwd = dict(BLOCK_M=64, BLOCK_N=32 if wide or dropout else 64, num_warps=4, num_stages=3)

@@ -18,7 +18,8 @@ wraps them).
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .triton_common import is_interpreted, sm_count
 
 # Activation codes: a constexpr per kernel variant. (In jit code a constexpr goes on the right of
 # a tensor: the interpreter turns `constexpr * tensor` into a constexpr that tl.exp rejects.)
@@ -154,16 +155,7 @@ def _bias_activation_bwd_kernel(
 
 
 # -- launchers ----------------------------------------------------------------------------------
-# Whether triton.jit made interpreter functions (TRITON_INTERPRET=1 when this was imported).
-INTERPRETED = isinstance(_bias_activation_fwd_kernel, InterpretedFunction)
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+INTERPRETED = is_interpreted(_bias_activation_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _blocks(n_cols):
@@ -238,7 +230,7 @@ def bias_activation_bwd(x, bias, grad_out, activation, need_dbias):
         block_m = min(block_m, 32)  # short sequential column sums (see row_chunks)
     col_blocks = triton.cdiv(n, block_n)
     # about 4 programs per SM, each walking a chunk of rows
-    programs = 1 if INTERPRETED else max(1, 4 * _sm_count(x.device) // col_blocks)
+    programs = 1 if INTERPRETED else max(1, 4 * sm_count(x.device) // col_blocks)
     rows_per_chunk, chunks = row_chunks(m, block_m, programs)
     partial = torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if need_dbias else dx
     if m > 0:

@@ -30,7 +30,8 @@ itself, for tests). No autograd here: ``distilbert_fast.ops`` wraps them.
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .triton_common import is_interpreted, sm_count
 
 from .triton_bias_activation import row_chunks
 
@@ -212,15 +213,7 @@ def _dropout_keep_kernel(
 
 
 # -- launchers ----------------------------------------------------------------------------------
-_INTERPRETED = isinstance(_residual_layernorm_fwd_kernel, InterpretedFunction)
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+_INTERPRETED = is_interpreted(_residual_layernorm_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _blocks(n):
@@ -322,7 +315,7 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
     if _INTERPRETED:
         block_m = min(block_m, 32)  # short sequential column sums (see row_chunks)
     # about 4 programs per SM (enough loads in flight), each walking a chunk of rows
-    rows_per_chunk, chunks = row_chunks(m, block_m, 1 if _INTERPRETED else 4 * _sm_count(x.device))
+    rows_per_chunk, chunks = row_chunks(m, block_m, 1 if _INTERPRETED else 4 * sm_count(x.device))
 
     def partial(needed):
         return torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if needed else mean

@@ -21,7 +21,8 @@ No autograd here.
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .triton_common import is_interpreted, sm_count
 
 from .triton_bias_activation import ACTIVATION_CODES, activation
 
@@ -88,15 +89,7 @@ def _linear_activation_fwd_kernel(
     tl.store(Y + out_offs, activation(acc, ACT).to(Y.dtype.element_ty), mask=out_mask)
 
 
-_INTERPRETED = isinstance(_linear_activation_fwd_kernel, InterpretedFunction)
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+_INTERPRETED = is_interpreted(_linear_activation_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
 def _config(m, n, dtype, device):
@@ -106,7 +99,7 @@ def _config(m, n, dtype, device):
     smaller ones for short inputs; float32 tiles sized to fit shared memory."""
     if _INTERPRETED:  # big tiles: each program costs milliseconds here
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4)
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     for bm, bn, warps, stages in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4)):
