@@ -365,3 +365,43 @@ def test_load_adapter_refuses_weights_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         model.load_adapter(str(tmp_path))
     assert not model.adapters_config  # a failed load leaves nothing behind
+
+
+# -- fused backends --------------------------------------------------------------------------------
+FUSED_BACKENDS = [b for b in backends.available_backends(torch.zeros(1)) if b != "eager"]
+
+
+@pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend runs on this machine")
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_adapters_on_a_fused_backend_match_eager(backend):
+    """A Stack of a Houlsby adapter and LoRA with a classification head, on a padded batch: the
+    fused backend gives eager's logits and the same gradients for every trainable parameter, and
+    it is the fused backend that ran the ops."""
+    model = small_model(dropout=0.0, attention_dropout=0.0)
+    model.add_adapter("bn", config="houlsby")
+    model.add_adapter("lora", config=LoRAConfig(r=4, alpha=8))
+    model.add_classification_head("cls", num_labels=3)
+    randomise(model)
+    model.train_adapter(Stack("bn", "lora"))
+    x = ids(batch=3, seq=9)
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0
+    mask[2, :] = 0  # a fully padded sequence
+    labels = torch.tensor([0, 2, 1])
+
+    def run(name):
+        model.zero_grad()
+        model.set_backend(name)
+        out = model(x, attention_mask=mask, labels=labels, adapter_names=Stack("bn", "lora"))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach(), grads
+
+    ref_logits, ref_grads = run("eager")
+    logits, grads = run(backend)
+    assert last_backend("residual_layernorm") == backend
+    assert last_backend("masked_attention") == backend
+    assert_close(logits, ref_logits, atol=5e-5, name="logits")
+    assert ref_grads.keys() == grads.keys() and any(".adapters." in n for n in grads)
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], atol=5e-5, rtol=1e-4, name=name)
