@@ -21,7 +21,7 @@ std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const
                                                double dropout_p, const at::Tensor& mean,
                                                const at::Tensor& rstd, std::vector<bool> needs);
 at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                               const std::string& activation);
+                               const std::string& activation, bool inplace);
 std::vector<at::Tensor> bias_activation_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                             const c10::optional<at::Tensor>& bias,
                                             const std::string& activation, bool need_dbias);
@@ -47,7 +47,9 @@ void init_cpu_ops(pybind11::module_& m) {
   m.def("cpu_residual_layernorm_bwd", &cpu::residual_layernorm_bwd,
         "dx, dresidual, dweight, dbias, dx_bias of cpu_residual_layernorm_fwd");
   m.def("cpu_bias_activation_fwd", &cpu::bias_activation_fwd,
-        "act(x + bias) over rows of x (rows, cols)");
+        "act(x + bias) over rows of x (rows, cols); inplace=True writes it over x",
+        pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("activation"),
+        pybind11::arg("inplace") = false);
   m.def("cpu_bias_activation_bwd", &cpu::bias_activation_bwd,
         "dx, dbias of cpu_bias_activation_fwd");
   m.def("cpu_masked_attention_fwd", &cpu::masked_attention_fwd,
