@@ -200,7 +200,7 @@ at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tens
                                const std::string& activation, bool inplace) {
   const Act act = parse_activation(activation);
   check_inputs(x, bias);
-  at::Tensor y = inplace ? x : at::empty_like(x);
+  at::Tensor y = inplace ? x : empty_output(x.sizes(), x.options());
   DBF_DISPATCH(x.scalar_type(), "bias_activation_fwd", [&] {
     using acc = acc_t<scalar_t>;
     dispatch_activation(act, [&](auto a) {
@@ -220,7 +220,7 @@ std::vector<at::Tensor> bias_activation_bwd(const at::Tensor& grad_out, const at
   check_inputs(x, bias);
   check_arg(grad_out, "grad_out", x.scalar_type(), 2);
   check_shape(grad_out, "grad_out", x.sizes());
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output(x.sizes(), x.options());
   at::Tensor dbias;
   if (need_dbias && bias) dbias = at::empty({x.size(1)}, bias->options());
   DBF_DISPATCH(x.scalar_type(), "bias_activation_bwd", [&] {

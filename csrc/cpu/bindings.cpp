@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "../ops_init.h"
+#include "common.h"
 
 namespace distilbert_fast {
 namespace cpu {
@@ -52,6 +53,13 @@ void init_cpu_ops(pybind11::module_& m) {
         pybind11::arg("inplace") = false);
   m.def("cpu_bias_activation_bwd", &cpu::bias_activation_bwd,
         "dx, dbias of cpu_bias_activation_fwd");
+  m.def(
+      "cpu_empty",
+      [](std::vector<int64_t> sizes, const at::Tensor& like) {
+        TORCH_CHECK(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
+        return cpu::empty_output(sizes, like.options());
+      },
+      "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 2 MiB or more");
   m.def("cpu_masked_attention_fwd", &cpu::masked_attention_fwd,
         "out, lse of softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v");
   m.def("cpu_masked_attention_bwd", &cpu::masked_attention_bwd,

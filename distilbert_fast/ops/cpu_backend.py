@@ -28,7 +28,6 @@ casts them to the parameters' dtype.
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .backends import Backend, register_backend
 from .eager import EagerBackend
@@ -163,10 +162,11 @@ class CpuBackend(Backend):
             return super().linear_activation_forward(x, weight, bias, activation, needs_grad)
         # No backward follows (inference): the bias and activation are applied in place on the
         # matmul's fresh output, instead of faulting in a second buffer of (tokens, 4 * dim).
-        h = F.linear(x, weight)
-        if not h.is_contiguous():
-            h = h.contiguous()
-        self._C.cpu_bias_activation_fwd(h.view(-1, h.shape[-1]), _acc(bias, x.dtype), activation, True)
+        # h comes from cpu_empty, huge pages where it is large (see csrc/cpu/common.h).
+        h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
+        h2 = h.view(-1, weight.shape[0])
+        torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=h2)
+        self._C.cpu_bias_activation_fwd(h2, _acc(bias, x.dtype), activation, True)
         return h, (), None
 
     # -- residual + LayerNorm ----------------------------------------------------------------
