@@ -23,7 +23,8 @@ Act parse_activation(const std::string& name) {
 
 // erf on float vectors as x P(x^2) / Q(x^2) on |x| <= 3.925 (beyond it erf is +-1 in float): a
 // rational least-squares fit made for this kernel, 4e-8 from erf in exact arithmetic, ~3e-7 in
-// float. No exp and no branch, several times cheaper than Vectorized<float>::erf; the tests hold
+// float. No exp and no branch: GELU on one core took about half the time it took with
+// Vectorized<float>::erf (4096x3072, in place: ~5 ms vs ~10 ms). The tests hold
 // GELU's result to the float64 reference within the STYLE.md bound.
 inline Vectorized<float> fast_erf(Vectorized<float> x) {
   using Vec = Vectorized<float>;
