@@ -19,7 +19,7 @@ import distilbert_fast
 from conftest import SMALL_CONFIG, assert_close
 from distilbert_fast import ops
 from distilbert_fast.ops import cpu_backend
-from test_ops import check_against_reference
+from test_ops import assert_within_reference_error, check_against_reference
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in ops.available_backends(torch.zeros(1)),
@@ -117,6 +117,28 @@ def test_bias_activation_without_bias():
             ours = (y, dx)
     assert_close(ours[0], y, atol=1e-6, name="y")
     assert_close(ours[1], dx, atol=1e-6, name="dx")
+
+
+# -- linear + bias + activation: inference applies the epilogue in place on the matmul's output ------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "relu", "silu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_activation_inference_matches_eager(dtype, activation, with_bias):
+    x, weight = torch.randn(2, 65, 48), torch.randn(130, 48) / 7
+    bias = torch.randn(130) if with_bias else None
+    ys = {}
+    for backend in ("cpu", "eager"):
+        for grad in (False, True):  # without grad: the in-place path; with it: the default one
+            with torch.set_grad_enabled(grad):
+                xd = x.to(dtype).requires_grad_(grad)
+                ys[backend, grad] = ops.linear_activation(
+                    xd, weight.to(dtype), None if bias is None else bias.to(dtype), activation, backend=backend
+                ).detach()
+    x64 = x.to(dtype).double()
+    ref64 = ops.bias_activation(x64 @ weight.to(dtype).double().t(), None if bias is None else bias.to(dtype).double(),
+                                activation, backend="eager")
+    for grad in (False, True):
+        assert_within_reference_error(f"y (grad={grad})", ys["cpu", grad], ys["eager", grad], ref64, dtype)
 
 
 # -- masked attention ------------------------------------------------------------------------------

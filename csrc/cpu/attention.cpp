@@ -311,7 +311,7 @@ void check_masks(const Dims& n, at::ScalarType dtype, const c10::optional<at::Te
 
 // (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim).
 at::Tensor empty_heads(const Dims& n, const at::TensorOptions& options) {
-  return at::empty({n.batch, n.seq, n.heads, n.dim}, options).transpose(1, 2);
+  return empty_output({n.batch, n.seq, n.heads, n.dim}, options).transpose(1, 2);
 }
 
 template <typename T>

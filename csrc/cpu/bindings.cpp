@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "../ops_init.h"
+#include "common.h"
 
 namespace distilbert_fast {
 namespace cpu {
@@ -21,7 +22,7 @@ std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const
                                                double dropout_p, const at::Tensor& mean,
                                                const at::Tensor& rstd, std::vector<bool> needs);
 at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                               const std::string& activation);
+                               const std::string& activation, bool inplace);
 std::vector<at::Tensor> bias_activation_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                             const c10::optional<at::Tensor>& bias,
                                             const std::string& activation, bool need_dbias);
@@ -47,9 +48,18 @@ void init_cpu_ops(pybind11::module_& m) {
   m.def("cpu_residual_layernorm_bwd", &cpu::residual_layernorm_bwd,
         "dx, dresidual, dweight, dbias, dx_bias of cpu_residual_layernorm_fwd");
   m.def("cpu_bias_activation_fwd", &cpu::bias_activation_fwd,
-        "act(x + bias) over rows of x (rows, cols)");
+        "act(x + bias) over rows of x (rows, cols); inplace=True writes it over x",
+        pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("activation"),
+        pybind11::arg("inplace") = false);
   m.def("cpu_bias_activation_bwd", &cpu::bias_activation_bwd,
         "dx, dbias of cpu_bias_activation_fwd");
+  m.def(
+      "cpu_empty",
+      [](std::vector<int64_t> sizes, const at::Tensor& like) {
+        TORCH_CHECK(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
+        return cpu::empty_output(sizes, like.options());
+      },
+      "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 2 MiB or more");
   m.def("cpu_masked_attention_fwd", &cpu::masked_attention_fwd,
         "out, lse of softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v");
   m.def("cpu_masked_attention_bwd", &cpu::masked_attention_bwd,

@@ -207,7 +207,7 @@ std::vector<at::Tensor> residual_layernorm_fwd(const at::Tensor& x,
   check_arg(bias, "bias", weight.scalar_type(), 1);
   check_shape(bias, "bias", {c.dim});
   TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor mean = at::empty({c.rows}, weight.options());
   at::Tensor rstd = at::empty({c.rows}, weight.options());
   DBF_DISPATCH(x.scalar_type(), "residual_layernorm_fwd", [&] {
@@ -242,8 +242,8 @@ std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const
   const bool need_dx = needs[0], need_dres = needs[1] && residual.has_value();
   const bool need_dxb = needs[4] && x_bias.has_value();
   at::Tensor dz, dh, dweight, dbias, dx_bias;
-  if (need_dres) dz = at::empty_like(x);
-  if (need_dx) dh = (keep || !dz.defined()) ? at::empty_like(x) : dz;
+  if (need_dres) dz = empty_output(x.sizes(), x.options());
+  if (need_dx) dh = (keep || !dz.defined()) ? empty_output(x.sizes(), x.options()) : dz;
   if (!keep && !dz.defined()) dz = dh;  // the same values: write them once
   if (needs[2]) dweight = at::empty({c.dim}, weight.options());
   if (needs[3]) dbias = at::empty({c.dim}, weight.options());

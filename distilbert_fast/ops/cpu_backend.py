@@ -4,6 +4,9 @@ extension ``distilbert_fast._C``.
 - residual + LayerNorm and bias + activation: one pass over memory per row, vectorised
   (at::vec), parallel over rows (at::parallel_for). Their forwards save only the inputs (and
   LayerNorm's per-row mean and rstd); the backwards recompute the rest.
+- linear + bias + activation (the FFN's first matmul): torch's matmul, then the bias and the
+  activation; in inference they are applied in place on the matmul's fresh output (a second
+  buffer of that size costs more in page faults than the activation itself).
 - masked attention: blocked over keys with an online softmax, never materialising the scores;
   parallel over (batch, head). ``need_weights=True`` asks for the materialised weights, so that
   call runs the eager backend's forward and backward instead (the result is the same op).
@@ -151,6 +154,20 @@ class CpuBackend(Backend):
         dy = grad_out.reshape(x2.shape).contiguous()
         dx, dbias = self._C.cpu_bias_activation_bwd(dy, x2, b, activation, bool(needs_grad[1]))
         return dx.view(shape), dbias
+
+    # -- linear + bias + activation ----------------------------------------------------------
+    def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
+        if needs_grad:
+            # the backward needs the pre-activation kept beside the output: the default path
+            return super().linear_activation_forward(x, weight, bias, activation, needs_grad)
+        # No backward follows (inference): the bias and activation are applied in place on the
+        # matmul's fresh output, instead of faulting in a second buffer of (tokens, 4 * dim).
+        # h comes from cpu_empty, huge pages where it is large (see csrc/cpu/common.h).
+        h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
+        h2 = h.view(-1, weight.shape[0])
+        torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=h2)
+        self._C.cpu_bias_activation_fwd(h2, _acc(bias, x.dtype), activation, True)
+        return h, (), None
 
     # -- residual + LayerNorm ----------------------------------------------------------------
     def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
