@@ -6,7 +6,10 @@
 // Each row is built in acc_t (float for bf16) in a per-thread buffer, its statistics taken from
 // that buffer (two-pass mean and variance, L1-resident), and y written once. The forward keeps only
 // mean and rstd per row; the backward rebuilds z from the inputs instead of having the forward
-// write it out, which saves a full write and read of the activations in inference.
+// write it out, which saves a full write and read of the activations in inference. float32 and
+// float64 without dropout (the common case) take a fused path: z built and summed in one pass,
+// y and dz stored straight to the output, and the backward's dweight/dbias partials taken in the
+// same pass as its row means; bf16 and dropout go through RowInputs::build.
 //
 // `residual` may have fewer rows than x (R rows, rows % R == 0): row r then reads residual row
 // r % R. This serves a residual broadcast over the batch (the position embeddings) without a copy.
