@@ -6,7 +6,10 @@
 // Each row is built in acc_t (float for bf16) in a per-thread buffer, its statistics taken from
 // that buffer (two-pass mean and variance, L1-resident), and y written once. The forward keeps only
 // mean and rstd per row; the backward rebuilds z from the inputs instead of having the forward
-// write it out, which saves a full write and read of the activations in inference.
+// write it out, which saves a full write and read of the activations in inference. float32 and
+// float64 without dropout (the common case) take a fused path: z built and summed in one pass,
+// y and dz stored straight to the output, and the backward's dweight/dbias partials taken in the
+// same pass as its row means; bf16 and dropout go through RowInputs::build.
 //
 // `residual` may have fewer rows than x (R rows, rows % R == 0): row r then reads residual row
 // r % R. This serves a residual broadcast over the batch (the position embeddings) without a copy.
@@ -54,6 +57,73 @@ struct RowInputs {
   }
 };
 
+// z[0:dim] = x[row] + x_bias + residual[row % R], returning sum(z): one pass over the inputs, z
+// left in L1 for the next passes. Only for scalar_t == acc without dropout (the common case); the
+// optional inputs are template flags so the inner loop has no branches.
+template <typename T, bool kBias, bool kRes>
+inline T build_sum_fused(const RowInputs<T>& in, int64_t row, T* z) {
+  using Vec = Vectorized<T>;
+  const int64_t dim = in.dim;
+  const T* x = in.x + row * dim;
+  const T* r = kRes ? in.residual + (row % in.residual_rows) * dim : nullptr;
+  const T* xb = in.x_bias;
+  Vec s0(T(0)), s1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= dim; j += 2 * Vec::size()) {
+    Vec a = Vec::loadu(x + j), b = Vec::loadu(x + j + Vec::size());
+    if constexpr (kBias) {
+      a += Vec::loadu(xb + j);
+      b += Vec::loadu(xb + j + Vec::size());
+    }
+    if constexpr (kRes) {
+      a += Vec::loadu(r + j);
+      b += Vec::loadu(r + j + Vec::size());
+    }
+    a.store(z + j);
+    b.store(z + j + Vec::size());
+    s0 += a;
+    s1 += b;
+  }
+  T s = at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, s0 + s1);
+  for (; j < dim; ++j) {
+    T v = x[j];
+    if constexpr (kBias) v += xb[j];
+    if constexpr (kRes) v += r[j];
+    z[j] = v;
+    s += v;
+  }
+  return s;
+}
+
+// Calls f(std::integral_constant<bool, has_x_bias>, std::integral_constant<bool, has_residual>).
+template <typename F>
+inline void with_row_flags(bool has_bias, bool has_res, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (has_bias) {
+    if (has_res) f(T{}, T{}); else f(T{}, N{});
+  } else {
+    if (has_res) f(N{}, T{}); else f(N{}, N{});
+  }
+}
+
+// Variance about `mean` of z[0:dim] (L1-resident), two accumulators for latency.
+template <typename acc>
+inline acc row_var(const acc* z, int64_t dim, acc mean) {
+  using Vec = Vectorized<acc>;
+  const Vec vm(mean);
+  Vec q0(acc(0)), q1(acc(0));
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= dim; j += 2 * Vec::size()) {
+    const Vec d0 = Vec::loadu(z + j) - vm, d1 = Vec::loadu(z + j + Vec::size()) - vm;
+    q0 = at::vec::fmadd(d0, d0, q0);
+    q1 = at::vec::fmadd(d1, d1, q1);
+  }
+  acc sq = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, q0 + q1);
+  for (; j < dim; ++j) sq += (z[j] - mean) * (z[j] - mean);
+  return sq / acc(dim);
+}
+
 template <typename acc>
 inline void row_stats(const acc* z, int64_t dim, double eps, acc& mean, acc& rstd) {
   using Vec = Vectorized<acc>;
@@ -77,6 +147,32 @@ void layernorm_fwd_kernel(const RowInputs<scalar_t>& in, const acc_t<scalar_t>* 
   using acc = acc_t<scalar_t>;
   using Vec = Vectorized<acc>;
   const int64_t dim = in.dim;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (!in.keep) {  // the common case: fused build, statistics from L1, y written directly
+      with_row_flags(in.x_bias != nullptr, in.residual != nullptr, [&](auto kb, auto kr) {
+        at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
+          std::vector<acc> zbuf(dim);
+          acc* z = zbuf.data();
+          for (int64_t row = begin; row < end; ++row) {
+            const acc mean = build_sum_fused<acc, decltype(kb)::value, decltype(kr)::value>(
+                                 in, row, z) / acc(dim);
+            const acc rstd = acc(1) / std::sqrt(row_var(z, dim, mean) + acc(eps));
+            mean_out[row] = mean;
+            rstd_out[row] = rstd;
+            const Vec vm(mean), vr(rstd);
+            acc* yr = y + row * dim;
+            int64_t j = 0;
+            for (; j + Vec::size() <= dim; j += Vec::size()) {
+              at::vec::fmadd((Vec::loadu(z + j) - vm) * vr, Vec::loadu(weight + j),
+                             Vec::loadu(bias + j)).store(yr + j);
+            }
+            for (; j < dim; ++j) yr[j] = (z[j] - mean) * rstd * weight[j] + bias[j];
+          }
+        });
+      });
+      return;
+    }
+  }
   at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
     std::vector<acc> z(dim);
     for (int64_t row = begin; row < end; ++row) {
@@ -104,6 +200,84 @@ void layernorm_bwd_kernel(const RowInputs<scalar_t>& in, const acc_t<scalar_t>* 
   using Vec = Vectorized<acc>;
   const int64_t dim = in.dim;
   ThreadPartials<acc> pw(dweight ? dim : 0), pb(dbias ? dim : 0), pxb(dx_bias ? dim : 0);
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (!in.keep) {
+      // The common case in two passes per row: (1) rebuild z, xhat into L1, the two row means and
+      // the dweight/dbias partials; (2) dz from L1, written once (dx and dresidual share it),
+      // and the dx_bias partial. Partials not asked for go to a per-thread scratch row, which keeps
+      // the loops free of branches.
+      acc* out = dz_out ? dz_out : dh_out;
+      with_row_flags(in.x_bias != nullptr, in.residual != nullptr, [&](auto kb, auto kr) {
+        constexpr bool kBias = decltype(kb)::value, kRes = decltype(kr)::value;
+        at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
+          std::vector<acc> buf(6 * static_cast<size_t>(dim), acc(0));
+          acc* xh = buf.data();
+          acc* my_w = dweight ? pw.mine() : xh + dim;
+          acc* my_b = dbias ? pb.mine() : xh + 2 * dim;
+          acc* my_xb = dx_bias ? pxb.mine() : xh + 3 * dim;
+          acc* dz_scratch = xh + 4 * dim;
+          acc* gb = xh + 5 * dim;  // dy * weight, kept so both passes see the same rounding
+          const acc* xb = in.x_bias;
+          for (int64_t row = begin; row < end; ++row) {
+            const acc mean = mean_in[row], rstd = rstd_in[row];
+            const acc* x = in.x + row * dim;
+            const acc* r = kRes ? in.residual + (row % in.residual_rows) * dim : nullptr;
+            const acc* d = dy + row * dim;
+            const Vec vm(mean), vr(rstd);
+            Vec sg(acc(0)), sgx(acc(0));
+            int64_t j = 0;
+            for (; j + Vec::size() <= dim; j += Vec::size()) {
+              Vec z = Vec::loadu(x + j);
+              if constexpr (kBias) z += Vec::loadu(xb + j);
+              if constexpr (kRes) z += Vec::loadu(r + j);
+              const Vec h = (z - vm) * vr;
+              h.store(xh + j);
+              const Vec dv = Vec::loadu(d + j);
+              const Vec g = dv * Vec::loadu(weight + j);
+              g.store(gb + j);
+              sg += g;
+              sgx = at::vec::fmadd(g, h, sgx);
+              at::vec::fmadd(dv, h, Vec::loadu(my_w + j)).store(my_w + j);
+              (Vec::loadu(my_b + j) + dv).store(my_b + j);
+            }
+            acc s_g = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, sg);
+            acc s_gx = at::vec::vec_reduce_all<acc>([](Vec& a, Vec& b) { return a + b; }, sgx);
+            for (; j < dim; ++j) {
+              acc z = x[j];
+              if constexpr (kBias) z += xb[j];
+              if constexpr (kRes) z += r[j];
+              const acc h = (z - mean) * rstd;
+              xh[j] = h;
+              const acc g = d[j] * weight[j];
+              gb[j] = g;
+              s_g += g;
+              s_gx += g * h;
+              my_w[j] += d[j] * h;
+              my_b[j] += d[j];
+            }
+            const acc mg = s_g / acc(dim), mgx = s_gx / acc(dim);
+            // dz = rstd * (dy * weight - mg - xhat * mgx)
+            acc* o = out ? out + row * dim : dz_scratch;
+            const Vec vmg(mg), vmgx(mgx);
+            for (j = 0; j + Vec::size() <= dim; j += Vec::size()) {
+              const Vec dz = vr * (Vec::loadu(gb + j) - vmg - Vec::loadu(xh + j) * vmgx);
+              dz.store(o + j);
+              (Vec::loadu(my_xb + j) + dz).store(my_xb + j);
+            }
+            for (; j < dim; ++j) {
+              const acc dz = rstd * (gb[j] - mg - xh[j] * mgx);
+              o[j] = dz;
+              my_xb[j] += dz;
+            }
+          }
+        });
+      });
+      if (dweight) pw.sum_into(dweight);
+      if (dbias) pb.sum_into(dbias);
+      if (dx_bias) pxb.sum_into(dx_bias);
+      return;
+    }
+  }
   at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
     std::vector<acc> xhat(dim), g(dim), dyf(dim);
     acc* my_w = dweight ? pw.mine() : nullptr;
