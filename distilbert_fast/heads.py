@@ -26,7 +26,7 @@ from .adapters import (
     run_sequential,
 )
 from .configuration import DistilBertConfig
-from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _finish
+from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _finish, span_loss
 from .outputs import (
     MaskedLMOutput,
     ModelOutput,
@@ -184,19 +184,7 @@ class QuestionAnsweringHead(PredictionHead):
     def forward(self, out, attention_mask=None, start_positions=None, end_positions=None, backend=None):
         logits = self.run(out.last_hidden_state, backend)  # (batch, seq, 2)
         start_logits, end_logits = (t.squeeze(-1) for t in logits.split(1, dim=-1))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            if start_positions.dim() > 1:
-                start_positions = start_positions.squeeze(-1)
-            if end_positions.dim() > 1:
-                end_positions = end_positions.squeeze(-1)
-            ignored = start_logits.size(1)  # positions outside the sequence do not count
-            start_positions = start_positions.clamp(0, ignored)
-            end_positions = end_positions.clamp(0, ignored)
-            loss = (
-                F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
-                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
-            ) / 2
+        loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
 
 

@@ -671,6 +671,24 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels)
 
 
+def span_loss(start_logits, end_logits, start_positions=None, end_positions=None):
+    """HuggingFace's question-answering loss: the mean of the start and end cross-entropies, with
+    positions outside the sequence clamped to seq_len, which the loss ignores. None without labels."""
+    if start_positions is None or end_positions is None:
+        return None
+    if start_positions.dim() > 1:
+        start_positions = start_positions.squeeze(-1)
+    if end_positions.dim() > 1:
+        end_positions = end_positions.squeeze(-1)
+    ignored = start_logits.size(1)
+    start_positions = start_positions.clamp(0, ignored)
+    end_positions = end_positions.clamp(0, ignored)
+    return (
+        F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+        + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+    ) / 2
+
+
 class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
@@ -690,20 +708,7 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
         hidden = self.dropout(out.last_hidden_state)  # (batch, seq, dim)
         logits = self.qa_outputs(hidden)  # (batch, seq, 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            if start_positions.dim() > 1:
-                start_positions = start_positions.squeeze(-1)
-            if end_positions.dim() > 1:
-                end_positions = end_positions.squeeze(-1)
-            # Positions outside the sequence are clamped to seq_len, which the loss ignores.
-            ignored = start_logits.size(1)
-            start_positions = start_positions.clamp(0, ignored)
-            end_positions = end_positions.clamp(0, ignored)
-            loss = (
-                F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
-                + F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
-            ) / 2
+        loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
         return _finish(result, return_dict)
 
