@@ -83,6 +83,43 @@ inline void accumulate_rows(const T* w, const T* rows, int64_t nb, int64_t dim, 
   }
 }
 
+// The largest of s[0:n], vectorised.
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  using Vec = Vectorized<T>;
+  T best = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= Vec::size()) {
+    Vec acc = Vec::loadu(s);
+    for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(s + j));
+    best = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, acc);
+  }
+  for (; j < n; ++j) best = std::max(best, s[j]);
+  return best;
+}
+
+// p[0:n] = exp(s[0:n] - shift), vectorised (Sleef's exp, 1 ulp); returns sum_j p[j]. p may be s.
+template <typename T>
+inline T exp_shifted(const T* s, int64_t n, T shift, T* p) {
+  using Vec = Vectorized<T>;
+  const Vec vshift(shift);
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(s + j) - vshift).exp();
+    e.store(p + j);
+    acc += e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+  if (j < n) {  // tail: the lanes past n load as zeros and are neither stored nor summed
+    const int64_t r = n - j;
+    const Vec e = (Vec::loadu(s + j, r) - vshift).exp();
+    e.store(p + j, r);
+    for (int64_t t = 0; t < r; ++t) sum += p[j + t];
+  }
+  return sum;
+}
+
 // Writes rows keys[0:nb] of `src` (head (b, h)) transposed into dst (dim x kBlock, zero padded).
 template <typename scalar_t>
 inline void gather_transposed(const Heads<scalar_t>& src, int64_t b, int64_t h, const int64_t* keys,
@@ -152,19 +189,15 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
           } else {
             row_times_block(qs.data() + i * D, kt.data(), D, s.data());
           }
-          acc block_max = s[0];
-          for (int64_t j = 1; j < nb; ++j) block_max = std::max(block_max, s[j]);
-          const acc m_new = std::max(m[i], block_max);
+          const acc m_new = std::max(m[i], row_max(s.data(), nb));
           const acc corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
           acc* oi = o.data() + i * D;
           if (corr != acc(1)) {
             for (int64_t d = 0; d < D; ++d) oi[d] *= corr;
           }
-          acc lsum = 0;
-          for (int64_t j = 0; j < nb; ++j) {
-            const acc p = std::exp(s[j] - m_new);
-            lsum += p;
-            s[j] = keep_bh ? (keep_bh[i * S + kb[j]] ? p * keep_scale : acc(0)) : p;
+          const acc lsum = exp_shifted(s.data(), nb, m_new, s.data());
+          if (keep_bh) {
+            for (int64_t j = 0; j < nb; ++j) s[j] = keep_bh[i * S + kb[j]] ? s[j] * keep_scale : acc(0);
           }
           accumulate_rows(s.data(), vb.data(), nb, D, oi);
           l[i] = l[i] * corr + lsum;
@@ -197,7 +230,7 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
   at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
     std::vector<acc> qs(S * D), dO(S * D), dQ(S * D), delta(S);
     std::vector<acc> kt(D * kBlock), vt(D * kBlock), kb_rows(kBlock * D), dK(kBlock * D),
-        dV(kBlock * D), s(kBlock), dw(kBlock);
+        dV(kBlock * D), s(kBlock), pr(kBlock), dw(kBlock);
     std::vector<int64_t> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
@@ -245,8 +278,9 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
           }
           row_times_block(doi, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
           acc* dqi = dQ.data() + i * D;
+          exp_shifted(s.data(), nb, lse_bh[i], pr.data());
           for (int64_t j = 0; j < nb; ++j) {
-            const acc p = std::exp(s[j] - lse_bh[i]);
+            const acc p = pr[j];
             const acc c = keep_bh ? (keep_bh[i * S + kb[j]] ? keep_scale : acc(0)) : acc(1);
             if (dhm_terms) dhm += dw[j] * p * c;
             const acc w = p * c * hm;
