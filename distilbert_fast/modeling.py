@@ -19,6 +19,7 @@ from .configuration import DistilBertConfig
 from .ops import (
     bias_activation,
     canonical_activation,
+    linear,
     linear_activation,
     masked_attention,
     residual_layernorm,
@@ -34,6 +35,20 @@ from .outputs import (
 )
 
 LAYER_NORM_EPS = 1e-12
+
+
+def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """layer(x) for a projection layer, on the backend's GEMM (ops.linear) when the layer is just
+    a Linear: a layer that adds to it (a LoRA in use) or carries forward hooks runs as the
+    module, so the hooks fire."""
+    acts_as_linear = type(layer) is nn.Linear or getattr(layer, "acts_as_linear", lambda: False)()
+    hooked = (
+        layer._forward_hooks or layer._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
+    if acts_as_linear and not hooked:
+        return linear(x, layer.weight, layer.bias, backend=backend)
+    return layer(x)
 
 
 def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
@@ -97,9 +112,11 @@ class DistilBertSelfAttention(nn.Module):
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
         batch, seq, _ = hidden_states.shape
         heads_shape = (batch, seq, self.n_heads, self.attention_head_size)
-        q = self.q_lin(hidden_states).view(heads_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
-        k = self.k_lin(hidden_states).view(heads_shape).transpose(1, 2)
-        v = self.v_lin(hidden_states).view(heads_shape).transpose(1, 2)
+        backend = self.config.backend
+        # (batch, heads, seq, head_dim) views of the (batch, seq, dim) projections
+        q = _project(self.q_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
+        k = _project(self.k_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
+        v = _project(self.v_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
         context, weights = masked_attention(
             q,
             k,
@@ -109,10 +126,10 @@ class DistilBertSelfAttention(nn.Module):
             dropout_p=self.dropout.p if self.training else 0.0,
             scale=self.scaling,
             need_weights=output_attentions,
-            backend=self.config.backend,
+            backend=backend,
         )
         context = context.transpose(1, 2).reshape(batch, seq, self.dim)  # (batch, seq, dim)
-        return F.linear(context, self.out_lin.weight), weights
+        return linear(context, self.out_lin.weight, backend=backend), weights
 
 
 class FFN(nn.Module):
@@ -134,7 +151,7 @@ class FFN(nn.Module):
         h = linear_activation(
             x, self.lin1.weight, self.lin1.bias, self.activation, backend=self.config.backend
         )  # (batch, seq, hidden_dim)
-        return F.linear(h, self.lin2.weight)  # (batch, seq, dim)
+        return linear(h, self.lin2.weight, backend=self.config.backend)  # (batch, seq, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -612,7 +629,7 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
                               output_hidden_states, return_dict=True, position_ids=position_ids)
         hidden = out.last_hidden_state  # (batch, seq, dim)
         hidden = bias_activation(
-            F.linear(hidden, self.vocab_transform.weight),
+            linear(hidden, self.vocab_transform.weight, backend=self.config.backend),
             self.vocab_transform.bias,
             self.activation,
             backend=self.config.backend,
@@ -625,7 +642,7 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
             self.vocab_layer_norm.eps,
             backend=self.config.backend,
         )
-        logits = self.vocab_projector(hidden)  # (batch, seq, vocab_size)
+        logits = _project(self.vocab_projector, hidden, self.config.backend)  # (batch, seq, vocab_size)
         loss = None
         if labels is not None:
             loss = self.mlm_loss_fct(logits.view(-1, logits.size(-1)), labels.view(-1))

@@ -19,8 +19,9 @@ from distilbert_fast.ops import backends
 
 OP_NAMES = ("masked_attention", "bias_activation", "residual_layernorm")
 # The base model's FFN runs linear_activation, not bias_activation; a backend without its own
-# linear_activation runs it as torch's matmul plus its bias_activation methods (Backend's default).
-MODEL_OP_NAMES = ("masked_attention", "residual_layernorm", "linear_activation")
+# linear_activation runs it as its linear (torch's matmul by default) plus its bias_activation
+# methods (Backend's default). The other projections run linear.
+MODEL_OP_NAMES = ("masked_attention", "residual_layernorm", "linear_activation", "linear")
 METHODS = tuple(f"{op}_{way}" for op in ("attention", "bias_activation", "residual_layernorm")
                 for way in ("forward", "backward"))
 

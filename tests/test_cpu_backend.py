@@ -141,6 +141,79 @@ def test_linear_activation_inference_matches_eager(dtype, activation, with_bias)
         assert_within_reference_error(f"y (grad={grad})", ys["cpu", grad], ys["eager", grad], ref64, dtype)
 
 
+# -- linear: float32 runs oneDNN's matmul forward, F.linear's backward --------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 65, 48), (7, 768), (1, 1, 130)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_matches_eager(dtype, shape, with_bias):
+    out_features = 130 if shape[-1] != 130 else 48
+    args = dict(x=torch.randn(shape), weight=torch.randn(out_features, shape[-1]) / 7)
+    if with_bias:
+        args["bias"] = torch.randn(out_features)
+    check_against_reference(on("cpu", ops.linear), on("eager", ops.linear), args, list(args), dtype, ["y"])
+
+
+@pytest.mark.skipif(not cpu_backend.ONEDNN_LINEAR, reason="torch was built without oneDNN")
+def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch):
+    x, weight, bias = torch.randn(3, 9, 40), torch.randn(24, 40), torch.randn(24)
+    calls = []
+    real = cpu_backend._onednn_linear
+    monkeypatch.setattr(cpu_backend, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y_inference = ops.linear(x, weight, bias, backend="cpu")
+    y_train = ops.linear(x.requires_grad_(), weight, bias, backend="cpu")
+    assert len(calls) == 2, "float32 linear did not run on oneDNN"
+    assert torch.equal(y_train.detach(), y_inference)  # training and inference: the same forward
+    # and through the model: a forward with grad and one without give the same bits
+    model = distilbert_fast.DistilBertModel(distilbert_fast.DistilBertConfig(**SMALL_CONFIG)).set_backend("cpu").eval()
+    ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (2, 7))
+    with_grad = model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        without = model(input_ids=ids).last_hidden_state
+    assert torch.equal(with_grad.detach(), without)
+
+
+def test_linear_falls_back_to_torch_where_onednn_does_not_suit(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "_onednn_linear", lambda *a: pytest.fail("oneDNN ran"))
+    weight, bias = torch.randn(6, 8), torch.randn(6)
+    x = torch.randn(5, 8)
+    cases = {
+        "1-d x": (torch.randn(8), weight, bias),
+        "strided x": (torch.randn(8, 5).t(), weight, bias),
+        "strided weight": (x, torch.randn(8, 6).t(), bias),
+        "float64": (x.double(), weight.double(), bias.double()),
+        "bfloat16": (x.bfloat16(), weight.bfloat16(), bias.bfloat16()),
+    }
+    for name, (xi, wi, bi) in cases.items():
+        y = ops.linear(xi, wi, bi, backend="cpu")
+        assert torch.equal(y, torch.nn.functional.linear(xi, wi, bi)), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear's autocast casts, as HF's would
+        y = ops.linear(x, weight, bias, backend="cpu")
+        assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.skipif(not cpu_backend.ONEDNN_LINEAR, reason="torch was built without oneDNN")
+def test_linear_second_order_gradient_is_an_error():
+    x = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(6, 8, requires_grad=True)
+    y = ops.linear(x, weight, None, backend="cpu")
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(y.sum(), weight, create_graph=True)
+
+
+def test_model_projection_hooks_still_fire():
+    """A projection with a forward hook runs as its module (hooks fire); without, it runs ops.linear."""
+    model = distilbert_fast.DistilBertModel(distilbert_fast.DistilBertConfig(**SMALL_CONFIG)).set_backend("cpu").eval()
+    ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (2, 7))
+    seen = []
+    handle = model.transformer.layer[0].attention.q_lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked = model(input_ids=ids).last_hidden_state
+    handle.remove()
+    plain = model(input_ids=ids).last_hidden_state
+    assert seen == [torch.Size([2, 7, SMALL_CONFIG["dim"]])]
+    assert_close(hooked, plain, atol=1e-5)
+
+
 # -- masked attention ------------------------------------------------------------------------------
 ATTN_SHAPES = [(1, 2, 1, 64), (2, 3, 7, 64), (3, 2, 65, 24), (2, 12, 130, 64)]
 

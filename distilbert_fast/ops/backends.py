@@ -73,11 +73,18 @@ class Backend:
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         raise NotImplementedError
 
+    def linear(self, x, weight, bias):
+        """x @ weight^T + bias (the model's projections without an activation) on this backend's
+        GEMM. Not an autograd Function: wherever a gradient may be needed an override must
+        return ``F.linear``'s result (autograd included), and may run another GEMM elsewhere."""
+        return F.linear(x, weight, bias)
+
     def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
-        """act(x @ weight^T + bias): torch's matmul (F.linear without the bias), then this
-        backend's bias_activation_forward. ``needs_grad``: whether a backward will follow (an
-        override may save more for it, or less without it)."""
-        h = F.linear(x, weight)  # (..., out_features)
+        """act(x @ weight^T + bias): this backend's matmul (``linear`` without the bias; it runs
+        inside the Function's forward, without grad), then its bias_activation_forward.
+        ``needs_grad``: whether a backward will follow (an override may save more for it, or less
+        without it)."""
+        h = self.linear(x, weight, None)  # (..., out_features)
         y, saved, state = self.bias_activation_forward(h, bias, activation)
         return y, (x, weight, *saved), state
 
@@ -191,8 +198,8 @@ def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
 
 def last_backend(op: str | None = None):
     """The backend that last ran ``op`` ('masked_attention', 'bias_activation',
-    'residual_layernorm', 'linear_activation'), or a dict of every op run so far when ``op`` is
-    None."""
+    'residual_layernorm', 'linear_activation', 'linear'), or a dict of every op run so far when
+    ``op`` is None."""
     if op is None:
         return dict(_last)
     return _last.get(op)

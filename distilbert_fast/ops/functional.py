@@ -4,8 +4,12 @@
     bias_activation(x, bias, activation)    act(x + bias)
     residual_layernorm(x, residual, ...)    LayerNorm(dropout(x + x_bias) + residual)
     linear_activation(x, weight, bias, act) act(x @ weight^T + bias), the first FFN matmul + epilogue
+    linear(x, weight, bias)              x @ weight^T + bias, as F.linear, on the backend's GEMM
 
-Each wrapper checks its arguments (errors name the argument and what was expected), picks the
+``linear`` is the one op without its own autograd Function: a backend runs another GEMM than
+torch's only where no gradient is needed, and F.linear (with its autograd) everywhere else.
+
+Each other wrapper checks its arguments (errors name the argument and what was expected), picks the
 backend for this call (see ``backends``) and applies the op's Function, which hands forward and
 backward to that backend.
 """
@@ -266,4 +270,22 @@ def linear_activation(
         bias = bias.to(x.dtype)
     activation = canonical_activation(activation)
     impl = resolve_backend("linear_activation", x, backend)
+    if not torch.is_grad_enabled():
+        # No graph is recorded, so no backward follows; the Function cannot tell (its forward
+        # always runs without grad, and the inputs keep requires_grad), the backend can use that.
+        return impl.linear_activation_forward(x, weight, bias, activation, False)[0]
     return LinearActivationFunction.apply(x, weight, bias, activation, impl)
+
+
+# -- linear ------------------------------------------------------------------------------------
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x @ weight^T + bias, the same as ``F.linear`` (which checks the arguments), on the chosen
+    backend's GEMM: the attention's projections and the FFN's second matmul."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    return resolve_backend("linear", x, backend).linear(x, weight, bias)
