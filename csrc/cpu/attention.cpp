@@ -6,10 +6,12 @@
 //     out = W v
 //
 // One task per (batch, head), spread with at::parallel_for. A task gathers the kept keys in
-// blocks of kBlock: K and V of a block are transposed into acc_t buffers (D x kBlock) so that a
-// query row's scores against the block are kBlock-wide FMAs over head_dim, then every query row
-// folds the block into its running max m, normaliser l and output o (flash-attention's
-// recurrence). The forward saves lse = m + log(l) per row; the backward recomputes P from it.
+// blocks of kBlock: K (and in the backward V) of a block is transposed into an acc_t buffer
+// (D x kBlock) so that a query row's scores against the block are kBlock-wide FMAs over head_dim,
+// then every query row folds the block into its running max m, normaliser l and output o
+// (flash-attention's recurrence). The forward takes a few query rows per pass, so each vector of
+// K or V it loads serves all of them. It saves lse = m + log(l) per row; the backward recomputes
+// P from it.
 //
 // Masked keys get exactly zero weight, as eager's masked_fill(finfo.min) + softmax gives. A batch
 // row whose keys are all masked attends uniformly to every key (eager's scores there are all the
@@ -27,6 +29,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace distilbert_fast {
 namespace cpu {
@@ -44,41 +47,69 @@ struct Heads {
   scalar_t* row(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
 };
 
-// out[0:kBlock] = sum_d a[d] * bt[d * kBlock + 0:kBlock]: one row against a transposed block.
+// Query rows folded together per key block in the forward: each vector of K or V loaded from L1
+// then serves that many rows, with R x (kBlock / Vec::size()) accumulators in registers (16).
 template <typename T>
-inline void row_times_block(const T* a, const T* bt, int64_t dim, T* out) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t n = kBlock / Vec::size();
-  Vec acc[n];
-  for (int64_t t = 0; t < n; ++t) acc[t] = Vec(T(0));
-  for (int64_t d = 0; d < dim; ++d) {
-    const Vec ad(a[d]);
-    const T* brow = bt + d * kBlock;
-    for (int64_t t = 0; t < n; ++t) acc[t] = at::vec::fmadd(ad, Vec::loadu(brow + t * Vec::size()), acc[t]);
-  }
-  for (int64_t t = 0; t < n; ++t) acc[t].store(out + t * Vec::size());
+constexpr int rows_per_pass() {
+  constexpr int64_t vecs = kBlock / Vectorized<T>::size();
+  return vecs >= 16 ? 1 : static_cast<int>(16 / vecs);
 }
 
-// o[0:dim] += sum_j w[j] * rows[j * dim + 0:dim], j < nb: o stays in registers across the keys.
-template <typename T>
+// out[r * kBlock + 0:kBlock] = sum_d a[r * dim + d] * bt[d * kBlock + 0:kBlock] for r < R: R rows
+// against a transposed block.
+template <int R, typename T>
+inline void rows_times_block(const T* a, const T* bt, int64_t dim, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t n = kBlock / Vec::size();
+  Vec acc[R][n];
+  for (int r = 0; r < R; ++r) {
+    for (int64_t t = 0; t < n; ++t) acc[r][t] = Vec(T(0));
+  }
+  for (int64_t d = 0; d < dim; ++d) {
+    const T* brow = bt + d * kBlock;
+    Vec bv[n];
+    for (int64_t t = 0; t < n; ++t) bv[t] = Vec::loadu(brow + t * Vec::size());
+    for (int r = 0; r < R; ++r) {
+      const Vec ad(a[r * dim + d]);
+      for (int64_t t = 0; t < n; ++t) acc[r][t] = at::vec::fmadd(ad, bv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t t = 0; t < n; ++t) acc[r][t].store(out + r * kBlock + t * Vec::size());
+  }
+}
+
+// o[r * dim + 0:dim] += sum_j w[r * kBlock + j] * rows[j * dim + 0:dim], j < nb, r < R: the
+// outputs stay in registers across the keys.
+template <int R, typename T>
 inline void accumulate_rows(const T* w, const T* rows, int64_t nb, int64_t dim, T* o) {
   using Vec = Vectorized<T>;
   constexpr int64_t kVecs = 4;
   int64_t d0 = 0;
   for (; d0 + kVecs * Vec::size() <= dim; d0 += kVecs * Vec::size()) {
-    Vec acc[kVecs];
-    for (int64_t t = 0; t < kVecs; ++t) acc[t] = Vec::loadu(o + d0 + t * Vec::size());
-    for (int64_t j = 0; j < nb; ++j) {
-      if (w[j] == T(0)) continue;
-      const Vec wj(w[j]);
-      const T* r = rows + j * dim + d0;
-      for (int64_t t = 0; t < kVecs; ++t) acc[t] = at::vec::fmadd(wj, Vec::loadu(r + t * Vec::size()), acc[t]);
+    Vec acc[R][kVecs];
+    for (int r = 0; r < R; ++r) {
+      for (int64_t t = 0; t < kVecs; ++t) acc[r][t] = Vec::loadu(o + r * dim + d0 + t * Vec::size());
     }
-    for (int64_t t = 0; t < kVecs; ++t) acc[t].store(o + d0 + t * Vec::size());
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* src = rows + j * dim + d0;
+      Vec rv[kVecs];
+      for (int64_t t = 0; t < kVecs; ++t) rv[t] = Vec::loadu(src + t * Vec::size());
+      for (int r = 0; r < R; ++r) {
+        const Vec wj(w[r * kBlock + j]);
+        for (int64_t t = 0; t < kVecs; ++t) acc[r][t] = at::vec::fmadd(wj, rv[t], acc[r][t]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int64_t t = 0; t < kVecs; ++t) acc[r][t].store(o + r * dim + d0 + t * Vec::size());
+    }
   }
   if (d0 < dim) {
-    for (int64_t j = 0; j < nb; ++j) {
-      if (w[j] != T(0)) row_axpy(w[j], rows + j * dim + d0, o + d0, dim - d0);
+    for (int r = 0; r < R; ++r) {
+      for (int64_t j = 0; j < nb; ++j) {
+        const T wj = w[r * kBlock + j];
+        if (wj != T(0)) row_axpy(wj, rows + j * dim + d0, o + r * dim + d0, dim - d0);
+      }
     }
   }
 }
@@ -162,8 +193,9 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
   const int64_t S = n.seq, D = n.dim;
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
   at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
+    constexpr int kRows = rows_per_pass<acc>();
     std::vector<acc> qs(S * D), o(S * D), kt(D * kBlock), vb(kBlock * D), m(S), l(S);
-    std::vector<acc> s(kBlock);
+    std::vector<acc> s(kRows * kBlock);
     std::vector<int64_t> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
@@ -183,26 +215,35 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         if (!uniform) gather_transposed(k, b, h, kb, nb, D, kt.data());
         for (int64_t j = 0; j < nb; ++j) load_row(v.row(b, h, kb[j]), vb.data() + j * D, D);
 
-        for (int64_t i = 0; i < S; ++i) {
+        // Folds the block into rows i0 .. i0 + R - 1 (R a compile-time constant).
+        auto fold_rows = [&](auto rows_constant, int64_t i0) {
+          constexpr int R = decltype(rows_constant)::value;
           if (uniform) {
             std::fill(s.begin(), s.end(), acc(0));
           } else {
-            row_times_block(qs.data() + i * D, kt.data(), D, s.data());
+            rows_times_block<R>(qs.data() + i0 * D, kt.data(), D, s.data());
           }
-          const acc m_new = std::max(m[i], row_max(s.data(), nb));
-          const acc corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-          acc* oi = o.data() + i * D;
-          if (corr != acc(1)) {
-            for (int64_t d = 0; d < D; ++d) oi[d] *= corr;
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = i0 + r;
+            acc* si = s.data() + r * kBlock;
+            const acc m_new = std::max(m[i], row_max(si, nb));
+            const acc corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+            acc* oi = o.data() + i * D;
+            if (corr != acc(1)) {
+              for (int64_t d = 0; d < D; ++d) oi[d] *= corr;
+            }
+            const acc lsum = exp_shifted(si, nb, m_new, si);
+            if (keep_bh) {
+              for (int64_t j = 0; j < nb; ++j) si[j] = keep_bh[i * S + kb[j]] ? si[j] * keep_scale : acc(0);
+            }
+            l[i] = l[i] * corr + lsum;
+            m[i] = m_new;
           }
-          const acc lsum = exp_shifted(s.data(), nb, m_new, s.data());
-          if (keep_bh) {
-            for (int64_t j = 0; j < nb; ++j) s[j] = keep_bh[i * S + kb[j]] ? s[j] * keep_scale : acc(0);
-          }
-          accumulate_rows(s.data(), vb.data(), nb, D, oi);
-          l[i] = l[i] * corr + lsum;
-          m[i] = m_new;
-        }
+          accumulate_rows<R>(s.data(), vb.data(), nb, D, o.data() + i0 * D);
+        };
+        int64_t i0 = 0;
+        for (; i0 + kRows <= S; i0 += kRows) fold_rows(std::integral_constant<int, kRows>{}, i0);
+        for (; i0 < S; ++i0) fold_rows(std::integral_constant<int, 1>{}, i0);
       }
       const acc hm = head_mask ? head_mask[h] : acc(1);
       for (int64_t i = 0; i < S; ++i) {
@@ -274,9 +315,9 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
           if (uniform) {
             std::fill(s.begin(), s.end(), acc(0));
           } else {
-            row_times_block(qi, kt.data(), D, s.data());
+            rows_times_block<1>(qi, kt.data(), D, s.data());
           }
-          row_times_block(doi, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
+          rows_times_block<1>(doi, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
           acc* dqi = dQ.data() + i * D;
           exp_shifted(s.data(), nb, lse_bh[i], pr.data());
           for (int64_t j = 0; j < nb; ++j) {
@@ -290,7 +331,7 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
             s[j] = ds;  // s[j] is not read again in this row
             if (ds != acc(0)) row_axpy(ds, qi, dK.data() + j * D, D);
           }
-          if (!uniform) accumulate_rows(s.data(), kb_rows.data(), nb, D, dqi);
+          if (!uniform) accumulate_rows<1>(s.data(), kb_rows.data(), nb, D, dqi);
         }
         for (int64_t j = 0; j < nb; ++j) {
           store_row(dV.data() + j * D, dv.row(b, h, kb[j]), D);
