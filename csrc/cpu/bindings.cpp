@@ -59,7 +59,7 @@ void init_cpu_ops(pybind11::module_& m) {
         TORCH_CHECK(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
         return cpu::empty_output(sizes, like.options());
       },
-      "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 2 MiB or more");
+      "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 32 MiB or more");
   m.def("cpu_masked_attention_fwd", &cpu::masked_attention_fwd,
         "out, lse of softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v");
   m.def("cpu_masked_attention_bwd", &cpu::masked_attention_bwd,
