@@ -9,9 +9,9 @@
 // blocks of kBlock: K (and in the backward V) of a block is transposed into an acc_t buffer
 // (D x kBlock) so that a query row's scores against the block are kBlock-wide FMAs over head_dim,
 // then every query row folds the block into its running max m, normaliser l and output o
-// (flash-attention's recurrence). The forward takes a few query rows per pass, so each vector of
-// K or V it loads serves all of them. It saves lse = m + log(l) per row; the backward recomputes
-// P from it.
+// (flash-attention's recurrence). Both directions take a few query rows per pass, so each vector
+// of K, V (or dK, dV) they load serves all of them. The forward saves lse = m + log(l) per row;
+// the backward recomputes P from it.
 //
 // Masked keys get exactly zero weight, as eager's masked_fill(finfo.min) + softmax gives. A batch
 // row whose keys are all masked attends uniformly to every key (eager's scores there are all the
@@ -109,6 +109,39 @@ inline void accumulate_rows(const T* w, const T* rows, int64_t nb, int64_t dim, 
       for (int64_t j = 0; j < nb; ++j) {
         const T wj = w[r * kBlock + j];
         if (wj != T(0)) row_axpy(wj, rows + j * dim + d0, o + r * dim + d0, dim - d0);
+      }
+    }
+  }
+}
+
+// dst[j * dim + 0:dim] += sum_r w[r * kBlock + j] * src[r * dim + 0:dim], j < nb, r < R: the
+// backward's dK and dV updates from R query rows at once, each dst row loaded and stored once.
+template <int R, typename T>
+inline void add_row_products(const T* w, const T* src, int64_t nb, int64_t dim, T* dst) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kVecs = 4;
+  int64_t d0 = 0;
+  for (; d0 + kVecs * Vec::size() <= dim; d0 += kVecs * Vec::size()) {
+    Vec sv[R][kVecs];
+    for (int r = 0; r < R; ++r) {
+      for (int64_t t = 0; t < kVecs; ++t) sv[r][t] = Vec::loadu(src + r * dim + d0 + t * Vec::size());
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      T* out = dst + j * dim + d0;
+      Vec acc[kVecs];
+      for (int64_t t = 0; t < kVecs; ++t) acc[t] = Vec::loadu(out + t * Vec::size());
+      for (int r = 0; r < R; ++r) {
+        const Vec wr(w[r * kBlock + j]);
+        for (int64_t t = 0; t < kVecs; ++t) acc[t] = at::vec::fmadd(wr, sv[r][t], acc[t]);
+      }
+      for (int64_t t = 0; t < kVecs; ++t) acc[t].store(out + t * Vec::size());
+    }
+  }
+  if (d0 < dim) {
+    for (int64_t j = 0; j < nb; ++j) {
+      for (int r = 0; r < R; ++r) {
+        const T wr = w[r * kBlock + j];
+        if (wr != T(0)) row_axpy(wr, src + r * dim + d0, dst + j * dim + d0, dim - d0);
       }
     }
   }
@@ -270,8 +303,9 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
   at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
     std::vector<acc> qs(S * D), dO(S * D), dQ(S * D), delta(S);
+    constexpr int kRows = rows_per_pass<acc>();
     std::vector<acc> kt(D * kBlock), vt(D * kBlock), kb_rows(kBlock * D), dK(kBlock * D),
-        dV(kBlock * D), s(kBlock), pr(kBlock), dw(kBlock);
+        dV(kBlock * D), s(kRows * kBlock), pr(kRows * kBlock), dw(kRows * kBlock);
     std::vector<int64_t> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
@@ -309,30 +343,42 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         std::fill(dK.begin(), dK.end(), acc(0));
         std::fill(dV.begin(), dV.end(), acc(0));
 
-        for (int64_t i = 0; i < S; ++i) {
-          const acc* qi = qs.data() + i * D;
-          const acc* doi = dO.data() + i * D;
+        // Rows i0 .. i0 + R - 1 against the block (R a compile-time constant): their P and dS
+        // (R x kBlock), then dV += W^T dO, dK += dS^T q and dQ += dS K for all R rows at once.
+        auto fold_rows = [&](auto rows_constant, int64_t i0) {
+          constexpr int R = decltype(rows_constant)::value;
+          const acc* q0 = qs.data() + i0 * D;
+          const acc* do0 = dO.data() + i0 * D;
           if (uniform) {
             std::fill(s.begin(), s.end(), acc(0));
           } else {
-            rows_times_block<1>(qi, kt.data(), D, s.data());
+            rows_times_block<R>(q0, kt.data(), D, s.data());
           }
-          rows_times_block<1>(doi, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
-          acc* dqi = dQ.data() + i * D;
-          exp_shifted(s.data(), nb, lse_bh[i], pr.data());
-          for (int64_t j = 0; j < nb; ++j) {
-            const acc p = pr[j];
-            const acc c = keep_bh ? (keep_bh[i * S + kb[j]] ? keep_scale : acc(0)) : acc(1);
-            if (dhm_terms) dhm += dw[j] * p * c;
-            const acc w = p * c * hm;
-            if (w != acc(0)) row_axpy(w, doi, dV.data() + j * D, D);
-            if (uniform) continue;  // constant scores: no gradient to q, k
-            const acc ds = p * (dw[j] * c * hm - delta[i]);
-            s[j] = ds;  // s[j] is not read again in this row
-            if (ds != acc(0)) row_axpy(ds, qi, dK.data() + j * D, D);
+          rows_times_block<R>(do0, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = i0 + r;
+            acc* pi = pr.data() + r * kBlock;  // P_ij, then W_ij = P_ij * keep_ij / (1 - p) * hm
+            acc* si = s.data() + r * kBlock;   // scores, then dS_ij (zero when uniform)
+            const acc* dwi = dw.data() + r * kBlock;
+            exp_shifted(si, nb, lse_bh[i], pi);
+            for (int64_t j = 0; j < nb; ++j) {
+              const acc p = pi[j];
+              const acc c = keep_bh ? (keep_bh[i * S + kb[j]] ? keep_scale : acc(0)) : acc(1);
+              if (dhm_terms) dhm += dwi[j] * p * c;
+              pi[j] = p * c * hm;
+              // constant scores (uniform) carry no gradient to q, k
+              si[j] = uniform ? acc(0) : p * (dwi[j] * c * hm - delta[i]);
+            }
           }
-          if (!uniform) accumulate_rows<1>(s.data(), kb_rows.data(), nb, D, dqi);
-        }
+          add_row_products<R>(pr.data(), do0, nb, D, dV.data());
+          if (!uniform) {
+            add_row_products<R>(s.data(), q0, nb, D, dK.data());
+            accumulate_rows<R>(s.data(), kb_rows.data(), nb, D, dQ.data() + i0 * D);
+          }
+        };
+        int64_t i0 = 0;
+        for (; i0 + kRows <= S; i0 += kRows) fold_rows(std::integral_constant<int, kRows>{}, i0);
+        for (; i0 < S; ++i0) fold_rows(std::integral_constant<int, 1>{}, i0);
         for (int64_t j = 0; j < nb; ++j) {
           store_row(dV.data() + j * D, dv.row(b, h, kb[j]), D);
           store_row(dK.data() + j * D, dk.row(b, h, kb[j]), D);
