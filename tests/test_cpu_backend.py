@@ -214,6 +214,18 @@ def test_model_projection_hooks_still_fire():
     assert_close(hooked, plain, atol=1e-5)
 
 
+def test_cpu_empty_gives_writable_contiguous_outputs_either_side_of_32_mib():
+    """Below 32 MiB cpu_empty is torch's allocator, from 32 MiB a huge-page mapping: both must be
+    plain contiguous tensors of the asked shape and dtype that hold what is written."""
+    like = torch.zeros(1)
+    for shape in ([3, 5], [1024, 768], [4, 2 * 1024 * 1024 + 7]):  # 60 B, 3 MiB, just over 32 MiB
+        t = _C.cpu_empty(shape, like)
+        assert list(t.shape) == shape and t.dtype == torch.float32 and t.is_contiguous()
+        t.fill_(1.5)
+        assert t.sum().item() == 1.5 * t.numel()
+    assert _C.cpu_empty([2, 3], like.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
 # -- masked attention ------------------------------------------------------------------------------
 ATTN_SHAPES = [(1, 2, 1, 64), (2, 3, 7, 64), (3, 2, 65, 24), (2, 12, 130, 64)]
 

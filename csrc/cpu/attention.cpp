@@ -116,6 +116,8 @@ inline void accumulate_rows(const T* w, const T* rows, int64_t nb, int64_t dim, 
 
 // dst[j * dim + 0:dim] += sum_r w[r * kBlock + j] * src[r * dim + 0:dim], j < nb, r < R: the
 // backward's dK and dV updates from R query rows at once, each dst row loaded and stored once.
+// accumulate_rows's transpose: there the R outputs stay in registers while the nb rows stream
+// through; here the R sources stay while the nb outputs stream.
 template <int R, typename T>
 inline void add_row_products(const T* w, const T* src, int64_t nb, int64_t dim, T* dst) {
   using Vec = Vectorized<T>;
