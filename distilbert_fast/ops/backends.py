@@ -75,8 +75,8 @@ class Backend:
 
     def linear(self, x, weight, bias):
         """x @ weight^T + bias (the model's projections without an activation) on this backend's
-        GEMM. Not an autograd Function: wherever a gradient may be needed an override must
-        return ``F.linear``'s result (autograd included), and may run another GEMM elsewhere."""
+        GEMM, differentiable where a gradient may be needed: ``F.linear`` here; an override may
+        run another GEMM inside an autograd Function of its own (the cpu backend does)."""
         return F.linear(x, weight, bias)
 
     def linear_activation_forward(self, x, weight, bias, activation, needs_grad):

@@ -56,7 +56,7 @@ def _has_onednn_linear() -> bool:
         return False
 
 
-# Whether float32 inference GEMMs run on oneDNN (see the module docstring); tests and benchmarks
+# Whether float32 GEMMs (forward) run on oneDNN (see the module docstring); tests and benchmarks
 # may set it False to compare with torch's GEMM.
 ONEDNN_LINEAR = _has_onednn_linear()
 

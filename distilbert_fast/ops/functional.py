@@ -4,10 +4,10 @@
     bias_activation(x, bias, activation)    act(x + bias)
     residual_layernorm(x, residual, ...)    LayerNorm(dropout(x + x_bias) + residual)
     linear_activation(x, weight, bias, act) act(x @ weight^T + bias), the first FFN matmul + epilogue
-    linear(x, weight, bias)              x @ weight^T + bias, as F.linear, on the backend's GEMM
+    linear(x, weight, bias)                 x @ weight^T + bias, as F.linear, on the backend's GEMM
 
-``linear`` is the one op without its own autograd Function: a backend runs another GEMM than
-torch's only where no gradient is needed, and F.linear (with its autograd) everywhere else.
+``linear`` is the one op without a Function here: it returns what the backend's ``linear`` gives,
+F.linear by default, or the backend's own Function around another GEMM.
 
 Each other wrapper checks its arguments (errors name the argument and what was expected), picks the
 backend for this call (see ``backends``) and applies the op's Function, which hands forward and
