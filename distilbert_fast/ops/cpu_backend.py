@@ -63,8 +63,10 @@ ONEDNN_LINEAR = _has_onednn_linear()
 
 def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether x @ weight^T + bias may run on oneDNN: float32 CPU tensors, no autocast (F.linear
-    would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x) and contiguous operands."""
-    if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu"):
+    would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x) and contiguous operands, and
+    not under torch.compile (Inductor fails to lower this op as called here, and picks its own
+    GEMM for F.linear)."""
+    if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
