@@ -392,6 +392,20 @@ def test_reference_new_gelu_is_tanh_gelu():
 
 
 # -- residual_layernorm vs the reference -------------------------------------------------------------
+def layernorm_args(shape, with_residual=True, with_x_bias=True):
+    """residual_layernorm's arguments for x of ``shape``: a residual stream with a nonzero mean, as
+    in a real network, and weights near their init."""
+    dim = shape[-1]
+    return dict(
+        x=torch.randn(shape) + 0.5,
+        residual=2.0 * torch.randn(shape) + 1.0 if with_residual else None,
+        weight=1.0 + 0.2 * torch.randn(dim),
+        bias=0.2 * torch.randn(dim),
+        eps=1e-12,
+        x_bias=0.5 * torch.randn(dim) if with_x_bias else None,
+    )
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", FEATURE_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -402,16 +416,7 @@ def test_reference_new_gelu_is_tanh_gelu():
 )
 def test_residual_layernorm_matches_reference(backend, dtype, shape, with_residual, with_x_bias):
     skip_unless_runs(backend, dtype)
-    dim = shape[-1]
-    args = dict(
-        # a residual stream with a nonzero mean, as in a real network
-        x=torch.randn(shape) + 0.5,
-        residual=2.0 * torch.randn(shape) + 1.0 if with_residual else None,
-        weight=1.0 + 0.2 * torch.randn(dim),
-        bias=0.2 * torch.randn(dim),
-        eps=1e-12,
-        x_bias=0.5 * torch.randn(dim) if with_x_bias else None,
-    )
+    args = layernorm_args(shape, with_residual, with_x_bias)
     grad_names = ["x", "weight", "bias"] + (["residual"] if with_residual else []) + (
         ["x_bias"] if with_x_bias else [])
     op = functools.partial(ops.residual_layernorm, backend=backend)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from distilbert_fast import ops
-from test_ops import check_against_reference
+from test_ops import check_against_reference, layernorm_args
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
@@ -82,18 +82,6 @@ def test_bias_activation_wide_rows_and_no_bias(dtype):
 
 
 # -- residual + LayerNorm ----------------------------------------------------------------------
-def layernorm_args(shape, with_residual=True, with_x_bias=True):
-    dim = shape[-1]
-    return dict(
-        x=torch.randn(shape) + 0.5,
-        residual=2.0 * torch.randn(shape) + 1.0 if with_residual else None,
-        weight=1.0 + 0.2 * torch.randn(dim),
-        bias=0.2 * torch.randn(dim),
-        eps=1e-12,
-        x_bias=0.5 * torch.randn(dim) if with_x_bias else None,
-    )
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("hidden", HIDDEN)
