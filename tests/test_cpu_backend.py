@@ -11,6 +11,7 @@ argument checks; the whole model on backend="cpu" against eager.
 """
 
 import functools
+import re
 
 import pytest
 import torch
@@ -200,6 +201,11 @@ def test_linear_falls_back_to_torch_where_onednn_does_not_suit(monkeypatch):
     for name, (xi, wi, bi) in cases.items():
         y = ops.linear(xi, wi, bi, backend="cpu")
         assert torch.equal(y, torch.nn.functional.linear(xi, wi, bi)), name
+    for name, (xi, wi, bi) in {"weight": (x, torch.randn(6, 7), bias), "bias": (x, weight, torch.randn(5))}.items():
+        with pytest.raises(RuntimeError) as expected:  # mismatched shapes: F.linear's own error
+            torch.nn.functional.linear(xi, wi, bi)
+        with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+            ops.linear(xi, wi, bi, backend="cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear's autocast casts, as HF's would
         y = ops.linear(x, weight, bias, backend="cpu")
         assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, weight, bias))

@@ -63,17 +63,18 @@ ONEDNN_LINEAR = _has_onednn_linear()
 
 def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether x @ weight^T + bias may run on oneDNN: float32 CPU tensors, no autocast (F.linear
-    would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x) and contiguous operands, and
-    not under torch.compile (Inductor fails to lower this op as called here, and picks its own
-    GEMM for F.linear)."""
+    would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x), contiguous operands of matching
+    shapes (F.linear says clearly what is wrong with others; oneDNN does not), and not under
+    torch.compile (Inductor fails to lower this op as called here, and picks its own GEMM for
+    F.linear)."""
     if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
+    if x.dim() < 2 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        return False
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (
-        x.dim() >= 2
-        and weight.dim() == 2
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-    )
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
