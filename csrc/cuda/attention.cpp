@@ -109,7 +109,7 @@ MaybeTensors attention_backward(const at::Tensor& q, const at::Tensor& k, const 
                    static_cast<uint64_t>(seed), c10::cuda::getCurrentCUDAStream()),
                "attention_backward");
   c10::optional<at::Tensor> dhead_mask;
-  if (dhead_rows.has_value()) dhead_mask = dhead_rows->sum({0, 2});  // (heads,)
+  if (dhead_rows.has_value()) dhead_mask = dhead_rows->sum(at::IntArrayRef{0, 2});  // (heads,)
   return {dq, dk, dv, dhead_mask};
 }
 
