@@ -1,5 +1,5 @@
 """Runs every CUDA kernel of the ``cuda`` backend once, forward and backward, at small sizes, for
-``compute-sanitizer --tool memcheck`` (bench/gpu_check.sh):
+``compute-sanitizer --tool memcheck`` (bench/gpu/run2.sh):
 
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
         python bench/cuda_memcheck.py

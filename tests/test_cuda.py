@@ -1,5 +1,5 @@
 """The model and the ops on a CUDA device: same results as on CPU, clear errors instead of
-device-side asserts. Skipped where CUDA is absent (run by bench/gpu_check.sh on the GPU machine)."""
+device-side asserts. Skipped where CUDA is absent (run by bench/gpu/run1.sh on the GPU machine)."""
 
 import pytest
 import torch
