@@ -127,7 +127,7 @@ class BatchEncoding(dict):
                 raise ValueError("per-row maps (word_ids, char_to_token, ...) need a BatchEncoding made by a "
                                  "tokenizer call, not by pad() or by hand")
             tokenizer, text = self._source
-            self._rows = tokenizer._encode([text], None)[1]
+            self._rows = tokenizer._rows_of(text)
         return self._rows
 
     def _row(self, batch_index):
@@ -166,8 +166,7 @@ class BatchEncoding(dict):
 
     def tokens(self, batch_index: int = 0):
         """The tokens of row ``batch_index``."""
-        rows = self._row_data()
-        return rows.tokens(self._row(batch_index))
+        return self._row_data().tokens(self._row(batch_index))
 
     def word_ids(self, batch_index: int = 0):
         """Word index of each token of row ``batch_index`` (None for special and padding tokens)."""
@@ -364,24 +363,6 @@ class RowEncoding:
     words = word_ids
     sequence_ids = property(lambda self: self._rows.sequence_ids(self._index))
     n_sequences = property(lambda self: self._rows.n_sequences(self._index))
-
-
-class _Rows:
-    """The core's BatchResult plus the vocab, so that rows also give their tokens."""
-
-    __slots__ = ("_result", "_id_to_token")
-
-    def __init__(self, result, id_to_token):
-        self._result, self._id_to_token = result, id_to_token
-
-    def __len__(self):
-        return len(self._result)
-
-    def __getattr__(self, name):
-        return getattr(self._result, name)
-
-    def tokens(self, i):
-        return [self._id_to_token(t) for t in self._result.ids(i)]
 
 
 class _BackendView:
@@ -769,41 +750,36 @@ class DistilBertTokenizer:
               return_offsets_mapping=False, return_length=False, verbose=True, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
-                       max_length=max_length, stride=stride, is_split_into_words=is_split_into_words,
-                       pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
-                       return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
-                       return_attention_mask=return_attention_mask,
-                       return_overflowing_tokens=return_overflowing_tokens,
-                       return_special_tokens_mask=return_special_tokens_mask,
-                       return_offsets_mapping=return_offsets_mapping, return_length=return_length, verbose=verbose)
-        if text is None and text_target is None:
-            raise ValueError("text or text_target is required: a str, a list of str, or (is_split_into_words=True) "
-                             "lists of words")
-        encodings = None if text is None else self._encode_inputs(text, text_pair, **options)
-        if text_target is None:
+        if text_target is not None or text is None:
+            # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
+            if text is None and text_target is None:
+                raise ValueError("text or text_target is required: a str, a list of str, or "
+                                 "(is_split_into_words=True) lists of words")
+            options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                           max_length=max_length, stride=stride, is_split_into_words=is_split_into_words,
+                           pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                           return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
+                           return_attention_mask=return_attention_mask,
+                           return_overflowing_tokens=return_overflowing_tokens,
+                           return_special_tokens_mask=return_special_tokens_mask,
+                           return_offsets_mapping=return_offsets_mapping, return_length=return_length,
+                           verbose=verbose)
+            targets = self._call(text_target, text_pair_target, **options)
+            if text is None:
+                return targets
+            encodings = self._call(text, text_pair, **options)
+            encodings["labels"] = targets["input_ids"]
             return encodings
-        # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
-        targets = self._encode_inputs(text_target, text_pair_target, **options)
-        if encodings is None:
-            return targets
-        encodings["labels"] = targets["input_ids"]
-        return encodings
 
-    def _encode_inputs(self, text, text_pair, add_special_tokens, padding, truncation, max_length, stride,
-                       is_split_into_words, pad_to_multiple_of, padding_side, return_tensors, return_token_type_ids,
-                       return_attention_mask, return_overflowing_tokens, return_special_tokens_mask,
-                       return_offsets_mapping, return_length, verbose):
         batched = _is_batched(text, is_split_into_words, "text")
         if not batched and text_pair is not None and len(text_pair) == 0:
             text_pair = None  # HF: an empty pair for a single text means no pair
         if text_pair is not None and _is_batched(text_pair, is_split_into_words, "text_pair") != batched:
             raise ValueError("text and text_pair must both be single inputs or both be batches")
-        first = list(text) if batched else [text]
-        second = None if text_pair is None else (list(text_pair) if batched else [text_pair])
         padding_mode, truncation_mode, max_length = self._strategies(padding, truncation, max_length,
                                                                      pad_to_multiple_of, verbose)
-        if not _is_int(stride) or stride < 0:
+        stride = stride or 0
+        if stride and (not _is_int(stride) or stride < 0):
             raise ValueError(f"stride must be a non-negative int, got {stride!r}")
         if truncation_mode != "none" and max_length is not None and max_length >= 2 and stride > max_length - 2:
             # HF's check when it sets up truncation (with a single text's 2 special tokens, pair or not)
@@ -813,30 +789,29 @@ class DistilBertTokenizer:
             return_tensors = getattr(return_tensors, "value", return_tensors)  # transformers' TensorType
             if return_tensors not in ("pt", "np"):
                 raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        if padding_side is None:
-            padding_side = self.padding_side
-        if return_token_type_ids is None:
-            return_token_type_ids = "token_type_ids" in self.model_input_names
-        if return_attention_mask is None:
-            return_attention_mask = "attention_mask" in self.model_input_names
-
-        out, rows = self._encode(
-            first, second, is_split_into_words=is_split_into_words, add_special_tokens=add_special_tokens,
-            truncation=truncation_mode, max_length=max_length, stride=stride,
-            return_overflowing_tokens=return_overflowing_tokens, padding=padding_mode,
-            pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side, as_buffer=return_tensors is not None,
-            token_type_ids=return_token_type_ids, attention_mask=return_attention_mask,
-            special_tokens_mask=return_special_tokens_mask, offsets=return_offsets_mapping, length=return_length)
-        n_rows = out.pop("__rows__")
+        names = self.model_input_names
+        cap = self.max_rows_per_call if return_overflowing_tokens and self.max_rows_per_call else 0
+        try:
+            enc, n_rows = self._core.encode_batch(
+                text if batched else [text], (text_pair if batched else [text_pair]) if text_pair is not None else None,
+                bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
+                -1 if max_length is None else max_length, stride, self.truncation_side,
+                bool(return_overflowing_tokens), padding_mode, pad_to_multiple_of or 0,
+                self.padding_side if padding_side is None else padding_side, self.pad_token_type_id, self.num_threads,
+                cap, return_tensors is not None,
+                "token_type_ids" in names if return_token_type_ids is None else bool(return_token_type_ids),
+                "attention_mask" in names if return_attention_mask is None else bool(return_attention_mask),
+                bool(return_special_tokens_mask), bool(return_offsets_mapping), bool(return_length))
+        except ValueError as exc:
+            if cap and "max_rows=" in str(exc):
+                raise ValueError(_rows_cap_message(exc, cap, max_length, stride, text_pair is not None)) from None
+            raise
         if return_tensors is not None:
-            _to_tensors(out, n_rows, return_tensors)
+            _to_tensors(enc, n_rows, return_tensors)
         elif not batched and not return_overflowing_tokens:
-            for key, value in out.items():  # a single input: drop the batch axis (HF keeps length's)
+            for key, value in enc.items():  # a single input: drop the batch axis (HF keeps length's)
                 if key != "length":
-                    out[key] = value[0]
-        enc = BatchEncoding(out)
-        enc._rows = rows
-        enc._n_sequences = 2 if second is not None else 1
+                    enc[key] = value[0]
         return enc
 
     def _strategies(self, padding, truncation, max_length, pad_to_multiple_of, verbose):
@@ -881,25 +856,10 @@ class DistilBertTokenizer:
                              f"pad_to_multiple_of ({pad_to_multiple_of})")
         return padding_mode, truncation_mode, max_length
 
-    def _encode(self, first, second, is_split_into_words=False, add_special_tokens=True,
-                truncation="none", max_length=None, stride=0, return_overflowing_tokens=False, padding="none",
-                pad_to_multiple_of=None, padding_side="right", as_buffer=False, token_type_ids=False,
-                attention_mask=True, special_tokens_mask=False, offsets=False, length=False):
-        """(outputs dict, per-row view) from the core; with the defaults alone, the lazy row view of
-        the fast path."""
-        cap = self.max_rows_per_call if return_overflowing_tokens and self.max_rows_per_call else 0
-        try:
-            out, result = self._core.encode_batch(
-                first, second, bool(is_split_into_words), bool(add_special_tokens), truncation,
-                -1 if max_length is None else int(max_length), int(stride), self.truncation_side,
-                bool(return_overflowing_tokens), padding, int(pad_to_multiple_of or 0), padding_side,
-                self.pad_token_type_id, self.num_threads, cap, bool(as_buffer), bool(token_type_ids),
-                bool(attention_mask), bool(special_tokens_mask), bool(offsets), bool(length))
-        except ValueError as exc:
-            if cap and "max_rows=" in str(exc):
-                raise ValueError(_rows_cap_message(exc, cap, max_length, stride, second is not None)) from None
-            raise
-        return out, _Rows(result, self._core.id_to_token)
+    def _rows_of(self, text):
+        """The per-row view of one text encoded with the defaults (the fast path's, on demand)."""
+        return self._core.encode_batch([text], None, False, True, "none", -1, 0, self.truncation_side, False,
+                                       "none", 0, "right", 0, 1, 0, False, False, False, False, False, False)[0]._rows
 
     def encode_packed(self, text, text_pair=None, *, add_special_tokens=True, truncation=True, max_length=None,
                       stride=0, return_overflowing_tokens=False, is_split_into_words=False,

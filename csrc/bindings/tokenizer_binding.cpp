@@ -217,6 +217,16 @@ py::object NewBytes(size_t n, char** data) {
 // The rows of one batch call, kept for per-row views (word_ids, char_to_token, ...) on demand.
 struct BatchResult {
   EncodedBatch batch;
+  std::shared_ptr<const dbf_tok::Tokenizer> tok;  // for the rows' tokens
+  py::list RowTokens(size_t i) const {
+    CheckRow(i);
+    py::list out(batch.Length(i));
+    size_t k = 0;
+    auto write = [&](int64_t id) { PyList_SET_ITEM(out.ptr(), k++, py::str(*tok->IdToToken(id)).release().ptr()); };
+    FieldSink<Field::kIds, decltype(write)&> sink{write};
+    batch.Emit(i, &sink);
+    return out;
+  }
   py::list RowField(size_t i, Field f) const {
     CheckRow(i);
     return py::reinterpret_steal<py::list>(FieldList(batch, i, f));
@@ -271,7 +281,9 @@ class PyTokenizer {
     o.extra_special_tokens = std::move(extra_special_tokens);
     o.continuing_subword_prefix = std::move(continuing_subword_prefix);
     o.max_input_chars_per_word = max_input_chars_per_word;
-    Check(dbf_tok::Tokenizer::Create(std::move(vocab), std::move(o), &tok_));
+    std::unique_ptr<dbf_tok::Tokenizer> tok;
+    Check(dbf_tok::Tokenizer::Create(std::move(vocab), std::move(o), &tok));
+    tok_ = std::move(tok);
   }
 
   // The class encode_text instantiates (distilbert_fast.tokenization.BatchEncoding, a dict
@@ -315,8 +327,7 @@ class PyTokenizer {
     }
     Py_DECREF(one);
     py::object input_ids = Steal(ids), attention_mask = Steal(mask);
-    auto* cls = reinterpret_cast<PyTypeObject*>(batch_encoding_class_.ptr());
-    py::object enc = Steal(cls->tp_new(cls, empty_tuple_.ptr(), nullptr));  // no __init__: class defaults hold
+    py::object enc = NewBatchEncoding();
     if (PyDict_SetItem(enc.ptr(), key_input_ids_.ptr(), input_ids.ptr()) ||
         PyDict_SetItem(enc.ptr(), key_attention_mask_.ptr(), attention_mask.ptr()))
       throw py::error_already_set();
@@ -325,7 +336,8 @@ class PyTokenizer {
     return enc;
   }
 
-  // (outputs dict, BatchResult). first/second: list of str, or list of list of str (pre-split).
+  // (BatchEncoding, rows): the outputs as a BatchEncoding whose _rows is the BatchResult, and
+  // the number of rows. first/second: list of str, or list of list of str (pre-split).
   py::tuple EncodeBatch(py::list first, py::object second, bool is_split_into_words, bool add_special_tokens,
                         const std::string& truncation, int max_length, int stride, const std::string& truncation_side,
                         bool return_overflowing_tokens, const std::string& padding, int pad_to_multiple_of,
@@ -340,10 +352,12 @@ class PyTokenizer {
     o.pad_token_type_id = pad_token_type_id;
 
     auto result = std::make_shared<BatchResult>();
+    result->tok = tok_;
     RunEncode(first, second, is_split_into_words, o, num_threads, &result->batch);
     const EncodedBatch& b = result->batch;
     size_t n = b.num_rows();
-    py::dict out;
+    py::object enc = NewBatchEncoding();
+    py::dict out = py::reinterpret_borrow<py::dict>(enc);
     struct Wanted {
       const char* key;
       Field field;
@@ -395,8 +409,8 @@ class PyTokenizer {
       for (size_t r = 0; r < n; ++r) PyList_SET_ITEM(sample.ptr(), r, PyLong_FromLong(b.InputOfRow(r)));
       out["overflow_to_sample_mapping"] = sample;
     }
-    out["__rows__"] = py::int_(n);
-    return py::make_tuple(out, result);
+    if (PyObject_SetAttr(enc.ptr(), key_rows_.ptr(), py::cast(result).ptr())) throw py::error_already_set();
+    return py::make_tuple(enc, n);
   }
 
   // Rows back to back with no padding: a dict of bytearrays (or None where the caller's buffer was
@@ -511,6 +525,14 @@ class PyTokenizer {
   std::vector<int32_t> SpecialIds() const { return tok_->SpecialIds(); }
 
  private:
+  // An empty BatchEncoding, made without running its __init__ (its per-row state defaults to
+  // class attributes); a plain dict before set_batch_encoding_class.
+  py::object NewBatchEncoding() const {
+    if (!batch_encoding_class_) return py::dict();
+    auto* cls = reinterpret_cast<PyTypeObject*>(batch_encoding_class_.ptr());
+    return Steal(cls->tp_new(cls, empty_tuple_.ptr(), nullptr));
+  }
+
   dbf_tok::EncodeOptions Options(bool add_special_tokens, const std::string& truncation, int max_length, int stride,
                                  const std::string& truncation_side, bool return_overflowing_tokens,
                                  size_t max_rows) const {
@@ -569,11 +591,11 @@ class PyTokenizer {
     Check(st);
   }
 
-  std::unique_ptr<dbf_tok::Tokenizer> tok_;
+  std::shared_ptr<const dbf_tok::Tokenizer> tok_;
   py::object batch_encoding_class_;
   py::tuple empty_tuple_ = py::tuple(0);
   py::str key_input_ids_ = py::str("input_ids"), key_attention_mask_ = py::str("attention_mask"),
-          key_source_ = py::str("_source");
+          key_source_ = py::str("_source"), key_rows_ = py::str("_rows");
 };
 
 std::vector<std::string> ReadVocab(const std::string& path) {
@@ -611,6 +633,7 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("word_ids", [](const BatchResult& r, size_t i) { return r.RowField(i, Field::kWordIds); })
       .def("sequence_ids", [](const BatchResult& r, size_t i) { return r.RowField(i, Field::kSequenceIds); })
       .def("offsets", &BatchResult::RowOffsets)
+      .def("tokens", &BatchResult::RowTokens)
       .def("n_sequences", [](const BatchResult& r, size_t i) { r.CheckRow(i); return r.batch.HasPair(i) ? 2 : 1; })
       .def("__len__", [](const BatchResult& r) { return r.batch.num_rows(); });
   py::class_<PyTokenizer>(m, "Tokenizer")
