@@ -144,6 +144,9 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import resource, sys
     from distilbert_fast import DistilBertTokenizerFast
     tok = DistilBertTokenizerFast.from_pretrained(sys.argv[1])
+    # without transformers loaded, the tokenizer is the plain class and nothing imports it
+    assert "transformers" not in sys.modules
+    assert not any(c.__module__.startswith("transformers") for c in type(tok).__mro__)
     first = " ".join(f"w{i % 10}" for i in range(100))  # 200 tokens: w, ##0, w, ##1, ...
     second = " ".join(f"w{i % 10}" for i in range(200))  # 400 tokens
     assert len(tok(first)["input_ids"]) == 202
