@@ -4,12 +4,19 @@ requested outputs (input_ids + attention_mask), ids checked identical.
 
     python bench/bench_tokenizer.py                 # appends rows to bench/results/tokenizer.csv
     python bench/bench_tokenizer.py --corpus FILE   # your own UTF-8 text, one document per line
+    python bench/bench_tokenizer.py --short         # sentence-sized texts cut from the corpus
 
-Two modes, each in its own process so that the thread settings hold from the start:
+Three modes, each in its own process so that the thread settings hold from the start:
+  call    one 11-character text ("Hello world"), one call at a time: the per-call overhead
   single  one call per text on one thread (RAYON_NUM_THREADS=1, our num_threads=1)
   batch   one call on the whole list, all cores for every provider
 Providers are timed interleaved (A B C A B C ...) and the median of the rounds is reported, since
-other work shares this machine.
+other work shares this machine. call and single run on one thread and are timed in that thread's
+CPU time (time.thread_time), which the other processes on a shared machine disturb far less than
+wall time; batch is timed in wall time (its work is spread over threads).
+
+The distilbert_fast measured is the one Python imports: run this script with another checkout's
+interpreter (its editable install) to measure that code; the impl_commit column says which.
 
 The default corpus is assembled from text found on the machine (no download): English prose
 from the installed packages' descriptions and licences, Chinese / Japanese / Korean from
@@ -97,8 +104,25 @@ def default_corpus():
     return parts
 
 
+def short_texts(parts, min_chars=5, max_chars=150):
+    """Sentence-sized texts: the corpus split at sentence ends and line breaks."""
+    import re
+
+    texts = []
+    for docs in parts.values():
+        for doc in docs:
+            for piece in re.split(r"(?<=[.!?。！？])\s+|\n", doc):
+                piece = piece.strip()
+                if min_chars <= len(piece) <= max_chars:
+                    texts.append(piece)
+    return texts
+
+
+CALL_TEXT = "Hello world"  # 11 characters
+
+
 def run_mode(mode, docs, rounds):
-    single = mode == "single"
+    single = mode in ("single", "call")
     if single:
         os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if single else "true"
@@ -113,7 +137,17 @@ def run_mode(mode, docs, rounds):
     raw.no_truncation()
     ours = DistilBertTokenizer.from_pretrained(vocab_dir, num_threads=1 if single else 0)
 
-    if single:
+    if mode == "call":
+        docs = [CALL_TEXT]
+        calls = 20000
+        providers = {
+            "distilbert_fast": lambda: [ours(CALL_TEXT)["input_ids"] for _ in range(calls)],
+            "distilbert_fast_general_path": lambda: [ours(CALL_TEXT, truncation=True, max_length=512)["input_ids"]
+                                                     for _ in range(calls)],
+            "hf_BertTokenizerFast": lambda: [hf(CALL_TEXT)["input_ids"] for _ in range(calls)],
+            "tokenizers_raw": lambda: [raw.encode(CALL_TEXT).ids for _ in range(calls)],
+        }
+    elif single:
         providers = {
             "distilbert_fast": lambda: [ours(t)["input_ids"] for t in docs],
             "hf_BertTokenizerFast": lambda: [hf(t)["input_ids"] for t in docs],
@@ -126,17 +160,22 @@ def run_mode(mode, docs, rounds):
             "tokenizers_raw": lambda: [e.ids for e in raw.encode_batch(docs)],
         }
     outputs = {name: fn() for name, fn in providers.items()}  # warm-up, and the identity check
+    if mode == "call":
+        outputs = {name: out[:1] for name, out in outputs.items()}
     reference = outputs["hf_BertTokenizerFast"]
     identical = {name: sum(a == b for a, b in zip(out, reference)) / len(reference) for name, out in outputs.items()}
+    timer = time.thread_time if single else time.perf_counter
     times = {name: [] for name in providers}
     for _ in range(rounds):
         for name, fn in providers.items():
-            start = time.perf_counter()
+            start = timer()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer() - start)
+    if mode == "call":  # per call
+        times = {name: [t / calls for t in ts] for name, ts in times.items()}
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)
     n_tokens = sum(len(ids) for ids in reference)
-    result = {}
+    result = {"__impl_commit__": _impl_commit(), "__timer__": timer.__name__}
     for name, ts in times.items():
         ts = sorted(ts)
         median = statistics.median(ts)
@@ -146,11 +185,25 @@ def run_mode(mode, docs, rounds):
     return result
 
 
+def _impl_commit():
+    """The commit of the distilbert_fast checkout being measured (from its own repository)."""
+    import distilbert_fast
+
+    try:
+        out = subprocess.run(["git", "--no-optional-locks", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(distilbert_fast.__file__), timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", help="UTF-8 text file, one document per line (default: text on this machine)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--mode", choices=["single", "batch"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--short", action="store_true", help="sentence-sized texts cut from the corpus")
+    parser.add_argument("--modes", default="call,single,batch", help="comma-separated: call, single, batch")
+    parser.add_argument("--mode", choices=["call", "single", "batch"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--no-save", action="store_true", help="print only, do not append to the CSV")
     args = parser.parse_args()
 
@@ -159,6 +212,8 @@ def main():
             parts = {os.path.basename(args.corpus): [line.rstrip("\n") for line in f if line.strip()]}
     else:
         parts = default_corpus()
+    if args.short:
+        parts = {"short sentences": short_texts(parts)}
     docs = [d for part in parts.values() for d in part]
 
     if args.mode:  # child: measure and print JSON
@@ -175,29 +230,34 @@ def main():
     composition = ", ".join(f"{name} {len(d)} docs {sum(len(x.encode()) for x in d) / 1e6:.2f} MB"
                             for name, d in parts.items())
     rows, table = [], []
-    for mode in ("single", "batch"):
+    for mode in args.modes.split(","):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode", mode, "--rounds", str(args.rounds)]
-                             + (["--corpus", args.corpus] if args.corpus else []),
+                             + (["--corpus", args.corpus] if args.corpus else []) + (["--short"] if args.short else []),
                              capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        impl_commit, timer = result.pop("__impl_commit__"), result.pop("__timer__")
+        fmt = ".3e" if mode == "call" else ".4f"
         hf_median = result["hf_BertTokenizerFast"]["median_s"]
         raw_median = result["tokenizers_raw"]["median_s"]
         for name, r in result.items():
-            row = {**env, "threads": 1 if mode == "single" else os.cpu_count(), "dtype": "int64",
-                   "shape": f"{len(docs)} docs", "mode": mode, "provider": name, "corpus": composition,
+            row = {**env, "threads": os.cpu_count() if mode == "batch" else 1, "dtype": "int64",
+                   "shape": f"1 text of {len(CALL_TEXT)} chars" if mode == "call" else f"{len(docs)} docs",
+                   "mode": mode, "provider": name, "corpus": composition, "impl_commit": impl_commit,
+                   "timer": timer,
                    "tokenizers": tokenizers.__version__,
-                   "median_s": f"{r['median_s']:.4f}", "p20_s": f"{r['p20_s']:.4f}", "p80_s": f"{r['p80_s']:.4f}",
+                   "median_s": f"{r['median_s']:{fmt}}", "p20_s": f"{r['p20_s']:{fmt}}", "p80_s": f"{r['p80_s']:{fmt}}",
                    "mb_per_s": f"{r['mb_per_s']:.2f}", "tokens_per_s": f"{r['tokens_per_s']:.0f}",
                    "speedup_vs_hf": f"{hf_median / r['median_s']:.2f}",
                    "speedup_vs_tokenizers": f"{raw_median / r['median_s']:.2f}",
                    "identical_ids": f"{100 * r['identical_ids']:.2f}%", "n_bytes": r["n_bytes"],
                    "n_tokens": r["n_tokens"], "rounds": args.rounds}
             rows.append(row)
-            table.append([mode, name, row["mb_per_s"], row["tokens_per_s"], row["speedup_vs_hf"],
+            per_call = f"{r['median_s'] * 1e6:.2f}" if mode == "call" else ""
+            table.append([mode, name, per_call, row["mb_per_s"], row["tokens_per_s"], row["speedup_vs_hf"],
                           row["speedup_vs_tokenizers"], row["identical_ids"]])
     print(f"corpus: {composition}; machine: {env['machine']}; load {env['load_1m']}")
-    print(format_table(["mode", "provider", "MB/s", "tokens/s", "x HF", "x tokenizers", "ids identical"], table,
-                       right={2, 3, 4, 5}))
+    print(format_table(["mode", "provider", "us/call", "MB/s", "tokens/s", "x HF", "x tokenizers", "ids identical"],
+                       table, right={2, 3, 4, 5, 6}))
     if not args.no_save:
         append_rows(RESULTS, rows)
         print(f"appended {len(rows)} rows to {RESULTS}")

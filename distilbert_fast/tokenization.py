@@ -12,6 +12,10 @@ released; the result does not depend on the number of threads.
 
 import json
 import os
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import NamedTuple
 
 _core = None
 
@@ -31,23 +35,62 @@ def _core_module():
     return _core
 
 
+_INPUT_NAMES = ["input_ids", "attention_mask"]
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt", "tokenizer_file": "tokenizer.json"}
 _SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: "none", "do_not_pad": "none",
             None: "none"}
+VERY_LARGE_INTEGER = int(1e30)  # HF's model_max_length for "no limit"
+LARGE_INTEGER = int(1e20)  # above this, model_max_length means "no limit" (HF)
+# The most rows one call with return_overflowing_tokens=True may produce (a tokenizer's
+# max_rows_per_call; None: no cap). A pair's overflow windows combine as a cross product, so two
+# 600-token texts at max_length=6 already give 40,000 rows: a cap turns a runaway request into a
+# clear ValueError instead of gigabytes of lists.
+MAX_ROWS_PER_CALL = 1 << 20
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
-               "only_second": "only_second", False: "none", "do_not_truncate": "none"}
+               "only_second": "only_second", False: "none", "do_not_truncate": "none", None: "none"}
+
+
+class CharSpan(NamedTuple):
+    """A span of characters in the original text: [start, end)."""
+
+    start: int
+    end: int
+
+
+class TokenSpan(NamedTuple):
+    """A span of tokens in an encoded row: [start, end)."""
+
+    start: int
+    end: int
 
 
 class BatchEncoding(dict):
-    """The outputs of a tokenizer call: a dict (``enc["input_ids"]``) with attribute access
-    (``enc.input_ids``), ``word_ids(i)`` / ``sequence_ids(i)`` per row and ``.to(device)``."""
+    """The outputs of a tokenizer call, as transformers' BatchEncoding: a dict (``enc["input_ids"]``)
+    with attribute access (``enc.input_ids``), ``.to(device)``, ``convert_to_tensors``, and the
+    per-row maps ``tokens``, ``word_ids``, ``sequence_ids``, ``char_to_token``, ``token_to_chars``,
+    ``token_to_word``, ``word_to_tokens``, ``word_to_chars``, ``char_to_word``,
+    ``token_to_sequence`` (row 0 when the batch index is left out). ``enc[i]`` is row i's
+    encoding (ids, tokens, offsets, word ids, ...).
 
-    def __init__(self, data=None, rows=None, tensor_type=None, id_to_token=None):
+    Built without per-row state by ``pad`` or by hand (``BatchEncoding(data, tensor_type="pt")``),
+    the maps raise ValueError, as transformers' do for a slow tokenizer's output.
+    """
+
+    # Per-row state, as class attributes so that the C++ fast path can create an instance without
+    # running __init__: _rows answers the per-row maps (the core's BatchResult, or _MaterializedRows
+    # after unpickling); _source = (tokenizer, text) re-encodes on first use instead.
+    _rows = None
+    _source = None
+    _n_sequences = None
+
+    def __init__(self, data=None, encoding=None, tensor_type=None, prepend_batch_axis=False, n_sequences=None):
         super().__init__(data or {})
-        self._rows = rows
-        self._tensor_type = tensor_type
-        self._id_to_token = id_to_token
+        if encoding is not None:
+            self._rows = encoding
+        if n_sequences is not None:
+            self._n_sequences = n_sequences
+        self.convert_to_tensors(tensor_type, prepend_batch_axis)
 
     def __getattr__(self, name):
         try:
@@ -55,33 +98,318 @@ class BatchEncoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
-    def _row(self, batch_index):
+    def __missing__(self, key):
+        # enc[i]: row i's encoding, as transformers' enc[i] gives its tokenizers.Encoding
+        if isinstance(key, int) and not isinstance(key, bool):
+            rows = self._row_data()
+            n = len(rows)
+            if not -n <= key < n:
+                raise IndexError(f"batch index must be in [0, {n}), got {key}")
+            return RowEncoding(rows, key % n)
+        raise KeyError(key)
+
+    @property
+    def data(self):
+        """The dict itself (transformers' BatchEncoding is a UserDict and keeps its items in .data)."""
+        return self
+
+    def __reduce__(self):
+        rows = None
+        if self._rows is not None or self._source is not None:
+            rows = _MaterializedRows.of(self._row_data())
+        return _rebuild_batch_encoding, (dict(self), rows, self._n_sequences)
+
+    # -- per-row maps --------------------------------------------------------------------------------
+
+    def _row_data(self):
         if self._rows is None:
-            raise ValueError("per-row views need a BatchEncoding made by a tokenizer call")
-        if not 0 <= batch_index < len(self._rows):
-            raise IndexError(f"batch_index must be in [0, {len(self._rows)}), got {batch_index}")
-        return batch_index
+            if self._source is None:
+                raise ValueError("per-row maps (word_ids, char_to_token, ...) need a BatchEncoding made by a "
+                                 "tokenizer call, not by pad() or by hand")
+            tokenizer, text = self._source
+            self._rows = tokenizer._rows_of(text)
+        return self._rows
 
-    def word_ids(self, batch_index: int = 0):
-        """Word index of each token of row ``batch_index`` (None for special and padding tokens)."""
-        return self._rows.word_ids(self._row(batch_index))
+    def _row(self, batch_index):
+        rows = self._row_data()
+        n = len(rows)
+        if not -n <= batch_index < n:
+            raise IndexError(f"batch_index must be in [0, {n}), got {batch_index}")
+        return batch_index % n
 
-    def sequence_ids(self, batch_index: int = 0):
-        """0 / 1 for tokens of the first / second text of row ``batch_index``, None for the rest."""
-        return self._rows.sequence_ids(self._row(batch_index))
+    @staticmethod
+    def _split_index(batch_or_index, index):
+        # transformers' convention: f(i) is row 0's index i, f(b, i) is row b's
+        return (0, batch_or_index) if index is None else (batch_or_index, index)
+
+    @property
+    def n_sequences(self):
+        """1 for single texts, 2 for pairs (None if unknown)."""
+        if self._n_sequences is None and (self._rows is not None or self._source is not None):
+            rows = self._row_data()
+            if len(rows):
+                self._n_sequences = rows.n_sequences(0)
+        return self._n_sequences
+
+    @property
+    def is_fast(self):
+        """True when the per-row maps are available (made by a tokenizer call)."""
+        return self._rows is not None or self._source is not None
+
+    @property
+    def encodings(self):
+        """Each row's encoding (RowEncoding), or None for a BatchEncoding made by pad() or by hand."""
+        if not self.is_fast:
+            return None
+        rows = self._row_data()
+        return [RowEncoding(rows, i) for i in range(len(rows))]
 
     def tokens(self, batch_index: int = 0):
         """The tokens of row ``batch_index``."""
-        return [self._id_to_token(i) for i in self._rows.ids(self._row(batch_index))]
+        return self._row_data().tokens(self._row(batch_index))
 
-    def to(self, device):
-        """Moves every tensor to ``device`` (return_tensors='pt' only); returns self."""
-        import torch
+    def word_ids(self, batch_index: int = 0):
+        """Word index of each token of row ``batch_index`` (None for special and padding tokens)."""
+        return self._row_data().word_ids(self._row(batch_index))
+
+    def sequence_ids(self, batch_index: int = 0):
+        """0 / 1 for tokens of the first / second text of row ``batch_index``, None for the rest."""
+        return self._row_data().sequence_ids(self._row(batch_index))
+
+    def token_to_sequence(self, batch_or_token_index: int, token_index=None):
+        """Which text (0 or 1) a token comes from; None for special and padding tokens."""
+        b, t = self._split_index(batch_or_token_index, token_index)
+        return self.sequence_ids(b)[t]
+
+    def token_to_word(self, batch_or_token_index: int, token_index=None):
+        """The word a token belongs to (in its own text); None for special and padding tokens."""
+        b, t = self._split_index(batch_or_token_index, token_index)
+        return self.word_ids(b)[t]
+
+    def _sequence_range(self, rows, b, sequence_index):
+        """Tokens [start, end) of text ``sequence_index`` in row b, as the Rust Encoding keeps them:
+        a text the row does not have (the second of a single text) spans the whole row."""
+        seqs = rows.sequence_ids(b)
+        if not 0 <= sequence_index < rows.n_sequences(b):
+            return 0, len(seqs)
+        hits = [i for i, s in enumerate(seqs) if s == sequence_index]
+        return (hits[0], hits[-1] + 1) if hits else (0, 0)
+
+    def word_to_tokens(self, batch_or_word_index: int, word_index=None, sequence_index: int = 0):
+        """TokenSpan of the tokens of a word of text ``sequence_index``, or None if none is left."""
+        b, w = self._split_index(batch_or_word_index, word_index)
+        rows = self._row_data()
+        b = self._row(b)
+        start, end = self._sequence_range(rows, b, sequence_index)
+        first = last = None
+        for i, word in enumerate(rows.word_ids(b)[start:end], start):
+            if word is not None and word > w:
+                break  # words come in order within a text
+            if word == w:
+                first = i if first is None else first
+                last = i
+        return None if first is None else TokenSpan(first, last + 1)
+
+    def token_to_chars(self, batch_or_token_index: int, token_index=None):
+        """CharSpan of a token in its text; None for special and padding tokens."""
+        b, t = self._split_index(batch_or_token_index, token_index)
+        rows = self._row_data()
+        b = self._row(b)
+        if rows.sequence_ids(b)[t] is None:
+            return None
+        return CharSpan(*rows.offsets(b)[t])
+
+    def char_to_token(self, batch_or_char_index: int, char_index=None, sequence_index: int = 0):
+        """Index of the token of text ``sequence_index`` that covers a character, or None
+        (white space, a removed character, or a character cut off by truncation)."""
+        b, c = self._split_index(batch_or_char_index, char_index)
+        rows = self._row_data()
+        b = self._row(b)
+        start, end = self._sequence_range(rows, b, sequence_index)
+        for i, (lo, hi) in enumerate(rows.offsets(b)[start:end], start):
+            if lo <= c < hi:
+                return i
+        return None
+
+    def word_to_chars(self, batch_or_word_index: int, word_index=None, sequence_index: int = 0):
+        """CharSpan of a word of text ``sequence_index``, or None if none of its tokens is left."""
+        b, w = self._split_index(batch_or_word_index, word_index)
+        span = self.word_to_tokens(b, w, sequence_index)
+        if span is None:
+            return None
+        offsets = self._row_data().offsets(self._row(b))
+        return CharSpan(offsets[span.start][0], offsets[span.end - 1][1])
+
+    def char_to_word(self, batch_or_char_index: int, char_index=None, sequence_index: int = 0):
+        """The word of text ``sequence_index`` that covers a character, or None."""
+        b, c = self._split_index(batch_or_char_index, char_index)
+        token = self.char_to_token(b, c, sequence_index)
+        return None if token is None else self.word_ids(b)[token]
+
+    # -- tensors -------------------------------------------------------------------------------------
+
+    def convert_to_tensors(self, tensor_type=None, prepend_batch_axis=False):
+        """Turns every value into a torch tensor ('pt') or numpy array ('np'); returns self."""
+        if tensor_type is None:
+            return self
+        tensor_type = getattr(tensor_type, "value", tensor_type)  # transformers' TensorType
+        if tensor_type not in ("pt", "np"):
+            raise ValueError(f"tensor_type must be 'pt', 'np' or None, got {tensor_type!r}")
+        import numpy as np
+
+        if tensor_type == "pt":
+            import torch
+
+            is_tensor = torch.is_tensor
+
+            def as_tensor(value):
+                if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+                    return torch.from_numpy(np.array(value))
+                return torch.tensor(value, dtype=torch.int64 if _is_empty(value) else None)
+        else:
+            def is_tensor(value):
+                return isinstance(value, np.ndarray)
+
+            def as_tensor(value, dtype=None):
+                if (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, np.ndarray))
+                        and len({len(v) for v in value}) > 1 and dtype is None):
+                    # ragged rows: an object array of arrays, as transformers makes
+                    value = as_tensor([np.asarray(v) for v in value], dtype=object)
+                return np.asarray(value, dtype=np.int64 if dtype is None and _is_empty(value) else dtype)
 
         for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                self[key] = value.to(device)
+            if prepend_batch_axis:
+                value = [value]
+            if is_tensor(value):
+                continue
+            try:
+                self[key] = as_tensor(value)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(
+                    "Unable to create tensor, you should probably activate truncation and/or padding with "
+                    "'padding=True' 'truncation=True' to have batched tensors with the same length. Perhaps your "
+                    f"features (`{key}` in this case) have excessive nesting (inputs type `list` where type `int` "
+                    "is expected).") from exc
         return self
+
+    def to(self, device, *, non_blocking=False):
+        """Moves every tensor to ``device`` (a str, torch.device or int); returns self. Anything else
+        (a dtype, say) is ignored with a warning, as transformers does, so that the ids are never cast."""
+        import torch
+
+        if isinstance(device, (str, int, torch.device)) and not isinstance(device, bool):
+            for key, value in self.items():
+                if isinstance(value, torch.Tensor):
+                    self[key] = value.to(device=device, non_blocking=non_blocking)
+        else:
+            import warnings
+
+            warnings.warn(f"BatchEncoding.to({device!r}): only a device moves a BatchEncoding; nothing was done")
+        return self
+
+
+def _rebuild_batch_encoding(data, rows, n_sequences):
+    enc = BatchEncoding(data)
+    enc._rows = rows
+    enc._n_sequences = n_sequences
+    return enc
+
+
+class _MaterializedRows:
+    """Per-row data as plain lists: what a BatchEncoding keeps when it is pickled (the core's rows
+    stay in C++ memory and do not pickle)."""
+
+    _FIELDS = ("ids", "type_ids", "attention_mask", "special_tokens_mask", "offsets", "word_ids", "sequence_ids",
+               "tokens", "n_sequences")
+
+    def __init__(self, rows):
+        self._data = rows  # list of dicts, one per row
+
+    @classmethod
+    def of(cls, rows):
+        if isinstance(rows, cls):
+            return rows
+        return cls([{name: getattr(rows, name)(i) for name in cls._FIELDS} for i in range(len(rows))])
+
+    def __len__(self):
+        return len(self._data)
+
+    def __getattr__(self, name):
+        if name in self._FIELDS:
+            return lambda i: self._data[i][name]
+        raise AttributeError(name)
+
+
+class RowEncoding:
+    """One row of a BatchEncoding, with the attributes of a ``tokenizers.Encoding`` (ids, type_ids,
+    tokens, offsets, attention_mask, special_tokens_mask, word_ids, sequence_ids, n_sequences)."""
+
+    def __init__(self, rows, index):
+        self._rows, self._index = rows, index
+
+    def __len__(self):
+        return len(self._rows.ids(self._index))
+
+    def __repr__(self):
+        return f"RowEncoding(num_tokens={len(self)})"
+
+    ids = property(lambda self: self._rows.ids(self._index))
+    type_ids = property(lambda self: self._rows.type_ids(self._index))
+    tokens = property(lambda self: self._rows.tokens(self._index))
+    offsets = property(lambda self: [tuple(o) for o in self._rows.offsets(self._index)])
+    attention_mask = property(lambda self: self._rows.attention_mask(self._index))
+    special_tokens_mask = property(lambda self: self._rows.special_tokens_mask(self._index))
+    word_ids = property(lambda self: self._rows.word_ids(self._index))
+    words = word_ids
+    sequence_ids = property(lambda self: self._rows.sequence_ids(self._index))
+    n_sequences = property(lambda self: self._rows.n_sequences(self._index))
+
+
+class _BackendView:
+    """The part of a ``tokenizers.Tokenizer`` that transformers' pipelines read."""
+
+    class _Model:
+        type = "WordPiece"
+
+        def __init__(self, prefix):
+            self.continuing_subword_prefix = prefix
+
+    def __init__(self, prefix):
+        self.model = self._Model(prefix)
+
+
+class PackedEncoding:
+    """Rows back to back with no padding, as ``DistilBertTokenizer.encode_packed`` returns them:
+
+    - ``input_ids``: int64 (total,), row r is ``input_ids[cu_seqlens[r]:cu_seqlens[r + 1]]``
+    - ``cu_seqlens``: int32 (rows + 1,), starting at 0
+    - ``max_seqlen``: int, the longest row (known on the host: no device sync to find it)
+    - ``overflow_to_sample_mapping``: int64 (rows,), the text each row comes from
+    - ``offset_mapping``: int64 (total, 2) code point spans, (0, 0) for special tokens; or None
+    - ``word_ids``: int64 (total,), -1 for special tokens; or None
+    - ``sequence_ids``: int8 (total,), 0 / 1 = first / second text, -1 for special tokens; or None
+
+    Unpacks as ``ids, cu_seqlens, max_seqlen = tokenizer.encode_packed(texts)``.
+    """
+
+    __slots__ = ("input_ids", "cu_seqlens", "max_seqlen", "overflow_to_sample_mapping", "offset_mapping", "word_ids",
+                 "sequence_ids")
+
+    def __init__(self, input_ids, cu_seqlens, max_seqlen, overflow_to_sample_mapping, offset_mapping=None,
+                 word_ids=None, sequence_ids=None):
+        self.input_ids, self.cu_seqlens, self.max_seqlen = input_ids, cu_seqlens, max_seqlen
+        self.overflow_to_sample_mapping = overflow_to_sample_mapping
+        self.offset_mapping, self.word_ids, self.sequence_ids = offset_mapping, word_ids, sequence_ids
+
+    def __iter__(self):
+        return iter((self.input_ids, self.cu_seqlens, self.max_seqlen))
+
+    @property
+    def num_rows(self):
+        return len(self.cu_seqlens) - 1
+
+    def __repr__(self):
+        return f"PackedEncoding(rows={self.num_rows}, tokens={len(self.input_ids)}, max_seqlen={self.max_seqlen})"
 
 
 class DistilBertTokenizer:
@@ -92,18 +420,32 @@ class DistilBertTokenizer:
     ``do_basic_tokenize``, ``never_split``, the special tokens, ``tokenize_chinese_chars``,
     ``strip_accents`` (None: follow ``do_lower_case``). Also ``vocab`` (dict token -> id or list of
     tokens) or ``tokenizer_file`` (a tokenizer.json with a WordPiece model) instead of
-    ``vocab_file``, ``model_max_length``, ``padding_side``, ``truncation_side`` and ``num_threads``
-    (threads for batches; 0 or None: all cores).
+    ``vocab_file``, ``model_max_length``, ``padding_side``, ``truncation_side``, ``num_threads``
+    (threads for batches; 0 or None: all cores) and ``max_rows_per_call`` (the cap on overflow rows).
+
+    Where transformers is loaded, an instance is also a ``transformers.PreTrainedTokenizerBase``
+    (a subclass made on first use, as the model outputs do), so that clients that check with
+    isinstance (sentence-transformers, Trainer) take it; transformers is never imported here.
     """
 
     vocab_files_names = VOCAB_FILES_NAMES
-    model_input_names = ["input_ids", "attention_mask"]
+    model_input_names = list(_INPUT_NAMES)
+    pad_token_type_id = 0
+    # special tokens BERT does not have (transformers' clients read them and get None)
+    bos_token = eos_token = bos_token_id = eos_token_id = None
+    _transformers_twin = False  # True on the transformers-compatible subclass
+
+    def __new__(cls, *args, **kwargs):
+        if not cls._transformers_twin and "transformers" in sys.modules:
+            cls = _transformers_twin(cls)
+        return super().__new__(cls)
 
     def __init__(self, vocab_file=None, do_lower_case=True, do_basic_tokenize=True, never_split=None,
                  unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
                  tokenize_chinese_chars=True, strip_accents=None, *, vocab=None, tokenizer_file=None,
-                 model_max_length=512, padding_side="right", truncation_side="right",
-                 clean_up_tokenization_spaces=False, num_threads=None, **kwargs):
+                 model_max_length=None, padding_side="right", truncation_side="right",
+                 clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
+                 continuing_subword_prefix=None, max_input_chars_per_word=None, **kwargs):
         core = _core_module()
         specials = dict(unk_token=unk_token, sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
                         mask_token=mask_token)
@@ -131,16 +473,14 @@ class DistilBertTokenizer:
         else:
             raise ValueError("DistilBertTokenizer needs a vocab: pass vocab_file (vocab.txt), tokenizer_file "
                              "(tokenizer.json) or vocab (dict or list)")
+        prefix = prefix if continuing_subword_prefix is None else continuing_subword_prefix
+        max_chars = max_chars if max_input_chars_per_word is None else max_input_chars_per_word
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if truncation_side not in ("right", "left"):
             raise ValueError(f"truncation_side must be 'right' or 'left', got {truncation_side!r}")
         if strip_accents is not None and not isinstance(strip_accents, bool):
             raise TypeError(f"strip_accents must be None, True or False, got {strip_accents!r}")
-        self._core = core.Tokenizer(
-            tokens, bool(do_lower_case), strip_accents, bool(tokenize_chinese_chars), bool(do_basic_tokenize),
-            list(never_split or []), specials["unk_token"], specials["sep_token"], specials["pad_token"],
-            specials["cls_token"], specials["mask_token"], [], prefix, int(max_chars))
         self.vocab_file = vocab_file
         self.do_lower_case = bool(do_lower_case)
         self.do_basic_tokenize = bool(do_basic_tokenize)
@@ -149,19 +489,49 @@ class DistilBertTokenizer:
         self.strip_accents = strip_accents
         for name, value in specials.items():
             setattr(self, name, value)
-        self.model_max_length = int(model_max_length) if model_max_length is not None else 512
+        self._wordpiece = (prefix, int(max_chars))
+        self._build_core(tokens)
+        if model_max_length is not None and (not _is_int(model_max_length) or model_max_length < 0):
+            raise ValueError(f"model_max_length must be a non-negative int or None, got {model_max_length!r}")
+        # HF: no model_max_length means "unlimited" (int(1e30)): truncation=True without max_length
+        # then truncates nothing, and padding='max_length' without max_length pads nothing
+        self.model_max_length = VERY_LARGE_INTEGER if model_max_length is None else int(model_max_length)
         self.padding_side = padding_side
         self.truncation_side = truncation_side
         self.clean_up_tokenization_spaces = bool(clean_up_tokenization_spaces)
         self.num_threads = int(num_threads or 0)
+        if max_rows_per_call is not None and (not _is_int(max_rows_per_call) or max_rows_per_call < 1):
+            raise ValueError(f"max_rows_per_call must be a positive int or None, got {max_rows_per_call!r}")
+        self.max_rows_per_call = max_rows_per_call
         self._special_ids = set(self._core.special_ids())
         self.unk_token_id = self._core.token_to_id(self.unk_token)
         self.sep_token_id = self._core.token_to_id(self.sep_token)
         self.pad_token_id = self._core.token_to_id(self.pad_token)
         self.cls_token_id = self._core.token_to_id(self.cls_token)
         self.mask_token_id = self._core.token_to_id(self.mask_token)
-        self.pad_token_type_id = 0
         self.name_or_path = kwargs.get("name_or_path", "")
+        # a BERT model's tokenizer also returns token_type_ids by default (HF's model_input_names)
+        self.model_input_names = list(kwargs.get("model_input_names", type(self).model_input_names))
+        self.init_kwargs = {"do_lower_case": self.do_lower_case, "strip_accents": strip_accents,
+                            "tokenize_chinese_chars": self.tokenize_chinese_chars,
+                            "model_max_length": self.model_max_length, **specials}
+
+    def _build_core(self, tokens):
+        core = _core_module()
+        prefix, max_chars = self._wordpiece
+        self._core = core.Tokenizer(
+            tokens, self.do_lower_case, self.strip_accents, self.tokenize_chinese_chars, self.do_basic_tokenize,
+            self.never_split, self.unk_token, self.sep_token, self.pad_token, self.cls_token, self.mask_token, [],
+            prefix, max_chars)
+        self._core.set_batch_encoding_class(BatchEncoding)
+
+    # pickling and copying (DataLoader workers, multiprocessing, copy.deepcopy): rebuilt by the
+    # constructor from the vocab and the settings, so the transformers-compatible subclass and the
+    # plain class pickle alike
+    def __reduce__(self):
+        settings = {name: getattr(self, name) for name in _SETTINGS}
+        settings["continuing_subword_prefix"], settings["max_input_chars_per_word"] = self._wordpiece
+        return _rebuild_tokenizer, (_plain_class(type(self)), self._core.vocab(), settings)
 
     # -- loading and saving -------------------------------------------------------------------------
 
@@ -181,7 +551,7 @@ class DistilBertTokenizer:
         init = {k: v for k, v in config.items()
                 if k in ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars",
                          "strip_accents", "model_max_length", "padding_side", "truncation_side",
-                         "clean_up_tokenization_spaces") + _SPECIAL_NAMES}
+                         "clean_up_tokenization_spaces", "model_input_names") + _SPECIAL_NAMES}
         json_file = os.path.join(path, "tokenizer.json")
         vocab_file = os.path.join(path, "vocab.txt")
         if os.path.isfile(json_file):
@@ -195,8 +565,8 @@ class DistilBertTokenizer:
         elif not os.path.isfile(vocab_file):
             raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json")
         init.update(kwargs)
-        if init.get("model_max_length") is not None and init["model_max_length"] > 1e29:
-            init["model_max_length"] = 512  # HF's "very large integer" placeholder
+        if isinstance(init.get("model_max_length"), float):  # json's 1e+30
+            init["model_max_length"] = int(init["model_max_length"])
         return cls(vocab_file=vocab_file if os.path.isfile(vocab_file) else None, name_or_path=path, **init)
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -220,6 +590,8 @@ class DistilBertTokenizer:
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
             **specials,
         }
+        if self.model_input_names != type(self).model_input_names:
+            config["model_input_names"] = list(self.model_input_names)
         config_path = os.path.join(save_directory, "tokenizer_config.json")
         map_path = os.path.join(save_directory, "special_tokens_map.json")
         for file, data in ((config_path, config), (map_path, specials)):
@@ -245,6 +617,10 @@ class DistilBertTokenizer:
         return [getattr(self, name) for name in ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")]
 
     @property
+    def special_tokens_map(self):
+        return {name: getattr(self, name) for name in _SPECIAL_NAMES}
+
+    @property
     def all_special_ids(self):
         return [self._core.token_to_id(t) for t in self.all_special_tokens]
 
@@ -268,7 +644,16 @@ class DistilBertTokenizer:
             raise IndexError(f"token id {index} is out of range: expected 0 <= id < {self.vocab_size}")
         return token
 
+    @property
+    def _tokenizer(self):
+        # A fast tokenizer's Rust object, as far as transformers' token-classification pipeline
+        # reads it (model.continuing_subword_prefix tells it the tokenizer marks subwords, so that
+        # aggregation_strategy='first' / 'average' / 'max' finds words as with HF's tokenizer).
+        return _BackendView(self._wordpiece[0])
+
     # -- encoding -----------------------------------------------------------------------------------
+
+    is_fast = True  # offsets, word ids and overflow windows, as HF's Rust-backed tokenizers give
 
     def tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
         """WordPiece tokens of ``text`` (special tokens in the text stay whole)."""
@@ -286,89 +671,350 @@ class DistilBertTokenizer:
         """input_ids of one text (or pair) as a list, or a tensor with return_tensors."""
         return self(text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
+    def encode_plus(self, text, text_pair=None, **kwargs):
+        """One text (or pair, or list of words with is_split_into_words=True) encoded: transformers
+        4's encode_plus, the same as ``tokenizer(text, text_pair, ...)``."""
+        if _is_batched(text, kwargs.get("is_split_into_words", False), "text"):
+            raise ValueError("encode_plus takes one text (a str, or a list of words with is_split_into_words=True); "
+                             "use batch_encode_plus or __call__ for a batch")
+        return self(text, text_pair, **kwargs)
+
+    def batch_encode_plus(self, batch_text_or_text_pairs, **kwargs):
+        """A batch of texts, or of (text, text_pair) pairs, encoded: transformers 4's
+        batch_encode_plus, the same as ``tokenizer(texts, text_pairs, ...)``."""
+        if not isinstance(batch_text_or_text_pairs, (list, tuple)):
+            raise ValueError("batch_text_or_text_pairs must be a list of texts or of (text, text_pair) pairs, got "
+                             f"{type(batch_text_or_text_pairs).__name__}")
+        split = kwargs.get("is_split_into_words", False)
+        items = list(batch_text_or_text_pairs)
+        # a pair is a 2-tuple/list of texts (of lists of words, pre-split)
+        is_pair = bool(items) and isinstance(items[0], (list, tuple)) and (
+            not split or (len(items[0]) == 2 and isinstance(items[0][0], (list, tuple))))
+        if not is_pair:
+            return self(items, **kwargs) if items else self._empty_batch(**kwargs)
+        for i, item in enumerate(items):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ValueError(f"batch_text_or_text_pairs[{i}] must be a (text, text_pair) pair, got {item!r}")
+        return self([a for a, _ in items], [b for _, b in items], **kwargs)
+
+    def _empty_batch(self, **kwargs):
+        return self([], **kwargs)
+
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         if token_ids_1 is None:
             return [self.cls_token_id, *token_ids_0, self.sep_token_id]
         return [self.cls_token_id, *token_ids_0, self.sep_token_id, *token_ids_1, self.sep_token_id]
 
-    def __call__(self, text=None, text_pair=None, add_special_tokens=True, padding=False, truncation=None,
-                 max_length=None, stride=0, is_split_into_words=False, pad_to_multiple_of=None, padding_side=None,
-                 return_tensors=None, return_token_type_ids=None, return_attention_mask=None,
-                 return_overflowing_tokens=False, return_special_tokens_mask=False, return_offsets_mapping=False,
-                 return_length=False, verbose=True, **kwargs):
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        if token_ids_1 is None:
+            return [0] * (len(token_ids_0) + 2)
+        return [0] * (len(token_ids_0) + 2) + [1] * (len(token_ids_1) + 1)
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        """1 for special tokens, 0 for the rest: of ids that already hold them
+        (``already_has_special_tokens=True``, as the data collators ask), or of the row that
+        build_inputs_with_special_tokens would make."""
+        if already_has_special_tokens:
+            if token_ids_1 is not None:
+                raise ValueError("token_ids_1 must be None with already_has_special_tokens=True: the ids given "
+                                 "already hold both sequences")
+            special = self._special_ids
+            return [1 if int(t) in special else 0 for t in _as_id_list(token_ids_0)]
+        if token_ids_1 is None:
+            return [1] + [0] * len(token_ids_0) + [1]
+        return [1] + [0] * len(token_ids_0) + [1] + [0] * len(token_ids_1) + [1]
+
+    def num_special_tokens_to_add(self, pair=False):
+        return 3 if pair else 2
+
+    @property
+    def max_len_single_sentence(self):
+        return self.model_max_length - 2
+
+    @property
+    def max_len_sentences_pair(self):
+        return self.model_max_length - 3
+
+    def __call__(self, text=None, text_pair=None, **kwargs):
         """Encodes a text, a batch of texts, pairs, or pre-split words, as HuggingFace's tokenizer
-        ``__call__`` does (same arguments, same outputs)."""
+        ``__call__`` does (same arguments, same outputs); see ``_call`` for the arguments."""
+        if not kwargs and text_pair is None and type(text) is str and self.model_input_names == _INPUT_NAMES:
+            # the common call, one str with every default: built in C++ (per-row maps on demand)
+            return self._core.encode_text(text, self)
+        return self._call(text, text_pair, **kwargs)
+
+    def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
+              padding=False, truncation=None, max_length=None, stride=0, is_split_into_words=False,
+              pad_to_multiple_of=None, padding_side=None, return_tensors=None, return_token_type_ids=None,
+              return_attention_mask=None, return_overflowing_tokens=False, return_special_tokens_mask=False,
+              return_offsets_mapping=False, return_length=False, verbose=True, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
-        if text is None:
-            raise ValueError("text is required: a str, a list of str, or (is_split_into_words=True) lists of words")
+        if text_target is not None or text is None:
+            # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
+            if text is None and text_target is None:
+                raise ValueError("text or text_target is required: a str, a list of str, or "
+                                 "(is_split_into_words=True) lists of words")
+            options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                           max_length=max_length, stride=stride, is_split_into_words=is_split_into_words,
+                           pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                           return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
+                           return_attention_mask=return_attention_mask,
+                           return_overflowing_tokens=return_overflowing_tokens,
+                           return_special_tokens_mask=return_special_tokens_mask,
+                           return_offsets_mapping=return_offsets_mapping, return_length=return_length,
+                           verbose=verbose)
+            targets = self._call(text_target, text_pair_target, **options)
+            if text is None:
+                return targets
+            encodings = self._call(text, text_pair, **options)
+            encodings["labels"] = targets["input_ids"]
+            return encodings
+
         batched = _is_batched(text, is_split_into_words, "text")
         if not batched and text_pair is not None and len(text_pair) == 0:
             text_pair = None  # HF: an empty pair for a single text means no pair
         if text_pair is not None and _is_batched(text_pair, is_split_into_words, "text_pair") != batched:
             raise ValueError("text and text_pair must both be single inputs or both be batches")
-        first = list(text) if batched else [text]
-        second = None if text_pair is None else (list(text_pair) if batched else [text_pair])
-
-        try:
-            padding_mode = _PADDING[padding]
-        except (KeyError, TypeError):
-            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}") from None
-        if truncation is None:
-            # HF: max_length without an explicit truncation strategy means longest_first
-            truncation_mode = "longest_first" if max_length is not None and padding_mode != "max_length" else "none"
-        else:
-            try:
-                truncation_mode = _TRUNCATION[truncation]
-            except (KeyError, TypeError):
-                raise ValueError("truncation must be True, False, 'longest_first', 'only_first', 'only_second' or "
-                                 f"'do_not_truncate', got {truncation!r}") from None
-        if max_length is None and (truncation_mode != "none" or padding_mode == "max_length"):
-            max_length = self.model_max_length
-        if max_length is not None and (not _is_int(max_length) or max_length < 0):
-            raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
-        if not _is_int(stride) or stride < 0:
+        padding_mode, truncation_mode, max_length = self._strategies(padding, truncation, max_length,
+                                                                     pad_to_multiple_of, verbose)
+        stride = stride or 0
+        if stride and (not _is_int(stride) or stride < 0):
             raise ValueError(f"stride must be a non-negative int, got {stride!r}")
         if truncation_mode != "none" and max_length is not None and max_length >= 2 and stride > max_length - 2:
             # HF's check when it sets up truncation (with a single text's 2 special tokens, pair or not)
             raise ValueError(f"stride={stride} is greater than max_length - 2 = {max_length - 2} (max_length={max_length} "
                              "minus the special tokens [CLS] and [SEP])")
+        if return_tensors is not None:
+            return_tensors = getattr(return_tensors, "value", return_tensors)  # transformers' TensorType
+            if return_tensors not in ("pt", "np"):
+                raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        names = self.model_input_names
+        cap = self.max_rows_per_call if return_overflowing_tokens and self.max_rows_per_call else 0
+        try:
+            enc, n_rows = self._core.encode_batch(
+                text if batched else [text], (text_pair if batched else [text_pair]) if text_pair is not None else None,
+                bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
+                -1 if max_length is None else max_length, stride, self.truncation_side,
+                bool(return_overflowing_tokens), padding_mode, pad_to_multiple_of or 0,
+                self.padding_side if padding_side is None else padding_side, self.pad_token_type_id, self.num_threads,
+                cap, return_tensors is not None,
+                "token_type_ids" in names if return_token_type_ids is None else bool(return_token_type_ids),
+                "attention_mask" in names if return_attention_mask is None else bool(return_attention_mask),
+                bool(return_special_tokens_mask), bool(return_offsets_mapping), bool(return_length))
+        except ValueError as exc:
+            if cap and "max_rows=" in str(exc):
+                raise ValueError(_rows_cap_message(exc, cap, max_length, stride, text_pair is not None)) from None
+            raise
+        if return_tensors is not None:
+            _to_tensors(enc, n_rows, return_tensors)
+        elif not batched and not return_overflowing_tokens:
+            for key, value in enc.items():  # a single input: drop the batch axis (HF keeps length's)
+                if key != "length":
+                    enc[key] = value[0]
+        return enc
+
+    def _strategies(self, padding, truncation, max_length, pad_to_multiple_of, verbose):
+        """(padding mode, truncation mode, max_length) as HF's _get_padding_truncation_strategies
+        decides them, model_max_length included."""
+        padding = getattr(padding, "value", padding)  # transformers' PaddingStrategy / TruncationStrategy
+        truncation = getattr(truncation, "value", truncation)
+        # HF: max_length alone (padding exactly False, no truncation given) turns truncation on
+        if max_length is not None and padding is False and truncation is None:
+            truncation = "longest_first"
+        try:
+            padding_mode = _PADDING[padding]
+        except (KeyError, TypeError):
+            raise ValueError(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}") from None
+        try:
+            truncation_mode = _TRUNCATION[truncation]
+        except (KeyError, TypeError):
+            raise ValueError("truncation must be True, False, 'longest_first', 'only_first', 'only_second' or "
+                             f"'do_not_truncate', got {truncation!r}") from None
+        if padding is True and verbose and max_length is not None and truncation_mode == "none":
+            warnings.warn("`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
+                          "To pad to max length, use `padding='max_length'`.", stacklevel=4)
+        if max_length is None:
+            unlimited = self.model_max_length > LARGE_INTEGER
+            if padding_mode == "max_length":
+                if unlimited:
+                    padding_mode = "none"
+                else:
+                    max_length = self.model_max_length
+            if truncation_mode != "none":
+                if unlimited:
+                    truncation_mode = "none"
+                else:
+                    max_length = self.model_max_length
+        if max_length is not None and (not _is_int(max_length) or max_length < 0):
+            raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
         if pad_to_multiple_of is not None and (not _is_int(pad_to_multiple_of) or pad_to_multiple_of <= 0):
             raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
         if (truncation_mode != "none" and padding_mode != "none" and pad_to_multiple_of and max_length is not None
                 and max_length % pad_to_multiple_of):
             raise ValueError(f"truncation and padding are both on but max_length ({max_length}) is not a multiple of "
                              f"pad_to_multiple_of ({pad_to_multiple_of})")
-        if return_tensors not in (None, "pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        if padding_side is None:
-            padding_side = self.padding_side
-        if return_token_type_ids is None:
-            return_token_type_ids = "token_type_ids" in self.model_input_names
+        return padding_mode, truncation_mode, max_length
+
+    def _rows_of(self, text):
+        """The per-row view of one text encoded with the defaults (the fast path's, on demand)."""
+        return self._core.encode_batch([text], None, False, True, "none", -1, 0, self.truncation_side, False,
+                                       "none", 0, "right", 0, 1, 0, False, False, False, False, False, False)[0]._rows
+
+    def encode_packed(self, text, text_pair=None, *, add_special_tokens=True, truncation=True, max_length=None,
+                      stride=0, return_overflowing_tokens=False, is_split_into_words=False,
+                      return_offsets_mapping=False, return_word_ids=False, return_sequence_ids=False,
+                      return_tensors="pt", ids_out=None, cu_seqlens_out=None):
+        """Encodes a batch into rows laid back to back with no padding, the packed model's input:
+
+            ids, cu_seqlens, max_seqlen = tokenizer.encode_packed(texts, max_length=512)
+            model(input_ids=ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+        Returns a PackedEncoding (its first three fields unpack as above; also
+        overflow_to_sample_mapping, and on request offset_mapping, word_ids, sequence_ids). The
+        ids are the rows ``__call__`` gives for the same arguments, padding left out. Tokenization
+        and the writes run on the tokenizer's C++ threads with the GIL released.
+
+        ``text`` / ``text_pair``: lists of str (or a single str), or lists of words with
+        ``is_split_into_words=True``. ``truncation`` (default True) and ``max_length`` as in
+        ``__call__`` (None: model_max_length, if it has one); ``stride`` and
+        ``return_overflowing_tokens`` split long texts into windows (several rows per text, as
+        HF's overflow; the cap ``max_rows_per_call`` applies). ``return_tensors``: 'pt' (default)
+        or 'np'. ``ids_out`` / ``cu_seqlens_out``: optional 1-D int64 / int32 CPU tensors or
+        arrays (pinned memory, say) written in place; the result's input_ids and cu_seqlens are
+        then their leading slices. They must hold the batch (ValueError otherwise: size them
+        for the token budget, e.g. rows x max_length).
+        """
+        batched = _is_batched(text, is_split_into_words, "text")
+        if text_pair is not None and _is_batched(text_pair, is_split_into_words, "text_pair") != batched:
+            raise ValueError("text and text_pair must both be single inputs or both be batches")
+        first = list(text) if batched else [text]
+        second = None if text_pair is None else (list(text_pair) if batched else [text_pair])
+        _, truncation_mode, max_length = self._strategies(False, truncation, max_length, None, False)
+        if not _is_int(stride) or stride < 0:
+            raise ValueError(f"stride must be a non-negative int, got {stride!r}")
+        if truncation_mode != "none" and max_length is not None and max_length >= 2 and stride > max_length - 2:
+            raise ValueError(f"stride={stride} is greater than max_length - 2 = {max_length - 2}")
+        return_tensors = getattr(return_tensors, "value", return_tensors)
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        ids_buffer = None if ids_out is None else _out_buffer(ids_out, "ids_out", "int64")
+        cu_buffer = None if cu_seqlens_out is None else _out_buffer(cu_seqlens_out, "cu_seqlens_out", "int32")
+        cap = self.max_rows_per_call if return_overflowing_tokens and self.max_rows_per_call else 0
+        try:
+            out = self._core.encode_packed(
+                first, second, bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
+                -1 if max_length is None else int(max_length), int(stride), self.truncation_side,
+                bool(return_overflowing_tokens), self.num_threads, cap, bool(return_offsets_mapping),
+                bool(return_word_ids), bool(return_sequence_ids), ids_buffer, cu_buffer)
+        except ValueError as exc:
+            if cap and "max_rows=" in str(exc):
+                raise ValueError(_rows_cap_message(exc, cap, max_length, stride, second is not None)) from None
+            raise
+        total, rows = out["total"], out["rows"]
+        make = _buffer_maker(return_tensors)
+        ids = make(out["input_ids"], "int64", (total,)) if ids_out is None else ids_out[:total]
+        cu = make(out["cu_seqlens"], "int32", (rows + 1,)) if cu_seqlens_out is None else cu_seqlens_out[:rows + 1]
+        return PackedEncoding(
+            ids, cu, out["max_seqlen"], make(out["overflow_to_sample_mapping"], "int64", (rows,)),
+            make(out["offset_mapping"], "int64", (total, 2)) if return_offsets_mapping else None,
+            make(out["word_ids"], "int64", (total,)) if return_word_ids else None,
+            make(out["sequence_ids"], "int8", (total,)) if return_sequence_ids else None)
+
+    # -- padding ------------------------------------------------------------------------------------
+
+    def pad(self, encoded_inputs, padding=True, max_length=None, pad_to_multiple_of=None, padding_side=None,
+            return_attention_mask=None, return_tensors=None, verbose=True):
+        """Pads encoded inputs, as HF's ``tokenizer.pad`` (what the data collators call): one
+        encoding or a batch, as a dict of lists or a list of dicts, of lists, tensors or arrays.
+        input_ids, attention_mask, token_type_ids and special_tokens_mask are padded; other keys
+        (labels, ...) are kept as they are. Tensors in give tensors out of the same kind unless
+        ``return_tensors`` says otherwise."""
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
+            encoded_inputs = {key: [example[key] for example in encoded_inputs] for key in encoded_inputs[0].keys()}
+        main = self.model_input_names[0]
+        if not isinstance(encoded_inputs, Mapping) or main not in encoded_inputs:
+            keys = list(encoded_inputs.keys()) if isinstance(encoded_inputs, Mapping) else type(encoded_inputs).__name__
+            raise ValueError(f"pad needs an encoding or a list of encodings that includes {main}, but got {keys}")
+        required = encoded_inputs[main]
+        if required is None or (hasattr(required, "__len__") and len(required) == 0):
+            if return_attention_mask:
+                encoded_inputs["attention_mask"] = []
+            return encoded_inputs
+        first = required[0]
+        if isinstance(first, (list, tuple)):
+            first = next((item[0] for item in required if len(item)), first)
+        if not isinstance(first, (int, list, tuple)):
+            kind = _tensor_kind(first)
+            if kind is None:
+                raise ValueError(f"pad: type of {first!r} unknown: {type(first).__name__}. Expected python, numpy or "
+                                 "torch values")
+            return_tensors = kind if return_tensors is None else return_tensors
+            encoded_inputs = {key: _to_py(value) for key, value in encoded_inputs.items()}
+        else:
+            encoded_inputs = dict(encoded_inputs)
+        padding_mode, _, max_length = self._strategies(padding, False, max_length, pad_to_multiple_of, verbose)
+        required = encoded_inputs[main]
+        if required and not isinstance(required[0], (list, tuple)):
+            padded = self._pad(encoded_inputs, max_length, padding_mode, pad_to_multiple_of, padding_side,
+                               return_attention_mask)
+            return BatchEncoding(padded, tensor_type=return_tensors)
+        batch_size = len(required)
+        for key, value in encoded_inputs.items():
+            if len(value) != batch_size:
+                raise ValueError(f"pad: {key} has {len(value)} items but {main} has {batch_size}: every key needs one "
+                                 "value per example")
+        if padding_mode == "longest":
+            max_length = max(len(row) for row in required)
+            padding_mode = "max_length"
+        batch = {}
+        for i in range(batch_size):
+            padded = self._pad({key: value[i] for key, value in encoded_inputs.items()}, max_length, padding_mode,
+                               pad_to_multiple_of, padding_side, return_attention_mask)
+            for key, value in padded.items():
+                batch.setdefault(key, []).append(value)
+        return BatchEncoding(batch, tensor_type=return_tensors)
+
+    def _pad(self, encoded_inputs, max_length=None, padding_strategy="do_not_pad", pad_to_multiple_of=None,
+             padding_side=None, return_attention_mask=None):
+        """Pads one encoding (a dict of lists), as HF's ``_pad`` with the same arguments."""
+        strategy = _PADDING.get(getattr(padding_strategy, "value", padding_strategy), padding_strategy)
+        if strategy not in ("none", "longest", "max_length"):
+            raise ValueError(f"padding_strategy must be 'longest', 'max_length' or 'do_not_pad', got {padding_strategy!r}")
         if return_attention_mask is None:
             return_attention_mask = "attention_mask" in self.model_input_names
-
-        out, rows = self._core.encode_batch(
-            first, second, bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
-            -1 if max_length is None else int(max_length), int(stride), self.truncation_side,
-            bool(return_overflowing_tokens), padding_mode, int(pad_to_multiple_of or 0), padding_side,
-            self.pad_token_type_id, self.num_threads, return_tensors is not None, bool(return_token_type_ids),
-            bool(return_attention_mask), bool(return_special_tokens_mask), bool(return_offsets_mapping),
-            bool(return_length))
-        n_rows = out.pop("__rows__")
-        if return_tensors is not None:
-            _to_tensors(out, n_rows, return_tensors)
-        elif not batched and not return_overflowing_tokens:
-            for key, value in out.items():  # a single input: drop the batch axis (HF keeps length's)
-                if key != "length":
-                    out[key] = value[0]
-        return BatchEncoding(out, rows, return_tensors, self._core.id_to_token)
+        required = encoded_inputs[self.model_input_names[0]]
+        if strategy == "longest":
+            max_length = len(required)
+        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
+        if return_attention_mask and "attention_mask" not in encoded_inputs:
+            encoded_inputs["attention_mask"] = [1] * len(required)
+        if strategy == "none" or max_length is None or len(required) >= max_length:
+            return encoded_inputs
+        n = max_length - len(required)
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
+        pads = {"attention_mask": 0, "token_type_ids": self.pad_token_type_id, "special_tokens_mask": 1,
+                self.model_input_names[0]: self.pad_token_id}
+        for key, value in pads.items():
+            if key not in encoded_inputs or (key == "attention_mask" and not return_attention_mask):
+                continue
+            row = list(encoded_inputs[key])
+            encoded_inputs[key] = row + [value] * n if side == "right" else [value] * n + row
+        return encoded_inputs
 
     # -- decoding -----------------------------------------------------------------------------------
 
     def decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         """Text of ``token_ids`` (an int, a list, a 1-D tensor or array): '##' pieces joined to the
-        piece before, the rest separated by spaces."""
+        piece before, the rest separated by spaces. A batch (list of lists, 2-D tensor) gives a
+        list of texts, as in transformers 5."""
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple)):
+            return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in token_ids]
         ids = [int(token_ids)] if _is_int(token_ids) else [int(i) for i in _as_id_list(token_ids)]
         text = self._core.decode(ids, bool(skip_special_tokens))
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
@@ -376,6 +1022,19 @@ class DistilBertTokenizer:
 
     def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
         return [self.decode(seq, skip_special_tokens, clean_up_tokenization_spaces) for seq in sequences]
+
+    def convert_tokens_to_string(self, tokens):
+        """Tokens joined as HF's WordPiece decoder joins them ('##' pieces glued, cleaned up)."""
+        prefix = self._wordpiece[0]
+        pieces = []
+        for i, token in enumerate(tokens):
+            if i:
+                token = token[len(prefix):] if token.startswith(prefix) else " " + token
+            pieces.append(_wordpiece_cleanup(token))
+        return "".join(pieces)
+
+    def clean_up_tokenization(self, text):
+        return _clean_up_tokenization(text)
 
     def __repr__(self):
         return (f"{type(self).__name__}(name_or_path='{self.name_or_path}', vocab_size={self.vocab_size}, "
@@ -389,6 +1048,44 @@ class DistilBertTokenizerFast(DistilBertTokenizer):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+# what a pickled tokenizer keeps besides its vocab (constructor arguments, and attributes users set)
+_SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars", "strip_accents",
+             *_SPECIAL_NAMES, "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
+             "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file")
+
+
+def _rebuild_tokenizer(cls, tokens, settings):
+    settings = dict(settings)
+    vocab_file = settings.pop("vocab_file")
+    tok = cls(vocab=tokens, **settings)
+    tok.vocab_file = vocab_file
+    return tok
+
+
+_TWINS = {}
+
+
+def _transformers_twin(cls):
+    """The subclass of ``cls`` and transformers' PreTrainedTokenizerBase (transformers is already
+    loaded when this runs), made once per class, under the same name. Our methods come first;
+    the base adds its bookkeeping (special-token map, init_kwargs, ...) and whatever we lack."""
+    twin = _TWINS.get(cls)
+    if twin is None:
+        from transformers import PreTrainedTokenizerBase
+
+        def __init__(self, *args, **kwargs):
+            PreTrainedTokenizerBase.__init__(self)
+            cls.__init__(self, *args, **kwargs)
+
+        body = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+                "__init__": __init__, "_transformers_twin": True}
+        twin = _TWINS[cls] = type(cls.__name__, (cls, PreTrainedTokenizerBase), body)
+    return twin
+
+
+def _plain_class(cls):
+    return next(c for c in cls.__mro__ if not c.__dict__.get("_transformers_twin"))
 
 
 def _token_text(value, name):
@@ -433,24 +1130,81 @@ def _is_batched(text, is_split_into_words, name):
 
 def _to_tensors(out, n_rows, return_tensors):
     """The core's int64 bytearrays (and plain lists) as (rows, length[, 2]) tensors or arrays."""
-    if return_tensors == "pt":
-        import torch
-
-        def make(buffer, shape):
-            return torch.frombuffer(buffer, dtype=torch.int64).view(shape) if len(buffer) else torch.zeros(shape, dtype=torch.int64)
-    else:
-        import numpy as np
-
-        def make(buffer, shape):
-            return np.frombuffer(buffer, dtype=np.int64).reshape(shape) if len(buffer) else np.zeros(shape, dtype=np.int64)
-
+    make = _buffer_maker(return_tensors)
     for key, value in out.items():
         if isinstance(value, bytearray):
             width = len(value) // 8 // max(n_rows, 1)
             shape = (n_rows, width // 2, 2) if key == "offset_mapping" else (n_rows, width)
-            out[key] = make(value, shape)
+            out[key] = make(value, "int64", shape)
         else:
-            out[key] = make(bytearray(_int64_bytes(value)), (len(value),))
+            out[key] = make(bytearray(_int64_bytes(value)), "int64", (len(value),))
+
+
+def _buffer_maker(return_tensors):
+    """make(bytearray, dtype name, shape) -> a tensor or array viewing the bytes (no copy)."""
+    if return_tensors == "pt":
+        import torch
+
+        def make(buffer, dtype, shape):
+            dtype = getattr(torch, dtype)
+            return torch.frombuffer(buffer, dtype=dtype).view(shape) if len(buffer) else torch.zeros(shape, dtype=dtype)
+    else:
+        import numpy as np
+
+        def make(buffer, dtype, shape):
+            return np.frombuffer(buffer, dtype=dtype).reshape(shape) if len(buffer) else np.zeros(shape, dtype=dtype)
+    return make
+
+
+def _out_buffer(out, name, dtype):
+    """The writable buffer of a caller's CPU tensor or numpy array (the binding checks its item
+    size, contiguity and length)."""
+    if hasattr(out, "numpy") and hasattr(out, "device"):  # a torch tensor
+        if out.device.type != "cpu" or str(out.dtype) != f"torch.{dtype}":
+            raise ValueError(f"{name} must be a contiguous 1-D {dtype} CPU tensor or array, got {out.dtype} on {out.device}")
+        return out.numpy()
+    if str(getattr(out, "dtype", "")) != dtype:
+        raise ValueError(f"{name} must be a contiguous 1-D {dtype} CPU tensor or array, got {type(out).__name__} "
+                         f"of {getattr(out, 'dtype', '?')}")
+    return out
+
+
+def _rows_cap_message(exc, cap, max_length, stride, pair):
+    return (f"return_overflowing_tokens=True: {exc}. The overflow windows (max_length={max_length}, stride={stride}"
+            f"{', a text pair: the windows of text x those of text_pair' if pair else ''}) exceed the cap on rows "
+            f"per call, max_rows_per_call={cap}. Raise max_length or stride, split the batch, or raise the "
+            "tokenizer's max_rows_per_call (None: no cap).")
+
+
+def _tensor_kind(value):
+    """'pt' for a torch tensor, 'np' for a numpy array or scalar, else None."""
+    module = type(value).__module__
+    if module.startswith("torch"):
+        return "pt"
+    if module.startswith("numpy"):
+        return "np"
+    return None
+
+
+def _to_py(value):
+    """Tensors and arrays (and lists of them) as python lists of ints."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_to_py(v) for v in value]
+    return value
+
+
+def _is_empty(value):
+    return isinstance(value, (list, tuple)) and (len(value) == 0 or all(_is_empty(v) for v in value))
+
+
+def _wordpiece_cleanup(text):
+    # HF's WordPiece decoder cleanup (tokenizers' decoders::wordpiece::cleanup), applied per token
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
 
 
 def _int64_bytes(values):

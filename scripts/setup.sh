@@ -29,6 +29,17 @@ if [[ $with_tests == 1 ]]; then
   scripts/setup_adapters_oracle.sh
   # The oldest supported torch's C++ headers, for the CUDA launchers' syntax check.
   PY="$PY" scripts/torch_headers.sh
+  # clang 14 with libFuzzer's runtime (Debian packages) for the tokenizer's coverage-guided fuzz
+  # run in `make test`; where they cannot be installed, make test runs the gcc fuzz driver only.
+  if ! command -v clang++-14 >/dev/null 2>&1 || ! compgen -G "/usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null; then
+    if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+      echo "==> installing clang-14 and libclang-rt-14-dev (libFuzzer, for the tokenizer fuzz run)"
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-14 libclang-rt-14-dev >/dev/null; } ||
+        echo "    could not install them: make test runs only the gcc fuzz driver"
+    else
+      echo "==> clang-14 / libFuzzer missing (apt-get install clang-14 libclang-rt-14-dev): make test runs only the gcc fuzz driver"
+    fi
+  fi
 fi
 
 echo "==> building distilbert_fast and its extension"

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <unordered_set>
 
@@ -102,11 +103,9 @@ struct Tokenizer::Impl {
   };
 
   // Appends the pieces of one word to out.
-  void WordPiece(const Word& w, int32_t word_id, Encoding* out) const {
+  void WordPiece(const Word& w, int32_t word_id, Pieces* out) const {
     size_t n = w.origin.size();
-    auto whole_word_unk = [&] {
-      out->Push(unk, 0, 0, {w.origin.front(), w.origin.back() + 1}, word_id, 0);
-    };
+    auto whole_word_unk = [&] { out->Push(unk, {w.origin.front(), w.origin.back() + 1}, word_id); };
     if (n > static_cast<size_t>(opt.max_input_chars_per_word)) return whole_word_unk();
     size_t first = out->size();
     size_t start = 0;
@@ -123,16 +122,10 @@ struct Tokenizer::Impl {
       }
       if (id < 0) {
         // no piece matches here: the whole word becomes [UNK]
-        out->ids.resize(first);
-        out->type_ids.resize(first);
-        out->special_tokens_mask.resize(first);
-        out->attention_mask.resize(first);
-        out->offsets.resize(first);
-        out->word_ids.resize(first);
-        out->sequence_ids.resize(first);
+        out->Resize(first);
         return whole_word_unk();
       }
-      out->Push(id, 0, 0, {w.origin[start], w.origin[end - 1] + 1}, word_id, 0);
+      out->Push(id, {w.origin[start], w.origin[end - 1] + 1}, word_id);
       start = end;
     }
   }
@@ -141,7 +134,7 @@ struct Tokenizer::Impl {
   // index first_char; each finished word goes through WordPiece. The stages are HF's:
   // clean-up and CJK spacing per character, NFD (with canonical reordering of marks) and Mn
   // removal, lower-casing, then splitting on white space and punctuation.
-  Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Encoding* out,
+  Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Pieces* out,
                        Scratch* scratch) const {
     Word* word = &scratch->word;
     auto& pending = scratch->pending;  // NFD output awaiting canonical reordering
@@ -249,7 +242,7 @@ struct Tokenizer::Impl {
           int32_t begin = ci;
           for (size_t p = pos; p < stop; ++p) ci += (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
           int32_t id = initial.Find(text.substr(pos, stop - pos));
-          out->Push(id >= 0 ? id : unk, 0, 0, {begin, ci}, (*word_id)++, 0);
+          out->Push(id >= 0 ? id : unk, {begin, ci}, (*word_id)++);
           pos = stop;
           at_chunk_start = false;
           continue;
@@ -284,7 +277,7 @@ struct Tokenizer::Impl {
     return Status::Ok();
   }
 
-  Status Encode(std::string_view text, int32_t word_offset, Encoding* out, Scratch* word) const {
+  Status Encode(std::string_view text, int32_t word_offset, Pieces* out, Scratch* word) const {
     int32_t word_id = word_offset;
     // split out special tokens (matched in the raw text, leftmost then longest)
     size_t seg_start = 0, pos = 0;
@@ -307,7 +300,7 @@ struct Tokenizer::Impl {
           unicode::DecodeUtf8(*hit, &p, &cp);
           ++len;
         }
-        out->Push(TokenId(*hit), 0, 0, {ci, ci + len}, word_id++, 0);
+        out->Push(TokenId(*hit), {ci, ci + len}, word_id++);
         pos += hit->size();
         ci += len;
         seg_start = pos;
@@ -348,17 +341,6 @@ void Encoding::Push(int32_t id, int32_t type, int32_t special, std::pair<int32_t
   offsets.push_back(offset);
   word_ids.push_back(word);
   sequence_ids.push_back(sequence);
-}
-
-void Encoding::AppendRange(const Encoding& from, size_t begin, size_t end) {
-  ids.insert(ids.end(), from.ids.begin() + begin, from.ids.begin() + end);
-  type_ids.insert(type_ids.end(), from.type_ids.begin() + begin, from.type_ids.begin() + end);
-  special_tokens_mask.insert(special_tokens_mask.end(), from.special_tokens_mask.begin() + begin,
-                             from.special_tokens_mask.begin() + end);
-  attention_mask.insert(attention_mask.end(), from.attention_mask.begin() + begin, from.attention_mask.begin() + end);
-  offsets.insert(offsets.end(), from.offsets.begin() + begin, from.offsets.begin() + end);
-  word_ids.insert(word_ids.end(), from.word_ids.begin() + begin, from.word_ids.begin() + end);
-  sequence_ids.insert(sequence_ids.end(), from.sequence_ids.begin() + begin, from.sequence_ids.begin() + end);
 }
 
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -424,7 +406,17 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
 
 Status Tokenizer::EncodeText(std::string_view text, int32_t word_offset, Encoding* out) const {
   Impl::Scratch scratch;
-  return impl_->Encode(text, word_offset, out, &scratch);
+  Pieces pieces;
+  Status st = impl_->Encode(text, word_offset, &pieces, &scratch);
+  if (!st.ok) return st;
+  out->Reserve(out->size() + pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) out->Push(pieces.ids[i], 0, 0, pieces.offsets[i], pieces.word_ids[i], 0);
+  return Status::Ok();
+}
+
+Status Tokenizer::EncodePieces(std::string_view text, Pieces* out) const {
+  Impl::Scratch scratch;
+  return impl_->Encode(text, 0, out, &scratch);
 }
 
 int32_t Tokenizer::TokenToId(std::string_view token) const { return impl_->initial.Find(token); }
@@ -465,33 +457,50 @@ std::vector<std::pair<size_t, size_t>> Windows(size_t len, size_t max_len, size_
 
 }  // namespace
 
-Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOptions& o, int num_threads,
-                              std::vector<Encoding>* rows, std::vector<int32_t>* sample_of_row) const {
+Status Tokenizer::Encode(const std::vector<Input>& inputs, const EncodeOptions& o, int num_threads,
+                         EncodedBatch* out) const {
   bool truncate = o.truncation != Truncation::kNone;
   if ((truncate || o.padding == Padding::kMaxLength) && o.max_length < 0)
     return Status::Error("max_length is required with truncation or padding='max_length'");
   if (o.stride < 0) return Status::Error("stride must be >= 0, got " + std::to_string(o.stride));
   if (o.pad_to_multiple_of < 0)
     return Status::Error("pad_to_multiple_of must be >= 0, got " + std::to_string(o.pad_to_multiple_of));
+  if (inputs.size() > UINT32_MAX) return Status::Error("a batch holds at most 2^32 - 1 inputs");
 
-  std::vector<std::vector<Encoding>> per_input(inputs.size());
-  std::vector<Status> statuses(inputs.size());
+  using Row = EncodedBatch::Row;
+  const size_t n = inputs.size();
+  out->inputs_.clear();
+  out->inputs_.resize(n);
+  out->rows_.clear();
+  out->add_special_ = o.add_special_tokens;
+  out->cls_id_ = impl_->cls;
+  out->sep_id_ = impl_->sep;
+  out->pad_id_ = impl_->pad;
+  out->pad_type_ = o.pad_token_type_id;
+  out->padding_side_ = o.padding_side;
+  out->pad_to_ = 0;
+  std::vector<Row> first_row(n);
+  std::vector<std::vector<Row>> overflow_rows(n);  // empty (no allocation) unless return_overflowing
+  std::vector<Status> statuses(n);
+  std::atomic<size_t> rows_counted{0};
+  std::atomic<bool> over_cap{false};
 
-  auto encode_one = [&](size_t idx, Impl::Scratch* word) -> Status {
+  auto encode_one = [&](size_t idx, Impl::Scratch* scratch) -> Status {
     const Input& in = inputs[idx];
-    Encoding seq[2];
+    auto& encoded = out->inputs_[idx];
+    encoded.has_pair = in.has_pair;
+    Pieces* seq = encoded.seq;
     for (int s = 0; s < (in.has_pair ? 2 : 1); ++s) {
       const auto& parts = s == 0 ? in.first : in.second;
       bool split_words = parts.size() != 1;
       for (size_t w = 0; w < parts.size(); ++w) {
         size_t before = seq[s].size();
-        Status st = impl_->Encode(parts[w], split_words ? static_cast<int32_t>(w) : 0, &seq[s], word);
+        Status st = impl_->Encode(parts[w], split_words ? static_cast<int32_t>(w) : 0, &seq[s], scratch);
         if (!st.ok) return Status::Error(st.message + (s == 0 ? " in the text" : " in the text pair"));
-        if (split_words)  // each pre-split word is one word
+        if (split_words)  // each pre-split word is one word, whatever special tokens it holds
           std::fill(seq[s].word_ids.begin() + before, seq[s].word_ids.end(), static_cast<int32_t>(w));
       }
-      std::fill(seq[s].sequence_ids.begin(), seq[s].sequence_ids.end(), s);
-      std::fill(seq[s].type_ids.begin(), seq[s].type_ids.end(), s);
+      if (seq[s].size() > UINT32_MAX) return Status::Error("a sequence has more than 2^32 - 1 tokens");
     }
     size_t n_added = o.add_special_tokens ? NumSpecialTokensToAdd(in.has_pair) : 0;
     std::vector<std::pair<size_t, size_t>> win[2] = {{{0, seq[0].size()}}, {{0, seq[1].size()}}};
@@ -545,26 +554,37 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
       }
     }
     // HF's merge order: (a0,b0), then (ai,b0), (ai,b1..) for each overflow ai, then (a0,bj)
-    std::vector<std::pair<size_t, size_t>> combos = {{0, 0}};
     size_t na = win[0].size(), nb = in.has_pair ? win[1].size() : 1;
-    for (size_t i = 1; i < na; ++i)
-      for (size_t j = 0; j < nb; ++j) combos.emplace_back(i, j);
-    for (size_t j = 1; j < nb; ++j) combos.emplace_back(0, j);
-    if (!o.return_overflowing) combos.resize(1);
-    auto& out = per_input[idx];
-    out.resize(combos.size());
-    for (size_t c = 0; c < combos.size(); ++c) {
-      Encoding& e = out[c];
-      const auto& wa = win[0][combos[c].first];
-      e.Reserve(wa.second - wa.first + n_added + (in.has_pair ? seq[1].size() : 0));
-      if (o.add_special_tokens) e.Push(impl_->cls, 0, 1, {0, 0}, -1, -1);
-      e.AppendRange(seq[0], wa.first, wa.second);
-      if (o.add_special_tokens) e.Push(impl_->sep, 0, 1, {0, 0}, -1, -1);
-      if (in.has_pair) {
-        const auto& wb = win[1][combos[c].second];
-        e.AppendRange(seq[1], wb.first, wb.second);
-        if (o.add_special_tokens) e.Push(impl_->sep, 1, 1, {0, 0}, -1, -1);
+    size_t n_rows = o.return_overflowing ? na * nb : 1;
+    if (o.max_rows) {
+      size_t before = rows_counted.fetch_add(n_rows);
+      if (before + n_rows > o.max_rows) {
+        over_cap = true;
+        std::string how = in.has_pair ? std::to_string(na) + " windows of the text x " + std::to_string(nb) +
+                                            " of the text pair"
+                                      : std::to_string(na) + " windows";
+        return Status::Error("this call would produce more than max_rows=" + std::to_string(o.max_rows) +
+                             " rows (this input alone gives " + std::to_string(n_rows) + ": " + how +
+                             " at max_length=" + std::to_string(o.max_length) + ", stride=" +
+                             std::to_string(o.stride) + ")");
       }
+    }
+    auto row = [&](size_t i, size_t j) {
+      Row r{static_cast<uint32_t>(idx), static_cast<uint32_t>(win[0][i].first),
+            static_cast<uint32_t>(win[0][i].second)};
+      if (in.has_pair) {
+        r.b_begin = static_cast<uint32_t>(win[1][j].first);
+        r.b_end = static_cast<uint32_t>(win[1][j].second);
+      }
+      return r;
+    };
+    first_row[idx] = row(0, 0);
+    if (n_rows > 1) {
+      auto& extra = overflow_rows[idx];
+      extra.reserve(n_rows - 1);
+      for (size_t i = 1; i < na; ++i)
+        for (size_t j = 0; j < nb; ++j) extra.push_back(row(i, j));
+      for (size_t j = 1; j < nb; ++j) extra.push_back(row(0, j));
     }
     return Status::Ok();
   };
@@ -574,65 +594,101 @@ Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOpti
     for (auto s : in.first) bytes += s.size();
     for (auto s : in.second) bytes += s.size();
   }
-  int threads = num_threads > 0 ? num_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   // small batches are not worth a thread start (tens of microseconds)
-  threads = static_cast<int>(std::min<size_t>(threads, std::max<size_t>(1, bytes / 16384)));
-  threads = static_cast<int>(std::min<size_t>(threads, inputs.size()));
+  int threads = WorkerCount(num_threads, std::min(n, std::max<size_t>(1, bytes / 16384)));
   std::atomic<size_t> next{0};
-  auto worker = [&] {
-    Impl::Scratch word;
-    for (size_t i; (i = next.fetch_add(1)) < inputs.size();) statuses[i] = encode_one(i, &word);
-  };
-  if (threads <= 1) {
-    worker();
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-  }
-  for (size_t i = 0; i < inputs.size(); ++i)
-    if (!statuses[i].ok)
-      return Status::Error(inputs.size() > 1 ? statuses[i].message + " (batch item " + std::to_string(i) + ")"
-                                             : statuses[i].message);
-
-  // HF pads to the longest of the main rows: an overflow window longer than that stays as it is
-  size_t longest = 0;
-  for (const auto& r : per_input) longest = std::max(longest, r.empty() ? 0 : r[0].size());
-  rows->clear();
-  sample_of_row->clear();
-  for (size_t i = 0; i < per_input.size(); ++i)
-    for (auto& e : per_input[i]) {
-      rows->push_back(std::move(e));
-      sample_of_row->push_back(static_cast<int32_t>(i));
+  RunWorkers(threads, [&] {
+    Impl::Scratch scratch;
+    // past the row cap the rest is not worth encoding
+    for (size_t i; !over_cap && (i = next.fetch_add(1)) < n;) statuses[i] = encode_one(i, &scratch);
+  });
+  for (size_t i = 0; i < n; ++i)
+    if (!statuses[i].ok) {
+      out->inputs_.clear();
+      return Status::Error(n > 1 ? statuses[i].message + " (batch item " + std::to_string(i) + ")"
+                                 : statuses[i].message);
     }
+
+  size_t total_rows = n;
+  for (const auto& extra : overflow_rows) total_rows += extra.size();
+  out->rows_.reserve(total_rows);
+  for (size_t i = 0; i < n; ++i) {
+    out->rows_.push_back(first_row[i]);
+    out->rows_.insert(out->rows_.end(), overflow_rows[i].begin(), overflow_rows[i].end());
+    std::vector<Row>().swap(overflow_rows[i]);
+  }
 
   if (o.padding != Padding::kNone) {
     size_t target = 0;
     if (o.padding == Padding::kMaxLength) {
       target = o.max_length;
     } else {
-      target = longest;
+      // HF pads to the longest of the main rows: an overflow window longer than that stays as it is
+      for (size_t r = 0; r < out->rows_.size(); ++r)
+        if (r == 0 || out->rows_[r].input != out->rows_[r - 1].input)
+          target = std::max(target, out->UnpaddedLength(r));
     }
     if (o.pad_to_multiple_of > 0 && target % o.pad_to_multiple_of)
       target += o.pad_to_multiple_of - target % o.pad_to_multiple_of;
-    for (auto& e : *rows) {
-      if (e.size() >= target) continue;
-      size_t n = target - e.size();
-      auto pad = [&](auto& v, auto value) {
-        if (o.padding_side == Side::kRight) v.insert(v.end(), n, value);
-        else v.insert(v.begin(), n, value);
-      };
-      pad(e.ids, impl_->pad);
-      pad(e.type_ids, static_cast<int32_t>(o.pad_token_type_id));
-      pad(e.special_tokens_mask, 1);
-      pad(e.attention_mask, 0);
-      pad(e.offsets, std::pair<int32_t, int32_t>{0, 0});
-      pad(e.word_ids, -1);
-      pad(e.sequence_ids, -1);
-    }
+    out->pad_to_ = target;
   }
   return Status::Ok();
+}
+
+Status Tokenizer::EncodeBatch(const std::vector<Input>& inputs, const EncodeOptions& o, int num_threads,
+                              std::vector<Encoding>* rows, std::vector<int32_t>* sample_of_row) const {
+  EncodedBatch batch;
+  Status st = Encode(inputs, o, num_threads, &batch);
+  if (!st.ok) return st;
+  rows->clear();
+  sample_of_row->clear();
+  rows->reserve(batch.num_rows());
+  for (size_t r = 0; r < batch.num_rows(); ++r) {
+    rows->push_back(batch.MaterializeRow(r));
+    sample_of_row->push_back(batch.InputOfRow(r));
+  }
+  return Status::Ok();
+}
+
+size_t EncodedBatch::TotalTokens() const {
+  size_t total = 0;
+  for (size_t r = 0; r < rows_.size(); ++r) total += Length(r);
+  return total;
+}
+
+Encoding EncodedBatch::MaterializeRow(size_t r) const {
+  struct Sink {
+    Encoding* e;
+    void Special(int32_t id, int32_t type) { e->Push(id, type, 1, {0, 0}, -1, -1); }
+    void Piece(const Pieces& p, int32_t seq, size_t begin, size_t end) {
+      for (size_t k = begin; k < end; ++k) e->Push(p.ids[k], seq, 0, p.offsets[k], p.word_ids[k], seq);
+    }
+    void Pad(size_t n, int32_t id, int32_t type) {
+      for (size_t k = 0; k < n; ++k) {
+        e->Push(id, type, 1, {0, 0}, -1, -1);
+        e->attention_mask.back() = 0;
+      }
+    }
+  };
+  Encoding e;
+  e.Reserve(Length(r));
+  Sink sink{&e};
+  Emit(r, &sink);
+  return e;
+}
+
+int WorkerCount(int num_threads, size_t max_useful) {
+  size_t threads = num_threads > 0 ? num_threads : std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<int>(std::max<size_t>(1, std::min(threads, max_useful)));
+}
+
+void RunWorkers(int threads, const std::function<void()>& worker) {
+  if (threads <= 1) return worker();
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
 }
 
 Status Tokenizer::Decode(const std::vector<int64_t>& ids, bool skip_special_tokens, std::string* out) const {

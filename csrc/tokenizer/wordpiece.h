@@ -11,7 +11,9 @@
 //   s = tok->EncodeBatch(inputs, EncodeOptions{}, /*num_threads=*/0, &rows, &sample);
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -59,6 +61,10 @@ struct EncodeOptions {
   int pad_to_multiple_of = 0;
   Side padding_side = Side::kRight;
   int pad_token_type_id = 0;
+  // The most rows one call may produce (0: no limit). A pair's overflow windows combine as a
+  // cross product (HF's order), so two long texts at a small max_length give quadratically many
+  // rows; past this cap the call fails before any row is built.
+  size_t max_rows = 0;
 };
 
 // One text, one pair of texts, or pre-split words (is_split_into_words).
@@ -68,8 +74,29 @@ struct Input {
   bool has_pair = false;
 };
 
-// One row of output. offsets are code point indices into the original text (of the word, for
-// pre-split input); word_ids and sequence_ids use -1 for "none" (special and padding tokens).
+// The tokens of one sequence, without special tokens: ids, code point offsets into the text (of
+// the word, for pre-split input) and word ids. Type, sequence id, attention and special-token
+// masks follow from which sequence it is, so they are not stored.
+struct Pieces {
+  std::vector<int32_t> ids;
+  std::vector<std::pair<int32_t, int32_t>> offsets;
+  std::vector<int32_t> word_ids;
+  size_t size() const { return ids.size(); }
+  void Push(int32_t id, std::pair<int32_t, int32_t> offset, int32_t word) {
+    ids.push_back(id);
+    offsets.push_back(offset);
+    word_ids.push_back(word);
+  }
+  void Resize(size_t n) {
+    ids.resize(n);
+    offsets.resize(n);
+    word_ids.resize(n);
+  }
+};
+
+// One row of output, every field materialised. offsets are code point indices into the original
+// text (of the word, for pre-split input); word_ids and sequence_ids use -1 for "none" (special
+// and padding tokens).
 struct Encoding {
   std::vector<int32_t> ids, type_ids, special_tokens_mask, attention_mask;
   std::vector<std::pair<int32_t, int32_t>> offsets;
@@ -78,7 +105,71 @@ struct Encoding {
   void Reserve(size_t n);
   void Push(int32_t id, int32_t type, int32_t special, std::pair<int32_t, int32_t> offset, int32_t word,
             int32_t sequence);
-  void AppendRange(const Encoding& from, size_t begin, size_t end);
+};
+
+// The result of encoding a batch, kept compact: each input's Pieces once, and each row as the
+// window [begin, end) of the first (and second) sequence it shows. A row holds only its five
+// indices until it is written out, so the cross product of a pair's overflow windows costs
+// 20 bytes a row here, not a copy of its tokens.
+class EncodedBatch {
+ public:
+  struct Row {
+    uint32_t input;                  // index of the input it comes from
+    uint32_t a_begin, a_end;         // window of the first sequence
+    uint32_t b_begin = 0, b_end = 0;  // window of the second (pairs only)
+  };
+
+  size_t num_rows() const { return rows_.size(); }
+  size_t num_inputs() const { return inputs_.size(); }
+  int32_t InputOfRow(size_t r) const { return static_cast<int32_t>(rows_[r].input); }
+  bool HasPair(size_t r) const { return inputs_[rows_[r].input].has_pair; }
+  // Tokens of row r before and after padding.
+  size_t UnpaddedLength(size_t r) const {
+    const Row& row = rows_[r];
+    return (row.a_end - row.a_begin) + (row.b_end - row.b_begin) +
+           (add_special_ ? (inputs_[row.input].has_pair ? 3 : 2) : 0);
+  }
+  size_t Length(size_t r) const { return std::max(UnpaddedLength(r), pad_to_); }
+  size_t TotalTokens() const;
+
+  // Writes row r, token by token in order, into a sink with three methods:
+  //   Special(id, type)                    [CLS] or [SEP]
+  //   Piece(pieces, sequence, begin, end)  tokens [begin, end) of sequence 0 or 1
+  //   Pad(n, pad_id, pad_type)             n padding tokens
+  // Each field writer (ids, masks, offsets, ...) is one such sink, so a writer reads only the
+  // arrays it needs.
+  template <typename Sink>
+  void Emit(size_t r, Sink* sink) const {
+    const Row& row = rows_[r];
+    const auto& in = inputs_[row.input];
+    size_t len = UnpaddedLength(r);
+    size_t pad = pad_to_ > len ? pad_to_ - len : 0;
+    if (pad && padding_side_ == Side::kLeft) sink->Pad(pad, pad_id_, pad_type_);
+    if (add_special_) sink->Special(cls_id_, 0);
+    sink->Piece(in.seq[0], 0, row.a_begin, row.a_end);
+    if (add_special_) sink->Special(sep_id_, 0);
+    if (in.has_pair) {
+      sink->Piece(in.seq[1], 1, row.b_begin, row.b_end);
+      if (add_special_) sink->Special(sep_id_, 1);
+    }
+    if (pad && padding_side_ == Side::kRight) sink->Pad(pad, pad_id_, pad_type_);
+  }
+
+  // Row r with every field (for tests, and per-row views such as word ids).
+  Encoding MaterializeRow(size_t r) const;
+
+ private:
+  friend class Tokenizer;
+  struct EncodedInput {
+    Pieces seq[2];
+    bool has_pair = false;
+  };
+  std::vector<EncodedInput> inputs_;
+  std::vector<Row> rows_;
+  bool add_special_ = true;
+  int32_t cls_id_ = 0, sep_id_ = 0, pad_id_ = 0, pad_type_ = 0;
+  size_t pad_to_ = 0;  // rows shorter than this are padded to it
+  Side padding_side_ = Side::kRight;
 };
 
 class Tokenizer {
@@ -91,10 +182,16 @@ class Tokenizer {
   // Tokens and ids of one text, no special tokens added (HF's `tokenize` / `encode` without
   // special tokens). word_offset shifts word ids; the text is checked to be valid UTF-8.
   Status EncodeText(std::string_view text, int32_t word_offset, Encoding* out) const;
+  // The same as Pieces (ids, offsets, word ids only), appended to out.
+  Status EncodePieces(std::string_view text, Pieces* out) const;
 
   // Full encoding: special tokens, truncation with overflow windows, padding over the batch.
-  // rows gets every row (overflow windows follow their sample); sample_of_row maps each row to
-  // its input. num_threads <= 0 uses the hardware concurrency; results never depend on it.
+  // Rows follow their input (overflow windows after the first). num_threads <= 0 uses the
+  // hardware concurrency; results never depend on it.
+  Status Encode(const std::vector<Input>& inputs, const EncodeOptions& options, int num_threads,
+                EncodedBatch* out) const;
+
+  // The same with every row materialised: rows[i] and the input it comes from, sample_of_row[i].
   Status EncodeBatch(const std::vector<Input>& inputs, const EncodeOptions& options, int num_threads,
                      std::vector<Encoding>* rows, std::vector<int32_t>* sample_of_row) const;
 
@@ -117,6 +214,11 @@ class Tokenizer {
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// Threads for a job: num_threads (<= 0: the hardware concurrency), at most max_useful, at least 1.
+int WorkerCount(int num_threads, size_t max_useful);
+// Runs worker() on `threads` threads, the calling thread among them, and waits for all.
+void RunWorkers(int threads, const std::function<void()>& worker);
 
 // vocab.txt: one token per line, id = line number; "\r\n" line ends are accepted.
 Status ReadVocabFile(const std::string& path, std::vector<std::string>* vocab);

@@ -234,6 +234,40 @@ void TestBatch() {
          Join(Tokens(*tok, rows[0])).c_str());
 }
 
+void TestCompactOverflowRows() {
+  // Test: a pair's overflow windows cross (HF's order) without copying tokens into every row, and
+  // the cap on rows fails the call before building them.
+  auto tok = Make();
+  std::string first(300, '!'), second(400, '!');  // every '!' is a token of its own
+  std::vector<Input> inputs(1);
+  inputs[0].first = {first};
+  inputs[0].second = {second};
+  inputs[0].has_pair = true;
+  EncodeOptions o;
+  o.truncation = Truncation::kLongestFirst;
+  o.max_length = 5;  // 3 special tokens + 1 token of each text per row
+  o.return_overflowing = true;
+  EncodedBatch batch;
+  Status s = tok->Encode(inputs, o, 2, &batch);
+  EXPECT(s.ok, "cross product: %s", s.message.c_str());
+  EXPECT(batch.num_rows() == 300u * 400u, "300 x 400 windows: %zu rows", batch.num_rows());
+  EXPECT(batch.TotalTokens() == 300u * 400u * 5u, "5 tokens a row: %zu", batch.TotalTokens());
+  // HF's order: (a0,b0), then (a1,b0..b399), ..., then (a0,b1..b399); offsets show the window
+  Encoding row1 = batch.MaterializeRow(1), last = batch.MaterializeRow(batch.num_rows() - 1);
+  EXPECT((row1.offsets == std::vector<std::pair<int32_t, int32_t>>{{0, 0}, {1, 2}, {0, 0}, {0, 1}, {0, 0}}),
+         "row 1 is (a1, b0)");
+  EXPECT(last.offsets[1] == std::make_pair(0, 1) && last.offsets[3] == std::make_pair(399, 400),
+         "last row is (a0, b399)");
+  EXPECT((row1.sequence_ids == std::vector<int32_t>{-1, 0, -1, 1, -1}), "sequence ids of a row");
+  o.max_rows = 100000;
+  s = tok->Encode(inputs, o, 2, &batch);
+  EXPECT(!s.ok && s.message.find("max_rows=100000") != std::string::npos &&
+             s.message.find("300 windows of the text x 400") != std::string::npos,
+         "the cap names itself and the cross product: %s", s.message.c_str());
+  o.return_overflowing = false;  // one row per input: far below the cap
+  EXPECT(tok->Encode(inputs, o, 1, &batch).ok && batch.num_rows() == 1, "no overflow, one row");
+}
+
 void TestDecode() {
   auto tok = Make();
   std::string out;
@@ -251,6 +285,7 @@ int main() {
   TestVariants();
   TestErrors();
   TestBatch();
+  TestCompactOverflowRows();
   TestDecode();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

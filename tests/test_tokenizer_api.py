@@ -1,0 +1,328 @@
+"""HF's tokenizer API beyond ``__call__``, against HF's DistilBertTokenizerFast on the real vocab:
+``pad`` / ``_pad``, ``encode_plus`` / ``batch_encode_plus``, ``text_target``,
+``return_token_type_ids``, ``model_max_length``, ``get_special_tokens_mask`` and friends, and
+BatchEncoding's maps (``char_to_token``, ``token_to_chars``, ``word_to_tokens``, ...), ``.to()``,
+``enc[i]``; plus the fast path of one plain str, which must give what the general path gives.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import reference_vocab_dir  # noqa: E402
+
+from distilbert_fast import BatchEncoding, DistilBertTokenizerFast  # noqa: E402
+
+TEXTS = ["Hello world!", "The quick brown fox jumps over the lazy dog.", "Café naïve  résumé 中文 unaffable",
+         "", "x", "a [MASK] b [SEP] c"]
+PAIRS = ["A pair text.", "", "second text with more words than the first one has", "y", "  spaced   out  ",
+         "中文 text"]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+
+
+def _same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape, where
+        if a.dtype == object:  # ragged rows
+            for i, (x, y) in enumerate(zip(a, b)):
+                _same(x, y, f"{where}[{i}]")
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=where)
+    elif hasattr(a, "keys"):
+        assert sorted(a.keys()) == sorted(b.keys()), f"{where}: {sorted(a.keys())} != {sorted(b.keys())}"
+        for key in a.keys():
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# -- the fast path ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", TEXTS + ["ÀÉÎ ΟΔΟΣ 👍🏽 " * 50])
+def test_plain_call_matches_general_path_and_hf(hf, ours, text):
+    fast = ours(text)  # one str, every default: the C++ fast path
+    general = ours(text, add_special_tokens=True)  # any keyword takes the general path
+    assert type(fast) is BatchEncoding and fast == general
+    _same(dict(fast), dict(hf(text)))
+    assert fast.input_ids == general["input_ids"]
+    assert fast.word_ids() == general.word_ids() == hf(text).word_ids()
+    assert fast.tokens() == hf(text).tokens()
+    assert fast.n_sequences == 1 and fast.is_fast
+    for i in range(len(fast["input_ids"])):
+        assert fast.token_to_chars(i) == hf(text).token_to_chars(i)
+
+
+def test_plain_call_refuses_what_hf_refuses(ours):
+    with pytest.raises(ValueError, match="surrogate"):
+        ours("a\ud800b")
+    with pytest.raises(ValueError, match="text"):
+        ours(None)
+
+
+# -- encode_plus, batch_encode_plus, text_target, token type ids ------------------------------------
+
+
+def test_encode_plus_and_batch_encode_plus(hf, ours):
+    kwargs = dict(truncation=True, max_length=12, return_offsets_mapping=True, return_token_type_ids=True)
+    _same(dict(ours.encode_plus(TEXTS[1], PAIRS[2], **kwargs)), dict(hf(TEXTS[1], PAIRS[2], **kwargs)))
+    _same(dict(ours.batch_encode_plus(TEXTS, padding=True)), dict(hf(TEXTS, padding=True)))
+    _same(dict(ours.batch_encode_plus(list(zip(TEXTS, PAIRS)), padding=True, return_tensors="pt")),
+          dict(hf(TEXTS, PAIRS, padding=True, return_tensors="pt")))
+    words = [["Hello", "wörld"], ["unaffable", "x", "中文"]]
+    _same(dict(ours.batch_encode_plus(words, is_split_into_words=True)), dict(hf(words, is_split_into_words=True)))
+    _same(dict(ours.batch_encode_plus([(words[0], words[1])], is_split_into_words=True)),
+          dict(hf([words[0]], [words[1]], is_split_into_words=True)))
+    with pytest.raises(ValueError, match="encode_plus takes one text"):
+        ours.encode_plus(TEXTS)
+    with pytest.raises(ValueError, match="pair"):
+        ours.batch_encode_plus([("a", "b", "c")])
+
+
+def test_text_target_matches_hf(hf, ours):
+    for kwargs in (dict(), dict(padding=True, return_tensors="pt"), dict(truncation=True, max_length=6)):
+        _same(dict(ours(TEXTS, text_target=PAIRS, **kwargs)), dict(hf(TEXTS, text_target=PAIRS, **kwargs)))
+        _same(dict(ours(text_target=PAIRS, **kwargs)), dict(hf(text_target=PAIRS, **kwargs)))
+    _same(dict(ours(TEXTS[0], PAIRS[0], text_target=TEXTS[1], text_pair_target=PAIRS[1])),
+          dict(hf(TEXTS[0], PAIRS[0], text_target=TEXTS[1], text_pair_target=PAIRS[1])))
+    with pytest.raises(ValueError, match="text_target"):
+        ours()
+
+
+@pytest.mark.parametrize("return_token_type_ids", [None, True, False])
+def test_return_token_type_ids_matches_hf(hf, ours, return_token_type_ids):
+    for args in ((TEXTS,), (TEXTS, PAIRS), (TEXTS[2], PAIRS[2])):
+        a = hf(*args, return_token_type_ids=return_token_type_ids)
+        b = ours(*args, return_token_type_ids=return_token_type_ids)
+        _same(dict(b), dict(a))
+        assert ("token_type_ids" in b) == bool(return_token_type_ids)
+
+
+# -- model_max_length -------------------------------------------------------------------------------
+
+
+def test_model_max_length_semantics_match_hf():
+    vocab_file = f"{reference_vocab_dir()}/vocab.txt"
+    with open(vocab_file, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    long_text = "word " * 600
+    for model_max_length in (None, 16):
+        kwargs = {} if model_max_length is None else dict(model_max_length=model_max_length)
+        hf = transformers.DistilBertTokenizerFast(vocab=vocab, **kwargs)  # (transformers 5 takes vocab=, a dict)
+        ours = DistilBertTokenizerFast(vocab_file=vocab_file, **kwargs)
+        assert ours.model_max_length == hf.model_max_length  # int(1e30) when not given: no limit
+        assert ours.max_len_single_sentence == hf.max_len_single_sentence
+        assert ours.max_len_sentences_pair == hf.max_len_sentences_pair
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for call in (dict(truncation=True), dict(padding="max_length"), dict(padding="max_length", truncation=True),
+                         dict(max_length=8), dict(padding=True, max_length=8), dict(padding="max_length", max_length=8),
+                         dict(truncation=True, max_length=8)):
+                _same(dict(ours([long_text, "short"], **call)), dict(hf([long_text, "short"], **call)), str(call))
+    with pytest.warns(UserWarning, match="max_length` is ignored"):
+        ours(["a", "b c"], padding=True, max_length=3)
+
+
+def test_model_max_length_from_pretrained_and_saved(tmp_path, ours):
+    assert ours.model_max_length == 512  # the fixture's tokenizer_config.json
+    unlimited = DistilBertTokenizerFast(vocab_file=f"{reference_vocab_dir()}/vocab.txt")
+    unlimited.save_pretrained(tmp_path)
+    assert DistilBertTokenizerFast.from_pretrained(tmp_path).model_max_length == int(1e30)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).model_max_length == int(1e30)
+
+
+# -- pad ----------------------------------------------------------------------------------------------
+
+
+def _features(tok, **kwargs):
+    return [dict(tok(t, p, **kwargs)) for t, p in zip(TEXTS, PAIRS)]
+
+
+PAD_CALLS = [
+    dict(),
+    dict(padding="longest", pad_to_multiple_of=8),
+    dict(padding="max_length", max_length=40),
+    dict(padding="max_length", max_length=30, pad_to_multiple_of=16),
+    dict(padding=False),
+    dict(padding_side="left"),
+    dict(return_attention_mask=False),
+    dict(return_tensors="pt"),
+    dict(return_tensors="np", pad_to_multiple_of=4),
+]
+
+
+@pytest.mark.parametrize("call", PAD_CALLS)
+def test_pad_matches_hf(hf, ours, call):
+    extras = dict(return_token_type_ids=True, return_special_tokens_mask=True)
+    for make in (
+        lambda tok: _features(tok, **extras),  # a list of examples (what collators get)
+        lambda tok: [{**f, "labels": i} for i, f in enumerate(_features(tok))],  # plus keys pad leaves alone
+        lambda tok: dict(tok(TEXTS, **extras)),  # a dict of lists
+        lambda tok: dict(tok(TEXTS[1], **extras)),  # one encoding
+        lambda tok: [dict(input_ids=torch.tensor(f["input_ids"])) for f in _features(tok)],  # tensors in
+        lambda tok: [dict(input_ids=np.array(f["input_ids"])) for f in _features(tok)],  # arrays in
+    ):
+        features_hf, features_ours = make(hf), make(ours)
+        if call.get("padding") is False and call.get("return_tensors"):
+            continue
+        try:
+            expected = hf.pad(copy.deepcopy(features_hf), **call)
+        except ValueError:
+            with pytest.raises(ValueError):
+                ours.pad(features_ours, **call)
+            continue
+        got = ours.pad(features_ours, **call)
+        assert isinstance(got, BatchEncoding)
+        _same(dict(got), dict(expected), str(call))
+
+
+def test_pad_of_unequal_rows_to_tensors_is_a_clear_error(ours):
+    with pytest.raises(ValueError, match="padding=True"):
+        ours.pad(_features(ours), padding=False, return_tensors="pt")
+    with pytest.raises(ValueError, match="input_ids"):
+        ours.pad([{"attention_mask": [1, 1]}])
+
+
+@pytest.mark.parametrize("strategy", ["longest", "max_length", "do_not_pad"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_private_pad_matches_hf(hf, ours, strategy, side):
+    from transformers.utils import PaddingStrategy
+
+    for max_length, multiple in ((None, None), (20, None), (13, 8)):
+        if strategy == "max_length" and max_length is None:
+            continue
+        row = dict(ours(TEXTS[2], return_token_type_ids=True, return_special_tokens_mask=True))
+        for strat in (strategy, PaddingStrategy(strategy)):
+            a = hf._pad(copy.deepcopy(row), max_length=max_length, padding_strategy=PaddingStrategy(strategy),
+                        pad_to_multiple_of=multiple, padding_side=side)
+            b = ours._pad(copy.deepcopy(row), max_length=max_length, padding_strategy=strat,
+                          pad_to_multiple_of=multiple, padding_side=side)
+            _same(b, a)
+
+
+# -- special tokens, conversions ----------------------------------------------------------------------
+
+
+def test_special_tokens_and_conversions_match_hf(hf, ours):
+    ids = hf(TEXTS[1], PAIRS[1])["input_ids"]
+    assert ours.get_special_tokens_mask(ids, already_has_special_tokens=True) == hf.get_special_tokens_mask(
+        ids, already_has_special_tokens=True)
+    assert ours.get_special_tokens_mask(torch.tensor(ids), already_has_special_tokens=True) == \
+        hf.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    # transformers 4's helpers for ids without special tokens (transformers 5's fast tokenizer
+    # dropped them): the [CLS] a [SEP] b [SEP] template
+    plain, second = [7592, 2088], [1037]
+    assert ours.get_special_tokens_mask(plain) == [1, 0, 0, 1]
+    assert ours.get_special_tokens_mask(plain, second) == [1, 0, 0, 1, 0, 1]
+    assert ours.build_inputs_with_special_tokens(plain, second) == hf(["hello world"], ["a"])["input_ids"][0]
+    assert ours.create_token_type_ids_from_sequences(plain, second) == [0, 0, 0, 0, 1, 1]
+    for pair in (False, True):
+        assert ours.num_special_tokens_to_add(pair) == hf.num_special_tokens_to_add(pair)
+    assert ours.all_special_tokens == hf.all_special_tokens and ours.all_special_ids == hf.all_special_ids
+    assert ours.special_tokens_map == hf.special_tokens_map
+    assert ours.is_fast is True and len(ours) == len(hf)
+    for text in TEXTS + ["don't do not it 's a . b ? c ! , ' x ##y"]:
+        tokens = hf.tokenize(text)
+        assert ours.convert_tokens_to_string(tokens) == hf.convert_tokens_to_string(tokens)
+    batch = hf(TEXTS, padding=True, return_tensors="pt")["input_ids"]
+    assert ours.decode(batch, skip_special_tokens=True) == hf.decode(batch, skip_special_tokens=True)
+
+
+# -- BatchEncoding ------------------------------------------------------------------------------------
+
+
+def _encodings(tok):
+    """Encodings whose per-row maps must agree: single texts, pairs, padding both sides, overflow
+    windows, pre-split words, no special tokens."""
+    long_pair = ("Paris is the capital of France and Berlin is the capital of Germany. " * 2, "Which capital?")
+    return [
+        tok(TEXTS[2]),
+        tok(TEXTS, padding=True),
+        tok(TEXTS, PAIRS, padding=True, padding_side="left"),
+        tok(*long_pair, truncation="only_first", max_length=14, stride=3, return_overflowing_tokens=True,
+            padding=True),
+        tok([["Hello", "wörld!"], ["unaffable", "中文", "x"]], is_split_into_words=True, padding=True),
+        tok(TEXTS[1], PAIRS[2], add_special_tokens=False),
+    ]
+
+
+def test_batch_encoding_maps_match_hf(hf, ours):
+    for n, (a, b) in enumerate(zip(_encodings(hf), _encodings(ours))):
+        rows = len(a["input_ids"]) if isinstance(a["input_ids"][0], list) else 1
+        assert b.n_sequences == a.n_sequences and b.is_fast and len(b.encodings) == rows, n
+        for r in range(rows):
+            where = f"encoding {n} row {r}"
+            assert b.tokens(r) == a.tokens(r), where
+            assert b.word_ids(r) == a.word_ids(r) and b.sequence_ids(r) == a.sequence_ids(r), where
+            for name in ("ids", "type_ids", "tokens", "offsets", "attention_mask", "special_tokens_mask", "word_ids",
+                         "sequence_ids", "n_sequences"):
+                assert getattr(b[r], name) == getattr(a[r], name), f"{where} enc[{r}].{name}"
+            assert b.encodings[r].ids == a.encodings[r].ids and len(b[r]) == len(a[r])
+            n_tokens = len(a.tokens(r))
+            for t in range(n_tokens):
+                assert b.token_to_chars(r, t) == a.token_to_chars(r, t), f"{where} token_to_chars({t})"
+                assert b.token_to_word(r, t) == a.token_to_word(r, t), f"{where} token_to_word({t})"
+                assert b.token_to_sequence(r, t) == a.token_to_sequence(r, t), f"{where} token_to_sequence({t})"
+            max_char = max((end for start, end in a[r].offsets), default=0) + 2
+            for seq in (0, 1):
+                for c in range(max_char):
+                    assert b.char_to_token(r, c, seq) == a.char_to_token(r, c, seq), f"{where} char_to_token({c}, {seq})"
+                    assert b.char_to_word(r, c, seq) == a.char_to_word(r, c, seq), f"{where} char_to_word({c}, {seq})"
+                words = {w for w, s in zip(a.word_ids(r), a.sequence_ids(r)) if w is not None and s == seq}
+                for w in sorted(words) + [max(words, default=0) + 5]:
+                    assert b.word_to_tokens(r, w, seq) == a.word_to_tokens(r, w, seq), f"{where} word_to_tokens({w})"
+                    if w in words:
+                        assert b.word_to_chars(r, w, seq) == a.word_to_chars(r, w, seq), f"{where} word_to_chars({w})"
+        # row 0 when the batch index is left out, as transformers does
+        assert b.char_to_token(1) == a.char_to_token(1) and b.token_to_chars(1) == a.token_to_chars(1)
+
+
+def test_batch_encoding_dict_behaviour(ours):
+    enc = ours(TEXTS, padding=True, return_tensors="pt")
+    assert enc.input_ids is enc["input_ids"] and enc.data["attention_mask"] is enc.attention_mask
+    assert enc.to("cpu") is enc and enc.to(torch.device("cpu")) is enc
+    with pytest.warns(UserWarning, match="only a device"):
+        enc.to(torch.float16)
+    assert enc.input_ids.dtype == torch.int64
+    with pytest.raises(AttributeError):
+        enc.no_such_key
+    with pytest.raises(KeyError):
+        enc["no_such_key"]
+    with pytest.raises(IndexError, match="batch"):
+        enc[len(TEXTS)]
+    assert enc[-1].ids == enc.input_ids[-1].tolist()
+    assert set(enc.keys()) == {"input_ids", "attention_mask"}
+    padded = ours.pad([{"input_ids": [101, 7592, 102]}], return_tensors="pt")
+    assert not padded.is_fast and padded.encodings is None
+    with pytest.raises(ValueError, match="per-row maps"):
+        padded.word_ids(0)
+    made = BatchEncoding({"input_ids": [[1, 2], [3, 4]]}, tensor_type="np")
+    assert isinstance(made["input_ids"], np.ndarray) and made["input_ids"].shape == (2, 2)
+
+
+def test_deepcopy_of_tokenizer(ours):
+    other = copy.deepcopy(ours)
+    other.padding_side = "left"
+    row = other(TEXTS, padding=True)["input_ids"][3]  # "" padded on the left
+    assert row[0] == other.pad_token_id and row[-1] == other.sep_token_id
+    assert ours.padding_side == "right" and ours(TEXTS) == copy.deepcopy(ours)(TEXTS)
