@@ -8,6 +8,7 @@ task heads.
 
 
 import contextvars
+import functools
 import os
 
 import torch
@@ -245,11 +246,19 @@ _IGNORED_INPUTS = ("token_type_ids", "offset_mapping", "special_tokens_mask", "l
                    "overflow_to_sample_mapping")
 
 
-def _drop_ignored_inputs(module, args, kwargs):
-    if any(key in kwargs for key in _IGNORED_INPUTS):
-        kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_INPUTS}
-        return args, kwargs
-    return None
+def _ignoring_tokenizer_outputs(forward):
+    """Wraps a model class's forward so it drops _IGNORED_INPUTS keywords (also when forward is
+    called directly, as sentence-transformers does). inspect.signature still shows forward's own
+    arguments, so clients that filter inputs by it (Trainer) drop those columns themselves."""
+
+    @functools.wraps(forward)
+    def forward_ignoring(self, *args, **kwargs):
+        for key in _IGNORED_INPUTS:
+            kwargs.pop(key, None)
+        return forward(self, *args, **kwargs)
+
+    forward_ignoring._ignores_tokenizer_outputs = True
+    return forward_ignoring
 
 
 class DistilBertPreTrainedModel(nn.Module):
@@ -268,7 +277,12 @@ class DistilBertPreTrainedModel(nn.Module):
         if config.backend is not None:
             check_backend_name(config.backend)
         self.config = config
-        self.register_forward_pre_hook(_drop_ignored_inputs, with_kwargs=True)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_ignores_tokenizer_outputs", False):
+            cls.forward = _ignoring_tokenizer_outputs(forward)
 
     # -- initialisation --------------------------------------------------------------------------
     def post_init(self):
