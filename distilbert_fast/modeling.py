@@ -39,18 +39,32 @@ from .outputs import (
 LAYER_NORM_EPS = 1e-12
 
 
-def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """layer(x) for a projection layer, on the backend's GEMM (ops.linear) when the layer is just
-    a Linear: a layer that adds to it (a LoRA in use) or carries forward hooks runs as the
-    module, so the hooks fire."""
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """True when layer(x) is just x @ W^T + b: a Linear with no forward hooks. A layer that adds
+    to it (a LoRA in use, e.g. PEFT's) or carries hooks must run as the module."""
     acts_as_linear = type(layer) is nn.Linear or getattr(layer, "acts_as_linear", lambda: False)()
     hooked = (
         layer._forward_hooks or layer._forward_pre_hooks
         or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     )
-    if acts_as_linear and not hooked:
+    return acts_as_linear and not hooked
+
+
+def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """layer(x) for a projection layer, on the backend's GEMM (ops.linear) when the layer is just
+    a Linear; otherwise as the module, so a LoRA applies and hooks fire."""
+    if _is_plain_linear(layer):
         return linear(x, layer.weight, layer.bias, backend=backend)
     return layer(x)
+
+
+def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """layer(x) - layer.bias, for a caller that folds the bias into a later fused op: the bare
+    GEMM for a plain Linear; the module, less its bias, for anything else (a LoRA in use)."""
+    if _is_plain_linear(layer):
+        return linear(x, layer.weight, backend=backend)
+    out = layer(x)
+    return out if layer.bias is None else out - layer.bias
 
 
 def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
@@ -131,7 +145,7 @@ class DistilBertSelfAttention(nn.Module):
             backend=backend,
         )
         context = context.transpose(1, 2).reshape(batch, seq, self.dim)  # (batch, seq, dim)
-        return linear(context, self.out_lin.weight, backend=backend), weights
+        return _project_without_bias(self.out_lin, context, backend), weights
 
 
 class FFN(nn.Module):
@@ -150,10 +164,13 @@ class FFN(nn.Module):
 
     def forward(self, x):
         # act(lin1(x)) as one op: a backend may fuse the bias and activation into the matmul
-        h = linear_activation(
-            x, self.lin1.weight, self.lin1.bias, self.activation, backend=self.config.backend
-        )  # (batch, seq, hidden_dim)
-        return linear(h, self.lin2.weight, backend=self.config.backend)  # (batch, seq, dim)
+        backend = self.config.backend
+        if _is_plain_linear(self.lin1):
+            h = linear_activation(x, self.lin1.weight, self.lin1.bias, self.activation, backend=backend)
+        else:  # a LoRA on lin1: run the module, then bias-free activation
+            h = bias_activation(self.lin1(x), None, self.activation, backend=backend)
+        # (batch, seq, hidden_dim)
+        return _project_without_bias(self.lin2, h, backend)  # (batch, seq, dim)
 
 
 class TransformerBlock(nn.Module):

@@ -271,3 +271,25 @@ def test_peft_lora_trains(optimized, tmp_path):
     assert losses[-1] < losses[0]
     model.save_pretrained(tmp_path / "adapter")
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+def test_peft_lora_on_every_linear_matches_transformers(optimized):
+    """A LoRA on each projection (also those whose bias our fused ops fold in: out_lin, lin1,
+    lin2) gives transformers' outputs."""
+    peft = pytest.importorskip("peft")
+    hf, ours = pair("DistilBertForSequenceClassification")
+
+    def lora(model):
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, init_lora_weights=False,
+                                 target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"])
+        return peft.get_peft_model(model, config)
+
+    reference = lora(copy.deepcopy(hf))
+    model = lora(distilbert_fast.optimize(hf) if optimized else ours)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(1, 999, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                 reference(input_ids=ids, attention_mask=mask).logits)

@@ -224,6 +224,27 @@ def test_inside_peft_model():
             assert_close(p.grad, ref_grads[name], atol=1e-5, name=name)
 
 
+def test_bert_with_lora_on_every_linear():
+    peft = pytest.importorskip("peft")
+    ref = hf_model("BertForSequenceClassification", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, init_lora_weights=False,
+                             target_modules=["query", "key", "value", "dense"])
+    ref = peft.get_peft_model(ref, config)
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    inputs, mask = ragged_inputs("BertForSequenceClassification")
+    labels = torch.tensor([0, 1, 1])
+    for m in (ref, model):
+        m.train()
+    losses = [m(**inputs, labels=labels).loss for m in (ref, model)]
+    assert_close(losses[1], losses[0], atol=1e-5, name="loss")
+    for loss in losses:
+        loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref_grads[name], atol=1e-5, name=name)
+
+
 def test_import_does_not_load_transformers():
     import subprocess
     import sys

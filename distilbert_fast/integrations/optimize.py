@@ -164,12 +164,17 @@ def _optimize_bert(model, backend, record):
     for layer in encoder.layer:
         attention = _bert_attention_view(layer.attention, config)
         _set_forward(layer.attention, functools.partial(_bert_attention_forward, attention), record)
+        # what the block sees: in training it must not fold the bias (the attention adds it
+        # before BERT's dropout)
+        dense = layer.attention.output.dense
+        block_attention = _View(layer.attention, modeling.DistilBertSelfAttention, values={"out_lin": _Dynamic(
+            functools.partial(_bias_unless_training, layer.attention, dense))})
         ffn = _View(layer, modeling.FFN,
                     names={"lin1": "intermediate.dense", "lin2": "output.dense", "dropout": "output.dropout"},
                     values={"config": config, "activation": activation})
         view = _View(layer, modeling.TransformerBlock,
                      names={"sa_layer_norm": "attention.output.LayerNorm", "output_layer_norm": "output.LayerNorm"},
-                     values={"config": config, "attention": attention, "ffn": _FFNCall(ffn, layer),
+                     values={"config": config, "attention": block_attention, "ffn": _FFNCall(ffn, layer),
                              "attention_adapters": None, "output_adapters": None})
         _set_forward(layer, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
@@ -183,28 +188,29 @@ class _FFNCall(_View):
         super().__init__(layer, modeling.FFN, ffn_view._names,
                          {**ffn_view._values, "chunk_size_feed_forward": layer.chunk_size_feed_forward})
 
-    def __call__(self, x):
-        return modeling.FFN.forward(self, x)
+    def __call__(self, *args, **kwargs):
+        return modeling.FFN.forward(self, *args, **kwargs)
 
 
 def _bert_attention_view(attention, config):
-    """BertAttention (self.query/key/value, output.dense) as our DistilBertSelfAttention. BERT
-    applies dropout to dense(context) + bias before the residual: in training the view hides the
-    bias from the block (which would fold it into the LayerNorm) and the forward adds it there."""
-    dense = attention.output.dense
-    out_lin = _Dynamic(lambda: types.SimpleNamespace(
-        weight=dense.weight, bias=None if attention.training else dense.bias))
+    """BertAttention (self.query/key/value, output.dense) as our DistilBertSelfAttention."""
     heads = attention.self.num_attention_heads
     return _View(attention, modeling.DistilBertSelfAttention,
-                 names={"q_lin": "self.query", "k_lin": "self.key", "v_lin": "self.value", "dropout": "self.dropout"},
+                 names={"q_lin": "self.query", "k_lin": "self.key", "v_lin": "self.value", "dropout": "self.dropout",
+                        "out_lin": "output.dense"},
                  values={"config": config, "n_heads": heads, "attention_head_size": attention.self.attention_head_size,
-                         "dim": heads * attention.self.attention_head_size, "scaling": attention.self.scaling,
-                         "out_lin": out_lin})
+                         "dim": heads * attention.self.attention_head_size, "scaling": attention.self.scaling})
 
 
-def _bert_attention_forward(view, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
-    out, weights = modeling.DistilBertSelfAttention.forward(view, hidden_states, key_padding_mask, head_mask,
-                                                            output_attentions)
+def _bias_unless_training(attention, dense):
+    """out_lin as the block sees it. BERT applies dropout to dense(context) + bias before the
+    residual: in training the block must not fold the bias into its LayerNorm, since
+    _bert_attention_forward adds it before the dropout."""
+    return types.SimpleNamespace(weight=dense.weight, bias=None if attention.training else dense.bias)
+
+
+def _bert_attention_forward(view, *args, **kwargs):
+    out, weights = modeling.DistilBertSelfAttention.forward(view, *args, **kwargs)
     if view.training:
         out = view.output.dropout(out + view.output.dense.bias)
     return out, weights
