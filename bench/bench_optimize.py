@@ -5,7 +5,8 @@
     python bench/bench_optimize.py --quick           # smoke test, nothing recorded
 
 One DistilBERT-base-shaped transformers model with random weights, and a deep copy of it that is
-optimised in place; both run every shape interleaved in one process (forward, inference). The
+optimised in place; both run every shape in one process, their calls alternating (forward,
+inference). The
 ragged batch pads 32 sequences of lengths drawn from U[16, 256] to the longest, as a tokenizer
 with padding=True would. Rows (median with p20/p80, real tokens/s, the speedup over the
 unoptimised model, max abs diff at real positions) are appended to bench/results/optimize.csv.
@@ -15,11 +16,12 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
-from _common import RESULTS_DIR, append_rows, environment, format_table, time_fn  # noqa: E402
+from _common import RESULTS_DIR, Timing, append_rows, environment, format_table, percentile  # noqa: E402
 
 import distilbert_fast  # noqa: E402
 
@@ -32,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (CUDA default)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--fixed", default="8x128", help="padded-free shapes BATCHxSEQ, comma-separated")
+    p.add_argument("--fixed", default="8x128", help="unpadded shapes BATCHxSEQ, comma-separated")
     p.add_argument("--ragged", default="32x16-256", help="BATCHxMIN-MAX ragged batches, comma-separated")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
@@ -62,6 +64,28 @@ def make_batches(args, device, vocab):
     return [(label, b, s, r, ids.to(device), mask.to(device)) for label, b, s, r, ids, mask in out]
 
 
+def time_interleaved(calls, device, warmup, repeats, max_time_s):
+    """{name: Timing}: the providers' calls alternate (a, b, a, b, ...), so a change in the
+    machine's load (it is shared) hits both alike; median and p20/p80 per provider."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(max(1, warmup)):
+        for fn in calls.values():
+            fn()
+    sync()
+    samples = {name: [] for name in calls}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= 3 and time.perf_counter() - start > max_time_s * len(calls):
+            break
+    return {name: Timing(percentile(v, 50), percentile(v, 20), percentile(v, 80), len(v), "perf_counter")
+            for name, v in samples.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.quick:
@@ -82,10 +106,9 @@ def main(argv=None):
         real = int(mask.sum())
         with torch.inference_mode():
             expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
-            timings = {}
+            calls = {name: (lambda m=model: m(input_ids=ids, attention_mask=mask)) for name, model in providers.items()}
+            timings = time_interleaved(calls, device, args.warmup, args.repeats, args.max_time)
             for name, model in providers.items():
-                fn = lambda m=model: m(input_ids=ids, attention_mask=mask)  # noqa: E731
-                timings[name] = time_fn(fn, device, args.warmup, args.repeats, args.max_time)
                 out = model(input_ids=ids, attention_mask=mask).last_hidden_state
                 diff = (out - expected).abs()[mask.bool()].max().item()
                 t = timings[name]

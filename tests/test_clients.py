@@ -293,3 +293,15 @@ def test_peft_lora_on_every_linear_matches_transformers(optimized):
     mask[1, 5:] = 0
     assert_close(model(input_ids=ids, attention_mask=mask).logits,
                  reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_pipeline_real_checkpoint_optimized():
+    """feature-extraction on the real all-MiniLM-L6-v2 (BertModel) after optimize()."""
+    path = reference_vocab_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    reference = transformers.pipeline("feature-extraction", model=transformers.BertModel.from_pretrained(path),
+                                      tokenizer=tokenizer, device="cpu")
+    model = distilbert_fast.optimize(transformers.BertModel.from_pretrained(path))
+    pipe = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer, device="cpu")
+    for a, b in zip(pipe(TEXTS), reference(TEXTS)):
+        assert_close(torch.tensor(a), torch.tensor(b))
