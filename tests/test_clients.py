@@ -26,6 +26,23 @@ def hf_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(reference_vocab_dir())
 
 
+# HF tokenizer API the clients call that our tokenizer gains in the tokenizer branch (#14 part 3)
+_CLIENT_TOKENIZER_API = ("pad", "is_fast", "encode_plus", "batch_encode_plus")
+
+
+@pytest.fixture(params=["hf", "ours"], ids=["hf-tokenizer", "our-tokenizer"])
+def tokenizer(request, hf_tokenizer):
+    """The client's tokenizer: transformers' BertTokenizerFast, or ours on the same vocab (skipped
+    until ours has the API the clients call)."""
+    if request.param == "hf":
+        return hf_tokenizer
+    ours = distilbert_fast.DistilBertTokenizer.from_pretrained(reference_vocab_dir())
+    missing = [name for name in _CLIENT_TOKENIZER_API if not hasattr(ours, name)]
+    if missing:
+        pytest.skip(f"our tokenizer lacks {missing} (the tokenizer branch adds them)")
+    return ours
+
+
 def pair(class_name, **overrides):
     """(transformers model, our model) with the same tiny random weights."""
     config = {**TINY, **overrides}
@@ -115,10 +132,10 @@ def _trainer(model, tokenizer, out_dir, **args):
                                 data_collator=transformers.DataCollatorWithPadding(tokenizer))
 
 
-def test_trainer_our_model(hf_tokenizer, tmp_path):
+def test_trainer_our_model(tokenizer, tmp_path):
     """train, evaluate, predict, resume from a checkpoint, save; our model (duck-typed)."""
     _, ours = pair("DistilBertForSequenceClassification")
-    trainer = _trainer(ours, hf_tokenizer, tmp_path / "run", max_steps=4)
+    trainer = _trainer(ours, tokenizer, tmp_path / "run", max_steps=4)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
@@ -129,7 +146,7 @@ def test_trainer_our_model(hf_tokenizer, tmp_path):
     assert prediction.predictions.shape == (16, 2)
     # resume: a fresh trainer picks up at step 2's checkpoint and finishes at step 4
     _, fresh = pair("DistilBertForSequenceClassification")
-    resumed = _trainer(fresh, hf_tokenizer, tmp_path / "run", max_steps=4)
+    resumed = _trainer(fresh, tokenizer, tmp_path / "run", max_steps=4)
     assert resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).global_step == 4
     # the trained model saves a folder both libraries load
     ours.save_pretrained(tmp_path / "final")
@@ -164,11 +181,11 @@ def test_trainer_optimized_transformers_model(hf_tokenizer, tmp_path):
     ("token-classification", "DistilBertForTokenClassification"),
 ])
 @pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
-def test_pipeline(task, class_name, optimized, hf_tokenizer):
+def test_pipeline(task, class_name, optimized, tokenizer, hf_tokenizer):
     hf, ours = pair(class_name)
     reference = transformers.pipeline(task, model=copy.deepcopy(hf), tokenizer=hf_tokenizer, device="cpu")
     model = distilbert_fast.optimize(hf) if optimized else ours
-    pipe = transformers.pipeline(task, model=model, tokenizer=hf_tokenizer, device="cpu")
+    pipe = transformers.pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
     texts = ["Paris is the [MASK] of France.", "The [MASK] is awesome!"] if task == "fill-mask" else TEXTS
     expected, actual = reference(texts), pipe(texts)
     if task == "feature-extraction":
@@ -194,16 +211,21 @@ def test_pipeline(task, class_name, optimized, hf_tokenizer):
     ("DataCollatorForLanguageModeling", "DistilBertForMaskedLM"),
     ("DataCollatorForTokenClassification", "DistilBertForTokenClassification"),
 ])
-def test_collators_feed_our_model(collator, class_name, hf_tokenizer):
+def test_collators_feed_our_model(collator, class_name, tokenizer, hf_tokenizer):
+    """The collator with the given tokenizer feeds our model; transformers' model gets the
+    collator's batch from transformers' tokenizer (same seed): the same loss."""
     hf, ours = pair(class_name)
-    features = [hf_tokenizer(t) for t in TEXTS]
-    if collator == "DataCollatorWithPadding":
-        features = [dict(f, labels=i % 2) for i, f in enumerate(features)]
-    elif collator == "DataCollatorForTokenClassification":
-        features = [dict(f, labels=[i % 2] * len(f["input_ids"])) for i, f in enumerate(features)]
-    torch.manual_seed(0)
-    batch = getattr(transformers, collator)(hf_tokenizer)(features)
-    assert_close(ours(**batch).loss, hf(**batch).loss)
+
+    def batch(tok):
+        features = [dict(tok(t)) for t in TEXTS]
+        if collator == "DataCollatorWithPadding":
+            features = [dict(f, labels=i % 2) for i, f in enumerate(features)]
+        elif collator == "DataCollatorForTokenClassification":
+            features = [dict(f, labels=[i % 2] * len(f["input_ids"])) for i, f in enumerate(features)]
+        torch.manual_seed(0)
+        return getattr(transformers, collator)(tok)(features)
+
+    assert_close(ours(**batch(tokenizer)).loss, hf(**batch(hf_tokenizer)).loss)
 
 
 # -- sentence-transformers -------------------------------------------------------------------------

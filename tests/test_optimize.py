@@ -155,9 +155,9 @@ def test_runs_on_our_ops():
         model = distilbert_fast.optimize(hf_model("DistilBertModel"), backend=backend)
         inputs, _ = ragged_inputs("DistilBertModel")
         model(**inputs)
-        ran = distilbert_fast.last_backend()
-        assert set(ran) == {"residual_layernorm", "linear", "masked_attention", "linear_activation"}
-        assert set(ran.values()) == {backend}
+        ran = distilbert_fast.last_backend()  # op -> backend of its latest call (any test's)
+        for op in ("residual_layernorm", "linear", "masked_attention", "linear_activation"):
+            assert ran[op] == backend, (op, ran)
 
 
 def test_training_with_dropout_and_gradient_checkpointing_runs():

@@ -167,8 +167,8 @@ def _optimize_bert(model, backend, record):
         # what the block sees: in training it must not fold the bias (the attention adds it
         # before BERT's dropout)
         dense = layer.attention.output.dense
-        block_attention = _View(layer.attention, modeling.DistilBertSelfAttention, values={"out_lin": _Dynamic(
-            functools.partial(_bias_unless_training, layer.attention, dense))})
+        block_attention = _View(layer.attention, modeling.DistilBertSelfAttention, attention._names, {
+            **attention._values, "out_lin": _Dynamic(functools.partial(_bias_unless_training, layer.attention, dense))})
         ffn = _View(layer, modeling.FFN,
                     names={"lin1": "intermediate.dense", "lin2": "output.dense", "dropout": "output.dropout"},
                     values={"config": config, "activation": activation})
