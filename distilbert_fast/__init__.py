@@ -20,6 +20,7 @@ from .modeling import (
     DistilBertModel,
     DistilBertPreTrainedModel,
 )
+from .integrations.optimize import is_optimized, optimize, unoptimize
 from .ops import available_backends, last_backend, set_default_backend, use_backend
 from .tokenization import BatchEncoding, DistilBertTokenizer, DistilBertTokenizerFast
 from .outputs import (
@@ -65,6 +66,9 @@ __all__ = [
     "Stack",
     "TokenClassifierOutput",
     "available_backends",
+    "is_optimized",
+    "optimize",
+    "unoptimize",
     "last_backend",
     "ops",
     "set_default_backend",

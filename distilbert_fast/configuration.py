@@ -12,6 +12,15 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 # Keys that configure a run, not the model: accepted for compatibility, never written out.
 _RUNTIME_ONLY = ("backend",)
 
+# transformers' from_pretrained keywords about loading, not the model: never stored in the config.
+LOADING_KWARGS = (
+    "device_map", "low_cpu_mem_usage", "attn_implementation", "cache_dir", "force_download",
+    "local_files_only", "token", "revision", "trust_remote_code", "proxies", "subfolder",
+    "use_auth_token", "resume_download", "_from_auto", "_from_pipeline", "_commit_hash",
+    "adapter_kwargs", "key_mapping", "offload_folder", "offload_state_dict", "variant",
+    "weights_only", "tp_plan", "output_loading_info",
+)
+
 
 class DistilBertConfig:
     """Configuration of a DistilBERT model, with HuggingFace's parameters, defaults and aliases.
@@ -158,6 +167,20 @@ class DistilBertConfig:
             )
         config_dict.update(kwargs)
         return cls(**config_dict)
+
+    @classmethod
+    def coerce(cls, config) -> "DistilBertConfig":
+        """``config`` as our DistilBertConfig: ours is returned as is; a transformers
+        DistilBertConfig (anything with model_type 'distilbert' and ``to_dict``) is converted
+        through its dict, without transformers' private and run-time keys."""
+        if isinstance(config, cls):
+            return config
+        if getattr(config, "model_type", None) == cls.model_type and callable(getattr(config, "to_dict", None)):
+            values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+            for key in ("transformers_version", "dtype", "is_encoder_decoder"):
+                values.pop(key, None)
+            return cls.from_dict(values)
+        raise TypeError(f"config must be a DistilBertConfig, got {type(config).__name__}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "DistilBertConfig":

@@ -8,6 +8,8 @@ task heads.
 
 
 import contextvars
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
-from .configuration import DistilBertConfig
+from .configuration import LOADING_KWARGS, DistilBertConfig
 from .ops import (
     bias_activation,
     canonical_activation,
@@ -37,18 +39,32 @@ from .outputs import (
 LAYER_NORM_EPS = 1e-12
 
 
-def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """layer(x) for a projection layer, on the backend's GEMM (ops.linear) when the layer is just
-    a Linear: a layer that adds to it (a LoRA in use) or carries forward hooks runs as the
-    module, so the hooks fire."""
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """True when layer(x) is just x @ W^T + b: a Linear with no forward hooks. A layer that adds
+    to it (a LoRA in use, e.g. PEFT's) or carries hooks must run as the module."""
     acts_as_linear = type(layer) is nn.Linear or getattr(layer, "acts_as_linear", lambda: False)()
     hooked = (
         layer._forward_hooks or layer._forward_pre_hooks
         or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
     )
-    if acts_as_linear and not hooked:
+    return acts_as_linear and not hooked
+
+
+def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """layer(x) for a projection layer, on the backend's GEMM (ops.linear) when the layer is just
+    a Linear; otherwise as the module, so a LoRA applies and hooks fire."""
+    if _is_plain_linear(layer):
         return linear(x, layer.weight, layer.bias, backend=backend)
     return layer(x)
+
+
+def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """layer(x) - layer.bias, for a caller that folds the bias into a later fused op: the bare
+    GEMM for a plain Linear; the module, less its bias, for anything else (a LoRA in use)."""
+    if _is_plain_linear(layer):
+        return linear(x, layer.weight, backend=backend)
+    out = layer(x)
+    return out if layer.bias is None else out - layer.bias
 
 
 def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
@@ -129,7 +145,7 @@ class DistilBertSelfAttention(nn.Module):
             backend=backend,
         )
         context = context.transpose(1, 2).reshape(batch, seq, self.dim)  # (batch, seq, dim)
-        return linear(context, self.out_lin.weight, backend=backend), weights
+        return _project_without_bias(self.out_lin, context, backend), weights
 
 
 class FFN(nn.Module):
@@ -148,10 +164,13 @@ class FFN(nn.Module):
 
     def forward(self, x):
         # act(lin1(x)) as one op: a backend may fuse the bias and activation into the matmul
-        h = linear_activation(
-            x, self.lin1.weight, self.lin1.bias, self.activation, backend=self.config.backend
-        )  # (batch, seq, hidden_dim)
-        return linear(h, self.lin2.weight, backend=self.config.backend)  # (batch, seq, dim)
+        backend = self.config.backend
+        if _is_plain_linear(self.lin1):
+            h = linear_activation(x, self.lin1.weight, self.lin1.bias, self.activation, backend=backend)
+        else:  # a LoRA on lin1: run the module, then bias-free activation
+            h = bias_activation(self.lin1(x), None, self.activation, backend=backend)
+        # (batch, seq, hidden_dim)
+        return _project_without_bias(self.lin2, h, backend)  # (batch, seq, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -238,22 +257,49 @@ class Transformer(nn.Module):
 # -- the pretrained-model base: init, weight tying, loading and saving --------------------------
 
 
+# Tokenizer outputs that are not model inputs: forward accepts and ignores them, as transformers 5
+# does, so model(**tokenizer(...)) works with any BERT-family tokenizer's output.
+_IGNORED_INPUTS = ("token_type_ids", "offset_mapping", "special_tokens_mask", "length",
+                   "overflow_to_sample_mapping")
+
+
+def _ignoring_tokenizer_outputs(forward):
+    """Wraps a model class's forward so it drops _IGNORED_INPUTS keywords (also when forward is
+    called directly, as sentence-transformers does). inspect.signature still shows forward's own
+    arguments, so clients that filter inputs by it (Trainer) drop those columns themselves."""
+
+    @functools.wraps(forward)
+    def forward_ignoring(self, *args, **kwargs):
+        for key in _IGNORED_INPUTS:
+            kwargs.pop(key, None)
+        return forward(self, *args, **kwargs)
+
+    forward_ignoring._ignores_tokenizer_outputs = True
+    return forward_ignoring
+
+
 class DistilBertPreTrainedModel(nn.Module):
     config_class = DistilBertConfig
     base_model_prefix = "distilbert"
+    main_input_name = "input_ids"
     # state_dict keys that alias another parameter when weights are tied: (key, source key)
     _tied_weights_keys: dict[str, str] = {}
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
-        if not isinstance(config, DistilBertConfig):
-            raise TypeError(f"config must be a DistilBertConfig, got {type(config).__name__}")
+        config = DistilBertConfig.coerce(config)  # ours, or a transformers DistilBertConfig
         if config.dim % config.n_heads != 0:
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)
         if config.backend is not None:
             check_backend_name(config.backend)
         self.config = config
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_ignores_tokenizer_outputs", False):
+            cls.forward = _ignoring_tokenizer_outputs(forward)
 
     # -- initialisation --------------------------------------------------------------------------
     def post_init(self):
@@ -401,15 +447,41 @@ class DistilBertPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        unique = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (tied ones once); ``exclude_embeddings`` leaves out the
+        embedding tables, as transformers does."""
+        skipped = set()
+        if exclude_embeddings:
+            skipped = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        unique = {
+            id(p): p for p in self.parameters()
+            if (p.requires_grad or not only_trainable) and id(p) not in skipped
+        }
         return sum(p.numel() for p in unique.values())
 
-    def gradient_checkpointing_enable(self):
+    def can_generate(self) -> bool:
+        return False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """Recomputes each layer in backward (torch.utils.checkpoint, use_reentrant=False).
+        transformers' keywords are accepted; ``use_reentrant`` is ignored (non-reentrant is
+        always used), ``every_n_layers`` must be 1 and ``offload`` False."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(
+                f"gradient_checkpointing_kwargs must be a dict or None, got {type(gradient_checkpointing_kwargs).__name__}"
+            )
+        if every_n_layers != 1:
+            raise ValueError(f"every_n_layers must be 1, got {every_n_layers!r}")
+        if offload:
+            raise ValueError("offload=True is not supported; pass offload=False")
         self.base_model.transformer.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
         self.base_model.transformer.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model.transformer.gradient_checkpointing
 
     @property
     def backend(self) -> str:
@@ -436,9 +508,16 @@ class DistilBertPreTrainedModel(nn.Module):
         ``dtype`` (or its old name ``torch_dtype``) defaults to 'auto', as in transformers 5: the
         dtype config.json records, else the checkpoint's; pass torch.float32 to upcast."""
         directory = ckpt.local_directory(directory)
+        device = _device_from_map(config_kwargs.get("device_map"))
+        if config_kwargs.get("subfolder"):
+            directory = ckpt.local_directory(os.path.join(directory, config_kwargs["subfolder"]))
+        # transformers' loading keywords (device_map, attn_implementation, hub options) are not
+        # model settings: they never reach the config or config.json.
+        config_kwargs = {k: v for k, v in config_kwargs.items() if k not in LOADING_KWARGS}
         if config is None:
             config = DistilBertConfig.from_pretrained(directory, **config_kwargs)
-        elif config_kwargs:
+        else:
+            config = DistilBertConfig.coerce(config)
             for key, value in config_kwargs.items():
                 setattr(config, key, value)
         if backend is not None:
@@ -450,11 +529,21 @@ class DistilBertPreTrainedModel(nn.Module):
             dtype = torch_dtype
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         model.to(ckpt.resolve_dtype(dtype, state_dict, config_dtype))
+        if device is not None:
+            model.to(device)
         return model.eval()
 
-    def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None):
+    def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None,
+                        is_main_process=True, push_to_hub=False, **hub_kwargs):
         """Writes config.json and the weights (model.safetensors by default, pytorch_model.bin
-        with ``safe_serialization=False``), sharded with an index above ``max_shard_size``."""
+        with ``safe_serialization=False``), sharded with an index above ``max_shard_size``.
+        transformers' ``is_main_process`` (False: write nothing) is honoured; ``push_to_hub``
+        must be False (there is no network), and the hub's other keywords are then ignored."""
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: distilbert_fast never uploads; save "
+                             "to a directory and upload it with huggingface_hub")
+        if not is_main_process:
+            return
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         if state_dict is None:
@@ -467,6 +556,22 @@ class DistilBertPreTrainedModel(nn.Module):
             safe_serialization=safe_serialization,
             max_shard_size=max_shard_size,
         )
+
+
+def _device_from_map(device_map):
+    """transformers' device_map for a model that fits one device: a device, 'auto' (CUDA when
+    available) or {'': device}. Splitting a model across devices is not supported."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map must place the whole model on one device ({{'': device}}), got {device_map!r}")
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, (str, int, torch.device)):
+        return torch.device(device_map)
+    raise TypeError(f"device_map must be a device, 'auto' or {{'': device}}, got {device_map!r}")
 
 
 def _sample_around_mean(old: torch.Tensor, count: int) -> torch.Tensor:

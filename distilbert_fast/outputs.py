@@ -3,8 +3,15 @@
 An output works by attribute (``out.logits``), by key (``out["logits"]``), by index over the
 fields that are set (``out[0]``) and as a tuple (``out.to_tuple()``); fields left as None are
 skipped by keys, indexing and ``to_tuple``, exactly as in ``transformers.utils.ModelOutput``.
+
+Where transformers has been imported (a Trainer, a pipeline or sentence-transformers is in use),
+an output is created as a subclass of both our class and ``transformers.utils.ModelOutput``
+(built once per class by ``distilbert_fast.integrations.transformers``), because those clients
+test ``isinstance(out, transformers.utils.ModelOutput)``. Without transformers loaded, nothing of
+it is imported.
 """
 
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
@@ -12,8 +19,20 @@ import torch
 
 
 class ModelOutput(OrderedDict):
+    # True on the transformers-compatible twins (see distilbert_fast.integrations.transformers)
+    _transformers_twin = False
+
+    def __new__(cls, *args, **kwargs):
+        if not cls._transformers_twin and "transformers" in sys.modules:
+            from .integrations.transformers import output_twin
+
+            cls = output_twin(cls)
+        return super().__new__(cls, *args, **kwargs)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_transformers_twin"):
+            return  # transformers.utils.ModelOutput registers its own subclasses
         # Let torch.compile / torch.export / DDP see through outputs as they do through dicts.
         flatten = lambda out: (list(out.values()), list(out.keys()))  # noqa: E731
         unflatten = lambda values, keys: cls(**dict(zip(keys, values)))  # noqa: E731
@@ -50,8 +69,9 @@ class ModelOutput(OrderedDict):
     __delitem__ = pop = popitem = setdefault = update = clear = _immutable
 
     def __reduce__(self):
-        # Pickle as the dataclass it is, not as an OrderedDict.
-        return type(self), tuple(getattr(self, f.name) for f in fields(self))
+        # Pickle as the dataclass it is, not as an OrderedDict (a twin pickles as our class).
+        cls = type(self).__bases__[0] if self._transformers_twin else type(self)
+        return cls, tuple(getattr(self, f.name) for f in fields(self))
 
     def to_tuple(self) -> tuple:
         return tuple(self[k] for k in self.keys())

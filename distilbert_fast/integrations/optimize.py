@@ -1,0 +1,304 @@
+"""``optimize(model)``: run a live transformers DistilBERT or BERT model on distilbert_fast's ops,
+in place.
+
+The model keeps its object, class, modules and parameters: only the ``forward`` of the base model
+(``DistilBertModel`` / ``BertModel``) and of its embeddings, encoder, layers and attentions are
+replaced, by instance attributes, with distilbert_fast's own forward code (``modeling.py``) run
+over the transformers module. That code reads its submodules through a ``_View``: an object
+that answers the attribute names our module classes use (``q_lin``, ``sa_layer_norm``, ...) from
+the transformers module, live, so a LoRA that PEFT puts in later, a hook or a moved parameter is
+seen at once. Task heads, losses and the pooler keep transformers' code.
+
+Because the forward that runs is ``modeling.DistilBertModel.forward`` (and ``Transformer`` /
+``TransformerBlock`` / ``DistilBertSelfAttention`` / ``FFN`` / ``Embeddings``), whatever those
+do (the packed path included) an optimised model does too. ``unoptimize(model)`` deletes the
+instance attributes again.
+"""
+
+import functools
+import inspect
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import modeling
+from ..ops import canonical_activation
+from ..ops.backends import AUTO, check_backend_name
+
+_MARK = "_distilbert_fast_optimized"  # on the base model: the modules whose forward we set
+_MISSING = object()
+
+
+class _Dynamic:
+    """A _View value computed at each access (e.g. depends on module.training)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+class _View:
+    """``module`` as one of our module classes (``cls``) sees itself.
+
+    Attribute lookup, first hit wins: ``values`` (fixed or _Dynamic), ``names`` (our name -> a
+    dotted path in the transformers module), methods and properties of ``cls`` (bound to the
+    view, so ``self.<helper>()`` inside our forward works), then the module itself. Calling the
+    view calls the module (its hooks fire)."""
+
+    def __init__(self, module, cls, names=None, values=None):
+        self.__dict__.update(_module=module, _cls=cls, _names=names or {}, _values=values or {})
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_module", "_cls", "_names", "_values"):
+            raise AttributeError(name)
+        values = self.__dict__["_values"]
+        if name in values:
+            value = values[name]
+            return value.fn() if isinstance(value, _Dynamic) else value
+        path = self.__dict__["_names"].get(name)
+        if path is not None:
+            return functools.reduce(getattr, path.split("."), self.__dict__["_module"])
+        attr = _class_attr(self.__dict__["_cls"], name)
+        if attr is not _MISSING:
+            if isinstance(attr, staticmethod):
+                return attr.__func__
+            if isinstance(attr, classmethod):
+                return types.MethodType(attr.__func__, self.__dict__["_cls"])
+            if isinstance(attr, property):
+                return attr.fget(self)
+            if inspect.isfunction(attr):
+                return types.MethodType(attr, self)
+            return attr
+        return getattr(self.__dict__["_module"], name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["_module"], name, value)
+
+    def __call__(self, *args, **kwargs):
+        return self.__dict__["_module"](*args, **kwargs)
+
+
+def _class_attr(cls, name):
+    """``name`` as defined by one of distilbert_fast's classes in ``cls``'s MRO (not nn.Module)."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("distilbert_fast") and name in vars(klass):
+            return vars(klass)[name]
+    return _MISSING
+
+
+class _Config(_View):
+    """The transformers config under our config's names, plus the chosen backend."""
+
+    def __init__(self, config, backend, names=None):
+        super().__init__(config, object, names, {"backend": backend})
+
+
+def _set_forward(module, fn, record):
+    module.forward = fn  # an instance attribute: nn.Module.__call__ finds it before the class's
+    record.append(module)
+
+
+# -- DistilBERT ----------------------------------------------------------------------------------
+
+
+def _optimize_distilbert(model, backend, record):
+    config = _Config(model.config, backend)
+    emb = model.embeddings
+    _set_forward(emb, functools.partial(modeling.Embeddings.forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
+    transformer = model.transformer
+    _set_forward(transformer, functools.partial(modeling.Transformer.forward, _View(
+        transformer, modeling.Transformer, values={"gradient_checkpointing": _checkpointing(transformer)})), record)
+    activation = canonical_activation(model.config.activation)
+    for block in transformer.layer:
+        attention = _View(block.attention, modeling.DistilBertSelfAttention, values={"config": config})
+        _set_forward(block.attention, functools.partial(modeling.DistilBertSelfAttention.forward, attention), record)
+        ffn = _View(block.ffn, modeling.FFN, values={"config": config, "activation": activation})
+        _set_forward(block.ffn, functools.partial(modeling.FFN.forward, ffn), record)
+        view = _View(block, modeling.TransformerBlock,
+                     values={"config": config, "attention_adapters": None, "output_adapters": None})
+        _set_forward(block, functools.partial(modeling.TransformerBlock.forward, view), record)
+    base = _View(model, modeling.DistilBertModel, values={"config": config})
+    _set_forward(model, functools.partial(_distilbert_model_forward, base), record)
+
+
+def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_embeds=None,
+                              position_ids=None, head_mask=None, output_attentions=None,
+                              output_hidden_states=None, return_dict=None, **kwargs):
+    """transformers 5's DistilBertModel signature (other keywords, e.g. token_type_ids, are
+    ignored as transformers 5 ignores them) over our DistilBertModel.forward."""
+    return modeling.DistilBertModel.forward(
+        view, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+        output_hidden_states, return_dict, position_ids=position_ids,
+    )
+
+
+def _checkpointing(encoder):
+    """transformers' gradient_checkpointing_enable sets the flag on the layers (and on some
+    encoders); our Transformer.forward checkpoints each layer itself when it is set."""
+    return _Dynamic(lambda: bool(getattr(encoder, "gradient_checkpointing", False)) or any(
+        getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer))
+
+
+# -- BERT ----------------------------------------------------------------------------------------
+
+_BERT_CONFIG_NAMES = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "dim": "hidden_size"}
+
+
+def _optimize_bert(model, backend, record):
+    hf_config = model.config
+    if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
+        raise ValueError("optimize() supports BERT as an encoder only: config.is_decoder and "
+                         "config.add_cross_attention must be False")
+    if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError("optimize() supports position_embedding_type='absolute' only, got "
+                         f"{hf_config.position_embedding_type!r}")
+    config = _Config(hf_config, backend, _BERT_CONFIG_NAMES)
+    activation = canonical_activation(hf_config.hidden_act)
+
+    emb = model.embeddings
+    _set_forward(emb, functools.partial(_bert_embeddings_forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
+    encoder = model.encoder
+    _set_forward(encoder, functools.partial(modeling.Transformer.forward, _View(
+        encoder, modeling.Transformer, values={"gradient_checkpointing": _checkpointing(encoder)})), record)
+    for layer in encoder.layer:
+        attention = _bert_attention_view(layer.attention, config)
+        _set_forward(layer.attention, functools.partial(_bert_attention_forward, attention), record)
+        # what the block sees: in training it must not fold the bias (the attention adds it
+        # before BERT's dropout)
+        dense = layer.attention.output.dense
+        block_attention = _View(layer.attention, modeling.DistilBertSelfAttention, attention._names, {
+            **attention._values, "out_lin": _Dynamic(functools.partial(_bias_unless_training, layer.attention, dense))})
+        ffn = _View(layer, modeling.FFN,
+                    names={"lin1": "intermediate.dense", "lin2": "output.dense", "dropout": "output.dropout"},
+                    values={"config": config, "activation": activation})
+        view = _View(layer, modeling.TransformerBlock,
+                     names={"sa_layer_norm": "attention.output.LayerNorm", "output_layer_norm": "output.LayerNorm"},
+                     values={"config": config, "attention": block_attention, "ffn": _FFNCall(ffn, layer),
+                             "attention_adapters": None, "output_adapters": None})
+        _set_forward(layer, functools.partial(modeling.TransformerBlock.forward, view), record)
+    base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
+    _set_forward(model, functools.partial(_bert_model_forward, base), record)
+
+
+class _FFNCall(_View):
+    """BERT's FFN is two modules (intermediate, output): run our FFN.forward over both directly."""
+
+    def __init__(self, ffn_view, layer):
+        super().__init__(layer, modeling.FFN, ffn_view._names,
+                         {**ffn_view._values, "chunk_size_feed_forward": layer.chunk_size_feed_forward})
+
+    def __call__(self, *args, **kwargs):
+        return modeling.FFN.forward(self, *args, **kwargs)
+
+
+def _bert_attention_view(attention, config):
+    """BertAttention (self.query/key/value, output.dense) as our DistilBertSelfAttention."""
+    heads = attention.self.num_attention_heads
+    return _View(attention, modeling.DistilBertSelfAttention,
+                 names={"q_lin": "self.query", "k_lin": "self.key", "v_lin": "self.value", "dropout": "self.dropout",
+                        "out_lin": "output.dense"},
+                 values={"config": config, "n_heads": heads, "attention_head_size": attention.self.attention_head_size,
+                         "dim": heads * attention.self.attention_head_size, "scaling": attention.self.scaling})
+
+
+def _bias_unless_training(attention, dense):
+    """out_lin as the block sees it. BERT applies dropout to dense(context) + bias before the
+    residual: in training the block must not fold the bias into its LayerNorm, since
+    _bert_attention_forward adds it before the dropout."""
+    return types.SimpleNamespace(weight=dense.weight, bias=None if attention.training else dense.bias)
+
+
+def _bert_attention_forward(view, *args, **kwargs):
+    out, weights = modeling.DistilBertSelfAttention.forward(view, *args, **kwargs)
+    if view.training:
+        out = view.output.dropout(out + view.output.dense.bias)
+    return out, weights
+
+
+def _bert_embeddings_forward(view, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
+    """word + token type embeddings, then our Embeddings.forward adds the positions, LayerNorm
+    and dropout (in transformers' order of additions)."""
+    if inputs_embeds is None:
+        inputs_embeds = view.word_embeddings(input_ids)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+    else:
+        modeling._check_ids("token_type_ids", token_type_ids, view.token_type_embeddings.num_embeddings)
+    inputs_embeds = inputs_embeds + view.token_type_embeddings(token_type_ids)
+    return modeling.Embeddings.forward(view, None, inputs_embeds, position_ids)
+
+
+def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                        inputs_embeds=None, head_mask=None, output_attentions=None,
+                        output_hidden_states=None, return_dict=None, **kwargs):
+    """transformers' BertModel signature over our DistilBertModel.forward; the pooler after."""
+    from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+    module = view._module
+    embeddings = module.embeddings
+    per_call = _View(module, modeling.DistilBertModel, view._names, values={
+        **view._values,
+        "embeddings": lambda ids, embeds, positions: embeddings(ids, embeds, positions, token_type_ids),
+    })
+    out = modeling.DistilBertModel.forward(
+        per_call, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+        output_hidden_states, True, position_ids=position_ids,
+    )
+    pooled = module.pooler(out.last_hidden_state) if module.pooler is not None else None
+    result = BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=out.last_hidden_state, pooler_output=pooled,
+        hidden_states=out.hidden_states, attentions=out.attentions,
+    )
+    return_dict = module.config.use_return_dict if return_dict is None else return_dict
+    return result if return_dict else result.to_tuple()
+
+
+# -- entry points --------------------------------------------------------------------------------
+
+
+def _base_models(model):
+    import transformers
+
+    kinds = ((transformers.DistilBertModel, _optimize_distilbert), (transformers.BertModel, _optimize_bert))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    found = [(m, fn) for m in model.modules() for cls, fn in kinds if isinstance(m, cls)]
+    if not found:
+        raise TypeError(
+            "model must be or contain a transformers DistilBertModel or BertModel (a task head, a "
+            f"PEFT model or a sentence-transformers model wrapping one), got {type(model).__name__}"
+        )
+    return found
+
+
+def optimize(model, backend: str | None = None):
+    """Makes the forward of every transformers ``DistilBertModel`` / ``BertModel`` in ``model``
+    (the model itself, its base model, or one wrapped by PEFT or sentence-transformers) run on
+    distilbert_fast's ops, in place, and returns ``model``. The object, its class and its
+    parameters stay the same; ``unoptimize(model)`` undoes it. ``backend`` picks the op backend
+    as in ``use_backend`` (None: the usual rules)."""
+    if backend is not None:
+        check_backend_name(backend)
+        backend = None if backend == AUTO else backend
+    for base, optimize_one in _base_models(model):
+        if getattr(base, _MARK, None):
+            unoptimize(base)
+        record = []
+        optimize_one(base, backend, record)
+        object.__setattr__(base, _MARK, record)
+    return model
+
+
+def unoptimize(model):
+    """Restores transformers' own forward on every base model ``optimize`` changed in ``model``;
+    returns ``model``."""
+    for base, _ in _base_models(model):
+        for module in getattr(base, _MARK, None) or ():
+            module.__dict__.pop("forward", None)
+        base.__dict__.pop(_MARK, None)
+    return model
+
+
+def is_optimized(model) -> bool:
+    return any(getattr(base, _MARK, None) for base, _ in _base_models(model))

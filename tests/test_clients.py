@@ -1,0 +1,329 @@
+"""The ecosystem's own clients run our classes (and transformers' classes after optimize()):
+transformers.Trainer, pipeline (four tasks), the data collators, sentence-transformers, PEFT.
+
+Tokenizer: transformers' BertTokenizerFast on the real uncased vocab where the client calls
+tokenizer API that ours gains in the tokenizer branch (pad, is_fast, ...)."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import SMALL_CONFIG, assert_close, reference_vocab_dir
+
+import distilbert_fast
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 30522  # the real uncased vocab, so the real tokenizer's ids fit
+TINY = {**SMALL_CONFIG, "vocab_size": VOCAB, "max_position_embeddings": 128}
+TEXTS = ["A man is eating food.", "The new movie is awesome!", "hi", "Paris is the capital of France."]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(reference_vocab_dir())
+
+
+# HF tokenizer API the clients call that our tokenizer gains in the tokenizer branch (#14 part 3)
+_CLIENT_TOKENIZER_API = ("pad", "is_fast", "encode_plus", "batch_encode_plus")
+
+
+@pytest.fixture(params=["hf", "ours"], ids=["hf-tokenizer", "our-tokenizer"])
+def tokenizer(request, hf_tokenizer):
+    """The client's tokenizer: transformers' BertTokenizerFast, or ours on the same vocab (skipped
+    until ours has the API the clients call)."""
+    if request.param == "hf":
+        return hf_tokenizer
+    ours = distilbert_fast.DistilBertTokenizer.from_pretrained(reference_vocab_dir())
+    missing = [name for name in _CLIENT_TOKENIZER_API if not hasattr(ours, name)]
+    if missing:
+        pytest.skip(f"our tokenizer lacks {missing} (the tokenizer branch adds them)")
+    return ours
+
+
+def pair(class_name, **overrides):
+    """(transformers model, our model) with the same tiny random weights."""
+    config = {**TINY, **overrides}
+    hf = getattr(transformers, class_name)(transformers.DistilBertConfig(**config)).eval()
+    ours = getattr(distilbert_fast, class_name)(distilbert_fast.DistilBertConfig(**config)).eval()
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+# -- the compatibility surface those clients call --------------------------------------------------
+
+
+def test_model_takes_a_bert_tokenizers_output(hf_tokenizer):
+    hf, ours = pair("DistilBertModel")
+    batch = hf_tokenizer(TEXTS, padding=True, return_tensors="pt", return_offsets_mapping=True,
+                         return_special_tokens_mask=True)
+    assert "token_type_ids" in batch and "offset_mapping" in batch
+    mask = batch["attention_mask"].bool()
+    assert_close(ours(**batch).last_hidden_state[mask], hf(**batch).last_hidden_state[mask])
+
+
+def test_transformers_config_is_accepted():
+    hf_config = transformers.DistilBertConfig(**TINY)
+    model = distilbert_fast.DistilBertModel(hf_config)
+    assert isinstance(model.config, distilbert_fast.DistilBertConfig)
+    assert model.config.dim == TINY["dim"] and not hasattr(model.config, "transformers_version")
+    with pytest.raises(TypeError, match="config must be a DistilBertConfig, got BertConfig"):
+        distilbert_fast.DistilBertModel(transformers.BertConfig())
+
+
+def test_num_parameters_and_checkpointing_keywords():
+    hf, ours = pair("DistilBertForMaskedLM")
+    for kwargs in ({}, {"only_trainable": True}, {"exclude_embeddings": True}):
+        assert ours.num_parameters(**kwargs) == hf.num_parameters(**kwargs), kwargs
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ours.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="every_n_layers must be 1"):
+        ours.gradient_checkpointing_enable(every_n_layers=2)
+
+
+def test_save_and_load_keywords(tmp_path):
+    _, ours = pair("DistilBertForSequenceClassification")
+    ours.save_pretrained(tmp_path / "a", push_to_hub=False, commit_message="ignored")
+    ours.save_pretrained(tmp_path / "b", is_main_process=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="push_to_hub=True is not supported"):
+        ours.save_pretrained(tmp_path / "c", push_to_hub=True)
+    loaded = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(
+        tmp_path / "a", device_map="cpu", low_cpu_mem_usage=True, attn_implementation="sdpa")
+    loaded.save_pretrained(tmp_path / "d")
+    saved = (tmp_path / "d" / "config.json").read_text()
+    for key in ("device_map", "low_cpu_mem_usage", "attn_implementation"):
+        assert key not in saved
+
+
+def test_outputs_are_transformers_model_outputs():
+    _, ours = pair("DistilBertForSequenceClassification")
+    out = ours(torch.tensor([[1, 2, 3]]))
+    assert isinstance(out, transformers.utils.ModelOutput)
+    assert isinstance(out, distilbert_fast.SequenceClassifierOutput)
+    assert out[0] is out.logits and list(out.keys()) == ["logits"]
+
+
+# -- Trainer -------------------------------------------------------------------------------------
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, n=16):
+        texts = [TEXTS[i % len(TEXTS)] + f" number {i}" for i in range(n)]
+        self.items = [dict(tokenizer(t, truncation=True, max_length=32), labels=i % 2) for i, t in enumerate(texts)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _trainer(model, tokenizer, out_dir, **args):
+    pytest.importorskip("accelerate")
+    data = _Dataset(tokenizer)
+    arguments = transformers.TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        num_train_epochs=1, learning_rate=1e-3, save_strategy="steps", save_steps=2, report_to=[],
+        use_cpu=True, logging_steps=1, **args)
+    return transformers.Trainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                                data_collator=transformers.DataCollatorWithPadding(tokenizer))
+
+
+def test_trainer_our_model(tokenizer, tmp_path):
+    """train, evaluate, predict, resume from a checkpoint, save; our model (duck-typed)."""
+    _, ours = pair("DistilBertForSequenceClassification")
+    trainer = _trainer(ours, tokenizer, tmp_path / "run", max_steps=4)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any(not torch.equal(before[n], p) for n, p in ours.named_parameters())
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    prediction = trainer.predict(trainer.eval_dataset)
+    assert prediction.predictions.shape == (16, 2)
+    # resume: a fresh trainer picks up at step 2's checkpoint and finishes at step 4
+    _, fresh = pair("DistilBertForSequenceClassification")
+    resumed = _trainer(fresh, tokenizer, tmp_path / "run", max_steps=4)
+    assert resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).global_step == 4
+    # the trained model saves a folder both libraries load
+    ours.save_pretrained(tmp_path / "final")
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    theirs = transformers.DistilBertForSequenceClassification.from_pretrained(tmp_path / "final").eval()
+    again = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert_close(theirs(ids).logits, ours.eval()(ids).logits)
+    assert_close(again(ids).logits, ours(ids).logits, atol=0.0)
+
+
+def test_trainer_optimized_transformers_model(hf_tokenizer, tmp_path):
+    """A transformers model after optimize() through Trainer: the full save / load cycle."""
+    hf, _ = pair("DistilBertForSequenceClassification")
+    distilbert_fast.optimize(hf)
+    trainer = _trainer(hf, hf_tokenizer, tmp_path / "run", max_steps=2)
+    trainer.train()
+    trainer.save_model(tmp_path / "saved")
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    theirs = transformers.DistilBertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    ours = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert_close(ours(ids).logits, hf.eval()(ids).logits)
+    assert_close(theirs(ids).logits, hf(ids).logits)
+
+
+# -- pipelines -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task, class_name", [
+    ("text-classification", "DistilBertForSequenceClassification"),
+    ("feature-extraction", "DistilBertModel"),
+    ("fill-mask", "DistilBertForMaskedLM"),
+    ("token-classification", "DistilBertForTokenClassification"),
+])
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+def test_pipeline(task, class_name, optimized, tokenizer, hf_tokenizer):
+    hf, ours = pair(class_name)
+    reference = transformers.pipeline(task, model=copy.deepcopy(hf), tokenizer=hf_tokenizer, device="cpu")
+    model = distilbert_fast.optimize(hf) if optimized else ours
+    pipe = transformers.pipeline(task, model=model, tokenizer=tokenizer, device="cpu")
+    texts = ["Paris is the [MASK] of France.", "The [MASK] is awesome!"] if task == "fill-mask" else TEXTS
+    expected, actual = reference(texts), pipe(texts)
+    if task == "feature-extraction":
+        for a, b in zip(actual, expected):
+            assert_close(torch.tensor(a), torch.tensor(b))
+    elif task == "fill-mask":
+        for a, b in zip(actual, expected):
+            assert [x["token"] for x in a] == [x["token"] for x in b]
+            assert_close(torch.tensor([x["score"] for x in a]), torch.tensor([x["score"] for x in b]))
+    else:
+        assert len(actual) == len(expected)
+        for a, b in zip(actual, expected):
+            a, b = (a, b) if isinstance(a, list) else ([a], [b])
+            assert [x.get("label", x.get("entity")) for x in a] == [x.get("label", x.get("entity")) for x in b]
+            assert_close(torch.tensor([x["score"] for x in a]), torch.tensor([x["score"] for x in b]))
+
+
+# -- data collators ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("collator, class_name", [
+    ("DataCollatorWithPadding", "DistilBertForSequenceClassification"),
+    ("DataCollatorForLanguageModeling", "DistilBertForMaskedLM"),
+    ("DataCollatorForTokenClassification", "DistilBertForTokenClassification"),
+])
+def test_collators_feed_our_model(collator, class_name, tokenizer, hf_tokenizer):
+    """The collator with the given tokenizer feeds our model; transformers' model gets the
+    collator's batch from transformers' tokenizer (same seed): the same loss."""
+    hf, ours = pair(class_name)
+
+    def batch(tok):
+        features = [dict(tok(t)) for t in TEXTS]
+        if collator == "DataCollatorWithPadding":
+            features = [dict(f, labels=i % 2) for i, f in enumerate(features)]
+        elif collator == "DataCollatorForTokenClassification":
+            features = [dict(f, labels=[i % 2] * len(f["input_ids"])) for i, f in enumerate(features)]
+        torch.manual_seed(0)
+        return getattr(transformers, collator)(tok)(features)
+
+    assert_close(ours(**batch(tokenizer)).loss, hf(**batch(hf_tokenizer)).loss)
+
+
+# -- sentence-transformers -------------------------------------------------------------------------
+
+
+def test_sentence_transformers_real_checkpoint(tmp_path):
+    """all-MiniLM-L6-v2 in sentence-transformers, optimised: same embeddings; save and reload."""
+    st = pytest.importorskip("sentence_transformers")
+    path = reference_vocab_dir()
+    reference = st.SentenceTransformer(path, device="cpu")
+    model = distilbert_fast.optimize(st.SentenceTransformer(path, device="cpu"))
+    texts = TEXTS + ["a much longer sentence " * 12]
+    expected = reference.encode(texts, convert_to_tensor=True)
+    assert_close(model.encode(texts, convert_to_tensor=True), expected)
+    model.save(str(tmp_path / "st"))
+    reloaded = distilbert_fast.optimize(st.SentenceTransformer(str(tmp_path / "st"), device="cpu"))
+    assert_close(reloaded.encode(texts, convert_to_tensor=True), expected)
+
+
+def test_sentence_transformers_our_model_as_transformer_module(hf_tokenizer, tmp_path):
+    """Our DistilBertModel as the transformer module of a SentenceTransformer: the same
+    embeddings as transformers' DistilBertModel there; save and reload (into either library)."""
+    st = pytest.importorskip("sentence_transformers")
+    hf, ours = pair("DistilBertModel")
+    hf.save_pretrained(tmp_path / "hf")
+    hf_tokenizer.save_pretrained(tmp_path / "hf")
+
+    def build():
+        module = st.models.Transformer(str(tmp_path / "hf"))
+        return st.SentenceTransformer(modules=[module, st.models.Pooling(TINY["dim"], "mean")], device="cpu")
+
+    reference, model = build(), build()
+    model[0].model = ours
+    expected = reference.encode(TEXTS, convert_to_tensor=True)
+    assert_close(model.encode(TEXTS, convert_to_tensor=True), expected)
+    model.save(str(tmp_path / "st"))
+    reloaded = st.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert_close(reloaded.encode(TEXTS, convert_to_tensor=True), expected)
+    ours_again = distilbert_fast.DistilBertModel.from_pretrained(tmp_path / "st")
+    assert_close(ours_again(torch.tensor([[101, 2023, 102]])).last_hidden_state,
+                 ours(torch.tensor([[101, 2023, 102]])).last_hidden_state, atol=0.0)
+
+
+# -- PEFT ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+def test_peft_lora_trains(optimized, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, ours = pair("DistilBertForSequenceClassification")
+    base = distilbert_fast.optimize(hf) if optimized else ours
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"])
+    model = peft.get_peft_model(base, config)
+    model.train()
+    ids = torch.randint(1, 999, (4, 9))
+    labels = torch.tensor([0, 1, 0, 1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "adapter")
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+def test_peft_lora_on_every_linear_matches_transformers(optimized):
+    """A LoRA on each projection (also those whose bias our fused ops fold in: out_lin, lin1,
+    lin2) gives transformers' outputs."""
+    peft = pytest.importorskip("peft")
+    hf, ours = pair("DistilBertForSequenceClassification")
+
+    def lora(model):
+        config = peft.LoraConfig(task_type="SEQ_CLS", r=4, init_lora_weights=False,
+                                 target_modules=["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"])
+        return peft.get_peft_model(model, config)
+
+    reference = lora(copy.deepcopy(hf))
+    model = lora(distilbert_fast.optimize(hf) if optimized else ours)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(1, 999, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                 reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_pipeline_real_checkpoint_optimized():
+    """feature-extraction on the real all-MiniLM-L6-v2 (BertModel) after optimize()."""
+    path = reference_vocab_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    reference = transformers.pipeline("feature-extraction", model=transformers.BertModel.from_pretrained(path),
+                                      tokenizer=tokenizer, device="cpu")
+    model = distilbert_fast.optimize(transformers.BertModel.from_pretrained(path))
+    pipe = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer, device="cpu")
+    for a, b in zip(pipe(TEXTS), reference(TEXTS)):
+        assert_close(torch.tensor(a), torch.tensor(b))

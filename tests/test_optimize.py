@@ -1,0 +1,256 @@
+"""distilbert_fast.optimize(model) on live transformers models: in place, same outputs and
+gradients as the unoptimised model, undoable; DistilBERT (every head) and BERT (the real
+all-MiniLM-L6-v2 checkpoint)."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import SMALL_CONFIG, assert_close, reference_vocab_dir
+
+import distilbert_fast
+
+transformers = pytest.importorskip("transformers")
+
+DISTILBERT_CLASSES = [
+    "DistilBertModel",
+    "DistilBertForMaskedLM",
+    "DistilBertForSequenceClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForTokenClassification",
+    "DistilBertForMultipleChoice",
+]
+BERT_CLASSES = ["BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification"]
+
+TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
+
+
+def hf_model(class_name, **overrides):
+    if class_name.startswith("Bert"):
+        config = transformers.BertConfig(**{**TINY_BERT, **overrides})
+    else:
+        config = transformers.DistilBertConfig(**{**SMALL_CONFIG, **overrides})
+    return getattr(transformers, class_name)(config).eval()
+
+
+def ragged_inputs(class_name, batch=3, seq=11, vocab=99):
+    ids = torch.randint(1, vocab, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if class_name.startswith("Bert"):
+        inputs["token_type_ids"] = (torch.arange(seq) >= 5).long().expand(batch, seq).contiguous()
+    if class_name.endswith("MultipleChoice"):
+        inputs = {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in inputs.items()}
+    return inputs, mask
+
+
+def labels_for(model, inputs):
+    name = type(model).__name__
+    ids = inputs["input_ids"]
+    if name.endswith("SequenceClassification"):
+        return {"labels": torch.tensor([0, 1, 1])}
+    if name.endswith("MultipleChoice"):
+        return {"labels": torch.tensor([0, 1, 0])}
+    if name.endswith("QuestionAnswering"):
+        return {"start_positions": torch.tensor([1, 2, 0]), "end_positions": torch.tensor([3, 5, 2])}
+    if name.endswith(("MaskedLM", "TokenClassification")):
+        high = model.config.vocab_size if name.endswith("MaskedLM") else model.config.num_labels
+        labels = torch.randint(0, high, ids.shape)
+        return {"labels": labels.masked_fill(inputs["attention_mask"] == 0, -100)}
+    return {}
+
+
+def real_positions(tensor, mask):
+    """Rows of (batch, seq, ...) at the real (unpadded) positions only."""
+    if tensor.dim() >= 2 and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        return tensor[mask.bool()]
+    return tensor
+
+
+def compare_outputs(ours, ref, mask, atol=1e-5):
+    for key in ref.keys():
+        a, b = ours[key], ref[key]
+        if isinstance(b, tuple):
+            for i, (x, y) in enumerate(zip(a, b)):
+                assert_close(real_positions(x, mask), real_positions(y, mask), atol=atol, name=f"{key}[{i}]")
+        elif key in ("last_hidden_state", "logits", "start_logits", "end_logits"):
+            assert_close(real_positions(a, mask), real_positions(b, mask), atol=atol, name=key)
+        else:
+            assert_close(a, b, atol=atol, name=key)
+
+
+def run_both(class_name, training=False, **call):
+    """(reference output, optimised output, reference model, optimised model): two copies of
+    one HF model, one optimised."""
+    ref = hf_model(class_name)
+    model = copy.deepcopy(ref)
+    distilbert_fast.optimize(model)
+    inputs, mask = ragged_inputs(class_name)
+    inputs.update(labels_for(ref, inputs) if training else {})
+    ref.train(training)
+    model.train(training)
+    return ref(**inputs, **call), model(**inputs, **call), ref, model, mask
+
+
+@pytest.mark.parametrize("class_name", DISTILBERT_CLASSES + BERT_CLASSES)
+def test_outputs_equal_unoptimised(class_name):
+    ref_out, out, _, model, mask = run_both(class_name, output_hidden_states=True)
+    assert type(out) is type(ref_out) or isinstance(out, transformers.utils.ModelOutput)
+    mask = mask if not class_name.endswith("MultipleChoice") else mask.repeat_interleave(2, 0)
+    compare_outputs(out, ref_out, mask)
+    assert distilbert_fast.is_optimized(model)
+
+
+@pytest.mark.parametrize("class_name", DISTILBERT_CLASSES + BERT_CLASSES)
+def test_gradients_equal_unoptimised(class_name):
+    """Training mode with dropout off (so both draw nothing): loss and every parameter's
+    gradient agree."""
+    overrides = (
+        dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if class_name.startswith("Bert")
+        else dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0, qa_dropout=0.0)
+    )
+    ref = hf_model(class_name, **overrides)
+    model = copy.deepcopy(ref)
+    distilbert_fast.optimize(model)
+    inputs, _ = ragged_inputs(class_name)
+    inputs.update(labels_for(ref, inputs))
+    if class_name in ("DistilBertModel", "BertModel"):
+        losses = [m(**inputs).last_hidden_state.pow(2).mean() for m in (ref.train(), model.train())]
+    else:
+        losses = [m(**inputs).loss for m in (ref.train(), model.train())]
+    assert_close(losses[1], losses[0], atol=1e-5, name="loss")
+    for loss in losses:
+        loss.backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if grads[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+
+
+def test_in_place_same_object_class_parameters_and_undo():
+    model = hf_model("DistilBertForSequenceClassification")
+    params = {name: p for name, p in model.named_parameters()}
+    cls = type(model)
+    inputs, _ = ragged_inputs("DistilBertForSequenceClassification")
+    before = model(**inputs).logits
+    assert distilbert_fast.optimize(model) is model
+    assert type(model) is cls
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert model.distilbert.forward.func.__name__ == "_distilbert_model_forward"
+    distilbert_fast.unoptimize(model)
+    assert not distilbert_fast.is_optimized(model)
+    assert "forward" not in model.distilbert.__dict__
+    assert_close(model(**inputs).logits, before, atol=0.0, name="logits after unoptimize")
+
+
+def test_runs_on_our_ops():
+    for backend in ("eager", "cpu"):
+        model = distilbert_fast.optimize(hf_model("DistilBertModel"), backend=backend)
+        inputs, _ = ragged_inputs("DistilBertModel")
+        model(**inputs)
+        ran = distilbert_fast.last_backend()  # op -> backend of its latest call (any test's)
+        for op in ("residual_layernorm", "linear", "masked_attention", "linear_activation"):
+            assert ran[op] == backend, (op, ran)
+
+
+def test_training_with_dropout_and_gradient_checkpointing_runs():
+    model = distilbert_fast.optimize(hf_model("BertForSequenceClassification"))
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs, _ = ragged_inputs("BertForSequenceClassification")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(**inputs, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in model.bert.encoder.parameters())
+
+
+def test_bad_argument():
+    with pytest.raises(TypeError, match="model must be or contain a transformers DistilBertModel or BertModel"):
+        distilbert_fast.optimize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        distilbert_fast.optimize(hf_model("DistilBertModel"), backend="nope")
+    with pytest.raises(ValueError, match="is_decoder"):
+        distilbert_fast.optimize(hf_model("BertModel", is_decoder=True))
+
+
+def test_real_minilm_checkpoint_equals_transformers():
+    """all-MiniLM-L6-v2 (BERT, post-LN, token types) through optimize(): HF's own outputs."""
+    path = reference_vocab_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    texts = ["A man is eating food.", "The new movie is awesome, I loved every minute of it!", "hi"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    ref = transformers.BertModel.from_pretrained(path).eval()
+    model = distilbert_fast.optimize(transformers.BertModel.from_pretrained(path).eval())
+    with torch.no_grad():
+        expected, actual = ref(**batch), model(**batch)
+    mask = batch["attention_mask"]
+    assert_close(real_positions(actual.last_hidden_state, mask), real_positions(expected.last_hidden_state, mask),
+                 atol=1e-5, name="last_hidden_state")
+    assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, name="pooler_output")
+
+
+def test_inside_peft_model():
+    peft = pytest.importorskip("peft")
+    ref = hf_model("DistilBertForSequenceClassification")
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"])
+    ref_peft = peft.get_peft_model(ref, config)
+    for name, p in ref_peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # so the LoRA changes the output
+    model = copy.deepcopy(ref_peft)
+    distilbert_fast.optimize(model)
+    inputs, mask = ragged_inputs("DistilBertForSequenceClassification")
+    labels = torch.tensor([0, 1, 1])
+    ref_peft.train(), model.train()
+    for m in (ref_peft, model):
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    ref_loss, loss = ref_peft(**inputs, labels=labels).loss, model(**inputs, labels=labels).loss
+    assert_close(loss, ref_loss, atol=1e-5, name="loss")
+    ref_loss.backward(), loss.backward()
+    ref_grads = {n: p.grad for n, p in ref_peft.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref_grads[name], atol=1e-5, name=name)
+
+
+def test_bert_with_lora_on_every_linear():
+    peft = pytest.importorskip("peft")
+    ref = hf_model("BertForSequenceClassification", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, init_lora_weights=False,
+                             target_modules=["query", "key", "value", "dense"])
+    ref = peft.get_peft_model(ref, config)
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    inputs, mask = ragged_inputs("BertForSequenceClassification")
+    labels = torch.tensor([0, 1, 1])
+    for m in (ref, model):
+        m.train()
+    losses = [m(**inputs, labels=labels).loss for m in (ref, model)]
+    assert_close(losses[1], losses[0], atol=1e-5, name="loss")
+    for loss in losses:
+        loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, ref_grads[name], atol=1e-5, name=name)
+
+
+def test_import_does_not_load_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, distilbert_fast, torch; m = distilbert_fast.DistilBertModel("
+            "distilbert_fast.DistilBertConfig(vocab_size=9, dim=8, n_heads=2, n_layers=1, hidden_dim=8)); "
+            "m(torch.tensor([[1, 2]])); assert 'transformers' not in sys.modules, 'imported'")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
