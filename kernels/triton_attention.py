@@ -473,12 +473,14 @@ def _grad_like(q):
     return memory.permute(0, 2, 1, 3)
 
 
-def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
+def check_qkv(q, k, v, layout):
+    """Types, q's rank (that of ``layout``, e.g. '(batch, heads, seq, head_dim)') and dtype, k
+    and v like q, head_dim in range, and a device the kernels run on."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be (batch, heads, seq, head_dim), got shape {tuple(q.shape)}")
+    if q.dim() != layout.count(",") + 1:
+        raise ValueError(f"q must be {layout}, got shape {tuple(q.shape)}")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -486,7 +488,7 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    batch, heads, seq, head_dim = q.shape
+    head_dim = q.shape[-1]
     if not 1 <= head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
     if q.device.type != "cuda" and not _INTERPRETED:
@@ -494,15 +496,9 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
             "triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import), "
             f"got {q.device}"
         )
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor of shape {(batch, seq)}, got "
-                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(
-                f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+
+
+def check_head_mask_and_dropout(q, heads, head_mask, dropout_p, seed):
     if head_mask is not None:
         if tuple(head_mask.shape) != (heads,) or not head_mask.is_floating_point():
             raise ValueError(
@@ -523,6 +519,21 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(
                 f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
+
+
+def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
+    check_qkv(q, k, v, "(batch, heads, seq, head_dim)")
+    batch, heads, seq, head_dim = q.shape
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape {(batch, seq)}, got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+    check_head_mask_and_dropout(q, heads, head_mask, dropout_p, seed)
 
 
 def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed, cu_seqlens=None):

@@ -24,34 +24,17 @@ import torch
 import triton
 
 from .triton_attention import (
-    _INTERPRETED, _MAX_HEAD_DIM, _SUPPORTED_DTYPES, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-    _attn_bwd_preprocess_kernel, _attn_fwd_kernel, _common_args, _configs, _unit_last_stride,
+    _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel,
+    _common_args, _configs, _unit_last_stride, check_head_mask_and_dropout, check_qkv,
 )
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, seed):
     """The launchers' own checks (shapes, dtypes, devices, ranges); the values inside cu_seqlens
     are the caller's to check (reading them would sync with the device)."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be (total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    total, heads, head_dim = q.shape
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
-    if q.device.type != "cuda" and not _INTERPRETED:
-        raise RuntimeError(
-            "triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import), "
-            f"got {q.device}"
-        )
+    check_qkv(q, k, v, "(total_tokens, heads, head_dim)")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(
             f"cu_seqlens must be a 1-D int32 tensor of batch + 1 offsets, got {cu_seqlens.dtype} "
@@ -61,25 +44,7 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, seed):
         raise ValueError(f"cu_seqlens must be on {q.device}, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a Python int >= 0, got {max_seqlen!r}")
-    if head_mask is not None:
-        if tuple(head_mask.shape) != (heads,) or not head_mask.is_floating_point():
-            raise ValueError(
-                f"head_mask must be a float tensor of shape {(heads,)}, got {head_mask.dtype} "
-                f"{tuple(head_mask.shape)}"
-            )
-        if head_mask.device != q.device:
-            raise ValueError(f"head_mask must be on {q.device}, got {head_mask.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != q.device:
-            raise ValueError(
-                f"seed must be a (1,) int64 tensor on {q.device}, got {seed.dtype} "
-                f"{tuple(seed.shape)} on {seed.device}"
-            )
-    elif dropout_p > 0.0 and (isinstance(seed, bool) or not isinstance(seed, int)
-                              or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
+    check_head_mask_and_dropout(q, q.shape[1], head_mask, dropout_p, seed)
 
 
 def _token_strides(t):
