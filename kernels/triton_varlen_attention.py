@@ -42,7 +42,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, seed):
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on {q.device}, got {cu_seqlens.device}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+            or max_seqlen < 0):
         raise ValueError(f"max_seqlen must be a Python int >= 0, got {max_seqlen!r}")
     check_head_mask_and_dropout(q, q.shape[1], head_mask, dropout_p, seed)
 
