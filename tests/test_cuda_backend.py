@@ -4,11 +4,13 @@ On a CUDA machine with a CUDA build: every op and every gradient at full size an
 in float32/float16/bfloat16, by STYLE.md's rule (|cuda(d) - eager(float64)| <= 2 x
 |eager(d) - eager(float64)| + atol(d)), masks with fully-masked rows, a head_mask with a zero,
 dropout (deterministic per seed, and exactly the eager formulas given the kernel's own keep
-mask), bad inputs, and whole models. Elsewhere those skip; what runs everywhere: the backend is
-absent on a build without CUDA (selecting it is a clear error), its device/dtype checks, its
-Python side driven on CPU through the real autograd Functions by a torch model of the extension
-(whose signatures are checked against the binding), the plain-nvcc compile and link check of
-kernels/cuda, and a syntax check of the csrc/cuda launchers.
+mask), varlen attention against eager's padded op on the padded sequences, new dropout masks on
+every CUDA-graph replay, bad inputs, and whole models. Elsewhere those skip; what runs
+everywhere: the backend is absent on a build without CUDA (selecting it is a clear error), its
+device/dtype checks, its Python side driven on CPU through the real autograd Functions (and the
+varlen methods directly) by a torch model of the extension (whose signatures are checked against
+the binding), the plain-nvcc compile and link check of kernels/cuda, and a syntax check of the
+csrc/cuda launchers.
 """
 
 import inspect

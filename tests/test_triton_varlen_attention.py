@@ -8,7 +8,8 @@ and every gradient are held to STYLE.md's rule against it (|kernel(d) - eager(fl
 
 Cases: odd lengths, length-1 and zero-length sequences, max_seqlen above the longest sequence,
 q/k/v as strided views of one fused QKV tensor, a head_mask with a zero (and its gradient),
-dropout (deterministic per seed, equal to eager's formulas given the kernels' own mask). On CPU
+dropout (deterministic per seed, equal to eager's formulas given the kernels' own mask, redrawn
+on each CUDA-graph replay). On CPU
 the kernels run under Triton's interpreter at small sizes (bfloat16 skips there); on CUDA the
 full-size ragged batches run too, in every dtype.
 """
@@ -220,6 +221,30 @@ def test_dropout_is_deterministic_for_a_seed():
         assert torch.equal(a, b), f"{name} differs between two runs with the same seed"
     other = run_kernel(*inputs, 30, None, p, seed=8)
     assert not torch.equal(first[0], other[0]), "a different seed gave the same output"
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a CUDA device")
+def test_dropout_draws_new_masks_on_each_cuda_graph_replay():
+    """The backend draws each call's seed on the device, inside the captured region, and the
+    kernels read it there: every replay of a CUDA graph gets a fresh mask."""
+    from distilbert_fast.ops.triton_backend import TritonBackend
+
+    backend = TritonBackend()
+    q, k, v, _, cu, _ = make_inputs((100, 3, 60), 2, 64, torch.float16, False, fused=True)
+    step = lambda: backend.varlen_attention_forward(q, k, v, cu, 100, None, 0.3, None)[0]  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles the kernels outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append(out.clone())
+    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
 
 
 # -- the backend's methods -----------------------------------------------------------------------

@@ -50,7 +50,7 @@ struct SeqRows {
   int64_t in, out, stat;
 };
 
-__device__ __forceinline__ SeqRows seq_rows(const AttnLayout& L, int b, int h) {
+__device__ __forceinline__ SeqRows seq_rows(AttnLayout L, int b, int h) {
   int start = 0, len = L.seq;
   if (L.cu_seqlens != nullptr) {
     start = L.cu_seqlens[b];
@@ -63,8 +63,8 @@ __device__ __forceinline__ SeqRows seq_rows(const AttnLayout& L, int b, int h) {
 
 // Dropout's element index of (query i, key j) in (batch, head) bh: unique over a padded
 // (batch, heads, seq, seq) score tensor (varlen: seq = max_seqlen), as the eager layout counts.
-__device__ __forceinline__ uint64_t dropout_index(const AttnLayout& L, int64_t bh, int i, int j) {
-  return (static_cast<uint64_t>(bh) * L.seq + i) * L.seq + j;
+__device__ __forceinline__ uint64_t dropout_index(int seq, int64_t bh, int i, int j) {
+  return (static_cast<uint64_t>(bh) * seq + i) * seq + j;
 }
 
 // Copies `rows` rows of `dim` contiguous elements (row r at src + r * src_stride) into float
@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       float w = p;
       const int i = row0 + warp * kRowsPerWarp + r;
       if (dropout_p > 0.f) {
-        w = (i < seq && dropout_keep(rng, dropout_index(L, bh, i, j), dropout_p)) ? w * keep_scale
-                                                                                  : 0.f;
+        const bool keep = i < seq && dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p);
+        w = keep ? w * keep_scale : 0.f;
       }
 #pragma unroll
       for (int c = 0; c < kC; ++c) acc[r][c] *= alpha;
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       const float p = (valid && i < seq) ? expf(score - row_lse[r]) : 0.f;
       float dm = 1.f;
       if (dropout_p > 0.f)
-        dm = dropout_keep(rng, dropout_index(L, bh, i, j), dropout_p) ? keep_scale : 0.f;
+        dm = dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p) ? keep_scale : 0.f;
       dh[r] += p * dm * dw[r];
       const float ds = uniform ? 0.f : p * (dw[r] * hm * dm - row_delta[r]) * scale;
       for (int t = 0; t < valid_cols; ++t) {
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       const float p = (key_valid[r] && query_valid) ? expf(score - i_lse) : 0.f;
       float dm = 1.f;
       if (dropout_p > 0.f)
-        dm = dropout_keep(rng, dropout_index(L, bh, i, j), dropout_p) ? keep_scale : 0.f;
+        dm = dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p) ? keep_scale : 0.f;
       const float w = p * dm * hm;
       const float ds = uniform ? 0.f : p * (dw[r] * hm * dm - i_delta) * scale;
       for (int t = 0; t < valid_cols; ++t) {
