@@ -39,6 +39,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # batch to batch, and each specialisation is a fresh compile. (Flags that only pick a scalar, like
 # has_head_mask, are runtime arguments for the same reason.)
 _VARYING = ["heads", "seq", "stride_mb", "has_head_mask"]
+_VARYING_STATS = ["stride_lb", "stride_lh", "stride_l2"]  # strides of Lse (and Delta, below)
+_VARYING_BWD = _VARYING + _VARYING_STATS + ["stride_rb", "stride_rh"]
 _MAX_HEAD_DIM = 256
 
 
@@ -60,6 +62,19 @@ def _key_extent(mask_row, stride_ms, seq, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sequence_window(CuSeqlens, b, seq, VARLEN: tl.constexpr):
+    """(start, length) of batch element b: its first token and its number of tokens. Padded:
+    (0, seq), the batch stride locating it; varlen: its window of cu_seqlens (int32, batch + 1)."""
+    if VARLEN:
+        start = tl.load(CuSeqlens + b).to(tl.int64)
+        length = tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)
+    else:
+        start = tl.zeros([], dtype=tl.int64)
+        length = seq
+    return start, length
+
+
+@triton.jit
 def _dropout_keep(seed, dropout_p, rows, start_n, bh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(BLOCK_M, BLOCK_N) bool: keep the weight of query rows[i], key start_n + j in head-slice
     bh. One Philox call gives four numbers, spent on four adjacent keys: counter (key // 4,
@@ -77,7 +92,7 @@ def _dropout_keep(seed, dropout_p, rows, start_n, bh, BLOCK_M: tl.constexpr, BLO
 
 
 # -- forward ------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_VARYING + _VARYING_STATS)
 def _attn_fwd_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
@@ -87,17 +102,19 @@ def _attn_fwd_kernel(
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
     HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
+    CuSeqlens,  # (batch + 1,) int32 token offsets of the sequences; read if VARLEN
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_ms,
+    stride_lb, stride_lh, stride_l2,  # Lse: batch, head, statistic (row stride 1)
     heads, seq, has_head_mask,
     qk_scale,  # scale * log2(e): scores in log2 units, so exp2 replaces exp
     dropout_p, inv_keep,  # p and 1 / (1 - p)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head); query blocks of a head are adjacent in
     # the launch order so they share its K and V in L2.
@@ -106,18 +123,20 @@ def _attn_fwd_kernel(
     bh = pid // num_m
     b = (bh // heads).to(tl.int64)
     h = (bh % heads).to(tl.int64)
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start, length = _sequence_window(CuSeqlens, b, seq, VARLEN)
+    block_m = (pid % num_m) * BLOCK_M
+    offs_m = block_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < seq
+    m_ok = offs_m < length
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = tl.load(Q + b * stride_qb + start * stride_qs + h * stride_qh + offs_m[:, None] * stride_qs
+                + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + start * stride_ks + h * stride_kh
+    v_base = V + b * stride_vb + start * stride_vs + h * stride_vh
 
-    kv_end = seq
+    kv_end = tl.where(block_m < length, length, 0)  # a block past a short sequence's end: idle
     scale = qk_scale
     if HAS_MASK:
         mask_row = Mask + b * stride_mb
@@ -131,12 +150,12 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, kv_end, BLOCK_N):
         cols = start_n + offs_n
-        attend = cols < seq
+        attend = cols < length
         if HAS_MASK:
             key_on = tl.load(mask_row + cols * stride_ms, mask=attend, other=0) != 0
             attend = attend & (key_on | dead)
         kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
-                     mask=(cols[None, :] < seq) & d_ok[:, None], other=0.0)
+                     mask=(cols[None, :] < length) & d_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(attend[None, :], s, _NEG)
         # Online softmax. While a live row has seen only masked keys its running sums are junk
@@ -149,21 +168,23 @@ def _attn_fwd_kernel(
             keep = _dropout_keep(seed, dropout_p, offs_m, start_n, bh, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)  # 1 / (1 - p) is applied once, at the end
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
-                    mask=(cols[:, None] < seq) & d_ok[None, :], other=0.0)
+                    mask=(cols[:, None] < length) & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_scale = inv_keep
     if has_head_mask:
         out_scale = out_scale * tl.load(HeadMask + h).to(tl.float32)
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)  # an idle block's rows (not stored)
     out = acc * (out_scale / l_i)[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+    out_base = Out + b * stride_ob + start * stride_os + h * stride_oh
+    tl.store(out_base + offs_m[:, None] * stride_os + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # The max and log2(sum) apart: m + log2(l) in one float32 would lose the low bits of a peaked
     # row's p = 2^(s - m) / l when scores are large.
-    lse_row = Lse + bh.to(tl.int64) * 2 * seq + offs_m
+    lse_row = Lse + b * stride_lb + h * stride_lh + start + offs_m
     tl.store(lse_row, m_i, mask=m_ok)
-    tl.store(lse_row + seq, tl.math.log2(l_i), mask=m_ok)
+    tl.store(lse_row + stride_l2, tl.math.log2(l_i), mask=m_ok)
 
 
 # -- backward -----------------------------------------------------------------------------------
@@ -195,7 +216,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(Delta + bh.to(tl.int64) * seq + offs_m, delta, mask=offs_m < seq)
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_VARYING_BWD)
 def _attn_bwd_dkdv_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
@@ -203,21 +224,24 @@ def _attn_bwd_dkdv_kernel(
     DO,  # (batch, heads, seq, head_dim), strides (stride_dob, stride_doh, stride_dos, 1)
     DK,  # (batch, heads, seq, head_dim), strides (stride_gb, stride_gh, stride_gs, 1)
     DV,  # (batch, heads, seq, head_dim), same strides as DK
-    Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
-    Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
+    Lse,  # (batch, heads, 2, seq) float32 from the forward, strides (stride_lb, stride_lh, stride_l2, 1)
+    Delta,  # (batch, heads, seq) float32 from the preprocess kernel, strides (stride_rb, stride_rh, 1)
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
     HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
+    CuSeqlens,  # (batch + 1,) int32 token offsets of the sequences; read if VARLEN
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
+    stride_lb, stride_lh, stride_l2,
+    stride_rb, stride_rh,
     heads, seq, has_head_mask, qk_scale, dropout_p, inv_keep, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one (batch, head), visiting every query block. Blocks are
     # computed transposed, (keys, queries), so dK and dV accumulate without transposing P.
@@ -226,25 +250,29 @@ def _attn_bwd_dkdv_kernel(
     bh = pid // num_n
     b = (bh // heads).to(tl.int64)
     h = (bh % heads).to(tl.int64)
+    start, length = _sequence_window(CuSeqlens, b, seq, VARLEN)
     start_n = (pid % num_n) * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = cols < seq
+    n_ok = cols < length
     d_ok = offs_d < HEAD_DIM
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+    k_base = K + b * stride_kb + start * stride_ks + h * stride_kh
+    v_base = V + b * stride_vb + start * stride_vs + h * stride_vh
+    k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+    v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                 mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    row_base = bh.to(tl.int64) * seq
+    q_base = Q + b * stride_qb + start * stride_qs + h * stride_qh
+    do_base = DO + b * stride_dob + start * stride_dos + h * stride_doh
+    lse_base = Lse + b * stride_lb + h * stride_lh + start
+    delta_base = Delta + b * stride_rb + h * stride_rh + start
 
     attend = n_ok
     grad_ok = n_ok  # masked scores are constants: no gradient
     scale = qk_scale
-    m_stop = seq
+    m_stop = tl.where(start_n < length, length, 0)  # a block past a short sequence's end: idle
     if HAS_MASK:
         kv_end, dead = _key_extent(Mask + b * stride_mb, stride_ms, seq, MASK_BLOCK)
         key_on = tl.load(Mask + b * stride_mb + cols * stride_ms, mask=n_ok, other=0) != 0
@@ -263,15 +291,15 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, m_stop, BLOCK_M):
         rows = start_m + offs_m
-        rows_ok = rows < seq
+        rows_ok = rows < length
         qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None],
                      mask=rows_ok[None, :] & d_ok[:, None], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dos + offs_d[None, :],
                      mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-        # Rows past seq load zeros everywhere, so their p is finite and their terms vanish.
-        m = tl.load(Lse + 2 * row_base + rows, mask=rows_ok, other=0.0)
-        log2_l = tl.load(Lse + 2 * row_base + seq + rows, mask=rows_ok, other=0.0)
-        delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
+        # Rows past the end load zeros everywhere, so their p is finite and their terms vanish.
+        m = tl.load(lse_base + rows, mask=rows_ok, other=0.0)
+        log2_l = tl.load(lse_base + stride_l2 + rows, mask=rows_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=rows_ok, other=0.0)
 
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_M)
         sT = tl.where(attend[:, None], sT, _NEG)
@@ -290,36 +318,39 @@ def _attn_bwd_dkdv_kernel(
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    g_off = b * stride_gb + h * stride_gh + cols[:, None] * stride_gs + offs_d[None, :]
+    g_off = b * stride_gb + (start + cols[:, None]) * stride_gs + h * stride_gh + offs_d[None, :]
     g_ok = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=g_ok)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=g_ok)
 
 
-@triton.jit(do_not_specialize=_VARYING + ["need_hm_grad"])
+@triton.jit(do_not_specialize=_VARYING_BWD + ["need_hm_grad"])
 def _attn_bwd_dq_kernel(
     Q,  # (batch, heads, seq, head_dim), strides (stride_qb, stride_qh, stride_qs, 1)
     K,  # (batch, heads, seq, head_dim), strides (stride_kb, stride_kh, stride_ks, 1)
     V,  # (batch, heads, seq, head_dim), strides (stride_vb, stride_vh, stride_vs, 1)
     DO,  # (batch, heads, seq, head_dim), strides (stride_dob, stride_doh, stride_dos, 1)
     DQ,  # (batch, heads, seq, head_dim), strides (stride_gb, stride_gh, stride_gs, 1)
-    Lse,  # (batch, heads, 2, seq) float32, contiguous, from the forward
-    Delta,  # (batch, heads, seq) float32, contiguous, from the preprocess kernel
-    HmRows,  # (batch, heads, seq) float32, contiguous: per-row share of dhead_mask; if need_hm_grad
+    Lse,  # (batch, heads, 2, seq) float32 from the forward, strides (stride_lb, stride_lh, stride_l2, 1)
+    Delta,  # (batch, heads, seq) float32 from the preprocess kernel, strides (stride_rb, stride_rh, 1)
+    HmRows,  # (batch, heads, seq) float32, Delta's strides: per-row share of dhead_mask; if need_hm_grad
     Mask,  # (batch, seq) uint8, 1 = attend, strides (stride_mb, stride_ms); read if HAS_MASK
     HeadMask,  # (heads,); read if has_head_mask
     Seed,  # (1,) int64 dropout seed; read if DROPOUT
+    CuSeqlens,  # (batch + 1,) int32 token offsets of the sequences; read if VARLEN
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_gb, stride_gh, stride_gs,
     stride_mb, stride_ms,
+    stride_lb, stride_lh, stride_l2,
+    stride_rb, stride_rh,
     heads, seq, has_head_mask, qk_scale, dropout_p, inv_keep, sm_scale,
     need_hm_grad,  # write HmRows
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BLOCK: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # One program: BLOCK_M queries of one (batch, head), visiting the key blocks up to kv_end.
     pid = tl.program_id(0)
@@ -327,24 +358,28 @@ def _attn_bwd_dq_kernel(
     bh = pid // num_m
     b = (bh // heads).to(tl.int64)
     h = (bh % heads).to(tl.int64)
-    rows = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start, length = _sequence_window(CuSeqlens, b, seq, VARLEN)
+    block_m = (pid % num_m) * BLOCK_M
+    rows = block_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    rows_ok = rows < seq
+    rows_ok = rows < length
     d_ok = offs_d < HEAD_DIM
-    row_base = bh.to(tl.int64) * seq
+    lse_base = Lse + b * stride_lb + h * stride_lh + start
+    row_off = b * stride_rb + h * stride_rh + start  # of Delta and HmRows
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    do_ptrs = DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_d[None, :]
+    q = tl.load(Q + b * stride_qb + start * stride_qs + h * stride_qh + rows[:, None] * stride_qs
+                + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    do_ptrs = (DO + b * stride_dob + start * stride_dos + h * stride_doh
+               + rows[:, None] * stride_dos + offs_d[None, :])
     do = tl.load(do_ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.load(Lse + 2 * row_base + rows, mask=rows_ok, other=0.0)
-    log2_l = tl.load(Lse + 2 * row_base + seq + rows, mask=rows_ok, other=0.0)
-    delta = tl.load(Delta + row_base + rows, mask=rows_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    m = tl.load(lse_base + rows, mask=rows_ok, other=0.0)
+    log2_l = tl.load(lse_base + stride_l2 + rows, mask=rows_ok, other=0.0)
+    delta = tl.load(Delta + row_off + rows, mask=rows_ok, other=0.0)
+    k_base = K + b * stride_kb + start * stride_ks + h * stride_kh
+    v_base = V + b * stride_vb + start * stride_vs + h * stride_vh
 
-    kv_end = seq
+    kv_end = tl.where(block_m < length, length, 0)  # a block past a short sequence's end: idle
     scale = qk_scale
     if HAS_MASK:
         mask_row = Mask + b * stride_mb
@@ -360,16 +395,16 @@ def _attn_bwd_dq_kernel(
     hm_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, kv_end, BLOCK_N):
         cols = start_n + offs_n
-        attend = cols < seq
+        attend = cols < length
         grad_ok = attend
         if HAS_MASK:
             key_on = tl.load(mask_row + cols * stride_ms, mask=attend, other=0) != 0
             grad_ok = attend & key_on
             attend = attend & (key_on | dead)
         kT = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None],
-                     mask=(cols[None, :] < seq) & d_ok[:, None], other=0.0)
+                     mask=(cols[None, :] < length) & d_ok[:, None], other=0.0)
         vT = tl.load(v_base + cols[None, :] * stride_vs + offs_d[:, None],
-                     mask=(cols[None, :] < seq) & d_ok[:, None], other=0.0)
+                     mask=(cols[None, :] < length) & d_ok[:, None], other=0.0)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(attend[None, :], s, _NEG)
         p = tl.math.exp2((s - m[:, None]) - log2_l[:, None])
@@ -388,22 +423,23 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+    tl.store(DQ + b * stride_gb + (start + rows[:, None]) * stride_gs + h * stride_gh
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
     if need_hm_grad:
-        tl.store(HmRows + row_base + rows, hm_rows * inv_keep, mask=rows_ok)
+        tl.store(HmRows + row_off + rows, hm_rows * inv_keep, mask=rows_ok)
 
 
 # -- launchers ----------------------------------------------------------------------------------
 _INTERPRETED = is_interpreted(_attn_fwd_kernel)  # TRITON_INTERPRET=1 at import
 
 
-def _configs(q, dropout):
+def _configs(q, batch_heads, seq, dropout):
     """Fixed block sizes (no autotuning, so each variant compiles once): dicts of BLOCK_M
-    (queries), BLOCK_N (keys), num_warps and num_stages for the forward, dK/dV and dQ kernels.
+    (queries), BLOCK_N (keys), num_warps and num_stages for the forward, dK/dV and dQ kernels,
+    for batch_heads (batch, head) pairs of (at most) seq tokens of q's dtype and head_dim.
     The GPU choices are the largest tiles that compile for sm_90 without register spills,
     dropout included (checked with ptxas; timings on a GPU are still to be taken)."""
-    batch, heads, seq, head_dim = q.shape
+    head_dim = q.shape[-1]
     if _INTERPRETED:
         # Small, unequal blocks: the CPU tests cover several blocks, ragged edges at seq 65 / 130,
         # and a dropout mask regenerated under other block shapes than the forward's.
@@ -416,7 +452,7 @@ def _configs(q, dropout):
                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))
     # 128-query blocks unless that leaves SMs idle (short sequences, small batches).
-    if batch * heads * triton.cdiv(seq, 128) >= sm_count(q.device):
+    if batch_heads * triton.cdiv(seq, 128) >= sm_count(q.device):
         fwd = dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
     else:  # (64 x 64 tiles with dropout would spill at 4 warps)
         fwd = dict(BLOCK_M=64, BLOCK_N=32 if wide or dropout else 64, num_warps=4, num_stages=3)
@@ -437,12 +473,14 @@ def _grad_like(q):
     return memory.permute(0, 2, 1, 3)
 
 
-def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
+def check_qkv(q, k, v, layout):
+    """Types, q's rank (that of ``layout``, e.g. '(batch, heads, seq, head_dim)') and dtype, k
+    and v like q, head_dim in range, and a device the kernels run on."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be (batch, heads, seq, head_dim), got shape {tuple(q.shape)}")
+    if q.dim() != layout.count(",") + 1:
+        raise ValueError(f"q must be {layout}, got shape {tuple(q.shape)}")
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -450,7 +488,7 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} must be {q.dtype} on {q.device}, got {t.dtype} on {t.device}")
-    batch, heads, seq, head_dim = q.shape
+    head_dim = q.shape[-1]
     if not 1 <= head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {_MAX_HEAD_DIM}], got {head_dim}")
     if q.device.type != "cuda" and not _INTERPRETED:
@@ -458,15 +496,9 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
             "triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before import), "
             f"got {q.device}"
         )
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"key_padding_mask must be a bool tensor of shape {(batch, seq)}, got "
-                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(
-                f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+
+
+def check_head_mask_and_dropout(q, heads, head_mask, dropout_p, seed):
     if head_mask is not None:
         if tuple(head_mask.shape) != (heads,) or not head_mask.is_floating_point():
             raise ValueError(
@@ -489,9 +521,25 @@ def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
                 f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
 
 
-def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
+def _check_inputs(q, k, v, key_padding_mask, head_mask, dropout_p, seed):
+    check_qkv(q, k, v, "(batch, heads, seq, head_dim)")
+    batch, heads, seq, head_dim = q.shape
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape {(batch, seq)}, got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+    check_head_mask_and_dropout(q, heads, head_mask, dropout_p, seed)
+
+
+def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed, cu_seqlens=None):
     """The arguments every kernel shares: the mask as bytes (a free view), dummies for absent
-    optional pointers, and the scalar/constexpr settings."""
+    optional pointers, and the scalar/constexpr settings. cu_seqlens: the varlen layout's
+    sequence offsets (kernels/triton_varlen_attention.py), None for the padded layout."""
     dummy = q  # never read: the HAS_* flags are off
     if key_padding_mask is not None:
         mask = key_padding_mask.view(torch.uint8)
@@ -509,6 +557,7 @@ def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
         DROPOUT=dropout_p > 0.0,
         # fp32 inputs get true fp32 products (as torch's matmul), not TF32.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        VARLEN=cu_seqlens is not None,
     )
     # in the kernels' order: has_head_mask, qk_scale, dropout_p, inv_keep
     scalars = (int(head_mask is not None), float(scale) * _LOG2E, float(dropout_p),
@@ -517,7 +566,9 @@ def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed):
         seed = dummy
     elif not isinstance(seed, torch.Tensor):
         seed = torch.tensor([seed], dtype=torch.int64, device=q.device)
-    return (mask, head_mask if head_mask is not None else dummy, seed), mask_strides, meta, scalars
+    ptrs = (mask, head_mask if head_mask is not None else dummy, seed,
+            cu_seqlens if cu_seqlens is not None else dummy)
+    return ptrs, mask_strides, meta, scalars
 
 
 def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
@@ -544,11 +595,11 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
         return out, lse
     ptrs, mask_strides, meta, scalars = _common_args(
         q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    fwd, _, _ = _configs(q, dropout_p > 0.0)
+    fwd, _, _ = _configs(q, batch * heads, seq, dropout_p > 0.0)
     _attn_fwd_kernel[(triton.cdiv(seq, fwd["BLOCK_M"]) * batch * heads,)](
         q, k, v, out, lse, *ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
-        heads, seq, *scalars, **meta, **fwd,
+        *lse.stride()[:3], heads, seq, *scalars, **meta, **fwd,
     )
     return out, lse
 
@@ -581,7 +632,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
         return dq, dk, dv, dhm
     ptrs, mask_strides, meta, scalars = _common_args(
         q, key_padding_mask, head_mask, dropout_p, scale, seed)
-    _, dkdv_cfg, dq_cfg = _configs(q, dropout_p > 0.0)
+    _, dkdv_cfg, dq_cfg = _configs(q, batch * heads, seq, dropout_p > 0.0)
     num_m = triton.cdiv(seq, dq_cfg["BLOCK_M"])
 
     delta = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
@@ -590,16 +641,17 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=dq_cfg["BLOCK_M"],
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    stats_strides = (*mask_strides, *lse.stride()[:3], *delta.stride()[:2])
     tail = (heads, seq, *scalars, float(scale))
     _attn_bwd_dkdv_kernel[(triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
         q, k, v, grad_out, dk, dv, lse, delta, *ptrs,
-        *strides, *dk.stride()[:3], *mask_strides, *tail, **meta, **dkdv_cfg,
+        *strides, *dk.stride()[:3], *stats_strides, *tail, **meta, **dkdv_cfg,
     )
     # per-row shares of dhead_mask, summed below (no atomics: deterministic)
     hm_rows = torch.empty_like(delta) if need_hm else delta
     _attn_bwd_dq_kernel[(num_m * batch * heads,)](
         q, k, v, grad_out, dq, lse, delta, hm_rows, *ptrs,
-        *strides, *dq.stride()[:3], *mask_strides, *tail, int(need_hm), **meta, **dq_cfg,
+        *strides, *dq.stride()[:3], *stats_strides, *tail, int(need_hm), **meta, **dq_cfg,
     )
     dhm = hm_rows.sum(dim=(0, 2)) if need_hm else None
     return dq, dk, dv, dhm

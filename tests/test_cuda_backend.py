@@ -4,11 +4,13 @@ On a CUDA machine with a CUDA build: every op and every gradient at full size an
 in float32/float16/bfloat16, by STYLE.md's rule (|cuda(d) - eager(float64)| <= 2 x
 |eager(d) - eager(float64)| + atol(d)), masks with fully-masked rows, a head_mask with a zero,
 dropout (deterministic per seed, and exactly the eager formulas given the kernel's own keep
-mask), bad inputs, and whole models. Elsewhere those skip; what runs everywhere: the backend is
-absent on a build without CUDA (selecting it is a clear error), its device/dtype checks, its
-Python side driven on CPU through the real autograd Functions by a torch model of the extension
-(whose signatures are checked against the binding), the plain-nvcc compile and link check of
-kernels/cuda, and a syntax check of the csrc/cuda launchers.
+mask), varlen attention against eager's padded op on the padded sequences, new dropout masks on
+every CUDA-graph replay, bad inputs, and whole models. Elsewhere those skip; what runs
+everywhere: the backend is absent on a build without CUDA (selecting it is a clear error), its
+device/dtype checks, its Python side driven on CPU through the real autograd Functions (and the
+varlen methods directly) by a torch model of the extension (whose signatures are checked against
+the binding), the plain-nvcc compile and link check of kernels/cuda, and a syntax check of the
+csrc/cuda launchers.
 """
 
 import inspect
@@ -49,7 +51,7 @@ def test_cuda_backend_absent_and_a_clear_error_without_cuda_build():
         ops.bias_activation(x, None, backend="cuda")
     with pytest.raises(ValueError, match="got 'cuda'"):
         ops.set_default_backend("cuda")
-    assert not hasattr(distilbert_fast._extension._C, "cuda_attention_forward")
+    assert not hasattr(distilbert_fast._extension._C, "cuda_masked_attention_fwd")
 
 
 def test_unsupported_reason_names_device_and_dtype():
@@ -66,17 +68,20 @@ class TorchModelOfCudaOps:
     that CudaBackend's Python side (argument order, saved tensors and state, needs_grad flags, the
     eager fallbacks, dtype promotion) is exercised on CPU through the real autograd Functions. Its
     parameter names are checked against the binding's py::arg lists. Dropout keeps a mask that is
-    a function of (seed, shape), as the kernels' hash is a function of (seed, index)."""
+    a function of (dropout_rng, shape), as the kernels' hash is a function of (seed, offset +
+    index), read from the same int64 (2,) tensor."""
 
     @staticmethod
-    def keep(seed, shape, p):
+    def keep(rng, shape, p):
+        assert rng.dtype == torch.int64 and rng.shape == (2,), "dropout_rng must be int64 (2,)"
+        seed = (int(rng[0]) * 31 + int(rng[1])) % 2**63
         return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) >= p
 
-    def cuda_residual_layernorm_forward(self, x, residual, x_bias, weight, bias, eps, dropout_p,
-                                        seed, save_for_backward):
+    def cuda_residual_layernorm_fwd(self, x, residual, weight, bias, eps, x_bias, dropout_rng,
+                                    dropout_p, save_for_backward):
         h = x.float() if x_bias is None else x.float() + x_bias.float()
         if dropout_p > 0:
-            h = h * self.keep(seed, h.shape, dropout_p) / (1 - dropout_p)
+            h = h * self.keep(dropout_rng, h.shape, dropout_p) / (1 - dropout_p)
         z = h if residual is None else h + residual.float()
         rows = z.reshape(-1, z.shape[-1])
         mean, rstd = rows.mean(-1), torch.rsqrt(rows.var(-1, unbiased=False) + eps)
@@ -85,8 +90,9 @@ class TorchModelOfCudaOps:
             return [y.to(x.dtype), None, None, None]
         return [y.to(x.dtype), z.to(x.dtype), mean, rstd]
 
-    def cuda_residual_layernorm_backward(self, grad_out, z, weight, mean, rstd, dropout_p, seed,
-                                         need_dresidual, need_dweight, need_dbias, need_dx_bias):
+    def cuda_residual_layernorm_bwd(self, grad_out, z, weight, dropout_rng, dropout_p, mean, rstd,
+                                    needs):
+        need_dx, need_dresidual, need_dweight, need_dbias, need_dx_bias = needs
         cols = z.shape[-1]
         xhat = (z.float().reshape(-1, cols) - mean[:, None]) * rstd[:, None]
         dy = grad_out.float().reshape(-1, cols)
@@ -95,18 +101,19 @@ class TorchModelOfCudaOps:
                               - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         dh = dz
         if dropout_p > 0:
-            dh = dz * self.keep(seed, z.shape, dropout_p).reshape(-1, cols) / (1 - dropout_p)
-        return [dh.view(z.shape).to(z.dtype), dz.view(z.shape).to(z.dtype) if need_dresidual else None,
+            dh = dz * self.keep(dropout_rng, z.shape, dropout_p).reshape(-1, cols) / (1 - dropout_p)
+        return [dh.view(z.shape).to(z.dtype) if need_dx else None,
+                dz.view(z.shape).to(z.dtype) if need_dresidual else None,
                 (dy * xhat).sum(0) if need_dweight else None, dy.sum(0) if need_dbias else None,
                 dh.sum(0) if need_dx_bias else None]
 
-    def cuda_bias_activation_forward(self, x, bias, activation):
+    def cuda_bias_activation_fwd(self, x, bias, activation):
         z = x.float() if bias is None else x.float() + bias.float()
-        return activation_forward(z, ops.ACTIVATIONS[activation]).to(x.dtype)
+        return activation_forward(z, activation).to(x.dtype)
 
-    def cuda_bias_activation_backward(self, grad_out, x, bias, activation, need_dbias):
+    def cuda_bias_activation_bwd(self, grad_out, x, bias, activation, need_dbias):
         z = x.float() if bias is None else x.float() + bias.float()
-        dz = grad_out.float() * activation_derivative(z, ops.ACTIVATIONS[activation])
+        dz = grad_out.float() * activation_derivative(z, activation)
         return [dz.to(x.dtype), dz.reshape(-1, dz.shape[-1]).sum(0) if need_dbias else None]
 
     @staticmethod
@@ -120,27 +127,78 @@ class TorchModelOfCudaOps:
             scores = torch.where(fully_masked, torch.zeros_like(scores), scores)
         return scores
 
-    def cuda_attention_forward(self, q, k, v, key_padding_mask, head_mask, scale, dropout_p, seed,
-                               save_for_backward):
+    def cuda_masked_attention_fwd(self, q, k, v, key_padding_mask, head_mask, dropout_rng,
+                                  dropout_p, scale, save_for_backward):
         scores = self._scores(q, k, key_padding_mask, scale)
         weights = torch.softmax(scores, -1)
         if dropout_p > 0:
-            weights = weights * self.keep(seed, weights.shape, dropout_p) / (1 - dropout_p)
+            weights = weights * self.keep(dropout_rng, weights.shape, dropout_p) / (1 - dropout_p)
         if head_mask is not None:
             weights = weights * head_mask.float().view(1, -1, 1, 1)
         out = (weights @ v.float()).to(q.dtype)
         return [out, torch.logsumexp(scores, -1) if save_for_backward else None]
 
-    def cuda_attention_backward(self, q, k, v, out, grad_out, key_padding_mask, head_mask, lse,
-                                scale, dropout_p, seed, need_dhead_mask):
+    def cuda_masked_attention_bwd(self, grad_out, q, k, v, out, lse, key_padding_mask, head_mask,
+                                  dropout_rng, dropout_p, scale, need_dhead_mask):
         probs = torch.exp(self._scores(q, k, key_padding_mask, scale) - lse[..., None])
-        keep = self.keep(seed, probs.shape, dropout_p) if dropout_p > 0 else None
+        keep = self.keep(dropout_rng, probs.shape, dropout_p) if dropout_p > 0 else None
         masked = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
         dq, dk, dv, dhead_mask = EagerBackend().attention_backward(
             (q.float(), k.float(), v.float(), probs, keep, masked, head_mask), (dropout_p, scale),
             grad_out, None, (True, True, True, False, need_dhead_mask),
         )
         return [dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dhead_mask]
+
+    def _sequences(self, q, cu_seqlens, max_seqlen, dropout_rng, dropout_p):
+        """(start, end, keep or None) per sequence: the mask is a padded (batch, heads, max_seqlen,
+        max_seqlen) draw, each sequence taking its corner, as the kernels index it."""
+        bounds = cu_seqlens.tolist()
+        batch, heads = len(bounds) - 1, q.shape[1]
+        keep = None
+        if dropout_p > 0:
+            keep = self.keep(dropout_rng, (batch, heads, max_seqlen, max_seqlen), dropout_p)
+        for b in range(batch):
+            n = bounds[b + 1] - bounds[b]
+            yield bounds[b], bounds[b + 1], None if keep is None else keep[b:b + 1, :, :n, :n]
+
+    def cuda_varlen_attention_fwd(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_rng,
+                                  dropout_p, scale, save_for_backward):
+        assert q.stride() == k.stride() == v.stride() and q.stride(-1) == 1
+        out = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty(q.shape[1], q.shape[0])
+        for start, end, keep in self._sequences(q, cu_seqlens, max_seqlen, dropout_rng, dropout_p):
+            if end == start:
+                continue
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None].float() for t in (q, k, v))
+            scores = self._scores(qs, ks, None, scale)
+            weights = torch.softmax(scores, -1)
+            if keep is not None:
+                weights = weights * keep / (1 - dropout_p)
+            if head_mask is not None:
+                weights = weights * head_mask.float().view(1, -1, 1, 1)
+            out[start:end] = (weights @ vs)[0].transpose(0, 1).to(q.dtype)
+            lse[:, start:end] = torch.logsumexp(scores, -1)[0]
+        return [out, lse if save_for_backward else None]
+
+    def cuda_varlen_attention_bwd(self, grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                  head_mask, dropout_rng, dropout_p, scale, need_dhead_mask):
+        grads = [torch.zeros(q.shape, dtype=q.dtype) for _ in range(3)]
+        dhead_mask = torch.zeros(q.shape[1]) if need_dhead_mask else None
+        for start, end, keep in self._sequences(q, cu_seqlens, max_seqlen, dropout_rng, dropout_p):
+            if end == start:
+                continue
+            qs, ks, vs, gs = (t[start:end].transpose(0, 1)[None].float()
+                              for t in (q, k, v, grad_out))
+            probs = torch.exp(self._scores(qs, ks, None, scale) - lse[None, :, start:end, None])
+            *dqkv, dhm = EagerBackend().attention_backward(
+                (qs, ks, vs, probs, keep, None, head_mask), (dropout_p, scale), gs, None,
+                (True, True, True, False, need_dhead_mask),
+            )
+            for g, d in zip(grads, dqkv):
+                g[start:end] = d[0].transpose(0, 1).to(q.dtype)
+            if need_dhead_mask:
+                dhead_mask += dhm
+        return [*grads, dhead_mask]
 
 
 def _binding_arg_names():
@@ -156,7 +214,9 @@ def _binding_arg_names():
 
 def test_torch_model_of_the_ops_has_the_bindings_signatures():
     defs = _binding_arg_names()
-    assert len(defs) == 6
+    assert sorted(defs) == sorted(f"cuda_{op}_{d}" for op in (
+        "residual_layernorm", "bias_activation", "masked_attention", "varlen_attention")
+        for d in ("fwd", "bwd"))
     for name, args in defs.items():
         params = list(inspect.signature(getattr(TorchModelOfCudaOps(), name)).parameters)
         assert params == args, f"{name}: binding takes {args}, the torch model {params}"
@@ -167,9 +227,13 @@ def test_python_constants_match_the_kernel_header():
         header = f.read()
     assert int(re.search(r"kMaxHeadDim = (\d+);", header).group(1)) == cuda_backend.MAX_HEAD_DIM
     enum = re.search(r"enum class Activation \{([^}]*)\}", header).group(1)
-    codes = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower(): int(code)
-             for name, code in re.findall(r"k(\w+) = (\d+)", enum)}
-    assert codes == {name: i for i, name in enumerate(ops.ACTIVATIONS)}  # the codes Python sends
+    enum_names = {re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+                  for name in re.findall(r"k(\w+) = \d+", enum)}
+    with open(os.path.join(ROOT, "csrc", "cuda", "bias_activation.cpp")) as f:
+        by_name = dict(re.findall(r'name == "(\w+)"\) return cuda::Activation::k(\w+);', f.read()))
+    # the names Python sends, each mapped to its own enum value
+    assert sorted(by_name) == sorted(ops.ACTIVATIONS) == sorted(enum_names)
+    assert all(re.sub(r"(?<!^)(?=[A-Z])", "_", e).lower() == n for n, e in by_name.items())
 
 
 def _fake_backend():
@@ -217,7 +281,7 @@ def test_backend_plumbing_residual_layernorm(dropout_p):
         want = run(EAGER)
     else:  # eager's formulas with the mask the backend's seed gives
         torch.manual_seed(11)
-        keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_seed(), x.shape, dropout_p)
+        keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_rng(x.device), x.shape, dropout_p)
 
         class Fixed(EagerBackend):  # eager, with the mask fixed to the fake kernels' one
             def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, p):
@@ -252,7 +316,7 @@ def test_backend_plumbing_masked_attention(dropout_p, need_weights):
         _assert_all_close(got[1], run(EAGER)[1], "grad")
         return
     torch.manual_seed(5)
-    keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_seed(), (2, 3, 7, 7), dropout_p)
+    keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_rng(q.device), (2, 3, 7, 7), dropout_p)
 
     class Fixed(EagerBackend):
         def attention_forward(self, q, k, v, kpm, hm, p, scale, nw):
@@ -264,6 +328,57 @@ def test_backend_plumbing_masked_attention(dropout_p, need_weights):
     want = run(Fixed())
     _assert_all_close(got[0], want[0], "output")
     _assert_all_close(got[1], want[1], "grad")
+
+
+def _varlen_reference(q, k, v, grad_out, lengths, head_mask, scale, keep, dropout_p):
+    """(out, dq, dk, dv, dhead_mask) of varlen attention by torch autograd, one sequence at a
+    time; keep: (batch, heads, max_len, max_len) or None."""
+    q, k, v, head_mask = (t.detach().double().requires_grad_() for t in (q, k, v, head_mask))
+    outs, start = [], 0
+    for b, n in enumerate(lengths):
+        qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))  # (heads, n, dim)
+        weights = torch.softmax(qs @ ks.transpose(-1, -2) * scale, -1)
+        if keep is not None:
+            weights = weights * keep[b, :, :n, :n] / (1 - dropout_p)
+        outs.append(((weights * head_mask.view(-1, 1, 1)) @ vs).transpose(0, 1))
+        start += n
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, (q, k, v, head_mask), grad_out.double())
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_backend_plumbing_varlen_attention(dropout_p):
+    """CudaBackend's varlen methods: q, k, v views of one fused QKV tensor go in uncopied, the
+    default scale, the saved state, needs_grad's head_mask slot (5), and the dropout state the
+    backward gets are the forward's."""
+    fake = _fake_backend()
+    lengths, heads, head_dim, max_seqlen = [3, 0, 5, 1], 2, 8, 6
+    total, dim = sum(lengths), heads * head_dim
+    qkv = torch.randn(total, 3 * dim)
+    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
+    cu_seqlens = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32)
+    head_mask, grad_out = torch.tensor([1.0, 0.0]), torch.randn(total, heads, head_dim)
+    torch.manual_seed(5)
+    out, saved, state = fake.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask,
+                                                      dropout_p, None)
+    assert saved[0].data_ptr() == qkv.data_ptr(), "q was copied"
+    needs = (True, True, True, False, False, True, False, False)
+    got = (out, *fake.varlen_attention_backward(saved, state, grad_out, needs))
+    keep = None
+    if dropout_p > 0:
+        torch.manual_seed(5)
+        keep = TorchModelOfCudaOps.keep(cuda_backend.dropout_rng(q.device),
+                                        (len(lengths), heads, max_seqlen, max_seqlen), dropout_p)
+    want = _varlen_reference(q, k, v, grad_out, lengths, head_mask, head_dim**-0.5, keep, dropout_p)
+    for name, g, w in zip(["out", "dq", "dk", "dv", "dhead_mask"], got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    no_hm = (True, True, True, False, False, False, False, False)
+    assert fake.varlen_attention_backward(saved, state, grad_out, no_hm)[3] is None
+    # strides q, k, v do not share: contiguous copies go in
+    _, saved, _ = fake.varlen_attention_forward(q.contiguous(), k, v, cu_seqlens, max_seqlen, None,
+                                                0.0, 0.5)
+    assert all(t.is_contiguous() for t in saved[:3])
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -298,10 +413,13 @@ def test_backend_promotes_like_eager_and_falls_back_where_kernels_cannot_run():
 
 def test_backend_saves_nothing_without_grad():
     fake, x, w, b = _fake_backend(), torch.randn(2, 8), torch.ones(8), torch.zeros(8)
+    cu_seqlens = torch.tensor([0, 1, 3], dtype=torch.int32)
     with torch.inference_mode():
         _, saved, _ = fake.residual_layernorm_forward(x, None, w, b, 1e-12, None, 0.0)
         _, saved_attn, _ = fake.attention_forward(*(torch.randn(1, 2, 3, 4),) * 3, None, None, 0.0, 0.5, False)
-    assert saved == () and saved_attn == ()
+        _, saved_varlen, _ = fake.varlen_attention_forward(
+            *(torch.randn(3, 2, 4),) * 3, cu_seqlens, 2, None, 0.0, 0.5)
+    assert saved == () and saved_attn == () and saved_varlen == ()
 
 
 def _cuda_homes():
@@ -556,9 +674,129 @@ def test_need_weights_runs_the_eager_code_and_returns_weights():
     torch.testing.assert_close(weights, ref_w)
 
 
-# -- dropout ----------------------------------------------------------------------------------------
+# -- varlen attention ------------------------------------------------------------------------------
 def _backend():
     return ops.backends._registry["cuda"]
+
+
+def _varlen_run(backend, q, k, v, cu_seqlens, max_seqlen, head_mask, grad_out):
+    out, saved, state = backend.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen,
+                                                         head_mask, 0.0, None)
+    needs = (True, True, True, False, False, head_mask is not None, False, False)
+    return (out, *backend.varlen_attention_backward(saved, state, grad_out, needs))
+
+
+def _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, dtype):
+    """The eager padded op on each sequence padded to the longest, in dtype, unpadded again:
+    (out, dq, dk, dv, dhead_mask)."""
+    max_len, heads, head_dim = max(lengths), q.shape[1], q.shape[2]
+
+    def pad(t):
+        padded = t.new_zeros(len(lengths), heads, max_len, head_dim, dtype=dtype)
+        for b, (start, n) in enumerate(zip(_starts(lengths), lengths)):
+            padded[b, :, :n] = t[start:start + n].transpose(0, 1).to(dtype)
+        return padded.requires_grad_()
+
+    mask = torch.arange(max_len, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+    pq, pk, pv = pad(q), pad(k), pad(v)
+    hm = head_mask.detach().to(dtype).requires_grad_()
+    out, _ = ops.masked_attention(pq, pk, pv, key_padding_mask=mask, head_mask=hm, backend="eager")
+    grads = torch.autograd.grad(out, (pq, pk, pv, hm), pad(grad_out).detach())
+
+    def unpad(t):
+        return torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)]).detach()
+
+    return (unpad(out), *(unpad(g) for g in grads[:3]), grads[3].detach())
+
+
+def _starts(lengths):
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    return starts
+
+
+VARLEN_CASES = [  # (lengths, heads, head_dim)
+    ([128, 37, 1, 0, 512, 300, 64, 2], 12, 64),  # ragged, length 1, empty, the specialised 64
+    ([33, 7, 0], 2, 40),  # any head_dim, vector loads in half precision
+    ([17, 5], 2, 20),  # scalar loads
+    ([50, 1], 2, 128),  # the largest head_dim
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=str)
+def test_varlen_attention_matches_padded_eager(dtype, case):
+    """q, k, v as views of one fused QKV tensor, max_seqlen above the longest, a head_mask with a
+    zero: output and every gradient within 2x eager's own error of float64."""
+    lengths, heads, head_dim = case
+    total, dim = sum(lengths), heads * head_dim
+    qkv = _cuda(total, 3 * dim).to(dtype)
+    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
+    grad_out = _cuda(total, heads, head_dim).to(dtype)
+    head_mask = torch.rand(heads, device="cuda") + 0.5
+    head_mask[0] = 0.0
+    cu_seqlens = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32,
+                              device="cuda")
+    got = _varlen_run(_backend(), q, k, v, cu_seqlens, max(lengths) + 5, head_mask.to(dtype), grad_out)
+    ref_d = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, dtype)
+    ref64 = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, torch.float64)
+    for name, a, r, r64 in zip(["out", "dq", "dk", "dv", "dhead_mask"], got, ref_d, ref64):
+        if name == "dhead_mask":
+            a, r = a.to(dtype), r.to(dtype)
+        _assert_within(name, a, r, r64, dtype)
+
+
+@needs_gpu
+def test_varlen_dropout_is_deterministic_per_seed_and_local_to_each_sequence():
+    be = _backend()
+    lengths = [40, 3, 64]
+    q, k, v = (_cuda(sum(lengths), 2, 64) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 40, 43, 107], dtype=torch.int32, device="cuda")
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return be.varlen_attention_forward(q, k, v, cu_seqlens, 64, None, 0.3, None)[0]
+
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -- dropout ----------------------------------------------------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("op", ["masked_attention", "varlen_attention", "layernorm"])
+def test_dropout_draws_new_masks_on_each_cuda_graph_replay(op):
+    """The kernels read their (seed, offset) from a device tensor drawn inside the captured
+    region, so replays of a CUDA graph differ from each other (a host seed would repeat)."""
+    be = _backend()
+    x = _cuda(256, 2, 64)
+    cu_seqlens = torch.tensor([0, 100, 256], dtype=torch.int32, device="cuda")
+    w, b = torch.ones(128, device="cuda"), torch.zeros(128, device="cuda")
+
+    def step():
+        if op == "masked_attention":
+            return be.attention_forward(x.view(2, 2, 128, 64), x.view(2, 2, 128, 64),
+                                        x.view(2, 2, 128, 64), None, None, 0.3, 0.125, False)[0][0]
+        if op == "varlen_attention":
+            return be.varlen_attention_forward(x, x, x, cu_seqlens, 156, None, 0.3, None)[0]
+        return be.residual_layernorm_forward(x.view(256, 128), None, w, b, 1e-12, None, 0.3)[0]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append(out.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
 
 
 @needs_gpu
@@ -638,41 +876,64 @@ def test_bad_inputs_raise_errors_that_name_the_argument():
     C = distilbert_fast._extension._C
     x = _cuda(4, 768)
     w, b = torch.ones(768, device="cuda"), torch.zeros(768, device="cuda")
+    ln = C.cuda_residual_layernorm_fwd  # (x, residual, weight, bias, eps, x_bias, dropout_rng, p, save)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
-        C.cuda_residual_layernorm_forward(x.double(), None, None, w, b, 1e-12, 0.0, 0, False)
+        ln(x.double(), None, w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        C.cuda_residual_layernorm_forward(x.cpu(), None, None, w, b, 1e-12, 0.0, 0, False)
+        ln(x.cpu(), None, w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match="x must be contiguous"):
-        C.cuda_residual_layernorm_forward(_cuda(768, 4).t(), None, None, w, b, 1e-12, 0.0, 0, False)
+        ln(_cuda(768, 4).t(), None, w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match=r"residual must have shape \(4, 768\)"):
-        C.cuda_residual_layernorm_forward(x, _cuda(4, 767), None, w, b, 1e-12, 0.0, 0, False)
+        ln(x, _cuda(4, 767), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(TypeError, match="residual must have dtype"):
-        C.cuda_residual_layernorm_forward(x, x.half(), None, w, b, 1e-12, 0.0, 0, False)
+        ln(x, x.half(), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match=r"weight must have shape \(768,\)"):
-        C.cuda_residual_layernorm_forward(x, None, None, w[:5], b, 1e-12, 0.0, 0, False)
+        ln(x, None, w[:5], b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match="dropout_p must be in"):
-        C.cuda_residual_layernorm_forward(x, None, None, w, b, 1e-12, 1.0, 0, False)
+        ln(x, None, w, b, 1e-12, None, None, 1.0, False)
+    with pytest.raises(ValueError, match="dropout_rng must be an int64 \\(2,\\) CUDA tensor"):
+        ln(x, None, w, b, 1e-12, None, None, 0.1, False)
+    with pytest.raises(TypeError, match="dropout_rng must be an int64 tensor"):
+        ln(x, None, w, b, 1e-12, None, torch.zeros(2, device="cuda"), 0.1, False)
+    with pytest.raises(ValueError, match=r"dropout_rng must have shape \(2,\)"):
+        ln(x, None, w, b, 1e-12, None, torch.zeros(1, dtype=torch.int64, device="cuda"), 0.1, False)
     with pytest.raises(ValueError, match=r"bias must have shape \(768,\)"):
-        C.cuda_bias_activation_forward(x, _cuda(3), 0)
-    with pytest.raises(ValueError, match="activation must be"):
-        C.cuda_bias_activation_forward(x, None, 7)
+        C.cuda_bias_activation_fwd(x, _cuda(3), "gelu")
+    with pytest.raises(ValueError, match="activation must be one of gelu, gelu_new, relu, silu"):
+        C.cuda_bias_activation_fwd(x, None, "tanh")
     with pytest.raises(ValueError, match=r"grad_out must have shape"):
-        C.cuda_bias_activation_backward(_cuda(4, 3), x, None, 0, False)
+        C.cuda_bias_activation_bwd(_cuda(4, 3), x, None, "gelu", False)
     q = _cuda(2, 3, 5, 64)
+    attn = C.cuda_masked_attention_fwd  # (q, k, v, mask, head_mask, dropout_rng, p, scale, save)
     with pytest.raises(ValueError, match="q must have shape"):
-        C.cuda_attention_forward(q[0], q[0], q[0], None, None, 0.125, 0.0, 0, False)
+        attn(q[0], q[0], q[0], None, None, None, 0.0, 0.125, False)
     with pytest.raises(ValueError, match=r"k must have shape \(2, 3, 5, 64\)"):
-        C.cuda_attention_forward(q, _cuda(2, 3, 6, 64), q, None, None, 0.125, 0.0, 0, False)
+        attn(q, _cuda(2, 3, 6, 64), q, None, None, None, 0.0, 0.125, False)
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
-        C.cuda_attention_forward(q, q, q, torch.ones(2, 5, device="cuda"), None, 0.125, 0.0, 0, False)
+        attn(q, q, q, torch.ones(2, 5, device="cuda"), None, None, 0.0, 0.125, False)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 5\)"):
-        C.cuda_attention_forward(q, q, q, torch.ones(2, 6, dtype=torch.bool, device="cuda"), None,
-                                 0.125, 0.0, 0, False)
+        attn(q, q, q, torch.ones(2, 6, dtype=torch.bool, device="cuda"), None, None, 0.0, 0.125, False)
     with pytest.raises(ValueError, match=r"head_mask must have shape \(3,\)"):
-        C.cuda_attention_forward(q, q, q, None, torch.ones(4, device="cuda"), 0.125, 0.0, 0, False)
+        attn(q, q, q, None, torch.ones(4, device="cuda"), None, 0.0, 0.125, False)
     with pytest.raises(ValueError, match="head_dim must be <= 128"):
         big = _cuda(1, 1, 4, 256)
-        C.cuda_attention_forward(big, big, big, None, None, 0.1, 0.0, 0, False)
+        attn(big, big, big, None, None, None, 0.0, 0.1, False)
+    tokens = _cuda(7, 3, 64)
+    cu_seqlens = torch.tensor([0, 2, 7], dtype=torch.int32, device="cuda")
+    varlen = C.cuda_varlen_attention_fwd  # (q, k, v, cu_seqlens, max_seqlen, head_mask, rng, p, scale, save)
+    with pytest.raises(ValueError, match=r"q must have shape \(total_tokens, heads, head_dim\)"):
+        varlen(q, q, q, cu_seqlens, 5, None, None, 0.0, 0.125, False)
+    with pytest.raises(ValueError, match=r"k must have shape \(7, 3, 64\)"):
+        varlen(tokens, _cuda(6, 3, 64), tokens, cu_seqlens, 5, None, None, 0.0, 0.125, False)
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32 tensor"):
+        varlen(tokens, tokens, tokens, cu_seqlens.long(), 5, None, None, 0.0, 0.125, False)
+    with pytest.raises(ValueError, match="cu_seqlens must be a CUDA tensor"):
+        varlen(tokens, tokens, tokens, cu_seqlens.cpu(), 5, None, None, 0.0, 0.125, False)
+    with pytest.raises(ValueError, match="max_seqlen must be in"):
+        varlen(tokens, tokens, tokens, cu_seqlens, -1, None, None, 0.0, 0.125, False)
+    with pytest.raises(ValueError, match="q, k and v must have the same strides"):
+        varlen(tokens, tokens.transpose(0, 1).contiguous().transpose(0, 1), tokens, cu_seqlens, 5,
+               None, None, 0.0, 0.125, False)
     torch.cuda.synchronize()  # nothing reached a kernel: the context is healthy
 
 

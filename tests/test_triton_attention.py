@@ -136,6 +136,12 @@ def assert_matches_eager(inputs, dtype, scale, **kernel_kw):
     ref64, probs64 = run_eager(*inputs, scale, torch.float64, keep=keep, dropout_p=dropout_p)
     q, k, _, grad_out = inputs[:4]
     allowance = delta_rounding_allowance(q, k, grad_out, ref64[0], probs64, scale, dtype)
+    assert_each_within(ours, ref_d, ref64, allowance, dtype)
+
+
+def assert_each_within(ours, ref_d, ref64, allowance, dtype):
+    """(out, dq, dk, dv, dhead_mask) of the kernels vs eager in dtype and in float64: dtypes,
+    finiteness, and the 2x rule after the delta allowance (dict name -> float64 tensor)."""
     for name, a, r, r64 in zip(NAMES, ours, ref_d, ref64):
         if r64 is None:
             assert a is None, f"{name} should be None"
@@ -169,13 +175,16 @@ FULL_CASES = [  # CUDA only
 # Every dtype x head_dim x flags combination is a few fresh kernel compiles on a GPU, and the GPU
 # check has a few minutes for the whole suite: on CUDA the small edge cases (already run under the
 # interpreter in float32 and float16) run in float16 only, the full-size ones in every dtype.
-if ON_CUDA:
-    MATCH_PARAMS = [(torch.float16, case) for case in SMALL_CASES]
-    MATCH_PARAMS += [(dtype, case) for case in FULL_CASES for dtype in DTYPES]
-    DROPOUT_DTYPES = [torch.float16, torch.bfloat16]
-else:
-    MATCH_PARAMS = [(dtype, case) for case in SMALL_CASES for dtype in DTYPES]  # bfloat16 skips
-    DROPOUT_DTYPES = DTYPES
+def match_params(small_cases, full_cases):
+    """(dtype, case) pairs to run: see above."""
+    if ON_CUDA:
+        return ([(torch.float16, case) for case in small_cases]
+                + [(dtype, case) for case in full_cases for dtype in DTYPES])
+    return [(dtype, case) for case in small_cases for dtype in DTYPES]  # bfloat16 skips
+
+
+MATCH_PARAMS = match_params(SMALL_CASES, FULL_CASES)
+DROPOUT_DTYPES = [torch.float16, torch.bfloat16] if ON_CUDA else DTYPES
 
 
 def _case_id(case):

@@ -2,6 +2,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string>
+
 #include "checks.h"
 #include "cuda_ops.h"
 
@@ -10,11 +12,14 @@ namespace cuda_ops {
 
 namespace {
 
-// Activation codes, in the order of distilbert_fast.ops.ACTIVATIONS.
-cuda::Activation to_activation(int64_t code) {
-  TORCH_CHECK_VALUE(code >= 0 && code <= 3,
-                    "activation must be 0 (gelu), 1 (gelu_new), 2 (relu) or 3 (silu), got ", code);
-  return static_cast<cuda::Activation>(code);
+// The activation by name, as distilbert_fast.ops.ACTIVATIONS spells it (and cpu_* take it).
+cuda::Activation to_activation(const std::string& name) {
+  if (name == "gelu") return cuda::Activation::kGelu;
+  if (name == "gelu_new") return cuda::Activation::kGeluNew;
+  if (name == "relu") return cuda::Activation::kRelu;
+  if (name == "silu") return cuda::Activation::kSilu;
+  TORCH_CHECK_VALUE(false, "activation must be one of gelu, gelu_new, relu, silu, got '", name,
+                    "'");
 }
 
 // bias: x's dtype and device, shape (x.size(-1),), contiguous.
@@ -26,8 +31,8 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
 
 }  // namespace
 
-at::Tensor bias_activation_forward(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                                   int64_t activation) {
+at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                              const std::string& activation) {
   const cuda::Activation act = to_activation(activation);
   check_cuda(x, "x");
   const DType dtype = kernel_dtype(x, "x");
@@ -41,13 +46,13 @@ at::Tensor bias_activation_forward(const at::Tensor& x, const c10::optional<at::
                                              ptr_or_null<const void>(bias), y.data_ptr(),
                                              x.numel() / cols, cols,
                                              c10::cuda::getCurrentCUDAStream()),
-               "bias_activation_forward");
+               "bias_activation_fwd");
   return y;
 }
 
-MaybeTensors bias_activation_backward(const at::Tensor& dy, const at::Tensor& x,
-                                      const c10::optional<at::Tensor>& bias, int64_t activation,
-                                      bool need_dbias) {
+MaybeTensors bias_activation_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                 const c10::optional<at::Tensor>& bias,
+                                 const std::string& activation, bool need_dbias) {
   const cuda::Activation act = to_activation(activation);
   check_cuda(x, "x");
   const DType dtype = kernel_dtype(x, "x");
@@ -73,7 +78,7 @@ MaybeTensors bias_activation_backward(const at::Tensor& dy, const at::Tensor& x,
                    dx.data_ptr(), ptr_or_null<float>(dbias),
                    need_dbias ? workspace.data_ptr<float>() : nullptr, rows, cols,
                    c10::cuda::getCurrentCUDAStream()),
-               "bias_activation_backward");
+               "bias_activation_bwd");
   return {dx, dbias};
 }
 

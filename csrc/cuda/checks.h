@@ -71,6 +71,25 @@ inline void check_dropout(double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
 }
 
+// Dropout's random state, {seed, offset}: an int64 (2,) tensor on like's device that the kernels
+// read on the device (see kernels/cuda/distilbert_kernels.h). Checked and returned as a pointer
+// when dropout_p > 0; null otherwise (it may then be None).
+inline const int64_t* dropout_rng_ptr(const c10::optional<at::Tensor>& rng, double dropout_p,
+                                      const at::Tensor& like) {
+  check_dropout(dropout_p);
+  if (dropout_p == 0.0) return nullptr;
+  TORCH_CHECK_VALUE(rng.has_value(), "dropout_rng must be an int64 (2,) CUDA tensor when "
+                    "dropout_p > 0, got None");
+  const at::Tensor& t = *rng;
+  check_cuda(t, "dropout_rng");
+  TORCH_CHECK_VALUE(t.device() == like.device(), "dropout_rng must be on ", like.device(),
+                    ", got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "dropout_rng must be an int64 tensor, got ",
+                   t.scalar_type());
+  check_shape(t, {2}, "dropout_rng");
+  return t.data_ptr<int64_t>();
+}
+
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 namespace distilbert_fast {
@@ -11,39 +12,62 @@ namespace cuda_ops {
 
 using MaybeTensors = std::vector<c10::optional<at::Tensor>>;
 
-// (y, z, mean, rstd); z, mean, rstd only with save_for_backward.
-MaybeTensors residual_layernorm_forward(const at::Tensor& x,
-                                        const c10::optional<at::Tensor>& residual,
-                                        const c10::optional<at::Tensor>& x_bias,
-                                        const at::Tensor& weight, const at::Tensor& bias,
-                                        double eps, double dropout_p, int64_t seed,
-                                        bool save_for_backward);
-// (dx, dresidual, dweight, dbias, dx_bias); the last four as asked for.
-MaybeTensors residual_layernorm_backward(const at::Tensor& dy, const at::Tensor& z,
-                                         const at::Tensor& weight, const at::Tensor& mean,
-                                         const at::Tensor& rstd, double dropout_p, int64_t seed,
-                                         bool need_dresidual, bool need_dweight, bool need_dbias,
-                                         bool need_dx_bias);
+// Named and ordered as the cpu backend's entry points (csrc/cpu/bindings.cpp), with the dropout
+// state where those take the keep mask: dropout_rng, an int64 (2,) CUDA tensor {seed, offset}
+// read on the device (None without dropout). Checks raise ValueError / TypeError naming the
+// argument.
 
-at::Tensor bias_activation_forward(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                                   int64_t activation);
+// (y, z, mean, rstd); z, mean, rstd only with save_for_backward.
+MaybeTensors residual_layernorm_fwd(const at::Tensor& x,
+                                    const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                    const c10::optional<at::Tensor>& x_bias,
+                                    const c10::optional<at::Tensor>& dropout_rng,
+                                    double dropout_p, bool save_for_backward);
+// (dx, dresidual, dweight, dbias, dx_bias), each as `needs` (5 flags, in that order) asks.
+MaybeTensors residual_layernorm_bwd(const at::Tensor& dy, const at::Tensor& z,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& dropout_rng,
+                                    double dropout_p, const at::Tensor& mean,
+                                    const at::Tensor& rstd, std::vector<bool> needs);
+
+at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                              const std::string& activation);
 // (dx, dbias); dbias only with need_dbias.
-MaybeTensors bias_activation_backward(const at::Tensor& dy, const at::Tensor& x,
-                                      const c10::optional<at::Tensor>& bias, int64_t activation,
-                                      bool need_dbias);
+MaybeTensors bias_activation_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                 const c10::optional<at::Tensor>& bias,
+                                 const std::string& activation, bool need_dbias);
 
 // (out, lse); lse only with save_for_backward.
-MaybeTensors attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const c10::optional<at::Tensor>& key_padding_mask,
-                               const c10::optional<at::Tensor>& head_mask, double scale,
-                               double dropout_p, int64_t seed, bool save_for_backward);
+MaybeTensors masked_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const c10::optional<at::Tensor>& key_padding_mask,
+                                  const c10::optional<at::Tensor>& head_mask,
+                                  const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
+                                  double scale, bool save_for_backward);
 // (dq, dk, dv, dhead_mask); dhead_mask only with need_dhead_mask (and a head_mask).
-MaybeTensors attention_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& out, const at::Tensor& dout,
-                                const c10::optional<at::Tensor>& key_padding_mask,
-                                const c10::optional<at::Tensor>& head_mask,
-                                const at::Tensor& lse, double scale, double dropout_p,
-                                int64_t seed, bool need_dhead_mask);
+MaybeTensors masked_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                  const at::Tensor& lse,
+                                  const c10::optional<at::Tensor>& key_padding_mask,
+                                  const c10::optional<at::Tensor>& head_mask,
+                                  const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
+                                  double scale, bool need_dhead_mask);
+
+// Varlen: q, k, v (total, heads, head_dim) with equal strides and a unit-stride head_dim;
+// cu_seqlens int32 (batch + 1,); max_seqlen >= the longest sequence (not checked: that would read
+// the device). (out, lse): out contiguous (total, heads, head_dim), lse float32 (heads, total).
+MaybeTensors varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                  const c10::optional<at::Tensor>& head_mask,
+                                  const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
+                                  double scale, bool save_for_backward);
+// (dq, dk, dv, dhead_mask), dq, dk, dv contiguous (total, heads, head_dim).
+MaybeTensors varlen_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                  const at::Tensor& lse, const at::Tensor& cu_seqlens,
+                                  int64_t max_seqlen, const c10::optional<at::Tensor>& head_mask,
+                                  const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
+                                  double scale, bool need_dhead_mask);
 
 }  // namespace cuda_ops
 

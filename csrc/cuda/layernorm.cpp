@@ -8,10 +8,12 @@
 namespace distilbert_fast {
 namespace cuda_ops {
 
-std::vector<c10::optional<at::Tensor>> residual_layernorm_forward(
-    const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-    const c10::optional<at::Tensor>& x_bias, const at::Tensor& weight, const at::Tensor& bias,
-    double eps, double dropout_p, int64_t seed, bool save_for_backward) {
+MaybeTensors residual_layernorm_fwd(const at::Tensor& x,
+                                    const c10::optional<at::Tensor>& residual,
+                                    const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                    const c10::optional<at::Tensor>& x_bias,
+                                    const c10::optional<at::Tensor>& dropout_rng,
+                                    double dropout_p, bool save_for_backward) {
   check_cuda(x, "x");
   const DType dtype = kernel_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dim, got a scalar");
@@ -19,7 +21,7 @@ std::vector<c10::optional<at::Tensor>> residual_layernorm_forward(
     check_like(*residual, x, "residual", "x");
     check_shape(*residual, x.sizes(), "residual");
   }
-  check_dropout(dropout_p);
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, x);
   TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1);
@@ -42,21 +44,26 @@ std::vector<c10::optional<at::Tensor>> residual_layernorm_forward(
                    ptr_or_null<const float>(xb), w.data_ptr<float>(), b.data_ptr<float>(),
                    y.data_ptr(), ptr_or_null(z), ptr_or_null<float>(mean),
                    ptr_or_null<float>(rstd), rows, cols, static_cast<float>(eps),
-                   static_cast<float>(dropout_p), static_cast<uint64_t>(seed),
-                   c10::cuda::getCurrentCUDAStream()),
-               "residual_layernorm_forward");
+                   static_cast<float>(dropout_p), rng, c10::cuda::getCurrentCUDAStream()),
+               "residual_layernorm_fwd");
   return {y, z, mean, rstd};
 }
 
-std::vector<c10::optional<at::Tensor>> residual_layernorm_backward(
-    const at::Tensor& dy, const at::Tensor& z, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd, double dropout_p, int64_t seed, bool need_dresidual,
-    bool need_dweight, bool need_dbias, bool need_dx_bias) {
+MaybeTensors residual_layernorm_bwd(const at::Tensor& dy, const at::Tensor& z,
+                                    const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& dropout_rng,
+                                    double dropout_p, const at::Tensor& mean,
+                                    const at::Tensor& rstd, std::vector<bool> needs) {
   check_cuda(z, "z");
   const DType dtype = kernel_dtype(z, "z");
   check_like(dy, z, "grad_out", "z");
   check_shape(dy, z.sizes(), "grad_out");
-  check_dropout(dropout_p);
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, z);
+  TORCH_CHECK_VALUE(needs.size() == 5,
+                    "needs must hold 5 flags (dx, dresidual, dweight, dbias, dx_bias), got ",
+                    needs.size());
+  const bool need_dresidual = needs[1], need_dweight = needs[2], need_dbias = needs[3];
+  const bool need_dx_bias = needs[4];
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t cols = z.size(-1);
   const int64_t rows = z.numel() / cols;
@@ -83,10 +90,12 @@ std::vector<c10::optional<at::Tensor>> residual_layernorm_backward(
                    mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
                    ptr_or_null(dresidual), ptr_or_null<float>(dweight),
                    ptr_or_null<float>(dbias), ptr_or_null<float>(dx_bias),
-                   workspace.data_ptr<float>(), rows, cols, static_cast<float>(dropout_p),
-                   static_cast<uint64_t>(seed), c10::cuda::getCurrentCUDAStream()),
-               "residual_layernorm_backward");
-  return {dx, dresidual, dweight, dbias, dx_bias};
+                   workspace.data_ptr<float>(), rows, cols, static_cast<float>(dropout_p), rng,
+                   c10::cuda::getCurrentCUDAStream()),
+               "residual_layernorm_bwd");
+  // dx is always computed (the other gradients derive from it), returned only if asked for
+  return {needs[0] ? c10::optional<at::Tensor>(dx) : c10::nullopt, dresidual, dweight, dbias,
+          dx_bias};
 }
 
 }  // namespace cuda_ops

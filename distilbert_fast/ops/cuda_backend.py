@@ -4,14 +4,19 @@ launchers in ``csrc/cuda`` (``distilbert_fast._C.cuda_*``).
 Registered only when the extension was built with CUDA (``BUILD_INFO["with_cuda"]``); it runs on
 CUDA tensors in float32, float16 and bfloat16, computing in float32.
 
-- Dropout masks come from a counter-based hash of (seed, element index), so the backward
-  regenerates them instead of storing them. The seed of each call is drawn from torch's default
-  generator, so ``torch.manual_seed`` makes runs reproducible; the masks differ from the eager
-  backend's (which uses torch's own dropout), as any two dropout implementations do.
+- Dropout masks come from a counter-based hash of (seed, offset + element index), so the
+  backward regenerates them instead of storing them. Each call draws its (seed, offset) into an
+  int64 (2,) tensor on the device, from torch's CUDA generator (``torch.manual_seed`` makes runs
+  reproducible), and the kernels read it there: nothing waits for the GPU, and a CUDA graph
+  that captures the call replays the draw too, so each replay gets new masks (a seed passed as a
+  host integer would be frozen into the graph). The masks differ from the eager backend's (which
+  uses torch's own dropout), as any two dropout implementations do.
+- The C++ entry points (``_C.cuda_<op>_fwd`` / ``_bwd``) are named and ordered like the cpu
+  backend's (``_C.cpu_<op>_fwd`` / ``_bwd``), the dropout state where those take a keep mask.
 - Cases the kernels do not cover run on the eager backend's code for that call (forward and the
   matching backward), on the same device: ``need_weights=True`` (the kernels never materialise
-  the attention weights), ``head_dim`` above the kernels' limit (128), and a residual_layernorm
-  whose promoted dtype (``x`` + ``residual``) is not one of the three above.
+  the attention weights), ``head_dim`` above the kernels' limit (128; both attentions), and a
+  residual_layernorm whose promoted dtype (``x`` + ``residual``) is not one of the three above.
 - Under autocast, residual_layernorm returns float32, as the eager backend's ``F.layer_norm``
   does there.
 """
@@ -19,17 +24,17 @@ CUDA tensors in float32, float16 and bfloat16, computing in float32.
 import torch
 
 from .backends import Backend, register_backend
-from .eager import ACTIVATIONS, EagerBackend
+from .eager import EagerBackend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # kernels/cuda/distilbert_kernels.h: kMaxHeadDim
-_ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the C++ enum's order
 _EAGER = "eager"  # saved_state tag: this call's forward ran the eager code, so must its backward
 
 
-def dropout_seed() -> int:
-    """A fresh 62-bit seed from torch's default generator (CPU: no device sync)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+def dropout_rng(device) -> torch.Tensor:
+    """A fresh dropout (seed, offset), int64 (2,), drawn on ``device`` by its generator: no host
+    sync, and drawn again by each replay of a CUDA graph that captured it."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
 def _contiguous(t):
@@ -73,38 +78,70 @@ class CudaBackend(Backend):
             )
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = _contiguous(key_padding_mask)
-        seed = dropout_seed() if dropout_p > 0.0 else 0
+        rng = dropout_rng(q.device) if dropout_p > 0.0 else None
         save = _needs_grad(q, k, v, head_mask)
-        out, lse = self._C.cuda_attention_forward(
-            q, k, v, mask, head_mask, scale, dropout_p, seed, save
+        out, lse = self._C.cuda_masked_attention_fwd(
+            q, k, v, mask, head_mask, rng, dropout_p, scale, save
         )
-        saved = (q, k, v, out, lse, mask, head_mask) if save else ()
-        return (out, None), saved, ("cuda", dropout_p, scale, seed)
+        saved = (q, k, v, out, lse, mask, head_mask, rng) if save else ()
+        return (out, None), saved, ("cuda", dropout_p, scale)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
         if saved_state[0] == _EAGER:
             return self._eager.attention_backward(
                 saved_tensors, saved_state[1], grad_out, grad_weights, needs_grad
             )
-        q, k, v, out, lse, mask, head_mask = saved_tensors
-        _, dropout_p, scale, seed = saved_state
-        dq, dk, dv, dhead_mask = self._C.cuda_attention_backward(
-            q, k, v, out, grad_out.to(q.dtype).contiguous(), mask, head_mask, lse, scale,
-            dropout_p, seed, head_mask is not None and needs_grad[4],
+        q, k, v, out, lse, mask, head_mask, rng = saved_tensors
+        _, dropout_p, scale = saved_state
+        dq, dk, dv, dhead_mask = self._C.cuda_masked_attention_bwd(
+            grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, mask, head_mask, rng, dropout_p,
+            scale, head_mask is not None and needs_grad[4],
+        )
+        return dq, dk, dv, dhead_mask
+
+    # -- varlen attention --------------------------------------------------------------------
+    def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            return self._eager_forward(
+                "varlen_attention", q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale
+            )
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        # views of one fused QKV tensor share their strides and go in as they are
+        if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        rng = dropout_rng(q.device) if dropout_p > 0.0 else None
+        save = _needs_grad(q, k, v, head_mask)
+        out, lse = self._C.cuda_varlen_attention_fwd(
+            q, k, v, cu_seqlens, max_seqlen, head_mask, rng, dropout_p, scale, save
+        )
+        saved = (q, k, v, out, lse, cu_seqlens, head_mask, rng) if save else ()
+        return out, saved, ("cuda", max_seqlen, dropout_p, scale)
+
+    def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        if saved_state[0] == _EAGER:
+            return self._eager.varlen_attention_backward(
+                saved_tensors, saved_state[1], grad_out, needs_grad
+            )
+        q, k, v, out, lse, cu_seqlens, head_mask, rng = saved_tensors
+        _, max_seqlen, dropout_p, scale = saved_state
+        dq, dk, dv, dhead_mask = self._C.cuda_varlen_attention_bwd(
+            grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen,
+            head_mask, rng, dropout_p, scale, head_mask is not None and needs_grad[5],
         )
         return dq, dk, dv, dhead_mask
 
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
         x, bias = x.contiguous(), _contiguous(bias)
-        y = self._C.cuda_bias_activation_forward(x, bias, _ACTIVATION_CODES[activation])
+        y = self._C.cuda_bias_activation_fwd(x, bias, activation)
         return y, (x, bias), (activation,)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         x, bias = saved_tensors
         (activation,) = saved_state
-        dx, dbias = self._C.cuda_bias_activation_backward(
-            grad_out.to(x.dtype).contiguous(), x, bias, _ACTIVATION_CODES[activation],
+        dx, dbias = self._C.cuda_bias_activation_bwd(
+            grad_out.to(x.dtype).contiguous(), x, bias, activation,
             bias is not None and needs_grad[1],
         )
         return dx, dbias
@@ -123,25 +160,24 @@ class CudaBackend(Backend):
         save = _needs_grad(x, residual, weight, bias, x_bias)
         x = x.to(dtype).contiguous()
         residual = None if residual is None else residual.to(dtype).contiguous()
-        seed = dropout_seed() if dropout_p > 0.0 else 0
-        y, z, mean, rstd = self._C.cuda_residual_layernorm_forward(
-            x, residual, x_bias, weight, bias, eps, dropout_p, seed, save
+        rng = dropout_rng(x.device) if dropout_p > 0.0 else None
+        y, z, mean, rstd = self._C.cuda_residual_layernorm_fwd(
+            x, residual, weight, bias, eps, x_bias, rng, dropout_p, save
         )
-        saved = (z, weight, mean, rstd) if save else ()
-        return y, saved, ("cuda", dropout_p, seed)
+        saved = (z, weight, mean, rstd, rng) if save else ()
+        return y, saved, ("cuda", dropout_p)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         if saved_state[0] == _EAGER:
             return self._eager.residual_layernorm_backward(
                 saved_tensors, saved_state[1], grad_out, needs_grad
             )
-        z, weight, mean, rstd = saved_tensors
-        _, dropout_p, seed = saved_state
-        dx, dresidual, dweight, dbias, dx_bias = self._C.cuda_residual_layernorm_backward(
-            grad_out.to(z.dtype).contiguous(), z, weight, mean, rstd, dropout_p, seed,
-            needs_grad[1], needs_grad[2], needs_grad[3], needs_grad[5],
-        )
-        return dx, dresidual, dweight, dbias, dx_bias
+        z, weight, mean, rstd, rng = saved_tensors
+        _, dropout_p = saved_state
+        needs = [needs_grad[0], needs_grad[1], needs_grad[2], needs_grad[3], needs_grad[5]]
+        return tuple(self._C.cuda_residual_layernorm_bwd(
+            grad_out.to(z.dtype).contiguous(), z, weight, rng, dropout_p, mean, rstd, needs
+        ))
 
 
 def _extension_with_cuda():

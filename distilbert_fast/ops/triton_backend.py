@@ -27,6 +27,7 @@ from ..kernels.triton_attention import attention_bwd, attention_fwd
 from ..kernels.triton_bias_activation import INTERPRETED, bias_activation_bwd, bias_activation_fwd
 from ..kernels.triton_layernorm import residual_layernorm_bwd, residual_layernorm_fwd
 from ..kernels.triton_linear_activation import linear_activation_fwd, suits
+from ..kernels.triton_varlen_attention import varlen_attention_bwd, varlen_attention_fwd
 from .backends import Backend, linear_grads, register_backend
 from .eager import EagerBackend
 
@@ -84,6 +85,20 @@ class TritonBackend(Backend):
         dropout_p, scale = state
         return attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, dropout_p,
                              scale, seed, needs_grad[4])
+
+    # -- varlen attention --------------------------------------------------------------------
+    def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
+        seed = _new_seed(q.device) if dropout_p > 0.0 else None
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p,
+                                        scale, seed)
+        saved = (q, k, v, out, lse, cu_seqlens, head_mask, seed)
+        return out, saved, (max_seqlen, dropout_p, scale)
+
+    def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        q, k, v, out, lse, cu_seqlens, head_mask, seed = saved_tensors
+        max_seqlen, dropout_p, scale = saved_state
+        return varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen,
+                                    head_mask, dropout_p, scale, seed, needs_grad[5])
 
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):

@@ -1,6 +1,10 @@
 // Masked multi-head attention, forward and backward, without materialising the score matrix.
 //
-// Layout: q, k, v, out: [batch, heads, seq, head_dim]. Each kernel gives a block kAttnWarps
+// Layout (AttnLayout, distilbert_kernels.h): padded, q, k, v, out: [batch, heads, seq, head_dim];
+// or varlen, sequence b being tokens cu_seqlens[b] .. cu_seqlens[b + 1] of (total, heads,
+// head_dim) tensors (q, k, v with any token and head strides). The kernels see one (sequence,
+// head) at a time through SeqRows; blocks past a shorter sequence's end leave at once. Each
+// kernel gives a block kAttnWarps
 // warps; a warp owns kRowsPerWarp "rows" (query rows in the forward and the dq pass, key rows in
 // the dk/dv pass) whose vectors sit in shared memory, and walks the other side in tiles of 32
 // "columns" staged in shared memory, lane c taking column c of the tile. Each lane also owns the
@@ -39,12 +43,37 @@ struct HeadDim {
   static __device__ __forceinline__ int get(int rt) { return kD > 0 ? kD : rt; }
 };
 
-// Copies `rows` rows of `dim` contiguous elements (src, rows * dim elements) into float shared
-// memory with row stride `stride`, zero-filling rows in [valid, rows). vec: 16-byte loads
-// (src 16-byte aligned and dim a multiple of the 16-byte width).
+// One (sequence, head): its number of tokens and the element offsets of its token 0 in q, k, v
+// ("in"), in out, dout, dq, dk, dv ("out") and in the per-row statistics ("stat").
+struct SeqRows {
+  int len;
+  int64_t in, out, stat;
+};
+
+__device__ __forceinline__ SeqRows seq_rows(AttnLayout L, int b, int h) {
+  int start = 0, len = L.seq;
+  if (L.cu_seqlens != nullptr) {
+    start = L.cu_seqlens[b];
+    len = L.cu_seqlens[b + 1] - start;
+  }
+  return SeqRows{len, b * L.in_batch + h * L.in_head + start * L.in_token,
+                 b * L.out_batch + h * L.out_head + start * L.out_token,
+                 b * L.stat_batch + h * L.stat_head + start};
+}
+
+// Dropout's element index of (query i, key j) in (batch, head) bh: unique over a padded
+// (batch, heads, seq, seq) score tensor (varlen: seq = max_seqlen), as the eager layout counts.
+__device__ __forceinline__ uint64_t dropout_index(int seq, int64_t bh, int i, int j) {
+  return (static_cast<uint64_t>(bh) * seq + i) * seq + j;
+}
+
+// Copies `rows` rows of `dim` contiguous elements (row r at src + r * src_stride) into float
+// shared memory with row stride `stride`, zero-filling rows in [valid, rows). vec: 16-byte loads
+// (src 16-byte aligned, dim and src_stride multiples of the 16-byte width).
 template <typename T>
-__device__ __forceinline__ void stage_rows(float* dst, int stride, const T* src, int rows,
-                                           int valid, int dim, bool vec) {
+__device__ __forceinline__ void stage_rows(float* dst, int stride, const T* src,
+                                           int64_t src_stride, int rows, int valid, int dim,
+                                           bool vec) {
   constexpr int kV = vec16<T>();
   const int total = rows * dim;
   if (vec) {
@@ -52,7 +81,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int stride, const T* src,
       const int r = e / dim, d = e % dim;  // dim % kV == 0: a vector stays in one row
       float vals[kV];
       if (r < valid) {
-        load_float<T, kV>(src + e, vals);
+        load_float<T, kV>(src + r * src_stride + d, vals);
       } else {
 #pragma unroll
         for (int i = 0; i < kV; ++i) vals[i] = 0.f;
@@ -63,7 +92,7 @@ __device__ __forceinline__ void stage_rows(float* dst, int stride, const T* src,
   } else {
     for (int e = threadIdx.x; e < total; e += blockDim.x) {
       const int r = e / dim, d = e % dim;
-      dst[r * stride + d] = r < valid ? to_float(src[e]) : 0.f;
+      dst[r * stride + d] = r < valid ? to_float(src[r * src_stride + d]) : 0.f;
     }
   }
 }
@@ -81,26 +110,30 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kAttnWarps* kWarp)
     attn_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const bool* __restrict__ mask, const float* __restrict__ head_mask,
-                    T* __restrict__ out, float* __restrict__ lse, int heads, int seq, int dim_rt,
-                    float scale, float dropout_p, uint64_t seed, bool vec) {
+                    T* __restrict__ out, float* __restrict__ lse, AttnLayout L, int heads,
+                    int dim_rt, float scale, float dropout_p,
+                    const int64_t* __restrict__ dropout_rng, bool vec) {
   using HD = HeadDim<kD>;
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t bh = blockIdx.y;
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
+  const SeqRows S = seq_rows(L, b, h);
+  const int seq = S.len;
   const int row0 = blockIdx.x * kBlockRows;
-  const int64_t head_base = bh * seq * D;  // element offset of this (batch, head)
+  if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);  // every key masked: attend to all
   const float hm = head_mask == nullptr ? 1.f : head_mask[h];
   const float keep_scale = 1.f / (1.f - dropout_p);
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
 
   extern __shared__ float smem[];
   float* s_q = smem;                             // [kBlockRows][D]
   float* s_k = s_q + kBlockRows * D;             // [kTile][D + 1]
   float* s_v = s_k + kTile * (D + 1);            // [kTile][D + 1]
-  stage_rows(s_q, D, q + head_base + static_cast<int64_t>(row0) * D, kBlockRows,
+  stage_rows(s_q, D, q + S.in + row0 * L.in_token, L.in_token, kBlockRows,
              min(kBlockRows, seq - row0), D, vec);
 
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kC];
@@ -115,8 +148,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   for (int j0 = 0; j0 < seq; j0 += kTile) {
     __syncthreads();  // the previous tile is consumed (and s_q is staged, the first time)
     const int valid_cols = min(kTile, seq - j0);
-    stage_rows(s_k, D + 1, k + head_base + static_cast<int64_t>(j0) * D, kTile, valid_cols, D, vec);
-    stage_rows(s_v, D + 1, v + head_base + static_cast<int64_t>(j0) * D, kTile, valid_cols, D, vec);
+    stage_rows(s_k, D + 1, k + S.in + j0 * L.in_token, L.in_token, kTile, valid_cols, D, vec);
+    stage_rows(s_v, D + 1, v + S.in + j0 * L.in_token, L.in_token, kTile, valid_cols, D, vec);
     __syncthreads();
 
     const int j = j0 + lane;
@@ -142,8 +175,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       float w = p;
       const int i = row0 + warp * kRowsPerWarp + r;
       if (dropout_p > 0.f) {
-        const uint64_t index = (static_cast<uint64_t>(bh) * seq + i) * seq + j;
-        w = (i < seq && dropout_keep(seed, index, dropout_p)) ? w * keep_scale : 0.f;
+        const bool keep = i < seq && dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p);
+        w = keep ? w * keep_scale : 0.f;
       }
 #pragma unroll
       for (int c = 0; c < kC; ++c) acc[r][c] *= alpha;
@@ -166,9 +199,9 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
       const int d = lane + c * kWarp;
-      if (d < D) out[head_base + static_cast<int64_t>(i) * D + d] = from_float<T>(acc[r][c] * norm);
+      if (d < D) out[S.out + i * L.out_token + d] = from_float<T>(acc[r][c] * norm);
     }
-    if (lse != nullptr && lane == 0) lse[bh * seq + i] = m[r] + logf(l[r]);
+    if (lse != nullptr && lane == 0) lse[S.stat + i] = m[r] + logf(l[r]);
   }
 }
 
@@ -179,21 +212,24 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
                        const T* __restrict__ out, const T* __restrict__ dout,
                        const bool* __restrict__ mask, const float* __restrict__ head_mask,
                        const float* __restrict__ lse, T* __restrict__ dq,
-                       float* __restrict__ delta, float* __restrict__ dhead_rows, int heads,
-                       int seq, int dim_rt, float scale, float dropout_p, uint64_t seed,
-                       bool vec) {
+                       float* __restrict__ delta, float* __restrict__ dhead_rows, AttnLayout L,
+                       int heads, int dim_rt, float scale, float dropout_p,
+                       const int64_t* __restrict__ dropout_rng, bool vec) {
   using HD = HeadDim<kD>;
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t bh = blockIdx.y;
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
+  const SeqRows S = seq_rows(L, b, h);
+  const int seq = S.len;
   const int row0 = blockIdx.x * kBlockRows;
-  const int64_t head_base = bh * seq * D;
+  if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);
   const float hm = head_mask == nullptr ? 1.f : head_mask[h];
   const float keep_scale = 1.f / (1.f - dropout_p);
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
 
   extern __shared__ float smem[];
   float* s_q = smem;                        // [kBlockRows][D]
@@ -201,8 +237,9 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   float* s_k = s_do + kBlockRows * D;       // [kTile][D + 1]
   float* s_v = s_k + kTile * (D + 1);       // [kTile][D + 1]
   const int valid_rows = min(kBlockRows, seq - row0);
-  stage_rows(s_q, D, q + head_base + static_cast<int64_t>(row0) * D, kBlockRows, valid_rows, D, vec);
-  stage_rows(s_do, D, dout + head_base + static_cast<int64_t>(row0) * D, kBlockRows, valid_rows, D, vec);
+  stage_rows(s_q, D, q + S.in + row0 * L.in_token, L.in_token, kBlockRows, valid_rows, D, vec);
+  stage_rows(s_do, D, dout + S.out + row0 * L.out_token, L.out_token, kBlockRows, valid_rows, D,
+             vec);
   __syncthreads();
 
   float row_lse[kRowsPerWarp], row_delta[kRowsPerWarp], acc[kRowsPerWarp][kC], dh[kRowsPerWarp];
@@ -216,12 +253,12 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
         const int d = lane + c * kWarp;
         if (d < D)
           part += s_do[(warp * kRowsPerWarp + r) * D + d] *
-                  to_float(out[head_base + static_cast<int64_t>(i) * D + d]);
+                  to_float(out[S.out + i * L.out_token + d]);
       }
     }
     row_delta[r] = warp_sum(part);
-    row_lse[r] = i < seq ? lse[bh * seq + i] : 0.f;
-    if (i < seq && lane == 0) delta[bh * seq + i] = row_delta[r];
+    row_lse[r] = i < seq ? lse[S.stat + i] : 0.f;
+    if (i < seq && lane == 0) delta[S.stat + i] = row_delta[r];
     dh[r] = 0.f;
 #pragma unroll
     for (int c = 0; c < kC; ++c) acc[r][c] = 0.f;
@@ -230,8 +267,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   for (int j0 = 0; j0 < seq; j0 += kTile) {
     __syncthreads();
     const int valid_cols = min(kTile, seq - j0);
-    stage_rows(s_k, D + 1, k + head_base + static_cast<int64_t>(j0) * D, kTile, valid_cols, D, vec);
-    stage_rows(s_v, D + 1, v + head_base + static_cast<int64_t>(j0) * D, kTile, valid_cols, D, vec);
+    stage_rows(s_k, D + 1, k + S.in + j0 * L.in_token, L.in_token, kTile, valid_cols, D, vec);
+    stage_rows(s_v, D + 1, v + S.in + j0 * L.in_token, L.in_token, kTile, valid_cols, D, vec);
     __syncthreads();
 
     const int j = j0 + lane;
@@ -253,10 +290,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       const float score = uniform ? 0.f : s[r] * scale;
       const float p = (valid && i < seq) ? expf(score - row_lse[r]) : 0.f;
       float dm = 1.f;
-      if (dropout_p > 0.f) {
-        const uint64_t index = (static_cast<uint64_t>(bh) * seq + i) * seq + j;
-        dm = dropout_keep(seed, index, dropout_p) ? keep_scale : 0.f;
-      }
+      if (dropout_p > 0.f)
+        dm = dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p) ? keep_scale : 0.f;
       dh[r] += p * dm * dw[r];
       const float ds = uniform ? 0.f : p * (dw[r] * hm * dm - row_delta[r]) * scale;
       for (int t = 0; t < valid_cols; ++t) {
@@ -278,9 +313,9 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
 #pragma unroll
     for (int c = 0; c < kC; ++c) {
       const int d = lane + c * kWarp;
-      if (d < D) dq[head_base + static_cast<int64_t>(i) * D + d] = from_float<T>(acc[r][c]);
+      if (d < D) dq[S.out + i * L.out_token + d] = from_float<T>(acc[r][c]);
     }
-    if (dhead_rows != nullptr && lane == 0) dhead_rows[bh * seq + i] = dh_row;
+    if (dhead_rows != nullptr && lane == 0) dhead_rows[S.stat + i] = dh_row;
   }
 }
 
@@ -291,20 +326,23 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
                         const T* __restrict__ dout, const bool* __restrict__ mask,
                         const float* __restrict__ head_mask, const float* __restrict__ lse,
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-                        int heads, int seq, int dim_rt, float scale, float dropout_p,
-                        uint64_t seed, bool vec) {
+                        AttnLayout L, int heads, int dim_rt, float scale, float dropout_p,
+                        const int64_t* __restrict__ dropout_rng, bool vec) {
   using HD = HeadDim<kD>;
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t bh = blockIdx.y;
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
+  const SeqRows S = seq_rows(L, b, h);
+  const int seq = S.len;
   const int row0 = blockIdx.x * kBlockRows;
-  const int64_t head_base = bh * seq * D;
+  if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);
   const float hm = head_mask == nullptr ? 1.f : head_mask[h];
   const float keep_scale = 1.f / (1.f - dropout_p);
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
 
   extern __shared__ float smem[];
   float* s_k = smem;                        // [kBlockRows][D]
@@ -312,8 +350,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   float* s_q = s_v + kBlockRows * D;        // [kTile][D + 1]
   float* s_do = s_q + kTile * (D + 1);      // [kTile][D + 1]
   const int valid_rows = min(kBlockRows, seq - row0);
-  stage_rows(s_k, D, k + head_base + static_cast<int64_t>(row0) * D, kBlockRows, valid_rows, D, vec);
-  stage_rows(s_v, D, v + head_base + static_cast<int64_t>(row0) * D, kBlockRows, valid_rows, D, vec);
+  stage_rows(s_k, D, k + S.in + row0 * L.in_token, L.in_token, kBlockRows, valid_rows, D, vec);
+  stage_rows(s_v, D, v + S.in + row0 * L.in_token, L.in_token, kBlockRows, valid_rows, D, vec);
 
   bool key_valid[kRowsPerWarp];
   float dk_acc[kRowsPerWarp][kC], dv_acc[kRowsPerWarp][kC];
@@ -328,14 +366,15 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   for (int i0 = 0; i0 < seq; i0 += kTile) {
     __syncthreads();
     const int valid_cols = min(kTile, seq - i0);
-    stage_rows(s_q, D + 1, q + head_base + static_cast<int64_t>(i0) * D, kTile, valid_cols, D, vec);
-    stage_rows(s_do, D + 1, dout + head_base + static_cast<int64_t>(i0) * D, kTile, valid_cols, D, vec);
+    stage_rows(s_q, D + 1, q + S.in + i0 * L.in_token, L.in_token, kTile, valid_cols, D, vec);
+    stage_rows(s_do, D + 1, dout + S.out + i0 * L.out_token, L.out_token, kTile, valid_cols, D,
+               vec);
     __syncthreads();
 
     const int i = i0 + lane;
     const bool query_valid = i < seq;
-    const float i_lse = query_valid ? lse[bh * seq + i] : 0.f;
-    const float i_delta = query_valid ? delta[bh * seq + i] : 0.f;
+    const float i_lse = query_valid ? lse[S.stat + i] : 0.f;
+    const float i_delta = query_valid ? delta[S.stat + i] : 0.f;
     float s[kRowsPerWarp], dw[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) s[r] = dw[r] = 0.f;
@@ -353,10 +392,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
       const float score = uniform ? 0.f : s[r] * scale;
       const float p = (key_valid[r] && query_valid) ? expf(score - i_lse) : 0.f;
       float dm = 1.f;
-      if (dropout_p > 0.f) {
-        const uint64_t index = (static_cast<uint64_t>(bh) * seq + i) * seq + j;
-        dm = dropout_keep(seed, index, dropout_p) ? keep_scale : 0.f;
-      }
+      if (dropout_p > 0.f)
+        dm = dropout_keep(rng, dropout_index(L.seq, bh, i, j), dropout_p) ? keep_scale : 0.f;
       const float w = p * dm * hm;
       const float ds = uniform ? 0.f : p * (dw[r] * hm * dm - i_delta) * scale;
       for (int t = 0; t < valid_cols; ++t) {
@@ -382,8 +419,8 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
     for (int c = 0; c < kC; ++c) {
       const int d = lane + c * kWarp;
       if (d < D) {
-        dk[head_base + static_cast<int64_t>(j) * D + d] = from_float<T>(dk_acc[r][c]);
-        dv[head_base + static_cast<int64_t>(j) * D + d] = from_float<T>(dv_acc[r][c]);
+        dk[S.out + j * L.out_token + d] = from_float<T>(dk_acc[r][c]);
+        dv[S.out + j * L.out_token + d] = from_float<T>(dv_acc[r][c]);
       }
     }
   }
@@ -407,63 +444,72 @@ cudaError_t launch_attn(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stre
   return cudaGetLastError();
 }
 
-inline bool attn_vec_ok(int head_dim, int elem_bytes, std::initializer_list<const void*> ptrs) {
-  if ((head_dim * elem_bytes) % 16 != 0) return false;
+// 16-byte row loads: every row start of every tensor 16-byte aligned.
+inline bool attn_vec_ok(const AttnLayout& L, int head_dim, int elem_bytes,
+                        std::initializer_list<const void*> ptrs) {
+  for (int64_t n : {static_cast<int64_t>(head_dim), L.in_batch, L.in_head, L.in_token,
+                    L.out_batch, L.out_head, L.out_token})
+    if ((n * elem_bytes) % 16 != 0) return false;
   for (const void* p : ptrs)
     if (!aligned16(p)) return false;
   return true;
 }
 
+inline dim3 attn_grid(const AttnLayout& L, int batch, int heads) {
+  return dim3(static_cast<unsigned>(ceil_div(L.seq, kBlockRows)),
+              static_cast<unsigned>(static_cast<int64_t>(batch) * heads));
+}
+
 template <typename T>
 cudaError_t attention_forward(const T* q, const T* k, const T* v, const bool* key_padding_mask,
-                              const float* head_mask, T* out, float* lse, int batch, int heads,
-                              int seq, int head_dim, float scale, float dropout_p, uint64_t seed,
-                              cudaStream_t stream) {
-  if (batch == 0 || heads == 0 || seq == 0 || head_dim == 0) return cudaSuccess;
+                              const float* head_mask, T* out, float* lse, const AttnLayout& layout,
+                              int batch, int heads, int head_dim, float scale, float dropout_p,
+                              const int64_t* dropout_rng, cudaStream_t stream) {
+  if (batch == 0 || heads == 0 || layout.seq == 0 || head_dim == 0) return cudaSuccess;
   if (head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  const bool vec = attn_vec_ok(head_dim, sizeof(T), {q, k, v});
-  const dim3 grid(static_cast<unsigned>(ceil_div(seq, kBlockRows)),
-                  static_cast<unsigned>(static_cast<int64_t>(batch) * heads));
+  const bool vec = attn_vec_ok(layout, head_dim, sizeof(T), {q, k, v, out});
+  const dim3 grid = attn_grid(layout, batch, heads);
   const size_t smem = sizeof(float) * (kBlockRows * head_dim + 2 * kTile * (head_dim + 1));
   if (head_dim == kSpecialisedHeadDim)
     return launch_attn(attn_fwd_kernel<T, kSpecialisedHeadDim>, grid, smem, stream, q, k, v,
-                       key_padding_mask, head_mask, out, lse, heads, seq, head_dim, scale,
-                       dropout_p, seed, vec);
+                       key_padding_mask, head_mask, out, lse, layout, heads, head_dim, scale,
+                       dropout_p, dropout_rng, vec);
   return launch_attn(attn_fwd_kernel<T, 0>, grid, smem, stream, q, k, v, key_padding_mask,
-                     head_mask, out, lse, heads, seq, head_dim, scale, dropout_p, seed, vec);
+                     head_mask, out, lse, layout, heads, head_dim, scale, dropout_p, dropout_rng,
+                     vec);
 }
 
 template <typename T>
 cudaError_t attention_backward(const T* q, const T* k, const T* v, const T* out, const T* dout,
                                const bool* key_padding_mask, const float* head_mask,
                                const float* lse, T* dq, T* dk, T* dv, float* delta,
-                               float* dhead_rows, int batch, int heads, int seq, int head_dim,
-                               float scale, float dropout_p, uint64_t seed, cudaStream_t stream) {
-  if (batch == 0 || heads == 0 || seq == 0 || head_dim == 0) return cudaSuccess;
+                               float* dhead_rows, const AttnLayout& layout, int batch, int heads,
+                               int head_dim, float scale, float dropout_p,
+                               const int64_t* dropout_rng, cudaStream_t stream) {
+  if (batch == 0 || heads == 0 || layout.seq == 0 || head_dim == 0) return cudaSuccess;
   if (head_dim > kMaxHeadDim) return cudaErrorInvalidValue;
-  const bool vec = attn_vec_ok(head_dim, sizeof(T), {q, k, v, dout});
-  const dim3 grid(static_cast<unsigned>(ceil_div(seq, kBlockRows)),
-                  static_cast<unsigned>(static_cast<int64_t>(batch) * heads));
+  const bool vec = attn_vec_ok(layout, head_dim, sizeof(T), {q, k, v, out, dout});
+  const dim3 grid = attn_grid(layout, batch, heads);
   const size_t smem = sizeof(float) * (2 * kBlockRows * head_dim + 2 * kTile * (head_dim + 1));
   cudaError_t err;
   // dq first: it also writes delta, which the dk/dv pass reads
   if (head_dim == kSpecialisedHeadDim)
     err = launch_attn(attn_bwd_dq_kernel<T, kSpecialisedHeadDim>, grid, smem, stream, q, k, v,
-                      out, dout, key_padding_mask, head_mask, lse, dq, delta, dhead_rows, heads,
-                      seq, head_dim, scale, dropout_p, seed, vec);
+                      out, dout, key_padding_mask, head_mask, lse, dq, delta, dhead_rows, layout,
+                      heads, head_dim, scale, dropout_p, dropout_rng, vec);
   else
     err = launch_attn(attn_bwd_dq_kernel<T, 0>, grid, smem, stream, q, k, v, out, dout,
-                      key_padding_mask, head_mask, lse, dq, delta, dhead_rows, heads, seq,
-                      head_dim, scale, dropout_p, seed, vec);
+                      key_padding_mask, head_mask, lse, dq, delta, dhead_rows, layout, heads,
+                      head_dim, scale, dropout_p, dropout_rng, vec);
   if (err != cudaSuccess) return err;
+  const float* delta_in = delta;
   if (head_dim == kSpecialisedHeadDim)
     return launch_attn(attn_bwd_dkv_kernel<T, kSpecialisedHeadDim>, grid, smem, stream, q, k, v,
-                       dout, key_padding_mask, head_mask, lse,
-                       static_cast<const float*>(delta), dk, dv, heads, seq, head_dim, scale,
-                       dropout_p, seed, vec);
+                       dout, key_padding_mask, head_mask, lse, delta_in, dk, dv, layout, heads,
+                       head_dim, scale, dropout_p, dropout_rng, vec);
   return launch_attn(attn_bwd_dkv_kernel<T, 0>, grid, smem, stream, q, k, v, dout,
-                     key_padding_mask, head_mask, lse, static_cast<const float*>(delta), dk, dv,
-                     heads, seq, head_dim, scale, dropout_p, seed, vec);
+                     key_padding_mask, head_mask, lse, delta_in, dk, dv, layout, heads, head_dim,
+                     scale, dropout_p, dropout_rng, vec);
 }
 
 }  // namespace impl
@@ -472,10 +518,11 @@ cudaError_t attention_backward(const T* q, const T* k, const T* v, const T* out,
 
 #define DBF_INSTANTIATE_ATTENTION_FORWARD(T)                                                  \
   template cudaError_t distilbert_fast::cuda::impl::attention_forward<T>(                     \
-      const T*, const T*, const T*, const bool*, const float*, T*, float*, int, int, int, int, \
-      float, float, uint64_t, cudaStream_t);
+      const T*, const T*, const T*, const bool*, const float*, T*, float*,                    \
+      const distilbert_fast::cuda::AttnLayout&, int, int, int, float, float, const int64_t*,   \
+      cudaStream_t);
 #define DBF_INSTANTIATE_ATTENTION_BACKWARD(T)                                                  \
   template cudaError_t distilbert_fast::cuda::impl::attention_backward<T>(                     \
       const T*, const T*, const T*, const T*, const T*, const bool*, const float*,             \
-      const float*, T*, T*, T*, float*, float*, int, int, int, int, float, float, uint64_t,    \
-      cudaStream_t);
+      const float*, T*, T*, T*, float*, float*, const distilbert_fast::cuda::AttnLayout&, int,  \
+      int, int, float, float, const int64_t*, cudaStream_t);

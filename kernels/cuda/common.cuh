@@ -90,10 +90,24 @@ __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64'
   return z ^ (z >> 31);
 }
 
+// Dropout's random stream, as torch's Philox generators keep one: a seed and an offset. The
+// kernels read them from device memory (int64[2], see distilbert_kernels.h), where the caller's
+// generator wrote them on the stream: a CUDA graph replays that draw with the kernels, so every
+// replay gets fresh masks (a host integer would be baked into the captured launch).
+struct DropoutRng {
+  uint64_t seed, offset;
+};
+
+// rng: int64[2] {seed, offset}, or null when there is no dropout.
+__device__ __forceinline__ DropoutRng load_dropout_rng(const int64_t* rng) {
+  if (rng == nullptr) return DropoutRng{0, 0};
+  return DropoutRng{static_cast<uint64_t>(rng[0]), static_cast<uint64_t>(rng[1])};
+}
+
 // Whether element `index` survives dropout with probability (1 - p), as a pure function of
-// (seed, index): the backward recomputes the forward's mask with it.
-__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t index, float p) {
-  const uint64_t bits = mix64(mix64(seed) + (index + 1) * 0x9E3779B97F4A7C15ull);
+// (seed, offset + index): the backward recomputes the forward's mask with it.
+__device__ __forceinline__ bool dropout_keep(DropoutRng rng, uint64_t index, float p) {
+  const uint64_t bits = mix64(mix64(rng.seed) + (rng.offset + index + 1) * 0x9E3779B97F4A7C15ull);
   const float u = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
   return u >= p;
 }

@@ -43,25 +43,25 @@ cudaError_t residual_layernorm_forward(DType dtype, const void* x, const void* r
                                        const float* x_bias, const float* weight, const float* bias,
                                        void* y, void* z_out, float* mean, float* rstd,
                                        int64_t rows, int64_t cols, float eps, float dropout_p,
-                                       uint64_t seed, cudaStream_t stream) {
+                                       const int64_t* dropout_rng, cudaStream_t stream) {
   DBF_DISPATCH_DTYPE(dtype, T,
                      impl::residual_layernorm_forward<T>(
                          static_cast<const T*>(x), static_cast<const T*>(residual), x_bias, weight,
                          bias, static_cast<T*>(y), static_cast<T*>(z_out), mean, rstd, rows, cols,
-                         eps, dropout_p, seed, stream))
+                         eps, dropout_p, dropout_rng, stream))
 }
 
 cudaError_t residual_layernorm_backward(DType dtype, const void* dy, const void* z,
                                         const float* weight, const float* mean, const float* rstd,
                                         void* dx, void* dresidual, float* dweight, float* dbias,
                                         float* dx_bias, float* workspace, int64_t rows,
-                                        int64_t cols, float dropout_p, uint64_t seed,
-                                        cudaStream_t stream) {
+                                        int64_t cols, float dropout_p,
+                                        const int64_t* dropout_rng, cudaStream_t stream) {
   DBF_DISPATCH_DTYPE(dtype, T,
                      impl::residual_layernorm_backward<T>(
                          static_cast<const T*>(dy), static_cast<const T*>(z), weight, mean, rstd,
                          static_cast<T*>(dx), static_cast<T*>(dresidual), dweight, dbias, dx_bias,
-                         workspace, rows, cols, dropout_p, seed, stream))
+                         workspace, rows, cols, dropout_p, dropout_rng, stream))
 }
 
 cudaError_t bias_activation_forward(DType dtype, Activation act, const void* x, const void* bias,
@@ -84,21 +84,23 @@ cudaError_t bias_activation_backward(DType dtype, Activation act, const void* dy
 
 cudaError_t attention_forward(DType dtype, const void* q, const void* k, const void* v,
                               const bool* key_padding_mask, const float* head_mask, void* out,
-                              float* lse, int batch, int heads, int seq, int head_dim, float scale,
-                              float dropout_p, uint64_t seed, cudaStream_t stream) {
+                              float* lse, const AttnLayout& layout, int batch, int heads,
+                              int head_dim, float scale, float dropout_p,
+                              const int64_t* dropout_rng, cudaStream_t stream) {
   DBF_DISPATCH_DTYPE(dtype, T,
                      impl::attention_forward<T>(
                          static_cast<const T*>(q), static_cast<const T*>(k),
                          static_cast<const T*>(v), key_padding_mask, head_mask,
-                         static_cast<T*>(out), lse, batch, heads, seq, head_dim, scale, dropout_p,
-                         seed, stream))
+                         static_cast<T*>(out), lse, layout, batch, heads, head_dim, scale,
+                         dropout_p, dropout_rng, stream))
 }
 
 cudaError_t attention_backward(DType dtype, const void* q, const void* k, const void* v,
                                const void* out, const void* dout, const bool* key_padding_mask,
                                const float* head_mask, const float* lse, void* dq, void* dk,
-                               void* dv, float* delta, float* dhead_rows, int batch, int heads,
-                               int seq, int head_dim, float scale, float dropout_p, uint64_t seed,
+                               void* dv, float* delta, float* dhead_rows,
+                               const AttnLayout& layout, int batch, int heads, int head_dim,
+                               float scale, float dropout_p, const int64_t* dropout_rng,
                                cudaStream_t stream) {
   DBF_DISPATCH_DTYPE(dtype, T,
                      impl::attention_backward<T>(
@@ -106,7 +108,8 @@ cudaError_t attention_backward(DType dtype, const void* q, const void* k, const 
                          static_cast<const T*>(v), static_cast<const T*>(out),
                          static_cast<const T*>(dout), key_padding_mask, head_mask, lse,
                          static_cast<T*>(dq), static_cast<T*>(dk), static_cast<T*>(dv), delta,
-                         dhead_rows, batch, heads, seq, head_dim, scale, dropout_p, seed, stream))
+                         dhead_rows, layout, batch, heads, head_dim, scale, dropout_p,
+                         dropout_rng, stream))
 }
 
 namespace impl {

@@ -5,8 +5,10 @@
 // validate them. Tensors are contiguous, row-major. "T" below means the element type named by
 // `dtype` (float, __half or __nv_bfloat16); every kernel accumulates in float32.
 //
-// Dropout uses a counter-based hash of (seed, element index), so a backward pass regenerates the
-// forward's keep mask from the same seed instead of storing it.
+// Dropout uses a counter-based hash of (seed, offset + element index), so a backward pass
+// regenerates the forward's keep mask instead of storing it. `dropout_rng` is a device pointer to
+// int64[2] {seed, offset}, read by the kernels (not the host), so a CUDA graph that also captures
+// the call drawing them gets fresh masks on every replay; null when dropout_p is 0.
 #pragma once
 
 #include <cstddef>
@@ -36,7 +38,7 @@ cudaError_t residual_layernorm_forward(DType dtype, const void* x, const void* r
                                        const float* x_bias, const float* weight, const float* bias,
                                        void* y, void* z_out, float* mean, float* rstd,
                                        int64_t rows, int64_t cols, float eps, float dropout_p,
-                                       uint64_t seed, cudaStream_t stream);
+                                       const int64_t* dropout_rng, cudaStream_t stream);
 
 // Floats of scratch residual_layernorm_backward needs.
 size_t residual_layernorm_backward_workspace(int64_t rows, int64_t cols);
@@ -49,8 +51,8 @@ cudaError_t residual_layernorm_backward(DType dtype, const void* dy, const void*
                                         const float* weight, const float* mean, const float* rstd,
                                         void* dx, void* dresidual, float* dweight, float* dbias,
                                         float* dx_bias, float* workspace, int64_t rows,
-                                        int64_t cols, float dropout_p, uint64_t seed,
-                                        cudaStream_t stream);
+                                        int64_t cols, float dropout_p,
+                                        const int64_t* dropout_rng, cudaStream_t stream);
 
 // -- bias + activation -------------------------------------------------------------------------
 // y = act(x + bias); x, y: T[rows, cols]; bias: T[cols] or null.
@@ -65,25 +67,56 @@ cudaError_t bias_activation_backward(DType dtype, Activation act, const void* dy
                                      const void* bias, void* dx, float* dbias, float* workspace,
                                      int64_t rows, int64_t cols, cudaStream_t stream);
 
-// -- masked attention --------------------------------------------------------------------------
-// q, k, v, out: T[batch, heads, seq, head_dim], head_dim <= kMaxHeadDim.
-// key_padding_mask: bool[batch, seq] (true = attend) or null; head_mask: float[heads] or null.
-// out = (softmax(q k^T * scale, masked) . dropout) * head_mask @ v; a row whose keys are all
-// masked attends uniformly to every key. lse: float[batch, heads, seq], the log-sum-exp of each
-// row's scores, for the backward (nullable in inference).
+// -- attention ---------------------------------------------------------------------------------
+// Where attention's rows live, in elements. Two layouts share the kernels:
+// - padded: q, k, v, out (and dout, dq, dk, dv): T[batch, heads, seq, head_dim] contiguous, every
+//   sequence seq long; per-row statistics float[batch, heads, seq];
+// - varlen: sequence b is tokens cu_seqlens[b] .. cu_seqlens[b + 1] (int32[batch + 1], device) of
+//   (total, heads, head_dim) tensors, q, k, v with any token and head strides (e.g. views of one
+//   fused QKV GEMM output), out, dout, dq, dk, dv contiguous; statistics float[heads, total]. Each
+//   sequence attends to its own tokens; seq is max_seqlen (it sizes the grid).
+struct AttnLayout {
+  const int* cu_seqlens;                   // varlen, or null (padded)
+  int seq;                                 // padded length, or max_seqlen
+  int64_t in_batch, in_head, in_token;     // strides of q, k, v
+  int64_t out_batch, out_head, out_token;  // of out, dout, dq, dk, dv
+  int64_t stat_batch, stat_head;           // of lse, delta, dhead_rows (token stride 1)
+};
+
+inline AttnLayout padded_attention_layout(int heads, int seq, int head_dim) {
+  const int64_t batch_stride = static_cast<int64_t>(heads) * seq * head_dim;
+  const int64_t head_stride = static_cast<int64_t>(seq) * head_dim;
+  return AttnLayout{nullptr,     seq,          batch_stride, head_stride,
+                    head_dim,    batch_stride, head_stride,  head_dim,
+                    static_cast<int64_t>(heads) * seq, seq};
+}
+
+inline AttnLayout varlen_attention_layout(const int* cu_seqlens, int max_seqlen, int64_t total,
+                                          int heads, int head_dim, int64_t in_token,
+                                          int64_t in_head) {
+  return AttnLayout{cu_seqlens, max_seqlen, 0, in_head, in_token, 0, head_dim,
+                    static_cast<int64_t>(heads) * head_dim, 0, total};
+}
+
+// head_dim <= kMaxHeadDim; batch * heads <= 65535 (the grid's y).
+// key_padding_mask (padded layout only): bool[batch, seq] (true = attend) or null; head_mask:
+// float[heads] or null. out = (softmax(q k^T * scale, masked) . dropout) * head_mask @ v; a row
+// whose keys are all masked attends uniformly to every key. lse: per row (query), the
+// log-sum-exp of its scores, for the backward (nullable in inference).
 cudaError_t attention_forward(DType dtype, const void* q, const void* k, const void* v,
                               const bool* key_padding_mask, const float* head_mask, void* out,
-                              float* lse, int batch, int heads, int seq, int head_dim, float scale,
-                              float dropout_p, uint64_t seed, cudaStream_t stream);
+                              float* lse, const AttnLayout& layout, int batch, int heads,
+                              int head_dim, float scale, float dropout_p,
+                              const int64_t* dropout_rng, cudaStream_t stream);
 
-// dq, dk, dv: T[batch, heads, seq, head_dim]. delta: float[batch, heads, seq] scratch.
-// dhead_rows: float[batch, heads, seq] or null; when given, dhead_mask[h] is its sum over batch
-// and seq (the caller reduces it).
+// dq, dk, dv: like out. delta: per-row float scratch. dhead_rows: per-row floats or null; when
+// given, dhead_mask[h] is their sum over the head's rows (the caller reduces it).
 cudaError_t attention_backward(DType dtype, const void* q, const void* k, const void* v,
                                const void* out, const void* dout, const bool* key_padding_mask,
                                const float* head_mask, const float* lse, void* dq, void* dk,
-                               void* dv, float* delta, float* dhead_rows, int batch, int heads,
-                               int seq, int head_dim, float scale, float dropout_p, uint64_t seed,
+                               void* dv, float* delta, float* dhead_rows,
+                               const AttnLayout& layout, int batch, int heads, int head_dim,
+                               float scale, float dropout_p, const int64_t* dropout_rng,
                                cudaStream_t stream);
 
 }  // namespace cuda

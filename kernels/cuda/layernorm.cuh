@@ -35,8 +35,10 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
                   const float* __restrict__ x_bias, const float* __restrict__ weight,
                   const float* __restrict__ bias, T* __restrict__ y, T* __restrict__ z_out,
                   float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
-                  int cols_rt, float eps, float dropout_p, uint64_t seed) {
+                  int cols_rt, float eps, float dropout_p,
+                  const int64_t* __restrict__ dropout_rng) {
   using Steps = RowSteps<kCols, VEC>;
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kLnWarps + threadIdx.x / kWarp;
   if (row >= rows) return;  // the whole warp leaves together
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
     if (dropout_p > 0.f) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
-        z[i] = dropout_keep(seed, static_cast<uint64_t>(base + c + i), dropout_p) ? z[i] * keep_scale : 0.f;
+        z[i] = dropout_keep(rng, static_cast<uint64_t>(base + c + i), dropout_p) ? z[i] * keep_scale : 0.f;
     }
     if (residual != nullptr) {
       float r[VEC];
@@ -128,8 +130,9 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
                        const float* __restrict__ weight, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, T* __restrict__ dx,
                        T* __restrict__ dresidual, float* __restrict__ row_consts, int64_t rows,
-                       int cols_rt, float dropout_p, uint64_t seed) {
+                       int cols_rt, float dropout_p, const int64_t* __restrict__ dropout_rng) {
   using Steps = RowSteps<kCols, VEC>;
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kLnWarps + threadIdx.x / kWarp;
   if (row >= rows) return;
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
     if (dropout_p > 0.f) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
-        dz[i] = dropout_keep(seed, static_cast<uint64_t>(base + c + i), dropout_p) ? dz[i] * keep_scale : 0.f;
+        dz[i] = dropout_keep(rng, static_cast<uint64_t>(base + c + i), dropout_p) ? dz[i] * keep_scale : 0.f;
     }
     store_float<T, VEC>(dx + base + c, dz);
   }
@@ -208,7 +211,8 @@ __global__ void __launch_bounds__(kColThreads* kRowThreads)
                        const float* __restrict__ weight, const float* __restrict__ mean_in,
                        const float* __restrict__ rstd_in, const float* __restrict__ row_consts,
                        float* partials, int64_t rows, int64_t cols, float dropout_p,
-                       uint64_t seed) {
+                       const int64_t* __restrict__ dropout_rng) {
+  const DropoutRng rng = load_dropout_rng(dropout_p > 0.f ? dropout_rng : nullptr);
   const float keep_scale = 1.f / (1.f - dropout_p);
   auto op = [&](int64_t r, int64_t c0, float(&acc)[3][VEC]) {
     const int64_t e = r * cols + c0;
@@ -223,7 +227,7 @@ __global__ void __launch_bounds__(kColThreads* kRowThreads)
       xhat[i] = (xhat[i] - mean) * rstd;
       float dh = rstd * (g[i] * w[i] - c1 - xhat[i] * c2);
       if (dropout_p > 0.f)
-        dh = dropout_keep(seed, static_cast<uint64_t>(e + i), dropout_p) ? dh * keep_scale : 0.f;
+        dh = dropout_keep(rng, static_cast<uint64_t>(e + i), dropout_p) ? dh * keep_scale : 0.f;
       acc[0][i] += g[i] * xhat[i];
       acc[1][i] += g[i];
       acc[2][i] += dh;
@@ -240,7 +244,7 @@ template <typename T>
 cudaError_t residual_layernorm_forward(const T* x, const T* residual, const float* x_bias,
                                        const float* weight, const float* bias, T* y, T* z_out,
                                        float* mean, float* rstd, int64_t rows, int64_t cols,
-                                       float eps, float dropout_p, uint64_t seed,
+                                       float eps, float dropout_p, const int64_t* dropout_rng,
                                        cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   constexpr int kVec = vec16<T>();
@@ -251,7 +255,7 @@ cudaError_t residual_layernorm_forward(const T* x, const T* residual, const floa
   const int c = static_cast<int>(cols);
 #define DBF_LAUNCH(KCOLS, V)                                                                    \
   ln_fwd_kernel<T, KCOLS, V><<<blocks, kLnWarps * kWarp, 0, stream>>>(                          \
-      x, residual, x_bias, weight, bias, y, z_out, mean, rstd, rows, c, eps, dropout_p, seed)
+      x, residual, x_bias, weight, bias, y, z_out, mean, rstd, rows, c, eps, dropout_p, dropout_rng)
   if (vec && cols == kSpecialisedCols)
     DBF_LAUNCH(kSpecialisedCols, kVec);
   else if (vec)
@@ -267,7 +271,8 @@ cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* we
                                         const float* mean, const float* rstd, T* dx, T* dresidual,
                                         float* dweight, float* dbias, float* dx_bias,
                                         float* workspace, int64_t rows, int64_t cols,
-                                        float dropout_p, uint64_t seed, cudaStream_t stream) {
+                                        float dropout_p, const int64_t* dropout_rng,
+                                        cudaStream_t stream) {
   const bool want_cols = dweight != nullptr || dbias != nullptr || dx_bias != nullptr;
   if (rows == 0) {  // empty sums are zero
     for (float* out : {dweight, dbias, dx_bias}) {
@@ -287,7 +292,7 @@ cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* we
   const int c = static_cast<int>(cols);
 #define DBF_LAUNCH(KCOLS, V)                                                                    \
   ln_bwd_rows_kernel<T, KCOLS, V><<<blocks, kLnWarps * kWarp, 0, stream>>>(                     \
-      dy, z, weight, mean, rstd, dx, dresidual, row_consts, rows, c, dropout_p, seed)
+      dy, z, weight, mean, rstd, dx, dresidual, row_consts, rows, c, dropout_p, dropout_rng)
   if (vec && cols == kSpecialisedCols)
     DBF_LAUNCH(kSpecialisedCols, kVec);
   else if (vec)
@@ -301,11 +306,11 @@ cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* we
   const dim3 block(kColThreads, kRowThreads);
   const dim3 grid = column_grid(rows, cols, vec ? kVec : 1);
   if (vec)
-    ln_bwd_cols_kernel<T, kVec><<<grid, block, 0, stream>>>(dy, z, weight, mean, rstd, row_consts,
-                                                            partials, rows, cols, dropout_p, seed);
+    ln_bwd_cols_kernel<T, kVec><<<grid, block, 0, stream>>>(
+        dy, z, weight, mean, rstd, row_consts, partials, rows, cols, dropout_p, dropout_rng);
   else
-    ln_bwd_cols_kernel<T, 1><<<grid, block, 0, stream>>>(dy, z, weight, mean, rstd, row_consts,
-                                                         partials, rows, cols, dropout_p, seed);
+    ln_bwd_cols_kernel<T, 1><<<grid, block, 0, stream>>>(
+        dy, z, weight, mean, rstd, row_consts, partials, rows, cols, dropout_p, dropout_rng);
   err = cudaGetLastError();
   float* outs[3] = {dweight, dbias, dx_bias};
   for (int s = 0; s < 3 && err == cudaSuccess; ++s) {
@@ -322,7 +327,7 @@ cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* we
 #define DBF_INSTANTIATE_LAYERNORM(T)                                                           \
   template cudaError_t distilbert_fast::cuda::impl::residual_layernorm_forward<T>(             \
       const T*, const T*, const float*, const float*, const float*, T*, T*, float*, float*,    \
-      int64_t, int64_t, float, float, uint64_t, cudaStream_t);                                 \
+      int64_t, int64_t, float, float, const int64_t*, cudaStream_t);                           \
   template cudaError_t distilbert_fast::cuda::impl::residual_layernorm_backward<T>(            \
       const T*, const T*, const float*, const float*, const float*, T*, T*, float*, float*,    \
-      float*, float*, int64_t, int64_t, float, uint64_t, cudaStream_t);
+      float*, float*, int64_t, int64_t, float, const int64_t*, cudaStream_t);

@@ -16,17 +16,20 @@ int main(int argc, char** argv) {
   }
   for (DType d : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     residual_layernorm_forward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                               nullptr, nullptr, 1, 1, 0.f, 0.f, 0, nullptr);
+                               nullptr, nullptr, 1, 1, 0.f, 0.f, nullptr, nullptr);
     residual_layernorm_backward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                                nullptr, nullptr, nullptr, nullptr, 1, 1, 0.f, 0, nullptr);
+                                nullptr, nullptr, nullptr, nullptr, 1, 1, 0.f, nullptr, nullptr);
     bias_activation_forward(d, Activation::kGelu, nullptr, nullptr, nullptr, 1, 1, nullptr);
     bias_activation_backward(d, Activation::kGelu, nullptr, nullptr, nullptr, nullptr, nullptr,
                              nullptr, 1, 1, nullptr);
-    attention_forward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1,
-                      64, 1.f, 0.f, 0, nullptr);
-    attention_backward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                       nullptr, nullptr, nullptr, nullptr, nullptr, 1, 1, 1, 64, 1.f, 0.f, 0,
-                       nullptr);
+    for (const AttnLayout& layout : {padded_attention_layout(1, 1, 64),
+                                     varlen_attention_layout(nullptr, 1, 1, 1, 64, 192, 64)}) {
+      attention_forward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, layout,
+                        1, 1, 64, 1.f, 0.f, nullptr, nullptr);
+      attention_backward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                         nullptr, nullptr, nullptr, nullptr, nullptr, layout, 1, 1, 64, 1.f, 0.f,
+                         nullptr, nullptr);
+    }
   }
   return static_cast<int>(residual_layernorm_backward_workspace(1, 1) +
                           bias_activation_backward_workspace(1, 1));
