@@ -431,7 +431,17 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_stream_100k_texts_in_bounded_memory(tiny_checkpoint):
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a loaded 2-core machine OpenMP's
+    barriers make it 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_stream_100k_texts_in_bounded_memory(tiny_checkpoint, one_thread):
     engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=1024)
     pulled = 0
 

@@ -80,11 +80,11 @@ def pool(hidden: torch.Tensor, inputs, pooling: str) -> torch.Tensor:
         return hidden[inputs.cu_seqlens[:-1].long()]
     batch = inputs.cu_seqlens.shape[0] - 1
     index = inputs.row_of_token
+    index = index[:, None].expand_as(hidden)  # scatter, not index_add_: its CPU kernel loops per row
     if pooling == "mean":
-        sums = hidden.new_zeros(batch, hidden.shape[1]).index_add_(0, index, hidden)
+        sums = hidden.new_zeros(batch, hidden.shape[1]).scatter_add_(0, index, hidden)
         return sums / inputs.lengths[:, None].to(hidden.dtype)
-    out = hidden.new_full((batch, hidden.shape[1]), float("-inf"))
-    return out.scatter_reduce_(0, index[:, None].expand_as(hidden), hidden, "amax")
+    return hidden.new_full((batch, hidden.shape[1]), float("-inf")).scatter_reduce_(0, index, hidden, "amax")
 
 
 class Embed(Task):
