@@ -127,15 +127,18 @@ class Pipeline:
     def __init__(self, path):
         tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
         model = transformers.DistilBertModel.from_pretrained(path).eval()
+        self.tokenizer = tokenizer
         self.pipe = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer, device="cpu",
                                           batch_size=32, return_tensors=True, tokenize_kwargs={"truncation": True,
                                                                                                "max_length": 512})
         self.dtype = "float32"
 
     def __call__(self, texts):
+        # batched outputs keep their batch's padding: pool over each text's own tokens only
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=512)["input_ids"]]
         out = []
-        for hidden in self.pipe(texts):
-            out.append(torch.nn.functional.normalize(hidden[0].float().mean(0), dim=0).numpy())
+        for hidden, n in zip(self.pipe(texts), lengths):
+            out.append(torch.nn.functional.normalize(hidden[0, :n].float().mean(0), dim=0).numpy())
         return np.stack(out)
 
 
