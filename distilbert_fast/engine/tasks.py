@@ -50,6 +50,8 @@ class Task:
             self.overflow = overflow
         if stride is not None:
             self.stride = stride
+        else:  # the class default, kept below half a window for short models (as HF's pipeline does)
+            self.stride = min(self.stride, (self.max_length - 4) // 2)
         if self.overflow == "split" and not 0 <= self.stride < self.max_length - 3:
             raise ValueError(f"stride must be in [0, {self.max_length - 4}] for max_length={self.max_length}, "
                              f"got {self.stride}")
