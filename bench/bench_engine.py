@@ -21,6 +21,7 @@ times interleaved; rows (median texts/s and tokens/s) go to bench/results/engine
 
     python bench/bench_engine.py                 # the full run (a few minutes on 2 cores)
     python bench/bench_engine.py --quick         # the small corpus `make bench` runs
+    python bench/bench_engine.py --device cuda   # on a GPU: 'auto' is fp16, beside the HF loop in fp16
 """
 
 import argparse
@@ -44,11 +45,13 @@ import transformers  # noqa: E402
 import distilbert_fast  # noqa: E402
 from distilbert_fast.engine import InferenceEngine, resolve_dtype  # noqa: E402
 
+DEVICE = "cpu"  # --device; on CUDA 'auto' is fp16 and the HF loop runs in fp16 beside it
 BASE = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--texts", type=int, default=400, help="texts in the mixed corpus (default 400)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per provider; the median is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; recorded)")
@@ -91,7 +94,7 @@ def make_checkpoint(directory: str) -> str:
 
 class Ours:
     def __init__(self, path, dtype, max_batch_tokens):
-        self.engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype=dtype, normalize=True,
+        self.engine = InferenceEngine.from_pretrained(path, task="embed", device=DEVICE, dtype=dtype, normalize=True,
                                                       max_batch_tokens=max_batch_tokens, progress=False)
         self.dtype = str(self.engine.dtype).removeprefix("torch.")
 
@@ -104,7 +107,7 @@ class SentenceTransformersWay:
 
     def __init__(self, path, dtype):
         self.tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
-        self.model = transformers.DistilBertModel.from_pretrained(path, dtype=dtype).eval()
+        self.model = transformers.DistilBertModel.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
         self.dtype = str(dtype).removeprefix("torch.")
 
     def __call__(self, texts, batch_size=32):
@@ -114,10 +117,10 @@ class SentenceTransformersWay:
             for start in range(0, len(texts), batch_size):
                 index = order[start:start + batch_size]
                 enc = self.tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=512,
-                                     return_tensors="pt")
+                                     return_tensors="pt").to(DEVICE)
                 hidden = self.model(**enc).last_hidden_state.float()
                 mask = enc["attention_mask"].unsqueeze(-1).float()
-                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1).cpu()
                 for i, v in zip(index, pooled.numpy()):
                     out[i] = v
         return np.stack(out)
@@ -128,7 +131,7 @@ class Pipeline:
         tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
         model = transformers.DistilBertModel.from_pretrained(path).eval()
         self.tokenizer = tokenizer
-        self.pipe = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer, device="cpu",
+        self.pipe = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer, device=DEVICE,
                                           batch_size=32, return_tensors=True, tokenize_kwargs={"truncation": True,
                                                                                                "max_length": 512})
         self.dtype = "float32"
@@ -138,7 +141,7 @@ class Pipeline:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=512)["input_ids"]]
         out = []
         for hidden, n in zip(self.pipe(texts), lengths):
-            out.append(torch.nn.functional.normalize(hidden[0, :n].float().mean(0), dim=0).numpy())
+            out.append(torch.nn.functional.normalize(hidden[0, :n].float().mean(0), dim=0).cpu().numpy())
         return np.stack(out)
 
 
@@ -219,11 +222,15 @@ def count_tokens(path, texts):
 
 
 def main(argv=None) -> int:
+    global DEVICE
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    DEVICE = args.device
+    if DEVICE == "cuda":
+        args.no_accuracy = True  # the bf16-vs-fp32 check is about CPUs
     if args.threads:
         torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
-    auto = resolve_dtype("auto", torch.device("cpu"))
+    env = environment(torch.device(DEVICE))
+    auto = resolve_dtype("auto", torch.device(DEVICE))
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(tmp)
         texts = make_corpus(args.texts, seed=0)
