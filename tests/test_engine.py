@@ -475,3 +475,11 @@ def test_stream_100k_texts_in_bounded_memory(tiny_checkpoint, one_thread):
     # at most the window being run, the one prepared and the one being read ahead
     assert most_ahead <= 3 * 1024, most_ahead
     np.testing.assert_allclose(checked, engine(["text number 54320 of many"])[0], atol=1e-6, rtol=0)
+
+
+def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
+    """qa's default window (384) and overlap (128) shrink to a 64-position model instead of failing."""
+    qa = InferenceEngine.from_pretrained(tiny_checkpoint, task="qa", device="cpu", dtype="float32")
+    assert (qa.task.max_length, qa.task.stride) == (64, 30)
+    answer = qa([QUESTIONS[1]], [CONTEXTS[1]])[0]  # several windows
+    assert CONTEXTS[1][answer["start"]:answer["end"]] == answer["answer"] and answer["answer"]
