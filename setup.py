@@ -124,7 +124,8 @@ setup(
     version="0.1.0",
     description="A drop-in, fast DistilBERT for PyTorch",
     python_requires=">=3.10",
-    packages=["distilbert_fast", "distilbert_fast.ops", "distilbert_fast.integrations", "distilbert_fast.kernels"],
+    packages=["distilbert_fast", "distilbert_fast.ops", "distilbert_fast.kernels",
+              "distilbert_fast.integrations", "distilbert_fast.engine"],
     # Our Triton/CUDA kernels ship inside the package: a top-level `kernels` would collide with
     # the unrelated PyPI package of that name.
     package_dir={"distilbert_fast.kernels": "kernels"},

@@ -44,6 +44,7 @@ def test_plain_install_layout(tmp_path):
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)],
                    cwd=REPO, check=True, capture_output=True)
     assert (build / "distilbert_fast" / "kernels" / "__init__.py").is_file()
+    assert (build / "distilbert_fast" / "engine" / "engine.py").is_file()  # the batch engine ships too
     assert not (build / "kernels").exists()
     for so in glob.glob(os.path.join(REPO, "distilbert_fast", "_C*.so")):
         shutil.copy(so, build / "distilbert_fast")

@@ -1,0 +1,178 @@
+"""The command line: ``python -m distilbert_fast <task> --model DIR --input FILE --output FILE``.
+
+    python -m distilbert_fast embed --model ckpt --input texts.txt --output vectors.npy --normalize
+    python -m distilbert_fast classify --model ckpt --input reviews.jsonl --text-field body --output labels.jsonl
+    python -m distilbert_fast qa --model ckpt --input squad.jsonl --text-field question --pair-field context --output answers.jsonl
+    torchrun --nproc_per_node 2 -m distilbert_fast embed ...      # each rank writes its own part
+    python -m distilbert_fast merge --output all.jsonl out.rank*.jsonl
+    python -m distilbert_fast bench [engine|model|ops|tokenizer ...] [options of that benchmark]
+
+A rerun with the same output resumes where the last run stopped. Bad input lines (invalid JSON
+or UTF-8, a missing field, an empty text) are reported with their line number and skipped
+(``--strict`` stops at the first); the summary counts read, written and skipped.
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+from .engine.tasks import TASKS
+
+
+class BadInput(Exception):
+    pass
+
+
+def _int_or_none(value):
+    return None if value in ("none", "all", "None") else int(value)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m distilbert_fast", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for task in TASKS:
+        p = sub.add_parser(task, help=f"run the {task} task over an input file")
+        p.add_argument("--model", required=True, help="local checkpoint directory (config, weights, vocab)")
+        p.add_argument("--input", required=True, help="input file (.txt, .jsonl, .csv, .tsv) or - for stdin")
+        p.add_argument("--output", required=True, help="output file: .jsonl, or .npy for embed")
+        p.add_argument("--input-format", choices=("txt", "jsonl", "csv", "tsv"), help="default: from the extension")
+        p.add_argument("--text-field", default="text", help="jsonl field (csv/tsv column) of the text")
+        p.add_argument("--pair-field", default=None, help="jsonl field of the second text (qa: the context)")
+        p.add_argument("--column", default=None, help="csv/tsv column of the text (default --text-field)")
+        p.add_argument("--id-field", default="id", help="field copied to each output line")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        p.add_argument("--devices", default=None, help="'all' (one worker per GPU, or per CPU core), a count, "
+                                                       "or a comma list like cuda:0,cuda:1")
+        p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+        p.add_argument("--backend", default=None, help="op backend: auto, eager, cpu, triton, cuda")
+        p.add_argument("--max-batch-tokens", type=int, default=None)
+        p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the model's limit)")
+        p.add_argument("--overflow", choices=("truncate", "split"), default=None, help="texts longer than max-length")
+        p.add_argument("--stride", type=int, default=None, help="overlap of split windows, in tokens")
+        p.add_argument("--window", type=int, default=2048, help="texts sorted by length together")
+        p.add_argument("--strict", action="store_true", help="stop at the first bad input line")
+        p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the output")
+        p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
+        if task == "embed":
+            p.add_argument("--pooling", choices=("mean", "cls", "max"), default="mean")
+            p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+        if task in ("classify", "fill-mask", "qa"):
+            p.add_argument("--top-k", type=_int_or_none, default=5 if task == "fill-mask" else 1)
+        if task == "classify":
+            p.add_argument("--multi-label", action="store_true", default=None)
+            p.add_argument("--threshold", type=float, default=0.5)
+        if task == "tag":
+            p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
+        if task == "qa":
+            p.add_argument("--max-answer-len", type=int, default=15)
+    merge = sub.add_parser("merge", help="merge the .jsonl parts written by torchrun ranks, in input order")
+    merge.add_argument("--output", required=True)
+    merge.add_argument("parts", nargs="+")
+    bench = sub.add_parser("bench", help="run a benchmark of bench/ (default: engine)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def task_options(args) -> dict:
+    names = {"embed": ("pooling", "normalize"), "classify": ("top_k", "multi_label", "threshold"),
+             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len")}[args.command]
+    return {name: getattr(args, name) for name in names}
+
+
+def engine_options(args) -> dict:
+    return dict(task=args.command, dtype=args.dtype, backend=args.backend, max_batch_tokens=args.max_batch_tokens,
+                max_length=args.max_length, overflow=args.overflow, stride=args.stride, window=args.window,
+                progress={"auto": None, "on": True, "off": False}[args.progress], **task_options(args))
+
+
+def run_task(args) -> int:
+    from .engine import io
+    from .engine.workers import make_runner, torchrun_rank
+
+    rank, world, local_rank = torchrun_rank()
+    output = io.rank_path(args.output, rank, world) if world > 1 else args.output
+    device = args.device
+    if world > 1 and device is not None and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{local_rank}"
+    writer = io.open_writer(output, args.command, resume=not args.no_resume)
+    counts = collections.Counter(resumed=writer.existing)
+    pending = collections.deque()  # records handed to the engine, in order
+    needs_pair = TASKS[args.command].needs_pairs
+    if needs_pair and args.pair_field is None:
+        raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
+
+    def items():
+        records = io.read_records(args.input, args.input_format, text_field=args.column or args.text_field,
+                                  pair_field=args.pair_field, id_field=args.id_field, column=args.column)
+        for ordinal, record in enumerate(records):
+            if world > 1 and ordinal % world != rank:
+                continue  # another rank's shard
+            if record.line <= writer.done_line:
+                continue  # written by an earlier run
+            counts["read"] += 1
+            if record.error is not None:
+                counts["skipped"] += 1
+                print(f"{args.input}:{record.line}: {record.error}", file=sys.stderr, flush=True)
+                if args.strict:
+                    raise BadInput(f"{args.input}:{record.line}: {record.error} (--strict)")
+                continue
+            pending.append(record)
+            yield (record.text, record.pair) if args.pair_field is not None else record.text
+
+    runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
+    start = time.perf_counter()
+    status = 0
+    try:
+        for n, result in enumerate(runner.stream(items()), start=1):
+            writer.add(pending.popleft(), result)
+            counts["written"] += 1
+            if n % 256 == 0:
+                writer.flush()
+    except BadInput as exc:
+        print(str(exc), file=sys.stderr)
+        status = 1
+    finally:
+        writer.close()
+        runner.close()
+    seconds = time.perf_counter() - start
+    summary = {"read": counts["read"], "written": counts["written"], "skipped": counts["skipped"],
+               "already_written": counts["resumed"], "output": output, "seconds": round(seconds, 3),
+               "texts_per_s": round(counts["written"] / max(seconds, 1e-9), 1)}
+    print(json.dumps(summary), file=sys.stderr)
+    return status
+
+
+def run_bench(argv) -> int:
+    import runpy
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    name = argv[0] if argv and not argv[0].startswith("-") else "engine"
+    rest = argv[1:] if argv and not argv[0].startswith("-") else argv
+    script = os.path.join(repo, "bench", f"bench_{name}.py")
+    if not os.path.isfile(script):
+        raise SystemExit(f"no benchmark {script}: `bench` runs bench/bench_<name>.py of a source checkout")
+    sys.argv = [script, *rest]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        return run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "merge":
+        from .engine.io import merge_jsonl
+
+        n = merge_jsonl(args.parts, args.output)
+        print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
+        return 0
+    return run_task(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

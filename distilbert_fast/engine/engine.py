@@ -1,0 +1,316 @@
+"""InferenceEngine: texts in, results out, in input order, with bounded memory.
+
+    from distilbert_fast.engine import InferenceEngine
+    engine = InferenceEngine.from_pretrained("path/to/checkpoint", task="embed", normalize=True)
+    vectors = engine(["first text", "second text"])          # a list, in input order
+    for result in engine.stream(texts_of_any_length): ...     # a generator, in input order
+
+The input is read in windows of ``window`` items. A background thread tokenizes a window (the
+tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
+most ``max_batch_tokens`` real tokens, while the main thread runs the model on the previous
+window's batches; results are put back in input order and yielded window by window. At most two
+windows are held at any time.
+"""
+
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..tokenization import DistilBertTokenizerFast
+from .batching import PackedBatch, pack_batch, plan_batches
+from .tasks import TASKS
+
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+DEFAULT_WINDOW = 2048
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512_BF16 or AMX): there bf16 GEMMs beat fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """'auto' -> fp16 on CUDA; bf16 on a CPU with native bf16, else fp32. A name or torch.dtype
+    passes through (checked)."""
+    if dtype == "auto" or dtype is None:
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    if isinstance(dtype, str):
+        dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(dtype, dtype)
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    return dtype
+
+
+@dataclass
+class DeviceBatch:
+    """One batch's inputs on the model's device (what tasks' ``forward`` reads)."""
+
+    ids: torch.Tensor  # (total,) int64
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32
+    max_seqlen: int
+    row_of_token: torch.Tensor  # (total,) int64
+    lengths: torch.Tensor  # (batch,) int64
+    mask_positions: torch.Tensor  # (masks,) int64: positions of the mask token (fill-mask)
+
+
+@dataclass
+class _Window:
+    items: list  # the inputs: str, or (text, pair)
+    enc: object  # batching.Encoded
+    batches: list  # [(PackedBatch, host tensors)]
+    tokens: int
+
+
+class InferenceEngine:
+    """Runs one task over many inputs. Build it with ``from_pretrained``; call it on a list or
+    ``stream`` an iterable."""
+
+    def __init__(self, model, tokenizer, task, *, device, max_batch_tokens=None, max_batch_rows=None,
+                 window=DEFAULT_WINDOW, progress=None, cuda_graphs=None):
+        self.model, self.tokenizer, self.task, self.device = model, tokenizer, task, torch.device(device)
+        if max_batch_tokens is None:
+            max_batch_tokens = DEFAULT_BATCH_TOKENS.get(self.device.type, 8192)
+        self.max_batch_tokens = max_batch_tokens
+        if isinstance(self.max_batch_tokens, bool) or not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
+        if max_batch_rows is not None and (not isinstance(max_batch_rows, int) or max_batch_rows < 1):
+            raise ValueError(f"max_batch_rows must be a positive int or None, got {max_batch_rows!r}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.max_batch_rows, self.window, self.progress = max_batch_rows, window, progress
+        self._pin = self.device.type == "cuda"
+        self._graphs = None
+        if cuda_graphs is None:
+            from .cuda_graphs import graphs_pay
+            cuda_graphs = graphs_pay(model, self.device, task)
+        if cuda_graphs:
+            from .cuda_graphs import GraphedForward
+            self._graphs = GraphedForward(task, model, self.device, self.max_batch_tokens)
+        self.stats = {"texts": 0, "tokens": 0, "batches": 0, "seconds": 0.0}
+
+    @classmethod
+    def from_pretrained(cls, path, task="embed", *, device=None, dtype="auto", backend=None, max_batch_tokens=None,
+                        max_batch_rows=None, window=DEFAULT_WINDOW, max_length=None, overflow=None, stride=None,
+                        progress=None, cuda_graphs=None, tokenizer_threads=None, **task_options):
+        """Loads the model for ``task`` ('embed', 'classify', 'tag', 'fill-mask', 'qa') and its
+        tokenizer from a local directory. ``device``: 'cpu', 'cuda', 'cuda:1' (default: CUDA if
+        available). ``dtype``: 'auto' (fp16 on CUDA; bf16 on a CPU with native bf16, else fp32),
+        'float32', 'float16', 'bfloat16'. ``max_length``: tokens per row (default the model's
+        limit; qa 384); ``overflow``: 'truncate' or 'split' (windows overlapping by ``stride``
+        tokens) for texts longer than that. Task options: embed ``pooling``, ``normalize``;
+        classify ``top_k``, ``multi_label``, ``threshold``; tag ``aggregation``; fill-mask
+        ``top_k``; qa ``top_k``, ``max_answer_len``."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = resolve_dtype(dtype, device)
+        task_class = TASKS[task]
+        model = task_class.model_class.from_pretrained(path, dtype=torch_dtype, backend=backend).to(device).eval()
+        tokenizer = DistilBertTokenizerFast.from_pretrained(path, num_threads=tokenizer_threads)
+        task_obj = task_class(model.config, tokenizer, max_length=max_length, overflow=overflow, stride=stride,
+                              **task_options)
+        return cls(model, tokenizer, task_obj, device=device, max_batch_tokens=max_batch_tokens,
+                   max_batch_rows=max_batch_rows, window=window, progress=progress, cuda_graphs=cuda_graphs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- the public calls ---------------------------------------------------------------------------
+    def __call__(self, texts, text_pairs=None) -> list:
+        """Results for a list of texts (or of (text, pair) tuples, or texts plus ``text_pairs``)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str (one text: pass [text])")
+        items = list(texts) if text_pairs is None else list(zip(texts, text_pairs, strict=True))
+        return list(self.stream(items, total=len(items)))
+
+    def stream(self, items, total=None):
+        """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
+        qa / pairs), in input order, holding at most two windows in memory."""
+        windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
+        bar = self._progress_bar(total)
+        try:
+            for window in windows:
+                start = time.perf_counter()
+                results = self._run_window(window)
+                self.stats["seconds"] += time.perf_counter() - start
+                self.stats["texts"] += len(window.items)
+                self.stats["tokens"] += window.tokens
+                if bar is not None:
+                    bar.update(len(window.items))
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"{self.stats['tokens'] / elapsed:,.0f} tokens/s", refresh=False)
+                yield from results
+        finally:
+            windows.close()
+            if bar is not None:
+                bar.close()
+
+    # -- host side: tokenize and batch (background thread) ------------------------------------------
+    def _prepare(self, chunk: list) -> _Window:
+        texts, pairs = _split_items(chunk, self.task.needs_pairs)
+        enc = self.task.encode(self.tokenizer, texts, pairs)
+        batches = []
+        for rows in plan_batches(enc.lengths, self.max_batch_tokens, self.max_batch_rows):
+            batch = pack_batch(enc, rows)
+            batches.append((batch, self._host_tensors(batch)))
+        return _Window(chunk, enc, batches, int(enc.cu[-1]))
+
+    def _host_tensors(self, batch: PackedBatch) -> dict:
+        host = {
+            "ids": torch.from_numpy(batch.ids),
+            "cu_seqlens": torch.from_numpy(batch.cu_seqlens),
+            "row_of_token": torch.from_numpy(batch.row_of_token()),
+            "lengths": torch.from_numpy(np.diff(batch.cu_seqlens).astype(np.int64)),
+            "mask_positions": torch.from_numpy(np.nonzero(batch.ids == self.tokenizer.mask_token_id)[0]),
+        }
+        if self._pin:
+            host = {k: v.pin_memory() for k, v in host.items()}
+        return host
+
+    # -- device side: run the batches of one window --------------------------------------------------
+    def _run_window(self, window: _Window) -> list:
+        values = [None] * (len(window.enc.cu) - 1)
+        pending = None
+        with torch.inference_mode():
+            for batch, host in window.batches:
+                inputs = DeviceBatch(max_seqlen=batch.max_seqlen, **{
+                    k: v.to(self.device, non_blocking=self._pin) for k, v in host.items()})
+                forward = self._graphs if self._graphs is not None and self._graphs.fits(batch) else self.task.forward
+                out = forward(self.model, inputs)
+                out = {k: v.to("cpu", non_blocking=self._pin) for k, v in out.items()}
+                done = torch.cuda.Event() if self._pin else None
+                if done is not None:
+                    done.record()
+                # the next batch is queued before this one's results are read: the device stays busy
+                if pending is not None:
+                    self._collect(pending, values)
+                pending = (batch, out, done)
+                self.stats["batches"] += 1
+            if pending is not None:
+                self._collect(pending, values)
+        enc, items = window.enc, window.items
+        bounds = np.searchsorted(enc.item, np.arange(len(items) + 1))  # rows of item i: bounds[i]..bounds[i+1]
+        results = []
+        for i, item in enumerate(items):
+            rows = np.arange(bounds[i], bounds[i + 1])
+            text, pair = item if isinstance(item, tuple) else (item, None)
+            results.append(self.task.combine(i, rows, [values[r] for r in rows], enc, text, pair))
+        return results
+
+    def _collect(self, pending, values):
+        batch, out, done = pending
+        if done is not None:
+            done.synchronize()
+        host = {k: v.numpy() for k, v in out.items()}
+        for row, value in zip(batch.rows.tolist(), self.task.split(host, batch)):
+            values[row] = value
+
+    def _progress_bar(self, total):
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit=" texts", desc=self.task.name, dynamic_ncols=True)
+
+
+def _split_items(chunk, needs_pairs):
+    """(texts, pairs or None) of a window's items, checked."""
+    first = chunk[0]
+    if isinstance(first, tuple):
+        for i, item in enumerate(chunk):
+            if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r}")
+        return [a for a, _ in chunk], [b for _, b in chunk]
+    if needs_pairs:
+        raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__}")
+    for item in chunk:
+        if not isinstance(item, str):
+            raise TypeError(f"items must be str (or (text, pair) tuples), got {type(item).__name__}")
+    return chunk, None
+
+
+def _chunks(items, size):
+    """Lists of ``size`` items. If reading ``items`` fails, the items read so far come first."""
+    chunk = []
+    try:
+        for item in items:
+            chunk.append(item)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    except BaseException:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+class _background:
+    """Runs a generator on a daemon thread one item ahead of its consumer (a queue of one);
+    exceptions are re-raised in the consumer; ``close()`` stops the thread."""
+
+    _DONE = object()
+
+    def __init__(self, generator, depth=1):
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(generator,), daemon=True, name="engine-prepare")
+        self._thread.start()
+
+    def _run(self, generator):
+        try:
+            for value in generator:
+                if not self._put((value, None)):
+                    return
+            self._put((self._DONE, None))
+        except BaseException as exc:  # handed to the consumer
+            self._put((None, exc))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        while True:
+            value, exc = self._queue.get()
+            if exc is not None:
+                raise exc
+            if value is self._DONE:
+                return
+            yield value
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def set_cpu_threads(n: int | None):
+    """Torch intra-op threads for a CPU worker (None: leave torch's default)."""
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -1,0 +1,344 @@
+"""Reading inputs and writing outputs for the command line: records with line numbers, bad
+input reported (never dropped silently), outputs that can be resumed and are never torn.
+
+Inputs: .txt (one text a line), .jsonl (``text_field``, ``pair_field``, ``id_field``), .csv /
+.tsv (``column``, ``pair_column``, an ``id`` column if present; the first row is the header);
+'-' reads stdin in ``input_format``. Every line is decoded as UTF-8 on its own, so one bad line
+is reported and the rest still read.
+
+Outputs: .jsonl, one result a line ({"line": n, "id": ..., **result}), appended as whole lines
+and fsync'd; on resume a partial last line (a killed run) is cut off and the input lines up to
+the last written one are skipped. .npy (embed): rows appended to ``OUT.partial`` and their line
+numbers to ``OUT.partial.lines``; at the end ``OUT`` and ``OUT.lines.jsonl`` (row -> line, id) are
+written to temporary names and renamed.
+"""
+
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMATS = ("txt", "jsonl", "csv", "tsv")
+
+
+@dataclass
+class Record:
+    line: int  # 1-based line number in the input (the first line of a csv record)
+    text: str | None  # None: bad input (see error)
+    pair: str | None = None
+    id: object = None
+    error: str | None = None
+
+
+def input_format(path: str, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ValueError(f"input format must be one of {FORMATS}, got {fmt!r}")
+        return fmt
+    if path == "-":
+        return "txt"
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext in FORMATS:
+        return ext
+    if ext == "json":
+        return "jsonl"
+    raise ValueError(f"cannot tell the input format of {path!r} from its extension: expected .txt, .jsonl, .csv or "
+                     ".tsv, or pass --input-format")
+
+
+def _lines(stream):
+    """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped."""
+    for number, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield number, None, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field="id", column=None,
+                 pair_column=None):
+    """Yields a Record per input record, bad ones with ``error`` set and ``text`` None."""
+    fmt = input_format(path, fmt)
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    try:
+        if fmt == "txt":
+            for number, text, error in _lines(stream):
+                yield _checked(Record(number, text, error=error))
+        elif fmt == "jsonl":
+            for number, text, error in _lines(stream):
+                yield _checked(_json_record(number, text, error, text_field, pair_field, id_field))
+        else:
+            yield from _csv_records(stream, "," if fmt == "csv" else "\t", column or text_field, pair_column or pair_field,
+                                    id_field)
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _checked(record: Record) -> Record:
+    if record.error is None:
+        if record.text is None or not record.text.strip() or (record.pair is not None and not record.pair.strip()):
+            record.error = "empty text"
+    if record.error is not None:
+        record.text = record.pair = None
+    return record
+
+
+def _json_record(number, text, error, text_field, pair_field, id_field) -> Record:
+    if error is not None:
+        return Record(number, None, error=error)
+    if not text.strip():
+        return Record(number, None, error="empty line")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Record(number, None, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
+    if not isinstance(obj, dict):
+        return Record(number, None, error=f"expected a JSON object, got {type(obj).__name__}")
+    record = Record(number, None, id=obj.get(id_field))
+    for name, attr in ((text_field, "text"), (pair_field, "pair")):
+        if name is None:
+            continue
+        if name not in obj:
+            record.error = f"missing field {name!r}"
+            return record
+        if not isinstance(obj[name], str):
+            record.error = f"field {name!r} must be a string, got {type(obj[name]).__name__}"
+            return record
+        setattr(record, attr, obj[name])
+    return record
+
+
+def _csv_records(stream, delimiter, column, pair_column, id_field):
+    # csv needs str lines: decode each physical line on its own and report the bad ones here
+    bad, numbers = [], []  # numbers[k]: the physical line number of the k-th line csv read
+
+    def decoded():
+        for number, text, error in _lines(stream):
+            if error is not None:
+                bad.append(Record(number, None, error=error))
+                continue
+            numbers.append(number)
+            yield text + "\n"
+
+    reader = csv.reader(decoded(), delimiter=delimiter)
+    header, consumed = None, 0
+    for row in reader:
+        first_line = numbers[consumed]
+        consumed = reader.line_num
+        yield from bad
+        bad.clear()
+        if header is None:
+            header = row
+            for name in (column, pair_column):
+                if name is not None and name not in header:
+                    raise ValueError(f"column {name!r} is not in the input's header {header}")
+            continue
+        record = Record(first_line, None, id=_cell(header, row, id_field))
+        if len(row) != len(header):
+            record.error = f"expected {len(header)} fields, got {len(row)}"
+        else:
+            record.text = _cell(header, row, column)
+            if pair_column is not None:
+                record.pair = _cell(header, row, pair_column)
+        yield _checked(record)
+    yield from bad
+
+
+def _cell(header, row, name):
+    if name is None or name not in header:
+        return None
+    i = header.index(name)
+    return row[i] if i < len(row) else None
+
+
+# -- outputs -------------------------------------------------------------------------------------------
+
+
+def to_json(result) -> object:
+    """A task result as JSON-able data (numpy arrays and scalars to lists and floats)."""
+    if isinstance(result, np.ndarray):
+        return result.tolist()
+    if isinstance(result, dict):
+        return {k: to_json(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return [to_json(v) for v in result]
+    if isinstance(result, np.generic):
+        return result.item()
+    return result
+
+
+RESULT_KEY = {"embed": "embedding", "classify": "labels", "tag": "words", "fill-mask": "masks", "qa": "answers"}
+
+
+def result_fields(task: str, result) -> dict:
+    """The fields a result adds to its output line: dicts as they are, anything else under the
+    task's key."""
+    if isinstance(result, dict):
+        return to_json(result)
+    return {RESULT_KEY[task]: to_json(result)}
+
+
+def _fsync(f):
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class JsonlWriter:
+    """Appends result lines to a .jsonl; ``done_line`` is the last input line already written."""
+
+    def __init__(self, path, task, resume=True):
+        self.path, self.task = path, task
+        self.done_line, self.existing = 0, 0
+        if resume and os.path.exists(path):
+            self.done_line, self.existing = _resume_jsonl(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        self._f = open(path, "ab")
+        self._buffer = []
+
+    def add(self, record: Record, result):
+        line = {"line": record.line}
+        if record.id is not None:
+            line["id"] = record.id
+        line.update(result_fields(self.task, result))
+        self._buffer.append(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def flush(self):
+        if self._buffer:
+            self._f.write("".join(self._buffer).encode("utf-8"))  # whole lines in one write
+            self._buffer.clear()
+            _fsync(self._f)
+
+    def close(self):
+        self.flush()
+        self._f.close()
+
+
+def _resume_jsonl(path):
+    """(last input line written, lines kept) of an earlier run's output; a partial last line (the
+    run was killed mid-write) is cut off."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
+            _fsync(f)
+    lines = data[:end].splitlines()
+    if not lines:
+        return 0, 0
+    return int(json.loads(lines[-1])["line"]), len(lines)
+
+
+class NpyWriter:
+    """Embeddings to .npy, resumable (see the module docstring)."""
+
+    def __init__(self, path, task, resume=True):
+        if task != "embed":
+            raise ValueError(f".npy output holds embeddings: the task must be 'embed', got {task!r}")
+        self.path = path
+        self.partial, self.lines_path = path + ".partial", path + ".partial.lines"
+        self.done_line, self.existing, self.dim = 0, 0, None
+        if not resume:
+            for p in (self.partial, self.lines_path):
+                if os.path.exists(p):
+                    os.remove(p)
+        elif os.path.exists(self.lines_path) and os.path.exists(self.partial):
+            self._resume()
+        self._rows = open(self.partial, "ab")
+        self._lines = open(self.lines_path, "ab")
+        self._buffer, self._line_buffer = [], []
+
+    def _resume(self):
+        done_line, kept = _resume_jsonl(self.lines_path)
+        with open(self.lines_path, "rb") as f:
+            entries = f.read().splitlines()
+        size = os.path.getsize(self.partial)
+        dim = json.loads(entries[0])["dim"] if entries else None
+        rows = size // (4 * dim) if dim else 0
+        keep = min(rows, kept)  # rows are written before their line numbers
+        with open(self.partial, "rb+") as f:
+            f.truncate(keep * 4 * (dim or 0))
+        with open(self.lines_path, "wb") as f:
+            f.write(b"".join(e + b"\n" for e in entries[:keep]))
+        self.existing, self.dim = keep, dim
+        self.done_line = int(json.loads(entries[keep - 1])["line"]) if keep else 0
+
+    def add(self, record: Record, result):
+        vector = np.asarray(result, dtype=np.float32)
+        self.dim = self.dim or vector.shape[0]
+        self._buffer.append(vector.tobytes())
+        entry = {"line": record.line, "dim": self.dim}
+        if record.id is not None:
+            entry["id"] = record.id
+        self._line_buffer.append(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def flush(self):
+        if self._buffer:
+            self._rows.write(b"".join(self._buffer))
+            _fsync(self._rows)
+            self._lines.write("".join(self._line_buffer).encode("utf-8"))
+            _fsync(self._lines)
+            self._buffer.clear()
+            self._line_buffer.clear()
+
+    def close(self):
+        self.flush()
+        self._rows.close()
+        self._lines.close()
+        data = np.fromfile(self.partial, dtype=np.float32)
+        array = data.reshape(-1, self.dim) if self.dim else np.zeros((0, 0), dtype=np.float32)
+        _write_atomic(self.path, lambda f: np.save(f, array))
+        with open(self.lines_path, "rb") as f:
+            index = b"".join(_without_dim(e) for e in f.read().splitlines())
+        _write_atomic(os.path.splitext(self.path)[0] + ".lines.jsonl", lambda f: f.write(index))
+        os.remove(self.partial)
+        os.remove(self.lines_path)
+
+
+def _without_dim(entry: bytes) -> bytes:
+    obj = json.loads(entry)
+    obj.pop("dim", None)
+    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _write_atomic(path, write):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        _fsync(f)
+    os.replace(tmp, path)
+
+
+def open_writer(path, task, resume=True):
+    if path.endswith(".npy"):
+        return NpyWriter(path, task, resume)
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        return JsonlWriter(path, task, resume)
+    raise ValueError(f"output must end in .jsonl or .npy (embeddings), got {path!r}")
+
+
+def rank_path(path: str, rank: int, world: int) -> str:
+    """The output part of one torchrun rank: out.jsonl -> out.rank00001-of-00002.jsonl."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.rank{rank:05d}-of-{world:05d}{ext}"
+
+
+def merge_jsonl(parts, output):
+    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename)."""
+    lines = []
+    for part in parts:
+        with open(part, "rb") as f:
+            for raw in f.read().splitlines():
+                lines.append((json.loads(raw)["line"], raw))
+    lines.sort(key=lambda x: x[0])
+    _write_atomic(output, lambda f: f.write(b"".join(raw + b"\n" for _, raw in lines)))
+    return len(lines)
+
+
+__all__ = ["FORMATS", "JsonlWriter", "NpyWriter", "Record", "merge_jsonl", "open_writer", "rank_path",
+           "read_records"]

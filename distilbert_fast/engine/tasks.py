@@ -1,0 +1,333 @@
+"""What each task tokenizes, runs and returns.
+
+A task turns a window of inputs into packed rows (``encode``), a packed batch into device tensors
+(``forward``: model + pooling / heads, still on the device), those tensors, once on the host, into
+one value per row (``split``), and an item's rows into its result (``combine``). Rows of one item
+are consecutive (an item longer than the model's limit gives several overflow windows).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import modeling
+from ..ops import bias_activation, linear, residual_layernorm
+from ._forward import run_packed
+from .batching import Encoded, encode_packed
+
+POOLINGS = ("cls", "mean", "max")
+OVERFLOW = ("truncate", "split")
+AGGREGATIONS = ("first", "average", "max")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+class Task:
+    name = ""
+    model_class = modeling.DistilBertModel
+    needs_pairs = False  # qa: (question, context)
+    default_max_length = None  # None: the model's max_position_embeddings
+    overflow = "truncate"
+    stride = 0
+
+    def __init__(self, config, tokenizer, max_length=None, overflow=None, stride=None):
+        limit = config.max_position_embeddings
+        self.max_length = max_length or min(self.default_max_length or limit, limit, tokenizer.model_max_length)
+        if not 2 < self.max_length <= limit:
+            raise ValueError(f"max_length must be in [3, {limit}] (max_position_embeddings), got {self.max_length}")
+        if overflow is not None:
+            _check_choice("overflow", overflow, OVERFLOW)
+            self.overflow = overflow
+        if stride is not None:
+            self.stride = stride
+        else:  # the class default, kept below half a window for short models (as HF's pipeline does)
+            self.stride = min(self.stride, (self.max_length - 4) // 2)
+        if self.overflow == "split" and not 0 <= self.stride < self.max_length - 3:
+            raise ValueError(f"stride must be in [0, {self.max_length - 4}] for max_length={self.max_length}, "
+                             f"got {self.stride}")
+        self.config = config
+
+    # -- host: tokens in ----------------------------------------------------------------------------
+    def encode(self, tokenizer, texts, pairs) -> Encoded:
+        split = self.overflow == "split"
+        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, stride=self.stride if split else 0,
+                             overflow=split)
+
+    # -- device: batch -> tensors ---------------------------------------------------------------------
+    def forward(self, model, inputs) -> dict:
+        raise NotImplementedError
+
+    # -- host: tensors -> rows -> items ---------------------------------------------------------------
+    def split(self, host: dict, batch) -> list:
+        raise NotImplementedError
+
+    def combine(self, item: int, rows: np.ndarray, values: list, enc: Encoded, text, pair):
+        raise NotImplementedError
+
+
+def pool(hidden: torch.Tensor, inputs, pooling: str) -> torch.Tensor:
+    """(batch, dim) pooled from packed (total, dim) hidden states, every real token included (as
+    sentence-transformers pools: [CLS] and [SEP] count, padding does not)."""
+    if pooling == "cls":
+        return hidden[inputs.cu_seqlens[:-1].long()]
+    batch = inputs.cu_seqlens.shape[0] - 1
+    index = inputs.row_of_token
+    index = index[:, None].expand_as(hidden)  # scatter, not index_add_: its CPU kernel loops per row
+    if pooling == "mean":
+        sums = hidden.new_zeros(batch, hidden.shape[1]).scatter_add_(0, index, hidden)
+        return sums / inputs.lengths[:, None].to(hidden.dtype)
+    return hidden.new_full((batch, hidden.shape[1]), float("-inf")).scatter_reduce_(0, index, hidden, "amax")
+
+
+class Embed(Task):
+    """A vector per text: pooled last hidden states, optionally L2-normalised. With
+    overflow='split' a long text's windows are averaged before normalisation."""
+
+    name = "embed"
+    model_class = modeling.DistilBertModel
+
+    def __init__(self, config, tokenizer, pooling="mean", normalize=False, **kw):
+        super().__init__(config, tokenizer, **kw)
+        _check_choice("pooling", pooling, POOLINGS)
+        self.pooling, self.normalize = pooling, bool(normalize)
+
+    def forward(self, model, inputs):
+        hidden = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
+        pooled = pool(hidden.float(), inputs, self.pooling)  # (batch, dim) in float32
+        return {"embedding": F.normalize(pooled, p=2, dim=1) if self.normalize else pooled}
+
+    def split(self, host, batch):
+        return list(host["embedding"])
+
+    def combine(self, item, rows, values, enc, text, pair):
+        if len(values) == 1:
+            return values[0]
+        vector = np.mean(values, axis=0, dtype=np.float32)
+        if self.normalize:
+            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        return vector
+
+
+class Classify(Task):
+    """Labels and scores per text (or pair). Single-label: softmax, the top_k best labels
+    (top_k=1: one {label, score} dict; None: all labels). Multi-label (config.problem_type
+    'multi_label_classification', or multi_label=True): sigmoid, every label scoring at least
+    ``threshold``, best first. overflow='split' averages a long text's logits over its windows."""
+
+    name = "classify"
+    model_class = modeling.DistilBertForSequenceClassification
+
+    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, **kw):
+        super().__init__(config, tokenizer, **kw)
+        _check_positive_int("top_k", top_k, allow_none=True)
+        if multi_label is None:
+            multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
+        self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
+        self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
+                       for i in range(config.num_labels)]
+
+    def forward(self, model, inputs):
+        logits = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).logits
+        return {"logits": logits.float()}  # (batch, num_labels)
+
+    def split(self, host, batch):
+        return list(host["logits"])
+
+    def combine(self, item, rows, values, enc, text, pair):
+        logits = torch.from_numpy(np.mean(values, axis=0, dtype=np.float32) if len(values) > 1 else values[0])
+        if self.multi_label:
+            scores = torch.sigmoid(logits)
+            order = [int(i) for i in torch.argsort(scores, descending=True, stable=True) if scores[i] >= self.threshold]
+            order = order[: self.top_k] if self.top_k else order
+            return [{"label": self.labels[i], "score": float(scores[i])} for i in order]
+        scores = torch.softmax(logits, dim=0)
+        order = torch.argsort(scores, descending=True, stable=True)[: self.top_k or len(self.labels)].tolist()
+        found = [{"label": self.labels[i], "score": float(scores[i])} for i in order]
+        return found[0] if self.top_k == 1 else found
+
+
+class Tag(Task):
+    """Token classification aggregated to words: a list of {word, start, end, label, score}, start
+    and end code point offsets into the text. ``aggregation``: 'first' (the word's first sub-token
+    decides), 'average' (sub-token probabilities averaged), 'max' (the most confident sub-token).
+    Long texts are split into windows overlapping by ``stride`` tokens; a word is read from the
+    window where its first token lies farthest from the window's edges."""
+
+    name = "tag"
+    model_class = modeling.DistilBertForTokenClassification
+    overflow = "split"
+    stride = 32
+
+    def __init__(self, config, tokenizer, aggregation="first", **kw):
+        super().__init__(config, tokenizer, **kw)
+        _check_choice("aggregation", aggregation, AGGREGATIONS)
+        self.aggregation = aggregation
+        self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
+                       for i in range(config.num_labels)]
+
+    def encode(self, tokenizer, texts, pairs):
+        split = self.overflow == "split"
+        return encode_packed(tokenizer, texts, None, max_length=self.max_length, stride=self.stride if split else 0,
+                             overflow=split, offsets=True, word_ids=True)
+
+    def forward(self, model, inputs):
+        logits = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).logits
+        return {"probs": torch.softmax(logits.float(), dim=-1)}  # (total, num_labels)
+
+    def split(self, host, batch):
+        return np.split(host["probs"], batch.cu_seqlens[1:-1])
+
+    def combine(self, item, rows, values, enc, text, pair):
+        best = {}  # word -> (margin, row position, token indices within the row)
+        for k, row in enumerate(rows):
+            lo, hi = enc.cu[row], enc.cu[row + 1]
+            words = enc.word_ids[lo:hi]
+            tokens_of = {}
+            for t, w in enumerate(words.tolist()):
+                if w >= 0:
+                    tokens_of.setdefault(w, []).append(t)
+            for w, tokens in tokens_of.items():
+                margin = min(tokens[0], hi - lo - 1 - tokens[0])
+                if w not in best or margin > best[w][0]:
+                    best[w] = (margin, k, tokens)
+        out = []
+        for w in sorted(best):
+            _, k, tokens = best[w]
+            probs = values[k][tokens]  # (sub-tokens, num_labels)
+            if self.aggregation == "first":
+                p = probs[0]
+            elif self.aggregation == "average":
+                p = probs.mean(0)
+            else:
+                p = probs[int(probs.max(1).argmax())]
+            label = int(p.argmax())
+            base = enc.cu[rows[k]]
+            start, end = int(enc.offsets[base + tokens[0]][0]), int(enc.offsets[base + tokens[-1]][1])
+            out.append({"word": text[start:end], "start": start, "end": end, "label": self.labels[label],
+                        "score": float(p[label])})
+        return out
+
+
+class FillMask(Task):
+    """For each [MASK] of a text, the top_k tokens: a list (one per mask, in text order) of lists
+    of {token, token_str, score}. The vocabulary head runs on the masked positions only."""
+
+    name = "fill-mask"
+    model_class = modeling.DistilBertForMaskedLM
+
+    def __init__(self, config, tokenizer, top_k=5, **kw):
+        super().__init__(config, tokenizer, **kw)
+        _check_positive_int("top_k", top_k)
+        self.top_k = min(top_k, config.vocab_size)
+        self.mask_id = tokenizer.mask_token_id
+        self.tokens = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+
+    def forward(self, model, inputs):
+        hidden = run_packed(model.distilbert, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
+        logits = masked_lm_logits(model, hidden[inputs.mask_positions])  # (masks, vocab_size)
+        scores, ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        return {"scores": scores, "ids": ids}
+
+    def split(self, host, batch):
+        row_of_mask = batch.row_of_token()[np.nonzero(batch.ids == self.mask_id)[0]]
+        per_row = [[] for _ in batch.rows]
+        for m, r in enumerate(row_of_mask.tolist()):
+            per_row[r].append([{"token": int(i), "token_str": self.tokens[i], "score": float(s)}
+                               for i, s in zip(host["ids"][m].tolist(), host["scores"][m].tolist())])
+        return per_row
+
+    def combine(self, item, rows, values, enc, text, pair):
+        return [found for value in values for found in value]
+
+
+def masked_lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """DistilBertForMaskedLM's head on some rows of hidden states (rows, dim) -> (rows, vocab),
+    with the ops its forward uses."""
+    backend = model.config.backend
+    h = bias_activation(linear(hidden, model.vocab_transform.weight, backend=backend), model.vocab_transform.bias,
+                        model.activation, backend=backend)
+    norm = model.vocab_layer_norm
+    h = residual_layernorm(h, None, norm.weight, norm.bias, norm.eps, backend=backend)
+    return modeling._project(model.vocab_projector, h, backend)
+
+
+class QuestionAnswering(Task):
+    """Answer spans for (question, context) pairs: top_k (default 1: one dict) of {answer, start,
+    end, score}, start and end code point offsets into the context. Contexts longer than
+    ``max_length`` are split into windows overlapping by ``stride`` tokens; score = p(start) *
+    p(end), each a softmax over the window's context tokens; the best span over all windows wins,
+    at most ``max_answer_len`` tokens long."""
+
+    name = "qa"
+    model_class = modeling.DistilBertForQuestionAnswering
+    needs_pairs = True
+    default_max_length = 384
+    overflow = "split"
+    stride = 128
+
+    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, **kw):
+        super().__init__(config, tokenizer, **kw)
+        if self.overflow != "split":
+            raise ValueError("qa always splits long contexts into windows: overflow must be 'split'")
+        _check_positive_int("top_k", top_k)
+        _check_positive_int("max_answer_len", max_answer_len)
+        self.top_k, self.max_answer_len = top_k, max_answer_len
+
+    def encode(self, tokenizer, texts, pairs):
+        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, truncation="only_second",
+                             stride=self.stride, overflow=True, offsets=True, sequence_ids=True)
+
+    def forward(self, model, inputs):
+        out = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen)
+        return {"start": out.start_logits.float(), "end": out.end_logits.float()}  # (total,) each
+
+    def split(self, host, batch):
+        cuts = batch.cu_seqlens[1:-1]
+        return list(zip(np.split(host["start"], cuts), np.split(host["end"], cuts)))
+
+    def combine(self, item, rows, values, enc, text, pair):
+        candidates = []  # (score, start char, end char)
+        for row, (start_logits, end_logits) in zip(rows, values):
+            lo, hi = enc.cu[row], enc.cu[row + 1]
+            context = enc.sequence_ids[lo:hi] == 1
+            if not context.any():
+                continue
+            for score, s, e in best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k):
+                candidates.append((score, int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1])))
+        candidates.sort(key=lambda c: -c[0])
+        found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for score, s, e in candidates[: self.top_k]]
+        if self.top_k == 1:
+            return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        return found
+
+
+def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int):
+    """The top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
+    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens."""
+    idx = np.nonzero(context)[0]
+    p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[idx])
+    p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[idx])
+    scores = np.outer(p_start, p_end)  # (context, context): [i, j] = span idx[i]..idx[j]
+    gap = idx[None, :] - idx[:, None]
+    scores[(gap < 0) | (gap >= max_answer_len)] = -1.0
+    flat = np.argsort(-scores, axis=None, kind="stable")[:top_k]
+    return [(float(scores.flat[f]), int(idx[f // len(idx)]), int(idx[f % len(idx)]))
+            for f in flat if scores.flat[f] >= 0]
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+TASKS = {task.name: task for task in (Embed, Classify, Tag, FillMask, QuestionAnswering)}

@@ -1,0 +1,182 @@
+"""Beyond one device: a process per device, torchrun shards, and a Ray Data adapter.
+
+- ``WorkerPool(path, options, devices)``: one worker process per device (each loads the model
+  itself); the main process reads the input, hands windows of it to the workers round-robin (at
+  most two in flight per worker, so memory stays bounded) and yields the results in input order.
+  ``devices``: 'all' (every GPU; without one, one worker per CPU core), a count, or a list of
+  device names. CPU workers share the cores: each gets cores / workers torch threads.
+- ``torchrun_rank()``: (rank, world_size, local_rank) from torchrun's environment; the CLI gives
+  each rank the input records with ordinal % world_size == rank and its own output part.
+- ``RayPredictor``: a callable class for ``ray.data.Dataset.map_batches`` (an actor pool; pass
+  ``num_gpus=1`` per actor on GPUs).
+"""
+
+import multiprocessing
+import os
+import queue
+
+import numpy as np
+import torch
+
+from .engine import InferenceEngine, _chunks
+
+
+def torchrun_rank() -> tuple[int, int, int]:
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def resolve_devices(devices) -> list[str]:
+    if devices == "all":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"] * (os.cpu_count() or 1)
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        n = int(devices)
+        if n < 1:
+            raise ValueError(f"devices must be at least 1, got {n}")
+        if torch.cuda.is_available():
+            if n > torch.cuda.device_count():
+                raise ValueError(f"devices={n} but only {torch.cuda.device_count()} GPUs are visible")
+            return [f"cuda:{i}" for i in range(n)]
+        return ["cpu"] * n
+    if isinstance(devices, str):
+        devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if not devices or not all(isinstance(d, str) for d in devices):
+        raise ValueError(f"devices must be 'all', a count or a list of device names, got {devices!r}")
+    return list(devices)
+
+
+def _worker(path, options, device, threads, inbox, outbox):
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        engine = InferenceEngine.from_pretrained(path, device=device, **{**options, "progress": False})
+        outbox.put(("ready", None, None))
+    except BaseException as exc:  # reported to the parent
+        outbox.put(("error", None, repr(exc)))
+        return
+    while True:
+        job = inbox.get()
+        if job is None:
+            return
+        seq, chunk = job
+        try:
+            outbox.put(("ok", seq, engine(chunk)))
+        except BaseException as exc:
+            outbox.put(("error", seq, repr(exc)))
+
+
+class WorkerPool:
+    """Results of ``InferenceEngine`` over many devices, in input order (see the module doc)."""
+
+    def __init__(self, path, options: dict, devices):
+        self.devices = resolve_devices(devices)
+        cpu_workers = sum(d == "cpu" for d in self.devices)
+        threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
+        self.window = options.get("window") or 2048
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self._outbox = ctx.Queue()
+        self._inboxes, self._procs = [], []
+        for device in self.devices:
+            inbox = ctx.Queue()
+            proc = ctx.Process(target=_worker, daemon=True,
+                               args=(path, options, device, threads if device == "cpu" else None, inbox, self._outbox))
+            proc.start()
+            self._inboxes.append(inbox)
+            self._procs.append(proc)
+        for _ in self._procs:
+            kind, _, payload = self._get()
+            if kind == "error":
+                self.close()
+                raise RuntimeError(f"a worker failed to start: {payload}")
+
+    def _get(self):
+        while True:
+            try:
+                return self._outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode})")
+
+    def stream(self, items):
+        chunks = _chunks(items, self.window)
+        in_flight, done, next_seq, sent = 0, {}, 0, 0
+        limit = 2 * len(self._procs)
+        exhausted = False
+        while True:
+            while not exhausted and in_flight < limit:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                self._inboxes[sent % len(self._inboxes)].put((sent, chunk))
+                sent += 1
+                in_flight += 1
+            if next_seq == sent and exhausted:
+                return
+            while next_seq not in done:
+                kind, seq, payload = self._get()
+                if kind == "error":
+                    raise RuntimeError(f"a worker failed on window {seq}: {payload}")
+                done[seq] = payload
+            in_flight -= 1
+            yield from done.pop(next_seq)
+            next_seq += 1
+
+    def close(self):
+        for inbox in self._inboxes:
+            inbox.put(None)
+        for proc in self._procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+        self._procs, self._inboxes = [], []
+
+
+class _SingleRunner:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def stream(self, items):
+        return self.engine.stream(items)
+
+    def close(self):
+        pass
+
+
+def make_runner(path, options: dict, device=None, devices=None):
+    """An object with ``stream(items)`` and ``close()``: one engine here, or a WorkerPool."""
+    if devices is not None and devices != "1":
+        return WorkerPool(path, options, devices)
+    return _SingleRunner(InferenceEngine.from_pretrained(path, device=device, **options))
+
+
+class RayPredictor:
+    """For ``ds.map_batches(RayPredictor, fn_constructor_kwargs={"path": ..., "task": "embed"},
+    concurrency=n, batch_format="numpy")`` (add ``num_gpus=1`` on GPUs): reads ``column`` (and
+    ``pair_column``), adds ``output_column`` (embeddings as a (rows, dim) array; other tasks' results
+    as JSON strings, which every Ray format can hold)."""
+
+    def __init__(self, path, task="embed", column="text", pair_column=None, output_column=None, device=None,
+                 **options):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.engine = InferenceEngine.from_pretrained(path, task=task, device=device, progress=False, **options)
+        self.task, self.column, self.pair_column = task, column, pair_column
+        self.output_column = output_column or {"embed": "embedding"}.get(task, "result")
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch[self.column]]
+        pairs = None if self.pair_column is None else [str(t) for t in batch[self.pair_column]]
+        results = self.engine(texts, pairs)
+        if self.task == "embed":
+            batch[self.output_column] = np.stack(results) if results else np.zeros((0, 0), np.float32)
+        else:
+            import json
+
+            from .io import to_json
+
+            batch[self.output_column] = np.array([json.dumps(to_json(r), ensure_ascii=False) for r in results])
+        return batch

