@@ -229,7 +229,9 @@ def test_no_active_adapter_and_merged_lora_cost_nothing():
     assert_close(model(x).last_hidden_state, unmerged, atol=1e-5)
     model.reset_adapter()
     assert_close(model.distilbert.transformer.layer[0].attention.q_lin.weight, weight, atol=1e-6)
-    assert_close(model(x).last_hidden_state, unmerged, atol=1e-6)
+    # reset subtracts the merged delta again (as PEFT and the adapters package do): the weights
+    # come back within float32 rounding, and the output within the merge's own tolerance above
+    assert_close(model(x).last_hidden_state, unmerged, atol=1e-5)
 
 
 def test_adapter_names_overrides_the_active_setup_for_one_call():

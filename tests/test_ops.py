@@ -750,22 +750,31 @@ def test_head_mask_is_cast_to_the_attention_dtype():
 def test_linear_bias_is_cast_to_x_dtype(op, backend):
     """Under autocast a Linear's output is half while its bias parameter stays float32: the op
     computes in x's dtype, and the bias gradient comes back in float32. eager matches the bf16
-    composite exactly; a fused backend (no bf16 rounding of x + bias inside) within 2 bf16 ulps."""
+    composite exactly; a fused backend (no bf16 rounding of x + bias inside) is held to the
+    2x-reference-error rule against float64 (torch's own bf16 LayerNorm rounds differently from
+    one release to the next: 2.11's is 1 ulp off 2.13's on one of these 48 elements)."""
     skip_unless_runs(backend, torch.bfloat16)
     x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
     bias = torch.randn(8, requires_grad=True)
     if op == "bias_activation":
+        def composite(x, bias):
+            return torch.nn.functional.gelu(x + bias)
+
         y = ops.bias_activation(x, bias, "gelu", backend=backend)
-        expected = torch.nn.functional.gelu(x + bias.detach().to(torch.bfloat16))
     else:
         w, b = torch.ones(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16)
+
+        def composite(x, bias):
+            return torch.nn.functional.layer_norm(x + bias, (8,), w.to(x.dtype), b.to(x.dtype), 1e-12)
+
         y = ops.residual_layernorm(x, None, w, b, x_bias=bias, backend=backend)
-        expected = torch.nn.functional.layer_norm(x + bias.detach().to(torch.bfloat16), (8,), w, b, 1e-12)
+    bias_d = bias.detach().to(torch.bfloat16)
+    expected = composite(x, bias_d)
     assert y.dtype == torch.bfloat16
     if backend == "eager":
         assert torch.equal(y, expected)
     else:
-        assert_close(y, expected, atol=1e-3, rtol=2**-7, name="y")
+        assert_within_reference_error("y", y, expected, composite(x.double(), bias_d.double()), torch.bfloat16)
     y.float().sum().backward()
     assert bias.grad.dtype == torch.float32
 
