@@ -175,8 +175,8 @@ def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch
 
 
 def test_model_on_cpu_backend_compiles():
-    """torch.compile of the model on the cpu backend: the float32 GEMMs go back to F.linear while
-    compiling (Inductor cannot lower the oneDNN op as we call it), the kernels are graph breaks."""
+    """torch.compile of the model on the cpu backend: the kernels and the oneDNN GEMMs are opaque
+    custom ops (ops.custom); test_compile_export checks fullgraph and the other tracers."""
     torch._dynamo.reset()
     config = distilbert_fast.DistilBertConfig(**{**SMALL_CONFIG, "n_layers": 1})
     model = distilbert_fast.DistilBertModel(config).set_backend("cpu").eval()

@@ -43,7 +43,7 @@ def tracing() -> bool:
         torch.compiler.is_compiling()
         or (exporting is not None and exporting())
         or torch.jit.is_tracing()
-        or torch.fx._symbolic_trace.is_fx_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
 
 
