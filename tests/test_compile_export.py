@@ -7,8 +7,6 @@ registration) and the input checks, which stay in eager mode and are skipped und
 Small models (SMALL_CONFIG, one or two layers) keep the compile times short.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -267,10 +265,16 @@ def test_tracing_is_false_in_eager_mode_and_true_under_each_tracer():
         assert module(x).item() == 1, name
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in CPU_BACKENDS,
-                    reason="triton on CPU needs its interpreter")
-def test_triton_backend_stays_observable_under_compile():
-    model = small_model(backend="triton")
+@pytest.mark.parametrize("backend", FUSED)
+def test_backend_stays_observable_under_compile(backend):
+    """last_backend() is recorded while tracing, and again (dynamo replays the side effect) at each
+    call of the compiled graph."""
+    model = small_model(backend=backend)
     ids, mask = inputs()
-    torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, attention_mask=mask)
-    assert {ops.last_backend(op) for op in ("masked_attention", "residual_layernorm")} == {"triton"}
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(input_ids=ids, attention_mask=mask)
+    ops.backends._last.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(input_ids=ids, attention_mask=mask)  # the same graph, not a retrace
+    assert ops.last_backend() == {op: backend for op in ("masked_attention", "residual_layernorm",
+                                                         "linear_activation", "linear")}
