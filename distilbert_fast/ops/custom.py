@@ -448,6 +448,7 @@ _linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 def linear(x, weight, bias, impl):
     """A backend that keeps Backend.linear (F.linear) is traced as F.linear; one with its own
     GEMM is one opaque node. Under autocast F.linear itself, which casts as autocast wants."""
-    if impl.traceable or type(impl).linear is backends.Backend.linear or torch.is_autocast_enabled(x.device.type):
+    own_gemm = type(impl).linear is not backends.Backend.linear
+    if impl.traceable or not own_gemm or torch.is_autocast_enabled(x.device.type):
         return torch.nn.functional.linear(x, weight, bias)
     return _linear(x, weight, bias, impl.name)

@@ -11,7 +11,8 @@ F.linear by default, or the backend's own Function around another GEMM.
 
 Each other wrapper checks its arguments (errors name the argument and what was expected), picks the
 backend for this call (see ``backends``) and applies the op's Function, which hands forward and
-backward to that backend.
+backward to that backend. Under a tracer (torch.compile, export, jit.trace) every wrapper, linear
+included, takes the op's custom-op form instead (``custom``): one graph node per op.
 """
 
 import torch
@@ -84,8 +85,9 @@ class MaskedAttentionFunction(torch.autograd.Function):
         _first_order_only("masked_attention")
         if grad_out is None:
             grad_out = torch.zeros_like(ctx.saved_tensors[0])  # q
+        saved = rebuild_saved(ctx.saved_kind, ctx.saved_tensors)
         dq, dk, dv, dhead_mask = ctx.backend.attention_backward(
-            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, grad_weights, ctx.needs_input_grad
+            saved, ctx.state, grad_out, grad_weights, ctx.needs_input_grad
         )
         grads = _cast_grads((dq, dk, dv, None, dhead_mask), ctx.input_dtypes)
         return (*grads, None, None, None, None)
@@ -226,7 +228,8 @@ def residual_layernorm(
     _check_dropout(dropout_p)
     impl = resolve_backend("residual_layernorm", x, backend)
     if custom.tracing():
-        return custom.residual_layernorm(x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl)
+        return custom.residual_layernorm(
+            x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl)
     return ResidualLayerNormFunction.apply(
         x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl
     )
