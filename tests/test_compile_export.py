@@ -267,8 +267,8 @@ def test_tracing_is_false_in_eager_mode_and_true_under_each_tracer():
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_backend_stays_observable_under_compile(backend):
-    """last_backend() is recorded while tracing, and again (dynamo replays the side effect) at each
-    call of the compiled graph."""
+    """last_backend() is recorded by the custom ops at each call of the compiled graph, and
+    clearing it does not make dynamo recompile."""
     model = small_model(backend=backend)
     ids, mask = inputs()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -276,5 +276,7 @@ def test_backend_stays_observable_under_compile(backend):
     ops.backends._last.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(input_ids=ids, attention_mask=mask)  # the same graph, not a retrace
-    assert ops.last_backend() == {op: backend for op in ("masked_attention", "residual_layernorm",
-                                                         "linear_activation", "linear")}
+    # linear only where the backend has its own GEMM (cpu); F.linear is inlined, not an op
+    recorded = ("masked_attention", "residual_layernorm", "linear_activation") + (
+        ("linear",) if backend == "cpu" else ())
+    assert ops.last_backend() == {op: backend for op in recorded}

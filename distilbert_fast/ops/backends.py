@@ -218,9 +218,11 @@ def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None)
 
 
 def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
-    _last[op] = backend.name  # under torch.compile: replayed at every call of the compiled graph
     if torch.compiler.is_compiling():
-        return backend  # dynamo cannot trace logging calls without a graph break
+        # dynamo would guard on _last's keys (recompiling when they change) and cannot trace the
+        # logging calls: the custom ops record what ran at run time instead (custom.py)
+        return backend
+    _last[op] = backend.name
     key = (op, tensor.device.type)
     if _logged.get(key) != backend.name and logger.isEnabledFor(logging.DEBUG):
         logger.debug("%s on %s runs on backend %r", op, tensor.device.type, backend.name)

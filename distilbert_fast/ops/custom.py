@@ -141,89 +141,147 @@ def _backend(name: str) -> backends.Backend:
     return backends._registry[name]
 
 
-def _needs(ctx, indices) -> list[bool]:
-    return [bool(ctx.needs_input_grad[i]) for i in indices]
+def recomputed_op(name: str, args: str, returns: str, apply, forward, fake, grad_args: tuple):
+    """Registers ``distilbert_fast::<name>`` and its backward op ``<name>_backward``; returns the
+    forward op, whose outputs are ``returns`` plus the RNG state (a Tensor[], empty without dropout).
+
+    args: the op's schema arguments, ending in ``str backend``; a ``float dropout_p`` among them
+    makes the forward save the RNG state. forward(backend, *args) -> the outputs, run by the op
+    under no_grad; fake(*args) -> the same outputs' fakes (shapes and dtypes from the inputs).
+    apply(*args, backend): the op's eager-mode path (its autograd Function's apply); the backward
+    op re-runs it on the saved inputs and differentiates it. grad_args: the arguments that get
+    gradients, by name.
+    """
+    arg_names = [a.split()[-1] for a in args.split(", ")]
+    tensor_names = [n for a, n in zip(args.split(", "), arg_names) if a.startswith("Tensor")]
+    grad_index = [arg_names.index(n) for n in grad_args]
+    dropout_index = arg_names.index("dropout_p") if "dropout_p" in arg_names else None
+
+    def rng_args(op_args):
+        device = op_args[arg_names.index(tensor_names[0])].device
+        return device, (op_args[dropout_index] if dropout_index is not None else 0.0)
+
+    def impl(*op_args):
+        backends._last[name] = op_args[-1]  # last_backend(), at each call of a compiled graph
+        rng = _rng_state(*rng_args(op_args))
+        with torch.no_grad():
+            outputs = forward(_backend(op_args[-1]), *op_args[:-1])
+        return (*(o.contiguous() for o in outputs), rng)
+
+    def fake_impl(*op_args):
+        return (*(_empty_like(o) for o in fake(*op_args[:-1])), _fake_rng_state(*rng_args(op_args)))
+
+    op = torch.library.custom_op(f"distilbert_fast::{name}", impl, mutates_args=(),
+                                 schema=f"({args}) -> ({returns}, Tensor[])")
+    op.register_fake(fake_impl)
+
+    def backward_impl(grad_outputs, *rest):
+        *op_args, rng, needs = rest
+        backend = _backend(op_args[-1])
+
+        def run(**leaves):
+            call = list(op_args[:-1])
+            for i, n in zip(grad_index, grad_args):
+                call[i] = leaves[n]
+            return apply(*call, backend)
+
+        inputs = {n: op_args[i] for i, n in zip(grad_index, grad_args)}
+        return _recompute_grads(run, inputs, needs, grad_outputs, rng, rng_args(op_args)[0])
+
+    def backward_fake(grad_outputs, *rest):
+        *op_args, rng, needs = rest
+        return _fake_grads([op_args[i] for i in grad_index], needs)
+
+    backward_op = torch.library.custom_op(
+        f"distilbert_fast::{name}_backward", backward_impl, mutates_args=(),
+        schema=f"(Tensor?[] grad_outputs, {args}, Tensor[] rng, bool[] needs) -> Tensor[]")
+    backward_op.register_fake(backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        _save(ctx, **{n: inputs[arg_names.index(n)] for n in tensor_names})
+        ctx.other_args = {n: v for n, v in zip(arg_names, inputs) if n not in tensor_names}
+        ctx.rng = output[-1]
+
+    def grad(ctx, *grads):
+        values = {**_saved(ctx), **ctx.other_args}
+        op_args = [values[n] for n in arg_names]
+        needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in grad_index]
+        grads = backward_op(list(grads[:-1]), *op_args, list(ctx.rng), needs)
+        result = [None] * len(arg_names)
+        it = iter(grads)
+        for i, need in zip(grad_index, needs):
+            if need:
+                result[i] = next(it)
+        return tuple(result)
+
+    op.register_autograd(grad, setup_context=setup_context)
+    return op
 
 
-def _scatter(grads: list[Tensor], needs: list[bool], indices, n_inputs: int) -> tuple:
-    """The backward's per-input tuple: ``grads`` (one per True in ``needs``) at ``indices``."""
-    out = [None] * n_inputs
-    it = iter(grads)
-    for i, need in zip(indices, needs):
-        if need:
-            out[i] = next(it)
-    return tuple(out)
+# -- the hot ops ---------------------------------------------------------------------------------
+def _attention_forward(impl, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
+    impl = backends.attention_runner(impl, need_weights)
+    (out, weights), _, _ = impl.attention_forward(
+        q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
+    return out, (weights if need_weights else q.new_empty(0))
 
 
-# -- masked attention ----------------------------------------------------------------------------
-@torch.library.custom_op("distilbert_fast::masked_attention", mutates_args=())
-def _masked_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, head_mask: Tensor | None,
-    dropout_p: float, scale: float, need_weights: bool, backend: str,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    rng = _rng_state(q.device, dropout_p)
-    impl = backends.attention_runner(_backend(backend), need_weights)
-    with torch.no_grad():
-        (out, weights), _, _ = impl.attention_forward(
-            q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
-    weights = weights.contiguous() if need_weights else q.new_empty(0)
-    return out.contiguous(), weights, rng
-
-
-@_masked_attention.register_fake
-def _(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, backend):
+def _attention_fake(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
     batch, heads, seq, _ = q.shape
-    weights = q.new_empty((batch, heads, seq, seq) if need_weights else (0,))
-    return _empty_like(q), weights, _fake_rng_state(q.device, dropout_p)
+    return q, q.new_empty((batch, heads, seq, seq) if need_weights else (0,))
 
 
-_ATTENTION_GRAD_INPUTS = (0, 1, 2, 4)  # q, k, v, head_mask
+_masked_attention = recomputed_op(
+    "masked_attention",
+    "Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? head_mask, float dropout_p, "
+    "float scale, bool need_weights, str backend",
+    "Tensor, Tensor",
+    lambda *a: functional.MaskedAttentionFunction.apply(*a),
+    _attention_forward,
+    _attention_fake,
+    grad_args=("q", "k", "v", "head_mask"),
+)
+
+_bias_activation = recomputed_op(
+    "bias_activation", "Tensor x, Tensor? bias, str activation, str backend", "Tensor",
+    lambda *a: functional.BiasActivationFunction.apply(*a),
+    lambda impl, x, bias, activation: impl.bias_activation_forward(x, bias, activation)[:1],
+    lambda x, bias, activation: (x,),
+    grad_args=("x", "bias"),
+)
 
 
-def _masked_attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, backend = inputs
-    _save(ctx, q=q, k=k, v=v, key_padding_mask=key_padding_mask, head_mask=head_mask)
-    ctx.rng = output[2]
-    ctx.args = (dropout_p, scale, need_weights, backend)
+def _layernorm_fake(x, residual, weight, bias, eps, x_bias, dropout_p):
+    # the output dtype is the eager backend's (promotion with the residual; float32 under CUDA
+    # autocast): every backend matches it
+    eager = backends.eager()
+    return eager.residual_layernorm_forward(x, residual, weight, bias, eps, x_bias, 0.0)[:1]
 
 
-def _masked_attention_grad(ctx, grad_out, grad_weights, _grad_rng):
-    saved = _saved(ctx)
-    needs = _needs(ctx, _ATTENTION_GRAD_INPUTS)
-    needs[3] = needs[3] and saved["head_mask"] is not None
-    grads = _masked_attention_backward(
-        grad_out, grad_weights if ctx.args[2] else None, saved["q"], saved["k"], saved["v"],
-        saved["key_padding_mask"], saved["head_mask"], list(ctx.rng), *ctx.args, needs)
-    return _scatter(grads, needs, _ATTENTION_GRAD_INPUTS, 9)
+_residual_layernorm = recomputed_op(
+    "residual_layernorm",
+    "Tensor x, Tensor? residual, Tensor weight, Tensor bias, float eps, Tensor? x_bias, "
+    "float dropout_p, str backend",
+    "Tensor", lambda *a: functional.ResidualLayerNormFunction.apply(*a),
+    lambda impl, *args: impl.residual_layernorm_forward(*args)[:1],
+    _layernorm_fake,
+    grad_args=("x", "residual", "weight", "bias", "x_bias"),
+)
+
+_linear_activation = recomputed_op(
+    "linear_activation", "Tensor x, Tensor weight, Tensor? bias, str activation, str backend", "Tensor",
+    lambda *a: functional.LinearActivationFunction.apply(*a),
+    # needs_grad=False: this forward saves nothing (the backward recomputes), so a backend may
+    # take its inference path
+    lambda impl, x, weight, bias, activation: impl.linear_activation_forward(
+        x, weight, bias, activation, False)[:1],
+    lambda x, weight, bias, activation: (x.new_empty((*x.shape[:-1], weight.shape[0])),),
+    grad_args=("x", "weight", "bias"),
+)
 
 
-@torch.library.custom_op("distilbert_fast::masked_attention_backward", mutates_args=())
-def _masked_attention_backward(
-    grad_out: Tensor, grad_weights: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
-    key_padding_mask: Tensor | None, head_mask: Tensor | None, rng: list[Tensor],
-    dropout_p: float, scale: float, need_weights: bool, backend: str, needs: list[bool],
-) -> list[Tensor]:
-    impl = _backend(backend)
-
-    def run(q, k, v, head_mask):
-        return functional.MaskedAttentionFunction.apply(
-            q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, impl)
-
-    return _recompute_grads(run, dict(q=q, k=k, v=v, head_mask=head_mask), needs,
-                            (grad_out, grad_weights), rng, q.device)
-
-
-@_masked_attention_backward.register_fake
-def _(grad_out, grad_weights, q, k, v, key_padding_mask, head_mask, rng, dropout_p, scale,
-      need_weights, backend, needs):
-    return _fake_grads([q, k, v, head_mask], needs)
-
-
-_masked_attention.register_autograd(_masked_attention_grad, setup_context=_masked_attention_setup)
-
-
+# The traced forms of functional's wrappers (arguments already checked there).
 def masked_attention(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, impl):
-    """The traced form of ``functional.masked_attention`` (arguments already checked)."""
     if impl.traceable:
         (out, weights), _, _ = impl.attention_forward(
             q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
@@ -233,121 +291,10 @@ def masked_attention(q, k, v, key_padding_mask, head_mask, dropout_p, scale, nee
     return out, (weights if need_weights else None)
 
 
-# -- bias + activation ---------------------------------------------------------------------------
-@torch.library.custom_op("distilbert_fast::bias_activation", mutates_args=())
-def _bias_activation(x: Tensor, bias: Tensor | None, activation: str, backend: str) -> Tensor:
-    with torch.no_grad():
-        y, _, _ = _backend(backend).bias_activation_forward(x, bias, activation)
-    return y.contiguous()
-
-
-@_bias_activation.register_fake
-def _(x, bias, activation, backend):
-    return _empty_like(x)
-
-
-def _bias_activation_setup(ctx, inputs, output):
-    x, bias, activation, backend = inputs
-    _save(ctx, x=x, bias=bias)
-    ctx.args = (activation, backend)
-
-
-def _bias_activation_grad(ctx, grad_out):
-    saved = _saved(ctx)
-    needs = _needs(ctx, (0, 1))
-    needs[1] = needs[1] and saved["bias"] is not None
-    grads = _bias_activation_backward(grad_out, saved["x"], saved["bias"], *ctx.args, needs)
-    return _scatter(grads, needs, (0, 1), 4)
-
-
-@torch.library.custom_op("distilbert_fast::bias_activation_backward", mutates_args=())
-def _bias_activation_backward(
-    grad_out: Tensor, x: Tensor, bias: Tensor | None, activation: str, backend: str, needs: list[bool],
-) -> list[Tensor]:
-    impl = _backend(backend)
-
-    def run(x, bias):
-        return functional.BiasActivationFunction.apply(x, bias, activation, impl)
-
-    return _recompute_grads(run, dict(x=x, bias=bias), needs, (grad_out,), [], x.device)
-
-
-@_bias_activation_backward.register_fake
-def _(grad_out, x, bias, activation, backend, needs):
-    return _fake_grads([x, bias], needs)
-
-
-_bias_activation.register_autograd(_bias_activation_grad, setup_context=_bias_activation_setup)
-
-
 def bias_activation(x, bias, activation, impl):
     if impl.traceable:
         return impl.bias_activation_forward(x, bias, activation)[0]
-    return _bias_activation(x, bias, activation, impl.name)
-
-
-# -- residual + LayerNorm ------------------------------------------------------------------------
-@torch.library.custom_op("distilbert_fast::residual_layernorm", mutates_args=())
-def _residual_layernorm(
-    x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor, eps: float,
-    x_bias: Tensor | None, dropout_p: float, backend: str,
-) -> tuple[Tensor, list[Tensor]]:
-    rng = _rng_state(x.device, dropout_p)
-    with torch.no_grad():
-        y, _, _ = _backend(backend).residual_layernorm_forward(
-            x, residual, weight, bias, eps, x_bias, dropout_p)
-    return y.contiguous(), rng
-
-
-@_residual_layernorm.register_fake
-def _(x, residual, weight, bias, eps, x_bias, dropout_p, backend):
-    # the output's dtype is what the eager backend gives (promotion with the residual; float32
-    # under CUDA autocast): every backend matches it
-    eager = backends._registry["eager"]
-    y, _, _ = eager.residual_layernorm_forward(x, residual, weight, bias, eps, x_bias, 0.0)
-    return _empty_like(y), _fake_rng_state(x.device, dropout_p)
-
-
-_LAYERNORM_GRAD_INPUTS = (0, 1, 2, 3, 5)  # x, residual, weight, bias, x_bias
-
-
-def _residual_layernorm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps, x_bias, dropout_p, backend = inputs
-    _save(ctx, x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
-    ctx.rng = output[1]
-    ctx.args = (eps, dropout_p, backend)
-
-
-def _residual_layernorm_grad(ctx, grad_out, _grad_rng):
-    saved = _saved(ctx)
-    needs = [need and saved[name] is not None for need, name in
-             zip(_needs(ctx, _LAYERNORM_GRAD_INPUTS), ("x", "residual", "weight", "bias", "x_bias"))]
-    grads = _residual_layernorm_backward(grad_out, *saved.values(), list(ctx.rng), *ctx.args, needs)
-    return _scatter(grads, needs, _LAYERNORM_GRAD_INPUTS, 8)
-
-
-@torch.library.custom_op("distilbert_fast::residual_layernorm_backward", mutates_args=())
-def _residual_layernorm_backward(
-    grad_out: Tensor, x: Tensor, residual: Tensor | None, weight: Tensor, bias: Tensor,
-    x_bias: Tensor | None, rng: list[Tensor], eps: float, dropout_p: float, backend: str,
-    needs: list[bool],
-) -> list[Tensor]:
-    impl = _backend(backend)
-
-    def run(x, residual, weight, bias, x_bias):
-        return functional.ResidualLayerNormFunction.apply(
-            x, residual, weight, bias, eps, x_bias, dropout_p, impl)
-
-    inputs = dict(x=x, residual=residual, weight=weight, bias=bias, x_bias=x_bias)
-    return _recompute_grads(run, inputs, needs, (grad_out,), rng, x.device)
-
-
-@_residual_layernorm_backward.register_fake
-def _(grad_out, x, residual, weight, bias, x_bias, rng, eps, dropout_p, backend, needs):
-    return _fake_grads([x, residual, weight, bias, x_bias], needs)
-
-
-_residual_layernorm.register_autograd(_residual_layernorm_grad, setup_context=_residual_layernorm_setup)
+    return _bias_activation(x, bias, activation, impl.name)[0]
 
 
 def residual_layernorm(x, residual, weight, bias, eps, x_bias, dropout_p, impl):
@@ -356,67 +303,16 @@ def residual_layernorm(x, residual, weight, bias, eps, x_bias, dropout_p, impl):
     return _residual_layernorm(x, residual, weight, bias, eps, x_bias, dropout_p, impl.name)[0]
 
 
-# -- linear + bias + activation ------------------------------------------------------------------
-@torch.library.custom_op("distilbert_fast::linear_activation", mutates_args=())
-def _linear_activation(
-    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, backend: str,
-) -> Tensor:
-    # needs_grad=False: this forward saves nothing (the backward recomputes), so a backend may
-    # take its inference path
-    with torch.no_grad():
-        y, _, _ = _backend(backend).linear_activation_forward(x, weight, bias, activation, False)
-    return y.contiguous()
-
-
-@_linear_activation.register_fake
-def _(x, weight, bias, activation, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _linear_activation_setup(ctx, inputs, output):
-    x, weight, bias, activation, backend = inputs
-    _save(ctx, x=x, weight=weight, bias=bias)
-    ctx.args = (activation, backend)
-
-
-def _linear_activation_grad(ctx, grad_out):
-    saved = _saved(ctx)
-    needs = _needs(ctx, (0, 1, 2))
-    needs[2] = needs[2] and saved["bias"] is not None
-    grads = _linear_activation_backward(grad_out, *saved.values(), *ctx.args, needs)
-    return _scatter(grads, needs, (0, 1, 2), 5)
-
-
-@torch.library.custom_op("distilbert_fast::linear_activation_backward", mutates_args=())
-def _linear_activation_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, activation: str, backend: str,
-    needs: list[bool],
-) -> list[Tensor]:
-    impl = _backend(backend)
-
-    def run(x, weight, bias):
-        return functional.LinearActivationFunction.apply(x, weight, bias, activation, impl)
-
-    return _recompute_grads(run, dict(x=x, weight=weight, bias=bias), needs, (grad_out,), [], x.device)
-
-
-@_linear_activation_backward.register_fake
-def _(grad_out, x, weight, bias, activation, backend, needs):
-    return _fake_grads([x, weight, bias], needs)
-
-
-_linear_activation.register_autograd(_linear_activation_grad, setup_context=_linear_activation_setup)
-
-
 def linear_activation(x, weight, bias, activation, impl):
     if impl.traceable:
         return impl.linear_activation_forward(x, weight, bias, activation, torch.is_grad_enabled())[0]
-    return _linear_activation(x, weight, bias, activation, impl.name)
+    return _linear_activation(x, weight, bias, activation, impl.name)[0]
 
 
 # -- linear --------------------------------------------------------------------------------------
 @torch.library.custom_op("distilbert_fast::linear", mutates_args=())
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> Tensor:
+    backends._last["linear"] = backend
     with torch.no_grad():
         return _backend(backend).linear(x, weight, bias).contiguous()
 
