@@ -27,6 +27,7 @@ from .ops import (
     residual_layernorm,
 )
 from .ops.backends import AUTO, check_backend_name
+from .ops.custom import tracing
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -696,8 +697,8 @@ def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}")
-    if ids.numel() == 0:
-        return
+    if ids.numel() == 0 or tracing():
+        return  # a tracer cannot branch on the values: the traced graph runs unchecked
     low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
     if low < 0 or high >= upper:
         bad = low if low < 0 else high

@@ -178,19 +178,6 @@ def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch
     assert torch.equal(with_grad.detach(), without)
 
 
-def test_model_on_cpu_backend_compiles():
-    """torch.compile of the model on the cpu backend: the float32 GEMMs go back to F.linear while
-    compiling (Inductor cannot lower the oneDNN op as we call it), the kernels are graph breaks."""
-    torch._dynamo.reset()
-    config = distilbert_fast.DistilBertConfig(**{**SMALL_CONFIG, "n_layers": 1})
-    model = distilbert_fast.DistilBertModel(config).set_backend("cpu").eval()
-    ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (2, 7))
-    with torch.no_grad():
-        expected = model(input_ids=ids).last_hidden_state
-        compiled = torch.compile(model, dynamic=False)(input_ids=ids).last_hidden_state
-    assert_close(compiled, expected, atol=1e-5)
-
-
 def test_linear_falls_back_to_torch_where_onednn_does_not_suit(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_onednn_linear", lambda *a: pytest.fail("oneDNN ran"))
     weight, bias = torch.randn(6, 8), torch.randn(6)

@@ -33,18 +33,29 @@ logger = logging.getLogger("distilbert_fast.ops")
 class Backend:
     """One implementation of the hot ops.
 
-    Each ``*_forward`` returns ``(outputs, saved_tensors, saved_state)``; the op's autograd
-    Function stores both and hands them back to the matching ``*_backward``, whose gradients may
-    come back in the compute dtype: the Function casts each to its input's dtype. ``priority`` orders
-    the ``auto`` choice (higher first).
+    The contract, per op: ``<op>_forward`` returns ``(outputs, saved, state)``: ``saved`` the
+    tensors its backward needs (a NamedTuple, so the backward reads them by name; a plain tuple
+    works too), ``state`` the non-tensor rest; the op's autograd Function stores both and hands
+    them back to ``<op>_backward``, whose gradients may come back in the compute dtype: the
+    Function casts each to its input's dtype. Bad arguments are ValueError / TypeError, raised by
+    the functional API before any backend runs. ``priority`` orders the ``auto`` choice (higher
+    first).
 
-    ``linear_activation`` (act(x @ W^T + b), the first FFN matmul with its epilogue) has a
-    default here built from torch's matmul and the backend's own bias_activation, so a backend
-    only overrides it when it has a fused kernel.
+    Defaults, declared here once: a backend implements the ops it has kernels for, and every op
+    it does not override runs the eager backend's code (forward and backward) on the same
+    tensors. ``linear`` defaults to ``F.linear``, and ``linear_activation`` to this backend's
+    ``linear`` followed by its own bias_activation, so a backend overrides it only with a fused
+    kernel. Attention that must return its (seq x seq) weights (``need_weights=True``) runs on
+    eager unless the backend sets ``attention_weights`` (fused attention never forms them).
     """
 
     name = "?"
     priority = 0
+    # True for a backend whose forwards are plain torch (eager): under a tracer they are inlined
+    # and differentiated by torch; the others run as opaque custom ops (see ``custom``).
+    traceable = False
+    # Whether attention_forward can return the attention weights (need_weights=True).
+    attention_weights = False
 
     def unsupported_reason(self, tensor: torch.Tensor) -> str | None:
         """None if this backend can run on ``tensor``'s device and dtype, else why not."""
@@ -56,22 +67,22 @@ class Backend:
         return True
 
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
-        raise NotImplementedError
+        return eager().attention_forward(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
-        raise NotImplementedError
+        return eager().attention_backward(saved_tensors, saved_state, grad_out, grad_weights, needs_grad)
 
     def bias_activation_forward(self, x, bias, activation):
-        raise NotImplementedError
+        return eager().bias_activation_forward(x, bias, activation)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        raise NotImplementedError
+        return eager().bias_activation_backward(saved_tensors, saved_state, grad_out, needs_grad)
 
     def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
-        raise NotImplementedError
+        return eager().residual_layernorm_forward(x, residual, weight, bias, eps, x_bias, dropout_p)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        raise NotImplementedError
+        return eager().residual_layernorm_backward(saved_tensors, saved_state, grad_out, needs_grad)
 
     def linear(self, x, weight, bias):
         """x @ weight^T + bias (the model's projections without an activation) on this backend's
@@ -86,17 +97,36 @@ class Backend:
         without it)."""
         h = self.linear(x, weight, None)  # (..., out_features)
         y, saved, state = self.bias_activation_forward(h, bias, activation)
-        return y, (x, weight, *saved), state
+        return y, (x, weight, *saved), (type(saved), state)
 
     def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         """(dx, dweight, dbias): this backend's bias_activation_backward gives d(x @ W^T) and
         dbias, then the matmul gradients (``linear_grads``)."""
         x, weight, *saved = saved_tensors
+        saved_kind, state = saved_state
         # indexed like BiasActivationFunction's inputs: (h, bias, activation, backend)
         inner_needs = (needs_grad[0] or needs_grad[1], needs_grad[2], False, False)
-        dh, dbias = self.bias_activation_backward(tuple(saved), saved_state, grad_out, inner_needs)
+        dh, dbias = self.bias_activation_backward(
+            rebuild_saved(saved_kind, saved), state, grad_out, inner_needs)
         dx, dweight = linear_grads(x, weight, dh, needs_grad[0], needs_grad[1])
         return dx, dweight, dbias
+
+
+def rebuild_saved(kind: type, tensors) -> tuple:
+    """The saved tensors as the forward returned them: its NamedTuple ``kind`` (read by name), or
+    a plain tuple."""
+    return kind._make(tensors) if hasattr(kind, "_make") else tuple(tensors)
+
+
+def eager() -> Backend:
+    """The eager backend: the specification, and the code of every op a backend lacks."""
+    return _registry["eager"]
+
+
+def attention_runner(backend: Backend, need_weights: bool) -> Backend:
+    """The backend whose code runs an attention call: ``backend``, or eager when the call needs
+    the (seq x seq) weights and ``backend`` never forms them (fused attention)."""
+    return eager() if need_weights and not backend.attention_weights else backend
 
 
 def linear_grads(x, weight, dh, need_dx, need_dweight):
@@ -188,6 +218,10 @@ def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None)
 
 
 def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
+    if torch.compiler.is_compiling():
+        # dynamo would guard on _last's keys (recompiling when they change) and cannot trace the
+        # logging calls: the custom ops record what ran at run time instead (custom.py)
+        return backend
     _last[op] = backend.name
     key = (op, tensor.device.type)
     if _logged.get(key) != backend.name and logger.isEnabledFor(logging.DEBUG):

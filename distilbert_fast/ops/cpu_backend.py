@@ -14,7 +14,7 @@ extension ``distilbert_fast._C``.
   Training and inference take the same forward, so their outputs agree bit for bit.
 - masked attention: blocked over keys with an online softmax, never materialising the scores;
   parallel over (batch, head). ``need_weights=True`` asks for the materialised weights, so that
-  call runs the eager backend's forward and backward instead (the result is the same op).
+  call runs the eager backend's code (``Backend.attention_weights``, one rule for all backends).
 
 Dtypes: float32, bfloat16 (float32 accumulation and statistics) and float64 (float64 throughout,
 for gradcheck). Half (float16) is left to the eager backend: ``unsupported_reason`` says so.
@@ -30,13 +30,12 @@ to the kernels in the accumulation dtype; their gradients come back in it and th
 casts them to the parameters' dtype.
 """
 
-import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .backends import Backend, linear_grads, register_backend
-from .eager import EagerBackend
 from .functional import _first_order_only
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -64,10 +63,10 @@ ONEDNN_LINEAR = _has_onednn_linear()
 def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether x @ weight^T + bias may run on oneDNN: float32 CPU tensors, no autocast (F.linear
     would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x), contiguous operands of matching
-    shapes (F.linear says clearly what is wrong with others; oneDNN does not), and not under
-    torch.compile (Inductor fails to lower this op as called here, and picks its own GEMM for
-    F.linear)."""
-    if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    shapes (F.linear says clearly what is wrong with others; oneDNN does not). Under
+    torch.compile the backend's GEMMs run inside opaque custom ops (``custom.linear``), so
+    Inductor never has to lower this op."""
+    if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu"):
         return False
     if x.dim() < 2 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         return False
@@ -138,17 +137,44 @@ def _residual_rows(residual: torch.Tensor, dim: int) -> torch.Tensor:
     return residual.contiguous().reshape(-1, dim)
 
 
+class AttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out_acc: torch.Tensor  # the output in the accumulation dtype, unrounded
+    lse: torch.Tensor  # (batch, heads, seq) log-sum-exp of each score row
+    mask: torch.Tensor | None
+    head_mask: torch.Tensor | None  # in the accumulation dtype
+    keep: torch.Tensor | None  # dropout keep-mask
+
+
+class BiasActivationSaved(NamedTuple):
+    x2: torch.Tensor  # x as contiguous (rows, features)
+    bias: torch.Tensor | None  # in the accumulation dtype
+
+
+class LayerNormSaved(NamedTuple):
+    x2: torch.Tensor  # x as contiguous (rows, dim), in the promoted dtype
+    residual: torch.Tensor | None  # (R, dim): row r of x pairs with row r % R
+    weight: torch.Tensor
+    x_bias: torch.Tensor | None
+    keep: torch.Tensor | None
+    mean: torch.Tensor
+    rstd: torch.Tensor
+
+
 class CpuBackend(Backend):
     name = "cpu"
     priority = 10
 
     def __init__(self, ext):
         self._C = ext
-        self._eager = EagerBackend()  # need_weights=True attention runs here
         self.isa = ext.build_info()["cpu_isa"]
+        # read once here, not lazily: unsupported_reason runs under torch.compile, and dynamo
+        # cannot trace a cached_property's lock
+        self._isa_missing = self._missing_isa_flags()
 
-    @functools.cached_property
-    def _isa_missing(self) -> list[str]:
+    def _missing_isa_flags(self) -> list[str]:
         """CPU flags the build's vector ISA needs that this machine lacks (empty if unknown)."""
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -173,31 +199,23 @@ class CpuBackend(Backend):
 
     # -- masked attention --------------------------------------------------------------------
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
-        if need_weights:
-            (out, weights), saved, state = self._eager.attention_forward(
-                q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights
-            )
-            return (out, weights), saved, ("eager", state)
         batch, heads, seq, _ = q.shape
         keep = _keep_mask((batch, heads, seq, seq), dropout_p, q.device)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         mask = None if key_padding_mask is None else key_padding_mask.contiguous()
         hm = _acc(head_mask, q.dtype)
-        # out_acc: the output in the accumulation dtype, which the backward needs unrounded.
         out_acc, lse = self._C.cpu_masked_attention_fwd(q, k, v, mask, hm, keep, dropout_p, scale)
-        saved = (q, k, v, out_acc, lse, mask, hm, keep)
-        return (out_acc.to(q.dtype), None), saved, ("cpu", (dropout_p, scale))
+        saved = AttentionSaved(q, k, v, out_acc, lse, mask, hm, keep)
+        return (out_acc.to(q.dtype), None), saved, (dropout_p, scale)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
-        path, state = saved_state
-        if path == "eager":
-            return self._eager.attention_backward(saved_tensors, state, grad_out, grad_weights, needs_grad)
-        q, k, v, out_acc, lse, mask, hm, keep = saved_tensors
-        dropout_p, scale = state
+        s = saved_tensors
+        dropout_p, scale = saved_state
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         dq, dk, dv, dhead_mask = self._C.cpu_masked_attention_bwd(
-            grad_out, q, k, v, out_acc, lse, mask, hm, keep, dropout_p, scale, bool(needs_grad[4])
+            grad_out, s.q, s.k, s.v, s.out_acc, s.lse, s.mask, s.head_mask, s.keep, dropout_p, scale,
+            bool(needs_grad[4]),
         )
         return dq, dk, dv, dhead_mask
 
@@ -206,13 +224,13 @@ class CpuBackend(Backend):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         b = _acc(bias, x.dtype)
         y = self._C.cpu_bias_activation_fwd(x2, b, activation)
-        return y.view(x.shape), (x2, b), (activation, x.shape)
+        return y.view(x.shape), BiasActivationSaved(x2, b), (activation, x.shape)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        x2, b = saved_tensors
+        s = saved_tensors
         activation, shape = saved_state
-        dy = grad_out.reshape(x2.shape).contiguous()
-        dx, dbias = self._C.cpu_bias_activation_bwd(dy, x2, b, activation, bool(needs_grad[1]))
+        dy = grad_out.reshape(s.x2.shape).contiguous()
+        dx, dbias = self._C.cpu_bias_activation_bwd(dy, s.x2, s.bias, activation, bool(needs_grad[1]))
         return dx.view(shape), dbias
 
     # -- linear, linear + bias + activation -------------------------------------------------
@@ -248,16 +266,16 @@ class CpuBackend(Backend):
         w, b, xb = _acc(weight, dtype), _acc(bias, dtype), _acc(x_bias, dtype)
         keep = _keep_mask(x2.shape, dropout_p, x.device)
         y, mean, rstd = self._C.cpu_residual_layernorm_fwd(x2, res, w, b, eps, xb, keep, dropout_p)
-        saved = (x2, res, w, xb, keep, mean, rstd)
+        saved = LayerNormSaved(x2, res, w, xb, keep, mean, rstd)
         return y.view(shape), saved, (dropout_p, shape)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        x2, res, w, xb, keep, mean, rstd = saved_tensors
+        s = saved_tensors
         dropout_p, shape = saved_state
-        dy = grad_out.to(x2.dtype).reshape(x2.shape).contiguous()
+        dy = grad_out.to(s.x2.dtype).reshape(s.x2.shape).contiguous()
         needs = [bool(needs_grad[i]) for i in (0, 1, 2, 3, 5)]
         dx, dres, dweight, dbias, dx_bias = self._C.cpu_residual_layernorm_bwd(
-            dy, x2, res, w, xb, keep, dropout_p, mean, rstd, needs
+            dy, s.x2, s.residual, s.weight, s.x_bias, s.keep, dropout_p, s.mean, s.rstd, needs
         )
         dx = None if dx is None else dx.view(shape)
         dres = None if dres is None else dres.view(shape)

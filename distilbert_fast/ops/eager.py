@@ -8,6 +8,7 @@ the formulas to mirror; tests check them against torch.autograd and gradcheck.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +72,32 @@ def _sum_to_last_dim(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).sum(0)
 
 
+class AttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    probs: torch.Tensor  # softmax output, before dropout and head_mask
+    keep: torch.Tensor | None  # dropout keep-mask
+    masked: torch.Tensor | None  # (batch, 1, 1, seq_k) True = padding
+    head_mask: torch.Tensor | None
+
+
+class BiasActivationSaved(NamedTuple):
+    x: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class LayerNormSaved(NamedTuple):
+    z: torch.Tensor  # dropout(x + x_bias) + residual, LayerNorm's input
+    weight: torch.Tensor
+    keep: torch.Tensor | None
+
+
 class EagerBackend(Backend):
     name = "eager"
     priority = 0  # the fallback: every other backend should be preferred where it runs
+    traceable = True  # plain torch: a tracer inlines it (see custom)
+    attention_weights = True
 
     def unsupported_reason(self, tensor):
         return None  # plain torch runs wherever torch does
@@ -94,11 +118,11 @@ class EagerBackend(Backend):
         if head_mask is not None:
             weights = weights * head_mask.view(1, -1, 1, 1)
         out = torch.matmul(weights, v)  # (batch, heads, seq_q, head_dim)
-        saved = (q, k, v, probs, keep, masked, head_mask)
+        saved = AttentionSaved(q, k, v, probs, keep, masked, head_mask)
         return (out, weights if need_weights else None), saved, (dropout_p, scale)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
-        q, k, v, probs, keep, masked, head_mask = saved_tensors
+        q, k, v, probs, keep, masked, head_mask = saved_tensors  # AttentionSaved
         dropout_p, scale = saved_state
         ct = _compute_dtype(q)
         qf, kf, vf, pf = q.to(ct), k.to(ct), v.to(ct), probs.to(ct)
@@ -130,7 +154,7 @@ class EagerBackend(Backend):
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
         z = x if bias is None else x + bias
-        return activation_forward(z, activation), (x, bias), (activation,)
+        return activation_forward(z, activation), BiasActivationSaved(x, bias), (activation,)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         x, bias = saved_tensors
@@ -152,7 +176,7 @@ class EagerBackend(Backend):
             h, keep = torch.native_dropout(h, dropout_p, True)
         z = h if residual is None else h + residual
         y = F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
-        return y, (z, weight, keep), (eps, dropout_p)
+        return y, LayerNormSaved(z, weight, keep), (eps, dropout_p)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         z, weight, keep = saved_tensors

@@ -11,12 +11,14 @@ F.linear by default, or the backend's own Function around another GEMM.
 
 Each other wrapper checks its arguments (errors name the argument and what was expected), picks the
 backend for this call (see ``backends``) and applies the op's Function, which hands forward and
-backward to that backend.
+backward to that backend. Under a tracer (torch.compile, export, jit.trace) every wrapper, linear
+included, takes the op's custom-op form instead (``custom``): one graph node per op.
 """
 
 import torch
 
-from .backends import resolve_backend
+from . import custom
+from .backends import attention_runner, rebuild_saved, resolve_backend
 from .eager import canonical_activation
 
 
@@ -70,6 +72,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
             q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights
         )
         ctx.save_for_backward(*saved)
+        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(q, k, v, key_padding_mask, head_mask)
         ctx.set_materialize_grads(False)
@@ -81,9 +84,10 @@ class MaskedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_weights):
         _first_order_only("masked_attention")
         if grad_out is None:
-            grad_out = torch.zeros_like(ctx.saved_tensors[0])
+            grad_out = torch.zeros_like(ctx.saved_tensors[0])  # q
+        saved = rebuild_saved(ctx.saved_kind, ctx.saved_tensors)
         dq, dk, dv, dhead_mask = ctx.backend.attention_backward(
-            ctx.saved_tensors, ctx.state, grad_out, grad_weights, ctx.needs_input_grad
+            saved, ctx.state, grad_out, grad_weights, ctx.needs_input_grad
         )
         grads = _cast_grads((dq, dk, dv, None, dhead_mask), ctx.input_dtypes)
         return (*grads, None, None, None, None)
@@ -123,6 +127,12 @@ def masked_attention(
     if scale is None:
         scale = head_dim**-0.5
     impl = resolve_backend("masked_attention", q, backend)
+    # Fused attention never forms the (seq x seq) weights: a call that needs them runs the eager
+    # code (forward and backward), for every backend alike; last_backend() names the chosen one.
+    impl = attention_runner(impl, need_weights)
+    if custom.tracing():
+        return custom.masked_attention(
+            q, k, v, key_padding_mask, head_mask, float(dropout_p), float(scale), bool(need_weights), impl)
     return MaskedAttentionFunction.apply(
         q, k, v, key_padding_mask, head_mask, float(dropout_p), float(scale), bool(need_weights), impl
     )
@@ -134,6 +144,7 @@ class BiasActivationFunction(torch.autograd.Function):
     def forward(ctx, x, bias, activation, backend):
         y, saved, state = backend.bias_activation_forward(x, bias, activation)
         ctx.save_for_backward(*saved)
+        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, bias)
         return y
@@ -142,7 +153,7 @@ class BiasActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("bias_activation")
         dx, dbias = ctx.backend.bias_activation_backward(
-            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
         )
         return (*_cast_grads((dx, dbias), ctx.input_dtypes), None, None)
 
@@ -162,6 +173,8 @@ def bias_activation(
         bias = bias.to(x.dtype)
     activation = canonical_activation(activation)
     impl = resolve_backend("bias_activation", x, backend)
+    if custom.tracing():
+        return custom.bias_activation(x, bias, activation, impl)
     return BiasActivationFunction.apply(x, bias, activation, impl)
 
 
@@ -173,6 +186,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
             x, residual, weight, bias, eps, x_bias, dropout_p
         )
         ctx.save_for_backward(*saved)
+        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, residual, weight, bias, None, x_bias)
         return y
@@ -181,7 +195,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("residual_layernorm")
         dx, dresidual, dweight, dbias, dx_bias = ctx.backend.residual_layernorm_backward(
-            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
         )
         grads = _cast_grads((dx, dresidual, dweight, dbias, None, dx_bias), ctx.input_dtypes)
         return (*grads, None, None)
@@ -213,6 +227,9 @@ def residual_layernorm(
         x_bias = x_bias.to(x.dtype)
     _check_dropout(dropout_p)
     impl = resolve_backend("residual_layernorm", x, backend)
+    if custom.tracing():
+        return custom.residual_layernorm(
+            x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl)
     return ResidualLayerNormFunction.apply(
         x, residual, weight, bias, float(eps), x_bias, float(dropout_p), impl
     )
@@ -225,6 +242,7 @@ class LinearActivationFunction(torch.autograd.Function):
         needs_grad = any(ctx.needs_input_grad[:3])
         y, saved, state = backend.linear_activation_forward(x, weight, bias, activation, needs_grad)
         ctx.save_for_backward(*saved)
+        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, weight, bias)
         return y
@@ -233,7 +251,7 @@ class LinearActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("linear_activation")
         dx, dweight, dbias = ctx.backend.linear_activation_backward(
-            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
         )
         return (*_cast_grads((dx, dweight, dbias), ctx.input_dtypes), None, None)
 
@@ -270,6 +288,8 @@ def linear_activation(
         bias = bias.to(x.dtype)
     activation = canonical_activation(activation)
     impl = resolve_backend("linear_activation", x, backend)
+    if custom.tracing():
+        return custom.linear_activation(x, weight, bias, activation, impl)
     if not torch.is_grad_enabled():
         # No graph is recorded, so no backward follows; the Function cannot tell (its forward
         # always runs without grad, and the inputs keep requires_grad), the backend can use that.
@@ -288,4 +308,7 @@ def linear(
     backend's GEMM: the attention's projections and the FFN's second matmul."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return resolve_backend("linear", x, backend).linear(x, weight, bias)
+    impl = resolve_backend("linear", x, backend)
+    if custom.tracing():
+        return custom.linear(x, weight, bias, impl)
+    return impl.linear(x, weight, bias)

@@ -8,7 +8,7 @@ kernels; ``auto`` never picks it there (see ``auto_eligible``), since the interp
 Paths other than the fused kernels, chosen per call:
 - masked_attention with ``need_weights=True`` (``output_attentions``): the (seq x seq) weights are
   exactly what the flash kernel never materialises, so that call runs the eager backend's code
-  (same device, same forward and backward).
+  (same device, same forward and backward; ``Backend.attention_weights``).
 - linear_activation: the fused matmul + epilogue kernel where ``triton_linear_activation.suits``
   the shape; otherwise the base class's standalone path (torch matmul, then this backend's
   bias-activation kernel).
@@ -20,6 +20,7 @@ regenerates the mask from the saved seed.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -29,7 +30,7 @@ from ..kernels.triton_layernorm import residual_layernorm_bwd, residual_layernor
 from ..kernels.triton_linear_activation import linear_activation_fwd, suits
 from ..kernels.triton_varlen_attention import varlen_attention_bwd, varlen_attention_fwd
 from .backends import Backend, linear_grads, register_backend
-from .eager import EagerBackend
+from .eager import BiasActivationSaved
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -39,12 +40,36 @@ def _new_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+class AttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor  # (batch, heads, seq) float32 log-sum-exp of each score row
+    key_padding_mask: torch.Tensor | None
+    head_mask: torch.Tensor | None
+    seed: torch.Tensor | None  # (1,) int64 dropout seed on the device
+
+
+class LayerNormSaved(NamedTuple):
+    x: torch.Tensor  # x and residual, not z: the backward recomputes z (see triton_layernorm)
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    x_bias: torch.Tensor | None
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    seed: torch.Tensor | None
+
+
+class LinearActivationSaved(NamedTuple):
+    x: torch.Tensor
+    weight: torch.Tensor
+    z: torch.Tensor  # the pre-activation, bias included
+
+
 class TritonBackend(Backend):
     name = "triton"
     priority = 30
-
-    def __init__(self):
-        self._eager = EagerBackend()  # the need_weights=True attention path
 
     def unsupported_reason(self, tensor):
         device = tensor.device.type
@@ -68,23 +93,16 @@ class TritonBackend(Backend):
 
     # -- masked attention --------------------------------------------------------------------
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
-        if need_weights:
-            outputs, saved, state = self._eager.attention_forward(
-                q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
-            return outputs, saved, ("eager", state)
         seed = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed)
-        saved = (q, k, v, out, lse, key_padding_mask, head_mask, seed)
-        return (out, None), saved, ("triton", (dropout_p, scale))
+        saved = AttentionSaved(q, k, v, out, lse, key_padding_mask, head_mask, seed)
+        return (out, None), saved, (dropout_p, scale)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
-        path, state = saved_state
-        if path == "eager":
-            return self._eager.attention_backward(saved_tensors, state, grad_out, grad_weights, needs_grad)
-        q, k, v, out, lse, key_padding_mask, head_mask, seed = saved_tensors
-        dropout_p, scale = state
-        return attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, dropout_p,
-                             scale, seed, needs_grad[4])
+        s = saved_tensors
+        dropout_p, scale = saved_state
+        return attention_bwd(s.q, s.k, s.v, s.out, s.lse, grad_out, s.key_padding_mask, s.head_mask,
+                             dropout_p, scale, s.seed, needs_grad[4])
 
     # -- varlen attention --------------------------------------------------------------------
     def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
@@ -102,13 +120,13 @@ class TritonBackend(Backend):
 
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
-        return bias_activation_fwd(x, bias, activation), (x, bias), (activation,)
+        return bias_activation_fwd(x, bias, activation), BiasActivationSaved(x, bias), (activation,)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        x, bias = saved_tensors
+        s = saved_tensors
         (activation,) = saved_state
-        return bias_activation_bwd(x, bias, grad_out, activation,
-                                   need_dbias=bias is not None and needs_grad[1])
+        return bias_activation_bwd(s.x, s.bias, grad_out, activation,
+                                   need_dbias=s.bias is not None and needs_grad[1])
 
     # -- residual + LayerNorm ----------------------------------------------------------------
     def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
@@ -119,19 +137,19 @@ class TritonBackend(Backend):
         seed = _new_seed(x.device) if dropout_p > 0.0 else None
         y, mean, rstd = residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias, dropout_p,
                                                seed, out_dtype)
-        # x and residual, not z, are kept: the backward recomputes z (see triton_layernorm)
-        return y, (x, residual, weight, x_bias, mean, rstd, seed), (dropout_p, z_dtype)
+        saved = LayerNormSaved(x, residual, weight, x_bias, mean, rstd, seed)
+        return y, saved, (dropout_p, z_dtype)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        x, residual, weight, x_bias, mean, rstd, seed = saved_tensors
+        s = saved_tensors
         dropout_p, z_dtype = saved_state
         dx, dz, dweight, dbias, dx_bias = residual_layernorm_bwd(
-            x, residual, weight, x_bias, mean, rstd, grad_out, dropout_p, seed,
+            s.x, s.residual, s.weight, s.x_bias, s.mean, s.rstd, grad_out, dropout_p, s.seed,
             need_dweight_dbias=needs_grad[2] or needs_grad[3],
-            need_dx_bias=x_bias is not None and needs_grad[5],
+            need_dx_bias=s.x_bias is not None and needs_grad[5],
             dz_dtype=z_dtype,
         )
-        return (dx, dz if residual is not None else None, dweight if needs_grad[2] else None,
+        return (dx, dz if s.residual is not None else None, dweight if needs_grad[2] else None,
                 dbias if needs_grad[3] else None, dx_bias)
 
     # -- linear + bias + activation ----------------------------------------------------------
@@ -142,16 +160,16 @@ class TritonBackend(Backend):
         # The pre-activation is stored for the backward only when one will follow (see
         # triton_linear_activation for why it is saved, not recomputed).
         y, z = linear_activation_fwd(x, weight, bias, activation, store_preact=needs_grad)
-        return y, (x, weight, z), ("fused", activation)
+        return y, LinearActivationSaved(x, weight, z), ("fused", activation)
 
     def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         path, state = saved_state
         if path == "standalone":
             return super().linear_activation_backward(saved_tensors, state, grad_out, needs_grad)
-        x, weight, z = saved_tensors
+        s = saved_tensors
         # z already holds the bias: the kernel's column sums of dz are dbias
-        dz, dbias = bias_activation_bwd(z, None, grad_out, state, need_dbias=needs_grad[2])
-        dx, dweight = linear_grads(x, weight, dz, needs_grad[0], needs_grad[1])
+        dz, dbias = bias_activation_bwd(s.z, None, grad_out, state, need_dbias=needs_grad[2])
+        dx, dweight = linear_grads(s.x, s.weight, dz, needs_grad[0], needs_grad[1])
         return dx, dweight, dbias
 
 

@@ -1,0 +1,282 @@
+"""The model and its ops under the PyTorch tracers: torch.compile (fullgraph, no graph breaks),
+torch.export, torch.onnx.export (run in onnxruntime) and torch.jit.trace, on the eager, cpu and
+triton backends (triton under Triton's interpreter on CPU), each compared with the same model run
+eagerly. Also the custom ops themselves (torch.library.opcheck: schema, fake, autograd
+registration) and the input checks, which stay in eager mode and are skipped under a tracer.
+
+Small models (SMALL_CONFIG, one or two layers) keep the compile times short.
+"""
+
+import pytest
+import torch
+
+import distilbert_fast
+from conftest import SMALL_CONFIG, assert_close
+from distilbert_fast import DistilBertConfig, DistilBertForSequenceClassification, DistilBertModel, ops
+from distilbert_fast.ops import custom
+
+CPU_BACKENDS = ["eager", "cpu"] + (["triton"] if "triton" in ops.registered_backends() else [])
+OPS = ("masked_attention", "bias_activation", "residual_layernorm", "linear_activation", "linear")
+
+
+def _backend_params(names):
+    return [pytest.param(n, marks=pytest.mark.skipif(
+        n not in ops.available_backends(torch.zeros(1)), reason=f"backend {n} cannot run on CPU here"))
+        for n in names]
+
+
+BACKENDS = _backend_params(CPU_BACKENDS)
+FUSED = _backend_params([n for n in CPU_BACKENDS if n != "eager"])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def small_model(cls=DistilBertModel, backend="eager", **config):
+    config = DistilBertConfig(**{**SMALL_CONFIG, "n_layers": 1, **config})
+    return cls(config).set_backend(backend).eval()
+
+
+def inputs(batch=2, seq=7):
+    ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq - 3:] = 0
+    return ids, mask
+
+
+def graph_breaks(fn, *args, **kwargs) -> int:
+    explanation = torch._dynamo.explain(fn)(*args, **kwargs)
+    assert explanation.graph_count >= 1
+    return explanation.graph_break_count
+
+
+# -- the ops --------------------------------------------------------------------------------------
+def test_every_hot_op_is_a_custom_op_with_a_backward_op():
+    for name in OPS:
+        assert hasattr(torch.ops.distilbert_fast, name), name
+    for name in OPS[:-1]:  # linear's backward is two matmuls, traced as such
+        assert hasattr(torch.ops.distilbert_fast, f"{name}_backward"), name
+
+
+def _op_samples(backend):
+    """(op, args) for each custom op on ``backend``, inputs requiring grad, with dropout where
+    the op has it."""
+    q, k, v = (torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    head_mask = torch.rand(2, requires_grad=True)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    residual = torch.randn(3, 5, 8, requires_grad=True)
+    w8, b8 = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    weight = torch.randn(6, 8, requires_grad=True)
+    b6 = torch.randn(6, requires_grad=True)
+    d = torch.ops.distilbert_fast
+    return [
+        (d.masked_attention, (q, k, v, mask, head_mask, 0.0, 0.35, False, backend)),
+        (d.masked_attention, (q, k, v, None, None, 0.0, 0.35, True, backend)),
+        (d.bias_activation, (x, w8, "gelu", backend)),
+        (d.residual_layernorm, (x, residual, w8, b8, 1e-12, b8, 0.0, backend)),
+        (d.residual_layernorm, (x, None, w8, b8, 1e-5, None, 0.25, backend)),
+        (d.linear_activation, (x, weight, b6, "gelu_new", backend)),
+        (d.linear, (x, weight, b6, backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    """torch.library.opcheck: the schema, the fake against the real outputs (shapes, dtypes,
+    strides), the autograd registration, and AOT dispatch (a traced forward and backward)."""
+    for op, args in _op_samples(backend):
+        # a forward with dropout draws new masks per call: only the fake and autograd hold there
+        tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+        if not any(isinstance(a, float) and a == 0.25 for a in args):
+            tests += ("test_aot_dispatch_dynamic",)
+        torch.library.opcheck(op, args, test_utils=tests)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_op_with_dropout_has_the_eager_gradients(backend):
+    """Under compile the backward recomputes the forward with the forward's RNG state restored:
+    the same dropout masks, so the same outputs and gradients as the eager-mode op."""
+    x = torch.randn(4, 6, 16, requires_grad=True)
+    residual = torch.randn(4, 6, 16, requires_grad=True)
+    weight, bias = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+
+    def run(fn):
+        torch.manual_seed(7)
+        y = fn(x, residual, weight, bias)
+        grads = torch.autograd.grad(y.pow(2).sum(), (x, residual, weight, bias))
+        return y.detach(), grads
+
+    def op(x, residual, weight, bias):
+        return ops.residual_layernorm(x, residual, weight, bias, dropout_p=0.3, backend=backend)
+
+    y_eager, grads_eager = run(op)
+    y_compiled, grads_compiled = run(torch.compile(op, backend="aot_eager", fullgraph=True))
+    assert torch.equal(y_compiled, y_eager)
+    for name, a, b in zip(("x", "residual", "weight", "bias"), grads_compiled, grads_eager):
+        assert_close(a, b, atol=1e-6, name=name)
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_compiles_without_graph_breaks(backend):
+    model = small_model(DistilBertForSequenceClassification, backend)
+    ids, mask = inputs()
+    assert graph_breaks(model, input_ids=ids, attention_mask=mask) == 0
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, name="logits")
+    assert ops.last_backend("masked_attention") == backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_training_step_matches_eager(backend):
+    """fullgraph compile of forward + backward (dropout off): the same loss and gradients."""
+    model = small_model(DistilBertForSequenceClassification, backend).train()
+    model.config.dropout = model.config.attention_dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids, mask = inputs()
+    labels = torch.tensor([0, 1])
+
+    def step(fn):
+        model.zero_grad()
+        loss = fn(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_eager, grads_eager = step(model)
+    loss_compiled, grads_compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert_close(loss_compiled, loss_eager, atol=1e-6, name="loss")
+    assert grads_compiled.keys() == grads_eager.keys()
+    for name in grads_eager:
+        assert_close(grads_compiled[name], grads_eager[name], atol=1e-5, name=name)
+
+
+def test_model_compiles_with_inductor_on_the_cpu_backend():
+    """Inductor proper (C++ code generation) around the opaque cpu ops."""
+    model = small_model(backend="cpu")
+    ids, mask = inputs()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)
+        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close(got, expected, atol=1e-5, name="last_hidden_state")
+
+
+# -- torch.export, ONNX, jit.trace ------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export(backend):
+    model = small_model(DistilBertForSequenceClassification, backend)
+    ids, mask = inputs()
+    program = torch.export.export(model, (), dict(input_ids=ids, attention_mask=mask))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    ours = {t for t in targets if t.startswith("distilbert_fast.")}
+    if backend == "eager":
+        assert not ours  # plain ATen ops, nothing custom
+    else:
+        assert "distilbert_fast.masked_attention.default" in ours
+    ids2, mask2 = inputs()
+    expected = model(input_ids=ids2, attention_mask=mask2).logits
+    got = program.module()(input_ids=ids2, attention_mask=mask2).logits
+    assert_close(got, expected, atol=1e-5, name="logits")
+
+
+class _Logits(torch.nn.Module):
+    """model(input_ids, attention_mask).logits, the signature an ONNX graph has."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_onnx_export_of_the_eager_backend_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = small_model(DistilBertForSequenceClassification, "eager", n_layers=2)
+    ids, mask = inputs(batch=2, seq=9)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        _Logits(model), (ids, mask), str(path),
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_shapes=dict(input_ids={0: "batch", 1: "seq"}, attention_mask={0: "batch", 1: "seq"}),
+        dynamo=True,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, seq in ((2, 9), (3, 5)):  # the traced shapes and others
+        ids, mask = inputs(batch, seq)
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {batch}x{seq}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_trace(backend):
+    model = small_model(backend=backend)
+    ids, mask = inputs()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (ids, mask), strict=False)
+        ids2, mask2 = inputs()
+        expected = model(input_ids=ids2, attention_mask=mask2).last_hidden_state
+        got = traced(ids2, mask2)["last_hidden_state"]
+    assert_close(got, expected, atol=1e-5, name="last_hidden_state")
+
+
+# -- the input checks -------------------------------------------------------------------------------
+def test_id_range_check_runs_eagerly_and_is_skipped_while_tracing():
+    model = small_model()
+    bad = torch.tensor([[1, SMALL_CONFIG["vocab_size"]]])
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 99\), found 99"):
+        model(input_ids=bad)
+    assert not custom.tracing()
+    ids, _ = inputs()
+    # the check's .tolist() would be a graph break (a data-dependent value); while tracing it is
+    # skipped, and the eager check above still runs after the model was compiled
+    assert graph_breaks(model, input_ids=ids) == 0
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        model(input_ids=bad)
+
+
+class _Probe(torch.nn.Module):
+    """x + 1 where custom.tracing() held when the call was traced, x + 2 in eager mode."""
+
+    def forward(self, x):
+        return x + (1 if custom.tracing() else 2)
+
+
+def test_tracing_is_false_in_eager_mode_and_true_under_each_tracer():
+    x = torch.zeros(1)
+    traced = {
+        "torch.compile": torch.compile(_Probe(), backend="eager", fullgraph=True),
+        "torch.export": torch.export.export(_Probe(), (x,)).module(),
+        # check_trace=False: the check re-runs the module eagerly
+        "torch.jit.trace": torch.jit.trace(_Probe(), x, check_trace=False),
+    }
+    assert _Probe()(x).item() == 2
+    for name, module in traced.items():
+        assert module(x).item() == 1, name
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_backend_stays_observable_under_compile(backend):
+    """last_backend() is recorded by the custom ops at each call of the compiled graph, and
+    clearing it does not make dynamo recompile."""
+    model = small_model(backend=backend)
+    ids, mask = inputs()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(input_ids=ids, attention_mask=mask)
+    ops.backends._last.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(input_ids=ids, attention_mask=mask)  # the same graph, not a retrace
+    # linear only where the backend has its own GEMM (cpu); F.linear is inlined, not an op
+    recorded = ("masked_attention", "residual_layernorm", "linear_activation") + (
+        ("linear",) if backend == "cpu" else ())
+    assert ops.last_backend() == {op: backend for op in recorded}
