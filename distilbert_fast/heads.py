@@ -453,6 +453,9 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         backend = self.config.backend
         outputs = [self.heads[name](out, attention_mask, backend=backend, **_inputs_for(self.heads[name], head_inputs))
                    for name in heads]
+        if enc.packing is not None:  # token outputs hold zeros at padding, as the task classes'
+            outputs = [_zeros_at_padding(o, enc.packing) if isinstance(self.heads[name], _TOKEN_HEADS) else o
+                       for name, o in zip(heads, outputs)]
         if len(outputs) == 1:
             return _finish(outputs[0], return_dict)
         losses = [o.loss for o in outputs]
@@ -543,6 +546,15 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         self.config.prediction_heads = {name: dict(head.config) for name, head in self.heads.items()}
         self._adapters_to_config()
         super().save_pretrained(directory, **kwargs)
+
+
+_TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
+
+
+def _zeros_at_padding(output: ModelOutput, packing) -> ModelOutput:
+    """A token-level head's output with its (batch, seq, ...) logits zeroed at padding positions."""
+    logits = {"logits", "start_logits", "end_logits"}
+    return type(output)(**{k: packing.pad(packing.unpad(v)) if k in logits else v for k, v in output.items()})
 
 
 def _inputs_for(head: PredictionHead, inputs: dict) -> dict:
