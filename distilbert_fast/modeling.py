@@ -686,7 +686,9 @@ class DistilBertModel(DistilBertPreTrainedModel):
         where the caller needs HF's values: None (real tokens only), "first" (position 0 of
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
-        if attention_mask is None:
+        if attention_mask is None or _tracing():
+            # under torch.compile / export / jit.trace: no host sync (no value checks), the padded
+            # computation (the packed entry point traces without a sync)
             return None
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
@@ -766,6 +768,11 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 f"got {tuple(head_mask.shape)}"
             )
         return head_mask.to(self.dtype)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace is tracing this call."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:

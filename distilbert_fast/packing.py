@@ -93,8 +93,9 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, max_allowed: int | None
     """ValueError/TypeError naming the argument unless cu_seqlens is a 1-D int32 tensor of at
     least 2 entries (on the CPU or on ``device``) and max_seqlen an int in [1, max_allowed]. The
     values (cu_seqlens[0] == 0, non-decreasing, cu_seqlens[-1] == total, no sequence longer
-    than max_seqlen) are checked only when cu_seqlens is on the CPU: on a GPU that would be a
-    sync, so there the caller vouches for them (checked where the batch is made)."""
+    than max_seqlen) are checked only when cu_seqlens is on the CPU and no compiler or tracer is
+    tracing: on a GPU that would be a sync, so there the caller vouches for them (checked where
+    the batch is made)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -108,7 +109,7 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, max_allowed: int | None
     if max_seqlen < 1 or (max_allowed is not None and max_seqlen > max_allowed):
         upper = "" if max_allowed is None else f", at most max_position_embeddings={max_allowed}"
         raise ValueError(f"max_seqlen must be at least 1{upper}, got {max_seqlen}")
-    if cu_seqlens.device.type != "cpu":
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
