@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 import distilbert_fast
-from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, hf_forward, make_pair
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, hf_forward, make_pair, real_positions_only
 
 # fp32 vs fp32: both sides carry their own rounding error. On CPU the default backend is the fused
 # C++ one (cpu), whose reductions sum in another order than HF's composite ops, so the two errors
@@ -155,28 +155,6 @@ def assert_values_close(actual, expected, name, atol=ATOL):
         assert isinstance(actual, torch.Tensor), f"{name}: {type(actual).__name__}"
         assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
         assert_close(actual, expected, atol=atol, name=name)
-
-
-TOKEN_FIELDS = ("last_hidden_state", "hidden_states", "logits", "start_logits", "end_logits")
-
-
-def real_positions_only(out, attention_mask):
-    """``out`` with the padding positions of its token-level tensors (leading dims (rows, seq),
-    as the mask) set to zero. A padded batch runs packed inside, and its outputs hold zeros
-    at padding (documented), where HF holds values of tokens nobody attends to: only real
-    positions are compared (tests/test_packed.py checks the zeros)."""
-    if attention_mask is None:
-        return out
-    real = attention_mask.reshape(-1, attention_mask.shape[-1]) != 0
-
-    def mask(value):
-        if isinstance(value, tuple):
-            return tuple(mask(v) for v in value)
-        if value.dim() < 2 or tuple(value.shape[:2]) != tuple(real.shape):
-            return value
-        return value * real.view(*real.shape, *([1] * (value.dim() - 2))).to(value.dtype)
-
-    return type(out)(**{k: mask(v) if k in TOKEN_FIELDS else v for k, v in out.items()})
 
 
 def assert_outputs_close(ours, hf, atol=ATOL, attention_mask=None):
