@@ -313,11 +313,11 @@ def build_providers(args) -> list[Provider]:
         # One copy per backend, so a compiled copy never sees its backend change under it.
         ours_by_backend[name] = copy.deepcopy(ours).set_backend(name)
         providers.append(Provider(f"ours[{name}]", "ours", name, False, last_hidden(ours_by_backend[name])))
-        if args.ragged or args.varlen:  # padded computation vs packed input, beside the default
+        if args.ragged or args.varlen:  # the padded computation, beside the default (packing)
             providers.append(Provider(f"ours[{name}]:padded", "ours", name, False,
                                       last_hidden(ours_by_backend[name], pack=False)))
-            providers.append(Provider(f"ours[{name}]:packed", "ours", name, False,
-                                      last_hidden(ours_by_backend[name]), packed=True))
+        providers.append(Provider(f"ours[{name}]:packed", "ours", name, False,
+                                  last_hidden(ours_by_backend[name]), packed=True))
 
     if args.compile:
         # dynamic=False: one specialised graph per shape, as a serving setup would use. Allow
