@@ -3,13 +3,19 @@
     python bench/bench_model.py                    # default shapes for the device, all providers
     python bench/bench_model.py --shapes 1x128,32x128 --varlen 64x512 --compile
     python bench/bench_model.py --quick            # smoke test of every provider, nothing recorded
+    python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
+        --ragged 32x16-256,8x16-512                # packed vs padded (issue #13's CPU rows)
 
 One DistilBERT-base-shaped model with random weights is built in transformers and loaded, with the
 same state_dict, into ours. Every provider runs every shape in the same process:
 
     hf-eager        transformers, eager attention (the reference for the diff column)
     hf-sdpa         transformers, torch scaled_dot_product_attention
-    ours[NAME]      distilbert_fast on op backend NAME, for each backend available on the device
+    ours[NAME]      distilbert_fast on op backend NAME, for each backend available on the device:
+                    the padded entry point, which packs a batch with padding inside
+    ...:padded      the same with pack=False: every layer computes the padding too
+    ...:packed      the packed entry point (1-D ids + cu_seqlens, max_seqlen): real tokens only,
+                    no unpad/pad (what the batch engine calls)
     ...+compile     torch.compile of hf-sdpa and of ours (with --compile)
 
 For each shape it prints a line per provider as it finishes, then a table: median latency with
@@ -42,10 +48,11 @@ MODEL_NAME = "distilbert-base-random"
 
 DEFAULTS = {
     # Sized so the whole default run stays under ~3 minutes on a 2-core CPU.
-    "cpu": dict(shapes="1x128,8x128,2x512", varlen="8x256", warmup=2, repeats=10, max_time=5.0),
-    "cuda": dict(shapes="1x128,32x128,128x128,32x512", varlen="64x512", warmup=10, repeats=100, max_time=1.0),
+    "cpu": dict(shapes="1x128,8x128,2x512", varlen="8x256", ragged="none", warmup=2, repeats=10, max_time=5.0),
+    "cuda": dict(shapes="1x128,32x128,128x128,32x512", varlen="64x512", ragged="none", warmup=10, repeats=100,
+                 max_time=1.0),
 }
-QUICK = dict(shapes="1x16,2x32", varlen="4x32", warmup=1, repeats=3, max_time=0.5)
+QUICK = dict(shapes="1x16,2x32", varlen="4x32", ragged="4x8-32", warmup=1, repeats=3, max_time=0.5)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from 0.2 to 1.0 x MAX (mean 0.6 x MAX), shuffled, padded to MAX with "
                         f"attention_mask (default cpu: {DEFAULTS['cpu']['varlen']}; cuda: "
                         f"{DEFAULTS['cuda']['varlen']}); 'none' to skip")
+    p.add_argument("--ragged", default=None,
+                   help="comma-separated BATCHxLO-HI of ragged batches: lengths drawn uniformly from "
+                        "[LO, HI] (seeded), padded to the longest, e.g. 32x16-256 (default: none)")
     p.add_argument("--backends", default=None,
                    help="comma-separated op backends of ours to run (default: every backend in "
                         "distilbert_fast.ops.available_backends for the device and dtype)")
@@ -103,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda, but torch sees no CUDA device")
     args.dtype = DTYPES[args.dtype or ("float16" if args.device.type == "cuda" else "float32")]
     defaults = QUICK if args.quick else DEFAULTS[args.device.type]
-    for name in ("shapes", "varlen", "warmup", "repeats", "max_time"):
+    for name in ("shapes", "varlen", "ragged", "warmup", "repeats", "max_time"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
     if args.quick:
@@ -111,9 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.shapes = parse_shapes(args.shapes)
         args.varlen = parse_shapes(args.varlen)
+        args.ragged = parse_ragged(args.ragged)
     except ValueError as exc:
         p.error(str(exc))
-    if not args.shapes and not args.varlen:
+    if not args.shapes and not args.varlen and not args.ragged:
         p.error("nothing to run: --shapes and --varlen are both empty")
     if args.warmup < 1 or args.repeats < 1 or args.max_time <= 0:
         p.error("--warmup and --repeats must be at least 1, --max-time positive")
@@ -139,6 +150,25 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_ragged(text: str) -> list[tuple[int, int, int]]:
+    """'32x16-256' -> [(32, 16, 256)]; '' or 'none' -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    shapes = []
+    for item in text.split(","):
+        try:
+            batch, span = item.lower().strip().split("x")
+            lo, hi = (int(v) for v in span.split("-"))
+            batch = int(batch)
+        except ValueError:
+            raise ValueError(f"ragged shape {item!r} is not BATCHxLO-HI, e.g. 32x16-256") from None
+        if batch < 1 or not 1 <= lo <= hi <= MODEL_CONFIG["max_position_embeddings"]:
+            raise ValueError(f"ragged shape {item!r}: batch >= 1 and 1 <= LO <= HI <= "
+                             f"{MODEL_CONFIG['max_position_embeddings']}")
+        shapes.append((batch, lo, hi))
+    return shapes
+
+
 # -- inputs ----------------------------------------------------------------------------------------
 
 
@@ -150,10 +180,19 @@ class Case:
     inputs: dict  # input_ids, attention_mask: (batch, seq), on the device
     keep: torch.Tensor  # (batch, seq) bool, True at real (non-padded) tokens
     real_tokens: int
+    label: str = ""  # how the lengths were drawn, when not the default
 
     @property
     def name(self) -> str:
-        return f"{self.batch}x{self.seq}" + (" var" if self.varlen else "")
+        return f"{self.batch}x{self.seq}" + (f" {self.label}" if self.label else " var" if self.varlen else "")
+
+    @property
+    def packed_inputs(self) -> dict:
+        """The same sequences as packed input: 1-D ids, cu_seqlens (int32, host), max_seqlen."""
+        lengths = self.keep.sum(1)
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).cpu()
+        return {"input_ids": self.inputs["input_ids"][self.keep], "cu_seqlens": cu_seqlens,
+                "max_seqlen": int(lengths.max())}
 
 
 def make_case(batch: int, seq: int, varlen: bool, device, generator) -> Case:
@@ -175,6 +214,17 @@ def make_case(batch: int, seq: int, varlen: bool, device, generator) -> Case:
     return Case(batch, seq, varlen, inputs, keep.to(device), int(keep.sum()))
 
 
+def make_ragged_case(batch: int, lo: int, hi: int, device, generator) -> Case:
+    """Lengths uniform in [lo, hi], padded to the longest drawn."""
+    lengths = torch.randint(lo, hi + 1, (batch,), generator=generator)
+    seq = int(lengths.max())
+    ids = torch.randint(1, MODEL_CONFIG["vocab_size"], (batch, seq), generator=generator)
+    keep = torch.arange(seq)[None, :] < lengths[:, None]
+    ids = ids.masked_fill(~keep, 0)
+    inputs = {"input_ids": ids.to(device), "attention_mask": keep.long().to(device)}
+    return Case(batch, seq, True, inputs, keep.to(device), int(keep.sum()), label=f"U[{lo},{hi}]")
+
+
 # -- providers -------------------------------------------------------------------------------------
 
 
@@ -185,6 +235,10 @@ class Provider:
     backend: str  # ours: the op backend; hf: the attention implementation
     compiled: bool
     forward: Callable[[dict], torch.Tensor]  # inputs -> last_hidden_state (batch, seq, dim)
+    packed: bool = False  # takes case.packed_inputs, returns (real_tokens, dim)
+
+    def inputs(self, case: "Case") -> dict:
+        return case.packed_inputs if self.packed else case.inputs
 
 
 class _CountSdpa:
@@ -247,8 +301,8 @@ def build_providers(args) -> list[Provider]:
             raise RuntimeError(f"hf-{want}: config says {model.config._attn_implementation!r} and "
                                f"it called SDPA {count.calls} times")
 
-    def last_hidden(model):
-        return lambda inputs: model(**inputs).last_hidden_state
+    def last_hidden(model, **extra):
+        return lambda inputs: model(**inputs, **extra).last_hidden_state
 
     providers = [
         Provider("hf-eager", "hf", "eager", False, last_hidden(hf_eager)),
@@ -259,6 +313,11 @@ def build_providers(args) -> list[Provider]:
         # One copy per backend, so a compiled copy never sees its backend change under it.
         ours_by_backend[name] = copy.deepcopy(ours).set_backend(name)
         providers.append(Provider(f"ours[{name}]", "ours", name, False, last_hidden(ours_by_backend[name])))
+        if args.ragged or args.varlen:  # the padded computation, beside the default (packing)
+            providers.append(Provider(f"ours[{name}]:padded", "ours", name, False,
+                                      last_hidden(ours_by_backend[name], pack=False)))
+        providers.append(Provider(f"ours[{name}]:packed", "ours", name, False,
+                                  last_hidden(ours_by_backend[name]), packed=True))
 
     if args.compile:
         # dynamic=False: one specialised graph per shape, as a serving setup would use. Allow
@@ -299,16 +358,19 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
     result = Result(case, provider)
     try:
         # The first warm-up call is the checked one (compilation, if any, happens in it too).
-        out = provider.forward(case.inputs)
+        inputs = provider.inputs(case)
+        distilbert_fast.ops.backends._last.clear()
+        out = provider.forward(inputs)
         if provider.impl == "ours" and not provider.compiled:
             ran = set(distilbert_fast.last_backend().values())
             if ran != {provider.backend}:
                 raise RuntimeError(f"asked for backend {provider.backend!r}, ops ran on {ran}")
         if reference is not None:
-            diff = (out[case.keep].float() - reference[case.keep].float()).abs()
+            real = out if provider.packed else out[case.keep]
+            diff = (real.float() - reference[case.keep].float()).abs()
             result.max_abs_diff = diff.max().item()
         warmup = args.warmup - 1 + (2 if provider.compiled else 0)
-        timing = time_fn(lambda: provider.forward(case.inputs), args.device,
+        timing = time_fn(lambda: provider.forward(inputs), args.device,
                          warmup=max(1, warmup), repeats=args.repeats, max_time_s=args.max_time)
     except Exception as exc:  # a failing provider is reported; the others still run
         result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -361,6 +423,7 @@ def csv_row(r: Result, env: dict, args) -> dict:
         "batch": r.case.batch,
         "seq": r.case.seq,
         "varlen": int(r.case.varlen),
+        "lengths": r.case.label or ("0.2-1.0 x seq" if r.case.varlen else "full"),
         "real_tokens": r.case.real_tokens,
         "median_ms": f"{r.median_ms:.4f}",
         "p20_ms": f"{r.p20_ms:.4f}",
@@ -396,6 +459,7 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     cases = [make_case(b, s, False, args.device, generator) for b, s in args.shapes]
     cases += [make_case(b, s, True, args.device, generator) for b, s in args.varlen]
+    cases += [make_ragged_case(b, lo, hi, args.device, generator) for b, lo, hi in args.ragged]
 
     results: list[Result] = []
     total = len(cases) * len(providers)

@@ -26,8 +26,9 @@ from .adapters import (
     run_sequential,
 )
 from .configuration import DistilBertConfig
-from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _finish, span_loss
+from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _encode, _finish, span_loss
 from .outputs import (
+    BaseModelOutput,
     MaskedLMOutput,
     ModelOutput,
     MultipleChoiceModelOutput,
@@ -439,8 +440,11 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         setup = None if adapter_names is None else self._parse_setup(adapter_names)
         token = None if setup is None else _CALL_SETUP.set(setup)
         try:
-            out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                                  output_hidden_states, return_dict=True, position_ids=position_ids)
+            # packed inside where the heads allow it; the heads then see zeros at padding
+            enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                          output_hidden_states, position_ids, None, None,
+                          exact=self._exact_positions(heads, head_inputs))
+            out = BaseModelOutput(enc.tokens_out(enc.hidden), enc.hidden_states, enc.attentions)
         finally:
             if token is not None:
                 _CALL_SETUP.reset(token)
@@ -449,11 +453,34 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         backend = self.config.backend
         outputs = [self.heads[name](out, attention_mask, backend=backend, **_inputs_for(self.heads[name], head_inputs))
                    for name in heads]
+        if enc.packing is not None:  # token outputs hold zeros at padding, as the task classes'
+            outputs = [_zeros_at_padding(o, enc.packing) if isinstance(self.heads[name], _TOKEN_HEADS) else o
+                       for name, o in zip(heads, outputs)]
         if len(outputs) == 1:
             return _finish(outputs[0], return_dict)
         losses = [o.loss for o in outputs]
         loss = sum(losses) if all(x is not None for x in losses) else None
         return MultiHeadOutput(outputs, loss)
+
+    def _exact_positions(self, heads, head_inputs):
+        """Where the heads need HF's values at padding positions (see
+        DistilBertModel.plan_packing's ``exact``): [CLS] for sequence-level heads, every position
+        for a QA loss (it normalises over padding too), counted labels for a masked-LM loss."""
+        first, labels = False, None
+        for name in heads:
+            head = self.heads[name]
+            if isinstance(head, (ClassificationHead, MultipleChoiceHead)):
+                first = True
+            elif isinstance(head, QuestionAnsweringHead) and head_inputs.get("start_positions") is not None:
+                return "all"
+            elif isinstance(head, MaskedLMHead) and head_inputs.get("labels") is not None:
+                labels = head_inputs["labels"] != -100
+        if labels is None:
+            return "first" if first else None
+        if first:
+            labels = labels.clone()
+            labels[:, 0] = True
+        return labels
 
     # -- head files ------------------------------------------------------------------------------
     def save_head(self, save_directory, head_name: str | None = None, use_safetensors: bool = False):
@@ -519,6 +546,15 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         self.config.prediction_heads = {name: dict(head.config) for name, head in self.heads.items()}
         self._adapters_to_config()
         super().save_pretrained(directory, **kwargs)
+
+
+_TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
+
+
+def _zeros_at_padding(output: ModelOutput, packing) -> ModelOutput:
+    """A token-level head's output with its (batch, seq, ...) logits zeroed at padding positions."""
+    logits = {"logits", "start_logits", "end_logits"}
+    return type(output)(**{k: packing.pad(packing.unpad(v)) if k in logits else v for k, v in output.items()})
 
 
 def _inputs_for(head: PredictionHead, inputs: dict) -> dict:

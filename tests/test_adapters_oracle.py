@@ -71,7 +71,16 @@ def _run(model, setup, head, inputs):
     return result
 
 
-def _diffs(ours, theirs, case):
+def _real_positions(value, attention_mask):
+    """Token-level outputs (rows, seq, ...) at real positions only: a padded batch runs packed,
+    and our token outputs hold zeros at padding (HF and the package: values nobody attends to)."""
+    real = attention_mask.reshape(-1, attention_mask.shape[-1]).bool()
+    if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(real.shape):
+        return value[real]
+    return value
+
+
+def _diffs(ours, theirs, case, attention_mask):
     """[(case, quantity, max abs diff, bound exceeded?)] over outputs and every gradient."""
     rows = []
     output_keys = sorted(k for k in theirs if k != "grads")
@@ -79,7 +88,7 @@ def _diffs(ours, theirs, case):
     assert set(ours["grads"]) == set(theirs["grads"]), (
         case, sorted(set(ours["grads"]) ^ set(theirs["grads"])))
     for key in output_keys:
-        rows.append(_row(case, key, ours[key], theirs[key]))
+        rows.append(_row(case, key, *(_real_positions(t[key], attention_mask) for t in (ours, theirs))))
     worst = max((_row(case, f"grad {n}", ours["grads"][n], g) for n, g in theirs["grads"].items()),
                 key=lambda row: row[2] / (ATOL + RTOL * row[4]))
     rows.append((case, f"grads ({len(theirs['grads'])} params), worst: {worst[1][5:]}", *worst[2:]))
@@ -127,7 +136,8 @@ def compare_both_directions(workdir):
         for name in spec["adapters"]:
             assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
         assert spec["head"] in model.heads, f"{case}: head {spec['head']!r} did not come with its adapter"
-        to_ours += _diffs(_run(model, spec["setup"], spec["head"], io["inputs"]), io["outputs"], case)
+        to_ours += _diffs(_run(model, spec["setup"], spec["head"], io["inputs"]), io["outputs"], case,
+                          io["inputs"]["attention_mask"])
 
         # ours -> package: other weights, saved by us
         _change_adapters_and_heads(model, seed=len(ours_results))
@@ -145,7 +155,8 @@ def compare_both_directions(workdir):
     to_package = []
     for case, ours in ours_results.items():
         theirs = torch.load(os.path.join(ours_dir, case, "oracle_out.pt"), weights_only=True)
-        to_package += _diffs(ours, theirs, case)
+        io = torch.load(os.path.join(ours_dir, case, "io.pt"), weights_only=True)
+        to_package += _diffs(ours, theirs, case, io["inputs"]["attention_mask"])
     return to_ours, to_package, manifest
 
 

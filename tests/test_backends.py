@@ -21,9 +21,12 @@ OP_NAMES = ("masked_attention", "bias_activation", "residual_layernorm")
 # The base model's FFN runs linear_activation, not bias_activation; a backend without its own
 # linear_activation runs it as its linear (torch's matmul by default) plus its bias_activation
 # methods (Backend's default). The other projections run linear.
-MODEL_OP_NAMES = ("masked_attention", "residual_layernorm", "linear_activation", "linear")
+# model_inputs() has padding, so the model runs packed: its attention is varlen_attention.
+MODEL_OP_NAMES = ("varlen_attention", "residual_layernorm", "linear_activation", "linear")
 METHODS = tuple(f"{op}_{way}" for op in ("attention", "bias_activation", "residual_layernorm")
                 for way in ("forward", "backward"))
+MODEL_METHODS = tuple(f"{op}_{way}" for op in ("varlen_attention", "bias_activation", "residual_layernorm")
+                      for way in ("forward", "backward"))
 
 
 class CountingBackend(ops.Backend):
@@ -53,6 +56,12 @@ class CountingBackend(ops.Backend):
 
     def attention_backward(self, *args):
         return self._run("attention_backward", *args)
+
+    def varlen_attention_forward(self, *args):
+        return self._run("varlen_attention_forward", *args)
+
+    def varlen_attention_backward(self, *args):
+        return self._run("varlen_attention_backward", *args)
 
     def bias_activation_forward(self, *args):
         return self._run("bias_activation_forward", *args)
@@ -380,7 +389,7 @@ def _train_step(model, inputs=None):
 
 def _expected_model_calls(n_layers):
     # per layer: attention, FFN bias+activation, two residual LayerNorms; plus the embeddings' one
-    per_op = {"attention": n_layers, "bias_activation": n_layers, "residual_layernorm": 2 * n_layers + 1}
+    per_op = {"varlen_attention": n_layers, "bias_activation": n_layers, "residual_layernorm": 2 * n_layers + 1}
     return {f"{op}_{way}": n for op, n in per_op.items() for way in ("forward", "backward")}
 
 
@@ -392,7 +401,7 @@ def test_model_routes_every_op_through_the_chosen_backend(fakes, how):
     assert model.backend == "fake_lo"
     model.train()
     _train_step(model)
-    assert {m: fakes.lo.calls[m] for m in METHODS} == _expected_model_calls(SMALL_CONFIG["n_layers"])
+    assert {m: fakes.lo.calls[m] for m in MODEL_METHODS} == _expected_model_calls(SMALL_CONFIG["n_layers"])
     assert ops.last_backend() == {op: "fake_lo" for op in MODEL_OP_NAMES}
     assert sum(fakes.hi.calls.values()) == sum(fakes.gpu.calls.values()) == 0
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -446,7 +455,7 @@ def test_from_pretrained_backend_argument(fakes, tmp_path):
     model = DistilBertModel.from_pretrained(tmp_path, backend="fake_lo")
     assert model.backend == "fake_lo"
     model.eval()(**model_inputs())
-    assert fakes.lo.calls["attention_forward"] == SMALL_CONFIG["n_layers"]
+    assert fakes.lo.calls["varlen_attention_forward"] == SMALL_CONFIG["n_layers"]
     with pytest.raises(ValueError, match="'nope'"):
         DistilBertModel.from_pretrained(tmp_path, backend="nope")
 

@@ -15,7 +15,7 @@ import transformers
 from torch import nn
 
 import distilbert_fast
-from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, hf_forward, make_pair
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, hf_forward, make_pair, real_positions_only
 
 # fp32 vs fp32: both sides carry their own rounding error. On CPU the default backend is the fused
 # C++ one (cpu), whose reductions sum in another order than HF's composite ops, so the two errors
@@ -157,8 +157,10 @@ def assert_values_close(actual, expected, name, atol=ATOL):
         assert_close(actual, expected, atol=atol, name=name)
 
 
-def assert_outputs_close(ours, hf, atol=ATOL):
-    """Same output class (by name), same fields set, in the same order, with close values."""
+def assert_outputs_close(ours, hf, atol=ATOL, attention_mask=None):
+    """Same output class (by name), same fields set, in the same order, with close values (at
+    real positions, when an attention_mask is given)."""
+    ours, hf = real_positions_only(ours, attention_mask), real_positions_only(hf, attention_mask)
     assert type(ours).__name__ == type(hf).__name__
     assert list(ours.keys()) == list(hf.keys()), f"fields {list(ours.keys())} != {list(hf.keys())}"
     for key in hf.keys():
@@ -229,7 +231,10 @@ def run_parity(hf, ours, inputs, head_mask=None, atol=ATOL, grad_atol=ATOL, **fl
 
     hf_out = hf_forward(hf, head_mask=hf_head, **hf_inputs, **flags)
     our_out = ours(**our_inputs, head_mask=our_head, **flags)
-    assert_outputs_close(our_out, hf_out, atol)
+    mask = inputs.get("attention_mask")
+    assert_outputs_close(our_out, hf_out, atol, mask)
+    our_raw = our_out
+    hf_out, our_out = real_positions_only(hf_out, mask), real_positions_only(our_out, mask)
     if any(k.endswith("labels") or k.endswith("positions") for k in inputs):
         assert "loss" in our_out.keys() and our_out.loss.dim() == 0
         assert torch.isfinite(our_out.loss)
@@ -248,10 +253,12 @@ def run_parity(hf, ours, inputs, head_mask=None, atol=ATOL, grad_atol=ATOL, **fl
         our_tuple = ours(**inputs, head_mask=head_mask, return_dict=False, **flags)
         hf_tuple = hf_forward(hf, head_mask=head_mask, **inputs, return_dict=False, **flags)
     assert isinstance(our_tuple, tuple) and isinstance(hf_tuple, tuple)
-    dict_tuple = our_out.to_tuple()
+    dict_tuple = our_raw.to_tuple()
     assert len(our_tuple) == len(dict_tuple) == len(our_out.keys())
     assert_values_close(our_tuple, dict_tuple, "return_dict=False vs to_tuple()", atol=0.0)
-    assert_values_close(our_tuple, hf_tuple, "tuple vs HF tuple", atol)
+    assert_values_close(real_positions_only(type(our_out)(**dict(zip(our_out.keys(), our_tuple))), mask).to_tuple(),
+                        real_positions_only(type(our_out)(**dict(zip(our_out.keys(), hf_tuple))), mask).to_tuple(),
+                        "tuple vs HF tuple", atol)
     return hf_out, our_out
 
 
@@ -381,7 +388,8 @@ def test_stock_sdpa_attention_forward(class_name):
     inputs = make_inputs(class_name, ours.config, padding="partial")
     with torch.no_grad():
         assert_outputs_close(ours(**inputs, output_hidden_states=True),
-                             hf(**inputs, output_hidden_states=True), atol=1e-5)
+                             hf(**inputs, output_hidden_states=True), atol=1e-5,
+                             attention_mask=inputs["attention_mask"])
 
 
 def test_stock_sdpa_attention_fully_masked_row():
@@ -717,7 +725,7 @@ def test_state_dict_round_trip(class_name, sinusoidal):
         assert ours.vocab_projector.weight is ours.get_input_embeddings().weight
     inputs = make_inputs(class_name, ours.config, padding="partial")
     with torch.no_grad():
-        assert_outputs_close(ours(**inputs), hf2(**inputs))
+        assert_outputs_close(ours(**inputs), hf2(**inputs), attention_mask=inputs["attention_mask"])
 
 
 @pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForMaskedLM"])
@@ -730,6 +738,7 @@ def test_autocast_bfloat16_and_half_weights(class_name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hf_out, our_out = hf(**inputs), ours(**inputs)
     assert our_out.logits.dtype == hf_out.logits.dtype == torch.bfloat16
+    our_out, hf_out = (real_positions_only(o, inputs["attention_mask"]) for o in (our_out, hf_out))
     assert_close(our_out.logits.float(), hf_out.logits.float(), atol=1e-2, name="autocast logits")
     hf_out.loss.backward()
     our_out.loss.backward()
@@ -739,7 +748,7 @@ def test_autocast_bfloat16_and_half_weights(class_name):
         scale = expected.abs().max().item()
         assert_close(param.grad, expected, atol=2e-2 * scale + 1e-5, name=f"autocast grad {name}")
     hf_half, ours_half = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
-    assert_close(ours_half(**inputs).logits.float(), hf_half(**inputs).logits.float(), atol=1e-2,
+    assert_close(*(real_positions_only(m(**inputs), inputs["attention_mask"]).logits.float() for m in (ours_half, hf_half)), atol=1e-2,
                  name="bfloat16 logits")
 
 

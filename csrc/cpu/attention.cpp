@@ -1,5 +1,12 @@
-// Masked multi-head attention on the CPU, forward and backward, blocked over keys with an online
-// softmax, so the (seq x seq) scores are never materialised:
+// Multi-head attention on the CPU, forward and backward, blocked over keys with an online softmax,
+// so the (seq x seq) scores are never materialised. Two entry points share the kernels:
+//   masked_attention: a padded (batch, heads, seq, head_dim) batch with a key padding mask;
+//   varlen_attention: packed (total, heads, head_dim) tokens, sequence b being rows
+//                     cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (flash-attn's varlen layout).
+// The kernels see one "window" per (batch row, head): its query rows, its keys, and where its
+// rows live in memory (Heads, Windows); a padded batch is the varlen case with windows of equal
+// length and a key mask.
+//
 //
 //     P = softmax(q k^T * scale) over the keys the padding mask keeps
 //     W = P * keep / (1 - p) * head_mask[h]           (dropout keep-mask, optional)
@@ -18,9 +25,12 @@
 // same constant); its scores then carry no gradient to q or k.
 //
 // q, k, v and grad_out may be strided views (the last dim must have stride 1), such as the model's
-// (batch, seq, heads, head_dim) projections transposed to (batch, heads, seq, head_dim). out, dq,
+// (batch, seq, heads, head_dim) projections transposed to (batch, heads, seq, head_dim), or the
+// (total, heads, head_dim) thirds of one fused (total, 3 * dim) QKV projection. Padded: out, dq,
 // dk and dv are allocated as (batch, seq, heads, head_dim) memory returned as (batch, heads, seq,
-// head_dim) views, so the model's transpose back to (batch, seq, dim) is free.
+// head_dim) views, so the model's transpose back to (batch, seq, dim) is free; varlen: they are
+// contiguous (total, heads, head_dim). lse and the dropout keep-mask are laid out per window as
+// (batch, heads, max_seqlen) and (batch, heads, max_seqlen, max_seqlen) in both cases.
 //
 // out is returned in acc_t (float32 for bf16 inputs; the caller narrows it): the backward's
 // delta_i = dout_i . out_i must see the unrounded output, or a row whose exact gradient is zero
@@ -37,14 +47,20 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // keys per block
 
-// A (batch, heads, seq, head_dim) tensor's data and strides.
+// Row s of head h of window b: in a padded (batch, heads, seq, head_dim) tensor, or in packed
+// (total, heads, head_dim) tokens whose window b starts at token starts[b].
 template <typename scalar_t>
 struct Heads {
   scalar_t* data;
   int64_t sb, sh, ss;
-  Heads(const at::Tensor& t)
+  const int32_t* starts = nullptr;
+  explicit Heads(const at::Tensor& t)
       : data(t.data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), ss(t.stride(2)) {}
-  scalar_t* row(int64_t b, int64_t h, int64_t s) const { return data + b * sb + h * sh + s * ss; }
+  Heads(const at::Tensor& t, const int32_t* cu_seqlens)
+      : data(t.data_ptr<scalar_t>()), sb(0), sh(t.stride(1)), ss(t.stride(0)), starts(cu_seqlens) {}
+  scalar_t* row(int64_t b, int64_t h, int64_t s) const {
+    return data + b * sb + h * sh + (starts ? s + starts[b] : s) * ss;
+  }
 };
 
 // Query rows folded together per key block in the forward: each vector of K or V loaded from L1
@@ -200,49 +216,59 @@ inline void gather_transposed(const Heads<scalar_t>& src, int64_t b, int64_t h, 
   }
 }
 
-// The keys head (b, *) attends to: the kept ones, or all of them (uniform = true) when none is.
-inline bool kept_keys(const bool* mask, int64_t b, int64_t seq, std::vector<int64_t>& keys) {
-  keys.clear();
-  if (mask) {
-    for (int64_t j = 0; j < seq; ++j) {
-      if (mask[b * seq + j]) keys.push_back(j);
-    }
-  }
-  const bool uniform = mask && keys.empty();
-  if (!mask || uniform) {
-    for (int64_t j = 0; j < seq; ++j) keys.push_back(j);
-  }
-  return uniform;
-}
+// The attention windows: batch x heads of them, each of length(b) query rows (at most seq) that
+// attend to keys(b). Padded: every window has length seq, keys are those the mask keeps; varlen
+// (cu_seqlens set): window b is its sequence, every key of it is kept.
+struct Windows {
+  int64_t batch, heads, seq, dim;  // seq: the longest window (max_seqlen)
+  const bool* mask = nullptr;      // padded: (batch, seq) key padding mask, or none
+  const int32_t* cu_seqlens = nullptr;  // varlen: (batch + 1,)
 
-struct Dims {
-  int64_t batch, heads, seq, dim;
+  int64_t length(int64_t b) const { return cu_seqlens ? cu_seqlens[b + 1] - cu_seqlens[b] : seq; }
+
+  // The keys window b attends to: the kept ones, or all of them (uniform = true) when the mask
+  // keeps none.
+  bool keys(int64_t b, std::vector<int64_t>& keys) const {
+    const int64_t n = length(b);
+    keys.clear();
+    if (mask) {
+      for (int64_t j = 0; j < n; ++j) {
+        if (mask[b * seq + j]) keys.push_back(j);
+      }
+    }
+    const bool uniform = mask && keys.empty();
+    if (!mask || uniform) {
+      for (int64_t j = 0; j < n; ++j) keys.push_back(j);
+    }
+    return uniform;
+  }
 };
 
 template <typename scalar_t>
-void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
-                          const Heads<scalar_t>& v, const bool* mask,
-                          const acc_t<scalar_t>* head_mask, const bool* keep, double dropout_p,
-                          double scale, const Heads<acc_t<scalar_t>>& out, acc_t<scalar_t>* lse) {
+void attention_fwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
+                          const Heads<scalar_t>& v, const acc_t<scalar_t>* head_mask,
+                          const bool* keep, double dropout_p, double scale,
+                          const Heads<acc_t<scalar_t>>& out, acc_t<scalar_t>* lse) {
   using acc = acc_t<scalar_t>;
-  const int64_t S = n.seq, D = n.dim;
+  const int64_t M = n.seq, D = n.dim;  // M: the longest window; per-window strides of keep, lse
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
-  at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n.batch * n.heads, grain_for(M * M * D), [&](int64_t begin, int64_t end) {
     constexpr int kRows = rows_per_pass<acc>();
-    std::vector<acc> qs(S * D), o(S * D), kt(D * kBlock), vb(kBlock * D), m(S), l(S);
+    std::vector<acc> qs(M * D), o(M * D), kt(D * kBlock), vb(kBlock * D), m(M), l(M);
     std::vector<acc> s(kRows * kBlock);
     std::vector<int64_t> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
-      const bool uniform = kept_keys(mask, b, S, keys);
+      const int64_t S = n.length(b);
+      const bool uniform = n.keys(b, keys);
       for (int64_t i = 0; i < S; ++i) {
         load_row(q.row(b, h, i), qs.data() + i * D, D);
         for (int64_t d = 0; d < D; ++d) qs[i * D + d] *= acc(scale);
       }
-      std::fill(o.begin(), o.end(), acc(0));
-      std::fill(m.begin(), m.end(), -std::numeric_limits<acc>::infinity());
-      std::fill(l.begin(), l.end(), acc(0));
-      const bool* keep_bh = keep ? keep + task * S * S : nullptr;
+      std::fill_n(o.begin(), S * D, acc(0));
+      std::fill_n(m.begin(), S, -std::numeric_limits<acc>::infinity());
+      std::fill_n(l.begin(), S, acc(0));
+      const bool* keep_bh = keep ? keep + task * M * M : nullptr;
 
       for (int64_t j0 = 0; j0 < static_cast<int64_t>(keys.size()); j0 += kBlock) {
         const int64_t nb = std::min<int64_t>(kBlock, keys.size() - j0);
@@ -269,7 +295,7 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
             }
             const acc lsum = exp_shifted(si, nb, m_new, si);
             if (keep_bh) {
-              for (int64_t j = 0; j < nb; ++j) si[j] = keep_bh[i * S + kb[j]] ? si[j] * keep_scale : acc(0);
+              for (int64_t j = 0; j < nb; ++j) si[j] = keep_bh[i * M + kb[j]] ? si[j] * keep_scale : acc(0);
             }
             l[i] = l[i] * corr + lsum;
             m[i] = m_new;
@@ -286,35 +312,35 @@ void attention_fwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         acc* oi = o.data() + i * D;
         for (int64_t d = 0; d < D; ++d) oi[d] *= f;
         std::copy_n(oi, D, out.row(b, h, i));
-        lse[task * S + i] = m[i] + std::log(l[i]);
+        lse[task * M + i] = m[i] + std::log(l[i]);
       }
     }
   });
 }
 
 template <typename scalar_t>
-void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
+void attention_bwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Heads<scalar_t>& k,
                           const Heads<scalar_t>& v, const Heads<acc_t<scalar_t>>& out,
                           const Heads<scalar_t>& dout, const acc_t<scalar_t>* lse,
-                          const bool* mask, const acc_t<scalar_t>* head_mask, const bool* keep,
-                          double dropout_p, double scale, const Heads<scalar_t>& dq,
-                          const Heads<scalar_t>& dk, const Heads<scalar_t>& dv,
-                          acc_t<scalar_t>* dhead_mask) {
+                          const acc_t<scalar_t>* head_mask, const bool* keep, double dropout_p,
+                          double scale, const Heads<scalar_t>& dq, const Heads<scalar_t>& dk,
+                          const Heads<scalar_t>& dv, acc_t<scalar_t>* dhead_mask) {
   using acc = acc_t<scalar_t>;
-  const int64_t S = n.seq, D = n.dim;
+  const int64_t M = n.seq, D = n.dim;  // M: the longest window; per-window strides of keep, lse
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
-  at::parallel_for(0, n.batch * n.heads, grain_for(S * S * D), [&](int64_t begin, int64_t end) {
-    std::vector<acc> qs(S * D), dO(S * D), dQ(S * D), delta(S);
+  at::parallel_for(0, n.batch * n.heads, grain_for(M * M * D), [&](int64_t begin, int64_t end) {
+    std::vector<acc> qs(M * D), dO(M * D), dQ(M * D), delta(M);
     constexpr int kRows = rows_per_pass<acc>();
     std::vector<acc> kt(D * kBlock), vt(D * kBlock), kb_rows(kBlock * D), dK(kBlock * D),
         dV(kBlock * D), s(kRows * kBlock), pr(kRows * kBlock), dw(kRows * kBlock);
     std::vector<int64_t> keys;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
-      const bool uniform = kept_keys(mask, b, S, keys);
+      const int64_t S = n.length(b);
+      const bool uniform = n.keys(b, keys);
       const acc hm = head_mask ? head_mask[h] : acc(1);
-      const bool* keep_bh = keep ? keep + task * S * S : nullptr;
-      const acc* lse_bh = lse + task * S;
+      const bool* keep_bh = keep ? keep + task * M * M : nullptr;
+      const acc* lse_bh = lse + task * M;
       for (int64_t i = 0; i < S; ++i) {
         load_row(q.row(b, h, i), qs.data() + i * D, D);
         for (int64_t d = 0; d < D; ++d) qs[i * D + d] *= acc(scale);
@@ -322,7 +348,7 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
         // sum_j P_ij dP_ij = dout_i . out_i, whatever the dropout and head mask
         delta[i] = row_dot(dO.data() + i * D, out.row(b, h, i), D);
       }
-      std::fill(dQ.begin(), dQ.end(), acc(0));
+      std::fill_n(dQ.begin(), S * D, acc(0));
       // Keys outside the kept set get no gradient: start from zeros.
       for (int64_t j = 0; j < S; ++j) {
         std::fill_n(dk.row(b, h, j), D, scalar_t(0));
@@ -365,7 +391,7 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
             exp_shifted(si, nb, lse_bh[i], pi);
             for (int64_t j = 0; j < nb; ++j) {
               const acc p = pi[j];
-              const acc c = keep_bh ? (keep_bh[i * S + kb[j]] ? keep_scale : acc(0)) : acc(1);
+              const acc c = keep_bh ? (keep_bh[i * M + kb[j]] ? keep_scale : acc(0)) : acc(1);
               if (dhm_terms) dhm += dwi[j] * p * c;
               pi[j] = p * c * hm;
               // constant scores (uniform) carry no gradient to q, k
@@ -400,40 +426,83 @@ void attention_bwd_kernel(const Dims& n, const Heads<scalar_t>& q, const Heads<s
   });
 }
 
-Dims check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+// q, k, v of `ndim` dims (4: padded, 3: packed tokens), same shape and dtype, last dim of stride 1.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
   TORCH_CHECK(q.defined(), "q must be a tensor, got None");
   check_float_dtype(q.scalar_type(), "q");
-  check_arg(q, "q", q.scalar_type(), 4, /*inner_only=*/true);
-  check_arg(k, "k", q.scalar_type(), 4, true);
+  check_arg(q, "q", q.scalar_type(), ndim, /*inner_only=*/true);
+  check_arg(k, "k", q.scalar_type(), ndim, true);
   check_shape(k, "k", q.sizes());
-  check_arg(v, "v", q.scalar_type(), 4, true);
+  check_arg(v, "v", q.scalar_type(), ndim, true);
   check_shape(v, "v", q.sizes());
-  const Dims n{q.size(0), q.size(1), q.size(2), q.size(3)};
-  TORCH_CHECK(n.seq > 0 && n.dim > 0, "q must have seq > 0 and head_dim > 0, got shape ",
-              shape_str(q.sizes()));
-  return n;
+  TORCH_CHECK(q.size(-1) > 0, "q must have head_dim > 0, got shape ", shape_str(q.sizes()));
 }
 
-void check_masks(const Dims& n, at::ScalarType dtype, const c10::optional<at::Tensor>& mask,
-                 const c10::optional<at::Tensor>& head_mask, const c10::optional<at::Tensor>& keep,
-                 double dropout_p) {
+Windows padded_windows(const at::Tensor& q, const c10::optional<at::Tensor>& mask) {
+  check_qkv(q, q, q, 4);
+  Windows n{q.size(0), q.size(1), q.size(2), q.size(3)};
+  TORCH_CHECK(n.seq > 0, "q must have seq > 0, got shape ", shape_str(q.sizes()));
   if (mask) {
     check_arg(*mask, "key_padding_mask", at::kBool, 2);
     check_shape(*mask, "key_padding_mask", {n.batch, n.seq});
+    n.mask = mask->data_ptr<bool>();
   }
+  return n;
+}
+
+// cu_seqlens (batch + 1,) int32 on the CPU: starts at 0, non-decreasing, ends at total, no
+// sequence longer than max_seqlen. Checked here in full (it is on the host): no window reads
+// outside q.
+Windows varlen_windows(const at::Tensor& q, const at::Tensor& cu_seqlens, int64_t max_seqlen) {
+  check_qkv(q, q, q, 3);
+  TORCH_CHECK_VALUE(cu_seqlens.defined(), "cu_seqlens must be a tensor, got None");
+  check_arg(cu_seqlens, "cu_seqlens", at::kInt, 1);
+  TORCH_CHECK_VALUE(cu_seqlens.size(0) >= 2, "cu_seqlens must have shape (batch + 1,) with batch >= 1, got ",
+                    shape_str(cu_seqlens.sizes()));
+  TORCH_CHECK_VALUE(max_seqlen >= 1, "max_seqlen must be at least 1, got ", max_seqlen);
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  const int64_t batch = cu_seqlens.size(0) - 1, total = q.size(0);
+  TORCH_CHECK_VALUE(cu[0] == 0, "cu_seqlens must start at 0, got cu_seqlens[0] = ", cu[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(cu[b + 1] >= cu[b], "cu_seqlens must be non-decreasing, got cu_seqlens[", b,
+                      "] = ", cu[b], " > cu_seqlens[", b + 1, "] = ", cu[b + 1]);
+    TORCH_CHECK_VALUE(cu[b + 1] - cu[b] <= max_seqlen, "max_seqlen must be at least the longest ",
+                      "sequence (", cu[b + 1] - cu[b], "), got ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(cu[batch] == total, "cu_seqlens[-1] must equal the number of tokens in q (",
+                    total, "), got ", cu[batch]);
+  Windows n{batch, q.size(1), max_seqlen, q.size(2)};
+  n.cu_seqlens = cu;
+  return n;
+}
+
+void check_head_mask_and_dropout(const Windows& n, at::ScalarType dtype,
+                                 const c10::optional<at::Tensor>& head_mask,
+                                 const c10::optional<at::Tensor>& keep, double dropout_p) {
   if (head_mask) {
     check_arg(*head_mask, "head_mask", acc_dtype(dtype), 1);
     check_shape(*head_mask, "head_mask", {n.heads});
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   if (keep) {
     check_arg(*keep, "keep", at::kBool, 4);
     check_shape(*keep, "keep", {n.batch, n.heads, n.seq, n.seq});
   }
 }
 
+// The backward's saved forward results: out in the accumulation dtype, lse per window.
+void check_saved(const at::Tensor& q, const Windows& n, const at::Tensor& grad_out,
+                 const at::Tensor& out, const at::Tensor& lse) {
+  check_arg(grad_out, "grad_out", q.scalar_type(), q.dim(), true);
+  check_shape(grad_out, "grad_out", q.sizes());
+  check_arg(out, "out", acc_dtype(q.scalar_type()), q.dim(), true);
+  check_shape(out, "out", q.sizes());
+  check_arg(lse, "lse", acc_dtype(q.scalar_type()), 3);
+  check_shape(lse, "lse", {n.batch, n.heads, n.seq});
+}
+
 // (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim).
-at::Tensor empty_heads(const Dims& n, const at::TensorOptions& options) {
+at::Tensor empty_heads(const Windows& n, const at::TensorOptions& options) {
   return empty_output({n.batch, n.seq, n.heads, n.dim}, options).transpose(1, 2);
 }
 
@@ -442,32 +511,82 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
+// Rows of a padded (4-dim) or packed (3-dim) tensor.
+template <typename T>
+Heads<T> heads_of(const at::Tensor& t, const Windows& n) {
+  return n.cu_seqlens ? Heads<T>(t, n.cu_seqlens) : Heads<T>(t);
+}
+
+// out (like q) in the accumulation dtype and lse (batch, heads, max window).
+std::vector<at::Tensor> attention_fwd(const Windows& n, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& head_mask,
+                                      const c10::optional<at::Tensor>& keep, double dropout_p,
+                                      double scale) {
+  check_qkv(q, k, v, q.dim());
+  check_head_mask_and_dropout(n, q.scalar_type(), head_mask, keep, dropout_p);
+  const auto acc_options = q.options().dtype(acc_dtype(q.scalar_type()));
+  at::Tensor out = n.cu_seqlens ? empty_output(q.sizes(), acc_options) : empty_heads(n, acc_options);
+  at::Tensor lse = at::empty({n.batch, n.heads, n.seq}, acc_options);
+  DBF_DISPATCH(q.scalar_type(), "attention_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    attention_fwd_kernel<scalar_t>(n, heads_of<scalar_t>(q, n), heads_of<scalar_t>(k, n),
+                                   heads_of<scalar_t>(v, n), opt_ptr<acc>(head_mask),
+                                   opt_ptr<bool>(keep), dropout_p, scale, heads_of<acc>(out, n),
+                                   lse.data_ptr<acc>());
+  });
+  return {out, lse};
+}
+
+// dq, dk, dv (like q) and, when need_dhead_mask and a head_mask is given, dhead_mask (heads,) in
+// the accumulation dtype.
+std::vector<at::Tensor> attention_bwd(const Windows& n, const at::Tensor& grad_out,
+                                      const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& out,
+                                      const at::Tensor& lse,
+                                      const c10::optional<at::Tensor>& head_mask,
+                                      const c10::optional<at::Tensor>& keep, double dropout_p,
+                                      double scale, bool need_dhead_mask) {
+  check_qkv(q, k, v, q.dim());
+  check_head_mask_and_dropout(n, q.scalar_type(), head_mask, keep, dropout_p);
+  check_saved(q, n, grad_out, out, lse);
+  auto empty_like_q = [&] {
+    return n.cu_seqlens ? empty_output(q.sizes(), q.options()) : empty_heads(n, q.options());
+  };
+  at::Tensor dq = empty_like_q(), dk = empty_like_q(), dv = empty_like_q();
+  at::Tensor dhm_bh;
+  if (need_dhead_mask && head_mask) dhm_bh = at::empty({n.batch, n.heads}, lse.options());
+  DBF_DISPATCH(q.scalar_type(), "attention_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    attention_bwd_kernel<scalar_t>(
+        n, heads_of<scalar_t>(q, n), heads_of<scalar_t>(k, n), heads_of<scalar_t>(v, n),
+        heads_of<acc>(out, n), heads_of<scalar_t>(grad_out, n), lse.data_ptr<acc>(),
+        opt_ptr<acc>(head_mask), opt_ptr<bool>(keep), dropout_p, scale, heads_of<scalar_t>(dq, n),
+        heads_of<scalar_t>(dk, n), heads_of<scalar_t>(dv, n),
+        dhm_bh.defined() ? dhm_bh.data_ptr<acc>() : nullptr);
+  });
+  at::Tensor dhead_mask;
+  if (dhm_bh.defined()) {
+    // Summed over the batch here, in a fixed order: the per-(batch, head) partials need no atomics.
+    dhead_mask = dhm_bh.sum(0);
+  }
+  return {dq, dk, dv, dhead_mask};
+}
+
 }  // namespace
 
-// out (batch, heads, seq, head_dim) and lse (batch, heads, seq), both in the accumulation dtype.
+// Padded: q, k, v (batch, heads, seq, head_dim); out (batch, heads, seq, head_dim) and lse
+// (batch, heads, seq), both in the accumulation dtype.
 std::vector<at::Tensor> masked_attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const c10::optional<at::Tensor>& key_padding_mask,
                                              const c10::optional<at::Tensor>& head_mask,
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale) {
-  const Dims n = check_qkv(q, k, v);
-  check_masks(n, q.scalar_type(), key_padding_mask, head_mask, keep, dropout_p);
-  const auto acc_options = q.options().dtype(acc_dtype(q.scalar_type()));
-  at::Tensor out = empty_heads(n, acc_options);
-  at::Tensor lse = at::empty({n.batch, n.heads, n.seq}, acc_options);
-  DBF_DISPATCH(q.scalar_type(), "masked_attention_fwd", [&] {
-    using acc = acc_t<scalar_t>;
-    attention_fwd_kernel<scalar_t>(n, Heads<scalar_t>(q), Heads<scalar_t>(k), Heads<scalar_t>(v),
-                                   opt_ptr<bool>(key_padding_mask), opt_ptr<acc>(head_mask),
-                                   opt_ptr<bool>(keep), dropout_p, scale, Heads<acc>(out),
-                                   lse.data_ptr<acc>());
-  });
-  return {out, lse};
+  return attention_fwd(padded_windows(q, key_padding_mask), q, k, v, head_mask, keep, dropout_p,
+                       scale);
 }
 
-// dq, dk, dv (batch, heads, seq, head_dim) and, when need_dhead_mask and a head_mask is given,
-// dhead_mask (heads,) in the accumulation dtype.
 std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
                                              const at::Tensor& k, const at::Tensor& v,
                                              const at::Tensor& out, const at::Tensor& lse,
@@ -476,40 +595,33 @@ std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const a
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale,
                                              bool need_dhead_mask) {
-  const Dims n = check_qkv(q, k, v);
-  check_masks(n, q.scalar_type(), key_padding_mask, head_mask, keep, dropout_p);
-  check_arg(grad_out, "grad_out", q.scalar_type(), 4, true);
-  check_shape(grad_out, "grad_out", q.sizes());
-  check_arg(out, "out", acc_dtype(q.scalar_type()), 4, true);
-  check_shape(out, "out", q.sizes());
-  check_arg(lse, "lse", acc_dtype(q.scalar_type()), 3);
-  check_shape(lse, "lse", {n.batch, n.heads, n.seq});
-  at::Tensor dq = empty_heads(n, q.options()), dk = empty_heads(n, q.options()),
-             dv = empty_heads(n, q.options());
-  at::Tensor dhm_bh;
-  if (need_dhead_mask && head_mask) dhm_bh = at::empty({n.batch, n.heads}, lse.options());
-  DBF_DISPATCH(q.scalar_type(), "masked_attention_bwd", [&] {
-    using acc = acc_t<scalar_t>;
-    attention_bwd_kernel<scalar_t>(
-        n, Heads<scalar_t>(q), Heads<scalar_t>(k), Heads<scalar_t>(v), Heads<acc>(out),
-        Heads<scalar_t>(grad_out), lse.data_ptr<acc>(), opt_ptr<bool>(key_padding_mask),
-        opt_ptr<acc>(head_mask), opt_ptr<bool>(keep), dropout_p, scale, Heads<scalar_t>(dq),
-        Heads<scalar_t>(dk), Heads<scalar_t>(dv),
-        dhm_bh.defined() ? dhm_bh.data_ptr<acc>() : nullptr);
-  });
-  at::Tensor dhead_mask;
-  if (dhm_bh.defined()) {
-    // Summed over the batch here, in a fixed order: the per-(batch, head) partials need no atomics.
-    dhead_mask = at::zeros({n.heads}, lse.options());
-    DBF_DISPATCH(q.scalar_type(), "masked_attention_bwd_dhead_mask", [&] {
-      using acc = acc_t<scalar_t>;
-      const acc* src = dhm_bh.data_ptr<acc>();
-      acc* dst = dhead_mask.data_ptr<acc>();
-      for (int64_t b = 0; b < n.batch; ++b)
-        for (int64_t h = 0; h < n.heads; ++h) dst[h] += src[b * n.heads + h];
-    });
-  }
-  return {dq, dk, dv, dhead_mask};
+  return attention_bwd(padded_windows(q, key_padding_mask), grad_out, q, k, v, out, lse,
+                       head_mask, keep, dropout_p, scale, need_dhead_mask);
+}
+
+// Packed: q, k, v (total, heads, head_dim) (strided views of a fused QKV projection are fine),
+// cu_seqlens (batch + 1,) int32; out (total, heads, head_dim) and lse (batch, heads, max_seqlen)
+// in the accumulation dtype; keep, if any, (batch, heads, max_seqlen, max_seqlen).
+std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                             int64_t max_seqlen,
+                                             const c10::optional<at::Tensor>& head_mask,
+                                             const c10::optional<at::Tensor>& keep,
+                                             double dropout_p, double scale) {
+  return attention_fwd(varlen_windows(q, cu_seqlens, max_seqlen), q, k, v, head_mask, keep,
+                       dropout_p, scale);
+}
+
+std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& out, const at::Tensor& lse,
+                                             const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                             const c10::optional<at::Tensor>& head_mask,
+                                             const c10::optional<at::Tensor>& keep,
+                                             double dropout_p, double scale,
+                                             bool need_dhead_mask) {
+  return attention_bwd(varlen_windows(q, cu_seqlens, max_seqlen), grad_out, q, k, v, out, lse,
+                       head_mask, keep, dropout_p, scale, need_dhead_mask);
 }
 
 }  // namespace cpu

@@ -39,6 +39,19 @@ std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const a
                                              const c10::optional<at::Tensor>& head_mask,
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale, bool need_dhead_mask);
+std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                             int64_t max_seqlen,
+                                             const c10::optional<at::Tensor>& head_mask,
+                                             const c10::optional<at::Tensor>& keep,
+                                             double dropout_p, double scale);
+std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
+                                             const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& out, const at::Tensor& lse,
+                                             const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                             const c10::optional<at::Tensor>& head_mask,
+                                             const c10::optional<at::Tensor>& keep,
+                                             double dropout_p, double scale, bool need_dhead_mask);
 
 }  // namespace cpu
 
@@ -64,6 +77,10 @@ void init_cpu_ops(pybind11::module_& m) {
         "out, lse of softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v");
   m.def("cpu_masked_attention_bwd", &cpu::masked_attention_bwd,
         "dq, dk, dv, dhead_mask of cpu_masked_attention_fwd");
+  m.def("cpu_varlen_attention_fwd", &cpu::varlen_attention_fwd,
+        "out, lse of attention within each packed sequence (q, k, v: total x heads x head_dim)");
+  m.def("cpu_varlen_attention_bwd", &cpu::varlen_attention_bwd,
+        "dq, dk, dv, dhead_mask of cpu_varlen_attention_fwd");
 }
 
 }  // namespace distilbert_fast

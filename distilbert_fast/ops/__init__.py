@@ -31,11 +31,13 @@ from .functional import (
     LinearActivationFunction,
     MaskedAttentionFunction,
     ResidualLayerNormFunction,
+    VarlenAttentionFunction,
     bias_activation,
     linear,
     linear_activation,
     masked_attention,
     residual_layernorm,
+    varlen_attention,
 )
 
 cpu_backend.register(_extension._C)  # the C++ CPU kernels, where the extension was built with them
@@ -62,4 +64,6 @@ __all__ = [
     "resolve_backend",
     "set_default_backend",
     "use_backend",
+    "varlen_attention",
+    "VarlenAttentionFunction",
 ]

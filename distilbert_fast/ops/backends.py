@@ -84,6 +84,19 @@ class Backend:
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         return eager().residual_layernorm_backward(saved_tensors, saved_state, grad_out, needs_grad)
 
+    def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
+        """Attention within each packed sequence (see ``functional.varlen_attention``). The
+        default, for a backend without a varlen kernel: the eager backend's, forward and
+        backward (the one rule by which such a backend falls back)."""
+        return _registry["eager"].varlen_attention_forward(
+            q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale
+        )
+
+    def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        """(dq, dk, dv, dhead_mask); ``needs_grad`` is indexed like (q, k, v, cu_seqlens,
+        max_seqlen, head_mask, ...)."""
+        return _registry["eager"].varlen_attention_backward(saved_tensors, saved_state, grad_out, needs_grad)
+
     def linear(self, x, weight, bias):
         """x @ weight^T + bias (the model's projections without an activation) on this backend's
         GEMM, differentiable where a gradient may be needed: ``F.linear`` here; an override may

@@ -13,8 +13,10 @@ extension ``distilbert_fast._C``.
   AVX-512 CPU we measured. Forward only: the backward runs torch's matmuls, as F.linear's does.
   Training and inference take the same forward, so their outputs agree bit for bit.
 - masked attention: blocked over keys with an online softmax, never materialising the scores;
-  parallel over (batch, head). ``need_weights=True`` asks for the materialised weights, so that
-  call runs the eager backend's code (``Backend.attention_weights``, one rule for all backends).
+  parallel over (batch, head). Varlen attention runs the same kernels with one window per packed
+  sequence (parallel over (sequence, head)). ``need_weights=True`` asks for the materialised
+  weights, so that call runs the eager backend's code (``Backend.attention_weights``, one rule for
+  all backends).
 
 Dtypes: float32, bfloat16 (float32 accumulation and statistics) and float64 (float64 throughout,
 for gradcheck). Half (float16) is left to the eager backend: ``unsupported_reason`` says so.
@@ -216,6 +218,30 @@ class CpuBackend(Backend):
         dq, dk, dv, dhead_mask = self._C.cpu_masked_attention_bwd(
             grad_out, s.q, s.k, s.v, s.out_acc, s.lse, s.mask, s.head_mask, s.keep, dropout_p, scale,
             bool(needs_grad[4]),
+        )
+        return dq, dk, dv, dhead_mask
+
+    # -- varlen attention --------------------------------------------------------------------
+    # The same C++ kernels as masked attention, with one window per packed sequence. q, k, v
+    # are taken as they come (strided thirds of the fused QKV projection: no copy).
+    def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
+        batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+        keep = _keep_mask((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        cu = cu_seqlens.contiguous()
+        hm = _acc(head_mask, q.dtype)
+        out_acc, lse = self._C.cpu_varlen_attention_fwd(q, k, v, cu, max_seqlen, hm, keep, dropout_p, scale)
+        saved = (q, k, v, out_acc, lse, cu, hm, keep)
+        return out_acc.to(q.dtype), saved, (max_seqlen, dropout_p, scale)
+
+    def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        q, k, v, out_acc, lse, cu, hm, keep = saved_tensors
+        max_seqlen, dropout_p, scale = saved_state
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv, dhead_mask = self._C.cpu_varlen_attention_bwd(
+            grad_out, q, k, v, out_acc, lse, cu, max_seqlen, hm, keep, dropout_p, scale,
+            bool(needs_grad[5]),
         )
         return dq, dk, dv, dhead_mask
 

@@ -279,6 +279,17 @@ _linear_activation = recomputed_op(
     grad_args=("x", "weight", "bias"),
 )
 
+_varlen_attention = recomputed_op(
+    "varlen_attention",
+    "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor? head_mask, "
+    "float dropout_p, float scale, str backend",
+    "Tensor",
+    lambda *a: functional.VarlenAttentionFunction.apply(*a),
+    lambda impl, *args: impl.varlen_attention_forward(*args)[:1],
+    lambda q, *rest: (q,),  # out is shaped like q
+    grad_args=("q", "k", "v", "head_mask"),
+)
+
 
 # The traced forms of functional's wrappers (arguments already checked there).
 def masked_attention(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, impl):
@@ -307,6 +318,12 @@ def linear_activation(x, weight, bias, activation, impl):
     if impl.traceable:
         return impl.linear_activation_forward(x, weight, bias, activation, torch.is_grad_enabled())[0]
     return _linear_activation(x, weight, bias, activation, impl.name)[0]
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, impl):
+    if impl.traceable:
+        return impl.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale)[0]
+    return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, impl.name)[0]
 
 
 # -- linear --------------------------------------------------------------------------------------

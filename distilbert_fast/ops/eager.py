@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..packing import varlen_to_padded_index
 from .backends import Backend, register_backend
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu")
@@ -151,6 +152,31 @@ class EagerBackend(Backend):
         dk = torch.matmul(dscores.transpose(-1, -2), qf)
         return dq, dk, dv, dhead_mask
 
+    # -- varlen attention --------------------------------------------------------------------
+    # Each sequence is laid out in a padded (batch, heads, max_seqlen, head_dim) batch with a key
+    # mask and runs the masked attention above; the padding rows are dropped again. Padded query
+    # rows get zero upstream gradient, so they add nothing to any gradient.
+    def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
+        # q, k, v: (total, heads, head_dim); cu_seqlens: (batch + 1,) int32
+        layout = _VarlenLayout(q, cu_seqlens, max_seqlen)
+        (out, _), saved, state = self.attention_forward(
+            layout.pad(q), layout.pad(k), layout.pad(v), layout.key_mask(), head_mask, dropout_p,
+            scale, False,
+        )
+        return layout.unpad(out), (*saved, layout.index), (state, layout.batch, max_seqlen)
+
+    def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
+        *saved, index = saved_tensors
+        state, batch, max_seqlen = saved_state
+        layout = _VarlenLayout(grad_out, None, max_seqlen, batch=batch, index=index)
+        # needs_grad is indexed like (q, k, v, cu_seqlens, max_seqlen, head_mask, ...);
+        # attention_backward's like (q, k, v, key_padding_mask, head_mask, ...)
+        padded_needs = (*needs_grad[:3], False, needs_grad[5])
+        dq, dk, dv, dhead_mask = self.attention_backward(
+            tuple(saved), state, layout.pad(grad_out), None, padded_needs
+        )
+        return layout.unpad(dq), layout.unpad(dk), layout.unpad(dv), dhead_mask
+
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
         z = x if bias is None else x + bias
@@ -199,6 +225,34 @@ class EagerBackend(Backend):
         dh = dz if keep is None else dz * keep / (1.0 - dropout_p)
         dx_bias = _sum_to_last_dim(dh) if needs_grad[5] else None
         return dh, dz, dweight, dbias, dx_bias
+
+
+class _VarlenLayout:
+    """Packed (total, heads, head_dim) rows <-> a padded (batch, heads, max_seqlen, head_dim)
+    batch, by each packed token's row in the padded layout (``index``)."""
+
+    def __init__(self, like, cu_seqlens, max_seqlen, batch=None, index=None):
+        self.total, self.heads, self.head_dim = like.shape
+        self.max_seqlen = max_seqlen
+        self.batch = cu_seqlens.shape[0] - 1 if batch is None else batch
+        if index is None:
+            index = varlen_to_padded_index(cu_seqlens, self.total, max_seqlen)
+        self.index = index
+
+    def key_mask(self):  # (batch, max_seqlen) bool, True at real tokens
+        rows = torch.zeros(self.batch * self.max_seqlen, dtype=torch.bool, device=self.index.device)
+        return rows.index_fill_(0, self.index, True).view(self.batch, self.max_seqlen)
+
+    def pad(self, t):  # (total, heads, head_dim) -> (batch, heads, max_seqlen, head_dim), zeros
+        rows = t.new_zeros(self.batch * self.max_seqlen, self.heads, self.head_dim)
+        rows = rows.index_copy(0, self.index, t)
+        return rows.view(self.batch, self.max_seqlen, self.heads, self.head_dim).transpose(1, 2)
+
+    def unpad(self, t):  # (batch, heads, max_seqlen, head_dim) -> (total, heads, head_dim)
+        if t is None:
+            return None
+        rows = t.transpose(1, 2).reshape(self.batch * self.max_seqlen, self.heads, self.head_dim)
+        return rows.index_select(0, self.index)
 
 
 register_backend(EagerBackend())

@@ -5,6 +5,7 @@
     residual_layernorm(x, residual, ...)    LayerNorm(dropout(x + x_bias) + residual)
     linear_activation(x, weight, bias, act) act(x @ weight^T + bias), the first FFN matmul + epilogue
     linear(x, weight, bias)                 x @ weight^T + bias, as F.linear, on the backend's GEMM
+    varlen_attention(q, k, v, cu_seqlens, max_seqlen, ...)  attention within each packed sequence
 
 ``linear`` is the one op without a Function here: it returns what the backend's ``linear`` gives,
 F.linear by default, or the backend's own Function around another GEMM.
@@ -17,6 +18,7 @@ included, takes the op's custom-op form instead (``custom``): one graph node per
 
 import torch
 
+from ..packing import check_cu_seqlens
 from . import custom
 from .backends import attention_runner, rebuild_saved, resolve_backend
 from .eager import canonical_activation
@@ -312,3 +314,71 @@ def linear(
     if custom.tracing():
         return custom.linear(x, weight, bias, impl)
     return impl.linear(x, weight, bias)
+
+
+# -- varlen attention --------------------------------------------------------------------------
+class VarlenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, backend):
+        out, saved, state = backend.varlen_attention_forward(
+            q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale
+        )
+        ctx.save_for_backward(*saved)
+        ctx.state, ctx.backend = state, backend
+        ctx.input_dtypes = _dtypes(q, k, v, None, None, head_mask)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _first_order_only("varlen_attention")
+        dq, dk, dv, dhead_mask = ctx.backend.varlen_attention_backward(
+            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+        )
+        grads = _cast_grads((dq, dk, dv, None, None, dhead_mask), ctx.input_dtypes)
+        return (*grads, None, None, None)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    head_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-head attention within each sequence of a packed batch (flash-attn's varlen API).
+
+    q, k, v: (total_tokens, heads, head_dim), the same dtype and device; they may be strided
+    views of one fused (total_tokens, 3 * dim) QKV projection (last dim of stride 1).
+    cu_seqlens: (batch + 1,) int32 on q's device: sequence b is rows cu_seqlens[b] to
+    cu_seqlens[b + 1] - 1 (zero-length sequences allowed). max_seqlen: a Python int at least the
+    longest sequence. head_mask: (heads,), multiplies each head's weights after dropout. scale
+    defaults to head_dim ** -0.5. Returns out, (total_tokens, heads, head_dim), contiguous.
+
+    cu_seqlens' values (starts at 0, non-decreasing, ends at total_tokens, no sequence longer
+    than max_seqlen) are checked only when it is on the CPU: on a GPU that would cost a sync.
+    """
+    _check_tensor("q", q, ndim=3)
+    _check_tensor("k", k, shape=q.shape, like=q, same_dtype=True)
+    _check_tensor("v", v, shape=q.shape, like=q, same_dtype=True)
+    total, heads, head_dim = q.shape
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on {q.device} (q's device), got {cu_seqlens.device}")
+    check_cu_seqlens(cu_seqlens, total, max_seqlen)
+    if head_mask is not None:
+        _check_tensor("head_mask", head_mask, shape=(heads,), like=q)
+        head_mask = head_mask.to(q.dtype)
+    _check_dropout(dropout_p)
+    if scale is None:
+        scale = head_dim**-0.5
+    impl = resolve_backend("varlen_attention", q, backend)
+    if custom.tracing():
+        return custom.varlen_attention(
+            q, k, v, cu_seqlens, int(max_seqlen), head_mask, float(dropout_p), float(scale), impl
+        )
+    return VarlenAttentionFunction.apply(
+        q, k, v, cu_seqlens, int(max_seqlen), head_mask, float(dropout_p), float(scale), impl
+    )
