@@ -10,6 +10,7 @@ task heads.
 import contextvars
 import functools
 import os
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -69,6 +70,24 @@ def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None
         return linear(x, layer.weight, backend=backend)
     out = layer(x)
     return out if layer.bias is None else out - layer.bias
+
+
+class _StackedCache:
+    """A tensor built from ``sources`` (the fused QKV weight), valid while each source is the same
+    tensor (a weak reference: a replaced weight is neither kept alive nor mistaken for a new one
+    at its address) at the same version counter. Copies and pickles start empty."""
+
+    def __init__(self, sources=(), stacked=None):
+        self.refs = tuple(weakref.ref(t) for t in sources)
+        self.versions = tuple(t._version for t in sources)
+        self.stacked = stacked
+
+    def holds(self, sources) -> bool:
+        return len(sources) == len(self.refs) and all(
+            ref() is t and version == t._version for ref, version, t in zip(self.refs, self.versions, sources))
+
+    def __reduce__(self):
+        return (_StackedCache, ())
 
 
 class Varlen(NamedTuple):
@@ -136,7 +155,7 @@ class DistilBertSelfAttention(nn.Module):
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
         self.dropout = nn.Dropout(p=config.attention_dropout)
-        self._qkv_cache = None  # (key, (weight, bias)) of the fused projection; see _fused_qkv
+        self._qkv_cache = None  # a _StackedCache of the fused projection; see _fused_qkv
 
     def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
         """hidden_states (batch, seq, dim) with key_padding_mask (batch, seq) bool or None; or
@@ -183,7 +202,7 @@ class DistilBertSelfAttention(nn.Module):
 
         The parameters stay q_lin / k_lin / v_lin's (HF's state_dict, tying, optimizers). Where a
         gradient may flow to them the stack is built each forward (torch.cat passes the gradient
-        back); otherwise it is cached, keyed by each tensor's storage and version counter, so an
+        back); otherwise it is cached, keyed by each tensor and its version counter, so an
         in-place update (load_state_dict, an optimizer step, a merged LoRA) or a move rebuilds it.
         (Writes through ``param.data`` bypass the version counter: call ``load_state_dict`` or
         write under ``torch.no_grad()`` instead.)"""
@@ -197,12 +216,12 @@ class DistilBertSelfAttention(nn.Module):
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         ):
             return torch.cat(weights), torch.cat(biases)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._qkv_cache is None or self._qkv_cache[0] != key:
+        cache = getattr(self, "_qkv_cache", None)  # (optimize()'s views start without one)
+        if cache is None or not cache.holds(tensors):
             # a normal tensor even under inference_mode, so later autograd use may save it
             with torch.inference_mode(False), torch.no_grad():
-                self._qkv_cache = (key, (torch.cat(weights), torch.cat(biases)))
-        return self._qkv_cache[1]
+                cache = self._qkv_cache = _StackedCache(tensors, (torch.cat(weights), torch.cat(biases)))
+        return cache.stacked
 
 
 class FFN(nn.Module):

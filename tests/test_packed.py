@@ -79,7 +79,10 @@ def varlen_args(lengths, heads, head_dim, fused=True, with_head_mask=False, **kw
     return args
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+# triton's varlen kernel is held to the same rule in tests/test_triton_varlen_attention.py, with the
+# documented allowance for its softmax-backward row term read from the rounded output (it matters
+# for one-token sequences in float16, where eager's dq is exactly 0)
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(VARLEN_CASES))
 @pytest.mark.parametrize("with_head_mask", [False, True], ids=["plain", "headmask"])

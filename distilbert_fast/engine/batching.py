@@ -30,36 +30,14 @@ class Encoded:
 def encode_packed(tokenizer, texts, pairs=None, *, max_length: int, truncation: str = "longest_first",
                   stride: int = 0, overflow: bool = False, offsets: bool = False, word_ids: bool = False,
                   sequence_ids: bool = False) -> Encoded:
-    """Tokenizes ``texts`` (and ``pairs``) into packed rows on the tokenizer's C++ threads.
-
-    Until the tokenizer's packed entry point lands (it writes ids and cu_seqlens with no padding),
-    this asks for a padded int64 array and keeps the real tokens with the attention mask: one
-    vectorised copy, no Python loop over tokens."""
-    enc = tokenizer(list(texts), None if pairs is None else list(pairs), padding=True, truncation=truncation,
-                    max_length=max_length, stride=stride, return_overflowing_tokens=overflow,
-                    return_offsets_mapping=offsets, return_attention_mask=True, return_tensors="np")
-    mask = enc["attention_mask"].astype(bool)  # (rows, width); right padding
-    lengths = mask.sum(1)
-    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cu[1:])
-    rows = len(lengths)
-    item = np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64) if overflow else np.arange(rows)
-    out = Encoded(ids=enc["input_ids"][mask], cu=cu, item=item)
-    if offsets:
-        out.offsets = enc["offset_mapping"][mask]
-    if word_ids:
-        out.word_ids = _per_token(enc.word_ids, rows, lengths)
-    if sequence_ids:
-        out.sequence_ids = _per_token(enc.sequence_ids, rows, lengths).astype(np.int8)
-    return out
-
-
-def _per_token(row_values, rows: int, lengths: np.ndarray) -> np.ndarray:
-    """A per-row list (None for special tokens) as one packed int64 array, None -> -1."""
-    values = []
-    for r in range(rows):
-        values.extend(-1 if v is None else v for v in row_values(r)[: lengths[r]])
-    return np.asarray(values, dtype=np.int64)
+    """Tokenizes ``texts`` (and ``pairs``) into packed rows with the tokenizer's packed entry point:
+    ids and row boundaries written with no padding, on its C++ threads with the GIL released."""
+    enc = tokenizer.encode_packed(
+        list(texts), None if pairs is None else list(pairs), truncation=truncation, max_length=max_length,
+        stride=stride, return_overflowing_tokens=overflow, return_offsets_mapping=offsets,
+        return_word_ids=word_ids, return_sequence_ids=sequence_ids, return_tensors="np")
+    return Encoded(ids=enc.input_ids, cu=enc.cu_seqlens.astype(np.int64), item=enc.overflow_to_sample_mapping,
+                   offsets=enc.offset_mapping, word_ids=enc.word_ids, sequence_ids=enc.sequence_ids)
 
 
 def plan_batches(lengths: np.ndarray, max_batch_tokens: int, max_batch_rows: int | None = None) -> list[np.ndarray]:

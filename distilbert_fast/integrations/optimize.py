@@ -102,7 +102,7 @@ def _set_forward(module, fn, record):
 # -- DistilBERT ----------------------------------------------------------------------------------
 
 
-def _optimize_distilbert(model, backend, record):
+def _optimize_distilbert(model, backend, record, pack):
     config = _Config(model.config, backend)
     emb = model.embeddings
     _set_forward(emb, functools.partial(modeling.Embeddings.forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
@@ -119,17 +119,17 @@ def _optimize_distilbert(model, backend, record):
                      values={"config": config, "attention_adapters": None, "output_adapters": None})
         _set_forward(block, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, values={"config": config})
-    _set_forward(model, functools.partial(_distilbert_model_forward, base), record)
+    _set_forward(model, functools.partial(_distilbert_model_forward, base, pack=pack), record)
 
 
 def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_embeds=None,
                               position_ids=None, head_mask=None, output_attentions=None,
-                              output_hidden_states=None, return_dict=None, **kwargs):
+                              output_hidden_states=None, return_dict=None, pack=True, **kwargs):
     """transformers 5's DistilBertModel signature (other keywords, e.g. token_type_ids, are
     ignored as transformers 5 ignores them) over our DistilBertModel.forward."""
     return modeling.DistilBertModel.forward(
         view, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-        output_hidden_states, return_dict, position_ids=position_ids,
+        output_hidden_states, return_dict, position_ids=position_ids, pack=pack,
     )
 
 
@@ -145,7 +145,7 @@ def _checkpointing(encoder):
 _BERT_CONFIG_NAMES = {"n_layers": "num_hidden_layers", "n_heads": "num_attention_heads", "dim": "hidden_size"}
 
 
-def _optimize_bert(model, backend, record):
+def _optimize_bert(model, backend, record, pack):
     hf_config = model.config
     if getattr(hf_config, "is_decoder", False) or getattr(hf_config, "add_cross_attention", False):
         raise ValueError("optimize() supports BERT as an encoder only: config.is_decoder and "
@@ -178,7 +178,7 @@ def _optimize_bert(model, backend, record):
                              "attention_adapters": None, "output_adapters": None})
         _set_forward(layer, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
-    _set_forward(model, functools.partial(_bert_model_forward, base), record)
+    _set_forward(model, functools.partial(_bert_model_forward, base, pack=pack), record)
 
 
 class _FFNCall(_View):
@@ -216,34 +216,65 @@ def _bert_attention_forward(view, *args, **kwargs):
     return out, weights
 
 
+_TYPES_ADDED = object()  # token_type_ids of inputs_embeds that already hold the token types
+
+
 def _bert_embeddings_forward(view, input_ids=None, inputs_embeds=None, position_ids=None, token_type_ids=None):
     """word + token type embeddings, then our Embeddings.forward adds the positions, LayerNorm
     and dropout (in transformers' order of additions)."""
     if inputs_embeds is None:
         inputs_embeds = view.word_embeddings(input_ids)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-    else:
-        modeling._check_ids("token_type_ids", token_type_ids, view.token_type_embeddings.num_embeddings)
-    inputs_embeds = inputs_embeds + view.token_type_embeddings(token_type_ids)
+    if token_type_ids is not _TYPES_ADDED:
+        inputs_embeds = _with_token_types(view, inputs_embeds, token_type_ids)
     return modeling.Embeddings.forward(view, None, inputs_embeds, position_ids)
+
+
+def _with_token_types(embeddings, inputs_embeds, token_type_ids):
+    """inputs_embeds (..., dim) + the token type embeddings (type 0 where token_type_ids is None)."""
+    if token_type_ids is None:
+        token_type_ids = torch.zeros(inputs_embeds.shape[:-1], dtype=torch.long, device=inputs_embeds.device)
+    else:
+        modeling._check_ids("token_type_ids", token_type_ids, embeddings.token_type_embeddings.num_embeddings)
+    return inputs_embeds + embeddings.token_type_embeddings(token_type_ids)
+
+
+class _EmbeddingsCall:
+    """BertEmbeddings as our model calls it (ids, embeds, positions), with this call's token types;
+    its other attributes (position_ids, ...) are the module's."""
+
+    def __init__(self, module, token_type_ids):
+        self._module, self._token_type_ids = module, token_type_ids
+
+    def __call__(self, input_ids, inputs_embeds, position_ids):
+        return self._module(input_ids, inputs_embeds, position_ids, self._token_type_ids)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                         inputs_embeds=None, head_mask=None, output_attentions=None,
-                        output_hidden_states=None, return_dict=None, **kwargs):
+                        output_hidden_states=None, return_dict=None, pack=True, **kwargs):
     """transformers' BertModel signature over our DistilBertModel.forward; the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
     module = view._module
     embeddings = module.embeddings
+    if token_type_ids is not None:
+        # token types join the word embeddings here, in the caller's padded layout, so that the
+        # packing of a padded batch (which gathers ids or embeddings) carries them along
+        if inputs_embeds is None:
+            modeling._check_ids("input_ids", input_ids, embeddings.word_embeddings.num_embeddings)
+            inputs_embeds, input_ids = embeddings.word_embeddings(input_ids), None
+        inputs_embeds = _with_token_types(embeddings, inputs_embeds, token_type_ids)
+        token_type_ids = _TYPES_ADDED
     per_call = _View(module, modeling.DistilBertModel, view._names, values={
         **view._values,
-        "embeddings": lambda ids, embeds, positions: embeddings(ids, embeds, positions, token_type_ids),
+        "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
     out = modeling.DistilBertModel.forward(
         per_call, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-        output_hidden_states, True, position_ids=position_ids,
+        output_hidden_states, True, position_ids=position_ids, pack=pack,
     )
     pooled = module.pooler(out.last_hidden_state) if module.pooler is not None else None
     result = BaseModelOutputWithPoolingAndCrossAttentions(
@@ -281,11 +312,15 @@ def optimize(model, backend: str | None = None):
     if backend is not None:
         check_backend_name(backend)
         backend = None if backend == AUTO else backend
+    # A padded batch runs packed (padding positions of the hidden states hold zeros) unless a
+    # question-answering head sits on top: its span softmax and loss run over every position of
+    # the padded length, padding included, so it needs transformers' values there.
+    pack = not any(type(m).__name__.endswith("ForQuestionAnswering") for m in model.modules())
     for base, optimize_one in _base_models(model):
         if getattr(base, _MARK, None):
             unoptimize(base)
         record = []
-        optimize_one(base, backend, record)
+        optimize_one(base, backend, record, pack)
         object.__setattr__(base, _MARK, record)
     return model
 
