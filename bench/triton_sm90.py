@@ -15,7 +15,9 @@ cubin, through ptxas) and nothing runs:
 - the launchers' CUDA-only checks and SM count (132, an H200) patched.
 
 The cases come from the GPU test files themselves (their top-level case lists, evaluated with
-ON_CUDA = True), so they cannot drift from what the GPU run launches. The exit status is 1 if
+ON_CUDA = True, and conftest's SMALL_CONFIG for the model tests), so the shapes, dtypes and flags
+cannot drift from what the GPU run launches; the per-test extras (activations, dropout, the
+model's ops) are listed here. The exit status is 1 if
 any variant fails to compile. ``--record`` appends the table to bench/results/triton_sm90.csv.
 tests/test_triton_sm90_compile.py runs this in CI.
 """
@@ -306,7 +308,27 @@ def _run_linear(tla, dtype, tokens, k, n, act, bias=True):
     tla.linear_activation_fwd(x, w, b, act)
 
 
-CASES = (op_cases, attention_cases, varlen_attention_cases)
+def model_cases():
+    """test_triton_model.py: the ops of the small test model (conftest's SMALL_CONFIG) in each
+    dtype, training (dropout) and inference: attention, residual + LayerNorm over dim, the FFN's
+    and the MLM head's linear + activation."""
+    from distilbert_fast.kernels import triton_attention as ta
+    from distilbert_fast.kernels import triton_layernorm as tln
+    from distilbert_fast.kernels import triton_linear_activation as tla
+
+    cfg = test_constants("conftest.py", ["SMALL_CONFIG"])["SMALL_CONFIG"]
+    dim, heads, ffn = cfg["dim"], cfg["n_heads"], cfg["hidden_dim"]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        name = str(dtype)[6:]
+        for p in (0.0, 0.1):
+            yield f"model attention 2x{heads}x16x{dim // heads} p={p} {name}", lambda: _run_attention(
+                ta, dtype, 2, heads, 16, dim // heads, "padded", False, p)
+            yield f"model layernorm 32x{dim} p={p} {name}", lambda: _run_layernorm(tln, dtype, 32, dim, p)
+        for n in (ffn, dim):
+            yield f"model linear_activation 32x{dim}x{n} {name}", lambda: _run_linear(tla, dtype, 32, dim, n, "gelu")
+
+
+CASES = (op_cases, attention_cases, varlen_attention_cases, model_cases)
 
 
 # -- report ------------------------------------------------------------------------------------
