@@ -314,6 +314,11 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
     block_m, block_n, warps = _blocks(n)
     if _INTERPRETED:
         block_m = min(block_m, 32)  # short sequential column sums (see row_chunks)
+    else:
+        # three float32 accumulator tiles besides the rows' own: with the forward's tile and warps
+        # ptxas spilled 180-1,250 B per thread for sm_90 (bench/triton_sm90.py); half the rows and
+        # twice the threads leave each thread a quarter of the elements, and no spills
+        block_m, warps = max(1, block_m // 2), min(2 * warps, 16)
     # about 4 programs per SM (enough loads in flight), each walking a chunk of rows
     rows_per_chunk, chunks = row_chunks(m, block_m, 1 if _INTERPRETED else 4 * sm_count(x.device))
 
