@@ -212,7 +212,7 @@ class DistilBertSelfAttention(nn.Module):
         weights = [layer.weight for layer in layers]
         biases = [layer.bias for layer in layers]
         tensors = weights + biases
-        if torch.compiler.is_compiling() or (
+        if tracing() or (  # a traced graph must not bake the cached stack in as a constant
             torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         ):
             return torch.cat(weights), torch.cat(biases)
@@ -805,7 +805,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
         where the caller needs HF's values: None (real tokens only), "first" (position 0 of
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
-        if attention_mask is None or _tracing():
+        if attention_mask is None or tracing():
             # under torch.compile / export / jit.trace: no host sync (no value checks), the padded
             # computation (the packed entry point traces without a sync)
             return None
@@ -887,11 +887,6 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 f"got {tuple(head_mask.shape)}"
             )
         return head_mask.to(self.dtype)
-
-
-def _tracing() -> bool:
-    """Whether torch.compile, torch.export or torch.jit.trace is tracing this call."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .ops.custom import tracing
+
 
 class ModelOutput(OrderedDict):
     # True on the transformers-compatible twins (see distilbert_fast.integrations.transformers)
     _transformers_twin = False
 
     def __new__(cls, *args, **kwargs):
-        if not cls._transformers_twin and "transformers" in sys.modules:
+        # Under a tracer the plain class (a registered pytree node) is made: the twins are
+        # transformers' pytree nodes, which torch.export does not take, and creating one while
+        # dynamo traces would break the graph.
+        if not cls._transformers_twin and "transformers" in sys.modules and not tracing():
             from .integrations.transformers import output_twin
 
             cls = output_twin(cls)

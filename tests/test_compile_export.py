@@ -127,10 +127,12 @@ def test_model_compiles_without_graph_breaks(backend):
     model = small_model(DistilBertForSequenceClassification, backend)
     ids, mask = inputs()
     assert graph_breaks(model, input_ids=ids, attention_mask=mask) == 0
-    expected = model(input_ids=ids, attention_mask=mask).logits
+    expected = model(input_ids=ids, attention_mask=mask).logits  # eager mode: packed
+    assert ops.last_backend("varlen_attention") == backend
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     assert_close(compiled(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, name="logits")
-    assert ops.last_backend("masked_attention") == backend
+    if backend != "eager":  # a custom op records its backend when the compiled graph runs it
+        assert ops.last_backend("masked_attention") == backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -159,14 +161,17 @@ def test_compiled_training_step_matches_eager(backend):
 
 
 def test_model_compiles_with_inductor_on_the_cpu_backend():
-    """Inductor proper (C++ code generation) around the opaque cpu ops."""
+    """Inductor proper (C++ code generation) around the opaque cpu ops. Under a tracer a padded
+    batch runs the padded computation (packing would size a tensor from the mask's values), so
+    padding positions hold computed values there and zeros in eager mode: real positions agree."""
     model = small_model(backend="cpu")
     ids, mask = inputs()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert_close(got, expected, atol=1e-5, name="last_hidden_state")
+    real = mask.bool()
+    assert_close(got[real], expected[real], atol=1e-5, name="last_hidden_state")
 
 
 # -- torch.export, ONNX, jit.trace ------------------------------------------------------------------
@@ -227,7 +232,8 @@ def test_jit_trace(backend):
         ids2, mask2 = inputs()
         expected = model(input_ids=ids2, attention_mask=mask2).last_hidden_state
         got = traced(ids2, mask2)["last_hidden_state"]
-    assert_close(got, expected, atol=1e-5, name="last_hidden_state")
+    real = mask2.bool()  # traced: the padded computation; eager mode: packed, zeros at padding
+    assert_close(got[real], expected[real], atol=1e-5, name="last_hidden_state")
 
 
 # -- the input checks -------------------------------------------------------------------------------
