@@ -8,20 +8,13 @@ import os
 import pytest
 import torch
 
-from conftest import SMALL_CONFIG, assert_close, reference_vocab_dir
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, reference_vocab_dir
 
 import distilbert_fast
 
 transformers = pytest.importorskip("transformers")
 
-DISTILBERT_CLASSES = [
-    "DistilBertModel",
-    "DistilBertForMaskedLM",
-    "DistilBertForSequenceClassification",
-    "DistilBertForQuestionAnswering",
-    "DistilBertForTokenClassification",
-    "DistilBertForMultipleChoice",
-]
+DISTILBERT_CLASSES = CLASS_NAMES  # every DistilBERT class (conftest)
 BERT_CLASSES = ["BertModel", "BertForSequenceClassification", "BertForMaskedLM", "BertForTokenClassification"]
 
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
