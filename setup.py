@@ -131,6 +131,6 @@ setup(
     package_dir={"distilbert_fast.kernels": "kernels"},
     ext_modules=[_extension(), _tokenizer_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    install_requires=["torch>=2.11", "safetensors>=0.4", "tqdm>=4.60"],
+    install_requires=["torch>=2.11", "safetensors>=0.4", "tqdm>=4.60", "numpy>=1.24"],
     zip_safe=False,
 )
