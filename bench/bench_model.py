@@ -17,6 +17,9 @@ same state_dict, into ours. Every provider runs every shape in the same process:
     ...:packed      the packed entry point (1-D ids + cu_seqlens, max_seqlen): real tokens only,
                     no unpad/pad (what the batch engine calls)
     ...+compile     torch.compile of hf-sdpa and of ours (with --compile)
+    ort             (with --onnxruntime; CPU, float32) hf-eager's model exported to ONNX and fused by
+                    onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
+                    strongest fp32 peer on CPU (it prints which fusions matched)
 
 For each shape it prints a line per provider as it finishes, then a table: median latency with
 p20/p80, real (unpadded) tokens per second, the speedup against hf-eager and hf-sdpa, and the max
@@ -87,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(ours[BACKEND]) and torch.compile(hf-sdpa) "
                         "(compiled once per shape, dynamic=False; compilation is part of warm-up)")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="also run hf-eager's model exported to ONNX, fused, in onnxruntime (CPU, float32)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing; the first one's output is the one checked "
                         "against hf-eager (default cpu: 2, cuda: 10; compiled providers get 2 more)")
@@ -319,6 +324,9 @@ def build_providers(args) -> list[Provider]:
         providers.append(Provider(f"ours[{name}]:packed", "ours", name, False,
                                   last_hidden(ours_by_backend[name]), packed=True))
 
+    if args.onnxruntime:
+        providers.append(Provider("ort", "ort", "onnxruntime", False, onnxruntime_forward(hf_eager, args)))
+
     if args.compile:
         # dynamic=False: one specialised graph per shape, as a serving setup would use. Allow
         # enough recompiles for every shape (the limit's name changed across torch versions).
@@ -331,6 +339,43 @@ def build_providers(args) -> list[Provider]:
             providers.append(Provider(f"ours[{name}]+compile", "ours", name, True,
                                       last_hidden(torch.compile(model, dynamic=False))))
     return providers
+
+
+def onnxruntime_forward(hf_model, args) -> Callable[[dict], torch.Tensor]:
+    """hf_model exported to ONNX (the TorchScript exporter: its graph is the one onnxruntime's
+    BERT fusions match best), fused by onnxruntime.transformers' optimizer, in an onnxruntime
+    session with torch's thread count."""
+    import tempfile
+    import warnings
+
+    import onnxruntime
+    from onnxruntime.transformers import optimizer
+
+    if args.device.type != "cpu" or args.dtype != torch.float32:
+        sys.exit("--onnxruntime runs on CPU in float32")
+    directory = tempfile.mkdtemp(prefix="bench-ort-")
+    path = os.path.join(directory, "model.onnx")
+    probe = torch.ones(2, 16, dtype=torch.long)
+    axes = {0: "batch", 1: "seq"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(hf_model, (probe, probe), path, dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
+    config = hf_model.config
+    fused = optimizer.optimize_model(path, model_type="bert", num_heads=config.n_heads, hidden_size=config.dim)
+    matched = {op: n for op, n in fused.get_fused_operator_statistics().items() if n}
+    print(f"ort: onnxruntime {onnxruntime.__version__}, fused operators {matched}")
+    fused.save_model_to_file(path)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def forward(inputs):
+        feed = {name: inputs[name].cpu().numpy() for name in ("input_ids", "attention_mask")}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    return forward
 
 
 # -- one measurement -------------------------------------------------------------------------------
@@ -393,7 +438,7 @@ def speedup(result: Result, baseline: Result | None) -> str:
 
 def table_cells(r: Result, by_label: dict) -> list[str]:
     if r.error:
-        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", r.error]
+        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", r.error]
     diff = "ref" if r.provider.label == "hf-eager" else f"{r.max_abs_diff:.1e}"
     return [
         r.case.name,
@@ -404,12 +449,13 @@ def table_cells(r: Result, by_label: dict) -> list[str]:
         f"{r.tokens_per_s:,.0f}",
         speedup(r, by_label.get("hf-eager")),
         speedup(r, by_label.get("hf-sdpa")),
+        speedup(r, by_label.get("ort")),
         diff,
     ]
 
 
 TABLE_HEADER = ["shape", "tokens", "provider", "median ms", "p20-p80 ms", "tokens/s",
-                "vs hf-eager", "vs hf-sdpa", "max|diff|"]
+                "vs hf-eager", "vs hf-sdpa", "vs ort", "max|diff|"]
 
 
 def csv_row(r: Result, env: dict, args) -> dict:
@@ -477,7 +523,7 @@ def main(argv=None) -> int:
                 print(f"[{len(results):>2}/{total}] {cells[0]:<11} {cells[2]:<22} " + (
                     f"FAILED {result.error}" if result.error else
                     f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
-                    f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[8]}"
+                    f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
                 ), flush=True)
 
     # Final table, one block per shape; ratios are against the same shape's hf rows.
@@ -489,7 +535,7 @@ def main(argv=None) -> int:
     print(f"\n{MODEL_NAME}, {dtype_name}, {env['device']}, {env['threads']} threads; "
           f"median of timed forward calls, tokens = real (unpadded) tokens; "
           f"speedup = baseline median / this median; max|diff| = vs hf-eager on real tokens\n")
-    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8}))
+    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8, 9}))
 
     ok = [r for r in results if not r.error]
     if not args.no_record and ok:
