@@ -441,6 +441,12 @@ class AdapterSetup:
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
 
 
+def has_bottleneck_adapters(blocks) -> bool:
+    """Whether any of the transformer ``blocks`` holds bottleneck adapters (which a Parallel
+    setup may run)."""
+    return any(block.attention_adapters is not None or block.output_adapters is not None for block in blocks)
+
+
 @contextlib.contextmanager
 def encoder_rows(rows: int):
     """The encoder's layers run in this block on an input of ``rows`` rows."""
@@ -1182,6 +1188,10 @@ def _taking_adapter_names(forward):
 
     @functools.wraps(forward)
     def forward_with_adapters(self, *args, adapter_names=None, **kwargs):
+        if takes_it:  # the class handles adapter_names itself (DistilBertAdapterModel)
+            kwargs["adapter_names"] = adapter_names
+        if adapter_names is None and not self._adapters_state.configs:
+            return forward(self, *args, **kwargs)  # (no context variable for a compiler to break on)
         setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
         in_force = setup if setup is not None else self._adapters_state.current_setup()
         if in_force is not None and in_force.parallel_channels > 1 and not self._parallel_labels_ok:
@@ -1192,9 +1202,7 @@ def _taking_adapter_names(forward):
                     "one head sees every copy of the batch; leave out the labels, or use "
                     "DistilBertAdapterModel with a head per adapter"
                 )
-        if takes_it:
-            return forward(self, *args, adapter_names=adapter_names, **kwargs)
-        if setup is None:
+        if takes_it or setup is None:
             return forward(self, *args, **kwargs)
         token = _CALL_SETUP.set(setup)
         try:

@@ -440,7 +440,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
-        in_force = setup if setup is not None else self._adapters_state.current_setup()
+        in_force = setup
+        if setup is None and self._adapters_state.configs:  # (no context variable read without adapters)
+            in_force = self._adapters_state.current_setup()
         channels = 1 if in_force is None else in_force.parallel_channels
         if head is not None:
             heads = [head]

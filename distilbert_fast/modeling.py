@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .adapters import (
     ModelAdaptersMixin,
     encoder_rows,
+    has_bottleneck_adapters,
     parallel_channels_of,
     replicate_for_parallel,
     widen_cu_seqlens,
@@ -321,9 +322,11 @@ class Transformer(nn.Module):
                 output_hidden_states=False):
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        with encoder_rows(x.shape[0]):
-            return self._layers(x, key_padding_mask, head_mask, output_attentions, all_hidden_states,
-                                all_attentions)
+        layers = (x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
+        if not has_bottleneck_adapters(self.layer):  # (no context variable: nothing for a compiler to break on)
+            return self._layers(*layers)
+        with encoder_rows(x.shape[0]):  # where a Parallel adapter setup replicates the batch
+            return self._layers(*layers)
 
     def _layers(self, x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions):
         rows = x.shape[0]  # batch, or packed tokens
