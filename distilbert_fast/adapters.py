@@ -444,7 +444,9 @@ _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_
 def has_bottleneck_adapters(blocks) -> bool:
     """Whether any of the transformer ``blocks`` holds bottleneck adapters (which a Parallel
     setup may run)."""
-    return any(block.attention_adapters is not None or block.output_adapters is not None for block in blocks)
+    # (getattr: optimize() runs transformers' own blocks, which have none, through our forward)
+    return any(getattr(block, "attention_adapters", None) is not None or getattr(block, "output_adapters", None)
+               is not None for block in blocks)
 
 
 @contextlib.contextmanager
