@@ -5,7 +5,9 @@
                           after the attention sublayer (mh_adapter) and/or the FFN (output_adapter)
     LoRA                  LoRAConfig ("lora"): low-rank updates of q_lin / k_lin / v_lin, which
                           ``merge_adapter`` folds into the weights
-    composition           Stack("a", "b"): adapters applied one after the other
+    composition           Stack("a", "b"): adapters applied one after the other;
+                          Parallel("a", "b"): side by side, the batch replicated at the first
+                          layer holding one of them (bottleneck adapters)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -19,7 +21,8 @@ Modules live in the base model under the package's names:
 ``transformer.layer.<i>.attention_adapters.adapters.<name>`` (mh_adapter),
 ``transformer.layer.<i>.output_adapters.adapters.<name>`` (output_adapter) and
 ``transformer.layer.<i>.attention.{q,k,v}_lin.loras.<name>``. The model-level API
-(``add_adapter``, ``train_adapter``, ``save_adapter`` ...) is ``ModelAdaptersMixin``.
+(``add_adapter``, ``train_adapter``, ``save_adapter`` ... and ``adapter_names=`` in forward) is
+``ModelAdaptersMixin``, a base of every model class.
 """
 
 import contextlib
