@@ -847,8 +847,11 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.loras:
             return []
         setup = self.state.current_setup()
-        # (a Parallel setup holds no LoRA: ModelAdaptersMixin refuses it)
-        return [] if setup is None else [name for name in setup.names() if name in self.loras]
+        names = [] if setup is None else [name for name in setup.names() if name in self.loras]
+        if names and isinstance(setup, Parallel):  # (adapter_names= and set_active_adapters refuse it earlier)
+            raise ValueError(f"adapter setup {setup!r}: a Parallel composition takes bottleneck adapters only; "
+                             f"{names} are LoRA adapters")
+        return names
 
     def acts_as_linear(self) -> bool:
         return not self._active_names()

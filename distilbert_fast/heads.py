@@ -440,14 +440,14 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
-        in_force = setup
+        in_force, per_call = setup, setup
         if setup is None and self._adapters_state.configs:  # (no context variable read without adapters)
-            in_force = self._adapters_state.current_setup()
+            in_force, per_call = self._adapters_state.current_setup(), _CALL_SETUP.get()
         channels = 1 if in_force is None else in_force.parallel_channels
         if head is not None:
             heads = [head]
-        elif isinstance(setup, Parallel) and all(name in self.heads for name in setup.heads()):
-            heads = setup.heads()  # as set_active_adapters(Parallel(...)) would make them
+        elif isinstance(per_call, Parallel) and all(name in self.heads for name in per_call.heads()):
+            heads = per_call.heads()  # as set_active_adapters(Parallel(...)) would make them
         else:
             heads = list(self._active_heads)
         for name in heads:

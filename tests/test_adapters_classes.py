@@ -195,6 +195,8 @@ def test_parallel_on_the_heads_model_gives_one_output_per_head_and_trains():
     assert_close(out[0].logits, model(x, attention_mask=mask, adapter_names="a", head="a").logits, atol=2e-6)
     tagged = model(x, attention_mask=mask, adapter_names="b", head="b").logits
     assert_close(out[1].logits, tagged, atol=2e-6)
+    with distilbert_fast.AdapterSetup(Parallel("a", "b")):  # the heads follow the setup here too
+        assert_close(model(x, attention_mask=mask)[1].logits, tagged, atol=2e-6)
     model.set_active_adapters(Parallel("a", "b"))
     assert model.active_head == ["a", "b"]
     model.train_adapter(Parallel("a", "b"))
@@ -233,6 +235,8 @@ def test_unsupported_compositions_name_the_argument():
         model(x, attention_mask=mask, adapter_names=Parallel("a", "l"))
     with pytest.raises(ValueError, match="adapter_setup=.*LoRA"):
         model.set_active_adapters(Parallel("a", Stack("b", "l")))
+    with pytest.raises(ValueError, match="Parallel.*LoRA"), distilbert_fast.AdapterSetup(Parallel("a", "l")):
+        model(x, attention_mask=mask)
     with pytest.raises(TypeError, match="Stack children"):
         Stack("a", Parallel("a", "b"))
     with pytest.raises(TypeError, match="Parallel children"):
