@@ -282,6 +282,8 @@ def write_record(path=RECORD):
         f"# model {SMALL}, batch 3 x seq 7 with padding; bound |diff| <= {ATOL} + {RTOL} * |ref|",
         "# cases: " + "; ".join(f"{c}: Stack{s['setup']} + {s['head_type']} head"
                                 for c, s in manifest["cases"].items()),
+        "# task cases (our class vs transformers' class after adapters.init): " + "; ".join(
+            f"{c}: {s['cls']} with {_setup_from_dict(s['setup'])!r}" for c, s in manifest["task_cases"].items()),
     ]
     for title, rows in (("package saves, we load and run", to_ours),
                         ("we save, package loads and runs", to_package)):
