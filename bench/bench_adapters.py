@@ -14,6 +14,16 @@ per round, order rotated every round) so that load from other work on the machin
     lora               LoRA r=8 on q_lin and v_lin, unmerged
     lora-merged        the same LoRA after merge_adapter (should cost nothing)
 
+With ``--parallel``, the Parallel composition against one call per adapter instead (two seq_bn
+adapters, one head each; "drop3": adapters only in layers 3-5, AdapterDrop-style, so the lower
+half runs once for both):
+
+    plain              as above
+    two-calls          seq_bn "a", then seq_bn "b": two forwards
+    parallel           Parallel("a", "b"): one forward, the batch replicated after layer 0's FFN
+    two-calls-drop3    as two-calls, adapters left out of layers 0-2
+    parallel-drop3     as parallel, the batch replicated in layer 3
+
 Prints median / p20 / p80 per provider and the ratio to plain; appends one row per provider to
 bench/results/adapters.csv (see bench/_common.py for the columns that say where it came from).
 """
@@ -30,7 +40,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also 
 from _common import RESULTS_DIR, append_rows, environment, format_table, percentile  # noqa: E402
 
 import distilbert_fast  # noqa: E402
-from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, DistilBertModel, LoRAConfig  # noqa: E402
+from distilbert_fast import (  # noqa: E402
+    DistilBertAdapterModel,
+    DistilBertConfig,
+    DistilBertModel,
+    LoRAConfig,
+    Parallel,
+    SeqBnConfig,
+)
 
 MODEL_CONFIG = dict(vocab_size=30522, max_position_embeddings=512, n_layers=6, n_heads=12, dim=768, hidden_dim=3072)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--shape", default=None, help="BATCHxSEQ (default 8x128 on CPU, 32x128 on CUDA)")
     p.add_argument("--rounds", type=int, default=None, help="timed calls per provider (default 10 CPU, 50 CUDA)")
     p.add_argument("--backend", default=None, help="op backend (default: auto)")
+    p.add_argument("--parallel", action="store_true", help="Parallel(a, b) against one call per adapter")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results/adapters.csv")
     return p.parse_args(argv)
 
@@ -74,6 +92,26 @@ def build_providers(device, dtype, backend):
     }
 
 
+def build_parallel_providers(device, dtype, backend):
+    config = DistilBertConfig(**MODEL_CONFIG, backend=backend)
+    plain = DistilBertModel(config).eval()
+    models = {}
+    for drop in ([], [0, 1, 2]):
+        model = DistilBertAdapterModel(copy.deepcopy(config)).eval()
+        model.distilbert.load_state_dict(plain.state_dict())
+        for name in "ab":
+            model.add_adapter(name, config=SeqBnConfig(leave_out=drop))
+            model.add_classification_head(name, num_labels=2)
+        models[bool(drop)] = model.to(device=device, dtype=dtype)
+    plain.to(device=device, dtype=dtype)
+    providers = {"plain": lambda x: plain(x)}
+    for drop, suffix in ((False, ""), (True, "-drop3")):
+        model = models[drop]
+        providers["two-calls" + suffix] = lambda x, m=model: [m(x, adapter_names=n) for n in "ab"]
+        providers["parallel" + suffix] = lambda x, m=model: m(x, adapter_names=Parallel("a", "b"))
+    return providers
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -84,7 +122,7 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     env = environment(device)
     torch.manual_seed(0)
-    providers = build_providers(device, dtype, args.backend)
+    providers = (build_parallel_providers if args.parallel else build_providers)(device, dtype, args.backend)
     x = torch.randint(1, MODEL_CONFIG["vocab_size"], (batch, seq), device=device)
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
 

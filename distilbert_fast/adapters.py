@@ -5,7 +5,9 @@
                           after the attention sublayer (mh_adapter) and/or the FFN (output_adapter)
     LoRA                  LoRAConfig ("lora"): low-rank updates of q_lin / k_lin / v_lin, which
                           ``merge_adapter`` folds into the weights
-    composition           Stack("a", "b"): adapters applied one after the other
+    composition           Stack("a", "b"): adapters applied one after the other;
+                          Parallel("a", "b"): side by side, the batch replicated at the first
+                          layer holding one of them (bottleneck adapters)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -19,11 +21,15 @@ Modules live in the base model under the package's names:
 ``transformer.layer.<i>.attention_adapters.adapters.<name>`` (mh_adapter),
 ``transformer.layer.<i>.output_adapters.adapters.<name>`` (output_adapter) and
 ``transformer.layer.<i>.attention.{q,k,v}_lin.loras.<name>``. The model-level API
-(``add_adapter``, ``train_adapter``, ``save_adapter`` ...) is ``ModelAdaptersMixin``.
+(``add_adapter``, ``train_adapter``, ``save_adapter`` ... and ``adapter_names=`` in forward) is
+``ModelAdaptersMixin``, a base of every model class.
 """
 
+import contextlib
 import contextvars
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import math
@@ -311,8 +317,8 @@ class Stack:
         for child in children:
             if not isinstance(child, str):
                 raise TypeError(
-                    f"Stack children must be adapter names (str); distilbert_fast does not nest "
-                    f"compositions, got {type(child).__name__}"
+                    f"Stack children must be adapter names (str); distilbert_fast nests no composition "
+                    f"in a Stack (a Parallel must be the outer block), got {type(child).__name__}"
                 )
         if not children:
             raise ValueError("Stack needs at least one adapter name")
@@ -328,10 +334,12 @@ class Stack:
         return self.children[i]
 
     def __eq__(self, other):
-        return isinstance(other, Stack) and self.children == other.children
+        return type(other) is type(self) and self.children == other.children
+
+    __hash__ = None
 
     def __repr__(self):
-        return f"Stack[{', '.join(self.children)}]"
+        return f"{type(self).__name__}[{', '.join(map(str, self.children))}]"
 
     def first(self) -> str:
         return self.children[0]
@@ -342,9 +350,60 @@ class Stack:
     def flatten(self) -> set[str]:
         return set(self.children)
 
+    def names(self) -> list[str]:
+        """Every adapter name, in order of appearance."""
+        return list(self.children)
+
+    @property
+    def parallel_channels(self) -> int:
+        return 1
+
+
+class Parallel(Stack):
+    """Adapters side by side on the same input, as the ``adapters`` package's ``Parallel``:
+    ``Parallel("a", "b")`` or ``Parallel(Stack("lang", "a"), "b")``. The layers below the first
+    one holding an adapter of the setup run once; there the batch is replicated, one copy per
+    child, and each copy runs its child's adapters from then on. The model's outputs hold the
+    copies one after the other along the batch: rows ``i * batch:(i + 1) * batch`` are child i's
+    (on DistilBertAdapterModel each child's head gets its own rows). Bottleneck adapters only."""
+
+    def __init__(self, *children):
+        if not children:
+            raise ValueError("Parallel needs at least one adapter name or Stack")
+        for child in children:
+            if not isinstance(child, (str, Stack)) or isinstance(child, Parallel):
+                raise TypeError(
+                    "Parallel children must be adapter names (str) or Stacks of names, got "
+                    f"{type(child).__name__}"
+                )
+        self.children = list(children)
+
+    def first(self) -> str:
+        child = self.children[0]
+        return child if isinstance(child, str) else child.first()
+
+    def last(self) -> str:
+        child = self.children[-1]
+        return child if isinstance(child, str) else child.last()
+
+    def flatten(self) -> set[str]:
+        return set(self.names())
+
+    def names(self) -> list[str]:
+        return [name for child in self.children for name in ([child] if isinstance(child, str) else child)]
+
+    def heads(self) -> list[str]:
+        """The head of each child: its (last) adapter's name, as the package pairs them."""
+        return [child if isinstance(child, str) else child.last() for child in self.children]
+
+    @property
+    def parallel_channels(self) -> int:
+        return len(self.children)
+
 
 def parse_composition(setup) -> Stack | None:
-    """None / a name / a list of names / a Stack -> a Stack (or None), as the package reads them."""
+    """None / a name / a list of names / a Stack / a Parallel -> a Stack or Parallel (or None), as
+    the package reads them."""
     if setup is None or isinstance(setup, Stack):
         return setup
     if isinstance(setup, str):
@@ -354,7 +413,8 @@ def parse_composition(setup) -> Stack | None:
             return None
         return Stack(*setup)
     raise TypeError(
-        f"adapter setup must be an adapter name, a list of names or a Stack, got {type(setup).__name__}"
+        "adapter setup must be an adapter name, a list of names, a Stack or a Parallel, got "
+        f"{type(setup).__name__}"
     )
 
 
@@ -377,6 +437,86 @@ class AdapterSetup:
 
     def __exit__(self, *exc):
         _CALL_SETUP.reset(self._token)
+
+
+# The rows (batch, or packed tokens) of the encoder's input in the running forward: a Parallel
+# setup replicates the batch at its first adapter layer, where the layer still sees this many.
+_ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+
+
+def has_bottleneck_adapters(blocks) -> bool:
+    """Whether any of the transformer ``blocks`` holds bottleneck adapters (which a Parallel
+    setup may run)."""
+    # (getattr: optimize() runs transformers' own blocks, which have none, through our forward)
+    return any(getattr(block, "attention_adapters", None) is not None or getattr(block, "output_adapters", None)
+               is not None for block in blocks)
+
+
+@contextlib.contextmanager
+def encoder_rows(rows: int):
+    """The encoder's layers run in this block on an input of ``rows`` rows."""
+    token = _ENCODER_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ENCODER_ROWS.reset(token)
+
+
+def replicate_for_parallel(channels: int, mask, hidden_states):
+    """After a Parallel setup replicated the hidden states ``channels`` times inside a layer:
+    the attention mask for the replicated batch (a (batch, seq) mask repeated, or a packed
+    ``Varlen`` whose cu_seqlens describe the copies one after the other, computed on the device
+    without a sync) and the hidden states recorded so far, repeated likewise."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.repeat(channels, *([1] * (mask.dim() - 1)))
+    elif mask is not None:  # Varlen(cu_seqlens, max_seqlen)
+        mask = mask._replace(cu_seqlens=_repeat_cu_seqlens(mask.cu_seqlens, channels))
+    if hidden_states is not None:
+        hidden_states = tuple(_repeat_rows(h, channels) for h in hidden_states)
+    return mask, hidden_states
+
+
+def _repeat_rows(t: torch.Tensor, channels: int) -> torch.Tensor:
+    return t.repeat(channels, *([1] * (t.dim() - 1)))
+
+
+def _repeat_cu_seqlens(cu_seqlens: torch.Tensor, channels: int, total=None) -> torch.Tensor:
+    """cu_seqlens (batch + 1,) of ``total`` tokens -> (channels * batch + 1,) of the packed batch
+    repeated ``channels`` times."""
+    total = cu_seqlens[-1:] if total is None else total
+    offsets = torch.arange(channels, device=cu_seqlens.device, dtype=cu_seqlens.dtype)[:, None] * total
+    starts = (cu_seqlens[None, :-1] + offsets).reshape(-1)
+    return torch.cat([starts, (cu_seqlens[-1:] * channels)])
+
+
+def parallel_channels_of(rows: int, input_rows: int) -> int:
+    """How many copies a Parallel setup made of an input of ``input_rows`` rows, given the
+    ``rows`` of the encoder's output (1: none)."""
+    if rows == input_rows or input_rows == 0:
+        return 1
+    if rows % input_rows:
+        raise RuntimeError(f"the encoder returned {rows} rows for {input_rows} input rows")
+    return rows // input_rows
+
+
+def widen_packing(packing, channels: int):
+    """The Packing of a padded batch whose packed tokens a Parallel setup repeated ``channels``
+    times: the copies scatter back to (channels * batch, seq, ...), copy after copy."""
+    if channels == 1:
+        return packing
+    cells = packing.batch * packing.seq
+    offsets = torch.arange(channels, device=packing.indices.device)[:, None] * cells
+    return dataclasses.replace(
+        packing,
+        indices=(packing.indices[None] + offsets).reshape(-1),
+        cu_seqlens=_repeat_cu_seqlens(packing.cu_seqlens, channels, packing.total),
+        batch=packing.batch * channels,
+    )
+
+
+def widen_cu_seqlens(cu_seqlens: torch.Tensor, channels: int, total: int) -> torch.Tensor:
+    """cu_seqlens of packed input whose ``total`` tokens a Parallel setup repeated."""
+    return cu_seqlens if channels == 1 else _repeat_cu_seqlens(cu_seqlens, channels, total)
 
 
 class AdaptersState:
@@ -595,7 +735,7 @@ class BottleneckLayer(nn.Module):
         if not self.adapters:
             return None
         setup = self.state.current_setup()
-        if setup is None or not any(name in self.adapters for name in setup):
+        if setup is None or not any(name in self.adapters for name in setup.names()):
             return None
         return setup
 
@@ -607,7 +747,10 @@ class BottleneckLayer(nn.Module):
         hidden = h if h_bias is None else h + h_bias.to(h.dtype)
         if dropout_p > 0.0:
             hidden = F.dropout(hidden, dropout_p, training=True)
-        names = [name for name in self.active_setup() if name in self.adapters]
+        setup = self.active_setup()
+        if isinstance(setup, Parallel):
+            return self._forward_parallel(setup, hidden, x, layer_norm, backend)
+        names = [name for name in setup if name in self.adapters]
         for i, name in enumerate(names):
             adapter = self.adapters[name]
             hidden, residual = adapter.pre_forward(hidden, x, layer_norm, backend)
@@ -616,6 +759,35 @@ class BottleneckLayer(nn.Module):
                 return adapter.forward_with_block_ln(hidden, residual, x, layer_norm, backend)
             hidden = adapter(hidden, residual, backend)
         return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend)
+
+    def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
+        """The package's compose_parallel: the batch replicated once per child (unless an
+        earlier layer did), the first adapter's pre_forward on all copies, each child's
+        adapters on its own copy (a Stack child as a Stack: pre_forward and adapter per name),
+        then the last child's last adapter's post_forward (residual + block LayerNorm) on all."""
+        channels = setup.parallel_channels
+        if hidden.shape[0] == _ENCODER_ROWS.get():  # the first layer of the setup: replicate here
+            hidden, x = _repeat_rows(hidden, channels), _repeat_rows(x, channels)
+        rows = hidden.shape[0] // channels
+        present = [name for name in setup.names() if name in self.adapters]
+        first = setup.first() if setup.first() in self.adapters else present[0]
+        hidden, residual = self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
+        outputs, last = [], None
+        for i, child in enumerate(setup):
+            part = slice(i * rows, (i + 1) * rows)
+            out, last = hidden[part], None
+            if isinstance(child, Stack):
+                for name in child:
+                    if name in self.adapters:
+                        out, child_residual = self.adapters[name].pre_forward(out, x[part], layer_norm, backend)
+                        out, last = self.adapters[name](out, child_residual, backend), name
+            elif child in self.adapters:
+                out, last = self.adapters[child](out, residual[part], backend), child
+            outputs.append(out)
+        # the package finishes with the last child's adapter (which must be here); else ours: the
+        # last one of the setup that is
+        last = last if last is not None else present[-1]
+        return self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend)
 
 
 class LoRA(nn.Module):
@@ -675,7 +847,11 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.loras:
             return []
         setup = self.state.current_setup()
-        return [] if setup is None else [name for name in setup if name in self.loras]
+        names = [] if setup is None else [name for name in setup.names() if name in self.loras]
+        if names and isinstance(setup, Parallel):  # (adapter_names= and set_active_adapters refuse it earlier)
+            raise ValueError(f"adapter setup {setup!r}: a Parallel composition takes bottleneck adapters only; "
+                             f"{names} are LoRA adapters")
+        return names
 
     def acts_as_linear(self) -> bool:
         return not self._active_names()
@@ -711,10 +887,31 @@ class LoRALinear(nn.Linear):
 
 
 class ModelAdaptersMixin:
-    """Adapter management for a model with a DistilBERT base model (``self.distilbert``)."""
+    """The adapter API of every model class (the ``adapters`` package's ``ModelAdaptersMixin``,
+    on a model after ``adapters.init(model)``): ``add_adapter``, ``train_adapter``,
+    ``set_active_adapters``, ``save_adapter``, ``load_adapter`` ... and ``adapter_names=`` in
+    ``forward`` (the setup for that call, as ``with AdapterSetup(...)``).
 
-    def _init_adapters(self):
-        self._adapters_state = AdaptersState()
+    The adapters live in the base model (``self.base_model``), and a task model shares its base
+    model's adapter state: adding an adapter through either is seen by both."""
+
+    # Whether forward takes labels with a Parallel setup (one head per copy); the task classes'
+    # single head would see every copy's rows against one batch of labels.
+    _parallel_labels_ok = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_takes_adapter_names", False):
+            cls.forward = _taking_adapter_names(forward)
+
+    @property
+    def _adapters_state(self) -> "AdaptersState":
+        base = self.base_model
+        state = base.__dict__.get("_adapters_state_")
+        if state is None:
+            state = base.__dict__["_adapters_state_"] = AdaptersState()
+        return state
 
     # -- adding, activating, deleting ------------------------------------------------------------
     @property
@@ -744,7 +941,7 @@ class ModelAdaptersMixin:
                 )
             self.delete_adapter(adapter_name)
         added = 0
-        for i, block in enumerate(self.distilbert.transformer.layer):
+        for i, block in enumerate(self.base_model.transformer.layer):
             if isinstance(config, BnConfig):
                 for key, attr in (("mh_adapter", "attention_adapters"), ("output_adapter", "output_adapters")):
                     if getattr(block, attr) is None:
@@ -765,7 +962,7 @@ class ModelAdaptersMixin:
             self.set_active_adapters(adapter_name)
 
     def _adapter_layers(self):
-        for block in self.distilbert.transformer.layer:
+        for block in self.base_model.transformer.layer:
             for layer in (block.attention_adapters, block.output_adapters):
                 if layer is not None:
                     yield layer, "adapters"
@@ -790,9 +987,8 @@ class ModelAdaptersMixin:
                 del modules[adapter_name]
         del self._adapters_state.configs[adapter_name]
         active = self._adapters_state.active_setup
-        if active is not None and adapter_name in active:
-            remaining = [name for name in active if name != adapter_name]
-            self._adapters_state.active_setup = Stack(*remaining) if remaining else None
+        if active is not None and adapter_name in active.flatten():
+            self._adapters_state.active_setup = _without(active, adapter_name)
 
     @property
     def active_adapters(self) -> Stack | None:
@@ -802,10 +998,17 @@ class ModelAdaptersMixin:
     def active_adapters(self, adapter_setup):
         self.set_active_adapters(adapter_setup)
 
-    def _parse_setup(self, adapter_setup) -> Stack | None:
+    def _parse_setup(self, adapter_setup, argument: str = "adapter_setup") -> Stack | None:
         setup = parse_composition(adapter_setup)
-        for name in setup or ():
+        for name in setup.names() if setup is not None else ():
             self._check_adapter_name(name)
+        if isinstance(setup, Parallel):
+            lora = [n for n in setup.names() if isinstance(self._adapters_state.configs[n], LoRAConfig)]
+            if lora:
+                raise ValueError(
+                    f"{argument}={setup!r}: a Parallel composition takes bottleneck adapters only; "
+                    f"{lora} are LoRA adapters (run them in separate calls, or in a Stack)"
+                )
         return setup
 
     def set_active_adapters(self, adapter_setup):
@@ -817,7 +1020,7 @@ class ModelAdaptersMixin:
 
     def freeze_model(self, freeze: bool = True):
         """Freezes (or unfreezes) every parameter of the base model, adapters included."""
-        for param in self.distilbert.parameters():
+        for param in self.base_model.parameters():
             param.requires_grad = not freeze
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
@@ -826,7 +1029,7 @@ class ModelAdaptersMixin:
         setup = self._parse_setup(adapter_setup)
         self.train()
         self.freeze_model(True)
-        for name in setup:
+        for name in setup.names():
             for module in self._adapter_modules(name):
                 for param in module.parameters():
                     param.requires_grad = True
@@ -851,7 +1054,8 @@ class ModelAdaptersMixin:
 
     # -- files ------------------------------------------------------------------------------------
     def _adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under the package's keys: "distilbert.transformer.layer.<i>..."."""
+        """The adapter's tensors under the package's keys: this model's state_dict keys,
+        "distilbert.transformer.layer.<i>..." (bare "transformer..." on DistilBertModel)."""
         self._check_adapter_name(name)
         return {k: v for k, v in self.state_dict().items() if _is_adapter_key(k, name)}
 
@@ -906,15 +1110,18 @@ class ModelAdaptersMixin:
         except Exception:
             self.delete_adapter(name)
             raise
-        if with_head and os.path.isfile(os.path.join(directory, "head_config.json")):
+        if with_head and hasattr(self, "load_head") and os.path.isfile(os.path.join(directory, "head_config.json")):
             self.load_head(directory, load_as=name)
         if set_active:
             self.set_active_adapters(name)
         return name
 
     def _load_adapter_tensors(self, name, state_dict, directory):
+        # Files hold the saving model's keys: "distilbert." + ... from a task or heads model, bare
+        # from a base model (in either library); this model's may be either.
         prefix = self.base_model_prefix + "."
-        state_dict = {k if k.startswith(prefix) else prefix + k: v for k, v in state_dict.items()}
+        own_prefix = prefix if self.base_model is not self else ""
+        state_dict = {own_prefix + k.removeprefix(prefix): v for k, v in state_dict.items()}
         expected = self._adapter_state_dict(name)
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
@@ -963,7 +1170,61 @@ class ModelAdaptersMixin:
         recorded = getattr(self.config, "adapters", None) or {}
         config_map = recorded.get("config_map", {})
         for name, key in recorded.get("adapters", {}).items():
-            self.add_adapter(name, config_map.get(key, key))
+            if name not in self._adapters_state.configs:
+                self.add_adapter(name, config_map.get(key, key))
+
+
+def _without(setup: Stack, name: str) -> Stack | None:
+    """``setup`` with adapter ``name`` left out (None when nothing is left)."""
+    children = []
+    for child in setup:
+        if isinstance(child, Stack):
+            child = _without(child, name)
+        if child is not None and child != name:
+            children.append(child)
+    return type(setup)(*children) if children else None
+
+
+_LABEL_INPUTS = ("labels", "start_positions", "end_positions")
+
+
+def _taking_adapter_names(forward):
+    """Wraps a model class's forward so it takes ``adapter_names=``: the adapter setup (a name, a
+    list = Stack, a Stack or a Parallel) for this call, in place of the active adapters."""
+    signature = inspect.signature(forward)
+    takes_it = "adapter_names" in signature.parameters
+
+    @functools.wraps(forward)
+    def forward_with_adapters(self, *args, adapter_names=None, **kwargs):
+        if takes_it:  # the class handles adapter_names itself (DistilBertAdapterModel)
+            kwargs["adapter_names"] = adapter_names
+        if adapter_names is None and not self._adapters_state.configs:
+            return forward(self, *args, **kwargs)  # (no context variable for a compiler to break on)
+        setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
+        in_force = setup if setup is not None else self._adapters_state.current_setup()
+        if in_force is not None and in_force.parallel_channels > 1 and not self._parallel_labels_ok:
+            given = [k for k in _LABEL_INPUTS if kwargs.get(k) is not None]
+            if given:
+                raise ValueError(
+                    f"{given[0]} with the Parallel adapter setup {in_force!r}: {type(self).__name__}'s "
+                    "one head sees every copy of the batch; leave out the labels, or use "
+                    "DistilBertAdapterModel with a head per adapter"
+                )
+        if takes_it or setup is None:
+            return forward(self, *args, **kwargs)
+        token = _CALL_SETUP.set(setup)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _CALL_SETUP.reset(token)
+
+    if not takes_it:
+        parameters = list(signature.parameters.values())
+        at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
+        parameters.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        forward_with_adapters.__signature__ = signature.replace(parameters=parameters)
+    forward_with_adapters._takes_adapter_names = True
+    return forward_with_adapters
 
 
 def _is_adapter_key(key: str, name: str) -> bool:
@@ -1035,6 +1296,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "Parallel",
     "SeqBnConfig",
     "Stack",
     "load_adapter_config",

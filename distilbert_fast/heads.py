@@ -18,7 +18,8 @@ from torch import nn
 from .adapters import (
     _CALL_SETUP,
     Activation,
-    ModelAdaptersMixin,
+    Parallel,
+    parallel_channels_of,
     _load_tensors,
     _read_json,
     _save_tensors,
@@ -265,7 +266,7 @@ class MultiHeadOutput(ModelOutput):
         return iter(self.head_outputs)
 
 
-class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
+class DistilBertAdapterModel(DistilBertPreTrainedModel):
     """DistilBERT with named flexible heads and adapters (``DistilBertModelWithHeads``).
 
         model = DistilBertAdapterModel.from_pretrained("path/to/distilbert")
@@ -273,14 +274,16 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         model.add_classification_head("sst", num_labels=2)
         model.train_adapter("sst")          # base frozen; adapter "sst" and head "sst" train
         out = model(input_ids, labels=labels)
+        model(input_ids, adapter_names=Parallel("sst", "nli"))   # one head per adapter: a MultiHeadOutput
     """
+
+    _parallel_labels_ok = True  # each copy of the batch goes to its own head with the labels
 
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.distilbert = DistilBertModel(config)
         self.heads = nn.ModuleDict()
         self._active_heads: list[str] = []
-        self._init_adapters()
         self.post_init()
         # A config written by save_pretrained lists the heads and adapters to rebuild.
         for name, head_config in dict(getattr(config, "prediction_heads", None) or {}).items():
@@ -366,7 +369,10 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         """As in the package: also activates the head named like the setup's last adapter."""
         super().set_active_adapters(adapter_setup)
         setup = self.active_adapters
-        if setup is not None and setup.last() in self.heads:
+        if isinstance(setup, Parallel):  # one head per child, when each has one
+            if all(name in self.heads for name in setup.heads()):
+                self.active_head = setup.heads()
+        elif setup is not None and setup.last() in self.heads:
             self.active_head = setup.last()
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
@@ -423,21 +429,38 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
                 output_attentions=None, output_hidden_states=None, return_dict=None, head=None,
                 adapter_names=None, position_ids=None, **head_inputs):
         """The base model, then head ``head`` (default: the active head(s); none: the base
-        model's output). ``adapter_names`` (a name, a list = Stack, or a Stack) replaces the
-        active adapters for this call. ``labels`` / ``start_positions`` / ``end_positions`` go
-        to the head. Multiple-choice inputs (batch, num_choices, seq) are flattened first."""
+        model's output). ``adapter_names`` (a name, a list = Stack, a Stack or a Parallel)
+        replaces the active adapters for this call; a Parallel whose children each have a head
+        of their (last) adapter's name runs those heads, head i on copy i of the batch, as
+        ``set_active_adapters(Parallel(...))`` does in the package. ``labels`` /
+        ``start_positions`` / ``end_positions`` go to the head(s). Multiple-choice inputs
+        (batch, num_choices, seq) are flattened first."""
         unknown = sorted(set(head_inputs) - _HEAD_INPUTS)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        heads = [head] if head is not None else list(self._active_heads)
+        setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
+        in_force, per_call = setup, setup
+        if setup is None and self._adapters_state.configs:  # (no context variable read without adapters)
+            in_force, per_call = self._adapters_state.current_setup(), _CALL_SETUP.get()
+        channels = 1 if in_force is None else in_force.parallel_channels
+        if head is not None:
+            heads = [head]
+        elif isinstance(per_call, Parallel) and all(name in self.heads for name in per_call.heads()):
+            heads = per_call.heads()  # as set_active_adapters(Parallel(...)) would make them
+        else:
+            heads = list(self._active_heads)
         for name in heads:
             self._check_head_name(name)
+        if channels > 1 and heads and len(heads) != channels:
+            raise ValueError(
+                f"the Parallel adapter setup {in_force!r} has {channels} channels but {len(heads)} heads "
+                f"are active ({heads}): pass head=None with a head named like each channel's last adapter"
+            )
         flatten = lambda t, rank: t if t is None or t.dim() <= rank else t.reshape(-1, *t.shape[-rank + 1:])  # noqa: E731
         input_ids, attention_mask = flatten(input_ids, 2), flatten(attention_mask, 2)
         inputs_embeds, position_ids = flatten(inputs_embeds, 3), flatten(position_ids, 2)
 
-        setup = None if adapter_names is None else self._parse_setup(adapter_names)
         token = None if setup is None else _CALL_SETUP.set(setup)
         try:
             # packed inside where the heads allow it; the heads then see zeros at padding
@@ -451,11 +474,19 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
         if not heads:
             return out if return_dict else out.to_tuple()
         backend = self.config.backend
-        outputs = [self.heads[name](out, attention_mask, backend=backend, **_inputs_for(self.heads[name], head_inputs))
-                   for name in heads]
-        if enc.packing is not None:  # token outputs hold zeros at padding, as the task classes'
-            outputs = [_zeros_at_padding(o, enc.packing) if isinstance(self.heads[name], _TOKEN_HEADS) else o
-                       for name, o in zip(heads, outputs)]
+        rows = out.last_hidden_state.shape[0]
+        channels = parallel_channels_of(rows, (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        outputs = []
+        for i, name in enumerate(heads):
+            head_input = out
+            if channels > 1:  # the package's Parallel: head i takes copy i of the batch
+                part = slice(i * rows // channels, (i + 1) * rows // channels)
+                head_input = BaseModelOutput(out.last_hidden_state[part], out.hidden_states, out.attentions)
+            output = self.heads[name](head_input, attention_mask, backend=backend,
+                                      **_inputs_for(self.heads[name], head_inputs))
+            if enc.packing is not None and isinstance(self.heads[name], _TOKEN_HEADS):
+                output = _zeros_at_padding(output, attention_mask)  # as the task classes' token outputs
+            outputs.append(output)
         if len(outputs) == 1:
             return _finish(outputs[0], return_dict)
         losses = [o.loss for o in outputs]
@@ -551,10 +582,16 @@ class DistilBertAdapterModel(ModelAdaptersMixin, DistilBertPreTrainedModel):
 _TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
 
 
-def _zeros_at_padding(output: ModelOutput, packing) -> ModelOutput:
-    """A token-level head's output with its (batch, seq, ...) logits zeroed at padding positions."""
+def _zeros_at_padding(output: ModelOutput, attention_mask: torch.Tensor) -> ModelOutput:
+    """A token-level head's output with its (batch, seq, ...) logits zeroed where
+    ``attention_mask`` is 0 (a batch that ran packed: those positions saw no input)."""
+    keep = attention_mask != 0
+
+    def zeroed(v):
+        return torch.where(keep.view(*keep.shape, *([1] * (v.dim() - 2))), v, v.new_zeros(()))
+
     logits = {"logits", "start_logits", "end_logits"}
-    return type(output)(**{k: packing.pad(packing.unpad(v)) if k in logits else v for k, v in output.items()})
+    return type(output)(**{k: zeroed(v) if k in logits and v is not None else v for k, v in output.items()})
 
 
 def _inputs_for(head: PredictionHead, inputs: dict) -> dict:

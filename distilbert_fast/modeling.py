@@ -19,6 +19,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
+from .adapters import (
+    ModelAdaptersMixin,
+    encoder_rows,
+    has_bottleneck_adapters,
+    parallel_channels_of,
+    replicate_for_parallel,
+    widen_cu_seqlens,
+    widen_packing,
+)
 from .configuration import LOADING_KWARGS, DistilBertConfig
 from .ops import (
     bias_activation,
@@ -313,6 +322,14 @@ class Transformer(nn.Module):
                 output_hidden_states=False):
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        layers = (x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
+        if not has_bottleneck_adapters(self.layer):  # (no context variable: nothing for a compiler to break on)
+            return self._layers(*layers)
+        with encoder_rows(x.shape[0]):  # where a Parallel adapter setup replicates the batch
+            return self._layers(*layers)
+
+    def _layers(self, x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions):
+        rows = x.shape[0]  # batch, or packed tokens
         for i, layer in enumerate(self.layer):
             layer_head_mask = None if head_mask is None else head_mask[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -325,9 +342,13 @@ class Transformer(nn.Module):
                 )
             else:
                 x, weights = layer(x, key_padding_mask, layer_head_mask, output_attentions)
-            if output_hidden_states:
+            if x.shape[0] != rows:  # a Parallel adapter setup replicated the batch in this layer
+                key_padding_mask, all_hidden_states = replicate_for_parallel(
+                    x.shape[0] // rows, key_padding_mask, all_hidden_states)
+                rows = x.shape[0]
+            if all_hidden_states is not None:
                 all_hidden_states = all_hidden_states + (x,)
-            if output_attentions:
+            if all_attentions is not None:
                 all_attentions = all_attentions + (weights,)
         return BaseModelOutput(last_hidden_state=x, hidden_states=all_hidden_states, attentions=all_attentions)
 
@@ -356,7 +377,7 @@ def _ignoring_tokenizer_outputs(forward):
     return forward_ignoring
 
 
-class DistilBertPreTrainedModel(nn.Module):
+class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     config_class = DistilBertConfig
     base_model_prefix = "distilbert"
     main_input_name = "input_ids"
@@ -601,6 +622,7 @@ class DistilBertPreTrainedModel(nn.Module):
         if backend is not None:
             config.backend = None if backend == AUTO else backend
         model = cls(config)
+        model._adapters_from_config()  # adapters saved with the model, before their weights load
         state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
         ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
         if torch_dtype is not None:
@@ -624,6 +646,8 @@ class DistilBertPreTrainedModel(nn.Module):
             return
         self.config.architectures = [type(self).__name__]
         self.config.dtype = str(self.dtype).removeprefix("torch.")
+        if self.has_adapters() or getattr(self.config, "adapters", None):
+            self._adapters_to_config()  # rebuilt by from_pretrained, as the package does
         if state_dict is None:
             state_dict = self.state_dict()
         self.config.save_pretrained(directory)
@@ -729,7 +753,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 head_mask,
                 output_hidden_states,
             )
-            out = pad_output(out, packing)
+            out = pad_output(out, widen_packing(packing, parallel_channels_of(out.last_hidden_state.shape[0],
+                                                                              packing.total)))
         else:
             key_padding_mask = None if attention_mask is None else _as_keep_mask(attention_mask)
             embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (batch, seq, dim)
@@ -967,7 +992,9 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
         out = base(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                    output_hidden_states, return_dict=True, position_ids=position_ids,
                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return Encoded(out, cu_seqlens)
+        total = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        channels = parallel_channels_of(out.last_hidden_state.shape[0], total)  # (adapters.Parallel)
+        return Encoded(out, widen_cu_seqlens(cu_seqlens, channels, total))
     attentions = model.config.output_attentions if output_attentions is None else output_attentions
     packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact)
     if packing is None:
@@ -988,6 +1015,7 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
         cu_seqlens=packing.cu_seqlens,
         max_seqlen=packing.max_seqlen,
     )
+    packing = widen_packing(packing, parallel_channels_of(out.last_hidden_state.shape[0], packing.total))
     return Encoded(out, packing.cu_seqlens, packing)
 
 

@@ -12,6 +12,12 @@ BnConfig; every head type):
 2. ours -> package: we change the adapter and head weights, save them with our save_adapter, the
    package loads them into a fresh model of its own and runs; outputs and gradients must match ours.
 
+The same two directions run for the task cases (compare.TASK_CASES): each model class of ours
+(DistilBertModel and the five task classes) against transformers' class after
+``adapters.init(model)``, and the Parallel composition (on a task class, on the base model with
+a Stack inside and the lowest layer left out, and on DistilBertAdapterModel with a head per
+adapter).
+
 Run as a script (``.venv/bin/python tests/test_adapters_oracle.py``) to rewrite the record in
 bench/results/adapters_parity.txt.
 """
@@ -27,7 +33,7 @@ import pytest
 import torch
 
 import distilbert_fast
-from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, Stack
+from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, Parallel, Stack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
@@ -73,10 +79,11 @@ def _run(model, setup, head, inputs):
 
 def _real_positions(value, attention_mask):
     """Token-level outputs (rows, seq, ...) at real positions only: a padded batch runs packed,
-    and our token outputs hold zeros at padding (HF and the package: values nobody attends to)."""
+    and our token outputs hold zeros at padding (HF and the package: values nobody attends to).
+    A Parallel setup's outputs hold several copies of the batch, one after the other."""
     real = attention_mask.reshape(-1, attention_mask.shape[-1]).bool()
-    if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(real.shape):
-        return value[real]
+    if value.dim() >= 2 and value.shape[1] == real.shape[1] and value.shape[0] % real.shape[0] == 0:
+        return value[real.repeat(value.shape[0] // real.shape[0], 1)]
     return value
 
 
@@ -85,10 +92,13 @@ def _diffs(ours, theirs, case, attention_mask):
     rows = []
     output_keys = sorted(k for k in theirs if k != "grads")
     assert output_keys == sorted(k for k in ours if k != "grads"), (case, output_keys, sorted(ours))
-    assert set(ours["grads"]) == set(theirs["grads"]), (
-        case, sorted(set(ours["grads"]) ^ set(theirs["grads"])))
     for key in output_keys:
         rows.append(_row(case, key, *(_real_positions(t[key], attention_mask) for t in (ours, theirs))))
+    if "grads" not in theirs:  # no labels, no loss
+        assert "grads" not in ours, case
+        return rows
+    assert set(ours["grads"]) == set(theirs["grads"]), (
+        case, sorted(set(ours["grads"]) ^ set(theirs["grads"])))
     worst = max((_row(case, f"grad {n}", ours["grads"][n], g) for n, g in theirs["grads"].items()),
                 key=lambda row: row[2] / (ATOL + RTOL * row[4]))
     rows.append((case, f"grads ({len(theirs['grads'])} params), worst: {worst[1][5:]}", *worst[2:]))
@@ -148,6 +158,9 @@ def compare_both_directions(workdir):
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=True)
         ours_results[case] = _run(model, spec["setup"], spec["head"], io["inputs"])
+    for case, spec in manifest["task_cases"].items():
+        to_ours += _task_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
+                              ours_results, seed=len(ours_results))
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
 
@@ -158,6 +171,63 @@ def compare_both_directions(workdir):
         io = torch.load(os.path.join(ours_dir, case, "io.pt"), weights_only=True)
         to_package += _diffs(ours, theirs, case, io["inputs"]["attention_mask"])
     return to_ours, to_package, manifest
+
+
+def _setup_from_dict(data):
+    """The package's AdapterCompositionBlock.to_dict() -> our Stack / Parallel."""
+    children = [c["children"][0] if c["type"] == "single" else _setup_from_dict(c) for c in data["children"]]
+    return {"Stack": Stack, "Parallel": Parallel}[data["type"]](*children)
+
+
+def _task_model(spec):
+    labels = 2 if "QuestionAnswering" in spec["cls"] else spec["num_labels"]
+    return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**SMALL, num_labels=labels))
+
+
+def _run_task(model, spec, setup, inputs):
+    """compare.run_task on our side: the setup through adapter_names (a Parallel on
+    DistilBertAdapterModel then picks a head per adapter, as the package's set_active_adapters)."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.zero_grad()
+    out = model(**inputs, adapter_names=setup)
+    result = {}
+    for key, value in out.items():
+        if key == "head_outputs":
+            for i, head_out in enumerate(value):
+                result.update({f"head{i}.{k}": v.detach() for k, v in head_out.items() if torch.is_tensor(v)})
+        elif torch.is_tensor(value):
+            result[key] = value.detach()
+    if out.get("loss") is not None:
+        out["loss"].backward()
+        result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result
+
+
+def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
+    """One task case in both directions: the package's adapter files (and heads) load into our
+    class, with the package's other weights, and must give its outputs; then our changed
+    adapters, saved by us, go to the package (ours_results[case] is what it must give)."""
+    model = _task_model(spec)
+    for name in spec["adapters"]:
+        assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
+    weights = torch.load(os.path.join(case_dir, "model.pt"), weights_only=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(_is_adapter_key(k) for k in missing), (case, missing, unexpected)
+    io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
+    setup = _setup_from_dict(spec["setup"])
+    rows = _diffs(_run_task(model, spec, setup, io["inputs"]), io["outputs"], case,
+                  io["inputs"]["attention_mask"])
+
+    _change_adapters_and_heads(model, seed)
+    os.makedirs(out_dir)
+    torch.save(weights, os.path.join(out_dir, "model.pt"))
+    torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
+    for name in spec["adapters"]:
+        model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=True)
+    ours_results[case] = _run_task(model, spec, setup, io["inputs"])
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +246,14 @@ def test_every_case_covers_a_head_type_and_adapter_kind(both_directions):
     assert {c["head_type"] for c in cases} >= {"classification", "multilabel", "tagging", "qa",
                                                "multiple_choice", "masked_lm"}
     assert any(len(c["setup"]) > 1 for c in cases)
+
+
+def test_task_cases_cover_every_class_and_parallel(both_directions):
+    cases = both_directions[2]["task_cases"].values()
+    assert {c["cls"] for c in cases} == {"DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification",
+                                         "DistilBertForQuestionAnswering", "DistilBertForTokenClassification",
+                                         "DistilBertForMultipleChoice", "DistilBertAdapterModel"}
+    assert sum(c["setup"]["type"] == "Parallel" for c in cases) >= 3
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):
@@ -204,6 +282,8 @@ def write_record(path=RECORD):
         f"# model {SMALL}, batch 3 x seq 7 with padding; bound |diff| <= {ATOL} + {RTOL} * |ref|",
         "# cases: " + "; ".join(f"{c}: Stack{s['setup']} + {s['head_type']} head"
                                 for c, s in manifest["cases"].items()),
+        "# task cases (our class vs transformers' class after adapters.init): " + "; ".join(
+            f"{c}: {s['cls']} with {_setup_from_dict(s['setup'])!r}" for c, s in manifest["task_cases"].items()),
     ]
     for title, rows in (("package saves, we load and run", to_ours),
                         ("we save, package loads and runs", to_package)):

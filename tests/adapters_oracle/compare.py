@@ -9,6 +9,11 @@
                              saved by distilbert_fast: load them into the package's model, run
                              it and write DIR/<case>/oracle_out.pt
 
+Both modes also run the TASK_CASES: transformers' own task classes (and the base model) after
+``adapters.init(model)``, and Parallel compositions (on a task class, on the base model, and on
+DistilBertAdapterModel with a head per adapter); there model.pt holds every weight but the
+adapters'.
+
 The cases are listed here only; OUT/manifest.json tells the test what each holds.
 """
 
@@ -26,6 +31,7 @@ from adapters import (
     DistilBertAdapterModel,
     DoubleSeqBnConfig,
     LoRAConfig,
+    Parallel,
     SeqBnConfig,
     Stack,
 )
@@ -86,6 +92,137 @@ CASES = {
         head=("classification", "pa", dict(num_labels=2, layers=1)),
     ),
 }
+
+
+# name -> model class, adapters, setup, whether labels go in (the loss then gives gradients).
+# The package's Parallel needs the first and last child's adapters wherever the setup has one
+# (it indexes them), hence adapters of one kind per Parallel.
+TASK_CASES = {
+    "task_model_seq_bn": dict(cls="DistilBertModel", adapters={"a": SeqBnConfig(reduction_factor=4)},
+                              setup=Stack("a"), labels=False),
+    "task_mlm_lora": dict(cls="DistilBertForMaskedLM", adapters={"a": LoRAConfig(r=4, alpha=8)},
+                          setup=Stack("a"), labels=True),
+    "task_seqcls_houlsby": dict(cls="DistilBertForSequenceClassification",
+                                adapters={"a": DoubleSeqBnConfig(reduction_factor=4)}, setup=Stack("a"),
+                                labels=True),
+    "task_qa_stack": dict(cls="DistilBertForQuestionAnswering",
+                          adapters={"l": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                                    "s": SeqBnConfig(reduction_factor=2)},
+                          setup=Stack("l", "s"), labels=True),
+    "task_tokcls_custom": dict(cls="DistilBertForTokenClassification", adapters={"a": BnConfig(
+        mh_adapter=True, output_adapter=True, reduction_factor=4, non_linearity="gelu",
+        original_ln_before=True, residual_before_ln=False, ln_after=True, scaling="learned")},
+        setup=Stack("a"), labels=True),
+    "task_mc_seq_bn": dict(cls="DistilBertForMultipleChoice", adapters={"a": SeqBnConfig(reduction_factor=4)},
+                           setup=Stack("a"), labels=True),
+    "parallel_seqcls": dict(cls="DistilBertForSequenceClassification",
+                            adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2)},
+                            setup=Parallel("a", "b"), labels=False),
+    # nothing in layer 0: it runs once, the batch is replicated in layer 1
+    "parallel_model_stack_leave_out": dict(
+        cls="DistilBertModel",
+        adapters={"a": SeqBnConfig(reduction_factor=4, leave_out=[0]),
+                  "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu", leave_out=[0]),
+                  "c": SeqBnConfig(reduction_factor=2, leave_out=[0])},
+        setup=Parallel(Stack("a", "b"), "c"), labels=False),
+    "parallel_heads": dict(cls="DistilBertAdapterModel",
+                           adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2)},
+                           setup=Parallel("a", "b"), labels=True),
+}
+TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
+
+
+def make_task_model(cls):
+    config = transformers.DistilBertConfig(**SMALL, num_labels=2 if "QuestionAnswering" in cls else TASK_LABELS)
+    config._attn_implementation = "eager"
+    if cls == "DistilBertAdapterModel":
+        return DistilBertAdapterModel(config)
+    model = getattr(transformers, cls)(config)
+    adapters.init(model)
+    return model
+
+
+def task_inputs(spec, generator):
+    cls = spec["cls"]
+    kind = {"DistilBertForMaskedLM": "masked_lm", "DistilBertForQuestionAnswering": "qa",
+            "DistilBertForTokenClassification": "tagging", "DistilBertForMultipleChoice": "multiple_choice"
+            }.get(cls, "classification")
+    inputs = inputs_for(kind, {"num_labels": TASK_LABELS, "num_choices": 2}, generator)
+    if not spec["labels"]:
+        for key in ("labels", "start_positions", "end_positions"):
+            inputs.pop(key, None)
+    return inputs
+
+
+def run_task(model, spec, setup, inputs):
+    """Eval-mode forward (and backward with labels), every parameter trainable. The heads
+    model gets its setup through set_active_adapters, so a Parallel activates a head per
+    adapter; the others through AdapterSetup."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.zero_grad()
+    if spec["cls"] == "DistilBertAdapterModel":
+        model.set_active_adapters(setup)
+        out = model(**inputs)
+    else:
+        with AdapterSetup(setup):
+            out = model(**inputs)
+    result = {}
+    for key, value in out.items():
+        if key == "head_outputs":
+            for i, head_out in enumerate(value):
+                result.update({f"head{i}.{k}": v.detach() for k, v in head_out.items() if torch.is_tensor(v)})
+        elif torch.is_tensor(value):
+            result[key] = value.detach()
+    if out.get("loss") is not None:
+        out["loss"].backward()
+        result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return result
+
+
+def produce_tasks(out_dir):
+    manifest = {}
+    for i, (case, spec) in enumerate(TASK_CASES.items()):
+        torch.manual_seed(300 + i)
+        generator = torch.Generator().manual_seed(400 + i)
+        model = make_task_model(spec["cls"])
+        for name, config in spec["adapters"].items():
+            model.add_adapter(name, config=config)
+        if spec["cls"] == "DistilBertAdapterModel":
+            for name in spec["setup"].children:
+                model.add_classification_head(name, num_labels=TASK_LABELS)
+        randomise_adapters_and_heads(model, generator)
+        inputs = task_inputs(spec, generator)
+        case_dir = os.path.join(out_dir, case)
+        os.makedirs(case_dir)
+        weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k) and "prompt_tuning." not in k}
+        torch.save(weights, os.path.join(case_dir, "model.pt"))
+        saved_inputs = {k: v.clone() for k, v in inputs.items()}  # a Parallel resizes the mask in place
+        result = run_task(model, spec, spec["setup"], inputs)
+        torch.save({"inputs": saved_inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
+        for name in spec["adapters"]:
+            model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
+        manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
+                          "labels": spec["labels"], "num_labels": TASK_LABELS}
+    return manifest
+
+
+def check_tasks(root, manifest):
+    for case, spec in manifest.items():
+        case_dir = os.path.join(root, case)
+        model = make_task_model(spec["cls"])
+        # the weights first: the heads come with the adapters (saved by us)
+        weights = {k: v for k, v in torch.load(os.path.join(case_dir, "model.pt")).items() if not k.startswith("heads.")}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not is_adapter_key(k) and "prompt_tuning." not in k for k in missing):
+            raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
+        for name in spec["adapters"]:
+            model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
+        io = torch.load(os.path.join(case_dir, "io.pt"))
+        setup = Stack.from_dict(spec["setup"])
+        result = run_task(model, spec, setup, io["inputs"])
+        torch.save(result, os.path.join(case_dir, "oracle_out.pt"))
 
 
 def make_model():
@@ -197,15 +334,18 @@ def produce(out_dir):
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"adapters": list(spec["adapters"]), "setup": spec["setup"], "head": head_name,
                           "head_type": kind}
+    task_manifest = produce_tasks(out_dir)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump({"cases": manifest, "adapters_version": adapters.__version__,
+        json.dump({"cases": manifest, "task_cases": task_manifest, "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
 
 
 def check(root):
     with open(os.path.join(root, "manifest.json")) as f:
-        manifest = json.load(f)["cases"]
+        full = json.load(f)
+    manifest = full["cases"]
+    check_tasks(root, full.get("task_cases", {}))
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_model()
