@@ -18,7 +18,7 @@ Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::kRelu;
   if (name == "silu") return Act::kSilu;
   TORCH_CHECK_VALUE(false, "activation must be one of 'gelu', 'gelu_new', 'relu', 'silu', got '", name,
-              "'");
+                    "'");
 }
 
 // erf on float vectors as x P(x^2) / Q(x^2) on |x| <= 3.925 (beyond it erf is +-1 in float): a

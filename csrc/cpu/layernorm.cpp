@@ -335,8 +335,8 @@ Checked check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& resid
     check_arg(*residual, "residual", x.scalar_type(), 2);
     residual_rows = residual->size(0);
     TORCH_CHECK_VALUE(residual->size(1) == dim && residual_rows > 0 && rows % residual_rows == 0,
-                "residual must have shape (R, ", dim, ") with R dividing x's ", rows,
-                " rows, got ", shape_str(residual->sizes()));
+                      "residual must have shape (R, ", dim, ") with R dividing x's ", rows,
+                      " rows, got ", shape_str(residual->sizes()));
   }
   check_arg(weight, "weight", acc, 1);
   check_shape(weight, "weight", {dim});
@@ -412,7 +412,7 @@ std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const
   check_arg(rstd, "rstd", weight.scalar_type(), 1);
   check_shape(rstd, "rstd", {c.rows});
   TORCH_CHECK_VALUE(needs.size() == 5, "needs must hold 5 flags (dx, dresidual, dweight, dbias, dx_bias), got ",
-              needs.size());
+                    needs.size());
   const bool need_dx = needs[0], need_dres = needs[1] && residual.has_value();
   const bool need_dxb = needs[4] && x_bias.has_value();
   at::Tensor dz, dh, dweight, dbias, dx_bias;
