@@ -19,7 +19,7 @@ import torch
 import distilbert_fast
 from conftest import SMALL_CONFIG, assert_close
 from distilbert_fast import ops
-from distilbert_fast.ops import cpu_backend
+from distilbert_fast.ops import backends, cpu_backend
 from test_ops import assert_within_reference_error, check_against_reference, gemm_rounding_bound
 
 pytestmark = pytest.mark.skipif(
@@ -78,11 +78,11 @@ def test_residual_layernorm_broadcast_residual(dtype):
 
 def test_residual_rows_reads_broadcast_in_place():
     pos = torch.randn(1, 5, 8)
-    rows = cpu_backend._residual_rows(pos.expand(4, 5, 8), 8)
+    rows = backends.residual_rows(pos.expand(4, 5, 8), 8)
     assert rows.shape == (5, 8) and rows.data_ptr() == pos.data_ptr()
     # a layout it cannot read in place is copied, with the right values
     odd = torch.randn(4, 8, 5).transpose(1, 2)
-    assert torch.equal(cpu_backend._residual_rows(odd, 5), odd.reshape(-1, 5))
+    assert torch.equal(backends.residual_rows(odd, 5), odd.reshape(-1, 5))
 
 
 def test_residual_layernorm_mixed_dtypes_promote_like_eager():

@@ -82,7 +82,10 @@ class TorchModelOfCudaOps:
         h = x.float() if x_bias is None else x.float() + x_bias.float()
         if dropout_p > 0:
             h = h * self.keep(dropout_rng, h.shape, dropout_p) / (1 - dropout_p)
-        z = h if residual is None else h + residual.float()
+        z = h
+        if residual is not None:  # (R, cols): row r of x adds row r % R
+            assert residual.dim() == 2 and z.numel() // z.shape[-1] % residual.shape[0] == 0
+            z = (h.reshape(-1, *residual.shape) + residual.float()).view(h.shape)
         rows = z.reshape(-1, z.shape[-1])
         mean, rstd = rows.mean(-1), torch.rsqrt(rows.var(-1, unbiased=False) + eps)
         y = ((rows - mean[:, None]) * rstd[:, None] * weight.float() + bias.float()).view(z.shape)
@@ -908,8 +911,10 @@ def test_bad_inputs_raise_errors_that_name_the_argument():
         ln(x.cpu(), None, w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match="x must be contiguous"):
         ln(_cuda(768, 4).t(), None, w, b, 1e-12, None, None, 0.0, False)
-    with pytest.raises(ValueError, match=r"residual must have shape \(4, 768\)"):
+    with pytest.raises(ValueError, match=r"residual must have shape \(R, 768\) with R dividing x's 4 rows, got \(4, 767\)"):
         ln(x, _cuda(4, 767), w, b, 1e-12, None, None, 0.0, False)
+    with pytest.raises(ValueError, match=r"residual must have shape \(R, 768\) with R dividing x's 4 rows, got \(3, 768\)"):
+        ln(x, _cuda(3, 768), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(TypeError, match="residual must have dtype"):
         ln(x, x.half(), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match=r"weight must have shape \(768,\)"):
