@@ -38,9 +38,20 @@ from .ops import (
     residual_layernorm,
     varlen_attention,
 )
+from .deferred_checks import (
+    DeferredChecks,
+    cu_seqlens_flag,
+    deferred_message,
+    describe_cu_seqlens,
+    describe_ids,
+    id_range_message,
+    ids_flag,
+    safe_cu_seqlens,
+    safe_ids,
+)
 from .packing import Packing, check_cu_seqlens, packing_of, sequence_positions, varlen_to_padded_index
 from .ops.backends import AUTO, check_backend_name
-from .ops.custom import tracing
+from .tracing import tracing
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -737,10 +748,12 @@ class DistilBertModel(DistilBertPreTrainedModel):
                                              cu_seqlens, max_seqlen)
             return out if return_dict else out.to_tuple()
 
-        packing = self.plan_packing(input_ids, attention_mask, inputs_embeds, output_attentions, pack)
+        if not tracing() and _inputs_checked.get():
+            packing = None  # a task head's plan checked this batch and chose the padded computation
+        else:
+            packing = self.plan_packing(input_ids, attention_mask, inputs_embeds, output_attentions,
+                                        pack, position_ids=position_ids)
         head_mask = self._layer_head_masks(head_mask)
-        if position_ids is not None:
-            _check_ids("position_ids", position_ids, config.max_position_embeddings)
         if packing is not None:
             # real tokens only from here on; positions are those of the padded layout
             if position_ids is None:
@@ -791,7 +804,6 @@ class DistilBertModel(DistilBertPreTrainedModel):
             if input_ids.dim() != 1:
                 raise ValueError(f"input_ids must be 1-D (total_tokens,) with cu_seqlens, got shape "
                                  f"{tuple(input_ids.shape)}")
-            _check_ids("input_ids", input_ids, config.vocab_size)
             like = input_ids
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
@@ -804,6 +816,16 @@ class DistilBertModel(DistilBertPreTrainedModel):
         if total == 0:
             raise ValueError("packed input must hold at least 1 token, got 0")
         check_cu_seqlens(cu_seqlens, total, max_seqlen, config.max_position_embeddings, like.device)
+        # The values of ids and of device cu_seqlens: checked here on the CPU; on a GPU on the
+        # device, raised at the next sync (deferred_checks); not again when a task head's plan
+        # made this packed batch from a checked padded one.
+        checked = tracing() or _inputs_checked.get()
+        if input_ids is not None and not checked:
+            input_ids = self._check_or_defer_ids("input_ids", input_ids, config.vocab_size)
+        if cu_seqlens.device.type != "cpu" and not checked:
+            self._deferred().record("cu_seqlens", cu_seqlens_flag(cu_seqlens, total, max_seqlen),
+                                    describe_cu_seqlens)
+            cu_seqlens = safe_cu_seqlens(cu_seqlens, total)
         cu_seqlens = cu_seqlens.to(like.device, non_blocking=True)
         if position_ids is None:
             # 0 .. len - 1 per sequence, on the device; clamped so that unchecked (GPU) cu_seqlens
@@ -814,15 +836,46 @@ class DistilBertModel(DistilBertPreTrainedModel):
             if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (total,):
                 raise ValueError(f"position_ids must have shape (total_tokens,) = ({total},) with "
                                  f"cu_seqlens, got {getattr(position_ids, 'shape', position_ids)}")
-            _check_ids("position_ids", position_ids, config.max_position_embeddings)
+            _check_id_dtype("position_ids", position_ids)
+            if not checked:
+                position_ids = self._check_or_defer_ids("position_ids", position_ids,
+                                                        config.max_position_embeddings)
         return self._forward_packed(input_ids, inputs_embeds, position_ids,
                                     Varlen(cu_seqlens, max_seqlen), head_mask, output_hidden_states)
 
+    def _check_or_defer_ids(self, name: str, ids: torch.Tensor, upper: int) -> torch.Tensor:
+        """ids of packed input, checked to lie in [0, upper): here when on the CPU; on a GPU by a
+        device-side flag raised at the next sync (no sync now), the ids clamped meanwhile so that
+        no gather reads outside its table. Returns the ids to use."""
+        _check_id_dtype(name, ids)
+        if ids.device.type == "cpu" or ids.numel() == 0:
+            _check_ids(name, ids, upper)
+            return ids
+        self._deferred().record(name, ids_flag(ids, upper), describe_ids(name, upper))
+        return safe_ids(ids, upper)
+
+    def _deferred(self) -> DeferredChecks:
+        """This model's pending device-side input checks (made on first use)."""
+        checks = getattr(self, "_deferred_checks", None)
+        if checks is None:
+            checks = self._deferred_checks = DeferredChecks()
+        return checks
+
+    def raise_deferred(self) -> None:
+        """Raises the first failed input check of the packed forwards this model ran on a GPU
+        since the last read (see deferred_checks): one sync, none when nothing is pending. A
+        padded forward reads them in its own sync."""
+        checks = getattr(self, "_deferred_checks", None)
+        if checks is not None:
+            checks.raise_now()
+
     def plan_packing(self, input_ids=None, attention_mask=None, inputs_embeds=None,
-                     output_attentions=False, pack=True, exact=None) -> Packing | None:
+                     output_attentions=False, pack=True, exact=None, position_ids=None) -> Packing | None:
         """Checks a padded batch's inputs and decides whether it runs packed: the Packing if so,
-        None for the padded computation. Reads a few numbers of attention_mask back to the host
-        (one sync on a GPU; none without a mask).
+        None for the padded computation. Reads a few numbers back to the host in one go (one sync
+        on a GPU): attention_mask's statistics, the range of input_ids and position_ids, and the
+        pending device-side checks of earlier packed forwards (deferred_checks). None without a
+        mask, ids or pending checks.
 
         It packs when there is padding, unless ``pack`` is False, attention weights are asked
         for, a row is all padding (HF attends uniformly over its padding: only the padded
@@ -830,9 +883,13 @@ class DistilBertModel(DistilBertPreTrainedModel):
         where the caller needs HF's values: None (real tokens only), "first" (position 0 of
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
-        if attention_mask is None or tracing():
+        if tracing():
             # under torch.compile / export / jit.trace: no host sync (no value checks), the padded
             # computation (the packed entry point traces without a sync)
+            return None
+        if attention_mask is None:
+            checks = self._value_checks(input_ids, position_ids)  # [(flag, describe)], on the device
+            _raise_failed(checks, _read([flag for flag, _ in checks]))  # the one sync
             return None
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
@@ -856,7 +913,10 @@ class DistilBertModel(DistilBertPreTrainedModel):
             not_binary = ((attention_mask != 0) & (attention_mask != 1)).any()
         stats = torch.stack([not_binary.long(), lengths.sum(), lengths.max(), lengths.min(),
                              exact_padding.long()])
-        not_binary, total, max_seqlen, min_seqlen, exact_padding = stats.tolist()  # the one sync
+        checks = self._value_checks(input_ids, position_ids)
+        values = _read([stats, *(flag.to(stats.device) for flag, _ in checks)])  # the one sync
+        _raise_failed(checks, values[1:])
+        not_binary, total, max_seqlen, min_seqlen, exact_padding = values[0]
         if not_binary:
             raise ValueError(
                 "attention_mask must hold only 0 and 1 (1 = real token, 0 = padding), got other "
@@ -866,6 +926,22 @@ class DistilBertModel(DistilBertPreTrainedModel):
         if not pack or output_attentions or total == batch * seq or min_seqlen == 0 or exact_padding:
             return None
         return packing_of(keep, total, max_seqlen)
+
+    def _value_checks(self, input_ids, position_ids) -> list:
+        """The device-side checks a padded forward reads in its one sync: input_ids and
+        position_ids in range, then the deferred checks of earlier packed forwards."""
+        config, checks = self.config, []
+        for name, ids, upper in (("input_ids", input_ids, config.vocab_size),
+                                 ("position_ids", position_ids, config.max_position_embeddings)):
+            if ids is not None:
+                _check_id_dtype(name, ids)
+                if ids.numel():
+                    checks.append((ids_flag(ids, upper), describe_ids(name, upper)))
+        deferred = getattr(self, "_deferred_checks", None)
+        if deferred is not None:
+            checks += [(flag, lambda bad, d=describe: deferred_message(d(bad)))
+                       for flag, describe in deferred.take()]
+        return checks
 
     def _check_inputs(self, input_ids, inputs_embeds) -> tuple[int, int]:
         if (input_ids is None) == (inputs_embeds is None):
@@ -877,7 +953,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 raise ValueError(
                     f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}"
                 )
-            _check_ids("input_ids", input_ids, self.config.vocab_size)
+            _check_id_dtype("input_ids", input_ids)  # the values: in plan_packing's one sync
             batch, seq = input_ids.shape
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
@@ -927,19 +1003,48 @@ def pad_output(out: BaseModelOutput, packing: Packing) -> BaseModelOutput:
     return BaseModelOutput(packing.pad(out.last_hidden_state), hidden_states, out.attentions)
 
 
-def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
-    """ids must be an integer tensor with values in [0, upper): checked here, so a bad id is a
-    ValueError rather than an index error on CPU or a device-side assert on GPU."""
+def _check_id_dtype(name: str, ids) -> None:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}")
+
+
+def _check_ids(name: str, ids: torch.Tensor, upper: int) -> None:
+    """ids must be an integer tensor with values in [0, upper): checked here, so a bad id is a
+    ValueError rather than an index error on CPU or a device-side assert on GPU (one sync on a
+    GPU: the model's own paths fold this check into their one sync, or defer it)."""
+    _check_id_dtype(name, ids)
     if ids.numel() == 0 or tracing():
         return  # a tracer cannot branch on the values: the traced graph runs unchecked
-    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one device sync
-    if low < 0 or high >= upper:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} must lie in [0, {upper}), found {bad}")
+    failed, bad = ids_flag(ids, upper).tolist()  # one device sync
+    if failed:
+        raise ValueError(id_range_message(name, upper, bad))
+
+
+def _read(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """The values of small int64 tensors on one device, read in one sync (none if empty)."""
+    if not tensors:
+        return []
+    sizes = [t.numel() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).tolist()
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start:start + n])
+        start += n
+    return out
+
+
+def _raise_failed(checks: list, values: list[list[int]]) -> None:
+    """The first failed check of ``checks`` [(flag, describe)], given the flags' host values."""
+    for (_, describe), (failed, detail) in zip(checks, values):
+        if failed:
+            raise ValueError(describe(detail))
+
+
+# Set by a task head around its base model call once plan_packing has checked the batch (its one
+# sync), so the base model does not check (or sync) again.
+_inputs_checked = contextvars.ContextVar("distilbert_fast_inputs_checked", default=False)
 
 
 # -- task heads ----------------------------------------------------------------------------------
@@ -996,7 +1101,21 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
         channels = parallel_channels_of(out.last_hidden_state.shape[0], total)  # (adapters.Parallel)
         return Encoded(out, widen_cu_seqlens(cu_seqlens, channels, total))
     attentions = model.config.output_attentions if output_attentions is None else output_attentions
-    packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact)
+    packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact,
+                                position_ids=position_ids)  # the forward's one sync
+    args = (base, packing, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+            output_hidden_states, position_ids)
+    if tracing():  # nothing is checked while tracing anyway (and dynamo need not see the flag)
+        return _encode_planned(*args)
+    token = _inputs_checked.set(True)  # the base model call below: inputs already checked
+    try:
+        return _encode_planned(*args)
+    finally:
+        _inputs_checked.reset(token)
+
+
+def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_embeds,
+                    output_attentions, output_hidden_states, position_ids) -> Encoded:
     if packing is None:
         out = base(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                    output_hidden_states, return_dict=True, position_ids=position_ids, pack=False)

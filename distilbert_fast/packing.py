@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tracing import tracing
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -109,7 +111,7 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, max_allowed: int | None
     if max_seqlen < 1 or (max_allowed is not None and max_seqlen > max_allowed):
         upper = "" if max_allowed is None else f", at most max_position_embeddings={max_allowed}"
         raise ValueError(f"max_seqlen must be at least 1{upper}, got {max_seqlen}")
-    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if cu_seqlens.device.type != "cpu" or tracing():
         return
     cu = cu_seqlens.tolist()
     if cu[0] != 0:

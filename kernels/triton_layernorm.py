@@ -253,10 +253,13 @@ def _check(x, residual, weight, bias, x_bias):
     n = x.shape[-1] if x.dim() else 0
     if not 0 < n <= MAX_N:
         raise ValueError(f"x's last dim must be in [1, {MAX_N}], got shape {tuple(x.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.device != x.device):
+    rows = x.numel() // n
+    if residual is not None and (residual.device != x.device or not (
+            residual.shape == x.shape or (residual.dim() == 2 and residual.shape[1] == n
+                                          and residual.shape[0] > 0 and rows % residual.shape[0] == 0))):
         raise ValueError(
-            f"residual must have shape {tuple(x.shape)} on {x.device}, got {tuple(residual.shape)} "
-            f"on {residual.device}"
+            f"residual must have shape {tuple(x.shape)}, or (R, {n}) with R dividing x's {rows} rows, "
+            f"on {x.device}, got {tuple(residual.shape)} on {residual.device}"
         )
     for name, t in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         if t is not None and (tuple(t.shape) != (n,) or t.device != x.device):
@@ -268,7 +271,8 @@ def residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias=None, dropout_
     """y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias over the last dim.
 
     x: (..., N) float32/float16/bfloat16; residual: x's shape (any float dtype, may be an
-    expanded view) or None; weight, bias: (N,); x_bias: (N,) or None. ``dropout_p`` > 0 needs
+    expanded view), or (R, N) rows with R dividing x's rows (row r of x adds row r % R: the ops
+    layer's one way of broadcasting a residual, ``backends.residual_rows``), or None; weight, bias: (N,); x_bias: (N,) or None. ``dropout_p`` > 0 needs
     ``seed``, a (1,) int64 tensor on x's device. Returns (y, mean, rstd): y in ``out_dtype`` (default x's
     dtype), mean and rstd float32 (rows,), which ``residual_layernorm_bwd`` takes back."""
     _check(x, residual, weight, bias, x_bias)

@@ -176,6 +176,25 @@ def assert_close(actual, expected, atol=1e-5, rtol=0.0, name="tensor"):
         )
 
 
+def cuda_graph_replays(step, replays: int = 3) -> list:
+    """step() captured in a CUDA graph (warmed up on a side stream first, as torch.cuda.graphs
+    asks), then replayed ``replays`` times: a clone of its output after each replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles and allocates outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    outputs = []
+    for _ in range(replays):
+        graph.replay()
+        outputs.append(out.clone())
+    torch.cuda.synchronize()
+    return outputs
+
+
 TOKEN_FIELDS = ("last_hidden_state", "hidden_states", "logits", "start_logits", "end_logits")
 
 

@@ -13,6 +13,7 @@ from conftest import SMALL_CONFIG, make_pair
 from safetensors.torch import load_file, save_file
 
 import distilbert_fast
+from distilbert_fast import deferred_checks
 from distilbert_fast import DistilBertConfig
 from distilbert_fast.checkpoint import CheckpointWarning
 
@@ -122,6 +123,92 @@ def test_head_mask_wrong_shape(model, shape):
 def test_position_ids_out_of_range(model):
     with pytest.raises(ValueError, match=rf"position_ids must lie in \[0, {MAX_POS}\), found {MAX_POS}"):
         model(ids(), position_ids=torch.full((2, 5), MAX_POS))
+
+
+def test_position_ids_out_of_range_in_a_task_model_with_padding():
+    m = distilbert_fast.DistilBertForTokenClassification(DistilBertConfig(**SMALL_CONFIG)).eval()
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    with pytest.raises(ValueError, match=rf"position_ids must lie in \[0, {MAX_POS}\), found -2"):
+        m(ids(), attention_mask=mask, position_ids=torch.full((2, 5), -2))
+
+
+# -- checks deferred to the next sync (packed input on a GPU; deferred_checks) -------------------
+# A GPU packed forward computes these flags on the device; here they are computed on CPU tensors,
+# which runs the same code, and the model's reading of them is the same on any device.
+
+
+@pytest.mark.parametrize("bad", [-1, V, V + 1000])
+def test_deferred_id_flag_gives_the_eager_message(bad):
+    input_ids = ids()
+    input_ids[1, 2] = bad
+    failed, detail = deferred_checks.ids_flag(input_ids, V).tolist()
+    assert failed == 1
+    with pytest.raises(ValueError) as eager:
+        distilbert_fast.DistilBertModel(DistilBertConfig(**SMALL_CONFIG))(input_ids)
+    assert deferred_checks.describe_ids("input_ids", V)(detail) == str(eager.value)
+    assert deferred_checks.ids_flag(ids(), V).tolist()[0] == 0
+    assert deferred_checks.safe_ids(input_ids, V).tolist() == input_ids.clamp(0, V - 1).tolist()
+
+
+@pytest.mark.parametrize("cu,rule", [
+    ([0, 3, 7], None), ([0, 0, 4, 7], None), ([1, 3, 7], "must start at 0"),
+    ([0, 5, 3, 7], "non-decreasing"), ([0, 3, 6], r"cu_seqlens\[-1\] must equal"),
+    ([0, 1, 7], "max_seqlen must be at least the longest"),
+])
+def test_deferred_cu_seqlens_flag_names_the_rule_the_eager_check_names(cu, rule):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    failed, detail = deferred_checks.cu_seqlens_flag(cu, 7, 4).tolist()
+    safe = deferred_checks.safe_cu_seqlens(cu, 7)
+    assert 0 <= safe.min() and safe.max() <= 7 and (safe[1:] >= safe[:-1]).all()
+    if rule is None:
+        assert failed == 0 and torch.equal(safe, cu)
+        return
+    assert failed == 1
+    assert re.search(rule, deferred_checks.describe_cu_seqlens(detail))
+    with pytest.raises(ValueError, match=rule):
+        distilbert_fast.packing.check_cu_seqlens(cu, 7, 4)
+
+
+def _pending_bad_id(model, bad=V + 3):
+    """What a packed forward on a GPU leaves behind after an out-of-range id."""
+    flag = deferred_checks.ids_flag(torch.tensor([1, bad]), V)
+    model._deferred().record("input_ids", flag, deferred_checks.describe_ids("input_ids", V))
+
+
+def test_deferred_checks_keep_the_first_failure_and_clear_when_read():
+    checks = deferred_checks.DeferredChecks()
+    checks.raise_now()  # nothing pending: no error, no sync
+    describe = deferred_checks.describe_ids("input_ids", V)
+    for values in ([1, 2], [V + 1], [-4], [V + 9]):
+        checks.record("input_ids", deferred_checks.ids_flag(torch.tensor(values), V), describe)
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {V}\), found {V + 1} \(found by a packed"):
+        checks.raise_now()
+    checks.raise_now()  # read: cleared
+
+
+@pytest.mark.parametrize("padded_call", ["mask", "no_mask", "head", "raise_deferred"])
+def test_pending_failure_is_raised_at_the_next_sync(padded_call):
+    m = distilbert_fast.DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG)).eval()
+    _pending_bad_id(m.distilbert)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, 4] = 0
+    call = {
+        "mask": lambda: m.distilbert(ids(), attention_mask=mask),
+        "no_mask": lambda: m.distilbert(ids()),
+        "head": lambda: m(ids(), attention_mask=mask),
+        "raise_deferred": lambda: deferred_checks.raise_deferred(m),
+    }[padded_call]
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {V}\), found {V + 3} \(found by a packed"):
+        call()
+    call()  # reported once
+
+
+def test_inputs_embeds_without_ids_read_pending_failures_too():
+    model = distilbert_fast.DistilBertModel(DistilBertConfig(**SMALL_CONFIG)).eval()
+    _pending_bad_id(model)
+    with pytest.raises(ValueError, match="found by a packed forward"):
+        model(inputs_embeds=torch.randn(1, 3, DIM))
 
 
 def test_multiple_choice_wrong_rank():

@@ -19,7 +19,7 @@ import torch
 import distilbert_fast
 from conftest import SMALL_CONFIG, assert_close
 from distilbert_fast import ops
-from distilbert_fast.ops import cpu_backend
+from distilbert_fast.ops import backends, cpu_backend
 from test_ops import assert_within_reference_error, check_against_reference, gemm_rounding_bound
 
 pytestmark = pytest.mark.skipif(
@@ -78,11 +78,11 @@ def test_residual_layernorm_broadcast_residual(dtype):
 
 def test_residual_rows_reads_broadcast_in_place():
     pos = torch.randn(1, 5, 8)
-    rows = cpu_backend._residual_rows(pos.expand(4, 5, 8), 8)
+    rows = backends.residual_rows(pos.expand(4, 5, 8), 8)
     assert rows.shape == (5, 8) and rows.data_ptr() == pos.data_ptr()
     # a layout it cannot read in place is copied, with the right values
     odd = torch.randn(4, 8, 5).transpose(1, 2)
-    assert torch.equal(cpu_backend._residual_rows(odd, 5), odd.reshape(-1, 5))
+    assert torch.equal(backends.residual_rows(odd, 5), odd.reshape(-1, 5))
 
 
 def test_residual_layernorm_mixed_dtypes_promote_like_eager():
@@ -448,22 +448,49 @@ BAD_INPUTS = [
     ("attn", _attn_args(keep=torch.ones(2, 3, 5, 4, dtype=torch.bool)), r"keep must have shape \(2, 3, 5, 5\)"),
     ("attn", _attn_args(q=torch.randn(2, 3, 5)), r"q must have 4 dims, got shape \(2, 3, 5\)"),
 ]
-ENTRY_POINTS = {"ln": _C.cpu_residual_layernorm_fwd, "act": _C.cpu_bias_activation_fwd, "attn": _C.cpu_masked_attention_fwd}
+
+
+def _varlen_args(**over):
+    q = torch.randn(7, 3, 4)
+    args = dict(q=q, k=torch.randn(7, 3, 4), v=torch.randn(7, 3, 4),
+                cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4, head_mask=None,
+                keep=None, dropout_p=0.0, scale=0.5)
+    args.update(over)
+    return args
+
+
+BAD_INPUTS += [
+    ("varlen", _varlen_args(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), r"cu_seqlens must start at 0"),
+    ("varlen", _varlen_args(cu_seqlens=torch.tensor([0, 3, 7])), r"cu_seqlens must have dtype Int, got Long"),
+    ("varlen", _varlen_args(max_seqlen=3), r"max_seqlen must be at least the longest sequence \(4\)"),
+    # two bad arguments: the first in argument order is named, as the cuda entry points do
+    ("varlen", _varlen_args(k=torch.randn(7, 3, 5), head_mask=torch.ones(2)), r"k must have shape \(7, 3, 4\)"),
+    ("varlen", _varlen_args(max_seqlen=0, head_mask=torch.ones(2)), r"max_seqlen must be at least 1"),
+    ("varlen", _varlen_args(head_mask=torch.ones(2), dropout_p=1.0), r"head_mask must have shape \(3,\)"),
+]
+ENTRY_POINTS = {"ln": _C.cpu_residual_layernorm_fwd, "act": _C.cpu_bias_activation_fwd,
+                "attn": _C.cpu_masked_attention_fwd, "varlen": _C.cpu_varlen_attention_fwd}
+
+
+def expected_error(message: str) -> type:
+    """The entry points' contract (as the cuda ones'): TypeError for a wrong dtype, ValueError
+    for any other bad argument."""
+    return TypeError if "dtype" in message else ValueError
 
 
 @pytest.mark.parametrize("op, args, message", BAD_INPUTS, ids=[m[:40] for _, _, m in BAD_INPUTS])
 def test_kernel_rejects_bad_input(op, args, message):
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(expected_error(message), match=message):
         ENTRY_POINTS[op](*args.values())
 
 
 def test_backward_entry_points_check_grad_out():
     x = torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(4, 8\), got \(4, 7\)"):
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(4, 8\), got \(4, 7\)"):
         _C.cpu_bias_activation_bwd(torch.randn(4, 7), x, None, "gelu", False)
     q = torch.randn(1, 2, 3, 4)
     out, lse = _C.cpu_masked_attention_fwd(q, q, q, None, None, None, 0.0, 0.5)
-    with pytest.raises(RuntimeError, match=r"lse must have dtype Float, got Double"):
+    with pytest.raises(TypeError, match=r"lse must have dtype Float, got Double"):
         _C.cpu_masked_attention_bwd(out, q, q, q, out, lse.double(), None, None, None, 0.0, 0.5, False)
 
 

@@ -29,7 +29,7 @@ from distilbert_fast import ops
 from distilbert_fast.ops import cuda_backend
 from distilbert_fast.ops.eager import EagerBackend, activation_derivative, activation_forward
 
-from conftest import SMALL_CONFIG
+from conftest import SMALL_CONFIG, cuda_graph_replays
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_BACKEND = "cuda" in ops.registered_backends()
@@ -82,7 +82,10 @@ class TorchModelOfCudaOps:
         h = x.float() if x_bias is None else x.float() + x_bias.float()
         if dropout_p > 0:
             h = h * self.keep(dropout_rng, h.shape, dropout_p) / (1 - dropout_p)
-        z = h if residual is None else h + residual.float()
+        z = h
+        if residual is not None:  # (R, cols): row r of x adds row r % R
+            assert residual.dim() == 2 and z.numel() // z.shape[-1] % residual.shape[0] == 0
+            z = (h.reshape(-1, *residual.shape) + residual.float()).view(h.shape)
         rows = z.reshape(-1, z.shape[-1])
         mean, rstd = rows.mean(-1), torch.rsqrt(rows.var(-1, unbiased=False) + eps)
         y = ((rows - mean[:, None]) * rstd[:, None] * weight.float() + bias.float()).view(z.shape)
@@ -783,19 +786,7 @@ def test_dropout_draws_new_masks_on_each_cuda_graph_replay(op):
             return be.varlen_attention_forward(x, x, x, cu_seqlens, 156, None, 0.3, None)[0]
         return be.residual_layernorm_forward(x.view(256, 128), None, w, b, 1e-12, None, 0.3)[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    replays = []
-    for _ in range(3):
-        graph.replay()
-        replays.append(out.clone())
-    torch.cuda.synchronize()
+    replays = cuda_graph_replays(step)
     assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
 
 
@@ -871,6 +862,43 @@ def test_attention_dropout_matches_eager_formulas_given_its_mask():
 
 
 # -- bad inputs -----------------------------------------------------------------------------------
+# One contract for the cpu and cuda entry points: the same exception type, and with several bad
+# arguments the same one named (they check in argument order). (cpu args, cuda args) overrides.
+_VARLEN_BAD_PAIRS = {
+    "k shape, head_mask": dict(k=(7, 3, 5), head_mask=(2,)),
+    "v dtype": dict(v_dtype=torch.float16),
+    "cu_seqlens dtype, head_mask": dict(cu_dtype=torch.int64, head_mask=(2,)),
+    "cu_seqlens shape": dict(cu=[0]),
+    "max_seqlen, head_mask": dict(max_seqlen=0, head_mask=(2,)),
+    "head_mask, dropout_p": dict(head_mask=(2,), dropout_p=1.0),
+    "dropout_p": dict(dropout_p=1.5),
+}
+
+
+def _varlen_call(device, k=(7, 3, 4), v_dtype=torch.float32, cu=(0, 3, 7), cu_dtype=torch.int32,
+                 max_seqlen=4, head_mask=None, dropout_p=0.0):
+    C = distilbert_fast._extension._C
+    q = torch.randn(7, 3, 4, device=device)
+    args = (q, torch.randn(*k, device=device), torch.randn(7, 3, 4, device=device).to(v_dtype),
+            torch.tensor(cu, dtype=cu_dtype, device=device), max_seqlen,
+            None if head_mask is None else torch.ones(*head_mask, device=device))
+    if device == "cpu":
+        return lambda: C.cpu_varlen_attention_fwd(*args, None, dropout_p, 0.5)
+    rng = torch.zeros(2, dtype=torch.int64, device=device)
+    return lambda: C.cuda_varlen_attention_fwd(*args, rng, dropout_p, 0.5, False)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", list(_VARLEN_BAD_PAIRS))
+def test_cpu_and_cuda_entry_points_raise_alike(case):
+    errors = []
+    for device in ("cpu", "cuda"):
+        with pytest.raises((ValueError, TypeError)) as info:
+            _varlen_call(device, **_VARLEN_BAD_PAIRS[case])()
+        errors.append((type(info.value), str(info.value).split()[0]))
+    assert errors[0] == errors[1], errors
+
+
 @needs_gpu
 def test_bad_inputs_raise_errors_that_name_the_argument():
     C = distilbert_fast._extension._C
@@ -883,8 +911,10 @@ def test_bad_inputs_raise_errors_that_name_the_argument():
         ln(x.cpu(), None, w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match="x must be contiguous"):
         ln(_cuda(768, 4).t(), None, w, b, 1e-12, None, None, 0.0, False)
-    with pytest.raises(ValueError, match=r"residual must have shape \(4, 768\)"):
+    with pytest.raises(ValueError, match=r"residual must have shape \(R, 768\) with R dividing x's 4 rows, got \(4, 767\)"):
         ln(x, _cuda(4, 767), w, b, 1e-12, None, None, 0.0, False)
+    with pytest.raises(ValueError, match=r"residual must have shape \(R, 768\) with R dividing x's 4 rows, got \(3, 768\)"):
+        ln(x, _cuda(3, 768), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(TypeError, match="residual must have dtype"):
         ln(x, x.half(), w, b, 1e-12, None, None, 0.0, False)
     with pytest.raises(ValueError, match=r"weight must have shape \(768,\)"):

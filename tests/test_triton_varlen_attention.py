@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 pytest.importorskip("triton")
 
+from conftest import cuda_graph_replays  # noqa: E402
 from distilbert_fast.kernels import triton_varlen_attention as tva  # noqa: E402
 from distilbert_fast.kernels.triton_attention import _INTERPRETED  # noqa: E402
 from test_triton_attention import (  # noqa: E402
@@ -231,19 +232,7 @@ def test_dropout_draws_new_masks_on_each_cuda_graph_replay():
 
     backend = TritonBackend()
     q, k, v, _, cu, _ = make_inputs((100, 3, 60), 2, 64, torch.float16, False, fused=True)
-    step = lambda: backend.varlen_attention_forward(q, k, v, cu, 100, None, 0.3, None)[0]  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # compiles the kernels outside the graph
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    replays = []
-    for _ in range(3):
-        graph.replay()
-        replays.append(out.clone())
+    replays = cuda_graph_replays(lambda: backend.varlen_attention_forward(q, k, v, cu, 100, None, 0.3, None)[0])
     assert not torch.equal(replays[0], replays[1]) and not torch.equal(replays[1], replays[2])
 
 

@@ -428,20 +428,24 @@ void attention_bwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Head
 
 // q, k, v of `ndim` dims (4: padded, 3: packed tokens), same shape and dtype, last dim of stride 1.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
-  TORCH_CHECK(q.defined(), "q must be a tensor, got None");
+  TORCH_CHECK_VALUE(q.defined(), "q must be a tensor, got None");
   check_float_dtype(q.scalar_type(), "q");
   check_arg(q, "q", q.scalar_type(), ndim, /*inner_only=*/true);
   check_arg(k, "k", q.scalar_type(), ndim, true);
   check_shape(k, "k", q.sizes());
   check_arg(v, "v", q.scalar_type(), ndim, true);
   check_shape(v, "v", q.sizes());
-  TORCH_CHECK(q.size(-1) > 0, "q must have head_dim > 0, got shape ", shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(q.size(-1) > 0, "q must have head_dim > 0, got shape ", shape_str(q.sizes()));
 }
 
-Windows padded_windows(const at::Tensor& q, const c10::optional<at::Tensor>& mask) {
-  check_qkv(q, q, q, 4);
+// The checks of every entry point run in its arguments' order, as the CUDA launchers' do
+// (csrc/cuda/attention.cpp): q, k, v; the layout (key_padding_mask, or cu_seqlens and
+// max_seqlen); the backward's grad_out, out and lse; head_mask; dropout_p and keep.
+Windows padded_windows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& mask) {
+  check_qkv(q, k, v, 4);
   Windows n{q.size(0), q.size(1), q.size(2), q.size(3)};
-  TORCH_CHECK(n.seq > 0, "q must have seq > 0, got shape ", shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(n.seq > 0, "q must have seq > 0, got shape ", shape_str(q.sizes()));
   if (mask) {
     check_arg(*mask, "key_padding_mask", at::kBool, 2);
     check_shape(*mask, "key_padding_mask", {n.batch, n.seq});
@@ -453,8 +457,9 @@ Windows padded_windows(const at::Tensor& q, const c10::optional<at::Tensor>& mas
 // cu_seqlens (batch + 1,) int32 on the CPU: starts at 0, non-decreasing, ends at total, no
 // sequence longer than max_seqlen. Checked here in full (it is on the host): no window reads
 // outside q.
-Windows varlen_windows(const at::Tensor& q, const at::Tensor& cu_seqlens, int64_t max_seqlen) {
-  check_qkv(q, q, q, 3);
+Windows varlen_windows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& cu_seqlens, int64_t max_seqlen) {
+  check_qkv(q, k, v, 3);
   TORCH_CHECK_VALUE(cu_seqlens.defined(), "cu_seqlens must be a tensor, got None");
   check_arg(cu_seqlens, "cu_seqlens", at::kInt, 1);
   TORCH_CHECK_VALUE(cu_seqlens.size(0) >= 2, "cu_seqlens must have shape (batch + 1,) with batch >= 1, got ",
@@ -523,7 +528,6 @@ std::vector<at::Tensor> attention_fwd(const Windows& n, const at::Tensor& q, con
                                       const c10::optional<at::Tensor>& head_mask,
                                       const c10::optional<at::Tensor>& keep, double dropout_p,
                                       double scale) {
-  check_qkv(q, k, v, q.dim());
   check_head_mask_and_dropout(n, q.scalar_type(), head_mask, keep, dropout_p);
   const auto acc_options = q.options().dtype(acc_dtype(q.scalar_type()));
   at::Tensor out = n.cu_seqlens ? empty_output(q.sizes(), acc_options) : empty_heads(n, acc_options);
@@ -547,9 +551,8 @@ std::vector<at::Tensor> attention_bwd(const Windows& n, const at::Tensor& grad_o
                                       const c10::optional<at::Tensor>& head_mask,
                                       const c10::optional<at::Tensor>& keep, double dropout_p,
                                       double scale, bool need_dhead_mask) {
-  check_qkv(q, k, v, q.dim());
-  check_head_mask_and_dropout(n, q.scalar_type(), head_mask, keep, dropout_p);
   check_saved(q, n, grad_out, out, lse);
+  check_head_mask_and_dropout(n, q.scalar_type(), head_mask, keep, dropout_p);
   auto empty_like_q = [&] {
     return n.cu_seqlens ? empty_output(q.sizes(), q.options()) : empty_heads(n, q.options());
   };
@@ -583,7 +586,7 @@ std::vector<at::Tensor> masked_attention_fwd(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& head_mask,
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale) {
-  return attention_fwd(padded_windows(q, key_padding_mask), q, k, v, head_mask, keep, dropout_p,
+  return attention_fwd(padded_windows(q, k, v, key_padding_mask), q, k, v, head_mask, keep, dropout_p,
                        scale);
 }
 
@@ -595,7 +598,7 @@ std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const a
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale,
                                              bool need_dhead_mask) {
-  return attention_bwd(padded_windows(q, key_padding_mask), grad_out, q, k, v, out, lse,
+  return attention_bwd(padded_windows(q, k, v, key_padding_mask), grad_out, q, k, v, out, lse,
                        head_mask, keep, dropout_p, scale, need_dhead_mask);
 }
 
@@ -608,7 +611,7 @@ std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& head_mask,
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale) {
-  return attention_fwd(varlen_windows(q, cu_seqlens, max_seqlen), q, k, v, head_mask, keep,
+  return attention_fwd(varlen_windows(q, k, v, cu_seqlens, max_seqlen), q, k, v, head_mask, keep,
                        dropout_p, scale);
 }
 
@@ -620,7 +623,7 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const a
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale,
                                              bool need_dhead_mask) {
-  return attention_bwd(varlen_windows(q, cu_seqlens, max_seqlen), grad_out, q, k, v, out, lse,
+  return attention_bwd(varlen_windows(q, k, v, cu_seqlens, max_seqlen), grad_out, q, k, v, out, lse,
                        head_mask, keep, dropout_p, scale, need_dhead_mask);
 }
 

@@ -17,8 +17,8 @@ Act parse_activation(const std::string& name) {
   if (name == "gelu_new") return Act::kGeluNew;
   if (name == "relu") return Act::kRelu;
   if (name == "silu") return Act::kSilu;
-  TORCH_CHECK(false, "activation must be one of 'gelu', 'gelu_new', 'relu', 'silu', got '", name,
-              "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of 'gelu', 'gelu_new', 'relu', 'silu', got '", name,
+                    "'");
 }
 
 // erf on float vectors as x P(x^2) / Q(x^2) on |x| <= 3.925 (beyond it erf is +-1 in float): a
@@ -183,7 +183,7 @@ void dispatch_activation(Act act, F&& f) {
 }
 
 void check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.defined(), "x must be a tensor, got None");
+  TORCH_CHECK_VALUE(x.defined(), "x must be a tensor, got None");
   check_float_dtype(x.scalar_type(), "x");
   check_arg(x, "x", x.scalar_type(), 2);
   if (bias) {

@@ -69,7 +69,7 @@ void init_cpu_ops(pybind11::module_& m) {
   m.def(
       "cpu_empty",
       [](std::vector<int64_t> sizes, const at::Tensor& like) {
-        TORCH_CHECK(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
+        TORCH_CHECK_VALUE(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
         return cpu::empty_output(sizes, like.options());
       },
       "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 32 MiB or more");

@@ -45,33 +45,34 @@ inline std::string shape_str(at::IntArrayRef sizes) {
 }
 
 // A tensor argument of the kernels: on the CPU, of `dtype`, contiguous (unless `inner_only`,
-// which only asks the last dim to have stride 1), of `ndim` dims.
+// which only asks the last dim to have stride 1), of `ndim` dims. As the CUDA launchers' checks
+// (csrc/cuda/checks.h): a wrong dtype raises TypeError, anything else ValueError.
 inline void check_arg(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t ndim,
                       bool inner_only = false) {
-  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == ndim, name, " must have ", ndim, " dims, got shape ",
-              shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have ", ndim, " dims, got shape ",
+                    shape_str(t.sizes()));
   if (inner_only) {
-    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name,
-                " must have a contiguous last dim (stride 1), got strides ",
-                shape_str(t.strides()));
+    TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                      " must have a contiguous last dim (stride 1), got strides ",
+                      shape_str(t.strides()));
   } else {
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ",
-                shape_str(t.strides()), " for shape ", shape_str(t.sizes()));
+    TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous, got strides ",
+                      shape_str(t.strides()), " for shape ", shape_str(t.sizes()));
   }
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", shape_str(expected), ", got ",
-              shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, " must have shape ", shape_str(expected), ", got ",
+                    shape_str(t.sizes()));
 }
 
 inline void check_float_dtype(at::ScalarType dtype, const char* name) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, name,
-              " must have dtype float32, float64 or bfloat16, got ", dtype);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, name,
+                   " must have dtype float32, float64 or bfloat16, got ", dtype);
 }
 
 // The accumulation dtype of a kernel dtype: weights, biases, statistics and reductions use it.

@@ -324,19 +324,19 @@ struct Checked {
 Checked check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                      const at::Tensor& weight, const c10::optional<at::Tensor>& x_bias,
                      const c10::optional<at::Tensor>& keep, double dropout_p) {
-  TORCH_CHECK(x.defined(), "x must be a tensor, got None");
+  TORCH_CHECK_VALUE(x.defined(), "x must be a tensor, got None");
   check_float_dtype(x.scalar_type(), "x");
   check_arg(x, "x", x.scalar_type(), 2);
   const int64_t rows = x.size(0), dim = x.size(1);
-  TORCH_CHECK(dim > 0, "x must have a non-empty last dim, got shape ", shape_str(x.sizes()));
+  TORCH_CHECK_VALUE(dim > 0, "x must have a non-empty last dim, got shape ", shape_str(x.sizes()));
   const auto acc = acc_dtype(x.scalar_type());
   int64_t residual_rows = rows;
   if (residual) {
     check_arg(*residual, "residual", x.scalar_type(), 2);
     residual_rows = residual->size(0);
-    TORCH_CHECK(residual->size(1) == dim && residual_rows > 0 && rows % residual_rows == 0,
-                "residual must have shape (R, ", dim, ") with R dividing x's ", rows,
-                " rows, got ", shape_str(residual->sizes()));
+    TORCH_CHECK_VALUE(residual->size(1) == dim && residual_rows > 0 && rows % residual_rows == 0,
+                      "residual must have shape (R, ", dim, ") with R dividing x's ", rows,
+                      " rows, got ", shape_str(residual->sizes()));
   }
   check_arg(weight, "weight", acc, 1);
   check_shape(weight, "weight", {dim});
@@ -344,7 +344,7 @@ Checked check_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& resid
     check_arg(*x_bias, "x_bias", acc, 1);
     check_shape(*x_bias, "x_bias", {dim});
   }
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   if (keep) {
     check_arg(*keep, "keep", at::kBool, 2);
     check_shape(*keep, "keep", {rows, dim});
@@ -380,7 +380,7 @@ std::vector<at::Tensor> residual_layernorm_fwd(const at::Tensor& x,
   const Checked c = check_inputs(x, residual, weight, x_bias, keep, dropout_p);
   check_arg(bias, "bias", weight.scalar_type(), 1);
   check_shape(bias, "bias", {c.dim});
-  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor mean = at::empty({c.rows}, weight.options());
   at::Tensor rstd = at::empty({c.rows}, weight.options());
@@ -411,8 +411,8 @@ std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const
   check_shape(mean, "mean", {c.rows});
   check_arg(rstd, "rstd", weight.scalar_type(), 1);
   check_shape(rstd, "rstd", {c.rows});
-  TORCH_CHECK(needs.size() == 5, "needs must hold 5 flags (dx, dresidual, dweight, dbias, dx_bias), got ",
-              needs.size());
+  TORCH_CHECK_VALUE(needs.size() == 5, "needs must hold 5 flags (dx, dresidual, dweight, dbias, dx_bias), got ",
+                    needs.size());
   const bool need_dx = needs[0], need_dres = needs[1] && residual.has_value();
   const bool need_dxb = needs[4] && x_bias.has_value();
   at::Tensor dz, dh, dweight, dbias, dx_bias;

@@ -11,6 +11,9 @@ namespace cuda_ops {
 
 namespace {
 
+// Every entry point checks its arguments in their order, as the cpu ones do
+// (csrc/cpu/attention.cpp): q, k, v; the layout (key_padding_mask, or cu_seqlens and
+// max_seqlen); the backward's grad_out, out and lse; head_mask; dropout_p and dropout_rng.
 void check_head_dim(const at::Tensor& q, int64_t batch_heads) {
   TORCH_CHECK_VALUE(q.size(-1) <= cuda::kMaxHeadDim, "q's head_dim must be <= ",
                     cuda::kMaxHeadDim, " for the cuda attention kernels, got ", q.size(-1));
@@ -71,10 +74,11 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
                     ", got ", cu_seqlens.device());
   TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt, "cu_seqlens must be an int32 tensor, got ",
                    cu_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
-                    "cu_seqlens must have shape (batch + 1,), got ", shape_str(cu_seqlens.sizes()));
-  TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen <= INT32_MAX / 2,
-                    "max_seqlen must be in [0, 2^30), got ", max_seqlen);
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
+                    "cu_seqlens must have shape (batch + 1,) with batch >= 1, got ",
+                    shape_str(cu_seqlens.sizes()));
+  TORCH_CHECK_VALUE(max_seqlen >= 1 && max_seqlen <= INT32_MAX / 2,
+                    "max_seqlen must be at least 1 (and below 2^30), got ", max_seqlen);
   TORCH_CHECK_VALUE(q.size(0) <= INT32_MAX, "total_tokens must be < 2^31, got ", q.size(0));
   check_head_dim(q, (cu_seqlens.size(0) - 1) * q.size(1));
 }
@@ -151,9 +155,9 @@ MaybeTensors masked_attention_fwd(const at::Tensor& q, const at::Tensor& k, cons
                                   const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
                                   double scale, bool save_for_backward) {
   check_masked_inputs(q, k, v, key_padding_mask);
-  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const c10::optional<at::Tensor> hm = head_mask_floats(head_mask, q, q.size(1));
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   const int batch = static_cast<int>(q.size(0)), heads = static_cast<int>(q.size(1));
   const int seq = static_cast<int>(q.size(2));
   return attention_fwd(q, k, v, mask_ptr(key_padding_mask), hm, rng, dropout_p, scale,
@@ -170,16 +174,16 @@ MaybeTensors masked_attention_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
                                   double scale, bool need_dhead_mask) {
   check_masked_inputs(q, k, v, key_padding_mask);
-  check_like(out, q, "out", "q");
-  check_shape(out, q.sizes(), "out");
   check_like(grad_out, q, "grad_out", "q");
   check_shape(grad_out, q.sizes(), "grad_out");
+  check_like(out, q, "out", "q");
+  check_shape(out, q.sizes(), "out");
   const int batch = static_cast<int>(q.size(0)), heads = static_cast<int>(q.size(1));
   const int seq = static_cast<int>(q.size(2));
   check_lse(lse, {batch, heads, seq});
-  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const c10::optional<at::Tensor> hm = head_mask_floats(head_mask, q, heads);
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   return attention_bwd(grad_out, q, k, v, out, lse, mask_ptr(key_padding_mask), hm, rng,
                        dropout_p, scale, need_dhead_mask,
                        cuda::padded_attention_layout(heads, seq, static_cast<int>(q.size(3))),
@@ -192,11 +196,11 @@ MaybeTensors varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, cons
                                   const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
                                   double scale, bool save_for_backward) {
   check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen);
-  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t total = q.size(0);
   const int heads = static_cast<int>(q.size(1)), head_dim = static_cast<int>(q.size(2));
   const c10::optional<at::Tensor> hm = head_mask_floats(head_mask, q, heads);
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   return attention_fwd(
       q, k, v, nullptr, hm, rng, dropout_p, scale, save_for_backward,
       cuda::varlen_attention_layout(cu_seqlens.data_ptr<int>(), static_cast<int>(max_seqlen),
@@ -212,16 +216,16 @@ MaybeTensors varlen_attention_bwd(const at::Tensor& grad_out, const at::Tensor& 
                                   const c10::optional<at::Tensor>& dropout_rng, double dropout_p,
                                   double scale, bool need_dhead_mask) {
   check_varlen_inputs(q, k, v, cu_seqlens, max_seqlen);
-  check_like(out, q, "out", "q");
-  check_shape(out, q.sizes(), "out");
   check_like(grad_out, q, "grad_out", "q");
   check_shape(grad_out, q.sizes(), "grad_out");
+  check_like(out, q, "out", "q");
+  check_shape(out, q.sizes(), "out");
   const int64_t total = q.size(0);
   const int heads = static_cast<int>(q.size(1)), head_dim = static_cast<int>(q.size(2));
   check_lse(lse, {heads, total});
-  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const c10::optional<at::Tensor> hm = head_mask_floats(head_mask, q, heads);
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, q);
   return attention_bwd(
       grad_out, q, k, v, out, lse, nullptr, hm, rng, dropout_p, scale, need_dhead_mask,
       cuda::varlen_attention_layout(cu_seqlens.data_ptr<int>(), static_cast<int>(max_seqlen),

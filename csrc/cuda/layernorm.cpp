@@ -17,20 +17,27 @@ MaybeTensors residual_layernorm_fwd(const at::Tensor& x,
   check_cuda(x, "x");
   const DType dtype = kernel_dtype(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least 1 dim, got a scalar");
-  if (residual.has_value()) {
-    check_like(*residual, x, "residual", "x");
-    check_shape(*residual, x.sizes(), "residual");
-  }
-  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, x);
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t cols = x.size(-1);
   TORCH_CHECK_VALUE(cols > 0 && cols <= INT32_MAX, "x's last dim must be in [1, 2^31), got ", cols);
   const int64_t rows = x.numel() / cols;
+  // residual: (R, cols) rows with R dividing x's rows, row r of x adding row r % R (the cpu
+  // kernels' rule: a residual broadcast over the batch is read in place)
+  int64_t residual_rows = rows;
+  if (residual.has_value()) {
+    check_like(*residual, x, "residual", "x");
+    residual_rows = residual->dim() == 2 ? residual->size(0) : 0;
+    TORCH_CHECK_VALUE(residual->dim() == 2 && residual->size(1) == cols && residual_rows > 0 &&
+                          rows % residual_rows == 0,
+                      "residual must have shape (R, ", cols, ") with R dividing x's ", rows,
+                      " rows, got ", shape_str(residual->sizes()));
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = float_vector(weight, cols, x, "weight");
   const at::Tensor b = float_vector(bias, cols, x, "bias");
+  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   c10::optional<at::Tensor> xb;
   if (x_bias.has_value()) xb = float_vector(*x_bias, cols, x, "x_bias");
+  const int64_t* rng = dropout_rng_ptr(dropout_rng, dropout_p, x);
 
   at::Tensor y = at::empty_like(x);
   c10::optional<at::Tensor> z, mean, rstd;
@@ -40,7 +47,7 @@ MaybeTensors residual_layernorm_fwd(const at::Tensor& x,
     rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   }
   check_launch(cuda::residual_layernorm_forward(
-                   dtype, x.data_ptr(), ptr_or_null<const void>(residual),
+                   dtype, x.data_ptr(), ptr_or_null<const void>(residual), residual_rows,
                    ptr_or_null<const float>(xb), w.data_ptr<float>(), b.data_ptr<float>(),
                    y.data_ptr(), ptr_or_null(z), ptr_or_null<float>(mean),
                    ptr_or_null<float>(rstd), rows, cols, static_cast<float>(eps),

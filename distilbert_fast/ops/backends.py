@@ -142,6 +142,26 @@ def attention_runner(backend: Backend, need_weights: bool) -> Backend:
     return eager() if need_weights and not backend.attention_weights else backend
 
 
+def residual_rows(residual: torch.Tensor, dim: int) -> torch.Tensor:
+    """``residual`` (..., dim) as a contiguous (R, dim) whose row r % R is residual's row r: the
+    one way a residual reaches a backend's residual_layernorm kernels (cpu, triton and cuda all
+    take (R, dim) rows with R dividing x's rows, row r of x adding row r % R).
+
+    A residual broadcast over its leading dims (stride 0 there, as the position embeddings
+    expanded over the batch are) gives its non-broadcast trailing rows without a copy; any other
+    layout is copied to contiguous rows."""
+    if residual.is_contiguous():
+        return residual.reshape(-1, dim)
+    sizes, strides = residual.shape[:-1], residual.stride()[:-1]
+    lead = 0
+    while lead < len(sizes) and (strides[lead] == 0 or sizes[lead] == 1):
+        lead += 1
+    base = residual[(0,) * lead]
+    if lead > 0 and base.is_contiguous():
+        return base.reshape(-1, dim)
+    return residual.contiguous().reshape(-1, dim)
+
+
 def linear_grads(x, weight, dh, need_dx, need_dweight):
     """(dx, dweight) of h = x @ weight^T given dh, each None unless needed. dh is first cast to
     x's dtype, as autograd would hand it to the matmul's backward, so the matmuls are the ones

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import Backend, linear_grads, register_backend
+from .backends import Backend, linear_grads, register_backend, residual_rows
 from .functional import _first_order_only
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -119,24 +119,6 @@ def _keep_mask(shape, p: float, device) -> torch.Tensor | None:
     if p == 0.0:
         return None
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
-
-
-def _residual_rows(residual: torch.Tensor, dim: int) -> torch.Tensor:
-    """``residual`` (..., dim) as a contiguous (R, dim) whose row r % R is residual's row r.
-
-    A residual broadcast over its leading dims (stride 0 there, as the position embeddings
-    expanded over the batch are) gives its non-broadcast trailing rows without a copy; any other
-    layout is copied to contiguous rows."""
-    if residual.is_contiguous():
-        return residual.reshape(-1, dim)
-    sizes, strides = residual.shape[:-1], residual.stride()[:-1]
-    lead = 0
-    while lead < len(sizes) and (strides[lead] == 0 or sizes[lead] == 1):
-        lead += 1
-    base = residual[(0,) * lead]
-    if lead > 0 and base.is_contiguous():
-        return base.reshape(-1, dim)
-    return residual.contiguous().reshape(-1, dim)
 
 
 class AttentionSaved(NamedTuple):
@@ -288,7 +270,7 @@ class CpuBackend(Backend):
         shape, dim = x.shape, x.shape[-1]
         dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         x2 = x.to(dtype).reshape(-1, dim).contiguous()
-        res = None if residual is None else _residual_rows(residual.to(dtype), dim)
+        res = None if residual is None else residual_rows(residual, dim).to(dtype)
         w, b, xb = _acc(weight, dtype), _acc(bias, dtype), _acc(x_bias, dtype)
         keep = _keep_mask(x2.shape, dropout_p, x.device)
         y, mean, rstd = self._C.cpu_residual_layernorm_fwd(x2, res, w, b, eps, xb, keep, dropout_p)

@@ -23,7 +23,7 @@ CUDA tensors in float32, float16 and bfloat16, computing in float32.
 
 import torch
 
-from .backends import Backend, register_backend
+from .backends import Backend, register_backend, residual_rows
 from .eager import EagerBackend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -159,7 +159,8 @@ class CudaBackend(Backend):
             )
         save = _needs_grad(x, residual, weight, bias, x_bias)
         x = x.to(dtype).contiguous()
-        residual = None if residual is None else residual.to(dtype).contiguous()
+        if residual is not None:  # (R, dim) rows, row r % R: a broadcast residual is not copied
+            residual = residual_rows(residual, x.shape[-1]).to(dtype).contiguous()
         rng = dropout_rng(x.device) if dropout_p > 0.0 else None
         y, z, mean, rstd = self._C.cuda_residual_layernorm_fwd(
             x, residual, weight, bias, eps, x_bias, rng, dropout_p, save

@@ -29,22 +29,11 @@ import contextlib
 
 import torch
 
+from ..tracing import tracing  # noqa: F401  (functional and the tests ask custom.tracing())
 from . import backends, functional
 
 Tensor = torch.Tensor
 _CPU_RNG_BYTES = torch.get_rng_state().numel()
-
-
-def tracing() -> bool:
-    """Whether a tracer (dynamo, export, jit.trace, fx) is recording this call: then the ops take
-    their custom-op form, and the model skips its data-dependent input checks."""
-    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    return (
-        torch.compiler.is_compiling()
-        or (exporting is not None and exporting())
-        or torch.jit.is_tracing()
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-    )
 
 
 # -- saving by name, and the RNG state of a forward with dropout --------------------------------

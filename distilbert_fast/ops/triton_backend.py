@@ -29,7 +29,7 @@ from ..kernels.triton_bias_activation import INTERPRETED, bias_activation_bwd, b
 from ..kernels.triton_layernorm import residual_layernorm_bwd, residual_layernorm_fwd
 from ..kernels.triton_linear_activation import linear_activation_fwd, suits
 from ..kernels.triton_varlen_attention import varlen_attention_bwd, varlen_attention_fwd
-from .backends import Backend, linear_grads, register_backend
+from .backends import Backend, linear_grads, register_backend, residual_rows
 from .eager import BiasActivationSaved
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -135,6 +135,8 @@ class TritonBackend(Backend):
         z_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         out_dtype = torch.float32 if x.is_cuda and torch.is_autocast_enabled("cuda") else z_dtype
         seed = _new_seed(x.device) if dropout_p > 0.0 else None
+        if residual is not None:
+            residual = residual_rows(residual, x.shape[-1])  # (R, dim): read in place, row r % R
         y, mean, rstd = residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias, dropout_p,
                                                seed, out_dtype)
         saved = LayerNormSaved(x, residual, weight, x_bias, mean, rstd, seed)

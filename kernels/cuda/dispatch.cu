@@ -40,15 +40,16 @@ size_t bias_activation_backward_workspace(int64_t rows, int64_t cols) {
 }
 
 cudaError_t residual_layernorm_forward(DType dtype, const void* x, const void* residual,
-                                       const float* x_bias, const float* weight, const float* bias,
-                                       void* y, void* z_out, float* mean, float* rstd,
-                                       int64_t rows, int64_t cols, float eps, float dropout_p,
+                                       int64_t residual_rows, const float* x_bias,
+                                       const float* weight, const float* bias, void* y,
+                                       void* z_out, float* mean, float* rstd, int64_t rows,
+                                       int64_t cols, float eps, float dropout_p,
                                        const int64_t* dropout_rng, cudaStream_t stream) {
   DBF_DISPATCH_DTYPE(dtype, T,
                      impl::residual_layernorm_forward<T>(
-                         static_cast<const T*>(x), static_cast<const T*>(residual), x_bias, weight,
-                         bias, static_cast<T*>(y), static_cast<T*>(z_out), mean, rstd, rows, cols,
-                         eps, dropout_p, dropout_rng, stream))
+                         static_cast<const T*>(x), static_cast<const T*>(residual), residual_rows,
+                         x_bias, weight, bias, static_cast<T*>(y), static_cast<T*>(z_out), mean,
+                         rstd, rows, cols, eps, dropout_p, dropout_rng, stream))
 }
 
 cudaError_t residual_layernorm_backward(DType dtype, const void* dy, const void* z,

@@ -31,13 +31,15 @@ int column_partial_blocks(int64_t rows);
 
 // -- residual + LayerNorm ----------------------------------------------------------------------
 // y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias over rows of `cols`.
-//   x, residual (nullable), y, z_out (nullable): T[rows, cols]
+//   x, y, z_out (nullable): T[rows, cols]; residual (nullable): T[residual_rows, cols], row r of
+//   x adding residual row r % residual_rows (a residual broadcast over the batch, read in place)
 //   x_bias (nullable), weight, bias: float[cols]
 //   z_out, mean, rstd (float[rows]): what the backward needs; all three null in inference.
 cudaError_t residual_layernorm_forward(DType dtype, const void* x, const void* residual,
-                                       const float* x_bias, const float* weight, const float* bias,
-                                       void* y, void* z_out, float* mean, float* rstd,
-                                       int64_t rows, int64_t cols, float eps, float dropout_p,
+                                       int64_t residual_rows, const float* x_bias,
+                                       const float* weight, const float* bias, void* y,
+                                       void* z_out, float* mean, float* rstd, int64_t rows,
+                                       int64_t cols, float eps, float dropout_p,
                                        const int64_t* dropout_rng, cudaStream_t stream);
 
 // Floats of scratch residual_layernorm_backward needs.

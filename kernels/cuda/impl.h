@@ -12,11 +12,11 @@ namespace cuda {
 namespace impl {
 
 template <typename T>
-cudaError_t residual_layernorm_forward(const T* x, const T* residual, const float* x_bias,
-                                       const float* weight, const float* bias, T* y, T* z_out,
-                                       float* mean, float* rstd, int64_t rows, int64_t cols,
-                                       float eps, float dropout_p, const int64_t* dropout_rng,
-                                       cudaStream_t stream);
+cudaError_t residual_layernorm_forward(const T* x, const T* residual, int64_t residual_rows,
+                                       const float* x_bias, const float* weight, const float* bias,
+                                       T* y, T* z_out, float* mean, float* rstd, int64_t rows,
+                                       int64_t cols, float eps, float dropout_p,
+                                       const int64_t* dropout_rng, cudaStream_t stream);
 
 template <typename T>
 cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* weight,

@@ -31,7 +31,7 @@ struct RowSteps {
 
 template <typename T, int kCols, int VEC>
 __global__ void __launch_bounds__(kLnWarps* kWarp)
-    ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+    ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual, int64_t residual_rows,
                   const float* __restrict__ x_bias, const float* __restrict__ weight,
                   const float* __restrict__ bias, T* __restrict__ y, T* __restrict__ z_out,
                   float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
@@ -45,6 +45,7 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
   const int cols = kCols > 0 ? kCols : cols_rt;
   const int steps = Steps::count(cols);
   const int64_t base = row * cols;
+  const int64_t residual_base = residual != nullptr ? row % residual_rows * cols : 0;  // row r % R
   const float keep_scale = 1.f / (1.f - dropout_p);
 
   // z for the VEC elements at column c of this row
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kLnWarps* kWarp)
     }
     if (residual != nullptr) {
       float r[VEC];
-      load_float<T, VEC>(residual + base + c, r);
+      load_float<T, VEC>(residual + residual_base + c, r);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) z[i] += r[i];
     }
@@ -241,11 +242,11 @@ namespace impl {
 constexpr int kSpecialisedCols = 768;  // DistilBERT's hidden size
 
 template <typename T>
-cudaError_t residual_layernorm_forward(const T* x, const T* residual, const float* x_bias,
-                                       const float* weight, const float* bias, T* y, T* z_out,
-                                       float* mean, float* rstd, int64_t rows, int64_t cols,
-                                       float eps, float dropout_p, const int64_t* dropout_rng,
-                                       cudaStream_t stream) {
+cudaError_t residual_layernorm_forward(const T* x, const T* residual, int64_t residual_rows,
+                                       const float* x_bias, const float* weight, const float* bias,
+                                       T* y, T* z_out, float* mean, float* rstd, int64_t rows,
+                                       int64_t cols, float eps, float dropout_p,
+                                       const int64_t* dropout_rng, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   constexpr int kVec = vec16<T>();
   const bool vec = cols % kVec == 0 && aligned16(x) && aligned16(y) && aligned16(weight) &&
@@ -255,7 +256,8 @@ cudaError_t residual_layernorm_forward(const T* x, const T* residual, const floa
   const int c = static_cast<int>(cols);
 #define DBF_LAUNCH(KCOLS, V)                                                                    \
   ln_fwd_kernel<T, KCOLS, V><<<blocks, kLnWarps * kWarp, 0, stream>>>(                          \
-      x, residual, x_bias, weight, bias, y, z_out, mean, rstd, rows, c, eps, dropout_p, dropout_rng)
+      x, residual, residual_rows, x_bias, weight, bias, y, z_out, mean, rstd, rows, c, eps,       \
+      dropout_p, dropout_rng)
   if (vec && cols == kSpecialisedCols)
     DBF_LAUNCH(kSpecialisedCols, kVec);
   else if (vec)
@@ -326,8 +328,8 @@ cudaError_t residual_layernorm_backward(const T* dy, const T* z, const float* we
 
 #define DBF_INSTANTIATE_LAYERNORM(T)                                                           \
   template cudaError_t distilbert_fast::cuda::impl::residual_layernorm_forward<T>(             \
-      const T*, const T*, const float*, const float*, const float*, T*, T*, float*, float*,    \
-      int64_t, int64_t, float, float, const int64_t*, cudaStream_t);                           \
+      const T*, const T*, int64_t, const float*, const float*, const float*, T*, T*, float*,   \
+      float*, int64_t, int64_t, float, float, const int64_t*, cudaStream_t);                   \
   template cudaError_t distilbert_fast::cuda::impl::residual_layernorm_backward<T>(            \
       const T*, const T*, const float*, const float*, const float*, T*, T*, float*, float*,    \
       float*, float*, int64_t, int64_t, float, const int64_t*, cudaStream_t);

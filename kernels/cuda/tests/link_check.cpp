@@ -15,8 +15,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (DType d : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    residual_layernorm_forward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                               nullptr, nullptr, 1, 1, 0.f, 0.f, nullptr, nullptr);
+    residual_layernorm_forward(d, nullptr, nullptr, 1, nullptr, nullptr, nullptr, nullptr,
+                               nullptr, nullptr, nullptr, 1, 1, 0.f, 0.f, nullptr, nullptr);
     residual_layernorm_backward(d, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
                                 nullptr, nullptr, nullptr, nullptr, 1, 1, 0.f, nullptr, nullptr);
     bias_activation_forward(d, Activation::kGelu, nullptr, nullptr, nullptr, 1, 1, nullptr);

@@ -1,0 +1,19 @@
+"""Whether a tracer is recording: a leaf module (it imports only torch), so that ``packing``,
+``ops`` and ``modeling`` can all ask without importing one another."""
+
+import torch
+
+
+def tracing() -> bool:
+    """Whether a tracer (dynamo, export, jit.trace, fx) is recording this call: then the ops take
+    their custom-op form, and the model skips its data-dependent input checks."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return (
+        torch.compiler.is_compiling()
+        or (exporting is not None and exporting())
+        or torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    )
+
+
+__all__ = ["tracing"]
