@@ -483,3 +483,18 @@ def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
     assert (qa.task.max_length, qa.task.stride) == (64, 30)
     answer = qa([QUESTIONS[1]], [CONTEXTS[1]])[0]  # several windows
     assert CONTEXTS[1][answer["start"]:answer["end"]] == answer["answer"] and answer["answer"]
+
+
+def test_ids_beyond_the_models_vocab_are_refused_on_the_host(tmp_path, one_thread):
+    """The engine checks ids where the tokenizer makes them (the packed forward on a GPU defers
+    its own check): a vocab that does not belong to the model is a clear error, not clamped ids."""
+    import distilbert_fast
+
+    config = distilbert_fast.DistilBertConfig(vocab_size=1000, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=64)
+    distilbert_fast.DistilBertModel(config).save_pretrained(tmp_path)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), tmp_path)  # 30522 entries
+    engine = InferenceEngine.from_pretrained(str(tmp_path), device="cpu", dtype="float32")
+    assert len(engine(["the", "a"])) == 2  # ids below 1000 pass
+    with pytest.raises(ValueError, match="made id .* vocab_size is 1000: the tokenizer's vocab does not belong"):
+        engine(["the", "zebra crossing"])

@@ -179,6 +179,13 @@ class InferenceEngine:
     def _prepare(self, chunk: list) -> _Window:
         texts, pairs = _split_items(chunk, self.task.needs_pairs)
         enc = self.task.encode(self.tokenizer, texts, pairs)
+        # The ids are checked here, where they are made, on the host: the model's packed forward
+        # on a GPU only flags bad ids on the device (it must not sync), and the engine's batches
+        # (cu_seqlens from the planner) are valid by construction.
+        vocab_size = self.model.config.vocab_size
+        if enc.ids.size and int(enc.ids.max()) >= vocab_size:
+            raise ValueError(f"the tokenizer made id {int(enc.ids.max())}, but the model's vocab_size is "
+                             f"{vocab_size}: the tokenizer's vocab does not belong to this model")
         batches = []
         for rows in plan_batches(enc.lengths, self.max_batch_tokens, self.max_batch_rows):
             batch = pack_batch(enc, rows)
