@@ -144,6 +144,11 @@ def run_mode(mode, docs, rounds):
             "distilbert_fast": lambda: [ours(CALL_TEXT)["input_ids"] for _ in range(calls)],
             "distilbert_fast_general_path": lambda: [ours(CALL_TEXT, truncation=True, max_length=512)["input_ids"]
                                                      for _ in range(calls)],
+            # calls with arguments, as collators and pipelines make them
+            "distilbert_fast_truncation_128": lambda: [ours(CALL_TEXT, truncation=True, max_length=128)["input_ids"]
+                                                       for _ in range(calls)],
+            "distilbert_fast_return_pt": lambda: [ours(CALL_TEXT, return_tensors="pt")["input_ids"]
+                                                  for _ in range(calls)],
             "hf_BertTokenizerFast": lambda: [hf(CALL_TEXT)["input_ids"] for _ in range(calls)],
             "tokenizers_raw": lambda: [raw.encode(CALL_TEXT).ids for _ in range(calls)],
         }
@@ -163,6 +168,8 @@ def run_mode(mode, docs, rounds):
     if mode == "call":
         outputs = {name: out[:1] for name, out in outputs.items()}
     reference = outputs["hf_BertTokenizerFast"]
+    outputs = {name: [ids[0].tolist() if hasattr(ids, "tolist") else ids for ids in out]  # (1, n) tensors
+               for name, out in outputs.items()}
     identical = {name: sum(a == b for a, b in zip(out, reference)) / len(reference) for name, out in outputs.items()}
     timer = time.thread_time if single else time.perf_counter
     times = {name: [] for name in providers}

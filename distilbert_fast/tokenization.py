@@ -51,7 +51,7 @@ MAX_ROWS_PER_CALL = 1 << 20
 # core's encode_batch arguments after the texts)
 _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool),
                              ("return_overflowing_tokens", bool), ("return_tensors", object), ("cap", int),
-                             ("max_length", object), ("stride", int)])
+                             ("max_length", object), ("stride", int), ("plain_up_to", int)])
 # the tokenizer's settings a plan depends on; setting one forgets the cached plans
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
                           "num_threads", "max_rows_per_call", "model_input_names"})
@@ -767,6 +767,10 @@ class DistilBertTokenizer:
                 elif len(self._plans) < _MAX_PLANS:
                     self._plans[key] = plan
             if plan is not None:
+                if plan.plain_up_to:
+                    enc = self._core.encode_text(text, self)
+                    if len(enc["input_ids"]) <= plan.plain_up_to:
+                        return enc
                 return self._encode(text, None, False, plan)
         return self._call(text, text_pair, **kwargs)
 
@@ -830,7 +834,17 @@ class DistilBertTokenizer:
             "token_type_ids" in names if return_token_type_ids is None else bool(return_token_type_ids),
             "attention_mask" in names if return_attention_mask is None else bool(return_attention_mask),
             bool(return_special_tokens_mask), bool(return_offsets_mapping), bool(return_length))
-        return _Plan(core_args, bool(is_split_into_words), overflow, return_tensors, cap, max_length, stride)
+        # A single text under these arguments gives the plain call's result (encode_text) whenever
+        # that result is at most this many tokens: no padding to add, the default outputs, and a
+        # truncation limit the text does not reach. 0: never.
+        outputs = core_args[13:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
+        plain = (not is_split_into_words and add_special_tokens and not overflow and not pad_to_multiple_of
+                 and padding_mode in ("none", "longest") and outputs == (False, False, True, False, False, False))
+        plain_up_to = 0
+        if plain:
+            plain_up_to = sys.maxsize if truncation_mode == "none" else max_length
+        return _Plan(core_args, bool(is_split_into_words), overflow, return_tensors, cap, max_length, stride,
+                     plain_up_to)
 
     def _encode(self, text, text_pair, batched, plan):
         try:

@@ -364,3 +364,17 @@ def test_reused_arguments_follow_changed_settings(hf):
     with pytest.raises(ValueError, match="is_split_into_words"):
         tokenizer(text, is_split_into_words=True)
     _same(tokenizer(text, max_length=[4][0]), reference(text, max_length=4))
+
+
+@pytest.mark.parametrize("kwargs", [dict(truncation=True, max_length=128), dict(truncation=True, max_length=6),
+                                    dict(padding=True), dict(padding=True, truncation=True, max_length=4),
+                                    dict(max_length=3)], ids=str)
+def test_one_text_within_limits_matches_hf_with_maps(hf, kwargs):
+    """Arguments that leave a short text unchanged give the plain call's result (built in C++),
+    and a text that does reach the limit is truncated: both equal HF's, per-row maps included."""
+    tokenizer = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for text in ("Hello world!", TEXTS[1], TEXTS[2]):
+        ours, theirs = tokenizer(text, **kwargs), hf(text, **kwargs)
+        _same(ours, theirs, f"{text!r} {kwargs}")
+        assert ours.word_ids() == theirs.word_ids() and ours.tokens() == theirs.tokens()
+        assert ours.char_to_token(1) == theirs.char_to_token(1)
