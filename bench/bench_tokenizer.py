@@ -13,7 +13,8 @@ Three modes, each in its own process so that the thread settings hold from the s
 Providers are timed interleaved (A B C A B C ...) and the median of the rounds is reported, since
 other work shares this machine. call and single run on one thread and are timed in that thread's
 CPU time (time.thread_time), which the other processes on a shared machine disturb far less than
-wall time; batch is timed in wall time (its work is spread over threads).
+wall time; batch is timed in wall time (its work is spread over threads). The garbage collector
+is off while a provider is timed (as in timeit).
 
 The distilbert_fast measured is the one Python imports: run this script with another checkout's
 interpreter (its editable install) to measure that code; the impl_commit column says which.
@@ -25,6 +26,7 @@ glibc's locale sources. Each row says how many documents and bytes it used.
 """
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -132,7 +134,8 @@ def run_mode(mode, docs, rounds):
 
     vocab_dir = _vocab_dir()
     hf = transformers.DistilBertTokenizerFast.from_pretrained(vocab_dir)
-    raw = hf.backend_tokenizer
+    # a copy: HF's __call__ with truncation= leaves that setting on its own backend tokenizer
+    raw = type(hf.backend_tokenizer).from_str(hf.backend_tokenizer.to_str())
     raw.no_padding()
     raw.no_truncation()
     ours = DistilBertTokenizer.from_pretrained(vocab_dir, num_threads=1 if single else 0)
@@ -144,13 +147,22 @@ def run_mode(mode, docs, rounds):
             "distilbert_fast": lambda: [ours(CALL_TEXT)["input_ids"] for _ in range(calls)],
             "distilbert_fast_general_path": lambda: [ours(CALL_TEXT, truncation=True, max_length=512)["input_ids"]
                                                      for _ in range(calls)],
+            # calls with arguments, as collators and pipelines make them
+            "distilbert_fast_truncation_128": lambda: [ours(CALL_TEXT, truncation=True, max_length=128)["input_ids"]
+                                                       for _ in range(calls)],
+            "distilbert_fast_return_pt": lambda: [ours(CALL_TEXT, return_tensors="pt")["input_ids"]
+                                                  for _ in range(calls)],
             "hf_BertTokenizerFast": lambda: [hf(CALL_TEXT)["input_ids"] for _ in range(calls)],
             "tokenizers_raw": lambda: [raw.encode(CALL_TEXT).ids for _ in range(calls)],
         }
     elif single:
         providers = {
             "distilbert_fast": lambda: [ours(t)["input_ids"] for t in docs],
+            "distilbert_fast_truncation_128": lambda: [ours(t, truncation=True, max_length=128)["input_ids"]
+                                                       for t in docs],
             "hf_BertTokenizerFast": lambda: [hf(t)["input_ids"] for t in docs],
+            "hf_BertTokenizerFast_truncation_128": lambda: [hf(t, truncation=True, max_length=128)["input_ids"]
+                                                            for t in docs],
             "tokenizers_raw": lambda: [raw.encode(t).ids for t in docs],
         }
     else:
@@ -163,14 +175,23 @@ def run_mode(mode, docs, rounds):
     if mode == "call":
         outputs = {name: out[:1] for name, out in outputs.items()}
     reference = outputs["hf_BertTokenizerFast"]
+    outputs = {name: [ids[0].tolist() if hasattr(ids, "tolist") else ids for ids in out]  # (1, n) tensors
+               for name, out in outputs.items()}
     identical = {name: sum(a == b for a, b in zip(out, reference)) / len(reference) for name, out in outputs.items()}
     timer = time.thread_time if single else time.perf_counter
     times = {name: [] for name in providers}
     for _ in range(rounds):
         for name, fn in providers.items():
-            start = timer()
-            fn()
-            times[name].append(timer() - start)
+            # as timeit does: the garbage collector off while timing, since a full collection
+            # (the heap holds torch and transformers) lands in whichever provider runs then
+            gc.collect()
+            gc.disable()
+            try:
+                start = timer()
+                fn()
+                times[name].append(timer() - start)
+            finally:
+                gc.enable()
     if mode == "call":  # per call
         times = {name: [t / calls for t in ts] for name, ts in times.items()}
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)

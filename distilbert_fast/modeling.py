@@ -10,6 +10,7 @@ task heads.
 import contextvars
 import functools
 import os
+import sys
 import weakref
 from typing import NamedTuple
 
@@ -392,8 +393,20 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     config_class = DistilBertConfig
     base_model_prefix = "distilbert"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
     # state_dict keys that alias another parameter when weights are tied: (key, source key)
     _tied_weights_keys: dict[str, str] = {}
+    # True on the transformers-compatible twins (see distilbert_fast.integrations.transformers)
+    _transformers_twin = False
+
+    def __new__(cls, *args, **kwargs):
+        # Where transformers is loaded, the model is made as a twin that is also a
+        # transformers.PreTrainedModel, which Trainer's save tests for; nothing else changes.
+        if not cls._transformers_twin and "transformers" in sys.modules:
+            from .integrations.transformers import model_twin
+
+            cls = model_twin(cls)
+        return super().__new__(cls)
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()

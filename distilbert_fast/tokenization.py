@@ -47,6 +47,17 @@ LARGE_INTEGER = int(1e20)  # above this, model_max_length means "no limit" (HF)
 # 600-token texts at max_length=6 already give 40,000 rows: a cap turns a runaway request into a
 # clear ValueError instead of gigabytes of lists.
 MAX_ROWS_PER_CALL = 1 << 20
+# One call's checked arguments, as DistilBertTokenizer._plan works them out (core_args: the
+# core's encode_batch arguments after the texts)
+_Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool),
+                             ("return_overflowing_tokens", bool), ("return_tensors", object), ("cap", int),
+                             ("max_length", object), ("stride", int), ("plain_up_to", int)])
+# the tokenizer's settings a plan depends on; setting one forgets the cached plans
+_PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
+                          "num_threads", "max_rows_per_call", "model_input_names"})
+_UNPLANNED = frozenset({"text_target", "text_pair_target"})  # keywords that need _call's own handling
+_MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
+
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                "only_second": "only_second", False: "none", "do_not_truncate": "none", None: "none"}
 
@@ -738,32 +749,42 @@ class DistilBertTokenizer:
     def __call__(self, text=None, text_pair=None, **kwargs):
         """Encodes a text, a batch of texts, pairs, or pre-split words, as HuggingFace's tokenizer
         ``__call__`` does (same arguments, same outputs); see ``_call`` for the arguments."""
-        if not kwargs and text_pair is None and type(text) is str and self.model_input_names == _INPUT_NAMES:
-            # the common call, one str with every default: built in C++ (per-row maps on demand)
-            return self._core.encode_text(text, self)
+        if text_pair is None and type(text) is str and self.model_input_names == _INPUT_NAMES:
+            if not kwargs:
+                # the common call, one str with every default: built in C++ (per-row maps on demand)
+                return self._core.encode_text(text, self)
+            # one str with arguments: their checks and strategies are worked out once per distinct
+            # set of arguments (see _plan) and reused; that, not the C++, was most of such a call
+            key = tuple(kwargs.items())
+            try:
+                plan = self._plans.get(key)
+            except TypeError:  # an unhashable argument value: no reuse
+                key, plan = None, None
+            if plan is None and key is not None and not _UNPLANNED.intersection(kwargs):
+                plan = self._plan(**kwargs)
+                if plan.is_split_into_words or plan.return_overflowing_tokens:
+                    plan = None  # _call reports a str with is_split_into_words; overflow keeps its axis
+                elif len(self._plans) < _MAX_PLANS:
+                    self._plans[key] = plan
+            if plan is not None:
+                if plan.plain_up_to:
+                    enc = self._core.encode_text(text, self)
+                    if len(enc["input_ids"]) <= plan.plain_up_to:
+                        return enc
+                return self._encode(text, None, False, plan)
         return self._call(text, text_pair, **kwargs)
 
-    def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, add_special_tokens=True,
-              padding=False, truncation=None, max_length=None, stride=0, is_split_into_words=False,
-              pad_to_multiple_of=None, padding_side=None, return_tensors=None, return_token_type_ids=None,
-              return_attention_mask=None, return_overflowing_tokens=False, return_special_tokens_mask=False,
-              return_offsets_mapping=False, return_length=False, verbose=True, **kwargs):
-        if kwargs:
-            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
+            super().__setattr__("_plans", {})
+
+    def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, **options):
         if text_target is not None or text is None:
             # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
             if text is None and text_target is None:
                 raise ValueError("text or text_target is required: a str, a list of str, or "
                                  "(is_split_into_words=True) lists of words")
-            options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
-                           max_length=max_length, stride=stride, is_split_into_words=is_split_into_words,
-                           pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
-                           return_tensors=return_tensors, return_token_type_ids=return_token_type_ids,
-                           return_attention_mask=return_attention_mask,
-                           return_overflowing_tokens=return_overflowing_tokens,
-                           return_special_tokens_mask=return_special_tokens_mask,
-                           return_offsets_mapping=return_offsets_mapping, return_length=return_length,
-                           verbose=verbose)
             targets = self._call(text_target, text_pair_target, **options)
             if text is None:
                 return targets
@@ -771,11 +792,23 @@ class DistilBertTokenizer:
             encodings["labels"] = targets["input_ids"]
             return encodings
 
-        batched = _is_batched(text, is_split_into_words, "text")
+        plan = self._plan(**options)
+        batched = _is_batched(text, plan.is_split_into_words, "text")
         if not batched and text_pair is not None and len(text_pair) == 0:
             text_pair = None  # HF: an empty pair for a single text means no pair
-        if text_pair is not None and _is_batched(text_pair, is_split_into_words, "text_pair") != batched:
+        if text_pair is not None and _is_batched(text_pair, plan.is_split_into_words, "text_pair") != batched:
             raise ValueError("text and text_pair must both be single inputs or both be batches")
+        return self._encode(text, text_pair, batched, plan)
+
+    def _plan(self, add_special_tokens=True, padding=False, truncation=None, max_length=None, stride=0,
+              is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
+              return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
+              return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False, verbose=True,
+              **kwargs):
+        """The checked arguments of an encoding call, as the core takes them: everything but the
+        texts. Depends only on the arguments and this tokenizer's settings (_PLAN_INPUTS)."""
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
         padding_mode, truncation_mode, max_length = self._strategies(padding, truncation, max_length,
                                                                      pad_to_multiple_of, verbose)
         stride = stride or 0
@@ -790,25 +823,42 @@ class DistilBertTokenizer:
             if return_tensors not in ("pt", "np"):
                 raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         names = self.model_input_names
-        cap = self.max_rows_per_call if return_overflowing_tokens and self.max_rows_per_call else 0
+        overflow = bool(return_overflowing_tokens)
+        cap = self.max_rows_per_call if overflow and self.max_rows_per_call else 0
+        core_args = (
+            bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
+            -1 if max_length is None else max_length, stride, self.truncation_side,
+            overflow, padding_mode, pad_to_multiple_of or 0,
+            self.padding_side if padding_side is None else padding_side, self.pad_token_type_id, self.num_threads,
+            cap, return_tensors is not None,
+            "token_type_ids" in names if return_token_type_ids is None else bool(return_token_type_ids),
+            "attention_mask" in names if return_attention_mask is None else bool(return_attention_mask),
+            bool(return_special_tokens_mask), bool(return_offsets_mapping), bool(return_length))
+        # A single text under these arguments gives the plain call's result (encode_text) whenever
+        # that result is at most this many tokens: no padding to add, the default outputs, and a
+        # truncation limit the text does not reach. 0: never.
+        outputs = core_args[13:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
+        plain = (not is_split_into_words and add_special_tokens and not overflow and not pad_to_multiple_of
+                 and padding_mode in ("none", "longest") and outputs == (False, False, True, False, False, False))
+        plain_up_to = 0
+        if plain:
+            plain_up_to = sys.maxsize if truncation_mode == "none" else max_length
+        return _Plan(core_args, bool(is_split_into_words), overflow, return_tensors, cap, max_length, stride,
+                     plain_up_to)
+
+    def _encode(self, text, text_pair, batched, plan):
         try:
             enc, n_rows = self._core.encode_batch(
                 text if batched else [text], (text_pair if batched else [text_pair]) if text_pair is not None else None,
-                bool(is_split_into_words), bool(add_special_tokens), truncation_mode,
-                -1 if max_length is None else max_length, stride, self.truncation_side,
-                bool(return_overflowing_tokens), padding_mode, pad_to_multiple_of or 0,
-                self.padding_side if padding_side is None else padding_side, self.pad_token_type_id, self.num_threads,
-                cap, return_tensors is not None,
-                "token_type_ids" in names if return_token_type_ids is None else bool(return_token_type_ids),
-                "attention_mask" in names if return_attention_mask is None else bool(return_attention_mask),
-                bool(return_special_tokens_mask), bool(return_offsets_mapping), bool(return_length))
+                *plan.core_args)
         except ValueError as exc:
-            if cap and "max_rows=" in str(exc):
-                raise ValueError(_rows_cap_message(exc, cap, max_length, stride, text_pair is not None)) from None
+            if plan.cap and "max_rows=" in str(exc):
+                raise ValueError(_rows_cap_message(exc, plan.cap, plan.max_length, plan.stride,
+                                                   text_pair is not None)) from None
             raise
-        if return_tensors is not None:
-            _to_tensors(enc, n_rows, return_tensors)
-        elif not batched and not return_overflowing_tokens:
+        if plan.return_tensors is not None:
+            _to_tensors(enc, n_rows, plan.return_tensors)
+        elif not batched and not plan.return_overflowing_tokens:
             for key, value in enc.items():  # a single input: drop the batch axis (HF keeps length's)
                 if key != "length":
                     enc[key] = value[0]
@@ -1142,6 +1192,9 @@ def _to_tensors(out, n_rows, return_tensors):
 
 def _buffer_maker(return_tensors):
     """make(bytearray, dtype name, shape) -> a tensor or array viewing the bytes (no copy)."""
+    make = _BUFFER_MAKERS.get(return_tensors)
+    if make is not None:
+        return make
     if return_tensors == "pt":
         import torch
 
@@ -1153,7 +1206,11 @@ def _buffer_maker(return_tensors):
 
         def make(buffer, dtype, shape):
             return np.frombuffer(buffer, dtype=dtype).reshape(shape) if len(buffer) else np.zeros(shape, dtype=dtype)
+    _BUFFER_MAKERS[return_tensors] = make
     return make
+
+
+_BUFFER_MAKERS = {}  # return_tensors -> make (made once: each imports its library)
 
 
 def _out_buffer(out, name, dtype):

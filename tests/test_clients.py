@@ -121,19 +121,26 @@ class _Dataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def _trainer(model, tokenizer, out_dir, **args):
+def _trainer(model, tokenizer, out_dir, masked_lm=False, **args):
+    """A Trainer on 16 short texts: sequence labels, or (masked_lm) each token labelled with
+    itself (no random masking, so a resumed run can be compared with an uninterrupted one)."""
     pytest.importorskip("accelerate")
     data = _Dataset(tokenizer)
+    if masked_lm:
+        data.items = [dict(item, labels=list(item["input_ids"])) for item in data.items]
+        collator = transformers.DataCollatorForTokenClassification(tokenizer)
+    else:
+        collator = transformers.DataCollatorWithPadding(tokenizer)
     arguments = transformers.TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=4, per_device_eval_batch_size=4,
         num_train_epochs=1, learning_rate=1e-3, save_strategy="steps", save_steps=2, report_to=[],
         use_cpu=True, logging_steps=1, **args)
     return transformers.Trainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
-                                data_collator=transformers.DataCollatorWithPadding(tokenizer))
+                                data_collator=collator)
 
 
 def test_trainer_our_model(tokenizer, tmp_path):
-    """train, evaluate, predict, resume from a checkpoint, save; our model (duck-typed)."""
+    """train, evaluate, predict, resume from a checkpoint, save; our model."""
     _, ours = pair("DistilBertForSequenceClassification")
     trainer = _trainer(ours, tokenizer, tmp_path / "run", max_steps=4)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
@@ -155,6 +162,49 @@ def test_trainer_our_model(tokenizer, tmp_path):
     again = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(tmp_path / "final")
     assert_close(theirs(ids).logits, ours.eval()(ids).logits)
     assert_close(again(ids).logits, ours(ids).logits, atol=0.0)
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForMaskedLM"])
+def test_trainer_save_model_loads_in_both_libraries(class_name, hf_tokenizer, tmp_path):
+    """Trainer.save_model on our model (a transformers.PreTrainedModel where transformers is
+    loaded, so Trainer calls our save_pretrained): config.json and weights that our
+    from_pretrained and transformers' Auto and DistilBert* classes load, with equal outputs.
+    The masked-LM model has tied weights, which a bare safetensors save refuses."""
+    _, ours = pair(class_name)
+    assert isinstance(ours, transformers.PreTrainedModel)
+    masked_lm = class_name == "DistilBertForMaskedLM"
+    trainer = _trainer(ours, hf_tokenizer, tmp_path / "run", masked_lm=masked_lm, max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "config.json").is_file()
+    auto = transformers.AutoModelForMaskedLM if masked_lm else transformers.AutoModelForSequenceClassification
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]])
+    mask = (ids != 0).long()
+    real = mask.bool() if masked_lm else slice(None)  # token logits at real positions, or per sequence
+    expected = ours.eval()(ids, attention_mask=mask).logits[real]
+    loaded = [
+        getattr(distilbert_fast, class_name).from_pretrained(tmp_path / "saved"),
+        getattr(transformers, class_name).from_pretrained(tmp_path / "saved").eval(),
+        auto.from_pretrained(tmp_path / "saved").eval(),
+    ]
+    for model in loaded:
+        assert_close(model(ids, attention_mask=mask).logits[real], expected)
+    if masked_lm:
+        assert loaded[0].vocab_projector.weight is loaded[0].distilbert.embeddings.word_embeddings.weight
+
+
+def test_trainer_resumes_tied_masked_lm(hf_tokenizer, tmp_path):
+    """Our tied DistilBertForMaskedLM checkpoints inside Trainer and resumes from a checkpoint:
+    the resumed run ends where the uninterrupted one did, with the weights still tied."""
+    _, ours = pair("DistilBertForMaskedLM")
+    fresh = copy.deepcopy(ours)
+    _trainer(ours, hf_tokenizer, tmp_path / "run", masked_lm=True, max_steps=4).train()
+    assert (tmp_path / "run" / "checkpoint-2" / "config.json").is_file()
+    resumed = _trainer(fresh, hf_tokenizer, tmp_path / "run", masked_lm=True, max_steps=4)
+    assert resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).global_step == 4
+    assert fresh.vocab_projector.weight is fresh.distilbert.embeddings.word_embeddings.weight
+    for (name, a), b in zip(fresh.named_parameters(), ours.parameters()):
+        assert_close(a, b, atol=1e-5, name=name)
 
 
 def test_trainer_optimized_transformers_model(hf_tokenizer, tmp_path):

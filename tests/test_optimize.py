@@ -250,3 +250,37 @@ def test_import_does_not_load_transformers():
             "m(torch.tensor([[1, 2]])); assert 'transformers' not in sys.modules, 'imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward"])
+def test_hooks_on_bert_ffn_modules_fire(kind):
+    """Hooks on BERT's intermediate / output modules (which our fused FFN would bypass) fire as
+    on the unoptimised model: same calls, same tensors at real positions, and a hook that
+    changes its module's output changes the model's output alike."""
+    ref = hf_model("BertModel")
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    inputs, mask = ragged_inputs("BertModel")
+
+    def hook_up(m):
+        seen = []
+        for i, layer in enumerate(m.encoder.layer):
+            if kind == "forward":
+                layer.intermediate.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, out)) or out * 0.5)
+                layer.output.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, out)))
+            elif kind == "forward_pre":
+                layer.output.register_forward_pre_hook(lambda mod, args, i=i: seen.append((i, args[1])))
+            else:
+                layer.output.register_full_backward_hook(lambda mod, gin, gout, i=i: seen.append((i, gout[0])))
+        return seen
+
+    seen_ref, seen = hook_up(ref), hook_up(model)
+    ref_out, out = ref(**inputs).last_hidden_state, model(**inputs).last_hidden_state
+    assert_close(real_positions(out, mask), real_positions(ref_out, mask), name="last_hidden_state")
+    if kind == "backward":
+        weight = torch.randn_like(ref_out) * mask.unsqueeze(-1)
+        (ref_out * weight).sum().backward()
+        (out * weight).sum().backward()
+    assert [i for i, _ in seen] == [i for i, _ in seen_ref] and seen_ref
+    for (i, a), (_, b) in zip(seen, seen_ref):
+        assert_close(real_positions(a, mask), real_positions(b, mask), name=f"hooked tensor of layer {i}")
+    distilbert_fast.unoptimize(model)

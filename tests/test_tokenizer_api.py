@@ -326,3 +326,55 @@ def test_deepcopy_of_tokenizer(ours):
     row = other(TEXTS, padding=True)["input_ids"][3]  # "" padded on the left
     assert row[0] == other.pad_token_id and row[-1] == other.sep_token_id
     assert ours.padding_side == "right" and ours(TEXTS) == copy.deepcopy(ours)(TEXTS)
+
+
+# -- one text with arguments: the checked arguments are reused ----------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(truncation=True, max_length=8),
+    dict(padding="max_length", max_length=16),
+    dict(return_tensors="pt"),
+    dict(return_tensors="np", padding=True),
+    dict(return_offsets_mapping=True, return_special_tokens_mask=True, return_length=True),
+    dict(add_special_tokens=False, return_token_type_ids=True),
+    dict(return_overflowing_tokens=True, truncation=True, max_length=5, stride=1),
+], ids=lambda kw: ",".join(kw))
+def test_one_text_with_arguments_repeated_matches_hf(hf, kwargs):
+    """The same arguments twice (the second call reuses the first's checked arguments) and
+    with a different text: each equal to HF's result."""
+    tokenizer = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for text in (TEXTS[1], TEXTS[1], TEXTS[2], ""):
+        _same(tokenizer(text, **kwargs), hf(text, **kwargs), f"{text!r} {kwargs}")
+
+
+def test_reused_arguments_follow_changed_settings(hf):
+    """Changing a setting the checked arguments came from (model_max_length, padding_side,
+    truncation_side) takes effect on the next call with the same arguments."""
+    tokenizer = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    reference = copy.deepcopy(hf)
+    text, kwargs = TEXTS[1], dict(truncation=True, padding="max_length")
+    for name, value in (("model_max_length", 7), ("padding_side", "left"), ("truncation_side", "left"),
+                        ("model_max_length", 20)):
+        setattr(tokenizer, name, value)
+        setattr(reference, name, value)
+        _same(tokenizer(text, **kwargs), reference(text, **kwargs), f"{name}={value}")
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        tokenizer(text, max_lenght=3)
+    with pytest.raises(ValueError, match="is_split_into_words"):
+        tokenizer(text, is_split_into_words=True)
+    _same(tokenizer(text, max_length=[4][0]), reference(text, max_length=4))
+
+
+@pytest.mark.parametrize("kwargs", [dict(truncation=True, max_length=128), dict(truncation=True, max_length=6),
+                                    dict(padding=True), dict(padding=True, truncation=True, max_length=4),
+                                    dict(max_length=3)], ids=str)
+def test_one_text_within_limits_matches_hf_with_maps(hf, kwargs):
+    """Arguments that leave a short text unchanged give the plain call's result (built in C++),
+    and a text that does reach the limit is truncated: both equal HF's, per-row maps included."""
+    tokenizer = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for text in ("Hello world!", TEXTS[1], TEXTS[2]):
+        ours, theirs = tokenizer(text, **kwargs), hf(text, **kwargs)
+        _same(ours, theirs, f"{text!r} {kwargs}")
+        assert ours.word_ids() == theirs.word_ids() and ours.tokens() == theirs.tokens()
+        assert ours.char_to_token(1) == theirs.char_to_token(1)

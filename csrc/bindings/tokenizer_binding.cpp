@@ -174,36 +174,36 @@ std::vector<size_t> RowStarts(const EncodedBatch& b) {
   return starts;
 }
 
-// Writes a field of every row into out (width values per token), rows at starts[r]; on the
-// core's threads, GIL released by the caller.
-template <typename T>
-void WriteRows(const EncodedBatch& b, const std::vector<size_t>& starts, Field f, T* out, int num_threads) {
+// Calls write_row(r) for every row, in chunks of rows on the core's threads (as many as the
+// batch's tokens warrant), GIL released by the caller.
+template <typename F>
+void ForEachRow(const EncodedBatch& b, const std::vector<size_t>& starts, int num_threads, F write_row) {
   size_t n = b.num_rows();
   int threads = dbf_tok::WorkerCount(num_threads, std::max<size_t>(1, starts[n] / 262144));
   std::atomic<size_t> next{0};
   const size_t chunk = 256;
   dbf_tok::RunWorkers(threads, [&] {
     for (size_t lo; (lo = next.fetch_add(chunk)) < n;)
-      for (size_t r = lo; r < std::min(n, lo + chunk); ++r) {
-        T* p = out + starts[r];
-        EmitFieldAs(f, b, r, [&p] { return [&p](int64_t v) { *p++ = static_cast<T>(v); }; });
-      }
+      for (size_t r = lo; r < std::min(n, lo + chunk); ++r) write_row(r);
   });
 }
 
+// Writes a field of every row into out (one value per token), rows at starts[r].
+template <typename T>
+void WriteRows(const EncodedBatch& b, const std::vector<size_t>& starts, Field f, T* out, int num_threads) {
+  ForEachRow(b, starts, num_threads, [&](size_t r) {
+    T* p = out + starts[r];
+    EmitFieldAs(f, b, r, [&p] { return [&p](int64_t v) { *p++ = static_cast<T>(v); }; });
+  });
+}
+
+// Writes every row's (start, end) character offsets into out (two values per token).
 void WriteOffsets(const EncodedBatch& b, const std::vector<size_t>& starts, int64_t* out, int num_threads) {
-  size_t n = b.num_rows();
-  int threads = dbf_tok::WorkerCount(num_threads, std::max<size_t>(1, starts[n] / 262144));
-  std::atomic<size_t> next{0};
-  const size_t chunk = 256;
-  dbf_tok::RunWorkers(threads, [&] {
-    for (size_t lo; (lo = next.fetch_add(chunk)) < n;)
-      for (size_t r = lo; r < std::min(n, lo + chunk); ++r) {
-        int64_t* p = out + 2 * starts[r];
-        auto write = [&p](int64_t a, int64_t e) { *p++ = a, *p++ = e; };
-        OffsetSink<decltype(write)> sink{write};
-        b.Emit(r, &sink);
-      }
+  ForEachRow(b, starts, num_threads, [&](size_t r) {
+    int64_t* p = out + 2 * starts[r];
+    auto write = [&p](int64_t a, int64_t e) { *p++ = a, *p++ = e; };
+    OffsetSink<decltype(write)> sink{write};
+    b.Emit(r, &sink);
   });
 }
 

@@ -176,6 +176,7 @@ def _optimize_bert(model, backend, record, pack):
                      names={"sa_layer_norm": "attention.output.LayerNorm", "output_layer_norm": "output.LayerNorm"},
                      values={"config": config, "attention": block_attention, "ffn": _FFNCall(ffn, layer),
                              "attention_adapters": None, "output_adapters": None})
+        view._values["_ffn_sublayer"] = functools.partial(_bert_ffn_sublayer, view, layer)
         _set_forward(layer, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
     _set_forward(model, functools.partial(_bert_model_forward, base, pack=pack), record)
@@ -190,6 +191,28 @@ class _FFNCall(_View):
 
     def __call__(self, *args, **kwargs):
         return modeling.FFN.forward(self, *args, **kwargs)
+
+
+def _bert_ffn_sublayer(view, layer, x):
+    """LayerNorm(x + dropout(FFN(x))) of one BERT layer: our fused FFN, or transformers' own
+    BertIntermediate and BertOutput modules while a hook is registered on either of them (or on
+    a module inside them, or globally), so those hooks fire as on the unoptimised model
+    (_bert_model_forward then runs the batch padded, not packed, so they see transformers'
+    layout)."""
+    if _has_hooks(layer.intermediate) or _has_hooks(layer.output):
+        return layer.output(layer.intermediate(x), x)
+    return modeling.TransformerBlock._ffn_sublayer(view, x)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` (or a module inside it) would run a hook: forward, forward-pre
+    or backward hooks on it or under it, or global forward hooks."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        for m in module.modules()
+    )
 
 
 def _bert_attention_view(attention, config):
@@ -272,6 +295,9 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         **view._values,
         "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
+    # a hook on BERT's intermediate / output sees them run in transformers' padded layout
+    pack = pack and not any(_has_hooks(layer.intermediate) or _has_hooks(layer.output)
+                            for layer in module.encoder.layer)
     out = modeling.DistilBertModel.forward(
         per_call, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
         output_hidden_states, True, position_ids=position_ids, pack=pack,
