@@ -242,7 +242,7 @@ def test_launchers_reject_bad_arguments():
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         triton_bias_activation.bias_activation_fwd(x.double(), None, "gelu")
     with pytest.raises(ValueError, match="residual must have shape"):
-        triton_layernorm.residual_layernorm_fwd(x, x[:2], torch.ones(8, device=DEVICE),
+        triton_layernorm.residual_layernorm_fwd(x, x[:3], torch.ones(8, device=DEVICE),
                                                 torch.zeros(8, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="seed must be given"):
         triton_layernorm.residual_layernorm_fwd(x, None, torch.ones(8, device=DEVICE),
