@@ -411,7 +411,7 @@ def plot(path, sweep_budget, sweep_length, env):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install -r requirements.txt)")
+        print("matplotlib is not installed: no plot (pip install -r requirements-bench.txt)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if sweep_budget:
