@@ -38,6 +38,8 @@ from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, Parallel, 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
 COMPARE = os.path.join(REPO, "tests", "adapters_oracle", "compare.py")
+sys.path.insert(0, os.path.dirname(COMPARE))
+from runs import outputs_and_grads, prepare  # noqa: E402  (shared with compare.py)
 RECORD = os.path.join(REPO, "bench", "results", "adapters_parity.txt")
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 ATOL, RTOL = 2e-5, 1e-4
@@ -66,15 +68,8 @@ def _is_adapter_key(key):
 
 def _run(model, setup, head, inputs):
     """Eval-mode forward and backward with every parameter trainable, as compare.run does."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.zero_grad()
-    out = model(**inputs, head=head, adapter_names=Stack(*setup))
-    out.loss.backward()
-    result = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
-    result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result
+    prepare(model)
+    return outputs_and_grads(model, model(**inputs, head=head, adapter_names=Stack(*setup)))
 
 
 def _real_positions(value, attention_mask):
@@ -187,22 +182,8 @@ def _task_model(spec):
 def _run_task(model, spec, setup, inputs):
     """compare.run_task on our side: the setup through adapter_names (a Parallel on
     DistilBertAdapterModel then picks a head per adapter, as the package's set_active_adapters)."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.zero_grad()
-    out = model(**inputs, adapter_names=setup)
-    result = {}
-    for key, value in out.items():
-        if key == "head_outputs":
-            for i, head_out in enumerate(value):
-                result.update({f"head{i}.{k}": v.detach() for k, v in head_out.items() if torch.is_tensor(v)})
-        elif torch.is_tensor(value):
-            result[key] = value.detach()
-    if out.get("loss") is not None:
-        out["loss"].backward()
-        result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result
+    prepare(model)
+    return outputs_and_grads(model, model(**inputs, adapter_names=setup))
 
 
 def _task_case(case_dir, out_dir, case, spec, ours_results, seed):

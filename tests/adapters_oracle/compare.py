@@ -35,6 +35,7 @@ from adapters import (
     SeqBnConfig,
     Stack,
 )
+from runs import outputs_and_grads, prepare  # this script's folder: shared with test_adapters_oracle.py
 
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 BATCH, SEQ = 3, 7
@@ -158,27 +159,14 @@ def run_task(model, spec, setup, inputs):
     """Eval-mode forward (and backward with labels), every parameter trainable. The heads
     model gets its setup through set_active_adapters, so a Parallel activates a head per
     adapter; the others through AdapterSetup."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.zero_grad()
+    prepare(model)
     if spec["cls"] == "DistilBertAdapterModel":
         model.set_active_adapters(setup)
         out = model(**inputs)
     else:
         with AdapterSetup(setup):
             out = model(**inputs)
-    result = {}
-    for key, value in out.items():
-        if key == "head_outputs":
-            for i, head_out in enumerate(value):
-                result.update({f"head{i}.{k}": v.detach() for k, v in head_out.items() if torch.is_tensor(v)})
-        elif torch.is_tensor(value):
-            result[key] = value.detach()
-    if out.get("loss") is not None:
-        out["loss"].backward()
-        result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result
+    return outputs_and_grads(model, out)
 
 
 def produce_tasks(out_dir):
@@ -300,16 +288,10 @@ def inputs_for(kind, head_kwargs, generator):
 
 def run(model, setup, head_name, inputs):
     """Eval-mode forward and backward with every parameter trainable: outputs and gradients."""
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
-    model.zero_grad()
+    prepare(model)
     with AdapterSetup(Stack(*setup)):
         out = model(**inputs, head=head_name)
-    out.loss.backward()
-    result = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
-    result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return result
+    return outputs_and_grads(model, out)
 
 
 def produce(out_dir):
