@@ -137,15 +137,22 @@ class Ours:
         return "" if idle is None else f"{idle:.4f}"
 
 
-class SentenceTransformersWay:
-    """sentence-transformers' encode loop by hand: sort by length, batch 32, pad per batch."""
+class SortedBatchLoop:
+    """sentence-transformers' encode loop by hand: sort by length, batch 32, pad per batch, put
+    each batch's rows back in input order. Subclasses name the HF model class and what a batch's
+    output gives per row."""
+
+    model_class = None
 
     def __init__(self, path, dtype):
         self.tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
-        self.model = transformers.DistilBertModel.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
+        self.model = self.model_class.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
         self.dtype = str(dtype).removeprefix("torch.")
 
-    def __call__(self, texts, batch_size=32):
+    def rows(self, enc) -> list:
+        raise NotImplementedError
+
+    def run(self, texts, batch_size=32) -> list:
         order = np.argsort([-len(t) for t in texts], kind="stable")  # sentence-transformers sorts by length
         out = [None] * len(texts)
         with torch.inference_mode():
@@ -153,34 +160,36 @@ class SentenceTransformersWay:
                 index = order[start:start + batch_size]
                 enc = self.tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=512,
                                      return_tensors="pt").to(DEVICE)
-                hidden = self.model(**enc).last_hidden_state.float()
-                mask = enc["attention_mask"].unsqueeze(-1).float()
-                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1).cpu()
-                for i, v in zip(index, pooled.numpy()):
-                    out[i] = v
-        return np.stack(out)
-
-
-class HFClassifyWay:
-    """The same loop for text classification: sort by length, batch 32, pad per batch, argmax."""
-
-    def __init__(self, path, dtype):
-        self.tokenizer = transformers.DistilBertTokenizerFast.from_pretrained(path)
-        self.model = transformers.DistilBertForSequenceClassification.from_pretrained(path, dtype=dtype).to(DEVICE).eval()
-        self.dtype = str(dtype).removeprefix("torch.")
-
-    def __call__(self, texts, batch_size=32):
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = [None] * len(texts)
-        labels = self.model.config.id2label
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                index = order[start:start + batch_size]
-                enc = self.tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=512,
-                                     return_tensors="pt").to(DEVICE)
-                for i, label in zip(index, self.model(**enc).logits.argmax(-1).tolist()):
-                    out[i] = labels[label]
+                for i, value in zip(index, self.rows(enc)):
+                    out[i] = value
         return out
+
+
+class SentenceTransformersWay(SortedBatchLoop):
+    """Embeddings: mean pooling over real tokens, normalised."""
+
+    model_class = transformers.DistilBertModel
+
+    def rows(self, enc):
+        hidden = self.model(**enc).last_hidden_state.float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1).cpu().numpy()
+
+    def __call__(self, texts):
+        return np.stack(self.run(texts))
+
+
+class HFClassifyWay(SortedBatchLoop):
+    """Text classification: the argmax label."""
+
+    model_class = transformers.DistilBertForSequenceClassification
+
+    def rows(self, enc):
+        labels = self.model.config.id2label
+        return [labels[label] for label in self.model(**enc).logits.argmax(-1).tolist()]
+
+    def __call__(self, texts):
+        return self.run(texts)
 
 
 class Pipeline:
