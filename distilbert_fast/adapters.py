@@ -7,7 +7,7 @@
                           ``merge_adapter`` folds into the weights
     composition           Stack("a", "b"): adapters applied one after the other;
                           Parallel("a", "b"): side by side, the batch replicated at the first
-                          layer holding one of them (bottleneck adapters)
+                          layer holding one of them (bottleneck adapters and LoRA)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -365,7 +365,10 @@ class Parallel(Stack):
     one holding an adapter of the setup run once; there the batch is replicated, one copy per
     child, and each copy runs its child's adapters from then on. The model's outputs hold the
     copies one after the other along the batch: rows ``i * batch:(i + 1) * batch`` are child i's
-    (on DistilBertAdapterModel each child's head gets its own rows). Bottleneck adapters only."""
+    (on DistilBertAdapterModel each child's head gets its own rows). A LoRA of the setup
+    replicates the batch at its projection (in the first layer holding one, each of q / k / v
+    with a LoRA replicates its own input, and attention repeats the projections that have none),
+    as the package's ``LoRALinear.compose_parallel``."""
 
     def __init__(self, *children):
         if not children:
@@ -444,12 +447,23 @@ class AdapterSetup:
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
 
 
-def has_bottleneck_adapters(blocks) -> bool:
-    """Whether any of the transformer ``blocks`` holds bottleneck adapters (which a Parallel
-    setup may run)."""
+def blocks_hold_adapters(blocks) -> bool:
+    """Whether any of the transformer ``blocks`` holds bottleneck adapters or LoRA (which a
+    Parallel setup may run)."""
     # (getattr: optimize() runs transformers' own blocks, which have none, through our forward)
-    return any(getattr(block, "attention_adapters", None) is not None or getattr(block, "output_adapters", None)
-               is not None for block in blocks)
+    return any(
+        getattr(block, "attention_adapters", None) is not None
+        or getattr(block, "output_adapters", None) is not None
+        or any(isinstance(getattr(getattr(block, "attention", None), name, None), LoRALinear)
+               for name in ("q_lin", "k_lin", "v_lin"))
+        for block in blocks
+    )
+
+
+def replicates_here(rows: int) -> bool:
+    """Whether a Parallel setup's first adapter layer is seeing an input of ``rows`` rows: the
+    encoder's input rows, not yet replicated."""
+    return rows == _ENCODER_ROWS.get()
 
 
 @contextlib.contextmanager
@@ -472,11 +486,12 @@ def replicate_for_parallel(channels: int, mask, hidden_states):
     elif mask is not None:  # Varlen(cu_seqlens, max_seqlen)
         mask = mask._replace(cu_seqlens=_repeat_cu_seqlens(mask.cu_seqlens, channels))
     if hidden_states is not None:
-        hidden_states = tuple(_repeat_rows(h, channels) for h in hidden_states)
+        hidden_states = tuple(repeat_rows(h, channels) for h in hidden_states)
     return mask, hidden_states
 
 
-def _repeat_rows(t: torch.Tensor, channels: int) -> torch.Tensor:
+def repeat_rows(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """t's rows (dim 0: the batch, or packed tokens) repeated ``channels`` times, copy after copy."""
     return t.repeat(channels, *([1] * (t.dim() - 1)))
 
 
@@ -764,17 +779,20 @@ class BottleneckLayer(nn.Module):
         """The package's compose_parallel: the batch replicated once per child (unless an
         earlier layer did), the first adapter's pre_forward on all copies, each child's
         adapters on its own copy (a Stack child as a Stack: pre_forward and adapter per name),
-        then the last child's last adapter's post_forward (residual + block LayerNorm) on all."""
+        then the last child's last adapter's post_forward (residual + block LayerNorm) on all.
+        A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
+        this place's plain residual + LayerNorm on its copy, as it would alone (the package
+        fails on such a setup)."""
         channels = setup.parallel_channels
-        if hidden.shape[0] == _ENCODER_ROWS.get():  # the first layer of the setup: replicate here
-            hidden, x = _repeat_rows(hidden, channels), _repeat_rows(x, channels)
+        if replicates_here(hidden.shape[0]):  # the first layer of the setup: replicate here
+            hidden, x = repeat_rows(hidden, channels), repeat_rows(x, channels)
         rows = hidden.shape[0] // channels
+        parts = [slice(i * rows, (i + 1) * rows) for i in range(channels)]
         present = [name for name in setup.names() if name in self.adapters]
         first = setup.first() if setup.first() in self.adapters else present[0]
-        hidden, residual = self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
-        outputs, last = [], None
-        for i, child in enumerate(setup):
-            part = slice(i * rows, (i + 1) * rows)
+        sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
+        outputs, last, bare = [], None, []
+        for part, child in zip(parts, setup):
             out, last = hidden[part], None
             if isinstance(child, Stack):
                 for name in child:
@@ -784,10 +802,18 @@ class BottleneckLayer(nn.Module):
             elif child in self.adapters:
                 out, last = self.adapters[child](out, residual[part], backend), child
             outputs.append(out)
+            bare.append(last is None)
         # the package finishes with the last child's adapter (which must be here); else ours: the
         # last one of the setup that is
         last = last if last is not None else present[-1]
-        return self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend)
+        out = self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend)
+        if not any(bare):
+            return out
+        return torch.cat([
+            residual_layernorm(sublayer[part], x[part], layer_norm.weight, layer_norm.bias, layer_norm.eps,
+                               backend=backend) if is_bare else out[part]
+            for part, is_bare in zip(parts, bare)
+        ])
 
 
 class LoRA(nn.Module):
@@ -847,21 +873,39 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.loras:
             return []
         setup = self.state.current_setup()
-        names = [] if setup is None else [name for name in setup.names() if name in self.loras]
-        if names and isinstance(setup, Parallel):  # (adapter_names= and set_active_adapters refuse it earlier)
-            raise ValueError(f"adapter setup {setup!r}: a Parallel composition takes bottleneck adapters only; "
-                             f"{names} are LoRA adapters")
-        return names
+        return [] if setup is None else [name for name in setup.names() if name in self.loras]
 
     def acts_as_linear(self) -> bool:
         return not self._active_names()
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
+        if not self._active_names():
+            return out
+        setup = self.state.current_setup()
+        if not isinstance(setup, Parallel):
+            return out + self._stacked_update(setup, x)
+        # The package's compose_parallel: replicate the input (unless an earlier layer did),
+        # then each child's LoRAs on its own copy.
+        channels = setup.parallel_channels
+        if replicates_here(x.shape[0]):
+            x, out = repeat_rows(x, channels), repeat_rows(out, channels)
+        rows = x.shape[0] // channels
+        parts = []
+        for i, child in enumerate(setup):
+            part = slice(i * rows, (i + 1) * rows)
+            update = self._stacked_update([child] if isinstance(child, str) else child, x[part])
+            parts.append(out[part] if update is None else out[part] + update)
+        return torch.cat(parts)
+
+    def _stacked_update(self, names, x):
+        """The update of the LoRAs of ``names`` held here (None: none), a Stack feeding each
+        LoRA the previous one's output, as the package does."""
         hidden = None
-        for name in self._active_names():  # a Stack feeds each LoRA the previous one's output
-            hidden = self.loras[name](x if hidden is None else hidden)
-        return out if hidden is None else out + hidden
+        for name in names:
+            if name in self.loras:
+                hidden = self.loras[name](x if hidden is None else hidden)
+        return hidden
 
     @torch.no_grad()
     def merge_adapter(self, name: str):
@@ -922,10 +966,11 @@ class ModelAdaptersMixin:
     def has_adapters(self) -> bool:
         return bool(self._adapters_state.configs)
 
-    def _check_adapter_name(self, name):
+    def _check_adapter_name(self, name, argument: str | None = None):
         if name not in self._adapters_state.configs:
             raise ValueError(
-                f"no adapter named {name!r}; this model has adapters {sorted(self._adapters_state.configs)}"
+                ("" if argument is None else f"{argument}: ")
+                + f"no adapter named {name!r}; this model has adapters {sorted(self._adapters_state.configs)}"
             )
 
     def add_adapter(self, adapter_name: str, config=None, overwrite_ok: bool = False, set_active: bool = False):
@@ -1001,14 +1046,7 @@ class ModelAdaptersMixin:
     def _parse_setup(self, adapter_setup, argument: str = "adapter_setup") -> Stack | None:
         setup = parse_composition(adapter_setup)
         for name in setup.names() if setup is not None else ():
-            self._check_adapter_name(name)
-        if isinstance(setup, Parallel):
-            lora = [n for n in setup.names() if isinstance(self._adapters_state.configs[n], LoRAConfig)]
-            if lora:
-                raise ValueError(
-                    f"{argument}={setup!r}: a Parallel composition takes bottleneck adapters only; "
-                    f"{lora} are LoRA adapters (run them in separate calls, or in a Stack)"
-                )
+            self._check_adapter_name(name, argument)
         return setup
 
     def set_active_adapters(self, adapter_setup):

@@ -23,8 +23,9 @@ from . import checkpoint as ckpt
 from .adapters import (
     ModelAdaptersMixin,
     encoder_rows,
-    has_bottleneck_adapters,
+    blocks_hold_adapters,
     parallel_channels_of,
+    repeat_rows,
     replicate_for_parallel,
     widen_cu_seqlens,
     widen_packing,
@@ -184,6 +185,8 @@ class DistilBertSelfAttention(nn.Module):
         backend = self.config.backend
         dropout_p = self.dropout.p if self.training else 0.0
         q, k, v = self._qkv(hidden_states)  # (..., heads, head_dim) each
+        if q.shape[0] != hidden_states.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
+            key_padding_mask, _ = replicate_for_parallel(q.shape[0] // hidden_states.shape[0], key_padding_mask, None)
         if isinstance(key_padding_mask, Varlen):
             context = varlen_attention(
                 q, k, v, key_padding_mask.cu_seqlens, key_padding_mask.max_seqlen,
@@ -203,7 +206,7 @@ class DistilBertSelfAttention(nn.Module):
                 backend=backend,
             )
             context = context.transpose(1, 2)  # (batch, seq, heads, head_dim)
-        context = context.reshape(*hidden_states.shape[:-1], self.dim)
+        context = context.reshape(*q.shape[:-2], self.dim)
         return _project_without_bias(self.out_lin, context, backend), weights
 
     def _qkv(self, hidden):
@@ -213,7 +216,11 @@ class DistilBertSelfAttention(nn.Module):
         fused = self._fused_qkv()
         if fused is None:
             layers = (self.q_lin, self.k_lin, self.v_lin)
-            return tuple(_project(layer, hidden, self.config.backend).view(heads) for layer in layers)
+            q, k, v = (_project(layer, hidden, self.config.backend) for layer in layers)
+            # A LoRA of a Parallel adapter setup returns its copies of the batch: the projections
+            # without one repeat theirs to match (the package's match_attn_matrices_for_parallel).
+            rows = max(q.shape[0], k.shape[0], v.shape[0])
+            return tuple(repeat_rows(t, rows // t.shape[0]).view(rows, *heads[1:]) for t in (q, k, v))
         qkv = linear(hidden, *fused, backend=self.config.backend)  # (..., 3 * dim)
         return qkv.view(*hidden.shape[:-1], 3, self.n_heads, self.attention_head_size).unbind(-3)
 
@@ -287,6 +294,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
         attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
+        if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
+            x = repeat_rows(x, attn.shape[0] // x.shape[0])
         x = self._residual_layernorm(
             attn, x, self.attention.out_lin.bias, 0.0, self.sa_layer_norm, self.attention_adapters
         )
@@ -335,7 +344,7 @@ class Transformer(nn.Module):
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         layers = (x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
-        if not has_bottleneck_adapters(self.layer):  # (no context variable: nothing for a compiler to break on)
+        if not blocks_hold_adapters(self.layer):  # (no context variable: nothing for a compiler to break on)
             return self._layers(*layers)
         with encoder_rows(x.shape[0]):  # where a Parallel adapter setup replicates the batch
             return self._layers(*layers)

@@ -129,6 +129,17 @@ TASK_CASES = {
     "parallel_heads": dict(cls="DistilBertAdapterModel",
                            adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2)},
                            setup=Parallel("a", "b"), labels=True),
+    # LoRA replicates the batch at its projections in layer 0, each of q, k, v its own input
+    "parallel_tokcls_lora_stack": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                  "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
+                  "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
+        setup=Parallel(Stack("a", "b"), "c"), labels=False),
+    # q and v only: attention repeats k to match
+    "parallel_heads_lora": dict(cls="DistilBertAdapterModel",
+                                adapters={"a": LoRAConfig(r=4, alpha=8), "b": LoRAConfig(r=2, alpha=4)},
+                                setup=Parallel("a", "b"), labels=True),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 
