@@ -16,13 +16,14 @@ per round, order rotated every round) so that load from other work on the machin
 
 With ``--parallel``, the Parallel composition against one call per adapter instead (two seq_bn
 adapters, one head each; "drop3": adapters only in layers 3-5, AdapterDrop-style, so the lower
-half runs once for both):
+half runs once for both; "-lora": two LoRAs r=8 on q_lin and v_lin instead):
 
     plain              as above
     two-calls          seq_bn "a", then seq_bn "b": two forwards
     parallel           Parallel("a", "b"): one forward, the batch replicated after layer 0's FFN
     two-calls-drop3    as two-calls, adapters left out of layers 0-2
     parallel-drop3     as parallel, the batch replicated in layer 3
+    *-lora             the same four with LoRA: the batch replicated at layer 0's (or 3's) q / v
 
 Prints median / p20 / p80 per provider and the ratio to plain; appends one row per provider to
 bench/results/adapters.csv (see bench/_common.py for the columns that say where it came from).
@@ -95,20 +96,18 @@ def build_providers(device, dtype, backend):
 def build_parallel_providers(device, dtype, backend):
     config = DistilBertConfig(**MODEL_CONFIG, backend=backend)
     plain = DistilBertModel(config).eval()
-    models = {}
-    for drop in ([], [0, 1, 2]):
-        model = DistilBertAdapterModel(copy.deepcopy(config)).eval()
-        model.distilbert.load_state_dict(plain.state_dict())
-        for name in "ab":
-            model.add_adapter(name, config=SeqBnConfig(leave_out=drop))
-            model.add_classification_head(name, num_labels=2)
-        models[bool(drop)] = model.to(device=device, dtype=dtype)
     plain.to(device=device, dtype=dtype)
     providers = {"plain": lambda x: plain(x)}
-    for drop, suffix in ((False, ""), (True, "-drop3")):
-        model = models[drop]
-        providers["two-calls" + suffix] = lambda x, m=model: [m(x, adapter_names=n) for n in "ab"]
-        providers["parallel" + suffix] = lambda x, m=model: m(x, adapter_names=Parallel("a", "b"))
+    for kind, adapter_config in (("", SeqBnConfig), ("-lora", LoRAConfig)):
+        for drop, suffix in (([], ""), ([0, 1, 2], "-drop3")):
+            model = DistilBertAdapterModel(copy.deepcopy(config)).eval()
+            model.distilbert.load_state_dict(plain.state_dict())
+            for name in "ab":
+                model.add_adapter(name, config=adapter_config(leave_out=drop))
+                model.add_classification_head(name, num_labels=2)
+            model.to(device=device, dtype=dtype)
+            providers["two-calls" + suffix + kind] = lambda x, m=model: [m(x, adapter_names=n) for n in "ab"]
+            providers["parallel" + suffix + kind] = lambda x, m=model: m(x, adapter_names=Parallel("a", "b"))
     return providers
 
 
