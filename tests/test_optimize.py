@@ -139,7 +139,7 @@ def test_in_place_same_object_class_parameters_and_undo():
     assert distilbert_fast.optimize(model) is model
     assert type(model) is cls
     assert all(p is params[name] for name, p in model.named_parameters())
-    assert model.distilbert.forward.func.__name__ == "_distilbert_model_forward"
+    assert model.distilbert.forward.ours.func.__name__ == "_distilbert_model_forward"
     distilbert_fast.unoptimize(model)
     assert not distilbert_fast.is_optimized(model)
     assert "forward" not in model.distilbert.__dict__
@@ -252,35 +252,93 @@ def test_import_does_not_load_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+def packed_attention_calls(monkeypatch, model, inputs):
+    """How many times one call of ``model`` runs our packed attention op (0: transformers' own
+    forward ran)."""
+    calls = []
+    real = distilbert_fast.modeling.varlen_attention
+    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    with torch.no_grad():
+        model(**inputs)
+    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention", real)
+    return len(calls)
+
+
+# module paths (below the base model) to hook, per family: modules our forward fuses or skips
+# (LayerNorms, dropouts, BERT's FFN parts), modules whose forward it replaces, and modules it
+# calls on packed tokens
+HOOKED = {
+    "DistilBertModel": ["embeddings", "embeddings.word_embeddings", "transformer.layer.0",
+                        "transformer.layer.1.attention", "transformer.layer.0.attention.q_lin",
+                        "transformer.layer.1.sa_layer_norm", "transformer.layer.0.ffn",
+                        "transformer.layer.1.output_layer_norm", "transformer.layer.0.attention.dropout"],
+    "BertModel": ["embeddings.LayerNorm", "encoder.layer.0.attention", "encoder.layer.1.attention.output.LayerNorm",
+                  "encoder.layer.0.intermediate", "encoder.layer.1.output", "encoder.layer.0.output.dropout"],
+}
+
+
 @pytest.mark.parametrize("kind", ["forward", "forward_pre", "backward"])
-def test_hooks_on_bert_ffn_modules_fire(kind):
-    """Hooks on BERT's intermediate / output modules (which our fused FFN would bypass) fire as
-    on the unoptimised model: same calls, same tensors at real positions, and a hook that
-    changes its module's output changes the model's output alike."""
-    ref = hf_model("BertModel")
+@pytest.mark.parametrize("class_name", sorted(HOOKED))
+def test_hooks_below_the_base_model_fire_as_unoptimised(class_name, kind, monkeypatch):
+    """A hook on any module below the base model (fused, replaced or run on packed tokens by our
+    forward) fires as on the unoptimised model: same calls, same tensors, and a hook that changes
+    its module's output changes the model's output alike; with the hooks removed the model runs
+    on our ops again."""
+    ref = hf_model(class_name)
     model = distilbert_fast.optimize(copy.deepcopy(ref))
-    inputs, mask = ragged_inputs("BertModel")
+    inputs, mask = ragged_inputs(class_name)
 
     def hook_up(m):
-        seen = []
-        for i, layer in enumerate(m.encoder.layer):
-            if kind == "forward":
-                layer.intermediate.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, out)) or out * 0.5)
-                layer.output.register_forward_hook(lambda mod, args, out, i=i: seen.append((i, out)))
+        seen, handles = [], []
+        for path in HOOKED[class_name]:
+            module = m.get_submodule(path)
+            if kind == "forward":  # (a returned value replaces the output: halve the tensors)
+                hook = module.register_forward_hook(lambda mod, args, out, path=path: seen.append((path, out)) or (
+                    out * 0.5 if isinstance(out, torch.Tensor) and out.is_floating_point() else None))
             elif kind == "forward_pre":
-                layer.output.register_forward_pre_hook(lambda mod, args, i=i: seen.append((i, args[1])))
+                hook = module.register_forward_pre_hook(lambda mod, args, path=path: seen.append((path, args[0])))
             else:
-                layer.output.register_full_backward_hook(lambda mod, gin, gout, i=i: seen.append((i, gout[0])))
-        return seen
+                hook = module.register_full_backward_hook(lambda mod, gin, gout, path=path: seen.append((path, gout[0])))
+            handles.append(hook)
+        return seen, handles
 
-    seen_ref, seen = hook_up(ref), hook_up(model)
+    (seen_ref, _), (seen, handles) = hook_up(ref), hook_up(model)
     ref_out, out = ref(**inputs).last_hidden_state, model(**inputs).last_hidden_state
-    assert_close(real_positions(out, mask), real_positions(ref_out, mask), name="last_hidden_state")
+    assert_close(out, ref_out, atol=1e-6, name="last_hidden_state")
     if kind == "backward":
-        weight = torch.randn_like(ref_out) * mask.unsqueeze(-1)
+        weight = torch.randn_like(ref_out)
         (ref_out * weight).sum().backward()
         (out * weight).sum().backward()
-    assert [i for i, _ in seen] == [i for i, _ in seen_ref] and seen_ref
-    for (i, a), (_, b) in zip(seen, seen_ref):
-        assert_close(real_positions(a, mask), real_positions(b, mask), name=f"hooked tensor of layer {i}")
+    assert [path for path, _ in seen] == [path for path, _ in seen_ref] and len(seen_ref) >= 4
+    for (path, a), (_, b) in zip(seen, seen_ref):
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert_close(a, b, atol=1e-6, name=f"tensor the hook on {path} saw")
+    assert packed_attention_calls(monkeypatch, model, inputs) == 0  # transformers' forward ran
+    for handle in handles:
+        handle.remove()
+    assert packed_attention_calls(monkeypatch, model, inputs) == 2  # our packed path again, both layers
+
+
+def test_enable_input_require_grads_keeps_our_path(monkeypatch):
+    """transformers' enable_input_require_grads hook (PEFT adds it under gradient checkpointing)
+    needs no fallback: the model stays on our ops, and gradients reach a frozen model's layers."""
+    ref = hf_model("DistilBertForSequenceClassification")
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    for m in (ref, model):
+        m.requires_grad_(False)
+        m.distilbert.transformer.layer[1].ffn.lin2.weight.requires_grad_(True)
+        m.enable_input_require_grads()
+        m.gradient_checkpointing_enable()
+        m.train()
+        for module in m.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    inputs, mask = ragged_inputs("DistilBertForSequenceClassification")
+    for m in (ref, model):
+        m(**inputs).logits.pow(2).sum().backward()
+    assert packed_attention_calls(monkeypatch, model, inputs) == 2
+    ours, theirs = (m.distilbert.transformer.layer[1].ffn.lin2.weight.grad for m in (model, ref))
+    assert ours is not None and ours.abs().sum() > 0
+    assert_close(ours, theirs, atol=1e-5, name="lin2 grad")
     distilbert_fast.unoptimize(model)

@@ -13,6 +13,14 @@ Because the forward that runs is ``modeling.DistilBertModel.forward`` (and ``Tra
 ``TransformerBlock`` / ``DistilBertSelfAttention`` / ``FFN`` / ``Embeddings``), whatever those
 do (the packed path included) an optimised model does too. ``unoptimize(model)`` deletes the
 instance attributes again.
+
+Hooks: our forward fuses or skips modules (LayerNorms, dropouts, the FFN's parts) and runs the
+rest on packed tokens, so a hook below the base model would fire on other tensors than
+transformers gives it, or not at all. While any forward, forward-pre or backward hook is
+registered on a module below the base model (or globally), each call runs transformers' own
+forward instead, so every hook sees what it sees on the unoptimised model. The one exception is
+the hook of ``enable_input_require_grads`` (PEFT and gradient checkpointing add it): it only
+marks the embeddings' output as requiring grad, whatever its layout.
 """
 
 import functools
@@ -28,6 +36,7 @@ from ..ops import canonical_activation
 from ..ops.backends import AUTO, check_backend_name
 
 _MARK = "_distilbert_fast_optimized"  # on the base model: the modules whose forward we set
+_AS_TRANSFORMERS = "_distilbert_fast_as_transformers"  # on the base model: its latest call runs transformers' forward
 _MISSING = object()
 
 
@@ -94,8 +103,27 @@ class _Config(_View):
         super().__init__(config, object, names, {"backend": backend})
 
 
-def _set_forward(module, fn, record):
-    module.forward = fn  # an instance attribute: nn.Module.__call__ finds it before the class's
+class _Forward:
+    """The forward optimize() gives ``module`` of the optimised ``base`` model: ``ours``, or the
+    module class's own while the base model's call runs as transformers (a hook below it). The
+    base model decides at each call and leaves the decision on itself, so the modules it calls,
+    also when gradient checkpointing recomputes them in backward, follow it."""
+
+    def __init__(self, module, ours, base):
+        self.module, self.ours, self.base = module, ours, base
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if module is self.base:
+            module.__dict__[_AS_TRANSFORMERS] = _has_hooks_below(module)
+        if self.base.__dict__.get(_AS_TRANSFORMERS):
+            return type(module).forward(module, *args, **kwargs)
+        return self.ours(*args, **kwargs)
+
+
+def _set_forward(base, module, fn, record):
+    # an instance attribute: nn.Module.__call__ finds it before the class's
+    module.forward = _Forward(module, fn, base)
     record.append(module)
 
 
@@ -105,21 +133,21 @@ def _set_forward(module, fn, record):
 def _optimize_distilbert(model, backend, record, pack):
     config = _Config(model.config, backend)
     emb = model.embeddings
-    _set_forward(emb, functools.partial(modeling.Embeddings.forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
+    _set_forward(model, emb, functools.partial(modeling.Embeddings.forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
     transformer = model.transformer
-    _set_forward(transformer, functools.partial(modeling.Transformer.forward, _View(
+    _set_forward(model, transformer, functools.partial(modeling.Transformer.forward, _View(
         transformer, modeling.Transformer, values={"gradient_checkpointing": _checkpointing(transformer)})), record)
     activation = canonical_activation(model.config.activation)
     for block in transformer.layer:
         attention = _View(block.attention, modeling.DistilBertSelfAttention, values={"config": config})
-        _set_forward(block.attention, functools.partial(modeling.DistilBertSelfAttention.forward, attention), record)
+        _set_forward(model, block.attention, functools.partial(modeling.DistilBertSelfAttention.forward, attention), record)
         ffn = _View(block.ffn, modeling.FFN, values={"config": config, "activation": activation})
-        _set_forward(block.ffn, functools.partial(modeling.FFN.forward, ffn), record)
+        _set_forward(model, block.ffn, functools.partial(modeling.FFN.forward, ffn), record)
         view = _View(block, modeling.TransformerBlock,
                      values={"config": config, "attention_adapters": None, "output_adapters": None})
-        _set_forward(block, functools.partial(modeling.TransformerBlock.forward, view), record)
+        _set_forward(model, block, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, values={"config": config})
-    _set_forward(model, functools.partial(_distilbert_model_forward, base, pack=pack), record)
+    _set_forward(model, model, functools.partial(_distilbert_model_forward, base, pack=pack), record)
 
 
 def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_embeds=None,
@@ -157,13 +185,13 @@ def _optimize_bert(model, backend, record, pack):
     activation = canonical_activation(hf_config.hidden_act)
 
     emb = model.embeddings
-    _set_forward(emb, functools.partial(_bert_embeddings_forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
+    _set_forward(model, emb, functools.partial(_bert_embeddings_forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
     encoder = model.encoder
-    _set_forward(encoder, functools.partial(modeling.Transformer.forward, _View(
+    _set_forward(model, encoder, functools.partial(modeling.Transformer.forward, _View(
         encoder, modeling.Transformer, values={"gradient_checkpointing": _checkpointing(encoder)})), record)
     for layer in encoder.layer:
         attention = _bert_attention_view(layer.attention, config)
-        _set_forward(layer.attention, functools.partial(_bert_attention_forward, attention), record)
+        _set_forward(model, layer.attention, functools.partial(_bert_attention_forward, attention), record)
         # what the block sees: in training it must not fold the bias (the attention adds it
         # before BERT's dropout)
         dense = layer.attention.output.dense
@@ -176,10 +204,9 @@ def _optimize_bert(model, backend, record, pack):
                      names={"sa_layer_norm": "attention.output.LayerNorm", "output_layer_norm": "output.LayerNorm"},
                      values={"config": config, "attention": block_attention, "ffn": _FFNCall(ffn, layer),
                              "attention_adapters": None, "output_adapters": None})
-        view._values["_ffn_sublayer"] = functools.partial(_bert_ffn_sublayer, view, layer)
-        _set_forward(layer, functools.partial(modeling.TransformerBlock.forward, view), record)
+        _set_forward(model, layer, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
-    _set_forward(model, functools.partial(_bert_model_forward, base, pack=pack), record)
+    _set_forward(model, model, functools.partial(_bert_model_forward, base, pack=pack), record)
 
 
 class _FFNCall(_View):
@@ -193,26 +220,30 @@ class _FFNCall(_View):
         return modeling.FFN.forward(self, *args, **kwargs)
 
 
-def _bert_ffn_sublayer(view, layer, x):
-    """LayerNorm(x + dropout(FFN(x))) of one BERT layer: our fused FFN, or transformers' own
-    BertIntermediate and BertOutput modules while a hook is registered on either of them (or on
-    a module inside them, or globally), so those hooks fire as on the unoptimised model
-    (_bert_model_forward then runs the batch padded, not packed, so they see transformers'
-    layout)."""
-    if _has_hooks(layer.intermediate) or _has_hooks(layer.output):
-        return layer.output(layer.intermediate(x), x)
-    return modeling.TransformerBlock._ffn_sublayer(view, x)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` (or a module inside it) would run a hook: forward, forward-pre
-    or backward hooks on it or under it, or global forward hooks."""
+def _has_hooks_below(base: nn.Module) -> bool:
+    """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
+    backward hook on a module below it (its own fire around our forward alike), or a global
+    forward hook; enable_input_require_grads' hook aside."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in module.modules()
-    )
+    # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
+    stack = list(base._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
+                m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))):
+            return True
+        stack.extend(m._modules.values())
+    return False
+
+
+def _only_requires_grad(hook) -> bool:
+    """transformers' enable_input_require_grads hook, or PEFT's own copy of it:
+    ``output.requires_grad_(True)``, the same on any layout."""
+    return (getattr(hook, "__name__", None) in ("make_inputs_require_grads", "make_inputs_require_grad")
+            and getattr(hook, "__module__", "").split(".")[0] in ("transformers", "peft"))
 
 
 def _bert_attention_view(attention, config):
@@ -295,9 +326,6 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         **view._values,
         "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
-    # a hook on BERT's intermediate / output sees them run in transformers' padded layout
-    pack = pack and not any(_has_hooks(layer.intermediate) or _has_hooks(layer.output)
-                            for layer in module.encoder.layer)
     out = modeling.DistilBertModel.forward(
         per_call, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
         output_hidden_states, True, position_ids=position_ids, pack=pack,
