@@ -135,6 +135,19 @@ def test_model_compiles_without_graph_breaks(backend):
         assert ops.last_backend("masked_attention") == backend
 
 
+def test_model_on_the_default_backend_compiles_without_graph_breaks():
+    """A drop-in user sets no backend: the automatic choice, and a use_backend block around the
+    compiled call, trace without a graph break (use_backend is read when the graph compiles)."""
+    model = small_model(DistilBertForSequenceClassification, None)
+    ids, mask = inputs()
+    assert graph_breaks(model, input_ids=ids, attention_mask=mask) == 0
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    with ops.use_backend("eager"):
+        assert graph_breaks(model, input_ids=ids, attention_mask=mask) == 0
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert_close(compiled(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, name="logits")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_training_step_matches_eager(backend):
     """fullgraph compile of forward + backward (dropout off): the same loss and gradients."""

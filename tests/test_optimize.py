@@ -169,6 +169,20 @@ def test_training_with_dropout_and_gradient_checkpointing_runs():
     assert all(p.grad is not None for p in model.bert.encoder.parameters())
 
 
+@pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "BertModel"])
+def test_optimised_model_compiles_without_graph_breaks(class_name):
+    """torch.compile(fullgraph=True) of an optimised transformers model: no graph break, the
+    unoptimised model's outputs at every real position (a compiled graph runs the padded
+    computation: padding positions hold transformers' values, not zeros)."""
+    ref = hf_model(class_name)
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    inputs, mask = ragged_inputs(class_name)
+    explanation = torch._dynamo.explain(model)(**inputs)
+    assert explanation.graph_count >= 1 and explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compare_outputs(compiled(**inputs), ref(**inputs), mask)
+
+
 def test_bad_argument():
     with pytest.raises(TypeError, match="model must be or contain a transformers DistilBertModel or BertModel"):
         distilbert_fast.optimize(torch.nn.Linear(2, 2))

@@ -25,7 +25,7 @@ marks the embeddings' output as requiring grad, whatever its layout.
 
 import functools
 import inspect
-import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,11 @@ class _View:
     view calls the module (its hooks fire)."""
 
     def __init__(self, module, cls, names=None, values=None):
-        self.__dict__.update(_module=module, _cls=cls, _names=names or {}, _values=values or {})
+        self.__dict__.update(_module=module, _cls=cls, _names=names or {}, _values=values or {},
+                             _class_attrs=_class_attrs(cls))
 
     def __getattr__(self, name):
-        if name.startswith("__") or name in ("_module", "_cls", "_names", "_values"):
+        if name.startswith("__") or name in ("_module", "_cls", "_names", "_values", "_class_attrs"):
             raise AttributeError(name)
         values = self.__dict__["_values"]
         if name in values:
@@ -68,16 +69,17 @@ class _View:
         path = self.__dict__["_names"].get(name)
         if path is not None:
             return functools.reduce(getattr, path.split("."), self.__dict__["_module"])
-        attr = _class_attr(self.__dict__["_cls"], name)
+        attr = self.__dict__["_class_attrs"].get(name, _MISSING)
         if attr is not _MISSING:
             if isinstance(attr, staticmethod):
                 return attr.__func__
+            # (functools.partial, not a bound method: torch.compile traces partials)
             if isinstance(attr, classmethod):
-                return types.MethodType(attr.__func__, self.__dict__["_cls"])
+                return functools.partial(attr.__func__, self.__dict__["_cls"])
             if isinstance(attr, property):
                 return attr.fget(self)
             if inspect.isfunction(attr):
-                return types.MethodType(attr, self)
+                return functools.partial(attr, self)
             return attr
         return getattr(self.__dict__["_module"], name)
 
@@ -88,12 +90,21 @@ class _View:
         return self.__dict__["_module"](*args, **kwargs)
 
 
-def _class_attr(cls, name):
-    """``name`` as defined by one of distilbert_fast's classes in ``cls``'s MRO (not nn.Module)."""
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("distilbert_fast") and name in vars(klass):
-            return vars(klass)[name]
-    return _MISSING
+_CLASS_ATTRS = {}  # cls -> _class_attrs(cls)
+
+
+def _class_attrs(cls) -> dict:
+    """The attributes distilbert_fast's classes in ``cls``'s MRO define (not nn.Module's), the
+    first definition winning: a plain dict, which torch.compile reads without the mappingproxy
+    of vars(klass) (a graph break once any dict was mutated)."""
+    attrs = _CLASS_ATTRS.get(cls)
+    if attrs is None:
+        attrs = {}
+        for klass in reversed(cls.__mro__):
+            if klass.__module__.startswith("distilbert_fast"):
+                attrs.update(vars(klass))
+        attrs = _CLASS_ATTRS[cls] = attrs
+    return attrs
 
 
 class _Config(_View):
@@ -256,11 +267,16 @@ def _bert_attention_view(attention, config):
                          "dim": heads * attention.self.attention_head_size, "scaling": attention.self.scaling})
 
 
+class _Projection(NamedTuple):  # (a NamedTuple: torch.compile traces it, not SimpleNamespace)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
 def _bias_unless_training(attention, dense):
     """out_lin as the block sees it. BERT applies dropout to dense(context) + bias before the
     residual: in training the block must not fold the bias into its LayerNorm, since
     _bert_attention_forward adds it before the dropout."""
-    return types.SimpleNamespace(weight=dense.weight, bias=None if attention.training else dense.bias)
+    return _Projection(dense.weight, None if attention.training else dense.bias)
 
 
 def _bert_attention_forward(view, *args, **kwargs):
@@ -335,7 +351,7 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         last_hidden_state=out.last_hidden_state, pooler_output=pooled,
         hidden_states=out.hidden_states, attentions=out.attentions,
     )
-    return_dict = module.config.use_return_dict if return_dict is None else return_dict
+    return_dict = module.config.return_dict if return_dict is None else return_dict  # (use_return_dict is deprecated)
     return result if return_dict else result.to_tuple()
 
 

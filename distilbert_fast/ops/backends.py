@@ -228,9 +228,16 @@ def use_backend(name: str):
         _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
+def _override_in_force() -> str | None:
+    # dynamo cannot trace ContextVar.get (a graph break in every op of a model left on the
+    # default backend): a compiled graph reads it once, when it is compiled
+    return _override.get()
+
+
 def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None) -> Backend:
     """The backend that runs ``op`` on ``tensor`` for this request (see the module docstring)."""
-    name = requested or _override.get() or _default or os.environ.get(ENV_VAR) or AUTO
+    name = requested or _override_in_force() or _default or os.environ.get(ENV_VAR) or AUTO
     if name == AUTO:
         for candidate in registered_backends():
             impl = _registry[candidate]
