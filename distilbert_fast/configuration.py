@@ -30,6 +30,9 @@ class DistilBertConfig:
     """
 
     model_type = "distilbert"
+    # the hub revision a transformers config was loaded from; transformers 5.17's pipeline()
+    # reads it from any model's config (a class attribute: never written to config.json)
+    _commit_hash = None
     attribute_map = {
         "hidden_size": "dim",
         "num_attention_heads": "n_heads",

@@ -32,7 +32,7 @@ class ModelOutput(OrderedDict):
             from .integrations.transformers import output_twin
 
             cls = output_twin(cls)
-        return super().__new__(cls, *args, **kwargs)
+        return super().__new__(cls)  # (no arguments: torch 2.11's dynamo traces dict.__new__(cls) only)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -56,8 +56,11 @@ class _View:
     view calls the module (its hooks fire)."""
 
     def __init__(self, module, cls, names=None, values=None):
-        self.__dict__.update(_module=module, _cls=cls, _names=names or {}, _values=values or {},
-                             _class_attrs=_class_attrs(cls))
+        # (object.__setattr__ past ours, which writes to the module; not __dict__.update, which
+        # torch 2.11's dynamo cannot trace in the view _bert_model_forward makes per call)
+        for name, value in (("_module", module), ("_cls", cls), ("_names", names or {}),
+                            ("_values", values or {}), ("_class_attrs", _class_attrs(cls))):
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name):
         if name.startswith("__") or name in ("_module", "_cls", "_names", "_values", "_class_attrs"):
