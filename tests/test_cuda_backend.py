@@ -365,7 +365,7 @@ def test_backend_plumbing_varlen_attention(dropout_p):
     torch.manual_seed(5)
     out, saved, state = fake.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask,
                                                       dropout_p, None)
-    assert saved[0].data_ptr() == qkv.data_ptr(), "q was copied"
+    assert saved.q.data_ptr() == qkv.data_ptr(), "q was copied"
     needs = (True, True, True, False, False, True, False, False)
     got = (out, *fake.varlen_attention_backward(saved, state, grad_out, needs))
     keep = None
@@ -381,7 +381,7 @@ def test_backend_plumbing_varlen_attention(dropout_p):
     # strides q, k, v do not share: contiguous copies go in
     _, saved, _ = fake.varlen_attention_forward(q.contiguous(), k, v, cu_seqlens, max_seqlen, None,
                                                 0.0, 0.5)
-    assert all(t.is_contiguous() for t in saved[:3])
+    assert all(t.is_contiguous() for t in (saved.q, saved.k, saved.v))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -402,16 +402,17 @@ def test_backend_promotes_like_eager_and_falls_back_where_kernels_cannot_run():
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     # bfloat16 + float32 residual (autocast's mix): the sum and the output are float32
     y, saved, state = fake.residual_layernorm_forward(x, torch.randn(2, 8), w, b, 1e-12, None, 0.0)
-    assert y.dtype == torch.float32 and saved[0].dtype == torch.float32 and state[0] == "cuda"
+    assert y.dtype == torch.float32 and saved.z.dtype == torch.float32
+    assert not isinstance(state, cuda_backend.RanOnEager)
     # a float64 residual promotes past the kernels' dtypes: eager's code runs, forward and backward
     y, saved, state = fake.residual_layernorm_forward(
         x.float(), torch.randn(2, 8, dtype=torch.float64), w.double(), b.double(), 1e-12, None, 0.0
     )
-    assert y.dtype == torch.float64 and state[0] == "eager"
+    assert y.dtype == torch.float64 and isinstance(state, cuda_backend.RanOnEager)
     # head_dim above the kernels' limit: eager's code
     q = torch.randn(1, 1, 3, cuda_backend.MAX_HEAD_DIM + 1)
     (out, _), _, state = fake.attention_forward(q, q, q, None, None, 0.0, 0.1, False)
-    assert state[0] == "eager" and out.shape == q.shape
+    assert isinstance(state, cuda_backend.RanOnEager) and out.shape == q.shape
 
 
 def test_backend_saves_nothing_without_grad():
