@@ -29,7 +29,7 @@ from distilbert_fast import ops
 from distilbert_fast.ops import cuda_backend
 from distilbert_fast.ops.eager import EagerBackend, activation_derivative, activation_forward
 
-from conftest import SMALL_CONFIG, cuda_graph_replays
+from conftest import SMALL_CONFIG, cuda_graph_replays, packed_qkv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_BACKEND = "cuda" in ops.registered_backends()
@@ -357,15 +357,12 @@ def test_backend_plumbing_varlen_attention(dropout_p):
     backward gets are the forward's."""
     fake = _fake_backend()
     lengths, heads, head_dim, max_seqlen = [3, 0, 5, 1], 2, 8, 6
-    total, dim = sum(lengths), heads * head_dim
-    qkv = torch.randn(total, 3 * dim)
-    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
-    cu_seqlens = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32)
-    head_mask, grad_out = torch.tensor([1.0, 0.0]), torch.randn(total, heads, head_dim)
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim)
+    head_mask, grad_out = torch.tensor([1.0, 0.0]), torch.randn(q.shape)
     torch.manual_seed(5)
     out, saved, state = fake.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask,
                                                       dropout_p, None)
-    assert saved.q.data_ptr() == qkv.data_ptr(), "q was copied"
+    assert saved.q.data_ptr() == q.data_ptr(), "q was copied"
     needs = (True, True, True, False, False, True, False, False)
     got = (out, *fake.varlen_attention_backward(saved, state, grad_out, needs))
     keep = None
@@ -736,14 +733,10 @@ def test_varlen_attention_matches_padded_eager(dtype, case):
     """q, k, v as views of one fused QKV tensor, max_seqlen above the longest, a head_mask with a
     zero: output and every gradient within 2x eager's own error of float64."""
     lengths, heads, head_dim = case
-    total, dim = sum(lengths), heads * head_dim
-    qkv = _cuda(total, 3 * dim).to(dtype)
-    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
-    grad_out = _cuda(total, heads, head_dim).to(dtype)
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim, dtype, "cuda")
+    grad_out = _cuda(*q.shape).to(dtype)
     head_mask = torch.rand(heads, device="cuda") + 0.5
     head_mask[0] = 0.0
-    cu_seqlens = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32,
-                              device="cuda")
     got = _varlen_run(_backend(), q, k, v, cu_seqlens, max(lengths) + 5, head_mask.to(dtype), grad_out)
     ref_d = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, dtype)
     ref64 = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, torch.float64)
