@@ -5,6 +5,8 @@
     python bench/bench_model.py --quick            # smoke test of every provider, nothing recorded
     python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
         --ragged 32x16-256,8x16-512                # packed vs padded (issue #13's CPU rows)
+    python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
+        --ragged 32x16-256 --compile               # ours compiled beside HF compiled
 
 One DistilBERT-base-shaped model with random weights is built in transformers and loaded, with the
 same state_dict, into ours. Every provider runs every shape in the same process:
@@ -16,7 +18,11 @@ same state_dict, into ours. Every provider runs every shape in the same process:
     ...:padded      the same with pack=False: every layer computes the padding too
     ...:packed      the packed entry point (1-D ids + cu_seqlens, max_seqlen): real tokens only,
                     no unpad/pad (what the batch engine calls)
-    ...+compile     torch.compile of hf-sdpa and of ours (with --compile)
+    ...+compile     (with --compile) torch.compile (inductor, dynamic=False) of hf-sdpa, of ours
+                    (under a tracer the padded entry point computes the padding) and of ours on
+                    the packed entry point (ours[NAME]:packed+compile); each compiles once per
+                    shape, with inductor's caches off, in its first call, timed on its own
+                    (compile_s: that call, compilation and one forward) and not in the median
     ort             (with --onnxruntime; CPU, float32) hf-eager's model exported to ONNX and fused by
                     onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
                     strongest fp32 peer on CPU (it prints which fusions matched)
@@ -88,8 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated op backends of ours to run (default: every backend in "
                         "distilbert_fast.ops.available_backends for the device and dtype)")
     p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(ours[BACKEND]) and torch.compile(hf-sdpa) "
-                        "(compiled once per shape, dynamic=False; compilation is part of warm-up)")
+                   help="also time torch.compile of hf-sdpa, ours[BACKEND] and ours[BACKEND]:packed "
+                        "(compiled once per shape, dynamic=False, inductor's caches off; the "
+                        "compiling first call is timed apart, as compile_s)")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also run hf-eager's model exported to ONNX, fused, in onnxruntime (CPU, float32)")
     p.add_argument("--warmup", type=int, default=None,
@@ -333,11 +340,18 @@ def build_providers(args) -> list[Provider]:
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+        # every compile cold, so compile_s is what a fresh process pays (not a cache hit left by
+        # an earlier run or another provider)
+        from torch._inductor import config as inductor_config
+
+        inductor_config.force_disable_caches = True
         providers.append(Provider("hf-sdpa+compile", "hf", "sdpa", True,
                                   last_hidden(torch.compile(hf_sdpa, dynamic=False))))
         for name, model in ours_by_backend.items():
-            providers.append(Provider(f"ours[{name}]+compile", "ours", name, True,
-                                      last_hidden(torch.compile(model, dynamic=False))))
+            compiled = torch.compile(model, dynamic=False)
+            providers.append(Provider(f"ours[{name}]+compile", "ours", name, True, last_hidden(compiled)))
+            providers.append(Provider(f"ours[{name}]:packed+compile", "ours", name, True,
+                                      last_hidden(compiled), packed=True))
     return providers
 
 
@@ -391,6 +405,7 @@ class Result:
     repeats: int = 0
     timer: str = ""
     max_abs_diff: float = float("nan")
+    compile_s: float = float("nan")  # compiled providers: the first call (compilation + a forward)
     error: str = ""
 
     @property
@@ -405,7 +420,10 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
         # The first warm-up call is the checked one (compilation, if any, happens in it too).
         inputs = provider.inputs(case)
         distilbert_fast.ops.backends._last.clear()
+        start = time.perf_counter()
         out = provider.forward(inputs)
+        if provider.compiled:
+            result.compile_s = time.perf_counter() - start
         if provider.impl == "ours" and not provider.compiled:
             ran = set(distilbert_fast.last_backend().values())
             if ran != {provider.backend}:
@@ -438,7 +456,8 @@ def speedup(result: Result, baseline: Result | None) -> str:
 
 def table_cells(r: Result, by_label: dict) -> list[str]:
     if r.error:
-        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", r.error]
+        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", "",
+                r.error]
     diff = "ref" if r.provider.label == "hf-eager" else f"{r.max_abs_diff:.1e}"
     return [
         r.case.name,
@@ -451,11 +470,12 @@ def table_cells(r: Result, by_label: dict) -> list[str]:
         speedup(r, by_label.get("hf-sdpa")),
         speedup(r, by_label.get("ort")),
         diff,
+        f"{r.compile_s:.1f}" if r.provider.compiled else "",
     ]
 
 
 TABLE_HEADER = ["shape", "tokens", "provider", "median ms", "p20-p80 ms", "tokens/s",
-                "vs hf-eager", "vs hf-sdpa", "vs ort", "max|diff|"]
+                "vs hf-eager", "vs hf-sdpa", "vs ort", "max|diff|", "compile s"]
 
 
 def csv_row(r: Result, env: dict, args) -> dict:
@@ -478,6 +498,7 @@ def csv_row(r: Result, env: dict, args) -> dict:
         "max_abs_diff": f"{r.max_abs_diff:.3e}",
         "repeats": r.repeats,
         "timer": r.timer,
+        "compile_s": f"{r.compile_s:.1f}" if r.provider.compiled else "",
     }
 
 
@@ -524,6 +545,7 @@ def main(argv=None) -> int:
                     f"FAILED {result.error}" if result.error else
                     f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
                     f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
+                    + (f"  compile {cells[10]} s" if provider.compiled else "")
                 ), flush=True)
 
     # Final table, one block per shape; ratios are against the same shape's hf rows.
@@ -534,8 +556,9 @@ def main(argv=None) -> int:
         rows += [table_cells(r, by_label) for r in block]
     print(f"\n{MODEL_NAME}, {dtype_name}, {env['device']}, {env['threads']} threads; "
           f"median of timed forward calls, tokens = real (unpadded) tokens; "
-          f"speedup = baseline median / this median; max|diff| = vs hf-eager on real tokens\n")
-    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8, 9}))
+          f"speedup = baseline median / this median; max|diff| = vs hf-eager on real tokens; "
+          f"compile s = a compiled provider's first call, not in its median\n")
+    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8, 9, 10}))
 
     ok = [r for r in results if not r.error]
     if not args.no_record and ok:
