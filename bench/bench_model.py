@@ -6,7 +6,7 @@
     python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
         --ragged 32x16-256,8x16-512                # packed vs padded (issue #13's CPU rows)
     python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
-        --ragged 32x16-256 --compile               # ours compiled beside HF compiled
+        --ragged 32x16-256 --compile --interleave  # ours compiled beside HF compiled
 
 One DistilBERT-base-shaped model with random weights is built in transformers and loaded, with the
 same state_dict, into ours. Every provider runs every shape in the same process:
@@ -27,7 +27,9 @@ same state_dict, into ours. Every provider runs every shape in the same process:
                     onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
                     strongest fp32 peer on CPU (it prints which fusions matched)
 
-For each shape it prints a line per provider as it finishes, then a table: median latency with
+Each provider is timed on its own, one after the other, or with --interleave in round-robin rounds
+over all providers of a shape (one call each per round), so that load from other work on a
+shared machine hits them alike. For each shape it prints a line per provider as it finishes, then a table: median latency with
 p20/p80, real (unpadded) tokens per second, the speedup against hf-eager and hf-sdpa, and the max
 abs difference of last_hidden_state to hf-eager on non-padded positions. Each run appends one row
 per provider and shape to bench/results/model.csv (see bench/_common.py for the columns that say
@@ -45,7 +47,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
-from _common import RESULTS_DIR, append_rows, environment, format_table, time_fn  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, append_rows, environment, format_table, time_fn, time_interleaved,
+)
 
 import distilbert_fast  # noqa: E402
 
@@ -97,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time torch.compile of hf-sdpa, ours[BACKEND] and ours[BACKEND]:packed "
                         "(compiled once per shape, dynamic=False, inductor's caches off; the "
                         "compiling first call is timed apart, as compile_s)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the providers of a shape in round-robin rounds (after each one's checked "
+                        "first call), --repeats rounds at most, at least 3, stopping once --max-time "
+                        "per provider is spent: ratios that hold up on a shared machine")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also run hf-eager's model exported to ONNX, fused, in onnxruntime (CPU, float32)")
     p.add_argument("--warmup", type=int, default=None,
@@ -412,9 +420,15 @@ class Result:
     def tokens_per_s(self) -> float:
         return self.case.real_tokens / (self.median_ms / 1e3)
 
+    def set_timing(self, timing) -> None:
+        self.median_ms, self.p20_ms, self.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+        self.repeats, self.timer = timing.repeats, timing.timer
 
-def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, torch.Tensor | None]:
-    """Times one provider on one case; returns the result and the first call's output."""
+
+def measure(provider: Provider, case: Case, reference, args,
+            timed: bool = True) -> tuple[Result, torch.Tensor | None]:
+    """Runs and checks one provider's first call on one case, then (``timed``) warms it up and
+    times it; returns the result and the first call's output."""
     result = Result(case, provider)
     try:
         # The first warm-up call is the checked one (compilation, if any, happens in it too).
@@ -432,6 +446,8 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
             real = out if provider.packed else out[case.keep]
             diff = (real.float() - reference[case.keep].float()).abs()
             result.max_abs_diff = diff.max().item()
+        if not timed:
+            return result, out
         warmup = args.warmup - 1 + (2 if provider.compiled else 0)
         timing = time_fn(lambda: provider.forward(inputs), args.device,
                          warmup=max(1, warmup), repeats=args.repeats, max_time_s=args.max_time)
@@ -440,9 +456,17 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
         return result, None
-    result.median_ms, result.p20_ms, result.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-    result.repeats, result.timer = timing.repeats, timing.timer
+    result.set_timing(timing)
     return result, out
+
+
+def time_together(results: list, args) -> None:
+    """Times the (first-call-checked) providers of ``results``, one shape's, interleaved."""
+    calls = {r.provider.label: (lambda p=r.provider, inputs=r.provider.inputs(r.case): p.forward(inputs))
+             for r in results}
+    timings = time_interleaved(calls, args.device, args.warmup, args.repeats, args.max_time)
+    for r in results:
+        r.set_timing(timings[r.provider.label])
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -530,23 +554,33 @@ def main(argv=None) -> int:
 
     results: list[Result] = []
     total = len(cases) * len(providers)
+
+    def report(result, by_label):
+        cells = table_cells(result, by_label)
+        print(f"[{results.index(result) + 1:>2}/{total}] {cells[0]:<11} {cells[2]:<22} " + (
+            f"FAILED {result.error}" if result.error else
+            f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
+            f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
+            + (f"  compile {cells[10]} s" if result.provider.compiled else "")
+        ), flush=True)
+
     with torch.inference_mode():
         for case in cases:
             reference = None  # hf-eager's output, the first provider's
             by_label: dict[str, Result] = {}
             for provider in providers:
-                result, out = measure(provider, case, reference, args)
+                result, out = measure(provider, case, reference, args, timed=not args.interleave)
                 if provider.label == "hf-eager":
                     reference, result.max_abs_diff = out, 0.0
                 by_label[provider.label] = result
                 results.append(result)
-                cells = table_cells(result, by_label)
-                print(f"[{len(results):>2}/{total}] {cells[0]:<11} {cells[2]:<22} " + (
-                    f"FAILED {result.error}" if result.error else
-                    f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
-                    f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
-                    + (f"  compile {cells[10]} s" if provider.compiled else "")
-                ), flush=True)
+                if result.error or not args.interleave:
+                    report(result, by_label)
+            if args.interleave:
+                ready = [r for r in by_label.values() if not r.error]
+                time_together(ready, args)
+                for result in ready:
+                    report(result, by_label)
 
     # Final table, one block per shape; ratios are against the same shape's hf rows.
     rows = []
