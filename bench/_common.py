@@ -102,6 +102,31 @@ def time_fn(fn, device: torch.device, warmup: int, repeats: int, max_time_s: flo
     )
 
 
+def time_interleaved(calls: dict, device: torch.device, warmup: int, repeats: int,
+                     max_time_s: float) -> dict:
+    """{name: Timing} of ``calls`` ({name: fn}) timed in round-robin rounds (a, b, a, b, ...), so
+    a change in the machine's load (it is shared) hits every provider alike; median and p20/p80
+    per provider. ``warmup`` rounds first (at least one); then up to ``repeats`` rounds, stopping
+    after 3 once ``max_time_s`` per provider is spent."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(max(1, warmup)):
+        for fn in calls.values():
+            fn()
+    sync()
+    samples = {name: [] for name in calls}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if i + 1 >= 3 and time.perf_counter() - start > max_time_s * len(calls):
+            break
+    return {name: Timing(percentile(v, 50), percentile(v, 20), percentile(v, 80), len(v), "perf_counter")
+            for name, v in samples.items()}
+
+
 # -- where a number came from ----------------------------------------------------------------------
 
 

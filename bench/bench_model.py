@@ -5,6 +5,8 @@
     python bench/bench_model.py --quick            # smoke test of every provider, nothing recorded
     python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
         --ragged 32x16-256,8x16-512                # packed vs padded (issue #13's CPU rows)
+    python bench/bench_model.py --threads 2 --backends cpu --shapes 8x128 --varlen none \
+        --ragged 32x16-256 --compile --interleave  # ours compiled beside HF compiled
 
 One DistilBERT-base-shaped model with random weights is built in transformers and loaded, with the
 same state_dict, into ours. Every provider runs every shape in the same process:
@@ -16,12 +18,18 @@ same state_dict, into ours. Every provider runs every shape in the same process:
     ...:padded      the same with pack=False: every layer computes the padding too
     ...:packed      the packed entry point (1-D ids + cu_seqlens, max_seqlen): real tokens only,
                     no unpad/pad (what the batch engine calls)
-    ...+compile     torch.compile of hf-sdpa and of ours (with --compile)
+    ...+compile     (with --compile) torch.compile (inductor, dynamic=False) of hf-sdpa, of ours
+                    (under a tracer the padded entry point computes the padding) and of ours on
+                    the packed entry point (ours[NAME]:packed+compile); each compiles once per
+                    shape, with inductor's caches off, in its first call, timed on its own
+                    (compile_s: that call, compilation and one forward) and not in the median
     ort             (with --onnxruntime; CPU, float32) hf-eager's model exported to ONNX and fused by
                     onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
                     strongest fp32 peer on CPU (it prints which fusions matched)
 
-For each shape it prints a line per provider as it finishes, then a table: median latency with
+Each provider is timed on its own, one after the other, or with --interleave in round-robin rounds
+over all providers of a shape (one call each per round), so that load from other work on a
+shared machine hits them alike. For each shape it prints a line per provider as it finishes, then a table: median latency with
 p20/p80, real (unpadded) tokens per second, the speedup against hf-eager and hf-sdpa, and the max
 abs difference of last_hidden_state to hf-eager on non-padded positions. Each run appends one row
 per provider and shape to bench/results/model.csv (see bench/_common.py for the columns that say
@@ -39,7 +47,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
-from _common import RESULTS_DIR, append_rows, environment, format_table, time_fn  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS_DIR, append_rows, environment, format_table, time_fn, time_interleaved,
+)
 
 import distilbert_fast  # noqa: E402
 
@@ -88,8 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated op backends of ours to run (default: every backend in "
                         "distilbert_fast.ops.available_backends for the device and dtype)")
     p.add_argument("--compile", action="store_true",
-                   help="also time torch.compile(ours[BACKEND]) and torch.compile(hf-sdpa) "
-                        "(compiled once per shape, dynamic=False; compilation is part of warm-up)")
+                   help="also time torch.compile of hf-sdpa, ours[BACKEND] and ours[BACKEND]:packed "
+                        "(compiled once per shape, dynamic=False, inductor's caches off; the "
+                        "compiling first call is timed apart, as compile_s)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the providers of a shape in round-robin rounds (after each one's checked "
+                        "first call), --repeats rounds at most, at least 3, stopping once --max-time "
+                        "per provider is spent: ratios that hold up on a shared machine")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also run hf-eager's model exported to ONNX, fused, in onnxruntime (CPU, float32)")
     p.add_argument("--warmup", type=int, default=None,
@@ -333,11 +348,18 @@ def build_providers(args) -> list[Provider]:
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+        # every compile cold, so compile_s is what a fresh process pays (not a cache hit left by
+        # an earlier run or another provider)
+        from torch._inductor import config as inductor_config
+
+        inductor_config.force_disable_caches = True
         providers.append(Provider("hf-sdpa+compile", "hf", "sdpa", True,
                                   last_hidden(torch.compile(hf_sdpa, dynamic=False))))
         for name, model in ours_by_backend.items():
-            providers.append(Provider(f"ours[{name}]+compile", "ours", name, True,
-                                      last_hidden(torch.compile(model, dynamic=False))))
+            compiled = torch.compile(model, dynamic=False)
+            providers.append(Provider(f"ours[{name}]+compile", "ours", name, True, last_hidden(compiled)))
+            providers.append(Provider(f"ours[{name}]:packed+compile", "ours", name, True,
+                                      last_hidden(compiled), packed=True))
     return providers
 
 
@@ -391,21 +413,31 @@ class Result:
     repeats: int = 0
     timer: str = ""
     max_abs_diff: float = float("nan")
+    compile_s: float = float("nan")  # compiled providers: the first call (compilation + a forward)
     error: str = ""
 
     @property
     def tokens_per_s(self) -> float:
         return self.case.real_tokens / (self.median_ms / 1e3)
 
+    def set_timing(self, timing) -> None:
+        self.median_ms, self.p20_ms, self.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+        self.repeats, self.timer = timing.repeats, timing.timer
 
-def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, torch.Tensor | None]:
-    """Times one provider on one case; returns the result and the first call's output."""
+
+def measure(provider: Provider, case: Case, reference, args,
+            timed: bool = True) -> tuple[Result, torch.Tensor | None]:
+    """Runs and checks one provider's first call on one case, then (``timed``) warms it up and
+    times it; returns the result and the first call's output."""
     result = Result(case, provider)
     try:
         # The first warm-up call is the checked one (compilation, if any, happens in it too).
         inputs = provider.inputs(case)
         distilbert_fast.ops.backends._last.clear()
+        start = time.perf_counter()
         out = provider.forward(inputs)
+        if provider.compiled:
+            result.compile_s = time.perf_counter() - start
         if provider.impl == "ours" and not provider.compiled:
             ran = set(distilbert_fast.last_backend().values())
             if ran != {provider.backend}:
@@ -414,6 +446,8 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
             real = out if provider.packed else out[case.keep]
             diff = (real.float() - reference[case.keep].float()).abs()
             result.max_abs_diff = diff.max().item()
+        if not timed:
+            return result, out
         warmup = args.warmup - 1 + (2 if provider.compiled else 0)
         timing = time_fn(lambda: provider.forward(inputs), args.device,
                          warmup=max(1, warmup), repeats=args.repeats, max_time_s=args.max_time)
@@ -422,9 +456,17 @@ def measure(provider: Provider, case: Case, reference, args) -> tuple[Result, to
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
         return result, None
-    result.median_ms, result.p20_ms, result.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
-    result.repeats, result.timer = timing.repeats, timing.timer
+    result.set_timing(timing)
     return result, out
+
+
+def time_together(results: list, args) -> None:
+    """Times the (first-call-checked) providers of ``results``, one shape's, interleaved."""
+    calls = {r.provider.label: (lambda p=r.provider, inputs=r.provider.inputs(r.case): p.forward(inputs))
+             for r in results}
+    timings = time_interleaved(calls, args.device, args.warmup, args.repeats, args.max_time)
+    for r in results:
+        r.set_timing(timings[r.provider.label])
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -438,7 +480,8 @@ def speedup(result: Result, baseline: Result | None) -> str:
 
 def table_cells(r: Result, by_label: dict) -> list[str]:
     if r.error:
-        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", r.error]
+        return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", "",
+                r.error]
     diff = "ref" if r.provider.label == "hf-eager" else f"{r.max_abs_diff:.1e}"
     return [
         r.case.name,
@@ -451,11 +494,12 @@ def table_cells(r: Result, by_label: dict) -> list[str]:
         speedup(r, by_label.get("hf-sdpa")),
         speedup(r, by_label.get("ort")),
         diff,
+        f"{r.compile_s:.1f}" if r.provider.compiled else "",
     ]
 
 
 TABLE_HEADER = ["shape", "tokens", "provider", "median ms", "p20-p80 ms", "tokens/s",
-                "vs hf-eager", "vs hf-sdpa", "vs ort", "max|diff|"]
+                "vs hf-eager", "vs hf-sdpa", "vs ort", "max|diff|", "compile s"]
 
 
 def csv_row(r: Result, env: dict, args) -> dict:
@@ -478,6 +522,7 @@ def csv_row(r: Result, env: dict, args) -> dict:
         "max_abs_diff": f"{r.max_abs_diff:.3e}",
         "repeats": r.repeats,
         "timer": r.timer,
+        "compile_s": f"{r.compile_s:.1f}" if r.provider.compiled else "",
     }
 
 
@@ -509,22 +554,33 @@ def main(argv=None) -> int:
 
     results: list[Result] = []
     total = len(cases) * len(providers)
+
+    def report(result, by_label):
+        cells = table_cells(result, by_label)
+        print(f"[{results.index(result) + 1:>2}/{total}] {cells[0]:<11} {cells[2]:<22} " + (
+            f"FAILED {result.error}" if result.error else
+            f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
+            f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
+            + (f"  compile {cells[10]} s" if result.provider.compiled else "")
+        ), flush=True)
+
     with torch.inference_mode():
         for case in cases:
             reference = None  # hf-eager's output, the first provider's
             by_label: dict[str, Result] = {}
             for provider in providers:
-                result, out = measure(provider, case, reference, args)
+                result, out = measure(provider, case, reference, args, timed=not args.interleave)
                 if provider.label == "hf-eager":
                     reference, result.max_abs_diff = out, 0.0
                 by_label[provider.label] = result
                 results.append(result)
-                cells = table_cells(result, by_label)
-                print(f"[{len(results):>2}/{total}] {cells[0]:<11} {cells[2]:<22} " + (
-                    f"FAILED {result.error}" if result.error else
-                    f"{cells[3]:>9} ms (p20-p80 {cells[4]}, n={result.repeats})  {cells[5]:>8} tok/s  "
-                    f"{cells[6]:>6} vs hf-eager  {cells[7]:>6} vs hf-sdpa  diff {cells[9]}"
-                ), flush=True)
+                if result.error or not args.interleave:
+                    report(result, by_label)
+            if args.interleave:
+                ready = [r for r in by_label.values() if not r.error]
+                time_together(ready, args)
+                for result in ready:
+                    report(result, by_label)
 
     # Final table, one block per shape; ratios are against the same shape's hf rows.
     rows = []
@@ -534,8 +590,9 @@ def main(argv=None) -> int:
         rows += [table_cells(r, by_label) for r in block]
     print(f"\n{MODEL_NAME}, {dtype_name}, {env['device']}, {env['threads']} threads; "
           f"median of timed forward calls, tokens = real (unpadded) tokens; "
-          f"speedup = baseline median / this median; max|diff| = vs hf-eager on real tokens\n")
-    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8, 9}))
+          f"speedup = baseline median / this median; max|diff| = vs hf-eager on real tokens; "
+          f"compile s = a compiled provider's first call, not in its median\n")
+    print(format_table(TABLE_HEADER, rows, right={1, 3, 4, 5, 6, 7, 8, 9, 10}))
 
     ok = [r for r in results if not r.error]
     if not args.no_record and ok:

@@ -16,12 +16,11 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
-from _common import RESULTS_DIR, Timing, append_rows, environment, format_table, percentile  # noqa: E402
+from _common import RESULTS_DIR, append_rows, environment, format_table, time_interleaved  # noqa: E402
 
 import distilbert_fast  # noqa: E402
 
@@ -62,28 +61,6 @@ def make_batches(args, device, vocab):
         mask = (torch.arange(s)[None, :] < lens[:, None]).long()
         out.append((f"{b}xU[{lo},{hi}]", b, s, True, ids * mask, mask))
     return [(label, b, s, r, ids.to(device), mask.to(device)) for label, b, s, r, ids, mask in out]
-
-
-def time_interleaved(calls, device, warmup, repeats, max_time_s):
-    """{name: Timing}: the providers' calls alternate (a, b, a, b, ...), so a change in the
-    machine's load (it is shared) hits both alike; median and p20/p80 per provider."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(max(1, warmup)):
-        for fn in calls.values():
-            fn()
-    sync()
-    samples = {name: [] for name in calls}
-    start = time.perf_counter()
-    for i in range(repeats):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
-        if i + 1 >= 3 and time.perf_counter() - start > max_time_s * len(calls):
-            break
-    return {name: Timing(percentile(v, 50), percentile(v, 20), percentile(v, 80), len(v), "perf_counter")
-            for name, v in samples.items()}
 
 
 def main(argv=None):

@@ -195,6 +195,28 @@ def cuda_graph_replays(step, replays: int = 3) -> list:
     return outputs
 
 
+def cu_seqlens_of(lengths, device="cpu") -> torch.Tensor:
+    """(batch + 1,) int32 offsets of packed sequences of ``lengths``: 0, l0, l0 + l1, ..."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def packed_qkv(lengths, heads, head_dim, dtype=torch.float32, device="cpu", fused=True):
+    """Varlen attention inputs: q, k, v (total, heads, head_dim), random (drawn on the CPU, so a
+    seed gives the same values on every device, then rounded to ``dtype``), and their cu_seqlens.
+    fused: q, k, v are strided views of one (total, 3 * heads * head_dim) tensor, as the model's
+    fused QKV projection gives them; else three contiguous tensors."""
+    total, dim = sum(lengths), heads * head_dim
+    if fused:
+        qkv = torch.randn(total, 3 * dim).to(device, dtype)
+        q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
+    else:
+        q, k, v = (torch.randn(total, heads, head_dim).to(device, dtype) for _ in range(3))
+    return q, k, v, cu_seqlens_of(lengths, device)
+
+
 TOKEN_FIELDS = ("last_hidden_state", "hidden_states", "logits", "start_logits", "end_logits")
 
 

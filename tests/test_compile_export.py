@@ -73,6 +73,9 @@ def _op_samples(backend):
     w8, b8 = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
     weight = torch.randn(6, 8, requires_grad=True)
     b6 = torch.randn(6, requires_grad=True)
+    # packed: sequences of 2 and 5 tokens, max_seqlen above the longest
+    qp, kp, vp = (torch.randn(7, 2, 8, requires_grad=True) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 2, 7], dtype=torch.int32)
     d = torch.ops.distilbert_fast
     return [
         (d.masked_attention, (q, k, v, mask, head_mask, 0.0, 0.35, False, backend)),
@@ -82,6 +85,8 @@ def _op_samples(backend):
         (d.residual_layernorm, (x, None, w8, b8, 1e-5, None, 0.25, backend)),
         (d.linear_activation, (x, weight, b6, "gelu_new", backend)),
         (d.linear, (x, weight, b6, backend)),
+        (d.varlen_attention, (qp, kp, vp, cu_seqlens, 6, head_mask, 0.0, 0.35, backend)),
+        (d.varlen_attention, (qp, kp, vp, cu_seqlens, 5, None, 0.25, 0.35, backend)),
     ]
 
 

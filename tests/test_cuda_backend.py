@@ -29,7 +29,7 @@ from distilbert_fast import ops
 from distilbert_fast.ops import cuda_backend
 from distilbert_fast.ops.eager import EagerBackend, activation_derivative, activation_forward
 
-from conftest import SMALL_CONFIG, cuda_graph_replays
+from conftest import SMALL_CONFIG, cuda_graph_replays, packed_qkv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA_BACKEND = "cuda" in ops.registered_backends()
@@ -357,15 +357,12 @@ def test_backend_plumbing_varlen_attention(dropout_p):
     backward gets are the forward's."""
     fake = _fake_backend()
     lengths, heads, head_dim, max_seqlen = [3, 0, 5, 1], 2, 8, 6
-    total, dim = sum(lengths), heads * head_dim
-    qkv = torch.randn(total, 3 * dim)
-    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
-    cu_seqlens = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32)
-    head_mask, grad_out = torch.tensor([1.0, 0.0]), torch.randn(total, heads, head_dim)
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim)
+    head_mask, grad_out = torch.tensor([1.0, 0.0]), torch.randn(q.shape)
     torch.manual_seed(5)
     out, saved, state = fake.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask,
                                                       dropout_p, None)
-    assert saved[0].data_ptr() == qkv.data_ptr(), "q was copied"
+    assert saved.q.data_ptr() == q.data_ptr(), "q was copied"
     needs = (True, True, True, False, False, True, False, False)
     got = (out, *fake.varlen_attention_backward(saved, state, grad_out, needs))
     keep = None
@@ -381,7 +378,7 @@ def test_backend_plumbing_varlen_attention(dropout_p):
     # strides q, k, v do not share: contiguous copies go in
     _, saved, _ = fake.varlen_attention_forward(q.contiguous(), k, v, cu_seqlens, max_seqlen, None,
                                                 0.0, 0.5)
-    assert all(t.is_contiguous() for t in saved[:3])
+    assert all(t.is_contiguous() for t in (saved.q, saved.k, saved.v))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -402,16 +399,17 @@ def test_backend_promotes_like_eager_and_falls_back_where_kernels_cannot_run():
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     # bfloat16 + float32 residual (autocast's mix): the sum and the output are float32
     y, saved, state = fake.residual_layernorm_forward(x, torch.randn(2, 8), w, b, 1e-12, None, 0.0)
-    assert y.dtype == torch.float32 and saved[0].dtype == torch.float32 and state[0] == "cuda"
+    assert y.dtype == torch.float32 and saved.z.dtype == torch.float32
+    assert not isinstance(state, cuda_backend.RanOnEager)
     # a float64 residual promotes past the kernels' dtypes: eager's code runs, forward and backward
     y, saved, state = fake.residual_layernorm_forward(
         x.float(), torch.randn(2, 8, dtype=torch.float64), w.double(), b.double(), 1e-12, None, 0.0
     )
-    assert y.dtype == torch.float64 and state[0] == "eager"
+    assert y.dtype == torch.float64 and isinstance(state, cuda_backend.RanOnEager)
     # head_dim above the kernels' limit: eager's code
     q = torch.randn(1, 1, 3, cuda_backend.MAX_HEAD_DIM + 1)
     (out, _), _, state = fake.attention_forward(q, q, q, None, None, 0.0, 0.1, False)
-    assert state[0] == "eager" and out.shape == q.shape
+    assert isinstance(state, cuda_backend.RanOnEager) and out.shape == q.shape
 
 
 def test_backend_saves_nothing_without_grad():
@@ -735,14 +733,10 @@ def test_varlen_attention_matches_padded_eager(dtype, case):
     """q, k, v as views of one fused QKV tensor, max_seqlen above the longest, a head_mask with a
     zero: output and every gradient within 2x eager's own error of float64."""
     lengths, heads, head_dim = case
-    total, dim = sum(lengths), heads * head_dim
-    qkv = _cuda(total, 3 * dim).to(dtype)
-    q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
-    grad_out = _cuda(total, heads, head_dim).to(dtype)
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim, dtype, "cuda")
+    grad_out = _cuda(*q.shape).to(dtype)
     head_mask = torch.rand(heads, device="cuda") + 0.5
     head_mask[0] = 0.0
-    cu_seqlens = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32,
-                              device="cuda")
     got = _varlen_run(_backend(), q, k, v, cu_seqlens, max(lengths) + 5, head_mask.to(dtype), grad_out)
     ref_d = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, dtype)
     ref64 = _padded_eager_as_varlen(q, k, v, grad_out, lengths, head_mask, torch.float64)

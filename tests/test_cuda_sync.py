@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SMALL_CONFIG, cuda_graph_replays
+from conftest import SMALL_CONFIG, cu_seqlens_of, cuda_graph_replays
 
 import distilbert_fast
 from distilbert_fast import DistilBertConfig
@@ -30,9 +30,9 @@ def _model(class_name, backend):
 
 
 def _packed_inputs(lengths=(5, 1, 8, 3)):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    ids = torch.randint(0, V, (int(cu[-1]),))
-    return dict(input_ids=ids.cuda(), cu_seqlens=cu.cuda(), max_seqlen=max(lengths))
+    ids = torch.randint(0, V, (sum(lengths),))
+    return dict(input_ids=ids.cuda(), cu_seqlens=cu_seqlens_of(lengths, "cuda"),
+                max_seqlen=max(lengths))
 
 
 def count_syncs(fn) -> int:

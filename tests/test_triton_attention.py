@@ -93,13 +93,13 @@ def run_eager(q, k, v, grad_out, mask, head_mask, scale, dtype, keep=None, dropo
     q, k, v, grad_out = (t.to(dtype) for t in (q, k, v, grad_out))
     head_mask = None if head_mask is None else head_mask.to(dtype)
     (out, _), saved, state = EAGER.attention_forward(q, k, v, mask, head_mask, 0.0, scale, False)
-    probs = saved[3]
+    probs = saved.probs
     if keep is not None:
         weights = probs * keep / (1.0 - dropout_p)
         if head_mask is not None:
             weights = weights * head_mask.view(1, -1, 1, 1)
         out = torch.matmul(weights, v)
-        saved, state = (*saved[:4], keep, *saved[5:]), (dropout_p, scale)
+        saved, state = saved._replace(keep=keep), (dropout_p, scale)
     dq, dk, dv, dhm = EAGER.attention_backward(saved, state, grad_out, None, ALL_GRADS)
     dhm = None if dhm is None else dhm.to(torch.promote_types(dtype, torch.float32))
     return (out, dq.to(dtype), dk.to(dtype), dv.to(dtype), dhm), probs

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 pytest.importorskip("triton")
 
-from conftest import cuda_graph_replays  # noqa: E402
+from conftest import cu_seqlens_of, cuda_graph_replays, packed_qkv  # noqa: E402
 from distilbert_fast.kernels import triton_varlen_attention as tva  # noqa: E402
 from distilbert_fast.kernels.triton_attention import _INTERPRETED  # noqa: E402
 from test_triton_attention import (  # noqa: E402
@@ -41,13 +41,6 @@ if not ON_CUDA and not _INTERPRETED:
 
 
 # -- packing ------------------------------------------------------------------------------------
-def cu_seqlens_of(lengths):
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    return torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
-
-
 def pad(x, lengths, max_len):
     """(total, heads, head_dim) -> (batch, heads, max_len, head_dim), zeros after each end."""
     out = x.new_zeros(len(lengths), x.shape[1], max_len, x.shape[2])
@@ -70,18 +63,13 @@ def key_mask(lengths, max_len):
 def make_inputs(lengths, heads, head_dim, dtype, with_head_mask, fused=False):
     """q, k, v, grad_out (rounded to dtype), cu_seqlens and a head_mask with a zero. fused: q, k, v
     are (total, heads, head_dim) views of one (total, 3 * heads * head_dim) tensor."""
-    total, dim = sum(lengths), heads * head_dim
-    if fused:
-        qkv = torch.randn(total, 3 * dim).to(DEVICE, dtype)
-        q, k, v = (qkv[:, i * dim:(i + 1) * dim].view(total, heads, head_dim) for i in range(3))
-    else:
-        q, k, v = (torch.randn(total, heads, head_dim).to(DEVICE, dtype) for _ in range(3))
-    grad_out = torch.randn(total, heads, head_dim).to(DEVICE, dtype)
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim, dtype, DEVICE, fused)
+    grad_out = torch.randn(q.shape).to(DEVICE, dtype)
     head_mask = None
     if with_head_mask:
         head_mask = (torch.rand(heads) + 0.25).to(DEVICE, dtype)
         head_mask[0] = 0.0
-    return q, k, v, grad_out, cu_seqlens_of(lengths), head_mask
+    return q, k, v, grad_out, cu_seqlens, head_mask
 
 
 # -- the two sides of every comparison ----------------------------------------------------------
@@ -189,8 +177,9 @@ def recover_keep(lengths, heads, dropout_p, seed):
     zeros = torch.zeros(total, heads, max_len, device=DEVICE)
     eye = unpad(torch.eye(max_len, device=DEVICE).expand(len(lengths), heads, max_len, max_len),
                 lengths)
-    out, _ = tva.varlen_attention_fwd(zeros, zeros, eye.contiguous(), cu_seqlens_of(lengths),
-                                      max_len, None, dropout_p, 1.0, seed)
+    out, _ = tva.varlen_attention_fwd(zeros, zeros, eye.contiguous(),
+                                      cu_seqlens_of(lengths, DEVICE), max_len, None, dropout_p,
+                                      1.0, seed)
     kept = pad(out, lengths, max_len) * torch.tensor(lengths, device=DEVICE).view(-1, 1, 1, 1)
     kept = kept * (1.0 - dropout_p)
     assert bool(((kept == 0) | ((kept - 1.0).abs() < 1e-5)).all()), "out is not keep / (n (1 - p))"
@@ -276,7 +265,7 @@ def test_backend_methods_and_needs_grad():
 )
 def test_bad_arguments_are_named(overrides, error, message):
     q = torch.randn(5, 2, 16, device=DEVICE)
-    args = dict(q=q, k=q, v=q, cu_seqlens=cu_seqlens_of([2, 3]), max_seqlen=3, head_mask=None,
+    args = dict(q=q, k=q, v=q, cu_seqlens=cu_seqlens_of([2, 3], DEVICE), max_seqlen=3, head_mask=None,
                 dropout_p=0.0, scale=None, seed=0)
     args.update({n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
                  for n, t in overrides.items()})

@@ -36,6 +36,7 @@
 // delta_i = dout_i . out_i must see the unrounded output, or a row whose exact gradient is zero
 // (one key) picks up bf16 rounding noise.
 #include "common.h"
+#include "cpu_ops.h"
 
 #include <cmath>
 #include <limits>

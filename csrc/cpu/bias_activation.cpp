@@ -5,6 +5,7 @@
 // act: gelu (erf), gelu_new (tanh approximation, HuggingFace's NewGELUActivation), relu, silu.
 // The backward recomputes z = x + bias from the saved input rather than saving z or y.
 #include "common.h"
+#include "cpu_ops.h"
 
 namespace distilbert_fast {
 namespace cpu {

@@ -1,59 +1,12 @@
 // The CPU kernels' Python entry points (distilbert_fast._C.cpu_*), registered by init_cpu_ops.
-// Optional tensors are None on the Python side. See each kernel file for the contract.
+// Their signatures and contracts: cpu_ops.h.
 #include <torch/extension.h>
 
 #include "../ops_init.h"
 #include "common.h"
+#include "cpu_ops.h"
 
 namespace distilbert_fast {
-namespace cpu {
-
-std::vector<at::Tensor> residual_layernorm_fwd(const at::Tensor& x,
-                                               const c10::optional<at::Tensor>& residual,
-                                               const at::Tensor& weight, const at::Tensor& bias,
-                                               double eps, const c10::optional<at::Tensor>& x_bias,
-                                               const c10::optional<at::Tensor>& keep,
-                                               double dropout_p);
-std::vector<at::Tensor> residual_layernorm_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                               const c10::optional<at::Tensor>& residual,
-                                               const at::Tensor& weight,
-                                               const c10::optional<at::Tensor>& x_bias,
-                                               const c10::optional<at::Tensor>& keep,
-                                               double dropout_p, const at::Tensor& mean,
-                                               const at::Tensor& rstd, std::vector<bool> needs);
-at::Tensor bias_activation_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& bias,
-                               const std::string& activation, bool inplace);
-std::vector<at::Tensor> bias_activation_bwd(const at::Tensor& grad_out, const at::Tensor& x,
-                                            const c10::optional<at::Tensor>& bias,
-                                            const std::string& activation, bool need_dbias);
-std::vector<at::Tensor> masked_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v,
-                                             const c10::optional<at::Tensor>& key_padding_mask,
-                                             const c10::optional<at::Tensor>& head_mask,
-                                             const c10::optional<at::Tensor>& keep,
-                                             double dropout_p, double scale);
-std::vector<at::Tensor> masked_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
-                                             const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& out, const at::Tensor& lse,
-                                             const c10::optional<at::Tensor>& key_padding_mask,
-                                             const c10::optional<at::Tensor>& head_mask,
-                                             const c10::optional<at::Tensor>& keep,
-                                             double dropout_p, double scale, bool need_dhead_mask);
-std::vector<at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
-                                             int64_t max_seqlen,
-                                             const c10::optional<at::Tensor>& head_mask,
-                                             const c10::optional<at::Tensor>& keep,
-                                             double dropout_p, double scale);
-std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const at::Tensor& q,
-                                             const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& out, const at::Tensor& lse,
-                                             const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                                             const c10::optional<at::Tensor>& head_mask,
-                                             const c10::optional<at::Tensor>& keep,
-                                             double dropout_p, double scale, bool need_dhead_mask);
-
-}  // namespace cpu
 
 void init_cpu_ops(pybind11::module_& m) {
   m.def("cpu_residual_layernorm_fwd", &cpu::residual_layernorm_fwd,

@@ -14,6 +14,7 @@
 // `residual` may have fewer rows than x (R rows, rows % R == 0): row r then reads residual row
 // r % R. This serves a residual broadcast over the batch (the position embeddings) without a copy.
 #include "common.h"
+#include "cpu_ops.h"
 
 namespace distilbert_fast {
 namespace cpu {

@@ -12,7 +12,7 @@ namespace cuda_ops {
 
 using MaybeTensors = std::vector<c10::optional<at::Tensor>>;
 
-// Named and ordered as the cpu backend's entry points (csrc/cpu/bindings.cpp), with the dropout
+// Named and ordered as the cpu backend's entry points (csrc/cpu/cpu_ops.h), with the dropout
 // state where those take the keep mask: dropout_rng, an int64 (2,) CUDA tensor {seed, offset}
 // read on the device (None without dropout). Checks raise ValueError / TypeError naming the
 // argument.

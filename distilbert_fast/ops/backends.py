@@ -34,9 +34,10 @@ class Backend:
     """One implementation of the hot ops.
 
     The contract, per op: ``<op>_forward`` returns ``(outputs, saved, state)``: ``saved`` the
-    tensors its backward needs (a NamedTuple, so the backward reads them by name; a plain tuple
-    works too), ``state`` the non-tensor rest; the op's autograd Function stores both and hands
-    them back to ``<op>_backward``, whose gradients may come back in the compute dtype: the
+    tensors its backward needs (a NamedTuple, so the backward reads them by name, ``saved.q``;
+    attention's names its query ``q``; a plain tuple works for the other ops), ``state`` the
+    non-tensor rest; the op's autograd Function stores both (``save_named``) and hands them back
+    to ``<op>_backward``, whose gradients may come back in the compute dtype: the
     Function casts each to its input's dtype. Bad arguments are ValueError / TypeError, raised by
     the functional API before any backend runs. ``priority`` orders the ``auto`` choice (higher
     first).
@@ -129,6 +130,18 @@ def rebuild_saved(kind: type, tensors) -> tuple:
     """The saved tensors as the forward returned them: its NamedTuple ``kind`` (read by name), or
     a plain tuple."""
     return kind._make(tensors) if hasattr(kind, "_make") else tuple(tensors)
+
+
+def save_named(ctx, saved: tuple) -> None:
+    """``ctx.save_for_backward(*saved)``, keeping ``saved``'s NamedTuple type, so that
+    ``saved_named(ctx)`` gives the backward the same tuple to read by name. One way for every
+    autograd Function and custom-op autograd formula of the ops."""
+    ctx.save_for_backward(*saved)
+    ctx.saved_kind = type(saved)
+
+
+def saved_named(ctx) -> tuple:
+    return rebuild_saved(ctx.saved_kind, ctx.saved_tensors)
 
 
 def eager() -> Backend:

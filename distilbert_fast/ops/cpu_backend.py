@@ -132,6 +132,17 @@ class AttentionSaved(NamedTuple):
     keep: torch.Tensor | None  # dropout keep-mask
 
 
+class VarlenAttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out_acc: torch.Tensor  # the output in the accumulation dtype, unrounded
+    lse: torch.Tensor  # (batch, heads, max_seqlen) log-sum-exp of each score row
+    cu_seqlens: torch.Tensor
+    head_mask: torch.Tensor | None  # in the accumulation dtype
+    keep: torch.Tensor | None  # dropout keep-mask, (batch, heads, max_seqlen, max_seqlen)
+
+
 class BiasActivationSaved(NamedTuple):
     x2: torch.Tensor  # x as contiguous (rows, features)
     bias: torch.Tensor | None  # in the accumulation dtype
@@ -213,17 +224,17 @@ class CpuBackend(Backend):
         cu = cu_seqlens.contiguous()
         hm = _acc(head_mask, q.dtype)
         out_acc, lse = self._C.cpu_varlen_attention_fwd(q, k, v, cu, max_seqlen, hm, keep, dropout_p, scale)
-        saved = (q, k, v, out_acc, lse, cu, hm, keep)
+        saved = VarlenAttentionSaved(q, k, v, out_acc, lse, cu, hm, keep)
         return out_acc.to(q.dtype), saved, (max_seqlen, dropout_p, scale)
 
     def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        q, k, v, out_acc, lse, cu, hm, keep = saved_tensors
+        s = saved_tensors
         max_seqlen, dropout_p, scale = saved_state
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
         dq, dk, dv, dhead_mask = self._C.cpu_varlen_attention_bwd(
-            grad_out, q, k, v, out_acc, lse, cu, max_seqlen, hm, keep, dropout_p, scale,
-            bool(needs_grad[5]),
+            grad_out, s.q, s.k, s.v, s.out_acc, s.lse, s.cu_seqlens, max_seqlen, s.head_mask, s.keep,
+            dropout_p, scale, bool(needs_grad[5]),
         )
         return dq, dk, dv, dhead_mask
 

@@ -21,14 +21,15 @@ CUDA tensors in float32, float16 and bfloat16, computing in float32.
   does there.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from .backends import Backend, register_backend, residual_rows
-from .eager import EagerBackend
+from .eager import BiasActivationSaved, EagerBackend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # kernels/cuda/distilbert_kernels.h: kMaxHeadDim
-_EAGER = "eager"  # saved_state tag: this call's forward ran the eager code, so must its backward
 
 
 def dropout_rng(device) -> torch.Tensor:
@@ -51,6 +52,42 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() or any(t is not None and t.requires_grad for t in tensors)
 
 
+class AttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor  # (batch, heads, seq) float32 log-sum-exp of each score row
+    key_padding_mask: torch.Tensor | None
+    head_mask: torch.Tensor | None
+    rng: torch.Tensor | None  # int64 (2,) dropout (seed, offset) on the device
+
+
+class VarlenAttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor  # (heads, total) float32 log-sum-exp of each score row
+    cu_seqlens: torch.Tensor
+    head_mask: torch.Tensor | None
+    rng: torch.Tensor | None
+
+
+class LayerNormSaved(NamedTuple):
+    z: torch.Tensor  # dropout(x + x_bias) + residual, LayerNorm's input
+    weight: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    rng: torch.Tensor | None
+
+
+class RanOnEager(NamedTuple):
+    """The saved_state of a call whose forward ran the eager backend's code: its backward must too."""
+
+    state: object  # the eager forward's own saved_state
+
+
 class CudaBackend(Backend):
     name = "cuda"
     priority = 20  # after triton (30), before cpu (10) and eager (0)
@@ -68,7 +105,7 @@ class CudaBackend(Backend):
 
     def _eager_forward(self, op, *args):
         outputs, saved, state = getattr(self._eager, f"{op}_forward")(*args)
-        return outputs, saved, (_EAGER, state)
+        return outputs, saved, RanOnEager(state)
 
     # -- masked attention --------------------------------------------------------------------
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
@@ -83,19 +120,19 @@ class CudaBackend(Backend):
         out, lse = self._C.cuda_masked_attention_fwd(
             q, k, v, mask, head_mask, rng, dropout_p, scale, save
         )
-        saved = (q, k, v, out, lse, mask, head_mask, rng) if save else ()
-        return (out, None), saved, ("cuda", dropout_p, scale)
+        saved = AttentionSaved(q, k, v, out, lse, mask, head_mask, rng) if save else ()
+        return (out, None), saved, (dropout_p, scale)
 
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
-        if saved_state[0] == _EAGER:
+        if isinstance(saved_state, RanOnEager):
             return self._eager.attention_backward(
-                saved_tensors, saved_state[1], grad_out, grad_weights, needs_grad
+                saved_tensors, saved_state.state, grad_out, grad_weights, needs_grad
             )
-        q, k, v, out, lse, mask, head_mask, rng = saved_tensors
-        _, dropout_p, scale = saved_state
+        s = saved_tensors
+        dropout_p, scale = saved_state
         dq, dk, dv, dhead_mask = self._C.cuda_masked_attention_bwd(
-            grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, mask, head_mask, rng, dropout_p,
-            scale, head_mask is not None and needs_grad[4],
+            grad_out.to(s.q.dtype).contiguous(), s.q, s.k, s.v, s.out, s.lse, s.key_padding_mask,
+            s.head_mask, s.rng, dropout_p, scale, s.head_mask is not None and needs_grad[4],
         )
         return dq, dk, dv, dhead_mask
 
@@ -115,19 +152,19 @@ class CudaBackend(Backend):
         out, lse = self._C.cuda_varlen_attention_fwd(
             q, k, v, cu_seqlens, max_seqlen, head_mask, rng, dropout_p, scale, save
         )
-        saved = (q, k, v, out, lse, cu_seqlens, head_mask, rng) if save else ()
-        return out, saved, ("cuda", max_seqlen, dropout_p, scale)
+        saved = VarlenAttentionSaved(q, k, v, out, lse, cu_seqlens, head_mask, rng) if save else ()
+        return out, saved, (max_seqlen, dropout_p, scale)
 
     def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        if saved_state[0] == _EAGER:
+        if isinstance(saved_state, RanOnEager):
             return self._eager.varlen_attention_backward(
-                saved_tensors, saved_state[1], grad_out, needs_grad
+                saved_tensors, saved_state.state, grad_out, needs_grad
             )
-        q, k, v, out, lse, cu_seqlens, head_mask, rng = saved_tensors
-        _, max_seqlen, dropout_p, scale = saved_state
+        s = saved_tensors
+        max_seqlen, dropout_p, scale = saved_state
         dq, dk, dv, dhead_mask = self._C.cuda_varlen_attention_bwd(
-            grad_out.to(q.dtype).contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen,
-            head_mask, rng, dropout_p, scale, head_mask is not None and needs_grad[5],
+            grad_out.to(s.q.dtype).contiguous(), s.q, s.k, s.v, s.out, s.lse, s.cu_seqlens, max_seqlen,
+            s.head_mask, s.rng, dropout_p, scale, s.head_mask is not None and needs_grad[5],
         )
         return dq, dk, dv, dhead_mask
 
@@ -135,14 +172,14 @@ class CudaBackend(Backend):
     def bias_activation_forward(self, x, bias, activation):
         x, bias = x.contiguous(), _contiguous(bias)
         y = self._C.cuda_bias_activation_fwd(x, bias, activation)
-        return y, (x, bias), (activation,)
+        return y, BiasActivationSaved(x, bias), (activation,)
 
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        x, bias = saved_tensors
+        s = saved_tensors
         (activation,) = saved_state
         dx, dbias = self._C.cuda_bias_activation_bwd(
-            grad_out.to(x.dtype).contiguous(), x, bias, activation,
-            bias is not None and needs_grad[1],
+            grad_out.to(s.x.dtype).contiguous(), s.x, s.bias, activation,
+            s.bias is not None and needs_grad[1],
         )
         return dx, dbias
 
@@ -165,19 +202,19 @@ class CudaBackend(Backend):
         y, z, mean, rstd = self._C.cuda_residual_layernorm_fwd(
             x, residual, weight, bias, eps, x_bias, rng, dropout_p, save
         )
-        saved = (z, weight, mean, rstd, rng) if save else ()
-        return y, saved, ("cuda", dropout_p)
+        saved = LayerNormSaved(z, weight, mean, rstd, rng) if save else ()
+        return y, saved, (dropout_p,)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        if saved_state[0] == _EAGER:
+        if isinstance(saved_state, RanOnEager):
             return self._eager.residual_layernorm_backward(
-                saved_tensors, saved_state[1], grad_out, needs_grad
+                saved_tensors, saved_state.state, grad_out, needs_grad
             )
-        z, weight, mean, rstd, rng = saved_tensors
-        _, dropout_p = saved_state
+        s = saved_tensors
+        (dropout_p,) = saved_state
         needs = [needs_grad[0], needs_grad[1], needs_grad[2], needs_grad[3], needs_grad[5]]
         return tuple(self._C.cuda_residual_layernorm_bwd(
-            grad_out.to(z.dtype).contiguous(), z, weight, rng, dropout_p, mean, rstd, needs
+            grad_out.to(s.z.dtype).contiguous(), s.z, s.weight, s.rng, dropout_p, s.mean, s.rstd, needs
         ))
 
 

@@ -25,28 +25,21 @@ whose impl calls the backend's forward, a fake giving the outputs' shapes, and `
 with the op's Function; then ``functional.<op>`` calls this module's wrapper when ``tracing()``.
 """
 
+import collections
 import contextlib
+from typing import NamedTuple
 
 import torch
 
 from ..tracing import tracing  # noqa: F401  (functional and the tests ask custom.tracing())
 from . import backends, functional
+from .backends import save_named, saved_named
 
 Tensor = torch.Tensor
 _CPU_RNG_BYTES = torch.get_rng_state().numel()
 
 
-# -- saving by name, and the RNG state of a forward with dropout --------------------------------
-def _save(ctx, **tensors):
-    """ctx.save_for_backward by name: ``_saved(ctx).q`` in the backward."""
-    ctx.saved_names = tuple(tensors)
-    ctx.save_for_backward(*tensors.values())
-
-
-def _saved(ctx):
-    return dict(zip(ctx.saved_names, ctx.saved_tensors))
-
-
+# -- the RNG state of a forward with dropout -----------------------------------------------------
 def _rng_state(device: torch.device, dropout_p: float) -> list[Tensor]:
     """The generator states a forward with dropout draws from: the CPU generator (the cpu
     backend's masks, the cuda backend's seeds) and the tensor's CUDA generator. Empty without
@@ -143,6 +136,8 @@ def recomputed_op(name: str, args: str, returns: str, apply, forward, fake, grad
     """
     arg_names = [a.split()[-1] for a in args.split(", ")]
     tensor_names = [n for a, n in zip(args.split(", "), arg_names) if a.startswith("Tensor")]
+    # the op's tensor inputs, saved for the backward by name (as the Functions save theirs)
+    saved_inputs = collections.namedtuple(f"{name}_inputs", tensor_names)
     grad_index = [arg_names.index(n) for n in grad_args]
     dropout_index = arg_names.index("dropout_p") if "dropout_p" in arg_names else None
 
@@ -187,12 +182,12 @@ def recomputed_op(name: str, args: str, returns: str, apply, forward, fake, grad
     backward_op.register_fake(backward_fake)
 
     def setup_context(ctx, inputs, output):
-        _save(ctx, **{n: inputs[arg_names.index(n)] for n in tensor_names})
+        save_named(ctx, saved_inputs._make(inputs[arg_names.index(n)] for n in tensor_names))
         ctx.other_args = {n: v for n, v in zip(arg_names, inputs) if n not in tensor_names}
         ctx.rng = output[-1]
 
     def grad(ctx, *grads):
-        values = {**_saved(ctx), **ctx.other_args}
+        values = {**saved_named(ctx)._asdict(), **ctx.other_args}
         op_args = [values[n] for n in arg_names]
         needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in grad_index]
         grads = backward_op(list(grads[:-1]), *op_args, list(ctx.rng), needs)
@@ -328,16 +323,21 @@ def _(x, weight, bias, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+class _LinearSaved(NamedTuple):
+    x: Tensor
+    weight: Tensor
+
+
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, backend = inputs
-    _save(ctx, x=x, weight=weight)
+    save_named(ctx, _LinearSaved(x, weight))
     ctx.has_bias = bias is not None
 
 
 def _linear_grad(ctx, grad_out):
-    saved = _saved(ctx)
+    saved = saved_named(ctx)
     need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
-    dx, dweight = backends.linear_grads(saved["x"], saved["weight"], grad_out, need_dx, need_dweight)
+    dx, dweight = backends.linear_grads(saved.x, saved.weight, grad_out, need_dx, need_dweight)
     dbias = None
     if ctx.has_bias and need_dbias:
         dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)

@@ -83,6 +83,12 @@ class AttentionSaved(NamedTuple):
     head_mask: torch.Tensor | None
 
 
+# the masked attention's saved tensors on the padded layout, and each packed token's row in it
+VarlenAttentionSaved = NamedTuple(
+    "VarlenAttentionSaved", [*AttentionSaved.__annotations__.items(), ("index", torch.Tensor)]
+)
+
+
 class BiasActivationSaved(NamedTuple):
     x: torch.Tensor
     bias: torch.Tensor | None
@@ -163,17 +169,19 @@ class EagerBackend(Backend):
             layout.pad(q), layout.pad(k), layout.pad(v), layout.key_mask(), head_mask, dropout_p,
             scale, False,
         )
-        return layout.unpad(out), (*saved, layout.index), (state, layout.batch, max_seqlen)
+        saved = VarlenAttentionSaved(**saved._asdict(), index=layout.index)
+        return layout.unpad(out), saved, (state, layout.batch, max_seqlen)
 
     def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        *saved, index = saved_tensors
+        s = saved_tensors
         state, batch, max_seqlen = saved_state
-        layout = _VarlenLayout(grad_out, None, max_seqlen, batch=batch, index=index)
+        layout = _VarlenLayout(grad_out, None, max_seqlen, batch=batch, index=s.index)
+        padded = AttentionSaved._make(getattr(s, name) for name in AttentionSaved._fields)
         # needs_grad is indexed like (q, k, v, cu_seqlens, max_seqlen, head_mask, ...);
         # attention_backward's like (q, k, v, key_padding_mask, head_mask, ...)
         padded_needs = (*needs_grad[:3], False, needs_grad[5])
         dq, dk, dv, dhead_mask = self.attention_backward(
-            tuple(saved), state, layout.pad(grad_out), None, padded_needs
+            padded, state, layout.pad(grad_out), None, padded_needs
         )
         return layout.unpad(dq), layout.unpad(dk), layout.unpad(dv), dhead_mask
 

@@ -20,7 +20,7 @@ import torch
 
 from ..packing import check_cu_seqlens
 from . import custom
-from .backends import attention_runner, rebuild_saved, resolve_backend
+from .backends import attention_runner, resolve_backend, save_named, saved_named
 from .eager import canonical_activation
 
 
@@ -73,8 +73,7 @@ class MaskedAttentionFunction(torch.autograd.Function):
         (out, weights), saved, state = backend.attention_forward(
             q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights
         )
-        ctx.save_for_backward(*saved)
-        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
+        save_named(ctx, saved)
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(q, k, v, key_padding_mask, head_mask)
         ctx.set_materialize_grads(False)
@@ -85,9 +84,9 @@ class MaskedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_weights):
         _first_order_only("masked_attention")
+        saved = saved_named(ctx)
         if grad_out is None:
-            grad_out = torch.zeros_like(ctx.saved_tensors[0])  # q
-        saved = rebuild_saved(ctx.saved_kind, ctx.saved_tensors)
+            grad_out = torch.zeros_like(saved.q)  # out is shaped like q
         dq, dk, dv, dhead_mask = ctx.backend.attention_backward(
             saved, ctx.state, grad_out, grad_weights, ctx.needs_input_grad
         )
@@ -145,8 +144,7 @@ class BiasActivationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, activation, backend):
         y, saved, state = backend.bias_activation_forward(x, bias, activation)
-        ctx.save_for_backward(*saved)
-        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
+        save_named(ctx, saved)
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, bias)
         return y
@@ -155,7 +153,7 @@ class BiasActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("bias_activation")
         dx, dbias = ctx.backend.bias_activation_backward(
-            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
+            saved_named(ctx), ctx.state, grad_out, ctx.needs_input_grad
         )
         return (*_cast_grads((dx, dbias), ctx.input_dtypes), None, None)
 
@@ -187,8 +185,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
         y, saved, state = backend.residual_layernorm_forward(
             x, residual, weight, bias, eps, x_bias, dropout_p
         )
-        ctx.save_for_backward(*saved)
-        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
+        save_named(ctx, saved)
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, residual, weight, bias, None, x_bias)
         return y
@@ -197,7 +194,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("residual_layernorm")
         dx, dresidual, dweight, dbias, dx_bias = ctx.backend.residual_layernorm_backward(
-            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
+            saved_named(ctx), ctx.state, grad_out, ctx.needs_input_grad
         )
         grads = _cast_grads((dx, dresidual, dweight, dbias, None, dx_bias), ctx.input_dtypes)
         return (*grads, None, None)
@@ -243,8 +240,7 @@ class LinearActivationFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, activation, backend):
         needs_grad = any(ctx.needs_input_grad[:3])
         y, saved, state = backend.linear_activation_forward(x, weight, bias, activation, needs_grad)
-        ctx.save_for_backward(*saved)
-        ctx.saved_kind = type(saved)  # a NamedTuple: the backward reads by name
+        save_named(ctx, saved)
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(x, weight, bias)
         return y
@@ -253,7 +249,7 @@ class LinearActivationFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("linear_activation")
         dx, dweight, dbias = ctx.backend.linear_activation_backward(
-            rebuild_saved(ctx.saved_kind, ctx.saved_tensors), ctx.state, grad_out, ctx.needs_input_grad
+            saved_named(ctx), ctx.state, grad_out, ctx.needs_input_grad
         )
         return (*_cast_grads((dx, dweight, dbias), ctx.input_dtypes), None, None)
 
@@ -323,7 +319,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
         out, saved, state = backend.varlen_attention_forward(
             q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale
         )
-        ctx.save_for_backward(*saved)
+        save_named(ctx, saved)
         ctx.state, ctx.backend = state, backend
         ctx.input_dtypes = _dtypes(q, k, v, None, None, head_mask)
         return out
@@ -332,7 +328,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         _first_order_only("varlen_attention")
         dq, dk, dv, dhead_mask = ctx.backend.varlen_attention_backward(
-            ctx.saved_tensors, ctx.state, grad_out, ctx.needs_input_grad
+            saved_named(ctx), ctx.state, grad_out, ctx.needs_input_grad
         )
         grads = _cast_grads((dq, dk, dv, None, None, dhead_mask), ctx.input_dtypes)
         return (*grads, None, None, None)

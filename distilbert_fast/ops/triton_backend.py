@@ -51,6 +51,17 @@ class AttentionSaved(NamedTuple):
     seed: torch.Tensor | None  # (1,) int64 dropout seed on the device
 
 
+class VarlenAttentionSaved(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor  # (heads, 2, total) float32 softmax statistics of each score row
+    cu_seqlens: torch.Tensor
+    head_mask: torch.Tensor | None
+    seed: torch.Tensor | None  # (1,) int64 dropout seed on the device
+
+
 class LayerNormSaved(NamedTuple):
     x: torch.Tensor  # x and residual, not z: the backward recomputes z (see triton_layernorm)
     residual: torch.Tensor | None
@@ -109,14 +120,14 @@ class TritonBackend(Backend):
         seed = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p,
                                         scale, seed)
-        saved = (q, k, v, out, lse, cu_seqlens, head_mask, seed)
+        saved = VarlenAttentionSaved(q, k, v, out, lse, cu_seqlens, head_mask, seed)
         return out, saved, (max_seqlen, dropout_p, scale)
 
     def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
-        q, k, v, out, lse, cu_seqlens, head_mask, seed = saved_tensors
+        s = saved_tensors
         max_seqlen, dropout_p, scale = saved_state
-        return varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen,
-                                    head_mask, dropout_p, scale, seed, needs_grad[5])
+        return varlen_attention_bwd(s.q, s.k, s.v, s.out, s.lse, grad_out, s.cu_seqlens, max_seqlen,
+                                    s.head_mask, dropout_p, scale, s.seed, needs_grad[5])
 
     # -- bias + activation -------------------------------------------------------------------
     def bias_activation_forward(self, x, bias, activation):
