@@ -154,11 +154,11 @@ class OwnAttention:
         self.ours, self.engine, self.dtype = ours, ours.engine, ours.dtype
 
     def __call__(self, texts):
-        cpu_backend.FLASH_ATTENTION = False
+        flash, cpu_backend.FLASH_ATTENTION = cpu_backend.FLASH_ATTENTION, False
         try:
             return self.ours(texts)
         finally:
-            cpu_backend.FLASH_ATTENTION = True
+            cpu_backend.FLASH_ATTENTION = flash
 
 
 class SortedBatchLoop:
