@@ -22,6 +22,9 @@ times interleaved; rows (median texts/s and tokens/s) go to bench/results/engine
     python bench/bench_engine.py                 # the full run (a few minutes on 2 cores)
     python bench/bench_engine.py --quick         # the small corpus `make bench` runs
     python bench/bench_engine.py --device cuda   # on a GPU: 'auto' is fp16, beside the HF loop in fp16
+    python bench/bench_engine.py --budgets '' --lengths long --length-budgets 16384 --length-auto
+        # long texts only: ours fp32 at 4096 and 16384 tokens a batch, bf16 with and without the
+        # flash kernel, each beside the sentence-transformers way in its dtype
 """
 
 import argparse
@@ -46,6 +49,7 @@ import transformers  # noqa: E402
 
 import distilbert_fast  # noqa: E402
 from distilbert_fast.engine import InferenceEngine, resolve_dtype  # noqa: E402
+from distilbert_fast.ops import cpu_backend  # noqa: E402
 
 DEVICE = "cpu"  # --device; on CUDA 'auto' is fp16 and the HF loop runs in fp16 beside it
 BASE = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072, max_position_embeddings=512)
@@ -60,6 +64,11 @@ def parse_args(argv):
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="ours' token budget (default 4096)")
     p.add_argument("--budgets", default="512,1024,2048,4096,8192", help="token budgets of the sweep ('' skips it)")
     p.add_argument("--lengths", default="short,medium,long", help="length bands of the sweep ('' skips it)")
+    p.add_argument("--length-budgets", default="",
+                   help="the length sweep also runs ours fp32 at these token budgets (e.g. 16384)")
+    p.add_argument("--length-auto", action="store_true",
+                   help="the length sweep also runs ours with dtype auto beside st-way in that dtype, and on a "
+                        "CPU ours with its own attention kernel only (no flash kernel), all side by side")
     p.add_argument("--quick", action="store_true", help="a small corpus, one repeat, no sweeps (make bench)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 accuracy on MiniLM")
     p.add_argument("--classify", action="store_true",
@@ -135,6 +144,21 @@ class Ours:
     def idle_fraction(self) -> str:
         idle = self.engine.device_idle_fraction
         return "" if idle is None else f"{idle:.4f}"
+
+
+class OwnAttention:
+    """An Ours provider run with the cpu backend's own varlen attention kernel only (no PyTorch
+    flash kernel for bf16 inference): the engine before that path, side by side with after."""
+
+    def __init__(self, ours: Ours):
+        self.ours, self.engine, self.dtype = ours, ours.engine, ours.dtype
+
+    def __call__(self, texts):
+        flash, cpu_backend.FLASH_ATTENTION = cpu_backend.FLASH_ATTENTION, False
+        try:
+            return self.ours(texts)
+        finally:
+            cpu_backend.FLASH_ATTENTION = flash
 
 
 class SortedBatchLoop:
@@ -389,21 +413,30 @@ def main(argv=None) -> int:
 
         bands = {"short": (1, 1), "medium": (4, 6), "long": (16, 24)}
         sweep_length = []
+        extra = {f"ours-{b}": Ours(path, "float32", int(b)) for b in args.length_budgets.split(",") if b}
+        if args.length_auto and auto != torch.float32:
+            extra["ours-auto"] = providers["ours-auto"]
+            extra[f"st-way-{str(auto).removeprefix('torch.')}"] = providers[f"st-way-{str(auto).removeprefix('torch.')}"]
+            if DEVICE == "cpu" and cpu_backend.FLASH_ATTENTION:
+                extra["ours-auto-own-attention"] = OwnAttention(providers["ours-auto"])
         for band in [b for b in args.lengths.split(",") if b]:
             band_texts = make_corpus(max(32, args.texts // (4 if band == "long" else 2)), seed=1, sentences=bands[band])
             band_tokens = count_tokens(path, band_texts)
-            timed = measure({"ours": providers["ours"], "st-way": providers["st-way"]}, band_texts, args.repeats)
+            timed = measure({**{"ours": providers["ours"], "st-way": providers["st-way"]}, **extra}, band_texts,
+                            args.repeats)
             for name, (seconds, _) in timed.items():
-                rows.append({**env, "benchmark": f"embed-{band}", "provider": name, "dtype": "float32",
+                provider = {**providers, **extra}[name]
+                rows.append({**env, "benchmark": f"embed-{band}", "provider": name, "dtype": provider.dtype,
                              "texts": len(band_texts), "tokens": band_tokens,
-                             "max_batch_tokens": args.max_batch_tokens if name == "ours" else "",
+                             "max_batch_tokens": provider.engine.max_batch_tokens if name.startswith("ours") else "",
                              "seconds": f"{seconds:.3f}", "texts_per_s": f"{len(band_texts) / seconds:.2f}",
                              "tokens_per_s": f"{band_tokens / seconds:.1f}",
                              "vs_st_way_fp32": f"{timed['st-way'][0] / seconds:.2f}"})
             sweep_length.append((band, band_tokens / len(band_texts), len(band_texts) / timed["ours"][0],
                                  len(band_texts) / timed["st-way"][0]))
-            print(f"{band} (mean {band_tokens / len(band_texts):.0f} tokens): ours {sweep_length[-1][2]:.1f} texts/s, "
-                  f"st-way {sweep_length[-1][3]:.1f} texts/s", flush=True)
+            print(f"{band} (mean {band_tokens / len(band_texts):.0f} tokens), texts/s: "
+                  + ", ".join(f"{name} {len(band_texts) / seconds:.2f}" for name, (seconds, _) in timed.items()),
+                  flush=True)
 
     if not args.no_record:
         append_rows(args.output, rows)

@@ -4,7 +4,8 @@
     python bench/bench_ops.py --ops residual_layernorm,bias_activation --dtypes float32
     python bench/bench_ops.py --quick               # smoke test of every provider, nothing recorded
 
-Ops: residual_layernorm, bias_activation, masked_attention, and linear_activation where
+Ops: residual_layernorm, bias_activation, masked_attention, varlen_attention (packed, q/k/v strided
+thirds of one fused projection, sequences of equal length; on CPU only by default), and linear_activation where
 ``distilbert_fast.ops`` has it. Modes: ``fwd`` (under torch.no_grad, as in inference) and
 ``fwd+bwd`` (forward, then backward of a fixed upstream gradient into every input).
 
@@ -14,7 +15,10 @@ so a change in machine load hits all of them alike):
     ours[NAME]   distilbert_fast.ops on backend NAME, for each backend available on the device
     torch        the op written in plain torch (the composite the fused kernels replace)
     compile      torch.compile of that composite (skipped, with the reason printed, where it fails)
-    sdpa         torch.nn.functional.scaled_dot_product_attention (masked_attention only)
+    sdpa         torch.nn.functional.scaled_dot_product_attention (masked_attention; varlen_attention,
+                 whose sequences are all of one length: one call on (batch, heads, seq, head_dim) views)
+    ours[cpu,own-kernel]  varlen_attention on the cpu backend's own C++ kernel only (its bf16
+                 inference otherwise takes PyTorch's flash CPU kernel where a batch suits it)
 
 For each case it prints median ms with p20/p80, achieved GB/s (the op's minimal traffic: each
 input read once, each output written once) or TFLOP/s (attention, linear), the speedup against
@@ -39,7 +43,7 @@ from _common import RESULTS_DIR, append_rows, environment, format_table, percent
 from distilbert_fast import ops  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OPS = ("residual_layernorm", "bias_activation", "masked_attention", "linear_activation")
+OPS = ("residual_layernorm", "bias_activation", "masked_attention", "varlen_attention", "linear_activation")
 
 DEFAULTS = {
     # CPU: the issue's target shapes (LN 4096x768, bias+GELU 4096x3072, attention 8x12x128x64 with
@@ -47,20 +51,20 @@ DEFAULTS = {
     "cpu": dict(
         dtypes="float32", rounds=5, max_time=1.0,
         residual_layernorm="1024x768,4096x768", bias_activation="1024x3072,4096x3072",
-        masked_attention="8x12x128x64", linear_activation="1024x768x3072",
+        masked_attention="8x12x128x64", varlen_attention="8x12x512x64", linear_activation="1024x768x3072",
     ),
     # CUDA: tokens 1k-64k, hidden 768 and 3072, seq 128 and 512; about 3 minutes on an H100.
     "cuda": dict(
         dtypes="float16,bfloat16", rounds=5, max_time=0.25,
         residual_layernorm="1024x768,8192x768,65536x768",
         bias_activation="1024x3072,8192x3072,65536x3072",
-        masked_attention="32x12x128x64,8x12x512x64,32x12x512x64",
+        masked_attention="32x12x128x64,8x12x512x64,32x12x512x64", varlen_attention="none",
         linear_activation="8192x768x3072,65536x768x3072",
     ),
 }
 QUICK = dict(
     dtypes=None, rounds=2, max_time=0.05,
-    residual_layernorm="64x96", bias_activation="64x96", masked_attention="2x2x16x8",
+    residual_layernorm="64x96", bias_activation="64x96", masked_attention="2x2x16x8", varlen_attention="2x2x16x8",
     linear_activation="64x32x48",
 )
 
@@ -99,6 +103,35 @@ def _torch_masked_attention(q, k, v, key_padding_mask):
 
 def _sdpa(q, k, v, key_padding_mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :])
+
+
+def _heads_first(t, batch):
+    """(batch * seq, heads, head_dim) packed rows of equal-length sequences as (batch, heads, seq,
+    head_dim) views."""
+    return t.view(batch, -1, *t.shape[1:]).transpose(1, 2)
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens):
+    batch = cu_seqlens.shape[0] - 1
+    out = _torch_masked_attention(*(_heads_first(t, batch) for t in (q, k, v)),
+                                  torch.ones(batch, q.shape[0] // batch, dtype=torch.bool, device=q.device))
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def _sdpa_varlen(q, k, v, cu_seqlens):
+    batch = cu_seqlens.shape[0] - 1
+    out = F.scaled_dot_product_attention(*(_heads_first(t, batch) for t in (q, k, v)))
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def _own_kernel_varlen(q, k, v, cu_seqlens):
+    from distilbert_fast.ops import cpu_backend
+
+    flash, cpu_backend.FLASH_ATTENTION = cpu_backend.FLASH_ATTENTION, False
+    try:
+        return ops.varlen_attention(q, k, v, cu_seqlens, q.shape[0] // (cu_seqlens.shape[0] - 1), backend="cpu")
+    finally:
+        cpu_backend.FLASH_ATTENTION = flash
 
 
 def _torch_linear_gelu(x, weight, bias):
@@ -151,6 +184,24 @@ def make_case(op: str, shape: tuple, dtype: torch.dtype, device: torch.device, g
             flops_fwd=4.0 * batch * heads * seq * seq * head_dim,  # q k^T and P v, padded keys included
             note=f"lengths {seq // 2}..{seq}",
             extra={"sdpa": _sdpa},
+        )
+    if op == "varlen_attention":
+        batch, heads, seq, head_dim = shape
+        # q, k, v: thirds of one fused (tokens, 3 * dim) projection, as the model gives them
+        q, k, v = randn(batch * seq, 3, heads, head_dim).unbind(1)
+        cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+        extra = {"sdpa": _sdpa_varlen}
+        if device.type == "cpu" and "cpu" in ops.available_backends(q):
+            extra["ours[cpu,own-kernel]"] = _own_kernel_varlen
+        return Case(
+            op, shape, dtype, dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens),
+            ours=lambda backend, q, k, v, cu_seqlens: ops.varlen_attention(q, k, v, cu_seqlens, seq, backend=backend),
+            torch_fn=_torch_varlen_attention,
+            bytes_fwd=4 * batch * heads * seq * head_dim * size,
+            bytes_bwd=8 * batch * heads * seq * head_dim * size,
+            flops_fwd=4.0 * batch * heads * seq * seq * head_dim,
+            note=f"{batch} sequences of {seq}",
+            extra=extra,
         )
     if op == "linear_activation":
         tokens, d_in, d_out = shape
@@ -321,7 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated of {list(OPS)}")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated of fwd, fwd+bwd")
     for op, example in (("residual_layernorm", "TOKENSxDIM"), ("bias_activation", "TOKENSxDIM"),
-                        ("masked_attention", "BATCHxHEADSxSEQxHEAD_DIM"), ("linear_activation", "TOKENSxINxOUT")):
+                        ("masked_attention", "BATCHxHEADSxSEQxHEAD_DIM"),
+                        ("varlen_attention", "BATCHxHEADSxSEQxHEAD_DIM"), ("linear_activation", "TOKENSxINxOUT")):
         p.add_argument(f"--{op.replace('_', '-')}", dest=op, default=None,
                        help=f"comma-separated {example} shapes (default cpu: {DEFAULTS['cpu'][op]}; "
                             f"cuda: {DEFAULTS['cuda'][op]}); 'none' to skip")

@@ -153,6 +153,37 @@ def test_model_on_the_default_backend_compiles_without_graph_breaks():
         assert_close(compiled(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-5, name="logits")
 
 
+@pytest.mark.skipif("cpu" not in ops.available_backends(torch.zeros(1, dtype=torch.bfloat16)),
+                    reason="the cpu backend does not run bfloat16 here")
+def test_compiled_bf16_packed_inference_takes_the_flash_kernel(monkeypatch):
+    """bf16 packed inference on long equal-length sequences: the cpu backend's varlen attention
+    runs PyTorch's flash CPU kernel inside the custom op, compiled with no graph breaks, the same
+    output as eager mode."""
+    from distilbert_fast.ops import cpu_backend
+
+    if not cpu_backend.FLASH_ATTENTION:
+        pytest.skip("this torch has no flash attention CPU kernel")
+    seq = cpu_backend.FLASH_MIN_SEQLEN
+    model = small_model(DistilBertModel, "cpu", max_position_embeddings=seq).to(torch.bfloat16)
+    ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (3 * seq,))
+    cu = torch.arange(0, 4 * seq, seq, dtype=torch.int32)
+    calls = []
+    flash = cpu_backend._FLASH_CPU
+    monkeypatch.setattr(cpu_backend, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+
+    def forward(ids, cu):
+        return model(input_ids=ids, cu_seqlens=cu, max_seqlen=seq).last_hidden_state
+
+    with torch.no_grad():
+        expected = forward(ids, cu)
+        assert len(calls) == model.config.n_layers
+        assert graph_breaks(forward, ids, cu) == 0
+        calls.clear()
+        out = torch.compile(forward, fullgraph=True, backend="aot_eager")(ids, cu)
+    assert len(calls) == model.config.n_layers
+    assert_close(out, expected, atol=0, name="last_hidden_state")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_training_step_matches_eager(backend):
     """fullgraph compile of forward + backward (dropout off): the same loss and gradients."""

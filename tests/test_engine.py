@@ -403,6 +403,34 @@ def test_bf16_embeddings_close_to_fp32(checkpoints):
     assert cosine.min() > 0.99, cosine
 
 
+def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
+    """Long texts truncated to one length in bf16: the cpu backend's attention runs PyTorch's
+    flash CPU kernel (counted by a pass-through wrapper), with embeddings as close to fp32 as our
+    own kernel's."""
+    from distilbert_fast import ops
+    from distilbert_fast.ops import cpu_backend
+
+    if "cpu" not in ops.available_backends(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("the cpu backend does not run bfloat16 here")
+    if not cpu_backend.FLASH_ATTENTION:
+        pytest.skip("this torch has no flash attention CPU kernel")
+    path = checkpoints["embed"]
+    texts = [" ".join([t] * 40) for t in TEXTS if len(t) > 20]  # all truncated to 256 tokens
+    fp32 = np.stack(InferenceEngine.from_pretrained(path, device="cpu", dtype="float32", normalize=True,
+                                                    max_length=256)(texts))
+    bf16 = InferenceEngine.from_pretrained(path, device="cpu", dtype="bfloat16", normalize=True, max_length=256)
+    calls = []
+    flash = cpu_backend._FLASH_CPU
+    monkeypatch.setattr(cpu_backend, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    with_flash = np.stack(bf16(texts))
+    assert len(calls) == bf16.model.config.n_layers, calls  # one batch, one run of equal lengths
+    monkeypatch.setattr(cpu_backend, "FLASH_ATTENTION", False)
+    own = np.stack(bf16(texts))
+    assert len(calls) == bf16.model.config.n_layers
+    cos_flash, cos_own = ((fp32 * e).sum(1) / np.linalg.norm(e, axis=1) for e in (with_flash, own))
+    assert cos_flash.min() > 0.99 and 1 - cos_flash.min() <= 2 * (1 - cos_own.min()) + 1e-4, (cos_flash, cos_own)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(task="summarize"), "task must be one of"),
     (dict(pooling="sum"), "pooling must be one of"),

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import distilbert_fast
 from conftest import CLASS_NAMES, assert_close, hf_forward, make_pair
 from distilbert_fast import ops, packing
-from test_ops import ATOL, DTYPES, check_against_reference, cpu_backends, skip_unless_runs
+from test_ops import (ATOL, DTYPES, assert_within_reference_error, check_against_reference, cpu_backends,
+                      skip_unless_runs)
 
 ATOL_MODEL = 5e-5  # as test_parity: fp32 vs fp32 with sums in another order
 GRAD_RTOL = 1e-4
@@ -93,6 +94,40 @@ def test_varlen_attention_matches_reference(backend, dtype, case, with_head_mask
     grad_names = ["q", "k", "v"] + (["head_mask"] if with_head_mask else [])
     op = functools.partial(ops.varlen_attention, backend=backend)
     check_against_reference(op, ref_varlen_attention, args, grad_names, dtype, ["out"])
+
+
+# The cpu backend's bfloat16 inference path (no gradient wanted): a batch of at most two runs of
+# equal-length sequences, each long enough, runs on PyTorch's flash CPU kernel; anything else on ours.
+FLASH_CASES = {  # name: (lengths, heads, head_dim, whether the flash kernel takes it)
+    "one_run": ([160, 160, 160], 2, 64, True),
+    "two_runs_odd_head_dim": ([200, 200, 129], 3, 17, True),
+    "empty_sequences_inside_a_run": ([0, 128, 0, 128, 0], 2, 32, True),
+    "three_runs": ([130, 129, 128], 2, 16, False),
+    "too_short": ([127, 127], 2, 16, False),
+    "long_then_short": ([300, 5], 2, 16, False),
+}
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="the cpu backend is not built")
+@pytest.mark.parametrize("case", list(FLASH_CASES))
+def test_varlen_attention_bf16_inference_paths(case):
+    """Forward only, the output against the float64 reference by STYLE.md's rule, whichever
+    kernel the batch takes; and which one it takes."""
+    from distilbert_fast.ops import cpu_backend
+
+    lengths, heads, head_dim, flash = FLASH_CASES[case]
+    args = {name: value.to(torch.bfloat16) if name in "qkv" else value
+            for name, value in varlen_args(lengths, heads, head_dim).items()}
+    runs = cpu_backend._flash_runs(args["q"], args["k"], args["v"], args["cu_seqlens"], None, 0.0)
+    assert (runs is not None) == flash, runs
+    with torch.no_grad():
+        out = ops.varlen_attention(**args, backend="cpu")
+        ref_d = ref_varlen_attention(**args)
+        ref64 = ref_varlen_attention(**{n: v.double() if n in "qkv" else v for n, v in args.items()})
+    assert_within_reference_error("out", out, ref_d, ref64, torch.bfloat16)
+    # wanting a gradient takes our kernel (its backward needs our saved results)
+    assert cpu_backend._flash_runs(args["q"].requires_grad_(), args["k"], args["v"], args["cu_seqlens"],
+                                   None, 0.0) is None
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
