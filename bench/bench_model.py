@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
 from _common import (  # noqa: E402
-    RESULTS_DIR, append_rows, environment, format_table, time_fn, time_interleaved,
+    RESULTS_DIR, append_rows, environment, format_table, time_fn, time_interleaved, uniform_lengths,
 )
 
 import distilbert_fast  # noqa: E402
@@ -235,8 +235,8 @@ def make_case(batch: int, seq: int, varlen: bool, device, generator) -> Case:
 
 
 def make_ragged_case(batch: int, lo: int, hi: int, device, generator) -> Case:
-    """Lengths uniform in [lo, hi], padded to the longest drawn."""
-    lengths = torch.randint(lo, hi + 1, (batch,), generator=generator)
+    """Lengths uniform in [lo, hi] (its quantiles, shuffled), padded to the longest."""
+    lengths = uniform_lengths(batch, lo, hi, generator)
     seq = int(lengths.max())
     ids = torch.randint(1, MODEL_CONFIG["vocab_size"], (batch, seq), generator=generator)
     keep = torch.arange(seq)[None, :] < lengths[:, None]

@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _common, also under python -m
-from _common import RESULTS_DIR, append_rows, environment, format_table, time_interleaved  # noqa: E402
+from _common import RESULTS_DIR, append_rows, environment, format_table, time_interleaved, uniform_lengths  # noqa: E402
 
 import distilbert_fast  # noqa: E402
 
@@ -55,7 +55,7 @@ def make_batches(args, device, vocab):
         b, lengths = spec.split("x")
         b = int(b)
         lo, hi = map(int, lengths.split("-"))
-        lens = torch.randint(lo, hi + 1, (b,), generator=gen)
+        lens = uniform_lengths(b, lo, hi, gen)
         s = int(lens.max())
         ids = torch.randint(1, vocab, (b, s), generator=gen)
         mask = (torch.arange(s)[None, :] < lens[:, None]).long()
