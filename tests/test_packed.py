@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import distilbert_fast
-from conftest import CLASS_NAMES, assert_close, hf_forward, make_pair
+from conftest import CLASS_NAMES, assert_close, cu_seqlens_of, hf_forward, make_pair, packed_qkv
 from distilbert_fast import ops, packing
 from test_ops import (ATOL, DTYPES, assert_within_reference_error, check_against_reference, cpu_backends,
                       skip_unless_runs)
@@ -53,10 +53,6 @@ def ref_varlen_attention(q, k, v, cu_seqlens, max_seqlen, head_mask=None, scale=
     return torch.cat(outs)
 
 
-def make_cu_seqlens(lengths):
-    return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-
-
 VARLEN_CASES = {  # name: (lengths, heads, head_dim)
     "one_token": ([1], 2, 32),
     "ragged": ([3, 1, 7, 64], 3, 16),
@@ -67,14 +63,10 @@ VARLEN_CASES = {  # name: (lengths, heads, head_dim)
 
 
 def varlen_args(lengths, heads, head_dim, fused=True, with_head_mask=False, **kw):
-    """q, k, v as strided views of one (total, 3 * dim) fused projection, as the model gives."""
-    total = sum(lengths)
-    if fused:
-        qkv = torch.randn(total, 3 * heads * head_dim)
-        q, k, v = qkv.view(total, 3, heads, head_dim).unbind(1)
-    else:
-        q, k, v = (torch.randn(total, heads, head_dim) for _ in range(3))
-    args = dict(q=q, k=k, v=v, cu_seqlens=make_cu_seqlens(lengths), max_seqlen=max(max(lengths), 1),
+    """The varlen op's arguments: q, k, v as strided views of one (total, 3 * dim) fused
+    projection, as the model gives (conftest.packed_qkv)."""
+    q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim, fused=fused)
+    args = dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens, max_seqlen=max(max(lengths), 1),
                 head_mask=torch.rand(heads) + 0.25 if with_head_mask else None)
     args.update(kw)
     return args
@@ -272,7 +264,7 @@ def to_packed(inputs):
     """The padded batch's sequences (real tokens, in order) as packed input."""
     mask = inputs["attention_mask"].bool()
     lengths = mask.sum(1)
-    packed = dict(input_ids=inputs["input_ids"][mask], cu_seqlens=make_cu_seqlens(lengths.tolist()),
+    packed = dict(input_ids=inputs["input_ids"][mask], cu_seqlens=cu_seqlens_of(lengths.tolist()),
                   max_seqlen=int(lengths.max()))
     for key in ("labels",):
         if key in inputs and inputs[key].dim() == 2:
