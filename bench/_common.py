@@ -127,9 +127,6 @@ def time_interleaved(calls: dict, device: torch.device, warmup: int, repeats: in
             for name, v in samples.items()}
 
 
-# -- where a number came from ----------------------------------------------------------------------
-
-
 def uniform_lengths(batch: int, lo: int, hi: int, generator: torch.Generator) -> torch.Tensor:
     """``batch`` sequence lengths for a ragged batch "uniform in [lo, hi]": the distribution's
     quantiles at (i + 0.5) / batch, in an order shuffled by ``generator``. Every run times the same
@@ -139,6 +136,9 @@ def uniform_lengths(batch: int, lo: int, hi: int, generator: torch.Generator) ->
     quantiles = (torch.arange(batch, dtype=torch.float64) + 0.5) / batch
     lengths = (lo + quantiles * (hi - lo)).round().long()
     return lengths[torch.randperm(batch, generator=generator)]
+
+
+# -- where a number came from ----------------------------------------------------------------------
 
 
 def _git(*args: str) -> str | None:

@@ -393,7 +393,11 @@ class Parallel(Stack):
         return set(self.names())
 
     def names(self) -> list[str]:
-        return [name for child in self.children for name in ([child] if isinstance(child, str) else child)]
+        return [name for child in self.child_names() for name in child]
+
+    def child_names(self) -> list[list[str]]:
+        """Each child's adapter names (one for a name, a Stack's in order)."""
+        return [[child] if isinstance(child, str) else list(child) for child in self.children]
 
     def heads(self) -> list[str]:
         """The head of each child: its (last) adapter's name, as the package pairs them."""
@@ -460,12 +464,6 @@ def blocks_hold_adapters(blocks) -> bool:
     )
 
 
-def replicates_here(rows: int) -> bool:
-    """Whether a Parallel setup's first adapter layer is seeing an input of ``rows`` rows: the
-    encoder's input rows, not yet replicated."""
-    return rows == _ENCODER_ROWS.get()
-
-
 @contextlib.contextmanager
 def encoder_rows(rows: int):
     """The encoder's layers run in this block on an input of ``rows`` rows."""
@@ -502,6 +500,16 @@ def _repeat_cu_seqlens(cu_seqlens: torch.Tensor, channels: int, total=None) -> t
     offsets = torch.arange(channels, device=cu_seqlens.device, dtype=cu_seqlens.dtype)[:, None] * total
     starts = (cu_seqlens[None, :-1] + offsets).reshape(-1)
     return torch.cat([starts, (cu_seqlens[-1:] * channels)])
+
+
+def parallel_copies(setup: "Parallel", *tensors):
+    """In a layer running the Parallel ``setup``: ``tensors`` (rows first) replicated once per
+    child, unless an earlier layer did, and the rows of each child's copy (a slice per child)."""
+    channels = setup.parallel_channels
+    if tensors[0].shape[0] == _ENCODER_ROWS.get():  # the encoder's input rows: not yet replicated
+        tensors = tuple(repeat_rows(t, channels) for t in tensors)
+    rows = tensors[0].shape[0] // channels
+    return tensors, [slice(i * rows, (i + 1) * rows) for i in range(channels)]
 
 
 def parallel_channels_of(rows: int, input_rows: int) -> int:
@@ -783,11 +791,7 @@ class BottleneckLayer(nn.Module):
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
         fails on such a setup)."""
-        channels = setup.parallel_channels
-        if replicates_here(hidden.shape[0]):  # the first layer of the setup: replicate here
-            hidden, x = repeat_rows(hidden, channels), repeat_rows(x, channels)
-        rows = hidden.shape[0] // channels
-        parts = [slice(i * rows, (i + 1) * rows) for i in range(channels)]
+        (hidden, x), parts = parallel_copies(setup, hidden, x)
         present = [name for name in setup.names() if name in self.adapters]
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
@@ -887,16 +891,12 @@ class LoRALinear(nn.Linear):
             return out + self._stacked_update(setup, x)
         # The package's compose_parallel: replicate the input (unless an earlier layer did),
         # then each child's LoRAs on its own copy.
-        channels = setup.parallel_channels
-        if replicates_here(x.shape[0]):
-            x, out = repeat_rows(x, channels), repeat_rows(out, channels)
-        rows = x.shape[0] // channels
-        parts = []
-        for i, child in enumerate(setup):
-            part = slice(i * rows, (i + 1) * rows)
-            update = self._stacked_update([child] if isinstance(child, str) else child, x[part])
-            parts.append(out[part] if update is None else out[part] + update)
-        return torch.cat(parts)
+        (x, out), parts = parallel_copies(setup, x, out)
+        copies = []
+        for part, names in zip(parts, setup.child_names()):
+            update = self._stacked_update(names, x[part])
+            copies.append(out[part] if update is None else out[part] + update)
+        return torch.cat(copies)
 
     def _stacked_update(self, names, x):
         """The update of the LoRAs of ``names`` held here (None: none), a Stack feeding each

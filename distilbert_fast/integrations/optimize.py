@@ -106,7 +106,7 @@ def _class_attrs(cls) -> dict:
         for klass in reversed(cls.__mro__):
             if klass.__module__.startswith("distilbert_fast"):
                 attrs.update(vars(klass))
-        attrs = _CLASS_ATTRS[cls] = attrs
+        _CLASS_ATTRS[cls] = attrs
     return attrs
 
 
