@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,20 +111,30 @@ class Backend:
         ``needs_grad``: whether a backward will follow (an override may save more for it, or less
         without it)."""
         h = self.linear(x, weight, None)  # (..., out_features)
-        y, saved, state = self.bias_activation_forward(h, bias, activation)
-        return y, (x, weight, *saved), (type(saved), state)
+        y, inner, state = self.bias_activation_forward(h, bias, activation)
+        # every backend's bias_activation saves (its input, its bias), each in its own layout
+        return y, MatmulThenBiasActivationSaved(x, weight, *inner), (type(inner), state)
 
     def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         """(dx, dweight, dbias): this backend's bias_activation_backward gives d(x @ W^T) and
         dbias, then the matmul gradients (``linear_grads``)."""
-        x, weight, *saved = saved_tensors
-        saved_kind, state = saved_state
+        s = saved_tensors
+        inner_kind, state = saved_state
         # indexed like BiasActivationFunction's inputs: (h, bias, activation, backend)
         inner_needs = (needs_grad[0] or needs_grad[1], needs_grad[2], False, False)
         dh, dbias = self.bias_activation_backward(
-            rebuild_saved(saved_kind, saved), state, grad_out, inner_needs)
-        dx, dweight = linear_grads(x, weight, dh, needs_grad[0], needs_grad[1])
+            rebuild_saved(inner_kind, (s.h, s.bias)), state, grad_out, inner_needs)
+        dx, dweight = linear_grads(s.x, s.weight, dh, needs_grad[0], needs_grad[1])
         return dx, dweight, dbias
+
+
+class MatmulThenBiasActivationSaved(NamedTuple):
+    """What the default (unfused) linear_activation keeps for its backward: the matmul's inputs,
+    then what its bias_activation saved (rebuilt into that backend's own tuple there)."""
+    x: torch.Tensor
+    weight: torch.Tensor
+    h: torch.Tensor  # x @ weight^T, as bias_activation saved it
+    bias: torch.Tensor | None
 
 
 def rebuild_saved(kind: type, tensors) -> tuple:
