@@ -2,8 +2,11 @@
 
 import copy
 import json
+import logging
 import os
 from typing import Any
+
+logger = logging.getLogger("distilbert_fast")
 
 CONFIG_NAME = "config.json"
 
@@ -104,10 +107,9 @@ class DistilBertConfig:
         if id2label is not None:
             self.id2label = {int(k): v for k, v in id2label.items()}
             if num_labels is not None and num_labels != len(self.id2label):
-                raise ValueError(
-                    f"num_labels={num_labels} disagrees with id2label, which has "
-                    f"{len(self.id2label)} entries"
-                )
+                # as transformers: num_labels wins, the labels are renamed (with a warning)
+                label2id = None
+                self.num_labels = num_labels
         else:
             self.num_labels = 2 if num_labels is None else num_labels
         if label2id is not None:
@@ -142,7 +144,13 @@ class DistilBertConfig:
     def num_labels(self, num_labels: int):
         if not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-        if getattr(self, "id2label", None) is None or len(self.id2label) != num_labels:
+        id2label = getattr(self, "id2label", None)
+        if id2label is None or len(id2label) != num_labels:
+            if id2label is not None and any(name != f"LABEL_{i}" for i, name in id2label.items()):
+                # a classifier fine-tuned anew for another task: from_pretrained(..., num_labels=5)
+                logger.warning("num_labels=%s disagrees with id2label, which has %d entries %s: the "
+                               "labels become LABEL_0 .. LABEL_%s", num_labels, len(id2label),
+                               list(id2label.values())[:8], num_labels - 1)
             self.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
             self.label2id = {v: k for k, v in self.id2label.items()}
 

@@ -53,13 +53,35 @@ def test_aliases_read_write_and_construct():
         c.no_such_field
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"num_labels": 5}, {"id2label": {0: "neg", 1: "pos", 2: "neutral"}}])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"num_labels": 5}, {"id2label": {0: "neg", 1: "pos", 2: "neutral"}},
+    # num_labels disagreeing with id2label: it wins, the labels are renamed (with a warning)
+    {"id2label": {0: "neg", 1: "pos"}, "num_labels": 3},
+    {"id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}, "num_labels": 3},
+])
 def test_labels_like_huggingface(kwargs):
     ours, hf = DistilBertConfig(**kwargs), transformers.DistilBertConfig(**kwargs)
     assert ours.num_labels == hf.num_labels
     assert ours.id2label == hf.id2label
     # transformers 5 leaves label2id None when only id2label is given; we always derive it.
     assert ours.label2id == (hf.label2id or {v: k for k, v in hf.id2label.items()})
+
+
+def test_fine_tuning_a_classifier_anew_with_more_labels_like_huggingface(tmp_path, caplog):
+    """from_pretrained(<a 2-label classifier>, num_labels=4, ignore_mismatched_sizes=True), the
+    usual way to fine-tune a classifier for another task, in both libraries."""
+    from distilbert_fast import DistilBertForSequenceClassification
+
+    small = dict(vocab_size=100, dim=32, n_heads=2, hidden_dim=64, n_layers=1)
+    DistilBertForSequenceClassification(DistilBertConfig(**small, id2label={0: "neg", 1: "pos"})).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="distilbert_fast"):
+        ours = DistilBertForSequenceClassification.from_pretrained(tmp_path, num_labels=4, ignore_mismatched_sizes=True)
+    assert "num_labels=4 disagrees with id2label" in caplog.text
+    hf = transformers.DistilBertForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=4, ignore_mismatched_sizes=True)
+    assert ours.config.id2label == hf.config.id2label == {i: f"LABEL_{i}" for i in range(4)}
+    assert ours.config.label2id == hf.config.label2id
+    assert ours.classifier.weight.shape == hf.classifier.weight.shape == (4, 32)
 
 
 def test_num_labels_setter_rebuilds_labels():
@@ -113,6 +135,8 @@ def test_invalid_problem_type():
         DistilBertConfig(problem_type="ranking")
 
 
-def test_inconsistent_num_labels_and_id2label():
-    with pytest.raises(ValueError, match="num_labels=3 disagrees with id2label"):
-        DistilBertConfig(num_labels=3, id2label={0: "a", 1: "b"})
+def test_num_labels_disagreeing_with_id2label_wins_with_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="distilbert_fast"):
+        c = DistilBertConfig(num_labels=3, id2label={0: "a", 1: "b"})
+    assert c.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert "num_labels=3 disagrees with id2label, which has 2 entries ['a', 'b']" in caplog.text
