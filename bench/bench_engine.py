@@ -240,15 +240,10 @@ def minilm_checkpoints(directory: str) -> dict:
     3-label classification head."""
     from safetensors.torch import load_file
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from test_checkpoints import bert_to_distilbert  # the tests' converter (one copy)
+    from distilbert_fast.bert import bert_to_distilbert, distilbert_config_from_bert
 
     bert = json.loads(open(os.path.join(vocab_dir(), "config.json"), encoding="utf-8").read())
-    config = distilbert_fast.DistilBertConfig(
-        vocab_size=bert["vocab_size"], max_position_embeddings=bert["max_position_embeddings"],
-        n_layers=bert["num_hidden_layers"], n_heads=bert["num_attention_heads"], dim=bert["hidden_size"],
-        hidden_dim=bert["intermediate_size"], activation=bert["hidden_act"], pad_token_id=bert["pad_token_id"],
-        id2label={0: "A", 1: "B", 2: "C"})
+    config = distilbert_config_from_bert(bert, id2label={0: "A", 1: "B", 2: "C"})
     encoder = bert_to_distilbert(load_file(os.path.join(vocab_dir(), "model.safetensors")))
     out = {}
     for kind, cls, prefix in (("embed", distilbert_fast.DistilBertModel, ""),

@@ -57,8 +57,11 @@ def build_parser():
         p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the output")
         p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
         if task == "embed":
-            p.add_argument("--pooling", choices=("mean", "cls", "max"), default="mean")
-            p.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
+            p.add_argument("--pooling", choices=("mean", "cls", "max"), default=None,
+                           help="default: a sentence-transformers model's own, else mean")
+            p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                           help="L2-normalise the embeddings (default: a sentence-transformers model's "
+                                "own choice, else no)")
         if task in ("classify", "fill-mask", "qa"):
             p.add_argument("--top-k", type=_int_or_none, default=5 if task == "fill-mask" else 1)
         if task == "classify":

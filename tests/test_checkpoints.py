@@ -15,6 +15,7 @@ from conftest import CLASS_NAMES, REFERENCE_ATTN, SMALL_CONFIG, assert_close, hf
 from safetensors.torch import load_file, save_file
 
 import distilbert_fast
+from distilbert_fast.bert import bert_to_distilbert, distilbert_config_from_bert
 from distilbert_fast.checkpoint import CheckpointWarning, load_into_model
 
 TASK_CLASSES = [name for name in CLASS_NAMES if name != "DistilBertModel"]
@@ -631,49 +632,11 @@ def test_hf_config_json_round_trips_through_ours(tmp_path):
 # -- a real pretrained checkpoint ------------------------------------------------------------------
 
 
-def bert_to_distilbert(bert: dict) -> dict:
-    """A BERT encoder's state_dict (no 'bert.' prefix) as a DistilBertModel state_dict. DistilBERT
-    has no token types: token_type_embeddings[0] is folded into every position embedding."""
-    out = {
-        "embeddings.word_embeddings.weight": bert["embeddings.word_embeddings.weight"],
-        "embeddings.position_embeddings.weight": bert["embeddings.position_embeddings.weight"]
-        + bert["embeddings.token_type_embeddings.weight"][0],
-        "embeddings.LayerNorm.weight": bert["embeddings.LayerNorm.weight"],
-        "embeddings.LayerNorm.bias": bert["embeddings.LayerNorm.bias"],
-    }
-    names = {
-        "attention.self.query": "attention.q_lin",
-        "attention.self.key": "attention.k_lin",
-        "attention.self.value": "attention.v_lin",
-        "attention.output.dense": "attention.out_lin",
-        "attention.output.LayerNorm": "sa_layer_norm",
-        "intermediate.dense": "ffn.lin1",
-        "output.dense": "ffn.lin2",
-        "output.LayerNorm": "output_layer_norm",
-    }
-    pattern = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
-    for key, value in bert.items():
-        match = pattern.fullmatch(key)
-        if match:
-            layer, name, kind = match.groups()
-            out[f"transformer.layer.{layer}.{names[name]}.{kind}"] = value
-    return out
-
-
 def test_real_minilm_checkpoint_matches_bert(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     path = reference_vocab_dir()
     bert_config = json.loads(open(os.path.join(path, "config.json"), encoding="utf-8").read())
-    config = distilbert_fast.DistilBertConfig(
-        vocab_size=bert_config["vocab_size"],
-        max_position_embeddings=bert_config["max_position_embeddings"],
-        n_layers=bert_config["num_hidden_layers"],
-        n_heads=bert_config["num_attention_heads"],
-        dim=bert_config["hidden_size"],
-        hidden_dim=bert_config["intermediate_size"],
-        activation=bert_config["hidden_act"],
-        pad_token_id=bert_config["pad_token_id"],
-    )
+    config = distilbert_config_from_bert(bert_config)
     assert (config.dim, config.n_layers, config.n_heads, config.hidden_dim) == (384, 6, 12, 1536)
     state_dict = bert_to_distilbert(load_file(os.path.join(path, "model.safetensors")))
 

@@ -147,6 +147,26 @@ def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
     assert "-:4: empty text" in capsys.readouterr().err
 
 
+def test_sentence_transformers_folder_embeds_as_encode(tmp_path):
+    """``--model`` a sentence-transformers folder (the real all-MiniLM-L6-v2): its pooling and
+    normalisation by default; --no-normalize turns the latter off."""
+    st = pytest.importorskip("sentence_transformers")
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    path = reference_vocab_dir()
+    expected = st.SentenceTransformer(path, device="cpu").encode(TEXTS, convert_to_numpy=True)
+    for flags, want in (([], expected), (["--no-normalize"], None)):
+        out = tmp_path / f"out{len(flags)}.npy"
+        assert main(["embed", "--model", path, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                     "--device", "cpu", *flags]) == 0
+        got = np.load(out)
+        if want is not None:
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        else:
+            assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)
+            np.testing.assert_allclose(got / np.linalg.norm(got, axis=1, keepdims=True), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("suffix", ["jsonl", "npy"])
 def test_resume_after_killed_run_equals_uninterrupted(model_dir, tmp_path, suffix):
     src = tmp_path / "in.txt"

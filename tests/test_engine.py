@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import SMALL_CONFIG, reference_vocab_dir
-from test_checkpoints import bert_to_distilbert
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from distilbert_fast.bert import bert_to_distilbert  # noqa: E402
 from distilbert_fast.engine import InferenceEngine, cpu_has_native_bf16, resolve_dtype  # noqa: E402
 from distilbert_fast.engine._forward import run_packed  # noqa: E402
 from distilbert_fast.engine.batching import encode_packed, pack_batch, plan_batches  # noqa: E402
@@ -211,6 +211,50 @@ def test_embed_split_overflow_averages_windows(checkpoints):
     mask = enc["attention_mask"].unsqueeze(-1).float()
     expected = ((hidden * mask).sum(1) / mask.sum(1)).mean(0)
     np.testing.assert_allclose(engine([long_text])[0], expected.numpy(), atol=1e-5, rtol=0)
+
+
+# -- sentence-transformers folders and BERT encoders -------------------------------------------------------
+def _linked_copy(src, dst, modules=None):
+    """A sentence-transformers folder like ``src`` (files linked, not copied), with ``modules``
+    written as its modules.json if given."""
+    shutil.copytree(src, dst, copy_function=os.symlink)
+    if modules is not None:
+        os.unlink(os.path.join(dst, "modules.json"))
+        with open(os.path.join(dst, "modules.json"), "w", encoding="utf-8") as f:
+            json.dump(modules, f)
+    return str(dst)
+
+
+def test_sentence_transformers_folder_gives_encodes_vectors():
+    """The real all-MiniLM-L6-v2 folder as sentence-transformers saves it (a BERT encoder, mean
+    pooling, Normalize, max_seq_length 256) straight into the engine: its vectors are
+    SentenceTransformer.encode's, a text beyond 256 tokens included."""
+    st = pytest.importorskip("sentence_transformers")
+    path = reference_vocab_dir()
+    expected = st.SentenceTransformer(path, device="cpu").encode(TEXTS, convert_to_numpy=True)
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32")
+    assert (engine.task.pooling, engine.task.normalize, engine.task.max_length) == ("mean", True, 256)
+    np.testing.assert_allclose(np.stack(engine(TEXTS)), expected, atol=1e-5, rtol=0)
+    # the caller's options win over the folder's
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32", pooling="cls",
+                                             normalize=False, max_length=128)
+    assert (engine.task.pooling, engine.task.normalize, engine.task.max_length) == ("cls", False, 128)
+
+
+def test_bert_checkpoints_run_embed_only_and_unknown_modules_are_refused(tmp_path):
+    path = reference_vocab_dir()
+    with pytest.raises(ValueError, match="BERT checkpoint .* task='embed' only"):
+        InferenceEngine.from_pretrained(path, task="classify", device="cpu")
+    modules = json.load(open(os.path.join(path, "modules.json"), encoding="utf-8"))
+    dense = [*modules, {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]
+    with pytest.raises(ValueError, match="holds a Dense module"):
+        InferenceEngine.from_pretrained(_linked_copy(path, tmp_path / "dense", dense), task="embed", device="cpu")
+    pooling = tmp_path / "sqrt" / "1_Pooling"
+    sqrt = _linked_copy(path, tmp_path / "sqrt")
+    os.unlink(pooling / "config.json")
+    (pooling / "config.json").write_text(json.dumps({"pooling_mode_mean_sqrt_len_tokens": True}))
+    with pytest.raises(ValueError, match="pooling modes \\['mean_sqrt_len'\\]"):
+        InferenceEngine.from_pretrained(sqrt, task="embed", device="cpu")
 
 
 # -- classify -------------------------------------------------------------------------------------------

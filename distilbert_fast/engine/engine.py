@@ -27,6 +27,7 @@ import torch
 
 from ..tokenization import DistilBertTokenizerFast
 from .batching import PackedBatch, pack_batch, plan_batches
+from .checkpoints import inspect_checkpoint, load_model
 from .tasks import TASKS
 
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
@@ -119,7 +120,9 @@ class InferenceEngine:
                         max_batch_rows=None, window=DEFAULT_WINDOW, max_length=None, overflow=None, stride=None,
                         progress=None, cuda_graphs=None, tokenizer_threads=None, **task_options):
         """Loads the model for ``task`` ('embed', 'classify', 'tag', 'fill-mask', 'qa') and its
-        tokenizer from a local directory. ``device``: 'cpu', 'cuda', 'cuda:1' (default: CUDA if
+        tokenizer from a local directory: our (or transformers') DistilBERT checkpoint, or for
+        embed also a BERT encoder or a sentence-transformers model folder, whose pooling,
+        normalisation and max_seq_length are the defaults (see ``checkpoints``). ``device``: 'cpu', 'cuda', 'cuda:1' (default: CUDA if
         available). ``dtype``: 'auto' (fp16 on CUDA; bf16 on a CPU with native bf16, else fp32),
         'float32', 'float16', 'bfloat16'. ``max_length``: tokens per row (default the model's
         limit; qa 384); ``overflow``: 'truncate' or 'split' (windows overlapping by ``stride``
@@ -131,10 +134,14 @@ class InferenceEngine:
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = resolve_dtype(dtype, device)
         task_class = TASKS[task]
-        model = task_class.model_class.from_pretrained(path, dtype=torch_dtype, backend=backend).to(device).eval()
-        tokenizer = DistilBertTokenizerFast.from_pretrained(path, num_threads=tokenizer_threads)
-        task_obj = task_class(model.config, tokenizer, max_length=max_length, overflow=overflow, stride=stride,
-                              **task_options)
+        checkpoint = inspect_checkpoint(path)
+        model = load_model(checkpoint, task_class.model_class, torch_dtype, backend).to(device).eval()
+        tokenizer = DistilBertTokenizerFast.from_pretrained(checkpoint.model_dir, num_threads=tokenizer_threads)
+        if task == "embed":  # a sentence-transformers model's pooling, where the caller gave none
+            task_options = {**checkpoint.embed_defaults,
+                            **{name: value for name, value in task_options.items() if value is not None}}
+        task_obj = task_class(model.config, tokenizer, max_length=max_length or checkpoint.max_length,
+                              overflow=overflow, stride=stride, **task_options)
         return cls(model, tokenizer, task_obj, device=device, max_batch_tokens=max_batch_tokens,
                    max_batch_rows=max_batch_rows, window=window, progress=progress, cuda_graphs=cuda_graphs)
 

@@ -96,8 +96,9 @@ class Embed(Task):
     name = "embed"
     model_class = modeling.DistilBertModel
 
-    def __init__(self, config, tokenizer, pooling="mean", normalize=False, **kw):
+    def __init__(self, config, tokenizer, pooling=None, normalize=None, **kw):
         super().__init__(config, tokenizer, **kw)
+        pooling = "mean" if pooling is None else pooling
         _check_choice("pooling", pooling, POOLINGS)
         self.pooling, self.normalize = pooling, bool(normalize)
 
