@@ -70,7 +70,8 @@ def parse_args(argv):
                    help="the length sweep also runs ours with dtype auto beside st-way in that dtype, and on a "
                         "CPU ours with its own attention kernel only (no flash kernel), all side by side")
     p.add_argument("--quick", action="store_true", help="a small corpus, one repeat, no sweeps (make bench)")
-    p.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 accuracy on MiniLM")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the rows on all-MiniLM-L6-v2: bf16-vs-fp32 accuracy, and the engine on its "
+                                                                "sentence-transformers folder beside SentenceTransformer.encode")
     p.add_argument("--classify", action="store_true",
                    help="also classify (3 labels, random head) beside HF's model in the same loop (on by default on CUDA)")
     p.add_argument("--no-pipeline", action="store_true", help="skip transformers.pipeline (the slowest)")
@@ -280,6 +281,58 @@ def accuracy_rows(texts, env, max_batch_tokens) -> list:
     return rows
 
 
+class SentenceTransformersEncode:
+    """sentence-transformers itself: ``SentenceTransformer(folder).encode`` (batch 32, its own
+    length sorting, pooling and normalisation), in ``dtype``."""
+
+    def __init__(self, path, dtype):
+        import sentence_transformers
+
+        self.model = sentence_transformers.SentenceTransformer(path, device=DEVICE).to(dtype)
+        self.dtype = str(dtype).removeprefix("torch.")
+
+    def __call__(self, texts):
+        return self.model.encode(texts, batch_size=32, convert_to_numpy=True).astype(np.float32)
+
+
+def st_folder_rows(texts, env, args) -> list:
+    """The engine on the all-MiniLM-L6-v2 folder as sentence-transformers saves it, beside
+    ``SentenceTransformer(folder).encode`` on it: fp32 and dtype auto, equal vectors checked."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        print("sentence-transformers is not installed: no rows on its folder")
+        return []
+    auto = resolve_dtype("auto", torch.device(DEVICE))
+    providers = {"ours": Ours(vocab_dir(), "float32", args.max_batch_tokens),
+                 "st-encode": SentenceTransformersEncode(vocab_dir(), torch.float32)}
+    if auto != torch.float32:
+        providers["ours-auto"] = Ours(vocab_dir(), "auto", args.max_batch_tokens)
+        providers[f"st-encode-{str(auto).removeprefix('torch.')}"] = SentenceTransformersEncode(vocab_dir(), auto)
+    for provider in providers.values():
+        provider(texts[:8])
+    tokens = count_tokens(vocab_dir(), texts, max_length=256)  # the folder's max_seq_length
+    measured = measure(providers, texts, args.repeats)
+    reference = measured["st-encode"][1]
+    rows, table = [], []
+    for name, (seconds, vectors) in measured.items():
+        fp32 = providers[name].dtype == "float32"
+        row = {**env, "benchmark": "embed-st-folder-minilm", "provider": name, "dtype": providers[name].dtype,
+               "texts": len(texts), "tokens": tokens, "max_batch_tokens": args.max_batch_tokens if "ours" in name else "",
+               "seconds": f"{seconds:.3f}", "texts_per_s": f"{len(texts) / seconds:.2f}",
+               "tokens_per_s": f"{tokens / seconds:.1f}",
+               "vs_st_encode_fp32": f"{measured['st-encode'][0] / seconds:.2f}",
+               "max_abs_diff_to_st_way_fp32": f"{np.abs(vectors - reference).max():.2e}" if fp32 else "",
+               "cosine_to_fp32_min": "" if fp32 else f"{cosine(vectors, reference).min():.6f}"}
+        rows.append(row)
+        table.append([name, row["dtype"], row["texts_per_s"], row["vs_st_encode_fp32"],
+                      row["max_abs_diff_to_st_way_fp32"] or "-", row["cosine_to_fp32_min"] or "-"])
+    print(f"all-MiniLM-L6-v2 folder ({len(texts)} texts, {tokens} tokens):")
+    print(format_table(["provider", "dtype", "texts/s", "x st encode fp32", "max|diff| fp32", "cos to fp32 (min)"],
+                       table, right={2, 3}), flush=True)
+    return rows
+
+
 def classify_rows(directory, texts, tokens, dtype, env, args) -> list:
     """Ours (classify) beside HF's classification model in the sentence-transformers loop, both in
     ``dtype`` (fp16 on CUDA): texts/s, label agreement, the device's idle fraction."""
@@ -328,9 +381,9 @@ def cosine(a, b):
     return (a * b).sum(1)
 
 
-def count_tokens(path, texts):
+def count_tokens(path, texts, max_length=512):
     tok = transformers.DistilBertTokenizerFast.from_pretrained(path)
-    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=512)["input_ids"])
+    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def main(argv=None) -> int:
@@ -393,6 +446,7 @@ def main(argv=None) -> int:
 
         if not args.no_accuracy:
             rows += accuracy_rows(texts, env, args.max_batch_tokens)
+            rows += st_folder_rows(texts, env, args)
 
         budgets = [int(b) for b in args.budgets.split(",") if b]
         sweep_budget = []
