@@ -16,4 +16,12 @@ def tracing() -> bool:
     )
 
 
-__all__ = ["tracing"]
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is recording this call (through jit.trace, or through
+    torch.export for the dynamo exporter); the cheap tracer flags first, so that eager calls pay
+    nanoseconds (torch.onnx.is_in_onnx_export imports on every call)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return (torch.jit.is_tracing() or (exporting is not None and exporting())) and torch.onnx.is_in_onnx_export()
+
+
+__all__ = ["onnx_exporting", "tracing"]

@@ -252,18 +252,26 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def test_onnx_export_of_the_eager_backend_runs_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("backend", ["eager", None])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_runs_in_onnxruntime(tmp_path, backend, exporter):
+    """Both of torch.onnx's exporters (the TorchScript-based one that older scripts call with
+    dynamic_axes too), on any backend: while exporting, every op records its plain ATen code
+    (ONNX has no node for our custom ops)."""
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    model = small_model(DistilBertForSequenceClassification, "eager", n_layers=2)
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+        dynamic = dict(dynamic_shapes=dict(input_ids={0: "batch", 1: "seq"}, attention_mask={0: "batch", 1: "seq"}))
+    else:
+        dynamic = dict(dynamic_axes=dict(input_ids={0: "batch", 1: "seq"}, attention_mask={0: "batch", 1: "seq"}))
+    model = small_model(DistilBertForSequenceClassification, backend, n_layers=2)
     ids, mask = inputs(batch=2, seq=9)
     path = tmp_path / "model.onnx"
     torch.onnx.export(
-        _Logits(model), (ids, mask), str(path),
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_shapes=dict(input_ids={0: "batch", 1: "seq"}, attention_mask={0: "batch", 1: "seq"}),
-        dynamo=True,
+        _Logits(model).eval(), (ids, mask), str(path),
+        input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamo=exporter == "dynamo", **dynamic,
     )
+    assert not model.training
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch, seq in ((2, 9), (3, 5)):  # the traced shapes and others
         ids, mask = inputs(batch, seq)

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..tracing import onnx_exporting
+
 ENV_VAR = "DISTILBERT_FAST_BACKEND"
 AUTO = "auto"
 
@@ -261,6 +263,9 @@ def _override_in_force() -> str | None:
 
 def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None) -> Backend:
     """The backend that runs ``op`` on ``tensor`` for this request (see the module docstring)."""
+    if onnx_exporting():
+        # ONNX has no node for our custom ops: an export records every op's plain ATen code
+        return _record(op, tensor, eager())
     name = requested or _override_in_force() or _default or os.environ.get(ENV_VAR) or AUTO
     if name == AUTO:
         for candidate in registered_backends():

@@ -209,7 +209,8 @@ class EagerBackend(Backend):
         if dropout_p > 0.0:
             h, keep = torch.native_dropout(h, dropout_p, True)
         z = h if residual is None else h + residual
-        y = F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+        # (a constant width: the TorchScript-based ONNX exporter traces shapes as tensors)
+        y = F.layer_norm(z, (int(z.shape[-1]),), weight, bias, eps)
         return y, LayerNormSaved(z, weight, keep), (eps, dropout_p)
 
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
