@@ -49,7 +49,17 @@ class ModelOutput(OrderedDict):
         )
 
     def __post_init__(self):
-        for field in fields(self):
+        class_fields = fields(self)
+        first = getattr(self, class_fields[0].name)
+        if isinstance(first, dict) and all(getattr(self, f.name) is None for f in class_fields[1:]):
+            # transformers' rule: an output made from one mapping takes its fields from it
+            # (accelerate's convert_to_fp32 under mixed precision rebuilds outputs as type(out)(dict))
+            super().__setattr__(class_fields[0].name, None)
+            OrderedDict.__delitem__(self, class_fields[0].name)  # (set by __init__'s setattr)
+            for name, value in first.items():
+                setattr(self, name, value)
+            return
+        for field in class_fields:
             value = getattr(self, field.name)
             if value is not None:
                 super().__setitem__(field.name, value)

@@ -164,6 +164,16 @@ def test_trainer_our_model(tokenizer, tmp_path):
     assert_close(again(ids).logits, ours(ids).logits, atol=0.0)
 
 
+def test_trainer_bf16_mixed_precision(tokenizer, tmp_path):
+    """TrainingArguments(bf16=True): accelerate runs the forward under autocast and rebuilds the
+    output in float32 as type(out)(dict); training and evaluation run, as with HF's model."""
+    _, ours = pair("DistilBertForSequenceClassification")
+    trainer = _trainer(ours, tokenizer, tmp_path / "run", max_steps=2, bf16=True)
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
 @pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForMaskedLM"])
 def test_trainer_save_model_loads_in_both_libraries(class_name, hf_tokenizer, tmp_path):
     """Trainer.save_model on our model (a transformers.PreTrainedModel where transformers is

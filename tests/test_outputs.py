@@ -61,6 +61,21 @@ def test_setting_a_field_like_huggingface(how):
     assert [id(t) for t in ours.to_tuple()] == [id(t) for t in hf.to_tuple()]
 
 
+@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("set_fields", [(0,), (1,), (0, 2), (1, 3)])
+def test_made_from_one_mapping_like_huggingface(name, set_fields):
+    """type(out)({...}) takes its fields from the mapping, as accelerate's convert_to_fp32 rebuilds
+    outputs under mixed precision (Trainer with bf16=True)."""
+    ours_cls, hf_cls = getattr(outputs, name), getattr(hf_outputs, name)
+    field_names = list(ours_cls.__dataclass_fields__)
+    values = {field_names[i]: torch.full((2,), float(i)) for i in set_fields if i < len(field_names)}
+    ours, hf = ours_cls(dict(values)), hf_cls(dict(values))
+    assert list(ours.keys()) == list(hf.keys()) == list(values)
+    for field in field_names:
+        assert getattr(ours, field) is values.get(field)
+    assert [id(t) for t in ours.to_tuple()] == [id(t) for t in hf.to_tuple()]
+
+
 def test_keys_cannot_be_removed():
     out = outputs.BaseModelOutput(last_hidden_state=torch.ones(1))
     for remove in (lambda: out.pop("last_hidden_state"), lambda: out.__delitem__("last_hidden_state"),
