@@ -86,12 +86,20 @@ def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Te
 
 
 def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """layer(x) - layer.bias, for a caller that folds the bias into a later fused op: the bare
-    GEMM for a plain Linear; the module, less its bias, for anything else (a LoRA in use)."""
+    """layer(x) - bias_of(layer), for a caller that folds the bias into a later fused op: the
+    bare GEMM for a plain Linear; the module, less its bias, for anything else (a LoRA in use, a
+    dynamically quantized Linear)."""
     if _is_plain_linear(layer):
         return linear(x, layer.weight, backend=backend)
-    out = layer(x)
-    return out if layer.bias is None else out - layer.bias
+    out, bias = layer(x), bias_of(layer)
+    return out if bias is None else out - bias
+
+
+def bias_of(layer: nn.Module) -> torch.Tensor | None:
+    """A projection's bias as a tensor: a Linear's parameter, or what torch.ao's quantized
+    Linear returns from its ``bias()`` method (quantize_dynamic replaces the model's Linears)."""
+    bias = getattr(layer, "bias", None)
+    return bias() if callable(bias) else bias
 
 
 class _StackedCache:
@@ -297,7 +305,7 @@ class TransformerBlock(nn.Module):
         if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
             x = repeat_rows(x, attn.shape[0] // x.shape[0])
         x = self._residual_layernorm(
-            attn, x, self.attention.out_lin.bias, 0.0, self.sa_layer_norm, self.attention_adapters
+            attn, x, bias_of(self.attention.out_lin), 0.0, self.sa_layer_norm, self.attention_adapters
         )
         chunk = self.ffn.chunk_size_feed_forward
         if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
@@ -311,7 +319,7 @@ class TransformerBlock(nn.Module):
     def _ffn_sublayer(self, x):
         dropout_p = self.ffn.dropout.p if self.training else 0.0
         return self._residual_layernorm(
-            self.ffn(x), x, self.ffn.lin2.bias, dropout_p, self.output_layer_norm, self.output_adapters
+            self.ffn(x), x, bias_of(self.ffn.lin2), dropout_p, self.output_layer_norm, self.output_adapters
         )
 
     def _residual_layernorm(self, h, x, h_bias, dropout_p, layer_norm, adapters):
@@ -1192,8 +1200,8 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
         hidden = enc.hidden  # (batch, seq, dim), or packed (total, dim)
         hidden = bias_activation(
-            linear(hidden, self.vocab_transform.weight, backend=self.config.backend),
-            self.vocab_transform.bias,
+            _project_without_bias(self.vocab_transform, hidden, self.config.backend),
+            bias_of(self.vocab_transform),
             self.activation,
             backend=self.config.backend,
         )

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import SMALL_CONFIG, assert_close, reference_vocab_dir
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, reference_vocab_dir
 
 import distilbert_fast
 
@@ -50,6 +50,24 @@ def pair(class_name, **overrides):
     ours = getattr(distilbert_fast, class_name)(distilbert_fast.DistilBertConfig(**config)).eval()
     ours.load_state_dict(hf.state_dict())
     return hf, ours
+
+
+@pytest.mark.parametrize("class_name", CLASS_NAMES)
+def test_dynamic_quantization_like_transformers(class_name):
+    """torch.ao.quantization.quantize_dynamic, the usual CPU speed-up for a BERT-family model,
+    replaces every nn.Linear: ours then runs those layers as modules, with the same int8 output
+    as transformers' quantized model (batches without padding: with padding, transformers'
+    activation scales also see the padding rows, ours only real tokens)."""
+    hf, ours = pair(class_name)
+    ids = torch.randint(5, TINY["vocab_size"], (2, 4, 9) if "MultipleChoice" in class_name else (3, 9))
+    hf_q, ours_q = (torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8) for m in (hf, ours))
+    assert type(ours_q.get_submodule(_a_linear(ours_q))).__module__.startswith("torch.ao.nn.quantized")
+    for got, expected in zip(ours_q(input_ids=ids).to_tuple(), hf_q(input_ids=ids).to_tuple()):
+        assert_close(got, expected, atol=1e-6)
+
+
+def _a_linear(model):
+    return next(name for name, m in model.named_modules() if name.endswith("ffn.lin1"))
 
 
 # -- the compatibility surface those clients call --------------------------------------------------
