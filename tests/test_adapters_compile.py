@@ -9,6 +9,7 @@ Small models (SMALL_CONFIG, two layers; LoRA left out of layer 0, so a Parallel 
 batch in layer 0 at the bottleneck and in layer 1 at the LoRA projections) keep compiles short.
 """
 
+import asyncio
 import threading
 
 import pytest
@@ -149,6 +150,46 @@ def test_active_adapters_and_adapter_setup_blocks_switch_under_compile(backend):
             in_block = compiled(**inputs).logits
         assert_close(seen[0], model(**inputs).logits, atol=1e-5, name="other thread: active lora")
         assert_close(in_block, model(**inputs, adapter_names="a").logits, atol=1e-5, name="block")
+
+
+def test_eager_setup_stays_per_async_task_and_thread():
+    """In eager mode an AdapterSetup block is seen by its own async task and thread only, also
+    when blocks interleave; once they have closed, a compiled model sees none of them."""
+    model = adapter_model()
+    inputs = packed_batch()
+    with torch.no_grad():
+        expected = {name: model(**inputs, adapter_names=name).logits for name in ("a", "l")}
+        plain = model(**inputs).logits
+    results = {}
+
+    @torch.no_grad()
+    def run_in_block(name, wait):
+        with AdapterSetup(name):
+            wait()  # the other task or thread opens its block meanwhile
+            results[name] = model(**inputs).logits
+
+    async def interleaved():
+        async def in_block(name):
+            with AdapterSetup(name):
+                await asyncio.sleep(0)
+                with torch.no_grad():
+                    results[name] = model(**inputs).logits
+        await asyncio.gather(in_block("a"), in_block("l"))
+
+    asyncio.run(interleaved())
+    for name in ("a", "l"):
+        assert_close(results.pop(name), expected[name], atol=1e-6, name=f"task {name}")
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=run_in_block, args=(name, barrier.wait)) for name in ("a", "l")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ("a", "l"):
+        assert_close(results.pop(name), expected[name], atol=1e-6, name=f"thread {name}")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(**inputs).logits, plain, atol=1e-5, name="after the blocks")
 
 
 def test_parallel_with_a_head_per_adapter_compiles():
