@@ -102,8 +102,7 @@ def test_adapter_names_compile_without_graph_breaks_and_switch(backend, packed):
     """forward(adapter_names=...) for each kind, then back to the first: each call equals eager."""
     model = adapter_model(backend)
     inputs = packed_batch() if packed else padded_batch()
-    assert graph_breaks(model, **inputs, adapter_names=SETUPS["parallel"]) == 0
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # (a graph break raises)
     order = [*SETUPS, "bottleneck"]
     with torch.no_grad():
         check_sequence(model, compiled, [
@@ -134,7 +133,6 @@ def test_active_adapters_and_adapter_setup_blocks_switch_under_compile(backend):
     with torch.no_grad():
         check_sequence(model, compiled, [
             ("active bottleneck", active("a")), ("active parallel", active(SETUPS["parallel"])),
-            ("active stack", active(SETUPS["stack"])),
         ])
         assert_close(active("a")(compiled), active("a")(model), atol=1e-5, name="active bottleneck again")
         model.set_active_adapters("l")
