@@ -437,8 +437,9 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
-# The AdapterSetup block open on this thread, for a compiled model: dynamo guards on a
-# threading.local's attributes per thread (but not per async task: see AdapterSetup).
+# The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
+# around a compiled submodule), for a compiled model: dynamo guards on a threading.local's
+# attributes per thread (but not per async task: see AdapterSetup).
 _BLOCK = threading.local()
 
 
