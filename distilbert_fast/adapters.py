@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch import nn
 
 from .ops import bias_activation, residual_layernorm
 from .ops.eager import ACTIVATIONS as OP_ACTIVATIONS
+from .tracing import tracing
 
 logger = logging.getLogger("distilbert_fast.adapters")
 
@@ -425,53 +427,64 @@ def parse_composition(setup) -> Stack | None:
     )
 
 
-# The setup of the current forward call (AdapterSetup / forward(adapter_names=...)), which
-# overrides the model's active adapters. A context variable, so threads and async tasks each
-# have their own, and gradient checkpointing recomputes under the forward's value.
+# What one forward hands its adapter layers: the call's setup (AdapterSetup /
+# forward(adapter_names=...)), which overrides the model's active adapters, and the rows of the
+# encoder's input (where a Parallel setup replicates the batch). In eager mode each is a context
+# variable, so threads and async tasks each have their own, and gradient checkpointing
+# recomputes under the forward's values. Dynamo cannot trace ContextVar.get: while a tracer
+# records a forward they are plain attributes of the model's AdaptersState instead (see
+# AdaptersState.calling), which dynamo traces and guards on, so a compiled model recompiles
+# (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
+_ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
+# around a compiled submodule), for a compiled model: dynamo guards on a threading.local's
+# attributes per thread (but not per async task: see AdapterSetup).
+_BLOCK = threading.local()
 
 
 class AdapterSetup:
-    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block."""
+    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block.
+
+    In eager mode the block is seen per thread and per async task. A compiled model
+    (torch.compile) sees it per thread only: where async tasks on one thread interleave
+    AdapterSetup blocks around a compiled model, pass ``adapter_names=`` to each call instead."""
 
     def __init__(self, adapter_setup):
         self.adapter_setup = parse_composition(adapter_setup)
         self._token = None
 
     def __enter__(self):
-        self._token = _CALL_SETUP.set(self.adapter_setup)
+        self._token = _set_call_setup(self.adapter_setup)
         return self
 
     def __exit__(self, *exc):
-        _CALL_SETUP.reset(self._token)
+        _reset_call_setup(self._token)
 
 
-# The rows (batch, or packed tokens) of the encoder's input in the running forward: a Parallel
-# setup replicates the batch at its first adapter layer, where the layer still sees this many.
-_ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+def _set_call_setup(setup):
+    token = _CALL_SETUP.set(setup)
+    _BLOCK.setup = setup
+    return token
 
 
-def blocks_hold_adapters(blocks) -> bool:
-    """Whether any of the transformer ``blocks`` holds bottleneck adapters or LoRA (which a
-    Parallel setup may run)."""
+def _reset_call_setup(token):
+    _CALL_SETUP.reset(token)
+    _BLOCK.setup = _CALL_SETUP.get()  # this context's value again (also after out-of-order exits)
+
+
+def adapters_state_of(blocks) -> "AdaptersState | None":
+    """The AdaptersState of the transformer ``blocks``' adapter layers (bottleneck adapters or
+    LoRA, which a Parallel setup may run); None when they hold none."""
     # (getattr: optimize() runs transformers' own blocks, which have none, through our forward)
-    return any(
-        getattr(block, "attention_adapters", None) is not None
-        or getattr(block, "output_adapters", None) is not None
-        or any(isinstance(getattr(getattr(block, "attention", None), name, None), LoRALinear)
-               for name in ("q_lin", "k_lin", "v_lin"))
-        for block in blocks
-    )
-
-
-@contextlib.contextmanager
-def encoder_rows(rows: int):
-    """The encoder's layers run in this block on an input of ``rows`` rows."""
-    token = _ENCODER_ROWS.set(rows)
-    try:
-        yield
-    finally:
-        _ENCODER_ROWS.reset(token)
+    for block in blocks:
+        attention = getattr(block, "attention", None)
+        layers = (getattr(block, "attention_adapters", None), getattr(block, "output_adapters", None),
+                  *(getattr(attention, name, None) for name in ("q_lin", "k_lin", "v_lin")))
+        for layer in layers:
+            if isinstance(layer, (BottleneckLayer, LoRALinear)):
+                return layer.state
+    return None
 
 
 def replicate_for_parallel(channels: int, mask, hidden_states):
@@ -502,11 +515,12 @@ def _repeat_cu_seqlens(cu_seqlens: torch.Tensor, channels: int, total=None) -> t
     return torch.cat([starts, (cu_seqlens[-1:] * channels)])
 
 
-def parallel_copies(setup: "Parallel", *tensors):
+def parallel_copies(setup: "Parallel", encoder_rows: int | None, *tensors):
     """In a layer running the Parallel ``setup``: ``tensors`` (rows first) replicated once per
-    child, unless an earlier layer did, and the rows of each child's copy (a slice per child)."""
+    child, unless an earlier layer did (they still have the ``encoder_rows`` of the encoder's
+    input), and the rows of each child's copy (a slice per child)."""
     channels = setup.parallel_channels
-    if tensors[0].shape[0] == _ENCODER_ROWS.get():  # the encoder's input rows: not yet replicated
+    if tensors[0].shape[0] == encoder_rows:  # not yet replicated
         tensors = tuple(repeat_rows(t, channels) for t in tensors)
     rows = tensors[0].shape[0] // channels
     return tensors, [slice(i * rows, (i + 1) * rows) for i in range(channels)]
@@ -543,15 +557,56 @@ def widen_cu_seqlens(cu_seqlens: torch.Tensor, channels: int, total: int) -> tor
 
 
 class AdaptersState:
-    """What one model's adapter layers share: the adapter configs by name and the active setup."""
+    """What one model's adapter layers share: the adapter configs by name, the active setup,
+    and the values the running forward hands its layers (see ``calling``)."""
 
     def __init__(self):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_setup: Stack | None = None
+        # the running forward's call setup and encoder rows while a tracer records it
+        self.traced_setup: Stack | None = None
+        self.traced_rows: int | None = None
+
+    def call_setup(self) -> Stack | None:
+        """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
+        if tracing():
+            setup = self.traced_setup
+            return getattr(_BLOCK, "setup", None) if setup is None else setup
+        return _CALL_SETUP.get()
 
     def current_setup(self) -> Stack | None:
-        setup = _CALL_SETUP.get()
+        """The setup in force: this call's, else the model's active setup."""
+        setup = self.call_setup()
         return self.active_setup if setup is None else setup
+
+    def encoder_rows(self) -> int | None:
+        return self.traced_rows if tracing() else _ENCODER_ROWS.get()
+
+    @contextlib.contextmanager
+    def calling(self, setup: Stack | None = None, rows: int | None = None):
+        """The block of a forward running with call setup ``setup`` (None: keep the caller's) or
+        with ``rows`` rows at the encoder's input: context variables in eager mode, plain
+        attributes (which dynamo traces and guards on) while a tracer records."""
+        if tracing():
+            saved = self.traced_setup, self.traced_rows
+            if setup is not None:
+                self.traced_setup = setup
+            if rows is not None:
+                self.traced_rows = rows
+            try:
+                yield
+            finally:
+                self.traced_setup, self.traced_rows = saved
+            return
+        setup_token = None if setup is None else _set_call_setup(setup)
+        rows_token = None if rows is None else _ENCODER_ROWS.set(rows)
+        try:
+            yield
+        finally:
+            if rows_token is not None:
+                _ENCODER_ROWS.reset(rows_token)
+            if setup_token is not None:
+                _reset_call_setup(setup_token)
 
 
 # -- modules -------------------------------------------------------------------------------------
@@ -791,7 +846,7 @@ class BottleneckLayer(nn.Module):
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
         fails on such a setup)."""
-        (hidden, x), parts = parallel_copies(setup, hidden, x)
+        (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         present = [name for name in setup.names() if name in self.adapters]
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
@@ -891,7 +946,7 @@ class LoRALinear(nn.Linear):
             return out + self._stacked_update(setup, x)
         # The package's compose_parallel: replicate the input (unless an earlier layer did),
         # then each child's LoRAs on its own copy.
-        (x, out), parts = parallel_copies(setup, x, out)
+        (x, out), parts = parallel_copies(setup, self.state.encoder_rows(), x, out)
         copies = []
         for part, names in zip(parts, setup.child_names()):
             update = self._stacked_update(names, x[part])
@@ -1250,11 +1305,8 @@ def _taking_adapter_names(forward):
                 )
         if takes_it or setup is None:
             return forward(self, *args, **kwargs)
-        token = _CALL_SETUP.set(setup)
-        try:
+        with self._adapters_state.calling(setup):
             return forward(self, *args, **kwargs)
-        finally:
-            _CALL_SETUP.reset(token)
 
     if not takes_it:
         parameters = list(signature.parameters.values())

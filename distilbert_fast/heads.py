@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import (
-    _CALL_SETUP,
     Activation,
     Parallel,
     parallel_channels_of,
@@ -442,7 +441,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
         in_force, per_call = setup, setup
         if setup is None and self._adapters_state.configs:  # (no context variable read without adapters)
-            in_force, per_call = self._adapters_state.current_setup(), _CALL_SETUP.get()
+            in_force, per_call = self._adapters_state.current_setup(), self._adapters_state.call_setup()
         channels = 1 if in_force is None else in_force.parallel_channels
         if head is not None:
             heads = [head]
@@ -461,16 +460,12 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         input_ids, attention_mask = flatten(input_ids, 2), flatten(attention_mask, 2)
         inputs_embeds, position_ids = flatten(inputs_embeds, 3), flatten(position_ids, 2)
 
-        token = None if setup is None else _CALL_SETUP.set(setup)
-        try:
+        with self._adapters_state.calling(setup):
             # packed inside where the heads allow it; the heads then see zeros at padding
             enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                           output_hidden_states, position_ids, None, None,
                           exact=self._exact_positions(heads, head_inputs))
             out = BaseModelOutput(enc.tokens_out(enc.hidden), enc.hidden_states, enc.attentions)
-        finally:
-            if token is not None:
-                _CALL_SETUP.reset(token)
         if not heads:
             return out if return_dict else out.to_tuple()
         backend = self.config.backend

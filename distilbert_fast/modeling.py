@@ -22,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import checkpoint as ckpt
 from .adapters import (
     ModelAdaptersMixin,
-    encoder_rows,
-    blocks_hold_adapters,
+    adapters_state_of,
     parallel_channels_of,
     repeat_rows,
     replicate_for_parallel,
@@ -352,9 +351,10 @@ class Transformer(nn.Module):
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         layers = (x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
-        if not blocks_hold_adapters(self.layer):  # (no context variable: nothing for a compiler to break on)
+        state = adapters_state_of(self.layer)
+        if state is None:
             return self._layers(*layers)
-        with encoder_rows(x.shape[0]):  # where a Parallel adapter setup replicates the batch
+        with state.calling(rows=x.shape[0]):  # where a Parallel adapter setup replicates the batch
             return self._layers(*layers)
 
     def _layers(self, x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions):
@@ -363,11 +363,11 @@ class Transformer(nn.Module):
             layer_head_mask = None if head_mask is None else head_mask[i]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # The recomputation in backward runs under this forward's context variables (the
-                # backend chosen with use_backend, the adapters chosen for this call).
-                context = contextvars.copy_context()
+                # backend chosen with use_backend, the adapters chosen for this call); a traced
+                # graph holds those already (a compiled backward recomputes from the graph).
+                run = layer if tracing() else functools.partial(contextvars.copy_context().run, layer)
                 x, weights = checkpoint(
-                    context.run, layer, x, key_padding_mask, layer_head_mask, output_attentions,
-                    use_reentrant=False,
+                    run, x, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False,
                 )
             else:
                 x, weights = layer(x, key_padding_mask, layer_head_mask, output_attentions)
