@@ -1286,9 +1286,15 @@ def _taking_adapter_names(forward):
     list = Stack, a Stack or a Parallel) for this call, in place of the active adapters."""
     signature = inspect.signature(forward)
     takes_it = "adapter_names" in signature.parameters
+    # adapter_names comes after forward's positional arguments, also as one: clients that call
+    # forward with every argument in signature order (torch.onnx's TorchScript-based exporter) pass
+    # it by position
+    positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()) - 1  # self
 
     @functools.wraps(forward)
     def forward_with_adapters(self, *args, adapter_names=None, **kwargs):
+        if not takes_it and len(args) > positional:
+            args, adapter_names = args[:positional], args[positional]
         if takes_it:  # the class handles adapter_names itself (DistilBertAdapterModel)
             kwargs["adapter_names"] = adapter_names
         if adapter_names is None and not self._adapters_state.configs:
@@ -1310,8 +1316,8 @@ def _taking_adapter_names(forward):
 
     if not takes_it:
         parameters = list(signature.parameters.values())
-        at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
-        parameters.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        at = next((i for i, p in enumerate(parameters) if p.kind != p.POSITIONAL_OR_KEYWORD), len(parameters))
+        parameters.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
         forward_with_adapters.__signature__ = signature.replace(parameters=parameters)
     forward_with_adapters._takes_adapter_names = True
     return forward_with_adapters

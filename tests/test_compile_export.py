@@ -280,6 +280,24 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, backend, exporter):
         assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {batch}x{seq}")
 
 
+def test_onnx_export_of_the_model_itself_with_positional_inputs(tmp_path):
+    """torch.onnx.export(model, (input_ids, attention_mask)) as tutorials write it for HF's model:
+    the TorchScript-based exporter passes every forward argument by position, adapter_names too."""
+    ort = pytest.importorskip("onnxruntime")
+    model = small_model(DistilBertForSequenceClassification, None, n_layers=2)
+    ids, mask = inputs(batch=2, seq=9)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                                             "attention_mask": {0: "batch", 1: "seq"}}, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = inputs(3, 5)
+    (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    assert_close(torch.from_numpy(got), model(ids, attention_mask=mask).logits, atol=1e-5, name="logits")
+    # adapter_names by position, as that exporter passes it
+    assert_close(model(ids, mask, *[None] * 10).logits, model(ids, attention_mask=mask).logits, atol=0.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jit_trace(backend):
     model = small_model(backend=backend)
