@@ -241,6 +241,25 @@ def test_sentence_transformers_folder_gives_encodes_vectors():
     assert (engine.task.pooling, engine.task.normalize, engine.task.max_length) == ("cls", False, 128)
 
 
+def test_sentence_transformers_folder_of_a_distilbert_with_cls_pooling(checkpoints, tmp_path):
+    """A sentence-transformers folder around a DistilBERT checkpoint (the encoder at the root),
+    CLS pooling, no Normalize module, max_seq_length 64: the engine's defaults follow it."""
+    st = pytest.importorskip("sentence_transformers")
+    folder = tmp_path / "st"
+    shutil.copytree(checkpoints["embed"], folder, copy_function=os.symlink)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    expected = st.SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    engine = InferenceEngine.from_pretrained(folder, task="embed", device="cpu", dtype="float32")
+    assert (engine.task.pooling, engine.task.normalize, engine.task.max_length) == ("cls", False, 64)
+    np.testing.assert_allclose(np.stack(engine(TEXTS)), expected, atol=1e-5, rtol=0)
+
+
 def test_bert_checkpoints_run_embed_only_and_unknown_modules_are_refused(tmp_path):
     path = reference_vocab_dir()
     with pytest.raises(ValueError, match="BERT checkpoint .* task='embed' only"):
