@@ -3,6 +3,7 @@ gradients as the unoptimised model, undoable; DistilBERT (every head) and BERT (
 all-MiniLM-L6-v2 checkpoint)."""
 
 import copy
+import io
 import os
 
 import pytest
@@ -144,6 +145,32 @@ def test_in_place_same_object_class_parameters_and_undo():
     assert not distilbert_fast.is_optimized(model)
     assert "forward" not in model.distilbert.__dict__
     assert_close(model(**inputs).logits, before, atol=0.0, name="logits after unoptimize")
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "BertForSequenceClassification"])
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_and_pickles_stay_optimised_and_independent(class_name, how, monkeypatch):
+    """copy.deepcopy(model) (EMA copies, teacher models) and torch.save / torch.load of the whole
+    model: the copy runs our packed path over its own modules, and changing it leaves the original
+    alone."""
+    model = distilbert_fast.optimize(hf_model(class_name))
+    inputs, mask = ragged_inputs(class_name)
+    if how == "deepcopy":
+        copy_ = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        copy_ = torch.load(buffer, weights_only=False)
+    assert distilbert_fast.is_optimized(copy_)
+    assert packed_attention_calls(monkeypatch, copy_, inputs) == 2  # a call per layer
+    expected = model(**inputs).logits
+    assert_close(copy_(**inputs).logits, expected, atol=0.0, name="copy's logits")
+    with torch.no_grad():
+        copy_.classifier.weight.mul_(2)
+        next(p for n, p in copy_.named_parameters() if "layer.0" in n and n.endswith("weight")).mul_(0.5)
+    assert not torch.allclose(copy_(**inputs).logits, expected)
+    assert_close(model(**inputs).logits, expected, atol=0.0, name="original's logits")
 
 
 def test_runs_on_our_ops():

@@ -89,6 +89,16 @@ class _View:
     def __setattr__(self, name, value):
         setattr(self.__dict__["_module"], name, value)
 
+    # copy.deepcopy and pickle of an optimised model copy its views too: without the class's
+    # attributes (classmethod objects do not pickle), looked up again on the way back
+    def __getstate__(self):
+        return {name: value for name, value in self.__dict__.items() if name != "_class_attrs"}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_class_attrs", _class_attrs(state["_cls"]))
+
     def __call__(self, *args, **kwargs):
         return self.__dict__["_module"](*args, **kwargs)
 
@@ -178,8 +188,12 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
 def _checkpointing(encoder):
     """transformers' gradient_checkpointing_enable sets the flag on the layers (and on some
     encoders); our Transformer.forward checkpoints each layer itself when it is set."""
-    return _Dynamic(lambda: bool(getattr(encoder, "gradient_checkpointing", False)) or any(
-        getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer))
+    return _Dynamic(functools.partial(_checkpointing_set, encoder))  # (a partial: copies and pickles take it)
+
+
+def _checkpointing_set(encoder) -> bool:
+    return bool(getattr(encoder, "gradient_checkpointing", False)) or any(
+        getattr(layer, "gradient_checkpointing", False) for layer in encoder.layer)
 
 
 # -- BERT ----------------------------------------------------------------------------------------
