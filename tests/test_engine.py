@@ -568,7 +568,30 @@ def test_stream_100k_texts_in_bounded_memory(tiny_checkpoint, one_thread):
     np.testing.assert_allclose(checked, engine(["text number 54320 of many"])[0], atol=1e-6, rtol=0)
 
 
-def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
+def test_leaving_a_stream_early_stops_its_thread_quietly(tiny_checkpoint, one_thread, monkeypatch):
+    """A consumer that breaks out of stream() (or islice-s it) over an endless generator: the
+    preparing thread ends, and nothing is reported as an ignored exception (it was: the chunking
+    generator swallowed GeneratorExit)."""
+    import gc
+    import itertools
+    import sys
+    import threading
+    import time
+
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=32)
+    endless = (f"text {i}" for i in itertools.count())
+    assert len(list(itertools.islice(engine.stream(endless), 50))) == 50
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(t.name == "engine-prepare" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "engine-prepare" for t in threading.enumerate())
+    assert not ignored, [str(u.exc_value) for u in ignored]
+
+
+
     """qa's default window (384) and overlap (128) shrink to a 64-position model instead of failing."""
     qa = InferenceEngine.from_pretrained(tiny_checkpoint, task="qa", device="cpu", dtype="float32")
     assert (qa.task.max_length, qa.task.stride) == (64, 30)

@@ -315,6 +315,8 @@ def _chunks(items, size):
             if len(chunk) == size:
                 yield chunk
                 chunk = []
+    except GeneratorExit:  # closed by its consumer (a stream left early): nothing more to give
+        raise
     except BaseException:
         if chunk:
             yield chunk
