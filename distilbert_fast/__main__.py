@@ -100,12 +100,20 @@ def run_task(args) -> int:
     device = args.device
     if world > 1 and device is not None and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{local_rank}"
-    writer = io.open_writer(output, args.command, resume=not args.no_resume)
-    counts = collections.Counter(resumed=writer.existing)
-    pending = collections.deque()  # records handed to the engine, in order
     needs_pair = TASKS[args.command].needs_pairs
     if needs_pair and args.pair_field is None:
         raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
+    if args.input != "-" and not os.path.isfile(args.input):
+        raise FileNotFoundError(f"--input {args.input!r} is not a file")
+    # the model first: a model or option the task cannot take leaves no output file behind
+    runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
+    try:
+        writer = io.open_writer(output, args.command, resume=not args.no_resume)
+    except BaseException:
+        runner.close()
+        raise
+    counts = collections.Counter(resumed=writer.existing)
+    pending = collections.deque()  # records handed to the engine, in order
 
     def items():
         records = io.read_records(args.input, args.input_format, text_field=args.column or args.text_field,
@@ -125,7 +133,6 @@ def run_task(args) -> int:
             pending.append(record)
             yield (record.text, record.pair) if args.pair_field is not None else record.text
 
-    runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
     start = time.perf_counter()
     status = 0
     try:
@@ -174,7 +181,15 @@ def main(argv=None) -> int:
         n = merge_jsonl(args.parts, args.output)
         print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
         return 0
-    return run_task(args)
+    try:
+        return run_task(args)
+    except (ValueError, TypeError, OSError) as exc:
+        # what the user can fix (a missing file, a bad option, a model the task cannot run): one
+        # line, as argparse reports, not a traceback; the output written so far stays resumable
+        if os.environ.get("DISTILBERT_FAST_TRACEBACK"):
+            raise
+        print(f"python -m distilbert_fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
