@@ -62,6 +62,9 @@ def build_parser():
             p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                            help="L2-normalise the embeddings (default: a sentence-transformers model's "
                                 "own choice, else no)")
+            p.add_argument("--prompt", default=None,
+                           help="text put before every input (default: a sentence-transformers model's default "
+                                "prompt, else none)")
         if task in ("classify", "fill-mask", "qa"):
             p.add_argument("--top-k", type=_int_or_none, default=5 if task == "fill-mask" else 1)
         if task == "classify":
@@ -80,7 +83,7 @@ def build_parser():
 
 
 def task_options(args) -> dict:
-    names = {"embed": ("pooling", "normalize"), "classify": ("top_k", "multi_label", "threshold"),
+    names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold"),
              "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len")}[args.command]
     return {name: getattr(args, name) for name in names}
 

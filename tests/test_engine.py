@@ -241,6 +241,23 @@ def test_sentence_transformers_folder_gives_encodes_vectors():
     assert (engine.task.pooling, engine.task.normalize, engine.task.max_length) == ("cls", False, 128)
 
 
+def test_folder_saved_by_this_sentence_transformers_with_a_default_prompt(tmp_path):
+    """The real all-MiniLM-L6-v2 saved by the installed sentence-transformers (6: a
+    'pooling_mode' key, the length in the tokenizer's config), once as it is and once with a
+    default prompt, which encode() puts before every text."""
+    st = pytest.importorskip("sentence_transformers")
+    for prompt in (None, "query: "):
+        model = st.SentenceTransformer(reference_vocab_dir(), device="cpu", prompts={"query": prompt or ""},
+                                       default_prompt_name="query" if prompt else None)
+        folder = tmp_path / f"saved-{bool(prompt)}"
+        model.save(str(folder))
+        expected = st.SentenceTransformer(str(folder), device="cpu").encode(TEXTS, convert_to_numpy=True)
+        engine = InferenceEngine.from_pretrained(folder, task="embed", device="cpu", dtype="float32")
+        assert (engine.task.pooling, engine.task.normalize, engine.task.max_length, engine.task.prompt) == (
+            "mean", True, 256, prompt)
+        np.testing.assert_allclose(np.stack(engine(TEXTS)), expected, atol=1e-5, rtol=0)
+
+
 def test_sentence_transformers_folder_of_a_distilbert_with_cls_pooling(checkpoints, tmp_path):
     """A sentence-transformers folder around a DistilBERT checkpoint (the encoder at the root),
     CLS pooling, no Normalize module, max_seq_length 64: the engine's defaults follow it."""

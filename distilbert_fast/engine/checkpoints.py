@@ -30,7 +30,7 @@ _POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "
 class Checkpoint:
     model_dir: str  # config.json, weights and tokenizer files
     bert: bool  # a BERT encoder, converted on load
-    embed_defaults: dict = field(default_factory=dict)  # pooling, normalize (sentence-transformers)
+    embed_defaults: dict = field(default_factory=dict)  # pooling, normalize, prompt (sentence-transformers)
     max_length: int | None = None  # sentence-transformers' max_seq_length
 
 
@@ -70,7 +70,7 @@ def _sentence_transformers_modules(path: str, modules: list):
     kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], os.path.join(path, m.get("path", ""))) for m in modules]
     if kinds[0][0] != "Transformer":
         raise ValueError(f"{path}/modules.json must start with a Transformer module, got {modules[0].get('type')!r}")
-    model_dir, defaults, max_length = kinds[0][1], {"normalize": False}, None
+    model_dir, defaults, max_length, include_prompt = kinds[0][1], {"normalize": False}, None, True
     settings_file = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(settings_file):
         settings = _read_json(settings_file)
@@ -81,16 +81,30 @@ def _sentence_transformers_modules(path: str, modules: list):
     for kind, module_dir in kinds[1:]:
         if kind == "Pooling":
             config = _read_json(os.path.join(module_dir, "config.json"))
-            modes = [name for key, name in _POOLING_MODES.items() if config.get(key)]
+            mode = config.get("pooling_mode")  # sentence-transformers >= 6; before: a flag per mode
+            if mode is not None:
+                modes = [mode] if isinstance(mode, str) else list(mode)
+            else:
+                modes = [name for key, name in _POOLING_MODES.items() if config.get(key)]
             if len(modes) != 1 or modes[0] not in ("cls", "mean", "max"):
                 raise ValueError(f"{module_dir}/config.json: the engine pools with one of cls, mean or max, "
                                  f"got pooling modes {modes}")
             defaults["pooling"] = modes[0]
+            include_prompt = config.get("include_prompt", True)
         elif kind == "Normalize":
             defaults["normalize"] = True
         else:
             raise ValueError(f"{path}/modules.json holds a {kind} module, which the engine does not run: "
                              "its vectors would not be SentenceTransformer.encode's")
+    settings_file = os.path.join(path, "config_sentence_transformers.json")
+    settings = _read_json(settings_file) if os.path.isfile(settings_file) else {}
+    prompt_name = settings.get("default_prompt_name")
+    prompt = (settings.get("prompts") or {}).get(prompt_name) if prompt_name else None
+    if prompt:  # encode() puts the default prompt before every text
+        if not include_prompt:
+            raise ValueError(f"{settings_file}: the default prompt {prompt_name!r} is left out of the pooling "
+                             "(include_prompt=false), which the engine does not do")
+        defaults["prompt"] = prompt
     return model_dir, defaults, max_length
 
 

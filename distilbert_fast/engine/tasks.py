@@ -91,16 +91,24 @@ def pool(hidden: torch.Tensor, inputs, pooling: str) -> torch.Tensor:
 
 class Embed(Task):
     """A vector per text: pooled last hidden states, optionally L2-normalised. With
-    overflow='split' a long text's windows are averaged before normalisation."""
+    overflow='split' a long text's windows are averaged before normalisation. ``prompt``: a
+    text put before every input (sentence-transformers' ``encode(prompt=...)``)."""
 
     name = "embed"
     model_class = modeling.DistilBertModel
 
-    def __init__(self, config, tokenizer, pooling=None, normalize=None, **kw):
+    def __init__(self, config, tokenizer, pooling=None, normalize=None, prompt=None, **kw):
         super().__init__(config, tokenizer, **kw)
         pooling = "mean" if pooling is None else pooling
         _check_choice("pooling", pooling, POOLINGS)
-        self.pooling, self.normalize = pooling, bool(normalize)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        self.pooling, self.normalize, self.prompt = pooling, bool(normalize), prompt or None
+
+    def encode(self, tokenizer, texts, pairs):
+        if self.prompt:  # sentence-transformers' prompt: text before every input, pooled with it
+            texts = [self.prompt + text for text in texts]
+        return super().encode(tokenizer, texts, pairs)
 
     def forward(self, model, inputs):
         hidden = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
