@@ -6,7 +6,9 @@ and the engine's packed path.
 """
 
 import copy
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -194,13 +196,17 @@ def test_named_special_tokens_match_hf():
 def test_saved_with_added_tokens_loads_the_same_in_both(pair, tmp_path):
     hf, ours = pair
     expected = hf(TEXTS)["input_ids"]
-    ours.save_pretrained(tmp_path / "ours")
-    for loaded in (DistilBertTokenizerFast.from_pretrained(tmp_path / "ours"),
-                   transformers.AutoTokenizer.from_pretrained(tmp_path / "ours"),
-                   transformers.BertTokenizerFast.from_pretrained(tmp_path / "ours")):
-        assert len(loaded) == len(hf), type(loaded)
-        assert loaded(TEXTS)["input_ids"] == expected, type(loaded)
-        assert loaded.all_special_tokens == hf.all_special_tokens, type(loaded)
+    # saved alone, and into a checkpoint folder that holds the original tokenizer.json (without
+    # the added tokens: both loaders add those of tokenizer_config.json on top)
+    (tmp_path / "checkpoint").mkdir()
+    shutil.copy(os.path.join(reference_vocab_dir(), "tokenizer.json"), tmp_path / "checkpoint")
+    for folder in (tmp_path / "ours", tmp_path / "checkpoint"):
+        ours.save_pretrained(folder)
+        for loaded in (DistilBertTokenizerFast.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder),
+                       transformers.BertTokenizerFast.from_pretrained(folder)):
+            assert len(loaded) == len(hf), (folder, type(loaded))
+            assert loaded(TEXTS)["input_ids"] == expected, (folder, type(loaded))
+            assert loaded.all_special_tokens == hf.all_special_tokens, (folder, type(loaded))
     hf.save_pretrained(tmp_path / "hf")
     from_hf = DistilBertTokenizerFast.from_pretrained(tmp_path / "hf")  # tokenizer.json's added_tokens
     assert len(from_hf) == len(hf) and from_hf(TEXTS)["input_ids"] == expected

@@ -49,7 +49,7 @@ const Tokenizer& Get(int variant) {
         return t;
       };
       o.added_tokens = {added("<x>", 26, true, false, false), added("ab", 9, true, true, false),
-                        added("\xCE\xA3!", 27, false, true, true), added("\xE4\xB8\xADb", 28, true, false, true),
+                        added("\xCE\xA3!", 27, false, true, true), added("\xE4\xB8\xAD" "b", 28, true, false, true),
                         added("a a", 30, true, true, true)};
     }
     if (!Tokenizer::Create(kVocab, o, &toks[variant]).ok) std::abort();
