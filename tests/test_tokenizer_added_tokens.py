@@ -8,6 +8,7 @@ and the engine's packed path.
 import copy
 import os
 import pickle
+import random
 import shutil
 
 import numpy as np
@@ -137,6 +138,25 @@ def test_call_matches_hf(pair, text):
             == [t for t in hf.tokenize(text) if t.strip() not in ("<l>", "<R>")])
     for skip in (False, True):
         assert ours.decode(a["input_ids"], skip_special_tokens=skip) == hf.decode(a["input_ids"], skip_special_tokens=skip)
+
+
+# pieces of random texts: added tokens in other casings and accents, the white space lstrip /
+# rstrip take (CJK padding too), punctuation next to them, characters normalization changes
+PIECES = ["<new_tok>", "<NEW_TOK>", "<néw_tök>", "new", "new_tok_long", "covid-19", "COVID", "ünïcode", "中文词", "中",
+          "two words", "<l>", "<R>", "<r>", "<SP>", "<sp2>", "<SP2>", "<ts>", "<ns>", "[CLS]", "[MASK]", "solo", "hello",
+          "x", "é", "e\u0301", "\u0301", " ", "  ", "\t", "\u3000", "\u00a0", ".", ",", "(", "<", ">", "_", "a", "Z",
+          "İ", "ß", "\u200b", "\x01", "😀", "ﬁ"]
+
+
+def test_random_texts_match_hf(pair):
+    hf, ours = pair
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(PIECES) for _ in range(rng.randint(0, 8))) for _ in range(1000)]
+    a = hf(texts, return_offsets_mapping=True)
+    b = ours(texts, return_offsets_mapping=True)
+    for i, text in enumerate(texts):
+        assert (b["input_ids"][i], b["offset_mapping"][i], b.word_ids(i)) == \
+            (a["input_ids"][i], a["offset_mapping"][i], a.word_ids(i)), repr(text)
 
 
 def test_batch_pairs_truncation_padding_match_hf(pair):

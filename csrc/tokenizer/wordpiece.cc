@@ -387,15 +387,21 @@ struct Tokenizer::Impl {
           }
           const Match& hit = matches[m];
           size_t start = i, stop = i + len;
-          if (hit.lstrip)
-            while (start > done && IsRegexSpace(norm[start - 1].cp)) --start;
+          if (hit.lstrip) {  // HF: the white space before it, but not before the previous match's end
+            while (start > 0 && IsRegexSpace(norm[start - 1].cp)) --start;
+            start = std::max(start, done);
+            if (start >= stop) start = i;  // (HF fails on such a split)
+          }
           if (hit.rstrip)
             while (stop < n && IsRegexSpace(norm[stop].cp)) ++stop;
-          pre_tokenize_range(done, start);
+          if (done < start) pre_tokenize_range(done, start);
           out->Push(hit.id, {norm[start].orig, norm[stop - 1].orig + 1}, (*word_id)++);
-          done = i = stop;
+          // as HF's Aho-Corasick search, the next match is looked for from the end of this one,
+          // not of the white space rstrip took: it may start inside that white space
+          i += len;
+          done = stop;
         }
-        pre_tokenize_range(done, n);
+        if (done < n) pre_tokenize_range(done, n);
         norm.clear();
       };
       auto emit = [&](char32_t cp, uint8_t flags, int32_t orig) { norm.push_back(NormChar{cp, orig, flags}); };
@@ -428,8 +434,10 @@ struct Tokenizer::Impl {
       if (m >= 0) {
         const Match& hit = matches[m];
         size_t start = pos, stop = pos + len;
-        int32_t start_char = ci, stop_char = ci + CountChars(text.substr(pos, len));
-        if (hit.lstrip) {  // white space back to the previous match
+        int32_t start_char = ci, end_char = ci + CountChars(text.substr(pos, len)), stop_char = end_char;
+        if (hit.lstrip && start < seg_start) {  // it starts in the white space the last match took
+          if (seg_start < stop) start = seg_start, start_char = seg_char;  // HF's start (HF fails otherwise)
+        } else if (hit.lstrip) {  // the white space before it, but not before the previous match's end
           while (start > seg_start) {
             size_t prev = start - 1;
             while (prev > seg_start && (bytes[prev] & 0xC0) == 0x80) --prev;
@@ -448,12 +456,18 @@ struct Tokenizer::Impl {
             ++stop_char;
           }
         }
-        Status st = EncodeSegment<kMatchNormalized>(text.substr(seg_start, start - seg_start), seg_char, &word_id,
-                                                    out, scratch);
-        if (!st.ok) return st;
+        if (start > seg_start) {
+          Status st = EncodeSegment<kMatchNormalized>(text.substr(seg_start, start - seg_start), seg_char, &word_id,
+                                                      out, scratch);
+          if (!st.ok) return st;
+        }
         out->Push(hit.id, {start_char, stop_char}, word_id++);
-        pos = seg_start = stop;
-        ci = seg_char = stop_char;
+        // as HF's Aho-Corasick search, the next match is looked for from the end of this one, not
+        // of the white space rstrip took (a match starting in it overlaps this token, as in HF)
+        pos += len;
+        ci = end_char;
+        seg_start = std::max(seg_start, stop);
+        seg_char = std::max(seg_char, stop_char);
         continue;
       }
       // advance one character (validity is checked by EncodeSegment)

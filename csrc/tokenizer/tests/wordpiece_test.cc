@@ -318,6 +318,17 @@ void TestAddedTokens() {
          out.c_str());
   EXPECT(!tok->Decode({44}, false, &out).ok, "id past the added tokens is refused");
 
+  // the next match is looked for where the last one ended, not after the white space rstrip
+  // took: here the CJK token's padding space, which "<new>x" also took (HF's overlapping splits)
+  TokenizerOptions cjk = o;
+  cjk.added_tokens.push_back(Added("中", 22, true));
+  auto with_cjk = Make(cjk);
+  Encoding overlap;
+  EXPECT((with_cjk->EncodeText("<new>x中", 0, &overlap).ok && overlap.ids == std::vector<int32_t>({43, 22}) &&
+          overlap.offsets == std::vector<std::pair<int32_t, int32_t>>({{0, 7}, {6, 7}}) &&
+          *with_cjk->IdToToken(22) == " 中 "),
+         "rstrip, then a match in the white space it took");
+
   std::unique_ptr<Tokenizer> t;
   TokenizerOptions bad;
   bad.added_tokens = {Added("<w>", 40, true)};
