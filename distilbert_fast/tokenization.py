@@ -620,6 +620,7 @@ class DistilBertTokenizer:
                 self._special_contents.add(token.content)
         ignored = 0
         existing = set(self._added.values())
+        next_id = self._next_id(vocab_size)
         for token in tokens:
             if not token.content or token in existing:
                 ignored += 1
@@ -628,7 +629,7 @@ class DistilBertTokenizer:
             if index is None:
                 index = self._core.token_to_id(token.content)
             if index is None:
-                index = self._next_id(vocab_size)
+                index, next_id = next_id, next_id + 1
             self._added_ids[token.content] = index
             self._added[index] = token
             existing.add(token)
