@@ -609,10 +609,6 @@ class DistilBertTokenizer:
 
     def _add_tokens(self, new_tokens, special_tokens=False):
         tokens = [_as_added_token(t, True if special_tokens else None, "new_tokens") for t in new_tokens]
-        for token in tokens:
-            if token.single_word:
-                raise ValueError(f"AddedToken({token.content!r}, single_word=True) is not supported by "
-                                 "distilbert_fast's tokenizer: add it with single_word=False")
         vocab_size = self._core.vocab_size()
         for token in tokens:
             if token.special and token.content and token.content not in self._special_contents:
@@ -639,7 +635,8 @@ class DistilBertTokenizer:
         return len(tokens) - ignored
 
     def add_tokens(self, new_tokens, special_tokens=False):
-        """Adds tokens (str, or tokenizers' AddedToken for its lstrip / rstrip / normalized flags)
+        """Adds tokens (str, or tokenizers' AddedToken for its lstrip / rstrip / single_word /
+        normalized flags)
         on top of the vocab, as HF's fast tokenizer does: each is then matched whole in the text
         (a str: in the normalized, lower-cased text; with ``special_tokens=True``: as it is, in the
         raw text, and skipped by ``decode(skip_special_tokens=True)``). A token new to the

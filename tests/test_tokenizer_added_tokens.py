@@ -10,6 +10,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,6 +161,32 @@ def test_random_texts_match_hf(pair):
             (a["input_ids"][i], a["offset_mapping"][i], a.word_ids(i)), repr(text)
 
 
+def test_single_word_tokens_match_hf():
+    """single_word=True: matched only where no word character (regex \\w: letters, marks, digits,
+    '_') touches it, in the raw text (normalized=False) or the normalized text."""
+    hf, ours = _hf(), _ours()
+    adds = [("add_tokens", [AddedToken("sw", single_word=True), AddedToken("<W>", single_word=True, normalized=False),
+                            AddedToken("ab", single_word=True, lstrip=True, rstrip=True), "abc"], {}),
+            ("add_special_tokens", {"additional_special_tokens": [AddedToken("[S]", single_word=True)]}, {})]
+    assert _add(ours, adds) == _add(hf, adds)
+    pieces = ["sw", "SW", "ŝw", "<W>", "<w>", "ab", "abc", "[S]", " ", "  ", "x", "1", "_", "-", ".", "\u0301", "é",
+              "中", "😀", "\u200d", "\u00a0", "Ⓐ", "ⅷ"]
+    rng = random.Random(1)
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 7))) for _ in range(1000)]
+    a = hf(texts, return_offsets_mapping=True)
+    b = ours(texts, return_offsets_mapping=True)
+    for i, text in enumerate(texts):
+        assert (b["input_ids"][i], b["offset_mapping"][i], b.word_ids(i)) == \
+            (a["input_ids"][i], a["offset_mapping"][i], a.word_ids(i)), repr(text)
+
+
+def test_word_chars_table_is_current():
+    pytest.importorskip("regex")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gen_word_chars.py")
+    done = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_batch_pairs_truncation_padding_match_hf(pair):
     hf, ours = pair
     texts, pairs = TEXTS[:12], TEXTS[12:24]
@@ -242,18 +270,16 @@ def test_pickle_and_deepcopy_keep_added_tokens(pair):
         assert clone.all_special_tokens == ours.all_special_tokens
 
 
-def test_unsupported_and_bad_tokens_are_clear_errors():
+def test_bad_tokens_are_clear_errors():
     ours = _ours()
     n = len(ours)
-    with pytest.raises(ValueError, match="single_word=True"):
-        ours.add_tokens([AddedToken("<w>", single_word=True)])
     with pytest.raises(TypeError, match="new_tokens"):
         ours.add_tokens([5])
     with pytest.raises(ValueError, match="not a valid special token"):
         ours.add_special_tokens({"my_token": "<m>"})
     with pytest.raises(ValueError, match="normalized"):
         ours.add_tokens(["\u0301"])  # a lone accent: nothing is left of it once normalized
-    assert len(ours) == n and ours("a <w> b")["input_ids"] == _hf()("a <w> b")["input_ids"]
+    assert len(ours) == n and ours("a \u0301 b")["input_ids"] == _hf()("a \u0301 b")["input_ids"]
 
 
 def test_engine_embeds_added_tokens_as_hf(tmp_path):

@@ -156,7 +156,7 @@ struct Tokenizer::Impl {
   // they define or show differently from the vocab (sorted by id).
   struct Match {
     int32_t id;
-    bool lstrip, rstrip;
+    bool lstrip, rstrip, single_word;
   };
   std::vector<Match> matches;
   Trie<unsigned char> raw_trie;
@@ -386,6 +386,11 @@ struct Tokenizer::Impl {
             continue;
           }
           const Match& hit = matches[m];
+          if (hit.single_word && ((i > 0 && unicode::IsWordChar(norm[i - 1].cp)) ||
+                                  (i + len < n && unicode::IsWordChar(norm[i + len].cp)))) {
+            i += len;  // inside a word: no match (HF's search goes on after it)
+            continue;
+          }
           size_t start = i, stop = i + len;
           if (hit.lstrip) {  // HF: the white space before it, but not before the previous match's end
             while (start > 0 && IsRegexSpace(norm[start - 1].cp)) --start;
@@ -431,6 +436,11 @@ struct Tokenizer::Impl {
     const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
     while (pos < text.size()) {
       auto [m, len] = raw_trie.Longest(text.size() - pos, [&](size_t k) { return bytes[pos + k]; });
+      if (m >= 0 && matches[m].single_word && InsideWord(text, pos, pos + len)) {
+        ci += CountChars(text.substr(pos, len));  // no match (HF's search goes on after it)
+        pos += len;
+        continue;
+      }
       if (m >= 0) {
         const Match& hit = matches[m];
         size_t start = pos, stop = pos + len;
@@ -477,6 +487,17 @@ struct Tokenizer::Impl {
       ++ci;
     }
     return EncodeSegment<kMatchNormalized>(text.substr(seg_start), seg_char, &word_id, out, scratch);
+  }
+
+  // Whether a word character (regex \w) touches text[begin, end) on its left or right.
+  static bool InsideWord(std::string_view text, size_t begin, size_t end) {
+    char32_t c;
+    if (begin > 0) {
+      size_t prev = begin - 1;
+      while (prev > 0 && (static_cast<unsigned char>(text[prev]) & 0xC0) == 0x80) --prev;
+      if (unicode::DecodeUtf8(text, &prev, &c) && unicode::IsWordChar(c)) return true;
+    }
+    return end < text.size() && unicode::DecodeUtf8(text, &end, &c) && unicode::IsWordChar(c);
   }
 
   static int32_t CountChars(std::string_view s) {
@@ -596,9 +617,6 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
     while (check < t.content.size())
       if (!unicode::DecodeUtf8(t.content, &check, &cp)) return Status::Error(what + " is not valid UTF-8");
     if (t.id < 0) return Status::Error(what + " has id " + std::to_string(t.id) + ": expected an id >= 0");
-    if (t.single_word)
-      return Status::Error(what + " has single_word=true, which is not supported: only whole-text matching "
-                           "(single_word=false) is");
     auto [it, fresh] = content_of_id.emplace(t.id, &t.content);
     if (!fresh && *it->second != t.content)
       return Status::Error("added tokens '" + *it->second + "' and '" + t.content + "' have the same id " +
@@ -610,7 +628,7 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
     impl->num_ids = std::max(impl->num_ids, static_cast<size_t>(t.id) + 1);
     if (t.special) impl->special_ids.push_back(t.id);
     int32_t m = static_cast<int32_t>(impl->matches.size());
-    impl->matches.push_back(Impl::Match{t.id, t.lstrip, t.rstrip});
+    impl->matches.push_back(Impl::Match{t.id, t.lstrip, t.rstrip, t.single_word});
     std::string text = t.content;
     if (t.normalized) {
       std::u32string normalized = impl->NormalizedContent(t.content, &scratch);

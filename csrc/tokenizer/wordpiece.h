@@ -39,7 +39,7 @@ struct AddedToken {
   bool normalized = true;   // matched in the normalized text (its content normalized alike)
   bool lstrip = false;      // the match takes the white space (Unicode White_Space) on its left
   bool rstrip = false;      // ... and on its right
-  bool single_word = false; // not supported: Create fails on it
+  bool single_word = false; // matched only where no word character (regex \w) touches it
 };
 
 struct TokenizerOptions {

@@ -50,7 +50,8 @@ const Tokenizer& Get(int variant) {
       };
       o.added_tokens = {added("<x>", 26, true, false, false), added("ab", 9, true, true, false),
                         added("\xCE\xA3!", 27, false, true, true), added("\xE4\xB8\xAD" "b", 28, true, false, true),
-                        added("a a", 30, true, true, true)};
+                        added("a a", 30, true, true, true), added("[X]", 31, false, false, false)};
+      o.added_tokens[0].single_word = o.added_tokens.back().single_word = true;
     }
     if (!Tokenizer::Create(kVocab, o, &toks[variant]).ok) std::abort();
   }

@@ -329,11 +329,19 @@ void TestAddedTokens() {
           *with_cjk->IdToToken(22) == " 中 "),
          "rstrip, then a match in the white space it took");
 
+  // single_word: matched only where no word character touches it, in the raw or normalized text
+  TokenizerOptions single;
+  single.added_tokens = {Added("x", 27, true), Added("[RAW]", 42, false)};
+  single.added_tokens[0].single_word = single.added_tokens[1].single_word = true;
+  RunCases("single_word", *Make(single), {
+      {"1: alone, next to punctuation, not inside words", "X,x ax xa x_ [RAW]a [RAW]!",
+       {"x", ",", "x", "a", "##x", "[UNK]", "x", "[UNK]", "[", "[UNK]", "]", "a", "[RAW]", "!"},
+       {{0, 1}, {1, 2}, {2, 3}, {4, 5}, {5, 6}, {7, 9}, {10, 11}, {11, 12}, {13, 14}, {14, 17}, {17, 18}, {18, 19},
+        {20, 25}, {25, 26}}},
+  });
+
   std::unique_ptr<Tokenizer> t;
   TokenizerOptions bad;
-  bad.added_tokens = {Added("<w>", 40, true)};
-  bad.added_tokens[0].single_word = true;
-  EXPECT(!Tokenizer::Create(kVocab, bad, &t).ok, "single_word is refused");
   bad.added_tokens = {Added("\u0301", 40, true)};
   EXPECT(!Tokenizer::Create(kVocab, bad, &t).ok, "a token empty once normalized is refused");
   bad.added_tokens = {Added("<a>", 40, true), Added("<b>", 40, true)};
