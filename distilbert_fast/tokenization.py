@@ -38,6 +38,8 @@ def _core_module():
 _INPUT_NAMES = ["input_ids", "attention_mask"]
 VOCAB_FILES_NAMES = {"vocab_file": "vocab.txt", "tokenizer_file": "tokenizer.json"}
 _SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# the named special tokens of HF's add_special_tokens, in the order all_special_tokens lists them
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _PADDING = {True: "longest", "longest": "longest", "max_length": "max_length", False: "none", "do_not_pad": "none",
             None: "none"}
 VERY_LARGE_INTEGER = int(1e30)  # HF's model_max_length for "no limit"
@@ -456,7 +458,8 @@ class DistilBertTokenizer:
                  tokenize_chinese_chars=True, strip_accents=None, *, vocab=None, tokenizer_file=None,
                  model_max_length=None, padding_side="right", truncation_side="right",
                  clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
-                 continuing_subword_prefix=None, max_input_chars_per_word=None, **kwargs):
+                 continuing_subword_prefix=None, max_input_chars_per_word=None, added_tokens_decoder=None,
+                 extra_special_tokens=None, additional_special_tokens=None, **kwargs):
         core = _core_module()
         specials = dict(unk_token=unk_token, sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
                         mask_token=mask_token)
@@ -501,6 +504,11 @@ class DistilBertTokenizer:
         for name, value in specials.items():
             setattr(self, name, value)
         self._wordpiece = (prefix, int(max_chars))
+        # the tokens the WordPiece model and the [CLS] ... [SEP] template use: HF keeps them when
+        # add_special_tokens renames cls_token & co (only pad_token's change reaches the padding)
+        self._template_tokens = dict(specials)
+        self._init_added_tokens(tokens, specials, added_tokens_decoder,
+                                extra_special_tokens if extra_special_tokens is not None else additional_special_tokens)
         self._build_core(tokens)
         if model_max_length is not None and (not _is_int(model_max_length) or model_max_length < 0):
             raise ValueError(f"model_max_length must be a non-negative int or None, got {model_max_length!r}")
@@ -514,12 +522,8 @@ class DistilBertTokenizer:
         if max_rows_per_call is not None and (not _is_int(max_rows_per_call) or max_rows_per_call < 1):
             raise ValueError(f"max_rows_per_call must be a positive int or None, got {max_rows_per_call!r}")
         self.max_rows_per_call = max_rows_per_call
-        self._special_ids = set(self._core.special_ids())
-        self.unk_token_id = self._core.token_to_id(self.unk_token)
-        self.sep_token_id = self._core.token_to_id(self.sep_token)
-        self.pad_token_id = self._core.token_to_id(self.pad_token)
-        self.cls_token_id = self._core.token_to_id(self.cls_token)
-        self.mask_token_id = self._core.token_to_id(self.mask_token)
+        for name in _SPECIAL_NAMES:
+            setattr(self, name + "_id", self._core.token_to_id(getattr(self, name)))
         self.name_or_path = kwargs.get("name_or_path", "")
         # a BERT model's tokenizer also returns token_type_ids by default (HF's model_input_names)
         self.model_input_names = list(kwargs.get("model_input_names", type(self).model_input_names))
@@ -530,11 +534,181 @@ class DistilBertTokenizer:
     def _build_core(self, tokens):
         core = _core_module()
         prefix, max_chars = self._wordpiece
+        template = self._template_tokens
+        # the core matches each added token once, in HF's order of precedence (special tokens
+        # first, then the others, each in the order added), with the flags its id has now
+        added, seen = [], set()
+        for token in self._added_order + self._added_plain:
+            index = self._added_ids[token.content]
+            if index not in seen:
+                seen.add(index)
+                t = self._added[index]
+                added.append((t.content, index, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word))
         self._core = core.Tokenizer(
             tokens, self.do_lower_case, self.strip_accents, self.tokenize_chinese_chars, self.do_basic_tokenize,
-            self.never_split, self.unk_token, self.sep_token, self.pad_token, self.cls_token, self.mask_token, [],
-            prefix, max_chars)
+            self.never_split, template["unk_token"], template["sep_token"], self.pad_token, template["cls_token"],
+            template["mask_token"], [], prefix, max_chars, added)
         self._core.set_batch_encoding_class(BatchEncoding)
+        vocab_size = self._core.vocab_size()
+        # HF's len(): the vocab's tokens and the added tokens' contents, each once
+        self._num_tokens = vocab_size + sum(
+            1 for index, t in self._added.items() if index >= vocab_size or tokens[index] != t.content)
+
+    # -- added tokens (HF's AddedVocabulary: the same bookkeeping, so the same ids and matches) --
+
+    def _init_added_tokens(self, tokens, specials, added_tokens_decoder, extra_special_tokens):
+        """The added tokens a new tokenizer starts with: those saved with it (ids kept), then the
+        special tokens and the extra special tokens it does not have yet."""
+        self._added = {}        # id -> _AddedToken (its current flags)
+        self._added_ids = {}    # content -> id
+        self._added_order = []  # special tokens in the order added (HF's special_tokens)
+        self._added_plain = []  # the others in the order added (HF's added_tokens)
+        self._special_contents = set()
+        self._extra_special_tokens = []
+        for index, token in sorted((int(i), t) for i, t in (added_tokens_decoder or {}).items()):
+            token = _as_added_token(token, None, "added_tokens_decoder")
+            if index < 0:
+                raise ValueError(f"added_tokens_decoder: id {index} of {token.content!r} must be >= 0")
+            self._insert_added(index, token)
+        model_ids = {}  # the special tokens' vocab ids (found once; the vocab is a list)
+        missing = [v for v in specials.values() if v not in self._added_ids]
+        if missing:
+            wanted = set(missing)
+            model_ids = {t: i for i, t in enumerate(tokens) if t in wanted}
+        for value in specials.values():
+            if value not in self._added_ids:
+                if value not in model_ids:
+                    continue  # the core reports a special token the vocab lacks
+                self._insert_added(model_ids[value], _AddedToken(value, normalized=False, special=True))
+        for token in self._register_extra_special_tokens(list(extra_special_tokens or []), replace=True):
+            if token.content not in self._added_ids:
+                index = next((i for i, t in enumerate(tokens) if t == token.content), None)
+                self._insert_added(self._next_id(len(tokens)) if index is None else index, token)
+
+    def _insert_added(self, index, token):
+        self._added_ids[token.content] = index
+        self._added[index] = token
+        if token.special and token.content not in self._special_contents:
+            self._added_order.append(token)
+            self._special_contents.add(token.content)
+        elif token.content not in self._special_contents:
+            self._added_plain.append(token)
+
+    def _register_extra_special_tokens(self, values, replace):
+        news = [_as_added_token(v, True, "extra_special_tokens") for v in values]
+        news = [t for t in news if replace or t.content not in self._extra_special_tokens]
+        if replace and news:
+            self._extra_special_tokens = [t.content for t in news]
+        else:
+            self._extra_special_tokens.extend(t.content for t in news)
+        return news
+
+    def _next_id(self, vocab_size):
+        top = max(self._added, default=-1)
+        return top + 1 if top >= vocab_size else vocab_size
+
+    def _add_tokens(self, new_tokens, special_tokens=False):
+        tokens = [_as_added_token(t, True if special_tokens else None, "new_tokens") for t in new_tokens]
+        vocab_size = self._core.vocab_size()
+        for token in tokens:
+            if token.special and token.content and token.content not in self._special_contents:
+                self._added_order.append(token)
+                self._special_contents.add(token.content)
+        ignored = 0
+        existing = set(self._added.values())
+        next_id = self._next_id(vocab_size)
+        for token in tokens:
+            if not token.content or token in existing:
+                ignored += 1
+                continue
+            index = self._added_ids.get(token.content)  # this call's earlier tokens are not in the core yet
+            if index is None:
+                index = self._core.token_to_id(token.content)
+            if index is None:
+                index, next_id = next_id, next_id + 1
+            self._added_ids[token.content] = index
+            self._added[index] = token
+            existing.add(token)
+            if token.content not in self._special_contents:
+                self._added_plain.append(token)
+        self._build_core(self._core.vocab())
+        return len(tokens) - ignored
+
+    def add_tokens(self, new_tokens, special_tokens=False):
+        """Adds tokens (str, or tokenizers' AddedToken for its lstrip / rstrip / single_word /
+        normalized flags)
+        on top of the vocab, as HF's fast tokenizer does: each is then matched whole in the text
+        (a str: in the normalized, lower-cased text; with ``special_tokens=True``: as it is, in the
+        raw text, and skipped by ``decode(skip_special_tokens=True)``). A token new to the
+        vocabulary gets the next id (len(tokenizer) before the call); one the vocab has keeps its
+        id. Returns how many tokens were added (HF's count: those not added before with the same
+        flags). Then ``model.resize_token_embeddings(len(tokenizer))``."""
+        if not new_tokens:
+            return 0
+        if not isinstance(new_tokens, (list, tuple)):
+            new_tokens = [new_tokens]
+        return self._add_tokens(new_tokens, special_tokens=special_tokens)
+
+    def add_special_tokens(self, special_tokens_dict, replace_extra_special_tokens=True):
+        """Adds special tokens and names them, as HF's ``add_special_tokens``: keys
+        bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token (the
+        attribute is set to the token) and extra_special_tokens / additional_special_tokens (a
+        list; replaces the previous list unless ``replace_extra_special_tokens=False``). Each is
+        matched whole in the raw text. Returns the number of tokens added."""
+        if not special_tokens_dict:
+            return 0
+        tokens_dict = dict(special_tokens_dict)
+        if "additional_special_tokens" in tokens_dict and not tokens_dict.get("extra_special_tokens"):
+            tokens_dict["extra_special_tokens"] = tokens_dict.pop("additional_special_tokens")
+        allowed = _NAMED_SPECIALS + ("extra_special_tokens",)
+        to_add = []
+        for key, value in tokens_dict.items():
+            if key not in allowed:
+                raise ValueError(f"Key {key} is not a valid special token. Valid keys are: {sorted(allowed)}")
+            if key == "extra_special_tokens":
+                if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) or hasattr(t, "content")
+                                                                   for t in value):
+                    raise ValueError(f"Tokens {value} for key {key} should all be str or AddedToken instances")
+                to_add.extend(self._register_extra_special_tokens(value, replace_extra_special_tokens))
+            else:
+                if not (isinstance(value, str) or hasattr(value, "content")):
+                    raise ValueError(f"Token {value} for key {key} should be a str or an AddedToken instance")
+                token = _as_added_token(value, True, key)
+                to_add.append(token)
+                self._set_named_special(key, token.content, None)
+        added = self.add_tokens(to_add, special_tokens=True)
+        for key in tokens_dict:  # their ids, now that the tokens exist
+            if key in _NAMED_SPECIALS:
+                self._set_named_special(key, getattr(self, key), self.convert_tokens_to_ids(getattr(self, key)))
+        return added
+
+    def _set_named_special(self, name, content, index):
+        setattr(self, name, content)  # on the transformers-compatible subclass: into transformers' map
+        # read from the instance: the class-level defaults (bos_token = None) would shadow that map
+        self.__dict__[name], self.__dict__[name + "_id"] = content, index
+
+    @property
+    def extra_special_tokens(self):
+        return list(self._extra_special_tokens)
+
+    additional_special_tokens = extra_special_tokens
+
+    @property
+    def added_tokens_decoder(self):
+        """id -> AddedToken (tokenizers' class where installed) of every added token, special
+        tokens included, sorted by id: HF's ``added_tokens_decoder``."""
+        make = _added_token_class()
+        return {index: make(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                            normalized=t.normalized, special=t.special)
+                for index, t in sorted(self._added.items())}
+
+    @property
+    def added_tokens_encoder(self):
+        return {t.content: index for index, t in sorted(self._added.items())}
+
+    def get_added_vocab(self):
+        """content -> id of the added tokens (special tokens included), as HF's get_added_vocab."""
+        return self.added_tokens_encoder
 
     # pickling and copying (DataLoader workers, multiprocessing, copy.deepcopy): rebuilt by the
     # constructor from the vocab and the settings, so the transformers-compatible subclass and the
@@ -542,7 +716,12 @@ class DistilBertTokenizer:
     def __reduce__(self):
         settings = {name: getattr(self, name) for name in _SETTINGS}
         settings["continuing_subword_prefix"], settings["max_input_chars_per_word"] = self._wordpiece
-        return _rebuild_tokenizer, (_plain_class(type(self)), self._core.vocab(), settings)
+        settings.update(self._template_tokens)
+        settings["added_tokens_decoder"] = {index: t._asdict() for index, t in self._added.items()}
+        settings["extra_special_tokens"] = list(self._extra_special_tokens)
+        renamed = {name: getattr(self, name) for name in _NAMED_SPECIALS
+                   if getattr(self, name) != self._template_tokens.get(name)}
+        return _rebuild_tokenizer, (_plain_class(type(self)), self._core.vocab(), settings, renamed)
 
     # -- loading and saving -------------------------------------------------------------------------
 
@@ -562,11 +741,21 @@ class DistilBertTokenizer:
         init = {k: v for k, v in config.items()
                 if k in ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars",
                          "strip_accents", "model_max_length", "padding_side", "truncation_side",
-                         "clean_up_tokenization_spaces", "model_input_names") + _SPECIAL_NAMES}
+                         "clean_up_tokenization_spaces", "model_input_names", "extra_special_tokens",
+                         "additional_special_tokens") + _SPECIAL_NAMES}
         json_file = os.path.join(path, "tokenizer.json")
         vocab_file = os.path.join(path, "vocab.txt")
+        # added tokens, by id: tokenizer.json's added_tokens (what HF's fast tokenizer saves),
+        # tokenizer_config.json's added_tokens_decoder, added_tokens.json (content -> id)
+        added = {}
+        added_file = os.path.join(path, "added_tokens.json")
+        if os.path.isfile(added_file):
+            with open(added_file, encoding="utf-8") as f:
+                added.update({int(index): content for content, index in json.load(f).items()})
+        added.update({int(index): token for index, token in (config.get("added_tokens_decoder") or {}).items()})
         if os.path.isfile(json_file):
             model = _core_module().read_tokenizer_json(json_file)
+            added.update({token.pop("id"): token for token in model["added_tokens"]})
             # the normalizer settings of tokenizer.json are what HF's fast tokenizer runs
             if "lowercase" in model:
                 init.setdefault("do_lower_case", model["lowercase"])
@@ -575,13 +764,17 @@ class DistilBertTokenizer:
             init["tokenizer_file"] = json_file
         elif not os.path.isfile(vocab_file):
             raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json")
+        if added:
+            init["added_tokens_decoder"] = added
         init.update(kwargs)
         if isinstance(init.get("model_max_length"), float):  # json's 1e+30
             init["model_max_length"] = int(init["model_max_length"])
         return cls(vocab_file=vocab_file if os.path.isfile(vocab_file) else None, name_or_path=path, **init)
 
     def save_pretrained(self, save_directory, **kwargs):
-        """Writes vocab.txt, tokenizer_config.json and special_tokens_map.json; returns their paths."""
+        """Writes vocab.txt, tokenizer_config.json (with the added tokens in its
+        added_tokens_decoder, as HF writes them), special_tokens_map.json and, when tokens were
+        added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
         os.makedirs(save_directory, exist_ok=True)
         vocab_path = os.path.join(save_directory, "vocab.txt")
         with open(vocab_path, "w", encoding="utf-8", newline="\n") as f:
@@ -603,13 +796,25 @@ class DistilBertTokenizer:
         }
         if self.model_input_names != type(self).model_input_names:
             config["model_input_names"] = list(self.model_input_names)
+        config["added_tokens_decoder"] = {str(index): t._asdict() for index, t in sorted(self._added.items())}
+        if self._extra_special_tokens:
+            config["extra_special_tokens"] = list(self._extra_special_tokens)
+            specials["additional_special_tokens"] = list(self._extra_special_tokens)
         config_path = os.path.join(save_directory, "tokenizer_config.json")
         map_path = os.path.join(save_directory, "special_tokens_map.json")
-        for file, data in ((config_path, config), (map_path, specials)):
+        files = [(config_path, config), (map_path, specials)]
+        vocab_size = self._core.vocab_size()
+        new_tokens = {t.content: index for index, t in sorted(self._added.items()) if index >= vocab_size}
+        added_path = os.path.join(save_directory, "added_tokens.json")
+        if new_tokens:
+            files.append((added_path, new_tokens))
+        elif os.path.isfile(added_path):
+            os.remove(added_path)  # a stale one from an earlier save would add tokens on load
+        for file, data in files:
             with open(file, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2, ensure_ascii=False)
                 f.write("\n")
-        return (config_path, map_path, vocab_path)
+        return (config_path, map_path, vocab_path) + ((added_path,) if new_tokens else ())
 
     # -- vocabulary ---------------------------------------------------------------------------------
 
@@ -618,22 +823,30 @@ class DistilBertTokenizer:
         return self._core.vocab_size()
 
     def __len__(self):
-        return self._core.vocab_size()
+        """The vocab's size plus the added tokens new to it (what resize_token_embeddings takes)."""
+        return self._num_tokens
 
     def get_vocab(self):
-        return {token: i for i, token in enumerate(self._core.vocab())}
+        """token -> id of the vocab and the added tokens."""
+        vocab = {token: i for i, token in enumerate(self._core.vocab())}
+        vocab.update(self.added_tokens_encoder)
+        return vocab
 
     @property
     def all_special_tokens(self):
-        return [getattr(self, name) for name in ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")]
+        """The named special tokens (bos, eos, unk, sep, pad, cls, mask: those set) and the
+        extra special tokens, each once, as HF lists them."""
+        tokens = [getattr(self, name) for name in _NAMED_SPECIALS]
+        tokens = [t for t in tokens if t is not None] + self._extra_special_tokens
+        return list(dict.fromkeys(tokens))
 
     @property
     def special_tokens_map(self):
-        return {name: getattr(self, name) for name in _SPECIAL_NAMES}
+        return {name: getattr(self, name) for name in _NAMED_SPECIALS if getattr(self, name) is not None}
 
     @property
     def all_special_ids(self):
-        return [self._core.token_to_id(t) for t in self.all_special_tokens]
+        return self.convert_tokens_to_ids(self.all_special_tokens)
 
     def convert_tokens_to_ids(self, tokens):
         """Id of a token (or ids of a list of tokens); unknown tokens get the [UNK] id."""
@@ -646,13 +859,13 @@ class DistilBertTokenizer:
         """Token of an id (or tokens of a sequence of ids)."""
         if _is_int(ids):
             return self._id_to_token(int(ids))
-        return [self._id_to_token(int(i)) for i in _as_id_list(ids)
-                if not (skip_special_tokens and int(i) in self._special_ids)]
+        skip = set(self.all_special_ids) if skip_special_tokens else ()
+        return [self._id_to_token(int(i)) for i in _as_id_list(ids) if int(i) not in skip]
 
     def _id_to_token(self, index):
         token = self._core.id_to_token(index)
         if token is None:
-            raise IndexError(f"token id {index} is out of range: expected 0 <= id < {self.vocab_size}")
+            raise IndexError(f"token id {index} is out of range: expected 0 <= id < {self._core.num_ids()}")
         return token
 
     @property
@@ -729,7 +942,7 @@ class DistilBertTokenizer:
             if token_ids_1 is not None:
                 raise ValueError("token_ids_1 must be None with already_has_special_tokens=True: the ids given "
                                  "already hold both sequences")
-            special = self._special_ids
+            special = set(self.all_special_ids)
             return [1 if int(t) in special else 0 for t in _as_id_list(token_ids_0)]
         if token_ids_1 is None:
             return [1] + [0] * len(token_ids_0) + [1]
@@ -1105,12 +1318,64 @@ _SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chin
              "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file")
 
 
-def _rebuild_tokenizer(cls, tokens, settings):
+def _rebuild_tokenizer(cls, tokens, settings, renamed=None):
     settings = dict(settings)
     vocab_file = settings.pop("vocab_file")
     tok = cls(vocab=tokens, **settings)
     tok.vocab_file = vocab_file
+    for name, content in (renamed or {}).items():  # named special tokens add_special_tokens renamed
+        tok._set_named_special(name, content, None if content is None else tok.convert_tokens_to_ids(content))
+    if (renamed or {}).get("pad_token") is not None:
+        tok._build_core(tokens)
     return tok
+
+
+class _AddedToken(NamedTuple):
+    """An added token's content and flags, as tokenizers' AddedToken holds them."""
+
+    content: str
+    single_word: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+    normalized: bool = True
+    special: bool = False
+
+
+def _as_added_token(value, special, name):
+    """value (a str, an AddedToken, or one as saved in json) as an _AddedToken, by HF's rules: a
+    str is special when added as special and then not normalized; special=True (HF's
+    add_special_tokens path) makes an AddedToken special, and HF marks the caller's object so."""
+    if isinstance(value, str):
+        return _AddedToken(value, normalized=not special, special=bool(special))
+    if isinstance(value, Mapping):
+        content = value.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{name}: an added token needs a str 'content', got {value!r}")
+        is_special = bool(special) or bool(value.get("special", False))
+        normalized = value.get("normalized")
+        return _AddedToken(content, bool(value.get("single_word", False)), bool(value.get("lstrip", False)),
+                           bool(value.get("rstrip", False)), not is_special if normalized is None else bool(normalized),
+                           is_special)
+    if isinstance(value, _AddedToken):
+        return value._replace(special=True) if special else value
+    content = getattr(value, "content", None)
+    if not isinstance(content, str):
+        raise TypeError(f"{name} must hold str or AddedToken items, got {type(value).__name__}")
+    if special and not value.special:
+        try:
+            value.special = True  # tokenizers then derives normalized=False unless it was given
+        except (AttributeError, TypeError):
+            pass
+    return _AddedToken(content, bool(value.single_word), bool(value.lstrip), bool(value.rstrip),
+                       bool(value.normalized), bool(special) or bool(value.special))
+
+
+def _added_token_class():
+    try:
+        from tokenizers import AddedToken
+    except ImportError:
+        return _AddedToken
+    return AddedToken
 
 
 _TWINS = {}

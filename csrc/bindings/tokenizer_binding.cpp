@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "wordpiece.h"
@@ -260,13 +261,16 @@ py::buffer_info OutBuffer(py::handle obj, const char* name, size_t itemsize, siz
   return info;
 }
 
+// An added token as Python passes it: (content, id, special, normalized, lstrip, rstrip, single_word).
+using AddedTokenTuple = std::tuple<std::string, int32_t, bool, bool, bool, bool, bool>;
+
 class PyTokenizer {
  public:
   PyTokenizer(std::vector<std::string> vocab, bool do_lower_case, py::object strip_accents, bool tokenize_chinese_chars,
               bool do_basic_tokenize, std::vector<std::string> never_split, std::string unk_token,
               std::string sep_token, std::string pad_token, std::string cls_token, std::string mask_token,
               std::vector<std::string> extra_special_tokens, std::string continuing_subword_prefix,
-              int max_input_chars_per_word) {
+              int max_input_chars_per_word, const std::vector<AddedTokenTuple>& added_tokens) {
     dbf_tok::TokenizerOptions o;
     o.do_lower_case = do_lower_case;
     o.strip_accents = strip_accents.is_none() ? -1 : (strip_accents.cast<bool>() ? 1 : 0);
@@ -281,6 +285,8 @@ class PyTokenizer {
     o.extra_special_tokens = std::move(extra_special_tokens);
     o.continuing_subword_prefix = std::move(continuing_subword_prefix);
     o.max_input_chars_per_word = max_input_chars_per_word;
+    for (const auto& [content, id, special, normalized, lstrip, rstrip, single_word] : added_tokens)
+      o.added_tokens.push_back(dbf_tok::AddedToken{content, id, special, normalized, lstrip, rstrip, single_word});
     std::unique_ptr<dbf_tok::Tokenizer> tok;
     Check(dbf_tok::Tokenizer::Create(std::move(vocab), std::move(o), &tok));
     tok_ = std::move(tok);
@@ -516,12 +522,9 @@ class PyTokenizer {
     const std::string* t = tok_->IdToToken(id);
     return t ? py::object(py::str(*t)) : py::none();
   }
-  std::vector<std::string> Vocab() const {
-    std::vector<std::string> v;
-    for (size_t i = 0; i < tok_->VocabSize(); ++i) v.push_back(*tok_->IdToToken(i));
-    return v;
-  }
+  const std::vector<std::string>& Vocab() const { return tok_->Vocab(); }
   size_t VocabSize() const { return tok_->VocabSize(); }
+  size_t NumIds() const { return tok_->NumIds(); }
   std::vector<int32_t> SpecialIds() const { return tok_->SpecialIds(); }
 
  private:
@@ -577,6 +580,7 @@ class PyTokenizer {
       }
     };
     for (size_t i = 0; i < inputs.size(); ++i) {
+      inputs[i].pre_split = is_split_into_words;
       fill(first[i], &inputs[i].first, "text");
       if (has_pair) {
         inputs[i].has_pair = true;
@@ -617,7 +621,19 @@ py::dict ReadJson(const std::string& path) {
     d["strip_accents"] = j.strip_accents < 0 ? py::object(py::none()) : py::object(py::bool_(j.strip_accents == 1));
     d["handle_chinese_chars"] = j.handle_chinese_chars;
   }
-  d["added_tokens"] = j.added_tokens;
+  py::list added;
+  for (const dbf_tok::AddedToken& t : j.added_tokens) {
+    py::dict a;
+    a["id"] = t.id;
+    a["content"] = t.content;
+    a["single_word"] = t.single_word;
+    a["lstrip"] = t.lstrip;
+    a["rstrip"] = t.rstrip;
+    a["normalized"] = t.normalized;
+    a["special"] = t.special;
+    added.append(a);
+  }
+  d["added_tokens"] = added;
   return d;
 }
 
@@ -638,11 +654,12 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("__len__", [](const BatchResult& r) { return r.batch.num_rows(); });
   py::class_<PyTokenizer>(m, "Tokenizer")
       .def(py::init<std::vector<std::string>, bool, py::object, bool, bool, std::vector<std::string>, std::string,
-                    std::string, std::string, std::string, std::string, std::vector<std::string>, std::string, int>(),
+                    std::string, std::string, std::string, std::string, std::vector<std::string>, std::string, int,
+                    const std::vector<AddedTokenTuple>&>(),
            py::arg("vocab"), py::arg("do_lower_case"), py::arg("strip_accents"), py::arg("tokenize_chinese_chars"),
            py::arg("do_basic_tokenize"), py::arg("never_split"), py::arg("unk_token"), py::arg("sep_token"),
            py::arg("pad_token"), py::arg("cls_token"), py::arg("mask_token"), py::arg("extra_special_tokens"),
-           py::arg("continuing_subword_prefix"), py::arg("max_input_chars_per_word"))
+           py::arg("continuing_subword_prefix"), py::arg("max_input_chars_per_word"), py::arg("added_tokens"))
       .def("set_batch_encoding_class", &PyTokenizer::SetBatchEncodingClass, "The class encode_text returns")
       .def("encode_text", &PyTokenizer::EncodeText, "One str with __call__'s defaults, as a BatchEncoding")
       .def("encode_batch", &PyTokenizer::EncodeBatch, "Encodes a batch; returns (outputs dict, BatchResult)")
@@ -652,7 +669,8 @@ PYBIND11_MODULE(_tokenizer, m) {
       .def("token_to_id", &PyTokenizer::TokenToId, "Id of a token, or None")
       .def("id_to_token", &PyTokenizer::IdToToken, "Token of an id, or None")
       .def("vocab", &PyTokenizer::Vocab, "Tokens by id")
-      .def("vocab_size", &PyTokenizer::VocabSize, "Number of tokens")
+      .def("vocab_size", &PyTokenizer::VocabSize, "Number of tokens of the vocab (added tokens left out)")
+      .def("num_ids", &PyTokenizer::NumIds, "One past the largest id, added tokens included")
       .def("special_ids", &PyTokenizer::SpecialIds, "Ids of the special tokens");
   m.def("read_vocab_file", &ReadVocab, "Tokens of a vocab.txt, by id");
   m.def("read_tokenizer_json", &ReadJson, "WordPiece model and normalizer settings of a tokenizer.json");

@@ -49,6 +49,10 @@ inline bool IsChineseChar(char32_t cp) {
          (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
+// The regex class \w (Alphabetic, Mark, Decimal_Number, Connector_Punctuation, Join_Control): whether
+// an added token with single_word=true stands alone (generated: word_chars.cc).
+bool IsWordChar(char32_t cp);
+
 // Decodes one UTF-8 sequence at s[*pos], advancing *pos. Returns false on malformed input
 // (overlong forms, surrogates, values above U+10FFFF, truncated sequences).
 inline bool DecodeUtf8(std::string_view s, size_t* pos, char32_t* out) {

@@ -245,9 +245,24 @@ Status ParseTokenizerJson(std::string_view json, TokenizerJson* out) {
   if (const JValue* added = root.Get("added_tokens"); added && added->kind == JValue::kArray)
     for (const JValue& a : added->arr) {
       const JValue* content = a.Get("content");
-      const JValue* special = a.Get("special");
-      if (content && content->kind == JValue::kString)
-        out->added_tokens.emplace_back(content->str, special && special->kind == JValue::kBool && special->b);
+      const JValue* id = a.Get("id");
+      if (!content || content->kind != JValue::kString || !id || id->kind != JValue::kNumber || id->num < 0 ||
+          id->num > INT32_MAX || id->num != static_cast<double>(static_cast<int32_t>(id->num)))
+        return Status::Error("tokenizer.json added_tokens: each entry needs a string \"content\" and an integer "
+                             "\"id\" >= 0");
+      AddedToken t;
+      t.content = content->str;
+      t.id = static_cast<int32_t>(id->num);
+      auto flag = [&](const char* name, bool* dst) {
+        if (const JValue* v = a.Get(name); v && v->kind == JValue::kBool) *dst = v->b;
+      };
+      flag("special", &t.special);
+      t.normalized = !t.special;  // HF's default when the field is missing
+      flag("normalized", &t.normalized);
+      flag("lstrip", &t.lstrip);
+      flag("rstrip", &t.rstrip);
+      flag("single_word", &t.single_word);
+      out->added_tokens.push_back(std::move(t));
     }
   return Status::Ok();
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <thread>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "unicode.h"
@@ -79,6 +80,69 @@ struct Word {
   }
 };
 
+// Patterns found leftmost, then longest (HF's Aho-Corasick with MatchKind::LeftmostLongest): a
+// trie of symbols, bytes of the raw text or code points of the normalized text. Of two equal
+// patterns the first inserted keeps its place, as the first of HF's pattern list wins.
+template <typename Sym>
+class Trie {
+ public:
+  template <typename Seq>
+  void Insert(const Seq& pattern, int32_t value) {
+    if (nodes_.empty()) nodes_.emplace_back();
+    int32_t node = 0;
+    for (Sym c : pattern) {
+      auto& children = nodes_[node].children;
+      auto it = std::lower_bound(children.begin(), children.end(), std::make_pair(c, int32_t{-1}));
+      if (it != children.end() && it->first == c) {
+        node = it->second;
+      } else {
+        int32_t next = static_cast<int32_t>(nodes_.size());
+        children.insert(it, {c, next});
+        nodes_.emplace_back();
+        node = next;
+      }
+    }
+    if (nodes_[node].value < 0) nodes_[node].value = value;
+    Sym first = *std::begin(pattern);
+    if (static_cast<uint32_t>(first) < 256) first_[static_cast<uint32_t>(first)] = true;
+    else high_first_ = true;
+  }
+  bool empty() const { return nodes_.empty(); }
+  // The longest pattern that text (n symbols, at(k) the k-th) starts with: its value and length
+  // in symbols, or value -1.
+  template <typename At>
+  std::pair<int32_t, size_t> Longest(size_t n, At at) const {
+    Sym c = at(0);
+    if (static_cast<uint32_t>(c) < 256 ? !first_[static_cast<uint32_t>(c)] : !high_first_) return {-1, 0};
+    int32_t node = 0, value = -1;
+    size_t len = 0;
+    for (size_t k = 0; k < n; ++k) {
+      const auto& children = nodes_[node].children;
+      Sym s = at(k);
+      auto it = std::lower_bound(children.begin(), children.end(), std::make_pair(s, int32_t{-1}));
+      if (it == children.end() || it->first != s) break;
+      node = it->second;
+      if (nodes_[node].value >= 0) value = nodes_[node].value, len = k + 1;
+    }
+    return {value, len};
+  }
+
+ private:
+  struct Node {
+    std::vector<std::pair<Sym, int32_t>> children;  // sorted by symbol
+    int32_t value = -1;
+  };
+  std::vector<Node> nodes_;
+  bool first_[256] = {};
+  bool high_first_ = false;
+};
+
+// Unicode White_Space, what the regex \s of HF's lstrip / rstrip takes.
+bool IsRegexSpace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
 }  // namespace
 
 struct Tokenizer::Impl {
@@ -87,7 +151,19 @@ struct Tokenizer::Impl {
   std::vector<std::string> vocab;
   PieceMap initial, continuation;  // continuation keys are without the "##" prefix
   std::unordered_set<std::string> never_split;
-  std::vector<std::string> specials;  // matched whole in raw text, longest first
+  // Special and added tokens: what a match gives, the tries that find them in the raw and in the
+  // normalized text (values index `matches`), their ids by content, and the texts of the ids
+  // they define or show differently from the vocab (sorted by id).
+  struct Match {
+    int32_t id;
+    bool lstrip, rstrip, single_word;
+  };
+  std::vector<Match> matches;
+  Trie<unsigned char> raw_trie;
+  Trie<char32_t> normalized_trie;
+  std::unordered_map<std::string, int32_t> added_ids;
+  std::vector<std::pair<int32_t, std::string>> id_texts;
+  size_t num_ids = 0;
   std::vector<int32_t> special_ids;   // sorted
   int32_t unk = -1, cls = -1, sep = -1, pad = -1;
 
@@ -96,10 +172,16 @@ struct Tokenizer::Impl {
     int32_t orig;
     bool consumes;  // first character of its decomposition
   };
+  struct NormChar {  // a character of the normalized text
+    char32_t cp;
+    int32_t orig;   // the original character it comes from
+    uint8_t flags;  // its unicode flags
+  };
   struct Scratch {
     Word word;
     std::vector<Pending> pending;
     std::vector<int32_t> consumed;
+    std::vector<NormChar> normalized;  // a segment's normalized text, when added tokens are matched in it
   };
 
   // Appends the pieces of one word to out.
@@ -130,47 +212,23 @@ struct Tokenizer::Impl {
     }
   }
 
-  // Normalizes and pre-tokenizes text (no special tokens inside), whose first character has
-  // index first_char; each finished word goes through WordPiece. The stages are HF's:
-  // clean-up and CJK spacing per character, NFD (with canonical reordering of marks) and Mn
-  // removal, lower-casing, then splitting on white space and punctuation.
-  Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Pieces* out,
-                       Scratch* scratch) const {
-    Word* word = &scratch->word;
+  // HF's BertNormalizer over text, whose first character has index first_char: clean-up and CJK
+  // spacing per character, NFD (with canonical reordering of marks) and Mn removal,
+  // lower-casing. Calls emit(cp, flags, orig) for each normalized character (flags: its unicode
+  // flags; orig: the original character it comes from); with kNeverSplit, a never_split chunk
+  // calls whole(begin, end, id) in its place instead.
+  template <bool kNeverSplit, typename Emit, typename Whole>
+  Status Normalize(std::string_view text, int32_t first_char, Scratch* scratch, Emit&& emit, Whole&& whole) const {
     auto& pending = scratch->pending;  // NFD output awaiting canonical reordering
     auto& consumed = scratch->consumed;
     int32_t last_consumed = first_char;
-    word->Clear();
     pending.clear();
-    auto flush_word = [&] {
-      if (!word->Empty()) {
-        word->char_at.push_back(static_cast<uint32_t>(word->bytes.size()));
-        WordPiece(*word, (*word_id)++, out);
-        word->Clear();
-      }
-    };
-    // last stage: lower-case, then split on white space and punctuation
-    auto split = [&](char32_t cp, int32_t orig) {
+    // last stage: lower-case
+    auto lower = [&](char32_t cp, int32_t orig) {
       const CharRecord& rec = unicode::Lookup(cp);
-      const char32_t* lowered = &cp;
-      size_t n = 1;
-      if (opt.do_lower_case && (rec.flags & unicode::kHasLower)) {
-        lowered = unicode::kPool + rec.lower_at;
-        n = rec.lower_len;
-      }
-      for (size_t m = 0; m < n; ++m) {
-        char32_t l = lowered[m];
-        uint8_t flags = lowered == &cp ? rec.flags : unicode::Lookup(l).flags;
-        if (flags & unicode::kSpace) {
-          flush_word();
-        } else if (flags & unicode::kPunct) {
-          flush_word();
-          word->Add(l, orig);
-          flush_word();
-        } else {
-          word->Add(l, orig);
-        }
-      }
+      if (!opt.do_lower_case || !(rec.flags & unicode::kHasLower)) return emit(cp, rec.flags, orig);
+      const char32_t* lowered = unicode::kPool + rec.lower_at;
+      for (size_t m = 0; m < rec.lower_len; ++m) emit(lowered[m], unicode::Lookup(lowered[m]).flags, orig);
     };
     // NFD reorders each run of marks by combining class. Alignment as HF's NormalizedString
     // computes it: the first character of each decomposition "consumes" the next source
@@ -197,13 +255,13 @@ struct Tokenizer::Impl {
       size_t next = 0;
       for (const Pending& p : pending) {
         int32_t orig = p.consumes ? (last_consumed = consumed[next++]) : last_consumed;
-        if (!(unicode::Lookup(p.cp).flags & unicode::kMn)) split(p.cp, orig);
+        if (!(unicode::Lookup(p.cp).flags & unicode::kMn)) lower(p.cp, orig);
       }
       pending.clear();
     };
-    // middle stage: accent stripping (NFD, drop Mn), or straight to the split
+    // middle stage: accent stripping (NFD, drop Mn), or straight to lower-casing
     auto strip_stage = [&](char32_t cp, int32_t orig, const CharRecord& rec) {
-      if (!strip) return split(cp, orig);
+      if (!strip) return lower(cp, orig);
       const char32_t* d = &cp;
       size_t n = 1;
       if (rec.flags & unicode::kHasNfd) {
@@ -215,7 +273,7 @@ struct Tokenizer::Impl {
         const CharRecord& r = d == &cp ? rec : unicode::Lookup(d[0]);  // a singleton decomposition
         if (r.ccc == 0) {
           last_consumed = orig;
-          if (!(r.flags & unicode::kMn)) split(d[0], orig);
+          if (!(r.flags & unicode::kMn)) lower(d[0], orig);
           return;
         }
       }
@@ -226,7 +284,7 @@ struct Tokenizer::Impl {
     int32_t ci = first_char;
     bool at_chunk_start = true;
     while (pos < text.size()) {
-      if (at_chunk_start && !never_split.empty()) {
+      if (kNeverSplit && at_chunk_start && !never_split.empty()) {
         // a never_split entry is kept as it is when it is a whole white-space delimited chunk
         size_t stop = pos;
         while (stop < text.size()) {
@@ -238,11 +296,10 @@ struct Tokenizer::Impl {
         if (stop > pos && never_split.count(std::string(text.substr(pos, stop - pos)))) {
           // as HF's Python tokenizer: the chunk is one token, its vocab id or [UNK] (no WordPiece)
           flush_pending();
-          flush_word();
           int32_t begin = ci;
           for (size_t p = pos; p < stop; ++p) ci += (static_cast<unsigned char>(text[p]) & 0xC0) != 0x80;
           int32_t id = initial.Find(text.substr(pos, stop - pos));
-          out->Push(id >= 0 ? id : unk, {begin, ci}, (*word_id)++);
+          whole(begin, ci, id >= 0 ? id : unk);
           pos = stop;
           at_chunk_start = false;
           continue;
@@ -254,9 +311,8 @@ struct Tokenizer::Impl {
       int32_t orig = ci++;
       const CharRecord& rec = unicode::Lookup(cp);
       at_chunk_start = (rec.flags & unicode::kSpace) != 0;
-      if (!opt.do_basic_tokenize) {  // white-space split only
-        if (rec.flags & unicode::kSpace) flush_word();
-        else word->Add(cp, orig);
+      if (!opt.do_basic_tokenize) {  // no normalization at all
+        emit(cp, rec.flags, orig);
         continue;
       }
       // first stage: clean-up, CJK spacing
@@ -273,52 +329,198 @@ struct Tokenizer::Impl {
       }
     }
     flush_pending();
-    flush_word();
     return Status::Ok();
   }
 
-  Status Encode(std::string_view text, int32_t word_offset, Pieces* out, Scratch* word) const {
+  // Normalizes and pre-tokenizes text (no raw-matched token inside), whose first character has
+  // index first_char; each finished word goes through WordPiece. With kMatchNormalized, added
+  // tokens are first found in the normalized text, and only the text between them is
+  // pre-tokenized (HF's AddedVocabulary::extract_and_normalize).
+  template <bool kMatchNormalized>
+  Status EncodeSegment(std::string_view text, int32_t first_char, int32_t* word_id, Pieces* out,
+                       Scratch* scratch) const {
+    Word* word = &scratch->word;
+    word->Clear();
+    auto flush_word = [&] {
+      if (!word->Empty()) {
+        word->char_at.push_back(static_cast<uint32_t>(word->bytes.size()));
+        WordPiece(*word, (*word_id)++, out);
+        word->Clear();
+      }
+    };
+    // the pre-tokenizer: white space ends a word, punctuation is a word of its own (with
+    // do_basic_tokenize=false: white space only)
+    auto pre_tokenize = [&](char32_t cp, uint8_t flags, int32_t orig) {
+      if (flags & unicode::kSpace) {
+        flush_word();
+      } else if ((flags & unicode::kPunct) && opt.do_basic_tokenize) {
+        flush_word();
+        word->Add(cp, orig);
+        flush_word();
+      } else {
+        word->Add(cp, orig);
+      }
+    };
+    if constexpr (!kMatchNormalized) {
+      auto whole = [&](int32_t begin, int32_t end, int32_t id) {
+        flush_word();
+        out->Push(id, {begin, end}, (*word_id)++);
+      };
+      Status st = Normalize<true>(text, first_char, scratch, pre_tokenize, whole);
+      if (!st.ok) return st;
+      flush_word();
+      return Status::Ok();
+    } else {
+      auto& norm = scratch->normalized;
+      norm.clear();
+      auto pre_tokenize_range = [&](size_t begin, size_t end) {
+        for (size_t k = begin; k < end; ++k) pre_tokenize(norm[k].cp, norm[k].flags, norm[k].orig);
+        flush_word();  // a word never runs on past an added token
+      };
+      auto match = [&] {
+        size_t n = norm.size(), done = 0;  // done: where the last match ended
+        for (size_t i = 0; i < n;) {
+          auto [m, len] = normalized_trie.Longest(n - i, [&](size_t k) { return norm[i + k].cp; });
+          if (m < 0) {
+            ++i;
+            continue;
+          }
+          const Match& hit = matches[m];
+          if (hit.single_word && ((i > 0 && unicode::IsWordChar(norm[i - 1].cp)) ||
+                                  (i + len < n && unicode::IsWordChar(norm[i + len].cp)))) {
+            i += len;  // inside a word: no match (HF's search goes on after it)
+            continue;
+          }
+          size_t start = i, stop = i + len;
+          if (hit.lstrip) {  // HF: the white space before it, but not before the previous match's end
+            while (start > 0 && IsRegexSpace(norm[start - 1].cp)) --start;
+            start = std::max(start, done);
+            if (start >= stop) start = i;  // (HF fails on such a split)
+          }
+          if (hit.rstrip)
+            while (stop < n && IsRegexSpace(norm[stop].cp)) ++stop;
+          if (done < start) pre_tokenize_range(done, start);
+          out->Push(hit.id, {norm[start].orig, norm[stop - 1].orig + 1}, (*word_id)++);
+          // as HF's Aho-Corasick search, the next match is looked for from the end of this one,
+          // not of the white space rstrip took: it may start inside that white space
+          i += len;
+          done = stop;
+        }
+        if (done < n) pre_tokenize_range(done, n);
+        norm.clear();
+      };
+      auto emit = [&](char32_t cp, uint8_t flags, int32_t orig) { norm.push_back(NormChar{cp, orig, flags}); };
+      auto whole = [&](int32_t begin, int32_t end, int32_t id) {
+        match();
+        out->Push(id, {begin, end}, (*word_id)++);
+      };
+      Status st = Normalize<true>(text, first_char, scratch, emit, whole);
+      if (!st.ok) return st;
+      match();
+      return Status::Ok();
+    }
+  }
+
+  Status Encode(std::string_view text, int32_t word_offset, Pieces* out, Scratch* scratch) const {
+    return normalized_trie.empty() ? EncodeRaw<false>(text, word_offset, out, scratch)
+                                   : EncodeRaw<true>(text, word_offset, out, scratch);
+  }
+
+  // Splits out the tokens matched in the raw text (special tokens, added tokens with
+  // normalized=false: leftmost then longest), and encodes the text between them.
+  template <bool kMatchNormalized>
+  Status EncodeRaw(std::string_view text, int32_t word_offset, Pieces* out, Scratch* scratch) const {
     int32_t word_id = word_offset;
-    // split out special tokens (matched in the raw text, leftmost then longest)
     size_t seg_start = 0, pos = 0;
     int32_t seg_char = 0, ci = 0;
+    const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
     while (pos < text.size()) {
-      unsigned char c = static_cast<unsigned char>(text[pos]);
-      const std::string* hit = nullptr;
-      for (const std::string& s : specials) {
-        if (!s.empty() && static_cast<unsigned char>(s[0]) == c && text.compare(pos, s.size(), s) == 0) {
-          hit = &s;
-          break;  // specials are sorted longest first
-        }
+      auto [m, len] = raw_trie.Longest(text.size() - pos, [&](size_t k) { return bytes[pos + k]; });
+      if (m >= 0 && matches[m].single_word && InsideWord(text, pos, pos + len)) {
+        ci += CountChars(text.substr(pos, len));  // no match (HF's search goes on after it)
+        pos += len;
+        continue;
       }
-      if (hit) {
-        Status st = EncodeSegment(text.substr(seg_start, pos - seg_start), seg_char, &word_id, out, word);
-        if (!st.ok) return st;
-        int32_t len = 0;
-        for (size_t p = 0; p < hit->size();) {
-          char32_t cp;
-          unicode::DecodeUtf8(*hit, &p, &cp);
-          ++len;
+      if (m >= 0) {
+        const Match& hit = matches[m];
+        size_t start = pos, stop = pos + len;
+        int32_t start_char = ci, end_char = ci + CountChars(text.substr(pos, len)), stop_char = end_char;
+        if (hit.lstrip && start < seg_start) {  // it starts in the white space the last match took
+          if (seg_start < stop) start = seg_start, start_char = seg_char;  // HF's start (HF fails otherwise)
+        } else if (hit.lstrip) {  // the white space before it, but not before the previous match's end
+          while (start > seg_start) {
+            size_t prev = start - 1;
+            while (prev > seg_start && (bytes[prev] & 0xC0) == 0x80) --prev;
+            size_t at = prev;
+            char32_t c;
+            if (!unicode::DecodeUtf8(text, &at, &c) || at != start || !IsRegexSpace(c)) break;
+            start = prev;
+            --start_char;
+          }
         }
-        out->Push(TokenId(*hit), {ci, ci + len}, word_id++);
-        pos += hit->size();
-        ci += len;
-        seg_start = pos;
-        seg_char = ci;
+        if (hit.rstrip) {
+          for (size_t at = stop; at < text.size();) {
+            char32_t c;
+            if (!unicode::DecodeUtf8(text, &at, &c) || !IsRegexSpace(c)) break;
+            stop = at;
+            ++stop_char;
+          }
+        }
+        if (start > seg_start) {
+          Status st = EncodeSegment<kMatchNormalized>(text.substr(seg_start, start - seg_start), seg_char, &word_id,
+                                                      out, scratch);
+          if (!st.ok) return st;
+        }
+        out->Push(hit.id, {start_char, stop_char}, word_id++);
+        // as HF's Aho-Corasick search, the next match is looked for from the end of this one, not
+        // of the white space rstrip took (a match starting in it overlaps this token, as in HF)
+        pos += len;
+        ci = end_char;
+        seg_start = std::max(seg_start, stop);
+        seg_char = std::max(seg_char, stop_char);
         continue;
       }
       // advance one character (validity is checked by EncodeSegment)
       size_t next = pos + 1;
-      while (next < text.size() && (static_cast<unsigned char>(text[next]) & 0xC0) == 0x80) ++next;
+      while (next < text.size() && (bytes[next] & 0xC0) == 0x80) ++next;
       pos = next;
       ++ci;
     }
-    return EncodeSegment(text.substr(seg_start), seg_char, &word_id, out, word);
+    return EncodeSegment<kMatchNormalized>(text.substr(seg_start), seg_char, &word_id, out, scratch);
   }
 
-  int32_t TokenId(std::string_view token) const {
-    int32_t id = initial.Find(token);
-    return id;
+  // Whether a word character (regex \w) touches text[begin, end) on its left or right.
+  static bool InsideWord(std::string_view text, size_t begin, size_t end) {
+    char32_t c;
+    if (begin > 0) {
+      size_t prev = begin - 1;
+      while (prev > 0 && (static_cast<unsigned char>(text[prev]) & 0xC0) == 0x80) --prev;
+      if (unicode::DecodeUtf8(text, &prev, &c) && unicode::IsWordChar(c)) return true;
+    }
+    return end < text.size() && unicode::DecodeUtf8(text, &end, &c) && unicode::IsWordChar(c);
+  }
+
+  static int32_t CountChars(std::string_view s) {
+    int32_t n = 0;
+    for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+    return n;
+  }
+
+  // The normalized text of an added token, as HF normalizes a normalized=true token's content.
+  std::u32string NormalizedContent(std::string_view content, Scratch* scratch) const {
+    std::u32string out;
+    auto emit = [&](char32_t cp, uint8_t, int32_t) { out.push_back(cp); };
+    auto none = [](int32_t, int32_t, int32_t) {};
+    Normalize<false>(content, 0, scratch, emit, none);
+    return out;
+  }
+
+  int32_t TokenToId(std::string_view token) const {
+    if (!added_ids.empty()) {
+      auto it = added_ids.find(std::string(token));
+      if (it != added_ids.end()) return it->second;
+    }
+    return initial.Find(token);
   }
 };
 
@@ -374,32 +576,83 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
   impl->initial.Build(initial);
   impl->continuation.Build(continuation);
   impl->strip = options.strip_accents < 0 ? options.do_lower_case : options.strip_accents != 0;
-  std::vector<std::string> specials = {options.pad_token, options.unk_token, options.cls_token, options.sep_token,
-                                       options.mask_token};
-  for (const std::string& s : options.extra_special_tokens) specials.push_back(s);
+  impl->never_split.insert(options.never_split.begin(), options.never_split.end());
+  impl->vocab = std::move(vocab);
+  impl->opt = std::move(options);
+  const TokenizerOptions& o = impl->opt;
+  Impl::Scratch scratch;
+
+  // Every token matched whole: the added tokens, and before them each special token that no
+  // added token redefines (special, matched in the raw text).
+  std::vector<AddedToken> tokens;
+  std::unordered_set<std::string_view> added_contents;
+  for (const AddedToken& t : o.added_tokens) added_contents.insert(t.content);
+  std::vector<std::string> specials = {o.pad_token, o.unk_token, o.cls_token, o.sep_token, o.mask_token};
+  specials.insert(specials.end(), o.extra_special_tokens.begin(), o.extra_special_tokens.end());
   const char* names[] = {"pad_token", "unk_token", "cls_token", "sep_token", "mask_token"};
   for (size_t k = 0; k < specials.size(); ++k) {
     const std::string& s = specials[k];
     std::string name = k < 5 ? names[k] : "extra special token";
     if (s.empty()) return Status::Error(name + " must not be empty");
+    if (added_contents.count(s)) continue;
     int32_t id = impl->initial.Find(s);
-    if (id < 0) return Status::Error(name + " '" + s + "' is not in the vocab: the vocab must contain it");
-    impl->special_ids.push_back(id);
+    if (id < 0)
+      return Status::Error(name + " '" + s + "' is not in the vocab: the vocab (or the added tokens) must contain it");
+    AddedToken t;
+    t.content = s;
+    t.id = id;
+    t.special = true;
+    t.normalized = false;
+    tokens.push_back(std::move(t));
   }
+  tokens.insert(tokens.end(), o.added_tokens.begin(), o.added_tokens.end());
+
+  impl->num_ids = impl->vocab.size();
+  std::unordered_map<int32_t, const std::string*> content_of_id;
+  for (const AddedToken& t : tokens) {
+    const std::string what = "added token '" + t.content + "'";
+    if (t.content.empty()) return Status::Error("an added token's content must not be empty");
+    size_t check = 0;
+    char32_t cp;
+    while (check < t.content.size())
+      if (!unicode::DecodeUtf8(t.content, &check, &cp)) return Status::Error(what + " is not valid UTF-8");
+    if (t.id < 0) return Status::Error(what + " has id " + std::to_string(t.id) + ": expected an id >= 0");
+    auto [it, fresh] = content_of_id.emplace(t.id, &t.content);
+    if (!fresh && *it->second != t.content)
+      return Status::Error("added tokens '" + *it->second + "' and '" + t.content + "' have the same id " +
+                           std::to_string(t.id) + ": each id names one token");
+    auto [at, new_content] = impl->added_ids.emplace(t.content, t.id);
+    if (!new_content && at->second != t.id)
+      return Status::Error(what + " has two ids, " + std::to_string(at->second) + " and " + std::to_string(t.id));
+    if (!fresh) continue;  // listed twice: the first entry decides
+    impl->num_ids = std::max(impl->num_ids, static_cast<size_t>(t.id) + 1);
+    if (t.special) impl->special_ids.push_back(t.id);
+    int32_t m = static_cast<int32_t>(impl->matches.size());
+    impl->matches.push_back(Impl::Match{t.id, t.lstrip, t.rstrip, t.single_word});
+    std::string text = t.content;
+    if (t.normalized) {
+      std::u32string normalized = impl->NormalizedContent(t.content, &scratch);
+      if (normalized.empty())
+        return Status::Error(what + " is empty once normalized (cleaned up, lower-cased, accents stripped): add it "
+                             "with normalized=False");
+      impl->normalized_trie.Insert(normalized, m);
+      text.clear();
+      for (char32_t c : normalized) unicode::AppendUtf8(c, &text);
+    } else {
+      impl->raw_trie.Insert(t.content, m);
+    }
+    // HF shows a token as its matched text: the normalized content for a normalized token
+    if (static_cast<size_t>(t.id) >= impl->vocab.size() || impl->vocab[t.id] != text)
+      impl->id_texts.emplace_back(t.id, std::move(text));
+  }
+  std::sort(impl->id_texts.begin(), impl->id_texts.end());
   std::sort(impl->special_ids.begin(), impl->special_ids.end());
   impl->special_ids.erase(std::unique(impl->special_ids.begin(), impl->special_ids.end()), impl->special_ids.end());
-  std::sort(specials.begin(), specials.end(), [](const std::string& a, const std::string& b) {
-    return a.size() != b.size() ? a.size() > b.size() : a < b;
-  });
-  specials.erase(std::unique(specials.begin(), specials.end()), specials.end());
-  impl->specials = std::move(specials);
-  impl->never_split.insert(options.never_split.begin(), options.never_split.end());
-  impl->unk = impl->initial.Find(options.unk_token);
-  impl->cls = impl->initial.Find(options.cls_token);
-  impl->sep = impl->initial.Find(options.sep_token);
-  impl->pad = impl->initial.Find(options.pad_token);
-  impl->vocab = std::move(vocab);
-  impl->opt = std::move(options);
+  impl->unk = impl->initial.Find(o.unk_token);
+  if (impl->unk < 0) return Status::Error("unk_token '" + o.unk_token + "' is not in the vocab: WordPiece needs it there");
+  impl->cls = impl->TokenToId(o.cls_token);
+  impl->sep = impl->TokenToId(o.sep_token);
+  impl->pad = impl->TokenToId(o.pad_token);
   out->reset(new Tokenizer(std::move(impl)));
   return Status::Ok();
 }
@@ -419,11 +672,19 @@ Status Tokenizer::EncodePieces(std::string_view text, Pieces* out) const {
   return impl_->Encode(text, 0, out, &scratch);
 }
 
-int32_t Tokenizer::TokenToId(std::string_view token) const { return impl_->initial.Find(token); }
+int32_t Tokenizer::TokenToId(std::string_view token) const { return impl_->TokenToId(token); }
 const std::string* Tokenizer::IdToToken(int64_t id) const {
+  const auto& texts = impl_->id_texts;
+  if (!texts.empty()) {
+    auto it = std::lower_bound(texts.begin(), texts.end(), id,
+                               [](const std::pair<int32_t, std::string>& e, int64_t v) { return e.first < v; });
+    if (it != texts.end() && it->first == id) return &it->second;
+  }
   return id >= 0 && static_cast<size_t>(id) < impl_->vocab.size() ? &impl_->vocab[id] : nullptr;
 }
 size_t Tokenizer::VocabSize() const { return impl_->vocab.size(); }
+size_t Tokenizer::NumIds() const { return impl_->num_ids; }
+const std::vector<std::string>& Tokenizer::Vocab() const { return impl_->vocab; }
 const std::vector<int32_t>& Tokenizer::SpecialIds() const { return impl_->special_ids; }
 int32_t Tokenizer::cls_id() const { return impl_->cls; }
 int32_t Tokenizer::sep_id() const { return impl_->sep; }
@@ -492,7 +753,7 @@ Status Tokenizer::Encode(const std::vector<Input>& inputs, const EncodeOptions& 
     Pieces* seq = encoded.seq;
     for (int s = 0; s < (in.has_pair ? 2 : 1); ++s) {
       const auto& parts = s == 0 ? in.first : in.second;
-      bool split_words = parts.size() != 1;
+      bool split_words = in.pre_split;
       for (size_t w = 0; w < parts.size(); ++w) {
         size_t before = seq[s].size();
         Status st = impl_->Encode(parts[w], split_words ? static_cast<int32_t>(w) : 0, &seq[s], scratch);
@@ -699,7 +960,7 @@ Status Tokenizer::Decode(const std::vector<int64_t>& ids, bool skip_special_toke
     const std::string* tok = IdToToken(id);
     if (!tok)
       return Status::Error("token id " + std::to_string(id) + " is out of range: expected 0 <= id < " +
-                           std::to_string(VocabSize()));
+                           std::to_string(NumIds()) + " (the vocab and the added tokens)");
     if (skip_special_tokens && std::binary_search(impl_->special_ids.begin(), impl_->special_ids.end(), id)) continue;
     std::string piece;
     if (!first && tok->compare(0, prefix.size(), prefix) == 0) {

@@ -29,6 +29,19 @@ struct Status {
   static Status Error(std::string msg) { return {false, std::move(msg)}; }
 };
 
+// A token added on top of the vocab, as HuggingFace's AddedToken: matched whole before WordPiece,
+// either in the raw text (normalized=false, as special tokens are) or in the normalized
+// (cleaned, lower-cased, accent-stripped) text, leftmost then longest, one token each.
+struct AddedToken {
+  std::string content;
+  int32_t id = -1;          // a vocab id, or any id >= the vocab size for a new token
+  bool special = false;     // skipped by Decode(skip_special_tokens)
+  bool normalized = true;   // matched in the normalized text (its content normalized alike)
+  bool lstrip = false;      // the match takes the white space (Unicode White_Space) on its left
+  bool rstrip = false;      // ... and on its right
+  bool single_word = false; // matched only where no word character (regex \w) touches it
+};
+
 struct TokenizerOptions {
   bool do_lower_case = true;
   int strip_accents = -1;  // -1: follow do_lower_case (as BERT does), 0: never, 1: always
@@ -42,6 +55,9 @@ struct TokenizerOptions {
   std::string mask_token = "[MASK]";
   // Further tokens matched whole in raw text before normalization (like special tokens).
   std::vector<std::string> extra_special_tokens;
+  // Added tokens, in HF's order of precedence among equal matches (special ones first). An entry
+  // whose content is one of the special tokens above replaces it (its flags win).
+  std::vector<AddedToken> added_tokens;
   std::string continuing_subword_prefix = "##";
   int max_input_chars_per_word = 100;
 };
@@ -72,6 +88,7 @@ struct Input {
   std::vector<std::string_view> first;   // one element unless pre-split
   std::vector<std::string_view> second;  // empty: no pair
   bool has_pair = false;
+  bool pre_split = false;  // each element is a word: its tokens all take its word id
 };
 
 // The tokens of one sequence, without special tokens: ids, code point offsets into the text (of
@@ -198,9 +215,14 @@ class Tokenizer {
   // WordPiece decoder: "##" pieces glued, others space-separated, " ." " ," ... cleaned up.
   Status Decode(const std::vector<int64_t>& ids, bool skip_special_tokens, std::string* out) const;
 
+  // Added tokens first (by content), then the vocab.
   int32_t TokenToId(std::string_view token) const;  // -1 if absent
-  const std::string* IdToToken(int64_t id) const;   // nullptr if out of range
-  size_t VocabSize() const;
+  // An added token's text (normalized if it is matched normalized, as HF shows it), else the
+  // vocab's; nullptr if no token has this id.
+  const std::string* IdToToken(int64_t id) const;
+  size_t VocabSize() const;                          // the vocab alone, without added tokens
+  size_t NumIds() const;                             // one past the largest id (added tokens too)
+  const std::vector<std::string>& Vocab() const;     // the vocab's tokens by id
   const std::vector<int32_t>& SpecialIds() const;    // ids of the special tokens, sorted
   int32_t cls_id() const;
   int32_t sep_id() const;
@@ -233,7 +255,7 @@ struct TokenizerJson {
   bool lowercase = true;
   int strip_accents = -1;
   bool handle_chinese_chars = true;
-  std::vector<std::pair<std::string, bool>> added_tokens;  // (content, special)
+  std::vector<AddedToken> added_tokens;  // with their ids and flags, as listed
 };
 Status ParseTokenizerJson(std::string_view json, TokenizerJson* out);
 Status ReadTokenizerJson(const std::string& path, TokenizerJson* out);

@@ -38,6 +38,21 @@ const Tokenizer& Get(int variant) {
     o.tokenize_chinese_chars = !(variant & 4);
     if (variant == 7) o.never_split = {"ab!", "[X]"};
     if (variant == 6) o.do_basic_tokenize = false;
+    if (variant == 3 || variant == 7) {  // added tokens: new ids, vocab ids, raw and normalized, strips
+      auto added = [](const char* content, int32_t id, bool normalized, bool lstrip, bool rstrip) {
+        AddedToken t;
+        t.content = content;
+        t.id = id;
+        t.normalized = normalized;
+        t.lstrip = lstrip;
+        t.rstrip = rstrip;
+        return t;
+      };
+      o.added_tokens = {added("<x>", 26, true, false, false), added("ab", 9, true, true, false),
+                        added("\xCE\xA3!", 27, false, true, true), added("\xE4\xB8\xAD" "b", 28, true, false, true),
+                        added("a a", 30, true, true, true), added("[X]", 31, false, false, false)};
+      o.added_tokens[0].single_word = o.added_tokens.back().single_word = true;
+    }
     if (!Tokenizer::Create(kVocab, o, &toks[variant]).ok) std::abort();
   }
   return *toks[variant];
@@ -62,7 +77,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (s.ok) {
     size_t n = CodePoints(text);
     for (size_t i = 0; i < e.size(); ++i) {
-      FUZZ_CHECK(e.ids[i] >= 0 && static_cast<size_t>(e.ids[i]) < tok.VocabSize());
+      FUZZ_CHECK(e.ids[i] >= 0 && static_cast<size_t>(e.ids[i]) < tok.NumIds());
       FUZZ_CHECK(e.offsets[i].first >= 0 && e.offsets[i].first < e.offsets[i].second);
       FUZZ_CHECK(static_cast<size_t>(e.offsets[i].second) <= n);
       if (i) FUZZ_CHECK(e.offsets[i].first >= e.offsets[i - 1].first);
@@ -79,6 +94,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   inputs[0].second = {std::string_view(text).substr(cut)};
   inputs[0].has_pair = flags & 16;
   inputs[1].first = {std::string_view(text).substr(cut), std::string_view(text).substr(0, cut)};  // pre-split
+  inputs[1].pre_split = true;
   EncodeOptions o;
   o.truncation = static_cast<Truncation>((flags >> 5) & 3);
   o.max_length = lim % 40;
@@ -132,7 +148,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (o.padding == Padding::kLongest && !o.pad_to_multiple_of)
         FUZZ_CHECK(r.size() == longest || (!main_row && r.size() > longest));
       for (size_t t = 0; t < r.size(); ++t) {
-        FUZZ_CHECK(r.ids[t] >= 0 && static_cast<size_t>(r.ids[t]) < tok.VocabSize());
+        FUZZ_CHECK(r.ids[t] >= 0 && static_cast<size_t>(r.ids[t]) < tok.NumIds());
         FUZZ_CHECK(r.special_tokens_mask[t] == (r.sequence_ids[t] < 0 ? 1 : 0));
         FUZZ_CHECK(r.attention_mask[t] == 0 || r.attention_mask[t] == 1);
       }

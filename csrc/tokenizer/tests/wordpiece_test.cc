@@ -278,6 +278,90 @@ void TestDecode() {
   EXPECT(tok->Decode({6, 24}, false, &out).ok && out == "##aff a", "leading ## kept: '%s'", out.c_str());
 }
 
+AddedToken Added(std::string content, int32_t id, bool normalized, bool special = false, bool lstrip = false,
+                 bool rstrip = false) {
+  AddedToken t;
+  t.content = std::move(content);
+  t.id = id;
+  t.normalized = normalized;
+  t.special = special;
+  t.lstrip = lstrip;
+  t.rstrip = rstrip;
+  return t;
+}
+
+void TestAddedTokens() {
+  TokenizerOptions o;
+  o.added_tokens = {Added("[RAW]", 42, false, true, true), Added("<new>", 40, true), Added("Big", 41, true),
+                    Added("hello", 8, true), Added("<new>x", 43, true, false, false, true)};
+  auto tok = Make(o);
+  RunCases("added", *tok, {
+      {"1: normalized token matched in the lower-cased text", "a <NEW> x", {"a", "<new>", "x"},
+       {{0, 1}, {2, 7}, {8, 9}}},
+      {"2: inside a word, accent stripped", "x<néw>a", {"x", "<new>", "a"}, {{0, 1}, {1, 6}, {6, 7}}},
+      {"3: raw token needs its exact text; lstrip takes the space", "[raw] [RAW]", {"[", "[UNK]", "]", "[RAW]"},
+       {{0, 1}, {1, 4}, {4, 5}, {5, 11}}},
+      {"4: an added vocab token splits words", "hellohello", {"hello", "hello"}, {{0, 5}, {5, 10}}},
+      {"5: longest match first, rstrip takes the spaces", "<new>x  a<new>", {"<new>x", "a", "<new>"},
+       {{0, 8}, {8, 9}, {9, 14}}},
+      {"6: special tokens still whole", "[MASK]<new>", {"[MASK]", "<new>"}, {{0, 6}, {6, 11}}},
+      {"7: no added token: unchanged", "unaffable, world!", {"un", "##aff", "##able", ",", "world", "!"},
+       {{0, 2}, {2, 5}, {5, 9}, {9, 10}, {11, 16}, {16, 17}}},
+  });
+  Encoding e;
+  EXPECT(tok->EncodeText("BIG big", 0, &e).ok && e.ids == std::vector<int32_t>({41, 41}) &&
+             *tok->IdToToken(41) == "big" && tok->TokenToId("Big") == 41 && tok->TokenToId("big") == -1,
+         "a normalized token's content is normalized too, and shown so");
+  EXPECT(tok->VocabSize() == kVocab.size() && tok->NumIds() == 44, "NumIds %zu", tok->NumIds());
+  std::string out;
+  EXPECT(tok->Decode({2, 40, 42, 8, 3}, true, &out).ok && out == "<new> hello", "decode skipping specials: '%s'",
+         out.c_str());
+  EXPECT(!tok->Decode({44}, false, &out).ok, "id past the added tokens is refused");
+
+  // the next match is looked for where the last one ended, not after the white space rstrip
+  // took: here the CJK token's padding space, which "<new>x" also took (HF's overlapping splits)
+  TokenizerOptions cjk = o;
+  cjk.added_tokens.push_back(Added("中", 22, true));
+  auto with_cjk = Make(cjk);
+  Encoding overlap;
+  EXPECT((with_cjk->EncodeText("<new>x中", 0, &overlap).ok && overlap.ids == std::vector<int32_t>({43, 22}) &&
+          overlap.offsets == std::vector<std::pair<int32_t, int32_t>>({{0, 7}, {6, 7}}) &&
+          *with_cjk->IdToToken(22) == " 中 "),
+         "rstrip, then a match in the white space it took");
+
+  // single_word: matched only where no word character touches it, in the raw or normalized text
+  TokenizerOptions single;
+  single.added_tokens = {Added("x", 27, true), Added("[RAW]", 42, false)};
+  single.added_tokens[0].single_word = single.added_tokens[1].single_word = true;
+  RunCases("single_word", *Make(single), {
+      {"1: alone, next to punctuation, not inside words", "X,x ax xa x_ [RAW]a [RAW]!",
+       {"x", ",", "x", "a", "##x", "[UNK]", "x", "[UNK]", "[", "[UNK]", "]", "a", "[RAW]", "!"},
+       {{0, 1}, {1, 2}, {2, 3}, {4, 5}, {5, 6}, {7, 9}, {10, 11}, {11, 12}, {13, 14}, {14, 17}, {17, 18}, {18, 19},
+        {20, 25}, {25, 26}}},
+  });
+
+  std::unique_ptr<Tokenizer> t;
+  TokenizerOptions bad;
+  bad.added_tokens = {Added("\u0301", 40, true)};
+  EXPECT(!Tokenizer::Create(kVocab, bad, &t).ok, "a token empty once normalized is refused");
+  bad.added_tokens = {Added("<a>", 40, true), Added("<b>", 40, true)};
+  EXPECT(!Tokenizer::Create(kVocab, bad, &t).ok, "two tokens with one id are refused");
+  bad.added_tokens = {Added("<a>", 40, true), Added("<a>", 41, true)};
+  EXPECT(!Tokenizer::Create(kVocab, bad, &t).ok, "one token with two ids is refused");
+}
+
+void TestOnePreSplitWord() {
+  auto tok = Make();
+  std::vector<Input> inputs(1);
+  inputs[0].first = {"hello,world"};
+  inputs[0].pre_split = true;
+  std::vector<Encoding> rows;
+  std::vector<int32_t> sample;
+  EXPECT(tok->EncodeBatch(inputs, {}, 1, &rows, &sample).ok &&
+             rows[0].word_ids == std::vector<int32_t>({-1, 0, 0, 0, -1}),
+         "one pre-split word: all its tokens are word 0");
+}
+
 }  // namespace
 
 int main() {
@@ -287,6 +371,8 @@ int main() {
   TestBatch();
   TestCompactOverflowRows();
   TestDecode();
+  TestAddedTokens();
+  TestOnePreSplitWord();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
