@@ -543,34 +543,39 @@ using bf16 = c10::BFloat16;
 
 // Keys j < n (rows of head h of window b) as q k^T's B operands, one per block of kKeys keys:
 // K^T of the block (dim x kKeys) in VNNI layout, element (d, j) at ((d / 2) * kKeys + j) * 2 + d % 2,
-// the blocks one after another (dim * kKeys apart), keys n .. kp - 1 zero. A bf16 pair is moved as
-// one 32-bit word.
+// the blocks one after another (dim * kKeys apart), keys n .. kp - 1 zero (read from `zeros`, dim
+// zeros). A bf16 pair moves as one 32-bit word, 16 keys at a time, so each store run fills a
+// cache line (a key at a time, the stores 256 bytes apart stalled on 4K aliasing).
 inline void pack_keys_vnni(const Heads<bf16>& k, int64_t b, int64_t h, int64_t n, int64_t kp,
-                           int64_t dim, bf16* dst) {
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+                           int64_t dim, const bf16* zeros, bf16* dst) {
+  constexpr int64_t kGroup = 16;
+  static_assert(kKeys % kGroup == 0, "key blocks hold whole groups");
   const int64_t pairs = dim / 2;
-  for (int64_t j = 0; j < kp; ++j) {
-    uint32_t* col = out + (j / kKeys) * pairs * kKeys + j % kKeys;  // (pair p, key j) at col[p * kKeys]
-    if (j < n) {
-      const bf16* row = k.row(b, h, j);
-      for (int64_t p = 0; p < pairs; ++p) std::memcpy(col + p * kKeys, row + 2 * p, 4);
-    } else {
-      for (int64_t p = 0; p < pairs; ++p) col[p * kKeys] = 0u;
+  for (int64_t j0 = 0; j0 < kp; j0 += kGroup) {
+    const char* rows[kGroup];
+    for (int64_t t = 0; t < kGroup; ++t) {
+      rows[t] = reinterpret_cast<const char*>(j0 + t < n ? k.row(b, h, j0 + t) : zeros);
+    }
+    char* base = reinterpret_cast<char*>(dst) + 4 * ((j0 / kKeys) * pairs * kKeys + j0 % kKeys);
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t group[kGroup];
+      for (int64_t t = 0; t < kGroup; ++t) std::memcpy(group + t, rows[t] + 4 * p, 4);
+      std::memcpy(base + 4 * p * kKeys, group, sizeof(group));
     }
   }
 }
 
 // Values j < n as P v's B operand, V (kp x dim) in VNNI layout: element (j, d) at
-// ((j / 2) * dim + d) * 2 + j % 2, rows n .. kp - 1 zero.
+// ((j / 2) * dim + d) * 2 + j % 2, rows n .. kp - 1 zero (read from `zeros`).
 inline void pack_values_vnni(const Heads<bf16>& v, int64_t b, int64_t h, int64_t n, int64_t kp,
-                             int64_t dim, bf16* dst) {
+                             int64_t dim, const bf16* zeros, bf16* dst) {
   for (int64_t j = 0; j < kp; j += 2) {
-    bf16* out = dst + j * dim;
-    const bf16* even = j < n ? v.row(b, h, j) : nullptr;
-    const bf16* odd = j + 1 < n ? v.row(b, h, j + 1) : nullptr;
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst + j * dim);
+    const uint16_t* even = reinterpret_cast<const uint16_t*>(j < n ? v.row(b, h, j) : zeros);
+    const uint16_t* odd = reinterpret_cast<const uint16_t*>(j + 1 < n ? v.row(b, h, j + 1) : zeros);
     for (int64_t d = 0; d < dim; ++d) {
-      out[2 * d] = even ? even[d] : bf16(0.0f);
-      out[2 * d + 1] = odd ? odd[d] : bf16(0.0f);
+      out[2 * d] = even[d];
+      out[2 * d + 1] = odd[d];
     }
   }
 }
@@ -581,15 +586,15 @@ void bf16_attention_fwd_kernel(const Windows& n, const Heads<bf16>& q, const Hea
   const int64_t D = n.dim;
   const int64_t kp_max = (n.seq + kKeys - 1) / kKeys * kKeys;
   at::parallel_for(0, n.batch * n.heads, grain_for(n.seq * n.seq * D), [&](int64_t begin, int64_t end) {
-    std::vector<bf16> kt(kp_max * D), vp(kp_max * D), qb(kQRows * D), p(kQRows * kp_max);
+    std::vector<bf16> kt(kp_max * D), vp(kp_max * D), qb(kQRows * D), p(kQRows * kp_max), zeros(D, bf16(0.0f));
     std::vector<float> s(kQRows * kp_max), o(kQRows * D), l(kQRows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n.heads, h = task % n.heads;
       const int64_t S = n.length(b);
       if (S == 0) continue;
       const int64_t kp = (S + kKeys - 1) / kKeys * kKeys;  // keys padded to whole blocks
-      pack_keys_vnni(k, b, h, S, kp, D, kt.data());
-      pack_values_vnni(v, b, h, S, kp, D, vp.data());
+      pack_keys_vnni(k, b, h, S, kp, D, zeros.data(), kt.data());
+      pack_values_vnni(v, b, h, S, kp, D, zeros.data(), vp.data());
       for (int64_t i0 = 0; i0 < S; i0 += kQRows) {
         const int64_t rows = std::min(kQRows, S - i0);
         for (int64_t r = 0; r < rows; ++r) std::copy_n(q.row(b, h, i0 + r), D, qb.data() + r * D);
