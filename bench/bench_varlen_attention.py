@@ -21,6 +21,11 @@ Providers (all under torch.no_grad, timed in round-robin rounds so load hits the
 
 Each row's error is the max abs difference to a float64 per-sequence reference. Rows are appended
 to bench/results/varlen_attention.csv with the machine, load and commit.
+
+``--engine N`` also runs the engine end to end (embed, bf16, the default token budget) on N texts of
+bench_engine's medium band (4-6 sentences, ragged batches), with the cpu backend's attention paths
+switched as above (ours: all; flash-only: the engine before the matrix-unit kernel; widening),
+interleaved, rows to bench/results/engine.csv (benchmark ``embed-medium-attention``).
 """
 
 import argparse
@@ -89,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-time", type=float, default=3.0, help="seconds per provider and batch")
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "varlen_attention.csv"))
     p.add_argument("--quick", action="store_true", help="small batches, few rounds, nothing recorded")
+    p.add_argument("--engine", type=int, default=0, help="also the engine on N medium texts (0: skip)")
+    p.add_argument("--engine-rounds", type=int, default=5)
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.rounds, args.max_time = "4xU1-40,2x64", 3, 0.05
@@ -139,7 +146,49 @@ def main(argv=None) -> int:
     if not args.quick:
         append_rows(args.output, rows)
         print(f"appended {len(rows)} rows to {args.output}")
+    if args.engine:
+        engine_rows = run_engine(args.engine, args.engine_rounds, device)
+        if not args.quick:
+            append_rows(os.path.join(RESULTS_DIR, "engine.csv"), engine_rows)
     return 0
+
+
+def run_engine(n_texts: int, rounds: int, device) -> list[dict]:
+    """The engine (embed, bf16) on bench_engine's medium texts with each attention path, interleaved."""
+    import tempfile
+
+    import bench_engine
+
+    env = environment(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = bench_engine.make_checkpoint(tmp)
+        texts = bench_engine.make_corpus(n_texts, seed=1, sentences=(4, 6))
+        tokens = bench_engine.count_tokens(path, texts)
+        ours = bench_engine.Ours(path, "bfloat16", bench_engine.parse_args([]).max_batch_tokens)
+        paths = {"ours-auto": (True, True), "ours-auto-flash-only": (True, False),
+                 "ours-auto-own-attention": (False, False)}
+
+        def with_paths(flash, units):
+            def call():
+                with forced(flash, units):
+                    return ours(texts)
+            return call
+
+        with torch.no_grad():
+            timings = time_interleaved({name: with_paths(*f) for name, f in paths.items()}, device, warmup=1,
+                                       repeats=rounds, max_time_s=0.0)
+    base = timings["ours-auto-flash-only"].median_ms
+    rows = []
+    for name, t in timings.items():
+        print(f"engine, {n_texts} medium texts ({tokens} tokens): {name} {n_texts / t.median_ms * 1e3:.2f} texts/s "
+              f"(p20-p80 {t.p20_ms / 1e3:.2f}-{t.p80_ms / 1e3:.2f} s), {base / t.median_ms:.2f}x flash-only")
+        rows.append({**env, "benchmark": "embed-medium-attention", "provider": name, "dtype": "bfloat16",
+                     "texts": n_texts, "tokens": tokens, "max_batch_tokens": ours.engine.max_batch_tokens,
+                     "seconds": f"{t.median_ms / 1e3:.3f}", "texts_per_s": f"{n_texts / t.median_ms * 1e3:.2f}",
+                     "tokens_per_s": f"{tokens / t.median_ms * 1e3:.1f}", "repeats": t.repeats,
+                     "vs_flash_only": f"{base / t.median_ms:.3f}"})
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+    return rows
 
 
 if __name__ == "__main__":
