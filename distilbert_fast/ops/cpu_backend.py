@@ -29,8 +29,13 @@ extension ``distilbert_fast._C``.
   where the CPU has bf16 matrix units (AMX) that torch's oneDNN brgemm micro-kernel drives: our
   kernel's bf16 variant (``cpu_varlen_attention_bf16_fwd``), q k^T and P v as bf16 brgemm calls
   with the softmax in float32 between them, one task per (sequence, head), so a ragged batch is
-  one parallel region as before. CPUs without AMX (AVX512-BF16 alone, AMD's) keep the float32
-  kernel. See ``MATRIX_UNITS_ATTENTION``.
+  one parallel region as before. Measured on the AMX Xeon (bench/bench_varlen_attention.py), 32
+  sequences of lengths uniform in [16, 256]: 19 ms against the float32 kernel's 43 (1 thread),
+  11 against 22 (2 threads); the engine's bf16 embed of medium texts 1.22x. PyTorch's flash kernel
+  on a padded copy with a key mask (its only way to take a ragged batch) took 59 ms: the padding
+  costs more than its bf16 GEMMs gain. On equal-length batches the flash path above stays first
+  (8 x 512: 39 ms against this kernel's 42). CPUs without AMX (AVX512-BF16 alone, as AMD's) keep
+  the float32 kernel. See ``MATRIX_UNITS_ATTENTION``.
 
 Dtypes: float32, bfloat16 (float32 accumulation and statistics) and float64 (float64 throughout,
 for gradcheck). Half (float16) is left to the eager backend: ``unsupported_reason`` says so.
