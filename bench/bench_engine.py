@@ -25,6 +25,9 @@ times interleaved; rows (median texts/s and tokens/s) go to bench/results/engine
     python bench/bench_engine.py --budgets '' --lengths long --length-budgets 16384 --length-auto
         # long texts only: ours fp32 at 4096 and 16384 tokens a batch, bf16 with and without the
         # flash kernel, each beside the sentence-transformers way in its dtype
+    python bench/bench_engine.py --budgets '' --lengths medium --length-auto --no-accuracy --no-pipeline
+        # medium (ragged) texts: bf16 with every attention path, with flash only (no matrix-unit
+        # kernel), with our float32-widening kernel only, beside the st-way in bf16 and fp32
 """
 
 import argparse
@@ -68,7 +71,8 @@ def parse_args(argv):
                    help="the length sweep also runs ours fp32 at these token budgets (e.g. 16384)")
     p.add_argument("--length-auto", action="store_true",
                    help="the length sweep also runs ours with dtype auto beside st-way in that dtype, and on a "
-                        "CPU ours with its own attention kernel only (no flash kernel), all side by side")
+                        "CPU ours with its float32-widening attention kernel only (no flash, no matrix-unit kernel) and, "
+                        "where the CPU has matrix units, with the flash kernel but not ours on them; all side by side")
     p.add_argument("--quick", action="store_true", help="a small corpus, one repeat, no sweeps (make bench)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the rows on all-MiniLM-L6-v2: bf16-vs-fp32 accuracy, and the engine on its "
                                                                 "sentence-transformers folder beside SentenceTransformer.encode")
@@ -148,18 +152,21 @@ class Ours:
 
 
 class OwnAttention:
-    """An Ours provider run with the cpu backend's own varlen attention kernel only (no PyTorch
-    flash kernel for bf16 inference): the engine before that path, side by side with after."""
+    """An Ours provider run with some of the cpu backend's bf16 inference attention paths switched
+    off: by default both PyTorch's flash kernel and our matrix-unit kernel (our float32-widening
+    kernel only: the engine before either); ``units=True`` keeps the flash path (the engine before
+    the matrix-unit kernel), side by side with after."""
 
-    def __init__(self, ours: Ours):
-        self.ours, self.engine, self.dtype = ours, ours.engine, ours.dtype
+    def __init__(self, ours: Ours, flash: bool = False):
+        self.ours, self.engine, self.dtype, self.flash = ours, ours.engine, ours.dtype, flash
 
     def __call__(self, texts):
-        flash, cpu_backend.FLASH_ATTENTION = cpu_backend.FLASH_ATTENTION, False
+        saved = cpu_backend.FLASH_ATTENTION, cpu_backend.MATRIX_UNITS_ATTENTION
+        cpu_backend.FLASH_ATTENTION, cpu_backend.MATRIX_UNITS_ATTENTION = saved[0] and self.flash, False
         try:
             return self.ours(texts)
         finally:
-            cpu_backend.FLASH_ATTENTION = flash
+            cpu_backend.FLASH_ATTENTION, cpu_backend.MATRIX_UNITS_ATTENTION = saved
 
 
 class SortedBatchLoop:
@@ -466,8 +473,10 @@ def main(argv=None) -> int:
         if args.length_auto and auto != torch.float32:
             extra["ours-auto"] = providers["ours-auto"]
             extra[f"st-way-{str(auto).removeprefix('torch.')}"] = providers[f"st-way-{str(auto).removeprefix('torch.')}"]
-            if DEVICE == "cpu" and cpu_backend.FLASH_ATTENTION:
+            if DEVICE == "cpu" and (cpu_backend.FLASH_ATTENTION or cpu_backend.matrix_units()):
                 extra["ours-auto-own-attention"] = OwnAttention(providers["ours-auto"])
+            if DEVICE == "cpu" and cpu_backend.FLASH_ATTENTION and cpu_backend.matrix_units():
+                extra["ours-auto-flash-only"] = OwnAttention(providers["ours-auto"], flash=True)
         for band in [b for b in args.lengths.split(",") if b]:
             band_texts = make_corpus(max(32, args.texts // (4 if band == "long" else 2)), seed=1, sentences=bands[band])
             band_tokens = count_tokens(path, band_texts)

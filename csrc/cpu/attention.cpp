@@ -38,7 +38,10 @@
 #include "common.h"
 #include "cpu_ops.h"
 
+#include <ATen/native/CPUBlas.h>
+
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -523,6 +526,107 @@ Heads<T> heads_of(const at::Tensor& t, const Windows& n) {
   return n.cu_seqlens ? Heads<T>(t, n.cu_seqlens) : Heads<T>(t);
 }
 
+// -- bfloat16 inference on the CPU's matrix units ------------------------------------------------
+// Varlen attention in bf16 with no backward to feed (no lse, no float32 output kept), for CPUs
+// whose bf16 matrix units oneDNN's brgemm micro-kernel drives (AMX: at::native::cpublas::could_pack
+// says so). q k^T and P v are bf16 x bf16 -> float32 brgemm calls; the softmax runs in float32
+// between them, exact per row (all of a window's scores are held: kQRows x max_seqlen floats), and
+// P is rounded to bf16 for the second product, as PyTorch's flash CPU kernel and eager bf16 do.
+// One task per (sequence, head): its keys and values are packed once into the VNNI layout the
+// micro-kernel reads (pairs of bf16 along the reduction dim), then its query rows run kQRows at a
+// time. Every brgemm has M = kQRows and N, K of kKeys or head_dim, so each thread JITs a handful of
+// kernels (one per leading dimension, i.e. per max_seqlen rounded up to kKeys) and caches them.
+constexpr int64_t kQRows = 32;  // query rows per brgemm
+constexpr int64_t kKeys = 64;   // keys per brgemm block
+
+using bf16 = c10::BFloat16;
+
+// Keys j < n (rows of head h of window b) as q k^T's B operands, one per block of kKeys keys:
+// K^T of the block (dim x kKeys) in VNNI layout, element (d, j) at ((d / 2) * kKeys + j) * 2 + d % 2,
+// the blocks one after another (dim * kKeys apart), keys n .. kp - 1 zero (read from `zeros`, dim
+// zeros). A bf16 pair moves as one 32-bit word, 16 keys at a time, so each store run fills a
+// cache line (a key at a time, the stores 256 bytes apart stalled on 4K aliasing).
+inline void pack_keys_vnni(const Heads<bf16>& k, int64_t b, int64_t h, int64_t n, int64_t kp,
+                           int64_t dim, const bf16* zeros, bf16* dst) {
+  constexpr int64_t kGroup = 16;
+  static_assert(kKeys % kGroup == 0, "key blocks hold whole groups");
+  const int64_t pairs = dim / 2;
+  for (int64_t j0 = 0; j0 < kp; j0 += kGroup) {
+    const char* rows[kGroup];
+    for (int64_t t = 0; t < kGroup; ++t) {
+      rows[t] = reinterpret_cast<const char*>(j0 + t < n ? k.row(b, h, j0 + t) : zeros);
+    }
+    char* base = reinterpret_cast<char*>(dst) + 4 * ((j0 / kKeys) * pairs * kKeys + j0 % kKeys);
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t group[kGroup];
+      for (int64_t t = 0; t < kGroup; ++t) std::memcpy(group + t, rows[t] + 4 * p, 4);
+      std::memcpy(base + 4 * p * kKeys, group, sizeof(group));
+    }
+  }
+}
+
+// Values j < n as P v's B operand, V (kp x dim) in VNNI layout: element (j, d) at
+// ((j / 2) * dim + d) * 2 + j % 2, rows n .. kp - 1 zero (read from `zeros`).
+inline void pack_values_vnni(const Heads<bf16>& v, int64_t b, int64_t h, int64_t n, int64_t kp,
+                             int64_t dim, const bf16* zeros, bf16* dst) {
+  for (int64_t j = 0; j < kp; j += 2) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst + j * dim);
+    const uint16_t* even = reinterpret_cast<const uint16_t*>(j < n ? v.row(b, h, j) : zeros);
+    const uint16_t* odd = reinterpret_cast<const uint16_t*>(j + 1 < n ? v.row(b, h, j + 1) : zeros);
+    for (int64_t d = 0; d < dim; ++d) {
+      out[2 * d] = even[d];
+      out[2 * d + 1] = odd[d];
+    }
+  }
+}
+
+void bf16_attention_fwd_kernel(const Windows& n, const Heads<bf16>& q, const Heads<bf16>& k,
+                               const Heads<bf16>& v, double scale, const Heads<bf16>& out) {
+  namespace blas = at::native::cpublas;
+  const int64_t D = n.dim;
+  const int64_t kp_max = (n.seq + kKeys - 1) / kKeys * kKeys;
+  at::parallel_for(0, n.batch * n.heads, grain_for(n.seq * n.seq * D), [&](int64_t begin, int64_t end) {
+    std::vector<bf16> kt(kp_max * D), vp(kp_max * D), qb(kQRows * D), p(kQRows * kp_max), zeros(D, bf16(0.0f));
+    std::vector<float> s(kQRows * kp_max), o(kQRows * D), l(kQRows);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n.heads, h = task % n.heads;
+      const int64_t S = n.length(b);
+      if (S == 0) continue;
+      const int64_t kp = (S + kKeys - 1) / kKeys * kKeys;  // keys padded to whole blocks
+      pack_keys_vnni(k, b, h, S, kp, D, zeros.data(), kt.data());
+      pack_values_vnni(v, b, h, S, kp, D, zeros.data(), vp.data());
+      for (int64_t i0 = 0; i0 < S; i0 += kQRows) {
+        const int64_t rows = std::min(kQRows, S - i0);
+        for (int64_t r = 0; r < rows; ++r) std::copy_n(q.row(b, h, i0 + r), D, qb.data() + r * D);
+        std::fill(qb.begin() + rows * D, qb.end(), bf16(0.0f));
+        for (int64_t j0 = 0; j0 < kp; j0 += kKeys) {
+          blas::brgemm(kQRows, kKeys, D, D, kKeys, kp, false, qb.data(), kt.data() + j0 * D,
+                       s.data() + j0, true);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s.data() + r * kp;
+          at::vec::map([&](Vectorized<float> x) { return x * Vectorized<float>(float(scale)); }, sr, sr, S);
+          l[r] = exp_shifted(sr, S, row_max(sr, S), sr);
+          store_row<bf16>(sr, p.data() + r * kp, S);
+          std::fill(p.data() + r * kp + S, p.data() + (r + 1) * kp, bf16(0.0f));
+        }
+        std::fill(p.begin() + rows * kp, p.begin() + kQRows * kp, bf16(0.0f));
+        for (int64_t j0 = 0; j0 < kp; j0 += kKeys) {
+          blas::brgemm(kQRows, D, kKeys, kp, D, D, j0 > 0, p.data() + j0, vp.data() + j0 * D,
+                       o.data(), true);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* orow = o.data() + r * D;
+          const float f = 1.0f / l[r];
+          at::vec::map([&](Vectorized<float> x) { return x * Vectorized<float>(f); }, orow, orow, D);
+          store_row<bf16>(orow, out.row(b, h, i0 + r), D);
+        }
+      }
+    }
+    blas::brgemm_release(true);
+  });
+}
+
 // out (like q) in the accumulation dtype and lse (batch, heads, max window).
 std::vector<at::Tensor> attention_fwd(const Windows& n, const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v,
@@ -626,6 +730,23 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const a
                                              bool need_dhead_mask) {
   return attention_bwd(varlen_windows(q, k, v, cu_seqlens, max_seqlen), grad_out, q, k, v, out, lse,
                        head_mask, keep, dropout_p, scale, need_dhead_mask);
+}
+
+bool bf16_matrix_units() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// Packed bf16 inference: out (total, heads, head_dim) bf16 of attention within each sequence, on the
+// matrix units (see bf16_attention_fwd_kernel); head_dim even.
+at::Tensor varlen_attention_bf16_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  const Windows n = varlen_windows(q, k, v, cu_seqlens, max_seqlen);
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kBFloat16, "q must have dtype bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(n.dim % 2 == 0, "q must have an even head_dim, got shape ", shape_str(q.sizes()));
+  TORCH_CHECK_VALUE(bf16_matrix_units(), "varlen_attention_bf16_fwd needs a CPU with bf16 matrix units ",
+                    "(AMX) and torch's oneDNN brgemm; cpu_bf16_matrix_units() says whether they are here");
+  at::Tensor out = empty_output(q.sizes(), q.options());
+  bf16_attention_fwd_kernel(n, heads_of<bf16>(q, n), heads_of<bf16>(k, n), heads_of<bf16>(v, n), scale,
+                            heads_of<bf16>(out, n));
+  return out;
 }
 
 }  // namespace cpu

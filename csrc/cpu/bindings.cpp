@@ -34,6 +34,10 @@ void init_cpu_ops(pybind11::module_& m) {
         "out, lse of attention within each packed sequence (q, k, v: total x heads x head_dim)");
   m.def("cpu_varlen_attention_bwd", &cpu::varlen_attention_bwd,
         "dq, dk, dv, dhead_mask of cpu_varlen_attention_fwd");
+  m.def("cpu_bf16_matrix_units", &cpu::bf16_matrix_units,
+        "whether bf16 brgemm runs on matrix units (AMX) here, as cpu_varlen_attention_bf16_fwd needs");
+  m.def("cpu_varlen_attention_bf16_fwd", &cpu::varlen_attention_bf16_fwd,
+        "out (bf16) of attention within each packed sequence, for inference, on the bf16 matrix units");
 }
 
 }  // namespace distilbert_fast

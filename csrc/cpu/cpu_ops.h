@@ -84,5 +84,13 @@ std::vector<at::Tensor> varlen_attention_bwd(const at::Tensor& grad_out, const a
                                              const c10::optional<at::Tensor>& keep,
                                              double dropout_p, double scale, bool need_dhead_mask);
 
+// Whether this CPU and torch build run bf16 brgemm on matrix units (AMX), which
+// varlen_attention_bf16_fwd needs.
+bool bf16_matrix_units();
+// Varlen attention forward for bf16 inference on the matrix units: q, k, v as varlen_attention_fwd
+// (bfloat16, even head_dim); out (total, heads, head_dim) bfloat16. No lse: no backward follows.
+at::Tensor varlen_attention_bf16_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale);
+
 }  // namespace cpu
 }  // namespace distilbert_fast

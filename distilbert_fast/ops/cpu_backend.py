@@ -25,6 +25,17 @@ extension ``distilbert_fast._C``.
   bf16 units, which our kernel (bf16 widened to float32) does not use: at 8 x 512 tokens, 2
   threads, it took 40-48 ms against our 93-132 ms on the AVX512-BF16/AMX Xeon we measured. In
   float32 the two were level (126 ms against 130 ms), so float32 keeps our kernel.
+- varlen attention in bfloat16 inference on every other batch (ragged ones: dozens of lengths),
+  where the CPU has bf16 matrix units (AMX) that torch's oneDNN brgemm micro-kernel drives: our
+  kernel's bf16 variant (``cpu_varlen_attention_bf16_fwd``), q k^T and P v as bf16 brgemm calls
+  with the softmax in float32 between them, one task per (sequence, head), so a ragged batch is
+  one parallel region as before. Measured on the AMX Xeon (bench/bench_varlen_attention.py), 32
+  sequences of lengths uniform in [16, 256]: 19 ms against the float32 kernel's 43 (1 thread),
+  11 against 22 (2 threads); the engine's bf16 embed of medium texts 1.22x. PyTorch's flash kernel
+  on a padded copy with a key mask (its only way to take a ragged batch) took 59 ms: the padding
+  costs more than its bf16 GEMMs gain. On equal-length batches the flash path above stays first
+  (8 x 512: 39 ms against this kernel's 42). CPUs without AMX (AVX512-BF16 alone, as AMD's) keep
+  the float32 kernel. See ``MATRIX_UNITS_ATTENTION``.
 
 Dtypes: float32, bfloat16 (float32 accumulation and statistics) and float64 (float64 throughout,
 for gradcheck). Half (float16) is left to the eager backend: ``unsupported_reason`` says so.
@@ -123,14 +134,33 @@ FLASH_MAX_RUNS = 2
 FLASH_MIN_SEQLEN = 128
 
 
+# Whether bf16 inference varlen attention may run our kernel's matrix-unit variant where the CPU
+# has them (see the module docstring); tests and benchmarks may set it False.
+MATRIX_UNITS_ATTENTION = True
+
+
+def matrix_units() -> bool:
+    """Whether this CPU and torch build run bf16 brgemm on matrix units (AMX), as our kernel's
+    bf16 inference variant needs; False where the cpu backend is not built."""
+    from .. import _extension
+
+    ext = _extension._C
+    return hasattr(ext, "cpu_bf16_matrix_units") and bool(ext.cpu_bf16_matrix_units())
+
+
+def _bf16_inference(q, k, v, head_mask, dropout_p) -> bool:
+    """Whether packed attention is bfloat16 inference: no input wants a gradient (so no backward
+    needs our saved lse and float32 output), no dropout, no head_mask."""
+    if q.dtype != torch.bfloat16 or dropout_p != 0.0 or head_mask is not None:
+        return False
+    return not (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _flash_runs(q, k, v, cu_seqlens, head_mask, dropout_p) -> list[tuple[int, int, int]] | None:
     """The runs (first token, sequences, length) the flash CPU kernel would take packed attention
-    in, or None where it does not suit (see the module docstring): bfloat16, inference (no input
-    wants a gradient, so no backward needs our saved lse and float32 output), no dropout or
-    head_mask, a few runs of long sequences (zero-length sequences are left out)."""
-    if not FLASH_ATTENTION or q.dtype != torch.bfloat16 or dropout_p != 0.0 or head_mask is not None:
-        return None
-    if q.requires_grad or k.requires_grad or v.requires_grad:
+    in, or None where it does not suit (see the module docstring): bfloat16 inference, a few runs
+    of long sequences (zero-length sequences are left out)."""
+    if not FLASH_ATTENTION or not _bf16_inference(q, k, v, head_mask, dropout_p):
         return None
     cu = cu_seqlens.tolist()
     runs = []
@@ -270,6 +300,13 @@ class CpuBackend(Backend):
         return dq, dk, dv, dhead_mask
 
     # -- varlen attention --------------------------------------------------------------------
+    def matrix_units_suit(self, q, k, v, head_mask, dropout_p) -> bool:
+        """Whether packed attention runs our bf16 kernel on the CPU's matrix units: bf16 inference,
+        an even head_dim (the brgemm operands hold bf16 pairs), and units torch's oneDNN drives
+        (asked per call: ``torch.backends.mkldnn`` can be switched off at run time)."""
+        return (MATRIX_UNITS_ATTENTION and q.shape[-1] % 2 == 0 and _bf16_inference(q, k, v, head_mask, dropout_p)
+                and self._C.cpu_bf16_matrix_units())
+
     # The same C++ kernels as masked attention, with one window per packed sequence. q, k, v
     # are taken as they come (strided thirds of the fused QKV projection: no copy).
     def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
@@ -278,6 +315,9 @@ class CpuBackend(Backend):
         if runs is not None:
             # inference: nothing is saved (no backward follows)
             return _flash_varlen_attention(q, k, v, runs, scale), (), None
+        if self.matrix_units_suit(q, k, v, head_mask, dropout_p):
+            out = self._C.cpu_varlen_attention_bf16_fwd(q, k, v, cu_seqlens.contiguous(), max_seqlen, scale)
+            return out, (), None
         batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
         keep = _keep_mask((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)
         cu = cu_seqlens.contiguous()
