@@ -104,16 +104,22 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
 class _StackedCache:
     """A tensor built from ``sources`` (the fused QKV weight), valid while each source is the same
     tensor (a weak reference: a replaced weight is neither kept alive nor mistaken for a new one
-    at its address) at the same version counter. Copies and pickles start empty."""
+    at its address) at the same version counter, over the same storage and dtype
+    (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version).
+    Copies and pickles start empty."""
 
     def __init__(self, sources=(), stacked=None):
         self.refs = tuple(weakref.ref(t) for t in sources)
-        self.versions = tuple(t._version for t in sources)
+        self.states = tuple(self._state(t) for t in sources)
         self.stacked = stacked
+
+    @staticmethod
+    def _state(t):
+        return t._version, t.data_ptr(), t.dtype, t.device
 
     def holds(self, sources) -> bool:
         return len(sources) == len(self.refs) and all(
-            ref() is t and version == t._version for ref, version, t in zip(self.refs, self.versions, sources))
+            ref() is t and state == self._state(t) for ref, state, t in zip(self.refs, self.states, sources))
 
     def __reduce__(self):
         return (_StackedCache, ())

@@ -1007,6 +1007,8 @@ class DistilBertTokenizer:
 
         plan = self._plan(**options)
         batched = _is_batched(text, plan.is_split_into_words, "text")
+        if batched and text_pair is None and not plan.is_split_into_words:
+            text, text_pair = _split_pairs(text)
         if not batched and text_pair is not None and len(text_pair) == 0:
             text_pair = None  # HF: an empty pair for a single text means no pair
         if text_pair is not None and _is_batched(text_pair, plan.is_split_into_words, "text_pair") != batched:
@@ -1441,6 +1443,27 @@ def _is_batched(text, is_split_into_words, name):
             return True
         return len(text) > 0 and isinstance(text[0], (list, tuple))
     raise ValueError(f"{name} must be a str, a list of str or a list of lists of str, got {type(text).__name__}")
+
+
+def _split_pairs(batch):
+    """A batch whose items are texts or (text, text_pair) pairs, as HF's fast tokenizers take
+    them (the zero-shot pipeline sends [premise, hypothesis] lists): (texts, pairs), pairs None
+    where no item is a pair and None for the items that are not."""
+    if not any(isinstance(item, (list, tuple)) for item in batch):
+        return batch, None
+    texts, pairs = [], []
+    for item in batch:
+        if isinstance(item, (list, tuple)):
+            if len(item) != 2:
+                raise TypeError("a batch item must be a str or a (text, text_pair) pair of str, got a "
+                                f"{type(item).__name__} of {len(item)} items (lists of words need "
+                                "is_split_into_words=True)")
+            texts.append(item[0])
+            pairs.append(item[1])
+        else:
+            texts.append(item)
+            pairs.append(None)
+    return texts, pairs
 
 
 def _to_tensors(out, n_rows, return_tensors):

@@ -11,6 +11,7 @@ model's packed paths against its padded path and against transformers.
 - Bad input: a clear ValueError naming the argument.
 """
 
+import copy
 import functools
 
 import pytest
@@ -493,6 +494,23 @@ def test_fused_qkv_follows_load_state_dict_and_hooks():
     handle.remove()
     assert seen == [(int(real.sum()), ours.config.dim)]  # the hook saw the packed tokens
     assert_close(hooked, second, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_fused_qkv_follows_a_change_of_dtype_after_a_forward(dtype):
+    """model(...) then model.to(dtype) then model(...): .to() swaps each parameter's data without
+    a new version, and the cached fused QKV weight of the first dtype was used (a dtype error)."""
+    hf, ours = make_pair("DistilBertModel")
+    inputs = padded_batch("DistilBertModel", ours.config, labels=False)
+    with torch.no_grad():
+        ours(**inputs)
+        ours.to(dtype)
+        got = ours(**inputs).last_hidden_state
+        fresh = copy.deepcopy(ours)  # copies start with an empty cache
+        fresh.transformer.layer[0].attention._qkv_cache = None
+        expected = fresh(**inputs).last_hidden_state
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
 
 
 def test_packed_position_ids_are_per_sequence():

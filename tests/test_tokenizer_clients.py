@@ -174,6 +174,26 @@ def test_text_classification_pipeline(both, batch_size):
     _assert_same(a, b)
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_zero_shot_classification_pipeline(both, multi_label):
+    """The zero-shot pipeline hands the tokenizer a batch of [premise, hypothesis] lists."""
+    model = _tiny_model("DistilBertForSequenceClassification", num_labels=3)
+    model.config.id2label = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    a, b = _run_pipeline(both, "zero-shot-classification", model, TEXTS[:3], candidate_labels=["sports", "politics"],
+                         multi_label=multi_label)
+    _assert_same(a, b)
+
+
+def test_batch_items_as_pairs_like_huggingface(both):
+    hf, ours = both
+    for batch in ([[TEXTS[0], TEXTS[1]], (TEXTS[2], TEXTS[3])], [TEXTS[0], (TEXTS[1], TEXTS[2])]):
+        for kwargs in ({}, {"padding": True, "return_tensors": "pt"}, {"truncation": True, "max_length": 12}):
+            _assert_same(ours(batch, **kwargs), hf(batch, **kwargs), where=f"{batch!r} {kwargs}")
+    with pytest.raises(TypeError, match="is_split_into_words"):
+        ours([["a", "b", "c"]])
+
+
 def test_feature_extraction_pipeline(both):
     model = _tiny_model("DistilBertModel")
     a, b = _run_pipeline(both, "feature-extraction", model, TEXTS, batch_size=2, tokenize_kwargs={"truncation": True})

@@ -582,7 +582,7 @@ class PyTokenizer {
     for (size_t i = 0; i < inputs.size(); ++i) {
       inputs[i].pre_split = is_split_into_words;
       fill(first[i], &inputs[i].first, "text");
-      if (has_pair) {
+      if (has_pair && !second_list[i].is_none()) {  // None: this item has no pair (HF's mixed batches)
         inputs[i].has_pair = true;
         fill(second_list[i], &inputs[i].second, "text_pair");
       }
