@@ -529,11 +529,6 @@ def test_invalid_problem_type_in_config_json(saved_dir):
         distilbert_fast.DistilBertForSequenceClassification.from_pretrained(saved_dir)
 
 
-def test_num_labels_disagrees_with_id2label():
-    with pytest.raises(ValueError, match=r"num_labels=3 disagrees with id2label, which has 2 entries"):
-        DistilBertConfig(**SMALL_CONFIG, num_labels=3, id2label={0: "a", 1: "b"})
-
-
 @pytest.mark.parametrize("num_labels", [0, -1, 2.0])
 def test_num_labels_must_be_positive_int(num_labels):
     with pytest.raises(ValueError, match=rf"num_labels must be a positive int, got {num_labels!r}"):
