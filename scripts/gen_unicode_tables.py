@@ -34,6 +34,8 @@ import sys
 import tarfile
 import tempfile
 
+from generated_file import write_or_check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "csrc", "tokenizer", "unicode_tables.cc")
 CATEGORY_VERSION = "8.0.0"  # unicode_categories crate
@@ -232,15 +234,7 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         text = render(*build_records(*load_data(workdir)))
-    if args.check:
-        with open(OUT, encoding="utf-8") as f:
-            if f.read() != text:
-                raise SystemExit(f"{OUT} is stale: rerun scripts/gen_unicode_tables.py")
-        print(f"{OUT} is up to date")
-        return
-    with open(OUT, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {OUT}")
+    write_or_check(OUT, text, args.check)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ class; `--check` fails if the committed file is stale.
 
 import argparse
 import os
-import sys
+
+from generated_file import write_or_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "csrc", "tokenizer", "word_chars.cc")
@@ -70,15 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the committed file differs")
     args = parser.parse_args()
-    text = render(*word_ranges())
-    if args.check:
-        with open(OUT, encoding="utf-8") as f:
-            if f.read() != text:
-                sys.exit(f"{OUT} is stale: run scripts/gen_word_chars.py")
-        return
-    with open(OUT, "w", encoding="utf-8") as f:
-        f.write(text)
-    print(f"wrote {OUT}")
+    write_or_check(OUT, render(*word_ranges()), args.check)
 
 
 if __name__ == "__main__":
