@@ -3,14 +3,15 @@
 
 import torch
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch >= 2.6 has it)
+
 
 def tracing() -> bool:
     """Whether a tracer (dynamo, export, jit.trace, fx) is recording this call: then the ops take
     their custom-op form, and the model skips its data-dependent input checks."""
-    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
     return (
         torch.compiler.is_compiling()
-        or (exporting is not None and exporting())
+        or _is_exporting()
         or torch.jit.is_tracing()
         or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
     )
@@ -20,8 +21,7 @@ def onnx_exporting() -> bool:
     """Whether torch.onnx.export is recording this call (through jit.trace, or through
     torch.export for the dynamo exporter); the cheap tracer flags first, so that eager calls pay
     nanoseconds (torch.onnx.is_in_onnx_export imports on every call)."""
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return (torch.jit.is_tracing() or (exporting is not None and exporting())) and torch.onnx.is_in_onnx_export()
+    return (torch.jit.is_tracing() or _is_exporting()) and torch.onnx.is_in_onnx_export()
 
 
 __all__ = ["onnx_exporting", "tracing"]
