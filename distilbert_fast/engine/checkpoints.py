@@ -3,8 +3,8 @@
 - a BERT-family encoder (config.json with model_type 'bert'), run as DistilBERT after the
   conversion of ``distilbert_fast.bert``: exact for single texts, so only the embed task takes it;
 - a sentence-transformers model (modules.json): its Transformer module's folder holds the
-  encoder and tokenizer, and its Pooling, Normalize and max_seq_length become the embed task's
-  defaults, so that the engine's vectors are ``SentenceTransformer(dir).encode``'s. A module the
+  encoder and tokenizer, and its Pooling, Normalize, max_seq_length and default prompt become the
+  embed task's defaults, so that the engine's vectors are ``SentenceTransformer(dir).encode``'s. A module the
   engine does not run (Dense, a pooling mode other than cls / mean / max, ...) is refused by name
   rather than giving other vectors.
 """
@@ -29,7 +29,7 @@ _POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "
 @dataclass
 class Checkpoint:
     model_dir: str  # config.json, weights and tokenizer files
-    bert: bool  # a BERT encoder, converted on load
+    bert_config: dict | None  # a BERT encoder's config.json (converted on load), else None
     embed_defaults: dict = field(default_factory=dict)  # pooling, normalize, prompt (sentence-transformers)
     max_length: int | None = None  # sentence-transformers' max_seq_length
 
@@ -41,23 +41,21 @@ def inspect_checkpoint(path) -> Checkpoint:
     if os.path.isfile(modules_file):
         model_dir, embed_defaults, max_length = _sentence_transformers_modules(path, _read_json(modules_file))
     config_file = os.path.join(model_dir, CONFIG_NAME)
-    bert = os.path.isfile(config_file) and is_bert_config(_read_json(config_file))
-    return Checkpoint(model_dir, bert, embed_defaults, max_length)
+    config = _read_json(config_file) if os.path.isfile(config_file) else {}
+    return Checkpoint(model_dir, config if is_bert_config(config) else None, embed_defaults, max_length)
 
 
 def load_model(checkpoint: Checkpoint, model_class, dtype: torch.dtype, backend):
     """The task's model from ``checkpoint``: ``model_class.from_pretrained``, or a BERT encoder
     converted into a DistilBertModel."""
-    if not checkpoint.bert:
+    if checkpoint.bert_config is None:
         return model_class.from_pretrained(checkpoint.model_dir, dtype=dtype, backend=backend)
     if model_class is not modeling.DistilBertModel:
         raise ValueError(
             f"{checkpoint.model_dir} holds a BERT checkpoint (model_type 'bert'), which the engine runs "
             "for task='embed' only (its conversion to DistilBERT is exact for single texts, not for "
             "pairs or BERT's task heads)")
-    config = distilbert_config_from_bert(_read_json(os.path.join(checkpoint.model_dir, CONFIG_NAME)),
-                                         backend=backend)
-    model = modeling.DistilBertModel(config)
+    model = modeling.DistilBertModel(distilbert_config_from_bert(checkpoint.bert_config, backend=backend))
     model.load_state_dict(bert_to_distilbert(load_state_dict(checkpoint.model_dir)), strict=True)
     return model.to(dtype)
 
@@ -96,13 +94,13 @@ def _sentence_transformers_modules(path: str, modules: list):
         else:
             raise ValueError(f"{path}/modules.json holds a {kind} module, which the engine does not run: "
                              "its vectors would not be SentenceTransformer.encode's")
-    settings_file = os.path.join(path, "config_sentence_transformers.json")
-    settings = _read_json(settings_file) if os.path.isfile(settings_file) else {}
-    prompt_name = settings.get("default_prompt_name")
-    prompt = (settings.get("prompts") or {}).get(prompt_name) if prompt_name else None
+    model_file = os.path.join(path, "config_sentence_transformers.json")
+    model_settings = _read_json(model_file) if os.path.isfile(model_file) else {}
+    prompt_name = model_settings.get("default_prompt_name")
+    prompt = (model_settings.get("prompts") or {}).get(prompt_name) if prompt_name else None
     if prompt:  # encode() puts the default prompt before every text
         if not include_prompt:
-            raise ValueError(f"{settings_file}: the default prompt {prompt_name!r} is left out of the pooling "
+            raise ValueError(f"{model_file}: the default prompt {prompt_name!r} is left out of the pooling "
                              "(include_prompt=false), which the engine does not do")
         defaults["prompt"] = prompt
     return model_dir, defaults, max_length
