@@ -79,7 +79,9 @@ def sequence_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tens
     both (total,) int64, computed on cu_seqlens' device without a sync. Position ids of packed
     input are the second: 0 .. len - 1 per sequence."""
     token = torch.arange(total, device=cu_seqlens.device)
-    sequence = torch.searchsorted(cu_seqlens[1:], token.to(cu_seqlens.dtype), right=True)
+    # searched in all of cu_seqlens, not cu_seqlens[1:]: under torch.export a slice of a dynamic
+    # size makes the tracer guard on its contiguity (batch >= 2), failing a batch Dim from 1.
+    sequence = torch.searchsorted(cu_seqlens, token.to(cu_seqlens.dtype), right=True) - 1
     return sequence, token - cu_seqlens.long()[sequence]
 
 

@@ -241,6 +241,47 @@ def test_export(backend):
     assert_close(got, expected, atol=1e-5, name="logits")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_with_a_dynamic_batch_and_length(backend):
+    """One exported program serves every padded batch: batch and seq as torch.export Dims, run on
+    other shapes (one row, longer rows) with the eager model's logits."""
+    model = small_model(DistilBertForSequenceClassification, backend)
+    ids, mask = inputs()
+    batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("seq", min=2, max=SMALL_CONFIG["max_position_embeddings"])
+    program = torch.export.export(model, (), dict(input_ids=ids, attention_mask=mask),
+                                  dynamic_shapes=dict(input_ids={0: batch, 1: seq}, attention_mask={0: batch, 1: seq}))
+    for shape in ((1, 5), (5, 11)):
+        ids2 = torch.randint(0, SMALL_CONFIG["vocab_size"], shape)
+        mask2 = (torch.arange(shape[1]) < torch.randint(1, shape[1] + 1, (shape[0], 1))).long()
+        expected = model(input_ids=ids2, attention_mask=mask2).logits
+        assert_close(program.module()(input_ids=ids2, attention_mask=mask2).logits, expected, atol=1e-5,
+                     name=f"logits {shape}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_export_of_the_packed_entry_with_dynamic_tokens_and_batch(backend):
+    """The packed entry point exported once (tokens and sequences as Dims, max_seqlen a fixed upper
+    bound) runs any packed batch, a single sequence too, with the eager model's outputs. The eager
+    backend's varlen attention pads into a (batch, ...) layout whose batch - 1 the tracer guards
+    against 1, so there the batch Dim must start at 2 sequences."""
+    model = small_model(backend=backend)
+    max_seqlen = 8
+
+    def packed(lengths):
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        return torch.randint(0, SMALL_CONFIG["vocab_size"], (int(cu[-1]),)), cu
+
+    ids, cu = packed([4, 7, 2])
+    tokens, sequences = torch.export.Dim("tokens", min=2, max=4096), torch.export.Dim("sequences", min=2, max=257)
+    program = torch.export.export(model, (), dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max_seqlen),
+                                  dynamic_shapes=dict(input_ids={0: tokens}, cu_seqlens={0: sequences}, max_seqlen=None))
+    for lengths in ([5], [8, 1, 3, 6, 2]):
+        ids2, cu2 = packed(lengths)
+        expected = model(input_ids=ids2, cu_seqlens=cu2, max_seqlen=max_seqlen).last_hidden_state
+        got = program.module()(input_ids=ids2, cu_seqlens=cu2, max_seqlen=max_seqlen).last_hidden_state
+        assert_close(got, expected, atol=1e-5, name=f"last_hidden_state {lengths}")
+
+
 class _Logits(torch.nn.Module):
     """model(input_ids, attention_mask).logits, the signature an ONNX graph has."""
 
