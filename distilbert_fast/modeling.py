@@ -608,6 +608,23 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     def can_generate(self) -> bool:
         return False
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    def enable_input_require_grads(self):
+        """Makes the input embeddings' output require grad (a forward hook, as transformers'), so
+        gradient checkpointing reaches adapters or LoRA weights with the embeddings frozen."""
+
+        def make_output_require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
+
+    def disable_input_require_grads(self):
+        self._require_grads_hook.remove()
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, every_n_layers=1, offload=False):
         """Recomputes each layer in backward (torch.utils.checkpoint, use_reentrant=False).
         transformers' keywords are accepted; ``use_reentrant`` is ignored (non-reentrant is

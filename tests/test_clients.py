@@ -104,6 +104,24 @@ def test_num_parameters_and_checkpointing_keywords():
         ours.gradient_checkpointing_enable(every_n_layers=2)
 
 
+def test_memory_footprint_and_input_require_grads_like_transformers():
+    """get_memory_footprint counts as transformers does; enable_input_require_grads (LoRA
+    tutorials call it before gradient checkpointing on a frozen model) makes the outputs of a
+    frozen model require grad, on the padded and the packed path, and disable undoes it."""
+    hf, ours = pair("DistilBertForSequenceClassification")
+    for buffers in (True, False):
+        assert ours.get_memory_footprint(buffers) == hf.get_memory_footprint(buffers)
+    ids = torch.randint(1, 999, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    for model in (hf, ours):
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        for kwargs in ({}, {"attention_mask": mask}):
+            assert model(input_ids=ids, **kwargs).logits.requires_grad, (type(model).__module__, kwargs)
+        model.disable_input_require_grads()
+        assert not model(input_ids=ids, attention_mask=mask).logits.requires_grad
+
+
 def test_save_and_load_keywords(tmp_path):
     _, ours = pair("DistilBertForSequenceClassification")
     ours.save_pretrained(tmp_path / "a", push_to_hub=False, commit_message="ignored")
