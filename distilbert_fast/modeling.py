@@ -449,6 +449,11 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
 
     # -- initialisation --------------------------------------------------------------------------
     def post_init(self):
+        self.init_weights()
+
+    def init_weights(self):
+        """(Re)initialises every weight as a freshly made model has them, then ties the tied ones,
+        as transformers' ``init_weights``."""
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -607,6 +612,11 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
 
     def can_generate(self) -> bool:
         return False
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """transformers' example batch, as it gives it: three rows of five ids."""
+        return {"input_ids": torch.tensor([[7, 6, 0, 0, 1], [1, 2, 3, 0, 0], [0, 0, 0, 4, 5]])}
 
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
         """Bytes held by the parameters (and buffers), as transformers counts them."""

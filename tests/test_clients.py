@@ -122,6 +122,23 @@ def test_memory_footprint_and_input_require_grads_like_transformers():
         assert not model(input_ids=ids, attention_mask=mask).logits.requires_grad
 
 
+def test_init_weights_and_dummy_inputs_like_transformers():
+    """init_weights() re-initialises (std = initializer_range, LayerNorm 1/0) and keeps the MLM
+    head tied; dummy_inputs is transformers' batch and runs."""
+    hf, ours = pair("DistilBertForMaskedLM")
+    assert torch.equal(ours.dummy_inputs["input_ids"], hf.dummy_inputs["input_ids"])
+    with torch.no_grad():
+        for model in (hf, ours):
+            for p in model.parameters():
+                p.fill_(3.0)
+        ours.init_weights()
+    weight = ours.distilbert.transformer.layer[0].attention.q_lin.weight
+    assert abs(weight.std().item() - ours.config.initializer_range) < 0.2 * ours.config.initializer_range
+    assert torch.all(ours.distilbert.transformer.layer[0].sa_layer_norm.weight == 1)
+    assert ours.vocab_projector.weight is ours.distilbert.embeddings.word_embeddings.weight
+    assert ours(**ours.dummy_inputs).logits.shape == hf(**hf.dummy_inputs).logits.shape
+
+
 def test_save_and_load_keywords(tmp_path):
     _, ours = pair("DistilBertForSequenceClassification")
     ours.save_pretrained(tmp_path / "a", push_to_hub=False, commit_message="ignored")
