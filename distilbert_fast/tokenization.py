@@ -1062,10 +1062,11 @@ class DistilBertTokenizer:
                      plain_up_to)
 
     def _encode(self, text, text_pair, batched, plan):
+        # the core takes the batch as a list: a tuple of texts is a batch too, as for HF
+        texts = list(text) if batched else [text]
+        pairs = None if text_pair is None else list(text_pair) if batched else [text_pair]
         try:
-            enc, n_rows = self._core.encode_batch(
-                text if batched else [text], (text_pair if batched else [text_pair]) if text_pair is not None else None,
-                *plan.core_args)
+            enc, n_rows = self._core.encode_batch(texts, pairs, *plan.core_args)
         except ValueError as exc:
             if plan.cap and "max_rows=" in str(exc):
                 raise ValueError(_rows_cap_message(exc, plan.cap, plan.max_length, plan.stride,
