@@ -46,3 +46,90 @@ def test_a_tuple_is_a_batch_like_transformers(tokenizers, call):
     for key in expected:
         a, b = got[key], expected[key]
         assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
+
+
+# -- optimize(): token labels at padding positions --------------------------------------------------
+
+TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0)
+
+
+def _tiny(class_name):
+    if class_name.startswith("Bert"):
+        config = transformers.BertConfig(**TINY_BERT)
+    else:
+        config = transformers.DistilBertConfig(**SMALL_CONFIG, **NO_DROPOUT)
+    return getattr(transformers, class_name)(config).train()
+
+
+def _ragged(batch=3, seq=9):
+    ids = torch.randint(1, 99, (batch, seq))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    return ids, mask
+
+
+def _varlen_calls(monkeypatch):
+    """The list that grows by one per call of our packed attention op."""
+    calls, real = [], distilbert_fast.modeling.varlen_attention
+    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForMaskedLM", "DistilBertForTokenClassification",
+                                        "BertForMaskedLM", "BertForTokenClassification"])
+@pytest.mark.parametrize("how", ["keyword", "positional", "peft"])
+def test_optimized_loss_counts_labels_at_padding_like_transformers(class_name, how, monkeypatch):
+    """labels = input_ids (a common MLM recipe) or token labels padded with a real class count at
+    padding positions in transformers' loss, which reads the logits there. The optimised base
+    model packed such a batch (zeros at padding), so loss and gradients differed from the
+    unoptimised model's; now the head shows its labels to the base model, which then keeps the
+    padded computation, as our own heads do (labels -100 at padding still run packed)."""
+    ref = _tiny(class_name)
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    ids, mask = _ragged()
+    labels = torch.randint(0, 2, ids.shape) if class_name.endswith("TokenClassification") else ids.clone()
+    if how == "peft":
+        peft = pytest.importorskip("peft")
+        config = dict(r=2, target_modules=["query", "value"] if class_name.startswith("Bert") else ["q_lin", "v_lin"])
+        task = "TOKEN_CLS" if class_name.endswith("TokenClassification") else None
+        ref = peft.get_peft_model(ref, peft.LoraConfig(task_type=task, **config))
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type=task, **config))
+        model.load_state_dict(ref.state_dict())
+
+    def loss_of(m, labels):
+        if how == "positional":  # (input_ids, attention_mask, then labels' place in the signature)
+            names = list(inspect.signature(type(m).forward).parameters)[1:]
+            args = [None] * (names.index("labels") + 1)
+            args[0], args[1], args[-1] = ids, mask, labels
+            return m(*args).loss
+        return m(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    losses = [loss_of(m, labels) for m in (ref, model)]
+    assert_close(losses[1], losses[0], atol=1e-5, name="loss")
+    for loss in losses:
+        loss.backward()
+    grads = {name: p.grad for name, p in ref.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert_close(p.grad, grads[name], atol=1e-5, name=f"grad {name}")
+    # labels that do not count at padding: still the packed path
+    calls = _varlen_calls(monkeypatch)
+    with torch.no_grad():
+        loss = loss_of(model, labels.masked_fill(mask == 0, -100))
+    assert len(calls) == 2 and torch.isfinite(loss)
+
+
+def test_optimized_head_keeps_its_signature_for_trainer():
+    """Trainer keeps the dataset columns named in inspect.signature(model.forward): the optimised
+    head's forward shows transformers' signature; unoptimize restores the class's forward."""
+    model = _tiny("DistilBertForTokenClassification")
+    expected = inspect.signature(model.forward)
+    distilbert_fast.optimize(model)
+    assert inspect.signature(model.forward) == expected
+    distilbert_fast.unoptimize(model)
+    assert "forward" not in model.__dict__ and inspect.signature(model.forward) == expected
