@@ -133,3 +133,26 @@ def test_optimized_head_keeps_its_signature_for_trainer():
     assert inspect.signature(model.forward) == expected
     distilbert_fast.unoptimize(model)
     assert "forward" not in model.__dict__ and inspect.signature(model.forward) == expected
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForTokenClassification", "BertModel"])
+def test_optimized_model_exports_to_onnx_with_the_dynamo_exporter(class_name, tmp_path):
+    """torch.onnx.export(model, ..., dynamo=True) of an optimised model (the head, or the base
+    model itself) runs torch.export's non-strict mode first, which reads model.forward.__code__:
+    optimize()'s instance forward had none, export fell back to strict mode, which keeps our
+    custom ops, and the ONNX translation failed (no ONNX function for residual_layernorm). The
+    unoptimised model exports; now the optimised one does too, with the same outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ref = _tiny(class_name).eval()
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    ids, mask = _ragged()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], dynamo=True,
+                      dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+    assert distilbert_fast.is_optimized(model)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = _ragged(batch=4, seq=5)  # other shapes than exported
+    got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+    real = mask.bool()
+    assert_close(got[real], ref(input_ids=ids, attention_mask=mask)[0][real], atol=1e-5)

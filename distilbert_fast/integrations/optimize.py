@@ -132,7 +132,24 @@ class _Config(_View):
         super().__init__(config, object, names, {"backend": backend})
 
 
-class _Forward:
+class _InstanceForward:
+    """A forward optimize() sets on ``self.module`` (an instance attribute), which reads as the
+    module class's own forward to the tools that inspect it: its signature (Trainer keeps the
+    dataset columns it names; torch.export binds inputs by it) and its ``__code__`` (torch.export's
+    non-strict mode, which torch.onnx.export tries first, reads it)."""
+
+    module: nn.Module
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    @property
+    def __code__(self):
+        return type(self.module).forward.__code__
+
+
+class _Forward(_InstanceForward):
     """The forward optimize() gives ``module`` of the optimised ``base`` model: ``ours``, or the
     module class's own while the base model's call runs as transformers (a hook below it). The
     base model decides at each call and leaves the decision on itself, so the modules it calls,
@@ -156,22 +173,17 @@ def _set_forward(base, module, fn, record):
     record.append(module)
 
 
-class _HeadForward:
+class _HeadForward(_InstanceForward):
     """The forward optimize() gives a task head over an optimised base model: transformers' own,
     with the head's ``labels`` left on the base model for the call. Its loss reads the logits at
     every position whose label is not -100, padding included, where the packed path holds zeros:
-    with such labels the base model runs the padded computation (our own heads' ``exact``). The
-    signature is the head's, which Trainer reads to choose the dataset columns it passes."""
+    with such labels the base model runs the padded computation (our own heads' ``exact``)."""
 
     def __init__(self, head, base):
-        self.head, self.base = head, base
-
-    @property
-    def __signature__(self):
-        return inspect.signature(type(self.head).forward.__get__(self.head))
+        self.module, self.base = head, base
 
     def __call__(self, *args, **kwargs):
-        head = self.head
+        head = self.module
         labels = kwargs.get("labels", _MISSING)
         if labels is _MISSING:
             index = _labels_index(type(head))
