@@ -135,6 +135,11 @@ class DistilBertConfig:
             return getattr(self, name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
 
+    def __iter__(self):
+        # transformers' config iterates over its attributes' names, so ``"text_config" in config``
+        # works (PEFT's prompt tuning asks that of every model's config)
+        yield from self.__dict__
+
     # -- labels ----------------------------------------------------------------------------------
     @property
     def num_labels(self) -> int:

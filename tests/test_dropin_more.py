@@ -156,3 +156,37 @@ def test_optimized_model_exports_to_onnx_with_the_dynamo_exporter(class_name, tm
     got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
     real = mask.bool()
     assert_close(got[real], ref(input_ids=ids, attention_mask=mask)[0][real], atol=1e-5)
+
+
+# -- PEFT prompt learning on our classes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["PromptTuningConfig", "PromptEncoderConfig"])
+def test_peft_prompt_learning_on_our_model_like_transformers(method):
+    """PEFT's prompt tuning / p-tuning asks ``"text_config" in model.config``: our config was not
+    iterable (TypeError in get_peft_model); transformers' config iterates over its attribute
+    names. Now the soft prompt trains on our model as on transformers' (same loss and grads)."""
+    peft = pytest.importorskip("peft")
+    config = dict(SMALL_CONFIG, **NO_DROPOUT, seq_classif_dropout=0.0)
+    hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**config))
+    ours = distilbert_fast.DistilBertForSequenceClassification(distilbert_fast.DistilBertConfig(**config))
+    ours.load_state_dict(hf.state_dict())
+    assert ("dim" in ours.config, "hidden_size" in ours.config) == ("dim" in hf.config, "hidden_size" in hf.config)
+    extra = dict(encoder_hidden_size=16) if method == "PromptEncoderConfig" else {}
+    prompt = getattr(peft, method)(task_type="SEQ_CLS", num_virtual_tokens=3, token_dim=SMALL_CONFIG["dim"],
+                                   num_transformer_submodules=1, num_attention_heads=SMALL_CONFIG["n_heads"],
+                                   num_layers=SMALL_CONFIG["n_layers"], **extra)
+    reference = peft.get_peft_model(hf, prompt)
+    model = peft.get_peft_model(ours, copy.deepcopy(prompt))
+    model.load_state_dict(reference.state_dict())
+    ids, mask = _ragged()
+    labels = torch.tensor([0, 1, 0])
+    losses = [m.train()(input_ids=ids, attention_mask=mask, labels=labels).loss for m in (reference, model)]
+    assert_close(losses[1], losses[0], atol=1e-5, name="loss")
+    for loss in losses:
+        loss.backward()
+    grads = dict(reference.named_parameters())
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    assert any("prompt_encoder" in name for name, _ in trained)
+    for name, p in trained:
+        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
