@@ -190,3 +190,28 @@ def test_peft_prompt_learning_on_our_model_like_transformers(method):
     assert any("prompt_encoder" in name for name, _ in trained)
     for name, p in trained:
         assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+
+
+# -- token labels in other shapes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertForTokenClassification", "DistilBertForMaskedLM"])
+def test_token_labels_of_any_shape_holding_one_per_token(class_name):
+    """transformers' token losses read labels.view(-1): flat (batch * seq,) labels or (batch, seq,
+    1) train as (batch, seq) ones. Ours raised RuntimeError on a padded batch (the labels met the
+    (batch, seq) mask in the packing plan); labels of the wrong size are a ValueError in both."""
+    config = dict(SMALL_CONFIG, **NO_DROPOUT)
+    hf = getattr(transformers, class_name)(transformers.DistilBertConfig(**config))
+    ours = getattr(distilbert_fast, class_name)(distilbert_fast.DistilBertConfig(**config))
+    ours.load_state_dict(hf.state_dict())
+    optimized = distilbert_fast.optimize(copy.deepcopy(hf))
+    ids, mask = _ragged(seq=11)
+    labels = torch.randint(0, 2, ids.shape)
+    for shaped in (labels.reshape(-1), labels.unsqueeze(-1), labels.masked_fill(mask == 0, -100).reshape(-1)):
+        expected = hf(input_ids=ids, attention_mask=mask, labels=shaped).loss
+        for model in (ours, optimized):
+            assert_close(model(input_ids=ids, attention_mask=mask, labels=shaped).loss, expected, atol=1e-5,
+                         name=f"loss with labels of shape {tuple(shaped.shape)}")
+    for model in (hf, ours, optimized):
+        with pytest.raises(ValueError):
+            model(input_ids=ids, attention_mask=mask, labels=labels[:, :7].contiguous())

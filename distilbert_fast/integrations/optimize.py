@@ -188,7 +188,7 @@ class _HeadForward(_InstanceForward):
         if labels is _MISSING:
             index = _labels_index(type(head))
             labels = args[index] if index is not None and len(args) > index else None
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or tracing():
+        if not isinstance(labels, torch.Tensor) or tracing():
             return type(head).forward(head, *args, **kwargs)
         self.base.__dict__[_TOKEN_LABELS] = labels
         try:
@@ -213,13 +213,14 @@ def _set_head_forwards(model, base, record):
 
 
 def _with_token_labels(view, input_ids, inputs_embeds):
-    """``view`` for one call of the base model: when its head's labels lie over the tokens
-    ((batch, seq), as the input), its packing plan keeps transformers' values wherever they count."""
+    """``view`` for one call of the base model: when its head's labels lie over the tokens (one
+    per token of the (batch, seq) input), its packing plan keeps transformers' values wherever
+    they count."""
     labels = view._module.__dict__.get(_TOKEN_LABELS)
     like = input_ids if input_ids is not None else inputs_embeds
-    if labels is None or like is None or tuple(labels.shape) != tuple(like.shape[:2]):
+    if labels is None or like is None or like.dim() < 2 or labels.numel() != like.shape[0] * like.shape[1]:
         return view
-    exact = labels.to(like.device) != _IGNORE_INDEX
+    exact = labels.to(like.device).reshape(like.shape[:2]) != _IGNORE_INDEX  # (flat labels too)
     plan = functools.partial(modeling.DistilBertModel.plan_packing, view, exact=exact)
     return _View(view._module, view._cls, view._names, {**view._values, "plan_packing": plan})
 
