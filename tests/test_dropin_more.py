@@ -48,6 +48,25 @@ def test_a_tuple_is_a_batch_like_transformers(tokenizers, call):
         assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
 
 
+
+@pytest.mark.parametrize("call", [
+    lambda tok: tok(TEXTS[0], tokenizer_kwargs={"truncation": True, "max_length": 5}),
+    lambda tok: tok(TEXTS[0], max_length=7, tokenizer_kwargs={"truncation": True, "max_length": 5}),
+    lambda tok: tok(TEXTS, tokenizer_kwargs={"padding": True, "return_tensors": "pt"}),
+    lambda tok: tok(TEXTS[:2], text_target=TEXTS[2:], tokenizer_kwargs={"truncation": True, "max_length": 4}),
+    lambda tok: tok(TEXTS[0], tokenizer_kwargs=None),
+], ids=["one-text", "wins-over-named", "batch", "text_target", "none"])
+def test_tokenizer_kwargs_like_transformers(tokenizers, call):
+    """__call__(..., tokenizer_kwargs={...}), transformers' documented way to pass keywords as a
+    dict (they win over the named ones): ours raised TypeError (unexpected keyword)."""
+    theirs, ours = tokenizers
+    expected, got = call(theirs), call(ours)
+    assert sorted(got.keys()) == sorted(expected.keys())
+    for key in expected:
+        a, b = got[key], expected[key]
+        assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
+
+
 # -- optimize(): token labels at padding positions --------------------------------------------------
 
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
