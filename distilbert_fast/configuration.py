@@ -140,6 +140,12 @@ class DistilBertConfig:
         # works (PEFT's prompt tuning asks that of every model's config)
         yield from self.__dict__
 
+    def get_text_config(self, decoder=None, encoder=None) -> "DistilBertConfig":
+        """The config of the text model: this one (transformers' answer for a model that is not
+        composite). Trainer asks it when given a tokenizer (processing_class), to align the
+        tokenizer's special tokens with the config."""
+        return self
+
     # -- labels ----------------------------------------------------------------------------------
     @property
     def num_labels(self) -> int:

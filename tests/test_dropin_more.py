@@ -234,3 +234,31 @@ def test_token_labels_of_any_shape_holding_one_per_token(class_name):
     for model in (hf, ours, optimized):
         with pytest.raises(ValueError):
             model(input_ids=ids, attention_mask=mask, labels=labels[:, :7].contiguous())
+
+
+# -- Trainer with a tokenizer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["transformers-tokenizer", "our-tokenizer"])
+def test_trainer_with_processing_class_like_transformers(tokenizers, which, tmp_path):
+    """Trainer(model, args, train_dataset, processing_class=tokenizer), the usual call: train()
+    aligns the tokenizer's special tokens with model.config.get_text_config(), which our config
+    lacked (AttributeError at train()). Now our model trains as transformers' (same loss, the
+    default collator padding with the tokenizer), and the checkpoint holds the tokenizer."""
+    pytest.importorskip("accelerate")
+    tokenizer = tokenizers[0 if which == "transformers-tokenizer" else 1]
+    config = dict(SMALL_CONFIG, vocab_size=30522, max_position_embeddings=128, **NO_DROPOUT, seq_classif_dropout=0.0)
+    hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**config))
+    ours = distilbert_fast.DistilBertForSequenceClassification(distilbert_fast.DistilBertConfig(**config))
+    ours.load_state_dict(hf.state_dict())
+    data = [dict(tokenizer(text), labels=i % 2) for i, text in enumerate(TEXTS * 2)]
+    losses = []
+    for name, model in (("hf", hf), ("ours", ours)):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+            save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        losses.append(torch.tensor(trainer.train().training_loss))
+    assert_close(losses[1], losses[0], atol=1e-5, name="training loss")
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours" / "checkpoint-2")
+    assert saved(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
