@@ -178,6 +178,17 @@ class DistilBertConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Sets each key of ``config_dict`` as an attribute (aliases resolved), as transformers' does."""
+        for key, value in config_dict.items():
+            setattr(self, key, value)
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Writes the config as JSON to ``json_file_path`` (every value: ``use_diff`` is accepted
+        for transformers' signature; config.json always holds the full config here)."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
         config_dict = dict(config_dict)
@@ -231,8 +242,7 @@ class DistilBertConfig:
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a directory, but {directory!s} is a file")
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+        self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def __eq__(self, other):
         return isinstance(other, DistilBertConfig) and self.to_dict() == other.to_dict()

@@ -262,3 +262,17 @@ def test_trainer_with_processing_class_like_transformers(tokenizers, which, tmp_
     assert_close(losses[1], losses[0], atol=1e-5, name="training loss")
     saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours" / "checkpoint-2")
     assert saved(TEXTS)["input_ids"] == tokenizer(TEXTS)["input_ids"]
+
+
+def test_config_update_and_to_json_file_like_transformers(tmp_path):
+    """model.config.update({...}) and config.to_json_file(path), transformers' config API that
+    users call: AttributeError on ours. The file loads back in both libraries."""
+    theirs, ours = transformers.DistilBertConfig(**SMALL_CONFIG), distilbert_fast.DistilBertConfig(**SMALL_CONFIG)
+    changes = {"hidden_size": 48, "id2label": {0: "neg", 1: "pos"}, "custom_field": 7}
+    for config in (theirs, ours):
+        config.update(changes)
+    assert (ours.dim, ours.id2label, ours.custom_field) == (theirs.dim, theirs.id2label, theirs.custom_field)
+    ours.to_json_file(tmp_path / "config.json")
+    for loaded in (transformers.DistilBertConfig.from_json_file(tmp_path / "config.json"),
+                   distilbert_fast.DistilBertConfig.from_json_file(tmp_path / "config.json")):
+        assert (loaded.dim, loaded.id2label, loaded.custom_field) == (48, {0: "neg", 1: "pos"}, 7)
