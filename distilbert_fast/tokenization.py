@@ -57,7 +57,8 @@ _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool)
 # the tokenizer's settings a plan depends on; setting one forgets the cached plans
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
                           "num_threads", "max_rows_per_call", "model_input_names"})
-_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})  # keywords that need _call's own handling
+# keywords that need _call's own handling
+_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})
 _MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
 
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",

@@ -30,6 +30,15 @@ def tokenizers():
 # -- tokenizer ---------------------------------------------------------------------------------------
 
 
+def _assert_same_encoding(call, theirs, ours):
+    """call(ours) gives call(theirs): the same keys and values."""
+    expected, got = call(theirs), call(ours)
+    assert sorted(got.keys()) == sorted(expected.keys())
+    for key in expected:
+        a, b = got[key], expected[key]
+        assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
+
+
 @pytest.mark.parametrize("call", [
     lambda tok: tok(tuple(TEXTS)),
     lambda tok: tok(tuple(TEXTS[:2]), tuple(TEXTS[2:]), padding=True, return_tensors="pt"),
@@ -40,13 +49,7 @@ def tokenizers():
 def test_a_tuple_is_a_batch_like_transformers(tokenizers, call):
     """A tuple of texts (a dataset column, zip(*pairs)) is a batch for transformers' tokenizer;
     ours passed it straight to the C++ core, which takes a list: TypeError."""
-    theirs, ours = tokenizers
-    expected, got = call(theirs), call(ours)
-    assert sorted(got.keys()) == sorted(expected.keys())
-    for key in expected:
-        a, b = got[key], expected[key]
-        assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
-
+    _assert_same_encoding(call, *tokenizers)
 
 
 @pytest.mark.parametrize("call", [
@@ -59,12 +62,7 @@ def test_a_tuple_is_a_batch_like_transformers(tokenizers, call):
 def test_tokenizer_kwargs_like_transformers(tokenizers, call):
     """__call__(..., tokenizer_kwargs={...}), transformers' documented way to pass keywords as a
     dict (they win over the named ones): ours raised TypeError (unexpected keyword)."""
-    theirs, ours = tokenizers
-    expected, got = call(theirs), call(ours)
-    assert sorted(got.keys()) == sorted(expected.keys())
-    for key in expected:
-        a, b = got[key], expected[key]
-        assert (torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b), key
+    _assert_same_encoding(call, *tokenizers)
 
 
 # -- optimize(): token labels at padding positions --------------------------------------------------

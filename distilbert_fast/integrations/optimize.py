@@ -7,9 +7,10 @@ replaced, by instance attributes, with distilbert_fast's own forward code (``mod
 over the transformers module. That code reads its submodules through a ``_View``: an object
 that answers the attribute names our module classes use (``q_lin``, ``sa_layer_norm``, ...) from
 the transformers module, live, so a LoRA that PEFT puts in later, a hook or a moved parameter is
-seen at once. Task heads, losses and the pooler keep transformers' code; a head's token labels (MLM, token
-classification) are shown to its base model's call (``_HeadForward``), which runs the padded
-computation when such labels count at padding positions, so the loss is transformers' there too.
+seen at once. Task heads, losses and the pooler keep transformers' code; a head's token labels
+(MLM, token classification) are shown to its base model's call (``_HeadForward``), which runs
+the padded computation when such labels count at padding positions, so the loss is
+transformers' there too.
 
 Because the forward that runs is ``modeling.DistilBertModel.forward`` (and ``Transformer`` /
 ``TransformerBlock`` / ``DistilBertSelfAttention`` / ``FFN`` / ``Embeddings``), whatever those
