@@ -135,6 +135,17 @@ class DistilBertConfig:
             return getattr(self, name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{key}'")
 
+    def __iter__(self):
+        # transformers' config iterates over its attributes' names, so ``"text_config" in config``
+        # works (PEFT's prompt tuning asks that of every model's config)
+        yield from self.__dict__
+
+    def get_text_config(self, decoder=None, encoder=None) -> "DistilBertConfig":
+        """The config of the text model: this one (transformers' answer for a model that is not
+        composite). Trainer asks it when given a tokenizer (processing_class), to align the
+        tokenizer's special tokens with the config."""
+        return self
+
     # -- labels ----------------------------------------------------------------------------------
     @property
     def num_labels(self) -> int:
@@ -166,6 +177,17 @@ class DistilBertConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Sets each key of ``config_dict`` as an attribute (aliases resolved), as transformers' does."""
+        for key, value in config_dict.items():
+            setattr(self, key, value)
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        """Writes the config as JSON to ``json_file_path`` (every value: ``use_diff`` is accepted
+        for transformers' signature; config.json always holds the full config here)."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
@@ -220,8 +242,7 @@ class DistilBertConfig:
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a directory, but {directory!s} is a file")
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+        self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def __eq__(self, other):
         return isinstance(other, DistilBertConfig) and self.to_dict() == other.to_dict()

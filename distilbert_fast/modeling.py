@@ -966,7 +966,10 @@ class DistilBertModel(DistilBertPreTrainedModel):
         keep = _as_keep_mask(attention_mask)
         lengths = keep.sum(dim=1)
         if isinstance(exact, torch.Tensor):
-            exact_padding = (exact & ~keep).any()
+            if exact.numel() != batch * seq:  # (HF's token losses read labels.view(-1))
+                raise ValueError(f"labels must hold one label per token of input_ids (batch, seq) = "
+                                 f"{(batch, seq)}, got shape {tuple(exact.shape)}")
+            exact_padding = (exact.reshape(batch, seq) & ~keep).any()
         elif exact == "first":
             exact_padding = (~keep[:, 0]).any()
         else:
@@ -1133,7 +1136,9 @@ class Encoded:
         return self.hidden.index_select(0, first)
 
     def token_labels(self, labels):
-        return labels if self.packing is None or labels is None else self.packing.unpad(labels)
+        if self.packing is None or labels is None:
+            return labels
+        return self.packing.unpad(labels.reshape(-1, self.packing.seq))  # (flat labels too, as HF takes them)
 
     def tokens_out(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.packing is None else self.packing.pad(t)

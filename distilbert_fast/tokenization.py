@@ -57,7 +57,8 @@ _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool)
 # the tokenizer's settings a plan depends on; setting one forgets the cached plans
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
                           "num_threads", "max_rows_per_call", "model_input_names"})
-_UNPLANNED = frozenset({"text_target", "text_pair_target"})  # keywords that need _call's own handling
+# keywords that need _call's own handling
+_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})
 _MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
 
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
@@ -992,7 +993,10 @@ class DistilBertTokenizer:
         if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
             super().__setattr__("_plans", {})
 
-    def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, **options):
+    def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, tokenizer_kwargs=None,
+              **options):
+        if tokenizer_kwargs:  # HF: keywords as a dict, which win over the ones given by name
+            return self._call(text, text_pair, text_target, text_pair_target, **{**options, **tokenizer_kwargs})
         if text_target is not None or text is None:
             # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
             if text is None and text_target is None:
@@ -1062,10 +1066,11 @@ class DistilBertTokenizer:
                      plain_up_to)
 
     def _encode(self, text, text_pair, batched, plan):
+        # the core takes the batch as a list: a tuple of texts is a batch too, as for HF
+        texts = list(text) if batched else [text]
+        pairs = None if text_pair is None else list(text_pair) if batched else [text_pair]
         try:
-            enc, n_rows = self._core.encode_batch(
-                text if batched else [text], (text_pair if batched else [text_pair]) if text_pair is not None else None,
-                *plan.core_args)
+            enc, n_rows = self._core.encode_batch(texts, pairs, *plan.core_args)
         except ValueError as exc:
             if plan.cap and "max_rows=" in str(exc):
                 raise ValueError(_rows_cap_message(exc, plan.cap, plan.max_length, plan.stride,

@@ -7,7 +7,10 @@ replaced, by instance attributes, with distilbert_fast's own forward code (``mod
 over the transformers module. That code reads its submodules through a ``_View``: an object
 that answers the attribute names our module classes use (``q_lin``, ``sa_layer_norm``, ...) from
 the transformers module, live, so a LoRA that PEFT puts in later, a hook or a moved parameter is
-seen at once. Task heads, losses and the pooler keep transformers' code.
+seen at once. Task heads, losses and the pooler keep transformers' code; a head's token labels
+(MLM, token classification) are shown to its base model's call (``_HeadForward``), which runs
+the padded computation when such labels count at padding positions, so the loss is
+transformers' there too.
 
 Because the forward that runs is ``modeling.DistilBertModel.forward`` (and ``Transformer`` /
 ``TransformerBlock`` / ``DistilBertSelfAttention`` / ``FFN`` / ``Embeddings``), whatever those
@@ -34,10 +37,13 @@ from torch import nn
 from .. import modeling
 from ..ops import canonical_activation
 from ..ops.backends import AUTO, check_backend_name
+from ..tracing import tracing
 
 _MARK = "_distilbert_fast_optimized"  # on the base model: the modules whose forward we set
 _AS_TRANSFORMERS = "_distilbert_fast_as_transformers"  # on the base model: its latest call runs transformers' forward
 _MISSING = object()
+_TOKEN_LABELS = "_distilbert_fast_token_labels"  # on the base model: its head's labels, during the head's call
+_IGNORE_INDEX = -100  # transformers' CrossEntropyLoss default: labels that do not count
 
 
 class _Dynamic:
@@ -127,7 +133,24 @@ class _Config(_View):
         super().__init__(config, object, names, {"backend": backend})
 
 
-class _Forward:
+class _InstanceForward:
+    """A forward optimize() sets on ``self.module`` (an instance attribute), which reads as the
+    module class's own forward to the tools that inspect it: its signature (Trainer keeps the
+    dataset columns it names; torch.export binds inputs by it) and its ``__code__`` (torch.export's
+    non-strict mode, which torch.onnx.export tries first, reads it)."""
+
+    module: nn.Module
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    @property
+    def __code__(self):
+        return type(self.module).forward.__code__
+
+
+class _Forward(_InstanceForward):
     """The forward optimize() gives ``module`` of the optimised ``base`` model: ``ours``, or the
     module class's own while the base model's call runs as transformers (a hook below it). The
     base model decides at each call and leaves the decision on itself, so the modules it calls,
@@ -149,6 +172,58 @@ def _set_forward(base, module, fn, record):
     # an instance attribute: nn.Module.__call__ finds it before the class's
     module.forward = _Forward(module, fn, base)
     record.append(module)
+
+
+class _HeadForward(_InstanceForward):
+    """The forward optimize() gives a task head over an optimised base model: transformers' own,
+    with the head's ``labels`` left on the base model for the call. Its loss reads the logits at
+    every position whose label is not -100, padding included, where the packed path holds zeros:
+    with such labels the base model runs the padded computation (our own heads' ``exact``)."""
+
+    def __init__(self, head, base):
+        self.module, self.base = head, base
+
+    def __call__(self, *args, **kwargs):
+        head = self.module
+        labels = kwargs.get("labels", _MISSING)
+        if labels is _MISSING:
+            index = _labels_index(type(head))
+            labels = args[index] if index is not None and len(args) > index else None
+        if not isinstance(labels, torch.Tensor) or tracing():
+            return type(head).forward(head, *args, **kwargs)
+        self.base.__dict__[_TOKEN_LABELS] = labels
+        try:
+            return type(head).forward(head, *args, **kwargs)
+        finally:
+            self.base.__dict__.pop(_TOKEN_LABELS, None)
+
+
+@functools.cache
+def _labels_index(head_cls) -> int | None:
+    """The position of ``labels`` among the head's forward arguments (after self), or None."""
+    names = list(inspect.signature(head_cls.forward).parameters)[1:]
+    return names.index("labels") if "labels" in names else None
+
+
+def _set_head_forwards(model, base, record):
+    """A _HeadForward on each module of ``model`` that calls ``base`` as its child and takes labels."""
+    for head in model.modules():
+        if any(child is base for child in head.children()) and _labels_index(type(head)) is not None:
+            head.forward = _HeadForward(head, base)
+            record.append(head)
+
+
+def _with_token_labels(view, input_ids, inputs_embeds):
+    """``view`` for one call of the base model: when its head's labels lie over the tokens (one
+    per token of the (batch, seq) input), its packing plan keeps transformers' values wherever
+    they count."""
+    labels = view._module.__dict__.get(_TOKEN_LABELS)
+    like = input_ids if input_ids is not None else inputs_embeds
+    if labels is None or like is None or like.dim() < 2 or labels.numel() != like.shape[0] * like.shape[1]:
+        return view
+    exact = labels.to(like.device).reshape(like.shape[:2]) != _IGNORE_INDEX  # (flat labels too)
+    plan = functools.partial(modeling.DistilBertModel.plan_packing, view, exact=exact)
+    return _View(view._module, view._cls, view._names, {**view._values, "plan_packing": plan})
 
 
 # -- DistilBERT ----------------------------------------------------------------------------------
@@ -180,8 +255,8 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
     """transformers 5's DistilBertModel signature (other keywords, e.g. token_type_ids, are
     ignored as transformers 5 ignores them) over our DistilBertModel.forward."""
     return modeling.DistilBertModel.forward(
-        view, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-        output_hidden_states, return_dict, position_ids=position_ids, pack=pack,
+        _with_token_labels(view, input_ids, inputs_embeds), input_ids, attention_mask, head_mask,
+        inputs_embeds, output_attentions, output_hidden_states, return_dict, position_ids=position_ids, pack=pack,
     )
 
 
@@ -345,6 +420,7 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
     """transformers' BertModel signature over our DistilBertModel.forward; the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
+    view = _with_token_labels(view, input_ids, inputs_embeds)
     module = view._module
     embeddings = module.embeddings
     if token_type_ids is not None:
@@ -408,6 +484,7 @@ def optimize(model, backend: str | None = None):
             unoptimize(base)
         record = []
         optimize_one(base, backend, record, pack)
+        _set_head_forwards(model, base, record)
         object.__setattr__(base, _MARK, record)
     return model
 
