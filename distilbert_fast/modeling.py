@@ -703,6 +703,8 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
             dtype = torch_dtype
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         model.to(ckpt.resolve_dtype(dtype, state_dict, config_dtype))
+        # as transformers: the config names the dtype the model was loaded in (the JSON's spelling)
+        model.config.dtype = str(model.dtype).removeprefix("torch.")
         if device is not None:
             model.to(device)
         return model.eval()

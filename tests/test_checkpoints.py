@@ -461,6 +461,7 @@ def test_dtype_sets_model_dtype(tmp_path, kwargs, expected):
     hf.save_pretrained(tmp_path)
     ours = load_quietly(distilbert_fast.DistilBertForMaskedLM, tmp_path, **kwargs)
     assert ours.dtype == expected
+    assert ours.config.dtype == str(expected).removeprefix("torch.")  # as transformers' config records it
     assert all(p.dtype == expected for p in ours.parameters())
     assert ours.vocab_projector.weight is ours.distilbert.embeddings.word_embeddings.weight
     for key, value in hf.state_dict().items():
