@@ -9,6 +9,7 @@ task heads.
 
 import contextvars
 import functools
+import inspect
 import os
 import sys
 import weakref
@@ -406,10 +407,74 @@ def _ignoring_tokenizer_outputs(forward):
     def forward_ignoring(self, *args, **kwargs):
         for key in _IGNORED_INPUTS:
             kwargs.pop(key, None)
+        if any(key in kwargs for key in _FLATTENED_INPUTS):
+            return _forward_flattened(forward, self, args, kwargs)
         return forward(self, *args, **kwargs)
 
     forward_ignoring._ignores_tokenizer_outputs = True
     return forward_ignoring
+
+
+# transformers' flash-attention keywords for a flattened batch (DataCollatorWithFlattening with
+# return_flash_attn_kwargs=True): its sequences concatenated into one row, and where each starts.
+_FLATTENED_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _forward_flattened(forward, model, args, kwargs):
+    """A flattened batch, (1, total) ids with cu_seq_lens_q, run on the packed entry point: each
+    sequence attends within itself, as transformers' flash-attention models compute it, and the
+    position ids restart per sequence (the collator's own). Token outputs come back (1, total, ...)."""
+    flat = {key: kwargs.pop(key, None) for key in _FLATTENED_INPUTS}
+    name = type(model).__name__
+    if not model._token_outputs:
+        raise ValueError(
+            f"{name} gives one output per sequence, so it does not take a flattened batch "
+            "(cu_seq_lens_q, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives it); "
+            "pass a padded batch, or use a token-level model (the base model, masked LM, token "
+            "classification, question answering)"
+        )
+    cu_seqlens = flat["cu_seq_lens_q"]
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seq_lens_q must be a tensor with a flattened batch, got {type(cu_seqlens).__name__}")
+    if flat["cu_seq_lens_k"] is not None and not torch.equal(flat["cu_seq_lens_k"], cu_seqlens):
+        raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention), got other boundaries")
+    parameters = inspect.signature(forward).parameters
+    if "labels" not in parameters:
+        kwargs.pop("labels", None)  # the collator's (ids as labels, for causal LMs), as transformers drops them
+    bound = inspect.signature(forward).bind(model, *args, **kwargs).arguments
+    bound.pop("self", None)
+    if bound.get("attention_mask") is not None:
+        raise ValueError("attention_mask must be None with a flattened batch (cu_seq_lens_q)")
+    total = None
+    for key in ("input_ids", "inputs_embeds"):
+        x = bound.get(key)
+        if x is not None:
+            if x.dim() < 2 or x.shape[0] != 1:
+                raise ValueError(f"{key} must have shape (1, total{', dim' if key == 'inputs_embeds' else ''}) "
+                                 f"in a flattened batch, got {tuple(x.shape)}")
+            bound[key], total = x[0], x.shape[1]
+    labels = bound.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1:
+        bound["labels"] = labels[0]
+    bound["position_ids"] = None  # the packed entry point restarts them per sequence, as the collator
+    max_seqlen = flat["max_length_q"]
+    bound["cu_seqlens"] = cu_seqlens.to(torch.int32)
+    bound["max_seqlen"] = int(cu_seqlens.diff().max()) if max_seqlen is None else int(max_seqlen)
+    out = forward(model, **bound)
+
+    def one_row(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
+            return value.unsqueeze(0)
+        if isinstance(value, tuple):
+            return tuple(one_row(v) for v in value)
+        return value
+
+    if isinstance(out, tuple):
+        return tuple(one_row(v) for v in out)
+    for key, value in list(out.items()):
+        if key != "loss":
+            out[key] = one_row(value)
+    return out
 
 
 class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
@@ -421,6 +486,8 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     _tied_weights_keys: dict[str, str] = {}
     # True on the transformers-compatible twins (see distilbert_fast.integrations.transformers)
     _transformers_twin = False
+    # Whether every output but the loss is per token (a flattened batch is then taken as one row)
+    _token_outputs = False
 
     def __new__(cls, *args, **kwargs):
         # Where transformers is loaded, the model is made as a twin that is also a
@@ -770,6 +837,8 @@ def _sample_around_mean(old: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class DistilBertModel(DistilBertPreTrainedModel):
+    _token_outputs = True
+
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.embeddings = Embeddings(config)
@@ -1214,6 +1283,7 @@ def _counted(labels, ignore_index=-100):
 
 
 class DistilBertForMaskedLM(DistilBertPreTrainedModel):
+    _token_outputs = True
     _tied_weights_keys = {"vocab_projector.weight": "distilbert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: DistilBertConfig):
@@ -1340,6 +1410,8 @@ def packed_span_loss(start_logits, end_logits, start_positions, end_positions, c
 
 
 class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
+    _token_outputs = True
+
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         if config.num_labels != 2:
@@ -1375,6 +1447,8 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
 
 
 class DistilBertForTokenClassification(DistilBertPreTrainedModel):
+    _token_outputs = True
+
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

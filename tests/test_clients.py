@@ -385,6 +385,65 @@ def test_sentence_transformers_our_model_as_transformer_module(hf_tokenizer, tmp
                  ours(torch.tensor([[101, 2023, 102]])).last_hidden_state, atol=0.0)
 
 
+# -- flattened batches (DataCollatorWithFlattening) ------------------------------------------------
+
+
+def _flattened(hf_tokenizer, with_labels=True):
+    """transformers' DataCollatorWithFlattening (flash-attention keywords on) over three texts, and
+    the features it flattened."""
+    features = [dict(hf_tokenizer(t)) for t in TEXTS[:3]]
+    for f in features:
+        f.pop("attention_mask")
+        if with_labels:
+            f["labels"] = [-100] + [i % 3 for i in range(len(f["input_ids"]) - 2)] + [-100]
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    return collator([dict(f) for f in features]), features
+
+
+@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM",
+                                        "DistilBertForTokenClassification", "DistilBertForQuestionAnswering"])
+def test_flattened_batch_runs_each_sequence_alone(class_name, hf_tokenizer):
+    """A flattened batch (one row of concatenated sequences with cu_seq_lens_q) runs packed: each
+    sequence's outputs equal transformers' model run on that sequence alone, in (1, total, ...)
+    shapes, and the token loss equals transformers' on the padded batch."""
+    tagging = class_name == "DistilBertForTokenClassification"
+    hf, ours = pair(class_name, num_labels=3 if tagging else 2)
+    batch, features = _flattened(hf_tokenizer, with_labels=tagging)
+    with torch.no_grad():
+        out = ours(**batch)
+        start = 0
+        for f in features:
+            alone = hf(input_ids=torch.tensor([f["input_ids"]]))
+            end = start + len(f["input_ids"])
+            for key, value in alone.items():
+                assert out[key].shape[0] == 1, key
+                assert_close(out[key][0, start:end], value[0], atol=1e-5, name=f"{key} of a sequence")
+            start = end
+        if tagging:
+            padded = transformers.DataCollatorForTokenClassification(hf_tokenizer)(features)
+            assert_close(out.loss, hf(**padded).loss, atol=1e-5, name="loss")
+
+
+def test_flattened_batch_trains_in_trainer(hf_tokenizer, tmp_path):
+    """Trainer with DataCollatorWithFlattening, padding-free token classification: it trains."""
+    pytest.importorskip("accelerate")
+    _, ours = pair("DistilBertForTokenClassification", num_labels=3)
+    _, features = _flattened(hf_tokenizer)
+    arguments = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3,
+                                               max_steps=3, learning_rate=1e-3, report_to=[], use_cpu=True,
+                                               save_strategy="no", remove_unused_columns=False)
+    trainer = transformers.Trainer(model=ours, args=arguments, train_dataset=features * 3,
+                                   data_collator=transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+    assert trainer.train().global_step == 3
+
+
+def test_flattened_batch_to_a_sequence_level_head_is_refused(hf_tokenizer):
+    _, ours = pair("DistilBertForSequenceClassification")
+    batch, _ = _flattened(hf_tokenizer, with_labels=False)
+    with pytest.raises(ValueError, match="does not take a flattened batch .cu_seq_lens_q"):
+        ours(**batch)
+
+
 # -- PEFT ----------------------------------------------------------------------------------------
 
 
