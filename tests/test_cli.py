@@ -133,6 +133,28 @@ def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
     assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
 
 
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "txt"])
+def test_byte_order_mark_and_a_megabyte_text(model_dir, tmp_path, capsys, suffix):
+    """A UTF-8 BOM (Excel's "CSV UTF-8", Notepad) is not part of the first header or line, and a
+    1 MB text is one record (csv's own 128 KiB field limit failed the run with csv.Error)."""
+    big = "word " * 200_000
+    texts = ["first text", big.strip(), "last, one"]
+    body = {"csv": "text,id\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(texts)),
+            "jsonl": "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)),
+            "txt": "".join(t + "\r\n" for t in texts)}[suffix]
+    src = tmp_path / f"in.{suffix}"
+    src.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                 "--device", "cpu"]) == 0
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (3, 3, 0)
+    rows = read_jsonl(out)
+    np.testing.assert_allclose([r["embedding"] for r in rows], expected_embeddings(model_dir, texts), atol=1e-6)
+    if suffix != "txt":
+        assert [str(r["id"]) for r in rows] == ["0", "1", "2"]
+
+
 def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
     data = ("\n".join(TEXTS[:3]) + "\n\n" + TEXTS[3] + "\n").encode()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))

@@ -49,10 +49,16 @@ def input_format(path: str, fmt: str | None) -> str:
                      ".tsv, or pass --input-format")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _lines(stream):
-    """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped."""
+    """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped.
+    A UTF-8 byte order mark at the start (Excel's "CSV UTF-8", Notepad) is not part of the text."""
     for number, raw in enumerate(stream, start=1):
         raw = raw.rstrip(b"\n").rstrip(b"\r")
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         try:
             yield number, raw.decode("utf-8"), None
         except UnicodeDecodeError as exc:
@@ -125,6 +131,7 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
             numbers.append(number)
             yield text + "\n"
 
+    _lift_csv_field_limit()
     reader = csv.reader(decoded(), delimiter=delimiter)
     header, consumed = None, 0
     for row in reader:
@@ -147,6 +154,18 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
                 record.pair = _cell(header, row, pair_column)
         yield _checked(record)
     yield from bad
+
+
+def _lift_csv_field_limit():
+    """csv refuses a field over 128 KiB (csv.Error at that record, the run lost): a text has no
+    such limit here (the tokenizer truncates or splits it), so the limit is the largest C long."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # C long is 32 bits (Windows)
+            limit //= 2
 
 
 def _cell(header, row, name):
