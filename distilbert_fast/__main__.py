@@ -108,6 +108,8 @@ def run_task(args) -> int:
         raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
     if args.input != "-" and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input!r} is not a file")
+    if args.input != "-" and os.path.exists(output) and os.path.samefile(args.input, output):
+        raise ValueError(f"--output {output!r} is the input file: choose another output")  # (--no-resume deleted it)
     # the model first: a model or option the task cannot take leaves no output file behind
     runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
     try:

@@ -251,6 +251,27 @@ def test_resume_after_killed_run_equals_uninterrupted(model_dir, tmp_path, suffi
         assert (tmp_path / "part.lines.jsonl").read_bytes() == (tmp_path / "full.lines.jsonl").read_bytes()
 
 
+def test_output_that_is_the_input_or_not_ours_is_refused_and_kept(model_dir, tmp_path, capsys):
+    """--output naming the input (--no-resume deleted the input, resuming read it as results), or a
+    .jsonl this command did not write (a KeyError traceback): one-line errors, files untouched."""
+    src = tmp_path / "in.jsonl"
+    content = b'{"text": "hello", "id": 1}\n{"text": "world"}\n'
+    src.write_bytes(content)
+    common = ["embed", "--model", model_dir, "--dtype", "float32", "--device", "cpu"]
+    for flags in ([], ["--no-resume"]):
+        assert main([*common, "--input", str(src), "--output", str(src), *flags]) == 2
+        assert "is the input file" in capsys.readouterr().err.splitlines()[-1]
+        assert src.read_bytes() == content
+    txt = tmp_path / "in.txt"
+    txt.write_text("a\nb\n", encoding="utf-8")
+    assert main([*common, "--input", str(txt), "--output", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not an output of this command" in err.splitlines()[-1]
+    assert src.read_bytes() == content
+    assert main([*common, "--input", str(txt), "--output", str(src), "--no-resume"]) == 0  # as asked: overwritten
+    assert [r["line"] for r in read_jsonl(src)] == [1, 2]
+
+
 def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")

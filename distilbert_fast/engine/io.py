@@ -250,7 +250,12 @@ def _resume_jsonl(path):
     lines = data[:end].splitlines()
     if not lines:
         return 0, 0
-    return int(json.loads(lines[-1])["line"]), len(lines)
+    try:
+        return int(json.loads(lines[-1])["line"]), len(lines)
+    except (ValueError, KeyError, TypeError, IndexError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise ValueError(f"{path} is not an output of this command (its last line has no \"line\" number), so it "
+                         "cannot be resumed: pass --no-resume to overwrite it, or choose another --output") from None
+
 
 
 class NpyWriter:
