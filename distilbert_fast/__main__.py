@@ -94,6 +94,18 @@ def engine_options(args) -> dict:
                 progress={"auto": None, "on": True, "off": False}[args.progress], **task_options(args))
 
 
+def run_settings(args) -> dict:
+    """What shapes the results of a run (not how fast it goes): recorded with the output, and a
+    resumed run must match it (see ``io.open_writer``)."""
+    options = engine_options(args)
+    for name in ("max_batch_tokens", "window", "progress", "backend"):  # speed only
+        options.pop(name)
+    source = args.input if args.input == "-" else os.path.abspath(args.input)
+    return {"model": os.path.abspath(args.model), "input": source, "input_format": args.input_format,
+            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field,
+            **options}
+
+
 def run_task(args) -> int:
     from .engine import io
     from .engine.workers import make_runner, torchrun_rank
@@ -113,7 +125,7 @@ def run_task(args) -> int:
     # the model first: a model or option the task cannot take leaves no output file behind
     runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
     try:
-        writer = io.open_writer(output, args.command, resume=not args.no_resume)
+        writer = io.open_writer(output, args.command, resume=not args.no_resume, settings=run_settings(args))
     except BaseException:
         runner.close()
         raise

@@ -272,6 +272,41 @@ def test_output_that_is_the_input_or_not_ours_is_refused_and_kept(model_dir, tmp
     assert [r["line"] for r in read_jsonl(src)] == [1, 2]
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "npy"])
+def test_rerun_with_other_settings_is_refused_and_a_finished_output_resumes(model_dir, tmp_path, capsys, suffix):
+    """A finished output rerun skips every line (a finished .npy was recomputed), a grown input adds
+    only its new lines, and a rerun with another option, model or input is an error naming what
+    changed (it appended results of another kind to the file)."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in TEXTS[:4]), encoding="utf-8")
+    out = tmp_path / f"out.{suffix}"
+    common = ["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--device", "cpu",
+              "--dtype", "float32", "--progress", "off"]
+    assert main(common) == 0
+    assert main(common) == 0
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["already_written"], summary["written"]) == (4, 0)
+    with open(src, "a", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in TEXTS[4:]))
+    assert main([*common, "--max-batch-tokens", "64"]) == 0  # speed-only options may change
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["already_written"], summary["written"]) == (4, len(TEXTS) - 4)
+    if suffix == "npy":
+        got = np.load(out)
+        assert [r["line"] for r in read_jsonl(tmp_path / "out.lines.jsonl")] == list(range(1, len(TEXTS) + 1))
+    else:
+        got = np.array([r["embedding"] for r in read_jsonl(out)])
+    np.testing.assert_allclose(got, expected_embeddings(model_dir, TEXTS), atol=1e-6)
+    before = out.read_bytes()
+    assert main([*common, "--normalize"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "other settings (normalize: None then, True now)" in err and "--no-resume" in err
+    assert out.read_bytes() == before
+    assert main([*common, "--normalize", "--no-resume"]) == 0
+    got = np.load(out) if suffix == "npy" else np.array([r["embedding"] for r in read_jsonl(out)])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
 def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")
