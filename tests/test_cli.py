@@ -323,6 +323,27 @@ def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
         np.testing.assert_allclose([l["score"] for l in x["labels"]], [l["score"] for l in y["labels"]], atol=1e-6)
 
 
+def test_worker_processes_strict_keeps_every_result_before_the_bad_line_and_errors_are_one_line(model_dir, tmp_path):
+    """--devices 2 --strict: the windows already with the workers were dropped when the input
+    failed (20 of the 29 lines before the bad one written); a worker's ValueError (a bad model
+    folder, an option the model cannot take) was a RuntimeError traceback instead of one line."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" if i != 30 else "not json\n"
+                           for i in range(1, 41)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    common = ["embed", "--input", str(src), "--dtype", "float32", "--device", "cpu", "--devices", "2"]
+    code, err = run_cli(*common, "--model", model_dir, "--output", str(out), "--strict", "--window", "4")
+    assert code == 1, err
+    assert "in.jsonl:30: invalid JSON" in err and summary_of(err)["written"] == 29
+    rows = read_jsonl(out)
+    assert [r["line"] for r in rows] == list(range(1, 30))
+    np.testing.assert_allclose([r["embedding"] for r in rows],
+                               expected_embeddings(model_dir, [f"text {i}" for i in range(1, 30)]), atol=1e-6)
+    code, err = run_cli(*common, "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("python -m distilbert_fast embed: error: a worker failed")
+
+
 def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:

@@ -13,6 +13,7 @@
 
 import multiprocessing
 import os
+import pickle
 import queue
 
 import numpy as np
@@ -54,7 +55,7 @@ def _worker(path, options, device, threads, inbox, outbox):
         engine = InferenceEngine.from_pretrained(path, device=device, **{**options, "progress": False})
         outbox.put(("ready", None, None))
     except BaseException as exc:  # reported to the parent
-        outbox.put(("error", None, repr(exc)))
+        outbox.put(("error", None, _picklable(exc)))
         return
     while True:
         job = inbox.get()
@@ -64,7 +65,27 @@ def _worker(path, options, device, threads, inbox, outbox):
         try:
             outbox.put(("ok", seq, engine(chunk)))
         except BaseException as exc:
-            outbox.put(("error", seq, repr(exc)))
+            outbox.put(("error", seq, _picklable(exc)))
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` itself where it pickles (its type reaches the parent: a ValueError stays one), else
+    a RuntimeError with its repr."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(repr(exc))
+
+
+def _worker_error(exc: BaseException, where: str) -> BaseException:
+    """A worker's exception, re-raised in the parent with its type and where it happened (so the
+    CLI reports a bad model or option in one line, as with one process)."""
+    try:
+        error = type(exc)(f"a worker failed ({where}): {exc}")
+    except Exception:
+        error = RuntimeError(f"a worker failed ({where}): {exc!r}")
+    return error
 
 
 class WorkerPool:
@@ -89,7 +110,7 @@ class WorkerPool:
             kind, _, payload = self._get()
             if kind == "error":
                 self.close()
-                raise RuntimeError(f"a worker failed to start: {payload}")
+                raise _worker_error(payload, "loading the model")
 
     def _get(self):
         while True:
@@ -101,13 +122,18 @@ class WorkerPool:
                     raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode})")
 
     def stream(self, items):
+        """Results in input order. If reading ``items`` fails, the results of every item read
+        before come first (the windows already with the workers are waited for), then the error."""
         chunks = _chunks(items, self.window)
         in_flight, done, next_seq, sent = 0, {}, 0, 0
         limit = 2 * len(self._procs)
-        exhausted = False
+        exhausted, failure = False, None
         while True:
             while not exhausted and in_flight < limit:
-                chunk = next(chunks, None)
+                try:
+                    chunk = next(chunks, None)
+                except Exception as exc:  # raised once the items read before it were handed on
+                    chunk, failure = None, exc
                 if chunk is None:
                     exhausted = True
                     break
@@ -115,11 +141,13 @@ class WorkerPool:
                 sent += 1
                 in_flight += 1
             if next_seq == sent and exhausted:
+                if failure is not None:
+                    raise failure
                 return
             while next_seq not in done:
                 kind, seq, payload = self._get()
                 if kind == "error":
-                    raise RuntimeError(f"a worker failed on window {seq}: {payload}")
+                    raise _worker_error(payload, f"window {seq}")
                 done[seq] = payload
             in_flight -= 1
             yield from done.pop(next_seq)
