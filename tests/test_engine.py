@@ -608,7 +608,28 @@ def test_leaving_a_stream_early_stops_its_thread_quietly(tiny_checkpoint, one_th
     assert not ignored, [str(u.exc_value) for u in ignored]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_input_that_fails_midway_delivers_every_result_before_it(tiny_checkpoint, one_thread, overlap):
+    """A generator that raises after 70 texts (windows of 32): the 70 results, in order, then its
+    error. overlap=True is the CUDA order (a window's results read after the next is queued),
+    which dropped the queued window's 32 results when the input failed."""
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=32)
+    engine._overlap = overlap
 
+    def texts():
+        for i in range(70):
+            yield f"text {i}"
+        raise OSError("the input broke")
+
+    got = []
+    with pytest.raises(OSError, match="the input broke"):
+        for vector in engine.stream(texts()):
+            got.append(vector)
+    assert len(got) == 70
+    np.testing.assert_allclose(np.stack(got), np.stack(engine([f"text {i}" for i in range(70)])), atol=1e-6)
+
+
+def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
     """qa's default window (384) and overlap (128) shrink to a 64-position model instead of failing."""
     qa = InferenceEngine.from_pretrained(tiny_checkpoint, task="qa", device="cpu", dtype="float32")
     assert (qa.task.max_length, qa.task.stride) == (64, 30)

@@ -100,6 +100,7 @@ class InferenceEngine:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.max_batch_rows, self.window, self.progress = max_batch_rows, window, progress
         self._pin = self.device.type == "cuda"
+        self._overlap = self._pin  # the device computes a window while the host finishes the one before
         self._graphs = None
         if cuda_graphs is None:
             from .cuda_graphs import graphs_pay
@@ -159,24 +160,37 @@ class InferenceEngine:
 
     def stream(self, items, total=None):
         """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
-        qa / pairs), in input order, holding at most three windows in memory."""
+        qa / pairs), in input order, holding at most three windows in memory. If reading or
+        tokenizing ``items`` fails, the results of every item before the failing window come
+        first, then the error."""
         windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
         bar = self._progress_bar(total)
         self._last_done = None
         try:
             queued = None  # (window, its launched batches), results not read yet
-            for window in windows:
+            failure = None
+            pending = iter(windows)
+            while True:
+                try:
+                    window = next(pending)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the input's error: the queued window's results first
+                    failure = exc
+                    break
                 start = time.perf_counter()
                 launched = self._launch(window)
                 self.stats["seconds"] += time.perf_counter() - start
                 if queued is not None:
                     yield from self._finish(*queued, bar)
                 queued = (window, launched)
-                if not self._pin:  # on CPU the batches ran as they were queued: nothing to overlap
+                if not self._overlap:  # on CPU the batches ran as they were queued: nothing to overlap
                     yield from self._finish(*queued, bar)
                     queued = None
             if queued is not None:
                 yield from self._finish(*queued, bar)
+            if failure is not None:
+                raise failure
         finally:
             windows.close()
             if bar is not None:
