@@ -293,8 +293,26 @@ class QuestionAnswering(Task):
         self.top_k, self.max_answer_len = top_k, max_answer_len
 
     def encode(self, tokenizer, texts, pairs):
-        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, truncation="only_second",
-                             stride=self.stride, overflow=True, offsets=True, sequence_ids=True)
+        return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
+                             truncation="only_second", stride=self.stride, overflow=True, offsets=True,
+                             sequence_ids=True)
+
+    def fit_questions(self, tokenizer, questions: list) -> list:
+        """Questions longer than max_length - stride - 4 tokens cut to that many (as SQuAD's
+        max_query_length): every window must keep more than ``stride`` context tokens, and one
+        question that leaves none would fail its whole window (the tokenizer refuses it)."""
+        limit = self.max_length - self.stride - 4  # [CLS] question [SEP] context (> stride tokens) [SEP]
+        if limit < 1:
+            return questions
+        enc = tokenizer.encode_packed(list(questions), add_special_tokens=False, truncation=True,
+                                      max_length=limit + 1, return_offsets_mapping=True, return_tensors="np")
+        too_long = np.nonzero(np.diff(enc.cu_seqlens) > limit)[0]
+        if not len(too_long):
+            return questions
+        questions = list(questions)
+        for i in too_long.tolist():  # cut after the limit-th token (a token boundary: the same tokens)
+            questions[i] = questions[i][: int(enc.offset_mapping[enc.cu_seqlens[i] + limit - 1][1])]
+        return questions
 
     def forward(self, model, inputs):
         out = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen)
