@@ -387,6 +387,22 @@ def test_tag_long_text_windows_cover_every_word(checkpoints):
     assert [w["start"] for w in words] == sorted(w["start"] for w in words)
 
 
+@pytest.mark.parametrize("stride", [0, 8])
+def test_tag_word_across_two_windows_is_whole(checkpoints, stride):
+    """Words of 6-7 sub-tokens in windows of 16 tokens: a word cut by a window's edge was reported
+    as the part in one window ('antidisest', start inside the word). Each word is whole now, with
+    HF's offsets of the untruncated text."""
+    path = checkpoints["tag"]
+    text = " ".join(["antidisestablishmentarianism unbelievably"] * 20)
+    engine = InferenceEngine.from_pretrained(path, task="tag", device="cpu", dtype="float32", max_length=16,
+                                             stride=stride)
+    words = engine([text])[0]
+    enc = hf_tokenizer(path)(text)
+    expected = [enc.word_to_chars(w) for w in sorted({w for w in enc.word_ids() if w is not None})]
+    assert [(w["start"], w["end"]) for w in words] == [(c.start, c.end) for c in expected]
+    assert {w["word"] for w in words} == {"antidisestablishmentarianism", "unbelievably"}
+
+
 # -- fill-mask ------------------------------------------------------------------------------------------
 
 

@@ -170,7 +170,8 @@ class Tag(Task):
     and end code point offsets into the text. ``aggregation``: 'first' (the word's first sub-token
     decides), 'average' (sub-token probabilities averaged), 'max' (the most confident sub-token).
     Long texts are split into windows overlapping by ``stride`` tokens; a word is read from the
-    window where its first token lies farthest from the window's edges."""
+    window that holds its first sub-token and most of the others, its first token farthest from
+    the window's edges; its offsets span it whole even where no window holds all of it."""
 
     name = "tag"
     model_class = modeling.DistilBertForTokenClassification
@@ -197,18 +198,24 @@ class Tag(Task):
         return np.split(host["probs"], batch.cu_seqlens[1:-1])
 
     def combine(self, item, rows, values, enc, text, pair):
-        best = {}  # word -> (margin, row position, token indices within the row)
+        # A word can straddle two windows (a long word, a small stride): its offsets span every
+        # window's part of it, and its probabilities come from the window holding its first
+        # sub-token and most of its sub-tokens (the whole word where one does), farthest from
+        # the window's edges.
+        best, spans = {}, {}  # word -> (rank, row position, token indices within the row); word -> [start, end]
         for k, row in enumerate(rows):
             lo, hi = enc.cu[row], enc.cu[row + 1]
-            words = enc.word_ids[lo:hi]
             tokens_of = {}
-            for t, w in enumerate(words.tolist()):
+            for t, w in enumerate(enc.word_ids[lo:hi].tolist()):
                 if w >= 0:
                     tokens_of.setdefault(w, []).append(t)
             for w, tokens in tokens_of.items():
-                margin = min(tokens[0], hi - lo - 1 - tokens[0])
-                if w not in best or margin > best[w][0]:
-                    best[w] = (margin, k, tokens)
+                start, end = int(enc.offsets[lo + tokens[0]][0]), int(enc.offsets[lo + tokens[-1]][1])
+                span = spans.setdefault(w, [start, end])
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+                rank = (start, -len(tokens), -min(tokens[0], hi - lo - 1 - tokens[0]))  # smallest wins
+                if w not in best or rank < best[w][0]:
+                    best[w] = (rank, k, tokens)
         out = []
         for w in sorted(best):
             _, k, tokens = best[w]
@@ -220,8 +227,7 @@ class Tag(Task):
             else:
                 p = probs[int(probs.max(1).argmax())]
             label = int(p.argmax())
-            base = enc.cu[rows[k]]
-            start, end = int(enc.offsets[base + tokens[0]][0]), int(enc.offsets[base + tokens[-1]][1])
+            start, end = spans[w]
             out.append({"word": text[start:end], "start": start, "end": end, "label": self.labels[label],
                         "score": float(p[label])})
         return out
