@@ -555,12 +555,20 @@ def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
     (dict(max_batch_tokens=0), "max_batch_tokens must be a positive int"),
     (dict(task="classify", top_k=0), "top_k must be a positive int"),
     (dict(task="tag", aggregation="simple"), "aggregation must be one of"),
+    # these were accepted (max_length 0 -> the default) or failed later as torch's RuntimeError /
+    # AssertionError (the device) or at the first batch (a backend that cannot run there)
+    (dict(max_length=0), "max_length must be in"),
+    (dict(max_length=64.0), "max_length must be in"),
+    (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "but torch sees"),
+    (dict(backend="warp"), "backend must be one of"),
+    (dict(backend="triton", dtype="bfloat16"), "backend='triton' cannot run on cpu in torch.bfloat16"),
 ])
 def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
-    kwargs = {"task": "embed", **kwargs}
+    kwargs = {"task": "embed", "device": "cpu", "dtype": "float32", **kwargs}
     path = checkpoints["classify" if kwargs["task"] == "classify" else "embed"]
     with pytest.raises(ValueError, match=match):
-        InferenceEngine.from_pretrained(path, device="cpu", dtype="float32", **kwargs)
+        InferenceEngine.from_pretrained(path, **kwargs)
 
 
 def test_bad_items_are_type_errors(checkpoints):

@@ -42,8 +42,10 @@ class Task:
 
     def __init__(self, config, tokenizer, max_length=None, overflow=None, stride=None):
         limit = config.max_position_embeddings
-        self.max_length = max_length or min(self.default_max_length or limit, limit, tokenizer.model_max_length)
-        if not 2 < self.max_length <= limit:
+        if max_length is None:
+            max_length = min(self.default_max_length or limit, limit, tokenizer.model_max_length)
+        self.max_length = max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 < max_length <= limit:
             raise ValueError(f"max_length must be in [3, {limit}] (max_position_embeddings), got {self.max_length}")
         if overflow is not None:
             _check_choice("overflow", overflow, OVERFLOW)
