@@ -172,6 +172,14 @@ def run_task(args) -> int:
     return status
 
 
+def run_merge(args) -> int:
+    from .engine.io import merge_jsonl
+
+    n = merge_jsonl(args.parts, args.output)
+    print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
+    return 0
+
+
 def run_bench(argv) -> int:
     import runpy
 
@@ -192,13 +200,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "merge":
-        from .engine.io import merge_jsonl
-
-        n = merge_jsonl(args.parts, args.output)
-        print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
-        return 0
     try:
+        if args.command == "merge":
+            return run_merge(args)
         return run_task(args)
     except (ValueError, TypeError, OSError) as exc:
         # what the user can fix (a missing file, a bad option, a model the task cannot run): one

@@ -369,6 +369,35 @@ def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
     np.testing.assert_allclose([r["embedding"] for r in a], [r["embedding"] for r in b], atol=1e-6)
 
 
+def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tmp_path, monkeypatch, capsys):
+    """merge silently wrote duplicated lines (a part given twice), a file without a rank's lines,
+    and tracebacks for a torn or foreign part; each is now a one-line error and writes nothing."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i}\n" for i in range(9)), encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    for rank in (0, 1):  # what each torchrun rank runs
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main([*common, "--output", str(tmp_path / "out.jsonl")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    parts = [str(tmp_path / f"out.rank0000{r}-of-00002.jsonl") for r in (0, 1)]
+    merged = tmp_path / "merged.jsonl"
+    capsys.readouterr()
+    torn = tmp_path / "torn.rank00001-of-00002.jsonl"
+    torn.write_bytes(open(parts[1], "rb").read() + b'{"line": 8, "embe')
+    for bad, reason in (([parts[0]], "each rank's part once: got ranks [0] of [2]"),
+                        ([parts[0], parts[1], parts[1]], "each rank's part once: got ranks [0, 1, 1]"),
+                        ([parts[0], parts[1], str(tmp_path / "one.jsonl")], "input line 1 is in both"),
+                        ([parts[0], str(torn)], "torn.rank00001-of-00002.jsonl:5 is not a result line")):
+        assert main(["merge", "--output", str(merged), *bad]) == 2
+        assert reason in capsys.readouterr().err.splitlines()[-1]
+        assert not merged.exists()
+    assert main(["merge", "--output", str(merged), *parts]) == 0
+    assert merged.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
 def test_ray_data_map_batches_equals_one_process(model_dir):
     ray = pytest.importorskip("ray")
     from distilbert_fast.engine.workers import RayPredictor

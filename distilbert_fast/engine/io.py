@@ -18,6 +18,7 @@ rerun with other settings is refused rather than mixing two kinds of results in 
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -401,13 +402,32 @@ def rank_path(path: str, rank: int, world: int) -> str:
     return f"{stem}.rank{rank:05d}-of-{world:05d}{ext}"
 
 
+_RANK_PART = re.compile(r"\.rank(\d{5})-of-(\d{5})\.jsonl$")
+
+
 def merge_jsonl(parts, output):
-    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename)."""
-    lines = []
+    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename).
+    Refused: a line that is not a result (a rank killed mid-write: rerun it to resume), an input
+    line in two parts (a part given twice), a rank's part missing (names rankR-of-W)."""
+    ranks = [_RANK_PART.search(part) for part in parts]
+    if all(ranks):
+        worlds, found = {int(m.group(2)) for m in ranks}, sorted(int(m.group(1)) for m in ranks)
+        if len(worlds) != 1 or found != list(range(worlds.pop())):
+            raise ValueError(f"merge needs each rank's part once: got ranks {found} of "
+                             f"{sorted({int(m.group(2)) for m in ranks})} ranks")
+    lines, source = [], {}
     for part in parts:
         with open(part, "rb") as f:
-            for raw in f.read().splitlines():
-                lines.append((json.loads(raw)["line"], raw))
+            for number, raw in enumerate(f.read().splitlines(), start=1):
+                try:
+                    line = int(json.loads(raw)["line"])
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise ValueError(f"{part}:{number} is not a result line of this command (no \"line\" number); "
+                                     "a rank stopped mid-write resumes when rerun") from None
+                if line in source:
+                    raise ValueError(f"input line {line} is in both {source[line]} and {part}")
+                source[line] = part
+                lines.append((line, raw))
     lines.sort(key=lambda x: x[0])
     _write_atomic(output, lambda f: f.write(b"".join(raw + b"\n" for _, raw in lines)))
     return len(lines)
