@@ -16,7 +16,9 @@ import argparse
 import collections
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from .engine.tasks import TASKS
@@ -152,6 +154,7 @@ def run_task(args) -> int:
 
     start = time.perf_counter()
     status = 0
+    stopped_by = _stop_signals_as_interrupts()
     try:
         for n, result in enumerate(runner.stream(items()), start=1):
             writer.add(pending.popleft(), result)
@@ -161,7 +164,13 @@ def run_task(args) -> int:
     except BadInput as exc:
         print(str(exc), file=sys.stderr)
         status = 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's preemption, torchrun stopping a rank)
+        name = stopped_by.get("signal", "SIGINT")
+        print(f"stopped by {name}: the results so far are written; rerun the same command to resume",
+              file=sys.stderr)
+        status = 128 + getattr(signal, name)
     finally:
+        stopped_by["restore"]()
         writer.close()
         runner.close()
     seconds = time.perf_counter() - start
@@ -170,6 +179,23 @@ def run_task(args) -> int:
                "texts_per_s": round(counts["written"] / max(seconds, 1e-9), 1)}
     print(json.dumps(summary), file=sys.stderr)
     return status
+
+
+def _stop_signals_as_interrupts() -> dict:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so a stopped run
+    writes what it has and its summary (SIGTERM's default ended it at once, the results since the
+    last flush lost). Returns {'signal': name once one came, 'restore': callable}."""
+    state = {"restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread():
+        return state
+
+    def interrupt(signum, frame):
+        state["signal"] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    state["restore"] = lambda: signal.signal(signal.SIGTERM, previous)
+    return state
 
 
 def run_merge(args) -> int:

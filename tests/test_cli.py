@@ -307,6 +307,35 @@ def test_rerun_with_other_settings_is_refused_and_a_finished_output_resumes(mode
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_write_what_is_done_and_say_how_to_resume(model_dir, tmp_path, stop):
+    """Ctrl-C printed a KeyboardInterrupt traceback and no summary; SIGTERM (a scheduler's
+    preemption) ended the run at once, losing the results since the last flush. Both now write
+    every result computed, print one line and the summary, and exit 128 + the signal number; the
+    rerun completes the output with no line twice."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text number {i} {'word ' * (i % 17)}\n" for i in range(2_000)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+            "--device", "cpu", "--window", "128", "--progress", "off"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distilbert_fast", *args], env=env, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, stop))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, stop), err[-2000:]
+    assert "Traceback" not in err and f"stopped by {stop}: the results so far are written" in err
+    written = summary_of(err)["written"]
+    assert 0 < written < 2_000 and len(read_jsonl(out)) == written
+    code, err = run_cli(*args)
+    assert code == 0, err
+    assert summary_of(err)["already_written"] == written
+    assert [r["line"] for r in read_jsonl(out)] == list(range(1, 2_001))
+
+
 def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")

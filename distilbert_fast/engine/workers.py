@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import pickle
 import queue
+import signal
+import time
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ def resolve_devices(devices) -> list[str]:
 
 
 def _worker(path, options, device, threads, inbox, outbox):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     try:
         if threads:
             torch.set_num_threads(threads)
@@ -154,12 +157,18 @@ class WorkerPool:
             next_seq += 1
 
     def close(self):
+        """Stops the workers: idle ones exit at once; one still busy has work nobody will read
+        (the stream was left early, or stopped by Ctrl-C) and is terminated after a second,
+        rather than waited for (10 s each before)."""
         for inbox in self._inboxes:
             inbox.put(None)
+        deadline = time.monotonic() + 1.0
         for proc in self._procs:
-            proc.join(timeout=10)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=5)
         self._procs, self._inboxes = [], []
 
 
