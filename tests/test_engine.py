@@ -344,6 +344,27 @@ def test_classify_pairs_and_multi_label(checkpoints):
         np.testing.assert_allclose([r["score"] for r in result], s[expected].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [dict(num_labels=1), dict(num_labels=2, problem_type="regression")],
+                         ids=["one-logit", "regression"])
+def test_classify_scores_as_hf_pipeline_for_one_logit_and_regression_models(tmp_path, config):
+    """A one-logit head (a cross-encoder reranker scoring pairs) was taken for multi-label: sigmoid
+    then the 0.5 threshold, so a low-scoring pair gave [] and its score was lost; a regression head
+    got softmax. Both now score as HF's text-classification pipeline (sigmoid; the raw logits)."""
+    path = _save_checkpoint(tmp_path / "model", transformers.DistilBertForSequenceClassification, **config)
+    texts, pairs = TEXTS[:4], [p or "x" for p in TEXTS[4:8]]
+    pipe = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32")
+    ours = engine(texts, pairs)
+    expected = [pipe({"text": t, "text_pair": p}) for t, p in zip(texts, pairs)]
+    assert [r["label"] for r in ours] == [e["label"] for e in expected]
+    np.testing.assert_allclose([r["score"] for r in ours], [e["score"] for e in expected], atol=1e-5)
+    everything = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None)
+    expected = pipe(texts, top_k=None)
+    for result, want in zip(everything(texts), expected):
+        assert [r["label"] for r in result] == [w["label"] for w in want]
+        np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
+
+
 # -- tag ------------------------------------------------------------------------------------------------
 
 

@@ -130,10 +130,13 @@ class Embed(Task):
 
 
 class Classify(Task):
-    """Labels and scores per text (or pair). Single-label: softmax, the top_k best labels
-    (top_k=1: one {label, score} dict; None: all labels). Multi-label (config.problem_type
-    'multi_label_classification', or multi_label=True): sigmoid, every label scoring at least
-    ``threshold``, best first. overflow='split' averages a long text's logits over its windows."""
+    """Labels and scores per text (or pair). The scores are HF's text-classification pipeline's:
+    softmax over the labels; sigmoid for multi-label models and for one-logit models (cross-encoder
+    rerankers, binary heads); the raw logits for config.problem_type 'regression'. Single-label
+    output: the top_k best labels (top_k=1: one {label, score} dict; None: all labels).
+    Multi-label (config.problem_type 'multi_label_classification', or multi_label=True): every
+    label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty).
+    overflow='split' averages a long text's logits over its windows."""
 
     name = "classify"
     model_class = modeling.DistilBertForSequenceClassification
@@ -142,8 +145,12 @@ class Classify(Task):
         super().__init__(config, tokenizer, **kw)
         _check_positive_int("top_k", top_k, allow_none=True)
         if multi_label is None:
-            multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
+            multi_label = config.problem_type == "multi_label_classification"
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
+        if config.problem_type == "regression" and not self.multi_label:
+            self.function = "none"
+        else:
+            self.function = "sigmoid" if self.multi_label or config.num_labels == 1 else "softmax"
         self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
                        for i in range(config.num_labels)]
 
@@ -156,14 +163,14 @@ class Classify(Task):
 
     def combine(self, item, rows, values, enc, text, pair):
         logits = torch.from_numpy(np.mean(values, axis=0, dtype=np.float32) if len(values) > 1 else values[0])
+        scores = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, dim=0),
+                  "none": lambda x: x}[self.function](logits)
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
         if self.multi_label:
-            scores = torch.sigmoid(logits)
-            order = [int(i) for i in torch.argsort(scores, descending=True, stable=True) if scores[i] >= self.threshold]
+            order = [i for i in order if scores[i] >= self.threshold]
             order = order[: self.top_k] if self.top_k else order
             return [{"label": self.labels[i], "score": float(scores[i])} for i in order]
-        scores = torch.softmax(logits, dim=0)
-        order = torch.argsort(scores, descending=True, stable=True)[: self.top_k or len(self.labels)].tolist()
-        found = [{"label": self.labels[i], "score": float(scores[i])} for i in order]
+        found = [{"label": self.labels[i], "score": float(scores[i])} for i in order[: self.top_k or len(order)]]
         return found[0] if self.top_k == 1 else found
 
 
