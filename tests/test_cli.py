@@ -447,6 +447,19 @@ def test_ray_data_map_batches_equals_one_process(model_dir):
     np.testing.assert_allclose(got, expected_embeddings(model_dir, texts), atol=1e-6)
 
 
+def test_ray_predictor_refuses_missing_texts_instead_of_embedding_none(model_dir):
+    """A null in the text column (None, or NaN from pandas) was embedded as the text 'None' /
+    'nan' without a word. The predictor is a plain callable, so no Ray cluster is needed here."""
+    from distilbert_fast.engine.workers import RayPredictor
+
+    predictor = RayPredictor(model_dir, task="embed", dtype="float32", device="cpu")
+    batch = predictor({"text": np.array(["a text", "another"], dtype=object), "i": np.array([0, 1])})
+    np.testing.assert_allclose(batch["embedding"], expected_embeddings(model_dir, ["a text", "another"]), atol=1e-6)
+    for missing in (None, float("nan"), 7):
+        with pytest.raises(TypeError, match="column 'text' must hold strings, got .* in row 1"):
+            predictor({"text": np.array(["a text", missing], dtype=object)})
+
+
 def test_bench_subcommand_runs_the_engine_benchmark(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setattr(sys, "path", list(sys.path))

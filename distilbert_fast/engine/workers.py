@@ -205,8 +205,8 @@ class RayPredictor:
         self.output_column = output_column or {"embed": "embedding"}.get(task, "result")
 
     def __call__(self, batch: dict) -> dict:
-        texts = [str(t) for t in batch[self.column]]
-        pairs = None if self.pair_column is None else [str(t) for t in batch[self.pair_column]]
+        texts = _text_column(batch, self.column)
+        pairs = None if self.pair_column is None else _text_column(batch, self.pair_column)
         results = self.engine(texts, pairs)
         if self.task == "embed":
             batch[self.output_column] = np.stack(results) if results else np.zeros((0, 0), np.float32)
@@ -217,3 +217,14 @@ class RayPredictor:
 
             batch[self.output_column] = np.array([json.dumps(to_json(r), ensure_ascii=False) for r in results])
         return batch
+
+
+def _text_column(batch: dict, column: str) -> list:
+    """The column's values, which must be strings: a missing value (None, NaN) was embedded as
+    the text 'None' / 'nan' and a number as its digits, with no word."""
+    values = list(batch[column])
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"column {column!r} must hold strings, got {type(value).__name__} {value!r} in row {row} "
+                            "of this batch (filter or fill missing values first)")
+    return values
