@@ -449,6 +449,24 @@ def test_fill_mask_matches_hf(checkpoints):
     assert results[2] == []
 
 
+def test_fill_mask_split_reports_each_mask_once(checkpoints):
+    """overflow='split': a [MASK] in the overlap of two windows was reported twice (9 results for
+    8 masks here). Each mask is reported once, in text order; a text that fits one window is
+    unchanged, and windows that do not overlap (stride 0) give each window's masks."""
+    path = checkpoints["fill-mask"]
+    text = " ".join(f"word{i} [MASK]" if i % 5 == 0 else f"word{i}" for i in range(40))
+    options = dict(task="fill-mask", device="cpu", dtype="float32", max_length=16, top_k=3)
+    split = InferenceEngine.from_pretrained(path, overflow="split", stride=4, **options)
+    results = split([text, "The capital of France is [MASK]."])
+    assert len(results[0]) == text.count("[MASK]") == 8
+    truncate = InferenceEngine.from_pretrained(path, **options)
+    alone = truncate(["The capital of France is [MASK]."])[0]
+    assert [[f["token"] for f in found] for found in results[1]] == [[f["token"] for f in found] for found in alone]
+    np.testing.assert_allclose([f["score"] for f in results[1][0]], [f["score"] for f in alone[0]], rtol=1e-4)
+    no_overlap = InferenceEngine.from_pretrained(path, overflow="split", stride=0, **options)
+    assert len(no_overlap([text])[0]) == 8
+
+
 # -- qa -------------------------------------------------------------------------------------------------
 
 QUESTIONS = ["Where is the Eiffel tower?", "Who wrote the report?", "What is the answer?"]

@@ -262,16 +262,37 @@ class FillMask(Task):
         scores, ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
         return {"scores": scores, "ids": ids}
 
+    def encode(self, tokenizer, texts, pairs):
+        split = self.overflow == "split"  # offsets tell a mask seen by two overlapping windows
+        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, stride=self.stride if split else 0,
+                             overflow=split, offsets=split, sequence_ids=split and pairs is not None)
+
     def split(self, host, batch):
-        row_of_mask = batch.row_of_token()[np.nonzero(batch.ids == self.mask_id)[0]]
+        """Per row: [(the mask's position in the row, its top_k)], in row order."""
+        positions = np.nonzero(batch.ids == self.mask_id)[0]
+        row_of_mask = batch.row_of_token()[positions]
         per_row = [[] for _ in batch.rows]
         for m, r in enumerate(row_of_mask.tolist()):
-            per_row[r].append([{"token": int(i), "token_str": self.tokens[i], "score": float(s)}
-                               for i, s in zip(host["ids"][m].tolist(), host["scores"][m].tolist())])
+            per_row[r].append((int(positions[m] - batch.cu_seqlens[r]),
+                               [{"token": int(i), "token_str": self.tokens[i], "score": float(s)}
+                                for i, s in zip(host["ids"][m].tolist(), host["scores"][m].tolist())]))
         return per_row
 
     def combine(self, item, rows, values, enc, text, pair):
-        return [found for value in values for found in value]
+        if len(rows) == 1:
+            return [found for _, found in values[0]]
+        # overflow windows overlap: a mask in two of them is read from the one where it lies
+        # farthest from the edges (it was reported twice)
+        best = {}  # the mask's (sequence, start offset) in the text -> (margin, its top_k)
+        for row, masks in zip(rows, values):
+            lo, length = enc.cu[row], enc.cu[row + 1] - enc.cu[row]
+            for position, found in masks:
+                key = (int(enc.sequence_ids[lo + position]) if enc.sequence_ids is not None else 0,
+                       int(enc.offsets[lo + position][0]))
+                margin = min(position, length - 1 - position)
+                if key not in best or margin > best[key][0]:
+                    best[key] = (margin, found)
+        return [best[key][1] for key in sorted(best)]
 
 
 def masked_lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
