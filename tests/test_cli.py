@@ -352,7 +352,7 @@ def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
         np.testing.assert_allclose([l["score"] for l in x["labels"]], [l["score"] for l in y["labels"]], atol=1e-6)
 
 
-def test_worker_processes_strict_keeps_every_result_before_the_bad_line_and_errors_are_one_line(model_dir, tmp_path):
+def test_worker_processes_keep_results_before_a_strict_stop_and_errors_are_one_line(model_dir, tmp_path, capsys):
     """--devices 2 --strict: the windows already with the workers were dropped when the input
     failed (20 of the 29 lines before the bad one written); a worker's ValueError (a bad model
     folder, an option the model cannot take) was a RuntimeError traceback instead of one line."""
@@ -368,8 +368,9 @@ def test_worker_processes_strict_keeps_every_result_before_the_bad_line_and_erro
     assert [r["line"] for r in rows] == list(range(1, 30))
     np.testing.assert_allclose([r["embedding"] for r in rows],
                                expected_embeddings(model_dir, [f"text {i}" for i in range(1, 30)]), atol=1e-6)
-    code, err = run_cli(*common, "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o.jsonl"))
-    assert code == 2 and "Traceback" not in err, err
+    assert main([*common, "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("python -m distilbert_fast embed: error: a worker failed")
 
 
