@@ -374,6 +374,25 @@ def test_worker_processes_keep_results_before_a_strict_stop_and_errors_are_one_l
     assert err.strip().splitlines()[-1].startswith("python -m distilbert_fast embed: error: a worker failed")
 
 
+def test_a_worker_killed_mid_run_is_a_clear_error_not_a_hang(model_dir):
+    """A worker killed (out of memory, say) while its windows are out: the stream raises
+    ChildProcessError naming the device and the signal (an OSError: the CLI prints one line)."""
+    from distilbert_fast.engine.workers import WorkerPool
+
+    pool = WorkerPool(model_dir, {"task": "embed", "dtype": "float32", "window": 8}, 2)
+    try:
+        stream = pool.stream(f"text {i}" for i in range(10_000))
+        next(stream)
+        os.kill(pool._procs[1].pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(ChildProcessError, match=r"a worker process on cpu died \(killed by SIGKILL\)"):
+            for _ in stream:
+                pass
+        assert time.monotonic() - started < 30
+    finally:
+        pool.close()
+
+
 def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:

@@ -121,8 +121,11 @@ class WorkerPool:
                 return self._outbox.get(timeout=1.0)
             except queue.Empty:
                 dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode})")
+                if dead:  # killed (out of memory, a signal) or crashed: its windows will never come
+                    code = dead[0].exitcode
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    raise ChildProcessError(f"a worker process on {self.devices[self._procs.index(dead[0])]} died "
+                                            f"({how}); the results so far are written, rerun to resume")
 
     def stream(self, items):
         """Results in input order. If reading ``items`` fails, the results of every item read
