@@ -174,8 +174,10 @@ def run_task(args) -> int:
         writer.close()
         runner.close()
     seconds = time.perf_counter() - start
+    # read = written + skipped + unfinished (read ahead, not yet run when the run stopped: a rerun does them)
     summary = {"read": counts["read"], "written": counts["written"], "skipped": counts["skipped"],
-               "already_written": counts["resumed"], "output": output, "seconds": round(seconds, 3),
+               "unfinished": len(pending), "already_written": counts["resumed"], "output": output,
+               "seconds": round(seconds, 3),
                "texts_per_s": round(counts["written"] / max(seconds, 1e-9), 1)}
     print(json.dumps(summary), file=sys.stderr)
     return status

@@ -328,8 +328,10 @@ def test_ctrl_c_and_sigterm_write_what_is_done_and_say_how_to_resume(model_dir, 
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + getattr(signal, stop), err[-2000:]
     assert "Traceback" not in err and f"stopped by {stop}: the results so far are written" in err
-    written = summary_of(err)["written"]
+    summary = summary_of(err)
+    written = summary["written"]
     assert 0 < written < 2_000 and len(read_jsonl(out)) == written
+    assert summary["read"] == written + summary["unfinished"] and summary["skipped"] == 0  # none unaccounted
     code, err = run_cli(*args)
     assert code == 0, err
     assert summary_of(err)["already_written"] == written
