@@ -83,6 +83,7 @@ def test_jsonl_bad_input_reported_and_rest_processed(model_dir, tmp_path, capsys
         json.dumps({"id": "e", "body": ""}).encode(),  # empty text
         json.dumps({"id": "f", "body": 42}).encode(),  # not a string
         b"[1, 2]",  # not an object
+        b'{"id": "g", "body": "lone \\ud800 surrogate"}',  # valid JSON, not valid Unicode (ended the run)
         json.dumps({"id": 7, "body": TEXTS[1]}, ensure_ascii=False).encode(),
     ]
     src = tmp_path / "in.jsonl"
@@ -92,14 +93,15 @@ def test_jsonl_bad_input_reported_and_rest_processed(model_dir, tmp_path, capsys
                  "--dtype", "float32", "--device", "cpu", "--top-k", "2"]) == 0
     err = capsys.readouterr().err
     for number, reason in ((2, "invalid JSON"), (3, "missing field 'body'"), (4, "invalid UTF-8"), (5, "empty text"),
-                           (6, "field 'body' must be a string"), (7, "expected a JSON object")):
+                           (6, "field 'body' must be a string"), (7, "expected a JSON object"),
+                           (8, "field 'body' holds a lone surrogate '\\ud800'")):
         assert f"in.jsonl:{number}: {reason}" in err, err
     rows = read_jsonl(out)
-    assert [(r["line"], r["id"]) for r in rows] == [(1, "a"), (8, 7)]
+    assert [(r["line"], r["id"]) for r in rows] == [(1, "a"), (9, 7)]
     engine = InferenceEngine.from_pretrained(model_dir, task="classify", device="cpu", dtype="float32", top_k=2)
     assert [r["labels"] for r in rows] == engine([TEXTS[0], TEXTS[1]])
     summary = summary_of(err)
-    assert (summary["read"], summary["written"], summary["skipped"]) == (8, 2, 6)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (9, 2, 7)
 
 
 def test_strict_stops_at_first_bad_line(model_dir, tmp_path, capsys):

@@ -118,6 +118,11 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
         if not isinstance(obj[name], str):
             record.error = f"field {name!r} must be a string, got {type(obj[name]).__name__}"
             return record
+        try:  # a \ud800-style escape decodes to a lone surrogate, which no tokenizer takes (the window failed)
+            obj[name].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            record.error = f"field {name!r} holds a lone surrogate {obj[name][exc.start]!r} (not valid Unicode)"
+            return record
         setattr(record, attr, obj[name])
     return record
 
