@@ -16,7 +16,9 @@ import argparse
 import collections
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from .engine.tasks import TASKS
@@ -94,6 +96,18 @@ def engine_options(args) -> dict:
                 progress={"auto": None, "on": True, "off": False}[args.progress], **task_options(args))
 
 
+def run_settings(args) -> dict:
+    """What shapes the results of a run (not how fast it goes): recorded with the output, and a
+    resumed run must match it (see ``io.open_writer``)."""
+    options = engine_options(args)
+    for name in ("max_batch_tokens", "window", "progress", "backend"):  # speed only
+        options.pop(name)
+    source = args.input if args.input == "-" else os.path.abspath(args.input)
+    return {"model": os.path.abspath(args.model), "input": source, "input_format": args.input_format,
+            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field,
+            **options}
+
+
 def run_task(args) -> int:
     from .engine import io
     from .engine.workers import make_runner, torchrun_rank
@@ -108,10 +122,12 @@ def run_task(args) -> int:
         raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
     if args.input != "-" and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input!r} is not a file")
+    if args.input != "-" and os.path.exists(output) and os.path.samefile(args.input, output):
+        raise ValueError(f"--output {output!r} is the input file: choose another output")  # (--no-resume deleted it)
     # the model first: a model or option the task cannot take leaves no output file behind
     runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
     try:
-        writer = io.open_writer(output, args.command, resume=not args.no_resume)
+        writer = io.open_writer(output, args.command, resume=not args.no_resume, settings=run_settings(args))
     except BaseException:
         runner.close()
         raise
@@ -138,6 +154,7 @@ def run_task(args) -> int:
 
     start = time.perf_counter()
     status = 0
+    stopped_by = _stop_signals_as_interrupts()
     try:
         for n, result in enumerate(runner.stream(items()), start=1):
             writer.add(pending.popleft(), result)
@@ -147,15 +164,48 @@ def run_task(args) -> int:
     except BadInput as exc:
         print(str(exc), file=sys.stderr)
         status = 1
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's preemption, torchrun stopping a rank)
+        name = stopped_by.get("signal", "SIGINT")
+        print(f"stopped by {name}: the results so far are written; rerun the same command to resume",
+              file=sys.stderr)
+        status = 128 + getattr(signal, name)
     finally:
+        stopped_by["restore"]()
         writer.close()
         runner.close()
     seconds = time.perf_counter() - start
+    # read = written + skipped + unfinished (read ahead, not yet run when the run stopped: a rerun does them)
     summary = {"read": counts["read"], "written": counts["written"], "skipped": counts["skipped"],
-               "already_written": counts["resumed"], "output": output, "seconds": round(seconds, 3),
+               "unfinished": len(pending), "already_written": counts["resumed"], "output": output,
+               "seconds": round(seconds, 3),
                "texts_per_s": round(counts["written"] / max(seconds, 1e-9), 1)}
     print(json.dumps(summary), file=sys.stderr)
     return status
+
+
+def _stop_signals_as_interrupts() -> dict:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so a stopped run
+    writes what it has and its summary (SIGTERM's default ended it at once, the results since the
+    last flush lost). Returns {'signal': name once one came, 'restore': callable}."""
+    state = {"restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread():
+        return state
+
+    def interrupt(signum, frame):
+        state["signal"] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    state["restore"] = lambda: signal.signal(signal.SIGTERM, previous)
+    return state
+
+
+def run_merge(args) -> int:
+    from .engine.io import merge_jsonl
+
+    n = merge_jsonl(args.parts, args.output)
+    print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
+    return 0
 
 
 def run_bench(argv) -> int:
@@ -178,13 +228,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         return run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "merge":
-        from .engine.io import merge_jsonl
-
-        n = merge_jsonl(args.parts, args.output)
-        print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
-        return 0
     try:
+        if args.command == "merge":
+            return run_merge(args)
         return run_task(args)
     except (ValueError, TypeError, OSError) as exc:
         # what the user can fix (a missing file, a bad option, a model the task cannot run): one

@@ -83,6 +83,7 @@ def test_jsonl_bad_input_reported_and_rest_processed(model_dir, tmp_path, capsys
         json.dumps({"id": "e", "body": ""}).encode(),  # empty text
         json.dumps({"id": "f", "body": 42}).encode(),  # not a string
         b"[1, 2]",  # not an object
+        b'{"id": "g", "body": "lone \\ud800 surrogate"}',  # valid JSON, not valid Unicode (ended the run)
         json.dumps({"id": 7, "body": TEXTS[1]}, ensure_ascii=False).encode(),
     ]
     src = tmp_path / "in.jsonl"
@@ -92,14 +93,15 @@ def test_jsonl_bad_input_reported_and_rest_processed(model_dir, tmp_path, capsys
                  "--dtype", "float32", "--device", "cpu", "--top-k", "2"]) == 0
     err = capsys.readouterr().err
     for number, reason in ((2, "invalid JSON"), (3, "missing field 'body'"), (4, "invalid UTF-8"), (5, "empty text"),
-                           (6, "field 'body' must be a string"), (7, "expected a JSON object")):
+                           (6, "field 'body' must be a string"), (7, "expected a JSON object"),
+                           (8, "field 'body' holds a lone surrogate '\\ud800'")):
         assert f"in.jsonl:{number}: {reason}" in err, err
     rows = read_jsonl(out)
-    assert [(r["line"], r["id"]) for r in rows] == [(1, "a"), (8, 7)]
+    assert [(r["line"], r["id"]) for r in rows] == [(1, "a"), (9, 7)]
     engine = InferenceEngine.from_pretrained(model_dir, task="classify", device="cpu", dtype="float32", top_k=2)
     assert [r["labels"] for r in rows] == engine([TEXTS[0], TEXTS[1]])
     summary = summary_of(err)
-    assert (summary["read"], summary["written"], summary["skipped"]) == (8, 2, 6)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (9, 2, 7)
 
 
 def test_strict_stops_at_first_bad_line(model_dir, tmp_path, capsys):
@@ -131,6 +133,28 @@ def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
     assert main(["embed", "--model", model_dir, "--input", str(tsv), "--output", str(out), "--no-resume",
                  "--dtype", "float32", "--device", "cpu"]) == 0
     assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "txt"])
+def test_byte_order_mark_and_a_megabyte_text(model_dir, tmp_path, capsys, suffix):
+    """A UTF-8 BOM (Excel's "CSV UTF-8", Notepad) is not part of the first header or line, and a
+    1 MB text is one record (csv's own 128 KiB field limit failed the run with csv.Error)."""
+    big = "word " * 200_000
+    texts = ["first text", big.strip(), "last, one"]
+    body = {"csv": "text,id\n" + "".join(f'"{t}",{i}\n' for i, t in enumerate(texts)),
+            "jsonl": "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)),
+            "txt": "".join(t + "\r\n" for t in texts)}[suffix]
+    src = tmp_path / f"in.{suffix}"
+    src.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                 "--device", "cpu"]) == 0
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["read"], summary["written"], summary["skipped"]) == (3, 3, 0)
+    rows = read_jsonl(out)
+    np.testing.assert_allclose([r["embedding"] for r in rows], expected_embeddings(model_dir, texts), atol=1e-6)
+    if suffix != "txt":
+        assert [str(r["id"]) for r in rows] == ["0", "1", "2"]
 
 
 def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
@@ -229,6 +253,93 @@ def test_resume_after_killed_run_equals_uninterrupted(model_dir, tmp_path, suffi
         assert (tmp_path / "part.lines.jsonl").read_bytes() == (tmp_path / "full.lines.jsonl").read_bytes()
 
 
+def test_output_that_is_the_input_or_not_ours_is_refused_and_kept(model_dir, tmp_path, capsys):
+    """--output naming the input (--no-resume deleted the input, resuming read it as results), or a
+    .jsonl this command did not write (a KeyError traceback): one-line errors, files untouched."""
+    src = tmp_path / "in.jsonl"
+    content = b'{"text": "hello", "id": 1}\n{"text": "world"}\n'
+    src.write_bytes(content)
+    common = ["embed", "--model", model_dir, "--dtype", "float32", "--device", "cpu"]
+    for flags in ([], ["--no-resume"]):
+        assert main([*common, "--input", str(src), "--output", str(src), *flags]) == 2
+        assert "is the input file" in capsys.readouterr().err.splitlines()[-1]
+        assert src.read_bytes() == content
+    txt = tmp_path / "in.txt"
+    txt.write_text("a\nb\n", encoding="utf-8")
+    assert main([*common, "--input", str(txt), "--output", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not an output of this command" in err.splitlines()[-1]
+    assert src.read_bytes() == content
+    assert main([*common, "--input", str(txt), "--output", str(src), "--no-resume"]) == 0  # as asked: overwritten
+    assert [r["line"] for r in read_jsonl(src)] == [1, 2]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "npy"])
+def test_rerun_with_other_settings_is_refused_and_a_finished_output_resumes(model_dir, tmp_path, capsys, suffix):
+    """A finished output rerun skips every line (a finished .npy was recomputed), a grown input adds
+    only its new lines, and a rerun with another option, model or input is an error naming what
+    changed (it appended results of another kind to the file)."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(t + "\n" for t in TEXTS[:4]), encoding="utf-8")
+    out = tmp_path / f"out.{suffix}"
+    common = ["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--device", "cpu",
+              "--dtype", "float32", "--progress", "off"]
+    assert main(common) == 0
+    assert main(common) == 0
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["already_written"], summary["written"]) == (4, 0)
+    with open(src, "a", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in TEXTS[4:]))
+    assert main([*common, "--max-batch-tokens", "64"]) == 0  # speed-only options may change
+    summary = summary_of(capsys.readouterr().err)
+    assert (summary["already_written"], summary["written"]) == (4, len(TEXTS) - 4)
+    if suffix == "npy":
+        got = np.load(out)
+        assert [r["line"] for r in read_jsonl(tmp_path / "out.lines.jsonl")] == list(range(1, len(TEXTS) + 1))
+    else:
+        got = np.array([r["embedding"] for r in read_jsonl(out)])
+    np.testing.assert_allclose(got, expected_embeddings(model_dir, TEXTS), atol=1e-6)
+    before = out.read_bytes()
+    assert main([*common, "--normalize"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "other settings (normalize: None then, True now)" in err and "--no-resume" in err
+    assert out.read_bytes() == before
+    assert main([*common, "--normalize", "--no-resume"]) == 0
+    got = np.load(out) if suffix == "npy" else np.array([r["embedding"] for r in read_jsonl(out)])
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_write_what_is_done_and_say_how_to_resume(model_dir, tmp_path, stop):
+    """Ctrl-C printed a KeyboardInterrupt traceback and no summary; SIGTERM (a scheduler's
+    preemption) ended the run at once, losing the results since the last flush. Both now write
+    every result computed, print one line and the summary, and exit 128 + the signal number; the
+    rerun completes the output with no line twice."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"text number {i} {'word ' * (i % 17)}\n" for i in range(2_000)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+            "--device", "cpu", "--window", "128", "--progress", "off"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distilbert_fast", *args], env=env, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, stop))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, stop), err[-2000:]
+    assert "Traceback" not in err and f"stopped by {stop}: the results so far are written" in err
+    summary = summary_of(err)
+    written = summary["written"]
+    assert 0 < written < 2_000 and len(read_jsonl(out)) == written
+    assert summary["read"] == written + summary["unfinished"] and summary["skipped"] == 0  # none unaccounted
+    code, err = run_cli(*args)
+    assert code == 0, err
+    assert summary_of(err)["already_written"] == written
+    assert [r["line"] for r in read_jsonl(out)] == list(range(1, 2_001))
+
+
 def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")
@@ -243,6 +354,47 @@ def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
     for x, y in zip(a, b):
         assert [l["label"] for l in x["labels"]] == [l["label"] for l in y["labels"]]
         np.testing.assert_allclose([l["score"] for l in x["labels"]], [l["score"] for l in y["labels"]], atol=1e-6)
+
+
+def test_worker_processes_keep_results_before_a_strict_stop_and_errors_are_one_line(model_dir, tmp_path, capsys):
+    """--devices 2 --strict: the windows already with the workers were dropped when the input
+    failed (20 of the 29 lines before the bad one written); a worker's ValueError (a bad model
+    folder, an option the model cannot take) was a RuntimeError traceback instead of one line."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" if i != 30 else "not json\n"
+                           for i in range(1, 41)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    common = ["embed", "--input", str(src), "--dtype", "float32", "--device", "cpu", "--devices", "2"]
+    code, err = run_cli(*common, "--model", model_dir, "--output", str(out), "--strict", "--window", "4")
+    assert code == 1, err
+    assert "in.jsonl:30: invalid JSON" in err and summary_of(err)["written"] == 29
+    rows = read_jsonl(out)
+    assert [r["line"] for r in rows] == list(range(1, 30))
+    np.testing.assert_allclose([r["embedding"] for r in rows],
+                               expected_embeddings(model_dir, [f"text {i}" for i in range(1, 30)]), atol=1e-6)
+    assert main([*common, "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("python -m distilbert_fast embed: error: a worker failed")
+
+
+def test_a_worker_killed_mid_run_is_a_clear_error_not_a_hang(model_dir):
+    """A worker killed (out of memory, say) while its windows are out: the stream raises
+    ChildProcessError naming the device and the signal (an OSError: the CLI prints one line)."""
+    from distilbert_fast.engine.workers import WorkerPool
+
+    pool = WorkerPool(model_dir, {"task": "embed", "dtype": "float32", "window": 8}, 2)
+    try:
+        stream = pool.stream(f"text {i}" for i in range(10_000))
+        next(stream)
+        os.kill(pool._procs[1].pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(ChildProcessError, match=r"a worker process on cpu died \(killed by SIGKILL\)"):
+            for _ in stream:
+                pass
+        assert time.monotonic() - started < 30
+    finally:
+        pool.close()
 
 
 def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
@@ -270,6 +422,35 @@ def test_torchrun_two_ranks_equal_one_process(model_dir, tmp_path):
     np.testing.assert_allclose([r["embedding"] for r in a], [r["embedding"] for r in b], atol=1e-6)
 
 
+def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tmp_path, monkeypatch, capsys):
+    """merge silently wrote duplicated lines (a part given twice), a file without a rank's lines,
+    and tracebacks for a torn or foreign part; each is now a one-line error and writes nothing."""
+    src = tmp_path / "in.txt"
+    src.write_text("".join(f"line {i}\n" for i in range(9)), encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    for rank in (0, 1):  # what each torchrun rank runs
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main([*common, "--output", str(tmp_path / "out.jsonl")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
+    parts = [str(tmp_path / f"out.rank0000{r}-of-00002.jsonl") for r in (0, 1)]
+    merged = tmp_path / "merged.jsonl"
+    capsys.readouterr()
+    torn = tmp_path / "torn.rank00001-of-00002.jsonl"
+    torn.write_bytes(open(parts[1], "rb").read() + b'{"line": 8, "embe')
+    for bad, reason in (([parts[0]], "each rank's part once: got ranks [0] of [2]"),
+                        ([parts[0], parts[1], parts[1]], "each rank's part once: got ranks [0, 1, 1]"),
+                        ([parts[0], parts[1], str(tmp_path / "one.jsonl")], "input line 1 is in both"),
+                        ([parts[0], str(torn)], "torn.rank00001-of-00002.jsonl:5 is not a result line")):
+        assert main(["merge", "--output", str(merged), *bad]) == 2
+        assert reason in capsys.readouterr().err.splitlines()[-1]
+        assert not merged.exists()
+    assert main(["merge", "--output", str(merged), *parts]) == 0
+    assert merged.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
 def test_ray_data_map_batches_equals_one_process(model_dir):
     ray = pytest.importorskip("ray")
     from distilbert_fast.engine.workers import RayPredictor
@@ -288,6 +469,19 @@ def test_ray_data_map_batches_equals_one_process(model_dir):
         ray.shutdown()
     got = np.stack([r["embedding"] for r in sorted(out, key=lambda r: r["i"])])
     np.testing.assert_allclose(got, expected_embeddings(model_dir, texts), atol=1e-6)
+
+
+def test_ray_predictor_refuses_missing_texts_instead_of_embedding_none(model_dir):
+    """A null in the text column (None, or NaN from pandas) was embedded as the text 'None' /
+    'nan' without a word. The predictor is a plain callable, so no Ray cluster is needed here."""
+    from distilbert_fast.engine.workers import RayPredictor
+
+    predictor = RayPredictor(model_dir, task="embed", dtype="float32", device="cpu")
+    batch = predictor({"text": np.array(["a text", "another"], dtype=object), "i": np.array([0, 1])})
+    np.testing.assert_allclose(batch["embedding"], expected_embeddings(model_dir, ["a text", "another"]), atol=1e-6)
+    for missing in (None, float("nan"), 7):
+        with pytest.raises(TypeError, match="column 'text' must hold strings, got .* in row 1"):
+            predictor({"text": np.array(["a text", missing], dtype=object)})
 
 
 def test_bench_subcommand_runs_the_engine_benchmark(monkeypatch, capsys):

@@ -344,6 +344,27 @@ def test_classify_pairs_and_multi_label(checkpoints):
         np.testing.assert_allclose([r["score"] for r in result], s[expected].numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [dict(num_labels=1), dict(num_labels=2, problem_type="regression")],
+                         ids=["one-logit", "regression"])
+def test_classify_scores_as_hf_pipeline_for_one_logit_and_regression_models(tmp_path, config):
+    """A one-logit head (a cross-encoder reranker scoring pairs) was taken for multi-label: sigmoid
+    then the 0.5 threshold, so a low-scoring pair gave [] and its score was lost; a regression head
+    got softmax. Both now score as HF's text-classification pipeline (sigmoid; the raw logits)."""
+    path = _save_checkpoint(tmp_path / "model", transformers.DistilBertForSequenceClassification, **config)
+    texts, pairs = TEXTS[:4], [p or "x" for p in TEXTS[4:8]]
+    pipe = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32")
+    ours = engine(texts, pairs)
+    expected = [pipe({"text": t, "text_pair": p}) for t, p in zip(texts, pairs)]
+    assert [r["label"] for r in ours] == [e["label"] for e in expected]
+    np.testing.assert_allclose([r["score"] for r in ours], [e["score"] for e in expected], atol=1e-5)
+    everything = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None)
+    expected = pipe(texts, top_k=None)
+    for result, want in zip(everything(texts), expected):
+        assert [r["label"] for r in result] == [w["label"] for w in want]
+        np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
+
+
 # -- tag ------------------------------------------------------------------------------------------------
 
 
@@ -387,6 +408,22 @@ def test_tag_long_text_windows_cover_every_word(checkpoints):
     assert [w["start"] for w in words] == sorted(w["start"] for w in words)
 
 
+@pytest.mark.parametrize("stride", [0, 8])
+def test_tag_word_across_two_windows_is_whole(checkpoints, stride):
+    """Words of 6-7 sub-tokens in windows of 16 tokens: a word cut by a window's edge was reported
+    as the part in one window ('antidisest', start inside the word). Each word is whole now, with
+    HF's offsets of the untruncated text."""
+    path = checkpoints["tag"]
+    text = " ".join(["antidisestablishmentarianism unbelievably"] * 20)
+    engine = InferenceEngine.from_pretrained(path, task="tag", device="cpu", dtype="float32", max_length=16,
+                                             stride=stride)
+    words = engine([text])[0]
+    enc = hf_tokenizer(path)(text)
+    expected = [enc.word_to_chars(w) for w in sorted({w for w in enc.word_ids() if w is not None})]
+    assert [(w["start"], w["end"]) for w in words] == [(c.start, c.end) for c in expected]
+    assert {w["word"] for w in words} == {"antidisestablishmentarianism", "unbelievably"}
+
+
 # -- fill-mask ------------------------------------------------------------------------------------------
 
 
@@ -410,6 +447,24 @@ def test_fill_mask_matches_hf(checkpoints):
             assert [f["token_str"] for f in found] == tok.convert_ids_to_tokens(ids.tolist())
             np.testing.assert_allclose([f["score"] for f in found], scores.numpy(), atol=1e-6)
     assert results[2] == []
+
+
+def test_fill_mask_split_reports_each_mask_once(checkpoints):
+    """overflow='split': a [MASK] in the overlap of two windows was reported twice (9 results for
+    8 masks here). Each mask is reported once, in text order; a text that fits one window is
+    unchanged, and windows that do not overlap (stride 0) give each window's masks."""
+    path = checkpoints["fill-mask"]
+    text = " ".join(f"word{i} [MASK]" if i % 5 == 0 else f"word{i}" for i in range(40))
+    options = dict(task="fill-mask", device="cpu", dtype="float32", max_length=16, top_k=3)
+    split = InferenceEngine.from_pretrained(path, overflow="split", stride=4, **options)
+    results = split([text, "The capital of France is [MASK]."])
+    assert len(results[0]) == text.count("[MASK]") == 8
+    truncate = InferenceEngine.from_pretrained(path, **options)
+    alone = truncate(["The capital of France is [MASK]."])[0]
+    assert [[f["token"] for f in found] for found in results[1]] == [[f["token"] for f in found] for found in alone]
+    np.testing.assert_allclose([f["score"] for f in results[1][0]], [f["score"] for f in alone[0]], rtol=1e-4)
+    no_overlap = InferenceEngine.from_pretrained(path, overflow="split", stride=0, **options)
+    assert len(no_overlap([text])[0]) == 8
 
 
 # -- qa -------------------------------------------------------------------------------------------------
@@ -459,6 +514,28 @@ def test_qa_matches_hf(checkpoints, max_length, stride):
         assert abs(result["score"] - best[0]) <= 1e-5
     assert tok(QUESTIONS[1], CONTEXTS[1], truncation="only_second", max_length=max_length, stride=stride,
                return_overflowing_tokens=True)["overflow_to_sample_mapping"].count(0) >= 2
+
+
+def test_qa_question_longer_than_a_window_is_cut_not_an_error(checkpoints):
+    """A question that leaves no room for the context (here 400 words, windows of 64 tokens) failed
+    its whole window ('cannot truncate ... only_second'): one such line in a million ended the run.
+    It is cut to max_length - stride - 4 tokens (SQuAD's max_query_length), which HF's tokenizer
+    then encodes as those tokens, and answers as that cut question does beside the others."""
+    path = checkpoints["qa"]
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64,
+                                             stride=16)
+    long_question = "Which of the following " + "very " * 400 + "long questions?"
+    questions, contexts = [QUESTIONS[0], long_question, QUESTIONS[2]], [CONTEXTS[0], CONTEXTS[0], CONTEXTS[2]]
+    results = engine(questions, contexts)
+    tok = hf_tokenizer(path)
+    enc = tok(long_question, add_special_tokens=False, return_offsets_mapping=True)
+    cut = long_question[: enc["offset_mapping"][64 - 16 - 4 - 1][1]]
+    assert tok(cut, add_special_tokens=False)["input_ids"] == enc["input_ids"][:44]
+    expected = engine([QUESTIONS[0], cut, QUESTIONS[2]], contexts)  # (17 context tokens a window: several)
+    assert [(r["answer"], r["start"], r["end"]) for r in results] == [(r["answer"], r["start"], r["end"])
+                                                                       for r in expected]
+    np.testing.assert_allclose([r["score"] for r in results], [r["score"] for r in expected], rtol=1e-4)
+    assert CONTEXTS[0][results[1]["start"]:results[1]["end"]] == results[1]["answer"] != ""
 
 
 # -- dtype, options, bad arguments ------------------------------------------------------------------------
@@ -519,12 +596,20 @@ def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
     (dict(max_batch_tokens=0), "max_batch_tokens must be a positive int"),
     (dict(task="classify", top_k=0), "top_k must be a positive int"),
     (dict(task="tag", aggregation="simple"), "aggregation must be one of"),
+    # these were accepted (max_length 0 -> the default) or failed later as torch's RuntimeError /
+    # AssertionError (the device) or at the first batch (a backend that cannot run there)
+    (dict(max_length=0), "max_length must be in"),
+    (dict(max_length=64.0), "max_length must be in"),
+    (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "but torch sees"),
+    (dict(backend="warp"), "backend must be one of"),
+    (dict(backend="triton", dtype="bfloat16"), "backend='triton' cannot run on cpu in torch.bfloat16"),
 ])
 def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
-    kwargs = {"task": "embed", **kwargs}
+    kwargs = {"task": "embed", "device": "cpu", "dtype": "float32", **kwargs}
     path = checkpoints["classify" if kwargs["task"] == "classify" else "embed"]
     with pytest.raises(ValueError, match=match):
-        InferenceEngine.from_pretrained(path, device="cpu", dtype="float32", **kwargs)
+        InferenceEngine.from_pretrained(path, **kwargs)
 
 
 def test_bad_items_are_type_errors(checkpoints):
@@ -608,7 +693,28 @@ def test_leaving_a_stream_early_stops_its_thread_quietly(tiny_checkpoint, one_th
     assert not ignored, [str(u.exc_value) for u in ignored]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_input_that_fails_midway_delivers_every_result_before_it(tiny_checkpoint, one_thread, overlap):
+    """A generator that raises after 70 texts (windows of 32): the 70 results, in order, then its
+    error. overlap=True is the CUDA order (a window's results read after the next is queued),
+    which dropped the queued window's 32 results when the input failed."""
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=32)
+    engine._overlap = overlap
 
+    def texts():
+        for i in range(70):
+            yield f"text {i}"
+        raise OSError("the input broke")
+
+    got = []
+    with pytest.raises(OSError, match="the input broke"):
+        for vector in engine.stream(texts()):
+            got.append(vector)
+    assert len(got) == 70
+    np.testing.assert_allclose(np.stack(got), np.stack(engine([f"text {i}" for i in range(70)])), atol=1e-6)
+
+
+def test_defaults_fit_a_short_model(tiny_checkpoint, one_thread):
     """qa's default window (384) and overlap (128) shrink to a 64-position model instead of failing."""
     qa = InferenceEngine.from_pretrained(tiny_checkpoint, task="qa", device="cpu", dtype="float32")
     assert (qa.task.max_length, qa.task.stride) == (64, 30)

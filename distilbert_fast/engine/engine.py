@@ -62,6 +62,41 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def resolve_device(device) -> torch.device:
+    """None -> CUDA if available, else CPU; a name or torch.device, checked here rather than at
+    the first batch (an unknown name, or CUDA where torch has none, was a traceback from torch)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device (torch.cuda.is_available() "
+                             "is False): use device='cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={str(device)!r}, but torch sees {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    return device
+
+
+def check_backend(backend, device: torch.device, dtype: torch.dtype) -> None:
+    """A backend named explicitly must run on ``device`` in ``dtype``: found here, not as a
+    RuntimeError at the first batch (e.g. 'triton' on a CPU without TRITON_INTERPRET)."""
+    if backend is None or backend == "auto":
+        return
+    from ..ops.backends import available_backends, check_backend_name
+
+    check_backend_name(backend)
+    available = available_backends(torch.empty(0, device=device, dtype=dtype))
+    if backend not in available:
+        raise ValueError(f"backend={backend!r} cannot run on {device} in {dtype}; there: 'auto' or one of "
+                         f"{available}")
+
+
 @dataclass
 class DeviceBatch:
     """One batch's inputs on the model's device (what tasks' ``forward`` reads)."""
@@ -100,6 +135,7 @@ class InferenceEngine:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.max_batch_rows, self.window, self.progress = max_batch_rows, window, progress
         self._pin = self.device.type == "cuda"
+        self._overlap = self._pin  # the device computes a window while the host finishes the one before
         self._graphs = None
         if cuda_graphs is None:
             from .cuda_graphs import graphs_pay
@@ -131,8 +167,9 @@ class InferenceEngine:
         ``top_k``; qa ``top_k``, ``max_answer_len``."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
+        check_backend(backend, device, torch_dtype)
         task_class = TASKS[task]
         checkpoint = inspect_checkpoint(path)
         model = load_model(checkpoint, task_class.model_class, torch_dtype, backend).to(device).eval()
@@ -140,7 +177,8 @@ class InferenceEngine:
         if task == "embed":  # a sentence-transformers model's pooling, where the caller gave none
             task_options = {**checkpoint.embed_defaults,
                             **{name: value for name, value in task_options.items() if value is not None}}
-        task_obj = task_class(model.config, tokenizer, max_length=max_length or checkpoint.max_length,
+        task_obj = task_class(model.config, tokenizer,
+                              max_length=max_length if max_length is not None else checkpoint.max_length,
                               overflow=overflow, stride=stride, **task_options)
         return cls(model, tokenizer, task_obj, device=device, max_batch_tokens=max_batch_tokens,
                    max_batch_rows=max_batch_rows, window=window, progress=progress, cuda_graphs=cuda_graphs)
@@ -159,24 +197,37 @@ class InferenceEngine:
 
     def stream(self, items, total=None):
         """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
-        qa / pairs), in input order, holding at most three windows in memory."""
+        qa / pairs), in input order, holding at most three windows in memory. If reading or
+        tokenizing ``items`` fails, the results of every item before the failing window come
+        first, then the error."""
         windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
         bar = self._progress_bar(total)
         self._last_done = None
         try:
             queued = None  # (window, its launched batches), results not read yet
-            for window in windows:
+            failure = None
+            pending = iter(windows)
+            while True:
+                try:
+                    window = next(pending)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the input's error: the queued window's results first
+                    failure = exc
+                    break
                 start = time.perf_counter()
                 launched = self._launch(window)
                 self.stats["seconds"] += time.perf_counter() - start
                 if queued is not None:
                     yield from self._finish(*queued, bar)
                 queued = (window, launched)
-                if not self._pin:  # on CPU the batches ran as they were queued: nothing to overlap
+                if not self._overlap:  # on CPU the batches ran as they were queued: nothing to overlap
                     yield from self._finish(*queued, bar)
                     queued = None
             if queued is not None:
                 yield from self._finish(*queued, bar)
+            if failure is not None:
+                raise failure
         finally:
             windows.close()
             if bar is not None:

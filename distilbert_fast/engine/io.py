@@ -10,12 +10,15 @@ Outputs: .jsonl, one result a line ({"line": n, "id": ..., **result}), appended 
 and fsync'd; on resume a partial last line (a killed run) is cut off and the input lines up to
 the last written one are skipped. .npy (embed): rows appended to ``OUT.partial`` and their line
 numbers to ``OUT.partial.lines``; at the end ``OUT`` and ``OUT.lines.jsonl`` (row -> line, id) are
-written to temporary names and renamed.
+written to temporary names and renamed (a rerun over a finished .npy resumes from those two).
+``OUT.run.json`` records the settings that shape the results (task, model, input, options): a
+rerun with other settings is refused rather than mixing two kinds of results in one file.
 """
 
 import csv
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -49,10 +52,16 @@ def input_format(path: str, fmt: str | None) -> str:
                      ".tsv, or pass --input-format")
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _lines(stream):
-    """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped."""
+    """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped.
+    A UTF-8 byte order mark at the start (Excel's "CSV UTF-8", Notepad) is not part of the text."""
     for number, raw in enumerate(stream, start=1):
         raw = raw.rstrip(b"\n").rstrip(b"\r")
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         try:
             yield number, raw.decode("utf-8"), None
         except UnicodeDecodeError as exc:
@@ -109,6 +118,11 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
         if not isinstance(obj[name], str):
             record.error = f"field {name!r} must be a string, got {type(obj[name]).__name__}"
             return record
+        try:  # a \ud800-style escape decodes to a lone surrogate, which no tokenizer takes (the window failed)
+            obj[name].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            record.error = f"field {name!r} holds a lone surrogate {obj[name][exc.start]!r} (not valid Unicode)"
+            return record
         setattr(record, attr, obj[name])
     return record
 
@@ -125,6 +139,7 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
             numbers.append(number)
             yield text + "\n"
 
+    _lift_csv_field_limit()
     reader = csv.reader(decoded(), delimiter=delimiter)
     header, consumed = None, 0
     for row in reader:
@@ -147,6 +162,18 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
                 record.pair = _cell(header, row, pair_column)
         yield _checked(record)
     yield from bad
+
+
+def _lift_csv_field_limit():
+    """csv refuses a field over 128 KiB (csv.Error at that record, the run lost): a text has no
+    such limit here (the tokenizer truncates or splits it), so the limit is the largest C long."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # C long is 32 bits (Windows)
+            limit //= 2
 
 
 def _cell(header, row, name):
@@ -191,12 +218,13 @@ def _fsync(f):
 class JsonlWriter:
     """Appends result lines to a .jsonl; ``done_line`` is the last input line already written."""
 
-    def __init__(self, path, task, resume=True):
+    def __init__(self, path, task, resume=True, settings=None):
         self.path, self.task = path, task
         self.done_line, self.existing = 0, 0
         if resume and os.path.exists(path):
             self.done_line, self.existing = _resume_jsonl(path)
-        elif os.path.exists(path):
+        _check_settings(path, settings, resume=resume and self.existing > 0)
+        if not resume and os.path.exists(path):
             os.remove(path)
         self._f = open(path, "ab")
         self._buffer = []
@@ -231,27 +259,76 @@ def _resume_jsonl(path):
     lines = data[:end].splitlines()
     if not lines:
         return 0, 0
-    return int(json.loads(lines[-1])["line"]), len(lines)
+    try:
+        return int(json.loads(lines[-1])["line"]), len(lines)
+    except (ValueError, KeyError, TypeError, IndexError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise ValueError(f"{path} is not an output of this command (its last line has no \"line\" number), so it "
+                         "cannot be resumed: pass --no-resume to overwrite it, or choose another --output") from None
+
+
+def settings_path(path: str) -> str:
+    return path + ".run.json"
+
+
+def _check_settings(path, settings, resume):
+    """Refuses to resume ``path`` if the run that wrote it had other settings (another model, input,
+    task option...: the file would mix two kinds of results); else records ``settings``. An
+    output without a record (from before it was kept) resumes as it is."""
+    if settings is None:
+        return
+    record = settings_path(path)
+    if resume and os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            before = json.load(f)
+        changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            raise ValueError(f"{path} was written by a run with other settings ({diff}); resuming it would mix "
+                             "their results: pass --no-resume to start it over, or choose another --output")
+        return
+    data = (json.dumps(settings, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    _write_atomic(record, lambda f: f.write(data))
 
 
 class NpyWriter:
     """Embeddings to .npy, resumable (see the module docstring)."""
 
-    def __init__(self, path, task, resume=True):
+    def __init__(self, path, task, resume=True, settings=None):
         if task != "embed":
             raise ValueError(f".npy output holds embeddings: the task must be 'embed', got {task!r}")
         self.path = path
         self.partial, self.lines_path = path + ".partial", path + ".partial.lines"
+        self.index_path = os.path.splitext(path)[0] + ".lines.jsonl"
         self.done_line, self.existing, self.dim = 0, 0, None
+        unfinished = os.path.exists(self.partial) and os.path.exists(self.lines_path)
+        finished = not unfinished and os.path.exists(path) and os.path.exists(self.index_path)
+        _check_settings(path, settings, resume=resume and (finished or unfinished))  # before anything changes
+        if resume and finished:
+            self._reopen_finished()
+        if resume and (finished or unfinished):
+            self._resume()
         if not resume:
             for p in (self.partial, self.lines_path):
                 if os.path.exists(p):
                     os.remove(p)
-        elif os.path.exists(self.lines_path) and os.path.exists(self.partial):
-            self._resume()
         self._rows = open(self.partial, "ab")
         self._lines = open(self.lines_path, "ab")
         self._buffer, self._line_buffer = [], []
+
+    def _reopen_finished(self):
+        """A finished output back into the partial files, so that a rerun skips its rows (and a
+        rerun over a grown input adds to them) instead of recomputing everything."""
+        array = np.load(self.path)
+        with open(self.index_path, "rb") as f:
+            entries = [json.loads(e) for e in f.read().splitlines()]
+        if array.ndim != 2 or array.dtype != np.float32 or len(entries) != len(array):
+            raise ValueError(f"{self.path} and {self.index_path} do not belong together ({array.shape} {array.dtype}, "
+                             f"{len(entries)} lines), so they cannot be resumed: pass --no-resume to overwrite them")
+        with open(self.lines_path, "wb") as f:
+            f.write(b"".join((json.dumps({**e, "dim": array.shape[1]}, ensure_ascii=False) + "\n").encode("utf-8")
+                             for e in entries))
+        with open(self.partial, "wb") as f:
+            f.write(array.tobytes())
 
     def _resume(self):
         done_line, kept = _resume_jsonl(self.lines_path)
@@ -295,7 +372,7 @@ class NpyWriter:
         _write_atomic(self.path, lambda f: np.save(f, array))
         with open(self.lines_path, "rb") as f:
             index = b"".join(_without_dim(e) for e in f.read().splitlines())
-        _write_atomic(os.path.splitext(self.path)[0] + ".lines.jsonl", lambda f: f.write(index))
+        _write_atomic(self.index_path, lambda f: f.write(index))
         os.remove(self.partial)
         os.remove(self.lines_path)
 
@@ -314,11 +391,13 @@ def _write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def open_writer(path, task, resume=True):
+def open_writer(path, task, resume=True, settings=None):
+    """The writer for ``path`` (.jsonl, or .npy for embed); ``settings`` (a JSON-able dict): what
+    shaped the results, checked against the earlier run's on resume (see ``_check_settings``)."""
     if path.endswith(".npy"):
-        return NpyWriter(path, task, resume)
+        return NpyWriter(path, task, resume, settings)
     if path.endswith(".jsonl") or path.endswith(".json"):
-        return JsonlWriter(path, task, resume)
+        return JsonlWriter(path, task, resume, settings)
     raise ValueError(f"output must end in .jsonl or .npy (embeddings), got {path!r}")
 
 
@@ -328,13 +407,32 @@ def rank_path(path: str, rank: int, world: int) -> str:
     return f"{stem}.rank{rank:05d}-of-{world:05d}{ext}"
 
 
+_RANK_PART = re.compile(r"\.rank(\d{5})-of-(\d{5})\.jsonl$")
+
+
 def merge_jsonl(parts, output):
-    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename)."""
-    lines = []
+    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename).
+    Refused: a line that is not a result (a rank killed mid-write: rerun it to resume), an input
+    line in two parts (a part given twice), a rank's part missing (names rankR-of-W)."""
+    ranks = [_RANK_PART.search(part) for part in parts]
+    if all(ranks):
+        worlds, found = {int(m.group(2)) for m in ranks}, sorted(int(m.group(1)) for m in ranks)
+        if len(worlds) != 1 or found != list(range(worlds.pop())):
+            raise ValueError(f"merge needs each rank's part once: got ranks {found} of "
+                             f"{sorted({int(m.group(2)) for m in ranks})} ranks")
+    lines, source = [], {}
     for part in parts:
         with open(part, "rb") as f:
-            for raw in f.read().splitlines():
-                lines.append((json.loads(raw)["line"], raw))
+            for number, raw in enumerate(f.read().splitlines(), start=1):
+                try:
+                    line = int(json.loads(raw)["line"])
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise ValueError(f"{part}:{number} is not a result line of this command (no \"line\" number); "
+                                     "a rank stopped mid-write resumes when rerun") from None
+                if line in source:
+                    raise ValueError(f"input line {line} is in both {source[line]} and {part}")
+                source[line] = part
+                lines.append((line, raw))
     lines.sort(key=lambda x: x[0])
     _write_atomic(output, lambda f: f.write(b"".join(raw + b"\n" for _, raw in lines)))
     return len(lines)

@@ -42,8 +42,10 @@ class Task:
 
     def __init__(self, config, tokenizer, max_length=None, overflow=None, stride=None):
         limit = config.max_position_embeddings
-        self.max_length = max_length or min(self.default_max_length or limit, limit, tokenizer.model_max_length)
-        if not 2 < self.max_length <= limit:
+        if max_length is None:
+            max_length = min(self.default_max_length or limit, limit, tokenizer.model_max_length)
+        self.max_length = max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 < max_length <= limit:
             raise ValueError(f"max_length must be in [3, {limit}] (max_position_embeddings), got {self.max_length}")
         if overflow is not None:
             _check_choice("overflow", overflow, OVERFLOW)
@@ -128,10 +130,13 @@ class Embed(Task):
 
 
 class Classify(Task):
-    """Labels and scores per text (or pair). Single-label: softmax, the top_k best labels
-    (top_k=1: one {label, score} dict; None: all labels). Multi-label (config.problem_type
-    'multi_label_classification', or multi_label=True): sigmoid, every label scoring at least
-    ``threshold``, best first. overflow='split' averages a long text's logits over its windows."""
+    """Labels and scores per text (or pair). The scores are HF's text-classification pipeline's:
+    softmax over the labels; sigmoid for multi-label models and for one-logit models (cross-encoder
+    rerankers, binary heads); the raw logits for config.problem_type 'regression'. Single-label
+    output: the top_k best labels (top_k=1: one {label, score} dict; None: all labels).
+    Multi-label (config.problem_type 'multi_label_classification', or multi_label=True): every
+    label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty).
+    overflow='split' averages a long text's logits over its windows."""
 
     name = "classify"
     model_class = modeling.DistilBertForSequenceClassification
@@ -140,8 +145,12 @@ class Classify(Task):
         super().__init__(config, tokenizer, **kw)
         _check_positive_int("top_k", top_k, allow_none=True)
         if multi_label is None:
-            multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
+            multi_label = config.problem_type == "multi_label_classification"
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
+        if config.problem_type == "regression" and not self.multi_label:
+            self.function = "none"
+        else:
+            self.function = "sigmoid" if self.multi_label or config.num_labels == 1 else "softmax"
         self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
                        for i in range(config.num_labels)]
 
@@ -154,14 +163,14 @@ class Classify(Task):
 
     def combine(self, item, rows, values, enc, text, pair):
         logits = torch.from_numpy(np.mean(values, axis=0, dtype=np.float32) if len(values) > 1 else values[0])
+        scores = {"sigmoid": torch.sigmoid, "softmax": lambda x: torch.softmax(x, dim=0),
+                  "none": lambda x: x}[self.function](logits)
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
         if self.multi_label:
-            scores = torch.sigmoid(logits)
-            order = [int(i) for i in torch.argsort(scores, descending=True, stable=True) if scores[i] >= self.threshold]
+            order = [i for i in order if scores[i] >= self.threshold]
             order = order[: self.top_k] if self.top_k else order
             return [{"label": self.labels[i], "score": float(scores[i])} for i in order]
-        scores = torch.softmax(logits, dim=0)
-        order = torch.argsort(scores, descending=True, stable=True)[: self.top_k or len(self.labels)].tolist()
-        found = [{"label": self.labels[i], "score": float(scores[i])} for i in order]
+        found = [{"label": self.labels[i], "score": float(scores[i])} for i in order[: self.top_k or len(order)]]
         return found[0] if self.top_k == 1 else found
 
 
@@ -170,7 +179,8 @@ class Tag(Task):
     and end code point offsets into the text. ``aggregation``: 'first' (the word's first sub-token
     decides), 'average' (sub-token probabilities averaged), 'max' (the most confident sub-token).
     Long texts are split into windows overlapping by ``stride`` tokens; a word is read from the
-    window where its first token lies farthest from the window's edges."""
+    window that holds its first sub-token and most of the others, its first token farthest from
+    the window's edges; its offsets span it whole even where no window holds all of it."""
 
     name = "tag"
     model_class = modeling.DistilBertForTokenClassification
@@ -197,18 +207,24 @@ class Tag(Task):
         return np.split(host["probs"], batch.cu_seqlens[1:-1])
 
     def combine(self, item, rows, values, enc, text, pair):
-        best = {}  # word -> (margin, row position, token indices within the row)
+        # A word can straddle two windows (a long word, a small stride): its offsets span every
+        # window's part of it, and its probabilities come from the window holding its first
+        # sub-token and most of its sub-tokens (the whole word where one does), farthest from
+        # the window's edges.
+        best, spans = {}, {}  # word -> (rank, row position, token indices within the row); word -> [start, end]
         for k, row in enumerate(rows):
             lo, hi = enc.cu[row], enc.cu[row + 1]
-            words = enc.word_ids[lo:hi]
             tokens_of = {}
-            for t, w in enumerate(words.tolist()):
+            for t, w in enumerate(enc.word_ids[lo:hi].tolist()):
                 if w >= 0:
                     tokens_of.setdefault(w, []).append(t)
             for w, tokens in tokens_of.items():
-                margin = min(tokens[0], hi - lo - 1 - tokens[0])
-                if w not in best or margin > best[w][0]:
-                    best[w] = (margin, k, tokens)
+                start, end = int(enc.offsets[lo + tokens[0]][0]), int(enc.offsets[lo + tokens[-1]][1])
+                span = spans.setdefault(w, [start, end])
+                span[0], span[1] = min(span[0], start), max(span[1], end)
+                rank = (start, -len(tokens), -min(tokens[0], hi - lo - 1 - tokens[0]))  # smallest wins
+                if w not in best or rank < best[w][0]:
+                    best[w] = (rank, k, tokens)
         out = []
         for w in sorted(best):
             _, k, tokens = best[w]
@@ -220,8 +236,7 @@ class Tag(Task):
             else:
                 p = probs[int(probs.max(1).argmax())]
             label = int(p.argmax())
-            base = enc.cu[rows[k]]
-            start, end = int(enc.offsets[base + tokens[0]][0]), int(enc.offsets[base + tokens[-1]][1])
+            start, end = spans[w]
             out.append({"word": text[start:end], "start": start, "end": end, "label": self.labels[label],
                         "score": float(p[label])})
         return out
@@ -247,16 +262,37 @@ class FillMask(Task):
         scores, ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
         return {"scores": scores, "ids": ids}
 
+    def encode(self, tokenizer, texts, pairs):
+        split = self.overflow == "split"  # offsets tell a mask seen by two overlapping windows
+        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, stride=self.stride if split else 0,
+                             overflow=split, offsets=split, sequence_ids=split and pairs is not None)
+
     def split(self, host, batch):
-        row_of_mask = batch.row_of_token()[np.nonzero(batch.ids == self.mask_id)[0]]
+        """Per row: [(the mask's position in the row, its top_k)], in row order."""
+        positions = np.nonzero(batch.ids == self.mask_id)[0]
+        row_of_mask = batch.row_of_token()[positions]
         per_row = [[] for _ in batch.rows]
         for m, r in enumerate(row_of_mask.tolist()):
-            per_row[r].append([{"token": int(i), "token_str": self.tokens[i], "score": float(s)}
-                               for i, s in zip(host["ids"][m].tolist(), host["scores"][m].tolist())])
+            per_row[r].append((int(positions[m] - batch.cu_seqlens[r]),
+                               [{"token": int(i), "token_str": self.tokens[i], "score": float(s)}
+                                for i, s in zip(host["ids"][m].tolist(), host["scores"][m].tolist())]))
         return per_row
 
     def combine(self, item, rows, values, enc, text, pair):
-        return [found for value in values for found in value]
+        if len(rows) == 1:
+            return [found for _, found in values[0]]
+        # overflow windows overlap: a mask in two of them is read from the one where it lies
+        # farthest from the edges (it was reported twice)
+        best = {}  # the mask's (sequence, start offset) in the text -> (margin, its top_k)
+        for row, masks in zip(rows, values):
+            lo, length = enc.cu[row], enc.cu[row + 1] - enc.cu[row]
+            for position, found in masks:
+                key = (int(enc.sequence_ids[lo + position]) if enc.sequence_ids is not None else 0,
+                       int(enc.offsets[lo + position][0]))
+                margin = min(position, length - 1 - position)
+                if key not in best or margin > best[key][0]:
+                    best[key] = (margin, found)
+        return [best[key][1] for key in sorted(best)]
 
 
 def masked_lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -293,8 +329,26 @@ class QuestionAnswering(Task):
         self.top_k, self.max_answer_len = top_k, max_answer_len
 
     def encode(self, tokenizer, texts, pairs):
-        return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, truncation="only_second",
-                             stride=self.stride, overflow=True, offsets=True, sequence_ids=True)
+        return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
+                             truncation="only_second", stride=self.stride, overflow=True, offsets=True,
+                             sequence_ids=True)
+
+    def fit_questions(self, tokenizer, questions: list) -> list:
+        """Questions longer than max_length - stride - 4 tokens cut to that many (as SQuAD's
+        max_query_length): every window must keep more than ``stride`` context tokens, and one
+        question that leaves none would fail its whole window (the tokenizer refuses it)."""
+        limit = self.max_length - self.stride - 4  # [CLS] question [SEP] context (> stride tokens) [SEP]
+        if limit < 1:
+            return questions
+        enc = tokenizer.encode_packed(list(questions), add_special_tokens=False, truncation=True,
+                                      max_length=limit + 1, return_offsets_mapping=True, return_tensors="np")
+        too_long = np.nonzero(np.diff(enc.cu_seqlens) > limit)[0]
+        if not len(too_long):
+            return questions
+        questions = list(questions)
+        for i in too_long.tolist():  # cut after the limit-th token (a token boundary: the same tokens)
+            questions[i] = questions[i][: int(enc.offset_mapping[enc.cu_seqlens[i] + limit - 1][1])]
+        return questions
 
     def forward(self, model, inputs):
         out = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen)

@@ -13,7 +13,10 @@
 
 import multiprocessing
 import os
+import pickle
 import queue
+import signal
+import time
 
 import numpy as np
 import torch
@@ -48,13 +51,14 @@ def resolve_devices(devices) -> list[str]:
 
 
 def _worker(path, options, device, threads, inbox, outbox):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     try:
         if threads:
             torch.set_num_threads(threads)
         engine = InferenceEngine.from_pretrained(path, device=device, **{**options, "progress": False})
         outbox.put(("ready", None, None))
     except BaseException as exc:  # reported to the parent
-        outbox.put(("error", None, repr(exc)))
+        outbox.put(("error", None, _picklable(exc)))
         return
     while True:
         job = inbox.get()
@@ -64,7 +68,27 @@ def _worker(path, options, device, threads, inbox, outbox):
         try:
             outbox.put(("ok", seq, engine(chunk)))
         except BaseException as exc:
-            outbox.put(("error", seq, repr(exc)))
+            outbox.put(("error", seq, _picklable(exc)))
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` itself where it pickles (its type reaches the parent: a ValueError stays one), else
+    a RuntimeError with its repr."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(repr(exc))
+
+
+def _worker_error(exc: BaseException, where: str) -> BaseException:
+    """A worker's exception, re-raised in the parent with its type and where it happened (so the
+    CLI reports a bad model or option in one line, as with one process)."""
+    try:
+        error = type(exc)(f"a worker failed ({where}): {exc}")
+    except Exception:
+        error = RuntimeError(f"a worker failed ({where}): {exc!r}")
+    return error
 
 
 class WorkerPool:
@@ -89,7 +113,7 @@ class WorkerPool:
             kind, _, payload = self._get()
             if kind == "error":
                 self.close()
-                raise RuntimeError(f"a worker failed to start: {payload}")
+                raise _worker_error(payload, "loading the model")
 
     def _get(self):
         while True:
@@ -97,17 +121,25 @@ class WorkerPool:
                 return self._outbox.get(timeout=1.0)
             except queue.Empty:
                 dead = [p for p in self._procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"a worker process died (exit code {dead[0].exitcode})")
+                if dead:  # killed (out of memory, a signal) or crashed: its windows will never come
+                    code = dead[0].exitcode
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                    raise ChildProcessError(f"a worker process on {self.devices[self._procs.index(dead[0])]} died "
+                                            f"({how}); the results so far are written, rerun to resume")
 
     def stream(self, items):
+        """Results in input order. If reading ``items`` fails, the results of every item read
+        before come first (the windows already with the workers are waited for), then the error."""
         chunks = _chunks(items, self.window)
         in_flight, done, next_seq, sent = 0, {}, 0, 0
         limit = 2 * len(self._procs)
-        exhausted = False
+        exhausted, failure = False, None
         while True:
             while not exhausted and in_flight < limit:
-                chunk = next(chunks, None)
+                try:
+                    chunk = next(chunks, None)
+                except Exception as exc:  # raised once the items read before it were handed on
+                    chunk, failure = None, exc
                 if chunk is None:
                     exhausted = True
                     break
@@ -115,23 +147,31 @@ class WorkerPool:
                 sent += 1
                 in_flight += 1
             if next_seq == sent and exhausted:
+                if failure is not None:
+                    raise failure
                 return
             while next_seq not in done:
                 kind, seq, payload = self._get()
                 if kind == "error":
-                    raise RuntimeError(f"a worker failed on window {seq}: {payload}")
+                    raise _worker_error(payload, f"window {seq}")
                 done[seq] = payload
             in_flight -= 1
             yield from done.pop(next_seq)
             next_seq += 1
 
     def close(self):
+        """Stops the workers: idle ones exit at once; one still busy has work nobody will read
+        (the stream was left early, or stopped by Ctrl-C) and is terminated after a second,
+        rather than waited for (10 s each before)."""
         for inbox in self._inboxes:
             inbox.put(None)
+        deadline = time.monotonic() + 1.0
         for proc in self._procs:
-            proc.join(timeout=10)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=5)
         self._procs, self._inboxes = [], []
 
 
@@ -168,8 +208,8 @@ class RayPredictor:
         self.output_column = output_column or {"embed": "embedding"}.get(task, "result")
 
     def __call__(self, batch: dict) -> dict:
-        texts = [str(t) for t in batch[self.column]]
-        pairs = None if self.pair_column is None else [str(t) for t in batch[self.pair_column]]
+        texts = _text_column(batch, self.column)
+        pairs = None if self.pair_column is None else _text_column(batch, self.pair_column)
         results = self.engine(texts, pairs)
         if self.task == "embed":
             batch[self.output_column] = np.stack(results) if results else np.zeros((0, 0), np.float32)
@@ -180,3 +220,14 @@ class RayPredictor:
 
             batch[self.output_column] = np.array([json.dumps(to_json(r), ensure_ascii=False) for r in results])
         return batch
+
+
+def _text_column(batch: dict, column: str) -> list:
+    """The column's values, which must be strings: a missing value (None, NaN) was embedded as
+    the text 'None' / 'nan' and a number as its digits, with no word."""
+    values = list(batch[column])
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"column {column!r} must hold strings, got {type(value).__name__} {value!r} in row {row} "
+                            "of this batch (filter or fill missing values first)")
+    return values
