@@ -14,6 +14,7 @@ or UTF-8, a missing field, an empty text) are reported with their line number an
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +134,8 @@ def run_task(args) -> int:
         raise
     counts = collections.Counter(resumed=writer.existing)
     pending = collections.deque()  # records handed to the engine, in order
+    stopped_by = _stop_signals_as_interrupts()
+    held = stopped_by["held"]  # a record's bookkeeping is never cut in half by Ctrl-C / SIGTERM
 
     def items():
         records = io.read_records(args.input, args.input_format, text_field=args.column or args.text_field,
@@ -142,25 +145,27 @@ def run_task(args) -> int:
                 continue  # another rank's shard
             if record.line <= writer.done_line:
                 continue  # written by an earlier run
-            counts["read"] += 1
+            with held():
+                if record.error is None:
+                    pending.append(record)
+                else:
+                    counts["skipped"] += 1
             if record.error is not None:
-                counts["skipped"] += 1
                 print(f"{args.input}:{record.line}: {record.error}", file=sys.stderr, flush=True)
                 if args.strict:
                     raise BadInput(f"{args.input}:{record.line}: {record.error} (--strict)")
                 continue
-            pending.append(record)
             yield (record.text, record.pair) if args.pair_field is not None else record.text
 
     start = time.perf_counter()
     status = 0
-    stopped_by = _stop_signals_as_interrupts()
     try:
         for n, result in enumerate(runner.stream(items()), start=1):
-            writer.add(pending.popleft(), result)
-            counts["written"] += 1
-            if n % 256 == 0:
-                writer.flush()
+            with held():
+                writer.add(pending.popleft(), result)
+                counts["written"] += 1
+                if n % 256 == 0:
+                    writer.flush()
     except BadInput as exc:
         print(str(exc), file=sys.stderr)
         status = 1
@@ -174,8 +179,11 @@ def run_task(args) -> int:
         writer.close()
         runner.close()
     seconds = time.perf_counter() - start
-    # read = written + skipped + unfinished (read ahead, not yet run when the run stopped: a rerun does them)
-    summary = {"read": counts["read"], "written": counts["written"], "skipped": counts["skipped"],
+    # read = written + skipped + unfinished (read ahead, not yet run when the run stopped: a rerun
+    # does them). Summed, not counted apart: a Ctrl-C between counting a record and queueing it
+    # made the two disagree by one.
+    summary = {"read": counts["written"] + counts["skipped"] + len(pending), "written": counts["written"],
+               "skipped": counts["skipped"],
                "unfinished": len(pending), "already_written": counts["resumed"], "output": output,
                "seconds": round(seconds, 3),
                "texts_per_s": round(counts["written"] / max(seconds, 1e-9), 1)}
@@ -184,19 +192,40 @@ def run_task(args) -> int:
 
 
 def _stop_signals_as_interrupts() -> dict:
-    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does, so a stopped run
-    writes what it has and its summary (SIGTERM's default ended it at once, the results since the
-    last flush lost). Returns {'signal': name once one came, 'restore': callable}."""
-    state = {"restore": lambda: None}
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread, so a stopped run writes what
+    it has and its summary (SIGTERM's default ended it at once, the results since the last flush
+    lost). Inside ``held()`` (a record counted and queued, or written to the output's buffer, or
+    a flush) the interrupt waits for the block's end: cut there, a .npy row would outlive its line
+    number or a flushed buffer be written twice. Returns {'signal': name once one came,
+    'held': context manager, 'restore': callable}."""
+    state = {"restore": lambda: None, "held": contextlib.nullcontext}
     if threading.current_thread() is not threading.main_thread():
         return state
+    holding, arrived = [False], []
 
     def interrupt(signum, frame):
         state["signal"] = signal.Signals(signum).name
+        if holding[0]:
+            arrived.append(signum)
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    state["restore"] = lambda: signal.signal(signal.SIGTERM, previous)
+    @contextlib.contextmanager
+    def held():
+        if threading.current_thread() is not threading.main_thread():
+            yield  # (the engine may read the input on a thread of its own; signals come to the main one)
+            return
+        holding[0] = True
+        try:
+            yield
+        finally:
+            holding[0] = False
+        if arrived:
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    state["held"] = held
+    state["restore"] = lambda: [signal.signal(s, handler) for s, handler in previous.items()]
     return state
 
 
