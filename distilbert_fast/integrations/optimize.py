@@ -26,6 +26,7 @@ the hook of ``enable_input_require_grads`` (PEFT and gradient checkpointing add 
 marks the embeddings' output as requiring grad, whatever its layout.
 """
 
+import contextvars
 import functools
 import inspect
 from typing import NamedTuple
@@ -42,7 +43,9 @@ from ..tracing import tracing
 _MARK = "_distilbert_fast_optimized"  # on the base model: the modules whose forward we set
 _AS_TRANSFORMERS = "_distilbert_fast_as_transformers"  # on the base model: its latest call runs transformers' forward
 _MISSING = object()
-_TOKEN_LABELS = "_distilbert_fast_token_labels"  # on the base model: its head's labels, during the head's call
+# (base model, its head's labels) during a head's call: per thread and task, so concurrent calls
+# of one model (a server's threads) do not see each other's labels
+_TOKEN_LABELS = contextvars.ContextVar("distilbert_fast_token_labels", default=(None, None))
 _IGNORE_INDEX = -100  # transformers' CrossEntropyLoss default: labels that do not count
 
 
@@ -191,11 +194,11 @@ class _HeadForward(_InstanceForward):
             labels = args[index] if index is not None and len(args) > index else None
         if not isinstance(labels, torch.Tensor) or tracing():
             return type(head).forward(head, *args, **kwargs)
-        self.base.__dict__[_TOKEN_LABELS] = labels
+        token = _TOKEN_LABELS.set((self.base, labels))
         try:
             return type(head).forward(head, *args, **kwargs)
         finally:
-            self.base.__dict__.pop(_TOKEN_LABELS, None)
+            _TOKEN_LABELS.reset(token)
 
 
 @functools.cache
@@ -217,7 +220,11 @@ def _with_token_labels(view, input_ids, inputs_embeds):
     """``view`` for one call of the base model: when its head's labels lie over the tokens (one
     per token of the (batch, seq) input), its packing plan keeps transformers' values wherever
     they count."""
-    labels = view._module.__dict__.get(_TOKEN_LABELS)
+    if tracing():
+        return view  # (_HeadForward leaves no labels while tracing)
+    base, labels = _TOKEN_LABELS.get()
+    if base is not view._module:
+        return view
     like = input_ids if input_ids is not None else inputs_embeds
     if labels is None or like is None or like.dim() < 2 or labels.numel() != like.shape[0] * like.shape[1]:
         return view
