@@ -51,9 +51,10 @@ from .deferred_checks import (
     safe_cu_seqlens,
     safe_ids,
 )
-from .packing import Packing, check_cu_seqlens, packing_of, sequence_positions, varlen_to_padded_index
+from .packing import (Packing, check_cu_seqlens, compiled_packing_of, packing_of, sequence_positions,
+                      varlen_to_padded_index)
 from .ops.backends import AUTO, check_backend_name
-from .tracing import tracing
+from .tracing import compiling_with_dynamic_shapes, tracing
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -1018,8 +1019,14 @@ class DistilBertModel(DistilBertPreTrainedModel):
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
         if tracing():
-            # under torch.compile / export / jit.trace: no host sync (no value checks), the padded
-            # computation (the packed entry point traces without a sync)
+            # Under a tracer no host sync (no value checks): the padded computation, unless
+            # torch.compile allows data-dependent sizes (the number of real tokens a symbol), no
+            # padding position needs HF's values (exact None: no rows to pool or labels there, and
+            # an all-padding row gets zeros) and the batch is on the CPU (on CUDA the sync that
+            # sizes it would keep CUDA graphs off). The packed entry point traces without a sync.
+            if (compiling_with_dynamic_shapes() and pack and exact is None and not output_attentions
+                    and attention_mask is not None and attention_mask.device.type == "cpu"):
+                return compiled_packing_of(_as_keep_mask(attention_mask))
             return None
         if attention_mask is None:
             checks = self._value_checks(input_ids, position_ids)  # [(flag, describe)], on the device

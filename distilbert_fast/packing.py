@@ -57,6 +57,28 @@ def packing_of(keep: torch.Tensor, total: int, max_seqlen: int) -> Packing:
     return Packing(indices[:total], cu_seqlens, int(max_seqlen), batch, seq)
 
 
+@torch.library.custom_op("distilbert_fast::real_token_rows", mutates_args=())
+def real_token_rows(keep: torch.Tensor) -> torch.Tensor:
+    """(total,) int64: the rows of the flattened (batch * seq) bool mask ``keep`` that are True,
+    in order. A custom op so that torch.compile traces it with a data-dependent size (an
+    unbacked symbol) instead of breaking the graph on the host read that sizes it."""
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
+@real_token_rows.register_fake
+def _(keep):
+    return keep.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
+
+
+def compiled_packing_of(keep: torch.Tensor) -> Packing:
+    """The Packing of a (batch, seq) bool mask under torch.compile: no host read (the number of
+    real tokens stays symbolic, ``max_seqlen`` is seq, an upper bound)."""
+    batch, seq = keep.shape
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    return Packing(real_token_rows(keep), cu_seqlens, seq, batch, seq)
+
+
 def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
     """flash-attn's ``unpad_input``: hidden (batch, seq, ...), attention_mask (batch, seq) with
     nonzero = real token -> (packed (total, ...), indices (total,), cu_seqlens (batch + 1,) int32,

@@ -17,6 +17,17 @@ def tracing() -> bool:
     )
 
 
+def compiling_with_dynamic_shapes() -> bool:
+    """Whether torch.compile (not torch.export, jit.trace or fx) records this call with ops of
+    data-dependent output size allowed in the graph
+    (``torch._dynamo.config.capture_dynamic_output_shape_ops``, off by default): only then can
+    the graph pack a padded batch (its number of real tokens a symbol) without a graph break.
+    (torch 2.11's ``torch.compiler.is_exporting()`` reads True under torch.compile too, so there
+    this is False.)"""
+    return (torch.compiler.is_compiling() and not _is_exporting()
+            and torch._dynamo.config.capture_dynamic_output_shape_ops)
+
+
 def onnx_exporting() -> bool:
     """Whether torch.onnx.export is recording this call (through jit.trace, or through
     torch.export for the dynamo exporter); the cheap tracer flags first, so that eager calls pay
@@ -24,4 +35,4 @@ def onnx_exporting() -> bool:
     return (torch.jit.is_tracing() or _is_exporting()) and torch.onnx.is_in_onnx_export()
 
 
-__all__ = ["onnx_exporting", "tracing"]
+__all__ = ["compiling_with_dynamic_shapes", "onnx_exporting", "tracing"]

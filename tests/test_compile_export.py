@@ -209,6 +209,33 @@ def test_compiled_training_step_matches_eager(backend):
         assert_close(grads_compiled[name], grads_eager[name], atol=1e-5, name=name)
 
 
+@pytest.mark.skipif(tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="torch 2.11's is_exporting() reads True under torch.compile: the padded computation stays")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_packs_a_ragged_batch_where_dynamic_shapes_are_allowed(backend):
+    """With torch._dynamo.config.capture_dynamic_output_shape_ops, a compiled base model packs a
+    padded batch inside its one graph (the real-token count a symbol): eager mode's outputs,
+    zeros at padding, on two batch shapes. Without the flag the padded computation (the test
+    above: masked_attention)."""
+    model = small_model(backend=backend, n_layers=2)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        compiled = torch.compile(model, backend=count)
+        for lengths in ([12, 5, 1], [9, 9, 3, 7]):
+            seq = max(lengths)
+            ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (len(lengths), seq))
+            mask = (torch.arange(seq) < torch.tensor(lengths)[:, None]).long()
+            expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert_close(got, expected, atol=1e-5, name=f"last_hidden_state {lengths}")
+    assert graphs and all("real_token_rows" in str(gm.graph) for gm in graphs)
+
+
 def test_model_compiles_with_inductor_on_the_cpu_backend():
     """Inductor proper (C++ code generation) around the opaque cpu ops. Under a tracer a padded
     batch runs the padded computation (packing would size a tensor from the mask's values), so
