@@ -22,7 +22,10 @@ same state_dict, into ours. Every provider runs every shape in the same process:
                     (under a tracer the padded entry point computes the padding) and of ours on
                     the packed entry point (ours[NAME]:packed+compile); each compiles once per
                     shape, with inductor's caches off, in its first call, timed on its own
-                    (compile_s: that call, compilation and one forward) and not in the median
+                    (compile_s: that call, compilation and one forward) and not in the median;
+                    on CPU also ours[NAME]+compile:dynamic-sizes, compiled with
+                    torch._dynamo.config.capture_dynamic_output_shape_ops, where the padded
+                    entry point packs inside the graph
     ort             (with --onnxruntime; CPU, float32) hf-eager's model exported to ONNX and fused by
                     onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
                     strongest fp32 peer on CPU (it prints which fusions matched)
@@ -360,6 +363,17 @@ def build_providers(args) -> list[Provider]:
             providers.append(Provider(f"ours[{name}]+compile", "ours", name, True, last_hidden(compiled)))
             providers.append(Provider(f"ours[{name}]:packed+compile", "ours", name, True,
                                       last_hidden(compiled), packed=True))
+            if args.device.type == "cpu":
+                # a copy (its own dynamo cache entry), traced with data-dependent sizes allowed:
+                # the padded entry point then packs inside the graph (README, torch.compile)
+                dynamic = torch.compile(copy.deepcopy(model), dynamic=False)
+
+                def with_dynamic_sizes(inputs, dynamic=dynamic):
+                    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+                        return dynamic(**inputs).last_hidden_state
+
+                providers.append(Provider(f"ours[{name}]+compile:dynamic-sizes", "ours", name, True,
+                                          with_dynamic_sizes))
     return providers
 
 
