@@ -439,10 +439,10 @@ def _forward_flattened(forward, model, args, kwargs):
         raise ValueError(f"cu_seq_lens_q must be a tensor with a flattened batch, got {type(cu_seqlens).__name__}")
     if flat["cu_seq_lens_k"] is not None and not torch.equal(flat["cu_seq_lens_k"], cu_seqlens):
         raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention), got other boundaries")
-    parameters = inspect.signature(forward).parameters
-    if "labels" not in parameters:
+    signature = inspect.signature(forward)
+    if "labels" not in signature.parameters:
         kwargs.pop("labels", None)  # the collator's (ids as labels, for causal LMs), as transformers drops them
-    bound = inspect.signature(forward).bind(model, *args, **kwargs).arguments
+    bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop("self", None)
     if bound.get("attention_mask") is not None:
         raise ValueError("attention_mask must be None with a flattened batch (cu_seq_lens_q)")

@@ -43,12 +43,17 @@ class Packing:
         return pad(x, self.indices, self.batch, self.seq)
 
 
+def cu_seqlens_of(keep: torch.Tensor) -> torch.Tensor:
+    """(batch + 1,) int32 cumulative row lengths of a (batch, seq) bool mask, from 0."""
+    lengths = keep.sum(dim=1, dtype=torch.int32)
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
 def packing_of(keep: torch.Tensor, total: int, max_seqlen: int) -> Packing:
     """The Packing of a (batch, seq) bool mask (True = real token) whose number of real tokens
     ``total`` and longest row ``max_seqlen`` the caller already knows (so nothing syncs here)."""
     batch, seq = keep.shape
-    lengths = keep.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    cu_seqlens = cu_seqlens_of(keep)
     # Row of each real token in the packed tensor; padding goes to a scratch row `total`, dropped.
     flat = keep.reshape(-1)
     dest = torch.where(flat, torch.cumsum(flat, 0) - 1, total)
@@ -74,9 +79,7 @@ def compiled_packing_of(keep: torch.Tensor) -> Packing:
     """The Packing of a (batch, seq) bool mask under torch.compile: no host read (the number of
     real tokens stays symbolic, ``max_seqlen`` is seq, an upper bound)."""
     batch, seq = keep.shape
-    lengths = keep.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-    return Packing(real_token_rows(keep), cu_seqlens, seq, batch, seq)
+    return Packing(real_token_rows(keep), cu_seqlens_of(keep), seq, batch, seq)
 
 
 def unpad(hidden: torch.Tensor, attention_mask: torch.Tensor):
