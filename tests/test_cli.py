@@ -364,15 +364,20 @@ def test_a_stop_signal_waits_for_the_end_of_a_held_block(stop):
         state["restore"]()
 
 
-def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path):
+def test_cpu_worker_processes_equal_one_process(model_dir, tmp_path, capsys):
+    """... and both show the progress bar (texts/s and tokens/s) when asked; with --devices the
+    bar is the parent's (there was none before)."""
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i} {'x ' * (i % 9)}\n" for i in range(300)), encoding="utf-8")
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     common = ["classify", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu",
-              "--window", "64", "--top-k", "2"]
+              "--window", "64", "--top-k", "2", "--progress", "on"]
     assert main([*common, "--output", str(one)]) == 0
     code, err = run_cli(*common, "--output", str(two), "--devices", "2")
     assert code == 0, err
+    for shown in (capsys.readouterr().err, err):
+        final = shown.replace("\r", "\n").splitlines()
+        assert any(line.startswith("classify: 300 texts") and "tokens/s" in line for line in final), shown
     a, b = read_jsonl(one), read_jsonl(two)
     assert [r["line"] for r in a] == [r["line"] for r in b] == list(range(1, 301))
     for x, y in zip(a, b):

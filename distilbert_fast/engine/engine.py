@@ -201,7 +201,7 @@ class InferenceEngine:
         tokenizing ``items`` fails, the results of every item before the failing window come
         first, then the error."""
         windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
-        bar = self._progress_bar(total)
+        bar = progress_bar(self.progress, total, self.task.name)
         self._last_done = None
         try:
             queued = None  # (window, its launched batches), results not read yet
@@ -295,10 +295,7 @@ class InferenceEngine:
         self.stats["seconds"] += time.perf_counter() - start
         self.stats["texts"] += len(items)
         self.stats["tokens"] += window.tokens
-        if bar is not None:
-            bar.update(len(items))
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{self.stats['tokens'] / elapsed:,.0f} tokens/s", refresh=False)
+        advance(bar, len(items), self.stats["tokens"])
         return results
 
     def _collect(self, pending, values):
@@ -326,13 +323,25 @@ class InferenceEngine:
         span = self.stats.get("device_span_s")
         return self.stats["device_idle_s"] / span if span else None
 
-    def _progress_bar(self, total):
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not show:
-            return None
-        from tqdm.auto import tqdm
 
-        return tqdm(total=total, unit=" texts", desc=self.task.name, dynamic_ncols=True)
+def progress_bar(progress, total, task_name):
+    """A tqdm bar counting texts, or None: ``progress`` True / False, or None for 'when stderr is a
+    terminal' (off for non-interactive use)."""
+    show = progress if progress is not None else sys.stderr.isatty()
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=" texts", desc=task_name, dynamic_ncols=True)
+
+
+def advance(bar, texts: int, tokens_so_far: int):
+    """Counts ``texts`` more done on ``bar`` (if any) and shows the tokens/s so far beside texts/s."""
+    if bar is None:
+        return
+    bar.update(texts)
+    elapsed = bar.format_dict["elapsed"] or 1e-9
+    bar.set_postfix_str(f"{tokens_so_far / elapsed:,.0f} tokens/s", refresh=False)
 
 
 def _timing_event() -> torch.cuda.Event:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from .engine import InferenceEngine, _chunks
+from .engine import InferenceEngine, _chunks, advance, progress_bar
 
 
 def torchrun_rank() -> tuple[int, int, int]:
@@ -66,7 +66,9 @@ def _worker(path, options, device, threads, inbox, outbox):
             return
         seq, chunk = job
         try:
-            outbox.put(("ok", seq, engine(chunk)))
+            tokens_before = engine.stats["tokens"]
+            results = engine(chunk)
+            outbox.put(("ok", seq, (results, engine.stats["tokens"] - tokens_before)))
         except BaseException as exc:
             outbox.put(("error", seq, _picklable(exc)))
 
@@ -99,6 +101,7 @@ class WorkerPool:
         cpu_workers = sum(d == "cpu" for d in self.devices)
         threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
         self.window = options.get("window") or 2048
+        self.progress, self.task_name = options.get("progress"), options.get("task", "embed")
         ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self._outbox = ctx.Queue()
         self._inboxes, self._procs = [], []
@@ -127,11 +130,20 @@ class WorkerPool:
                     raise ChildProcessError(f"a worker process on {self.devices[self._procs.index(dead[0])]} died "
                                             f"({how}); the results so far are written, rerun to resume")
 
-    def stream(self, items):
+    def stream(self, items, total=None):
         """Results in input order. If reading ``items`` fails, the results of every item read
-        before come first (the windows already with the workers are waited for), then the error."""
+        before come first (the windows already with the workers are waited for), then the error.
+        The progress bar (the engine's option ``progress``) is this process's: the workers have none."""
+        bar = progress_bar(self.progress, total, self.task_name)
+        try:
+            yield from self._stream(items, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _stream(self, items, bar):
         chunks = _chunks(items, self.window)
-        in_flight, done, next_seq, sent = 0, {}, 0, 0
+        in_flight, done, next_seq, sent, tokens = 0, {}, 0, 0, 0
         limit = 2 * len(self._procs)
         exhausted, failure = False, None
         while True:
@@ -156,7 +168,10 @@ class WorkerPool:
                     raise _worker_error(payload, f"window {seq}")
                 done[seq] = payload
             in_flight -= 1
-            yield from done.pop(next_seq)
+            results, window_tokens = done.pop(next_seq)
+            tokens += window_tokens
+            advance(bar, len(results), tokens)
+            yield from results
             next_seq += 1
 
     def close(self):
