@@ -135,6 +135,30 @@ def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
     assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
 
 
+def test_csv_invalid_utf8_inside_a_quoted_multiline_field(model_dir, tmp_path, capsys):
+    """The record holding the bad bytes is reported once, at its first line, naming the bad line;
+    the records after it are read as they are (the bad line was dropped before csv saw it, so the
+    quote that opened on line 3 swallowed the next record and two wrong lines were reported)."""
+    src = tmp_path / "in.csv"
+    src.write_bytes(b'id,text\n1,"fine"\n2,"starts well\nthen \xff\xfe bad\nends here"\n3,"after it"\n'
+                    b'4,"bad \xc3 on its own line"\n5,last\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                 "--device", "cpu"]) == 0
+    rows = read_jsonl(out)
+    assert [(r["line"], r["id"]) for r in rows] == [(2, "1"), (6, "3"), (8, "5")]
+    np.testing.assert_allclose([r["embedding"] for r in rows],
+                               expected_embeddings(model_dir, ["fine", "after it", "last"]), atol=1e-6)
+    err = capsys.readouterr().err
+    assert "in.csv:3: invalid UTF-8 (invalid start byte at byte 5) on line 4" in err
+    assert "in.csv:7: invalid UTF-8 (invalid continuation byte at byte 7)" in err
+    assert summary_of(err)["skipped"] == 2 and summary_of(err)["written"] == 3
+    src.write_bytes(b'id,te\xffxt\n1,one\n')
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                 "--device", "cpu"]) == 2
+    assert "header (line 1) is not valid: invalid UTF-8 (invalid start byte at byte 5)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", ["csv", "jsonl", "txt"])
 def test_byte_order_mark_and_a_megabyte_text(model_dir, tmp_path, capsys, suffix):
     """A UTF-8 BOM (Excel's "CSV UTF-8", Notepad) is not part of the first header or line, and a

@@ -55,9 +55,11 @@ def input_format(path: str, fmt: str | None) -> str:
 _BOM = b"\xef\xbb\xbf"
 
 
-def _lines(stream):
+def _lines(stream, errors="strict"):
     """(line number, str or None for invalid UTF-8, error) of a binary stream, newline stripped.
-    A UTF-8 byte order mark at the start (Excel's "CSV UTF-8", Notepad) is not part of the text."""
+    A UTF-8 byte order mark at the start (Excel's "CSV UTF-8", Notepad) is not part of the text.
+    With ``errors="surrogateescape"`` a bad line still comes as text (its bad bytes as lone
+    surrogates), beside its error."""
     for number, raw in enumerate(stream, start=1):
         raw = raw.rstrip(b"\n").rstrip(b"\r")
         if number == 1 and raw.startswith(_BOM):
@@ -65,7 +67,8 @@ def _lines(stream):
         try:
             yield number, raw.decode("utf-8"), None
         except UnicodeDecodeError as exc:
-            yield number, None, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
+            text = raw.decode("utf-8", errors) if errors != "strict" else None
+            yield number, text, f"invalid UTF-8 ({exc.reason} at byte {exc.start})"
 
 
 def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field="id", column=None,
@@ -128,40 +131,44 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
 
 
 def _csv_records(stream, delimiter, column, pair_column, id_field):
-    # csv needs str lines: decode each physical line on its own and report the bad ones here
-    bad, numbers = [], []  # numbers[k]: the physical line number of the k-th line csv read
+    # csv needs str lines: each physical line is decoded on its own, a bad one with its bad bytes
+    # escaped, so that csv still sees it (a quoted field may span lines) and the record holding it
+    # is reported at its own first line
+    numbers, errors = [], {}  # the physical lines csv read for the record at hand, and their errors
 
     def decoded():
-        for number, text, error in _lines(stream):
-            if error is not None:
-                bad.append(Record(number, None, error=error))
-                continue
+        for number, text, error in _lines(stream, errors="surrogateescape"):
             numbers.append(number)
+            if error is not None:
+                errors[number] = error
             yield text + "\n"
 
     _lift_csv_field_limit()
     reader = csv.reader(decoded(), delimiter=delimiter)
-    header, consumed = None, 0
-    for row in reader:
-        first_line = numbers[consumed]
-        consumed = reader.line_num
-        yield from bad
-        bad.clear()
+    header = None
+    for row in reader:  # csv reads no line beyond the record it returns
+        first, bad = numbers[0], min(errors, default=None)
+        error = None if bad is None else errors[bad] + ("" if bad == first else f" on line {bad}")
+        numbers.clear()
+        errors.clear()
         if header is None:
+            if error is not None:
+                raise ValueError(f"the input's header (line {first}) is not valid: {error}")
             header = row
             for name in (column, pair_column):
                 if name is not None and name not in header:
                     raise ValueError(f"column {name!r} is not in the input's header {header}")
             continue
-        record = Record(first_line, None, id=_cell(header, row, id_field))
-        if len(row) != len(header):
-            record.error = f"expected {len(header)} fields, got {len(row)}"
-        else:
-            record.text = _cell(header, row, column)
-            if pair_column is not None:
-                record.pair = _cell(header, row, pair_column)
+        record = Record(first, None, error=error)
+        if error is None:
+            record.id = _cell(header, row, id_field)
+            if len(row) != len(header):
+                record.error = f"expected {len(header)} fields, got {len(row)}"
+            else:
+                record.text = _cell(header, row, column)
+                if pair_column is not None:
+                    record.pair = _cell(header, row, pair_column)
         yield _checked(record)
-    yield from bad
 
 
 def _lift_csv_field_limit():
