@@ -421,47 +421,47 @@ def _ignoring_tokenizer_outputs(forward):
 _FLATTENED_INPUTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _forward_flattened(forward, model, args, kwargs):
-    """A flattened batch, (1, total) ids with cu_seq_lens_q, run on the packed entry point: each
-    sequence attends within itself, as transformers' flash-attention models compute it, and the
-    position ids restart per sequence (the collator's own). Token outputs come back (1, total, ...)."""
-    flat = {key: kwargs.pop(key, None) for key in _FLATTENED_INPUTS}
-    name = type(model).__name__
-    if not model._token_outputs:
-        raise ValueError(
-            f"{name} gives one output per sequence, so it does not take a flattened batch "
-            "(cu_seq_lens_q, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives it); "
-            "pass a padded batch, or use a token-level model (the base model, masked LM, token "
-            "classification, question answering)"
-        )
+def pop_flattened(kwargs: dict) -> dict | None:
+    """The flattened-batch keywords popped from ``kwargs``, or None if it holds none."""
+    if not any(key in kwargs for key in _FLATTENED_INPUTS):
+        return None
+    return {key: kwargs.pop(key, None) for key in _FLATTENED_INPUTS}
+
+
+def packed_from_flattened(flat: dict, inputs: dict) -> int:
+    """Turns a flattened batch into the packed entry point's arguments, in place in ``inputs``
+    (forward's arguments by name): the (1, total) rows become (total,) ones, cu_seq_lens_q
+    becomes cu_seqlens and max_seqlen. Returns total. Each sequence then attends within itself,
+    as transformers' flash-attention models compute a flattened batch; position ids are the
+    caller's (the collator restarts them per sequence), or restart per sequence."""
     cu_seqlens = flat["cu_seq_lens_q"]
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seq_lens_q must be a tensor with a flattened batch, got {type(cu_seqlens).__name__}")
     if flat["cu_seq_lens_k"] is not None and not torch.equal(flat["cu_seq_lens_k"], cu_seqlens):
         raise ValueError("cu_seq_lens_k must equal cu_seq_lens_q (self-attention), got other boundaries")
-    signature = inspect.signature(forward)
-    if "labels" not in signature.parameters:
-        kwargs.pop("labels", None)  # the collator's (ids as labels, for causal LMs), as transformers drops them
-    bound = signature.bind(model, *args, **kwargs).arguments
-    bound.pop("self", None)
-    if bound.get("attention_mask") is not None:
+    if inputs.get("attention_mask") is not None:
         raise ValueError("attention_mask must be None with a flattened batch (cu_seq_lens_q)")
     total = None
     for key in ("input_ids", "inputs_embeds"):
-        x = bound.get(key)
+        x = inputs.get(key)
         if x is not None:
             if x.dim() < 2 or x.shape[0] != 1:
                 raise ValueError(f"{key} must have shape (1, total{', dim' if key == 'inputs_embeds' else ''}) "
                                  f"in a flattened batch, got {tuple(x.shape)}")
-            bound[key], total = x[0], x.shape[1]
-    labels = bound.get("labels")
-    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[0] == 1:
-        bound["labels"] = labels[0]
-    bound["position_ids"] = None  # the packed entry point restarts them per sequence, as the collator
+            inputs[key], total = x[0], x.shape[1]
+    for key in ("labels", "position_ids"):
+        x = inputs.get(key)
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 1:
+            inputs[key] = x[0]
     max_seqlen = flat["max_length_q"]
-    bound["cu_seqlens"] = cu_seqlens.to(torch.int32)
-    bound["max_seqlen"] = int(cu_seqlens.diff().max()) if max_seqlen is None else int(max_seqlen)
-    out = forward(model, **bound)
+    inputs["cu_seqlens"] = cu_seqlens.to(torch.int32)
+    inputs["max_seqlen"] = int(cu_seqlens.diff().max()) if max_seqlen is None else int(max_seqlen)
+    return total
+
+
+def as_one_row(out, total: int):
+    """A packed forward's outputs in a flattened batch's shapes: each per-token tensor (total, ...)
+    as (1, total, ...); the loss and per-sequence outputs as they are."""
 
     def one_row(value):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
@@ -476,6 +476,27 @@ def _forward_flattened(forward, model, args, kwargs):
         if key != "loss":
             out[key] = one_row(value)
     return out
+
+
+def _forward_flattened(forward, model, args, kwargs):
+    """A flattened batch, (1, total) ids with cu_seq_lens_q, run on the packed entry point (see
+    packed_from_flattened). Token outputs come back (1, total, ...)."""
+    flat = pop_flattened(kwargs)
+    name = type(model).__name__
+    if not model._token_outputs:
+        raise ValueError(
+            f"{name} gives one output per sequence, so it does not take a flattened batch "
+            "(cu_seq_lens_q, as DataCollatorWithFlattening(return_flash_attn_kwargs=True) gives it); "
+            "pass a padded batch, or use a token-level model (the base model, masked LM, token "
+            "classification, question answering)"
+        )
+    signature = inspect.signature(forward)
+    if "labels" not in signature.parameters:
+        kwargs.pop("labels", None)  # the collator's (ids as labels, for causal LMs), as transformers drops them
+    bound = signature.bind(model, *args, **kwargs).arguments
+    bound.pop("self", None)
+    total = packed_from_flattened(flat, bound)
+    return as_one_row(forward(model, **bound), total)
 
 
 class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):

@@ -131,6 +131,56 @@ def test_gradients_equal_unoptimised(class_name):
         assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM", "DistilBertForTokenClassification",
+                                        "BertModel", "BertForMaskedLM", "BertForTokenClassification"])
+def test_flattened_batch_runs_each_sequence_alone(class_name):
+    """DataCollatorWithFlattening's batch (one row of concatenated sequences, cu_seq_lens_q, which
+    transformers' heads pass down to the base model): each sequence attends within itself, as
+    transformers computes it with flash attention, so outputs, loss and every gradient equal the
+    unoptimised model's on the same sequences padded (its sdpa attention mixed the sequences)."""
+    overrides = (
+        dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if class_name.startswith("Bert")
+        else dict(dropout=0.0, attention_dropout=0.0)
+    )
+    ref = hf_model(class_name, **overrides).train()
+    model = distilbert_fast.optimize(copy.deepcopy(ref))
+    high = ref.config.vocab_size if class_name.endswith("MaskedLM") else ref.config.num_labels
+    lengths = (5, 9, 2)
+    features = [{"input_ids": torch.randint(1, 99, (n,)).tolist(), "labels": torch.randint(0, high, (n,)).tolist()}
+                for n in lengths]
+    flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    labels = flat["labels"][0].split(lengths)  # the collator's: -100 at each sequence's first token
+    padded = {"input_ids": torch.zeros(3, max(lengths), dtype=torch.long),
+              "attention_mask": torch.zeros(3, max(lengths), dtype=torch.long),
+              "labels": torch.full((3, max(lengths)), -100)}
+    for row, (f, n) in enumerate(zip(features, lengths)):
+        padded["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+        padded["attention_mask"][row, :n] = 1
+        padded["labels"][row, :n] = labels[row]
+    has_labels = not class_name.endswith("Model")
+    if not has_labels:
+        flat.pop("labels")
+        padded.pop("labels")
+    out, ref_out = model(**flat), ref(**padded)
+    real = padded["attention_mask"].bool()
+    first = "logits" if has_labels else "last_hidden_state"
+    assert out[first].shape[:2] == (1, sum(lengths))
+    assert_close(out[first][0], ref_out[first][real], atol=1e-5, name=first)
+    if has_labels:
+        losses = [out.loss, ref_out.loss]
+        assert_close(out.loss, ref_out.loss, atol=1e-5, name="loss")
+    else:
+        losses = [out.last_hidden_state.pow(2).mean(), ref_out.last_hidden_state[real].pow(2).mean()]
+    for loss in losses:
+        loss.backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if grads[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+
+
 def test_in_place_same_object_class_parameters_and_undo():
     model = hf_model("DistilBertForSequenceClassification")
     params = {name: p for name, p in model.named_parameters()}

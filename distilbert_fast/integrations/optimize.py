@@ -260,11 +260,21 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
                               position_ids=None, head_mask=None, output_attentions=None,
                               output_hidden_states=None, return_dict=None, pack=True, **kwargs):
     """transformers 5's DistilBertModel signature (other keywords, e.g. token_type_ids, are
-    ignored as transformers 5 ignores them) over our DistilBertModel.forward."""
-    return modeling.DistilBertModel.forward(
-        _with_token_labels(view, input_ids, inputs_embeds), input_ids, attention_mask, head_mask,
-        inputs_embeds, output_attentions, output_hidden_states, return_dict, position_ids=position_ids, pack=pack,
+    ignored as transformers 5 ignores them) over our DistilBertModel.forward. A flattened batch
+    (DataCollatorWithFlattening's keywords, which transformers' heads pass down) runs on the packed
+    entry point: each sequence attends within itself, as transformers computes it with flash
+    attention (its sdpa and eager attention ignore those keywords and attend across the row)."""
+    flattened = modeling.pop_flattened(kwargs)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                  position_ids=position_ids)
+    total = None if flattened is None else modeling.packed_from_flattened(flattened, inputs)
+    out = modeling.DistilBertModel.forward(
+        view if flattened else _with_token_labels(view, input_ids, inputs_embeds), inputs["input_ids"],
+        inputs["attention_mask"], head_mask, inputs["inputs_embeds"], output_attentions, output_hidden_states,
+        return_dict, position_ids=inputs["position_ids"], pack=pack, cu_seqlens=inputs.get("cu_seqlens"),
+        max_seqlen=inputs.get("max_seqlen"),
     )
+    return out if total is None else modeling.as_one_row(out, total)
 
 
 def _checkpointing(encoder):
@@ -424,10 +434,13 @@ class _EmbeddingsCall:
 def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                         inputs_embeds=None, head_mask=None, output_attentions=None,
                         output_hidden_states=None, return_dict=None, pack=True, **kwargs):
-    """transformers' BertModel signature over our DistilBertModel.forward; the pooler after."""
+    """transformers' BertModel signature over our DistilBertModel.forward (a flattened batch as
+    in _distilbert_model_forward); the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    view = _with_token_labels(view, input_ids, inputs_embeds)
+    flattened = modeling.pop_flattened(kwargs)
+    if flattened is None:
+        view = _with_token_labels(view, input_ids, inputs_embeds)
     module = view._module
     embeddings = module.embeddings
     if token_type_ids is not None:
@@ -442,10 +455,16 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         **view._values,
         "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                  position_ids=position_ids)
+    total = None if flattened is None else modeling.packed_from_flattened(flattened, inputs)
     out = modeling.DistilBertModel.forward(
-        per_call, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-        output_hidden_states, True, position_ids=position_ids, pack=pack,
+        per_call, inputs["input_ids"], inputs["attention_mask"], head_mask, inputs["inputs_embeds"],
+        output_attentions, output_hidden_states, True, position_ids=inputs["position_ids"], pack=pack,
+        cu_seqlens=inputs.get("cu_seqlens"), max_seqlen=inputs.get("max_seqlen"),
     )
+    if total is not None:
+        out = modeling.as_one_row(out, total)
     pooled = module.pooler(out.last_hidden_state) if module.pooler is not None else None
     result = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=out.last_hidden_state, pooler_output=pooled,
