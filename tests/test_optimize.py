@@ -91,6 +91,15 @@ def run_both(class_name, training=False, **call):
     return ref(**inputs, **call), model(**inputs, **call), ref, model, mask
 
 
+def assert_same_gradients(model, ref):
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        if grads[name].grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+
+
 @pytest.mark.parametrize("class_name", DISTILBERT_CLASSES + BERT_CLASSES)
 def test_outputs_equal_unoptimised(class_name):
     ref_out, out, _, model, mask = run_both(class_name, output_hidden_states=True)
@@ -123,12 +132,7 @@ def test_gradients_equal_unoptimised(class_name):
     assert_close(losses[1], losses[0], atol=1e-5, name="loss")
     for loss in losses:
         loss.backward()
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if grads[name].grad is None:
-            assert p.grad is None or not p.grad.any(), name
-            continue
-        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+    assert_same_gradients(model, ref)
 
 
 @pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM", "DistilBertForTokenClassification",
@@ -173,12 +177,7 @@ def test_flattened_batch_runs_each_sequence_alone(class_name):
         losses = [out.last_hidden_state.pow(2).mean(), ref_out.last_hidden_state[real].pow(2).mean()]
     for loss in losses:
         loss.backward()
-    grads = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        if grads[name].grad is None:
-            assert p.grad is None or not p.grad.any(), name
-            continue
-        assert_close(p.grad, grads[name].grad, atol=1e-5, name=f"grad {name}")
+    assert_same_gradients(model, ref)
 
 
 def test_in_place_same_object_class_parameters_and_undo():
