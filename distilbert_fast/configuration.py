@@ -12,8 +12,21 @@ CONFIG_NAME = "config.json"
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
-# Keys that configure a run, not the model: accepted for compatibility, never written out.
-_RUNTIME_ONLY = ("backend",)
+# Keys that configure a run, not the model: accepted for compatibility, never written out
+# (_attn_implementation is transformers' run-time choice too: its to_dict drops it).
+_RUNTIME_ONLY = ("backend", "_attn_implementation")
+
+# transformers' attention implementation names a model accepts (set_attn_implementation,
+# from_pretrained's attn_implementation=): all run our attention op, with eager's values.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+# transformers' PreTrainedConfig() values of the keys every config has: to_diff_dict leaves out a
+# key whose value is this default, as transformers' does (the architecture keys are always kept).
+_BASE_DEFAULTS = {
+    "architectures": None, "output_hidden_states": False, "return_dict": True, "dtype": None,
+    "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "problem_type": None, "_name_or_path": "", "output_attentions": False,
+}
 
 # transformers' from_pretrained keywords about loading, not the model: never stored in the config.
 LOADING_KWARGS = (
@@ -119,6 +132,13 @@ class DistilBertConfig:
 
         # Not part of the model: which op backend to run (see distilbert_fast.ops).
         self.backend = kwargs.pop("backend", None)
+        # transformers' bookkeeping every config has: where it was loaded from (name_or_path), the
+        # dtype the weights were saved in, the attention implementation a model runs (set by
+        # model.set_attn_implementation; never saved), and that DistilBERT is no encoder-decoder
+        self._name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
+        self.dtype = kwargs.pop("dtype", None)
+        self.is_encoder_decoder = kwargs.pop("is_encoder_decoder", False)
+        self._attn_implementation = kwargs.pop("attn_implementation", kwargs.pop("_attn_implementation", None))
 
         # Keep whatever else the file held (transformers_version, dtype, ...) so it round-trips.
         for key, value in kwargs.items():
@@ -169,14 +189,33 @@ class DistilBertConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    @property
+    def name_or_path(self) -> str:
+        """The directory the config was loaded from ('' for a new one), as transformers' config."""
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value):
+        self._name_or_path = str(value)
+
     # -- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
         out["model_type"] = self.model_type
         return out
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """``to_dict`` without what a config gets by default, as transformers' ``to_diff_dict``:
+        the keys every config has (labels, return_dict, ...) are left out when at transformers'
+        default; DistilBERT's own keys and any extra key are always kept; never _name_or_path."""
+        return {key: value for key, value in self.to_dict().items()
+                if key != "_name_or_path" and (key not in _BASE_DEFAULTS or value != _BASE_DEFAULTS[key])}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON: what differs from the defaults (``use_diff=True``, transformers'
+        default), or every key (``use_diff=False``)."""
+        config_dict = self.to_diff_dict() if use_diff is True else self.to_dict()
+        return json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 
     def update(self, config_dict: dict[str, Any]) -> None:
         """Sets each key of ``config_dict`` as an attribute (aliases resolved), as transformers' does."""
@@ -184,10 +223,9 @@ class DistilBertConfig:
             setattr(self, key, value)
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
-        """Writes the config as JSON to ``json_file_path`` (every value: ``use_diff`` is accepted
-        for transformers' signature; config.json always holds the full config here)."""
+        """Writes ``to_json_string(use_diff)`` to ``json_file_path``, as transformers does."""
         with open(json_file_path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+            f.write(self.to_json_string(use_diff=use_diff))
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
@@ -212,7 +250,10 @@ class DistilBertConfig:
             values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
             for key in ("transformers_version", "dtype", "is_encoder_decoder"):
                 values.pop(key, None)
-            return cls.from_dict(values)
+            coerced = cls.from_dict(values)
+            coerced._name_or_path = str(getattr(config, "name_or_path", "") or "")
+            coerced._attn_implementation = getattr(config, "_attn_implementation", None)
+            return coerced
         raise TypeError(f"config must be a DistilBertConfig, got {type(config).__name__}")
 
     @classmethod
@@ -234,6 +275,7 @@ class DistilBertConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
         config = cls.from_json_file(path)
+        config._name_or_path = os.fspath(directory)
         for key, value in kwargs.items():
             setattr(config, key, value)
         return config
