@@ -287,7 +287,12 @@ class DistilBertConfig:
         self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def __eq__(self, other):
-        return isinstance(other, DistilBertConfig) and self.to_dict() == other.to_dict()
+        # equal settings are equal configs wherever each was loaded from (name_or_path)
+        if not isinstance(other, DistilBertConfig):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("_name_or_path", None), theirs.pop("_name_or_path", None)
+        return mine == theirs
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
