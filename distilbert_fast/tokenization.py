@@ -53,13 +53,15 @@ MAX_ROWS_PER_CALL = 1 << 20
 # core's encode_batch arguments after the texts)
 _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool),
                              ("return_overflowing_tokens", bool), ("return_tensors", object), ("cap", int),
-                             ("max_length", object), ("stride", int), ("plain_up_to", int)])
+                             ("max_length", object), ("stride", int), ("plain_up_to", int),
+                             ("split_special_tokens", bool)])
 # the tokenizer's settings a plan depends on; setting one forgets the cached plans
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
-                          "num_threads", "max_rows_per_call", "model_input_names"})
+                          "num_threads", "max_rows_per_call", "model_input_names", "split_special_tokens"})
 # keywords that need _call's own handling
 _UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})
 _MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
+_AS_BUFFERS = 13  # where a plan's core_args say "return tensors" (then the outputs asked for)
 
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                "only_second": "only_second", False: "none", "do_not_truncate": "none", None: "none"}
@@ -432,7 +434,8 @@ class DistilBertTokenizer:
 
     Arguments as HuggingFace's BertTokenizer: ``vocab_file`` (vocab.txt), ``do_lower_case``,
     ``do_basic_tokenize``, ``never_split``, the special tokens, ``tokenize_chinese_chars``,
-    ``strip_accents`` (None: follow ``do_lower_case``). Also ``vocab`` (dict token -> id or list of
+    ``strip_accents`` (None: follow ``do_lower_case``), ``split_special_tokens`` (True: special
+    tokens in the text are tokenized as plain text; each call may say otherwise). Also ``vocab`` (dict token -> id or list of
     tokens) or ``tokenizer_file`` (a tokenizer.json with a WordPiece model) instead of
     ``vocab_file``, ``model_max_length``, ``padding_side``, ``truncation_side``, ``num_threads``
     (threads for batches; 0 or None: all cores) and ``max_rows_per_call`` (the cap on overflow rows).
@@ -460,7 +463,7 @@ class DistilBertTokenizer:
                  model_max_length=None, padding_side="right", truncation_side="right",
                  clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
                  continuing_subword_prefix=None, max_input_chars_per_word=None, added_tokens_decoder=None,
-                 extra_special_tokens=None, additional_special_tokens=None, **kwargs):
+                 extra_special_tokens=None, additional_special_tokens=None, split_special_tokens=False, **kwargs):
         core = _core_module()
         specials = dict(unk_token=unk_token, sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
                         mask_token=mask_token)
@@ -523,6 +526,7 @@ class DistilBertTokenizer:
         if max_rows_per_call is not None and (not _is_int(max_rows_per_call) or max_rows_per_call < 1):
             raise ValueError(f"max_rows_per_call must be a positive int or None, got {max_rows_per_call!r}")
         self.max_rows_per_call = max_rows_per_call
+        self.split_special_tokens = bool(split_special_tokens)
         for name in _SPECIAL_NAMES:
             setattr(self, name + "_id", self._core.token_to_id(getattr(self, name)))
         self.name_or_path = kwargs.get("name_or_path", "")
@@ -533,11 +537,20 @@ class DistilBertTokenizer:
                             "model_max_length": self.model_max_length, **specials}
 
     def _build_core(self, tokens):
+        self._core = self._make_core(tokens, split_special_tokens=False)
+        self._split_core = None  # made on first use by a call with split_special_tokens=True
+        vocab_size = self._core.vocab_size()
+        # HF's len(): the vocab's tokens and the added tokens' contents, each once
+        self._num_tokens = vocab_size + sum(
+            1 for index, t in self._added.items() if index >= vocab_size or tokens[index] != t.content)
+
+    def _make_core(self, tokens, split_special_tokens):
         core = _core_module()
         prefix, max_chars = self._wordpiece
         template = self._template_tokens
         # the core matches each added token once, in HF's order of precedence (special tokens
-        # first, then the others, each in the order added), with the flags its id has now
+        # first, then the others, each in the order added), with the flags its id has now;
+        # with split_special_tokens (HF's encode_special_tokens) the special ones not at all
         added, seen = [], set()
         for token in self._added_order + self._added_plain:
             index = self._added_ids[token.content]
@@ -545,15 +558,21 @@ class DistilBertTokenizer:
                 seen.add(index)
                 t = self._added[index]
                 added.append((t.content, index, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word))
-        self._core = core.Tokenizer(
+        made = core.Tokenizer(
             tokens, self.do_lower_case, self.strip_accents, self.tokenize_chinese_chars, self.do_basic_tokenize,
             self.never_split, template["unk_token"], template["sep_token"], self.pad_token, template["cls_token"],
-            template["mask_token"], [], prefix, max_chars, added)
-        self._core.set_batch_encoding_class(BatchEncoding)
-        vocab_size = self._core.vocab_size()
-        # HF's len(): the vocab's tokens and the added tokens' contents, each once
-        self._num_tokens = vocab_size + sum(
-            1 for index, t in self._added.items() if index >= vocab_size or tokens[index] != t.content)
+            template["mask_token"], [], prefix, max_chars, added, not split_special_tokens)
+        made.set_batch_encoding_class(BatchEncoding)
+        return made
+
+    def _encoding_core(self, split_special_tokens):
+        """The core that encodes: the tokenizer's own, or (split_special_tokens=True) its twin that
+        does not match the special tokens in the text."""
+        if not split_special_tokens:
+            return self._core
+        if self._split_core is None:
+            self._split_core = self._make_core(self._core.vocab(), split_special_tokens=True)
+        return self._split_core
 
     # -- added tokens (HF's AddedVocabulary: the same bookkeeping, so the same ids and matches) --
 
@@ -743,7 +762,7 @@ class DistilBertTokenizer:
                 if k in ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars",
                          "strip_accents", "model_max_length", "padding_side", "truncation_side",
                          "clean_up_tokenization_spaces", "model_input_names", "extra_special_tokens",
-                         "additional_special_tokens") + _SPECIAL_NAMES}
+                         "additional_special_tokens", "split_special_tokens") + _SPECIAL_NAMES}
         json_file = os.path.join(path, "tokenizer.json")
         vocab_file = os.path.join(path, "vocab.txt")
         # added tokens, by id: tokenizer.json's added_tokens (what HF's fast tokenizer saves),
@@ -793,6 +812,7 @@ class DistilBertTokenizer:
             "padding_side": self.padding_side,
             "truncation_side": self.truncation_side,
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            "split_special_tokens": self.split_special_tokens,
             **specials,
         }
         if self.model_input_names != type(self).model_input_names:
@@ -826,6 +846,11 @@ class DistilBertTokenizer:
     def __len__(self):
         """The vocab's size plus the added tokens new to it (what resize_token_embeddings takes)."""
         return self._num_tokens
+
+    @property
+    def vocab(self):
+        """token -> id of the vocab and the added tokens (HF's BertTokenizerFast.vocab)."""
+        return self.get_vocab()
 
     def get_vocab(self):
         """token -> id of the vocab and the added tokens."""
@@ -880,11 +905,13 @@ class DistilBertTokenizer:
 
     is_fast = True  # offsets, word ids and overflow windows, as HF's Rust-backed tokenizers give
 
-    def tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
-        """WordPiece tokens of ``text`` (special tokens in the text stay whole)."""
-        tokens = self._core.tokenize(text)
+    def tokenize(self, text, pair=None, add_special_tokens=False, split_special_tokens=None, **kwargs):
+        """WordPiece tokens of ``text`` (special tokens in the text stay whole unless
+        ``split_special_tokens``, default the tokenizer's)."""
+        core = self._encoding_core(self.split_special_tokens if split_special_tokens is None else split_special_tokens)
+        tokens = core.tokenize(text)
         if pair is not None:
-            pair_tokens = self._core.tokenize(pair)
+            pair_tokens = core.tokenize(pair)
             if add_special_tokens:
                 return [self.cls_token, *tokens, self.sep_token, *pair_tokens, self.sep_token]
             return tokens + pair_tokens
@@ -964,7 +991,7 @@ class DistilBertTokenizer:
         """Encodes a text, a batch of texts, pairs, or pre-split words, as HuggingFace's tokenizer
         ``__call__`` does (same arguments, same outputs); see ``_call`` for the arguments."""
         if text_pair is None and type(text) is str and self.model_input_names == _INPUT_NAMES:
-            if not kwargs:
+            if not kwargs and not self.split_special_tokens:
                 # the common call, one str with every default: built in C++ (per-row maps on demand)
                 return self._core.encode_text(text, self)
             # one str with arguments: their checks and strategies are worked out once per distinct
@@ -1023,7 +1050,7 @@ class DistilBertTokenizer:
               is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
               return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
               return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False, verbose=True,
-              **kwargs):
+              split_special_tokens=None, **kwargs):
         """The checked arguments of an encoding call, as the core takes them: everything but the
         texts. Depends only on the arguments and this tokenizer's settings (_PLAN_INPUTS)."""
         if kwargs:
@@ -1056,26 +1083,33 @@ class DistilBertTokenizer:
         # A single text under these arguments gives the plain call's result (encode_text) whenever
         # that result is at most this many tokens: no padding to add, the default outputs, and a
         # truncation limit the text does not reach. 0: never.
-        outputs = core_args[13:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
+        outputs = core_args[_AS_BUFFERS:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
         plain = (not is_split_into_words and add_special_tokens and not overflow and not pad_to_multiple_of
                  and padding_mode in ("none", "longest") and outputs == (False, False, True, False, False, False))
+        split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
         plain_up_to = 0
-        if plain:
+        if plain and not split:
             plain_up_to = sys.maxsize if truncation_mode == "none" else max_length
         return _Plan(core_args, bool(is_split_into_words), overflow, return_tensors, cap, max_length, stride,
-                     plain_up_to)
+                     plain_up_to, split)
 
     def _encode(self, text, text_pair, batched, plan):
         # the core takes the batch as a list: a tuple of texts is a batch too, as for HF
         texts = list(text) if batched else [text]
         pairs = None if text_pair is None else list(text_pair) if batched else [text_pair]
+        core = self._encoding_core(plan.split_special_tokens)
         try:
-            enc, n_rows = self._core.encode_batch(texts, pairs, *plan.core_args)
+            enc, n_rows = core.encode_batch(texts, pairs, *plan.core_args)
         except ValueError as exc:
             if plan.cap and "max_rows=" in str(exc):
                 raise ValueError(_rows_cap_message(exc, plan.cap, plan.max_length, plan.stride,
                                                    text_pair is not None)) from None
-            raise
+            if plan.return_tensors != "np" or "different lengths" not in str(exc):
+                raise
+            # HF: rows of different lengths as numpy are an object array of 1-D arrays
+            as_lists = plan.core_args[:_AS_BUFFERS] + (False,) + plan.core_args[_AS_BUFFERS + 1:]
+            enc, n_rows = core.encode_batch(texts, pairs, *as_lists)
+            return enc.convert_to_tensors("np")
         if plan.return_tensors is not None:
             _to_tensors(enc, n_rows, plan.return_tensors)
         elif not batched and not plan.return_overflowing_tokens:
@@ -1322,7 +1356,8 @@ class DistilBertTokenizerFast(DistilBertTokenizer):
 # what a pickled tokenizer keeps besides its vocab (constructor arguments, and attributes users set)
 _SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars", "strip_accents",
              *_SPECIAL_NAMES, "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
-             "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file")
+             "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file",
+             "split_special_tokens")
 
 
 def _rebuild_tokenizer(cls, tokens, settings, renamed=None):

@@ -378,3 +378,69 @@ def test_one_text_within_limits_matches_hf_with_maps(hf, kwargs):
         _same(ours, theirs, f"{text!r} {kwargs}")
         assert ours.word_ids() == theirs.word_ids() and ours.tokens() == theirs.tokens()
         assert ours.char_to_token(1) == theirs.char_to_token(1)
+
+
+# -- split_special_tokens, vocab, ragged numpy --------------------------------------------------------
+
+SPECIAL_TEXTS = ["a [MASK] b [SEP] c", "[CLS] x [PAD][UNK]", "no specials here", "<e1> new_tok [MASK]<e1>"]
+
+
+@pytest.fixture(scope="module")
+def both_with_added():
+    """Both tokenizers with an added special token and an added plain one (fresh: the module's
+    fixtures stay as loaded)."""
+    pair = (transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()),
+            DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()))
+    for tok in pair:
+        tok.add_special_tokens({"additional_special_tokens": ["<e1>"]})
+        tok.add_tokens(["new_tok"])
+    return pair
+
+
+@pytest.mark.parametrize("split", [None, True, False])
+def test_split_special_tokens_per_call_matches_hf(both_with_added, split):
+    hf, ours = both_with_added
+    kwargs = {} if split is None else {"split_special_tokens": split}
+    for text in SPECIAL_TEXTS:
+        _same(ours(text, **kwargs), hf(text, **kwargs), text)
+        assert ours.tokenize(text, **kwargs) == hf.tokenize(text, **kwargs), text
+        _same(ours(text, text, return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs),
+              hf(text, text, return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs), text)
+    batch = dict(padding=True, return_tensors="pt", return_offsets_mapping=True, **kwargs)
+    _same(ours(SPECIAL_TEXTS, **batch), hf(SPECIAL_TEXTS, **batch))
+    assert ours(SPECIAL_TEXTS, **batch).tokens(0) == hf(SPECIAL_TEXTS, **batch).tokens(0)
+
+
+def test_split_special_tokens_setting_matches_hf(tmp_path):
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir(), split_special_tokens=True)
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir(), split_special_tokens=True)
+    assert ours.split_special_tokens is hf.split_special_tokens is True
+    for text in SPECIAL_TEXTS[:3]:
+        _same(ours(text), hf(text), text)  # the plain call too
+        _same(ours(text, split_special_tokens=False), hf(text, split_special_tokens=False), text)
+        assert ours.tokenize(text) == hf.tokenize(text)
+        assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == hf.decode(
+            hf(text)["input_ids"], skip_special_tokens=True)
+    ours.save_pretrained(tmp_path)
+    for loaded in (DistilBertTokenizerFast.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path),
+                   copy.deepcopy(ours)):
+        assert loaded.split_special_tokens is True
+        assert loaded(SPECIAL_TEXTS[0])["input_ids"] == hf(SPECIAL_TEXTS[0])["input_ids"]
+    ours.split_special_tokens = hf.split_special_tokens = False  # the setting changed after use
+    _same(ours(SPECIAL_TEXTS[0]), hf(SPECIAL_TEXTS[0]))
+    _same(ours(SPECIAL_TEXTS[0], max_length=5), hf(SPECIAL_TEXTS[0], max_length=5))
+
+
+def test_vocab_property_matches_hf(hf, ours):
+    assert ours.vocab == hf.vocab == transformers.BertTokenizerFast.from_pretrained(reference_vocab_dir()).vocab
+
+
+def test_ragged_numpy_rows_match_hf(hf, ours):
+    """Rows of different lengths with return_tensors='np': transformers gives object arrays of
+    1-D arrays (torch has no ragged tensor: an error in both)."""
+    for kwargs in (dict(), dict(return_offsets_mapping=True, return_length=True, return_special_tokens_mask=True),
+                   dict(truncation=True, max_length=9, return_overflowing_tokens=True, stride=1)):
+        _same(ours(TEXTS, **kwargs, return_tensors="np"), hf(TEXTS, **kwargs, return_tensors="np"), str(kwargs))
+        _same(ours(TEXTS, PAIRS, **kwargs, return_tensors="np"), hf(TEXTS, PAIRS, **kwargs, return_tensors="np"))
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(TEXTS, return_tensors="pt")
