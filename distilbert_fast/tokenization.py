@@ -193,14 +193,15 @@ class BatchEncoding(dict):
         return self._row_data().sequence_ids(self._row(batch_index))
 
     def token_to_sequence(self, batch_or_token_index: int, token_index=None):
-        """Which text (0 or 1) a token comes from; None for special and padding tokens."""
+        """Which text (0 or 1) a token comes from; None for special and padding tokens (and, as
+        transformers, for an index past the row)."""
         b, t = self._split_index(batch_or_token_index, token_index)
-        return self.sequence_ids(b)[t]
+        return _at(self.sequence_ids(b), t)
 
     def token_to_word(self, batch_or_token_index: int, token_index=None):
         """The word a token belongs to (in its own text); None for special and padding tokens."""
         b, t = self._split_index(batch_or_token_index, token_index)
-        return self.word_ids(b)[t]
+        return _at(self.word_ids(b), t)
 
     def _sequence_range(self, rows, b, sequence_index):
         """Tokens [start, end) of text ``sequence_index`` in row b, as the Rust Encoding keeps them:
@@ -231,7 +232,7 @@ class BatchEncoding(dict):
         b, t = self._split_index(batch_or_token_index, token_index)
         rows = self._row_data()
         b = self._row(b)
-        if rows.sequence_ids(b)[t] is None:
+        if _at(rows.sequence_ids(b), t) is None:
             return None
         return CharSpan(*rows.offsets(b)[t])
 
@@ -379,6 +380,36 @@ class RowEncoding:
     words = word_ids
     sequence_ids = property(lambda self: self._rows.sequence_ids(self._index))
     n_sequences = property(lambda self: self._rows.n_sequences(self._index))
+
+    # the maps of tokenizers' Encoding: BatchEncoding's, for this row
+    def _batch(self):
+        batch = BatchEncoding()
+        batch._rows = self._rows
+        return batch
+
+    def char_to_token(self, char_pos, sequence_index=0):
+        return self._batch().char_to_token(self._index, char_pos, sequence_index)
+
+    def char_to_word(self, char_pos, sequence_index=0):
+        return self._batch().char_to_word(self._index, char_pos, sequence_index)
+
+    def token_to_chars(self, token_index):
+        span = self._batch().token_to_chars(self._index, token_index)
+        return None if span is None else tuple(span)
+
+    def token_to_sequence(self, token_index):
+        return self._batch().token_to_sequence(self._index, token_index)
+
+    def token_to_word(self, token_index):
+        return self._batch().token_to_word(self._index, token_index)
+
+    def word_to_chars(self, word_index, sequence_index=0):
+        span = self._batch().word_to_chars(self._index, word_index, sequence_index)
+        return None if span is None else tuple(span)
+
+    def word_to_tokens(self, word_index, sequence_index=0):
+        span = self._batch().word_to_tokens(self._index, word_index, sequence_index)
+        return None if span is None else tuple(span)
 
 
 class _BackendView:
@@ -558,9 +589,12 @@ class DistilBertTokenizer:
                 seen.add(index)
                 t = self._added[index]
                 added.append((t.content, index, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word))
+        pad = self.pad_token
+        if pad is None or (pad not in self._added_ids and pad not in set(tokens)):
+            pad = template["unk_token"]  # a pad token the vocab lacks pads with [UNK]'s id, as in HF
         made = core.Tokenizer(
             tokens, self.do_lower_case, self.strip_accents, self.tokenize_chinese_chars, self.do_basic_tokenize,
-            self.never_split, template["unk_token"], template["sep_token"], self.pad_token, template["cls_token"],
+            self.never_split, template["unk_token"], template["sep_token"], pad, template["cls_token"],
             template["mask_token"], [], prefix, max_chars, added, not split_special_tokens)
         made.set_batch_encoding_class(BatchEncoding)
         return made
@@ -791,15 +825,23 @@ class DistilBertTokenizer:
             init["model_max_length"] = int(init["model_max_length"])
         return cls(vocab_file=vocab_file if os.path.isfile(vocab_file) else None, name_or_path=path, **init)
 
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        """Writes the vocab, one token per line, to ``save_directory/[prefix-]vocab.txt``, as
+        BertTokenizer does; returns (path,)."""
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"save_vocabulary needs an existing directory, got '{save_directory}'")
+        path = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "") + "vocab.txt")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for token in self._core.vocab():
+                f.write(token + "\n")
+        return (path,)
+
     def save_pretrained(self, save_directory, **kwargs):
         """Writes vocab.txt, tokenizer_config.json (with the added tokens in its
         added_tokens_decoder, as HF writes them), special_tokens_map.json and, when tokens were
         added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
         os.makedirs(save_directory, exist_ok=True)
-        vocab_path = os.path.join(save_directory, "vocab.txt")
-        with open(vocab_path, "w", encoding="utf-8", newline="\n") as f:
-            for token in self._core.vocab():
-                f.write(token + "\n")
+        (vocab_path,) = self.save_vocabulary(save_directory)
         specials = {name: getattr(self, name) for name in _SPECIAL_NAMES}
         config = {
             "tokenizer_class": "DistilBertTokenizer",
@@ -907,7 +949,12 @@ class DistilBertTokenizer:
 
     def tokenize(self, text, pair=None, add_special_tokens=False, split_special_tokens=None, **kwargs):
         """WordPiece tokens of ``text`` (special tokens in the text stay whole unless
-        ``split_special_tokens``, default the tokenizer's)."""
+        ``split_special_tokens``, default the tokenizer's); ``is_split_into_words=True`` takes
+        lists of words. Other keywords (truncation, max_length, ...) change nothing, as in
+        transformers, whose tokenize passes them where they are not read."""
+        if kwargs.get("is_split_into_words"):
+            return self(text, pair, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens,
+                        is_split_into_words=True).tokens()
         core = self._encoding_core(self.split_special_tokens if split_special_tokens is None else split_special_tokens)
         tokens = core.tokenize(text)
         if pair is not None:
@@ -1019,6 +1066,19 @@ class DistilBertTokenizer:
         super().__setattr__(name, value)
         if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
             super().__setattr__("_plans", {})
+        elif name in ("pad_token", "pad_token_id") and "_core" in self.__dict__:
+            self._pad_token_changed(name, value)
+
+    def _pad_token_changed(self, name, value):
+        """``tokenizer.pad_token = ...`` (or ``pad_token_id``): padding uses the new token from
+        now on, as in transformers (whose padding reads the attribute)."""
+        if not self._transformers_twin:  # the plain class keeps the pair in step itself
+            if name == "pad_token_id":
+                self.__dict__["pad_token"] = None if value is None else self._id_to_token(int(value))
+            else:
+                self.__dict__["pad_token_id"] = None if value is None else self.convert_tokens_to_ids(
+                    _token_text(value, "pad_token"))
+        self._build_core(self._core.vocab())
 
     def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, tokenizer_kwargs=None,
               **options):
@@ -1452,6 +1512,11 @@ def _token_text(value, name):
     if not isinstance(content, str) or not content:
         raise ValueError(f"{name} must be a non-empty str, got {value!r}")
     return content
+
+
+def _at(values, index):
+    """values[index], or None past the end (transformers' maps answer None there)."""
+    return values[index] if index < len(values) else None
 
 
 def _is_int(x):

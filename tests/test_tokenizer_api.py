@@ -6,6 +6,7 @@ BatchEncoding's maps (``char_to_token``, ``token_to_chars``, ``word_to_tokens``,
 """
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -444,3 +445,63 @@ def test_ragged_numpy_rows_match_hf(hf, ours):
         _same(ours(TEXTS, PAIRS, **kwargs, return_tensors="np"), hf(TEXTS, PAIRS, **kwargs, return_tensors="np"))
     with pytest.raises(ValueError, match="padding=True"):
         ours(TEXTS, return_tensors="pt")
+
+
+@pytest.mark.parametrize("setting", [dict(pad_token="[UNK]"), dict(pad_token_id=100), dict(pad_token="<pad>"),
+                                     dict(pad_token="[UNK]", pad_token_id=0)])
+def test_setting_the_pad_token_pads_with_it_as_hf(setting):
+    """tokenizer.pad_token = ... (a common step before padding): padding uses it from then on. Ours
+    kept padding with the old id."""
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for tok in (hf, ours):
+        for name, value in setting.items():
+            setattr(tok, name, value)
+    assert (ours.pad_token, ours.pad_token_id) == (hf.pad_token, hf.pad_token_id)
+    for kwargs in (dict(padding=True), dict(padding="max_length", max_length=9, padding_side="left")):
+        _same(ours(TEXTS, **kwargs), hf(TEXTS, **kwargs), str(kwargs))
+    _same(ours.pad(ours(TEXTS)), hf.pad(hf(TEXTS)))
+    assert copy.deepcopy(ours)(TEXTS, padding=True)["input_ids"] == hf(TEXTS, padding=True)["input_ids"]
+
+
+def test_row_encoding_maps_match_hf(hf, ours):
+    """enc[i] / enc.encodings[i]: the maps of tokenizers' Encoding (ours had only its attributes)."""
+    for args in ((TEXTS,), (TEXTS, PAIRS)):
+        a, b = ours(*args, padding=True), hf(*args, padding=True)
+        for i in range(len(TEXTS)):
+            mine, theirs = a[i], b[i]
+            n = len(theirs)
+            assert len(mine) == n
+            for t in range(n + 2):  # past the end: None, as tokenizers answers
+                assert mine.token_to_chars(t) == theirs.token_to_chars(t), (i, t)
+                assert mine.token_to_word(t) == theirs.token_to_word(t), (i, t)
+                assert mine.token_to_sequence(t) == theirs.token_to_sequence(t), (i, t)
+            for seq in range(len(args)):
+                for c in range(len(args[seq][i]) + 1):
+                    assert mine.char_to_token(c, seq) == theirs.char_to_token(c, seq), (i, seq, c)
+                    assert mine.char_to_word(c, seq) == theirs.char_to_word(c, seq), (i, seq, c)
+                for w in range(8):
+                    assert mine.word_to_tokens(w, seq) == theirs.word_to_tokens(w, seq), (i, seq, w)
+                    assert mine.word_to_chars(w, seq) == theirs.word_to_chars(w, seq), (i, seq, w)
+        assert a.token_to_chars(1, 100) is b.token_to_chars(1, 100) is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_split_into_words=True), dict(truncation=True, max_length=5),
+                                    dict(add_special_tokens=True, truncation="only_second", max_length=9)])
+def test_tokenize_takes_call_keywords_as_hf(hf, ours, kwargs):
+    """is_split_into_words works (ours refused lists); truncation does nothing, in both."""
+    text = ["Hello", "wörld", "unaffable"] if kwargs.get("is_split_into_words") else TEXTS[1]
+    pair = None if kwargs.get("is_split_into_words") else PAIRS[2]
+    assert ours.tokenize(text, **kwargs) == hf.tokenize(text, **kwargs)
+    if pair is not None:
+        assert ours.tokenize(text, pair, **kwargs) == hf.tokenize(text, pair, **kwargs)
+
+
+def test_save_vocabulary_writes_the_vocab(tmp_path, ours):
+    (path,) = ours.save_vocabulary(str(tmp_path), filename_prefix="x")
+    assert os.path.basename(path) == "x-vocab.txt"
+    with open(os.path.join(reference_vocab_dir(), "vocab.txt"), encoding="utf-8") as f:
+        expected = f.read().splitlines()
+    with open(path, encoding="utf-8") as f:
+        assert f.read().splitlines() == expected
+    assert DistilBertTokenizerFast(vocab_file=path)(TEXTS)["input_ids"] == ours(TEXTS)["input_ids"]
