@@ -46,6 +46,9 @@ class DistilBertConfig:
     """
 
     model_type = "distilbert"
+    # transformers' class attributes of a config that is not composite (clients read them)
+    sub_configs: dict = {}
+    base_config_key = ""
     # the hub revision a transformers config was loaded from; transformers 5.17's pipeline()
     # reads it from any model's config (a class attribute: never written to config.json)
     _commit_hash = None
@@ -137,6 +140,9 @@ class DistilBertConfig:
         # model.set_attn_implementation; never saved), and that DistilBERT is no encoder-decoder
         self._name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
         self.dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)  # its old name
+        if self.dtype is None and torch_dtype is not None:
+            self.dtype = str(torch_dtype).removeprefix("torch.")
         self.is_encoder_decoder = kwargs.pop("is_encoder_decoder", False)
         self._attn_implementation = kwargs.pop("attn_implementation", kwargs.pop("_attn_implementation", None))
 
@@ -202,6 +208,8 @@ class DistilBertConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
         out["model_type"] = self.model_type
+        if out.get("dtype") is not None and not isinstance(out["dtype"], str):  # a torch.dtype, as transformers writes it
+            out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -228,7 +236,9 @@ class DistilBertConfig:
             f.write(self.to_json_string(use_diff=use_diff))
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config of ``config_dict`` with ``kwargs`` on top. With ``return_unused_kwargs``, as
+        transformers: (config, the keywords that are no attribute of a config, which are left out)."""
         config_dict = dict(config_dict)
         model_type = config_dict.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
@@ -236,8 +246,39 @@ class DistilBertConfig:
                 f"config has model_type={model_type!r}; DistilBertConfig expects "
                 f"{cls.model_type!r}"
             )
-        config_dict.update(kwargs)
-        return cls(**config_dict)
+        unused = {}
+        if return_unused_kwargs:
+            unused = {k: v for k, v in kwargs.items() if not _is_attribute(cls(**config_dict), k)}
+            kwargs = {k: v for k, v in kwargs.items() if k not in unused}
+        config = cls(**{**config_dict, **kwargs})
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def get_config_dict(cls, directory: str | os.PathLike, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the dict config.json in ``directory`` holds, ``kwargs``), as transformers'."""
+        path = os.path.join(local_directory(directory), CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
+        return _read_json_object(path), kwargs
+
+    def update_from_string(self, update_str: str) -> None:
+        """Sets attributes from "key=value,key=value", each value read as the type the attribute
+        has now (bool: true/false/1/0), as transformers' ``update_from_string``."""
+        for pair in update_str.split(","):
+            key, _, text = pair.partition("=")
+            if not _is_attribute(self, key):
+                raise ValueError(f"key {key} isn't in the original config dict")
+            old = getattr(self, key)
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "1", "y", "yes", "false", "0", "n", "no"):
+                    raise ValueError(f"can't derive true or false from {text} (key {key})")
+                value = text.lower() in ("true", "1", "y", "yes")
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(text)
+            else:
+                raise TypeError(f"you can only update int, float, bool or string values in the config, got "
+                                f"{text} for key {key}")
+            setattr(self, key, value)
 
     @classmethod
     def coerce(cls, config) -> "DistilBertConfig":
@@ -258,29 +299,32 @@ class DistilBertConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "DistilBertConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                config_dict = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
-        return cls.from_dict(config_dict)
+        return cls.from_dict(_read_json_object(path))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "DistilBertConfig":
+    def from_pretrained(cls, directory: str | os.PathLike, return_unused_kwargs: bool = False, **kwargs: Any):
         """Reads ``directory/config.json``. ``directory`` must be a local directory: there is no
-        download. Keyword arguments override values from the file."""
+        download. Keyword arguments override values from the file; with ``return_unused_kwargs``,
+        as transformers: (config, the keywords that are no attribute of a config, left out)."""
         path = os.path.join(local_directory(directory), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
         config = cls.from_json_file(path)
         config._name_or_path = os.fspath(directory)
+        unused = {}
         for key, value in kwargs.items():
-            setattr(config, key, value)
-        return config
+            if return_unused_kwargs and not _is_attribute(config, key):
+                unused[key] = value
+            else:
+                setattr(config, key, value)
+        return (config, unused) if return_unused_kwargs else config
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Writes ``directory/config.json``. transformers' hub keywords are accepted; ``push_to_hub``
+        must be False (there is no network)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: distilbert_fast never uploads; save to a "
+                             "directory and upload it with huggingface_hub")
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a directory, but {directory!s} is a file")
         os.makedirs(directory, exist_ok=True)
@@ -296,6 +340,21 @@ class DistilBertConfig:
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _is_attribute(config: DistilBertConfig, key: str) -> bool:
+    return key in config.__dict__ or key in type(config).attribute_map or hasattr(type(config), key)
+
+
+def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            config_dict = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
+    return config_dict
 
 
 def local_directory(name: str | os.PathLike) -> str:

@@ -273,3 +273,25 @@ def test_transformers_model_keywords_accepted_and_ignored_as_in_transformers(ext
     # typo such as label= trains without a loss there)
     with pytest.raises(TypeError, match="lable"):
         ours(ids, attention_mask=mask, lable=torch.tensor([0, 1]))
+
+
+def test_transformers_config_api_beyond_the_dict(tmp_path):
+    """return_unused_kwargs, get_config_dict, update_from_string, torch_dtype, save_pretrained's hub
+    keywords, sub_configs: each answered as transformers.DistilBertConfig answers it."""
+    import torch
+
+    transformers.DistilBertConfig(n_layers=2, id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(tmp_path)
+    for cls in (DistilBertConfig, transformers.DistilBertConfig):
+        config, unused = cls.from_pretrained(tmp_path, return_unused_kwargs=True, dropout=0.3, foo=1)
+        assert (config.dropout, unused, hasattr(config, "foo")) == (0.3, {"foo": 1}, False), cls
+        config, unused = cls.from_dict({"n_layers": 3}, return_unused_kwargs=True, dim=96, n_heads=3, foo=2)
+        assert (config.n_layers, config.dim, unused) == (3, 96, {"foo": 2}), cls
+        assert cls.get_config_dict(tmp_path)[0]["id2label"] == {"0": "a", "1": "b", "2": "c"}
+        config = cls()
+        config.update_from_string("n_layers=3,dropout=0.5,activation=relu,sinusoidal_pos_embds=true")
+        assert (config.n_layers, config.dropout, config.activation, config.sinusoidal_pos_embds) == (3, 0.5, "relu", True)
+        with pytest.raises(ValueError, match="isn't in the original config"):
+            config.update_from_string("no_such_key=1")
+        assert json.loads(cls(torch_dtype=torch.float16).to_json_string())["dtype"] == "float16"
+        cls().save_pretrained(tmp_path / cls.__module__, push_to_hub=False)
+        assert (cls.sub_configs, cls.base_config_key) == ({}, "")
