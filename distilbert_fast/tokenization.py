@@ -482,6 +482,9 @@ class DistilBertTokenizer:
     # special tokens BERT does not have (transformers' clients read them and get None)
     bos_token = eos_token = bos_token_id = eos_token_id = None
     _transformers_twin = False  # True on the transformers-compatible subclass
+    _no_pad_token = False  # True after tokenizer.pad_token = None: padding is then an error, as in HF
+    # what transformers' clients read of a tokenizer that adds no BOS / EOS and no prefix space
+    add_bos_token = add_eos_token = add_prefix_space = False
 
     def __new__(cls, *args, **kwargs):
         if not cls._transformers_twin and "transformers" in sys.modules:
@@ -1072,6 +1075,7 @@ class DistilBertTokenizer:
     def _pad_token_changed(self, name, value):
         """``tokenizer.pad_token = ...`` (or ``pad_token_id``): padding uses the new token from
         now on, as in transformers (whose padding reads the attribute)."""
+        self.__dict__["_no_pad_token"] = value is None
         if not self._transformers_twin:  # the plain class keeps the pair in step itself
             if name == "pad_token_id":
                 self.__dict__["pad_token"] = None if value is None else self._id_to_token(int(value))
@@ -1218,6 +1222,10 @@ class DistilBertTokenizer:
                 and max_length % pad_to_multiple_of):
             raise ValueError(f"truncation and padding are both on but max_length ({max_length}) is not a multiple of "
                              f"pad_to_multiple_of ({pad_to_multiple_of})")
+        if padding_mode != "none" and self._no_pad_token:
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token (pad_token is None): set "
+                             "one, e.g. tokenizer.pad_token = tokenizer.unk_token, or add one with "
+                             "tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
         return padding_mode, truncation_mode, max_length
 
     def _rows_of(self, text):

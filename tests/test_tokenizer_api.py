@@ -505,3 +505,20 @@ def test_save_vocabulary_writes_the_vocab(tmp_path, ours):
     with open(path, encoding="utf-8") as f:
         assert f.read().splitlines() == expected
     assert DistilBertTokenizerFast(vocab_file=path)(TEXTS)["input_ids"] == ours(TEXTS)["input_ids"]
+
+
+def test_no_pad_token_refuses_padding_as_hf():
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for tok in (hf, ours):
+        tok.pad_token = None
+        for call in (lambda: tok(TEXTS, padding=True), lambda: tok(TEXTS[0], padding="max_length", max_length=20),
+                     lambda: tok.pad({"input_ids": [[1], [1, 2]]})):
+            with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+                call()
+    _same(ours(TEXTS), hf(TEXTS))  # no padding asked: fine
+    _same(copy.deepcopy(ours)(TEXTS), hf(TEXTS))
+    ours.pad_token = hf.pad_token = "[PAD]"
+    _same(ours(TEXTS, padding=True), hf(TEXTS, padding=True))
+    assert (ours.add_bos_token, ours.add_eos_token, ours.add_prefix_space) == (
+        hf.add_bos_token, hf.add_eos_token, hf.add_prefix_space)
