@@ -59,7 +59,7 @@ _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool)
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
                           "num_threads", "max_rows_per_call", "model_input_names", "split_special_tokens"})
 # keywords that need _call's own handling
-_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})
+_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs", "max_target_length"})
 _MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
 _AS_BUFFERS = 13  # where a plan's core_args say "return tensors" (then the outputs asked for)
 
@@ -1085,15 +1085,25 @@ class DistilBertTokenizer:
         self._build_core(self._core.vocab())
 
     def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, tokenizer_kwargs=None,
-              **options):
+              max_target_length=None, **options):
         if tokenizer_kwargs:  # HF: keywords as a dict, which win over the ones given by name
-            return self._call(text, text_pair, text_target, text_pair_target, **{**options, **tokenizer_kwargs})
+            return self._call(text, text_pair, text_target, text_pair_target, max_target_length=max_target_length,
+                              **{**options, **tokenizer_kwargs})
         if text_target is not None or text is None:
             # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
             if text is None and text_target is None:
                 raise ValueError("text or text_target is required: a str, a list of str, or "
                                  "(is_split_into_words=True) lists of words")
-            targets = self._call(text_target, text_pair_target, **options)
+            target_options = options
+            if max_target_length is not None:
+                # HF: the strategies the inputs' arguments choose, with max_target_length as the length
+                padding, truncation, _ = self._strategies(
+                    options.get("padding", False), options.get("truncation"), options.get("max_length"),
+                    options.get("pad_to_multiple_of"), False)
+                target_options = {**options, "max_length": max_target_length,
+                                  "padding": "do_not_pad" if padding == "none" else padding,
+                                  "truncation": "do_not_truncate" if truncation == "none" else truncation}
+            targets = self._call(text_target, text_pair_target, **target_options)
             if text is None:
                 return targets
             encodings = self._call(text, text_pair, **options)

@@ -522,3 +522,14 @@ def test_no_pad_token_refuses_padding_as_hf():
     _same(ours(TEXTS, padding=True), hf(TEXTS, padding=True))
     assert (ours.add_bos_token, ours.add_eos_token, ours.add_prefix_space) == (
         hf.add_bos_token, hf.add_eos_token, hf.add_prefix_space)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_target_length=4), dict(max_target_length=4, truncation=True),
+                                    dict(max_target_length=4, max_length=6),
+                                    dict(max_target_length=5, padding="max_length", truncation=True, max_length=8)])
+def test_max_target_length_matches_hf(hf, ours, kwargs):
+    """text_target's own length, as transformers' seq2seq scripts pass it (ours refused the keyword)."""
+    targets = ["a longer target text with many words in it", "short"]
+    _same(ours(TEXTS[:2], text_target=targets, **kwargs), hf(TEXTS[:2], text_target=targets, **kwargs))
+    _same(ours(text_target=targets, **kwargs), hf(text_target=targets, **kwargs))
+    _same(ours(TEXTS[1], text_target=targets[0], **kwargs), hf(TEXTS[1], text_target=targets[0], **kwargs))
