@@ -508,7 +508,7 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         config = DistilBertConfig.coerce(config)  # ours, or a transformers DistilBertConfig
         if getattr(config, "_attn_implementation", None) is None:
             config._attn_implementation = "sdpa"  # transformers' default, which clients read
-        self.name_or_path = config.name_or_path  # as transformers' models (PEFT records it)
+        self.name_or_path = getattr(config, "name_or_path", "")  # as transformers' models (PEFT records it)
         if config.dim % config.n_heads != 0:
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)
