@@ -12,8 +12,21 @@ CONFIG_NAME = "config.json"
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
-# Keys that configure a run, not the model: accepted for compatibility, never written out.
-_RUNTIME_ONLY = ("backend",)
+# Keys that configure a run, not the model: accepted for compatibility, never written out
+# (_attn_implementation is transformers' run-time choice too: its to_dict drops it).
+_RUNTIME_ONLY = ("backend", "_attn_implementation")
+
+# transformers' attention implementation names a model accepts (set_attn_implementation,
+# from_pretrained's attn_implementation=): all run our attention op, with eager's values.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+# transformers' PreTrainedConfig() values of the keys every config has: to_diff_dict leaves out a
+# key whose value is this default, as transformers' does (the architecture keys are always kept).
+_BASE_DEFAULTS = {
+    "architectures": None, "output_hidden_states": False, "return_dict": True, "dtype": None,
+    "chunk_size_feed_forward": 0, "is_encoder_decoder": False, "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+    "label2id": {"LABEL_0": 0, "LABEL_1": 1}, "problem_type": None, "_name_or_path": "", "output_attentions": False,
+}
 
 # transformers' from_pretrained keywords about loading, not the model: never stored in the config.
 LOADING_KWARGS = (
@@ -33,6 +46,9 @@ class DistilBertConfig:
     """
 
     model_type = "distilbert"
+    # transformers' class attributes of a config that is not composite (clients read them)
+    sub_configs: dict = {}
+    base_config_key = ""
     # the hub revision a transformers config was loaded from; transformers 5.17's pipeline()
     # reads it from any model's config (a class attribute: never written to config.json)
     _commit_hash = None
@@ -119,6 +135,16 @@ class DistilBertConfig:
 
         # Not part of the model: which op backend to run (see distilbert_fast.ops).
         self.backend = kwargs.pop("backend", None)
+        # transformers' bookkeeping every config has: where it was loaded from (name_or_path), the
+        # dtype the weights were saved in, the attention implementation a model runs (set by
+        # model.set_attn_implementation; never saved), and that DistilBERT is no encoder-decoder
+        self._name_or_path = str(kwargs.pop("name_or_path", kwargs.pop("_name_or_path", "")))
+        self.dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)  # its old name
+        if self.dtype is None and torch_dtype is not None:
+            self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.is_encoder_decoder = kwargs.pop("is_encoder_decoder", False)
+        self._attn_implementation = kwargs.pop("attn_implementation", kwargs.pop("_attn_implementation", None))
 
         # Keep whatever else the file held (transformers_version, dtype, ...) so it round-trips.
         for key, value in kwargs.items():
@@ -169,14 +195,35 @@ class DistilBertConfig:
     def use_return_dict(self) -> bool:
         return self.return_dict
 
+    @property
+    def name_or_path(self) -> str:
+        """The directory the config was loaded from ('' for a new one), as transformers' config."""
+        return self._name_or_path
+
+    @name_or_path.setter
+    def name_or_path(self, value):
+        self._name_or_path = str(value)
+
     # -- (de)serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
         out["model_type"] = self.model_type
+        if out.get("dtype") is not None and not isinstance(out["dtype"], str):  # a torch.dtype, as transformers writes it
+            out["dtype"] = str(out["dtype"]).removeprefix("torch.")
         return out
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_diff_dict(self) -> dict[str, Any]:
+        """``to_dict`` without what a config gets by default, as transformers' ``to_diff_dict``:
+        the keys every config has (labels, return_dict, ...) are left out when at transformers'
+        default; DistilBERT's own keys and any extra key are always kept; never _name_or_path."""
+        return {key: value for key, value in self.to_dict().items()
+                if key != "_name_or_path" and (key not in _BASE_DEFAULTS or value != _BASE_DEFAULTS[key])}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON: what differs from the defaults (``use_diff=True``, transformers'
+        default), or every key (``use_diff=False``)."""
+        config_dict = self.to_diff_dict() if use_diff is True else self.to_dict()
+        return json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 
     def update(self, config_dict: dict[str, Any]) -> None:
         """Sets each key of ``config_dict`` as an attribute (aliases resolved), as transformers' does."""
@@ -184,13 +231,14 @@ class DistilBertConfig:
             setattr(self, key, value)
 
     def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
-        """Writes the config as JSON to ``json_file_path`` (every value: ``use_diff`` is accepted
-        for transformers' signature; config.json always holds the full config here)."""
+        """Writes ``to_json_string(use_diff)`` to ``json_file_path``, as transformers does."""
         with open(json_file_path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
+            f.write(self.to_json_string(use_diff=use_diff))
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "DistilBertConfig":
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config of ``config_dict`` with ``kwargs`` on top. With ``return_unused_kwargs``, as
+        transformers: (config, the keywords that are no attribute of a config, which are left out)."""
         config_dict = dict(config_dict)
         model_type = config_dict.pop("model_type", cls.model_type)
         if model_type != cls.model_type:
@@ -198,8 +246,39 @@ class DistilBertConfig:
                 f"config has model_type={model_type!r}; DistilBertConfig expects "
                 f"{cls.model_type!r}"
             )
-        config_dict.update(kwargs)
-        return cls(**config_dict)
+        unused = {}
+        if return_unused_kwargs:
+            unused = {k: v for k, v in kwargs.items() if not _is_attribute(cls(**config_dict), k)}
+            kwargs = {k: v for k, v in kwargs.items() if k not in unused}
+        config = cls(**{**config_dict, **kwargs})
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def get_config_dict(cls, directory: str | os.PathLike, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the dict config.json in ``directory`` holds, ``kwargs``), as transformers'."""
+        path = os.path.join(local_directory(directory), CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
+        return _read_json_object(path), kwargs
+
+    def update_from_string(self, update_str: str) -> None:
+        """Sets attributes from "key=value,key=value", each value read as the type the attribute
+        has now (bool: true/false/1/0), as transformers' ``update_from_string``."""
+        for pair in update_str.split(","):
+            key, _, text = pair.partition("=")
+            if not _is_attribute(self, key):
+                raise ValueError(f"key {key} isn't in the original config dict")
+            old = getattr(self, key)
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "1", "y", "yes", "false", "0", "n", "no"):
+                    raise ValueError(f"can't derive true or false from {text} (key {key})")
+                value = text.lower() in ("true", "1", "y", "yes")
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(text)
+            else:
+                raise TypeError(f"you can only update int, float, bool or string values in the config, got "
+                                f"{text} for key {key}")
+            setattr(self, key, value)
 
     @classmethod
     def coerce(cls, config) -> "DistilBertConfig":
@@ -212,43 +291,70 @@ class DistilBertConfig:
             values = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
             for key in ("transformers_version", "dtype", "is_encoder_decoder"):
                 values.pop(key, None)
-            return cls.from_dict(values)
+            coerced = cls.from_dict(values)
+            coerced._name_or_path = str(getattr(config, "name_or_path", "") or "")
+            coerced._attn_implementation = getattr(config, "_attn_implementation", None)
+            return coerced
         raise TypeError(f"config must be a DistilBertConfig, got {type(config).__name__}")
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "DistilBertConfig":
-        with open(path, encoding="utf-8") as f:
-            try:
-                config_dict = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
-        return cls.from_dict(config_dict)
+        return cls.from_dict(_read_json_object(path))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **kwargs: Any) -> "DistilBertConfig":
+    def from_pretrained(cls, directory: str | os.PathLike, return_unused_kwargs: bool = False, **kwargs: Any):
         """Reads ``directory/config.json``. ``directory`` must be a local directory: there is no
-        download. Keyword arguments override values from the file."""
+        download. Keyword arguments override values from the file; with ``return_unused_kwargs``,
+        as transformers: (config, the keywords that are no attribute of a config, left out)."""
         path = os.path.join(local_directory(directory), CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory!s} has no {CONFIG_NAME}")
         config = cls.from_json_file(path)
+        config._name_or_path = os.fspath(directory)
+        unused = {}
         for key, value in kwargs.items():
-            setattr(config, key, value)
-        return config
+            if return_unused_kwargs and not _is_attribute(config, key):
+                unused[key] = value
+            else:
+                setattr(config, key, value)
+        return (config, unused) if return_unused_kwargs else config
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Writes ``directory/config.json``. transformers' hub keywords are accepted; ``push_to_hub``
+        must be False (there is no network)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: distilbert_fast never uploads; save to a "
+                             "directory and upload it with huggingface_hub")
         if os.path.isfile(directory):
             raise ValueError(f"save_pretrained needs a directory, but {directory!s} is a file")
         os.makedirs(directory, exist_ok=True)
         self.to_json_file(os.path.join(directory, CONFIG_NAME))
 
     def __eq__(self, other):
-        return isinstance(other, DistilBertConfig) and self.to_dict() == other.to_dict()
+        # equal settings are equal configs wherever each was loaded from (name_or_path)
+        if not isinstance(other, DistilBertConfig):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("_name_or_path", None), theirs.pop("_name_or_path", None)
+        return mine == theirs
 
     def __repr__(self):
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def _is_attribute(config: DistilBertConfig, key: str) -> bool:
+    return key in config.__dict__ or key in type(config).attribute_map or hasattr(type(config), key)
+
+
+def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        try:
+            config_dict = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
+    return config_dict
 
 
 def local_directory(name: str | os.PathLike) -> str:

@@ -30,7 +30,7 @@ from .adapters import (
     widen_cu_seqlens,
     widen_packing,
 )
-from .configuration import LOADING_KWARGS, DistilBertConfig
+from .configuration import ATTN_IMPLEMENTATIONS, LOADING_KWARGS, DistilBertConfig
 from .ops import (
     bias_activation,
     canonical_activation,
@@ -396,7 +396,11 @@ class Transformer(nn.Module):
 # Tokenizer outputs that are not model inputs: forward accepts and ignores them, as transformers 5
 # does, so model(**tokenizer(...)) works with any BERT-family tokenizer's output.
 _IGNORED_INPUTS = ("token_type_ids", "offset_mapping", "special_tokens_mask", "length",
-                   "overflow_to_sample_mapping")
+                   "overflow_to_sample_mapping",
+                   # transformers 5's model keywords (TransformersKwargs, use_cache) that its DistilBERT
+                   # takes and does nothing with; other unknown keywords stay a TypeError (a typo such
+                   # as label= would otherwise pass silently, as it does in transformers)
+                   "num_items_in_batch", "output_router_logits", "seq_idx", "use_cache")
 
 
 def _ignoring_tokenizer_outputs(forward):
@@ -523,6 +527,9 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         config = DistilBertConfig.coerce(config)  # ours, or a transformers DistilBertConfig
+        if getattr(config, "_attn_implementation", None) is None:
+            config._attn_implementation = "sdpa"  # transformers' default, which clients read
+        self.name_or_path = getattr(config, "name_or_path", "")  # as transformers' models (PEFT records it)
         if config.dim % config.n_heads != 0:
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)
@@ -566,6 +573,17 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
             table = module.position_embeddings.weight
             table.copy_(sinusoidal_embeddings(*table.shape))
             table.requires_grad_(False)  # fixed, as in the original DistilBERT
+
+    def set_attn_implementation(self, attn_implementation):
+        """Records transformers' attention implementation name in ``config._attn_implementation``
+        (as transformers' ``set_attn_implementation``). Every name runs our attention op, which
+        gives transformers' eager values; the op backend is chosen by ``backend``, not here."""
+        if isinstance(attn_implementation, dict):  # transformers' per-sub-config form
+            attn_implementation = attn_implementation.get("", self.config._attn_implementation)
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {list(ATTN_IMPLEMENTATIONS)}, "
+                             f"got {attn_implementation!r}")
+        self.config._attn_implementation = attn_implementation
 
     # -- embeddings ------------------------------------------------------------------------------
     @property
@@ -771,6 +789,7 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         dtype config.json records, else the checkpoint's; pass torch.float32 to upcast."""
         directory = ckpt.local_directory(directory)
         device = _device_from_map(config_kwargs.get("device_map"))
+        attn_implementation = config_kwargs.get("attn_implementation")
         if config_kwargs.get("subfolder"):
             directory = ckpt.local_directory(os.path.join(directory, config_kwargs["subfolder"]))
         # transformers' loading keywords (device_map, attn_implementation, hub options) are not
@@ -785,6 +804,8 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         if backend is not None:
             config.backend = None if backend == AUTO else backend
         model = cls(config)
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
         model._adapters_from_config()  # adapters saved with the model, before their weights load
         state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
         ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)

@@ -53,13 +53,15 @@ MAX_ROWS_PER_CALL = 1 << 20
 # core's encode_batch arguments after the texts)
 _Plan = NamedTuple("_Plan", [("core_args", tuple), ("is_split_into_words", bool),
                              ("return_overflowing_tokens", bool), ("return_tensors", object), ("cap", int),
-                             ("max_length", object), ("stride", int), ("plain_up_to", int)])
+                             ("max_length", object), ("stride", int), ("plain_up_to", int),
+                             ("split_special_tokens", bool)])
 # the tokenizer's settings a plan depends on; setting one forgets the cached plans
 _PLAN_INPUTS = frozenset({"model_max_length", "truncation_side", "padding_side", "pad_token_type_id",
-                          "num_threads", "max_rows_per_call", "model_input_names"})
+                          "num_threads", "max_rows_per_call", "model_input_names", "split_special_tokens"})
 # keywords that need _call's own handling
-_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs"})
+_UNPLANNED = frozenset({"text_target", "text_pair_target", "tokenizer_kwargs", "max_target_length"})
 _MAX_PLANS = 64  # distinct argument sets remembered per tokenizer
+_AS_BUFFERS = 13  # where a plan's core_args say "return tensors" (then the outputs asked for)
 
 _TRUNCATION = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
                "only_second": "only_second", False: "none", "do_not_truncate": "none", None: "none"}
@@ -191,14 +193,15 @@ class BatchEncoding(dict):
         return self._row_data().sequence_ids(self._row(batch_index))
 
     def token_to_sequence(self, batch_or_token_index: int, token_index=None):
-        """Which text (0 or 1) a token comes from; None for special and padding tokens."""
+        """Which text (0 or 1) a token comes from; None for special and padding tokens (and, as
+        transformers, for an index past the row)."""
         b, t = self._split_index(batch_or_token_index, token_index)
-        return self.sequence_ids(b)[t]
+        return _at(self.sequence_ids(b), t)
 
     def token_to_word(self, batch_or_token_index: int, token_index=None):
         """The word a token belongs to (in its own text); None for special and padding tokens."""
         b, t = self._split_index(batch_or_token_index, token_index)
-        return self.word_ids(b)[t]
+        return _at(self.word_ids(b), t)
 
     def _sequence_range(self, rows, b, sequence_index):
         """Tokens [start, end) of text ``sequence_index`` in row b, as the Rust Encoding keeps them:
@@ -229,7 +232,7 @@ class BatchEncoding(dict):
         b, t = self._split_index(batch_or_token_index, token_index)
         rows = self._row_data()
         b = self._row(b)
-        if rows.sequence_ids(b)[t] is None:
+        if _at(rows.sequence_ids(b), t) is None:
             return None
         return CharSpan(*rows.offsets(b)[t])
 
@@ -378,6 +381,36 @@ class RowEncoding:
     sequence_ids = property(lambda self: self._rows.sequence_ids(self._index))
     n_sequences = property(lambda self: self._rows.n_sequences(self._index))
 
+    # the maps of tokenizers' Encoding: BatchEncoding's, for this row
+    def _batch(self):
+        batch = BatchEncoding()
+        batch._rows = self._rows
+        return batch
+
+    def char_to_token(self, char_pos, sequence_index=0):
+        return self._batch().char_to_token(self._index, char_pos, sequence_index)
+
+    def char_to_word(self, char_pos, sequence_index=0):
+        return self._batch().char_to_word(self._index, char_pos, sequence_index)
+
+    def token_to_chars(self, token_index):
+        span = self._batch().token_to_chars(self._index, token_index)
+        return None if span is None else tuple(span)
+
+    def token_to_sequence(self, token_index):
+        return self._batch().token_to_sequence(self._index, token_index)
+
+    def token_to_word(self, token_index):
+        return self._batch().token_to_word(self._index, token_index)
+
+    def word_to_chars(self, word_index, sequence_index=0):
+        span = self._batch().word_to_chars(self._index, word_index, sequence_index)
+        return None if span is None else tuple(span)
+
+    def word_to_tokens(self, word_index, sequence_index=0):
+        span = self._batch().word_to_tokens(self._index, word_index, sequence_index)
+        return None if span is None else tuple(span)
+
 
 class _BackendView:
     """The part of a ``tokenizers.Tokenizer`` that transformers' pipelines read."""
@@ -432,7 +465,8 @@ class DistilBertTokenizer:
 
     Arguments as HuggingFace's BertTokenizer: ``vocab_file`` (vocab.txt), ``do_lower_case``,
     ``do_basic_tokenize``, ``never_split``, the special tokens, ``tokenize_chinese_chars``,
-    ``strip_accents`` (None: follow ``do_lower_case``). Also ``vocab`` (dict token -> id or list of
+    ``strip_accents`` (None: follow ``do_lower_case``), ``split_special_tokens`` (True: special
+    tokens in the text are tokenized as plain text; each call may say otherwise). Also ``vocab`` (dict token -> id or list of
     tokens) or ``tokenizer_file`` (a tokenizer.json with a WordPiece model) instead of
     ``vocab_file``, ``model_max_length``, ``padding_side``, ``truncation_side``, ``num_threads``
     (threads for batches; 0 or None: all cores) and ``max_rows_per_call`` (the cap on overflow rows).
@@ -448,6 +482,9 @@ class DistilBertTokenizer:
     # special tokens BERT does not have (transformers' clients read them and get None)
     bos_token = eos_token = bos_token_id = eos_token_id = None
     _transformers_twin = False  # True on the transformers-compatible subclass
+    _no_pad_token = False  # True after tokenizer.pad_token = None: padding is then an error, as in HF
+    # what transformers' clients read of a tokenizer that adds no BOS / EOS and no prefix space
+    add_bos_token = add_eos_token = add_prefix_space = False
 
     def __new__(cls, *args, **kwargs):
         if not cls._transformers_twin and "transformers" in sys.modules:
@@ -460,7 +497,7 @@ class DistilBertTokenizer:
                  model_max_length=None, padding_side="right", truncation_side="right",
                  clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
                  continuing_subword_prefix=None, max_input_chars_per_word=None, added_tokens_decoder=None,
-                 extra_special_tokens=None, additional_special_tokens=None, **kwargs):
+                 extra_special_tokens=None, additional_special_tokens=None, split_special_tokens=False, **kwargs):
         core = _core_module()
         specials = dict(unk_token=unk_token, sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
                         mask_token=mask_token)
@@ -523,6 +560,7 @@ class DistilBertTokenizer:
         if max_rows_per_call is not None and (not _is_int(max_rows_per_call) or max_rows_per_call < 1):
             raise ValueError(f"max_rows_per_call must be a positive int or None, got {max_rows_per_call!r}")
         self.max_rows_per_call = max_rows_per_call
+        self.split_special_tokens = bool(split_special_tokens)
         for name in _SPECIAL_NAMES:
             setattr(self, name + "_id", self._core.token_to_id(getattr(self, name)))
         self.name_or_path = kwargs.get("name_or_path", "")
@@ -533,11 +571,20 @@ class DistilBertTokenizer:
                             "model_max_length": self.model_max_length, **specials}
 
     def _build_core(self, tokens):
+        self._core = self._make_core(tokens, split_special_tokens=False)
+        self._split_core = None  # made on first use by a call with split_special_tokens=True
+        vocab_size = self._core.vocab_size()
+        # HF's len(): the vocab's tokens and the added tokens' contents, each once
+        self._num_tokens = vocab_size + sum(
+            1 for index, t in self._added.items() if index >= vocab_size or tokens[index] != t.content)
+
+    def _make_core(self, tokens, split_special_tokens):
         core = _core_module()
         prefix, max_chars = self._wordpiece
         template = self._template_tokens
         # the core matches each added token once, in HF's order of precedence (special tokens
-        # first, then the others, each in the order added), with the flags its id has now
+        # first, then the others, each in the order added), with the flags its id has now;
+        # with split_special_tokens (HF's encode_special_tokens) the special ones not at all
         added, seen = [], set()
         for token in self._added_order + self._added_plain:
             index = self._added_ids[token.content]
@@ -545,15 +592,24 @@ class DistilBertTokenizer:
                 seen.add(index)
                 t = self._added[index]
                 added.append((t.content, index, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word))
-        self._core = core.Tokenizer(
+        pad = self.pad_token
+        if pad is None or (pad not in self._added_ids and pad not in set(tokens)):
+            pad = template["unk_token"]  # a pad token the vocab lacks pads with [UNK]'s id, as in HF
+        made = core.Tokenizer(
             tokens, self.do_lower_case, self.strip_accents, self.tokenize_chinese_chars, self.do_basic_tokenize,
-            self.never_split, template["unk_token"], template["sep_token"], self.pad_token, template["cls_token"],
-            template["mask_token"], [], prefix, max_chars, added)
-        self._core.set_batch_encoding_class(BatchEncoding)
-        vocab_size = self._core.vocab_size()
-        # HF's len(): the vocab's tokens and the added tokens' contents, each once
-        self._num_tokens = vocab_size + sum(
-            1 for index, t in self._added.items() if index >= vocab_size or tokens[index] != t.content)
+            self.never_split, template["unk_token"], template["sep_token"], pad, template["cls_token"],
+            template["mask_token"], [], prefix, max_chars, added, not split_special_tokens)
+        made.set_batch_encoding_class(BatchEncoding)
+        return made
+
+    def _encoding_core(self, split_special_tokens):
+        """The core that encodes: the tokenizer's own, or (split_special_tokens=True) its twin that
+        does not match the special tokens in the text."""
+        if not split_special_tokens:
+            return self._core
+        if self._split_core is None:
+            self._split_core = self._make_core(self._core.vocab(), split_special_tokens=True)
+        return self._split_core
 
     # -- added tokens (HF's AddedVocabulary: the same bookkeeping, so the same ids and matches) --
 
@@ -743,7 +799,7 @@ class DistilBertTokenizer:
                 if k in ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars",
                          "strip_accents", "model_max_length", "padding_side", "truncation_side",
                          "clean_up_tokenization_spaces", "model_input_names", "extra_special_tokens",
-                         "additional_special_tokens") + _SPECIAL_NAMES}
+                         "additional_special_tokens", "split_special_tokens") + _SPECIAL_NAMES}
         json_file = os.path.join(path, "tokenizer.json")
         vocab_file = os.path.join(path, "vocab.txt")
         # added tokens, by id: tokenizer.json's added_tokens (what HF's fast tokenizer saves),
@@ -772,15 +828,23 @@ class DistilBertTokenizer:
             init["model_max_length"] = int(init["model_max_length"])
         return cls(vocab_file=vocab_file if os.path.isfile(vocab_file) else None, name_or_path=path, **init)
 
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        """Writes the vocab, one token per line, to ``save_directory/[prefix-]vocab.txt``, as
+        BertTokenizer does; returns (path,)."""
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"save_vocabulary needs an existing directory, got '{save_directory}'")
+        path = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "") + "vocab.txt")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for token in self._core.vocab():
+                f.write(token + "\n")
+        return (path,)
+
     def save_pretrained(self, save_directory, **kwargs):
         """Writes vocab.txt, tokenizer_config.json (with the added tokens in its
         added_tokens_decoder, as HF writes them), special_tokens_map.json and, when tokens were
         added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
         os.makedirs(save_directory, exist_ok=True)
-        vocab_path = os.path.join(save_directory, "vocab.txt")
-        with open(vocab_path, "w", encoding="utf-8", newline="\n") as f:
-            for token in self._core.vocab():
-                f.write(token + "\n")
+        (vocab_path,) = self.save_vocabulary(save_directory)
         specials = {name: getattr(self, name) for name in _SPECIAL_NAMES}
         config = {
             "tokenizer_class": "DistilBertTokenizer",
@@ -793,6 +857,7 @@ class DistilBertTokenizer:
             "padding_side": self.padding_side,
             "truncation_side": self.truncation_side,
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+            "split_special_tokens": self.split_special_tokens,
             **specials,
         }
         if self.model_input_names != type(self).model_input_names:
@@ -826,6 +891,11 @@ class DistilBertTokenizer:
     def __len__(self):
         """The vocab's size plus the added tokens new to it (what resize_token_embeddings takes)."""
         return self._num_tokens
+
+    @property
+    def vocab(self):
+        """token -> id of the vocab and the added tokens (HF's BertTokenizerFast.vocab)."""
+        return self.get_vocab()
 
     def get_vocab(self):
         """token -> id of the vocab and the added tokens."""
@@ -880,11 +950,18 @@ class DistilBertTokenizer:
 
     is_fast = True  # offsets, word ids and overflow windows, as HF's Rust-backed tokenizers give
 
-    def tokenize(self, text, pair=None, add_special_tokens=False, **kwargs):
-        """WordPiece tokens of ``text`` (special tokens in the text stay whole)."""
-        tokens = self._core.tokenize(text)
+    def tokenize(self, text, pair=None, add_special_tokens=False, split_special_tokens=None, **kwargs):
+        """WordPiece tokens of ``text`` (special tokens in the text stay whole unless
+        ``split_special_tokens``, default the tokenizer's); ``is_split_into_words=True`` takes
+        lists of words. Other keywords (truncation, max_length, ...) change nothing, as in
+        transformers, whose tokenize passes them where they are not read."""
+        if kwargs.get("is_split_into_words"):
+            return self(text, pair, add_special_tokens=add_special_tokens, split_special_tokens=split_special_tokens,
+                        is_split_into_words=True).tokens()
+        core = self._encoding_core(self.split_special_tokens if split_special_tokens is None else split_special_tokens)
+        tokens = core.tokenize(text)
         if pair is not None:
-            pair_tokens = self._core.tokenize(pair)
+            pair_tokens = core.tokenize(pair)
             if add_special_tokens:
                 return [self.cls_token, *tokens, self.sep_token, *pair_tokens, self.sep_token]
             return tokens + pair_tokens
@@ -964,7 +1041,7 @@ class DistilBertTokenizer:
         """Encodes a text, a batch of texts, pairs, or pre-split words, as HuggingFace's tokenizer
         ``__call__`` does (same arguments, same outputs); see ``_call`` for the arguments."""
         if text_pair is None and type(text) is str and self.model_input_names == _INPUT_NAMES:
-            if not kwargs:
+            if not kwargs and not self.split_special_tokens:
                 # the common call, one str with every default: built in C++ (per-row maps on demand)
                 return self._core.encode_text(text, self)
             # one str with arguments: their checks and strategies are worked out once per distinct
@@ -992,17 +1069,41 @@ class DistilBertTokenizer:
         super().__setattr__(name, value)
         if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
             super().__setattr__("_plans", {})
+        elif name in ("pad_token", "pad_token_id") and "_core" in self.__dict__:
+            self._pad_token_changed(name, value)
+
+    def _pad_token_changed(self, name, value):
+        """``tokenizer.pad_token = ...`` (or ``pad_token_id``): padding uses the new token from
+        now on, as in transformers (whose padding reads the attribute)."""
+        self.__dict__["_no_pad_token"] = value is None
+        if not self._transformers_twin:  # the plain class keeps the pair in step itself
+            if name == "pad_token_id":
+                self.__dict__["pad_token"] = None if value is None else self._id_to_token(int(value))
+            else:
+                self.__dict__["pad_token_id"] = None if value is None else self.convert_tokens_to_ids(
+                    _token_text(value, "pad_token"))
+        self._build_core(self._core.vocab())
 
     def _call(self, text=None, text_pair=None, text_target=None, text_pair_target=None, tokenizer_kwargs=None,
-              **options):
+              max_target_length=None, **options):
         if tokenizer_kwargs:  # HF: keywords as a dict, which win over the ones given by name
-            return self._call(text, text_pair, text_target, text_pair_target, **{**options, **tokenizer_kwargs})
+            return self._call(text, text_pair, text_target, text_pair_target, max_target_length=max_target_length,
+                              **{**options, **tokenizer_kwargs})
         if text_target is not None or text is None:
             # HF: the targets' input_ids become the labels of the inputs (or, alone, the result)
             if text is None and text_target is None:
                 raise ValueError("text or text_target is required: a str, a list of str, or "
                                  "(is_split_into_words=True) lists of words")
-            targets = self._call(text_target, text_pair_target, **options)
+            target_options = options
+            if max_target_length is not None:
+                # HF: the strategies the inputs' arguments choose, with max_target_length as the length
+                padding, truncation, _ = self._strategies(
+                    options.get("padding", False), options.get("truncation"), options.get("max_length"),
+                    options.get("pad_to_multiple_of"), False)
+                target_options = {**options, "max_length": max_target_length,
+                                  "padding": "do_not_pad" if padding == "none" else padding,
+                                  "truncation": "do_not_truncate" if truncation == "none" else truncation}
+            targets = self._call(text_target, text_pair_target, **target_options)
             if text is None:
                 return targets
             encodings = self._call(text, text_pair, **options)
@@ -1023,7 +1124,7 @@ class DistilBertTokenizer:
               is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
               return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
               return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False, verbose=True,
-              **kwargs):
+              split_special_tokens=None, **kwargs):
         """The checked arguments of an encoding call, as the core takes them: everything but the
         texts. Depends only on the arguments and this tokenizer's settings (_PLAN_INPUTS)."""
         if kwargs:
@@ -1056,26 +1157,33 @@ class DistilBertTokenizer:
         # A single text under these arguments gives the plain call's result (encode_text) whenever
         # that result is at most this many tokens: no padding to add, the default outputs, and a
         # truncation limit the text does not reach. 0: never.
-        outputs = core_args[13:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
+        outputs = core_args[_AS_BUFFERS:]  # (as buffers, token_type_ids, attention_mask, special mask, offsets, length)
         plain = (not is_split_into_words and add_special_tokens and not overflow and not pad_to_multiple_of
                  and padding_mode in ("none", "longest") and outputs == (False, False, True, False, False, False))
+        split = self.split_special_tokens if split_special_tokens is None else bool(split_special_tokens)
         plain_up_to = 0
-        if plain:
+        if plain and not split:
             plain_up_to = sys.maxsize if truncation_mode == "none" else max_length
         return _Plan(core_args, bool(is_split_into_words), overflow, return_tensors, cap, max_length, stride,
-                     plain_up_to)
+                     plain_up_to, split)
 
     def _encode(self, text, text_pair, batched, plan):
         # the core takes the batch as a list: a tuple of texts is a batch too, as for HF
         texts = list(text) if batched else [text]
         pairs = None if text_pair is None else list(text_pair) if batched else [text_pair]
+        core = self._encoding_core(plan.split_special_tokens)
         try:
-            enc, n_rows = self._core.encode_batch(texts, pairs, *plan.core_args)
+            enc, n_rows = core.encode_batch(texts, pairs, *plan.core_args)
         except ValueError as exc:
             if plan.cap and "max_rows=" in str(exc):
                 raise ValueError(_rows_cap_message(exc, plan.cap, plan.max_length, plan.stride,
                                                    text_pair is not None)) from None
-            raise
+            if plan.return_tensors != "np" or "different lengths" not in str(exc):
+                raise
+            # HF: rows of different lengths as numpy are an object array of 1-D arrays
+            as_lists = plan.core_args[:_AS_BUFFERS] + (False,) + plan.core_args[_AS_BUFFERS + 1:]
+            enc, n_rows = core.encode_batch(texts, pairs, *as_lists)
+            return enc.convert_to_tensors("np")
         if plan.return_tensors is not None:
             _to_tensors(enc, n_rows, plan.return_tensors)
         elif not batched and not plan.return_overflowing_tokens:
@@ -1124,6 +1232,10 @@ class DistilBertTokenizer:
                 and max_length % pad_to_multiple_of):
             raise ValueError(f"truncation and padding are both on but max_length ({max_length}) is not a multiple of "
                              f"pad_to_multiple_of ({pad_to_multiple_of})")
+        if padding_mode != "none" and self._no_pad_token:
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token (pad_token is None): set "
+                             "one, e.g. tokenizer.pad_token = tokenizer.unk_token, or add one with "
+                             "tokenizer.add_special_tokens({'pad_token': '[PAD]'})")
         return padding_mode, truncation_mode, max_length
 
     def _rows_of(self, text):
@@ -1322,7 +1434,8 @@ class DistilBertTokenizerFast(DistilBertTokenizer):
 # what a pickled tokenizer keeps besides its vocab (constructor arguments, and attributes users set)
 _SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chinese_chars", "strip_accents",
              *_SPECIAL_NAMES, "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
-             "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file")
+             "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file",
+             "split_special_tokens")
 
 
 def _rebuild_tokenizer(cls, tokens, settings, renamed=None):
@@ -1417,6 +1530,11 @@ def _token_text(value, name):
     if not isinstance(content, str) or not content:
         raise ValueError(f"{name} must be a non-empty str, got {value!r}")
     return content
+
+
+def _at(values, index):
+    """values[index], or None past the end (transformers' maps answer None there)."""
+    return values[index] if index < len(values) else None
 
 
 def _is_int(x):

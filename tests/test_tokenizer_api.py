@@ -6,6 +6,7 @@ BatchEncoding's maps (``char_to_token``, ``token_to_chars``, ``word_to_tokens``,
 """
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -378,3 +379,157 @@ def test_one_text_within_limits_matches_hf_with_maps(hf, kwargs):
         _same(ours, theirs, f"{text!r} {kwargs}")
         assert ours.word_ids() == theirs.word_ids() and ours.tokens() == theirs.tokens()
         assert ours.char_to_token(1) == theirs.char_to_token(1)
+
+
+# -- split_special_tokens, vocab, ragged numpy --------------------------------------------------------
+
+SPECIAL_TEXTS = ["a [MASK] b [SEP] c", "[CLS] x [PAD][UNK]", "no specials here", "<e1> new_tok [MASK]<e1>"]
+
+
+@pytest.fixture(scope="module")
+def both_with_added():
+    """Both tokenizers with an added special token and an added plain one (fresh: the module's
+    fixtures stay as loaded)."""
+    pair = (transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()),
+            DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()))
+    for tok in pair:
+        tok.add_special_tokens({"additional_special_tokens": ["<e1>"]})
+        tok.add_tokens(["new_tok"])
+    return pair
+
+
+@pytest.mark.parametrize("split", [None, True, False])
+def test_split_special_tokens_per_call_matches_hf(both_with_added, split):
+    hf, ours = both_with_added
+    kwargs = {} if split is None else {"split_special_tokens": split}
+    for text in SPECIAL_TEXTS:
+        _same(ours(text, **kwargs), hf(text, **kwargs), text)
+        assert ours.tokenize(text, **kwargs) == hf.tokenize(text, **kwargs), text
+        _same(ours(text, text, return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs),
+              hf(text, text, return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs), text)
+    batch = dict(padding=True, return_tensors="pt", return_offsets_mapping=True, **kwargs)
+    _same(ours(SPECIAL_TEXTS, **batch), hf(SPECIAL_TEXTS, **batch))
+    assert ours(SPECIAL_TEXTS, **batch).tokens(0) == hf(SPECIAL_TEXTS, **batch).tokens(0)
+
+
+def test_split_special_tokens_setting_matches_hf(tmp_path):
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir(), split_special_tokens=True)
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir(), split_special_tokens=True)
+    assert ours.split_special_tokens is hf.split_special_tokens is True
+    for text in SPECIAL_TEXTS[:3]:
+        _same(ours(text), hf(text), text)  # the plain call too
+        _same(ours(text, split_special_tokens=False), hf(text, split_special_tokens=False), text)
+        assert ours.tokenize(text) == hf.tokenize(text)
+        assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == hf.decode(
+            hf(text)["input_ids"], skip_special_tokens=True)
+    ours.save_pretrained(tmp_path)
+    for loaded in (DistilBertTokenizerFast.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path),
+                   copy.deepcopy(ours)):
+        assert loaded.split_special_tokens is True
+        assert loaded(SPECIAL_TEXTS[0])["input_ids"] == hf(SPECIAL_TEXTS[0])["input_ids"]
+    ours.split_special_tokens = hf.split_special_tokens = False  # the setting changed after use
+    _same(ours(SPECIAL_TEXTS[0]), hf(SPECIAL_TEXTS[0]))
+    _same(ours(SPECIAL_TEXTS[0], max_length=5), hf(SPECIAL_TEXTS[0], max_length=5))
+
+
+def test_vocab_property_matches_hf(hf, ours):
+    assert ours.vocab == hf.vocab == transformers.BertTokenizerFast.from_pretrained(reference_vocab_dir()).vocab
+
+
+def test_ragged_numpy_rows_match_hf(hf, ours):
+    """Rows of different lengths with return_tensors='np': transformers gives object arrays of
+    1-D arrays (torch has no ragged tensor: an error in both)."""
+    for kwargs in (dict(), dict(return_offsets_mapping=True, return_length=True, return_special_tokens_mask=True),
+                   dict(truncation=True, max_length=9, return_overflowing_tokens=True, stride=1)):
+        _same(ours(TEXTS, **kwargs, return_tensors="np"), hf(TEXTS, **kwargs, return_tensors="np"), str(kwargs))
+        _same(ours(TEXTS, PAIRS, **kwargs, return_tensors="np"), hf(TEXTS, PAIRS, **kwargs, return_tensors="np"))
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(TEXTS, return_tensors="pt")
+
+
+@pytest.mark.parametrize("setting", [dict(pad_token="[UNK]"), dict(pad_token_id=100), dict(pad_token="<pad>"),
+                                     dict(pad_token="[UNK]", pad_token_id=0)])
+def test_setting_the_pad_token_pads_with_it_as_hf(setting):
+    """tokenizer.pad_token = ... (a common step before padding): padding uses it from then on. Ours
+    kept padding with the old id."""
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for tok in (hf, ours):
+        for name, value in setting.items():
+            setattr(tok, name, value)
+    assert (ours.pad_token, ours.pad_token_id) == (hf.pad_token, hf.pad_token_id)
+    for kwargs in (dict(padding=True), dict(padding="max_length", max_length=9, padding_side="left")):
+        _same(ours(TEXTS, **kwargs), hf(TEXTS, **kwargs), str(kwargs))
+    _same(ours.pad(ours(TEXTS)), hf.pad(hf(TEXTS)))
+    assert copy.deepcopy(ours)(TEXTS, padding=True)["input_ids"] == hf(TEXTS, padding=True)["input_ids"]
+
+
+def test_row_encoding_maps_match_hf(hf, ours):
+    """enc[i] / enc.encodings[i]: the maps of tokenizers' Encoding (ours had only its attributes)."""
+    for args in ((TEXTS,), (TEXTS, PAIRS)):
+        a, b = ours(*args, padding=True), hf(*args, padding=True)
+        for i in range(len(TEXTS)):
+            mine, theirs = a[i], b[i]
+            n = len(theirs)
+            assert len(mine) == n
+            for t in range(n + 2):  # past the end: None, as tokenizers answers
+                assert mine.token_to_chars(t) == theirs.token_to_chars(t), (i, t)
+                assert mine.token_to_word(t) == theirs.token_to_word(t), (i, t)
+                assert mine.token_to_sequence(t) == theirs.token_to_sequence(t), (i, t)
+            for seq in range(len(args)):
+                for c in range(len(args[seq][i]) + 1):
+                    assert mine.char_to_token(c, seq) == theirs.char_to_token(c, seq), (i, seq, c)
+                    assert mine.char_to_word(c, seq) == theirs.char_to_word(c, seq), (i, seq, c)
+                for w in range(8):
+                    assert mine.word_to_tokens(w, seq) == theirs.word_to_tokens(w, seq), (i, seq, w)
+                    assert mine.word_to_chars(w, seq) == theirs.word_to_chars(w, seq), (i, seq, w)
+        assert a.token_to_chars(1, 100) is b.token_to_chars(1, 100) is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(is_split_into_words=True), dict(truncation=True, max_length=5),
+                                    dict(add_special_tokens=True, truncation="only_second", max_length=9)])
+def test_tokenize_takes_call_keywords_as_hf(hf, ours, kwargs):
+    """is_split_into_words works (ours refused lists); truncation does nothing, in both."""
+    text = ["Hello", "wörld", "unaffable"] if kwargs.get("is_split_into_words") else TEXTS[1]
+    pair = None if kwargs.get("is_split_into_words") else PAIRS[2]
+    assert ours.tokenize(text, **kwargs) == hf.tokenize(text, **kwargs)
+    if pair is not None:
+        assert ours.tokenize(text, pair, **kwargs) == hf.tokenize(text, pair, **kwargs)
+
+
+def test_save_vocabulary_writes_the_vocab(tmp_path, ours):
+    (path,) = ours.save_vocabulary(str(tmp_path), filename_prefix="x")
+    assert os.path.basename(path) == "x-vocab.txt"
+    with open(os.path.join(reference_vocab_dir(), "vocab.txt"), encoding="utf-8") as f:
+        expected = f.read().splitlines()
+    with open(path, encoding="utf-8") as f:
+        assert f.read().splitlines() == expected
+    assert DistilBertTokenizerFast(vocab_file=path)(TEXTS)["input_ids"] == ours(TEXTS)["input_ids"]
+
+
+def test_no_pad_token_refuses_padding_as_hf():
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    for tok in (hf, ours):
+        tok.pad_token = None
+        for call in (lambda: tok(TEXTS, padding=True), lambda: tok(TEXTS[0], padding="max_length", max_length=20),
+                     lambda: tok.pad({"input_ids": [[1], [1, 2]]})):
+            with pytest.raises(ValueError, match="Asking to pad but the tokenizer does not have a padding token"):
+                call()
+    _same(ours(TEXTS), hf(TEXTS))  # no padding asked: fine
+    _same(copy.deepcopy(ours)(TEXTS), hf(TEXTS))
+    ours.pad_token = hf.pad_token = "[PAD]"
+    _same(ours(TEXTS, padding=True), hf(TEXTS, padding=True))
+    assert (ours.add_bos_token, ours.add_eos_token, ours.add_prefix_space) == (
+        hf.add_bos_token, hf.add_eos_token, hf.add_prefix_space)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_target_length=4), dict(max_target_length=4, truncation=True),
+                                    dict(max_target_length=4, max_length=6),
+                                    dict(max_target_length=5, padding="max_length", truncation=True, max_length=8)])
+def test_max_target_length_matches_hf(hf, ours, kwargs):
+    """text_target's own length, as transformers' seq2seq scripts pass it (ours refused the keyword)."""
+    targets = ["a longer target text with many words in it", "short"]
+    _same(ours(TEXTS[:2], text_target=targets, **kwargs), hf(TEXTS[:2], text_target=targets, **kwargs))
+    _same(ours(text_target=targets, **kwargs), hf(text_target=targets, **kwargs))
+    _same(ours(TEXTS[1], text_target=targets[0], **kwargs), hf(TEXTS[1], text_target=targets[0], **kwargs))

@@ -220,6 +220,19 @@ def test_random_unicode_matches_hf(text, pair, lower, strip):
     assert b.word_ids() == a.word_ids()
 
 
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(_TEXT, min_size=1, max_size=3), lower=st.booleans(), split=st.booleans())
+def test_random_split_special_tokens_match_hf(texts, lower, split):
+    """split_special_tokens: the special tokens in the text tokenized as plain text (or not)."""
+    hf_tok, our_tok = _variant(lower, None)
+    kwargs = dict(return_offsets_mapping=True, return_special_tokens_mask=True, split_special_tokens=split)
+    a, b = hf_tok(texts, texts[::-1], **kwargs), our_tok(texts, texts[::-1], **kwargs)
+    for key in ("input_ids", "offset_mapping", "special_tokens_mask"):
+        assert b[key] == a[key], key
+    assert [b.word_ids(i) for i in range(len(texts))] == [a.word_ids(i) for i in range(len(texts))]
+    assert our_tok.tokenize(texts[0], split_special_tokens=split) == hf_tok.tokenize(texts[0], split_special_tokens=split)
+
+
 _VARIANTS = {}
 
 

@@ -270,7 +270,8 @@ class PyTokenizer {
               bool do_basic_tokenize, std::vector<std::string> never_split, std::string unk_token,
               std::string sep_token, std::string pad_token, std::string cls_token, std::string mask_token,
               std::vector<std::string> extra_special_tokens, std::string continuing_subword_prefix,
-              int max_input_chars_per_word, const std::vector<AddedTokenTuple>& added_tokens) {
+              int max_input_chars_per_word, const std::vector<AddedTokenTuple>& added_tokens,
+              bool match_special_tokens) {
     dbf_tok::TokenizerOptions o;
     o.do_lower_case = do_lower_case;
     o.strip_accents = strip_accents.is_none() ? -1 : (strip_accents.cast<bool>() ? 1 : 0);
@@ -285,6 +286,7 @@ class PyTokenizer {
     o.extra_special_tokens = std::move(extra_special_tokens);
     o.continuing_subword_prefix = std::move(continuing_subword_prefix);
     o.max_input_chars_per_word = max_input_chars_per_word;
+    o.match_special_tokens = match_special_tokens;
     for (const auto& [content, id, special, normalized, lstrip, rstrip, single_word] : added_tokens)
       o.added_tokens.push_back(dbf_tok::AddedToken{content, id, special, normalized, lstrip, rstrip, single_word});
     std::unique_ptr<dbf_tok::Tokenizer> tok;
@@ -655,11 +657,12 @@ PYBIND11_MODULE(_tokenizer, m) {
   py::class_<PyTokenizer>(m, "Tokenizer")
       .def(py::init<std::vector<std::string>, bool, py::object, bool, bool, std::vector<std::string>, std::string,
                     std::string, std::string, std::string, std::string, std::vector<std::string>, std::string, int,
-                    const std::vector<AddedTokenTuple>&>(),
+                    const std::vector<AddedTokenTuple>&, bool>(),
            py::arg("vocab"), py::arg("do_lower_case"), py::arg("strip_accents"), py::arg("tokenize_chinese_chars"),
            py::arg("do_basic_tokenize"), py::arg("never_split"), py::arg("unk_token"), py::arg("sep_token"),
            py::arg("pad_token"), py::arg("cls_token"), py::arg("mask_token"), py::arg("extra_special_tokens"),
-           py::arg("continuing_subword_prefix"), py::arg("max_input_chars_per_word"), py::arg("added_tokens"))
+           py::arg("continuing_subword_prefix"), py::arg("max_input_chars_per_word"), py::arg("added_tokens"),
+           py::arg("match_special_tokens") = true)
       .def("set_batch_encoding_class", &PyTokenizer::SetBatchEncodingClass, "The class encode_text returns")
       .def("encode_text", &PyTokenizer::EncodeText, "One str with __call__'s defaults, as a BatchEncoding")
       .def("encode_batch", &PyTokenizer::EncodeBatch, "Encodes a batch; returns (outputs dict, BatchResult)")

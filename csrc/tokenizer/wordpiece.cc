@@ -594,7 +594,7 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
     const std::string& s = specials[k];
     std::string name = k < 5 ? names[k] : "extra special token";
     if (s.empty()) return Status::Error(name + " must not be empty");
-    if (added_contents.count(s)) continue;
+    if (added_contents.count(s) || !o.match_special_tokens) continue;
     int32_t id = impl->initial.Find(s);
     if (id < 0)
       return Status::Error(name + " '" + s + "' is not in the vocab: the vocab (or the added tokens) must contain it");
@@ -605,7 +605,8 @@ Status Tokenizer::Create(std::vector<std::string> vocab, TokenizerOptions option
     t.normalized = false;
     tokens.push_back(std::move(t));
   }
-  tokens.insert(tokens.end(), o.added_tokens.begin(), o.added_tokens.end());
+  for (const AddedToken& t : o.added_tokens)
+    if (o.match_special_tokens || !t.special) tokens.push_back(t);
 
   impl->num_ids = impl->vocab.size();
   std::unordered_map<int32_t, const std::string*> content_of_id;

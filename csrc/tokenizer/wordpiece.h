@@ -60,6 +60,9 @@ struct TokenizerOptions {
   std::vector<AddedToken> added_tokens;
   std::string continuing_subword_prefix = "##";
   int max_input_chars_per_word = 100;
+  // false: the special tokens (named, extra, and special added tokens) are not matched in the
+  // text, which is tokenized as plain text (HF's split_special_tokens / encode_special_tokens)
+  bool match_special_tokens = true;
 };
 
 enum class Truncation { kNone, kLongestFirst, kOnlyFirst, kOnlySecond };

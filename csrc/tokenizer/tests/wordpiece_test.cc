@@ -318,6 +318,15 @@ void TestAddedTokens() {
          out.c_str());
   EXPECT(!tok->Decode({44}, false, &out).ok, "id past the added tokens is refused");
 
+  // match_special_tokens = false (HF's split_special_tokens): the special tokens are plain text
+  TokenizerOptions split = o;
+  split.match_special_tokens = false;
+  RunCases("split_special_tokens", *Make(split), {
+      {"1: named and added special tokens split, other added tokens still matched", "[MASK]<new> [RAW]",
+       {"[", "mask", "]", "<new>", "[", "[UNK]", "]"},
+       {{0, 1}, {1, 5}, {5, 6}, {6, 11}, {12, 13}, {13, 16}, {16, 17}}},
+  });
+
   // the next match is looked for where the last one ended, not after the white space rstrip
   // took: here the CJK token's padding space, which "<new>x" also took (HF's overlapping splits)
   TokenizerOptions cjk = o;
