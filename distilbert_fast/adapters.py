@@ -51,6 +51,10 @@ logger = logging.getLogger("distilbert_fast.adapters")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "pytorch_adapter.bin"
 ADAPTER_SAFE_WEIGHTS_NAME = "adapter.safetensors"
+# the head saved with an adapter (a flexible head of DistilBertAdapterModel, or a task class's head)
+HEAD_CONFIG_NAME = "head_config.json"
+HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
+HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
 
 # The module-name fragments under which each adapter's weights live (the package's filter).
 _WEIGHT_GROUPS = ("attention_adapters.adapters", "output_adapters.adapters", "loras")
@@ -1129,6 +1133,15 @@ class ModelAdaptersMixin:
         self.set_active_adapters(setup)
         if train_embeddings:
             self.get_input_embeddings().weight.requires_grad = True
+        elif self.base_model is not self:
+            # as the package's models with heads: output embeddings (the masked-LM projector, tied
+            # to the word embeddings: its bias too) train only with train_embeddings
+            self._freeze_output_embeddings()
+
+    def _freeze_output_embeddings(self):
+        output = self.get_output_embeddings()
+        for param in () if output is None else output.parameters():
+            param.requires_grad = False
 
     def merge_adapter(self, name: str):
         """Folds LoRA ``name`` into the weights of the layers it adapts, so inference costs
@@ -1168,8 +1181,61 @@ class ModelAdaptersMixin:
             save_directory,
             ADAPTER_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTER_WEIGHTS_NAME,
         )
-        if with_head and adapter_name in getattr(self, "heads", {}):
-            self.save_head(save_directory, adapter_name, use_safetensors=use_safetensors)
+        if with_head:
+            self._save_adapter_head(save_directory, adapter_name, use_safetensors)
+
+    def _task_head_state_dict(self) -> dict[str, torch.Tensor]:
+        """A task class's head: every tensor outside the base model (pre_classifier and
+        classifier, qa_outputs, vocab_transform ...); none on DistilBertModel."""
+        if self.base_model is self:
+            return {}
+        prefix = self.base_model_prefix + "."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+
+    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
+        """save_adapter's head, as the package's PredictionHeadLoader writes a task class's (static)
+        head: head_config.json naming the class, with null "config" and "name" and the labels."""
+        tensors = self._task_head_state_dict()
+        if not tensors:
+            return
+        meta = self._file_meta(None, None)
+        meta["label2id"] = dict(self.config.label2id)
+        meta["num_labels"] = self.config.num_labels
+        _write_json(os.path.join(directory, HEAD_CONFIG_NAME), meta)
+        _save_tensors(tensors, directory, HEAD_SAFE_WEIGHTS_NAME if use_safetensors else HEAD_WEIGHTS_NAME)
+
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None):
+        """load_adapter's head: a task class's head saved with the adapter by the same class (in
+        either library) loads into this model's head, and its labels into the config; a head of
+        another class is skipped with a warning, as in the package. Tied output embeddings (the
+        masked-LM projector) keep this model's word embeddings."""
+        tensors = self._task_head_state_dict()
+        if not tensors:
+            return
+        meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
+        if meta.get("model_class") != type(self).__name__:
+            logger.warning("load_adapter: the head in %s belongs to a %s, not a %s; it is not loaded",
+                           directory, meta.get("model_class"), type(self).__name__)
+            return
+        state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
+        missing, unexpected = sorted(set(tensors) - set(state_dict)), sorted(set(state_dict) - set(tensors))
+        if missing or unexpected:
+            raise ValueError(f"the head weights in {directory} do not fit {type(self).__name__}'s head: "
+                             f"missing {missing}, unexpected {unexpected}")
+        for key, value in state_dict.items():
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} in {directory}, model has {tuple(tensors[key].shape)}")
+        tied = self.get_output_embeddings()
+        tied = tied.weight if tied is not None and tied.weight is self.get_input_embeddings().weight else None
+        own = dict(self.named_parameters(remove_duplicate=False))
+        own.update(self.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if own[key] is not tied:
+                    own[key].copy_(value)
+        if meta.get("label2id"):
+            self.config.label2id = {label: int(i) for label, i in meta["label2id"].items()}
+            self.config.id2label = {int(i): label for label, i in meta["label2id"].items()}
 
     def load_adapter(self, adapter_name_or_path, load_as: str | None = None, with_head: bool = True,
                      set_active: bool = False, leave_out=None, use_safetensors: bool | None = None):
@@ -1200,11 +1266,11 @@ class ModelAdaptersMixin:
         self.add_adapter(name, config_dict, overwrite_ok=True)
         try:
             self._load_adapter_tensors(name, state_dict, directory)
+            if with_head and os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
+                self._load_adapter_head(directory, name, use_safetensors)
         except Exception:
             self.delete_adapter(name)
             raise
-        if with_head and hasattr(self, "load_head") and os.path.isfile(os.path.join(directory, "head_config.json")):
-            self.load_head(directory, load_as=name)
         if set_active:
             self.set_active_adapters(name)
         return name

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import (
+    HEAD_CONFIG_NAME,
+    HEAD_SAFE_WEIGHTS_NAME,
+    HEAD_WEIGHTS_NAME,
     Activation,
     Parallel,
     parallel_channels_of,
@@ -23,6 +26,7 @@ from .adapters import (
     _read_json,
     _save_tensors,
     _write_json,
+    logger,
     run_sequential,
 )
 from .configuration import DistilBertConfig
@@ -36,10 +40,6 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-
-HEAD_CONFIG_NAME = "head_config.json"
-HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
-HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
 
 
 def _label2id(id2label):
@@ -374,13 +374,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         elif setup is not None and setup.last() in self.heads:
             self.active_head = setup.last()
 
-    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
-        """The base model frozen; the adapters in ``adapter_setup`` and the heads train, except
-        an active head's output embeddings (tied to the word embeddings) unless
-        ``train_embeddings``, as in the package."""
-        super().train_adapter(adapter_setup, train_embeddings)
-        if train_embeddings:
-            return
+    def _freeze_output_embeddings(self):
+        """train_adapter's: the output embeddings of every active head (tied to the word
+        embeddings) train only with ``train_embeddings``, as in the package."""
         for name in self._active_heads:
             output = self.heads[name].get_output_embeddings()
             if output is not None:
@@ -564,6 +560,21 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                                      f"head has {tuple(params[key].shape)}")
                 params[key].copy_(value)
         return name
+
+    # -- the head of save_adapter / load_adapter -------------------------------------------------
+    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
+        if adapter_name in self.heads:
+            self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
+
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None):
+        """The head saved with the adapter, under the adapter's name; a head of another class (a
+        task class's, saved with its adapter) is skipped with a warning, as in the package."""
+        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
+        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
+            logger.warning("load_adapter: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
+                           "it is not loaded", directory, model_class)
+            return
+        self.load_head(directory, load_as=name, use_safetensors=use_safetensors)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):

@@ -126,6 +126,27 @@ def test_adapters_move_between_classes_and_survive_save_pretrained(tmp_path):
     assert_close(loaded(x, attention_mask=mask).logits, task(x, attention_mask=mask).logits, atol=1e-6)
 
 
+def test_save_adapter_carries_a_task_class_head(tmp_path, caplog):
+    """As the package: a task class saves its own head (pre_classifier + classifier) with the
+    adapter and the same class loads it back, labels too; another class skips it with a warning."""
+    model = build(DistilBertForSequenceClassification, id2label={0: "neg", 1: "neu", 2: "pos"})
+    model.add_adapter("a", config="seq_bn")
+    randomise(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    model.save_adapter(str(tmp_path / "a"), "a")
+    fresh = build(DistilBertForSequenceClassification)
+    fresh.distilbert.load_state_dict(model.distilbert.state_dict(), strict=False)  # the base only
+    fresh.load_adapter(str(tmp_path / "a"), set_active=True)
+    x, mask = batch()
+    assert_close(fresh(x, attention_mask=mask).logits, model(x, attention_mask=mask, adapter_names="a").logits, atol=1e-6)
+    assert fresh.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    heads_model = DistilBertAdapterModel(DistilBertConfig(**SMALL_CONFIG))
+    with caplog.at_level("WARNING", logger="distilbert_fast.adapters"):
+        assert heads_model.load_adapter(str(tmp_path / "a")) == "a"
+    assert not heads_model.heads and "DistilBertForSequenceClassification" in caplog.text
+
+
 # -- Parallel --------------------------------------------------------------------------------------
 
 

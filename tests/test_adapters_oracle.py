@@ -114,11 +114,16 @@ def _our_model(base):
     return model
 
 
+def _is_head_key(model, key):
+    """A head's tensor: outside the base model (flexible heads, or a task class's own head)."""
+    return model.base_model is not model and not key.startswith(model.base_model_prefix + ".")
+
+
 @torch.no_grad()
 def _change_adapters_and_heads(model, seed):
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if _is_adapter_key(name) or name.startswith("heads."):
+        if _is_adapter_key(name) or _is_head_key(model, name):
             param.mul_(0.5).add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
@@ -175,7 +180,7 @@ def _setup_from_dict(data):
 
 
 def _task_model(spec):
-    labels = 2 if "QuestionAnswering" in spec["cls"] else spec["num_labels"]
+    labels = 2 if "QuestionAnswering" in spec["cls"] else spec.get("num_labels", 3)
     return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**SMALL, num_labels=labels))
 
 
@@ -187,15 +192,18 @@ def _run_task(model, spec, setup, inputs):
 
 
 def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
-    """One task case in both directions: the package's adapter files (and heads) load into our
-    class, with the package's other weights, and must give its outputs; then our changed
-    adapters, saved by us, go to the package (ours_results[case] is what it must give)."""
+    """One task case in both directions: the package's base weights and its adapter files load
+    into our class (the head, a task class's own or a flexible one, comes with its adapter, as
+    save_adapter writes it) and must give its outputs; then our changed adapters and heads, saved
+    by us, go to the package with the base weights only (ours_results[case] is what it must give)."""
     model = _task_model(spec)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
     weights = torch.load(os.path.join(case_dir, "model.pt"), weights_only=True)
+    weights = {k: v for k, v in weights.items() if not _is_head_key(model, k)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and all(_is_adapter_key(k) for k in missing), (case, missing, unexpected)
+    assert not unexpected and all(_is_adapter_key(k) or _is_head_key(model, k) for k in missing), (
+        case, missing, unexpected)
     io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
     setup = _setup_from_dict(spec["setup"])
     rows = _diffs(_run_task(model, spec, setup, io["inputs"]), io["outputs"], case,
@@ -235,6 +243,24 @@ def test_task_cases_cover_every_class_and_parallel(both_directions):
                                          "DistilBertForQuestionAnswering", "DistilBertForTokenClassification",
                                          "DistilBertForMultipleChoice", "DistilBertAdapterModel"}
     assert sum(c["setup"]["type"] == "Parallel" for c in cases) >= 3
+
+
+def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_directions):
+    """The same parameters train after train_adapter on each class, for a bottleneck adapter
+    alone (with and without train_embeddings), a Stack and a Parallel with a LoRA: the task
+    classes' and the heads model's masked-LM output embeddings (weight and bias) included."""
+    recorded = both_directions[2]["train_adapter"]
+    for cls, theirs in recorded["trainable"].items():
+        for case, expected in zip(recorded["setups"], theirs):
+            model = _task_model({"cls": cls})
+            if cls == "DistilBertAdapterModel":
+                model.add_classification_head("b", num_labels=3)
+                model.add_masked_lm_head("a")
+            model.add_adapter("a", config=distilbert_fast.SeqBnConfig(reduction_factor=4))
+            model.add_adapter("l", config=distilbert_fast.LoRAConfig(r=2))
+            model.train_adapter(_setup_from_dict(case["setup"]), train_embeddings=case["train_embeddings"])
+            ours = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
+            assert ours == expected, (cls, case, sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours)))
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

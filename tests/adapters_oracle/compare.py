@@ -207,14 +207,42 @@ def produce_tasks(out_dir):
     return manifest
 
 
+# train_adapter on every class: (setup, train_embeddings). The heads model gets a masked-LM head
+# "a" (tied output embeddings) added after a classification head, so "a" is its active head.
+TRAIN_ADAPTER_SETUPS = [("a", False), ("a", True), (Stack("a", "l"), False), (Parallel("a", "l"), False)]
+
+
+def trainable_after_train_adapter():
+    """{class: [sorted names of the trainable parameters after train_adapter(setup, train_embeddings)],
+    one list per TRAIN_ADAPTER_SETUPS entry}, and those setups (to_dict) for the other side."""
+    result = {}
+    for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
+        result[cls] = []
+        for setup, train_embeddings in TRAIN_ADAPTER_SETUPS:
+            model = make_task_model(cls)
+            if cls == "DistilBertAdapterModel":
+                model.add_classification_head("b", num_labels=TASK_LABELS)
+                model.add_masked_lm_head("a")
+            model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
+            model.add_adapter("l", config=LoRAConfig(r=2))
+            model.train_adapter(setup, train_embeddings=train_embeddings)
+            result[cls].append(sorted(n for n, p in model.named_parameters(remove_duplicate=False)
+                                      if p.requires_grad and "prompt_tuning." not in n))
+    setups = [{"setup": Stack(s).to_dict() if isinstance(s, str) else s.to_dict(), "train_embeddings": e}
+              for s, e in TRAIN_ADAPTER_SETUPS]
+    return {"setups": setups, "trainable": result}
+
+
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_task_model(spec["cls"])
-        # the weights first: the heads come with the adapters (saved by us)
-        weights = {k: v for k, v in torch.load(os.path.join(case_dir, "model.pt")).items() if not k.startswith("heads.")}
+        # the base weights first: the heads (flexible, or the task class's own) come with the
+        # adapters (saved by us)
+        weights = torch.load(os.path.join(case_dir, "model.pt"))
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not is_adapter_key(k) and "prompt_tuning." not in k for k in missing):
+        is_head_key = lambda k: spec["cls"] != "DistilBertModel" and not k.startswith("distilbert.")  # noqa: E731
+        if unexpected or any(not (is_adapter_key(k) or is_head_key(k)) and "prompt_tuning." not in k for k in missing):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
@@ -329,7 +357,8 @@ def produce(out_dir):
                           "head_type": kind}
     task_manifest = produce_tasks(out_dir)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump({"cases": manifest, "task_cases": task_manifest, "adapters_version": adapters.__version__,
+        json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
+                   "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
 
