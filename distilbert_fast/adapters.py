@@ -1082,7 +1082,12 @@ class ModelAdaptersMixin:
                 yield modules[name]
 
     def delete_adapter(self, adapter_name: str):
-        self._check_adapter_name(adapter_name)
+        """Removes adapter ``adapter_name`` (un-merging it); an unknown name is skipped with a
+        warning, as in the package."""
+        if adapter_name not in self._adapters_state.configs:
+            logger.warning("delete_adapter: no adapter named %r to delete; this model has adapters %s",
+                           adapter_name, sorted(self._adapters_state.configs))
+            return
         for layer, attr in self._adapter_layers():
             if attr == "loras" and layer.merged == adapter_name:
                 layer.reset_adapter()
@@ -1124,6 +1129,8 @@ class ModelAdaptersMixin:
         """Training mode for the given adapters: the base model frozen (but the word embeddings
         with ``train_embeddings``), those adapters trainable and active."""
         setup = self._parse_setup(adapter_setup)
+        if setup is None:
+            raise ValueError(f"adapter_setup must name at least one adapter to train, got {adapter_setup!r}")
         self.train()
         self.freeze_model(True)
         for name in setup.names():
@@ -1146,7 +1153,7 @@ class ModelAdaptersMixin:
     def merge_adapter(self, name: str):
         """Folds LoRA ``name`` into the weights of the layers it adapts, so inference costs
         nothing extra; ``reset_adapter`` undoes it."""
-        self._check_adapter_name(name)
+        self._check_adapter_name(name, "name")
         if not isinstance(self._adapters_state.configs[name], LoRAConfig):
             raise ValueError(f"merge_adapter works on LoRA adapters; {name!r} is a bottleneck adapter")
         for layer, attr in self._adapter_layers():
@@ -1169,7 +1176,7 @@ class ModelAdaptersMixin:
                      use_safetensors: bool = False):
         """Writes adapter_config.json and pytorch_adapter.bin (adapter.safetensors with
         ``use_safetensors``), plus the head of the same name if ``with_head`` and there is one."""
-        self._check_adapter_name(adapter_name)
+        self._check_adapter_name(adapter_name, "adapter_name")
         os.makedirs(save_directory, exist_ok=True)
         config = self._adapters_state.configs[adapter_name]
         meta = self._file_meta(adapter_name, config.to_dict())

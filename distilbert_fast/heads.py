@@ -341,9 +341,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         self._add_head(MaskedLMHead(self, head_name, layers=layers, activation_function=activation_function),
                        overwrite_ok)
 
-    def _check_head_name(self, name):
+    def _check_head_name(self, name, argument: str):
         if name not in self.heads:
-            raise ValueError(f"no head named {name!r}; this model has heads {sorted(self.heads)}")
+            raise ValueError(f"{argument}: no head named {name!r}; this model has heads {sorted(self.heads)}")
 
     @property
     def active_head(self):
@@ -356,11 +356,15 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     def active_head(self, names):
         names = [] if names is None else [names] if isinstance(names, str) else list(names)
         for name in names:
-            self._check_head_name(name)
+            self._check_head_name(name, "active_head")
         self._active_heads = names
 
     def delete_head(self, head_name: str):
-        self._check_head_name(head_name)
+        """Removes head ``head_name``; an unknown name is skipped with a warning, as in the package."""
+        if head_name not in self.heads:
+            logger.warning("delete_head: no head named %r to delete; this model has heads %s",
+                           head_name, sorted(self.heads))
+            return
         del self.heads[head_name]
         self._active_heads = [name for name in self._active_heads if name != head_name]
 
@@ -446,7 +450,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         else:
             heads = list(self._active_heads)
         for name in heads:
-            self._check_head_name(name)
+            self._check_head_name(name, "head" if head is not None else "active_head")
         if channels > 1 and heads and len(heads) != channels:
             raise ValueError(
                 f"the Parallel adapter setup {in_force!r} has {channels} channels but {len(heads)} heads "
@@ -512,7 +516,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             if len(self.heads) != 1:
                 raise ValueError(f"head_name is needed: this model has heads {sorted(self.heads)}")
             head_name = next(iter(self.heads))
-        self._check_head_name(head_name)
+        self._check_head_name(head_name, "head_name")
         os.makedirs(save_directory, exist_ok=True)
         _write_json(os.path.join(save_directory, HEAD_CONFIG_NAME),
                     self._file_meta(head_name, dict(self.heads[head_name].config)))

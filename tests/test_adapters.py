@@ -325,11 +325,18 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         model.add_adapter("b", config="nope")
     with pytest.raises(ValueError, match="'default' entry"):
         SeqBnConfig(reduction_factor={"1": 4})
-    for call in (lambda: model.set_active_adapters("nope"), lambda: model.train_adapter(["a", "nope"]),
-                 lambda: model.delete_adapter("nope"), lambda: model.merge_adapter("nope"),
-                 lambda: model.save_adapter(str(tmp_path), "nope"), lambda: model(x, adapter_names="nope")):
-        with pytest.raises(ValueError, match="no adapter named 'nope'"):
+    for argument, call in (("adapter_setup", lambda: model.set_active_adapters("nope")),
+                           ("adapter_setup", lambda: model.train_adapter(["a", "nope"])),
+                           ("name", lambda: model.merge_adapter("nope")),
+                           ("adapter_name", lambda: model.save_adapter(str(tmp_path), "nope")),
+                           ("adapter_names", lambda: model(x, adapter_names="nope"))):
+        with pytest.raises(ValueError, match=f"^{argument}: no adapter named 'nope'"):
             call()
+    for setup in (None, []):
+        with pytest.raises(ValueError, match="adapter_setup must name at least one adapter"):
+            model.train_adapter(setup)
+    model.delete_adapter("nope")  # as the package: nothing to delete is skipped (with a warning)
+    assert list(model.adapters_config) == ["a"]
     model.set_active_adapters("a")
     model.delete_adapter("a")
     with pytest.raises(ValueError, match="no adapter named 'a'"):
