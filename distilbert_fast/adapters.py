@@ -1264,9 +1264,10 @@ class ModelAdaptersMixin:
         saved_name = meta["name"]
         name = load_as or saved_name
         state_dict = _load_tensors(directory, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, use_safetensors)
+        left_out = set(config_dict.get("leave_out") or [])  # their saved weights are dropped, as in the package
         state_dict = {
             _rename_adapter_key(k, saved_name, name): v
-            for k, v in state_dict.items() if _is_adapter_key(k, saved_name)
+            for k, v in state_dict.items() if _is_adapter_key(k, saved_name) and _layer_of_key(k) not in left_out
         }
         if name in self._adapters_state.configs:
             logger.warning("load_adapter: replacing the existing adapter %r", name)
@@ -1398,6 +1399,13 @@ def _taking_adapter_names(forward):
 
 def _is_adapter_key(key: str, name: str) -> bool:
     return any(f"{group}.{name}." in key for group in _WEIGHT_GROUPS)
+
+
+def _layer_of_key(key: str) -> int | None:
+    """The block index of a state_dict key "[distilbert.]transformer.layer.<i>....", else None."""
+    parts = key.split(".")
+    at = parts.index("layer") if "layer" in parts else -1
+    return int(parts[at + 1]) if at > 0 and parts[at - 1] == "transformer" and parts[at + 1].isdigit() else None
 
 
 def _rename_adapter_key(key: str, old: str, new: str) -> str:

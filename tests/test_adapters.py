@@ -135,6 +135,22 @@ def test_save_adapter_load_adapter_round_trip_is_exact(tmp_path, kind, safe):
     assert torch.equal(other(x, head="y", adapter_names="y").logits, model(x, head="x", adapter_names="x").logits)
 
 
+@pytest.mark.parametrize("kind", ["houlsby", "lora"])
+def test_load_adapter_leave_out_drops_those_layers_saved_weights(tmp_path, kind):
+    """As the package: load_adapter(leave_out=[0]) adds the adapter without layer 0 and loads the
+    saved weights of the other layers (was: refused, layer 0's weights "unexpected")."""
+    model = small_model()
+    model.add_adapter("x", config=CONFIGS[kind])
+    randomise(model)
+    model.save_adapter(str(tmp_path), "x")
+    other = small_model()
+    assert other.load_adapter(str(tmp_path), leave_out=[0]) == "x"
+    assert other.adapters_config["x"].leave_out == [0]
+    loaded, saved = other.state_dict(), model.state_dict()
+    assert {k for k in adapter_keys(model, "x") if ".layer.0." not in k} == adapter_keys(other, "x") != set()
+    assert all(torch.equal(loaded[k], saved[k]) for k in adapter_keys(other, "x"))
+
+
 def test_saved_adapter_holds_only_its_own_weights_under_the_package_keys(tmp_path):
     model = small_model()
     model.add_adapter("a", config="houlsby")
