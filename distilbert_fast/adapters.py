@@ -570,6 +570,8 @@ class AdaptersState:
         # the running forward's call setup and encoder rows while a tracer records it
         self.traced_setup: Stack | None = None
         self.traced_rows: int | None = None
+        # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
+        self.skip_layers: frozenset[int] = frozenset()
 
     def call_setup(self) -> Stack | None:
         """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
@@ -814,7 +816,7 @@ class BottleneckLayer(nn.Module):
 
     def active_setup(self) -> Stack | None:
         """The setup in force, if it names an adapter of this layer; else None (plain block)."""
-        if not self.adapters:
+        if not self.adapters or self.layer_idx in self.state.skip_layers:
             return None
         setup = self.state.current_setup()
         if setup is None or not any(name in self.adapters for name in setup.names()):
@@ -933,7 +935,7 @@ class LoRALinear(nn.Linear):
         return True
 
     def _active_names(self) -> list[str]:
-        if self.merged or not self.loras:
+        if self.merged or not self.loras or self.layer_idx in self.state.skip_layers:
             return []
         setup = self.state.current_setup()
         return [] if setup is None else [name for name in setup.names() if name in self.loras]
@@ -1113,12 +1115,18 @@ class ModelAdaptersMixin:
             self._check_adapter_name(name, argument)
         return setup
 
-    def set_active_adapters(self, adapter_setup):
-        """The adapters every forward uses (None: none), unless a call passes ``adapter_names``.
-        As in the package, this un-merges a merged LoRA."""
+    def set_active_adapters(self, adapter_setup, skip_layers=None):
+        """The adapters every forward uses (None: none), unless a call passes ``adapter_names``;
+        no adapter runs in the blocks listed in ``skip_layers`` (until the next call). As in the
+        package, this un-merges a merged LoRA."""
         setup = self._parse_setup(adapter_setup)
+        n_layers = len(self.base_model.transformer.layer)
+        skip = list(skip_layers or ())
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in skip):
+            raise ValueError(f"skip_layers must be block indices in [0, {n_layers}), got {skip_layers!r}")
         self.reset_adapter()
         self._adapters_state.active_setup = setup
+        self._adapters_state.skip_layers = frozenset(skip)
 
     def freeze_model(self, freeze: bool = True):
         """Freezes (or unfreezes) every parameter of the base model, adapters included."""
@@ -1173,9 +1181,12 @@ class ModelAdaptersMixin:
         return {k: v for k, v in self.state_dict().items() if _is_adapter_key(k, name)}
 
     def save_adapter(self, save_directory, adapter_name: str, with_head: bool = True, meta_dict=None,
-                     use_safetensors: bool = False):
+                     custom_weights_loaders=None, use_safetensors: bool = False):
         """Writes adapter_config.json and pytorch_adapter.bin (adapter.safetensors with
-        ``use_safetensors``), plus the head of the same name if ``with_head`` and there is one."""
+        ``use_safetensors``), plus the head if ``with_head``: the head of the same name on
+        DistilBertAdapterModel, a task class's own head. The package's arguments in its order;
+        ``custom_weights_loaders`` (the package's WeightsLoader objects) must be None."""
+        _check_no_custom_loaders(custom_weights_loaders)
         self._check_adapter_name(adapter_name, "adapter_name")
         os.makedirs(save_directory, exist_ok=True)
         config = self._adapters_state.configs[adapter_name]
@@ -1193,37 +1204,37 @@ class ModelAdaptersMixin:
 
     def _task_head_state_dict(self) -> dict[str, torch.Tensor]:
         """A task class's head: every tensor outside the base model (pre_classifier and
-        classifier, qa_outputs, vocab_transform ...); none on DistilBertModel."""
+        classifier, qa_outputs, vocab_transform ...)."""
         if self.base_model is self:
-            return {}
+            raise ValueError(f"{type(self).__name__} has no head: save_head / load_head are for the task "
+                             "classes and DistilBertAdapterModel")
         prefix = self.base_model_prefix + "."
         return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
 
-    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
-        """save_adapter's head, as the package's PredictionHeadLoader writes a task class's (static)
-        head: head_config.json naming the class, with null "config" and "name" and the labels."""
+    def save_head(self, save_directory, head_name=None, use_safetensors: bool = False):
+        """Writes a task class's head as the package writes a model's static head: head_config.json
+        naming the class (null "config" and "name", the labels) and pytorch_model_head.bin
+        (model_head.safetensors with ``use_safetensors``). The one head has no name:
+        ``head_name`` is ignored, as in the package."""
         tensors = self._task_head_state_dict()
-        if not tensors:
-            return
+        os.makedirs(save_directory, exist_ok=True)
         meta = self._file_meta(None, None)
         meta["label2id"] = dict(self.config.label2id)
         meta["num_labels"] = self.config.num_labels
-        _write_json(os.path.join(directory, HEAD_CONFIG_NAME), meta)
-        _save_tensors(tensors, directory, HEAD_SAFE_WEIGHTS_NAME if use_safetensors else HEAD_WEIGHTS_NAME)
+        _write_json(os.path.join(save_directory, HEAD_CONFIG_NAME), meta)
+        _save_tensors(tensors, save_directory, HEAD_SAFE_WEIGHTS_NAME if use_safetensors else HEAD_WEIGHTS_NAME)
 
-    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None):
-        """load_adapter's head: a task class's head saved with the adapter by the same class (in
-        either library) loads into this model's head, and its labels into the config; a head of
-        another class is skipped with a warning, as in the package. Tied output embeddings (the
-        masked-LM projector) keep this model's word embeddings."""
+    def load_head(self, save_directory, load_as=None, id2label=None, use_safetensors: bool | None = None):
+        """Loads a head written by ``save_head`` of the same task class (here or in the package)
+        into this model's head, and its labels (or ``id2label``) into the config. Tied output
+        embeddings (the masked-LM projector) keep this model's word embeddings. ``load_as`` is
+        ignored: the one head has no name."""
+        directory = os.fspath(save_directory)
         tensors = self._task_head_state_dict()
-        if not tensors:
-            return
         meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
         if meta.get("model_class") != type(self).__name__:
-            logger.warning("load_adapter: the head in %s belongs to a %s, not a %s; it is not loaded",
-                           directory, meta.get("model_class"), type(self).__name__)
-            return
+            raise ValueError(f"the head in {directory} belongs to a {meta.get('model_class')!r}, "
+                             f"not a {type(self).__name__}")
         state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
         missing, unexpected = sorted(set(tensors) - set(state_dict)), sorted(set(state_dict) - set(tensors))
         if missing or unexpected:
@@ -1240,14 +1251,41 @@ class ModelAdaptersMixin:
             for key, value in state_dict.items():
                 if own[key] is not tied:
                     own[key].copy_(value)
-        if meta.get("label2id"):
-            self.config.label2id = {label: int(i) for label, i in meta["label2id"].items()}
-            self.config.id2label = {int(i): label for label, i in meta["label2id"].items()}
+        label2id = {label: i for i, label in id2label.items()} if id2label else meta.get("label2id")
+        if label2id:
+            self.config.label2id = {label: int(i) for label, i in label2id.items()}
+            self.config.id2label = {int(i): label for label, i in label2id.items()}
 
-    def load_adapter(self, adapter_name_or_path, load_as: str | None = None, with_head: bool = True,
-                     set_active: bool = False, leave_out=None, use_safetensors: bool | None = None):
+    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
+        """save_adapter's head (with_head): a task class's own head, as in the package."""
+        if self.base_model is not self:
+            self.save_head(directory, use_safetensors=use_safetensors)
+
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
+        """load_adapter's head (with_head): a task class's head saved with the adapter by the same
+        class; one of another class is skipped with a warning, as in the package."""
+        if self.base_model is self:
+            return
+        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class")
+        if model_class != type(self).__name__:
+            logger.warning("load_adapter: the head in %s belongs to a %s, not a %s; it is not loaded",
+                           directory, model_class, type(self).__name__)
+            return
+        self.load_head(directory, id2label=id2label, use_safetensors=use_safetensors)
+
+    def load_adapter(self, adapter_name_or_path, config=None, version=None, model_name=None,
+                     load_as: str | None = None, with_head: bool = True, custom_weights_loaders=None,
+                     leave_out=None, id2label=None, set_active: bool = False,
+                     use_safetensors: bool | None = None):
         """Loads an adapter saved by ``save_adapter`` here or in the ``adapters`` package (a local
-        directory). Returns its name in this model."""
+        directory), with its head (``with_head``; ``id2label`` renames its labels). Returns its
+        name in this model. The package's arguments in its order: ``config``, ``version`` and
+        ``model_name`` pick among the Hub's adapters there, so a local directory ignores them (as
+        the package does); ``custom_weights_loaders`` must be None."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        if config is not None or version is not None or model_name is not None:
+            logger.warning("load_adapter: config, version and model_name choose among the Hub's adapters; "
+                           "%s's adapter_config.json decides here", adapter_name_or_path)
         directory = os.fspath(adapter_name_or_path)
         meta = _read_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
         if "config" not in meta or "name" not in meta:
@@ -1275,7 +1313,7 @@ class ModelAdaptersMixin:
         try:
             self._load_adapter_tensors(name, state_dict, directory)
             if with_head and os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
-                self._load_adapter_head(directory, name, use_safetensors)
+                self._load_adapter_head(directory, name, use_safetensors, id2label)
         except Exception:
             self.delete_adapter(name)
             raise
@@ -1399,6 +1437,12 @@ def _taking_adapter_names(forward):
 
 def _is_adapter_key(key: str, name: str) -> bool:
     return any(f"{group}.{name}." in key for group in _WEIGHT_GROUPS)
+
+
+def _check_no_custom_loaders(custom_weights_loaders):
+    if custom_weights_loaders:
+        raise ValueError("custom_weights_loaders must be None: the adapters package's WeightsLoader objects "
+                         f"do not apply to distilbert_fast, got {custom_weights_loaders!r}")
 
 
 def _layer_of_key(key: str) -> int | None:

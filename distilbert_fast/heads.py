@@ -368,9 +368,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         del self.heads[head_name]
         self._active_heads = [name for name in self._active_heads if name != head_name]
 
-    def set_active_adapters(self, adapter_setup):
+    def set_active_adapters(self, adapter_setup, skip_layers=None):
         """As in the package: also activates the head named like the setup's last adapter."""
-        super().set_active_adapters(adapter_setup)
+        super().set_active_adapters(adapter_setup, skip_layers)
         setup = self.active_adapters
         if isinstance(setup, Parallel):  # one head per child, when each has one
             if all(name in self.heads for name in setup.heads()):
@@ -570,7 +570,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         if adapter_name in self.heads:
             self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
 
-    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None):
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
         """The head saved with the adapter, under the adapter's name; a head of another class (a
         task class's, saved with its adapter) is skipped with a warning, as in the package."""
         model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
@@ -578,7 +578,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             logger.warning("load_adapter: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
                            "it is not loaded", directory, model_class)
             return
-        self.load_head(directory, load_as=name, use_safetensors=use_safetensors)
+        self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):

@@ -23,6 +23,7 @@ bench/results/adapters_parity.txt.
 """
 
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -299,6 +300,20 @@ def test_parallel_on_the_real_checkpoint_was_compared(both_directions):
     assert cases["real_checkpoint_parallel_tokcls"]["config"]["dim"] == 384
     rows = [row for row in both_directions[0] + both_directions[1] if row[0] == "real_checkpoint_parallel_tokcls"]
     assert len(rows) == 2 and all(expected_max > 0.1 for *_, expected_max in rows)
+
+
+def test_every_class_takes_the_package_arguments_in_its_order(both_directions):
+    """add_adapter, load_adapter (config, version, model_name, load_as, ...), save_adapter,
+    set_active_adapters (skip_layers), save_head / load_head on the task classes ...: the
+    package's argument names in its order, so calls written for the package bind the same."""
+    for cls, methods in both_directions[2]["api_arguments"].items():
+        model = _task_model({"cls": cls})
+        for name, expected in methods.items():
+            ours = [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if cls == "DistilBertModel":  # ours also takes with_head, which the package's base model lacks
+                ours = [p for p in ours if p != "with_head"]
+            assert ours == expected, (cls, name, ours, expected)
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

@@ -18,6 +18,7 @@ whose weights and sizes REAL.json names.
 The cases are listed here only; OUT/manifest.json tells the test what each holds.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -250,6 +251,25 @@ def trainable_after_train_adapter():
     return {"setups": setups, "trainable": result}
 
 
+# The adapter API whose arguments (names, in order) must be the package's on every class.
+API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_adapter", "freeze_model",
+               "save_adapter", "load_adapter", "merge_adapter", "reset_adapter", "has_adapters", "save_head",
+               "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
+               "add_tagging_head", "add_qa_head", "add_masked_lm_head")
+
+
+def api_arguments():
+    """{class: {method: [argument names]}} of the package's adapter API, on each class (after
+    adapters.init for transformers' own)."""
+    result = {}
+    for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
+        model = make_task_model(cls)
+        result[cls] = {name: [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
+                              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                       for name in API_METHODS if hasattr(model, name)}
+    return result
+
+
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
@@ -379,6 +399,7 @@ def produce(out_dir, real_json=None):
     task_manifest = produce_tasks(out_dir, real)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
+                   "api_arguments": api_arguments(),
                    "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
