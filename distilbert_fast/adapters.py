@@ -572,6 +572,7 @@ class AdaptersState:
         self.traced_rows: int | None = None
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
+        self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
 
     def call_setup(self) -> Stack | None:
         """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
@@ -1132,6 +1133,34 @@ class ModelAdaptersMixin:
         """Freezes (or unfreezes) every parameter of the base model, adapters included."""
         for param in self.base_model.parameters():
             param.requires_grad = not freeze
+        self._adapters_state.model_frozen = freeze
+
+    def adapter_summary(self, as_dict: bool = False):
+        """The package's table of the added adapters: name, architecture ("bottleneck" or
+        "lora"), #param, %param (of the base model without adapters), active, train (every
+        weight trainable), then the full model's row; ``as_dict``: the rows as dicts."""
+        active = self.active_adapters
+        rows = []
+        for name, config in self._adapters_state.configs.items():
+            params = [p for module in self._adapter_modules(name) for p in module.parameters()]
+            rows.append({"name": name, "architecture": config.architecture or "bottleneck",
+                         "#param": sum(p.numel() for p in params),
+                         "active": active is not None and name in active.flatten(),
+                         "train": all(p.requires_grad for p in params)})
+        base_params = sum(p.numel() for p in self.base_model.parameters()) - sum(r["#param"] for r in rows)
+        for row in rows:
+            row["%param"] = row["#param"] / base_params * 100
+        rows.append({"name": "Full model", "#param": base_params, "%param": 100.0,
+                     "train": not self._adapters_state.model_frozen})
+        if as_dict:
+            return rows
+        header = ["name", "architecture", "#param", "%param", "active", "train"]
+        row_format = "{:<25}{:<15}{:>12,}{:>12.3f}{:>8}{:>8}"
+        lines = ["=" * 80, "{:<25}{:<15}{:>12}{:>12}{:>8}{:>8}".format(*(h.title() for h in header)), "-" * 80]
+        lines += [row_format.format(*(row.get(h, "") for h in header)) for row in rows]
+        lines.insert(len(lines) - 1, "-" * 80)
+        lines.append("=" * 80)
+        return "\n".join(lines)
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
         """Training mode for the given adapters: the base model frozen (but the word embeddings

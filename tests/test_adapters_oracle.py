@@ -277,7 +277,8 @@ def test_task_cases_cover_every_class_and_parallel(both_directions):
 def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_directions):
     """The same parameters train after train_adapter on each class, for a bottleneck adapter
     alone (with and without train_embeddings), a Stack and a Parallel with a LoRA: the task
-    classes' and the heads model's masked-LM output embeddings (weight and bias) included."""
+    classes' and the heads model's masked-LM output embeddings (weight and bias) included; and
+    adapter_summary gives the package's rows before and after."""
     recorded = both_directions[2]["train_adapter"]
     for cls, theirs in recorded["trainable"].items():
         for case, expected in zip(recorded["setups"], theirs):
@@ -287,9 +288,16 @@ def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_dire
                 model.add_masked_lm_head("a")
             model.add_adapter("a", config=distilbert_fast.SeqBnConfig(reduction_factor=4))
             model.add_adapter("l", config=distilbert_fast.LoRAConfig(r=2))
+            summaries = [model.adapter_summary(as_dict=True)]
             model.train_adapter(_setup_from_dict(case["setup"]), train_embeddings=case["train_embeddings"])
+            summaries.append(model.adapter_summary(as_dict=True))
             ours = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
-            assert ours == expected, (cls, case, sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours)))
+            trainable = expected["trainable"]
+            assert ours == trainable, (cls, case, sorted(set(ours) - set(trainable)), sorted(set(trainable) - set(ours)))
+            for our_rows, their_rows in zip(summaries, expected["summary"]):
+                assert [{**r, "%param": round(r["%param"], 9)} for r in our_rows] == [
+                    {**r, "%param": round(r["%param"], 9)} for r in their_rows], (cls, case)
+    assert "Full model" in model.adapter_summary() and "lora" in model.adapter_summary()
 
 
 def test_parallel_on_the_real_checkpoint_was_compared(both_directions):

@@ -231,8 +231,9 @@ TRAIN_ADAPTER_SETUPS = [("a", False), ("a", True), (Stack("a", "l"), False), (Pa
 
 
 def trainable_after_train_adapter():
-    """{class: [sorted names of the trainable parameters after train_adapter(setup, train_embeddings)],
-    one list per TRAIN_ADAPTER_SETUPS entry}, and those setups (to_dict) for the other side."""
+    """{class: [{"trainable": sorted names of the trainable parameters after
+    train_adapter(setup, train_embeddings), "summary": adapter_summary(as_dict=True) before and
+    after}, one per TRAIN_ADAPTER_SETUPS entry]}, and those setups (to_dict) for the other side."""
     result = {}
     for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
         result[cls] = []
@@ -243,9 +244,13 @@ def trainable_after_train_adapter():
                 model.add_masked_lm_head("a")
             model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
             model.add_adapter("l", config=LoRAConfig(r=2))
+            before = model.adapter_summary(as_dict=True)
             model.train_adapter(setup, train_embeddings=train_embeddings)
-            result[cls].append(sorted(n for n, p in model.named_parameters(remove_duplicate=False)
-                                      if p.requires_grad and "prompt_tuning." not in n))
+            result[cls].append({
+                "trainable": sorted(n for n, p in model.named_parameters(remove_duplicate=False)
+                                    if p.requires_grad and "prompt_tuning." not in n),
+                "summary": [before, model.adapter_summary(as_dict=True)],
+            })
     setups = [{"setup": Stack(s).to_dict() if isinstance(s, str) else s.to_dict(), "train_embeddings": e}
               for s, e in TRAIN_ADAPTER_SETUPS]
     return {"setups": setups, "trainable": result}
