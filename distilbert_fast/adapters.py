@@ -353,6 +353,11 @@ class Stack:
     def last(self) -> str:
         return self.children[-1]
 
+    def heads(self) -> list[str]:
+        """The head this setup runs on DistilBertAdapterModel: its last adapter's name, as the
+        package pairs them."""
+        return [self.last()]
+
     def flatten(self) -> set[str]:
         return set(self.children)
 

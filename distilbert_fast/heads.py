@@ -429,9 +429,11 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                 adapter_names=None, position_ids=None, **head_inputs):
         """The base model, then head ``head`` (default: the active head(s); none: the base
         model's output). ``adapter_names`` (a name, a list = Stack, a Stack or a Parallel)
-        replaces the active adapters for this call; a Parallel whose children each have a head
-        of their (last) adapter's name runs those heads, head i on copy i of the batch, as
-        ``set_active_adapters(Parallel(...))`` does in the package. ``labels`` /
+        replaces the active adapters for this call and, as the package's ``AdapterSetup`` (which
+        does the same here), picks the head named like its last adapter where there is one; a
+        Parallel whose children each have a head of their (last) adapter's name runs those heads,
+        head i on copy i of the batch, as ``set_active_adapters(Parallel(...))`` does in the
+        package. ``labels`` /
         ``start_positions`` / ``end_positions`` go to the head(s). Multiple-choice inputs
         (batch, num_choices, seq) are flattened first."""
         unknown = sorted(set(head_inputs) - _HEAD_INPUTS)
@@ -445,8 +447,10 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         channels = 1 if in_force is None else in_force.parallel_channels
         if head is not None:
             heads = [head]
-        elif isinstance(per_call, Parallel) and all(name in self.heads for name in per_call.heads()):
-            heads = per_call.heads()  # as set_active_adapters(Parallel(...)) would make them
+        elif per_call is not None and all(name in self.heads for name in per_call.heads()):
+            # as the package's AdapterSetup: the head of the setup's last adapter (one per child of
+            # a Parallel); where one is missing (the package raises), the active heads
+            heads = per_call.heads()
         else:
             heads = list(self._active_heads)
         for name in heads:

@@ -138,6 +138,11 @@ TASK_CASES = {
                   "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
                   "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
         setup=Parallel(Stack("a", "b"), "c"), labels=False),
+    # AdapterSetup(Stack("a", "b")) runs head "b", whichever head is active (on our side the heads
+    # load in the order of `adapters`, so "a" is the active one there)
+    "stack_heads_by_setup": dict(cls="DistilBertAdapterModel",
+                                 adapters={"b": LoRAConfig(r=2, alpha=4), "a": SeqBnConfig(reduction_factor=4)},
+                                 setup=Stack("a", "b"), labels=True, by_setup=True),
     # q and v only: attention repeats k to match
     "parallel_heads_lora": dict(cls="DistilBertAdapterModel",
                                 adapters={"a": LoRAConfig(r=4, alpha=8), "b": LoRAConfig(r=2, alpha=4)},
@@ -179,9 +184,10 @@ def task_inputs(spec, generator, vocab_size):
 def run_task(model, spec, setup, inputs):
     """Eval-mode forward (and backward with labels), every parameter trainable. The heads
     model gets its setup through set_active_adapters, so a Parallel activates a head per
-    adapter; the others through AdapterSetup."""
+    adapter (with by_setup, through AdapterSetup, which picks the head too); the others
+    through AdapterSetup."""
     prepare(model)
-    if spec["cls"] == "DistilBertAdapterModel":
+    if spec["cls"] == "DistilBertAdapterModel" and not spec.get("by_setup"):
         model.set_active_adapters(setup)
         out = model(**inputs)
     else:
@@ -221,7 +227,8 @@ def produce_tasks(out_dir, real=None):
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
-                          "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config}
+                          "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config,
+                          "by_setup": spec.get("by_setup", False)}
     return manifest
 
 
