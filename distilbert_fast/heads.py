@@ -287,7 +287,31 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         # A config written by save_pretrained lists the heads and adapters to rebuild.
         for name, head_config in dict(getattr(config, "prediction_heads", None) or {}).items():
             self._add_head_from_config(name, dict(head_config), overwrite_ok=True)
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        if not self.heads and architecture in _TASK_CLASS_HEADS:
+            self._add_task_class_head(architecture)
         self._adapters_from_config()
+
+    def _add_task_class_head(self, architecture: str):
+        """A config of a task class's checkpoint (config.json's architectures, e.g. a fine-tuned
+        DistilBertForSequenceClassification): its head becomes head "default", and the
+        checkpoint's head weights load into it (renamed on load), as the package converts a
+        static head in from_pretrained."""
+        head_config, modules = _TASK_CLASS_HEADS[architecture]
+        head_config = dict(head_config)
+        if head_config["head_type"] != "masked_lm":
+            head_config["label2id"] = dict(self.config.label2id)
+            head_config["num_labels"] = len(self.config.label2id)
+        self._add_head_from_config("default", head_config)
+        renames = {f"{module}.": f"heads.default.{index}." for module, index in modules.items()}
+
+        def rename_task_head_keys(module, state_dict, prefix, *args):
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                for old, new in renames.items():
+                    if key.startswith(prefix + old) and prefix + new + key[len(prefix + old):] not in state_dict:
+                        state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+        self.register_load_state_dict_pre_hook(rename_task_head_keys)
 
     # -- heads ---------------------------------------------------------------------------------
     def _add_head(self, head: PredictionHead, overwrite_ok: bool, set_active: bool = True):
@@ -594,6 +618,23 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
 
 
 _TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
+
+# The package's STATIC_TO_FLEX_HEAD_MAP for DistilBERT: a task class's head as a flexible head
+# (its config, and the index in that head of each of the task class's modules). Multiple choice
+# is left out: the package sets num_choices to the number of labels, which its head then
+# reshapes the logits by (wrong for any other count of choices).
+_TASK_CLASS_HEADS = {
+    "DistilBertForSequenceClassification": (
+        {"head_type": "classification", "layers": 2, "activation_function": "relu"},
+        {"pre_classifier": 1, "classifier": 4}),
+    "DistilBertForTokenClassification": (
+        {"head_type": "tagging", "layers": 1, "activation_function": None}, {"classifier": 1}),
+    "DistilBertForQuestionAnswering": (
+        {"head_type": "question_answering", "layers": 1, "activation_function": None}, {"qa_outputs": 1}),
+    "DistilBertForMaskedLM": (
+        {"head_type": "masked_lm", "layers": 2, "activation_function": "gelu", "layer_norm": True, "bias": True},
+        {"vocab_transform": 0, "vocab_layer_norm": 2, "vocab_projector": 3}),
+}
 
 
 def _zeros_at_padding(output: ModelOutput, attention_mask: torch.Tensor) -> ModelOutput:

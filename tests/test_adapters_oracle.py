@@ -130,7 +130,7 @@ def _change_adapters_and_heads(model, seed):
 
 def compare_both_directions(workdir):
     """Runs both directions of the module docstring; returns (package->ours rows, ours->package
-    rows, manifest)."""
+    rows, manifest, workdir)."""
     produced, ours_dir = os.path.join(workdir, "package"), os.path.join(workdir, "ours")
     os.makedirs(produced)
     os.makedirs(ours_dir)
@@ -172,7 +172,7 @@ def compare_both_directions(workdir):
         theirs = torch.load(os.path.join(ours_dir, case, "oracle_out.pt"), weights_only=True)
         io = torch.load(os.path.join(ours_dir, case, "io.pt"), weights_only=True)
         to_package += _diffs(ours, theirs, case, io["inputs"]["attention_mask"])
-    return to_ours, to_package, manifest
+    return to_ours, to_package, manifest, workdir
 
 
 def _setup_from_dict(data):
@@ -324,6 +324,24 @@ def test_every_class_takes_the_package_arguments_in_its_order(both_directions):
             assert ours == expected, (cls, name, ours, expected)
 
 
+def test_a_task_class_checkpoint_loads_into_the_heads_model_with_its_head(both_directions):
+    """DistilBertAdapterModel.from_pretrained of a task class's checkpoint (written by
+    transformers): its head becomes head "default" with the package's config (labels included),
+    and the outputs are the package's (was: the head's weights dropped as unexpected keys)."""
+    workdir = both_directions[3]
+    for cls, theirs in both_directions[2]["task_checkpoints"].items():
+        directory = os.path.join(workdir, "package", "checkpoint_" + cls)
+        model = DistilBertAdapterModel.from_pretrained(directory)
+        assert (list(model.heads), model.active_head) == (theirs["heads"], theirs["active_head"]), cls
+        assert json.loads(json.dumps(model.heads["default"].config)) == theirs["config"], cls
+        io = torch.load(os.path.join(directory, "io.pt"), weights_only=True)
+        with torch.no_grad():
+            out = model(**io["inputs"])
+        for key, expected in io["outputs"].items():
+            _assert_rows([_row(cls, key, *(_real_positions(t, io["inputs"]["attention_mask"])
+                                           for t in (out[key], expected)))])
+
+
 def test_adapters_saved_by_the_package_load_and_match(both_directions):
     rows = both_directions[0]
     assert len(rows) >= 2 * len(both_directions[2]["cases"])
@@ -338,7 +356,7 @@ def write_record(path=RECORD):
     import tempfile
 
     with tempfile.TemporaryDirectory() as workdir:
-        to_ours, to_package, manifest = compare_both_directions(workdir)
+        to_ours, to_package, manifest, _ = compare_both_directions(workdir)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     lines = [

@@ -282,6 +282,31 @@ def api_arguments():
     return result
 
 
+def task_checkpoints_as_heads_model(out_dir):
+    """Each task class's checkpoint (transformers' save_pretrained) loaded with the package's
+    DistilBertAdapterModel.from_pretrained, which converts its head to head "default": writes
+    OUT/checkpoint_<class>/ (the checkpoint, and io.pt: inputs and the heads model's outputs) and
+    returns {class: the head's config}."""
+    result = {}
+    for i, cls in enumerate(("DistilBertForSequenceClassification", "DistilBertForTokenClassification",
+                             "DistilBertForQuestionAnswering", "DistilBertForMaskedLM")):
+        torch.manual_seed(500 + i)
+        labels = {"num_labels": 2} if "QuestionAnswering" in cls else {
+            "id2label": {0: "neg", 1: "neu", 2: "pos"}, "label2id": {"neg": 0, "neu": 1, "pos": 2}}
+        directory = os.path.join(out_dir, "checkpoint_" + cls)
+        getattr(transformers, cls)(transformers.DistilBertConfig(**SMALL, **labels)).save_pretrained(directory)
+        model = DistilBertAdapterModel.from_pretrained(directory).eval()
+        inputs = inputs_for("tagging", {"num_labels": 3}, torch.Generator().manual_seed(600 + i))
+        del inputs["labels"]
+        with torch.no_grad():
+            out = model(**inputs)
+        torch.save({"inputs": inputs, "outputs": {k: v for k, v in out.items() if torch.is_tensor(v)}},
+                   os.path.join(directory, "io.pt"))
+        result[cls] = {"heads": list(model.heads), "active_head": model.active_head,
+                       "config": model.heads["default"].config}
+    return result
+
+
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
@@ -411,7 +436,7 @@ def produce(out_dir, real_json=None):
     task_manifest = produce_tasks(out_dir, real)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
-                   "api_arguments": api_arguments(),
+                   "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
                    "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
