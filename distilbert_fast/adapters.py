@@ -1236,6 +1236,14 @@ class ModelAdaptersMixin:
         if with_head:
             self._save_adapter_head(save_directory, adapter_name, use_safetensors)
 
+    def save_all_adapters(self, save_directory, with_head: bool = True, meta_dict=None,
+                          custom_weights_loaders=None, use_safetensors: bool = False):
+        """save_adapter for every adapter, each into ``save_directory``/<name>, as the package."""
+        os.makedirs(save_directory, exist_ok=True)
+        for name in self._adapters_state.configs:
+            self.save_adapter(os.path.join(save_directory, name), name, with_head, meta_dict,
+                              custom_weights_loaders, use_safetensors)
+
     def _task_head_state_dict(self) -> dict[str, torch.Tensor]:
         """A task class's head: every tensor outside the base model (pre_classifier and
         classifier, qa_outputs, vocab_transform ...)."""

@@ -151,6 +151,19 @@ def test_load_adapter_leave_out_drops_those_layers_saved_weights(tmp_path, kind)
     assert all(torch.equal(loaded[k], saved[k]) for k in adapter_keys(other, "x"))
 
 
+def test_save_all_adapters_writes_one_directory_per_adapter(tmp_path):
+    model = small_model()
+    model.add_adapter("x", config="seq_bn")
+    model.add_adapter("y", config="lora")
+    model.add_tagging_head("x")
+    randomise(model)
+    model.save_all_adapters(str(tmp_path))
+    other = small_model()
+    assert [other.load_adapter(str(tmp_path / n)) for n in ("x", "y")] == ["x", "y"] and list(other.heads) == ["x"]
+    loaded = other.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items() if ".x." in k or ".y." in k)
+
+
 def test_saved_adapter_holds_only_its_own_weights_under_the_package_keys(tmp_path):
     model = small_model()
     model.add_adapter("a", config="houlsby")

@@ -265,7 +265,8 @@ def trainable_after_train_adapter():
 
 # The adapter API whose arguments (names, in order) must be the package's on every class.
 API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_adapter", "freeze_model",
-               "save_adapter", "load_adapter", "merge_adapter", "reset_adapter", "has_adapters", "save_head",
+               "save_adapter", "load_adapter", "save_all_adapters", "merge_adapter", "reset_adapter",
+               "has_adapters", "adapter_summary", "save_head",
                "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
                "add_tagging_head", "add_qa_head", "add_masked_lm_head")
 
