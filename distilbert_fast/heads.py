@@ -382,6 +382,10 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         for name in names:
             self._check_head_name(name, "active_head")
         self._active_heads = names
+        label2id = self.heads[names[0]].config.get("label2id") if len(names) == 1 else None
+        if label2id:  # as the package: one active head's labels become the config's (pipelines read them)
+            self.config.id2label = {int(i): label for label, i in label2id.items()}
+            self.config.label2id = {label: int(i) for label, i in label2id.items()}
 
     def delete_head(self, head_name: str):
         """Removes head ``head_name``; an unknown name is skipped with a warning, as in the package."""

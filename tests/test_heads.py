@@ -180,6 +180,22 @@ def test_heads_and_adapters_survive_save_pretrained(tmp_path, safe):
     assert os.path.isfile(tmp_path / "config.json")
 
 
+def test_the_active_head_s_labels_become_the_config_s():
+    """As the package: a single active head's labels are config.id2label / label2id (which
+    pipelines read); a head without labels (masked LM) leaves them."""
+    model = small_model()
+    model.add_classification_head("sst", num_labels=2, id2label={0: "neg", 1: "pos"})
+    assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.label2id == {"neg": 0, "pos": 1}
+    model.add_tagging_head("ner", num_labels=3, id2label={0: "O", 1: "B", 2: "I"})
+    assert model.config.id2label == {0: "O", 1: "B", 2: "I"} and model.config.num_labels == 3
+    model.add_masked_lm_head("mlm")
+    assert model.config.id2label == {0: "O", 1: "B", 2: "I"}
+    model.active_head = "sst"
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    model.add_classification_head("plain", num_labels=3)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+
 def test_bad_head_input_gives_clear_errors():
     model = small_model()
     model.add_classification_head("c")
