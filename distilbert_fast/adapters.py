@@ -204,8 +204,7 @@ class BnConfig(AdapterConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_unsupported(
             self,
-            {"is_parallel": False, "use_gating": False, "inv_adapter": None, "phm_layer": False,
-             "stochastic_depth": 0.0},
+            {"use_gating": False, "inv_adapter": None, "phm_layer": False, "stochastic_depth": 0.0},
         )
         if not (self.mh_adapter or self.output_adapter):
             raise ValueError("a bottleneck config needs mh_adapter=True or output_adapter=True")
@@ -243,6 +242,24 @@ class DoubleSeqBnConfig(BnConfig):
     output_adapter: bool = True
     non_linearity: str = "swish"
     reduction_factor: float | Mapping = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ParBnConfig(BnConfig):
+    """He et al. (2021): an adapter beside the FFN, fed the FFN's input, its output added to the
+    FFN's before the block's residual + LayerNorm (the package's "par_bn"; is_parallel=True)."""
+
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | Mapping = 2
+    init_weights: str = "mam_adapter"
+    is_parallel: bool = True
+    scaling: float | str = 4.0
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -295,6 +312,8 @@ ADAPTER_CONFIG_MAP: dict[str, AdapterConfig] = {
     "houlsby": DoubleSeqBnConfig(),
     "seq_bn": SeqBnConfig(),
     "double_seq_bn": DoubleSeqBnConfig(),
+    "par_bn": ParBnConfig(),
+    "scaled_par_bn": ParBnConfig(scaling="learned"),
     "lora": LoRAConfig(),
 }
 DEFAULT_ADAPTER_CONFIG = "seq_bn"
@@ -693,6 +712,7 @@ class BottleneckAdapter(nn.Module):
         self.residual_before_ln = config.residual_before_ln
         self.original_ln_before = config.original_ln_before
         self.original_ln_after = config.original_ln_after
+        self.is_parallel = config.is_parallel
 
         seq = []
         if self.add_layer_norm_before:
@@ -742,7 +762,11 @@ class BottleneckAdapter(nn.Module):
 
     def pre_forward(self, hidden, x, layer_norm, backend):
         """(adapter input, adapter residual) from the sublayer output ``hidden`` and the block's
-        residual input ``x``: the package's ``Adapter.pre_forward``."""
+        residual input ``x``: the package's ``Adapter.pre_forward``. A parallel adapter (par_bn)
+        takes the sublayer's input ``x`` and has no residual of its own (its output joins the
+        sublayer's output in ``post_forward``)."""
+        if self.is_parallel:
+            return x, None
         residual = hidden if self.residual_before_ln is True else None
         if self.original_ln_before:
             if self.residual_before_ln == "post_add":
@@ -772,6 +796,11 @@ class BottleneckAdapter(nn.Module):
         the optional ln_after as the package orders it."""
         up, bias = self._scaled_up(self._down(hidden, backend))
         out = self.dropout(up + bias)
+        if self.is_parallel:  # the package's ParallelAdapter.forward: no residual here
+            if self.add_layer_norm_after:
+                norm = self.adapter_norm_after
+                out = residual_layernorm(out, None, norm.weight, norm.bias, norm.eps, backend=backend)
+            return out
         if self.add_layer_norm_after:
             norm = self.adapter_norm_after
             if self.adapter_residual_before_ln:
@@ -787,7 +816,11 @@ class BottleneckAdapter(nn.Module):
         return residual_layernorm(up, residual + x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
                                   x_bias=bias, dropout_p=dropout_p, backend=backend)
 
-    def post_forward(self, hidden, x, layer_norm, backend=None):
+    def post_forward(self, hidden, x, layer_norm, backend=None, sublayer=None):
+        """The block's residual + LayerNorm (original_ln_after); a parallel adapter's output first
+        joins ``sublayer``, the sublayer's output, as the package's ParallelAdapter.post_forward."""
+        if self.is_parallel:
+            hidden = hidden + sublayer
         if self.original_ln_after:
             return residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
                                       backend=backend)
@@ -841,14 +874,17 @@ class BottleneckLayer(nn.Module):
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
+        sublayer = hidden
         for i, name in enumerate(names):
             adapter = self.adapters[name]
             hidden, residual = adapter.pre_forward(hidden, x, layer_norm, backend)
             last = i == len(names) - 1
             if last and adapter.original_ln_after and not adapter.add_layer_norm_after:
-                return adapter.forward_with_block_ln(hidden, residual, x, layer_norm, backend)
+                # (a parallel adapter's output joins the sublayer's: that is its residual here)
+                return adapter.forward_with_block_ln(hidden, sublayer if adapter.is_parallel else residual, x,
+                                                     layer_norm, backend)
             hidden = adapter(hidden, residual, backend)
-        return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend)
+        return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend, sublayer)
 
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
@@ -858,8 +894,12 @@ class BottleneckLayer(nn.Module):
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
         fails on such a setup)."""
-        (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         present = [name for name in setup.names() if name in self.adapters]
+        if any(self.adapters[name].is_parallel for name in present):
+            raise NotImplementedError(
+                f"the Parallel composition {setup!r} holds a parallel bottleneck adapter (is_parallel=True, "
+                "par_bn): not supported by distilbert_fast; use it alone or in a Stack")
+        (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
         outputs, last, bare = [], None, []
@@ -1559,6 +1599,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "ParBnConfig",
     "Parallel",
     "SeqBnConfig",
     "Stack",

@@ -16,6 +16,8 @@ from distilbert_fast import (
     DistilBertAdapterModel,
     DistilBertConfig,
     LoRAConfig,
+    Parallel,
+    ParBnConfig,
     SeqBnConfig,
     Stack,
     last_backend,
@@ -27,6 +29,7 @@ CONFIGS = {
     "seq_bn": "seq_bn",
     "houlsby": "houlsby",
     "lora": LoRAConfig(r=4, alpha=16, attn_matrices=["q", "k", "v"]),
+    "par_bn": ParBnConfig(reduction_factor=4, mh_adapter=True, scaling="learned"),
     "custom_bn": BnConfig(mh_adapter=True, output_adapter=True, reduction_factor={"1": 2, "default": 8},
                           non_linearity="gelu", ln_before=True, ln_after=True, scaling="channel",
                           original_ln_before=True, residual_before_ln="post_add"),
@@ -378,6 +381,10 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         LoRAConfig(r=0)
     with pytest.raises(NotImplementedError, match="intermediate_lora"):
         LoRAConfig(intermediate_lora=True)
+    model.add_adapter("p", config="par_bn")
+    model.add_adapter("q", config="seq_bn")
+    with pytest.raises(NotImplementedError, match="parallel bottleneck adapter"):
+        model(x, adapter_names=Parallel("p", "q"))
     with pytest.raises(NotImplementedError, match="phm_layer"):
         SeqBnConfig(phm_layer=True)
     with pytest.raises(ValueError, match="post_add"):

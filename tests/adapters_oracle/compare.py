@@ -34,6 +34,7 @@ from adapters import (
     DoubleSeqBnConfig,
     LoRAConfig,
     Parallel,
+    ParBnConfig,
     SeqBnConfig,
     Stack,
 )
@@ -93,6 +94,25 @@ CASES = {
         )},
         setup=["pa"],
         head=("classification", "pa", dict(num_labels=2, layers=1)),
+    ),
+    # parallel bottleneck adapters (is_parallel): alone, after a sequential one (whose work the
+    # package's ParallelAdapter then drops: it reads the sublayer's input), and before one
+    "par_bn_tagging": dict(
+        adapters={"pb": ParBnConfig(reduction_factor=4)},
+        setup=["pb"],
+        head=("tagging", "pb", dict(num_labels=3)),
+    ),
+    "stack_seq_then_scaled_par_bn_ln_after": dict(
+        adapters={"s": SeqBnConfig(reduction_factor=4),
+                  "p": ParBnConfig(reduction_factor=2, scaling="learned", mh_adapter=True, ln_after=True)},
+        setup=["s", "p"],
+        head=("classification", "p", dict(num_labels=3)),
+    ),
+    "stack_par_bn_then_houlsby": dict(
+        adapters={"p": ParBnConfig(reduction_factor=4, non_linearity="gelu"),
+                  "h": DoubleSeqBnConfig(reduction_factor=4)},
+        setup=["p", "h"],
+        head=("qa", "h", {}),
     ),
 }
 
