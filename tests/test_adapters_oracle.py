@@ -163,16 +163,43 @@ def compare_both_directions(workdir):
     for case, spec in manifest["task_cases"].items():
         to_ours += _task_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                               ours_results, seed=len(ours_results))
+    ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
+                                                  os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
 
     _oracle("check", ours_dir)
     to_package = []
     for case, ours in ours_results.items():
-        theirs = torch.load(os.path.join(ours_dir, case, "oracle_out.pt"), weights_only=True)
-        io = torch.load(os.path.join(ours_dir, case, "io.pt"), weights_only=True)
+        case_dir = os.path.join(ours_dir, case)
+        theirs = torch.load(os.path.join(case_dir, "oracle_out.pt"), weights_only=True)
+        io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
         to_package += _diffs(ours, theirs, case, io["inputs"]["attention_mask"])
     return to_ours, to_package, manifest, workdir
+
+
+def _run_pretrained(model, setups, inputs):
+    """compare.run_pretrained on our side: {"<adapters>|<head>": logits}."""
+    model.eval()
+    with torch.no_grad():
+        return {f"{','.join(setup)}|{head}": model(**inputs, head=head, adapter_names=Stack(*setup)).logits
+                for setup, head in setups}
+
+
+def _pretrained_case(package_dir, ours_dir, manifest, rows):
+    """save_pretrained / from_pretrained across the libraries: the package's heads model with
+    adapters (bottleneck, LoRA, par_bn) and heads loads with our from_pretrained and gives its
+    outputs (rows appended to ``rows``); ours, changed and written by our save_pretrained, is what
+    the package must load (returns our outputs for it)."""
+    io = torch.load(os.path.join(package_dir, "io.pt"), weights_only=True)
+    model = DistilBertAdapterModel.from_pretrained(package_dir)
+    assert sorted(model.heads) == ["a", "l"] and sorted(model.adapters_config) == ["a", "l", "p"]
+    rows += _diffs(_run_pretrained(model, manifest["pretrained"], io["inputs"]), io["outputs"], "pretrained",
+                   io["inputs"]["attention_mask"])
+    _change_adapters_and_heads(model, seed=99)
+    model.save_pretrained(ours_dir)
+    torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
+    return _run_pretrained(model, manifest["pretrained"], io["inputs"])
 
 
 def _setup_from_dict(data):

@@ -328,6 +328,46 @@ def task_checkpoints_as_heads_model(out_dir):
     return result
 
 
+# save_pretrained / from_pretrained of DistilBertAdapterModel with adapters and heads: the setups
+# (a Stack, and the head to run) whose outputs both sides compare
+PRETRAINED_SETUPS = [(["l", "a"], "a"), (["p", "l"], "l")]
+
+
+def make_pretrained_model():
+    model = make_model()
+    model.add_adapter("a", config="double_seq_bn")
+    model.add_adapter("l", config=LoRAConfig(r=2))
+    model.add_adapter("p", config="par_bn")
+    model.add_classification_head("a", num_labels=3, id2label={0: "x", 1: "y", 2: "z"})
+    model.add_masked_lm_head("l")
+    return model
+
+
+def run_pretrained(model, inputs):
+    """{"<adapters>|<head>": logits} for PRETRAINED_SETUPS."""
+    result = {}
+    model.eval()
+    with torch.no_grad():
+        for setup, head in PRETRAINED_SETUPS:
+            with AdapterSetup(Stack(*setup)):
+                result[f"{','.join(setup)}|{head}"] = model(**inputs, head=head).logits
+    return result
+
+
+def produce_pretrained(out_dir):
+    """OUT/pretrained/: a heads model with adapters and heads, written by save_pretrained, and
+    io.pt (inputs, outputs of PRETRAINED_SETUPS)."""
+    torch.manual_seed(700)
+    model = make_pretrained_model()
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(701))
+    directory = os.path.join(out_dir, "pretrained")
+    model.save_pretrained(directory)
+    inputs = inputs_for("tagging", {"num_labels": 3}, torch.Generator().manual_seed(702))
+    del inputs["labels"]
+    torch.save({"inputs": inputs, "outputs": run_pretrained(model, inputs)}, os.path.join(directory, "io.pt"))
+    return [[setup, head] for setup, head in PRETRAINED_SETUPS]
+
+
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
@@ -458,6 +498,7 @@ def produce(out_dir, real_json=None):
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
+                   "pretrained": produce_pretrained(out_dir),
                    "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
@@ -468,6 +509,11 @@ def check(root):
         full = json.load(f)
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
+    directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
+    if os.path.isdir(directory):
+        model = DistilBertAdapterModel.from_pretrained(directory)
+        inputs = torch.load(os.path.join(directory, "io.pt"))["inputs"]
+        torch.save(run_pretrained(model, inputs), os.path.join(directory, "oracle_out.pt"))
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_model()
