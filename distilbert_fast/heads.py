@@ -8,6 +8,8 @@ hidden size, and the last layer's Linear to the labels. Head files (head_config.
 pytorch_model_head.bin) use the package's format, so heads move between the two libraries.
 """
 
+import contextvars
+import functools
 import os
 from dataclasses import dataclass
 
@@ -288,13 +290,22 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         for name, head_config in dict(getattr(config, "prediction_heads", None) or {}).items():
             self._add_head_from_config(name, dict(head_config), overwrite_ok=True)
         architecture = (getattr(config, "architectures", None) or [None])[0]
-        if not self.heads and architecture in _TASK_CLASS_HEADS:
+        if _LOADING_CHECKPOINT.get() and not self.heads and architecture in _TASK_CLASS_HEADS:
             self._add_task_class_head(architecture)
         self._adapters_from_config()
 
+    @classmethod
+    @functools.wraps(DistilBertPreTrainedModel.from_pretrained.__func__)  # its signature and doc
+    def from_pretrained(cls, directory, **kwargs):
+        token = _LOADING_CHECKPOINT.set(True)  # (a task class's head converts in from_pretrained only)
+        try:
+            return super().from_pretrained(directory, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
     def _add_task_class_head(self, architecture: str):
-        """A config of a task class's checkpoint (config.json's architectures, e.g. a fine-tuned
-        DistilBertForSequenceClassification): its head becomes head "default", and the
+        """from_pretrained of a task class's checkpoint (config.json's architectures, e.g. a
+        fine-tuned DistilBertForSequenceClassification): its head becomes head "default", and the
         checkpoint's head weights load into it (renamed on load), as the package converts a
         static head in from_pretrained."""
         head_config, modules = _TASK_CLASS_HEADS[architecture]
@@ -623,6 +634,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
 
 _TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
 
+# Set while DistilBertAdapterModel.from_pretrained builds its model.
+_LOADING_CHECKPOINT: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_loading_checkpoint",
+                                                                     default=False)
 # The package's STATIC_TO_FLEX_HEAD_MAP for DistilBERT: a task class's head as a flexible head
 # (its config, and the index in that head of each of the task class's modules). Multiple choice
 # is left out: the package sets num_choices to the number of labels, which its head then

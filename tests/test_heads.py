@@ -2,6 +2,7 @@
 matching task class (tested against HuggingFace elsewhere) with the same weights; head
 management (active head, several heads, delete) and head files."""
 
+import inspect
 import json
 import os
 
@@ -10,7 +11,12 @@ import torch
 from conftest import SMALL_CONFIG, assert_close
 
 import distilbert_fast
-from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, DistilBertModelWithHeads
+from distilbert_fast import (
+    DistilBertAdapterModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModelWithHeads,
+)
 
 # head type -> (task class, add_*_head call, {head module index: task module name}, inputs)
 CASES = {
@@ -194,6 +200,15 @@ def test_the_active_head_s_labels_become_the_config_s():
     assert model.config.id2label == {0: "neg", 1: "pos"}
     model.add_classification_head("plain", num_labels=3)
     assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+
+def test_a_task_class_config_alone_adds_no_head(tmp_path):
+    """Only from_pretrained converts a task class's head (as the package): a model built from
+    that checkpoint's config has no head."""
+    DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG)).save_pretrained(str(tmp_path))
+    assert list(DistilBertAdapterModel.from_pretrained(str(tmp_path)).heads) == ["default"]
+    assert not DistilBertAdapterModel(DistilBertConfig.from_pretrained(str(tmp_path))).heads
+    assert "ignore_mismatched_sizes" in inspect.signature(DistilBertAdapterModel.from_pretrained).parameters
 
 
 def test_bad_head_input_gives_clear_errors():
