@@ -8,7 +8,7 @@ outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.op
 """
 
 from . import _extension, ops
-from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, Parallel, SeqBnConfig, Stack
+from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, Parallel, ParBnConfig, SeqBnConfig, Stack
 from .configuration import DistilBertConfig
 from .heads import DistilBertAdapterModel, DistilBertModelWithHeads, MultiHeadOutput
 from .modeling import (
@@ -60,6 +60,7 @@ __all__ = [
     "ModelOutput",
     "MultiHeadOutput",
     "MultipleChoiceModelOutput",
+    "ParBnConfig",
     "Parallel",
     "QuestionAnsweringModelOutput",
     "SeqBnConfig",

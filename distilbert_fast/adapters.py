@@ -51,6 +51,10 @@ logger = logging.getLogger("distilbert_fast.adapters")
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "pytorch_adapter.bin"
 ADAPTER_SAFE_WEIGHTS_NAME = "adapter.safetensors"
+# the head saved with an adapter (a flexible head of DistilBertAdapterModel, or a task class's head)
+HEAD_CONFIG_NAME = "head_config.json"
+HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
+HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
 
 # The module-name fragments under which each adapter's weights live (the package's filter).
 _WEIGHT_GROUPS = ("attention_adapters.adapters", "output_adapters.adapters", "loras")
@@ -200,8 +204,7 @@ class BnConfig(AdapterConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _check_unsupported(
             self,
-            {"is_parallel": False, "use_gating": False, "inv_adapter": None, "phm_layer": False,
-             "stochastic_depth": 0.0},
+            {"use_gating": False, "inv_adapter": None, "phm_layer": False, "stochastic_depth": 0.0},
         )
         if not (self.mh_adapter or self.output_adapter):
             raise ValueError("a bottleneck config needs mh_adapter=True or output_adapter=True")
@@ -239,6 +242,24 @@ class DoubleSeqBnConfig(BnConfig):
     output_adapter: bool = True
     non_linearity: str = "swish"
     reduction_factor: float | Mapping = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class ParBnConfig(BnConfig):
+    """He et al. (2021): an adapter beside the FFN, fed the FFN's input, its output added to the
+    FFN's before the block's residual + LayerNorm (the package's "par_bn"; is_parallel=True)."""
+
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    ln_before: bool = False
+    ln_after: bool = False
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    non_linearity: str = "relu"
+    reduction_factor: float | Mapping = 2
+    init_weights: str = "mam_adapter"
+    is_parallel: bool = True
+    scaling: float | str = 4.0
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -291,6 +312,8 @@ ADAPTER_CONFIG_MAP: dict[str, AdapterConfig] = {
     "houlsby": DoubleSeqBnConfig(),
     "seq_bn": SeqBnConfig(),
     "double_seq_bn": DoubleSeqBnConfig(),
+    "par_bn": ParBnConfig(),
+    "scaled_par_bn": ParBnConfig(scaling="learned"),
     "lora": LoRAConfig(),
 }
 DEFAULT_ADAPTER_CONFIG = "seq_bn"
@@ -348,6 +371,11 @@ class Stack:
 
     def last(self) -> str:
         return self.children[-1]
+
+    def heads(self) -> list[str]:
+        """The head this setup runs on DistilBertAdapterModel: its last adapter's name, as the
+        package pairs them."""
+        return [self.last()]
 
     def flatten(self) -> set[str]:
         return set(self.children)
@@ -566,6 +594,9 @@ class AdaptersState:
         # the running forward's call setup and encoder rows while a tracer records it
         self.traced_setup: Stack | None = None
         self.traced_rows: int | None = None
+        # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
+        self.skip_layers: frozenset[int] = frozenset()
+        self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
 
     def call_setup(self) -> Stack | None:
         """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
@@ -681,6 +712,7 @@ class BottleneckAdapter(nn.Module):
         self.residual_before_ln = config.residual_before_ln
         self.original_ln_before = config.original_ln_before
         self.original_ln_after = config.original_ln_after
+        self.is_parallel = config.is_parallel
 
         seq = []
         if self.add_layer_norm_before:
@@ -730,7 +762,11 @@ class BottleneckAdapter(nn.Module):
 
     def pre_forward(self, hidden, x, layer_norm, backend):
         """(adapter input, adapter residual) from the sublayer output ``hidden`` and the block's
-        residual input ``x``: the package's ``Adapter.pre_forward``."""
+        residual input ``x``: the package's ``Adapter.pre_forward``. A parallel adapter (par_bn)
+        takes the sublayer's input ``x`` and has no residual of its own (its output joins the
+        sublayer's output in ``post_forward``)."""
+        if self.is_parallel:
+            return x, None
         residual = hidden if self.residual_before_ln is True else None
         if self.original_ln_before:
             if self.residual_before_ln == "post_add":
@@ -760,6 +796,11 @@ class BottleneckAdapter(nn.Module):
         the optional ln_after as the package orders it."""
         up, bias = self._scaled_up(self._down(hidden, backend))
         out = self.dropout(up + bias)
+        if self.is_parallel:  # the package's ParallelAdapter.forward: no residual here
+            if self.add_layer_norm_after:
+                norm = self.adapter_norm_after
+                out = residual_layernorm(out, None, norm.weight, norm.bias, norm.eps, backend=backend)
+            return out
         if self.add_layer_norm_after:
             norm = self.adapter_norm_after
             if self.adapter_residual_before_ln:
@@ -775,7 +816,11 @@ class BottleneckAdapter(nn.Module):
         return residual_layernorm(up, residual + x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
                                   x_bias=bias, dropout_p=dropout_p, backend=backend)
 
-    def post_forward(self, hidden, x, layer_norm, backend=None):
+    def post_forward(self, hidden, x, layer_norm, backend=None, sublayer=None):
+        """The block's residual + LayerNorm (original_ln_after); a parallel adapter's output first
+        joins ``sublayer``, the sublayer's output, as the package's ParallelAdapter.post_forward."""
+        if self.is_parallel:
+            hidden = hidden + sublayer
         if self.original_ln_after:
             return residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps,
                                       backend=backend)
@@ -810,7 +855,7 @@ class BottleneckLayer(nn.Module):
 
     def active_setup(self) -> Stack | None:
         """The setup in force, if it names an adapter of this layer; else None (plain block)."""
-        if not self.adapters:
+        if not self.adapters or self.layer_idx in self.state.skip_layers:
             return None
         setup = self.state.current_setup()
         if setup is None or not any(name in self.adapters for name in setup.names()):
@@ -829,14 +874,17 @@ class BottleneckLayer(nn.Module):
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
+        sublayer = hidden
         for i, name in enumerate(names):
             adapter = self.adapters[name]
             hidden, residual = adapter.pre_forward(hidden, x, layer_norm, backend)
             last = i == len(names) - 1
             if last and adapter.original_ln_after and not adapter.add_layer_norm_after:
-                return adapter.forward_with_block_ln(hidden, residual, x, layer_norm, backend)
+                # (a parallel adapter's output joins the sublayer's: that is its residual here)
+                return adapter.forward_with_block_ln(hidden, sublayer if adapter.is_parallel else residual, x,
+                                                     layer_norm, backend)
             hidden = adapter(hidden, residual, backend)
-        return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend)
+        return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend, sublayer)
 
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
@@ -846,8 +894,12 @@ class BottleneckLayer(nn.Module):
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
         fails on such a setup)."""
-        (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         present = [name for name in setup.names() if name in self.adapters]
+        if any(self.adapters[name].is_parallel for name in present):
+            raise NotImplementedError(
+                f"the Parallel composition {setup!r} holds a parallel bottleneck adapter (is_parallel=True, "
+                "par_bn): not supported by distilbert_fast; use it alone or in a Stack")
+        (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
         outputs, last, bare = [], None, []
@@ -929,7 +981,7 @@ class LoRALinear(nn.Linear):
         return True
 
     def _active_names(self) -> list[str]:
-        if self.merged or not self.loras:
+        if self.merged or not self.loras or self.layer_idx in self.state.skip_layers:
             return []
         setup = self.state.current_setup()
         return [] if setup is None else [name for name in setup.names() if name in self.loras]
@@ -1078,7 +1130,12 @@ class ModelAdaptersMixin:
                 yield modules[name]
 
     def delete_adapter(self, adapter_name: str):
-        self._check_adapter_name(adapter_name)
+        """Removes adapter ``adapter_name`` (un-merging it); an unknown name is skipped with a
+        warning, as in the package."""
+        if adapter_name not in self._adapters_state.configs:
+            logger.warning("delete_adapter: no adapter named %r to delete; this model has adapters %s",
+                           adapter_name, sorted(self._adapters_state.configs))
+            return
         for layer, attr in self._adapter_layers():
             if attr == "loras" and layer.merged == adapter_name:
                 layer.reset_adapter()
@@ -1104,22 +1161,58 @@ class ModelAdaptersMixin:
             self._check_adapter_name(name, argument)
         return setup
 
-    def set_active_adapters(self, adapter_setup):
-        """The adapters every forward uses (None: none), unless a call passes ``adapter_names``.
-        As in the package, this un-merges a merged LoRA."""
+    def set_active_adapters(self, adapter_setup, skip_layers=None):
+        """The adapters every forward uses (None: none), unless a call passes ``adapter_names``;
+        no adapter runs in the blocks listed in ``skip_layers`` (until the next call). As in the
+        package, this un-merges a merged LoRA."""
         setup = self._parse_setup(adapter_setup)
+        n_layers = len(self.base_model.transformer.layer)
+        skip = list(skip_layers or ())
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_layers for i in skip):
+            raise ValueError(f"skip_layers must be block indices in [0, {n_layers}), got {skip_layers!r}")
         self.reset_adapter()
         self._adapters_state.active_setup = setup
+        self._adapters_state.skip_layers = frozenset(skip)
 
     def freeze_model(self, freeze: bool = True):
         """Freezes (or unfreezes) every parameter of the base model, adapters included."""
         for param in self.base_model.parameters():
             param.requires_grad = not freeze
+        self._adapters_state.model_frozen = freeze
+
+    def adapter_summary(self, as_dict: bool = False):
+        """The package's table of the added adapters: name, architecture ("bottleneck" or
+        "lora"), #param, %param (of the base model without adapters), active, train (every
+        weight trainable), then the full model's row; ``as_dict``: the rows as dicts."""
+        active = self.active_adapters
+        rows = []
+        for name, config in self._adapters_state.configs.items():
+            params = [p for module in self._adapter_modules(name) for p in module.parameters()]
+            rows.append({"name": name, "architecture": config.architecture or "bottleneck",
+                         "#param": sum(p.numel() for p in params),
+                         "active": active is not None and name in active.flatten(),
+                         "train": all(p.requires_grad for p in params)})
+        base_params = sum(p.numel() for p in self.base_model.parameters()) - sum(r["#param"] for r in rows)
+        for row in rows:
+            row["%param"] = row["#param"] / base_params * 100
+        rows.append({"name": "Full model", "#param": base_params, "%param": 100.0,
+                     "train": not self._adapters_state.model_frozen})
+        if as_dict:
+            return rows
+        header = ["name", "architecture", "#param", "%param", "active", "train"]
+        row_format = "{:<25}{:<15}{:>12,}{:>12.3f}{:>8}{:>8}"
+        lines = ["=" * 80, "{:<25}{:<15}{:>12}{:>12}{:>8}{:>8}".format(*(h.title() for h in header)), "-" * 80]
+        lines += [row_format.format(*(row.get(h, "") for h in header)) for row in rows]
+        lines.insert(len(lines) - 1, "-" * 80)
+        lines.append("=" * 80)
+        return "\n".join(lines)
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
         """Training mode for the given adapters: the base model frozen (but the word embeddings
         with ``train_embeddings``), those adapters trainable and active."""
         setup = self._parse_setup(adapter_setup)
+        if setup is None:
+            raise ValueError(f"adapter_setup must name at least one adapter to train, got {adapter_setup!r}")
         self.train()
         self.freeze_model(True)
         for name in setup.names():
@@ -1129,11 +1222,20 @@ class ModelAdaptersMixin:
         self.set_active_adapters(setup)
         if train_embeddings:
             self.get_input_embeddings().weight.requires_grad = True
+        elif self.base_model is not self:
+            # as the package's models with heads: output embeddings (the masked-LM projector, tied
+            # to the word embeddings: its bias too) train only with train_embeddings
+            self._freeze_output_embeddings()
+
+    def _freeze_output_embeddings(self):
+        output = self.get_output_embeddings()
+        for param in () if output is None else output.parameters():
+            param.requires_grad = False
 
     def merge_adapter(self, name: str):
         """Folds LoRA ``name`` into the weights of the layers it adapts, so inference costs
         nothing extra; ``reset_adapter`` undoes it."""
-        self._check_adapter_name(name)
+        self._check_adapter_name(name, "name")
         if not isinstance(self._adapters_state.configs[name], LoRAConfig):
             raise ValueError(f"merge_adapter works on LoRA adapters; {name!r} is a bottleneck adapter")
         for layer, attr in self._adapter_layers():
@@ -1153,10 +1255,13 @@ class ModelAdaptersMixin:
         return {k: v for k, v in self.state_dict().items() if _is_adapter_key(k, name)}
 
     def save_adapter(self, save_directory, adapter_name: str, with_head: bool = True, meta_dict=None,
-                     use_safetensors: bool = False):
+                     custom_weights_loaders=None, use_safetensors: bool = False):
         """Writes adapter_config.json and pytorch_adapter.bin (adapter.safetensors with
-        ``use_safetensors``), plus the head of the same name if ``with_head`` and there is one."""
-        self._check_adapter_name(adapter_name)
+        ``use_safetensors``), plus the head if ``with_head``: the head of the same name on
+        DistilBertAdapterModel, a task class's own head. The package's arguments in its order;
+        ``custom_weights_loaders`` (the package's WeightsLoader objects) must be None."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        self._check_adapter_name(adapter_name, "adapter_name")
         os.makedirs(save_directory, exist_ok=True)
         config = self._adapters_state.configs[adapter_name]
         meta = self._file_meta(adapter_name, config.to_dict())
@@ -1168,13 +1273,101 @@ class ModelAdaptersMixin:
             save_directory,
             ADAPTER_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTER_WEIGHTS_NAME,
         )
-        if with_head and adapter_name in getattr(self, "heads", {}):
-            self.save_head(save_directory, adapter_name, use_safetensors=use_safetensors)
+        if with_head:
+            self._save_adapter_head(save_directory, adapter_name, use_safetensors)
 
-    def load_adapter(self, adapter_name_or_path, load_as: str | None = None, with_head: bool = True,
-                     set_active: bool = False, leave_out=None, use_safetensors: bool | None = None):
+    def save_all_adapters(self, save_directory, with_head: bool = True, meta_dict=None,
+                          custom_weights_loaders=None, use_safetensors: bool = False):
+        """save_adapter for every adapter, each into ``save_directory``/<name>, as the package."""
+        os.makedirs(save_directory, exist_ok=True)
+        for name in self._adapters_state.configs:
+            self.save_adapter(os.path.join(save_directory, name), name, with_head, meta_dict,
+                              custom_weights_loaders, use_safetensors)
+
+    def _task_head_state_dict(self) -> dict[str, torch.Tensor]:
+        """A task class's head: every tensor outside the base model (pre_classifier and
+        classifier, qa_outputs, vocab_transform ...)."""
+        if self.base_model is self:
+            raise ValueError(f"{type(self).__name__} has no head: save_head / load_head are for the task "
+                             "classes and DistilBertAdapterModel")
+        prefix = self.base_model_prefix + "."
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(prefix)}
+
+    def save_head(self, save_directory, head_name=None, use_safetensors: bool = False):
+        """Writes a task class's head as the package writes a model's static head: head_config.json
+        naming the class (null "config" and "name", the labels) and pytorch_model_head.bin
+        (model_head.safetensors with ``use_safetensors``). The one head has no name:
+        ``head_name`` is ignored, as in the package."""
+        tensors = self._task_head_state_dict()
+        os.makedirs(save_directory, exist_ok=True)
+        meta = self._file_meta(None, None)
+        meta["label2id"] = dict(self.config.label2id)
+        meta["num_labels"] = self.config.num_labels
+        _write_json(os.path.join(save_directory, HEAD_CONFIG_NAME), meta)
+        _save_tensors(tensors, save_directory, HEAD_SAFE_WEIGHTS_NAME if use_safetensors else HEAD_WEIGHTS_NAME)
+
+    def load_head(self, save_directory, load_as=None, id2label=None, use_safetensors: bool | None = None):
+        """Loads a head written by ``save_head`` of the same task class (here or in the package)
+        into this model's head, and its labels (or ``id2label``) into the config. Tied output
+        embeddings (the masked-LM projector) keep this model's word embeddings. ``load_as`` is
+        ignored: the one head has no name."""
+        directory = os.fspath(save_directory)
+        tensors = self._task_head_state_dict()
+        meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
+        if meta.get("model_class") != type(self).__name__:
+            raise ValueError(f"the head in {directory} belongs to a {meta.get('model_class')!r}, "
+                             f"not a {type(self).__name__}")
+        state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
+        missing, unexpected = sorted(set(tensors) - set(state_dict)), sorted(set(state_dict) - set(tensors))
+        if missing or unexpected:
+            raise ValueError(f"the head weights in {directory} do not fit {type(self).__name__}'s head: "
+                             f"missing {missing}, unexpected {unexpected}")
+        for key, value in state_dict.items():
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} in {directory}, model has {tuple(tensors[key].shape)}")
+        tied = self.get_output_embeddings()
+        tied = tied.weight if tied is not None and tied.weight is self.get_input_embeddings().weight else None
+        own = dict(self.named_parameters(remove_duplicate=False))
+        own.update(self.named_buffers(remove_duplicate=False))
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if own[key] is not tied:
+                    own[key].copy_(value)
+        label2id = {label: i for i, label in id2label.items()} if id2label else meta.get("label2id")
+        if label2id:
+            self.config.label2id = {label: int(i) for label, i in label2id.items()}
+            self.config.id2label = {int(i): label for label, i in label2id.items()}
+
+    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
+        """save_adapter's head (with_head): a task class's own head, as in the package."""
+        if self.base_model is not self:
+            self.save_head(directory, use_safetensors=use_safetensors)
+
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
+        """load_adapter's head (with_head): a task class's head saved with the adapter by the same
+        class; one of another class is skipped with a warning, as in the package."""
+        if self.base_model is self:
+            return
+        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class")
+        if model_class != type(self).__name__:
+            logger.warning("load_adapter: the head in %s belongs to a %s, not a %s; it is not loaded",
+                           directory, model_class, type(self).__name__)
+            return
+        self.load_head(directory, id2label=id2label, use_safetensors=use_safetensors)
+
+    def load_adapter(self, adapter_name_or_path, config=None, version=None, model_name=None,
+                     load_as: str | None = None, with_head: bool = True, custom_weights_loaders=None,
+                     leave_out=None, id2label=None, set_active: bool = False,
+                     use_safetensors: bool | None = None):
         """Loads an adapter saved by ``save_adapter`` here or in the ``adapters`` package (a local
-        directory). Returns its name in this model."""
+        directory), with its head (``with_head``; ``id2label`` renames its labels). Returns its
+        name in this model. The package's arguments in its order: ``config``, ``version`` and
+        ``model_name`` pick among the Hub's adapters there, so a local directory ignores them (as
+        the package does); ``custom_weights_loaders`` must be None."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        if config is not None or version is not None or model_name is not None:
+            logger.warning("load_adapter: config, version and model_name choose among the Hub's adapters; "
+                           "%s's adapter_config.json decides here", adapter_name_or_path)
         directory = os.fspath(adapter_name_or_path)
         meta = _read_json(os.path.join(directory, ADAPTER_CONFIG_NAME))
         if "config" not in meta or "name" not in meta:
@@ -1191,20 +1384,21 @@ class ModelAdaptersMixin:
         saved_name = meta["name"]
         name = load_as or saved_name
         state_dict = _load_tensors(directory, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, use_safetensors)
+        left_out = set(config_dict.get("leave_out") or [])  # their saved weights are dropped, as in the package
         state_dict = {
             _rename_adapter_key(k, saved_name, name): v
-            for k, v in state_dict.items() if _is_adapter_key(k, saved_name)
+            for k, v in state_dict.items() if _is_adapter_key(k, saved_name) and _layer_of_key(k) not in left_out
         }
         if name in self._adapters_state.configs:
             logger.warning("load_adapter: replacing the existing adapter %r", name)
         self.add_adapter(name, config_dict, overwrite_ok=True)
         try:
             self._load_adapter_tensors(name, state_dict, directory)
+            if with_head and os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
+                self._load_adapter_head(directory, name, use_safetensors, id2label)
         except Exception:
             self.delete_adapter(name)
             raise
-        if with_head and hasattr(self, "load_head") and os.path.isfile(os.path.join(directory, "head_config.json")):
-            self.load_head(directory, load_as=name)
         if set_active:
             self.set_active_adapters(name)
         return name
@@ -1327,6 +1521,19 @@ def _is_adapter_key(key: str, name: str) -> bool:
     return any(f"{group}.{name}." in key for group in _WEIGHT_GROUPS)
 
 
+def _check_no_custom_loaders(custom_weights_loaders):
+    if custom_weights_loaders:
+        raise ValueError("custom_weights_loaders must be None: the adapters package's WeightsLoader objects "
+                         f"do not apply to distilbert_fast, got {custom_weights_loaders!r}")
+
+
+def _layer_of_key(key: str) -> int | None:
+    """The block index of a state_dict key "[distilbert.]transformer.layer.<i>....", else None."""
+    parts = key.split(".")
+    at = parts.index("layer") if "layer" in parts else -1
+    return int(parts[at + 1]) if at > 0 and parts[at - 1] == "transformer" and parts[at + 1].isdigit() else None
+
+
 def _rename_adapter_key(key: str, old: str, new: str) -> str:
     for group in _WEIGHT_GROUPS:
         key = key.replace(f"{group}.{old}.", f"{group}.{new}.")
@@ -1392,6 +1599,7 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "ParBnConfig",
     "Parallel",
     "SeqBnConfig",
     "Stack",

@@ -8,6 +8,8 @@ hidden size, and the last layer's Linear to the labels. Head files (head_config.
 pytorch_model_head.bin) use the package's format, so heads move between the two libraries.
 """
 
+import contextvars
+import functools
 import os
 from dataclasses import dataclass
 
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import (
+    HEAD_CONFIG_NAME,
+    HEAD_SAFE_WEIGHTS_NAME,
+    HEAD_WEIGHTS_NAME,
     Activation,
     Parallel,
     parallel_channels_of,
@@ -23,6 +28,7 @@ from .adapters import (
     _read_json,
     _save_tensors,
     _write_json,
+    logger,
     run_sequential,
 )
 from .configuration import DistilBertConfig
@@ -36,10 +42,6 @@ from .outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
-
-HEAD_CONFIG_NAME = "head_config.json"
-HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
-HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
 
 
 def _label2id(id2label):
@@ -287,7 +289,40 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         # A config written by save_pretrained lists the heads and adapters to rebuild.
         for name, head_config in dict(getattr(config, "prediction_heads", None) or {}).items():
             self._add_head_from_config(name, dict(head_config), overwrite_ok=True)
+        architecture = (getattr(config, "architectures", None) or [None])[0]
+        if _LOADING_CHECKPOINT.get() and not self.heads and architecture in _TASK_CLASS_HEADS:
+            self._add_task_class_head(architecture)
         self._adapters_from_config()
+
+    @classmethod
+    @functools.wraps(DistilBertPreTrainedModel.from_pretrained.__func__)  # its signature and doc
+    def from_pretrained(cls, directory, **kwargs):
+        token = _LOADING_CHECKPOINT.set(True)  # (a task class's head converts in from_pretrained only)
+        try:
+            return super().from_pretrained(directory, **kwargs)
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
+    def _add_task_class_head(self, architecture: str):
+        """from_pretrained of a task class's checkpoint (config.json's architectures, e.g. a
+        fine-tuned DistilBertForSequenceClassification): its head becomes head "default", and the
+        checkpoint's head weights load into it (renamed on load), as the package converts a
+        static head in from_pretrained."""
+        head_config, modules = _TASK_CLASS_HEADS[architecture]
+        head_config = dict(head_config)
+        if head_config["head_type"] != "masked_lm":
+            head_config["label2id"] = dict(self.config.label2id)
+            head_config["num_labels"] = len(self.config.label2id)
+        self._add_head_from_config("default", head_config)
+        renames = {f"{module}.": f"heads.default.{index}." for module, index in modules.items()}
+
+        def rename_task_head_keys(module, state_dict, prefix, *args):
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                for old, new in renames.items():
+                    if key.startswith(prefix + old) and prefix + new + key[len(prefix + old):] not in state_dict:
+                        state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+
+        self.register_load_state_dict_pre_hook(rename_task_head_keys)
 
     # -- heads ---------------------------------------------------------------------------------
     def _add_head(self, head: PredictionHead, overwrite_ok: bool, set_active: bool = True):
@@ -341,9 +376,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         self._add_head(MaskedLMHead(self, head_name, layers=layers, activation_function=activation_function),
                        overwrite_ok)
 
-    def _check_head_name(self, name):
+    def _check_head_name(self, name, argument: str):
         if name not in self.heads:
-            raise ValueError(f"no head named {name!r}; this model has heads {sorted(self.heads)}")
+            raise ValueError(f"{argument}: no head named {name!r}; this model has heads {sorted(self.heads)}")
 
     @property
     def active_head(self):
@@ -356,17 +391,25 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     def active_head(self, names):
         names = [] if names is None else [names] if isinstance(names, str) else list(names)
         for name in names:
-            self._check_head_name(name)
+            self._check_head_name(name, "active_head")
         self._active_heads = names
+        label2id = self.heads[names[0]].config.get("label2id") if len(names) == 1 else None
+        if label2id:  # as the package: one active head's labels become the config's (pipelines read them)
+            self.config.id2label = {int(i): label for label, i in label2id.items()}
+            self.config.label2id = {label: int(i) for label, i in label2id.items()}
 
     def delete_head(self, head_name: str):
-        self._check_head_name(head_name)
+        """Removes head ``head_name``; an unknown name is skipped with a warning, as in the package."""
+        if head_name not in self.heads:
+            logger.warning("delete_head: no head named %r to delete; this model has heads %s",
+                           head_name, sorted(self.heads))
+            return
         del self.heads[head_name]
         self._active_heads = [name for name in self._active_heads if name != head_name]
 
-    def set_active_adapters(self, adapter_setup):
+    def set_active_adapters(self, adapter_setup, skip_layers=None):
         """As in the package: also activates the head named like the setup's last adapter."""
-        super().set_active_adapters(adapter_setup)
+        super().set_active_adapters(adapter_setup, skip_layers)
         setup = self.active_adapters
         if isinstance(setup, Parallel):  # one head per child, when each has one
             if all(name in self.heads for name in setup.heads()):
@@ -374,13 +417,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         elif setup is not None and setup.last() in self.heads:
             self.active_head = setup.last()
 
-    def train_adapter(self, adapter_setup, train_embeddings: bool = False):
-        """The base model frozen; the adapters in ``adapter_setup`` and the heads train, except
-        an active head's output embeddings (tied to the word embeddings) unless
-        ``train_embeddings``, as in the package."""
-        super().train_adapter(adapter_setup, train_embeddings)
-        if train_embeddings:
-            return
+    def _freeze_output_embeddings(self):
+        """train_adapter's: the output embeddings of every active head (tied to the word
+        embeddings) train only with ``train_embeddings``, as in the package."""
         for name in self._active_heads:
             output = self.heads[name].get_output_embeddings()
             if output is not None:
@@ -429,9 +468,11 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                 adapter_names=None, position_ids=None, **head_inputs):
         """The base model, then head ``head`` (default: the active head(s); none: the base
         model's output). ``adapter_names`` (a name, a list = Stack, a Stack or a Parallel)
-        replaces the active adapters for this call; a Parallel whose children each have a head
-        of their (last) adapter's name runs those heads, head i on copy i of the batch, as
-        ``set_active_adapters(Parallel(...))`` does in the package. ``labels`` /
+        replaces the active adapters for this call and, as the package's ``AdapterSetup`` (which
+        does the same here), picks the head named like its last adapter where there is one; a
+        Parallel whose children each have a head of their (last) adapter's name runs those heads,
+        head i on copy i of the batch, as ``set_active_adapters(Parallel(...))`` does in the
+        package. ``labels`` /
         ``start_positions`` / ``end_positions`` go to the head(s). Multiple-choice inputs
         (batch, num_choices, seq) are flattened first."""
         unknown = sorted(set(head_inputs) - _HEAD_INPUTS)
@@ -445,12 +486,14 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         channels = 1 if in_force is None else in_force.parallel_channels
         if head is not None:
             heads = [head]
-        elif isinstance(per_call, Parallel) and all(name in self.heads for name in per_call.heads()):
-            heads = per_call.heads()  # as set_active_adapters(Parallel(...)) would make them
+        elif per_call is not None and all(name in self.heads for name in per_call.heads()):
+            # as the package's AdapterSetup: the head of the setup's last adapter (one per child of
+            # a Parallel); where one is missing (the package raises), the active heads
+            heads = per_call.heads()
         else:
             heads = list(self._active_heads)
         for name in heads:
-            self._check_head_name(name)
+            self._check_head_name(name, "head" if head is not None else "active_head")
         if channels > 1 and heads and len(heads) != channels:
             raise ValueError(
                 f"the Parallel adapter setup {in_force!r} has {channels} channels but {len(heads)} heads "
@@ -516,7 +559,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             if len(self.heads) != 1:
                 raise ValueError(f"head_name is needed: this model has heads {sorted(self.heads)}")
             head_name = next(iter(self.heads))
-        self._check_head_name(head_name)
+        self._check_head_name(head_name, "head_name")
         os.makedirs(save_directory, exist_ok=True)
         _write_json(os.path.join(save_directory, HEAD_CONFIG_NAME),
                     self._file_meta(head_name, dict(self.heads[head_name].config)))
@@ -565,6 +608,21 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                 params[key].copy_(value)
         return name
 
+    # -- the head of save_adapter / load_adapter -------------------------------------------------
+    def _save_adapter_head(self, directory, adapter_name: str, use_safetensors: bool):
+        if adapter_name in self.heads:
+            self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
+
+    def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
+        """The head saved with the adapter, under the adapter's name; a head of another class (a
+        task class's, saved with its adapter) is skipped with a warning, as in the package."""
+        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
+        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
+            logger.warning("load_adapter: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
+                           "it is not loaded", directory, model_class)
+            return
+        self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):
         """The whole model; config.json records the heads and adapters, which from_pretrained
@@ -575,6 +633,26 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
 
 
 _TOKEN_HEADS = (TaggingHead, QuestionAnsweringHead, MaskedLMHead)
+
+# Set while DistilBertAdapterModel.from_pretrained builds its model.
+_LOADING_CHECKPOINT: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_loading_checkpoint",
+                                                                     default=False)
+# The package's STATIC_TO_FLEX_HEAD_MAP for DistilBERT: a task class's head as a flexible head
+# (its config, and the index in that head of each of the task class's modules). Multiple choice
+# is left out: the package sets num_choices to the number of labels, which its head then
+# reshapes the logits by (wrong for any other count of choices).
+_TASK_CLASS_HEADS = {
+    "DistilBertForSequenceClassification": (
+        {"head_type": "classification", "layers": 2, "activation_function": "relu"},
+        {"pre_classifier": 1, "classifier": 4}),
+    "DistilBertForTokenClassification": (
+        {"head_type": "tagging", "layers": 1, "activation_function": None}, {"classifier": 1}),
+    "DistilBertForQuestionAnswering": (
+        {"head_type": "question_answering", "layers": 1, "activation_function": None}, {"qa_outputs": 1}),
+    "DistilBertForMaskedLM": (
+        {"head_type": "masked_lm", "layers": 2, "activation_function": "gelu", "layer_norm": True, "bias": True},
+        {"vocab_transform": 0, "vocab_layer_norm": 2, "vocab_projector": 3}),
+}
 
 
 def _zeros_at_padding(output: ModelOutput, attention_mask: torch.Tensor) -> ModelOutput:

@@ -16,6 +16,8 @@ from distilbert_fast import (
     DistilBertAdapterModel,
     DistilBertConfig,
     LoRAConfig,
+    Parallel,
+    ParBnConfig,
     SeqBnConfig,
     Stack,
     last_backend,
@@ -27,6 +29,7 @@ CONFIGS = {
     "seq_bn": "seq_bn",
     "houlsby": "houlsby",
     "lora": LoRAConfig(r=4, alpha=16, attn_matrices=["q", "k", "v"]),
+    "par_bn": ParBnConfig(reduction_factor=4, mh_adapter=True, scaling="learned"),
     "custom_bn": BnConfig(mh_adapter=True, output_adapter=True, reduction_factor={"1": 2, "default": 8},
                           non_linearity="gelu", ln_before=True, ln_after=True, scaling="channel",
                           original_ln_before=True, residual_before_ln="post_add"),
@@ -133,6 +136,35 @@ def test_save_adapter_load_adapter_round_trip_is_exact(tmp_path, kind, safe):
         assert torch.equal(value, saved[key.replace(".y.", ".x.")]), key
     x = ids()
     assert torch.equal(other(x, head="y", adapter_names="y").logits, model(x, head="x", adapter_names="x").logits)
+
+
+@pytest.mark.parametrize("kind", ["houlsby", "lora"])
+def test_load_adapter_leave_out_drops_those_layers_saved_weights(tmp_path, kind):
+    """As the package: load_adapter(leave_out=[0]) adds the adapter without layer 0 and loads the
+    saved weights of the other layers (was: refused, layer 0's weights "unexpected")."""
+    model = small_model()
+    model.add_adapter("x", config=CONFIGS[kind])
+    randomise(model)
+    model.save_adapter(str(tmp_path), "x")
+    other = small_model()
+    assert other.load_adapter(str(tmp_path), leave_out=[0]) == "x"
+    assert other.adapters_config["x"].leave_out == [0]
+    loaded, saved = other.state_dict(), model.state_dict()
+    assert {k for k in adapter_keys(model, "x") if ".layer.0." not in k} == adapter_keys(other, "x") != set()
+    assert all(torch.equal(loaded[k], saved[k]) for k in adapter_keys(other, "x"))
+
+
+def test_save_all_adapters_writes_one_directory_per_adapter(tmp_path):
+    model = small_model()
+    model.add_adapter("x", config="seq_bn")
+    model.add_adapter("y", config="lora")
+    model.add_tagging_head("x")
+    randomise(model)
+    model.save_all_adapters(str(tmp_path))
+    other = small_model()
+    assert [other.load_adapter(str(tmp_path / n)) for n in ("x", "y")] == ["x", "y"] and list(other.heads) == ["x"]
+    loaded = other.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items() if ".x." in k or ".y." in k)
 
 
 def test_saved_adapter_holds_only_its_own_weights_under_the_package_keys(tmp_path):
@@ -325,11 +357,18 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         model.add_adapter("b", config="nope")
     with pytest.raises(ValueError, match="'default' entry"):
         SeqBnConfig(reduction_factor={"1": 4})
-    for call in (lambda: model.set_active_adapters("nope"), lambda: model.train_adapter(["a", "nope"]),
-                 lambda: model.delete_adapter("nope"), lambda: model.merge_adapter("nope"),
-                 lambda: model.save_adapter(str(tmp_path), "nope"), lambda: model(x, adapter_names="nope")):
-        with pytest.raises(ValueError, match="no adapter named 'nope'"):
+    for argument, call in (("adapter_setup", lambda: model.set_active_adapters("nope")),
+                           ("adapter_setup", lambda: model.train_adapter(["a", "nope"])),
+                           ("name", lambda: model.merge_adapter("nope")),
+                           ("adapter_name", lambda: model.save_adapter(str(tmp_path), "nope")),
+                           ("adapter_names", lambda: model(x, adapter_names="nope"))):
+        with pytest.raises(ValueError, match=f"^{argument}: no adapter named 'nope'"):
             call()
+    for setup in (None, []):
+        with pytest.raises(ValueError, match="adapter_setup must name at least one adapter"):
+            model.train_adapter(setup)
+    model.delete_adapter("nope")  # as the package: nothing to delete is skipped (with a warning)
+    assert list(model.adapters_config) == ["a"]
     model.set_active_adapters("a")
     model.delete_adapter("a")
     with pytest.raises(ValueError, match="no adapter named 'a'"):
@@ -342,6 +381,10 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         LoRAConfig(r=0)
     with pytest.raises(NotImplementedError, match="intermediate_lora"):
         LoRAConfig(intermediate_lora=True)
+    model.add_adapter("p", config="par_bn")
+    model.add_adapter("q", config="seq_bn")
+    with pytest.raises(NotImplementedError, match="parallel bottleneck adapter"):
+        model(x, adapter_names=Parallel("p", "q"))
     with pytest.raises(NotImplementedError, match="phm_layer"):
         SeqBnConfig(phm_layer=True)
     with pytest.raises(ValueError, match="post_add"):

@@ -126,6 +126,54 @@ def test_adapters_move_between_classes_and_survive_save_pretrained(tmp_path):
     assert_close(loaded(x, attention_mask=mask).logits, task(x, attention_mask=mask).logits, atol=1e-6)
 
 
+def test_save_adapter_carries_a_task_class_head(tmp_path, caplog):
+    """As the package: a task class saves its own head (pre_classifier + classifier) with the
+    adapter and the same class loads it back, labels too; another class skips it with a warning."""
+    model = build(DistilBertForSequenceClassification, id2label={0: "neg", 1: "neu", 2: "pos"})
+    model.add_adapter("a", config="seq_bn")
+    randomise(model)
+    with torch.no_grad():
+        model.classifier.weight.normal_()
+    model.save_adapter(str(tmp_path / "a"), "a")
+    fresh = build(DistilBertForSequenceClassification)
+    fresh.distilbert.load_state_dict(model.distilbert.state_dict(), strict=False)  # the base only
+    fresh.load_adapter(str(tmp_path / "a"), set_active=True)
+    x, mask = batch()
+    assert_close(fresh(x, attention_mask=mask).logits, model(x, attention_mask=mask, adapter_names="a").logits, atol=1e-6)
+    assert fresh.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    heads_model = DistilBertAdapterModel(DistilBertConfig(**SMALL_CONFIG))
+    with caplog.at_level("WARNING", logger="distilbert_fast.adapters"):
+        assert heads_model.load_adapter(str(tmp_path / "a")) == "a"
+    assert not heads_model.heads and "DistilBertForSequenceClassification" in caplog.text
+    with pytest.raises(ValueError, match="belongs to a 'DistilBertForSequenceClassification'"):
+        build(DistilBertForTokenClassification).load_head(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="DistilBertModel has no head"):
+        build(DistilBertModel).save_head(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("setup", [Stack("l", "a"), Parallel("l", "a")], ids=repr)
+def test_skip_layers_runs_no_adapter_in_those_blocks(tmp_path, setup):
+    """set_active_adapters(setup, skip_layers=[0]), as the package's: the same outputs as the
+    adapters loaded without block 0 (a Parallel then replicates the batch in block 1)."""
+    model = build(DistilBertForTokenClassification)
+    model.add_adapter("a", config="double_seq_bn")
+    model.add_adapter("l", config=LoRAConfig(r=2, attn_matrices=["q", "k", "v"]))
+    randomise(model)
+    without_0 = build(DistilBertForTokenClassification)
+    without_0.load_state_dict(model.state_dict(), strict=False)
+    for name in ("a", "l"):
+        model.save_adapter(str(tmp_path / name), name)
+        without_0.load_adapter(str(tmp_path / name), leave_out=[0])
+    x, mask = batch()
+    model.set_active_adapters(setup, skip_layers=[0])
+    without_0.set_active_adapters(setup)
+    assert_close(model(x, attention_mask=mask).logits, without_0(x, attention_mask=mask).logits, atol=1e-6)
+    model.set_active_adapters(setup)  # skip_layers hold until the next call
+    assert not torch.allclose(model(x, attention_mask=mask).logits, without_0(x, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="skip_layers must be block indices"):
+        model.set_active_adapters(setup, skip_layers=[2])
+
+
 # -- Parallel --------------------------------------------------------------------------------------
 
 

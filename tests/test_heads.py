@@ -2,6 +2,7 @@
 matching task class (tested against HuggingFace elsewhere) with the same weights; head
 management (active head, several heads, delete) and head files."""
 
+import inspect
 import json
 import os
 
@@ -10,7 +11,12 @@ import torch
 from conftest import SMALL_CONFIG, assert_close
 
 import distilbert_fast
-from distilbert_fast import DistilBertAdapterModel, DistilBertConfig, DistilBertModelWithHeads
+from distilbert_fast import (
+    DistilBertAdapterModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModelWithHeads,
+)
 
 # head type -> (task class, add_*_head call, {head module index: task module name}, inputs)
 CASES = {
@@ -180,16 +186,41 @@ def test_heads_and_adapters_survive_save_pretrained(tmp_path, safe):
     assert os.path.isfile(tmp_path / "config.json")
 
 
+def test_the_active_head_s_labels_become_the_config_s():
+    """As the package: a single active head's labels are config.id2label / label2id (which
+    pipelines read); a head without labels (masked LM) leaves them."""
+    model = small_model()
+    model.add_classification_head("sst", num_labels=2, id2label={0: "neg", 1: "pos"})
+    assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.label2id == {"neg": 0, "pos": 1}
+    model.add_tagging_head("ner", num_labels=3, id2label={0: "O", 1: "B", 2: "I"})
+    assert model.config.id2label == {0: "O", 1: "B", 2: "I"} and model.config.num_labels == 3
+    model.add_masked_lm_head("mlm")
+    assert model.config.id2label == {0: "O", 1: "B", 2: "I"}
+    model.active_head = "sst"
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    model.add_classification_head("plain", num_labels=3)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
+
+def test_a_task_class_config_alone_adds_no_head(tmp_path):
+    """Only from_pretrained converts a task class's head (as the package): a model built from
+    that checkpoint's config has no head."""
+    DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG)).save_pretrained(str(tmp_path))
+    assert list(DistilBertAdapterModel.from_pretrained(str(tmp_path)).heads) == ["default"]
+    assert not DistilBertAdapterModel(DistilBertConfig.from_pretrained(str(tmp_path))).heads
+    assert "ignore_mismatched_sizes" in inspect.signature(DistilBertAdapterModel.from_pretrained).parameters
+
+
 def test_bad_head_input_gives_clear_errors():
     model = small_model()
     model.add_classification_head("c")
     ids = torch.randint(1, 99, (2, 5))
-    with pytest.raises(ValueError, match="no head named 'nope'"):
+    with pytest.raises(ValueError, match="^head: no head named 'nope'"):
         model(ids, head="nope")
-    with pytest.raises(ValueError, match="no head named 'nope'"):
+    with pytest.raises(ValueError, match="^active_head: no head named 'nope'"):
         model.active_head = "nope"
-    with pytest.raises(ValueError, match="no head named 'nope'"):
-        model.delete_head("nope")
+    model.delete_head("nope")  # as the package: nothing to delete is skipped (with a warning)
+    assert list(model.heads) == ["c"]
     with pytest.raises(ValueError, match="already exists.*overwrite_ok"):
         model.add_classification_head("c")
     model.add_classification_head("c", num_labels=5, overwrite_ok=True)

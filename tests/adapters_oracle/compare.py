@@ -12,11 +12,13 @@
 Both modes also run the TASK_CASES: transformers' own task classes (and the base model) after
 ``adapters.init(model)``, and Parallel compositions (on a task class, on the base model, and on
 DistilBertAdapterModel with a head per adapter); there model.pt holds every weight but the
-adapters'.
+adapters'. ``compare.py produce OUT REAL.json`` adds the REAL_TASK_CASES, on the real checkpoint
+whose weights and sizes REAL.json names.
 
 The cases are listed here only; OUT/manifest.json tells the test what each holds.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -32,6 +34,7 @@ from adapters import (
     DoubleSeqBnConfig,
     LoRAConfig,
     Parallel,
+    ParBnConfig,
     SeqBnConfig,
     Stack,
 )
@@ -92,6 +95,25 @@ CASES = {
         setup=["pa"],
         head=("classification", "pa", dict(num_labels=2, layers=1)),
     ),
+    # parallel bottleneck adapters (is_parallel): alone, after a sequential one (whose work the
+    # package's ParallelAdapter then drops: it reads the sublayer's input), and before one
+    "par_bn_tagging": dict(
+        adapters={"pb": ParBnConfig(reduction_factor=4)},
+        setup=["pb"],
+        head=("tagging", "pb", dict(num_labels=3)),
+    ),
+    "stack_seq_then_scaled_par_bn_ln_after": dict(
+        adapters={"s": SeqBnConfig(reduction_factor=4),
+                  "p": ParBnConfig(reduction_factor=2, scaling="learned", mh_adapter=True, ln_after=True)},
+        setup=["s", "p"],
+        head=("classification", "p", dict(num_labels=3)),
+    ),
+    "stack_par_bn_then_houlsby": dict(
+        adapters={"p": ParBnConfig(reduction_factor=4, non_linearity="gelu"),
+                  "h": DoubleSeqBnConfig(reduction_factor=4)},
+        setup=["p", "h"],
+        head=("qa", "h", {}),
+    ),
 }
 
 
@@ -136,16 +158,29 @@ TASK_CASES = {
                   "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
                   "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
         setup=Parallel(Stack("a", "b"), "c"), labels=False),
+    # AdapterSetup(Stack("a", "b")) runs head "b", whichever head is active (on our side the heads
+    # load in the order of `adapters`, so "a" is the active one there)
+    "stack_heads_by_setup": dict(cls="DistilBertAdapterModel",
+                                 adapters={"b": LoRAConfig(r=2, alpha=4), "a": SeqBnConfig(reduction_factor=4)},
+                                 setup=Stack("a", "b"), labels=True, by_setup=True),
     # q and v only: attention repeats k to match
     "parallel_heads_lora": dict(cls="DistilBertAdapterModel",
                                 adapters={"a": LoRAConfig(r=4, alpha=8), "b": LoRAConfig(r=2, alpha=4)},
                                 setup=Parallel("a", "b"), labels=True),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
+# Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
+# DistilBertModel state_dict): Parallel on real weights and sizes (384 wide, 12 heads, 6 layers).
+REAL_TASK_CASES = {
+    "real_checkpoint_parallel_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"a": SeqBnConfig(reduction_factor=16), "b": SeqBnConfig(reduction_factor=8, non_linearity="gelu")},
+        setup=Parallel("a", "b"), labels=False),
+}
 
 
-def make_task_model(cls):
-    config = transformers.DistilBertConfig(**SMALL, num_labels=2 if "QuestionAnswering" in cls else TASK_LABELS)
+def make_task_model(cls, model_config=SMALL):
+    config = transformers.DistilBertConfig(**model_config, num_labels=2 if "QuestionAnswering" in cls else TASK_LABELS)
     config._attn_implementation = "eager"
     if cls == "DistilBertAdapterModel":
         return DistilBertAdapterModel(config)
@@ -154,12 +189,12 @@ def make_task_model(cls):
     return model
 
 
-def task_inputs(spec, generator):
+def task_inputs(spec, generator, vocab_size):
     cls = spec["cls"]
     kind = {"DistilBertForMaskedLM": "masked_lm", "DistilBertForQuestionAnswering": "qa",
             "DistilBertForTokenClassification": "tagging", "DistilBertForMultipleChoice": "multiple_choice"
             }.get(cls, "classification")
-    inputs = inputs_for(kind, {"num_labels": TASK_LABELS, "num_choices": 2}, generator)
+    inputs = inputs_for(kind, {"num_labels": TASK_LABELS, "num_choices": 2}, generator, vocab_size)
     if not spec["labels"]:
         for key in ("labels", "start_positions", "end_positions"):
             inputs.pop(key, None)
@@ -169,9 +204,10 @@ def task_inputs(spec, generator):
 def run_task(model, spec, setup, inputs):
     """Eval-mode forward (and backward with labels), every parameter trainable. The heads
     model gets its setup through set_active_adapters, so a Parallel activates a head per
-    adapter; the others through AdapterSetup."""
+    adapter (with by_setup, through AdapterSetup, which picks the head too); the others
+    through AdapterSetup."""
     prepare(model)
-    if spec["cls"] == "DistilBertAdapterModel":
+    if spec["cls"] == "DistilBertAdapterModel" and not spec.get("by_setup"):
         model.set_active_adapters(setup)
         out = model(**inputs)
     else:
@@ -180,19 +216,27 @@ def run_task(model, spec, setup, inputs):
     return outputs_and_grads(model, out)
 
 
-def produce_tasks(out_dir):
+def produce_tasks(out_dir, real=None):
+    """The TASK_CASES, and the REAL_TASK_CASES where ``real`` gives the real checkpoint
+    ({"weights": a DistilBertModel state_dict file, "config": its sizes})."""
     manifest = {}
-    for i, (case, spec) in enumerate(TASK_CASES.items()):
+    cases = {**TASK_CASES, **(REAL_TASK_CASES if real else {})}
+    for i, (case, spec) in enumerate(cases.items()):
         torch.manual_seed(300 + i)
         generator = torch.Generator().manual_seed(400 + i)
-        model = make_task_model(spec["cls"])
+        model_config = real["config"] if case in REAL_TASK_CASES else SMALL
+        model = make_task_model(spec["cls"], model_config)
+        if case in REAL_TASK_CASES:
+            missing, unexpected = model.base_model.load_state_dict(torch.load(real["weights"]), strict=False)
+            if unexpected or any("prompt_tuning." not in k for k in missing):
+                raise SystemExit(f"{case}: the real weights do not fit: missing {missing}, unexpected {unexpected}")
         for name, config in spec["adapters"].items():
             model.add_adapter(name, config=config)
         if spec["cls"] == "DistilBertAdapterModel":
             for name in spec["setup"].children:
                 model.add_classification_head(name, num_labels=TASK_LABELS)
         randomise_adapters_and_heads(model, generator)
-        inputs = task_inputs(spec, generator)
+        inputs = task_inputs(spec, generator, model_config["vocab_size"])
         case_dir = os.path.join(out_dir, case)
         os.makedirs(case_dir)
         weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k) and "prompt_tuning." not in k}
@@ -203,18 +247,137 @@ def produce_tasks(out_dir):
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
-                          "labels": spec["labels"], "num_labels": TASK_LABELS}
+                          "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config,
+                          "by_setup": spec.get("by_setup", False)}
     return manifest
+
+
+# train_adapter on every class: (setup, train_embeddings). The heads model gets a masked-LM head
+# "a" (tied output embeddings) added after a classification head, so "a" is its active head.
+TRAIN_ADAPTER_SETUPS = [("a", False), ("a", True), (Stack("a", "l"), False), (Parallel("a", "l"), False)]
+
+
+def trainable_after_train_adapter():
+    """{class: [{"trainable": sorted names of the trainable parameters after
+    train_adapter(setup, train_embeddings), "summary": adapter_summary(as_dict=True) before and
+    after}, one per TRAIN_ADAPTER_SETUPS entry]}, and those setups (to_dict) for the other side."""
+    result = {}
+    for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
+        result[cls] = []
+        for setup, train_embeddings in TRAIN_ADAPTER_SETUPS:
+            model = make_task_model(cls)
+            if cls == "DistilBertAdapterModel":
+                model.add_classification_head("b", num_labels=TASK_LABELS)
+                model.add_masked_lm_head("a")
+            model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
+            model.add_adapter("l", config=LoRAConfig(r=2))
+            before = model.adapter_summary(as_dict=True)
+            model.train_adapter(setup, train_embeddings=train_embeddings)
+            result[cls].append({
+                "trainable": sorted(n for n, p in model.named_parameters(remove_duplicate=False)
+                                    if p.requires_grad and "prompt_tuning." not in n),
+                "summary": [before, model.adapter_summary(as_dict=True)],
+            })
+    setups = [{"setup": Stack(s).to_dict() if isinstance(s, str) else s.to_dict(), "train_embeddings": e}
+              for s, e in TRAIN_ADAPTER_SETUPS]
+    return {"setups": setups, "trainable": result}
+
+
+# The adapter API whose arguments (names, in order) must be the package's on every class.
+API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_adapter", "freeze_model",
+               "save_adapter", "load_adapter", "save_all_adapters", "merge_adapter", "reset_adapter",
+               "has_adapters", "adapter_summary", "save_head",
+               "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
+               "add_tagging_head", "add_qa_head", "add_masked_lm_head")
+
+
+def api_arguments():
+    """{class: {method: [argument names]}} of the package's adapter API, on each class (after
+    adapters.init for transformers' own)."""
+    result = {}
+    for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
+        model = make_task_model(cls)
+        result[cls] = {name: [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
+                              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+                       for name in API_METHODS if hasattr(model, name)}
+    return result
+
+
+def task_checkpoints_as_heads_model(out_dir):
+    """Each task class's checkpoint (transformers' save_pretrained) loaded with the package's
+    DistilBertAdapterModel.from_pretrained, which converts its head to head "default": writes
+    OUT/checkpoint_<class>/ (the checkpoint, and io.pt: inputs and the heads model's outputs) and
+    returns {class: the head's config}."""
+    result = {}
+    for i, cls in enumerate(("DistilBertForSequenceClassification", "DistilBertForTokenClassification",
+                             "DistilBertForQuestionAnswering", "DistilBertForMaskedLM")):
+        torch.manual_seed(500 + i)
+        labels = {"num_labels": 2} if "QuestionAnswering" in cls else {
+            "id2label": {0: "neg", 1: "neu", 2: "pos"}, "label2id": {"neg": 0, "neu": 1, "pos": 2}}
+        directory = os.path.join(out_dir, "checkpoint_" + cls)
+        getattr(transformers, cls)(transformers.DistilBertConfig(**SMALL, **labels)).save_pretrained(directory)
+        model = DistilBertAdapterModel.from_pretrained(directory).eval()
+        inputs = inputs_for("tagging", {"num_labels": 3}, torch.Generator().manual_seed(600 + i))
+        del inputs["labels"]
+        with torch.no_grad():
+            out = model(**inputs)
+        torch.save({"inputs": inputs, "outputs": {k: v for k, v in out.items() if torch.is_tensor(v)}},
+                   os.path.join(directory, "io.pt"))
+        result[cls] = {"heads": list(model.heads), "active_head": model.active_head,
+                       "config": model.heads["default"].config}
+    return result
+
+
+# save_pretrained / from_pretrained of DistilBertAdapterModel with adapters and heads: the setups
+# (a Stack, and the head to run) whose outputs both sides compare
+PRETRAINED_SETUPS = [(["l", "a"], "a"), (["p", "l"], "l")]
+
+
+def make_pretrained_model():
+    model = make_model()
+    model.add_adapter("a", config="double_seq_bn")
+    model.add_adapter("l", config=LoRAConfig(r=2))
+    model.add_adapter("p", config="par_bn")
+    model.add_classification_head("a", num_labels=3, id2label={0: "x", 1: "y", 2: "z"})
+    model.add_masked_lm_head("l")
+    return model
+
+
+def run_pretrained(model, inputs):
+    """{"<adapters>|<head>": logits} for PRETRAINED_SETUPS."""
+    result = {}
+    model.eval()
+    with torch.no_grad():
+        for setup, head in PRETRAINED_SETUPS:
+            with AdapterSetup(Stack(*setup)):
+                result[f"{','.join(setup)}|{head}"] = model(**inputs, head=head).logits
+    return result
+
+
+def produce_pretrained(out_dir):
+    """OUT/pretrained/: a heads model with adapters and heads, written by save_pretrained, and
+    io.pt (inputs, outputs of PRETRAINED_SETUPS)."""
+    torch.manual_seed(700)
+    model = make_pretrained_model()
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(701))
+    directory = os.path.join(out_dir, "pretrained")
+    model.save_pretrained(directory)
+    inputs = inputs_for("tagging", {"num_labels": 3}, torch.Generator().manual_seed(702))
+    del inputs["labels"]
+    torch.save({"inputs": inputs, "outputs": run_pretrained(model, inputs)}, os.path.join(directory, "io.pt"))
+    return [[setup, head] for setup, head in PRETRAINED_SETUPS]
 
 
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
-        model = make_task_model(spec["cls"])
-        # the weights first: the heads come with the adapters (saved by us)
-        weights = {k: v for k, v in torch.load(os.path.join(case_dir, "model.pt")).items() if not k.startswith("heads.")}
+        model = make_task_model(spec["cls"], spec["config"])
+        # the base weights first: the heads (flexible, or the task class's own) come with the
+        # adapters (saved by us)
+        weights = torch.load(os.path.join(case_dir, "model.pt"))
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(not is_adapter_key(k) and "prompt_tuning." not in k for k in missing):
+        is_head_key = lambda k: spec["cls"] != "DistilBertModel" and not k.startswith("distilbert.")  # noqa: E731
+        if unexpected or any(not (is_adapter_key(k) or is_head_key(k)) and "prompt_tuning." not in k for k in missing):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
@@ -268,11 +431,11 @@ def randomise_adapters_and_heads(model, generator):
             param.copy_(noise)
 
 
-def inputs_for(kind, head_kwargs, generator):
+def inputs_for(kind, head_kwargs, generator, vocab_size=SMALL["vocab_size"]):
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[0, 5:] = 0  # padding
     mask[2, 3:] = 0
-    ids = torch.randint(1, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+    ids = torch.randint(1, vocab_size, (BATCH, SEQ), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if kind == "classification":
         n = head_kwargs["num_labels"]
@@ -287,11 +450,11 @@ def inputs_for(kind, head_kwargs, generator):
         inputs["end_positions"] = torch.tensor([2, 6, 0])
     elif kind == "multiple_choice":
         choices = head_kwargs["num_choices"]
-        inputs["input_ids"] = torch.randint(1, SMALL["vocab_size"], (BATCH, choices, SEQ), generator=generator)
+        inputs["input_ids"] = torch.randint(1, vocab_size, (BATCH, choices, SEQ), generator=generator)
         inputs["attention_mask"] = mask[:, None, :].expand(BATCH, choices, SEQ).contiguous()
         inputs["labels"] = torch.randint(0, choices, (BATCH,), generator=generator)
     elif kind == "masked_lm":
-        labels = torch.randint(0, SMALL["vocab_size"], (BATCH, SEQ), generator=generator)
+        labels = torch.randint(0, vocab_size, (BATCH, SEQ), generator=generator)
         labels[:, ::2] = -100
         inputs["labels"] = labels
     return inputs
@@ -305,7 +468,7 @@ def run(model, setup, head_name, inputs):
     return outputs_and_grads(model, out)
 
 
-def produce(out_dir):
+def produce(out_dir, real_json=None):
     manifest = {}
     for i, (case, spec) in enumerate(CASES.items()):
         torch.manual_seed(100 + i)
@@ -327,9 +490,16 @@ def produce(out_dir):
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"adapters": list(spec["adapters"]), "setup": spec["setup"], "head": head_name,
                           "head_type": kind}
-    task_manifest = produce_tasks(out_dir)
+    real = None
+    if real_json:
+        with open(real_json) as f:
+            real = json.load(f)
+    task_manifest = produce_tasks(out_dir, real)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump({"cases": manifest, "task_cases": task_manifest, "adapters_version": adapters.__version__,
+        json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
+                   "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
+                   "pretrained": produce_pretrained(out_dir),
+                   "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
 
@@ -339,6 +509,11 @@ def check(root):
         full = json.load(f)
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
+    directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
+    if os.path.isdir(directory):
+        model = DistilBertAdapterModel.from_pretrained(directory)
+        inputs = torch.load(os.path.join(directory, "io.pt"))["inputs"]
+        torch.save(run_pretrained(model, inputs), os.path.join(directory, "oracle_out.pt"))
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_model()
@@ -353,5 +528,5 @@ def check(root):
 
 
 if __name__ == "__main__":
-    mode, path = sys.argv[1], sys.argv[2]
-    {"produce": produce, "check": check}[mode](path)
+    mode, path, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+    {"produce": produce, "check": check}[mode](path, *extra)
