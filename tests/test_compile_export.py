@@ -236,6 +236,29 @@ def test_compile_packs_a_ragged_batch_where_dynamic_shapes_are_allowed(backend):
     assert graphs and all("real_token_rows" in str(gm.graph) for gm in graphs)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_packed_entry_compiles_once_for_every_max_seqlen(backend):
+    """A compiled packed entry point serves batches of any max_seqlen with one dynamic graph
+    (the varlen op takes it as a SymInt): an ``int`` in the op's schema made every new
+    max_seqlen a recompile (4 graphs for 4 batches), up to dynamo's recompile limit."""
+    model = small_model(backend=backend)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=count, fullgraph=True)
+    with torch.no_grad():
+        for lengths in ([5, 1, 8], [2, 7, 3, 4], [3, 3, 4, 2, 6], [9, 10, 1]):
+            cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+            ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (sum(lengths),))
+            kwargs = dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max(lengths))
+            assert_close(compiled(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state, atol=1e-5,
+                         name=f"last_hidden_state {lengths}")
+    assert len(graphs) <= 2  # the first batch's static graph, then one dynamic graph
+
+
 def test_model_compiles_with_inductor_on_the_cpu_backend():
     """Inductor proper (C++ code generation) around the opaque cpu ops. Under a tracer a padded
     batch runs the padded computation (packing would size a tensor from the mask's values), so
