@@ -103,11 +103,15 @@ def sequence_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tens
     """(sequence index, position within its sequence) of each of the ``total`` packed tokens,
     both (total,) int64, computed on cu_seqlens' device without a sync. Position ids of packed
     input are the second: 0 .. len - 1 per sequence."""
-    token = torch.arange(total, device=cu_seqlens.device)
-    # searched in all of cu_seqlens, not cu_seqlens[1:]: under torch.export a slice of a dynamic
-    # size makes the tracer guard on its contiguity (batch >= 2), failing a batch Dim from 1.
-    sequence = torch.searchsorted(cu_seqlens, token.to(cu_seqlens.dtype), right=True) - 1
-    return sequence, token - cu_seqlens.long()[sequence]
+    # A token's sequence is the number of sequence starts at or before it, less one: a running
+    # count of marks at every entry of cu_seqlens (not torch.searchsorted, which neither ONNX
+    # exporter has; and all of cu_seqlens, not a slice: under torch.export a slice of a dynamic
+    # size makes the tracer guard batch >= 2, failing a batch Dim from 1).
+    starts = cu_seqlens.long()
+    marks = torch.zeros(total + 1, dtype=torch.long, device=cu_seqlens.device)
+    marks = marks.scatter_add(0, starts, torch.ones_like(starts))  # the last entry, total, lands past the tokens
+    sequence = marks.cumsum(0)[:total] - 1
+    return sequence, torch.arange(total, device=cu_seqlens.device) - starts[sequence]
 
 
 def varlen_to_padded_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:

@@ -371,6 +371,47 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, backend, exporter):
         assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {batch}x{seq}")
 
 
+class _PackedLogits(torch.nn.Module):
+    """The packed entry point with a fixed max_seqlen (a graph input must be a tensor)."""
+
+    def __init__(self, model, max_seqlen):
+        super().__init__()
+        self.model, self.max_seqlen = model, max_seqlen
+
+    def forward(self, input_ids, cu_seqlens):
+        return self.model(input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=self.max_seqlen).logits
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_of_the_packed_entry_runs_in_onnxruntime(tmp_path, exporter):
+    """The packed entry point exported with dynamic tokens and sequences runs other packed
+    batches in onnxruntime, one sequence too, with the eager model's logits. (The sequence index
+    of each token came from torch.searchsorted, which neither exporter has, and the eager varlen
+    key mask from index_fill_(..., True), which TorchScript's alias analysis asserted on.)"""
+    ort = pytest.importorskip("onnxruntime")
+    axes = dict(input_ids={0: "tokens"}, cu_seqlens={0: "sequences"})
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+        dynamic = dict(dynamic_shapes=axes)
+    else:
+        dynamic = dict(dynamic_axes=axes)
+    model = small_model(DistilBertForSequenceClassification, None, n_layers=2)
+
+    def packed(lengths):
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        return torch.randint(0, SMALL_CONFIG["vocab_size"], (int(cu[-1]),)), cu
+
+    path = tmp_path / "packed.onnx"
+    torch.onnx.export(_PackedLogits(model, 8).eval(), packed([4, 7, 2]), str(path), input_names=["input_ids", "cu_seqlens"],
+                      output_names=["logits"], dynamo=exporter == "dynamo", **dynamic)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for lengths in ([5, 3], [8, 1, 1, 6, 2], [3]):
+        ids, cu = packed(lengths)
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "cu_seqlens": cu.numpy()})
+        expected = model(input_ids=ids, cu_seqlens=cu, max_seqlen=8).logits
+        assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {lengths}")
+
+
 def test_onnx_export_of_the_model_itself_with_positional_inputs(tmp_path):
     """torch.onnx.export(model, (input_ids, attention_mask)) as tutorials write it for HF's model:
     the TorchScript-based exporter passes every forward argument by position, adapter_names too."""
