@@ -566,6 +566,26 @@ def test_packed_entry_bad_input(class_name, case):
         ours(**{**_packed_inputs(ours.config), **bad})
 
 
+PACKED_LABELS_BAD = {  # class: (labels of a wrong shape for 2 sequences of 7 tokens, the message)
+    "DistilBertForMaskedLM": (dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels must hold one label per packed token, shape \(7,\)"),
+    "DistilBertForTokenClassification": (dict(labels=torch.zeros(2, dtype=torch.long)), r"labels must hold one label per packed token"),
+    "DistilBertForSequenceClassification": (dict(labels=torch.zeros(7, dtype=torch.long)), r"labels must hold one entry per sequence, shape \(2, ...\)"),
+    "DistilBertForQuestionAnswering": (dict(start_positions=torch.zeros(3, dtype=torch.long), end_positions=torch.zeros(2, dtype=torch.long)),
+                                       r"start_positions must hold one entry per sequence"),
+}
+
+
+@pytest.mark.parametrize("class_name", list(PACKED_LABELS_BAD))
+def test_packed_entry_labels_of_a_wrong_shape(class_name):
+    """Labels of the padded layout (or per sequence for a token head, per token for a sequence
+    head) with packed input: a ValueError naming the argument and the shape wanted, not a loss's
+    shape error or a broadcast one."""
+    bad, message = PACKED_LABELS_BAD[class_name]
+    _, ours = make_pair(class_name)
+    with pytest.raises(ValueError, match=message):
+        ours(**_packed_inputs(ours.config), **bad)
+
+
 def test_multiple_choice_refuses_packed_input():
     _, ours = make_pair("DistilBertForMultipleChoice")
     with pytest.raises(ValueError, match="cu_seqlens"):
