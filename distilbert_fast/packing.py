@@ -136,7 +136,8 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, max_allowed: int | None
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device.type != "cpu" and device is not None and cu_seqlens.device != torch.device(device):
-        raise ValueError(f"cu_seqlens must be on the CPU or on {device}, got {cu_seqlens.device}")
+        raise ValueError(f"cu_seqlens must be on the CPU or on the device of the packed input ({device}), "
+                         f"got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 1 or (max_allowed is not None and max_seqlen > max_allowed):

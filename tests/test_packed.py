@@ -554,6 +554,13 @@ PACKED_BAD = {
     "with_mask": (dict(attention_mask=torch.ones(7, dtype=torch.long)), "attention_mask must be None"),
     "attentions": (dict(output_attentions=True), "output_attentions=True is not supported"),
     "position_shape": (dict(position_ids=torch.zeros(1, 7, dtype=torch.long)), "position_ids must have shape"),
+    "cu_other_device": (dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")),
+                        r"cu_seqlens must be on the CPU or on the device of the packed input \(cpu\)"),
+    "max_tensor": (dict(max_seqlen=torch.tensor(4)), "max_seqlen must be a Python int, got Tensor"),
+    "ids_out_of_range": (dict(input_ids=torch.tensor([1, 2, 3, 99, 4, 5, 6])), r"input_ids must lie in \[0, 99\), found 99"),
+    "ids_float": (dict(input_ids=torch.ones(7)), "input_ids must be an integer tensor"),
+    "no_tokens": (dict(input_ids=torch.ones(0, dtype=torch.long), cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)),
+                  "packed input must hold at least 1 token"),
 }
 
 
