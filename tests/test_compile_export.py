@@ -259,6 +259,33 @@ def test_packed_entry_compiles_once_for_every_max_seqlen(backend):
     assert len(graphs) <= 2  # the first batch's static graph, then one dynamic graph
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_packed_training_step_matches_eager(backend):
+    """fullgraph compile of forward + backward on packed input (dropout off): the varlen op's
+    backward op (max_seqlen a SymInt) gives eager mode's loss and gradients, on a second batch of
+    other sizes too (the dynamic graph)."""
+    model = small_model(DistilBertForSequenceClassification, backend).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for lengths in ([5, 1, 8], [2, 7, 3, 4]):
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        kwargs = dict(input_ids=torch.randint(0, SMALL_CONFIG["vocab_size"], (sum(lengths),)), cu_seqlens=cu,
+                      max_seqlen=max(lengths), labels=torch.randint(0, 2, (len(lengths),)))
+        results = []
+        for fn in (model, compiled):
+            model.zero_grad()
+            loss = fn(**kwargs).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+        assert_close(loss_compiled, loss_eager, atol=1e-6, name=f"loss {lengths}")
+        assert grads_compiled.keys() == grads_eager.keys()
+        for name in grads_eager:
+            assert_close(grads_compiled[name], grads_eager[name], atol=1e-5, name=f"{name} {lengths}")
+
+
 def test_model_compiles_with_inductor_on_the_cpu_backend():
     """Inductor proper (C++ code generation) around the opaque cpu ops. Under a tracer a padded
     batch runs the padded computation (packing would size a tensor from the mask's values), so
