@@ -1060,6 +1060,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
         where the caller needs HF's values: None (real tokens only), "first" (position 0 of
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
+        _check_position_ids_shape(position_ids, batch, seq)
         if tracing():
             # Under a tracer no host sync (no value checks): the padded computation, unless
             # torch.compile allows data-dependent sizes (the number of real tokens a symbol), no
@@ -1157,6 +1158,9 @@ class DistilBertModel(DistilBertPreTrainedModel):
             )
         if seq == 0:
             raise ValueError("input sequence length must be at least 1, got 0")
+        if batch == 0:  # (else an error from deep inside an op, or a reduction over no rows)
+            name, shape = ("input_ids", input_ids.shape) if input_ids is not None else ("inputs_embeds", inputs_embeds.shape)
+            raise ValueError(f"{name} must hold at least one sequence (batch >= 1), got shape {tuple(shape)}")
         return batch, seq
 
     def _layer_head_masks(self, head_mask):
@@ -1187,6 +1191,20 @@ def pad_output(out: BaseModelOutput, packing: Packing) -> BaseModelOutput:
     if hidden_states is not None:
         hidden_states = tuple(packing.pad(h) for h in hidden_states)
     return BaseModelOutput(packing.pad(out.last_hidden_state), hidden_states, out.attentions)
+
+
+def _check_position_ids_shape(position_ids, batch: int, seq: int) -> None:
+    """position_ids of a padded batch: (seq,), (1, seq), (batch, seq) or another shape that
+    broadcasts to (batch, seq), as HF's embeddings take them; a ValueError otherwise."""
+    if not isinstance(position_ids, torch.Tensor):
+        return  # None, or not a tensor: _check_id_dtype names it
+    try:
+        fits = position_ids.dim() <= 2 and torch.broadcast_shapes(position_ids.shape, (batch, seq)) == (batch, seq)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"position_ids must have shape (batch, seq) = {(batch, seq)} or broadcast to it "
+                         f"(e.g. (1, seq)), got {tuple(position_ids.shape)}")
 
 
 def _check_id_dtype(name: str, ids) -> None:
@@ -1326,6 +1344,24 @@ def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_
     return Encoded(out, packing.cu_seqlens, packing)
 
 
+def _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=(), sequences=()) -> None:
+    """Packed input (cu_seqlens given): each (name, labels) of ``tokens`` must hold one label per
+    packed token, each of ``sequences`` one entry per sequence; a ValueError naming it, not a
+    loss's shape error (padded labels passed with packed ids, say)."""
+    if cu_seqlens is None:
+        return
+    total = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    batch = cu_seqlens.shape[0] - 1
+    for name, labels in tokens:
+        if isinstance(labels, torch.Tensor) and labels.numel() != total:
+            raise ValueError(f"{name} must hold one label per packed token, shape ({total},), with "
+                             f"cu_seqlens, got shape {tuple(labels.shape)}")
+    for name, labels in sequences:
+        if isinstance(labels, torch.Tensor) and (labels.dim() == 0 or labels.shape[0] != batch):
+            raise ValueError(f"{name} must hold one entry per sequence, shape ({batch}, ...), with "
+                             f"cu_seqlens of {batch} sequences, got shape {tuple(labels.shape)}")
+
+
 def _counted(labels, ignore_index=-100):
     """Where token labels count in a loss (None without labels): those positions must be HF's."""
     return None if labels is None else labels != ignore_index
@@ -1357,6 +1393,7 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=[("labels", labels)])
         hidden = enc.hidden  # (batch, seq, dim), or packed (total, dim)
         hidden = bias_activation(
             _project_without_bias(self.vocab_transform, hidden, self.config.backend),
@@ -1396,6 +1433,7 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact="first")
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, sequences=[("labels", labels)])
         logits = _pool_and_classify(self, enc.first_tokens())  # (batch, num_labels)
         loss = None if labels is None else self._loss(logits, labels)
         return _finish(SequenceClassifierOutput(loss, logits, enc.hidden_states, enc.attentions), return_dict)
@@ -1482,6 +1520,8 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
         enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen,
                       exact="all" if labelled else None)
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds,
+                             sequences=[("start_positions", start_positions), ("end_positions", end_positions)])
         hidden = self.dropout(enc.hidden)  # (batch, seq, dim), or packed (total, dim)
         logits = self.qa_outputs(hidden)  # (..., 2)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
@@ -1512,6 +1552,7 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=[("labels", labels)])
         logits = self.classifier(self.dropout(enc.hidden))  # (..., num_labels)
         loss = None
         if labels is not None:

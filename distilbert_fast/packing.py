@@ -103,11 +103,15 @@ def sequence_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tens
     """(sequence index, position within its sequence) of each of the ``total`` packed tokens,
     both (total,) int64, computed on cu_seqlens' device without a sync. Position ids of packed
     input are the second: 0 .. len - 1 per sequence."""
-    token = torch.arange(total, device=cu_seqlens.device)
-    # searched in all of cu_seqlens, not cu_seqlens[1:]: under torch.export a slice of a dynamic
-    # size makes the tracer guard on its contiguity (batch >= 2), failing a batch Dim from 1.
-    sequence = torch.searchsorted(cu_seqlens, token.to(cu_seqlens.dtype), right=True) - 1
-    return sequence, token - cu_seqlens.long()[sequence]
+    # A token's sequence is the number of sequence starts at or before it, less one: a running
+    # count of marks at every entry of cu_seqlens (not torch.searchsorted, which neither ONNX
+    # exporter has; and all of cu_seqlens, not a slice: under torch.export a slice of a dynamic
+    # size makes the tracer guard batch >= 2, failing a batch Dim from 1).
+    starts = cu_seqlens.long()
+    marks = torch.zeros(total + 1, dtype=torch.long, device=cu_seqlens.device)
+    marks = marks.scatter_add(0, starts, torch.ones_like(starts))  # the last entry, total, lands past the tokens
+    sequence = marks.cumsum(0)[:total] - 1
+    return sequence, torch.arange(total, device=cu_seqlens.device) - starts[sequence]
 
 
 def varlen_to_padded_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
@@ -132,7 +136,8 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, max_allowed: int | None
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must have shape (batch + 1,) with batch >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device.type != "cpu" and device is not None and cu_seqlens.device != torch.device(device):
-        raise ValueError(f"cu_seqlens must be on the CPU or on {device}, got {cu_seqlens.device}")
+        raise ValueError(f"cu_seqlens must be on the CPU or on the device of the packed input ({device}), "
+                         f"got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 1 or (max_allowed is not None and max_seqlen > max_allowed):

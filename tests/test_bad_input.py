@@ -133,6 +133,29 @@ def test_position_ids_out_of_range_in_a_task_model_with_padding():
         m(ids(), attention_mask=mask, position_ids=torch.full((2, 5), -2))
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("embeds", [False, True], ids=["ids", "embeds"])
+def test_empty_batch(model, with_mask, embeds):
+    """No rows: a ValueError naming the input, not an op's shape error or (with a mask) a
+    reduction over an empty tensor (HF's model fails inside too)."""
+    name, inputs = ("inputs_embeds", dict(inputs_embeds=torch.randn(0, 5, DIM))) if embeds else ("input_ids", dict(input_ids=ids(0)))
+    if with_mask:
+        inputs["attention_mask"] = torch.ones(0, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=re.escape(f"{name} must hold at least one sequence (batch >= 1), got shape (0, 5")):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 5), (5, 2), (1, 1, 5), (4,)])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_position_ids_wrong_shape(model, shape, with_mask):
+    """position_ids that do not broadcast to (batch, seq): a ValueError naming them (the shapes HF
+    takes, (seq,), (1, seq), (batch, seq), still work: test_parity)."""
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    with pytest.raises(ValueError, match=re.escape(f"position_ids must have shape (batch, seq) = (2, 5) or broadcast to it (e.g. (1, seq)), got {shape}")):
+        model(ids(), attention_mask=mask if with_mask else None, position_ids=torch.zeros(shape, dtype=torch.long))
+
+
 # -- checks deferred to the next sync (packed input on a GPU; deferred_checks) -------------------
 # A GPU packed forward computes these flags on the device; here they are computed on CPU tensors,
 # which runs the same code, and the model's reading of them is the same on any device.

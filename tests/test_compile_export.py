@@ -236,6 +236,56 @@ def test_compile_packs_a_ragged_batch_where_dynamic_shapes_are_allowed(backend):
     assert graphs and all("real_token_rows" in str(gm.graph) for gm in graphs)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_packed_entry_compiles_once_for_every_max_seqlen(backend):
+    """A compiled packed entry point serves batches of any max_seqlen with one dynamic graph
+    (the varlen op takes it as a SymInt): an ``int`` in the op's schema made every new
+    max_seqlen a recompile (4 graphs for 4 batches), up to dynamo's recompile limit."""
+    model = small_model(backend=backend)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=count, fullgraph=True)
+    with torch.no_grad():
+        for lengths in ([5, 1, 8], [2, 7, 3, 4], [3, 3, 4, 2, 6], [9, 10, 1]):
+            cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+            ids = torch.randint(0, SMALL_CONFIG["vocab_size"], (sum(lengths),))
+            kwargs = dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max(lengths))
+            assert_close(compiled(**kwargs).last_hidden_state, model(**kwargs).last_hidden_state, atol=1e-5,
+                         name=f"last_hidden_state {lengths}")
+    assert len(graphs) <= 2  # the first batch's static graph, then one dynamic graph
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_packed_training_step_matches_eager(backend):
+    """fullgraph compile of forward + backward on packed input (dropout off): the varlen op's
+    backward op (max_seqlen a SymInt) gives eager mode's loss and gradients, on a second batch of
+    other sizes too (the dynamic graph)."""
+    model = small_model(DistilBertForSequenceClassification, backend).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for lengths in ([5, 1, 8], [2, 7, 3, 4]):
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        kwargs = dict(input_ids=torch.randint(0, SMALL_CONFIG["vocab_size"], (sum(lengths),)), cu_seqlens=cu,
+                      max_seqlen=max(lengths), labels=torch.randint(0, 2, (len(lengths),)))
+        results = []
+        for fn in (model, compiled):
+            model.zero_grad()
+            loss = fn(**kwargs).loss
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (loss_eager, grads_eager), (loss_compiled, grads_compiled) = results
+        assert_close(loss_compiled, loss_eager, atol=1e-6, name=f"loss {lengths}")
+        assert grads_compiled.keys() == grads_eager.keys()
+        for name in grads_eager:
+            assert_close(grads_compiled[name], grads_eager[name], atol=1e-5, name=f"{name} {lengths}")
+
+
 def test_model_compiles_with_inductor_on_the_cpu_backend():
     """Inductor proper (C++ code generation) around the opaque cpu ops. Under a tracer a padded
     batch runs the padded computation (packing would size a tensor from the mask's values), so
@@ -346,6 +396,47 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, backend, exporter):
         (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
         expected = model(input_ids=ids, attention_mask=mask).logits
         assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {batch}x{seq}")
+
+
+class _PackedLogits(torch.nn.Module):
+    """The packed entry point with a fixed max_seqlen (a graph input must be a tensor)."""
+
+    def __init__(self, model, max_seqlen):
+        super().__init__()
+        self.model, self.max_seqlen = model, max_seqlen
+
+    def forward(self, input_ids, cu_seqlens):
+        return self.model(input_ids=input_ids, cu_seqlens=cu_seqlens, max_seqlen=self.max_seqlen).logits
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_of_the_packed_entry_runs_in_onnxruntime(tmp_path, exporter):
+    """The packed entry point exported with dynamic tokens and sequences runs other packed
+    batches in onnxruntime, one sequence too, with the eager model's logits. (The sequence index
+    of each token came from torch.searchsorted, which neither exporter has, and the eager varlen
+    key mask from index_fill_(..., True), which TorchScript's alias analysis asserted on.)"""
+    ort = pytest.importorskip("onnxruntime")
+    axes = dict(input_ids={0: "tokens"}, cu_seqlens={0: "sequences"})
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+        dynamic = dict(dynamic_shapes=axes)
+    else:
+        dynamic = dict(dynamic_axes=axes)
+    model = small_model(DistilBertForSequenceClassification, None, n_layers=2)
+
+    def packed(lengths):
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        return torch.randint(0, SMALL_CONFIG["vocab_size"], (int(cu[-1]),)), cu
+
+    path = tmp_path / "packed.onnx"
+    torch.onnx.export(_PackedLogits(model, 8).eval(), packed([4, 7, 2]), str(path), input_names=["input_ids", "cu_seqlens"],
+                      output_names=["logits"], dynamo=exporter == "dynamo", **dynamic)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for lengths in ([5, 3], [8, 1, 1, 6, 2], [3]):
+        ids, cu = packed(lengths)
+        (got,) = session.run(None, {"input_ids": ids.numpy(), "cu_seqlens": cu.numpy()})
+        expected = model(input_ids=ids, cu_seqlens=cu, max_seqlen=8).logits
+        assert_close(torch.from_numpy(got), expected, atol=1e-5, name=f"logits {lengths}")
 
 
 def test_onnx_export_of_the_model_itself_with_positional_inputs(tmp_path):

@@ -554,6 +554,13 @@ PACKED_BAD = {
     "with_mask": (dict(attention_mask=torch.ones(7, dtype=torch.long)), "attention_mask must be None"),
     "attentions": (dict(output_attentions=True), "output_attentions=True is not supported"),
     "position_shape": (dict(position_ids=torch.zeros(1, 7, dtype=torch.long)), "position_ids must have shape"),
+    "cu_other_device": (dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")),
+                        r"cu_seqlens must be on the CPU or on the device of the packed input \(cpu\)"),
+    "max_tensor": (dict(max_seqlen=torch.tensor(4)), "max_seqlen must be a Python int, got Tensor"),
+    "ids_out_of_range": (dict(input_ids=torch.tensor([1, 2, 3, 99, 4, 5, 6])), r"input_ids must lie in \[0, 99\), found 99"),
+    "ids_float": (dict(input_ids=torch.ones(7)), "input_ids must be an integer tensor"),
+    "no_tokens": (dict(input_ids=torch.ones(0, dtype=torch.long), cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)),
+                  "packed input must hold at least 1 token"),
 }
 
 
@@ -564,6 +571,26 @@ def test_packed_entry_bad_input(class_name, case):
     _, ours = make_pair(class_name)
     with pytest.raises((ValueError, TypeError), match=message):
         ours(**{**_packed_inputs(ours.config), **bad})
+
+
+PACKED_LABELS_BAD = {  # class: (labels of a wrong shape for 2 sequences of 7 tokens, the message)
+    "DistilBertForMaskedLM": (dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels must hold one label per packed token, shape \(7,\)"),
+    "DistilBertForTokenClassification": (dict(labels=torch.zeros(2, dtype=torch.long)), r"labels must hold one label per packed token"),
+    "DistilBertForSequenceClassification": (dict(labels=torch.zeros(7, dtype=torch.long)), r"labels must hold one entry per sequence, shape \(2, ...\)"),
+    "DistilBertForQuestionAnswering": (dict(start_positions=torch.zeros(3, dtype=torch.long), end_positions=torch.zeros(2, dtype=torch.long)),
+                                       r"start_positions must hold one entry per sequence"),
+}
+
+
+@pytest.mark.parametrize("class_name", list(PACKED_LABELS_BAD))
+def test_packed_entry_labels_of_a_wrong_shape(class_name):
+    """Labels of the padded layout (or per sequence for a token head, per token for a sequence
+    head) with packed input: a ValueError naming the argument and the shape wanted, not a loss's
+    shape error or a broadcast one."""
+    bad, message = PACKED_LABELS_BAD[class_name]
+    _, ours = make_pair(class_name)
+    with pytest.raises(ValueError, match=message):
+        ours(**_packed_inputs(ours.config), **bad)
 
 
 def test_multiple_choice_refuses_packed_input():

@@ -265,7 +265,9 @@ _linear_activation = recomputed_op(
 
 _varlen_attention = recomputed_op(
     "varlen_attention",
-    "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, Tensor? head_mask, "
+    # SymInt, not int: an int argument is specialised by torch.compile, so each new max_seqlen
+    # of the packed entry point would compile the model again
+    "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, Tensor? head_mask, "
     "float dropout_p, float scale, str backend",
     "Tensor",
     lambda *a: functional.VarlenAttentionFunction.apply(*a),

@@ -250,7 +250,10 @@ class _VarlenLayout:
 
     def key_mask(self):  # (batch, max_seqlen) bool, True at real tokens
         rows = torch.zeros(self.batch * self.max_seqlen, dtype=torch.bool, device=self.index.device)
-        return rows.index_fill_(0, self.index, True).view(self.batch, self.max_seqlen)
+        # a scatter of ones, not index_fill_(..., True): TorchScript (the TorchScript ONNX exporter)
+        # types a Python bool as no Scalar, and exports index_fill with a wrongly shaped update
+        ones = torch.ones_like(self.index, dtype=torch.bool)
+        return rows.scatter(0, self.index, ones).view(self.batch, self.max_seqlen)
 
     def pad(self, t):  # (total, heads, head_dim) -> (batch, heads, max_seqlen, head_dim), zeros
         rows = t.new_zeros(self.batch * self.max_seqlen, self.heads, self.head_dim)
