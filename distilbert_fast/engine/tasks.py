@@ -311,7 +311,8 @@ class QuestionAnswering(Task):
     end, score}, start and end code point offsets into the context. Contexts longer than
     ``max_length`` are split into windows overlapping by ``stride`` tokens; score = p(start) *
     p(end), each a softmax over the window's context tokens; the best span over all windows wins,
-    at most ``max_answer_len`` tokens long."""
+    at most ``max_answer_len`` tokens long; a span two overlapping windows hold is one answer, at
+    the better window's score."""
 
     name = "qa"
     model_class = modeling.DistilBertForQuestionAnswering
@@ -359,16 +360,20 @@ class QuestionAnswering(Task):
         return list(zip(np.split(host["start"], cuts), np.split(host["end"], cuts)))
 
     def combine(self, item, rows, values, enc, text, pair):
-        candidates = []  # (score, start char, end char)
+        # overlapping windows score a span of their overlap twice: it is one answer, kept at its
+        # best window's score (top_k > 1 listed the same span twice, like HF's pipeline merges it)
+        best = {}  # (start char, end char) -> score
         for row, (start_logits, end_logits) in zip(rows, values):
             lo, hi = enc.cu[row], enc.cu[row + 1]
             context = enc.sequence_ids[lo:hi] == 1
             if not context.any():
                 continue
             for score, s, e in best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k):
-                candidates.append((score, int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1])))
-        candidates.sort(key=lambda c: -c[0])
-        found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for score, s, e in candidates[: self.top_k]]
+                span = (int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1]))
+                if score > best.get(span, -1.0):
+                    best[span] = score
+        candidates = sorted(best.items(), key=lambda c: -c[1])[: self.top_k]
+        found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for (s, e), score in candidates]
         if self.top_k == 1:
             return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
         return found
@@ -376,15 +381,21 @@ class QuestionAnswering(Task):
 
 def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int):
     """The top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
-    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens."""
+    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens. Only the
+    band of spans up to max_answer_len long is scored (a (context, max_answer_len) array): the
+    whole (context, context) product, sorted, took 20 ms a 384-token window on the host."""
     idx = np.nonzero(context)[0]
     p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[idx])
     p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[idx])
-    scores = np.outer(p_start, p_end)  # (context, context): [i, j] = span idx[i]..idx[j]
-    gap = idx[None, :] - idx[:, None]
-    scores[(gap < 0) | (gap >= max_answer_len)] = -1.0
+    n, width = len(idx), min(max_answer_len, len(idx))
+    ends = np.arange(n)[:, None] + np.arange(width)[None, :]  # [a, d]: span idx[a]..idx[a + d]
+    inside = ends < n
+    ends = np.minimum(ends, n - 1)
+    inside &= idx[ends] - idx[:, None] < max_answer_len  # (context tokens need not be contiguous)
+    scores = np.where(inside, p_start[:, None] * p_end[ends], -1.0)
+    # a stable sort of the band in (start, end) order: ties broken as over the whole product
     flat = np.argsort(-scores, axis=None, kind="stable")[:top_k]
-    return [(float(scores.flat[f]), int(idx[f // len(idx)]), int(idx[f % len(idx)]))
+    return [(float(scores.flat[f]), int(idx[f // width]), int(idx[ends.flat[f]]))
             for f in flat if scores.flat[f] >= 0]
 
 
