@@ -4,7 +4,7 @@
     python -m distilbert_fast classify --model ckpt --input reviews.jsonl --text-field body --output labels.jsonl
     python -m distilbert_fast qa --model ckpt --input squad.jsonl --text-field question --pair-field context --output answers.jsonl
     torchrun --nproc_per_node 2 -m distilbert_fast embed ...      # each rank writes its own part
-    python -m distilbert_fast merge --output all.jsonl out.rank*.jsonl
+    python -m distilbert_fast merge --output all.jsonl out.rank*.jsonl      # or all.npy out.rank*.npy
     python -m distilbert_fast bench [engine|model|ops|tokenizer ...] [options of that benchmark]
 
 A rerun with the same output resumes where the last run stopped. Bad input lines (invalid JSON
@@ -77,7 +77,7 @@ def build_parser():
             p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
         if task == "qa":
             p.add_argument("--max-answer-len", type=int, default=15)
-    merge = sub.add_parser("merge", help="merge the .jsonl parts written by torchrun ranks, in input order")
+    merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
     merge.add_argument("--output", required=True)
     merge.add_argument("parts", nargs="+")
     bench = sub.add_parser("bench", help="run a benchmark of bench/ (default: engine)", add_help=False)
@@ -230,9 +230,9 @@ def _stop_signals_as_interrupts() -> dict:
 
 
 def run_merge(args) -> int:
-    from .engine.io import merge_jsonl
+    from .engine.io import merge_parts
 
-    n = merge_jsonl(args.parts, args.output)
+    n = merge_parts(args.parts, args.output)
     print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
     return 0
 

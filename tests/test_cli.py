@@ -504,6 +504,40 @@ def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tm
     assert merged.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
+def test_merge_of_npy_parts_equals_one_process(model_dir, tmp_path, monkeypatch, capsys):
+    """Ranks writing embeddings to .npy could not be merged: merge read each .npy as result lines
+    ('out.rank00000-of-00002.npy:1 is not a result line ... a rank stopped mid-write'), and merging
+    their .lines.jsonl gave line numbers without vectors. .npy parts merge into a .npy and its
+    .lines.jsonl, as one process writes them; a mix of kinds and an unfinished part are refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"line {i} " + "z " * i, "id": f"r{i}"}) + "\n" for i in range(9)),
+                   encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main([*common, "--output", str(tmp_path / "out.npy")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*common, "--output", str(tmp_path / "one.npy")]) == 0
+    parts = [str(tmp_path / f"out.rank0000{r}-of-00002.npy") for r in (0, 1)]
+    merged = tmp_path / "merged.npy"
+    capsys.readouterr()
+    unfinished = tmp_path / "cut.rank00001-of-00002.npy"
+    unfinished.with_suffix(".npy.partial").write_bytes(b"")
+    for bad, reason in (([parts[0]], "each rank's part once: got ranks [0] of [2]"),
+                        ([parts[0], str(unfinished)], "cut.rank00001-of-00002.npy is unfinished"),
+                        ([parts[0], parts[1].replace(".npy", ".lines.jsonl")], "merge writes .jsonl parts into")):
+        assert main(["merge", "--output", str(merged), *bad]) == 2
+        assert reason in capsys.readouterr().err.splitlines()[-1]
+        assert not merged.exists()
+    assert main(["merge", "--output", str(merged), *parts]) == 0
+    np.testing.assert_allclose(np.load(merged), np.load(tmp_path / "one.npy"), atol=1e-6, rtol=0)
+    assert (tmp_path / "merged.lines.jsonl").read_bytes() == (tmp_path / "one.lines.jsonl").read_bytes()
+    assert [json.loads(e)["id"] for e in (tmp_path / "merged.lines.jsonl").read_text().splitlines()] == [
+        f"r{i}" for i in range(9)]
+
+
 def test_ray_data_map_batches_equals_one_process(model_dir):
     ray = pytest.importorskip("ray")
     from distilbert_fast.engine.workers import RayPredictor
