@@ -121,6 +121,11 @@ def run_task(args) -> int:
     needs_pair = TASKS[args.command].needs_pairs
     if needs_pair and args.pair_field is None:
         raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
+    if args.pair_field is not None:  # (found at the first batch before, the output already opened)
+        if not TASKS[args.command].takes_pairs:
+            raise ValueError(f"{args.command} takes one text per line: --pair-field has no use here")
+        if io.input_format(args.input, args.input_format) == "txt":
+            raise ValueError("--pair-field needs a .jsonl, .csv or .tsv input: a .txt line is one text")
     if args.input != "-" and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input!r} is not a file")
     if args.input != "-" and os.path.exists(output) and os.path.samefile(args.input, output):

@@ -196,16 +196,21 @@ def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing input", "output folder missing", "output type", "unknown column",
-                                  "task the model cannot run"])
+                                  "task the model cannot run", "pair field of a txt", "pair field for tag"])
 def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsys, case):
     src = tmp_path / "in.csv"
     src.write_text("id,text\n1,hello\n", encoding="utf-8")
+    txt = tmp_path / "in.txt"
+    txt.write_text("hello\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     args = {"missing input": ["embed", "--input", str(tmp_path / "nope.txt"), "--output", str(out)],
             "output folder missing": ["embed", "--input", str(src), "--output", str(tmp_path / "no" / "out.jsonl")],
             "output type": ["embed", "--input", str(src), "--output", str(tmp_path / "out.csv")],
             "unknown column": ["embed", "--input", str(src), "--output", str(out), "--column", "body"],
             "task the model cannot run": ["qa", "--input", str(src), "--output", str(out), "--pair-field", "text"],
+            # (these two were found at the first batch, the output opened; tag dropped the pairs)
+            "pair field of a txt": ["qa", "--input", str(txt), "--output", str(out), "--pair-field", "text"],
+            "pair field for tag": ["tag", "--input", str(src), "--output", str(out), "--pair-field", "id"],
             }[case]
     model = reference_vocab_dir() if case == "task the model cannot run" else model_dir  # a BERT folder: embed only
     assert main([*args, "--model", model, "--device", "cpu", "--dtype", "float32"]) == 2
@@ -213,12 +218,14 @@ def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsy
     assert err[-1].startswith(f"python -m distilbert_fast {args[0]}: error: "), err
     assert "Traceback" not in "\n".join(err)
     assert {"missing input": "nope.txt", "output folder missing": "No such file", "output type": ".jsonl or .npy",
-            "unknown column": "'body'", "task the model cannot run": "task='embed' only"}[case] in err[-1]
+            "unknown column": "'body'", "task the model cannot run": "task='embed' only",
+            "pair field of a txt": "--pair-field needs a .jsonl, .csv or .tsv input",
+            "pair field for tag": "tag takes one text per line"}[case] in err[-1]
     if case != "unknown column":  # (found once the input is read: the output exists, empty and resumable)
         assert not out.exists()
 
 
-
+def test_sentence_transformers_folder_embeds_as_encode(tmp_path):
     """``--model`` a sentence-transformers folder (the real all-MiniLM-L6-v2): its pooling and
     normalisation by default; --no-normalize turns the latter off."""
     st = pytest.importorskip("sentence_transformers")

@@ -656,6 +656,9 @@ def test_bad_items_are_type_errors(checkpoints):
     qa = InferenceEngine.from_pretrained(checkpoints["qa"], task="qa", device="cpu", dtype="float32")
     with pytest.raises(TypeError, match="pairs"):
         qa(["question without a context"])
+    tag = InferenceEngine.from_pretrained(checkpoints["tag"], task="tag", device="cpu", dtype="float32")
+    with pytest.raises(TypeError, match="tag takes one text per item"):  # the pair was dropped without a word
+        tag([("a text", "and a pair")])
 
 
 # -- streaming ------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ class InferenceEngine:
 
     # -- host side: tokenize and batch (background thread) ------------------------------------------
     def _prepare(self, chunk: list) -> _Window:
-        texts, pairs = _split_items(chunk, self.task.needs_pairs)
+        texts, pairs = _split_items(chunk, self.task)
         enc = self.task.encode(self.tokenizer, texts, pairs)
         # The ids are checked here, where they are made, on the host: the model's packed forward
         # on a GPU only flags bad ids on the device (it must not sync), and the engine's batches
@@ -350,15 +350,17 @@ def _timing_event() -> torch.cuda.Event:
     return event
 
 
-def _split_items(chunk, needs_pairs):
+def _split_items(chunk, task):
     """(texts, pairs or None) of a window's items, checked."""
     first = chunk[0]
     if isinstance(first, tuple):
+        if not task.takes_pairs:
+            raise TypeError(f"{task.name} takes one text per item, got a tuple: {first!r}")
         for i, item in enumerate(chunk):
             if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
                 raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r}")
         return [a for a, _ in chunk], [b for _, b in chunk]
-    if needs_pairs:
+    if task.needs_pairs:
         raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__}")
     for item in chunk:
         if not isinstance(item, str):

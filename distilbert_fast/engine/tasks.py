@@ -36,6 +36,7 @@ class Task:
     name = ""
     model_class = modeling.DistilBertModel
     needs_pairs = False  # qa: (question, context)
+    takes_pairs = True  # (text, pair) items: classify / embed / fill-mask encode both, as HF's tokenizer
     default_max_length = None  # None: the model's max_position_embeddings
     overflow = "truncate"
     stride = 0
@@ -184,6 +185,7 @@ class Tag(Task):
 
     name = "tag"
     model_class = modeling.DistilBertForTokenClassification
+    takes_pairs = False  # the words of one text (a pair was dropped without a word)
     overflow = "split"
     stride = 32
 
