@@ -732,6 +732,32 @@ def test_leaving_a_stream_early_stops_its_thread_quietly(tiny_checkpoint, one_th
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_the_input_is_read_on_the_callers_thread(tiny_checkpoint, one_thread, overlap):
+    """stream() read the caller's iterable on its own background thread, so a sqlite3 cursor (which
+    refuses any thread but its connection's) failed the run with ProgrammingError. Every item is
+    read on the caller's thread now, a window ahead of the model, in both orders."""
+    import sqlite3
+    import threading
+
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=16)
+    engine._overlap = overlap
+    db = sqlite3.connect(":memory:")
+    db.execute("create table texts (body text)")
+    db.executemany("insert into texts values (?)", [(f"row {i} " + "w " * (i % 7),) for i in range(70)])
+    threads = set()
+
+    def rows():
+        for (body,) in db.execute("select body from texts order by rowid"):
+            threads.add(threading.get_ident())
+            yield body
+
+    got = np.stack(list(engine.stream(rows())))
+    assert threads == {threading.get_ident()}
+    expected = np.stack(engine([f"row {i} " + "w " * (i % 7) for i in range(70)]))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_an_input_that_fails_midway_delivers_every_result_before_it(tiny_checkpoint, one_thread, overlap):
     """A generator that raises after 70 texts (windows of 32): the 70 results, in order, then its
     error. overlap=True is the CUDA order (a window's results read after the next is queued),

@@ -5,8 +5,8 @@
     vectors = engine(["first text", "second text"])          # a list, in input order
     for result in engine.stream(texts_of_any_length): ...     # a generator, in input order
 
-The input is read in windows of ``window`` items. A background thread tokenizes a window (the
-tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
+The input is read in windows of ``window`` items, on the caller's thread, one window ahead. A
+background thread tokenizes a window (the tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
 most ``max_batch_tokens`` real tokens. The main thread queues every batch of a window on the
 device; on CUDA it then puts the previous window's results back in input order and yields them,
 so the device computes one window while the host finishes the one before and never waits for the
@@ -197,24 +197,42 @@ class InferenceEngine:
 
     def stream(self, items, total=None):
         """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
-        qa / pairs), in input order, holding at most three windows in memory. If reading or
-        tokenizing ``items`` fails, the results of every item before the failing window come
-        first, then the error."""
-        windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
+        qa / pairs), in input order, holding at most three windows in memory. ``items`` is read
+        on the caller's thread (a sqlite3 cursor, say, refuses any other), a window ahead of the
+        one the model runs. If reading or tokenizing ``items`` fails, the results of every item
+        before the failing window come first, then the error."""
+        chunks = _chunks(items, self.window)
+        preparer = _Preparer(self._prepare)
         bar = progress_bar(self.progress, total, self.task.name)
         self._last_done = None
+        failure = None  # the input's error: raised once the windows before it are yielded
+
+        def read_ahead() -> bool:
+            """Reads the next window of items and hands it to the preparer; False at the end."""
+            nonlocal failure
+            if failure is not None:
+                return False
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return False
+            except Exception as exc:  # (the items read before it came as a window of their own)
+                failure = exc
+                return False
+            preparer.submit(chunk)
+            return True
+
         try:
             queued = None  # (window, its launched batches), results not read yet
-            failure = None
-            pending = iter(windows)
-            while True:
+            in_preparation = int(read_ahead())
+            while in_preparation:
+                in_preparation += read_ahead()  # the next window is tokenized while this one runs
                 try:
-                    window = next(pending)
-                except StopIteration:
-                    break
-                except Exception as exc:  # the input's error: the queued window's results first
+                    window = preparer.take()
+                except Exception as exc:  # the tokenizer refused an item: the queued window's results first
                     failure = exc
                     break
+                in_preparation -= 1
                 start = time.perf_counter()
                 launched = self._launch(window)
                 self.stats["seconds"] += time.perf_counter() - start
@@ -229,11 +247,12 @@ class InferenceEngine:
             if failure is not None:
                 raise failure
         finally:
-            windows.close()
+            preparer.close()
+            chunks.close()
             if bar is not None:
                 bar.close()
 
-    # -- host side: tokenize and batch (background thread) ------------------------------------------
+    # -- host side: tokenize and batch (the preparer's thread) ------------------------------------------
     def _prepare(self, chunk: list) -> _Window:
         texts, pairs = _split_items(chunk, self.task)
         enc = self.task.encode(self.tokenizer, texts, pairs)
@@ -369,7 +388,8 @@ def _split_items(chunk, task):
 
 
 def _chunks(items, size):
-    """Lists of ``size`` items. If reading ``items`` fails, the items read so far come first."""
+    """Lists of ``size`` items. If reading ``items`` fails, the items read so far come first (a
+    KeyboardInterrupt passes at once: the run stops)."""
     chunk = []
     try:
         for item in items:
@@ -377,9 +397,7 @@ def _chunks(items, size):
             if len(chunk) == size:
                 yield chunk
                 chunk = []
-    except GeneratorExit:  # closed by its consumer (a stream left early): nothing more to give
-        raise
-    except BaseException:
+    except Exception:
         if chunk:
             yield chunk
         raise
@@ -387,47 +405,42 @@ def _chunks(items, size):
         yield chunk
 
 
-class _background:
-    """Runs a generator on a daemon thread one item ahead of its consumer (a queue of one);
-    exceptions are re-raised in the consumer; ``close()`` stops the thread."""
+class _Preparer:
+    """Prepares windows (``prepare(chunk)``: tokenize, sort, pack) on a daemon thread, in the order
+    they are submitted; ``take()`` returns the next one or raises its exception; ``close()`` stops
+    the thread. It never reads the caller's iterable: the caller reads it and submits the chunks."""
 
-    _DONE = object()
+    _STOP = object()
 
-    def __init__(self, generator, depth=1):
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(generator,), daemon=True, name="engine-prepare")
+    def __init__(self, prepare):
+        self._prepare = prepare
+        self._inbox, self._outbox = queue.Queue(), queue.Queue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="engine-prepare")
         self._thread.start()
 
-    def _run(self, generator):
-        try:
-            for value in generator:
-                if not self._put((value, None)):
-                    return
-            self._put((self._DONE, None))
-        except BaseException as exc:  # handed to the consumer
-            self._put((None, exc))
-
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
+    def _run(self):
         while True:
-            value, exc = self._queue.get()
-            if exc is not None:
-                raise exc
-            if value is self._DONE:
+            chunk = self._inbox.get()
+            if chunk is self._STOP or self._stopped.is_set():  # (a stream left early: no more work)
                 return
-            yield value
+            try:
+                self._outbox.put((self._prepare(chunk), None))
+            except BaseException as exc:  # handed to the consumer
+                self._outbox.put((None, exc))
+
+    def submit(self, chunk: list):
+        self._inbox.put(chunk)
+
+    def take(self):
+        window, exc = self._outbox.get()
+        if exc is not None:
+            raise exc
+        return window
 
     def close(self):
-        self._stop.set()
+        self._stopped.set()
+        self._inbox.put(self._STOP)
         self._thread.join(timeout=5)
 
 
