@@ -639,12 +639,28 @@ def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
     (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "but torch sees"),
     (dict(backend="warp"), "backend must be one of"),
     (dict(backend="triton", dtype="bfloat16"), "backend='triton' cannot run on cpu in torch.bfloat16"),
+    # these ran: normalize='no' normalised, a threshold of 'x' was float()'s message, 1.5 or a
+    # window of True were taken, a float stride reached the tokenizer
+    (dict(normalize="no"), "normalize must be True, False or None, got 'no'"),
+    (dict(task="classify", threshold=1.5), "threshold must be a number in \\[0, 1\\], got 1.5"),
+    (dict(task="classify", threshold="x"), "threshold must be a number"),
+    (dict(window=True), "window must be a positive int"),
+    (dict(overflow="split", stride=8.5), "stride must be an int, got 8.5"),
 ])
 def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
     kwargs = {"task": "embed", "device": "cpu", "dtype": "float32", **kwargs}
     path = checkpoints["classify" if kwargs["task"] == "classify" else "embed"]
     with pytest.raises(ValueError, match=match):
         InferenceEngine.from_pretrained(path, **kwargs)
+
+
+def test_an_option_the_task_does_not_take_is_named(checkpoints):
+    """top_k for embed was "Task.__init__() got an unexpected keyword argument 'top_k'", after the
+    model had loaded; it names the task and its options now, before loading."""
+    with pytest.raises(TypeError, match="task 'embed' takes no option 'top_k'; its options: pooling, normalize, prompt"):
+        InferenceEngine.from_pretrained(checkpoints["embed"], task="embed", device="cpu", top_k=3)
+    with pytest.raises(TypeError, match="task 'qa' takes no option 'threshold'"):
+        InferenceEngine.from_pretrained(checkpoints["qa"], task="qa", device="cpu", threshold=0.2)
 
 
 def test_bad_items_are_type_errors(checkpoints):

@@ -131,7 +131,7 @@ class InferenceEngine:
             raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
         if max_batch_rows is not None and (not isinstance(max_batch_rows, int) or max_batch_rows < 1):
             raise ValueError(f"max_batch_rows must be a positive int or None, got {max_batch_rows!r}")
-        if not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.max_batch_rows, self.window, self.progress = max_batch_rows, window, progress
         self._pin = self.device.type == "cuda"
@@ -171,6 +171,7 @@ class InferenceEngine:
         torch_dtype = resolve_dtype(dtype, device)
         check_backend(backend, device, torch_dtype)
         task_class = TASKS[task]
+        _check_task_options(task_class, task_options)
         checkpoint = inspect_checkpoint(path)
         model = load_model(checkpoint, task_class.model_class, torch_dtype, backend).to(device).eval()
         tokenizer = DistilBertTokenizerFast.from_pretrained(checkpoint.model_dir, num_threads=tokenizer_threads)
@@ -341,6 +342,19 @@ class InferenceEngine:
         """The fraction of the device's time spent waiting between batches so far (CUDA only)."""
         span = self.stats.get("device_span_s")
         return self.stats["device_idle_s"] / span if span else None
+
+
+def _check_task_options(task_class, options: dict):
+    """An option the task does not take (top_k for embed, say) is named, with the task's options,
+    before the model loads (it was a TypeError from the task's __init__ after it)."""
+    import inspect
+
+    known = [name for name, p in inspect.signature(task_class.__init__).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "config", "tokenizer")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"task {task_class.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(known)}")
 
 
 def progress_bar(progress, total, task_name):

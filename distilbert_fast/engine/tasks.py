@@ -52,6 +52,8 @@ class Task:
             _check_choice("overflow", overflow, OVERFLOW)
             self.overflow = overflow
         if stride is not None:
+            if isinstance(stride, bool) or not isinstance(stride, int):
+                raise ValueError(f"stride must be an int, got {stride!r}")
             self.stride = stride
         else:  # the class default, kept below half a window for short models (as HF's pipeline does)
             self.stride = min(self.stride, (self.max_length - 4) // 2)
@@ -106,6 +108,8 @@ class Embed(Task):
         _check_choice("pooling", pooling, POOLINGS)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        if normalize is not None and not isinstance(normalize, (bool, np.bool_)):  # ('no' was True)
+            raise ValueError(f"normalize must be True, False or None, got {normalize!r}")
         self.pooling, self.normalize, self.prompt = pooling, bool(normalize), prompt or None
 
     def encode(self, tokenizer, texts, pairs):
@@ -145,6 +149,8 @@ class Classify(Task):
     def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, **kw):
         super().__init__(config, tokenizer, **kw)
         _check_positive_int("top_k", top_k, allow_none=True)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         if multi_label is None:
             multi_label = config.problem_type == "multi_label_classification"
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
