@@ -467,6 +467,32 @@ def test_fill_mask_split_reports_each_mask_once(checkpoints):
     assert len(no_overlap([text])[0]) == 8
 
 
+def test_fill_mask_with_a_vocab_padded_beyond_the_tokenizers(tmp_path, one_thread):
+    """A model whose vocab is padded past the tokenizer's (30528 = 30522 rounded up to 8) ended the
+    run with an IndexError once such an id reached a top_k; it answers as HF's pipeline does (the
+    id, token_str '')."""
+    import distilbert_fast
+
+    config = distilbert_fast.DistilBertConfig(vocab_size=30528, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=64)
+    model = distilbert_fast.DistilBertForMaskedLM(config)
+    with torch.no_grad():
+        model.vocab_projector.bias[30522:] = 50.0  # the padding ids win
+    model.save_pretrained(tmp_path)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), tmp_path)
+    texts = ["hello [MASK] world", "[MASK] and [MASK]"]
+    engine = InferenceEngine.from_pretrained(str(tmp_path), task="fill-mask", device="cpu", dtype="float32", top_k=8)
+    pipe = transformers.pipeline("fill-mask", model=str(tmp_path), tokenizer=str(tmp_path), device="cpu", top_k=8)
+    for text, masks in zip(texts, engine(texts)):
+        expected = pipe(text)
+        expected = [expected] if isinstance(expected[0], dict) else expected
+        assert [[(f["token"], f["token_str"]) for f in found] for found in masks] == [
+            [(f["token"], f["token_str"]) for f in found] for found in expected]
+        assert any(f["token"] >= 30522 for found in masks for f in found)
+        np.testing.assert_allclose([f["score"] for found in masks for f in found],
+                                   [f["score"] for found in expected for f in found], atol=1e-6)
+
+
 # -- qa -------------------------------------------------------------------------------------------------
 
 QUESTIONS = ["Where is the Eiffel tower?", "Who wrote the report?", "What is the answer?"]

@@ -262,7 +262,10 @@ class FillMask(Task):
         _check_positive_int("top_k", top_k)
         self.top_k = min(top_k, config.vocab_size)
         self.mask_id = tokenizer.mask_token_id
-        self.tokens = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+        # a model's vocab may be padded beyond the tokenizer's (to a multiple of 8, 64...): those
+        # ids have no token, '' as HF's pipeline decodes them (an IndexError ended the run)
+        known = min(len(tokenizer), config.vocab_size)
+        self.tokens = tokenizer.convert_ids_to_tokens(list(range(known))) + [""] * (config.vocab_size - known)
 
     def forward(self, model, inputs):
         hidden = run_packed(model.distilbert, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
