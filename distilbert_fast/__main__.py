@@ -45,7 +45,8 @@ def build_parser():
         p.add_argument("--text-field", default="text", help="jsonl field (csv/tsv column) of the text")
         p.add_argument("--pair-field", default=None, help="jsonl field of the second text (qa: the context)")
         p.add_argument("--column", default=None, help="csv/tsv column of the text (default --text-field)")
-        p.add_argument("--id-field", default="id", help="field copied to each output line")
+        p.add_argument("--id-field", default=None, help="field copied to each output line (default: 'id', where "
+                                                          "present); once named, every record must have it")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         p.add_argument("--devices", default=None, help="'all' (one worker per GPU, or per CPU core), a count, "
                                                        "or a comma list like cuda:0,cuda:1")
@@ -105,7 +106,7 @@ def run_settings(args) -> dict:
         options.pop(name)
     source = args.input if args.input == "-" else os.path.abspath(args.input)
     return {"model": os.path.abspath(args.model), "input": source, "input_format": args.input_format,
-            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field,
+            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field or "id",
             **options}
 
 
@@ -126,6 +127,8 @@ def run_task(args) -> int:
             raise ValueError(f"{args.command} takes one text per line: --pair-field has no use here")
         if io.input_format(args.input, args.input_format) == "txt":
             raise ValueError("--pair-field needs a .jsonl, .csv or .tsv input: a .txt line is one text")
+    if args.id_field is not None and io.input_format(args.input, args.input_format) == "txt":
+        raise ValueError("--id-field needs a .jsonl, .csv or .tsv input: a .txt line has no fields")
     if args.input != "-" and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input!r} is not a file")
     if args.input != "-" and os.path.exists(output) and os.path.samefile(args.input, output):
@@ -144,7 +147,8 @@ def run_task(args) -> int:
 
     def items():
         records = io.read_records(args.input, args.input_format, text_field=args.column or args.text_field,
-                                  pair_field=args.pair_field, id_field=args.id_field, column=args.column)
+                                  pair_field=args.pair_field, id_field=args.id_field or "id", column=args.column,
+                                  id_required=args.id_field is not None)
         for ordinal, record in enumerate(records):
             if world > 1 and ordinal % world != rank:
                 continue  # another rank's shard

@@ -135,6 +135,35 @@ def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
     assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
 
 
+def test_an_id_field_named_must_be_there(model_dir, tmp_path, capsys):
+    """--id-field doc_id (misspelt, or absent) gave every output line no id, without a word. Named
+    explicitly, it must be in a csv's header (a one-line error) and in each JSON line (a line
+    without it is bad input, reported); not named, 'id' is copied where present, as before. A
+    blank csv line is reported as 'empty line' (was 'expected 2 fields, got 0')."""
+    common = ["embed", "--model", model_dir, "--dtype", "float32", "--device", "cpu", "--no-resume"]
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a", "doc_id": 7}\n{"text": "b", "id": 8}\n{"text": "c", "doc_id": null}\n',
+                   encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main([*common, "--input", str(src), "--output", str(out), "--id-field", "doc_id"]) == 0
+    assert [(r["line"], r.get("id")) for r in read_jsonl(out)] == [(1, 7), (3, None)]
+    assert "in.jsonl:2: missing field 'doc_id' (--id-field)" in capsys.readouterr().err
+    assert main([*common, "--input", str(src), "--output", str(out)]) == 0
+    assert [(r["line"], r.get("id")) for r in read_jsonl(out)] == [(1, None), (2, 8), (3, None)]
+    csv_src = tmp_path / "in.csv"
+    csv_src.write_text("key,text\nk1,hello\n\nk2,world\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main([*common, "--input", str(csv_src), "--output", str(out), "--id-field", "doc_id"]) == 2
+    assert "column 'doc_id' is not in the input's header ['key', 'text']" in capsys.readouterr().err
+    assert main([*common, "--input", str(csv_src), "--output", str(out), "--id-field", "key"]) == 0
+    assert [(r["line"], r["id"]) for r in read_jsonl(out)] == [(2, "k1"), (4, "k2")]
+    assert "in.csv:3: empty line" in capsys.readouterr().err
+    txt = tmp_path / "in.txt"
+    txt.write_text("hello\n", encoding="utf-8")
+    assert main([*common, "--input", str(txt), "--output", str(tmp_path / "txt.jsonl"), "--id-field", "id"]) == 2
+    assert "--id-field needs a .jsonl, .csv or .tsv input" in capsys.readouterr().err
+
+
 def test_csv_invalid_utf8_inside_a_quoted_multiline_field(model_dir, tmp_path, capsys):
     """The record holding the bad bytes is reported once, at its first line, naming the bad line;
     the records after it are read as they are (the bad line was dropped before csv saw it, so the

@@ -72,8 +72,10 @@ def _lines(stream, errors="strict"):
 
 
 def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field="id", column=None,
-                 pair_column=None):
-    """Yields a Record per input record, bad ones with ``error`` set and ``text`` None."""
+                 pair_column=None, id_required=False):
+    """Yields a Record per input record, bad ones with ``error`` set and ``text`` None. With
+    ``id_required`` (an --id-field named by the user) a record without it is bad input, and a
+    csv header without it an error: a misspelt field gave every line no id, without a word."""
     fmt = input_format(path, fmt)
     stream = sys.stdin.buffer if path == "-" else open(path, "rb")
     try:
@@ -82,10 +84,10 @@ def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field
                 yield _checked(Record(number, text, error=error))
         elif fmt == "jsonl":
             for number, text, error in _lines(stream):
-                yield _checked(_json_record(number, text, error, text_field, pair_field, id_field))
+                yield _checked(_json_record(number, text, error, text_field, pair_field, id_field, id_required))
         else:
             yield from _csv_records(stream, "," if fmt == "csv" else "\t", column or text_field, pair_column or pair_field,
-                                    id_field)
+                                    id_field, id_required)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -100,7 +102,7 @@ def _checked(record: Record) -> Record:
     return record
 
 
-def _json_record(number, text, error, text_field, pair_field, id_field) -> Record:
+def _json_record(number, text, error, text_field, pair_field, id_field, id_required=False) -> Record:
     if error is not None:
         return Record(number, None, error=error)
     if not text.strip():
@@ -112,6 +114,9 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
     if not isinstance(obj, dict):
         return Record(number, None, error=f"expected a JSON object, got {type(obj).__name__}")
     record = Record(number, None, id=obj.get(id_field))
+    if id_required and id_field not in obj:
+        record.error = f"missing field {id_field!r} (--id-field)"
+        return record
     for name, attr in ((text_field, "text"), (pair_field, "pair")):
         if name is None:
             continue
@@ -130,7 +135,7 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
     return record
 
 
-def _csv_records(stream, delimiter, column, pair_column, id_field):
+def _csv_records(stream, delimiter, column, pair_column, id_field, id_required=False):
     # csv needs str lines: each physical line is decoded on its own, a bad one with its bad bytes
     # escaped, so that csv still sees it (a quoted field may span lines) and the record holding it
     # is reported at its own first line
@@ -155,14 +160,16 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
             if error is not None:
                 raise ValueError(f"the input's header (line {first}) is not valid: {error}")
             header = row
-            for name in (column, pair_column):
+            for name in (column, pair_column, id_field if id_required else None):
                 if name is not None and name not in header:
                     raise ValueError(f"column {name!r} is not in the input's header {header}")
             continue
         record = Record(first, None, error=error)
         if error is None:
             record.id = _cell(header, row, id_field)
-            if len(row) != len(header):
+            if not row:
+                record.error = "empty line"
+            elif len(row) != len(header):
                 record.error = f"expected {len(header)} fields, got {len(row)}"
             else:
                 record.text = _cell(header, row, column)
