@@ -74,6 +74,8 @@ def build_parser():
         if task == "classify":
             p.add_argument("--multi-label", action="store_true", default=None)
             p.add_argument("--threshold", type=float, default=0.5)
+            p.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), default=None,
+                           help="scores from the logits (default: the model's kind, as HF's pipeline)")
         if task == "tag":
             p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
         if task == "qa":
@@ -87,7 +89,7 @@ def build_parser():
 
 
 def task_options(args) -> dict:
-    names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold"),
+    names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold", "function_to_apply"),
              "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len")}[args.command]
     return {name: getattr(args, name) for name in names}
 

@@ -365,6 +365,22 @@ def test_classify_scores_as_hf_pipeline_for_one_logit_and_regression_models(tmp_
         np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
 
 
+def test_classify_function_to_apply_as_hf_pipeline(checkpoints):
+    """HF's pipeline option function_to_apply ('softmax', 'sigmoid', 'none'), which the engine did
+    not take: every label's score as the pipeline's with top_k=None, in its order."""
+    path = checkpoints["classify"]
+    texts = [t for t in TEXTS if t][:6]
+    pipe = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+    for function in ("softmax", "sigmoid", "none"):
+        engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None,
+                                                 function_to_apply=function)
+        for result, want in zip(engine(texts), pipe(texts, top_k=None, function_to_apply=function)):
+            assert [r["label"] for r in result] == [w["label"] for w in want], function
+            np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
+    with pytest.raises(ValueError, match="function_to_apply must be one of 'softmax', 'sigmoid', 'none'"):
+        InferenceEngine.from_pretrained(path, task="classify", device="cpu", function_to_apply="relu")
+
+
 # -- tag ------------------------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from .batching import Encoded, encode_packed
 POOLINGS = ("cls", "mean", "max")
 OVERFLOW = ("truncate", "split")
 AGGREGATIONS = ("first", "average", "max")
+FUNCTIONS = ("softmax", "sigmoid", "none")  # classify's scores (HF pipeline's function_to_apply)
 
 
 def _check_choice(name, value, choices):
@@ -137,7 +138,8 @@ class Embed(Task):
 class Classify(Task):
     """Labels and scores per text (or pair). The scores are HF's text-classification pipeline's:
     softmax over the labels; sigmoid for multi-label models and for one-logit models (cross-encoder
-    rerankers, binary heads); the raw logits for config.problem_type 'regression'. Single-label
+    rerankers, binary heads); the raw logits for config.problem_type 'regression';
+    ``function_to_apply`` ('softmax', 'sigmoid', 'none') chooses, as in the pipeline. Single-label
     output: the top_k best labels (top_k=1: one {label, score} dict; None: all labels).
     Multi-label (config.problem_type 'multi_label_classification', or multi_label=True): every
     label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty).
@@ -146,7 +148,7 @@ class Classify(Task):
     name = "classify"
     model_class = modeling.DistilBertForSequenceClassification
 
-    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, **kw):
+    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, function_to_apply=None, **kw):
         super().__init__(config, tokenizer, **kw)
         _check_positive_int("top_k", top_k, allow_none=True)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
@@ -154,7 +156,10 @@ class Classify(Task):
         if multi_label is None:
             multi_label = config.problem_type == "multi_label_classification"
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
-        if config.problem_type == "regression" and not self.multi_label:
+        if function_to_apply is not None:  # HF's pipeline option, overriding the model's default
+            _check_choice("function_to_apply", function_to_apply, FUNCTIONS)
+            self.function = function_to_apply
+        elif config.problem_type == "regression" and not self.multi_label:
             self.function = "none"
         else:
             self.function = "sigmoid" if self.multi_label or config.num_labels == 1 else "softmax"
