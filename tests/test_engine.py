@@ -211,6 +211,14 @@ def test_embed_split_overflow_averages_windows(checkpoints):
     mask = enc["attention_mask"].unsqueeze(-1).float()
     expected = ((hidden * mask).sum(1) / mask.sum(1)).mean(0)
     np.testing.assert_allclose(engine([long_text])[0], expected.numpy(), atol=1e-5, rtol=0)
+    # normalize=True: the windows averaged, then normalised (as the docstring said; the code
+    # averaged the normalised windows), a short text as one window normalised
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32",
+                                             max_length=32, overflow="split", stride=8, normalize=True)
+    got = engine([long_text, TEXTS[1]])
+    np.testing.assert_allclose(got[0], torch.nn.functional.normalize(expected, dim=0).numpy(), atol=1e-6, rtol=0)
+    short = hf_pool(hf_hidden(path, [TEXTS[1]]), "mean", normalize=True)[0]
+    np.testing.assert_allclose(got[1], short.numpy(), atol=1e-6, rtol=0)
 
 
 # -- sentence-transformers folders and BERT encoders -------------------------------------------------------

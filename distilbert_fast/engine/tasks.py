@@ -121,17 +121,19 @@ class Embed(Task):
     def forward(self, model, inputs):
         hidden = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
         pooled = pool(hidden.float(), inputs, self.pooling)  # (batch, dim) in float32
-        return {"embedding": F.normalize(pooled, p=2, dim=1) if self.normalize else pooled}
+        if self.normalize and self.overflow != "split":  # (split: a text's windows are averaged first)
+            pooled = F.normalize(pooled, p=2, dim=1)
+        return {"embedding": pooled}
 
     def split(self, host, batch):
         return list(host["embedding"])
 
     def combine(self, item, rows, values, enc, text, pair):
-        if len(values) == 1:
-            return values[0]
-        vector = np.mean(values, axis=0, dtype=np.float32)
-        if self.normalize:
-            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        # split windows: the average of their pooled vectors, then normalised (the average of
+        # normalised windows, normalised again, weighed every window alike whatever its norm)
+        vector = values[0] if len(values) == 1 else np.mean(values, axis=0, dtype=np.float32)
+        if self.normalize and self.overflow == "split":
+            vector = vector / np.float32(max(float(np.linalg.norm(vector)), 1e-12))
         return vector
 
 
