@@ -80,6 +80,8 @@ def build_parser():
             p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
         if task == "qa":
             p.add_argument("--max-answer-len", type=int, default=15)
+            p.add_argument("--handle-impossible-answer", action="store_true", default=None,
+                           help="the empty answer competes with the spans (SQuAD 2 models)")
     merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
     merge.add_argument("--output", required=True)
     merge.add_argument("parts", nargs="+")
@@ -90,7 +92,7 @@ def build_parser():
 
 def task_options(args) -> dict:
     names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold", "function_to_apply"),
-             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len")}[args.command]
+             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer")}[args.command]
     return {name: getattr(args, name) for name in names}
 
 

@@ -623,6 +623,46 @@ def test_qa_top_k_lists_a_span_of_two_windows_once(checkpoints):
     assert all(a["answer"] == context[a["start"]:a["end"]] for a in answers)
 
 
+def test_qa_handle_impossible_answer_as_hf_pipeline(checkpoints):
+    """HF pipeline's handle_impossible_answer, which the engine did not take: each window's
+    softmaxes take in [CLS], the empty answer scores the least p_start([CLS]) * p_end([CLS]) over
+    the windows and competes with the spans (written out here as transformers 4's pipeline
+    decodes; transformers 5 has no question-answering pipeline)."""
+    path = checkpoints["qa"]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64,
+                                             stride=16, top_k=2000, handle_impossible_answer=True)
+    results = engine(QUESTIONS, CONTEXTS)
+    for question, context, answers in zip(QUESTIONS, CONTEXTS, results):
+        enc = tok(question, context, truncation="only_second", max_length=64, stride=16,
+                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        best, null = {}, 1.0
+        for w in range(enc["input_ids"].shape[0]):
+            idx = [0] + [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+            ps = torch.softmax(out.start_logits[w, idx].double(), 0)
+            pe = torch.softmax(out.end_logits[w, idx].double(), 0)
+            null = min(null, float(ps[0] * pe[0]))
+            for a in range(1, len(idx)):
+                for b in range(a, len(idx)):
+                    if idx[b] < idx[a] + 15:
+                        span = (int(enc["offset_mapping"][w, idx[a], 0]), int(enc["offset_mapping"][w, idx[b], 1]))
+                        best[span] = max(best.get(span, -1.0), float(ps[a] * pe[b]))
+        best[(0, 0)] = null
+        expected = sorted(best.values(), reverse=True)[:2000]  # (the long context repeats: equal scores)
+        assert len(answers) == len(expected)
+        np.testing.assert_allclose([a["score"] for a in answers], expected, atol=1e-6)
+        for a in answers:
+            assert abs(a["score"] - best[a["start"], a["end"]]) <= 1e-6 and a["answer"] == context[a["start"]:a["end"]]
+        if len(best) <= 2000:  # every span listed: the empty answer among them
+            assert {"answer": "", "start": 0, "end": 0, "score": pytest.approx(null, abs=1e-6)} in answers
+    one = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64, stride=16,
+                                          handle_impossible_answer=True)
+    assert [(r["start"], r["end"]) for r in one(QUESTIONS, CONTEXTS)] == [(r[0]["start"], r[0]["end"]) for r in results]
+
+
 # -- dtype, options, bad arguments ------------------------------------------------------------------------
 
 

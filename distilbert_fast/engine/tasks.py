@@ -330,7 +330,9 @@ class QuestionAnswering(Task):
     ``max_length`` are split into windows overlapping by ``stride`` tokens; score = p(start) *
     p(end), each a softmax over the window's context tokens; the best span over all windows wins,
     at most ``max_answer_len`` tokens long; a span two overlapping windows hold is one answer, at
-    the better window's score."""
+    the better window's score. ``handle_impossible_answer`` (HF pipeline's): the softmaxes take in
+    [CLS] too, and the empty answer ('', 0, 0), scored p_start([CLS]) * p_end([CLS]) (the least
+    over the windows), is a candidate beside the spans."""
 
     name = "qa"
     model_class = modeling.DistilBertForQuestionAnswering
@@ -339,13 +341,16 @@ class QuestionAnswering(Task):
     overflow = "split"
     stride = 128
 
-    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, **kw):
+    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, handle_impossible_answer=False, **kw):
         super().__init__(config, tokenizer, **kw)
         if self.overflow != "split":
             raise ValueError("qa always splits long contexts into windows: overflow must be 'split'")
         _check_positive_int("top_k", top_k)
         _check_positive_int("max_answer_len", max_answer_len)
         self.top_k, self.max_answer_len = top_k, max_answer_len
+        if handle_impossible_answer is not None and not isinstance(handle_impossible_answer, (bool, np.bool_)):
+            raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
+        self.handle_impossible_answer = bool(handle_impossible_answer)
 
     def encode(self, tokenizer, texts, pairs):
         return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
@@ -381,15 +386,22 @@ class QuestionAnswering(Task):
         # overlapping windows score a span of their overlap twice: it is one answer, kept at its
         # best window's score (top_k > 1 listed the same span twice, like HF's pipeline merges it)
         best = {}  # (start char, end char) -> score
+        null = None  # handle_impossible_answer: the no-answer score, the least over the windows
         for row, (start_logits, end_logits) in zip(rows, values):
             lo, hi = enc.cu[row], enc.cu[row + 1]
             context = enc.sequence_ids[lo:hi] == 1
             if not context.any():
                 continue
-            for score, s, e in best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k):
+            spans, row_null = best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k,
+                                         with_null=self.handle_impossible_answer)
+            for score, s, e in spans:
                 span = (int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1]))
                 if score > best.get(span, -1.0):
                     best[span] = score
+            if row_null is not None:
+                null = row_null if null is None else min(null, row_null)
+        if null is not None:  # the empty answer competes with the spans (HF pipeline's handle_impossible_answer)
+            best[(0, 0)] = max(null, best.get((0, 0), -1.0))
         candidates = sorted(best.items(), key=lambda c: -c[1])[: self.top_k]
         found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for (s, e), score in candidates]
         if self.top_k == 1:
@@ -397,14 +409,20 @@ class QuestionAnswering(Task):
         return found
 
 
-def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int):
-    """The top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
-    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens. Only the
-    band of spans up to max_answer_len long is scored (a (context, max_answer_len) array): the
-    whole (context, context) product, sorted, took 20 ms a 384-token window on the host."""
+def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int, with_null=False):
+    """(the top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
+    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens, and None).
+    ``with_null``: the softmax also takes in [CLS] (position 0), and its p(start) * p(end) is
+    returned as the no-answer score instead of None, as HF's pipeline does. Only the band of
+    spans up to max_answer_len long is scored (a (context, max_answer_len) array): the whole
+    (context, context) product, sorted, took 20 ms a 384-token window on the host."""
     idx = np.nonzero(context)[0]
-    p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[idx])
-    p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[idx])
+    scored = np.concatenate([[0], idx]) if with_null else idx
+    p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[scored])
+    p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[scored])
+    null = None
+    if with_null:
+        null, p_start, p_end = float(p_start[0] * p_end[0]), p_start[1:], p_end[1:]
     n, width = len(idx), min(max_answer_len, len(idx))
     ends = np.arange(n)[:, None] + np.arange(width)[None, :]  # [a, d]: span idx[a]..idx[a + d]
     inside = ends < n
@@ -414,7 +432,7 @@ def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: in
     # a stable sort of the band in (start, end) order: ties broken as over the whole product
     flat = np.argsort(-scores, axis=None, kind="stable")[:top_k]
     return [(float(scores.flat[f]), int(idx[f // width]), int(idx[ends.flat[f]]))
-            for f in flat if scores.flat[f] >= 0]
+            for f in flat if scores.flat[f] >= 0], null
 
 
 def _softmax(x):
