@@ -376,17 +376,19 @@ def test_classify_scores_as_hf_pipeline_for_one_logit_and_regression_models(tmp_
 def test_classify_function_to_apply_as_hf_pipeline(checkpoints):
     """HF's pipeline option function_to_apply ('softmax', 'sigmoid', 'none'), which the engine did
     not take: every label's score as the pipeline's with top_k=None, in its order."""
+    from distilbert_fast.engine.tasks import Classify
+
     path = checkpoints["classify"]
     texts = [t for t in TEXTS if t][:6]
     pipe = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32")
     for function in ("softmax", "sigmoid", "none"):
-        engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None,
-                                                 function_to_apply=function)
+        engine.task = Classify(engine.model.config, engine.tokenizer, top_k=None, function_to_apply=function)
         for result, want in zip(engine(texts), pipe(texts, top_k=None, function_to_apply=function)):
             assert [r["label"] for r in result] == [w["label"] for w in want], function
             np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
     with pytest.raises(ValueError, match="function_to_apply must be one of 'softmax', 'sigmoid', 'none'"):
-        InferenceEngine.from_pretrained(path, task="classify", device="cpu", function_to_apply="relu")
+        Classify(engine.model.config, engine.tokenizer, function_to_apply="relu")
 
 
 # -- tag ------------------------------------------------------------------------------------------------
@@ -765,6 +767,19 @@ def test_bad_items_are_type_errors(checkpoints):
     tag = InferenceEngine.from_pretrained(checkpoints["tag"], task="tag", device="cpu", dtype="float32")
     with pytest.raises(TypeError, match="tag takes one text per item"):  # the pair was dropped without a word
         tag([("a text", "and a pair")])
+
+
+def test_a_bad_item_is_named_by_its_index(tiny_checkpoint, one_thread):
+    """A None among a million texts was 'items must be str ..., got NoneType', and a lone surrogate
+    the tokenizer's 'text is not valid Unicode' for its whole window: neither said which item.
+    Both name the item's index in the input now, across windows."""
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=4)
+    with pytest.raises(TypeError, match=r"got NoneType None \(item 6\)"):
+        engine(["ok"] * 6 + [None])
+    with pytest.raises(ValueError, match="item 9 is not valid Unicode"):
+        engine(["ok"] * 9 + ["x\ud800y", "fine"])
+    with pytest.raises(TypeError, match=r"\(item 5\)"):
+        list(engine.stream(iter([("a", "b")] * 5 + [("a", None)])))
 
 
 # -- streaming ------------------------------------------------------------------------------------------

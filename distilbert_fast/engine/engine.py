@@ -207,10 +207,11 @@ class InferenceEngine:
         bar = progress_bar(self.progress, total, self.task.name)
         self._last_done = None
         failure = None  # the input's error: raised once the windows before it are yielded
+        read = 0  # items read so far (a bad item is named by its index)
 
         def read_ahead() -> bool:
             """Reads the next window of items and hands it to the preparer; False at the end."""
-            nonlocal failure
+            nonlocal failure, read
             if failure is not None:
                 return False
             try:
@@ -220,7 +221,8 @@ class InferenceEngine:
             except Exception as exc:  # (the items read before it came as a window of their own)
                 failure = exc
                 return False
-            preparer.submit(chunk)
+            preparer.submit(chunk, read)
+            read += len(chunk)
             return True
 
         try:
@@ -254,9 +256,16 @@ class InferenceEngine:
                 bar.close()
 
     # -- host side: tokenize and batch (the preparer's thread) ------------------------------------------
-    def _prepare(self, chunk: list) -> _Window:
-        texts, pairs = _split_items(chunk, self.task)
-        enc = self.task.encode(self.tokenizer, texts, pairs)
+    def _prepare(self, chunk: list, start: int = 0) -> _Window:
+        """Tokenizes and packs one window, whose first item is item ``start`` of the input."""
+        texts, pairs = _split_items(chunk, self.task, start)
+        try:
+            enc = self.task.encode(self.tokenizer, texts, pairs)
+        except ValueError as exc:  # the tokenizer refuses the window: name the item
+            bad = _invalid_unicode(chunk)
+            if bad is None:
+                raise
+            raise ValueError(f"item {start + bad} is not valid Unicode: {exc}") from None
         # The ids are checked here, where they are made, on the host: the model's packed forward
         # on a GPU only flags bad ids on the device (it must not sync), and the engine's batches
         # (cu_seqlens from the planner) are valid by construction.
@@ -383,22 +392,36 @@ def _timing_event() -> torch.cuda.Event:
     return event
 
 
-def _split_items(chunk, task):
-    """(texts, pairs or None) of a window's items, checked."""
+def _split_items(chunk, task, start=0):
+    """(texts, pairs or None) of a window's items, checked; a bad one is named by its index in the
+    input (``start``: the window's first), which among a million items is the one thing to know."""
     first = chunk[0]
     if isinstance(first, tuple):
         if not task.takes_pairs:
-            raise TypeError(f"{task.name} takes one text per item, got a tuple: {first!r}")
+            raise TypeError(f"{task.name} takes one text per item, got a tuple: {first!r} (item {start})")
         for i, item in enumerate(chunk):
             if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-                raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r}")
+                raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r} "
+                                f"(item {start + i})")
         return [a for a, _ in chunk], [b for _, b in chunk]
     if task.needs_pairs:
-        raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__}")
-    for item in chunk:
+        raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__} (item {start})")
+    for i, item in enumerate(chunk):
         if not isinstance(item, str):
-            raise TypeError(f"items must be str (or (text, pair) tuples), got {type(item).__name__}")
+            raise TypeError(f"items must be str (or (text, pair) tuples), got {type(item).__name__} {item!r:.60} "
+                            f"(item {start + i})")
     return chunk, None
+
+
+def _invalid_unicode(chunk) -> int | None:
+    """The index of the first item holding a lone surrogate (no UTF-8 form), or None."""
+    for i, item in enumerate(chunk):
+        for text in item if isinstance(item, tuple) else (item,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return i
+    return None
 
 
 def _chunks(items, size):
@@ -435,16 +458,16 @@ class _Preparer:
 
     def _run(self):
         while True:
-            chunk = self._inbox.get()
-            if chunk is self._STOP or self._stopped.is_set():  # (a stream left early: no more work)
+            job = self._inbox.get()
+            if job is self._STOP or self._stopped.is_set():  # (a stream left early: no more work)
                 return
             try:
-                self._outbox.put((self._prepare(chunk), None))
+                self._outbox.put((self._prepare(*job), None))
             except BaseException as exc:  # handed to the consumer
                 self._outbox.put((None, exc))
 
-    def submit(self, chunk: list):
-        self._inbox.put(chunk)
+    def submit(self, chunk: list, start: int):
+        self._inbox.put((chunk, start))
 
     def take(self):
         window, exc = self._outbox.get()
