@@ -4,7 +4,7 @@
     python -m distilbert_fast classify --model ckpt --input reviews.jsonl --text-field body --output labels.jsonl
     python -m distilbert_fast qa --model ckpt --input squad.jsonl --text-field question --pair-field context --output answers.jsonl
     torchrun --nproc_per_node 2 -m distilbert_fast embed ...      # each rank writes its own part
-    python -m distilbert_fast merge --output all.jsonl out.rank*.jsonl
+    python -m distilbert_fast merge --output all.jsonl out.rank*.jsonl      # or all.npy out.rank*.npy
     python -m distilbert_fast bench [engine|model|ops|tokenizer ...] [options of that benchmark]
 
 A rerun with the same output resumes where the last run stopped. Bad input lines (invalid JSON
@@ -45,7 +45,8 @@ def build_parser():
         p.add_argument("--text-field", default="text", help="jsonl field (csv/tsv column) of the text")
         p.add_argument("--pair-field", default=None, help="jsonl field of the second text (qa: the context)")
         p.add_argument("--column", default=None, help="csv/tsv column of the text (default --text-field)")
-        p.add_argument("--id-field", default="id", help="field copied to each output line")
+        p.add_argument("--id-field", default=None, help="field copied to each output line (default: 'id', where "
+                                                          "present); once named, every record must have it")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
         p.add_argument("--devices", default=None, help="'all' (one worker per GPU, or per CPU core), a count, "
                                                        "or a comma list like cuda:0,cuda:1")
@@ -73,11 +74,15 @@ def build_parser():
         if task == "classify":
             p.add_argument("--multi-label", action="store_true", default=None)
             p.add_argument("--threshold", type=float, default=0.5)
+            p.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), default=None,
+                           help="scores from the logits (default: the model's kind, as HF's pipeline)")
         if task == "tag":
             p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
         if task == "qa":
             p.add_argument("--max-answer-len", type=int, default=15)
-    merge = sub.add_parser("merge", help="merge the .jsonl parts written by torchrun ranks, in input order")
+            p.add_argument("--handle-impossible-answer", action="store_true", default=None,
+                           help="the empty answer competes with the spans (SQuAD 2 models)")
+    merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
     merge.add_argument("--output", required=True)
     merge.add_argument("parts", nargs="+")
     bench = sub.add_parser("bench", help="run a benchmark of bench/ (default: engine)", add_help=False)
@@ -86,8 +91,8 @@ def build_parser():
 
 
 def task_options(args) -> dict:
-    names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold"),
-             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len")}[args.command]
+    names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold", "function_to_apply"),
+             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer")}[args.command]
     return {name: getattr(args, name) for name in names}
 
 
@@ -105,7 +110,7 @@ def run_settings(args) -> dict:
         options.pop(name)
     source = args.input if args.input == "-" else os.path.abspath(args.input)
     return {"model": os.path.abspath(args.model), "input": source, "input_format": args.input_format,
-            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field,
+            "text_field": args.column or args.text_field, "pair_field": args.pair_field, "id_field": args.id_field or "id",
             **options}
 
 
@@ -121,6 +126,13 @@ def run_task(args) -> int:
     needs_pair = TASKS[args.command].needs_pairs
     if needs_pair and args.pair_field is None:
         raise SystemExit(f"{args.command} needs --pair-field (the context of each question)")
+    if args.pair_field is not None:  # (found at the first batch before, the output already opened)
+        if not TASKS[args.command].takes_pairs:
+            raise ValueError(f"{args.command} takes one text per line: --pair-field has no use here")
+        if io.input_format(args.input, args.input_format) == "txt":
+            raise ValueError("--pair-field needs a .jsonl, .csv or .tsv input: a .txt line is one text")
+    if args.id_field is not None and io.input_format(args.input, args.input_format) == "txt":
+        raise ValueError("--id-field needs a .jsonl, .csv or .tsv input: a .txt line has no fields")
     if args.input != "-" and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input!r} is not a file")
     if args.input != "-" and os.path.exists(output) and os.path.samefile(args.input, output):
@@ -139,7 +151,8 @@ def run_task(args) -> int:
 
     def items():
         records = io.read_records(args.input, args.input_format, text_field=args.column or args.text_field,
-                                  pair_field=args.pair_field, id_field=args.id_field, column=args.column)
+                                  pair_field=args.pair_field, id_field=args.id_field or "id", column=args.column,
+                                  id_required=args.id_field is not None)
         for ordinal, record in enumerate(records):
             if world > 1 and ordinal % world != rank:
                 continue  # another rank's shard
@@ -230,9 +243,9 @@ def _stop_signals_as_interrupts() -> dict:
 
 
 def run_merge(args) -> int:
-    from .engine.io import merge_jsonl
+    from .engine.io import merge_parts
 
-    n = merge_jsonl(args.parts, args.output)
+    n = merge_parts(args.parts, args.output)
     print(json.dumps({"merged": n, "output": args.output}), file=sys.stderr)
     return 0
 

@@ -135,6 +135,35 @@ def test_csv_and_tsv_columns(model_dir, tmp_path, capsys):
     assert [r["id"] for r in read_jsonl(out)] == ["A", "B"]
 
 
+def test_an_id_field_named_must_be_there(model_dir, tmp_path, capsys):
+    """--id-field doc_id (misspelt, or absent) gave every output line no id, without a word. Named
+    explicitly, it must be in a csv's header (a one-line error) and in each JSON line (a line
+    without it is bad input, reported); not named, 'id' is copied where present, as before. A
+    blank csv line is reported as 'empty line' (was 'expected 2 fields, got 0')."""
+    common = ["embed", "--model", model_dir, "--dtype", "float32", "--device", "cpu", "--no-resume"]
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a", "doc_id": 7}\n{"text": "b", "id": 8}\n{"text": "c", "doc_id": null}\n',
+                   encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main([*common, "--input", str(src), "--output", str(out), "--id-field", "doc_id"]) == 0
+    assert [(r["line"], r.get("id")) for r in read_jsonl(out)] == [(1, 7), (3, None)]
+    assert "in.jsonl:2: missing field 'doc_id' (--id-field)" in capsys.readouterr().err
+    assert main([*common, "--input", str(src), "--output", str(out)]) == 0
+    assert [(r["line"], r.get("id")) for r in read_jsonl(out)] == [(1, None), (2, 8), (3, None)]
+    csv_src = tmp_path / "in.csv"
+    csv_src.write_text("key,text\nk1,hello\n\nk2,world\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main([*common, "--input", str(csv_src), "--output", str(out), "--id-field", "doc_id"]) == 2
+    assert "column 'doc_id' is not in the input's header ['key', 'text']" in capsys.readouterr().err
+    assert main([*common, "--input", str(csv_src), "--output", str(out), "--id-field", "key"]) == 0
+    assert [(r["line"], r["id"]) for r in read_jsonl(out)] == [(2, "k1"), (4, "k2")]
+    assert "in.csv:3: empty line" in capsys.readouterr().err
+    txt = tmp_path / "in.txt"
+    txt.write_text("hello\n", encoding="utf-8")
+    assert main([*common, "--input", str(txt), "--output", str(tmp_path / "txt.jsonl"), "--id-field", "id"]) == 2
+    assert "--id-field needs a .jsonl, .csv or .tsv input" in capsys.readouterr().err
+
+
 def test_csv_invalid_utf8_inside_a_quoted_multiline_field(model_dir, tmp_path, capsys):
     """The record holding the bad bytes is reported once, at its first line, naming the bad line;
     the records after it are read as they are (the bad line was dropped before csv saw it, so the
@@ -196,16 +225,21 @@ def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing input", "output folder missing", "output type", "unknown column",
-                                  "task the model cannot run"])
+                                  "task the model cannot run", "pair field of a txt", "pair field for tag"])
 def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsys, case):
     src = tmp_path / "in.csv"
     src.write_text("id,text\n1,hello\n", encoding="utf-8")
+    txt = tmp_path / "in.txt"
+    txt.write_text("hello\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     args = {"missing input": ["embed", "--input", str(tmp_path / "nope.txt"), "--output", str(out)],
             "output folder missing": ["embed", "--input", str(src), "--output", str(tmp_path / "no" / "out.jsonl")],
             "output type": ["embed", "--input", str(src), "--output", str(tmp_path / "out.csv")],
             "unknown column": ["embed", "--input", str(src), "--output", str(out), "--column", "body"],
             "task the model cannot run": ["qa", "--input", str(src), "--output", str(out), "--pair-field", "text"],
+            # (these two were found at the first batch, the output opened; tag dropped the pairs)
+            "pair field of a txt": ["qa", "--input", str(txt), "--output", str(out), "--pair-field", "text"],
+            "pair field for tag": ["tag", "--input", str(src), "--output", str(out), "--pair-field", "id"],
             }[case]
     model = reference_vocab_dir() if case == "task the model cannot run" else model_dir  # a BERT folder: embed only
     assert main([*args, "--model", model, "--device", "cpu", "--dtype", "float32"]) == 2
@@ -213,12 +247,14 @@ def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsy
     assert err[-1].startswith(f"python -m distilbert_fast {args[0]}: error: "), err
     assert "Traceback" not in "\n".join(err)
     assert {"missing input": "nope.txt", "output folder missing": "No such file", "output type": ".jsonl or .npy",
-            "unknown column": "'body'", "task the model cannot run": "task='embed' only"}[case] in err[-1]
+            "unknown column": "'body'", "task the model cannot run": "task='embed' only",
+            "pair field of a txt": "--pair-field needs a .jsonl, .csv or .tsv input",
+            "pair field for tag": "tag takes one text per line"}[case] in err[-1]
     if case != "unknown column":  # (found once the input is read: the output exists, empty and resumable)
         assert not out.exists()
 
 
-
+def test_sentence_transformers_folder_embeds_as_encode(tmp_path):
     """``--model`` a sentence-transformers folder (the real all-MiniLM-L6-v2): its pooling and
     normalisation by default; --no-normalize turns the latter off."""
     st = pytest.importorskip("sentence_transformers")
@@ -502,6 +538,40 @@ def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tm
         assert not merged.exists()
     assert main(["merge", "--output", str(merged), *parts]) == 0
     assert merged.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+def test_merge_of_npy_parts_equals_one_process(model_dir, tmp_path, monkeypatch, capsys):
+    """Ranks writing embeddings to .npy could not be merged: merge read each .npy as result lines
+    ('out.rank00000-of-00002.npy:1 is not a result line ... a rank stopped mid-write'), and merging
+    their .lines.jsonl gave line numbers without vectors. .npy parts merge into a .npy and its
+    .lines.jsonl, as one process writes them; a mix of kinds and an unfinished part are refused."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"line {i} " + "z " * i, "id": f"r{i}"}) + "\n" for i in range(9)),
+                   encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main([*common, "--output", str(tmp_path / "out.npy")]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main([*common, "--output", str(tmp_path / "one.npy")]) == 0
+    parts = [str(tmp_path / f"out.rank0000{r}-of-00002.npy") for r in (0, 1)]
+    merged = tmp_path / "merged.npy"
+    capsys.readouterr()
+    unfinished = tmp_path / "cut.rank00001-of-00002.npy"
+    unfinished.with_suffix(".npy.partial").write_bytes(b"")
+    for bad, reason in (([parts[0]], "each rank's part once: got ranks [0] of [2]"),
+                        ([parts[0], str(unfinished)], "cut.rank00001-of-00002.npy is unfinished"),
+                        ([parts[0], parts[1].replace(".npy", ".lines.jsonl")], "merge writes .jsonl parts into")):
+        assert main(["merge", "--output", str(merged), *bad]) == 2
+        assert reason in capsys.readouterr().err.splitlines()[-1]
+        assert not merged.exists()
+    assert main(["merge", "--output", str(merged), *parts]) == 0
+    np.testing.assert_allclose(np.load(merged), np.load(tmp_path / "one.npy"), atol=1e-6, rtol=0)
+    assert (tmp_path / "merged.lines.jsonl").read_bytes() == (tmp_path / "one.lines.jsonl").read_bytes()
+    assert [json.loads(e)["id"] for e in (tmp_path / "merged.lines.jsonl").read_text().splitlines()] == [
+        f"r{i}" for i in range(9)]
 
 
 def test_ray_data_map_batches_equals_one_process(model_dir):

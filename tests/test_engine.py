@@ -211,6 +211,14 @@ def test_embed_split_overflow_averages_windows(checkpoints):
     mask = enc["attention_mask"].unsqueeze(-1).float()
     expected = ((hidden * mask).sum(1) / mask.sum(1)).mean(0)
     np.testing.assert_allclose(engine([long_text])[0], expected.numpy(), atol=1e-5, rtol=0)
+    # normalize=True: the windows averaged, then normalised (as the docstring said; the code
+    # averaged the normalised windows), a short text as one window normalised
+    engine = InferenceEngine.from_pretrained(path, task="embed", device="cpu", dtype="float32",
+                                             max_length=32, overflow="split", stride=8, normalize=True)
+    got = engine([long_text, TEXTS[1]])
+    np.testing.assert_allclose(got[0], torch.nn.functional.normalize(expected, dim=0).numpy(), atol=1e-6, rtol=0)
+    short = hf_pool(hf_hidden(path, [TEXTS[1]]), "mean", normalize=True)[0]
+    np.testing.assert_allclose(got[1], short.numpy(), atol=1e-6, rtol=0)
 
 
 # -- sentence-transformers folders and BERT encoders -------------------------------------------------------
@@ -365,6 +373,24 @@ def test_classify_scores_as_hf_pipeline_for_one_logit_and_regression_models(tmp_
         np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
 
 
+def test_classify_function_to_apply_as_hf_pipeline(checkpoints):
+    """HF's pipeline option function_to_apply ('softmax', 'sigmoid', 'none'), which the engine did
+    not take: every label's score as the pipeline's with top_k=None, in its order."""
+    from distilbert_fast.engine.tasks import Classify
+
+    path = checkpoints["classify"]
+    texts = [t for t in TEXTS if t][:6]
+    pipe = transformers.pipeline("text-classification", model=path, tokenizer=path, device="cpu")
+    engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32")
+    for function in ("softmax", "sigmoid", "none"):
+        engine.task = Classify(engine.model.config, engine.tokenizer, top_k=None, function_to_apply=function)
+        for result, want in zip(engine(texts), pipe(texts, top_k=None, function_to_apply=function)):
+            assert [r["label"] for r in result] == [w["label"] for w in want], function
+            np.testing.assert_allclose([r["score"] for r in result], [w["score"] for w in want], atol=1e-5)
+    with pytest.raises(ValueError, match="function_to_apply must be one of 'softmax', 'sigmoid', 'none'"):
+        Classify(engine.model.config, engine.tokenizer, function_to_apply="relu")
+
+
 # -- tag ------------------------------------------------------------------------------------------------
 
 
@@ -467,6 +493,32 @@ def test_fill_mask_split_reports_each_mask_once(checkpoints):
     assert len(no_overlap([text])[0]) == 8
 
 
+def test_fill_mask_with_a_vocab_padded_beyond_the_tokenizers(tmp_path, one_thread):
+    """A model whose vocab is padded past the tokenizer's (30528 = 30522 rounded up to 8) ended the
+    run with an IndexError once such an id reached a top_k; it answers as HF's pipeline does (the
+    id, token_str '')."""
+    import distilbert_fast
+
+    config = distilbert_fast.DistilBertConfig(vocab_size=30528, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=64)
+    model = distilbert_fast.DistilBertForMaskedLM(config)
+    with torch.no_grad():
+        model.vocab_projector.bias[30522:] = 50.0  # the padding ids win
+    model.save_pretrained(tmp_path)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), tmp_path)
+    texts = ["hello [MASK] world", "[MASK] and [MASK]"]
+    engine = InferenceEngine.from_pretrained(str(tmp_path), task="fill-mask", device="cpu", dtype="float32", top_k=8)
+    pipe = transformers.pipeline("fill-mask", model=str(tmp_path), tokenizer=str(tmp_path), device="cpu", top_k=8)
+    for text, masks in zip(texts, engine(texts)):
+        expected = pipe(text)
+        expected = [expected] if isinstance(expected[0], dict) else expected
+        assert [[(f["token"], f["token_str"]) for f in found] for found in masks] == [
+            [(f["token"], f["token_str"]) for f in found] for found in expected]
+        assert any(f["token"] >= 30522 for found in masks for f in found)
+        np.testing.assert_allclose([f["score"] for found in masks for f in found],
+                                   [f["score"] for found in expected for f in found], atol=1e-6)
+
+
 # -- qa -------------------------------------------------------------------------------------------------
 
 QUESTIONS = ["Where is the Eiffel tower?", "Who wrote the report?", "What is the answer?"]
@@ -538,6 +590,81 @@ def test_qa_question_longer_than_a_window_is_cut_not_an_error(checkpoints):
     assert CONTEXTS[0][results[1]["start"]:results[1]["end"]] == results[1]["answer"] != ""
 
 
+def test_qa_top_k_lists_a_span_of_two_windows_once(checkpoints):
+    """A span in the overlap of two windows is scored by both: top_k > 1 listed it twice (510 of
+    1305 answers here). It is one answer now, at its better window's score, and the list is the
+    plain decoding's spans of every window, merged by span, best first."""
+    path = checkpoints["qa"]
+    question, context = QUESTIONS[1], "The report, written by Ada Lovelace in 1843, describes an engine. " * 4
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=48,
+                                             stride=24, top_k=2000)
+    answers = engine([question], [context])[0]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
+    enc = tok(question, context, truncation="only_second", max_length=48, stride=24, return_overflowing_tokens=True,
+              return_offsets_mapping=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    assert enc["input_ids"].shape[0] >= 3
+    best = {}
+    for w in range(enc["input_ids"].shape[0]):
+        idx = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+        ps, pe = torch.softmax(out.start_logits[w, idx].double(), 0), torch.softmax(out.end_logits[w, idx].double(), 0)
+        offsets = enc["offset_mapping"][w]
+        for a, i in enumerate(idx):
+            for b, j in enumerate(idx):
+                if i <= j < i + 15:
+                    span = (int(offsets[i, 0]), int(offsets[j, 1]))
+                    best[span] = max(best.get(span, -1.0), float(ps[a] * pe[b]))
+    assert len(best) < sum(len([s for s in enc.sequence_ids(w) if s == 1]) for w in range(enc["input_ids"].shape[0])) * 15
+    spans = [(a["start"], a["end"]) for a in answers]
+    assert len(spans) == len(set(spans)) == len(best)
+    expected = sorted(best.items(), key=lambda x: -x[1])
+    assert spans[:40] == [span for span, _ in expected[:40]]
+    np.testing.assert_allclose([a["score"] for a in answers], [score for _, score in expected], atol=1e-6)
+    assert all(a["answer"] == context[a["start"]:a["end"]] for a in answers)
+
+
+def test_qa_handle_impossible_answer_as_hf_pipeline(checkpoints):
+    """HF pipeline's handle_impossible_answer, which the engine did not take: each window's
+    softmaxes take in [CLS], the empty answer scores the least p_start([CLS]) * p_end([CLS]) over
+    the windows and competes with the spans (written out here as transformers 4's pipeline
+    decodes; transformers 5 has no question-answering pipeline)."""
+    path = checkpoints["qa"]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64,
+                                             stride=16, top_k=2000, handle_impossible_answer=True)
+    results = engine(QUESTIONS, CONTEXTS)
+    for question, context, answers in zip(QUESTIONS, CONTEXTS, results):
+        enc = tok(question, context, truncation="only_second", max_length=64, stride=16,
+                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        best, null = {}, 1.0
+        for w in range(enc["input_ids"].shape[0]):
+            idx = [0] + [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+            ps = torch.softmax(out.start_logits[w, idx].double(), 0)
+            pe = torch.softmax(out.end_logits[w, idx].double(), 0)
+            null = min(null, float(ps[0] * pe[0]))
+            for a in range(1, len(idx)):
+                for b in range(a, len(idx)):
+                    if idx[b] < idx[a] + 15:
+                        span = (int(enc["offset_mapping"][w, idx[a], 0]), int(enc["offset_mapping"][w, idx[b], 1]))
+                        best[span] = max(best.get(span, -1.0), float(ps[a] * pe[b]))
+        best[(0, 0)] = null
+        expected = sorted(best.values(), reverse=True)[:2000]  # (the long context repeats: equal scores)
+        assert len(answers) == len(expected)
+        np.testing.assert_allclose([a["score"] for a in answers], expected, atol=1e-6)
+        for a in answers:
+            assert abs(a["score"] - best[a["start"], a["end"]]) <= 1e-6 and a["answer"] == context[a["start"]:a["end"]]
+        if len(best) <= 2000:  # every span listed: the empty answer among them
+            assert {"answer": "", "start": 0, "end": 0, "score": pytest.approx(null, abs=1e-6)} in answers
+    one = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64, stride=16,
+                                          handle_impossible_answer=True)
+    assert [(r["start"], r["end"]) for r in one(QUESTIONS, CONTEXTS)] == [(r[0]["start"], r[0]["end"]) for r in results]
+
+
 # -- dtype, options, bad arguments ------------------------------------------------------------------------
 
 
@@ -604,12 +731,28 @@ def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
     (dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "but torch sees"),
     (dict(backend="warp"), "backend must be one of"),
     (dict(backend="triton", dtype="bfloat16"), "backend='triton' cannot run on cpu in torch.bfloat16"),
+    # these ran: normalize='no' normalised, a threshold of 'x' was float()'s message, 1.5 or a
+    # window of True were taken, a float stride reached the tokenizer
+    (dict(normalize="no"), "normalize must be True, False or None, got 'no'"),
+    (dict(task="classify", threshold=1.5), "threshold must be a number in \\[0, 1\\], got 1.5"),
+    (dict(task="classify", threshold="x"), "threshold must be a number"),
+    (dict(window=True), "window must be a positive int"),
+    (dict(overflow="split", stride=8.5), "stride must be an int, got 8.5"),
 ])
 def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
     kwargs = {"task": "embed", "device": "cpu", "dtype": "float32", **kwargs}
     path = checkpoints["classify" if kwargs["task"] == "classify" else "embed"]
     with pytest.raises(ValueError, match=match):
         InferenceEngine.from_pretrained(path, **kwargs)
+
+
+def test_an_option_the_task_does_not_take_is_named(checkpoints):
+    """top_k for embed was "Task.__init__() got an unexpected keyword argument 'top_k'", after the
+    model had loaded; it names the task and its options now, before loading."""
+    with pytest.raises(TypeError, match="task 'embed' takes no option 'top_k'; its options: pooling, normalize, prompt"):
+        InferenceEngine.from_pretrained(checkpoints["embed"], task="embed", device="cpu", top_k=3)
+    with pytest.raises(TypeError, match="task 'qa' takes no option 'threshold'"):
+        InferenceEngine.from_pretrained(checkpoints["qa"], task="qa", device="cpu", threshold=0.2)
 
 
 def test_bad_items_are_type_errors(checkpoints):
@@ -621,6 +764,22 @@ def test_bad_items_are_type_errors(checkpoints):
     qa = InferenceEngine.from_pretrained(checkpoints["qa"], task="qa", device="cpu", dtype="float32")
     with pytest.raises(TypeError, match="pairs"):
         qa(["question without a context"])
+    tag = InferenceEngine.from_pretrained(checkpoints["tag"], task="tag", device="cpu", dtype="float32")
+    with pytest.raises(TypeError, match="tag takes one text per item"):  # the pair was dropped without a word
+        tag([("a text", "and a pair")])
+
+
+def test_a_bad_item_is_named_by_its_index(tiny_checkpoint, one_thread):
+    """A None among a million texts was 'items must be str ..., got NoneType', and a lone surrogate
+    the tokenizer's 'text is not valid Unicode' for its whole window: neither said which item.
+    Both name the item's index in the input now, across windows."""
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=4)
+    with pytest.raises(TypeError, match=r"got NoneType None \(item 6\)"):
+        engine(["ok"] * 6 + [None])
+    with pytest.raises(ValueError, match="item 9 is not valid Unicode"):
+        engine(["ok"] * 9 + ["x\ud800y", "fine"])
+    with pytest.raises(TypeError, match=r"\(item 5\)"):
+        list(engine.stream(iter([("a", "b")] * 5 + [("a", None)])))
 
 
 # -- streaming ------------------------------------------------------------------------------------------
@@ -691,6 +850,32 @@ def test_leaving_a_stream_early_stops_its_thread_quietly(tiny_checkpoint, one_th
         time.sleep(0.05)
     assert not any(t.name == "engine-prepare" for t in threading.enumerate())
     assert not ignored, [str(u.exc_value) for u in ignored]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_input_is_read_on_the_callers_thread(tiny_checkpoint, one_thread, overlap):
+    """stream() read the caller's iterable on its own background thread, so a sqlite3 cursor (which
+    refuses any thread but its connection's) failed the run with ProgrammingError. Every item is
+    read on the caller's thread now, a window ahead of the model, in both orders."""
+    import sqlite3
+    import threading
+
+    engine = InferenceEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32", window=16)
+    engine._overlap = overlap
+    db = sqlite3.connect(":memory:")
+    db.execute("create table texts (body text)")
+    db.executemany("insert into texts values (?)", [(f"row {i} " + "w " * (i % 7),) for i in range(70)])
+    threads = set()
+
+    def rows():
+        for (body,) in db.execute("select body from texts order by rowid"):
+            threads.add(threading.get_ident())
+            yield body
+
+    got = np.stack(list(engine.stream(rows())))
+    assert threads == {threading.get_ident()}
+    expected = np.stack(engine([f"row {i} " + "w " * (i % 7) for i in range(70)]))
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("overlap", [False, True])

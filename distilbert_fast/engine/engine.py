@@ -5,8 +5,8 @@
     vectors = engine(["first text", "second text"])          # a list, in input order
     for result in engine.stream(texts_of_any_length): ...     # a generator, in input order
 
-The input is read in windows of ``window`` items. A background thread tokenizes a window (the
-tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
+The input is read in windows of ``window`` items, on the caller's thread, one window ahead. A
+background thread tokenizes a window (the tokenizer's C++ threads, GIL released), sorts its rows by length and packs them into batches of at
 most ``max_batch_tokens`` real tokens. The main thread queues every batch of a window on the
 device; on CUDA it then puts the previous window's results back in input order and yields them,
 so the device computes one window while the host finishes the one before and never waits for the
@@ -131,7 +131,7 @@ class InferenceEngine:
             raise ValueError(f"max_batch_tokens must be a positive int, got {max_batch_tokens!r}")
         if max_batch_rows is not None and (not isinstance(max_batch_rows, int) or max_batch_rows < 1):
             raise ValueError(f"max_batch_rows must be a positive int or None, got {max_batch_rows!r}")
-        if not isinstance(window, int) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.max_batch_rows, self.window, self.progress = max_batch_rows, window, progress
         self._pin = self.device.type == "cuda"
@@ -171,6 +171,7 @@ class InferenceEngine:
         torch_dtype = resolve_dtype(dtype, device)
         check_backend(backend, device, torch_dtype)
         task_class = TASKS[task]
+        _check_task_options(task_class, task_options)
         checkpoint = inspect_checkpoint(path)
         model = load_model(checkpoint, task_class.model_class, torch_dtype, backend).to(device).eval()
         tokenizer = DistilBertTokenizerFast.from_pretrained(checkpoint.model_dir, num_threads=tokenizer_threads)
@@ -197,24 +198,44 @@ class InferenceEngine:
 
     def stream(self, items, total=None):
         """Yields one result per item of ``items`` (any iterable: str, or (text, pair) tuples for
-        qa / pairs), in input order, holding at most three windows in memory. If reading or
-        tokenizing ``items`` fails, the results of every item before the failing window come
-        first, then the error."""
-        windows = _background(self._prepare(chunk) for chunk in _chunks(items, self.window))
+        qa / pairs), in input order, holding at most three windows in memory. ``items`` is read
+        on the caller's thread (a sqlite3 cursor, say, refuses any other), a window ahead of the
+        one the model runs. If reading or tokenizing ``items`` fails, the results of every item
+        before the failing window come first, then the error."""
+        chunks = _chunks(items, self.window)
+        preparer = _Preparer(self._prepare)
         bar = progress_bar(self.progress, total, self.task.name)
         self._last_done = None
+        failure = None  # the input's error: raised once the windows before it are yielded
+        read = 0  # items read so far (a bad item is named by its index)
+
+        def read_ahead() -> bool:
+            """Reads the next window of items and hands it to the preparer; False at the end."""
+            nonlocal failure, read
+            if failure is not None:
+                return False
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return False
+            except Exception as exc:  # (the items read before it came as a window of their own)
+                failure = exc
+                return False
+            preparer.submit(chunk, read)
+            read += len(chunk)
+            return True
+
         try:
             queued = None  # (window, its launched batches), results not read yet
-            failure = None
-            pending = iter(windows)
-            while True:
+            in_preparation = int(read_ahead())
+            while in_preparation:
+                in_preparation += read_ahead()  # the next window is tokenized while this one runs
                 try:
-                    window = next(pending)
-                except StopIteration:
-                    break
-                except Exception as exc:  # the input's error: the queued window's results first
+                    window = preparer.take()
+                except Exception as exc:  # the tokenizer refused an item: the queued window's results first
                     failure = exc
                     break
+                in_preparation -= 1
                 start = time.perf_counter()
                 launched = self._launch(window)
                 self.stats["seconds"] += time.perf_counter() - start
@@ -229,14 +250,22 @@ class InferenceEngine:
             if failure is not None:
                 raise failure
         finally:
-            windows.close()
+            preparer.close()
+            chunks.close()
             if bar is not None:
                 bar.close()
 
-    # -- host side: tokenize and batch (background thread) ------------------------------------------
-    def _prepare(self, chunk: list) -> _Window:
-        texts, pairs = _split_items(chunk, self.task.needs_pairs)
-        enc = self.task.encode(self.tokenizer, texts, pairs)
+    # -- host side: tokenize and batch (the preparer's thread) ------------------------------------------
+    def _prepare(self, chunk: list, start: int = 0) -> _Window:
+        """Tokenizes and packs one window, whose first item is item ``start`` of the input."""
+        texts, pairs = _split_items(chunk, self.task, start)
+        try:
+            enc = self.task.encode(self.tokenizer, texts, pairs)
+        except ValueError as exc:  # the tokenizer refuses the window: name the item
+            bad = _invalid_unicode(chunk)
+            if bad is None:
+                raise
+            raise ValueError(f"item {start + bad} is not valid Unicode: {exc}") from None
         # The ids are checked here, where they are made, on the host: the model's packed forward
         # on a GPU only flags bad ids on the device (it must not sync), and the engine's batches
         # (cu_seqlens from the planner) are valid by construction.
@@ -324,6 +353,19 @@ class InferenceEngine:
         return self.stats["device_idle_s"] / span if span else None
 
 
+def _check_task_options(task_class, options: dict):
+    """An option the task does not take (top_k for embed, say) is named, with the task's options,
+    before the model loads (it was a TypeError from the task's __init__ after it)."""
+    import inspect
+
+    known = [name for name, p in inspect.signature(task_class.__init__).parameters.items()
+             if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "config", "tokenizer")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"task {task_class.name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(known)}")
+
+
 def progress_bar(progress, total, task_name):
     """A tqdm bar counting texts, or None: ``progress`` True / False, or None for 'when stderr is a
     terminal' (off for non-interactive use)."""
@@ -350,24 +392,41 @@ def _timing_event() -> torch.cuda.Event:
     return event
 
 
-def _split_items(chunk, needs_pairs):
-    """(texts, pairs or None) of a window's items, checked."""
+def _split_items(chunk, task, start=0):
+    """(texts, pairs or None) of a window's items, checked; a bad one is named by its index in the
+    input (``start``: the window's first), which among a million items is the one thing to know."""
     first = chunk[0]
     if isinstance(first, tuple):
+        if not task.takes_pairs:
+            raise TypeError(f"{task.name} takes one text per item, got a tuple: {first!r} (item {start})")
         for i, item in enumerate(chunk):
             if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
-                raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r}")
+                raise TypeError(f"items must all be (text, pair) tuples of str like the first; got {item!r} "
+                                f"(item {start + i})")
         return [a for a, _ in chunk], [b for _, b in chunk]
-    if needs_pairs:
-        raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__}")
-    for item in chunk:
+    if task.needs_pairs:
+        raise TypeError(f"this task takes (question, context) pairs, got {type(first).__name__} (item {start})")
+    for i, item in enumerate(chunk):
         if not isinstance(item, str):
-            raise TypeError(f"items must be str (or (text, pair) tuples), got {type(item).__name__}")
+            raise TypeError(f"items must be str (or (text, pair) tuples), got {type(item).__name__} {item!r:.60} "
+                            f"(item {start + i})")
     return chunk, None
 
 
+def _invalid_unicode(chunk) -> int | None:
+    """The index of the first item holding a lone surrogate (no UTF-8 form), or None."""
+    for i, item in enumerate(chunk):
+        for text in item if isinstance(item, tuple) else (item,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return i
+    return None
+
+
 def _chunks(items, size):
-    """Lists of ``size`` items. If reading ``items`` fails, the items read so far come first."""
+    """Lists of ``size`` items. If reading ``items`` fails, the items read so far come first (a
+    KeyboardInterrupt passes at once: the run stops)."""
     chunk = []
     try:
         for item in items:
@@ -375,9 +434,7 @@ def _chunks(items, size):
             if len(chunk) == size:
                 yield chunk
                 chunk = []
-    except GeneratorExit:  # closed by its consumer (a stream left early): nothing more to give
-        raise
-    except BaseException:
+    except Exception:
         if chunk:
             yield chunk
         raise
@@ -385,47 +442,42 @@ def _chunks(items, size):
         yield chunk
 
 
-class _background:
-    """Runs a generator on a daemon thread one item ahead of its consumer (a queue of one);
-    exceptions are re-raised in the consumer; ``close()`` stops the thread."""
+class _Preparer:
+    """Prepares windows (``prepare(chunk)``: tokenize, sort, pack) on a daemon thread, in the order
+    they are submitted; ``take()`` returns the next one or raises its exception; ``close()`` stops
+    the thread. It never reads the caller's iterable: the caller reads it and submits the chunks."""
 
-    _DONE = object()
+    _STOP = object()
 
-    def __init__(self, generator, depth=1):
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(generator,), daemon=True, name="engine-prepare")
+    def __init__(self, prepare):
+        self._prepare = prepare
+        self._inbox, self._outbox = queue.Queue(), queue.Queue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="engine-prepare")
         self._thread.start()
 
-    def _run(self, generator):
-        try:
-            for value in generator:
-                if not self._put((value, None)):
-                    return
-            self._put((self._DONE, None))
-        except BaseException as exc:  # handed to the consumer
-            self._put((None, exc))
-
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
+    def _run(self):
         while True:
-            value, exc = self._queue.get()
-            if exc is not None:
-                raise exc
-            if value is self._DONE:
+            job = self._inbox.get()
+            if job is self._STOP or self._stopped.is_set():  # (a stream left early: no more work)
                 return
-            yield value
+            try:
+                self._outbox.put((self._prepare(*job), None))
+            except BaseException as exc:  # handed to the consumer
+                self._outbox.put((None, exc))
+
+    def submit(self, chunk: list, start: int):
+        self._inbox.put((chunk, start))
+
+    def take(self):
+        window, exc = self._outbox.get()
+        if exc is not None:
+            raise exc
+        return window
 
     def close(self):
-        self._stop.set()
+        self._stopped.set()
+        self._inbox.put(self._STOP)
         self._thread.join(timeout=5)
 
 

@@ -72,8 +72,10 @@ def _lines(stream, errors="strict"):
 
 
 def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field="id", column=None,
-                 pair_column=None):
-    """Yields a Record per input record, bad ones with ``error`` set and ``text`` None."""
+                 pair_column=None, id_required=False):
+    """Yields a Record per input record, bad ones with ``error`` set and ``text`` None. With
+    ``id_required`` (an --id-field named by the user) a record without it is bad input, and a
+    csv header without it an error: a misspelt field gave every line no id, without a word."""
     fmt = input_format(path, fmt)
     stream = sys.stdin.buffer if path == "-" else open(path, "rb")
     try:
@@ -82,10 +84,10 @@ def read_records(path, fmt=None, *, text_field="text", pair_field=None, id_field
                 yield _checked(Record(number, text, error=error))
         elif fmt == "jsonl":
             for number, text, error in _lines(stream):
-                yield _checked(_json_record(number, text, error, text_field, pair_field, id_field))
+                yield _checked(_json_record(number, text, error, text_field, pair_field, id_field, id_required))
         else:
             yield from _csv_records(stream, "," if fmt == "csv" else "\t", column or text_field, pair_column or pair_field,
-                                    id_field)
+                                    id_field, id_required)
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -100,7 +102,7 @@ def _checked(record: Record) -> Record:
     return record
 
 
-def _json_record(number, text, error, text_field, pair_field, id_field) -> Record:
+def _json_record(number, text, error, text_field, pair_field, id_field, id_required=False) -> Record:
     if error is not None:
         return Record(number, None, error=error)
     if not text.strip():
@@ -112,6 +114,9 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
     if not isinstance(obj, dict):
         return Record(number, None, error=f"expected a JSON object, got {type(obj).__name__}")
     record = Record(number, None, id=obj.get(id_field))
+    if id_required and id_field not in obj:
+        record.error = f"missing field {id_field!r} (--id-field)"
+        return record
     for name, attr in ((text_field, "text"), (pair_field, "pair")):
         if name is None:
             continue
@@ -130,7 +135,7 @@ def _json_record(number, text, error, text_field, pair_field, id_field) -> Recor
     return record
 
 
-def _csv_records(stream, delimiter, column, pair_column, id_field):
+def _csv_records(stream, delimiter, column, pair_column, id_field, id_required=False):
     # csv needs str lines: each physical line is decoded on its own, a bad one with its bad bytes
     # escaped, so that csv still sees it (a quoted field may span lines) and the record holding it
     # is reported at its own first line
@@ -155,14 +160,16 @@ def _csv_records(stream, delimiter, column, pair_column, id_field):
             if error is not None:
                 raise ValueError(f"the input's header (line {first}) is not valid: {error}")
             header = row
-            for name in (column, pair_column):
+            for name in (column, pair_column, id_field if id_required else None):
                 if name is not None and name not in header:
                     raise ValueError(f"column {name!r} is not in the input's header {header}")
             continue
         record = Record(first, None, error=error)
         if error is None:
             record.id = _cell(header, row, id_field)
-            if len(row) != len(header):
+            if not row:
+                record.error = "empty line"
+            elif len(row) != len(header):
                 record.error = f"expected {len(header)} fields, got {len(row)}"
             else:
                 record.text = _cell(header, row, column)
@@ -414,19 +421,40 @@ def rank_path(path: str, rank: int, world: int) -> str:
     return f"{stem}.rank{rank:05d}-of-{world:05d}{ext}"
 
 
-_RANK_PART = re.compile(r"\.rank(\d{5})-of-(\d{5})\.jsonl$")
+_RANK_PART = re.compile(r"\.rank(\d{5})-of-(\d{5})\.(jsonl|npy)$")
 
 
-def merge_jsonl(parts, output):
-    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename).
-    Refused: a line that is not a result (a rank killed mid-write: rerun it to resume), an input
-    line in two parts (a part given twice), a rank's part missing (names rankR-of-W)."""
+def _check_rank_parts(parts):
+    """Parts named rankR-of-W (as the ranks write them) must be each rank of one world once."""
     ranks = [_RANK_PART.search(part) for part in parts]
     if all(ranks):
         worlds, found = {int(m.group(2)) for m in ranks}, sorted(int(m.group(1)) for m in ranks)
         if len(worlds) != 1 or found != list(range(worlds.pop())):
             raise ValueError(f"merge needs each rank's part once: got ranks {found} of "
                              f"{sorted({int(m.group(2)) for m in ranks})} ranks")
+
+
+def _add_line(source: dict, line: int, part: str):
+    if line in source:
+        raise ValueError(f"input line {line} is in both {source[line]} and {part}")
+    source[line] = part
+
+
+def merge_parts(parts, output):
+    """Merges torchrun ranks' parts into ``output`` in input-line order: .jsonl parts into a
+    .jsonl, .npy parts (each with its .lines.jsonl) into a .npy and its .lines.jsonl."""
+    npy = [part.endswith(".npy") for part in parts]
+    if output.endswith(".npy") != all(npy) or any(npy) != all(npy):
+        raise ValueError(f"merge writes .jsonl parts into a .jsonl and .npy parts into a .npy: got --output {output!r} "
+                         f"and parts {parts}")
+    return merge_npy(parts, output) if all(npy) else merge_jsonl(parts, output)
+
+
+def merge_jsonl(parts, output):
+    """Merges the ranks' .jsonl parts into one file in input-line order (write, then rename).
+    Refused: a line that is not a result (a rank killed mid-write: rerun it to resume), an input
+    line in two parts (a part given twice), a rank's part missing (names rankR-of-W)."""
+    _check_rank_parts(parts)
     lines, source = [], {}
     for part in parts:
         with open(part, "rb") as f:
@@ -436,14 +464,39 @@ def merge_jsonl(parts, output):
                 except (ValueError, KeyError, TypeError, IndexError):
                     raise ValueError(f"{part}:{number} is not a result line of this command (no \"line\" number); "
                                      "a rank stopped mid-write resumes when rerun") from None
-                if line in source:
-                    raise ValueError(f"input line {line} is in both {source[line]} and {part}")
-                source[line] = part
+                _add_line(source, line, part)
                 lines.append((line, raw))
     lines.sort(key=lambda x: x[0])
     _write_atomic(output, lambda f: f.write(b"".join(raw + b"\n" for _, raw in lines)))
     return len(lines)
 
 
-__all__ = ["FORMATS", "JsonlWriter", "NpyWriter", "Record", "merge_jsonl", "open_writer", "rank_path",
-           "read_records"]
+def merge_npy(parts, output):
+    """Merges the ranks' finished .npy parts (rows and their PART.lines.jsonl) into ``output`` and
+    its .lines.jsonl, rows in input-line order (each written, then renamed). Refused as
+    merge_jsonl refuses, and a part still unfinished (only its .partial files: rerun that rank)."""
+    _check_rank_parts(parts)
+    arrays, entries, source = [], [], {}
+    for part in parts:
+        index = os.path.splitext(part)[0] + ".lines.jsonl"
+        if not os.path.exists(part) and os.path.exists(part + ".partial"):
+            raise ValueError(f"{part} is unfinished (only {part}.partial is there): rerun that rank to finish it")
+        array = np.load(part)
+        with open(index, "rb") as f:
+            lines = [json.loads(raw) for raw in f.read().splitlines()]
+        if array.ndim != 2 or len(lines) != len(array) or (arrays and array.shape[1] != arrays[0].shape[1]):
+            raise ValueError(f"{part} ({array.shape}) and {index} ({len(lines)} lines) do not fit the other parts")
+        for entry in lines:
+            _add_line(source, int(entry["line"]), part)
+        arrays.append(array)
+        entries.extend(lines)
+    order = np.argsort([int(e["line"]) for e in entries], kind="stable")
+    rows = np.concatenate(arrays)[order] if arrays else np.zeros((0, 0), np.float32)
+    _write_atomic(output, lambda f: np.save(f, rows))
+    index = b"".join((json.dumps(entries[i], ensure_ascii=False) + "\n").encode("utf-8") for i in order)
+    _write_atomic(os.path.splitext(output)[0] + ".lines.jsonl", lambda f: f.write(index))
+    return len(entries)
+
+
+__all__ = ["FORMATS", "JsonlWriter", "NpyWriter", "Record", "merge_jsonl", "merge_npy", "merge_parts", "open_writer",
+           "rank_path", "read_records"]

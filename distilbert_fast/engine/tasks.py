@@ -18,6 +18,7 @@ from .batching import Encoded, encode_packed
 POOLINGS = ("cls", "mean", "max")
 OVERFLOW = ("truncate", "split")
 AGGREGATIONS = ("first", "average", "max")
+FUNCTIONS = ("softmax", "sigmoid", "none")  # classify's scores (HF pipeline's function_to_apply)
 
 
 def _check_choice(name, value, choices):
@@ -36,6 +37,7 @@ class Task:
     name = ""
     model_class = modeling.DistilBertModel
     needs_pairs = False  # qa: (question, context)
+    takes_pairs = True  # (text, pair) items: classify / embed / fill-mask encode both, as HF's tokenizer
     default_max_length = None  # None: the model's max_position_embeddings
     overflow = "truncate"
     stride = 0
@@ -51,6 +53,8 @@ class Task:
             _check_choice("overflow", overflow, OVERFLOW)
             self.overflow = overflow
         if stride is not None:
+            if isinstance(stride, bool) or not isinstance(stride, int):
+                raise ValueError(f"stride must be an int, got {stride!r}")
             self.stride = stride
         else:  # the class default, kept below half a window for short models (as HF's pipeline does)
             self.stride = min(self.stride, (self.max_length - 4) // 2)
@@ -105,6 +109,8 @@ class Embed(Task):
         _check_choice("pooling", pooling, POOLINGS)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        if normalize is not None and not isinstance(normalize, (bool, np.bool_)):  # ('no' was True)
+            raise ValueError(f"normalize must be True, False or None, got {normalize!r}")
         self.pooling, self.normalize, self.prompt = pooling, bool(normalize), prompt or None
 
     def encode(self, tokenizer, texts, pairs):
@@ -115,24 +121,27 @@ class Embed(Task):
     def forward(self, model, inputs):
         hidden = run_packed(model, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
         pooled = pool(hidden.float(), inputs, self.pooling)  # (batch, dim) in float32
-        return {"embedding": F.normalize(pooled, p=2, dim=1) if self.normalize else pooled}
+        if self.normalize and self.overflow != "split":  # (split: a text's windows are averaged first)
+            pooled = F.normalize(pooled, p=2, dim=1)
+        return {"embedding": pooled}
 
     def split(self, host, batch):
         return list(host["embedding"])
 
     def combine(self, item, rows, values, enc, text, pair):
-        if len(values) == 1:
-            return values[0]
-        vector = np.mean(values, axis=0, dtype=np.float32)
-        if self.normalize:
-            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        # split windows: the average of their pooled vectors, then normalised (the average of
+        # normalised windows, normalised again, weighed every window alike whatever its norm)
+        vector = values[0] if len(values) == 1 else np.mean(values, axis=0, dtype=np.float32)
+        if self.normalize and self.overflow == "split":
+            vector = vector / np.float32(max(float(np.linalg.norm(vector)), 1e-12))
         return vector
 
 
 class Classify(Task):
     """Labels and scores per text (or pair). The scores are HF's text-classification pipeline's:
     softmax over the labels; sigmoid for multi-label models and for one-logit models (cross-encoder
-    rerankers, binary heads); the raw logits for config.problem_type 'regression'. Single-label
+    rerankers, binary heads); the raw logits for config.problem_type 'regression';
+    ``function_to_apply`` ('softmax', 'sigmoid', 'none') chooses, as in the pipeline. Single-label
     output: the top_k best labels (top_k=1: one {label, score} dict; None: all labels).
     Multi-label (config.problem_type 'multi_label_classification', or multi_label=True): every
     label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty).
@@ -141,13 +150,18 @@ class Classify(Task):
     name = "classify"
     model_class = modeling.DistilBertForSequenceClassification
 
-    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, **kw):
+    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, function_to_apply=None, **kw):
         super().__init__(config, tokenizer, **kw)
         _check_positive_int("top_k", top_k, allow_none=True)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         if multi_label is None:
             multi_label = config.problem_type == "multi_label_classification"
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
-        if config.problem_type == "regression" and not self.multi_label:
+        if function_to_apply is not None:  # HF's pipeline option, overriding the model's default
+            _check_choice("function_to_apply", function_to_apply, FUNCTIONS)
+            self.function = function_to_apply
+        elif config.problem_type == "regression" and not self.multi_label:
             self.function = "none"
         else:
             self.function = "sigmoid" if self.multi_label or config.num_labels == 1 else "softmax"
@@ -184,6 +198,7 @@ class Tag(Task):
 
     name = "tag"
     model_class = modeling.DistilBertForTokenClassification
+    takes_pairs = False  # the words of one text (a pair was dropped without a word)
     overflow = "split"
     stride = 32
 
@@ -254,7 +269,10 @@ class FillMask(Task):
         _check_positive_int("top_k", top_k)
         self.top_k = min(top_k, config.vocab_size)
         self.mask_id = tokenizer.mask_token_id
-        self.tokens = tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
+        # a model's vocab may be padded beyond the tokenizer's (to a multiple of 8, 64...): those
+        # ids have no token, '' as HF's pipeline decodes them (an IndexError ended the run)
+        known = min(len(tokenizer), config.vocab_size)
+        self.tokens = tokenizer.convert_ids_to_tokens(list(range(known))) + [""] * (config.vocab_size - known)
 
     def forward(self, model, inputs):
         hidden = run_packed(model.distilbert, inputs.ids, inputs.cu_seqlens, inputs.max_seqlen).last_hidden_state
@@ -311,7 +329,10 @@ class QuestionAnswering(Task):
     end, score}, start and end code point offsets into the context. Contexts longer than
     ``max_length`` are split into windows overlapping by ``stride`` tokens; score = p(start) *
     p(end), each a softmax over the window's context tokens; the best span over all windows wins,
-    at most ``max_answer_len`` tokens long."""
+    at most ``max_answer_len`` tokens long; a span two overlapping windows hold is one answer, at
+    the better window's score. ``handle_impossible_answer`` (HF pipeline's): the softmaxes take in
+    [CLS] too, and the empty answer ('', 0, 0), scored p_start([CLS]) * p_end([CLS]) (the least
+    over the windows), is a candidate beside the spans."""
 
     name = "qa"
     model_class = modeling.DistilBertForQuestionAnswering
@@ -320,13 +341,16 @@ class QuestionAnswering(Task):
     overflow = "split"
     stride = 128
 
-    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, **kw):
+    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, handle_impossible_answer=False, **kw):
         super().__init__(config, tokenizer, **kw)
         if self.overflow != "split":
             raise ValueError("qa always splits long contexts into windows: overflow must be 'split'")
         _check_positive_int("top_k", top_k)
         _check_positive_int("max_answer_len", max_answer_len)
         self.top_k, self.max_answer_len = top_k, max_answer_len
+        if handle_impossible_answer is not None and not isinstance(handle_impossible_answer, (bool, np.bool_)):
+            raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
+        self.handle_impossible_answer = bool(handle_impossible_answer)
 
     def encode(self, tokenizer, texts, pairs):
         return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
@@ -359,33 +383,56 @@ class QuestionAnswering(Task):
         return list(zip(np.split(host["start"], cuts), np.split(host["end"], cuts)))
 
     def combine(self, item, rows, values, enc, text, pair):
-        candidates = []  # (score, start char, end char)
+        # overlapping windows score a span of their overlap twice: it is one answer, kept at its
+        # best window's score (top_k > 1 listed the same span twice, like HF's pipeline merges it)
+        best = {}  # (start char, end char) -> score
+        null = None  # handle_impossible_answer: the no-answer score, the least over the windows
         for row, (start_logits, end_logits) in zip(rows, values):
             lo, hi = enc.cu[row], enc.cu[row + 1]
             context = enc.sequence_ids[lo:hi] == 1
             if not context.any():
                 continue
-            for score, s, e in best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k):
-                candidates.append((score, int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1])))
-        candidates.sort(key=lambda c: -c[0])
-        found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for score, s, e in candidates[: self.top_k]]
+            spans, row_null = best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k,
+                                         with_null=self.handle_impossible_answer)
+            for score, s, e in spans:
+                span = (int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1]))
+                if score > best.get(span, -1.0):
+                    best[span] = score
+            if row_null is not None:
+                null = row_null if null is None else min(null, row_null)
+        if null is not None:  # the empty answer competes with the spans (HF pipeline's handle_impossible_answer)
+            best[(0, 0)] = max(null, best.get((0, 0), -1.0))
+        candidates = sorted(best.items(), key=lambda c: -c[1])[: self.top_k]
+        found = [{"answer": pair[s:e], "start": s, "end": e, "score": score} for (s, e), score in candidates]
         if self.top_k == 1:
             return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
         return found
 
 
-def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int):
-    """The top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
-    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens."""
+def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int, with_null=False):
+    """(the top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
+    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens, and None).
+    ``with_null``: the softmax also takes in [CLS] (position 0), and its p(start) * p(end) is
+    returned as the no-answer score instead of None, as HF's pipeline does. Only the band of
+    spans up to max_answer_len long is scored (a (context, max_answer_len) array): the whole
+    (context, context) product, sorted, took 20 ms a 384-token window on the host."""
     idx = np.nonzero(context)[0]
-    p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[idx])
-    p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[idx])
-    scores = np.outer(p_start, p_end)  # (context, context): [i, j] = span idx[i]..idx[j]
-    gap = idx[None, :] - idx[:, None]
-    scores[(gap < 0) | (gap >= max_answer_len)] = -1.0
+    scored = np.concatenate([[0], idx]) if with_null else idx
+    p_start = _softmax(np.asarray(start_logits, dtype=np.float64)[scored])
+    p_end = _softmax(np.asarray(end_logits, dtype=np.float64)[scored])
+    null = None
+    if with_null:
+        null, p_start, p_end = float(p_start[0] * p_end[0]), p_start[1:], p_end[1:]
+    n, width = len(idx), min(max_answer_len, len(idx))
+    ends = np.arange(n)[:, None] + np.arange(width)[None, :]  # [a, d]: span idx[a]..idx[a + d]
+    inside = ends < n
+    ends = np.minimum(ends, n - 1)
+    inside &= idx[ends] - idx[:, None] < max_answer_len  # (context tokens need not be contiguous)
+    scores = np.where(inside, p_start[:, None] * p_end[ends], -1.0)
+    # a stable sort of the band in (start, end) order: ties broken as over the whole product
     flat = np.argsort(-scores, axis=None, kind="stable")[:top_k]
-    return [(float(scores.flat[f]), int(idx[f // len(idx)]), int(idx[f % len(idx)]))
-            for f in flat if scores.flat[f] >= 0]
+    return [(float(scores.flat[f]), int(idx[f // width]), int(idx[ends.flat[f]]))
+            for f in flat if scores.flat[f] >= 0], null
 
 
 def _softmax(x):
