@@ -746,6 +746,22 @@ def test_bad_arguments_name_themselves(checkpoints, kwargs, match):
         InferenceEngine.from_pretrained(path, **kwargs)
 
 
+@pytest.mark.parametrize("task", ["embed", "classify"])
+def test_pairs_split_with_a_stride_no_window_can_hold_are_refused_at_the_first_window(checkpoints, task):
+    """(text, pair) items split into windows keep (max_length - 3) // 2 tokens of each of two long
+    texts; a stride not below that failed the window holding the first two long texts, which can
+    be deep into a run (a short pair ran). Now the first window holding pairs is refused, naming
+    stride; the largest stride allowed runs long pairs."""
+    common = dict(task=task, device="cpu", dtype="float32", max_length=16, overflow="split", progress=False)
+    long = "word " * 40
+    engine = InferenceEngine.from_pretrained(checkpoints[task], stride=6, **common)
+    with pytest.raises(ValueError, match=r"stride=6 is too large for \(text, pair\) items .* stride must be at most 5"):
+        engine(["short"], ["also short"])
+    assert len(engine(["short", long])) == 2  # single texts take that stride
+    engine = InferenceEngine.from_pretrained(checkpoints[task], stride=5, **common)
+    assert len(engine([long, "short"], [long, "also short"])) == 2
+
+
 def test_an_option_the_task_does_not_take_is_named(checkpoints):
     """top_k for embed was "Task.__init__() got an unexpected keyword argument 'top_k'", after the
     model had loaded; it names the task and its options now, before loading."""

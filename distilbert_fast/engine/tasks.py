@@ -64,7 +64,19 @@ class Task:
         self.config = config
 
     # -- host: tokens in ----------------------------------------------------------------------------
+    def check_pair_stride(self, pairs):
+        """(text, pair) items split into windows: where both texts are long, a window keeps only
+        (max_length - 3) // 2 tokens of the second, and a stride not below that fails the window
+        ('stride must be less than the tokens kept'): at the first long pair, at any batch. Refused
+        at the first window holding pairs instead, whatever their lengths."""
+        most = (self.max_length - 3) // 2 - 1
+        if pairs is not None and self.overflow == "split" and self.stride > most:
+            raise ValueError(f"stride={self.stride} is too large for (text, pair) items with overflow='split' and "
+                             f"max_length={self.max_length}: a window keeps {most + 1} tokens of each of two long "
+                             f"texts, so stride must be at most {most}")
+
     def encode(self, tokenizer, texts, pairs) -> Encoded:
+        self.check_pair_stride(pairs)
         split = self.overflow == "split"
         return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, stride=self.stride if split else 0,
                              overflow=split)
@@ -281,6 +293,7 @@ class FillMask(Task):
         return {"scores": scores, "ids": ids}
 
     def encode(self, tokenizer, texts, pairs):
+        self.check_pair_stride(pairs)
         split = self.overflow == "split"  # offsets tell a mask seen by two overlapping windows
         return encode_packed(tokenizer, texts, pairs, max_length=self.max_length, stride=self.stride if split else 0,
                              overflow=split, offsets=split, sequence_ids=split and pairs is not None)
