@@ -412,8 +412,9 @@ def _ignoring_tokenizer_outputs(forward):
     def forward_ignoring(self, *args, **kwargs):
         for key in _IGNORED_INPUTS:
             kwargs.pop(key, None)
-        if any(key in kwargs for key in _FLATTENED_INPUTS):
-            return _forward_flattened(forward, self, args, kwargs)
+        flat = pop_flattened(kwargs)
+        if flat is not None:
+            return _forward_flattened(forward, self, args, kwargs, flat)
         return forward(self, *args, **kwargs)
 
     forward_ignoring._ignores_tokenizer_outputs = True
@@ -482,10 +483,10 @@ def as_one_row(out, total: int):
     return out
 
 
-def _forward_flattened(forward, model, args, kwargs):
-    """A flattened batch, (1, total) ids with cu_seq_lens_q, run on the packed entry point (see
-    packed_from_flattened). Token outputs come back (1, total, ...)."""
-    flat = pop_flattened(kwargs)
+def _forward_flattened(forward, model, args, kwargs, flat: dict):
+    """A flattened batch (``flat``: its keywords, from pop_flattened), (1, total) ids with
+    cu_seq_lens_q, run on the packed entry point (see packed_from_flattened). Token outputs come
+    back (1, total, ...)."""
     name = type(model).__name__
     if not model._token_outputs:
         raise ValueError(

@@ -265,16 +265,31 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
     entry point: each sequence attends within itself, as transformers computes it with flash
     attention (its sdpa and eager attention ignore those keywords and attend across the row)."""
     flattened = modeling.pop_flattened(kwargs)
+    if flattened is None:
+        view = _with_token_labels(view, input_ids, inputs_embeds)
+    return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask, inputs_embeds,
+                             output_attentions, output_hidden_states, return_dict, position_ids, pack)
+
+
+def _our_base_forward(view, flattened, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
+                      output_hidden_states, return_dict, position_ids, pack):
+    """Our DistilBertModel.forward over ``view``; a flattened batch (``flattened``, from
+    modeling.pop_flattened) on the packed entry point, its outputs in the row's (1, total, ...)
+    shapes."""
+    if flattened is None:
+        return modeling.DistilBertModel.forward(
+            view, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions, output_hidden_states,
+            return_dict, position_ids=position_ids, pack=pack,
+        )
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                   position_ids=position_ids)
-    total = None if flattened is None else modeling.packed_from_flattened(flattened, inputs)
+    total = modeling.packed_from_flattened(flattened, inputs)  # (refuses an attention_mask)
     out = modeling.DistilBertModel.forward(
-        view if flattened else _with_token_labels(view, input_ids, inputs_embeds), inputs["input_ids"],
-        inputs["attention_mask"], head_mask, inputs["inputs_embeds"], output_attentions, output_hidden_states,
-        return_dict, position_ids=inputs["position_ids"], pack=pack, cu_seqlens=inputs.get("cu_seqlens"),
-        max_seqlen=inputs.get("max_seqlen"),
+        view, inputs["input_ids"], None, head_mask, inputs["inputs_embeds"], output_attentions,
+        output_hidden_states, return_dict, position_ids=inputs["position_ids"], cu_seqlens=inputs["cu_seqlens"],
+        max_seqlen=inputs["max_seqlen"],
     )
-    return out if total is None else modeling.as_one_row(out, total)
+    return modeling.as_one_row(out, total)
 
 
 def _checkpointing(encoder):
@@ -455,16 +470,8 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         **view._values,
         "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                  position_ids=position_ids)
-    total = None if flattened is None else modeling.packed_from_flattened(flattened, inputs)
-    out = modeling.DistilBertModel.forward(
-        per_call, inputs["input_ids"], inputs["attention_mask"], head_mask, inputs["inputs_embeds"],
-        output_attentions, output_hidden_states, True, position_ids=inputs["position_ids"], pack=pack,
-        cu_seqlens=inputs.get("cu_seqlens"), max_seqlen=inputs.get("max_seqlen"),
-    )
-    if total is not None:
-        out = modeling.as_one_row(out, total)
+    out = _our_base_forward(per_call, flattened, input_ids, attention_mask, head_mask, inputs_embeds,
+                            output_attentions, output_hidden_states, True, position_ids, pack)
     pooled = module.pooler(out.last_hidden_state) if module.pooler is not None else None
     result = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=out.last_hidden_state, pooler_output=pooled,
