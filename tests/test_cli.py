@@ -56,6 +56,17 @@ def run_cli(*args):
     return proc.returncode, proc.stderr
 
 
+def run_as_ranks(common, output, monkeypatch, world=2):
+    """What each of ``world`` torchrun ranks runs: the CLI with RANK / WORLD_SIZE set, each writing
+    its part of ``output``."""
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        assert main([*common, "--output", str(output)]) == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+
+
 def summary_of(stderr):
     return json.loads([line for line in stderr.splitlines() if line.startswith("{")][-1])
 
@@ -517,12 +528,7 @@ def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tm
     src = tmp_path / "in.txt"
     src.write_text("".join(f"line {i}\n" for i in range(9)), encoding="utf-8")
     common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
-    for rank in (0, 1):  # what each torchrun rank runs
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main([*common, "--output", str(tmp_path / "out.jsonl")]) == 0
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    run_as_ranks(common, tmp_path / "out.jsonl", monkeypatch)
     assert main([*common, "--output", str(tmp_path / "one.jsonl")]) == 0
     parts = [str(tmp_path / f"out.rank0000{r}-of-00002.jsonl") for r in (0, 1)]
     merged = tmp_path / "merged.jsonl"
@@ -549,12 +555,7 @@ def test_merge_of_npy_parts_equals_one_process(model_dir, tmp_path, monkeypatch,
     src.write_text("".join(json.dumps({"text": f"line {i} " + "z " * i, "id": f"r{i}"}) + "\n" for i in range(9)),
                    encoding="utf-8")
     common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        assert main([*common, "--output", str(tmp_path / "out.npy")]) == 0
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
+    run_as_ranks(common, tmp_path / "out.npy", monkeypatch)
     assert main([*common, "--output", str(tmp_path / "one.npy")]) == 0
     parts = [str(tmp_path / f"out.rank0000{r}-of-00002.npy") for r in (0, 1)]
     merged = tmp_path / "merged.npy"
