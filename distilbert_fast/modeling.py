@@ -735,10 +735,10 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         """Makes the input embeddings' output require grad (a forward hook, as transformers'), so
         gradient checkpointing reaches adapters or LoRA weights with the embeddings frozen."""
 
-        def make_output_require_grad(module, inputs, output):
+        def make_inputs_require_grads(module, inputs, output):  # (transformers' name: see has_hooks_below)
             output.requires_grad_(True)
 
-        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_output_require_grad)
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_inputs_require_grads)
 
     def disable_input_require_grads(self):
         self._require_grads_hook.remove()
@@ -1057,7 +1057,9 @@ class DistilBertModel(DistilBertPreTrainedModel):
 
         It packs when there is padding, unless ``pack`` is False, attention weights are asked
         for, a row is all padding (HF attends uniformly over its padding: only the padded
-        computation gives those values), or a position in ``exact`` is padding. ``exact`` says
+        computation gives those values), a position in ``exact`` is padding, or a hook sits on a
+        module below this model (it then sees the (batch, seq, ...) tensors HF's model gives it,
+        as NEFTune's noise hook on the input embeddings needs). ``exact`` says
         where the caller needs HF's values: None (real tokens only), "first" (position 0 of
         every row: [CLS] pooling), "all", or a (batch, seq) bool tensor (labels that count)."""
         batch, seq = self._check_inputs(input_ids, inputs_embeds)
@@ -1069,7 +1071,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
             # an all-padding row gets zeros) and the batch is on the CPU (on CUDA the sync that
             # sizes it would keep CUDA graphs off). The packed entry point traces without a sync.
             if (compiling_with_dynamic_shapes() and pack and exact is None and not output_attentions
-                    and attention_mask is not None and attention_mask.device.type == "cpu"):
+                    and attention_mask is not None and attention_mask.device.type == "cpu"
+                    and not has_hooks_below(self)):
                 return compiled_packing_of(_as_keep_mask(attention_mask))
             return None
         if attention_mask is None:
@@ -1111,7 +1114,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
                 "values; an additive mask (0 / -inf or -1e9) is not accepted: pass the 0/1 mask "
                 "the tokenizer returns"
             )
-        if not pack or output_attentions or total == batch * seq or min_seqlen == 0 or exact_padding:
+        if (not pack or output_attentions or total == batch * seq or min_seqlen == 0 or exact_padding
+                or has_hooks_below(self)):
             return None
         return packing_of(keep, total, max_seqlen)
 
@@ -1184,6 +1188,32 @@ class DistilBertModel(DistilBertPreTrainedModel):
 def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """attention_mask (nonzero = real token) -> bool, True = real token."""
     return attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+
+
+def has_hooks_below(base: nn.Module) -> bool:
+    """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
+    backward hook on a module below it (its own fire around our forward alike), or a global
+    forward hook; enable_input_require_grads' hook aside."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
+    stack = list(base._modules.values())
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
+                m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))):
+            return True
+        stack.extend(m._modules.values())
+    return False
+
+
+def _only_requires_grad(hook) -> bool:
+    """The enable_input_require_grads hook of transformers' model or ours, or PEFT's copy of it:
+    ``output.requires_grad_(True)``, the same on any layout."""
+    return (getattr(hook, "__name__", None) in ("make_inputs_require_grads", "make_inputs_require_grad")
+            and getattr(hook, "__module__", "").split(".")[0] in ("transformers", "peft", "distilbert_fast"))
 
 
 def pad_output(out: BaseModelOutput, packing: Packing) -> BaseModelOutput:

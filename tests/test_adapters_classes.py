@@ -253,8 +253,8 @@ def test_parallel_runs_the_layers_below_the_first_adapter_once():
         block.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     x, mask = batch()
     out = model(x, attention_mask=mask, adapter_names=Parallel("a", "b")).last_hidden_state
-    total = int(mask.sum())
-    assert rows == [total, total] and out.shape[0] == 6  # packed; replicated inside layer 1
+    # (the hooks make the batch run padded, as HF's shapes for them); replicated inside layer 1
+    assert rows == [len(x), len(x)] and out.shape[0] == 2 * len(x)
     alone = torch.cat([model(x, attention_mask=mask, adapter_names=n).last_hidden_state for n in "ab"])
     assert_close(out, alone, atol=2e-6)
 

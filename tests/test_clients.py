@@ -187,10 +187,10 @@ def _trainer(model, tokenizer, out_dir, masked_lm=False, **args):
         collator = transformers.DataCollatorForTokenClassification(tokenizer)
     else:
         collator = transformers.DataCollatorWithPadding(tokenizer)
+    args = {"save_strategy": "steps", "save_steps": 2, **args}
     arguments = transformers.TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=4, per_device_eval_batch_size=4,
-        num_train_epochs=1, learning_rate=1e-3, save_strategy="steps", save_steps=2, report_to=[],
-        use_cpu=True, logging_steps=1, **args)
+        num_train_epochs=1, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1, **args)
     return transformers.Trainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
                                 data_collator=collator)
 
@@ -228,6 +228,60 @@ def test_trainer_bf16_mixed_precision(tokenizer, tmp_path):
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_trainer_neftune_like_transformers(hf_tokenizer, tmp_path):
+    """TrainingArguments(neftune_noise_alpha=...): transformers' hook on the input embeddings
+    scales its noise by output.size(1) * output.size(2), so it needs the (batch, seq, dim)
+    embeddings HF's model gives it (on packed tokens it raised IndexError). Without dropout the
+    noise is the run's only randomness: the same losses step by step as transformers' model."""
+    no_dropout = dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    losses = []
+    for model in pair("DistilBertForSequenceClassification", **no_dropout):
+        trainer = _trainer(model.train(), hf_tokenizer, tmp_path / type(model).__module__, max_steps=3,
+                           neftune_noise_alpha=5.0, save_strategy="no")
+        trainer.train()
+        losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("module_name", ["distilbert.embeddings.word_embeddings",
+                                         "distilbert.transformer.layer.1.ffn.lin1"])
+def test_hooks_below_the_base_model_see_transformers_shapes(module_name, hf_tokenizer):
+    """A forward hook on a module below the base model sees the padded (batch, seq, ...) tensors
+    transformers' model gives it (the batch then runs padded, not packed), and what it returns
+    changes the outputs as it changes transformers'."""
+    batch = hf_tokenizer(TEXTS, padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    results = []
+    for model in pair("DistilBertForSequenceClassification"):
+        seen = []
+
+        def double(module, args, output):
+            seen.append(tuple(output.shape))
+            return output * 2
+
+        handle = model.get_submodule(module_name).register_forward_hook(double)
+        logits = model(**batch).logits
+        handle.remove()
+        results.append((seen, logits))
+    (hf_seen, hf_logits), (seen, logits) = results
+    assert seen == hf_seen and len(seen[0]) == 3 and seen[0][:2] == tuple(real.shape)
+    assert_close(logits, hf_logits)
+
+
+def test_enable_input_require_grads_keeps_the_packed_path(hf_tokenizer):
+    """enable_input_require_grads' hook (PEFT adds it under gradient checkpointing) only marks the
+    embeddings' output as requiring grad: the batch still runs packed (padding positions of the
+    hidden states hold the packed path's zeros), with the same outputs."""
+    _, ours = pair("DistilBertModel")
+    batch = hf_tokenizer(TEXTS, padding=True, return_tensors="pt")
+    padding = ~batch["attention_mask"].bool()
+    before = ours(**batch).last_hidden_state
+    ours.enable_input_require_grads()
+    after = ours(**batch).last_hidden_state
+    assert torch.equal(after, before) and not after[padding].any()
 
 
 @pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForMaskedLM"])

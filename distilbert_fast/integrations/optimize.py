@@ -165,7 +165,7 @@ class _Forward(_InstanceForward):
     def __call__(self, *args, **kwargs):
         module = self.module
         if module is self.base:
-            module.__dict__[_AS_TRANSFORMERS] = _has_hooks_below(module)
+            module.__dict__[_AS_TRANSFORMERS] = modeling.has_hooks_below(module)
         if self.base.__dict__.get(_AS_TRANSFORMERS):
             return type(module).forward(module, *args, **kwargs)
         return self.ours(*args, **kwargs)
@@ -353,32 +353,6 @@ class _FFNCall(_View):
 
     def __call__(self, *args, **kwargs):
         return modeling.FFN.forward(self, *args, **kwargs)
-
-
-def _has_hooks_below(base: nn.Module) -> bool:
-    """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
-    backward hook on a module below it (its own fire around our forward alike), or a global
-    forward hook; enable_input_require_grads' hook aside."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return True
-    # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
-    stack = list(base._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
-        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
-                m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))):
-            return True
-        stack.extend(m._modules.values())
-    return False
-
-
-def _only_requires_grad(hook) -> bool:
-    """transformers' enable_input_require_grads hook, or PEFT's own copy of it:
-    ``output.requires_grad_(True)``, the same on any layout."""
-    return (getattr(hook, "__name__", None) in ("make_inputs_require_grads", "make_inputs_require_grad")
-            and getattr(hook, "__module__", "").split(".")[0] in ("transformers", "peft"))
 
 
 def _bert_attention_view(attention, config):
