@@ -308,6 +308,8 @@ class TransformerBlock(nn.Module):
         self.output_adapters = None
 
     def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
+        """The block's output, as transformers 5's block returns it (what a forward hook on a
+        layer sees); (output, attention weights) with output_attentions."""
         attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
         if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
             x = repeat_rows(x, attn.shape[0] // x.shape[0])
@@ -321,7 +323,7 @@ class TransformerBlock(nn.Module):
             out = torch.cat([self._ffn_sublayer(part) for part in parts], dim=token_dim)
         else:
             out = self._ffn_sublayer(x)
-        return out, weights
+        return (out, weights) if output_attentions else out
 
     def _ffn_sublayer(self, x):
         dropout_p = self.ffn.dropout.p if self.training else 0.0
@@ -374,11 +376,12 @@ class Transformer(nn.Module):
                 # backend chosen with use_backend, the adapters chosen for this call); a traced
                 # graph holds those already (a compiled backward recomputes from the graph).
                 run = layer if tracing() else functools.partial(contextvars.copy_context().run, layer)
-                x, weights = checkpoint(
+                out = checkpoint(
                     run, x, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False,
                 )
             else:
-                x, weights = layer(x, key_padding_mask, layer_head_mask, output_attentions)
+                out = layer(x, key_padding_mask, layer_head_mask, output_attentions)
+            x, weights = out if output_attentions else (out, None)
             if x.shape[0] != rows:  # a Parallel adapter setup replicated the batch in this layer
                 key_padding_mask, all_hidden_states = replicate_for_parallel(
                     x.shape[0] // rows, key_padding_mask, all_hidden_states)

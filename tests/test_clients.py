@@ -247,11 +247,13 @@ def test_trainer_neftune_like_transformers(hf_tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("module_name", ["distilbert.embeddings.word_embeddings",
-                                         "distilbert.transformer.layer.1.ffn.lin1"])
+                                         "distilbert.transformer.layer.1.ffn.lin1",
+                                         "distilbert.transformer.layer.0"])
 def test_hooks_below_the_base_model_see_transformers_shapes(module_name, hf_tokenizer):
     """A forward hook on a module below the base model sees the padded (batch, seq, ...) tensors
-    transformers' model gives it (the batch then runs padded, not packed), and what it returns
-    changes the outputs as it changes transformers'."""
+    transformers' model gives it (the batch then runs padded, not packed; a layer's output is a
+    tensor, as transformers 5's), and what it returns changes the outputs as it changes
+    transformers'."""
     batch = hf_tokenizer(TEXTS, padding=True, return_tensors="pt")
     real = batch["attention_mask"].bool()
     results = []
