@@ -96,6 +96,14 @@ def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None
     return out if bias is None else out - bias
 
 
+def _watched(module) -> bool:
+    """Whether hooks watch ``module``'s calls: the attention and the FFN then return HF's output
+    (bias and dropout included) for the hooks to see, and the block does not fold those in."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
     """A projection's bias as a tensor: a Linear's parameter, or what torch.ao's quantized
     Linear returns from its ``bias()`` method (quantize_dynamic replaces the model's Linears)."""
@@ -178,7 +186,8 @@ class Embeddings(nn.Module):
 
 class DistilBertSelfAttention(nn.Module):
     """Multi-head self-attention. ``forward`` returns the heads' output projected by out_lin's
-    weight but not its bias: the block folds that bias into the residual LayerNorm."""
+    weight but not its bias, which the block folds into the residual LayerNorm; with hooks on the
+    module (``_watched``), HF's output, bias included."""
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -222,6 +231,8 @@ class DistilBertSelfAttention(nn.Module):
             )
             context = context.transpose(1, 2)  # (batch, seq, heads, head_dim)
         context = context.reshape(*q.shape[:-2], self.dim)
+        if _watched(self):
+            return _project(self.out_lin, context, backend), weights
         return _project_without_bias(self.out_lin, context, backend), weights
 
     def _qkv(self, hidden):
@@ -268,8 +279,9 @@ class DistilBertSelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """lin1 -> activation -> lin2. ``forward`` stops before lin2's bias: the block folds that bias
-    and the dropout into the residual LayerNorm."""
+    """lin1 -> activation -> lin2 -> dropout. ``forward`` stops before lin2's bias: the block
+    folds that bias and the dropout into the residual LayerNorm; with hooks on the module
+    (``_watched``), HF's output, bias and dropout included."""
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -289,6 +301,8 @@ class FFN(nn.Module):
         else:  # a LoRA on lin1: run the module, then bias-free activation
             h = bias_activation(self.lin1(x), None, self.activation, backend=backend)
         # (batch, seq, hidden_dim)
+        if _watched(self):
+            return self.dropout(_project(self.lin2, h, backend))
         return _project_without_bias(self.lin2, h, backend)  # (batch, seq, dim)
 
 
@@ -310,12 +324,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
         """The block's output, as transformers 5's block returns it (what a forward hook on a
         layer sees); (output, attention weights) with output_attentions."""
+        attn_bias = None if _watched(self.attention) else bias_of(self.attention.out_lin)
         attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
         if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
             x = repeat_rows(x, attn.shape[0] // x.shape[0])
-        x = self._residual_layernorm(
-            attn, x, bias_of(self.attention.out_lin), 0.0, self.sa_layer_norm, self.attention_adapters
-        )
+        x = self._residual_layernorm(attn, x, attn_bias, 0.0, self.sa_layer_norm, self.attention_adapters)
         chunk = self.ffn.chunk_size_feed_forward
         if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
             token_dim = x.dim() - 2  # seq of (batch, seq, dim), tokens of packed (total, dim)
@@ -326,9 +339,12 @@ class TransformerBlock(nn.Module):
         return (out, weights) if output_attentions else out
 
     def _ffn_sublayer(self, x):
-        dropout_p = self.ffn.dropout.p if self.training else 0.0
+        if _watched(self.ffn):  # its output holds lin2's bias and the dropout already
+            h_bias, dropout_p = None, 0.0
+        else:
+            h_bias, dropout_p = bias_of(self.ffn.lin2), self.ffn.dropout.p if self.training else 0.0
         return self._residual_layernorm(
-            self.ffn(x), x, bias_of(self.ffn.lin2), dropout_p, self.output_layer_norm, self.output_adapters
+            self.ffn(x), x, h_bias, dropout_p, self.output_layer_norm, self.output_adapters
         )
 
     def _residual_layernorm(self, h, x, h_bias, dropout_p, layer_norm, adapters):

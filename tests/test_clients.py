@@ -248,28 +248,39 @@ def test_trainer_neftune_like_transformers(hf_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("module_name", ["distilbert.embeddings.word_embeddings",
                                          "distilbert.transformer.layer.1.ffn.lin1",
-                                         "distilbert.transformer.layer.0"])
-def test_hooks_below_the_base_model_see_transformers_shapes(module_name, hf_tokenizer):
-    """A forward hook on a module below the base model sees the padded (batch, seq, ...) tensors
-    transformers' model gives it (the batch then runs padded, not packed; a layer's output is a
-    tensor, as transformers 5's), and what it returns changes the outputs as it changes
-    transformers'."""
+                                         "distilbert.transformer.layer.0",
+                                         "distilbert.transformer.layer.0.attention",
+                                         "distilbert.transformer.layer.1.ffn"])
+def test_hooks_below_the_base_model_see_what_transformers_gives_them(module_name, hf_tokenizer):
+    """A forward hook on a module below the base model sees the tensors transformers' model gives
+    it: padded (batch, seq, ...) (the batch then runs padded, not packed), a layer's output a
+    tensor as transformers 5's, the attention's and the FFN's outputs with their biases (and the
+    FFN's dropout) in; and what it returns changes the outputs as it changes transformers'."""
     batch = hf_tokenizer(TEXTS, padding=True, return_tensors="pt")
     real = batch["attention_mask"].bool()
+    hf, ours = pair("DistilBertForSequenceClassification")
+    with torch.no_grad():  # (biases start at zero: a bias left out would go unseen)
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_()
+    ours.load_state_dict(hf.state_dict())
     results = []
-    for model in pair("DistilBertForSequenceClassification"):
+    for model in (hf, ours):
         seen = []
 
-        def double(module, args, output):
-            seen.append(tuple(output.shape))
-            return output * 2
+        def double(module, args, output):  # (the attention returns (output, weights))
+            first = output[0] if isinstance(output, tuple) else output
+            seen.append(first.detach().clone())
+            return (first * 2, *output[1:]) if isinstance(output, tuple) else first * 2
 
         handle = model.get_submodule(module_name).register_forward_hook(double)
         logits = model(**batch).logits
         handle.remove()
         results.append((seen, logits))
     (hf_seen, hf_logits), (seen, logits) = results
-    assert seen == hf_seen and len(seen[0]) == 3 and seen[0][:2] == tuple(real.shape)
+    assert len(seen) == len(hf_seen) == 1 and seen[0].shape == hf_seen[0].shape
+    assert seen[0].shape[:2] == real.shape
+    assert_close(seen[0][real], hf_seen[0][real])
     assert_close(logits, hf_logits)
 
 
