@@ -138,6 +138,13 @@ class BatchEncoding(dict):
         """The dict itself (transformers' BatchEncoding is a UserDict and keeps its items in .data)."""
         return self
 
+    def copy(self):
+        """A shallow copy that is still a BatchEncoding with the same per-row maps (dict.copy
+        would give a plain dict), as transformers' ``enc.copy()``."""
+        new = BatchEncoding(dict(self))
+        new._rows, new._source, new._n_sequences = self._rows, self._source, self._n_sequences
+        return new
+
     def __reduce__(self):
         rows = None
         if self._rows is not None or self._source is not None:

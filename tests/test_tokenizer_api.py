@@ -602,3 +602,17 @@ def test_apply_chat_template_without_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ValueError Cannot use chat template functions"), out.stdout
+
+
+def test_batch_encoding_copy_is_a_batch_encoding_as_hf(hf, ours):
+    """enc.copy(): a BatchEncoding with the same maps (ours gave a plain dict: dict.copy)."""
+    for args in (("Hello world",), (TEXTS, PAIRS)):
+        mine, theirs = ours(*args).copy(), hf(*args).copy()
+        assert type(mine) is BatchEncoding and dict(mine) == dict(theirs)
+        assert mine.word_ids(0) == theirs.word_ids(0) and mine.n_sequences == theirs.n_sequences
+        assert mine.input_ids == theirs.input_ids and mine[0].tokens == theirs[0].tokens
+        mine["input_ids"] = None  # a shallow copy: the original keeps its keys
+    original = ours("Hello world")
+    duplicate = original.copy()
+    duplicate["labels"] = [1]
+    assert "labels" not in original
