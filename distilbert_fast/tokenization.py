@@ -601,9 +601,9 @@ class DistilBertTokenizer:
             cls = _transformers_twin(cls)
         return super().__new__(cls)
 
-    def __init__(self, vocab_file=None, do_lower_case=True, do_basic_tokenize=True, never_split=None,
+    def __init__(self, vocab_file=None, do_lower_case=None, do_basic_tokenize=True, never_split=None,
                  unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
-                 tokenize_chinese_chars=True, strip_accents=None, *, vocab=None, tokenizer_file=None,
+                 tokenize_chinese_chars=None, strip_accents=None, *, vocab=None, tokenizer_file=None,
                  model_max_length=None, padding_side="right", truncation_side="right",
                  clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
                  continuing_subword_prefix=None, max_input_chars_per_word=None, added_tokens_decoder=None,
@@ -631,6 +631,11 @@ class DistilBertTokenizer:
             with open(tokenizer_file, encoding="utf-8") as f:
                 saved = json.load(f)  # the backend's truncation / padding (see to_tokenizer_json)
             self._backend_truncation, self._backend_padding = saved.get("truncation"), saved.get("padding")
+            if "lowercase" in model:  # the file's normalizer, where the arguments leave it (as HF's)
+                do_lower_case = model["lowercase"] if do_lower_case is None else do_lower_case
+                strip_accents = model["strip_accents"] if strip_accents is None else strip_accents
+                if tokenize_chinese_chars is None:
+                    tokenize_chinese_chars = model["handle_chinese_chars"]
         elif vocab_file is not None:
             if not os.path.isfile(vocab_file):
                 raise ValueError(f"vocab_file '{vocab_file}' does not exist: expected a vocab.txt with one token per line")
@@ -647,7 +652,8 @@ class DistilBertTokenizer:
         if strip_accents is not None and not isinstance(strip_accents, bool):
             raise TypeError(f"strip_accents must be None, True or False, got {strip_accents!r}")
         self.vocab_file = vocab_file
-        self.do_lower_case = bool(do_lower_case)
+        self.do_lower_case = True if do_lower_case is None else bool(do_lower_case)
+        tokenize_chinese_chars = True if tokenize_chinese_chars is None else tokenize_chinese_chars
         self.do_basic_tokenize = bool(do_basic_tokenize)
         self.never_split = list(never_split or [])
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)

@@ -236,3 +236,16 @@ def test_backend_tokenizer_without_tokenizers_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError, match="tokenizers"):
         ours.backend_tokenizer.get_vocab()
     assert ours("Hello")["input_ids"] == [101, 7592, 102]  # the tokenizer itself does not need it
+
+
+@pytest.mark.parametrize("variant", ["cased", "cased_strip_accents", "no_chinese_split", "uncased"])
+def test_tokenizer_file_argument_follows_the_files_normalizer_as_hf(tmp_path, variant):
+    """DistilBertTokenizerFast(tokenizer_file=...) runs the file's normalizer settings, as HF's
+    does (ours lower-cased a cased tokenizer.json: the constructor's defaults won)."""
+    DistilBertTokenizerFast.from_pretrained(reference_vocab_dir(), **VARIANTS[variant]).save_pretrained(tmp_path)
+    path = str(tmp_path / "tokenizer.json")
+    hf = transformers.DistilBertTokenizerFast(tokenizer_file=path)
+    ours = DistilBertTokenizerFast(tokenizer_file=path)
+    for text in TEXTS:
+        assert ours(text, return_offsets_mapping=True) == dict(hf(text, return_offsets_mapping=True)), text
+    assert DistilBertTokenizerFast(tokenizer_file=path, do_lower_case=True).do_lower_case  # an argument wins
