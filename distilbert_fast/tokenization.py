@@ -464,6 +464,8 @@ class BackendTokenizer:
       transformers (whose ``__call__`` replaces them with the call's arguments): there truncation
       and padding are per call arguments.
     - ``train`` / ``train_from_iterator`` are refused (make a new vocab, then a new tokenizer).
+    - A copy (``copy.deepcopy``, pickling) is a plain ``tokenizers.Tokenizer`` of its own, no
+      longer tied to the tokenizer (what ``PreTrainedTokenizerFast(tokenizer_object=...)`` takes).
 
     Needs the ``tokenizers`` package (installed with transformers); without it, reading
     ``backend_tokenizer`` is an ImportError that says so.
@@ -479,6 +481,8 @@ class BackendTokenizer:
         return self._owner._backend()
 
     def __getattr__(self, name):
+        if name.startswith("__") or name == "_owner":  # (copy and pickle probe an empty instance)
+            raise AttributeError(name)
         if name in BackendTokenizer._COMPONENTS:
             component = getattr(self._backend(), name)
             return None if component is None else _copy_component(component)
@@ -530,6 +534,21 @@ class BackendTokenizer:
 
     def __repr__(self):
         return f"BackendTokenizer(vocab_size={self._owner.vocab_size}, of {self._owner!r})"
+
+    def __dir__(self):
+        return sorted(set(dir(self._backend())) | set(object.__dir__(self)))
+
+    # a copy or a pickle is a plain tokenizers.Tokenizer of its own, no longer tied to the tokenizer
+    # (what transformers' PreTrainedTokenizerFast(tokenizer_object=...) deep-copies)
+    def __deepcopy__(self, memo):
+        import copy
+
+        return copy.deepcopy(self._backend(), memo)
+
+    __copy__ = lambda self: self.__deepcopy__({})  # noqa: E731
+
+    def __reduce__(self):
+        return _tokenizers_from_str, (self._backend().to_str(),)
 
 
 class PackedEncoding:
@@ -1675,6 +1694,12 @@ _SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chin
              *_SPECIAL_NAMES, "model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces",
              "num_threads", "max_rows_per_call", "name_or_path", "model_input_names", "vocab_file",
              "split_special_tokens")
+
+
+def _tokenizers_from_str(serialized):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(serialized)
 
 
 def _component_state(component):

@@ -249,3 +249,20 @@ def test_tokenizer_file_argument_follows_the_files_normalizer_as_hf(tmp_path, va
     for text in TEXTS:
         assert ours(text, return_offsets_mapping=True) == dict(hf(text, return_offsets_mapping=True)), text
     assert DistilBertTokenizerFast(tokenizer_file=path, do_lower_case=True).do_lower_case  # an argument wins
+
+
+def test_backend_tokenizer_copies_and_pickles_as_a_plain_backend():
+    """copy.deepcopy / pickle of backend_tokenizer give a tokenizers.Tokenizer of its own (ours
+    recursed forever), which transformers' PreTrainedTokenizerFast(tokenizer_object=...) takes."""
+    import copy
+    import pickle
+
+    ours = DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours.backend_tokenizer.no_padding()
+    for clone in (copy.deepcopy(ours.backend_tokenizer), copy.copy(ours.backend_tokenizer),
+                  pickle.loads(pickle.dumps(ours.backend_tokenizer))):
+        assert type(clone) is tokenizers.Tokenizer
+        assert clone.encode(TEXTS[2], TEXTS[1]).ids == ours(TEXTS[2], TEXTS[1])["input_ids"]
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=ours.backend_tokenizer)
+    assert wrapped(TEXTS[2])["input_ids"] == ours(TEXTS[2])["input_ids"]
+    assert "encode" in dir(ours.backend_tokenizer) and not hasattr(ours.backend_tokenizer, "no_such_thing")
