@@ -114,6 +114,15 @@ class BatchEncoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    def __getitem__(self, key):
+        # enc[a:b] as transformers': the rows' encodings of a tokenizer call, else every value sliced
+        # (a slice is not a dict key before Python 3.12, so it never reaches __missing__)
+        if type(key) is slice:
+            if self.is_fast:
+                return self.encodings[key]
+            return {name: value[key] for name, value in self.items()}
+        return dict.__getitem__(self, key)
+
     def __missing__(self, key):
         # enc[i]: row i's encoding, as transformers' enc[i] gives its tokenizers.Encoding
         if isinstance(key, int) and not isinstance(key, bool):
@@ -128,6 +137,13 @@ class BatchEncoding(dict):
     def data(self):
         """The dict itself (transformers' BatchEncoding is a UserDict and keeps its items in .data)."""
         return self
+
+    def copy(self):
+        """A shallow copy that is still a BatchEncoding with the same per-row maps (dict.copy
+        would give a plain dict), as transformers' ``enc.copy()``."""
+        new = BatchEncoding(dict(self))
+        new._rows, new._source, new._n_sequences = self._rows, self._source, self._n_sequences
+        return new
 
     def __reduce__(self):
         rows = None
@@ -316,7 +332,8 @@ class BatchEncoding(dict):
 
         if isinstance(device, (str, int, torch.device)) and not isinstance(device, bool):
             for key, value in self.items():
-                if isinstance(value, torch.Tensor):
+                # as transformers: whatever has a .to (a tensor, a nested BatchEncoding) moves, the rest stays
+                if callable(getattr(value, "to", None)):
                     self[key] = value.to(device=device, non_blocking=non_blocking)
         else:
             import warnings
@@ -425,6 +442,115 @@ class _BackendView:
         self.model = self._Model(prefix)
 
 
+class BackendTokenizer:
+    """What ``tokenizer.backend_tokenizer`` returns: a ``tokenizers.Tokenizer`` built from this
+    tokenizer's ``to_tokenizer_json()`` (rebuilt when the tokenizer changes: added tokens, a new
+    pad token, a setting applied through it), behind a guard that keeps it and the tokenizer in
+    step. Everything a ``tokenizers.Tokenizer`` has is there (``encode``, ``get_vocab``,
+    ``token_to_id``, ``truncation``, ``normalizer``, ...), with these rules:
+
+    - ``normalizer``, ``pre_tokenizer``, ``post_processor``, ``decoder`` and ``model`` read as
+      copies (changing one in place changes neither); assign one to change it. An assignment is
+      applied to the tokenizer when it is one the tokenizer can run (a ``BertNormalizer``, or
+      ``Sequence([Lowercase(), BertNormalizer(...)])`` as sentence-transformers' ``do_lower_case``
+      sets, changes ``do_lower_case`` / ``strip_accents`` / ``tokenize_chinese_chars``; BERT's
+      pre-tokenizer, template and decoder are kept as they are) and refused with a ValueError
+      otherwise, so the two never tokenize differently.
+    - ``add_tokens`` / ``add_special_tokens`` add to the tokenizer (``tokenizer.add_tokens``);
+      ``encode_special_tokens = True`` is ``tokenizer.split_special_tokens = True``.
+    - ``enable_truncation`` / ``no_truncation`` / ``enable_padding`` / ``no_padding`` set the
+      backend's own settings: ``backend_tokenizer.encode`` applies them and ``save_pretrained``
+      writes them into tokenizer.json, but the tokenizer's ``__call__`` does not, as in
+      transformers (whose ``__call__`` replaces them with the call's arguments): there truncation
+      and padding are per call arguments.
+    - ``train`` / ``train_from_iterator`` are refused (make a new vocab, then a new tokenizer).
+    - A copy (``copy.deepcopy``, pickling) is a plain ``tokenizers.Tokenizer`` of its own, no
+      longer tied to the tokenizer (what ``PreTrainedTokenizerFast(tokenizer_object=...)`` takes).
+
+    Needs the ``tokenizers`` package (installed with transformers); without it, reading
+    ``backend_tokenizer`` is an ImportError that says so.
+    """
+
+    __slots__ = ("_owner",)
+    _COMPONENTS = ("normalizer", "pre_tokenizer", "post_processor", "decoder", "model")
+
+    def __init__(self, owner):
+        object.__setattr__(self, "_owner", owner)
+
+    def _backend(self):
+        return self._owner._backend()
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_owner":  # (copy and pickle probe an empty instance)
+            raise AttributeError(name)
+        if name in BackendTokenizer._COMPONENTS:
+            component = getattr(self._backend(), name)
+            return None if component is None else _copy_component(component)
+        if name in ("train", "train_from_iterator"):
+            raise ValueError(f"backend_tokenizer.{name} is not supported: it would change the vocab under the "
+                             "tokenizer; train a tokenizers.Tokenizer of your own and build a DistilBertTokenizer from "
+                             "its vocab")
+        return getattr(self._backend(), name)
+
+    def __setattr__(self, name, value):
+        owner = self._owner
+        if name == "normalizer":
+            owner._apply_normalizer(value)
+        elif name in ("pre_tokenizer", "post_processor", "decoder", "model"):
+            ours = getattr(self._backend(), name)
+            if value is None or _component_state(value) != _component_state(ours):
+                raise ValueError(
+                    f"backend_tokenizer.{name} can not be changed: the tokenizer runs BERT's {name.replace('_', '-')} "
+                    f"({_component_state(ours)[:200]}), and a different one would make backend_tokenizer and the "
+                    f"tokenizer tokenize differently; got {value!r}")
+        elif name == "encode_special_tokens":
+            owner.split_special_tokens = bool(value)
+        else:
+            raise AttributeError(f"backend_tokenizer has no settable attribute {name!r}")
+
+    def add_tokens(self, tokens):
+        return self._owner.add_tokens(list(tokens))
+
+    def add_special_tokens(self, tokens):
+        return self._owner.add_tokens(list(tokens), special_tokens=True)
+
+    def enable_truncation(self, max_length, stride=0, strategy="longest_first", direction="right"):
+        backend = self._backend()
+        backend.enable_truncation(max_length, stride=stride, strategy=strategy, direction=direction)
+        self._owner._backend_truncation = _truncation_json(backend.truncation)
+
+    def no_truncation(self):
+        self._backend().no_truncation()
+        self._owner._backend_truncation = None
+
+    def enable_padding(self, **kwargs):
+        backend = self._backend()
+        backend.enable_padding(**kwargs)
+        self._owner._backend_padding = _padding_json(backend.padding)
+
+    def no_padding(self):
+        self._backend().no_padding()
+        self._owner._backend_padding = None
+
+    def __repr__(self):
+        return f"BackendTokenizer(vocab_size={self._owner.vocab_size}, of {self._owner!r})"
+
+    def __dir__(self):
+        return sorted(set(dir(self._backend())) | set(object.__dir__(self)))
+
+    # a copy or a pickle is a plain tokenizers.Tokenizer of its own, no longer tied to the tokenizer
+    # (what transformers' PreTrainedTokenizerFast(tokenizer_object=...) deep-copies)
+    def __deepcopy__(self, memo):
+        import copy
+
+        return copy.deepcopy(self._backend(), memo)
+
+    __copy__ = lambda self: self.__deepcopy__({})  # noqa: E731
+
+    def __reduce__(self):
+        return _tokenizers_from_str, (self._backend().to_str(),)
+
+
 class PackedEncoding:
     """Rows back to back with no padding, as ``DistilBertTokenizer.encode_packed`` returns them:
 
@@ -482,6 +608,9 @@ class DistilBertTokenizer:
     # special tokens BERT does not have (transformers' clients read them and get None)
     bos_token = eos_token = bos_token_id = eos_token_id = None
     _transformers_twin = False  # True on the transformers-compatible subclass
+    # the backend's truncation / padding, as tokenizer.json holds them (see to_tokenizer_json)
+    _backend_truncation = _backend_padding = None
+    _backend_cache = None  # (core, tokenizers.Tokenizer) behind backend_tokenizer
     _no_pad_token = False  # True after tokenizer.pad_token = None: padding is then an error, as in HF
     # what transformers' clients read of a tokenizer that adds no BOS / EOS and no prefix space
     add_bos_token = add_eos_token = add_prefix_space = False
@@ -491,9 +620,9 @@ class DistilBertTokenizer:
             cls = _transformers_twin(cls)
         return super().__new__(cls)
 
-    def __init__(self, vocab_file=None, do_lower_case=True, do_basic_tokenize=True, never_split=None,
+    def __init__(self, vocab_file=None, do_lower_case=None, do_basic_tokenize=True, never_split=None,
                  unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
-                 tokenize_chinese_chars=True, strip_accents=None, *, vocab=None, tokenizer_file=None,
+                 tokenize_chinese_chars=None, strip_accents=None, *, vocab=None, tokenizer_file=None,
                  model_max_length=None, padding_side="right", truncation_side="right",
                  clean_up_tokenization_spaces=False, num_threads=None, max_rows_per_call=MAX_ROWS_PER_CALL,
                  continuing_subword_prefix=None, max_input_chars_per_word=None, added_tokens_decoder=None,
@@ -518,6 +647,14 @@ class DistilBertTokenizer:
             model = core.read_tokenizer_json(os.fspath(tokenizer_file))
             tokens = model["vocab"]
             prefix, max_chars = model["continuing_subword_prefix"], model["max_input_chars_per_word"]
+            with open(tokenizer_file, encoding="utf-8") as f:
+                saved = json.load(f)  # the backend's truncation / padding (see to_tokenizer_json)
+            self._backend_truncation, self._backend_padding = saved.get("truncation"), saved.get("padding")
+            if "lowercase" in model:  # the file's normalizer, where the arguments leave it (as HF's)
+                do_lower_case = model["lowercase"] if do_lower_case is None else do_lower_case
+                strip_accents = model["strip_accents"] if strip_accents is None else strip_accents
+                if tokenize_chinese_chars is None:
+                    tokenize_chinese_chars = model["handle_chinese_chars"]
         elif vocab_file is not None:
             if not os.path.isfile(vocab_file):
                 raise ValueError(f"vocab_file '{vocab_file}' does not exist: expected a vocab.txt with one token per line")
@@ -534,7 +671,8 @@ class DistilBertTokenizer:
         if strip_accents is not None and not isinstance(strip_accents, bool):
             raise TypeError(f"strip_accents must be None, True or False, got {strip_accents!r}")
         self.vocab_file = vocab_file
-        self.do_lower_case = bool(do_lower_case)
+        self.do_lower_case = True if do_lower_case is None else bool(do_lower_case)
+        tokenize_chinese_chars = True if tokenize_chinese_chars is None else tokenize_chinese_chars
         self.do_basic_tokenize = bool(do_basic_tokenize)
         self.never_split = list(never_split or [])
         self.tokenize_chinese_chars = bool(tokenize_chinese_chars)
@@ -776,6 +914,7 @@ class DistilBertTokenizer:
         settings.update(self._template_tokens)
         settings["added_tokens_decoder"] = {index: t._asdict() for index, t in self._added.items()}
         settings["extra_special_tokens"] = list(self._extra_special_tokens)
+        settings["backend"] = (self._backend_truncation, self._backend_padding)
         renamed = {name: getattr(self, name) for name in _NAMED_SPECIALS
                    if getattr(self, name) != self._template_tokens.get(name)}
         return _rebuild_tokenizer, (_plain_class(type(self)), self._core.vocab(), settings, renamed)
@@ -839,12 +978,65 @@ class DistilBertTokenizer:
                 f.write(token + "\n")
         return (path,)
 
+    def to_tokenizer_json(self):
+        """This tokenizer as a ``tokenizers`` serialization (the dict of a tokenizer.json): BERT's
+        normalizer with our settings, BERT's pre-tokenizer (white space only with
+        ``do_basic_tokenize=False``), the WordPiece model and vocab, the [CLS] ... [SEP] template,
+        the WordPiece decoder and the added tokens with their flags. ``truncation`` / ``padding``
+        are the backend's settings (those of the tokenizer.json it was loaded from, or set through
+        ``backend_tokenizer``), which only ``backend_tokenizer.encode`` applies, as in transformers.
+        ``tokenizers.Tokenizer.from_str(json.dumps(...))`` then encodes as this tokenizer does
+        (``never_split`` has no equivalent there; HF's fast tokenizer ignores it too)."""
+        prefix, max_chars = self._wordpiece
+        template = self._template_tokens
+        cls_token, sep_token = template["cls_token"], template["sep_token"]
+        cls_id, sep_id = self._core.token_to_id(cls_token), self._core.token_to_id(sep_token)
+        if self.do_basic_tokenize:
+            normalizer = {"type": "BertNormalizer", "clean_text": True,
+                          "handle_chinese_chars": self.tokenize_chinese_chars, "strip_accents": self.strip_accents,
+                          "lowercase": self.do_lower_case}
+            pre_tokenizer = {"type": "BertPreTokenizer"}
+        else:  # HF's Python tokenizer's whitespace_tokenize: no clean-up, casing or punctuation split
+            normalizer, pre_tokenizer = None, {"type": "WhitespaceSplit"}
+
+        def special(token, type_id):
+            return {"SpecialToken": {"id": token, "type_id": type_id}}
+
+        def sequence(name, type_id):
+            return {"Sequence": {"id": name, "type_id": type_id}}
+
+        return {
+            "version": "1.0",
+            "truncation": self._backend_truncation,
+            "padding": self._backend_padding,
+            "added_tokens": [{"id": index, **t._asdict()} for index, t in sorted(self._added.items())],
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [special(cls_token, 0), sequence("A", 0), special(sep_token, 0)],
+                "pair": [special(cls_token, 0), sequence("A", 0), special(sep_token, 0), sequence("B", 1),
+                         special(sep_token, 1)],
+                "special_tokens": {cls_token: {"id": cls_token, "ids": [cls_id], "tokens": [cls_token]},
+                                   sep_token: {"id": sep_token, "ids": [sep_id], "tokens": [sep_token]}},
+            },
+            "decoder": {"type": "WordPiece", "prefix": prefix, "cleanup": True},
+            "model": {"type": "WordPiece", "unk_token": template["unk_token"], "continuing_subword_prefix": prefix,
+                      "max_input_chars_per_word": max_chars,
+                      "vocab": {token: i for i, token in enumerate(self._core.vocab())}},
+        }
+
     def save_pretrained(self, save_directory, **kwargs):
-        """Writes vocab.txt, tokenizer_config.json (with the added tokens in its
-        added_tokens_decoder, as HF writes them), special_tokens_map.json and, when tokens were
-        added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
+        """Writes tokenizer.json (``to_tokenizer_json``: what transformers' fast tokenizers and
+        ``tokenizers.Tokenizer.from_file`` load), vocab.txt, tokenizer_config.json (with the added
+        tokens in its added_tokens_decoder, as HF writes them), special_tokens_map.json and, when
+        tokens were added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
         os.makedirs(save_directory, exist_ok=True)
         (vocab_path,) = self.save_vocabulary(save_directory)
+        json_path = os.path.join(save_directory, "tokenizer.json")
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(self.to_tokenizer_json(), f, indent=2, ensure_ascii=False)
+            f.write("\n")
         specials = {name: getattr(self, name) for name in _SPECIAL_NAMES}
         config = {
             "tokenizer_class": "DistilBertTokenizer",
@@ -880,7 +1072,7 @@ class DistilBertTokenizer:
             with open(file, "w", encoding="utf-8") as f:
                 json.dump(data, f, indent=2, ensure_ascii=False)
                 f.write("\n")
-        return (config_path, map_path, vocab_path) + ((added_path,) if new_tokens else ())
+        return (config_path, map_path, json_path, vocab_path) + ((added_path,) if new_tokens else ())
 
     # -- vocabulary ---------------------------------------------------------------------------------
 
@@ -938,6 +1130,51 @@ class DistilBertTokenizer:
         if token is None:
             raise IndexError(f"token id {index} is out of range: expected 0 <= id < {self._core.num_ids()}")
         return token
+
+    @property
+    def backend_tokenizer(self):
+        """A ``tokenizers.Tokenizer`` equal to this tokenizer, kept in step with it (see
+        BackendTokenizer for what may be changed through it)."""
+        return BackendTokenizer(self)
+
+    def _backend(self):
+        """The ``tokenizers.Tokenizer`` behind backend_tokenizer, made again when the core changed."""
+        cache = self._backend_cache
+        if cache is None or cache[0] is not self._core:
+            try:
+                from tokenizers import Tokenizer
+            except ImportError as exc:
+                raise ImportError("backend_tokenizer needs the `tokenizers` package (pip install tokenizers; it "
+                                  "comes with transformers); the tokenizer itself does not") from exc
+            backend = Tokenizer.from_str(json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
+            backend.encode_special_tokens = self.split_special_tokens
+            cache = self.__dict__["_backend_cache"] = (self._core, backend)
+        backend = cache[1]
+        if backend.encode_special_tokens != self.split_special_tokens:
+            backend.encode_special_tokens = self.split_special_tokens
+        return backend
+
+    def _apply_normalizer(self, normalizer):
+        """backend_tokenizer.normalizer = ...: BERT's normalizer with other settings (alone, or
+        after a Lowercase as sentence-transformers puts it) changes ours; anything else is refused."""
+        state = json.loads(_component_state(normalizer)) if normalizer is not None else None
+        parts = state.get("normalizers", []) if state and state.get("type") == "Sequence" else [state]
+        lowercase_first = len(parts) == 2 and parts[0] == {"type": "Lowercase"}
+        bert = parts[-1] if parts and (len(parts) == 1 or lowercase_first) else None
+        if (not self.do_basic_tokenize or not isinstance(bert, dict) or bert.get("type") != "BertNormalizer"
+                or not bert.get("clean_text", True)):
+            raise ValueError("backend_tokenizer.normalizer must be a tokenizers BertNormalizer (clean_text=True), "
+                             "alone or as Sequence([Lowercase(), BertNormalizer(...)]): the tokenizer runs BERT's "
+                             f"normalizer and could not run {normalizer!r}")
+        lowercase = bool(bert.get("lowercase", True))
+        strip = bert.get("strip_accents")
+        strip = lowercase if strip is None else bool(strip)  # BertNormalizer: None follows lowercase
+        self.do_lower_case = lowercase or lowercase_first
+        self.strip_accents = None if strip == self.do_lower_case else strip
+        self.tokenize_chinese_chars = bool(bert.get("handle_chinese_chars", True))
+        self.init_kwargs.update(do_lower_case=self.do_lower_case, strip_accents=self.strip_accents,
+                                tokenize_chinese_chars=self.tokenize_chinese_chars)
+        self._build_core(self._core.vocab())
 
     @property
     def _tokenizer(self):
@@ -1001,6 +1238,24 @@ class DistilBertTokenizer:
 
     def _empty_batch(self, **kwargs):
         return self([], **kwargs)
+
+    chat_template = None  # BERT has none (transformers' base class sets its own on the twin)
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """transformers' chat templates, where transformers is loaded (the twin runs its
+        PreTrainedTokenizerBase.apply_chat_template); BERT's tokenizer has no template of its own,
+        so without one given this is transformers' ValueError."""
+        if self._transformers_twin:
+            from transformers import PreTrainedTokenizerBase
+
+            return PreTrainedTokenizerBase.apply_chat_template(self, conversation, chat_template=chat_template, **kwargs)
+        if chat_template is None and self.chat_template is None:
+            raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set and no "
+                             "template argument was passed! For information about writing templates and setting the "
+                             "tokenizer.chat_template attribute, please see the documentation at "
+                             "https://huggingface.co/docs/transformers/main/en/chat_templating")
+        raise ImportError("apply_chat_template renders templates with transformers: import transformers before "
+                          "making the tokenizer")
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         if token_ids_1 is None:
@@ -1124,11 +1379,14 @@ class DistilBertTokenizer:
               is_split_into_words=False, pad_to_multiple_of=None, padding_side=None, return_tensors=None,
               return_token_type_ids=None, return_attention_mask=None, return_overflowing_tokens=False,
               return_special_tokens_mask=False, return_offsets_mapping=False, return_length=False, verbose=True,
-              split_special_tokens=None, **kwargs):
+              split_special_tokens=None, sanitize_control_tokens=False, **kwargs):
         """The checked arguments of an encoding call, as the core takes them: everything but the
         texts. Depends only on the arguments and this tokenizer's settings (_PLAN_INPUTS)."""
         if kwargs:
             raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
+        if sanitize_control_tokens:  # (transformers' apply_chat_template passes False on every call)
+            raise NotImplementedError("sanitize_control_tokens=True (apply_chat_template's marked control tokens) is "
+                                      "not supported by this tokenizer")
         padding_mode, truncation_mode, max_length = self._strategies(padding, truncation, max_length,
                                                                      pad_to_multiple_of, verbose)
         stride = stride or 0
@@ -1438,11 +1696,52 @@ _SETTINGS = ("do_lower_case", "do_basic_tokenize", "never_split", "tokenize_chin
              "split_special_tokens")
 
 
+def _tokenizers_from_str(serialized):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(serialized)
+
+
+def _component_state(component):
+    """A tokenizers component's (normalizer, model, ...) serialization, as str."""
+    state = component.__getstate__()
+    return state.decode("utf-8") if isinstance(state, bytes) else str(state)
+
+
+def _copy_component(component):
+    import pickle
+
+    return pickle.loads(pickle.dumps(component))
+
+
+_STRATEGIES = {"longest_first": "LongestFirst", "only_first": "OnlyFirst", "only_second": "OnlySecond"}
+
+
+def _truncation_json(settings):
+    """tokenizers' Tokenizer.truncation dict as tokenizer.json writes it."""
+    if settings is None:
+        return None
+    return {"direction": settings["direction"].capitalize(), "max_length": settings["max_length"],
+            "strategy": _STRATEGIES[settings["strategy"]], "stride": settings["stride"]}
+
+
+def _padding_json(settings):
+    """tokenizers' Tokenizer.padding dict as tokenizer.json writes it."""
+    if settings is None:
+        return None
+    length = settings["length"]
+    return {"strategy": "BatchLongest" if length is None else {"Fixed": length},
+            "direction": settings["direction"].capitalize(), "pad_to_multiple_of": settings["pad_to_multiple_of"],
+            "pad_id": settings["pad_id"], "pad_type_id": settings["pad_type_id"], "pad_token": settings["pad_token"]}
+
+
 def _rebuild_tokenizer(cls, tokens, settings, renamed=None):
     settings = dict(settings)
     vocab_file = settings.pop("vocab_file")
+    backend = settings.pop("backend", (None, None))
     tok = cls(vocab=tokens, **settings)
     tok.vocab_file = vocab_file
+    tok._backend_truncation, tok._backend_padding = backend
     for name, content in (renamed or {}).items():  # named special tokens add_special_tokens renamed
         tok._set_named_special(name, content, None if content is None else tok.convert_tokens_to_ids(content))
     if (renamed or {}).get("pad_token") is not None:

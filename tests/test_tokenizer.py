@@ -297,8 +297,8 @@ def test_save_and_reload_round_trip(tmp_path, ours_pretrained, hf_pretrained):
     custom = DistilBertTokenizer.from_pretrained(reference_vocab_dir(), do_lower_case=False, strip_accents=True,
                                                  model_max_length=128)
     files = custom.save_pretrained(tmp_path)
-    assert sorted(os.path.basename(f) for f in files) == ["special_tokens_map.json", "tokenizer_config.json",
-                                                         "vocab.txt"]
+    assert sorted(os.path.basename(f) for f in files) == ["special_tokens_map.json", "tokenizer.json",
+                                                         "tokenizer_config.json", "vocab.txt"]
     reloaded = DistilBertTokenizer.from_pretrained(tmp_path)
     assert (reloaded.do_lower_case, reloaded.strip_accents, reloaded.model_max_length) == (False, True, 128)
     text = CASES["accented latin"] + CASES["special tokens in text"]

@@ -533,3 +533,86 @@ def test_max_target_length_matches_hf(hf, ours, kwargs):
     _same(ours(TEXTS[:2], text_target=targets, **kwargs), hf(TEXTS[:2], text_target=targets, **kwargs))
     _same(ours(text_target=targets, **kwargs), hf(text_target=targets, **kwargs))
     _same(ours(TEXTS[1], text_target=targets[0], **kwargs), hf(TEXTS[1], text_target=targets[0], **kwargs))
+
+
+def _row_fields(row):
+    return (row.ids, row.type_ids, row.tokens, [tuple(o) for o in row.offsets], row.attention_mask,
+            row.special_tokens_mask, row.word_ids, row.sequence_ids, row.n_sequences)
+
+
+@pytest.mark.parametrize("index", [slice(0, 2), slice(1, None), slice(None, None, 2), slice(-2, None), slice(4, 1)])
+def test_batch_encoding_slices_match_hf(hf, ours, index):
+    """enc[a:b]: a tokenizer call's rows' encodings (as transformers gives its tokenizers.Encoding
+    list); a BatchEncoding made by pad() slices every value. Ours raised TypeError (unhashable)."""
+    for args in ((TEXTS,), (TEXTS, PAIRS)):
+        mine, theirs = ours(*args, padding=True)[index], hf(*args, padding=True)[index]
+        assert isinstance(mine, list) and len(mine) == len(theirs)
+        assert [_row_fields(r) for r in mine] == [_row_fields(r) for r in theirs]
+    assert [_row_fields(r) for r in ours(TEXTS[1])[index]] == [_row_fields(r) for r in hf(TEXTS[1])[index]]
+    features = [{"input_ids": ids} for ids in ours(TEXTS)["input_ids"]]
+    mine, theirs = ours.pad(features)[index], hf.pad(features)[index]
+    assert type(mine) is dict and mine == theirs
+    mine, theirs = ours.pad(features, return_tensors="pt")[index], hf.pad(features, return_tensors="pt")[index]
+    _same(mine, theirs)
+
+
+def test_batch_encoding_to_moves_what_has_to_as_hf(hf, ours):
+    """.to(device) moves every value with a .to (tensors, a nested BatchEncoding) and keeps the
+    others (lists, numbers, None) as they are, as transformers' does."""
+    for tok in (hf, ours):
+        enc = tok(TEXTS, padding=True, return_tensors="pt")
+        enc["labels"] = [1, 2, 3]
+        enc["nested"] = tok(TEXTS[:2], padding=True, return_tensors="pt")
+        enc["nothing"] = None
+        moved = []
+        enc["nested"].to = lambda *a, **k: moved.append(k["device"])  # records the call, as a tensor's .to
+        assert enc.to("cpu") is enc
+        assert moved == ["cpu"] and enc["labels"] == [1, 2, 3] and enc["nothing"] is None
+
+
+CHAT = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}]
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} [SEP] {% endfor %}"
+
+
+def test_apply_chat_template_as_hf(hf, ours):
+    """BERT has no chat template: transformers' ValueError; with a template given, the same
+    text and ids as HF's."""
+    for tok in (hf, ours):
+        with pytest.raises(ValueError, match="chat_template is not set"):
+            tok.apply_chat_template(CHAT)
+    assert ours.apply_chat_template(CHAT, chat_template=TEMPLATE, tokenize=False) == hf.apply_chat_template(
+        CHAT, chat_template=TEMPLATE, tokenize=False)
+    mine = ours.apply_chat_template(CHAT, chat_template=TEMPLATE)
+    theirs = hf.apply_chat_template(CHAT, chat_template=TEMPLATE)
+    _same(dict(mine) if hasattr(mine, "keys") else mine, dict(theirs) if hasattr(theirs, "keys") else theirs)
+
+
+def test_apply_chat_template_without_transformers():
+    """Without transformers loaded (the plain class), the same ValueError, not an AttributeError."""
+    import subprocess
+    import sys
+
+    code = ("import sys, distilbert_fast\n"
+            "tok = distilbert_fast.DistilBertTokenizer(vocab=['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hi'])\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
+            "try:\n"
+            "    tok.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"
+            "except ValueError as exc:\n"
+            "    print('ValueError', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError Cannot use chat template functions"), out.stdout
+
+
+def test_batch_encoding_copy_is_a_batch_encoding_as_hf(hf, ours):
+    """enc.copy(): a BatchEncoding with the same maps (ours gave a plain dict: dict.copy)."""
+    for args in (("Hello world",), (TEXTS, PAIRS)):
+        mine, theirs = ours(*args).copy(), hf(*args).copy()
+        assert type(mine) is BatchEncoding and dict(mine) == dict(theirs)
+        assert mine.word_ids(0) == theirs.word_ids(0) and mine.n_sequences == theirs.n_sequences
+        assert mine.input_ids == theirs.input_ids and mine[0].tokens == theirs[0].tokens
+        mine["input_ids"] = None  # a shallow copy: the original keeps its keys
+    original = ours("Hello world")
+    duplicate = original.copy()
+    duplicate["labels"] = [1]
+    assert "labels" not in original
