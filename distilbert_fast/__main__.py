@@ -90,6 +90,9 @@ def build_parser():
             p.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
                            help="widen answers to whole words, as HF's pipeline (default: on; off for languages "
                                 "written without spaces)")
+            p.add_argument("--decoding", choices=("best-span", "pipeline"), default="best-span",
+                           help="pipeline: transformers 4's QuestionAnsweringPipeline scoring, answers equal to its "
+                                "(same-text answers' scores summed, [CLS] in the softmax)")
     merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
     merge.add_argument("--output", required=True)
     merge.add_argument("parts", nargs="+")
@@ -100,7 +103,7 @@ def build_parser():
 
 def task_options(args) -> dict:
     names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold", "function_to_apply"),
-             "tag": ("aggregation", "entities"), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer", "align_to_words")}[args.command]
+             "tag": ("aggregation", "entities"), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer", "align_to_words", "decoding")}[args.command]
     return {name: getattr(args, name) for name in names}
 
 

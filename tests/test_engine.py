@@ -761,6 +761,54 @@ def test_qa_align_to_words_as_hf_pipeline(checkpoints, align):
         assert default(ALIGN_QUESTIONS, ALIGN_CONTEXTS) == [a[0] for a in results[:2]]
 
 
+def test_qa_pipeline_decoding_equals_transformers4_pipeline(checkpoints, tmp_path):
+    """decoding='pipeline' against the real QuestionAnsweringPipeline of transformers 4.57 (in the
+    oracle virtualenv): the same answers (text, start, end) in the same order and the same scores,
+    with align_to_words True and False, short and long windows, top_k 1 and 3, and
+    handle_impossible_answer."""
+    from distilbert_fast.engine.tasks import QuestionAnswering
+
+    oracle = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
+    if not os.path.isfile(oracle):
+        reason = f"the transformers 4 oracle is not set up ({oracle}): run scripts/setup_adapters_oracle.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI must run this test)")
+        pytest.skip(reason)
+    path = checkpoints["qa"]
+    questions, contexts = ALIGN_QUESTIONS + QUESTIONS, ALIGN_CONTEXTS + CONTEXTS
+    options = [dict(align_to_words=align, max_seq_len=length, doc_stride=stride, top_k=k, handle_impossible_answer=null)
+               for align in (True, False) for length, stride in ((64, 16), (384, 128)) for k in (1, 3)
+               for null in (False, True) if not null or (k == 3 and length == 64)]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"questions": questions, "contexts": contexts, "options": options}), encoding="utf-8")
+    import subprocess
+    import sys
+
+    run = subprocess.run([oracle, os.path.join(os.path.dirname(__file__), "qa_pipeline_oracle.py"), path,
+                          str(request)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = json.loads(run.stdout)
+    assert reference["transformers"].startswith("4.")
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_batch_tokens=600)
+    differs = 0
+    for option, expected in zip(options, reference["answers"]):
+        engine.task = QuestionAnswering(engine.model.config, engine.tokenizer, decoding="pipeline",
+                                        max_length=option["max_seq_len"], stride=option["doc_stride"],
+                                        top_k=option["top_k"], align_to_words=option["align_to_words"],
+                                        handle_impossible_answer=option["handle_impossible_answer"])
+        for got, want in zip(engine(questions, contexts), expected):
+            got = got if isinstance(got, list) else [got]
+            assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"])
+                                                                          for a in want], option
+            np.testing.assert_allclose([a["score"] for a in got], [a["score"] for a in want], rtol=1e-4, atol=1e-7)
+        engine.task.decoding = "best-span"  # (the default decoding answers otherwise on these texts)
+        best_span = [r if isinstance(r, list) else [r] for r in engine(questions, contexts)]
+        differs += [[(a["start"], a["end"]) for a in r] for r in best_span] != [[(a["start"], a["end"]) for a in want]
+                                                                               for want in expected]
+    assert differs > 0
+
+
 # -- dtype, options, bad arguments ------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ from .batching import Encoded, encode_packed
 POOLINGS = ("cls", "mean", "max")
 OVERFLOW = ("truncate", "split")
 AGGREGATIONS = ("first", "average", "max", "simple")  # (HF pipeline's aggregation_strategy names)
-FUNCTIONS = ("softmax", "sigmoid", "none")  # classify's scores (HF pipeline's function_to_apply)
+FUNCTIONS = ("softmax", "sigmoid", "none")
+QA_DECODINGS = ("best-span", "pipeline")  # classify's scores (HF pipeline's function_to_apply)
 
 
 def _check_choice(name, value, choices):
@@ -386,7 +387,13 @@ class QuestionAnswering(Task):
     over the windows), is a candidate beside the spans. ``align_to_words`` (HF pipeline's, on by
     default as there): a span starting or ending inside a word is widened to the whole word (as
     much of it as the window holds), so 'Lovelace' is answered rather than 'love'; spans that
-    widen to the same one are one answer, at the best score."""
+    widen to the same one are one answer, at the best score.
+
+    ``decoding='pipeline'``: transformers 4's QuestionAnsweringPipeline.postprocess as it is (for
+    answers equal to the pipeline's): each window's softmaxes take in [CLS] (its probability then
+    zeroed), the window's best top_k spans (2 * top_k + 10 with align_to_words) are kept, and
+    answers of the same text (case-insensitive) are one, their scores summed, at the offsets where
+    the first window found it. The default 'best-span' scores each span once, at its best window."""
 
     name = "qa"
     model_class = modeling.DistilBertForQuestionAnswering
@@ -396,7 +403,7 @@ class QuestionAnswering(Task):
     stride = 128
 
     def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, handle_impossible_answer=False,
-                 align_to_words=True, **kw):
+                 align_to_words=True, decoding="best-span", **kw):
         super().__init__(config, tokenizer, **kw)
         if self.overflow != "split":
             raise ValueError("qa always splits long contexts into windows: overflow must be 'split'")
@@ -409,6 +416,8 @@ class QuestionAnswering(Task):
         if not isinstance(align_to_words, (bool, np.bool_)):
             raise ValueError(f"align_to_words must be True or False, got {align_to_words!r}")
         self.align_to_words = bool(align_to_words)
+        _check_choice("decoding", decoding, QA_DECODINGS)
+        self.decoding = decoding
 
     def encode(self, tokenizer, texts, pairs):
         return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
@@ -441,6 +450,8 @@ class QuestionAnswering(Task):
         return list(zip(np.split(host["start"], cuts), np.split(host["end"], cuts)))
 
     def combine(self, item, rows, values, enc, text, pair):
+        if self.decoding == "pipeline":
+            return self.combine_as_pipeline(rows, values, enc, pair)
         # overlapping windows score a span of their overlap twice: it is one answer, kept at its
         # best window's score (top_k > 1 listed the same span twice, like HF's pipeline merges it)
         best = {}  # (start char, end char) -> score
@@ -473,6 +484,44 @@ class QuestionAnswering(Task):
             return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
         return found
 
+
+    def combine_as_pipeline(self, rows, values, enc, pair):
+        """transformers 4.57's QuestionAnsweringPipeline.postprocess (select_starts_ends,
+        decode_spans, get_indices, get_answer), step for step, on the item's windows in order."""
+        min_null, answers = 1000000.0, {}  # lower-cased text -> answer, in the order found
+        keep = self.top_k * 2 + 10 if self.align_to_words else self.top_k
+        for row, (start_logits, end_logits) in zip(rows, values):
+            lo, hi = enc.cu[row], enc.cu[row + 1]
+            allowed = enc.sequence_ids[lo:hi] == 1
+            allowed[0] = True  # [CLS]
+            start = _softmax(np.where(allowed, start_logits, np.float32(-10000.0)))
+            end = _softmax(np.where(allowed, end_logits, np.float32(-10000.0)))
+            if self.handle_impossible_answer:
+                min_null = min(min_null, float(start[0] * end[0]))
+            start[0] = end[0] = 0.0
+            candidates = np.tril(np.triu(start[:, None] * end[None, :]), self.max_answer_len - 1)
+            flat = candidates.ravel()
+            if keep == 1:
+                order = np.array([np.argmax(flat)])
+            elif len(flat) < keep:
+                order = np.argsort(-flat)
+            else:
+                order = np.argpartition(-flat, keep)[:keep]
+                order = order[np.argsort(-flat[order])]
+            starts, ends = np.unravel_index(order, candidates.shape)
+            wanted = allowed[starts] & allowed[ends]
+            first_char, end_char = self.char_bounds(enc, lo, hi)
+            for s, e in zip(starts[wanted].tolist(), ends[wanted].tolist()):
+                a, b = int(first_char[s]), int(end_char[e])
+                answer = answers.setdefault(pair[a:b].lower(), {"answer": pair[a:b], "start": a, "end": b, "score": 0.0})
+                answer["score"] += float(candidates[s, e])
+        found = list(answers.values())
+        if self.handle_impossible_answer:
+            found.append({"answer": "", "start": 0, "end": 0, "score": min_null})
+        found = sorted(found, key=lambda x: x["score"], reverse=True)[: self.top_k]
+        if self.top_k == 1:
+            return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        return found
 
     def char_bounds(self, enc: Encoded, lo: int, hi: int):
         """(first char, end char) a span starting / ending at each token of row enc[lo:hi] answers
