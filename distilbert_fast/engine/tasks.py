@@ -18,8 +18,8 @@ from .batching import Encoded, encode_packed
 POOLINGS = ("cls", "mean", "max")
 OVERFLOW = ("truncate", "split")
 AGGREGATIONS = ("first", "average", "max", "simple")  # (HF pipeline's aggregation_strategy names)
-FUNCTIONS = ("softmax", "sigmoid", "none")
-QA_DECODINGS = ("best-span", "pipeline")  # classify's scores (HF pipeline's function_to_apply)
+FUNCTIONS = ("softmax", "sigmoid", "none")  # classify's scores (HF pipeline's function_to_apply)
+QA_DECODINGS = ("best-span", "pipeline")  # qa's scoring: each span at its best window, or HF pipeline's
 
 
 def _check_choice(name, value, choices):
