@@ -30,7 +30,7 @@ class BadInput(Exception):
 
 
 def _int_or_none(value):
-    return None if value in ("none", "all", "None") else int(value)
+    return None if value in ("none", "all", "None") else value if value == "auto" else int(value)
 
 
 def build_parser():
@@ -70,18 +70,29 @@ def build_parser():
                            help="text put before every input (default: a sentence-transformers model's default "
                                 "prompt, else none)")
         if task in ("classify", "fill-mask", "qa"):
-            p.add_argument("--top-k", type=_int_or_none, default=5 if task == "fill-mask" else 1)
+            p.add_argument("--top-k", type=_int_or_none, default={"fill-mask": 5, "classify": "auto"}.get(task, 1),
+                           help="results per input ('all' for every one; classify's 'auto': 1, or every label "
+                                "over --threshold for a multi-label model)")
         if task == "classify":
             p.add_argument("--multi-label", action="store_true", default=None)
             p.add_argument("--threshold", type=float, default=0.5)
             p.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), default=None,
                            help="scores from the logits (default: the model's kind, as HF's pipeline)")
         if task == "tag":
-            p.add_argument("--aggregation", choices=("first", "average", "max"), default="first")
+            p.add_argument("--aggregation", choices=("first", "average", "max", "simple"), default="first",
+                           help="a word's label from its tokens' (simple: one entry per token)")
+            p.add_argument("--entities", action="store_true", default=None,
+                           help="HF pipeline's entity groups (B-X I-X... as one, 'O' left out) instead of words")
         if task == "qa":
             p.add_argument("--max-answer-len", type=int, default=15)
             p.add_argument("--handle-impossible-answer", action="store_true", default=None,
                            help="the empty answer competes with the spans (SQuAD 2 models)")
+            p.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
+                           help="widen answers to whole words, as HF's pipeline (default: on; off for languages "
+                                "written without spaces)")
+            p.add_argument("--decoding", choices=("best-span", "pipeline"), default="best-span",
+                           help="pipeline: transformers 4's QuestionAnsweringPipeline scoring, answers equal to its "
+                                "(same-text answers' scores summed, [CLS] in the softmax)")
     merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
     merge.add_argument("--output", required=True)
     merge.add_argument("parts", nargs="+")
@@ -92,7 +103,7 @@ def build_parser():
 
 def task_options(args) -> dict:
     names = {"embed": ("pooling", "normalize", "prompt"), "classify": ("top_k", "multi_label", "threshold", "function_to_apply"),
-             "tag": ("aggregation",), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer")}[args.command]
+             "tag": ("aggregation", "entities"), "fill-mask": ("top_k",), "qa": ("top_k", "max_answer_len", "handle_impossible_answer", "align_to_words", "decoding")}[args.command]
     return {name: getattr(args, name) for name in names}
 
 
@@ -140,7 +151,9 @@ def run_task(args) -> int:
     # the model first: a model or option the task cannot take leaves no output file behind
     runner = make_runner(args.model, engine_options(args), device=device, devices=args.devices)
     try:
-        writer = io.open_writer(output, args.command, resume=not args.no_resume, settings=run_settings(args))
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # (results/run2/out.jsonl)
+        writer = io.open_writer(output, args.command, resume=not args.no_resume, settings=run_settings(args),
+                                dim=runner.embedding_dim)
     except BaseException:
         runner.close()
         raise

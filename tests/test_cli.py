@@ -221,6 +221,20 @@ def test_byte_order_mark_and_a_megabyte_text(model_dir, tmp_path, capsys, suffix
         assert [str(r["id"]) for r in rows] == ["0", "1", "2"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_utf16_input_is_one_error_not_a_report_per_line(model_dir, tmp_path, capsys, encoding):
+    """A file saved as Windows' 'Unicode' (UTF-16 with its byte order mark) was read as UTF-8:
+    every line reported as invalid and skipped, and the run 'succeeded' with nothing written."""
+    src = tmp_path / "in.txt"
+    src.write_bytes(("\ufeff" if encoding == "utf-16-be" else "").encode(encoding)
+                    + "".join(f"line {i}\r\n" for i in range(50)).encode(encoding))
+    assert src.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(tmp_path / "out.jsonl"),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the input is UTF-16" in err[0] and "iconv -f UTF-16 -t UTF-8" in err[0], err
+
+
 def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
     data = ("\n".join(TEXTS[:3]) + "\n\n" + TEXTS[3] + "\n").encode()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
@@ -235,7 +249,7 @@ def test_stdin_and_npy_output(model_dir, tmp_path, monkeypatch, capsys):
     assert "-:4: empty text" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["missing input", "output folder missing", "output type", "unknown column",
+@pytest.mark.parametrize("case", ["missing input", "output type", "unknown column",
                                   "task the model cannot run", "pair field of a txt", "pair field for tag"])
 def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsys, case):
     src = tmp_path / "in.csv"
@@ -244,7 +258,6 @@ def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsy
     txt.write_text("hello\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     args = {"missing input": ["embed", "--input", str(tmp_path / "nope.txt"), "--output", str(out)],
-            "output folder missing": ["embed", "--input", str(src), "--output", str(tmp_path / "no" / "out.jsonl")],
             "output type": ["embed", "--input", str(src), "--output", str(tmp_path / "out.csv")],
             "unknown column": ["embed", "--input", str(src), "--output", str(out), "--column", "body"],
             "task the model cannot run": ["qa", "--input", str(src), "--output", str(out), "--pair-field", "text"],
@@ -257,12 +270,45 @@ def test_user_errors_are_one_line_and_leave_no_output(model_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"python -m distilbert_fast {args[0]}: error: "), err
     assert "Traceback" not in "\n".join(err)
-    assert {"missing input": "nope.txt", "output folder missing": "No such file", "output type": ".jsonl or .npy",
+    assert {"missing input": "nope.txt", "output type": ".jsonl or .npy",
             "unknown column": "'body'", "task the model cannot run": "task='embed' only",
             "pair field of a txt": "--pair-field needs a .jsonl, .csv or .tsv input",
             "pair field for tag": "tag takes one text per line"}[case] in err[-1]
     if case != "unknown column":  # (found once the input is read: the output exists, empty and resumable)
         assert not out.exists()
+
+
+def test_ids_as_they_are_a_missing_folder_made_and_one_output_one_run(model_dir, tmp_path, capsys):
+    """jsonl ids: a number stays a number, a string a string, and a null id was dropped from its
+    line (as if the field were absent); it is null now, in .jsonl and .npy's .lines.jsonl. An
+    output in a folder not there yet failed ('No such file ... out.jsonl.run.json.tmp'); it is
+    made. Two runs given the same output (a job started twice) both appended the same lines; the
+    second is refused while the first runs."""
+    from distilbert_fast.engine import io as engine_io
+
+    src = tmp_path / "in.jsonl"
+    ids = [7, "7", None, 1.5, "absent"]
+    src.write_text("".join(json.dumps({"text": f"text {i}", **({} if v == "absent" else {"id": v})}) + "\n"
+                           for i, v in enumerate(ids)), encoding="utf-8")
+    for suffix in ("jsonl", "npy"):
+        out = tmp_path / "runs" / "first" / f"out.{suffix}"
+        assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--dtype", "float32",
+                     "--device", "cpu"]) == 0
+        rows = read_jsonl(out if suffix == "jsonl" else tmp_path / "runs" / "first" / "out.lines.jsonl")
+        assert [r.get("id", "absent") for r in rows] == ids
+        assert [type(r.get("id")) for r in rows] == [int, str, type(None), float, type(None)]
+        assert "id" in rows[2] and "id" not in rows[4]
+    assert not list((tmp_path / "runs" / "first").glob("*.lock"))
+    out = tmp_path / "busy.jsonl"
+    holder = engine_io.open_writer(str(out), "embed")  # a run writing it
+    try:
+        capsys.readouterr()
+        assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--device", "cpu"]) == 2
+        assert f"another run is writing {out}" in capsys.readouterr().err.splitlines()[-1]
+    finally:
+        holder.close()
+    assert main(["embed", "--model", model_dir, "--input", str(src), "--output", str(out), "--device", "cpu"]) == 0
+    assert len(read_jsonl(out)) == 5
 
 
 def test_sentence_transformers_folder_embeds_as_encode(tmp_path):
@@ -546,6 +592,33 @@ def test_merge_refuses_a_missing_rank_a_part_twice_and_a_torn_part(model_dir, tm
     assert merged.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
+def test_an_empty_npy_has_the_models_dim(model_dir, tmp_path, monkeypatch, capsys):
+    """No text to embed (every line bad, or a rank given none) wrote a (0, 0) .npy, so
+    ``np.load(f) @ other.T`` failed, and merge refused such a rank's part beside the others
+    ('do not fit the other parts'). It is (0, dim): one process, --devices 2 (the parent has no
+    model: the workers say the dim), and a rank of two given one line between them."""
+    src = tmp_path / "empty.txt"
+    src.write_text("\n   \n\n", encoding="utf-8")
+    common = ["embed", "--model", model_dir, "--input", str(src), "--dtype", "float32", "--device", "cpu"]
+    assert main([*common, "--output", str(tmp_path / "one.npy")]) == 0
+    code, err = run_cli(*common, "--output", str(tmp_path / "two.npy"), "--devices", "2")
+    assert code == 0, err
+    for name in ("one.npy", "two.npy"):
+        array = np.load(tmp_path / name)
+        assert array.shape == (0, 16) and array.dtype == np.float32
+        assert (array @ np.ones((3, 16), np.float32).T).shape == (0, 3)
+    assert main([*common, "--output", str(tmp_path / "one.npy")]) == 0  # resumed from the empty one: still (0, 16)
+    assert np.load(tmp_path / "one.npy").shape == (0, 16)
+    single = tmp_path / "single.txt"
+    single.write_text("the only line\n", encoding="utf-8")
+    common[common.index(str(src))] = str(single)
+    run_as_ranks(common, tmp_path / "ranks.npy", monkeypatch)
+    assert np.load(tmp_path / "ranks.rank00001-of-00002.npy").shape == (0, 16)
+    merged = tmp_path / "merged.npy"
+    assert main(["merge", "--output", str(merged), *sorted(map(str, tmp_path.glob("ranks.rank*.npy")))]) == 0
+    np.testing.assert_allclose(np.load(merged), expected_embeddings(model_dir, ["the only line"]), atol=1e-6)
+
+
 def test_merge_of_npy_parts_equals_one_process(model_dir, tmp_path, monkeypatch, capsys):
     """Ranks writing embeddings to .npy could not be merged: merge read each .npy as result lines
     ('out.rank00000-of-00002.npy:1 is not a result line ... a rank stopped mid-write'), and merging
@@ -586,13 +659,16 @@ def test_ray_data_map_batches_equals_one_process(model_dir):
         pytest.skip(f"ray cannot start here: {exc}")
     try:
         ds = ray.data.from_items([{"text": t, "i": i} for i, t in enumerate(texts)])
-        out = ds.map_batches(RayPredictor, fn_constructor_kwargs={"path": model_dir, "task": "embed",
-                                                                   "dtype": "float32", "device": "cpu"},
-                             concurrency=2, batch_size=8, batch_format="numpy").take_all()
+        kwargs = {"path": model_dir, "task": "embed", "dtype": "float32", "device": "cpu"}
+        out = ds.map_batches(RayPredictor, fn_constructor_kwargs=kwargs, concurrency=2, batch_size=8,
+                             batch_format="numpy").take_all()
+        nothing = ds.filter(lambda row: False).map_batches(RayPredictor, fn_constructor_kwargs=kwargs, concurrency=1,
+                                                            batch_size=8, batch_format="numpy").take_all()
     finally:
         ray.shutdown()
     got = np.stack([r["embedding"] for r in sorted(out, key=lambda r: r["i"])])
     np.testing.assert_allclose(got, expected_embeddings(model_dir, texts), atol=1e-6)
+    assert nothing == []  # an empty dataset: no rows, no error
 
 
 def test_ray_predictor_refuses_missing_texts_instead_of_embedding_none(model_dir):
@@ -606,6 +682,9 @@ def test_ray_predictor_refuses_missing_texts_instead_of_embedding_none(model_dir
     for missing in (None, float("nan"), 7):
         with pytest.raises(TypeError, match="column 'text' must hold strings, got .* in row 1"):
             predictor({"text": np.array(["a text", missing], dtype=object)})
+    # an empty batch (an empty dataset, a filter that kept nothing): (0, dim), not (0, 0)
+    empty = predictor({"text": np.array([], dtype=object), "i": np.array([], dtype=np.int64)})
+    assert empty["embedding"].shape == (0, 16) and empty["embedding"].dtype == np.float32
 
 
 def test_bench_subcommand_runs_the_engine_benchmark(monkeypatch, capsys):

@@ -346,10 +346,15 @@ def test_classify_pairs_and_multi_label(checkpoints):
     scores = torch.sigmoid(hf_logits(path, transformers.DistilBertForSequenceClassification, texts))
     engine = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", top_k=None,
                                              threshold=0.4)
-    for result, s in zip(engine(texts), scores):
+    results = engine(texts)
+    for result, s in zip(results, scores):
         expected = [i for i in torch.argsort(s, descending=True).tolist() if s[i] >= 0.4]
         assert [r["label"] for r in result] == [LABELS[i] for i in expected]
         np.testing.assert_allclose([r["score"] for r in result], s[expected].numpy(), atol=1e-5)
+    # top_k not given: a multi-label model's every label over the threshold (cut to the best one before)
+    assert max(len(r) for r in results) >= 2
+    default = InferenceEngine.from_pretrained(path, task="classify", device="cpu", dtype="float32", threshold=0.4)
+    assert default(texts) == results
 
 
 @pytest.mark.parametrize("config", [dict(num_labels=1), dict(num_labels=2, problem_type="regression")],
@@ -421,6 +426,38 @@ def test_tag_matches_hf_word_level(checkpoints):
             assert [(w["word"], w["start"], w["end"], w["label"]) for w in words] == [e[:4] for e in expected]
             np.testing.assert_allclose([w["score"] for w in words], [e[4] for e in expected], atol=1e-5)
     assert len({w["label"] for words in engine(texts) for w in words}) >= 2  # the random head answers several
+
+
+@pytest.mark.parametrize("aggregation", ["simple", "first", "average", "max"])
+def test_tag_entities_as_hf_pipeline(checkpoints, aggregation):
+    """entities=True gives transformers' token-classification pipeline's entity groups with the same
+    aggregation_strategy ('simple' was not an option; the words were never grouped, 'O' kept):
+    entity_group, start, end and score equal, the word the text's own span."""
+    from distilbert_fast.engine.tasks import Tag
+
+    path = checkpoints["tag"]
+    texts = [t for t in TEXTS if t and len(t) < 200] + [
+        "Ada Lovelace met Charles Babbage in London; antidisestablishmentarianism was unbelievably rare."]
+    hf = transformers.pipeline("token-classification", model=path, tokenizer=path, device="cpu",
+                               aggregation_strategy=aggregation)
+    engine = InferenceEngine.from_pretrained(path, task="tag", device="cpu", dtype="float32", max_batch_tokens=128,
+                                             aggregation=aggregation, entities=True)
+    groups = 0
+    for text, entities in zip(texts, engine(texts)):
+        expected = hf(text)
+        assert [(e["entity_group"], e["start"], e["end"]) for e in entities] == [
+            (e["entity_group"], e["start"], e["end"]) for e in expected], text
+        np.testing.assert_allclose([e["score"] for e in entities], [float(e["score"]) for e in expected], atol=1e-5)
+        assert all(e["word"] == text[e["start"]:e["end"]] for e in entities)
+        groups += sum(len(text[e["start"]:e["end"]].split()) > 1 for e in entities)
+    assert groups > 0  # (some entities span several words: the grouping is exercised)
+    if aggregation == "simple":  # without entities: one entry per token, as the pipeline's 'none'
+        engine.task = Tag(engine.model.config, engine.tokenizer, aggregation="simple")
+        none = transformers.pipeline("token-classification", model=path, tokenizer=path, device="cpu",
+                                     aggregation_strategy="none", ignore_labels=[])
+        for text, tokens in zip(texts, engine(texts)):
+            assert [(t["label"], t["start"], t["end"]) for t in tokens] == [
+                (e["entity"], e["start"], e["end"]) for e in none(text)]
 
 
 def test_tag_long_text_windows_cover_every_word(checkpoints):
@@ -548,7 +585,7 @@ def test_qa_matches_hf(checkpoints, max_length, stride):
     tok = hf_tokenizer(path)
     model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
     engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=max_length,
-                                             stride=stride, max_batch_tokens=500)
+                                             stride=stride, max_batch_tokens=500, align_to_words=False)
     results = engine(QUESTIONS, CONTEXTS)
     for question, context, result in zip(QUESTIONS, CONTEXTS, results):
         enc = tok(question, context, truncation="only_second", max_length=max_length, stride=stride,
@@ -597,7 +634,7 @@ def test_qa_top_k_lists_a_span_of_two_windows_once(checkpoints):
     path = checkpoints["qa"]
     question, context = QUESTIONS[1], "The report, written by Ada Lovelace in 1843, describes an engine. " * 4
     engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=48,
-                                             stride=24, top_k=2000)
+                                             stride=24, top_k=2000, align_to_words=False)
     answers = engine([question], [context])[0]
     tok = hf_tokenizer(path)
     model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
@@ -634,7 +671,7 @@ def test_qa_handle_impossible_answer_as_hf_pipeline(checkpoints):
     tok = hf_tokenizer(path)
     model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
     engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64,
-                                             stride=16, top_k=2000, handle_impossible_answer=True)
+                                             stride=16, top_k=2000, handle_impossible_answer=True, align_to_words=False)
     results = engine(QUESTIONS, CONTEXTS)
     for question, context, answers in zip(QUESTIONS, CONTEXTS, results):
         enc = tok(question, context, truncation="only_second", max_length=64, stride=16,
@@ -661,8 +698,115 @@ def test_qa_handle_impossible_answer_as_hf_pipeline(checkpoints):
         if len(best) <= 2000:  # every span listed: the empty answer among them
             assert {"answer": "", "start": 0, "end": 0, "score": pytest.approx(null, abs=1e-6)} in answers
     one = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_length=64, stride=16,
-                                          handle_impossible_answer=True)
+                                          handle_impossible_answer=True, align_to_words=False)
     assert [(r["start"], r["end"]) for r in one(QUESTIONS, CONTEXTS)] == [(r[0]["start"], r[0]["end"]) for r in results]
+
+
+ALIGN_QUESTIONS = ["Who described the analytical engine?", "What did the mathematician publish?"]
+ALIGN_CONTEXTS = [
+    "Augusta Ada King, Countess of Lovelace, was an English mathematician and writer, chiefly known for her "
+    "work on Charles Babbage's proposed mechanical general-purpose computer, the Analytical Engine. "
+    "Her notes on the engine include what is recognised as the first algorithm intended to be carried out "
+    "by a machine, and she is often regarded as the first computer programmer. " * 3,  # several windows
+    "Unquestionably, the Mathematisches Gesellschaftsblatt reprinted Menabrea's memoir, supplemented by "
+    "extraordinarily comprehensive annotations.",
+]
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_qa_align_to_words_as_hf_pipeline(checkpoints, align):
+    """HF pipeline's align_to_words (its default: True), which the engine did not take: a span is
+    widened to its first and last tokens' words, as the pipeline's ``get_indices`` does with the
+    window's tokenizers.Encoding (``token_to_word``, ``word_to_chars(sequence_index=1)``), here on
+    HF's own encodings of every window. False: the tokens' offsets. The spans' scores are the plain
+    decoding's (best token span over the windows); spans widened to the same words are one answer
+    at the best score, the top 5 of them best first."""
+    path = checkpoints["qa"]
+    tok = hf_tokenizer(path)
+    model = transformers.DistilBertForQuestionAnswering.from_pretrained(path).eval()
+    kwargs = dict(device="cpu", dtype="float32", max_length=64, stride=16, max_batch_tokens=300)
+    engine = InferenceEngine.from_pretrained(path, task="qa", top_k=5, align_to_words=align, **kwargs)
+    questions, contexts = ALIGN_QUESTIONS + QUESTIONS[::2], ALIGN_CONTEXTS + CONTEXTS[::2]  # (no repeated windows:
+    results = engine(questions, contexts)                                                 # no tied scores)
+    widened = 0
+    for question, context, answers in zip(questions, contexts, results):
+        enc = tok(question, context, truncation="only_second", max_length=64, stride=16,
+                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        best = {}
+        for w in range(enc["input_ids"].shape[0]):
+            window = enc.encodings[w]
+            idx = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+            ps = torch.softmax(out.start_logits[w, idx].double(), 0)
+            pe = torch.softmax(out.end_logits[w, idx].double(), 0)
+            for a, i in enumerate(idx):
+                for b, j in enumerate(idx):
+                    if not i <= j < i + 15:
+                        continue
+                    if align:  # transformers 4's QuestionAnsweringPipeline.get_indices
+                        start = window.word_to_chars(window.token_to_word(i), sequence_index=1)[0]
+                        end = window.word_to_chars(window.token_to_word(j), sequence_index=1)[1]
+                    else:
+                        start, end = window.offsets[i][0], window.offsets[j][1]
+                    widened += (start, end) != (window.offsets[i][0], window.offsets[j][1])
+                    best[start, end] = max(best.get((start, end), -1.0), float(ps[a] * pe[b]))
+        expected = sorted(best.items(), key=lambda x: -x[1])[:5]
+        assert [(a["start"], a["end"]) for a in answers] == [span for span, _ in expected]
+        np.testing.assert_allclose([a["score"] for a in answers], [score for _, score in expected], atol=1e-6)
+        assert all(a["answer"] == context[a["start"]:a["end"]] for a in answers)
+    assert (widened > 0) == align  # (the texts have words of several tokens: alignment changes spans)
+    if align:  # the default, as the pipeline's
+        default = InferenceEngine.from_pretrained(path, task="qa", **kwargs)
+        assert default(ALIGN_QUESTIONS, ALIGN_CONTEXTS) == [a[0] for a in results[:2]]
+
+
+def test_qa_pipeline_decoding_equals_transformers4_pipeline(checkpoints, tmp_path):
+    """decoding='pipeline' against the real QuestionAnsweringPipeline of transformers 4.57 (in the
+    oracle virtualenv): the same answers (text, start, end) in the same order and the same scores,
+    with align_to_words True and False, short and long windows, top_k 1 to 3, and
+    handle_impossible_answer."""
+    from distilbert_fast.engine.tasks import QuestionAnswering
+
+    oracle = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
+    if not os.path.isfile(oracle):
+        reason = f"the transformers 4 oracle is not set up ({oracle}): run scripts/setup_adapters_oracle.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (CI must run this test)")
+        pytest.skip(reason)
+    path = checkpoints["qa"]
+    questions, contexts = ALIGN_QUESTIONS + QUESTIONS, ALIGN_CONTEXTS + CONTEXTS
+    options = [dict(align_to_words=align, max_seq_len=length, doc_stride=stride, top_k=k, handle_impossible_answer=null)
+               for align, length, stride, k, null in ((True, 64, 16, 3, False), (False, 64, 16, 3, False),
+                                                      (True, 384, 128, 1, False), (False, 64, 16, 2, True))]
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"questions": questions, "contexts": contexts, "options": options}), encoding="utf-8")
+    import subprocess
+    import sys
+
+    run = subprocess.run([oracle, os.path.join(os.path.dirname(__file__), "qa_pipeline_oracle.py"), path,
+                          str(request)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reference = json.loads(run.stdout)
+    assert reference["transformers"].startswith("4.")
+    engine = InferenceEngine.from_pretrained(path, task="qa", device="cpu", dtype="float32", max_batch_tokens=600)
+    differs = 0
+    for option, expected in zip(options, reference["answers"]):
+        engine.task = QuestionAnswering(engine.model.config, engine.tokenizer, decoding="pipeline",
+                                        max_length=option["max_seq_len"], stride=option["doc_stride"],
+                                        top_k=option["top_k"], align_to_words=option["align_to_words"],
+                                        handle_impossible_answer=option["handle_impossible_answer"])
+        for got, want in zip(engine(questions, contexts), expected):
+            got = got if isinstance(got, list) else [got]
+            assert [(a["answer"], a["start"], a["end"]) for a in got] == [(a["answer"], a["start"], a["end"])
+                                                                          for a in want], option
+            np.testing.assert_allclose([a["score"] for a in got], [a["score"] for a in want], rtol=1e-4, atol=1e-7)
+        engine.task.decoding = "best-span"  # (the default decoding answers otherwise on these texts)
+        best_span = [r if isinstance(r, list) else [r] for r in engine(questions, contexts)]
+        differs += [[(a["start"], a["end"]) for a in r] for r in best_span] != [[(a["start"], a["end"]) for a in want]
+                                                                               for want in expected]
+    assert differs > 0
 
 
 # -- dtype, options, bad arguments ------------------------------------------------------------------------
@@ -722,7 +866,7 @@ def test_bf16_long_texts_take_the_flash_kernel(checkpoints, monkeypatch):
     (dict(max_length=100000), "max_length must be in"),
     (dict(max_batch_tokens=0), "max_batch_tokens must be a positive int"),
     (dict(task="classify", top_k=0), "top_k must be a positive int"),
-    (dict(task="tag", aggregation="simple"), "aggregation must be one of"),
+    (dict(task="tag", aggregation="mean"), "aggregation must be one of"),
     # these were accepted (max_length 0 -> the default) or failed later as torch's RuntimeError /
     # AssertionError (the device) or at the first batch (a backend that cannot run there)
     (dict(max_length=0), "max_length must be in"),

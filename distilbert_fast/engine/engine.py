@@ -164,7 +164,7 @@ class InferenceEngine:
         limit; qa 384); ``overflow``: 'truncate' or 'split' (windows overlapping by ``stride``
         tokens) for texts longer than that. Task options: embed ``pooling``, ``normalize``;
         classify ``top_k``, ``multi_label``, ``threshold``; tag ``aggregation``; fill-mask
-        ``top_k``; qa ``top_k``, ``max_answer_len``."""
+        ``top_k``; qa ``top_k``, ``max_answer_len``, ``handle_impossible_answer``, ``align_to_words``."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
         device = resolve_device(device)

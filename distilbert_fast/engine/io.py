@@ -27,12 +27,22 @@ import numpy as np
 FORMATS = ("txt", "jsonl", "csv", "tsv")
 
 
+class _NoId:
+    """A record without an id field (a JSON null id is None, and is written as null)."""
+
+    def __repr__(self):
+        return "NO_ID"
+
+
+NO_ID = _NoId()
+
+
 @dataclass
 class Record:
     line: int  # 1-based line number in the input (the first line of a csv record)
     text: str | None  # None: bad input (see error)
     pair: str | None = None
-    id: object = None
+    id: object = NO_ID  # the input's id field as it is (a JSON null is None), NO_ID where there is none
     error: str | None = None
 
 
@@ -53,6 +63,7 @@ def input_format(path: str, fmt: str | None) -> str:
 
 
 _BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def _lines(stream, errors="strict"):
@@ -64,6 +75,9 @@ def _lines(stream, errors="strict"):
         raw = raw.rstrip(b"\n").rstrip(b"\r")
         if number == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM):]
+        elif number == 1 and raw[:2] in _UTF16_BOMS:  # (every line was 'invalid UTF-8', a million reports)
+            raise ValueError("the input is UTF-16 (it starts with a UTF-16 byte order mark, as Windows' 'Unicode' "
+                             "saves): convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8")
         try:
             yield number, raw.decode("utf-8"), None
         except UnicodeDecodeError as exc:
@@ -113,7 +127,7 @@ def _json_record(number, text, error, text_field, pair_field, id_field, id_requi
         return Record(number, None, error=f"invalid JSON ({exc.msg} at column {exc.colno})")
     if not isinstance(obj, dict):
         return Record(number, None, error=f"expected a JSON object, got {type(obj).__name__}")
-    record = Record(number, None, id=obj.get(id_field))
+    record = Record(number, None, id=obj.get(id_field, NO_ID))
     if id_required and id_field not in obj:
         record.error = f"missing field {id_field!r} (--id-field)"
         return record
@@ -166,7 +180,7 @@ def _csv_records(stream, delimiter, column, pair_column, id_field, id_required=F
             continue
         record = Record(first, None, error=error)
         if error is None:
-            record.id = _cell(header, row, id_field)
+            record.id = NO_ID if id_field not in header else _cell(header, row, id_field)
             if not row:
                 record.error = "empty line"
             elif len(row) != len(header):
@@ -245,7 +259,7 @@ class JsonlWriter:
 
     def add(self, record: Record, result):
         line = {"line": record.line}
-        if record.id is not None:
+        if record.id is not NO_ID:
             line["id"] = record.id
         line.update(result_fields(self.task, result))
         self._buffer.append(json.dumps(line, ensure_ascii=False) + "\n")
@@ -307,7 +321,7 @@ def _check_settings(path, settings, resume):
 class NpyWriter:
     """Embeddings to .npy, resumable (see the module docstring)."""
 
-    def __init__(self, path, task, resume=True, settings=None):
+    def __init__(self, path, task, resume=True, settings=None, dim=None):
         if task != "embed":
             raise ValueError(f".npy output holds embeddings: the task must be 'embed', got {task!r}")
         self.path = path
@@ -325,6 +339,8 @@ class NpyWriter:
             for p in (self.partial, self.lines_path):
                 if os.path.exists(p):
                     os.remove(p)
+        # the model's dim, for an output with no row (np.load(f) @ other.T needs (0, dim), not (0, 0))
+        self.dim = self.dim or dim
         self._rows = open(self.partial, "ab")
         self._lines = open(self.lines_path, "ab")
         self._buffer, self._line_buffer = [], []
@@ -362,9 +378,11 @@ class NpyWriter:
     def add(self, record: Record, result):
         vector = np.asarray(result, dtype=np.float32)
         self.dim = self.dim or vector.shape[0]
+        if vector.shape != (self.dim,):
+            raise ValueError(f"{self.path} holds vectors of {self.dim} floats, got one of shape {vector.shape}")
         self._buffer.append(vector.tobytes())
         entry = {"line": record.line, "dim": self.dim}
-        if record.id is not None:
+        if record.id is not NO_ID:
             entry["id"] = record.id
         self._line_buffer.append(json.dumps(entry, ensure_ascii=False) + "\n")
 
@@ -405,14 +423,66 @@ def _write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def open_writer(path, task, resume=True, settings=None):
+def open_writer(path, task, resume=True, settings=None, dim=None):
     """The writer for ``path`` (.jsonl, or .npy for embed); ``settings`` (a JSON-able dict): what
-    shaped the results, checked against the earlier run's on resume (see ``_check_settings``)."""
-    if path.endswith(".npy"):
-        return NpyWriter(path, task, resume, settings)
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        return JsonlWriter(path, task, resume, settings)
-    raise ValueError(f"output must end in .jsonl or .npy (embeddings), got {path!r}")
+    shaped the results, checked against the earlier run's on resume (see ``_check_settings``);
+    ``dim``: the embeddings' size (an .npy with no row is (0, dim)). The output is this run's
+    alone until the writer closes (see ``_lock_output``)."""
+    if not (path.endswith(".npy") or path.endswith(".jsonl") or path.endswith(".json")):
+        raise ValueError(f"output must end in .jsonl or .npy (embeddings), got {path!r}")
+    unlock = _lock_output(path)
+    try:
+        if path.endswith(".npy"):
+            writer = NpyWriter(path, task, resume, settings, dim)
+        else:
+            writer = JsonlWriter(path, task, resume, settings)
+    except BaseException:
+        unlock()
+        raise
+    close = writer.close
+
+    def close_and_unlock():
+        try:
+            close()
+        finally:
+            unlock()
+
+    writer.close = close_and_unlock
+    return writer
+
+
+def _lock_output(path):
+    """Takes ``path``.lock (flock, released by the OS if the run is killed) or refuses: two runs
+    given the same --output (a job started twice) both resumed from the same line and appended
+    the same results twice, interleaved. Returns the function that releases it."""
+    try:
+        import fcntl
+    except ImportError:  # (no flock on this platform: unlocked, as before)
+        return lambda: None
+    lock_path = path + ".lock"
+    while True:
+        f = open(lock_path, "a+b")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ValueError(f"another run is writing {path} (it holds {lock_path}): wait for it to end, or "
+                             "choose another --output") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+                break  # (else the run before removed it as this one opened it: take the new one)
+        except FileNotFoundError:
+            pass
+        f.close()
+
+    def unlock():
+        try:  # removed before the lock is released, so that no run locks a file no longer at lock_path
+            os.remove(lock_path)
+        except OSError:
+            pass
+        f.close()
+
+    return unlock
 
 
 def rank_path(path: str, rank: int, world: int) -> str:
@@ -484,6 +554,8 @@ def merge_npy(parts, output):
         array = np.load(part)
         with open(index, "rb") as f:
             lines = [json.loads(raw) for raw in f.read().splitlines()]
+        if array.shape == (0, 0) and not lines:  # a rank given no line, written before its (0, dim)
+            continue
         if array.ndim != 2 or len(lines) != len(array) or (arrays and array.shape[1] != arrays[0].shape[1]):
             raise ValueError(f"{part} ({array.shape}) and {index} ({len(lines)} lines) do not fit the other parts")
         for entry in lines:

@@ -17,8 +17,9 @@ from .batching import Encoded, encode_packed
 
 POOLINGS = ("cls", "mean", "max")
 OVERFLOW = ("truncate", "split")
-AGGREGATIONS = ("first", "average", "max")
+AGGREGATIONS = ("first", "average", "max", "simple")  # (HF pipeline's aggregation_strategy names)
 FUNCTIONS = ("softmax", "sigmoid", "none")  # classify's scores (HF pipeline's function_to_apply)
+QA_DECODINGS = ("best-span", "pipeline")  # qa's scoring: each span at its best window, or HF pipeline's
 
 
 def _check_choice(name, value, choices):
@@ -156,19 +157,23 @@ class Classify(Task):
     ``function_to_apply`` ('softmax', 'sigmoid', 'none') chooses, as in the pipeline. Single-label
     output: the top_k best labels (top_k=1: one {label, score} dict; None: all labels).
     Multi-label (config.problem_type 'multi_label_classification', or multi_label=True): every
-    label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty).
+    label scoring at least ``threshold``, best first, at most top_k (a list, maybe empty; top_k
+    'auto', the default: 1 for single-label, no limit for multi-label).
     overflow='split' averages a long text's logits over its windows."""
 
     name = "classify"
     model_class = modeling.DistilBertForSequenceClassification
 
-    def __init__(self, config, tokenizer, top_k=1, multi_label=None, threshold=0.5, function_to_apply=None, **kw):
+    def __init__(self, config, tokenizer, top_k="auto", multi_label=None, threshold=0.5, function_to_apply=None,
+                 **kw):
         super().__init__(config, tokenizer, **kw)
-        _check_positive_int("top_k", top_k, allow_none=True)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         if multi_label is None:
             multi_label = config.problem_type == "multi_label_classification"
+        if top_k == "auto":  # a multi-label model's labels over the threshold were cut to the best one
+            top_k = None if multi_label else 1
+        _check_positive_int("top_k", top_k, allow_none=True)
         self.top_k, self.multi_label, self.threshold = top_k, bool(multi_label), float(threshold)
         if function_to_apply is not None:  # HF's pipeline option, overriding the model's default
             _check_choice("function_to_apply", function_to_apply, FUNCTIONS)
@@ -203,10 +208,17 @@ class Classify(Task):
 class Tag(Task):
     """Token classification aggregated to words: a list of {word, start, end, label, score}, start
     and end code point offsets into the text. ``aggregation``: 'first' (the word's first sub-token
-    decides), 'average' (sub-token probabilities averaged), 'max' (the most confident sub-token).
-    Long texts are split into windows overlapping by ``stride`` tokens; a word is read from the
-    window that holds its first sub-token and most of the others, its first token farthest from
-    the window's edges; its offsets span it whole even where no window holds all of it."""
+    decides), 'average' (sub-token probabilities averaged), 'max' (the most confident sub-token),
+    or 'simple' (no aggregation: one entry per token). Long texts are split into windows
+    overlapping by ``stride`` tokens; a word is read from the window that holds its first
+    sub-token and most of the others, its first token farthest from the window's edges; its
+    offsets span it whole even where no window holds all of it.
+
+    ``entities=True``: HF token-classification pipeline's output with the same
+    ``aggregation_strategy`` instead: adjacent words (tokens for 'simple') of one entity type
+    (B-X then I-X..., or the same plain label) grouped into {entity_group, score (their scores'
+    mean), word, start, end}, groups of type 'O' left out. ``word`` is the text's own span
+    (the pipeline's is its tokens decoded: lower-cased by an uncased model)."""
 
     name = "tag"
     model_class = modeling.DistilBertForTokenClassification
@@ -214,10 +226,12 @@ class Tag(Task):
     overflow = "split"
     stride = 32
 
-    def __init__(self, config, tokenizer, aggregation="first", **kw):
+    def __init__(self, config, tokenizer, aggregation="first", entities=False, **kw):
         super().__init__(config, tokenizer, **kw)
         _check_choice("aggregation", aggregation, AGGREGATIONS)
-        self.aggregation = aggregation
+        if entities is not None and not isinstance(entities, (bool, np.bool_)):
+            raise ValueError(f"entities must be True or False, got {entities!r}")
+        self.aggregation, self.entities = aggregation, bool(entities)
         self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
                        for i in range(config.num_labels)]
 
@@ -243,8 +257,9 @@ class Tag(Task):
             lo, hi = enc.cu[row], enc.cu[row + 1]
             tokens_of = {}
             for t, w in enumerate(enc.word_ids[lo:hi].tolist()):
-                if w >= 0:
-                    tokens_of.setdefault(w, []).append(t)
+                if w >= 0:  # 'simple': each token is a word of its own, known by its offsets
+                    key = w if self.aggregation != "simple" else tuple(enc.offsets[lo + t].tolist())
+                    tokens_of.setdefault(key, []).append(t)
             for w, tokens in tokens_of.items():
                 start, end = int(enc.offsets[lo + tokens[0]][0]), int(enc.offsets[lo + tokens[-1]][1])
                 span = spans.setdefault(w, [start, end])
@@ -266,7 +281,31 @@ class Tag(Task):
             start, end = spans[w]
             out.append({"word": text[start:end], "start": start, "end": end, "label": self.labels[label],
                         "score": float(p[label])})
-        return out
+        return group_entities(out, text) if self.entities else out
+
+
+def group_entities(words: list, text: str) -> list:
+    """HF token-classification pipeline's ``group_entities`` on tagged words (or tokens), then its
+    default ``ignore_labels=['O']``: a word joins the group before it when its type (the label
+    without 'B-' / 'I-') is the group's and its label does not start with 'B-'."""
+    def kind(label):
+        return label[2:] if label.startswith(("B-", "I-")) else label
+
+    groups = []
+    for word in words:
+        if groups and kind(word["label"]) == kind(groups[-1][-1]["label"]) and not word["label"].startswith("B-"):
+            groups[-1].append(word)
+        else:
+            groups.append([word])
+    out = []
+    for group in groups:
+        entity = group[0]["label"].split("-", 1)[-1]  # (as the pipeline names a group)
+        if entity == "O":
+            continue
+        start, end = group[0]["start"], group[-1]["end"]
+        out.append({"entity_group": entity, "score": float(np.mean([w["score"] for w in group])),
+                    "word": text[start:end], "start": start, "end": end})
+    return out
 
 
 class FillMask(Task):
@@ -345,7 +384,16 @@ class QuestionAnswering(Task):
     at most ``max_answer_len`` tokens long; a span two overlapping windows hold is one answer, at
     the better window's score. ``handle_impossible_answer`` (HF pipeline's): the softmaxes take in
     [CLS] too, and the empty answer ('', 0, 0), scored p_start([CLS]) * p_end([CLS]) (the least
-    over the windows), is a candidate beside the spans."""
+    over the windows), is a candidate beside the spans. ``align_to_words`` (HF pipeline's, on by
+    default as there): a span starting or ending inside a word is widened to the whole word (as
+    much of it as the window holds), so 'Lovelace' is answered rather than 'love'; spans that
+    widen to the same one are one answer, at the best score.
+
+    ``decoding='pipeline'``: transformers 4's QuestionAnsweringPipeline.postprocess as it is (for
+    answers equal to the pipeline's): each window's softmaxes take in [CLS] (its probability then
+    zeroed), the window's best top_k spans (2 * top_k + 10 with align_to_words) are kept, and
+    answers of the same text (case-insensitive) are one, their scores summed, at the offsets where
+    the first window found it. The default 'best-span' scores each span once, at its best window."""
 
     name = "qa"
     model_class = modeling.DistilBertForQuestionAnswering
@@ -354,7 +402,8 @@ class QuestionAnswering(Task):
     overflow = "split"
     stride = 128
 
-    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, handle_impossible_answer=False, **kw):
+    def __init__(self, config, tokenizer, top_k=1, max_answer_len=15, handle_impossible_answer=False,
+                 align_to_words=True, decoding="best-span", **kw):
         super().__init__(config, tokenizer, **kw)
         if self.overflow != "split":
             raise ValueError("qa always splits long contexts into windows: overflow must be 'split'")
@@ -364,11 +413,16 @@ class QuestionAnswering(Task):
         if handle_impossible_answer is not None and not isinstance(handle_impossible_answer, (bool, np.bool_)):
             raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
         self.handle_impossible_answer = bool(handle_impossible_answer)
+        if not isinstance(align_to_words, (bool, np.bool_)):
+            raise ValueError(f"align_to_words must be True or False, got {align_to_words!r}")
+        self.align_to_words = bool(align_to_words)
+        _check_choice("decoding", decoding, QA_DECODINGS)
+        self.decoding = decoding
 
     def encode(self, tokenizer, texts, pairs):
         return encode_packed(tokenizer, self.fit_questions(tokenizer, texts), pairs, max_length=self.max_length,
                              truncation="only_second", stride=self.stride, overflow=True, offsets=True,
-                             sequence_ids=True)
+                             sequence_ids=True, word_ids=self.align_to_words)
 
     def fit_questions(self, tokenizer, questions: list) -> list:
         """Questions longer than max_length - stride - 4 tokens cut to that many (as SQuAD's
@@ -396,6 +450,8 @@ class QuestionAnswering(Task):
         return list(zip(np.split(host["start"], cuts), np.split(host["end"], cuts)))
 
     def combine(self, item, rows, values, enc, text, pair):
+        if self.decoding == "pipeline":
+            return self.combine_as_pipeline(rows, values, enc, pair)
         # overlapping windows score a span of their overlap twice: it is one answer, kept at its
         # best window's score (top_k > 1 listed the same span twice, like HF's pipeline merges it)
         best = {}  # (start char, end char) -> score
@@ -405,12 +461,19 @@ class QuestionAnswering(Task):
             context = enc.sequence_ids[lo:hi] == 1
             if not context.any():
                 continue
-            spans, row_null = best_spans(start_logits, end_logits, context, self.max_answer_len, self.top_k,
+            spans, row_null = best_spans(start_logits, end_logits, context, self.max_answer_len,
                                          with_null=self.handle_impossible_answer)
+            first_char, end_char = self.char_bounds(enc, lo, hi)
+            seen = set()  # this window's best top_k answers (token spans widened to one word span are one)
             for score, s, e in spans:
-                span = (int(enc.offsets[lo + s][0]), int(enc.offsets[lo + e][1]))
+                span = (int(first_char[s]), int(end_char[e]))
+                if span in seen:
+                    continue
+                seen.add(span)
                 if score > best.get(span, -1.0):
                     best[span] = score
+                if len(seen) == self.top_k:
+                    break
             if row_null is not None:
                 null = row_null if null is None else min(null, row_null)
         if null is not None:  # the empty answer competes with the spans (HF pipeline's handle_impossible_answer)
@@ -422,9 +485,66 @@ class QuestionAnswering(Task):
         return found
 
 
-def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, top_k: int, with_null=False):
-    """(the top_k (score, start, end) token spans with start <= end < start + max_answer_len, both
-    in ``context``; score = softmax(start)[s] * softmax(end)[e] over the context tokens, and None).
+    def combine_as_pipeline(self, rows, values, enc, pair):
+        """transformers 4.57's QuestionAnsweringPipeline.postprocess (select_starts_ends,
+        decode_spans, get_indices, get_answer), step for step, on the item's windows in order."""
+        min_null, answers = 1000000.0, {}  # lower-cased text -> answer, in the order found
+        keep = self.top_k * 2 + 10 if self.align_to_words else self.top_k
+        for row, (start_logits, end_logits) in zip(rows, values):
+            lo, hi = enc.cu[row], enc.cu[row + 1]
+            allowed = enc.sequence_ids[lo:hi] == 1
+            allowed[0] = True  # [CLS]
+            start = _softmax(np.where(allowed, start_logits, np.float32(-10000.0)))
+            end = _softmax(np.where(allowed, end_logits, np.float32(-10000.0)))
+            if self.handle_impossible_answer:
+                min_null = min(min_null, float(start[0] * end[0]))
+            start[0] = end[0] = 0.0
+            candidates = np.tril(np.triu(start[:, None] * end[None, :]), self.max_answer_len - 1)
+            flat = candidates.ravel()
+            if keep == 1:
+                order = np.array([np.argmax(flat)])
+            elif len(flat) < keep:
+                order = np.argsort(-flat)
+            else:
+                order = np.argpartition(-flat, keep)[:keep]
+                order = order[np.argsort(-flat[order])]
+            starts, ends = np.unravel_index(order, candidates.shape)
+            wanted = allowed[starts] & allowed[ends]
+            first_char, end_char = self.char_bounds(enc, lo, hi)
+            for s, e in zip(starts[wanted].tolist(), ends[wanted].tolist()):
+                a, b = int(first_char[s]), int(end_char[e])
+                answer = answers.setdefault(pair[a:b].lower(), {"answer": pair[a:b], "start": a, "end": b, "score": 0.0})
+                answer["score"] += float(candidates[s, e])
+        found = list(answers.values())
+        if self.handle_impossible_answer:
+            found.append({"answer": "", "start": 0, "end": 0, "score": min_null})
+        found = sorted(found, key=lambda x: x["score"], reverse=True)[: self.top_k]
+        if self.top_k == 1:
+            return found[0] if found else {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        return found
+
+    def char_bounds(self, enc: Encoded, lo: int, hi: int):
+        """(first char, end char) a span starting / ending at each token of row enc[lo:hi] answers
+        with: the token's own offsets, or with align_to_words its word's (HF pipeline's
+        word_to_chars on the window's encoding: the word's tokens this window holds)."""
+        offsets = enc.offsets[lo:hi]
+        if not self.align_to_words:
+            return offsets[:, 0], offsets[:, 1]
+        words, sequences, n = enc.word_ids[lo:hi], enc.sequence_ids[lo:hi], hi - lo
+        starts = np.ones(n, dtype=bool)  # a token that starts a word (its tokens are consecutive)
+        starts[1:] = (words[1:] != words[:-1]) | (sequences[1:] != sequences[:-1])
+        ends = np.ones(n, dtype=bool)
+        ends[:-1] = starts[1:]
+        positions = np.arange(n)
+        first = np.maximum.accumulate(np.where(starts, positions, 0))
+        last = np.minimum.accumulate(np.where(ends, positions, n - 1)[::-1])[::-1]
+        return offsets[first, 0], offsets[last, 1]
+
+
+def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: int, with_null=False):
+    """(the (score, start, end) token spans with start <= end < start + max_answer_len, both in
+    ``context``, best first, lazily; score = softmax(start)[s] * softmax(end)[e] over the context
+    tokens, and None).
     ``with_null``: the softmax also takes in [CLS] (position 0), and its p(start) * p(end) is
     returned as the no-answer score instead of None, as HF's pipeline does. Only the band of
     spans up to max_answer_len long is scored (a (context, max_answer_len) array): the whole
@@ -443,9 +563,8 @@ def best_spans(start_logits, end_logits, context: np.ndarray, max_answer_len: in
     inside &= idx[ends] - idx[:, None] < max_answer_len  # (context tokens need not be contiguous)
     scores = np.where(inside, p_start[:, None] * p_end[ends], -1.0)
     # a stable sort of the band in (start, end) order: ties broken as over the whole product
-    flat = np.argsort(-scores, axis=None, kind="stable")[:top_k]
-    return [(float(scores.flat[f]), int(idx[f // width]), int(idx[ends.flat[f]]))
-            for f in flat if scores.flat[f] >= 0], null
+    flat = np.argsort(-scores, axis=None, kind="stable")[: int(inside.sum())]  # (the spans outside score -1: last)
+    return ((float(scores.flat[f]), int(idx[f // width]), int(idx[ends.flat[f]])) for f in flat), null
 
 
 def _softmax(x):

@@ -56,7 +56,7 @@ def _worker(path, options, device, threads, inbox, outbox):
         if threads:
             torch.set_num_threads(threads)
         engine = InferenceEngine.from_pretrained(path, device=device, **{**options, "progress": False})
-        outbox.put(("ready", None, None))
+        outbox.put(("ready", None, engine.model.config.dim))
     except BaseException as exc:  # reported to the parent
         outbox.put(("error", None, _picklable(exc)))
         return
@@ -112,11 +112,13 @@ class WorkerPool:
             proc.start()
             self._inboxes.append(inbox)
             self._procs.append(proc)
+        self.embedding_dim = None  # the model's hidden size, as the workers loaded it (this process has no model)
         for _ in self._procs:
             kind, _, payload = self._get()
             if kind == "error":
                 self.close()
                 raise _worker_error(payload, "loading the model")
+            self.embedding_dim = payload
 
     def _get(self):
         while True:
@@ -193,6 +195,7 @@ class WorkerPool:
 class _SingleRunner:
     def __init__(self, engine):
         self.engine = engine
+        self.embedding_dim = engine.model.config.dim
 
     def stream(self, items):
         return self.engine.stream(items)
@@ -227,7 +230,8 @@ class RayPredictor:
         pairs = None if self.pair_column is None else _text_column(batch, self.pair_column)
         results = self.engine(texts, pairs)
         if self.task == "embed":
-            batch[self.output_column] = np.stack(results) if results else np.zeros((0, 0), np.float32)
+            dim = self.engine.model.config.dim
+            batch[self.output_column] = np.stack(results) if results else np.zeros((0, dim), np.float32)
         else:
             import json
 
@@ -240,6 +244,10 @@ class RayPredictor:
 def _text_column(batch: dict, column: str) -> list:
     """The column's values, which must be strings: a missing value (None, NaN) was embedded as
     the text 'None' / 'nan' and a number as its digits, with no word."""
+    if column not in batch:
+        if not any(len(values) for values in batch.values()):  # an empty batch may come without its columns
+            return []
+        raise KeyError(f"the batch has no column {column!r}; its columns: {sorted(batch)}")
     values = list(batch[column])
     for row, value in enumerate(values):
         if not isinstance(value, str):
