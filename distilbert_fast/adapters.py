@@ -465,6 +465,8 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# an AdapterSetup block's head setup (read by DistilBertAdapterModel's forward)
+_CALL_HEADS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_head_setup", default=None)
 # The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
 # around a compiled submodule), for a compiled model: dynamo guards on a threading.local's
 # attributes per thread (but not per async task: see AdapterSetup).
@@ -472,33 +474,72 @@ _BLOCK = threading.local()
 
 
 class AdapterSetup:
-    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block.
+    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block, as
+    the package's ``AdapterSetup(adapter_setup, head_setup=None, ignore_empty=False)``.
+
+    On DistilBertAdapterModel a forward without ``head=`` runs the heads of ``head_setup``: a
+    head name, a list of names (each head on the whole batch, a MultiHeadOutput), or by default
+    the setup's own (its last adapter's name; one per child of a Parallel, head i on copy i of the
+    batch); an unknown head is a ValueError, as in the package. The innermost block decides
+    (one with neither setup falls back to the model's active adapters and heads), except that
+    with ``ignore_empty=True`` a block with neither is no block at all.
 
     In eager mode the block is seen per thread and per async task. A compiled model
     (torch.compile) sees it per thread only: where async tasks on one thread interleave
     AdapterSetup blocks around a compiled model, pass ``adapter_names=`` to each call instead."""
 
-    def __init__(self, adapter_setup):
+    def __init__(self, adapter_setup, head_setup=None, ignore_empty: bool = False):
         self.adapter_setup = parse_composition(adapter_setup)
+        self.head_setup = (parse_head_setup(head_setup, "head_setup") if head_setup
+                           else parse_heads_from_composition(self.adapter_setup))
+        self._empty = ignore_empty and self.adapter_setup is None and self.head_setup is None
         self._token = None
 
     def __enter__(self):
-        self._token = _set_call_setup(self.adapter_setup)
+        if not self._empty:
+            self._token = _set_call_setup(self.adapter_setup, self.head_setup)
         return self
 
     def __exit__(self, *exc):
-        _reset_call_setup(self._token)
+        if not self._empty:
+            _reset_call_setup(self._token)
 
 
-def _set_call_setup(setup):
-    token = _CALL_SETUP.set(setup)
-    _BLOCK.setup = setup
+def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
+    """The heads an adapter setup runs on a model with heads, as the package's
+    parse_heads_from_composition: a Stack's last adapter, a Parallel's (last) adapter per child."""
+    if setup is None:
+        return None
+    return setup.heads() if isinstance(setup, Parallel) else setup.last()
+
+
+def parse_head_setup(head_setup, argument: str) -> str | list[str]:
+    """A head setup (a head name, or a list / tuple / Parallel of names) -> a name or a list."""
+    if isinstance(head_setup, str):
+        return head_setup
+    if isinstance(head_setup, Parallel):
+        head_setup = head_setup.children
+    if isinstance(head_setup, (list, tuple)) and all(isinstance(name, str) for name in head_setup):
+        return list(head_setup)
+    raise TypeError(f"{argument} must be a head name or a list of head names, got {head_setup!r}")
+
+
+def call_head_setup():
+    """The head setup of the innermost AdapterSetup block open here (None: none, or none given)."""
+    return getattr(_BLOCK, "heads", None) if tracing() else _CALL_HEADS.get()
+
+
+def _set_call_setup(setup, heads=None):
+    token = _CALL_SETUP.set(setup), _CALL_HEADS.set(heads)
+    _BLOCK.setup, _BLOCK.heads = setup, heads
     return token
 
 
 def _reset_call_setup(token):
-    _CALL_SETUP.reset(token)
-    _BLOCK.setup = _CALL_SETUP.get()  # this context's value again (also after out-of-order exits)
+    _CALL_SETUP.reset(token[0])
+    _CALL_HEADS.reset(token[1])
+    # this context's values again (also after out-of-order exits)
+    _BLOCK.setup, _BLOCK.heads = _CALL_SETUP.get(), _CALL_HEADS.get()
 
 
 def adapters_state_of(blocks) -> "AdaptersState | None":
@@ -763,10 +804,10 @@ class BottleneckAdapter(nn.Module):
     def pre_forward(self, hidden, x, layer_norm, backend):
         """(adapter input, adapter residual) from the sublayer output ``hidden`` and the block's
         residual input ``x``: the package's ``Adapter.pre_forward``. A parallel adapter (par_bn)
-        takes the sublayer's input ``x`` and has no residual of its own (its output joins the
-        sublayer's output in ``post_forward``)."""
+        takes the sublayer's input ``x``, also as the residual it hands on (its own output has
+        none: it joins the sublayer's output in ``post_forward``), as ParallelAdapter.pre_forward."""
         if self.is_parallel:
-            return x, None
+            return x, x
         residual = hidden if self.residual_before_ln is True else None
         if self.original_ln_before:
             if self.residual_before_ln == "post_add":
@@ -893,12 +934,11 @@ class BottleneckLayer(nn.Module):
         then the last child's last adapter's post_forward (residual + block LayerNorm) on all.
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
-        fails on such a setup)."""
+        fails on such a setup). A parallel adapter (par_bn) last adds the sublayer's output of
+        each copy, as the package's ParallelAdapter.post_forward (which fails in the layer that
+        replicates a batch of more than one row: it adds the output of the batch not yet
+        replicated; its result for one row, or once a LoRA below replicated, is this one)."""
         present = [name for name in setup.names() if name in self.adapters]
-        if any(self.adapters[name].is_parallel for name in present):
-            raise NotImplementedError(
-                f"the Parallel composition {setup!r} holds a parallel bottleneck adapter (is_parallel=True, "
-                "par_bn): not supported by distilbert_fast; use it alone or in a Stack")
         (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
@@ -917,7 +957,7 @@ class BottleneckLayer(nn.Module):
         # the package finishes with the last child's adapter (which must be here); else ours: the
         # last one of the setup that is
         last = last if last is not None else present[-1]
-        out = self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend)
+        out = self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend, sublayer)
         if not any(bare):
             return out
         return torch.cat([
@@ -1209,7 +1249,9 @@ class ModelAdaptersMixin:
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
         """Training mode for the given adapters: the base model frozen (but the word embeddings
-        with ``train_embeddings``), those adapters trainable and active."""
+        with ``train_embeddings``), those adapters trainable and active. As in the package, the
+        active head stays (a head named like the adapter is not activated: set_active_adapters
+        does that)."""
         setup = self._parse_setup(adapter_setup)
         if setup is None:
             raise ValueError(f"adapter_setup must name at least one adapter to train, got {adapter_setup!r}")
@@ -1219,7 +1261,7 @@ class ModelAdaptersMixin:
             for module in self._adapter_modules(name):
                 for param in module.parameters():
                     param.requires_grad = True
-        self.set_active_adapters(setup)
+        ModelAdaptersMixin.set_active_adapters(self, setup)  # the base model's: heads unchanged
         if train_embeddings:
             self.get_input_embeddings().weight.requires_grad = True
         elif self.base_model is not self:
@@ -1246,6 +1288,65 @@ class ModelAdaptersMixin:
         for layer, attr in self._adapter_layers():
             if attr == "loras":
                 layer.reset_adapter()
+
+    def adapter_to(self, name: str, device=None, dtype=None):
+        """Moves adapter ``name``'s modules to ``device`` and / or casts them to ``dtype``, as the
+        package's adapter_to (the forward casts nothing: its input must then be of that dtype)."""
+        self._check_adapter_name(name, "name")
+        for module in self._adapter_modules(name):
+            module.to(device=device, dtype=dtype)
+
+    _COMBINE_STRATEGIES = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
+
+    @torch.no_grad()
+    def average_adapter(self, adapter_name: str, adapter_list, weights=None, combine_strategy: str = "linear",
+                        normalize_weights: bool = True, overwrite_ok: bool = False, set_active: bool = False,
+                        svd_rank: int | None = None):
+        """Adds adapter ``adapter_name`` as the weighted average of the adapters of
+        ``adapter_list`` (of one config but for dropout and init_weights), as the package's
+        average_adapter: ``weights`` (default equal) divided by their sum with
+        ``normalize_weights``. ``combine_strategy``: "linear" averages every weight; for LoRA,
+        "lora_linear_only_negate_b" takes |weight| for A (a negative weight negates B only) and
+        "lora_delta_w_svd" averages B @ A and splits it back by an SVD of rank ``svd_rank``."""
+        _check_choice("combine_strategy", combine_strategy, self._COMBINE_STRATEGIES)
+        names = list(adapter_list)
+        if not names:
+            raise ValueError("adapter_list must name at least one adapter to average, got []")
+        for name in names:
+            self._check_adapter_name(name, "adapter_list")
+        configs = self._adapters_state.configs
+        ignored = ("dropout", "init_weights", "init_weights_seed")
+        config = configs[names[0]]
+        key = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        for name in names[1:]:
+            if {k: v for k, v in configs[name].to_dict().items() if k not in ignored} != key:
+                raise ValueError(f"adapter_list: adapters {names[0]!r} and {name!r} have different configs; "
+                                 "only adapters of one config (but for dropout and init_weights) average")
+        lora = isinstance(config, LoRAConfig)
+        if combine_strategy != "linear" and not lora:
+            raise ValueError(f"combine_strategy {combine_strategy!r} is for LoRA adapters; {names[0]!r} is a "
+                             "bottleneck adapter (use 'linear')")
+        if combine_strategy == "lora_delta_w_svd" and svd_rank is None:
+            raise ValueError("svd_rank must be set when using 'lora_delta_w_svd'")
+        if svd_rank is not None:
+            if lora:
+                config = config.replace(r=svd_rank)
+            else:
+                logger.warning("average_adapter: svd_rank applies to LoRA adapters only; ignored")
+        if weights is None:
+            weights = [1.0 / len(names)] * len(names)
+        elif len(weights) != len(names):
+            raise ValueError(f"weights must hold one weight per adapter ({len(names)}), got {len(weights)}")
+        elif normalize_weights:
+            weights = [w / sum(weights) for w in weights]
+        self.add_adapter(adapter_name, config, overwrite_ok=overwrite_ok)
+        for layer, attr in self._adapter_layers():
+            modules = getattr(layer, attr)
+            if adapter_name in modules:
+                modules[adapter_name].load_state_dict(
+                    _averaged_state([modules[n] for n in names], weights, combine_strategy, svd_rank))
+        if set_active:
+            self.set_active_adapters(adapter_name)
 
     # -- files ------------------------------------------------------------------------------------
     def _adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -1459,6 +1560,21 @@ class ModelAdaptersMixin:
         for name, key in recorded.get("adapters", {}).items():
             if name not in self._adapters_state.configs:
                 self.add_adapter(name, config_map.get(key, key))
+
+
+def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torch.Tensor]:
+    """The state_dict of the weighted average of ``modules`` (one place's adapters), by the
+    package's combine strategies (see average_adapter)."""
+    if strategy == "lora_delta_w_svd":
+        delta_w = sum(w * m.delta_w for m, w in zip(modules, weights))  # (out_features, in_features)
+        u, s, v = torch.linalg.svd(delta_w)
+        return {"lora_A": v[:svd_rank], "lora_B": u[:, :svd_rank] @ torch.diag(s[:svd_rank])}
+    average = {}
+    for module, weight in zip(modules, weights):
+        for key, value in module.state_dict().items():
+            negate_b_only = strategy == "lora_linear_only_negate_b" and "lora_A" in key
+            average[key] = average.get(key, 0) + (abs(weight) if negate_b_only else weight) * value
+    return average
 
 
 def _without(setup: Stack, name: str) -> Stack | None:

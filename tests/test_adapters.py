@@ -16,7 +16,6 @@ from distilbert_fast import (
     DistilBertAdapterModel,
     DistilBertConfig,
     LoRAConfig,
-    Parallel,
     ParBnConfig,
     SeqBnConfig,
     Stack,
@@ -367,6 +366,16 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
     for setup in (None, []):
         with pytest.raises(ValueError, match="adapter_setup must name at least one adapter"):
             model.train_adapter(setup)
+    with pytest.raises(TypeError, match="head_setup must be a head name or a list of head names, got 5"):
+        AdapterSetup("a", head_setup=5)
+    model.add_classification_head("h")
+    with pytest.raises(ValueError, match="^AdapterSetup's head_setup: no head named 'zz'"):
+        with AdapterSetup("a", head_setup=["h", "zz"]):
+            model(x)
+    with pytest.raises(ValueError, match="^AdapterSetup's head_setup: no head named 'a'"):
+        with AdapterSetup("a"):  # runs head "a", as the package's
+            model(x)
+    assert torch.equal(model(x, adapter_names="a").logits, model(x, adapter_names="a", head="h").logits)
     model.delete_adapter("nope")  # as the package: nothing to delete is skipped (with a warning)
     assert list(model.adapters_config) == ["a"]
     model.set_active_adapters("a")
@@ -381,10 +390,6 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         LoRAConfig(r=0)
     with pytest.raises(NotImplementedError, match="intermediate_lora"):
         LoRAConfig(intermediate_lora=True)
-    model.add_adapter("p", config="par_bn")
-    model.add_adapter("q", config="seq_bn")
-    with pytest.raises(NotImplementedError, match="parallel bottleneck adapter"):
-        model(x, adapter_names=Parallel("p", "q"))
     with pytest.raises(NotImplementedError, match="phm_layer"):
         SeqBnConfig(phm_layer=True)
     with pytest.raises(ValueError, match="post_add"):
@@ -450,3 +455,31 @@ def test_adapters_on_a_fused_backend_match_eager(backend):
     assert ref_grads.keys() == grads.keys() and any(".adapters." in n for n in grads)
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name], atol=5e-5, rtol=1e-4, name=name)
+
+
+def test_adapter_to_and_average_adapter_refusals():
+    """adapter_to moves one adapter only; average_adapter's bad arguments are ValueErrors naming
+    them, and add nothing (its results are checked against the package in test_adapters_oracle)."""
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=8))
+    model.add_adapter("l", config="lora")
+    model.adapter_to("a", dtype=torch.float64)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if ".adapters." in n or ".loras." in n}
+    assert {d for n, d in dtypes.items() if ".adapters.a." in n} == {torch.float64}
+    assert {d for n, d in dtypes.items() if ".adapters.a." not in n} == {torch.float32}
+    for call, message in (
+        (lambda: model.average_adapter("m", []), "adapter_list must name at least one adapter"),
+        (lambda: model.average_adapter("m", ["a", "nope"]), "adapter_list: no adapter named 'nope'"),
+        (lambda: model.average_adapter("m", ["a", "b"]), "different configs"),
+        (lambda: model.average_adapter("m", ["a"], combine_strategy="mean"), "combine_strategy must be one of"),
+        (lambda: model.average_adapter("m", ["a"], combine_strategy="lora_delta_w_svd"), "is for LoRA adapters"),
+        (lambda: model.average_adapter("m", ["l"], combine_strategy="lora_delta_w_svd"), "svd_rank must be set"),
+        (lambda: model.average_adapter("m", ["a", "a"], weights=[1.0]), "one weight per adapter"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert "m" not in model.adapters_config
+    model.average_adapter("m", ["l", "l"], weights=[3.0, -1.0], normalize_weights=False)  # 2 x "l"
+    assert torch.allclose(model.distilbert.transformer.layer[0].attention.q_lin.loras["m"].lora_A,
+                          2 * model.distilbert.transformer.layer[0].attention.q_lin.loras["l"].lora_A)
