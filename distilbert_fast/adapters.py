@@ -7,7 +7,8 @@
                           ``merge_adapter`` folds into the weights
     composition           Stack("a", "b"): adapters applied one after the other;
                           Parallel("a", "b"): side by side, the batch replicated at the first
-                          layer holding one of them (bottleneck adapters and LoRA)
+                          layer holding one of them (bottleneck adapters, par_bn and LoRA);
+                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -319,6 +320,67 @@ ADAPTER_CONFIG_MAP: dict[str, AdapterConfig] = {
 DEFAULT_ADAPTER_CONFIG = "seq_bn"
 
 
+@dataclasses.dataclass(frozen=True, eq=True)
+class AdapterFusionConfig(AdapterConfig):
+    """AdapterFusion (Pfeiffer et al., 2021), the package's fields: attention over the fused
+    adapters' outputs with a query / key / value projection each (or none), the query taken
+    before or after the block's LayerNorm, the residual added to the values before or to the
+    result after, a temperature annealed from 50 to 1 per forward, the value projection before or
+    after the softmax and initialised to the identity; ``regularization`` adds
+    get_fusion_regularization_loss's pull of the value projection towards the identity."""
+
+    key: bool = True
+    query: bool = True
+    value: bool = True
+    query_before_ln: bool = False
+    regularization: bool = True
+    residual_before: bool = False
+    temperature: bool = False
+    value_before_softmax: bool = True
+    value_initialized: str | bool = True
+    dropout_prob: float | None = None
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> "AdapterFusionConfig":
+        if isinstance(config, AdapterFusionConfig):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"fusion config must be a dict or AdapterFusionConfig, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(AdapterFusionConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"unknown AdapterFusionConfig keys {unknown}")
+        return AdapterFusionConfig(**config)
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class StaticAdapterFusionConfig(AdapterFusionConfig):
+    """The package's "static" fusion: no value projection, no regularization."""
+
+    value: bool = False
+    regularization: bool = False
+    value_initialized: str | bool = False
+
+
+DynamicAdapterFusionConfig = AdapterFusionConfig  # the package's "dynamic" fusion (the default)
+ADAPTERFUSION_CONFIG_MAP = {"static": StaticAdapterFusionConfig(), "dynamic": DynamicAdapterFusionConfig()}
+DEFAULT_ADAPTERFUSION_CONFIG = "dynamic"
+ADAPTERFUSION_CONFIG_NAME = "adapter_fusion_config.json"
+ADAPTERFUSION_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
+ADAPTERFUSION_SAFE_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
+
+
+def load_fusion_config(config) -> AdapterFusionConfig:
+    """An AdapterFusionConfig from a preset name ("dynamic", "static"), a dict, or a config."""
+    if config is None:
+        config = DEFAULT_ADAPTERFUSION_CONFIG
+    if isinstance(config, str):
+        if config not in ADAPTERFUSION_CONFIG_MAP:
+            raise ValueError(f"unknown fusion config {config!r}; presets: {sorted(ADAPTERFUSION_CONFIG_MAP)}")
+        return ADAPTERFUSION_CONFIG_MAP[config]
+    return AdapterFusionConfig.from_dict(config)
+
+
 def load_adapter_config(config) -> AdapterConfig:
     """An AdapterConfig from a preset name, a dict, or a config (returned as is)."""
     if config is None:
@@ -404,7 +466,7 @@ class Parallel(Stack):
         if not children:
             raise ValueError("Parallel needs at least one adapter name or Stack")
         for child in children:
-            if not isinstance(child, (str, Stack)) or isinstance(child, Parallel):
+            if not isinstance(child, (str, Stack)) or isinstance(child, (Parallel, Fuse)):
                 raise TypeError(
                     "Parallel children must be adapter names (str) or Stacks of names, got "
                     f"{type(child).__name__}"
@@ -436,6 +498,30 @@ class Parallel(Stack):
     @property
     def parallel_channels(self) -> int:
         return len(self.children)
+
+
+class Fuse(Stack):
+    """AdapterFusion of bottleneck adapters, as the package's ``Fuse("a", "b", name=None)``: each
+    adapter runs on the same input and a fusion layer (added by ``add_adapter_fusion``) attends
+    over their outputs. distilbert_fast takes a Fuse of adapter names as the whole setup only (not
+    inside a Stack or Parallel)."""
+
+    def __init__(self, *children: str, name: str | None = None):
+        super().__init__(*children)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name or ",".join(self.children)
+
+    def heads(self) -> list[str]:
+        return []  # the package's parse_heads_from_composition gives none for a Fuse
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.name == other.name
+
+    def __repr__(self):
+        return f"Fuse[{', '.join(self.children)}]" + ("" if self._name is None else f"(name={self._name!r})")
 
 
 def parse_composition(setup) -> Stack | None:
@@ -508,7 +594,7 @@ class AdapterSetup:
 def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
     """The heads an adapter setup runs on a model with heads, as the package's
     parse_heads_from_composition: a Stack's last adapter, a Parallel's (last) adapter per child."""
-    if setup is None:
+    if setup is None or isinstance(setup, Fuse):
         return None
     return setup.heads() if isinstance(setup, Parallel) else setup.last()
 
@@ -638,6 +724,8 @@ class AdaptersState:
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
         self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
+        # add_adapter_fusion's: fusion name -> (its config, the fused adapters' names)
+        self.fusions: dict[str, tuple[AdapterFusionConfig, list[str]]] = {}
 
     def call_setup(self) -> Stack | None:
         """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
@@ -879,6 +967,7 @@ class BottleneckLayer(nn.Module):
         self.model_config = model_config
         self.state = state
         self.adapters = nn.ModuleDict()
+        self.adapter_fusion_layer = nn.ModuleDict()  # by fusion name, as the package's
 
     def add_adapter(self, name: str, config: BnConfig, like: torch.Tensor) -> bool:
         """Adds adapter ``name`` here if the config places one here, on ``like``'s device and
@@ -914,6 +1003,8 @@ class BottleneckLayer(nn.Module):
         setup = self.active_setup()
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
+        if isinstance(setup, Fuse):
+            return self._forward_fuse(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
         sublayer = hidden
         for i, name in enumerate(names):
@@ -926,6 +1017,33 @@ class BottleneckLayer(nn.Module):
                                                      layer_norm, backend)
             hidden = adapter(hidden, residual, backend)
         return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend, sublayer)
+
+    def add_fusion_layer(self, name: str, config: AdapterFusionConfig, adapter_names, like: torch.Tensor):
+        """The fusion layer ``name`` here, where every fused adapter's config places one here (as
+        the package's add_fusion_layer)."""
+        configs = self.state.configs
+        if all(getattr(configs[n], self.location_key, False) for n in adapter_names):
+            fusion = AdapterFusion(config, self.model_config.dim)
+            fusion.train(self.training)
+            self.adapter_fusion_layer[name] = fusion.to(like.device, like.dtype)
+
+    def _forward_fuse(self, setup: "Fuse", hidden, x, layer_norm, backend):
+        """The package's compose_fuse: the last adapter's pre_forward (the query before or after
+        the block's LayerNorm), each fused adapter's scaled up-projection of that input, the
+        fusion layer's attention over them, then the last adapter's post_forward."""
+        config = self.state.fusions[setup.name][0]
+        last = self.adapters[setup.last()]
+        sublayer = hidden
+        hidden, residual = last.pre_forward(hidden, x, layer_norm, backend)
+        query = x if last.is_parallel else sublayer if config.query_before_ln else hidden
+        ups = []
+        for name in setup:
+            if name in self.adapters:
+                up, bias = self.adapters[name]._scaled_up(self.adapters[name]._down(hidden, backend))
+                ups.append(up + bias)
+        if ups:
+            hidden = self.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+        return last.post_forward(hidden, x, layer_norm, backend, sublayer)
 
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
@@ -965,6 +1083,48 @@ class BottleneckLayer(nn.Module):
                                backend=backend) if is_bare else out[part]
             for part, is_bare in zip(parts, bare)
         ])
+
+
+class AdapterFusion(nn.Module):
+    """The package's ``BertFusion`` (same parameter names): attention of each token's query over
+    the fused adapters' outputs (..., n_adapters, dim)."""
+
+    def __init__(self, config: AdapterFusionConfig, dim: int):
+        super().__init__()
+        self.config = config
+        self.dropout = nn.Dropout(config.dropout_prob or 0.0)  # DistilBERT's config has no attention_probs_dropout_prob
+        if not (config.query or config.key or config.value):
+            self.dense = nn.Linear(dim, 1)  # (unused, as in the package; kept for its state_dict)
+        for key, bias in (("query", True), ("key", True), ("value", False)):
+            if config[key]:
+                linear = nn.Linear(dim, dim, bias=bias)
+                with torch.no_grad():
+                    linear.weight.normal_(0.0, 0.02)
+                    if bias:
+                        linear.bias.zero_()
+                setattr(self, key, linear)
+        if config.value and config.value_initialized:
+            with torch.no_grad():
+                self.value.weight.fill_(0.000001).fill_diagonal_(1.0)
+        self.T = 50.0 if config.temperature else 1.0
+        self.reduction = self.T / 1000.0
+
+    def forward(self, query, values, residual):
+        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)."""
+        config = self.config
+        if config.residual_before:
+            values = values + residual.unsqueeze(-2)  # (the package adds in place: its keys too)
+        query = self.query(query) if config.query else query
+        keys = self.key(values) if config.key else values
+        if config.value and config.value_before_softmax:
+            values = self.value(values)
+        scores = self.dropout((query.unsqueeze(-2) @ keys.transpose(-2, -1)).squeeze(-2))  # (..., n)
+        probs = torch.softmax(scores / self.T, dim=-1)
+        self.T = max(self.T - self.reduction, 1.0)  # the temperature anneals per forward, as there
+        context = (probs.unsqueeze(-2) @ values).squeeze(-2)
+        if config.value and not config.value_before_softmax:
+            context = self.value(context)
+        return context if config.residual_before else context + residual
 
 
 class LoRA(nn.Module):
@@ -1199,6 +1359,9 @@ class ModelAdaptersMixin:
         setup = parse_composition(adapter_setup)
         for name in setup.names() if setup is not None else ():
             self._check_adapter_name(name, argument)
+        if isinstance(setup, Fuse) and setup.name not in self._adapters_state.fusions:
+            raise ValueError(f"{argument}: no adapter fusion named {setup.name!r} (add_adapter_fusion adds it); "
+                             f"this model has {sorted(self._adapters_state.fusions)}")
         return setup
 
     def set_active_adapters(self, adapter_setup, skip_layers=None):
@@ -1347,6 +1510,142 @@ class ModelAdaptersMixin:
                     _averaged_state([modules[n] for n in names], weights, combine_strategy, svd_rank))
         if set_active:
             self.set_active_adapters(adapter_name)
+
+    # -- AdapterFusion ---------------------------------------------------------------------------
+    def add_adapter_fusion(self, adapter_names, config=None, name: str | None = None, overwrite_ok: bool = False,
+                           set_active: bool = False):
+        """Adds a fusion layer over the bottleneck adapters ``adapter_names`` (a Fuse, a list, or
+        a comma-separated str), named ``name`` (default: the names joined by commas), with
+        ``config`` ("dynamic", the default, "static", a dict or an AdapterFusionConfig)."""
+        if isinstance(adapter_names, Fuse):
+            name = adapter_names.name if name is None else name
+            adapter_names = adapter_names.children
+        elif isinstance(adapter_names, str):
+            adapter_names = adapter_names.split(",")
+        adapter_names = list(adapter_names)
+        for adapter in adapter_names:
+            self._check_adapter_name(adapter, "adapter_names")
+            if not isinstance(self._adapters_state.configs[adapter], BnConfig):
+                raise ValueError(f"adapter_names: {adapter!r} is a LoRA; AdapterFusion fuses bottleneck adapters")
+        name = ",".join(adapter_names) if name is None else name
+        config = load_fusion_config(config)
+        fusions = self._adapters_state.fusions
+        if name in fusions:
+            if not overwrite_ok:
+                raise ValueError(f"an adapter fusion named {name!r} already exists; pass overwrite_ok=True to replace it")
+            self.delete_adapter_fusion(name)
+        fusions[name] = (config, adapter_names)
+        for block in self.base_model.transformer.layer:
+            for layer in (block.attention_adapters, block.output_adapters):
+                if layer is not None:
+                    layer.add_fusion_layer(name, config, adapter_names, block.sa_layer_norm.weight)
+        if set_active:
+            self.set_active_adapters(Fuse(*adapter_names, name=name))
+
+    def _fusion_name(self, adapter_names, argument: str) -> str:
+        if isinstance(adapter_names, Fuse):
+            name = adapter_names.name
+        else:
+            name = adapter_names if isinstance(adapter_names, str) else ",".join(adapter_names)
+        if name not in self._adapters_state.fusions:
+            raise ValueError(f"{argument}: no adapter fusion named {name!r}; this model has "
+                             f"{sorted(self._adapters_state.fusions)}")
+        return name
+
+    def _fusion_layers(self, name: str):
+        for layer, attr in self._adapter_layers():
+            if attr == "adapters" and name in layer.adapter_fusion_layer:
+                yield layer.adapter_fusion_layer[name]
+
+    def delete_adapter_fusion(self, adapter_names):
+        """Removes the fusion layer of ``adapter_names`` (a Fuse, a list, or its name)."""
+        name = self._fusion_name(adapter_names, "adapter_names")
+        for layer, attr in self._adapter_layers():
+            if attr == "adapters" and name in layer.adapter_fusion_layer:
+                del layer.adapter_fusion_layer[name]
+        del self._adapters_state.fusions[name]
+        active = self._adapters_state.active_setup
+        if isinstance(active, Fuse) and active.name == name:
+            self._adapters_state.active_setup = None
+
+    def train_adapter_fusion(self, adapter_setup, unfreeze_adapters: bool = False):
+        """Training mode for the fusion layer of ``adapter_setup`` (a Fuse, or a list of names):
+        the model frozen but that fusion layer (and its adapters with ``unfreeze_adapters``), the
+        setup active; as in the package, the active head stays and its output embeddings freeze."""
+        setup = self._parse_setup(adapter_setup if isinstance(adapter_setup, Stack) else Fuse(*adapter_setup))
+        if not isinstance(setup, Fuse):
+            raise ValueError(f"adapter_setup must be a Fuse (or a list of the fused adapters), got {setup!r}")
+        self.train()
+        self.freeze_model(True)
+        for module in [*self._fusion_layers(setup.name),
+                       *(m for n in setup if unfreeze_adapters for m in self._adapter_modules(n))]:
+            for param in module.parameters():
+                param.requires_grad = True
+        ModelAdaptersMixin.set_active_adapters(self, setup)
+        if self.base_model is not self:
+            self._freeze_output_embeddings()
+
+    def get_fusion_regularization_loss(self):
+        """The package's: 0.01 * |I - W_value|^2 summed over the trainable value projections of
+        every fusion layer (None without one)."""
+        loss = None
+        for layer, attr in self._adapter_layers():
+            for fusion in getattr(layer, "adapter_fusion_layer", {}).values() if attr == "adapters" else ():
+                value = getattr(fusion, "value", None)
+                if value is not None and value.weight.requires_grad:
+                    target = torch.eye(value.weight.shape[0], device=value.weight.device, dtype=value.weight.dtype)
+                    term = 0.01 * (target - value.weight).pow(2).sum()
+                    loss = term if loss is None else loss + term
+        return loss
+
+    def save_adapter_fusion(self, save_directory, adapter_names, meta_dict=None, custom_weights_loaders=None,
+                            with_head=False, use_safetensors: bool = False):
+        """Writes adapter_fusion_config.json and pytorch_model_adapter_fusion.bin
+        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format.
+        ``with_head`` (the package's heads of the fused adapters) is not supported here."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        if with_head:
+            raise NotImplementedError("save_adapter_fusion(with_head=...) is not supported by distilbert_fast; "
+                                      "save the heads with save_head")
+        name = self._fusion_name(adapter_names, "adapter_names")
+        config, fused = self._adapters_state.fusions[name]
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(os.path.join(save_directory, ADAPTERFUSION_CONFIG_NAME),
+                    {**self._file_meta(name, config.to_dict()), "adapter_names": fused, **(meta_dict or {})})
+        tensors = {k: v for k, v in self.state_dict().items() if f"adapter_fusion_layer.{name}." in k}
+        _save_tensors(tensors, save_directory,
+                      ADAPTERFUSION_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTERFUSION_WEIGHTS_NAME)
+
+    def load_adapter_fusion(self, adapter_fusion_name_or_path, load_as: str | None = None,
+                            custom_weights_loaders=None, set_active: bool = False, use_safetensors: bool = False,
+                            **kwargs):
+        """Loads a fusion layer saved by save_adapter_fusion here or in the package (its adapters
+        must be loaded first). Returns its name here."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        directory = os.fspath(adapter_fusion_name_or_path)
+        meta = _read_json(os.path.join(directory, ADAPTERFUSION_CONFIG_NAME))
+        saved = meta["name"]
+        name = load_as or saved
+        self.add_adapter_fusion(meta.get("adapter_names", saved), meta["config"], name=name, overwrite_ok=True)
+        state_dict = _load_tensors(directory, ADAPTERFUSION_SAFE_WEIGHTS_NAME, ADAPTERFUSION_WEIGHTS_NAME,
+                                   use_safetensors or None)
+        prefix = self.base_model_prefix + "."
+        own_prefix = prefix if self.base_model is not self else ""
+        state_dict = {own_prefix + k.removeprefix(prefix).replace(f"adapter_fusion_layer.{saved}.",
+                                                                   f"adapter_fusion_layer.{name}."): v
+                      for k, v in state_dict.items() if f"adapter_fusion_layer.{saved}." in k}
+        own = dict(self.named_parameters())
+        expected = {k for k in self.state_dict() if f"adapter_fusion_layer.{name}." in k}
+        if set(state_dict) != expected:
+            self.delete_adapter_fusion(name)
+            raise ValueError(f"the fusion weights in {directory} do not fit fusion {name!r} of this model: missing "
+                             f"{sorted(expected - set(state_dict))[:5]}, unexpected {sorted(set(state_dict) - expected)[:5]}")
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                own[key].copy_(value)
+        if set_active:
+            self.set_active_adapters(Fuse(*self._adapters_state.fusions[name][1], name=name))
+        return name
 
     # -- files ------------------------------------------------------------------------------------
     def _adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -1715,6 +2014,10 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "AdapterFusionConfig",
+    "DynamicAdapterFusionConfig",
+    "Fuse",
+    "StaticAdapterFusionConfig",
     "ParBnConfig",
     "Parallel",
     "SeqBnConfig",

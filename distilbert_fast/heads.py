@@ -426,11 +426,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         """As in the package: also activates the head named like the setup's last adapter."""
         super().set_active_adapters(adapter_setup, skip_layers)
         setup = self.active_adapters
-        if isinstance(setup, Parallel):  # one head per child, when each has one
-            if all(name in self.heads for name in setup.heads()):
-                self.active_head = setup.heads()
-        elif setup is not None and setup.last() in self.heads:
-            self.active_head = setup.last()
+        heads = [] if setup is None else setup.heads()  # one per child of a Parallel; none for a Fuse
+        if heads and all(name in self.heads for name in heads):
+            self.active_head = heads if isinstance(setup, Parallel) else heads[0]
 
     def _freeze_output_embeddings(self):
         """train_adapter's: the output embeddings of every active head (tied to the word
@@ -568,7 +566,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             return [head]
         if setup is not None:  # (the package's forward has no adapter_names: ours falls back)
             names = setup.heads()
-            return names if all(name in self.heads for name in names) else list(self._active_heads)
+            return names if names and all(name in self.heads for name in names) else list(self._active_heads)
         head_setup = call_head_setup() if self.heads else None
         if head_setup:
             names = [head_setup] if isinstance(head_setup, str) else list(head_setup)

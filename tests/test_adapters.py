@@ -16,6 +16,7 @@ from distilbert_fast import (
     DistilBertAdapterModel,
     DistilBertConfig,
     LoRAConfig,
+    Parallel,
     ParBnConfig,
     SeqBnConfig,
     Stack,
@@ -483,3 +484,58 @@ def test_adapter_to_and_average_adapter_refusals():
     model.average_adapter("m", ["l", "l"], weights=[3.0, -1.0], normalize_weights=False)  # 2 x "l"
     assert torch.allclose(model.distilbert.transformer.layer[0].attention.q_lin.loras["m"].lora_A,
                           2 * model.distilbert.transformer.layer[0].attention.q_lin.loras["l"].lora_A)
+
+
+def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
+    """A Fuse of two bottleneck adapters (outputs against the package in test_adapters_oracle):
+    save_adapter_fusion / load_adapter_fusion round trip exactly (under another name too), the
+    packed call equals the padded one, train_adapter_fusion trains the fusion layers only (and the
+    head), get_fusion_regularization_loss is 0.01 |I - W_value|^2, and bad setups name themselves."""
+    from distilbert_fast import Fuse
+
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, non_linearity="gelu"))
+    model.add_classification_head("h", num_labels=3)
+    model.add_adapter_fusion(Fuse("a", "b"), config="dynamic", set_active=True)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    x, mask = ids(batch=3, seq=7), torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    expected = model(x, attention_mask=mask).logits
+    assert model.active_head == "h"  # a Fuse names no head: the active head stays
+    packed = model(x[mask.bool()], cu_seqlens=torch.tensor([0, 4, 11, 18], dtype=torch.int32), max_seqlen=7)
+    assert_close(packed.logits, expected, atol=2e-6, name="packed")
+
+    model.save_adapter_fusion(str(tmp_path / "fusion"), ["a", "b"])
+    for name in "ab":
+        model.save_adapter(str(tmp_path / name), name)
+    other = small_model()
+    other.add_classification_head("h", num_labels=3)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k})
+    for name in "ab":
+        other.load_adapter(str(tmp_path / name))
+    assert other.load_adapter_fusion(str(tmp_path / "fusion"), load_as="ab", set_active=True) == "ab"
+    assert other.active_adapters == Fuse("a", "b", name="ab")
+    assert torch.equal(other(x, attention_mask=mask).logits, expected)
+
+    model.train_adapter_fusion(Fuse("a", "b"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter_fusion_layer.a,b." in n or n.startswith("heads.h.") for n in trainable)
+    values = [m.adapter_fusion_layer["a,b"].value.weight for m in (b.output_adapters for b in
+                                                                   model.distilbert.transformer.layer)]
+    expected_loss = sum(0.01 * (torch.eye(v.shape[0]) - v).pow(2).sum() for v in values)
+    assert_close(model.get_fusion_regularization_loss(), expected_loss, atol=1e-6, name="regularization")
+
+    model.add_adapter("l", config="lora")
+    with pytest.raises(ValueError, match="adapter_names: 'l' is a LoRA"):
+        model.add_adapter_fusion(["a", "l"])
+    with pytest.raises(ValueError, match="adapter_setup: no adapter fusion named 'b,a'"):
+        model.set_active_adapters(Fuse("b", "a"))
+    with pytest.raises(TypeError, match="Parallel children"):
+        Parallel(Fuse("a", "b"), "a")
+    with pytest.raises(ValueError, match="an adapter fusion named 'a,b' already exists"):
+        model.add_adapter_fusion("a,b")
+    with pytest.raises(NotImplementedError, match="with_head"):
+        model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
+    model.delete_adapter_fusion(["a", "b"])
+    assert model.active_adapters is None and not model.get_fusion_regularization_loss()

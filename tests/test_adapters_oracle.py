@@ -164,6 +164,9 @@ def compare_both_directions(workdir):
     for case, spec in manifest["task_cases"].items():
         to_ours += _task_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                               ours_results, seed=len(ours_results))
+    for case, spec in manifest.get("fusion_cases", {}).items():
+        to_ours += _fusion_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
+                                ours_results, seed=len(ours_results))
     ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
                                                   os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
@@ -201,6 +204,53 @@ def _pretrained_case(package_dir, ours_dir, manifest, rows):
     model.save_pretrained(ours_dir)
     torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
     return _run_pretrained(model, manifest["pretrained"], io["inputs"])
+
+
+def _run_fusion(model, adapters, inputs):
+    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"."""
+    prepare(model)
+    model.set_active_adapters(distilbert_fast.Fuse(*adapters))
+    return outputs_and_grads(model, model(**inputs, head="h"))
+
+
+def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
+    """AdapterFusion both ways: the package's adapters and fusion layer (save_adapter_fusion)
+    load into our heads model with its other weights and give its outputs and gradients; ours,
+    changed and saved by our save_adapter / save_adapter_fusion, are what the package loads."""
+    model = _load_fusion_model(case_dir, spec)
+    io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
+    rows = _diffs(_run_fusion(model, spec["adapters"], io["inputs"]), io["outputs"], case,
+                  io["inputs"]["attention_mask"])
+
+    _change_adapters_and_heads(model, seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_fusion_layer" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    os.makedirs(out_dir)
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and "adapter_fusion_layer" not in k},
+               os.path.join(out_dir, "model.pt"))
+    torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
+    for name in spec["adapters"]:
+        model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=False)
+    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"])
+    # from what we saved, as the package loads it: a fresh model (a temperature anneals per forward)
+    ours_results[case] = _run_fusion(_load_fusion_model(out_dir, spec), spec["adapters"], io["inputs"])
+    return rows
+
+
+def _load_fusion_model(directory, spec):
+    """Our heads model with head "h" from ``directory``: model.pt, the adapters and the fusion."""
+    model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
+    model.add_classification_head("h", num_labels=3)
+    weights = torch.load(os.path.join(directory, "model.pt"), weights_only=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not missing, (directory, missing, unexpected)
+    for name in spec["adapters"]:
+        assert model.load_adapter(os.path.join(directory, "adapter_" + name), with_head=False) == name
+    assert model.load_adapter_fusion(os.path.join(directory, "fusion")) == ",".join(spec["adapters"])
+    return model
 
 
 def _setup_from_dict(data):
@@ -415,6 +465,17 @@ def test_average_adapter_gives_the_package_average(both_directions):
                 _assert_rows([_row(name, key[:-7] + " B @ A", ours[b] @ ours[key], expected[b] @ expected[key])])
             continue
         _assert_rows([_row(name, key, ours[key], expected[key]) for key in ours])
+
+
+def test_adapter_fusion_cases_ran(both_directions):
+    """The AdapterFusion cases (dynamic; static with the query before the LayerNorm and the
+    residual before; value after the softmax with the temperature) ran both ways; their rows are
+    checked with the others, over outputs and every gradient (the fusion layers' included)."""
+    cases = both_directions[2]["fusion_cases"]
+    assert len(cases) == 3
+    for rows in (both_directions[0], both_directions[1]):
+        assert {row[0] for row in rows} >= set(cases)
+        assert all(any(r[0] == case and r[1].startswith("grads") for r in rows) for case in cases)
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

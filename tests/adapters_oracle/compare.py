@@ -28,7 +28,9 @@ import torch
 import adapters
 import transformers
 from adapters import (
+    AdapterFusionConfig,
     AdapterSetup,
+    Fuse,
     BnConfig,
     DistilBertAdapterModel,
     DoubleSeqBnConfig,
@@ -445,6 +447,85 @@ def produce_averages(out_dir):
         model.save_adapter(os.path.join(directory, name), name)
 
 
+# AdapterFusion on the heads model (a classification head "h", labels): adapters to fuse, the
+# fusion config (a preset or AdapterFusionConfig's fields)
+FUSION_CASES = {
+    "fuse_dynamic": dict(adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2),
+                                   "c": SeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+                         config="dynamic"),
+    "fuse_static_houlsby_query_before_ln_residual_before": dict(
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2)},
+        config=dict(key=True, query=True, value=False, query_before_ln=True, regularization=False,
+                    residual_before=True, temperature=False, value_before_softmax=True, value_initialized=False,
+                    dropout_prob=None)),
+    "fuse_value_after_softmax_temperature": dict(
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=4, scaling="learned")},
+        config=dict(key=False, query=True, value=True, query_before_ln=False, regularization=True,
+                    residual_before=False, temperature=True, value_before_softmax=False, value_initialized=True,
+                    dropout_prob=None)),
+}
+
+
+def make_fusion_model(spec):
+    model = make_model()
+    for name, config in spec["adapters"].items():
+        model.add_adapter(name, config=config)
+    model.add_adapter_fusion(Fuse(*spec["adapters"]), config=spec["config"])
+    model.add_classification_head("h", num_labels=3)
+    return model
+
+
+def run_fusion(model, spec, inputs):
+    prepare(model)
+    model.set_active_adapters(Fuse(*spec["adapters"]))
+    return outputs_and_grads(model, model(**inputs, head="h"))
+
+
+def produce_fusions(out_dir):
+    """OUT/<fusion case>/: model.pt (every weight but the adapters' and the fusion's), each
+    adapter (save_adapter) and the fusion (save_adapter_fusion), io.pt (inputs, outputs, grads)."""
+    manifest = {}
+    for i, (case, spec) in enumerate(FUSION_CASES.items()):
+        torch.manual_seed(1000 + i)
+        generator = torch.Generator().manual_seed(1100 + i)
+        model = make_fusion_model(spec)
+        randomise_adapters_and_heads(model, generator)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "adapter_fusion_layer" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+        inputs = inputs_for("classification", {"num_labels": 3}, generator)
+        case_dir = os.path.join(out_dir, case)
+        os.makedirs(case_dir)
+        torch.save({k: v for k, v in model.state_dict().items()
+                    if not is_adapter_key(k) and "adapter_fusion_layer" not in k and "prompt_tuning." not in k},
+                   os.path.join(case_dir, "model.pt"))
+        torch.save({"inputs": inputs, "outputs": run_fusion(model, spec, inputs)}, os.path.join(case_dir, "io.pt"))
+        for name in spec["adapters"]:
+            model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=False)
+        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]))
+        manifest[case] = {"adapters": list(spec["adapters"])}
+    return manifest
+
+
+def check_fusions(root, manifest):
+    """For each fusion case saved by distilbert_fast under ROOT: load it and write oracle_out.pt."""
+    for case, spec in manifest.items():
+        case_dir = os.path.join(root, case)
+        model = make_model()
+        model.add_classification_head("h", num_labels=3)
+        missing, unexpected = model.load_state_dict(torch.load(os.path.join(case_dir, "model.pt")), strict=False)
+        fused = [k for k in missing if "adapter_fusion_layer" in k or is_adapter_key(k) or "prompt_tuning." in k]
+        if unexpected or len(fused) != len(missing):
+            raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
+        for name in spec["adapters"]:
+            model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=False)
+        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))
+        io = torch.load(os.path.join(case_dir, "io.pt"))
+        torch.save(run_fusion(model, {"adapters": {n: None for n in spec["adapters"]}}, io["inputs"]),
+                   os.path.join(case_dir, "oracle_out.pt"))
+
+
 def check_tasks(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
@@ -577,7 +658,7 @@ def produce(out_dir, real_json=None):
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
-                   "pretrained": produce_pretrained(out_dir),
+                   "pretrained": produce_pretrained(out_dir), "fusion_cases": produce_fusions(out_dir),
                    "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
@@ -588,6 +669,7 @@ def check(root):
         full = json.load(f)
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
+    check_fusions(root, full.get("fusion_cases", {}))
     directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
     if os.path.isdir(directory):
         model = DistilBertAdapterModel.from_pretrained(directory)
