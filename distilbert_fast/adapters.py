@@ -1848,9 +1848,11 @@ class ModelAdaptersMixin:
         self.config.adapters = {
             "adapters": {name: name for name in self._adapters_state.configs},
             "config_map": {name: c.to_dict() for name, c in self._adapters_state.configs.items()},
-            "fusions": {},
-            "fusion_config_map": {},
-            "fusion_name_map": {},
+            # (each fusion's config under its own name; the package's reader takes any key)
+            "fusions": {name: name for name in self._adapters_state.fusions},
+            "fusion_config_map": {name: c.to_dict() for name, (c, _) in self._adapters_state.fusions.items()},
+            "fusion_name_map": {name: list(fused) for name, (_, fused) in self._adapters_state.fusions.items()
+                                if name != ",".join(fused)},
         }
 
     def _adapters_from_config(self):
@@ -1859,6 +1861,10 @@ class ModelAdaptersMixin:
         for name, key in recorded.get("adapters", {}).items():
             if name not in self._adapters_state.configs:
                 self.add_adapter(name, config_map.get(key, key))
+        fusion_configs, fused = recorded.get("fusion_config_map", {}), recorded.get("fusion_name_map", {})
+        for name, key in recorded.get("fusions", {}).items():
+            if name not in self._adapters_state.fusions:
+                self.add_adapter_fusion(fused.get(name, name.split(",")), fusion_configs.get(key, key), name=name)
 
 
 def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torch.Tensor]:

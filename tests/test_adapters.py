@@ -11,10 +11,12 @@ from conftest import SMALL_CONFIG, assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distilbert_fast import (
+    AdapterFusionConfig,
     AdapterSetup,
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
+    Fuse,
     LoRAConfig,
     Parallel,
     ParBnConfig,
@@ -491,8 +493,6 @@ def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
     save_adapter_fusion / load_adapter_fusion round trip exactly (under another name too), the
     packed call equals the padded one, train_adapter_fusion trains the fusion layers only (and the
     head), get_fusion_regularization_loss is 0.01 |I - W_value|^2, and bad setups name themselves."""
-    from distilbert_fast import Fuse
-
     model = small_model()
     model.add_adapter("a", config="seq_bn")
     model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, non_linearity="gelu"))
@@ -539,3 +539,23 @@ def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
         model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
     model.delete_adapter_fusion(["a", "b"])
     assert model.active_adapters is None and not model.get_fusion_regularization_loss()
+
+
+def test_adapter_fusion_survives_save_pretrained(tmp_path):
+    """save_pretrained records the fusions in config.json's adapters (the package's fusions,
+    fusion_config_map, fusion_name_map), so from_pretrained rebuilds them before their weights
+    load: the same outputs, none of the fusion weights dropped."""
+    model = small_model()
+    model.add_adapter("a", config="double_seq_bn")
+    model.add_adapter("b", config="double_seq_bn")
+    model.add_classification_head("h", num_labels=3)
+    model.add_adapter_fusion(["a", "b"], config="static", name="ab")
+    model.add_adapter_fusion(["b", "a"], config={**AdapterFusionConfig().to_dict(), "residual_before": True})
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    model.save_pretrained(str(tmp_path))
+    loaded = DistilBertAdapterModel.from_pretrained(str(tmp_path)).eval()
+    x = ids()
+    for setup in (Fuse("a", "b", name="ab"), Fuse("b", "a")):
+        expected = model(x, adapter_names=setup, head="h").logits
+        assert torch.equal(loaded(x, adapter_names=setup, head="h").logits, expected)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
