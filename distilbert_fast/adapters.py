@@ -1552,14 +1552,25 @@ class ModelAdaptersMixin:
                              f"{sorted(self._adapters_state.fusions)}")
         return name
 
+    def adapter_fusion_to(self, adapter_names, device=None, dtype=None):
+        """Moves the fusion layer of ``adapter_names`` to ``device`` and / or ``dtype``."""
+        for fusion in self._fusion_layers(self._fusion_name(adapter_names, "adapter_names")):
+            fusion.to(device=device, dtype=dtype)
+
     def _fusion_layers(self, name: str):
         for layer, attr in self._adapter_layers():
             if attr == "adapters" and name in layer.adapter_fusion_layer:
                 yield layer.adapter_fusion_layer[name]
 
     def delete_adapter_fusion(self, adapter_names):
-        """Removes the fusion layer of ``adapter_names`` (a Fuse, a list, or its name)."""
-        name = self._fusion_name(adapter_names, "adapter_names")
+        """Removes the fusion layer of ``adapter_names`` (a Fuse, a list, or its name); an unknown
+        one is skipped with a warning, as in the package."""
+        name = adapter_names.name if isinstance(adapter_names, Fuse) else (
+            adapter_names if isinstance(adapter_names, str) else ",".join(adapter_names))
+        if name not in self._adapters_state.fusions:
+            logger.warning("delete_adapter_fusion: no adapter fusion named %r to delete; this model has %s",
+                           name, sorted(self._adapters_state.fusions))
+            return
         for layer, attr in self._adapter_layers():
             if attr == "adapters" and name in layer.adapter_fusion_layer:
                 del layer.adapter_fusion_layer[name]

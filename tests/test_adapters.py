@@ -537,8 +537,11 @@ def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
         model.add_adapter_fusion("a,b")
     with pytest.raises(NotImplementedError, match="with_head"):
         model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
+    model.adapter_fusion_to(Fuse("a", "b"), dtype=torch.float64)
+    assert {p.dtype for n, p in model.named_parameters() if "adapter_fusion_layer" in n} == {torch.float64}
     model.delete_adapter_fusion(["a", "b"])
     assert model.active_adapters is None and not model.get_fusion_regularization_loss()
+    model.delete_adapter_fusion("a,b")  # as the package: nothing to delete is skipped (with a warning)
 
 
 def test_adapter_fusion_survives_save_pretrained(tmp_path):
