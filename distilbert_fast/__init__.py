@@ -9,6 +9,7 @@ outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.op
 
 from . import _extension, ops
 from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, Parallel, ParBnConfig, SeqBnConfig, Stack
+from .adapters import AdapterFusionConfig, Fuse
 from .configuration import DistilBertConfig
 from .heads import DistilBertAdapterModel, DistilBertModelWithHeads, MultiHeadOutput
 from .modeling import (
@@ -38,6 +39,7 @@ BUILD_INFO = _extension.BUILD_INFO
 
 __all__ = [
     "BUILD_INFO",
+    "AdapterFusionConfig",
     "AdapterSetup",
     "BaseModelOutput",
     "BatchEncoding",
@@ -55,6 +57,7 @@ __all__ = [
     "DistilBertTokenizer",
     "DistilBertTokenizerFast",
     "DoubleSeqBnConfig",
+    "Fuse",
     "LoRAConfig",
     "MaskedLMOutput",
     "ModelOutput",

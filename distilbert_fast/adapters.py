@@ -7,7 +7,8 @@
                           ``merge_adapter`` folds into the weights
     composition           Stack("a", "b"): adapters applied one after the other;
                           Parallel("a", "b"): side by side, the batch replicated at the first
-                          layer holding one of them (bottleneck adapters and LoRA)
+                          layer holding one of them (bottleneck adapters, par_bn and LoRA);
+                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -319,6 +320,67 @@ ADAPTER_CONFIG_MAP: dict[str, AdapterConfig] = {
 DEFAULT_ADAPTER_CONFIG = "seq_bn"
 
 
+@dataclasses.dataclass(frozen=True, eq=True)
+class AdapterFusionConfig(AdapterConfig):
+    """AdapterFusion (Pfeiffer et al., 2021), the package's fields: attention over the fused
+    adapters' outputs with a query / key / value projection each (or none), the query taken
+    before or after the block's LayerNorm, the residual added to the values before or to the
+    result after, a temperature annealed from 50 to 1 per forward, the value projection before or
+    after the softmax and initialised to the identity; ``regularization`` adds
+    get_fusion_regularization_loss's pull of the value projection towards the identity."""
+
+    key: bool = True
+    query: bool = True
+    value: bool = True
+    query_before_ln: bool = False
+    regularization: bool = True
+    residual_before: bool = False
+    temperature: bool = False
+    value_before_softmax: bool = True
+    value_initialized: str | bool = True
+    dropout_prob: float | None = None
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> "AdapterFusionConfig":
+        if isinstance(config, AdapterFusionConfig):
+            return config
+        if not isinstance(config, Mapping):
+            raise TypeError(f"fusion config must be a dict or AdapterFusionConfig, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(AdapterFusionConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"unknown AdapterFusionConfig keys {unknown}")
+        return AdapterFusionConfig(**config)
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class StaticAdapterFusionConfig(AdapterFusionConfig):
+    """The package's "static" fusion: no value projection, no regularization."""
+
+    value: bool = False
+    regularization: bool = False
+    value_initialized: str | bool = False
+
+
+DynamicAdapterFusionConfig = AdapterFusionConfig  # the package's "dynamic" fusion (the default)
+ADAPTERFUSION_CONFIG_MAP = {"static": StaticAdapterFusionConfig(), "dynamic": DynamicAdapterFusionConfig()}
+DEFAULT_ADAPTERFUSION_CONFIG = "dynamic"
+ADAPTERFUSION_CONFIG_NAME = "adapter_fusion_config.json"
+ADAPTERFUSION_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
+ADAPTERFUSION_SAFE_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
+
+
+def load_fusion_config(config) -> AdapterFusionConfig:
+    """An AdapterFusionConfig from a preset name ("dynamic", "static"), a dict, or a config."""
+    if config is None:
+        config = DEFAULT_ADAPTERFUSION_CONFIG
+    if isinstance(config, str):
+        if config not in ADAPTERFUSION_CONFIG_MAP:
+            raise ValueError(f"unknown fusion config {config!r}; presets: {sorted(ADAPTERFUSION_CONFIG_MAP)}")
+        return ADAPTERFUSION_CONFIG_MAP[config]
+    return AdapterFusionConfig.from_dict(config)
+
+
 def load_adapter_config(config) -> AdapterConfig:
     """An AdapterConfig from a preset name, a dict, or a config (returned as is)."""
     if config is None:
@@ -404,7 +466,7 @@ class Parallel(Stack):
         if not children:
             raise ValueError("Parallel needs at least one adapter name or Stack")
         for child in children:
-            if not isinstance(child, (str, Stack)) or isinstance(child, Parallel):
+            if not isinstance(child, (str, Stack)) or isinstance(child, (Parallel, Fuse)):
                 raise TypeError(
                     "Parallel children must be adapter names (str) or Stacks of names, got "
                     f"{type(child).__name__}"
@@ -438,6 +500,30 @@ class Parallel(Stack):
         return len(self.children)
 
 
+class Fuse(Stack):
+    """AdapterFusion of bottleneck adapters, as the package's ``Fuse("a", "b", name=None)``: each
+    adapter runs on the same input and a fusion layer (added by ``add_adapter_fusion``) attends
+    over their outputs. distilbert_fast takes a Fuse of adapter names as the whole setup only (not
+    inside a Stack or Parallel)."""
+
+    def __init__(self, *children: str, name: str | None = None):
+        super().__init__(*children)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name or ",".join(self.children)
+
+    def heads(self) -> list[str]:
+        return []  # the package's parse_heads_from_composition gives none for a Fuse
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.name == other.name
+
+    def __repr__(self):
+        return f"Fuse[{', '.join(self.children)}]" + ("" if self._name is None else f"(name={self._name!r})")
+
+
 def parse_composition(setup) -> Stack | None:
     """None / a name / a list of names / a Stack / a Parallel -> a Stack or Parallel (or None), as
     the package reads them."""
@@ -465,6 +551,8 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# an AdapterSetup block's head setup (read by DistilBertAdapterModel's forward)
+_CALL_HEADS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_head_setup", default=None)
 # The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
 # around a compiled submodule), for a compiled model: dynamo guards on a threading.local's
 # attributes per thread (but not per async task: see AdapterSetup).
@@ -472,33 +560,72 @@ _BLOCK = threading.local()
 
 
 class AdapterSetup:
-    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block.
+    """``with AdapterSetup(Stack("a", "b")): model(...)`` runs those adapters in that block, as
+    the package's ``AdapterSetup(adapter_setup, head_setup=None, ignore_empty=False)``.
+
+    On DistilBertAdapterModel a forward without ``head=`` runs the heads of ``head_setup``: a
+    head name, a list of names (each head on the whole batch, a MultiHeadOutput), or by default
+    the setup's own (its last adapter's name; one per child of a Parallel, head i on copy i of the
+    batch); an unknown head is a ValueError, as in the package. The innermost block decides
+    (one with neither setup falls back to the model's active adapters and heads), except that
+    with ``ignore_empty=True`` a block with neither is no block at all.
 
     In eager mode the block is seen per thread and per async task. A compiled model
     (torch.compile) sees it per thread only: where async tasks on one thread interleave
     AdapterSetup blocks around a compiled model, pass ``adapter_names=`` to each call instead."""
 
-    def __init__(self, adapter_setup):
+    def __init__(self, adapter_setup, head_setup=None, ignore_empty: bool = False):
         self.adapter_setup = parse_composition(adapter_setup)
+        self.head_setup = (parse_head_setup(head_setup, "head_setup") if head_setup
+                           else parse_heads_from_composition(self.adapter_setup))
+        self._empty = ignore_empty and self.adapter_setup is None and self.head_setup is None
         self._token = None
 
     def __enter__(self):
-        self._token = _set_call_setup(self.adapter_setup)
+        if not self._empty:
+            self._token = _set_call_setup(self.adapter_setup, self.head_setup)
         return self
 
     def __exit__(self, *exc):
-        _reset_call_setup(self._token)
+        if not self._empty:
+            _reset_call_setup(self._token)
 
 
-def _set_call_setup(setup):
-    token = _CALL_SETUP.set(setup)
-    _BLOCK.setup = setup
+def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
+    """The heads an adapter setup runs on a model with heads, as the package's
+    parse_heads_from_composition: a Stack's last adapter, a Parallel's (last) adapter per child."""
+    if setup is None or isinstance(setup, Fuse):
+        return None
+    return setup.heads() if isinstance(setup, Parallel) else setup.last()
+
+
+def parse_head_setup(head_setup, argument: str) -> str | list[str]:
+    """A head setup (a head name, or a list / tuple / Parallel of names) -> a name or a list."""
+    if isinstance(head_setup, str):
+        return head_setup
+    if isinstance(head_setup, Parallel):
+        head_setup = head_setup.children
+    if isinstance(head_setup, (list, tuple)) and all(isinstance(name, str) for name in head_setup):
+        return list(head_setup)
+    raise TypeError(f"{argument} must be a head name or a list of head names, got {head_setup!r}")
+
+
+def call_head_setup():
+    """The head setup of the innermost AdapterSetup block open here (None: none, or none given)."""
+    return getattr(_BLOCK, "heads", None) if tracing() else _CALL_HEADS.get()
+
+
+def _set_call_setup(setup, heads=None):
+    token = _CALL_SETUP.set(setup), _CALL_HEADS.set(heads)
+    _BLOCK.setup, _BLOCK.heads = setup, heads
     return token
 
 
 def _reset_call_setup(token):
-    _CALL_SETUP.reset(token)
-    _BLOCK.setup = _CALL_SETUP.get()  # this context's value again (also after out-of-order exits)
+    _CALL_SETUP.reset(token[0])
+    _CALL_HEADS.reset(token[1])
+    # this context's values again (also after out-of-order exits)
+    _BLOCK.setup, _BLOCK.heads = _CALL_SETUP.get(), _CALL_HEADS.get()
 
 
 def adapters_state_of(blocks) -> "AdaptersState | None":
@@ -597,6 +724,8 @@ class AdaptersState:
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
         self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
+        # add_adapter_fusion's: fusion name -> (its config, the fused adapters' names)
+        self.fusions: dict[str, tuple[AdapterFusionConfig, list[str]]] = {}
 
     def call_setup(self) -> Stack | None:
         """The setup of this call (forward(adapter_names=...), an AdapterSetup block), or None."""
@@ -763,10 +892,10 @@ class BottleneckAdapter(nn.Module):
     def pre_forward(self, hidden, x, layer_norm, backend):
         """(adapter input, adapter residual) from the sublayer output ``hidden`` and the block's
         residual input ``x``: the package's ``Adapter.pre_forward``. A parallel adapter (par_bn)
-        takes the sublayer's input ``x`` and has no residual of its own (its output joins the
-        sublayer's output in ``post_forward``)."""
+        takes the sublayer's input ``x``, also as the residual it hands on (its own output has
+        none: it joins the sublayer's output in ``post_forward``), as ParallelAdapter.pre_forward."""
         if self.is_parallel:
-            return x, None
+            return x, x
         residual = hidden if self.residual_before_ln is True else None
         if self.original_ln_before:
             if self.residual_before_ln == "post_add":
@@ -838,6 +967,7 @@ class BottleneckLayer(nn.Module):
         self.model_config = model_config
         self.state = state
         self.adapters = nn.ModuleDict()
+        self.adapter_fusion_layer = nn.ModuleDict()  # by fusion name, as the package's
 
     def add_adapter(self, name: str, config: BnConfig, like: torch.Tensor) -> bool:
         """Adds adapter ``name`` here if the config places one here, on ``like``'s device and
@@ -873,6 +1003,8 @@ class BottleneckLayer(nn.Module):
         setup = self.active_setup()
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
+        if isinstance(setup, Fuse):
+            return self._forward_fuse(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
         sublayer = hidden
         for i, name in enumerate(names):
@@ -886,6 +1018,33 @@ class BottleneckLayer(nn.Module):
             hidden = adapter(hidden, residual, backend)
         return self.adapters[names[-1]].post_forward(hidden, x, layer_norm, backend, sublayer)
 
+    def add_fusion_layer(self, name: str, config: AdapterFusionConfig, adapter_names, like: torch.Tensor):
+        """The fusion layer ``name`` here, where every fused adapter's config places one here (as
+        the package's add_fusion_layer)."""
+        configs = self.state.configs
+        if all(getattr(configs[n], self.location_key, False) for n in adapter_names):
+            fusion = AdapterFusion(config, self.model_config.dim)
+            fusion.train(self.training)
+            self.adapter_fusion_layer[name] = fusion.to(like.device, like.dtype)
+
+    def _forward_fuse(self, setup: "Fuse", hidden, x, layer_norm, backend):
+        """The package's compose_fuse: the last adapter's pre_forward (the query before or after
+        the block's LayerNorm), each fused adapter's scaled up-projection of that input, the
+        fusion layer's attention over them, then the last adapter's post_forward."""
+        config = self.state.fusions[setup.name][0]
+        last = self.adapters[setup.last()]
+        sublayer = hidden
+        hidden, residual = last.pre_forward(hidden, x, layer_norm, backend)
+        query = x if last.is_parallel else sublayer if config.query_before_ln else hidden
+        ups = []
+        for name in setup:
+            if name in self.adapters:
+                up, bias = self.adapters[name]._scaled_up(self.adapters[name]._down(hidden, backend))
+                ups.append(up + bias)
+        if ups:
+            hidden = self.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+        return last.post_forward(hidden, x, layer_norm, backend, sublayer)
+
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
         earlier layer did), the first adapter's pre_forward on all copies, each child's
@@ -893,12 +1052,11 @@ class BottleneckLayer(nn.Module):
         then the last child's last adapter's post_forward (residual + block LayerNorm) on all.
         A child with no adapter here (a LoRA-only child, or one left out of this layer) gets
         this place's plain residual + LayerNorm on its copy, as it would alone (the package
-        fails on such a setup)."""
+        fails on such a setup). A parallel adapter (par_bn) last adds the sublayer's output of
+        each copy, as the package's ParallelAdapter.post_forward (which fails in the layer that
+        replicates a batch of more than one row: it adds the output of the batch not yet
+        replicated; its result for one row, or once a LoRA below replicated, is this one)."""
         present = [name for name in setup.names() if name in self.adapters]
-        if any(self.adapters[name].is_parallel for name in present):
-            raise NotImplementedError(
-                f"the Parallel composition {setup!r} holds a parallel bottleneck adapter (is_parallel=True, "
-                "par_bn): not supported by distilbert_fast; use it alone or in a Stack")
         (hidden, x), parts = parallel_copies(setup, self.state.encoder_rows(), hidden, x)
         first = setup.first() if setup.first() in self.adapters else present[0]
         sublayer, (hidden, residual) = hidden, self.adapters[first].pre_forward(hidden, x, layer_norm, backend)
@@ -917,7 +1075,7 @@ class BottleneckLayer(nn.Module):
         # the package finishes with the last child's adapter (which must be here); else ours: the
         # last one of the setup that is
         last = last if last is not None else present[-1]
-        out = self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend)
+        out = self.adapters[last].post_forward(torch.cat(outputs), x, layer_norm, backend, sublayer)
         if not any(bare):
             return out
         return torch.cat([
@@ -925,6 +1083,48 @@ class BottleneckLayer(nn.Module):
                                backend=backend) if is_bare else out[part]
             for part, is_bare in zip(parts, bare)
         ])
+
+
+class AdapterFusion(nn.Module):
+    """The package's ``BertFusion`` (same parameter names): attention of each token's query over
+    the fused adapters' outputs (..., n_adapters, dim)."""
+
+    def __init__(self, config: AdapterFusionConfig, dim: int):
+        super().__init__()
+        self.config = config
+        self.dropout = nn.Dropout(config.dropout_prob or 0.0)  # DistilBERT's config has no attention_probs_dropout_prob
+        if not (config.query or config.key or config.value):
+            self.dense = nn.Linear(dim, 1)  # (unused, as in the package; kept for its state_dict)
+        for key, bias in (("query", True), ("key", True), ("value", False)):
+            if config[key]:
+                linear = nn.Linear(dim, dim, bias=bias)
+                with torch.no_grad():
+                    linear.weight.normal_(0.0, 0.02)
+                    if bias:
+                        linear.bias.zero_()
+                setattr(self, key, linear)
+        if config.value and config.value_initialized:
+            with torch.no_grad():
+                self.value.weight.fill_(0.000001).fill_diagonal_(1.0)
+        self.T = 50.0 if config.temperature else 1.0
+        self.reduction = self.T / 1000.0
+
+    def forward(self, query, values, residual):
+        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)."""
+        config = self.config
+        if config.residual_before:
+            values = values + residual.unsqueeze(-2)  # (the package adds in place: its keys too)
+        query = self.query(query) if config.query else query
+        keys = self.key(values) if config.key else values
+        if config.value and config.value_before_softmax:
+            values = self.value(values)
+        scores = self.dropout((query.unsqueeze(-2) @ keys.transpose(-2, -1)).squeeze(-2))  # (..., n)
+        probs = torch.softmax(scores / self.T, dim=-1)
+        self.T = max(self.T - self.reduction, 1.0)  # the temperature anneals per forward, as there
+        context = (probs.unsqueeze(-2) @ values).squeeze(-2)
+        if config.value and not config.value_before_softmax:
+            context = self.value(context)
+        return context if config.residual_before else context + residual
 
 
 class LoRA(nn.Module):
@@ -1159,6 +1359,9 @@ class ModelAdaptersMixin:
         setup = parse_composition(adapter_setup)
         for name in setup.names() if setup is not None else ():
             self._check_adapter_name(name, argument)
+        if isinstance(setup, Fuse) and setup.name not in self._adapters_state.fusions:
+            raise ValueError(f"{argument}: no adapter fusion named {setup.name!r} (add_adapter_fusion adds it); "
+                             f"this model has {sorted(self._adapters_state.fusions)}")
         return setup
 
     def set_active_adapters(self, adapter_setup, skip_layers=None):
@@ -1209,7 +1412,9 @@ class ModelAdaptersMixin:
 
     def train_adapter(self, adapter_setup, train_embeddings: bool = False):
         """Training mode for the given adapters: the base model frozen (but the word embeddings
-        with ``train_embeddings``), those adapters trainable and active."""
+        with ``train_embeddings``), those adapters trainable and active. As in the package, the
+        active head stays (a head named like the adapter is not activated: set_active_adapters
+        does that)."""
         setup = self._parse_setup(adapter_setup)
         if setup is None:
             raise ValueError(f"adapter_setup must name at least one adapter to train, got {adapter_setup!r}")
@@ -1219,7 +1424,7 @@ class ModelAdaptersMixin:
             for module in self._adapter_modules(name):
                 for param in module.parameters():
                     param.requires_grad = True
-        self.set_active_adapters(setup)
+        ModelAdaptersMixin.set_active_adapters(self, setup)  # the base model's: heads unchanged
         if train_embeddings:
             self.get_input_embeddings().weight.requires_grad = True
         elif self.base_model is not self:
@@ -1246,6 +1451,212 @@ class ModelAdaptersMixin:
         for layer, attr in self._adapter_layers():
             if attr == "loras":
                 layer.reset_adapter()
+
+    def adapter_to(self, name: str, device=None, dtype=None):
+        """Moves adapter ``name``'s modules to ``device`` and / or casts them to ``dtype``, as the
+        package's adapter_to (the forward casts nothing: its input must then be of that dtype)."""
+        self._check_adapter_name(name, "name")
+        for module in self._adapter_modules(name):
+            module.to(device=device, dtype=dtype)
+
+    _COMBINE_STRATEGIES = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
+
+    @torch.no_grad()
+    def average_adapter(self, adapter_name: str, adapter_list, weights=None, combine_strategy: str = "linear",
+                        normalize_weights: bool = True, overwrite_ok: bool = False, set_active: bool = False,
+                        svd_rank: int | None = None):
+        """Adds adapter ``adapter_name`` as the weighted average of the adapters of
+        ``adapter_list`` (of one config but for dropout and init_weights), as the package's
+        average_adapter: ``weights`` (default equal) divided by their sum with
+        ``normalize_weights``. ``combine_strategy``: "linear" averages every weight; for LoRA,
+        "lora_linear_only_negate_b" takes |weight| for A (a negative weight negates B only) and
+        "lora_delta_w_svd" averages B @ A and splits it back by an SVD of rank ``svd_rank``."""
+        _check_choice("combine_strategy", combine_strategy, self._COMBINE_STRATEGIES)
+        names = list(adapter_list)
+        if not names:
+            raise ValueError("adapter_list must name at least one adapter to average, got []")
+        for name in names:
+            self._check_adapter_name(name, "adapter_list")
+        configs = self._adapters_state.configs
+        ignored = ("dropout", "init_weights", "init_weights_seed")
+        config = configs[names[0]]
+        key = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        for name in names[1:]:
+            if {k: v for k, v in configs[name].to_dict().items() if k not in ignored} != key:
+                raise ValueError(f"adapter_list: adapters {names[0]!r} and {name!r} have different configs; "
+                                 "only adapters of one config (but for dropout and init_weights) average")
+        lora = isinstance(config, LoRAConfig)
+        if combine_strategy != "linear" and not lora:
+            raise ValueError(f"combine_strategy {combine_strategy!r} is for LoRA adapters; {names[0]!r} is a "
+                             "bottleneck adapter (use 'linear')")
+        if combine_strategy == "lora_delta_w_svd" and svd_rank is None:
+            raise ValueError("svd_rank must be set when using 'lora_delta_w_svd'")
+        if svd_rank is not None:
+            if lora:
+                config = config.replace(r=svd_rank)
+            else:
+                logger.warning("average_adapter: svd_rank applies to LoRA adapters only; ignored")
+        if weights is None:
+            weights = [1.0 / len(names)] * len(names)
+        elif len(weights) != len(names):
+            raise ValueError(f"weights must hold one weight per adapter ({len(names)}), got {len(weights)}")
+        elif normalize_weights:
+            weights = [w / sum(weights) for w in weights]
+        self.add_adapter(adapter_name, config, overwrite_ok=overwrite_ok)
+        for layer, attr in self._adapter_layers():
+            modules = getattr(layer, attr)
+            if adapter_name in modules:
+                modules[adapter_name].load_state_dict(
+                    _averaged_state([modules[n] for n in names], weights, combine_strategy, svd_rank))
+        if set_active:
+            self.set_active_adapters(adapter_name)
+
+    # -- AdapterFusion ---------------------------------------------------------------------------
+    def add_adapter_fusion(self, adapter_names, config=None, name: str | None = None, overwrite_ok: bool = False,
+                           set_active: bool = False):
+        """Adds a fusion layer over the bottleneck adapters ``adapter_names`` (a Fuse, a list, or
+        a comma-separated str), named ``name`` (default: the names joined by commas), with
+        ``config`` ("dynamic", the default, "static", a dict or an AdapterFusionConfig)."""
+        if isinstance(adapter_names, Fuse):
+            name = adapter_names.name if name is None else name
+            adapter_names = adapter_names.children
+        elif isinstance(adapter_names, str):
+            adapter_names = adapter_names.split(",")
+        adapter_names = list(adapter_names)
+        for adapter in adapter_names:
+            self._check_adapter_name(adapter, "adapter_names")
+            if not isinstance(self._adapters_state.configs[adapter], BnConfig):
+                raise ValueError(f"adapter_names: {adapter!r} is a LoRA; AdapterFusion fuses bottleneck adapters")
+        name = ",".join(adapter_names) if name is None else name
+        config = load_fusion_config(config)
+        fusions = self._adapters_state.fusions
+        if name in fusions:
+            if not overwrite_ok:
+                raise ValueError(f"an adapter fusion named {name!r} already exists; pass overwrite_ok=True to replace it")
+            self.delete_adapter_fusion(name)
+        fusions[name] = (config, adapter_names)
+        for block in self.base_model.transformer.layer:
+            for layer in (block.attention_adapters, block.output_adapters):
+                if layer is not None:
+                    layer.add_fusion_layer(name, config, adapter_names, block.sa_layer_norm.weight)
+        if set_active:
+            self.set_active_adapters(Fuse(*adapter_names, name=name))
+
+    def _fusion_name(self, adapter_names, argument: str) -> str:
+        if isinstance(adapter_names, Fuse):
+            name = adapter_names.name
+        else:
+            name = adapter_names if isinstance(adapter_names, str) else ",".join(adapter_names)
+        if name not in self._adapters_state.fusions:
+            raise ValueError(f"{argument}: no adapter fusion named {name!r}; this model has "
+                             f"{sorted(self._adapters_state.fusions)}")
+        return name
+
+    def adapter_fusion_to(self, adapter_names, device=None, dtype=None):
+        """Moves the fusion layer of ``adapter_names`` to ``device`` and / or ``dtype``."""
+        for fusion in self._fusion_layers(self._fusion_name(adapter_names, "adapter_names")):
+            fusion.to(device=device, dtype=dtype)
+
+    def _fusion_layers(self, name: str):
+        for layer, attr in self._adapter_layers():
+            if attr == "adapters" and name in layer.adapter_fusion_layer:
+                yield layer.adapter_fusion_layer[name]
+
+    def delete_adapter_fusion(self, adapter_names):
+        """Removes the fusion layer of ``adapter_names`` (a Fuse, a list, or its name); an unknown
+        one is skipped with a warning, as in the package."""
+        name = adapter_names.name if isinstance(adapter_names, Fuse) else (
+            adapter_names if isinstance(adapter_names, str) else ",".join(adapter_names))
+        if name not in self._adapters_state.fusions:
+            logger.warning("delete_adapter_fusion: no adapter fusion named %r to delete; this model has %s",
+                           name, sorted(self._adapters_state.fusions))
+            return
+        for layer, attr in self._adapter_layers():
+            if attr == "adapters" and name in layer.adapter_fusion_layer:
+                del layer.adapter_fusion_layer[name]
+        del self._adapters_state.fusions[name]
+        active = self._adapters_state.active_setup
+        if isinstance(active, Fuse) and active.name == name:
+            self._adapters_state.active_setup = None
+
+    def train_adapter_fusion(self, adapter_setup, unfreeze_adapters: bool = False):
+        """Training mode for the fusion layer of ``adapter_setup`` (a Fuse, or a list of names):
+        the model frozen but that fusion layer (and its adapters with ``unfreeze_adapters``), the
+        setup active; as in the package, the active head stays and its output embeddings freeze."""
+        setup = self._parse_setup(adapter_setup if isinstance(adapter_setup, Stack) else Fuse(*adapter_setup))
+        if not isinstance(setup, Fuse):
+            raise ValueError(f"adapter_setup must be a Fuse (or a list of the fused adapters), got {setup!r}")
+        self.train()
+        self.freeze_model(True)
+        for module in [*self._fusion_layers(setup.name),
+                       *(m for n in setup if unfreeze_adapters for m in self._adapter_modules(n))]:
+            for param in module.parameters():
+                param.requires_grad = True
+        ModelAdaptersMixin.set_active_adapters(self, setup)
+        if self.base_model is not self:
+            self._freeze_output_embeddings()
+
+    def get_fusion_regularization_loss(self):
+        """The package's: 0.01 * |I - W_value|^2 summed over the trainable value projections of
+        every fusion layer (None without one)."""
+        loss = None
+        for layer, attr in self._adapter_layers():
+            for fusion in getattr(layer, "adapter_fusion_layer", {}).values() if attr == "adapters" else ():
+                value = getattr(fusion, "value", None)
+                if value is not None and value.weight.requires_grad:
+                    target = torch.eye(value.weight.shape[0], device=value.weight.device, dtype=value.weight.dtype)
+                    term = 0.01 * (target - value.weight).pow(2).sum()
+                    loss = term if loss is None else loss + term
+        return loss
+
+    def save_adapter_fusion(self, save_directory, adapter_names, meta_dict=None, custom_weights_loaders=None,
+                            with_head=False, use_safetensors: bool = False):
+        """Writes adapter_fusion_config.json and pytorch_model_adapter_fusion.bin
+        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format.
+        ``with_head`` (the package's heads of the fused adapters) is not supported here."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        if with_head:
+            raise NotImplementedError("save_adapter_fusion(with_head=...) is not supported by distilbert_fast; "
+                                      "save the heads with save_head")
+        name = self._fusion_name(adapter_names, "adapter_names")
+        config, fused = self._adapters_state.fusions[name]
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(os.path.join(save_directory, ADAPTERFUSION_CONFIG_NAME),
+                    {**self._file_meta(name, config.to_dict()), "adapter_names": fused, **(meta_dict or {})})
+        tensors = {k: v for k, v in self.state_dict().items() if f"adapter_fusion_layer.{name}." in k}
+        _save_tensors(tensors, save_directory,
+                      ADAPTERFUSION_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTERFUSION_WEIGHTS_NAME)
+
+    def load_adapter_fusion(self, adapter_fusion_name_or_path, load_as: str | None = None,
+                            custom_weights_loaders=None, set_active: bool = False, use_safetensors: bool = False,
+                            **kwargs):
+        """Loads a fusion layer saved by save_adapter_fusion here or in the package (its adapters
+        must be loaded first). Returns its name here."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        directory = os.fspath(adapter_fusion_name_or_path)
+        meta = _read_json(os.path.join(directory, ADAPTERFUSION_CONFIG_NAME))
+        saved = meta["name"]
+        name = load_as or saved
+        self.add_adapter_fusion(meta.get("adapter_names", saved), meta["config"], name=name, overwrite_ok=True)
+        state_dict = _load_tensors(directory, ADAPTERFUSION_SAFE_WEIGHTS_NAME, ADAPTERFUSION_WEIGHTS_NAME,
+                                   use_safetensors or None)
+        prefix = self.base_model_prefix + "."
+        own_prefix = prefix if self.base_model is not self else ""
+        state_dict = {own_prefix + k.removeprefix(prefix).replace(f"adapter_fusion_layer.{saved}.",
+                                                                   f"adapter_fusion_layer.{name}."): v
+                      for k, v in state_dict.items() if f"adapter_fusion_layer.{saved}." in k}
+        own = dict(self.named_parameters())
+        expected = {k for k in self.state_dict() if f"adapter_fusion_layer.{name}." in k}
+        if set(state_dict) != expected:
+            self.delete_adapter_fusion(name)
+            raise ValueError(f"the fusion weights in {directory} do not fit fusion {name!r} of this model: missing "
+                             f"{sorted(expected - set(state_dict))[:5]}, unexpected {sorted(set(state_dict) - expected)[:5]}")
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                own[key].copy_(value)
+        if set_active:
+            self.set_active_adapters(Fuse(*self._adapters_state.fusions[name][1], name=name))
+        return name
 
     # -- files ------------------------------------------------------------------------------------
     def _adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -1448,9 +1859,11 @@ class ModelAdaptersMixin:
         self.config.adapters = {
             "adapters": {name: name for name in self._adapters_state.configs},
             "config_map": {name: c.to_dict() for name, c in self._adapters_state.configs.items()},
-            "fusions": {},
-            "fusion_config_map": {},
-            "fusion_name_map": {},
+            # (each fusion's config under its own name; the package's reader takes any key)
+            "fusions": {name: name for name in self._adapters_state.fusions},
+            "fusion_config_map": {name: c.to_dict() for name, (c, _) in self._adapters_state.fusions.items()},
+            "fusion_name_map": {name: list(fused) for name, (_, fused) in self._adapters_state.fusions.items()
+                                if name != ",".join(fused)},
         }
 
     def _adapters_from_config(self):
@@ -1459,6 +1872,25 @@ class ModelAdaptersMixin:
         for name, key in recorded.get("adapters", {}).items():
             if name not in self._adapters_state.configs:
                 self.add_adapter(name, config_map.get(key, key))
+        fusion_configs, fused = recorded.get("fusion_config_map", {}), recorded.get("fusion_name_map", {})
+        for name, key in recorded.get("fusions", {}).items():
+            if name not in self._adapters_state.fusions:
+                self.add_adapter_fusion(fused.get(name, name.split(",")), fusion_configs.get(key, key), name=name)
+
+
+def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torch.Tensor]:
+    """The state_dict of the weighted average of ``modules`` (one place's adapters), by the
+    package's combine strategies (see average_adapter)."""
+    if strategy == "lora_delta_w_svd":
+        delta_w = sum(w * m.delta_w for m, w in zip(modules, weights))  # (out_features, in_features)
+        u, s, v = torch.linalg.svd(delta_w)
+        return {"lora_A": v[:svd_rank], "lora_B": u[:, :svd_rank] @ torch.diag(s[:svd_rank])}
+    average = {}
+    for module, weight in zip(modules, weights):
+        for key, value in module.state_dict().items():
+            negate_b_only = strategy == "lora_linear_only_negate_b" and "lora_A" in key
+            average[key] = average.get(key, 0) + (abs(weight) if negate_b_only else weight) * value
+    return average
 
 
 def _without(setup: Stack, name: str) -> Stack | None:
@@ -1599,6 +2031,10 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "AdapterFusionConfig",
+    "DynamicAdapterFusionConfig",
+    "Fuse",
+    "StaticAdapterFusionConfig",
     "ParBnConfig",
     "Parallel",
     "SeqBnConfig",

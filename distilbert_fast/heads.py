@@ -23,6 +23,7 @@ from .adapters import (
     HEAD_WEIGHTS_NAME,
     Activation,
     Parallel,
+    call_head_setup,
     parallel_channels_of,
     _load_tensors,
     _read_json,
@@ -32,7 +33,8 @@ from .adapters import (
     run_sequential,
 )
 from .configuration import DistilBertConfig
-from .modeling import LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _encode, _finish, span_loss
+from .modeling import (LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _check_packed_labels, _encode,
+                       _finish, packed_span_loss, span_loss)
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -91,6 +93,14 @@ class PredictionHead(nn.Sequential):
         return run_sequential(self, x, backend)
 
 
+def _first_tokens(hidden, cu_seqlens) -> torch.Tensor:
+    """(batch, dim): each sequence's first ([CLS]) token of padded (batch, seq, dim) states, or of
+    packed (total, dim) ones whose sequences ``cu_seqlens`` delimits."""
+    if cu_seqlens is None:
+        return hidden[:, 0]
+    return hidden.index_select(0, cu_seqlens[:-1].long().clamp(max=hidden.shape[0] - 1))
+
+
 class ClassificationHead(PredictionHead):
     head_type = "classification"
 
@@ -106,8 +116,8 @@ class ClassificationHead(PredictionHead):
         _check_count("num_labels", num_labels)
         self.build(model, num_labels)
 
-    def forward(self, out, attention_mask=None, labels=None, backend=None):
-        logits = self.run(out.last_hidden_state[:, 0], backend)  # (batch, num_labels)
+    def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
+        logits = self.run(_first_tokens(out.last_hidden_state, cu_seqlens), backend)  # (batch, num_labels)
         loss = None
         if labels is not None:
             if self.config["num_labels"] == 1:
@@ -120,8 +130,8 @@ class ClassificationHead(PredictionHead):
 class MultiLabelClassificationHead(ClassificationHead):
     head_type = "multilabel_classification"
 
-    def forward(self, out, attention_mask=None, labels=None, backend=None):
-        logits = self.run(out.last_hidden_state[:, 0], backend)
+    def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
+        logits = self.run(_first_tokens(out.last_hidden_state, cu_seqlens), backend)
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float())
@@ -160,8 +170,8 @@ class TaggingHead(PredictionHead):
         _check_count("num_labels", num_labels)
         self.build(model, num_labels)
 
-    def forward(self, out, attention_mask=None, labels=None, backend=None):
-        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, num_labels)
+    def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, num_labels), or packed (total, ...)
         loss = None
         if labels is not None:
             flat = labels.view(-1)
@@ -184,10 +194,15 @@ class QuestionAnsweringHead(PredictionHead):
             raise ValueError(f"num_labels must be 2 for a question answering head, got {num_labels}")
         self.build(model, num_labels)
 
-    def forward(self, out, attention_mask=None, start_positions=None, end_positions=None, backend=None):
-        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, 2)
-        start_logits, end_logits = (t.squeeze(-1) for t in logits.split(1, dim=-1))
-        loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+    def forward(self, out, attention_mask=None, start_positions=None, end_positions=None, backend=None,
+                cu_seqlens=None, max_seqlen=None):
+        """On packed input (cu_seqlens), positions count from each sequence's first token."""
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, 2), or packed (total, 2)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        if cu_seqlens is None:
+            loss = span_loss(start_logits, end_logits, start_positions, end_positions)
+        else:
+            loss = packed_span_loss(start_logits, end_logits, start_positions, end_positions, cu_seqlens, max_seqlen)
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
 
 
@@ -226,8 +241,8 @@ class MaskedLMHead(PredictionHead):
     def get_output_embeddings(self):
         return self[len(self) - 1]
 
-    def forward(self, out, attention_mask=None, labels=None, backend=None):
-        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, vocab)
+    def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
+        logits = self.run(out.last_hidden_state, backend)  # (batch, seq, vocab), or packed (total, vocab)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, self.config["vocab_size"]), labels.reshape(-1))
@@ -411,11 +426,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         """As in the package: also activates the head named like the setup's last adapter."""
         super().set_active_adapters(adapter_setup, skip_layers)
         setup = self.active_adapters
-        if isinstance(setup, Parallel):  # one head per child, when each has one
-            if all(name in self.heads for name in setup.heads()):
-                self.active_head = setup.heads()
-        elif setup is not None and setup.last() in self.heads:
-            self.active_head = setup.last()
+        heads = [] if setup is None else setup.heads()  # one per child of a Parallel; none for a Fuse
+        if heads and all(name in self.heads for name in heads):
+            self.active_head = heads if isinstance(setup, Parallel) else heads[0]
 
     def _freeze_output_embeddings(self):
         """train_adapter's: the output embeddings of every active head (tied to the word
@@ -465,63 +478,74 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, head_mask=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, head=None,
-                adapter_names=None, position_ids=None, **head_inputs):
+                adapter_names=None, position_ids=None, cu_seqlens=None, max_seqlen=None, **head_inputs):
         """The base model, then head ``head`` (default: the active head(s); none: the base
         model's output). ``adapter_names`` (a name, a list = Stack, a Stack or a Parallel)
-        replaces the active adapters for this call and, as the package's ``AdapterSetup`` (which
-        does the same here), picks the head named like its last adapter where there is one; a
-        Parallel whose children each have a head of their (last) adapter's name runs those heads,
-        head i on copy i of the batch, as ``set_active_adapters(Parallel(...))`` does in the
-        package. ``labels`` /
+        replaces the active adapters for this call and, much as the package's ``AdapterSetup``,
+        runs the head named like its last adapter where there is one (else the active heads;
+        where AdapterSetup raises); a Parallel runs the head of each child's (last) adapter, head
+        i on copy i of the batch, as ``set_active_adapters(Parallel(...))`` does in the package.
+        Without either, an ``AdapterSetup`` block's head setup decides, as in the package, then
+        the active heads. ``labels`` /
         ``start_positions`` / ``end_positions`` go to the head(s). Multiple-choice inputs
-        (batch, num_choices, seq) are flattened first."""
+        (batch, num_choices, seq) are flattened first.
+
+        Packed input, as DistilBertModel's packed entry point: ``input_ids`` (total,) (or
+        ``inputs_embeds`` (total, dim)) with ``cu_seqlens`` and ``max_seqlen``, no attention_mask.
+        Token-level heads then give packed outputs (total, ...) and take one label per token;
+        sequence-level heads pool each sequence's first token and take one label per sequence;
+        QA positions count from each sequence's first token. A multiple-choice head is refused
+        there (the grouping of the choices would be lost)."""
         unknown = sorted(set(head_inputs) - _HEAD_INPUTS)
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {unknown}")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         setup = None if adapter_names is None else self._parse_setup(adapter_names, "adapter_names")
-        in_force, per_call = setup, setup
+        in_force = setup
         if setup is None and self._adapters_state.configs:  # (no context variable read without adapters)
-            in_force, per_call = self._adapters_state.current_setup(), self._adapters_state.call_setup()
+            in_force = self._adapters_state.current_setup()
         channels = 1 if in_force is None else in_force.parallel_channels
-        if head is not None:
-            heads = [head]
-        elif per_call is not None and all(name in self.heads for name in per_call.heads()):
-            # as the package's AdapterSetup: the head of the setup's last adapter (one per child of
-            # a Parallel); where one is missing (the package raises), the active heads
-            heads = per_call.heads()
-        else:
-            heads = list(self._active_heads)
-        for name in heads:
-            self._check_head_name(name, "head" if head is not None else "active_head")
+        heads = self._used_heads(head, setup)
         if channels > 1 and heads and len(heads) != channels:
             raise ValueError(
                 f"the Parallel adapter setup {in_force!r} has {channels} channels but {len(heads)} heads "
                 f"are active ({heads}): pass head=None with a head named like each channel's last adapter"
             )
-        flatten = lambda t, rank: t if t is None or t.dim() <= rank else t.reshape(-1, *t.shape[-rank + 1:])  # noqa: E731
-        input_ids, attention_mask = flatten(input_ids, 2), flatten(attention_mask, 2)
-        inputs_embeds, position_ids = flatten(inputs_embeds, 3), flatten(position_ids, 2)
+        packed = cu_seqlens is not None or max_seqlen is not None
+        if packed:
+            for name in heads:
+                if isinstance(self.heads[name], MultipleChoiceHead):
+                    raise ValueError(f"cu_seqlens: head {name!r} is a multiple-choice head, which takes padded "
+                                     "(batch, num_choices, seq) input, not packed input")
+        else:
+            flatten = lambda t, rank: t if t is None or t.dim() <= rank else t.reshape(-1, *t.shape[-rank + 1:])  # noqa: E731
+            input_ids, attention_mask = flatten(input_ids, 2), flatten(attention_mask, 2)
+            inputs_embeds, position_ids = flatten(inputs_embeds, 3), flatten(position_ids, 2)
 
         with self._adapters_state.calling(setup):
-            # packed inside where the heads allow it; the heads then see zeros at padding
+            # a padded batch packed inside where the heads allow it; the heads then see zeros at padding
             enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                          output_hidden_states, position_ids, None, None,
-                          exact=self._exact_positions(heads, head_inputs))
+                          output_hidden_states, position_ids, cu_seqlens, max_seqlen,
+                          exact=None if packed else self._exact_positions(heads, head_inputs))
             out = BaseModelOutput(enc.tokens_out(enc.hidden), enc.hidden_states, enc.attentions)
         if not heads:
             return out if return_dict else out.to_tuple()
         backend = self.config.backend
         rows = out.last_hidden_state.shape[0]
         channels = parallel_channels_of(rows, (input_ids if input_ids is not None else inputs_embeds).shape[0])
+        packed_args = {}
+        if packed:  # each head (each copy of a Parallel) sees the sequences of cu_seqlens
+            packed_args = dict(cu_seqlens=cu_seqlens.to(out.last_hidden_state.device), max_seqlen=max_seqlen)
         outputs = []
         for i, name in enumerate(heads):
             head_input = out
             if channels > 1:  # the package's Parallel: head i takes copy i of the batch
                 part = slice(i * rows // channels, (i + 1) * rows // channels)
                 head_input = BaseModelOutput(out.last_hidden_state[part], out.hidden_states, out.attentions)
-            output = self.heads[name](head_input, attention_mask, backend=backend,
-                                      **_inputs_for(self.heads[name], head_inputs))
+            labels = _inputs_for(self.heads[name], head_inputs)
+            if packed:
+                _check_packed_head_labels(self.heads[name], labels, cu_seqlens, input_ids, inputs_embeds)
+            output = self.heads[name](head_input, attention_mask, backend=backend, **labels, **packed_args)
             if enc.packing is not None and isinstance(self.heads[name], _TOKEN_HEADS):
                 output = _zeros_at_padding(output, attention_mask)  # as the task classes' token outputs
             outputs.append(output)
@@ -530,6 +554,26 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         losses = [o.loss for o in outputs]
         loss = sum(losses) if all(x is not None for x in losses) else None
         return MultiHeadOutput(outputs, loss)
+
+    def _used_heads(self, head, setup) -> list[str]:
+        """The heads a forward runs: ``head``; else with ``adapter_names``, the head named like
+        its last adapter (one per child of a Parallel) where there is one, else the active heads;
+        else, as the package's _get_used_heads, where the model has heads, the innermost
+        AdapterSetup block's head setup (a head that is not there is a ValueError, as there);
+        else the active heads."""
+        if head is not None:
+            self._check_head_name(head, "head")
+            return [head]
+        if setup is not None:  # (the package's forward has no adapter_names: ours falls back)
+            names = setup.heads()
+            return names if names and all(name in self.heads for name in names) else list(self._active_heads)
+        head_setup = call_head_setup() if self.heads else None
+        if head_setup:
+            names = [head_setup] if isinstance(head_setup, str) else list(head_setup)
+            for name in names:
+                self._check_head_name(name, "AdapterSetup's head_setup")
+            return names
+        return list(self._active_heads)
 
     def _exact_positions(self, heads, head_inputs):
         """Where the heads need HF's values at padding positions (see
@@ -665,6 +709,16 @@ def _zeros_at_padding(output: ModelOutput, attention_mask: torch.Tensor) -> Mode
 
     logits = {"logits", "start_logits", "end_logits"}
     return type(output)(**{k: zeroed(v) if k in logits and v is not None else v for k, v in output.items()})
+
+
+def _check_packed_head_labels(head: PredictionHead, labels: dict, cu_seqlens, input_ids, inputs_embeds):
+    """Packed input: a token-level head's labels hold one per token, a sequence-level head's one
+    per sequence (a ValueError naming them, as the task classes check theirs)."""
+    given = list(labels.items())
+    if isinstance(head, (TaggingHead, MaskedLMHead)):
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=given)
+    else:
+        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, sequences=given)
 
 
 def _inputs_for(head: PredictionHead, inputs: dict) -> dict:

@@ -11,10 +11,12 @@ from conftest import SMALL_CONFIG, assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distilbert_fast import (
+    AdapterFusionConfig,
     AdapterSetup,
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
+    Fuse,
     LoRAConfig,
     Parallel,
     ParBnConfig,
@@ -367,6 +369,16 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
     for setup in (None, []):
         with pytest.raises(ValueError, match="adapter_setup must name at least one adapter"):
             model.train_adapter(setup)
+    with pytest.raises(TypeError, match="head_setup must be a head name or a list of head names, got 5"):
+        AdapterSetup("a", head_setup=5)
+    model.add_classification_head("h")
+    with pytest.raises(ValueError, match="^AdapterSetup's head_setup: no head named 'zz'"):
+        with AdapterSetup("a", head_setup=["h", "zz"]):
+            model(x)
+    with pytest.raises(ValueError, match="^AdapterSetup's head_setup: no head named 'a'"):
+        with AdapterSetup("a"):  # runs head "a", as the package's
+            model(x)
+    assert torch.equal(model(x, adapter_names="a").logits, model(x, adapter_names="a", head="h").logits)
     model.delete_adapter("nope")  # as the package: nothing to delete is skipped (with a warning)
     assert list(model.adapters_config) == ["a"]
     model.set_active_adapters("a")
@@ -381,10 +393,6 @@ def test_bad_adapter_input_gives_clear_errors(tmp_path):
         LoRAConfig(r=0)
     with pytest.raises(NotImplementedError, match="intermediate_lora"):
         LoRAConfig(intermediate_lora=True)
-    model.add_adapter("p", config="par_bn")
-    model.add_adapter("q", config="seq_bn")
-    with pytest.raises(NotImplementedError, match="parallel bottleneck adapter"):
-        model(x, adapter_names=Parallel("p", "q"))
     with pytest.raises(NotImplementedError, match="phm_layer"):
         SeqBnConfig(phm_layer=True)
     with pytest.raises(ValueError, match="post_add"):
@@ -450,3 +458,107 @@ def test_adapters_on_a_fused_backend_match_eager(backend):
     assert ref_grads.keys() == grads.keys() and any(".adapters." in n for n in grads)
     for name, grad in grads.items():
         assert_close(grad, ref_grads[name], atol=5e-5, rtol=1e-4, name=name)
+
+
+def test_adapter_to_and_average_adapter_refusals():
+    """adapter_to moves one adapter only; average_adapter's bad arguments are ValueErrors naming
+    them, and add nothing (its results are checked against the package in test_adapters_oracle)."""
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=8))
+    model.add_adapter("l", config="lora")
+    model.adapter_to("a", dtype=torch.float64)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if ".adapters." in n or ".loras." in n}
+    assert {d for n, d in dtypes.items() if ".adapters.a." in n} == {torch.float64}
+    assert {d for n, d in dtypes.items() if ".adapters.a." not in n} == {torch.float32}
+    for call, message in (
+        (lambda: model.average_adapter("m", []), "adapter_list must name at least one adapter"),
+        (lambda: model.average_adapter("m", ["a", "nope"]), "adapter_list: no adapter named 'nope'"),
+        (lambda: model.average_adapter("m", ["a", "b"]), "different configs"),
+        (lambda: model.average_adapter("m", ["a"], combine_strategy="mean"), "combine_strategy must be one of"),
+        (lambda: model.average_adapter("m", ["a"], combine_strategy="lora_delta_w_svd"), "is for LoRA adapters"),
+        (lambda: model.average_adapter("m", ["l"], combine_strategy="lora_delta_w_svd"), "svd_rank must be set"),
+        (lambda: model.average_adapter("m", ["a", "a"], weights=[1.0]), "one weight per adapter"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert "m" not in model.adapters_config
+    model.average_adapter("m", ["l", "l"], weights=[3.0, -1.0], normalize_weights=False)  # 2 x "l"
+    assert torch.allclose(model.distilbert.transformer.layer[0].attention.q_lin.loras["m"].lora_A,
+                          2 * model.distilbert.transformer.layer[0].attention.q_lin.loras["l"].lora_A)
+
+
+def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
+    """A Fuse of two bottleneck adapters (outputs against the package in test_adapters_oracle):
+    save_adapter_fusion / load_adapter_fusion round trip exactly (under another name too), the
+    packed call equals the padded one, train_adapter_fusion trains the fusion layers only (and the
+    head), get_fusion_regularization_loss is 0.01 |I - W_value|^2, and bad setups name themselves."""
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_adapter("b", config=SeqBnConfig(reduction_factor=4, non_linearity="gelu"))
+    model.add_classification_head("h", num_labels=3)
+    model.add_adapter_fusion(Fuse("a", "b"), config="dynamic", set_active=True)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    x, mask = ids(batch=3, seq=7), torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    expected = model(x, attention_mask=mask).logits
+    assert model.active_head == "h"  # a Fuse names no head: the active head stays
+    packed = model(x[mask.bool()], cu_seqlens=torch.tensor([0, 4, 11, 18], dtype=torch.int32), max_seqlen=7)
+    assert_close(packed.logits, expected, atol=2e-6, name="packed")
+
+    model.save_adapter_fusion(str(tmp_path / "fusion"), ["a", "b"])
+    for name in "ab":
+        model.save_adapter(str(tmp_path / name), name)
+    other = small_model()
+    other.add_classification_head("h", num_labels=3)
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k})
+    for name in "ab":
+        other.load_adapter(str(tmp_path / name))
+    assert other.load_adapter_fusion(str(tmp_path / "fusion"), load_as="ab", set_active=True) == "ab"
+    assert other.active_adapters == Fuse("a", "b", name="ab")
+    assert torch.equal(other(x, attention_mask=mask).logits, expected)
+
+    model.train_adapter_fusion(Fuse("a", "b"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("adapter_fusion_layer.a,b." in n or n.startswith("heads.h.") for n in trainable)
+    values = [m.adapter_fusion_layer["a,b"].value.weight for m in (b.output_adapters for b in
+                                                                   model.distilbert.transformer.layer)]
+    expected_loss = sum(0.01 * (torch.eye(v.shape[0]) - v).pow(2).sum() for v in values)
+    assert_close(model.get_fusion_regularization_loss(), expected_loss, atol=1e-6, name="regularization")
+
+    model.add_adapter("l", config="lora")
+    with pytest.raises(ValueError, match="adapter_names: 'l' is a LoRA"):
+        model.add_adapter_fusion(["a", "l"])
+    with pytest.raises(ValueError, match="adapter_setup: no adapter fusion named 'b,a'"):
+        model.set_active_adapters(Fuse("b", "a"))
+    with pytest.raises(TypeError, match="Parallel children"):
+        Parallel(Fuse("a", "b"), "a")
+    with pytest.raises(ValueError, match="an adapter fusion named 'a,b' already exists"):
+        model.add_adapter_fusion("a,b")
+    with pytest.raises(NotImplementedError, match="with_head"):
+        model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
+    model.adapter_fusion_to(Fuse("a", "b"), dtype=torch.float64)
+    assert {p.dtype for n, p in model.named_parameters() if "adapter_fusion_layer" in n} == {torch.float64}
+    model.delete_adapter_fusion(["a", "b"])
+    assert model.active_adapters is None and not model.get_fusion_regularization_loss()
+    model.delete_adapter_fusion("a,b")  # as the package: nothing to delete is skipped (with a warning)
+
+
+def test_adapter_fusion_survives_save_pretrained(tmp_path):
+    """save_pretrained records the fusions in config.json's adapters (the package's fusions,
+    fusion_config_map, fusion_name_map), so from_pretrained rebuilds them before their weights
+    load: the same outputs, none of the fusion weights dropped."""
+    model = small_model()
+    model.add_adapter("a", config="double_seq_bn")
+    model.add_adapter("b", config="double_seq_bn")
+    model.add_classification_head("h", num_labels=3)
+    model.add_adapter_fusion(["a", "b"], config="static", name="ab")
+    model.add_adapter_fusion(["b", "a"], config={**AdapterFusionConfig().to_dict(), "residual_before": True})
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    model.save_pretrained(str(tmp_path))
+    loaded = DistilBertAdapterModel.from_pretrained(str(tmp_path)).eval()
+    x = ids()
+    for setup in (Fuse("a", "b", name="ab"), Fuse("b", "a")):
+        expected = model(x, adapter_names=setup, head="h").logits
+        assert torch.equal(loaded(x, adapter_names=setup, head="h").logits, expected)
+    assert loaded.state_dict().keys() == model.state_dict().keys()

@@ -40,7 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
 COMPARE = os.path.join(REPO, "tests", "adapters_oracle", "compare.py")
 sys.path.insert(0, os.path.dirname(COMPARE))
-from runs import outputs_and_grads, prepare  # noqa: E402  (shared with compare.py)
+from runs import (AVERAGES, HEAD_SELECTION, outputs_and_grads, prepare,  # noqa: E402  (shared with compare.py)
+                  run_head_selection)
 RECORD = os.path.join(REPO, "bench", "results", "adapters_parity.txt")
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 ATOL, RTOL = 2e-5, 1e-4
@@ -163,6 +164,9 @@ def compare_both_directions(workdir):
     for case, spec in manifest["task_cases"].items():
         to_ours += _task_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                               ours_results, seed=len(ours_results))
+    for case, spec in manifest.get("fusion_cases", {}).items():
+        to_ours += _fusion_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
+                                ours_results, seed=len(ours_results))
     ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
                                                   os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
@@ -200,6 +204,53 @@ def _pretrained_case(package_dir, ours_dir, manifest, rows):
     model.save_pretrained(ours_dir)
     torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
     return _run_pretrained(model, manifest["pretrained"], io["inputs"])
+
+
+def _run_fusion(model, adapters, inputs):
+    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"."""
+    prepare(model)
+    model.set_active_adapters(distilbert_fast.Fuse(*adapters))
+    return outputs_and_grads(model, model(**inputs, head="h"))
+
+
+def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
+    """AdapterFusion both ways: the package's adapters and fusion layer (save_adapter_fusion)
+    load into our heads model with its other weights and give its outputs and gradients; ours,
+    changed and saved by our save_adapter / save_adapter_fusion, are what the package loads."""
+    model = _load_fusion_model(case_dir, spec)
+    io = torch.load(os.path.join(case_dir, "io.pt"), weights_only=True)
+    rows = _diffs(_run_fusion(model, spec["adapters"], io["inputs"]), io["outputs"], case,
+                  io["inputs"]["attention_mask"])
+
+    _change_adapters_and_heads(model, seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_fusion_layer" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    os.makedirs(out_dir)
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and "adapter_fusion_layer" not in k},
+               os.path.join(out_dir, "model.pt"))
+    torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
+    for name in spec["adapters"]:
+        model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=False)
+    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"])
+    # from what we saved, as the package loads it: a fresh model (a temperature anneals per forward)
+    ours_results[case] = _run_fusion(_load_fusion_model(out_dir, spec), spec["adapters"], io["inputs"])
+    return rows
+
+
+def _load_fusion_model(directory, spec):
+    """Our heads model with head "h" from ``directory``: model.pt, the adapters and the fusion."""
+    model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
+    model.add_classification_head("h", num_labels=3)
+    weights = torch.load(os.path.join(directory, "model.pt"), weights_only=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not missing, (directory, missing, unexpected)
+    for name in spec["adapters"]:
+        assert model.load_adapter(os.path.join(directory, "adapter_" + name), with_head=False) == name
+    assert model.load_adapter_fusion(os.path.join(directory, "fusion")) == ",".join(spec["adapters"])
+    return model
 
 
 def _setup_from_dict(data):
@@ -305,12 +356,17 @@ def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_dire
     """The same parameters train after train_adapter on each class, for a bottleneck adapter
     alone (with and without train_embeddings), a Stack and a Parallel with a LoRA: the task
     classes' and the heads model's masked-LM output embeddings (weight and bias) included; and
-    adapter_summary gives the package's rows before and after."""
+    adapter_summary gives the package's rows before and after. On the heads model the active
+    head stays what it was (also when a head is named like the adapter: it is not activated)."""
     recorded = both_directions[2]["train_adapter"]
-    for cls, theirs in recorded["trainable"].items():
+    for key, theirs in recorded["trainable"].items():
+        cls = key.split("|")[0]
         for case, expected in zip(recorded["setups"], theirs):
             model = _task_model({"cls": cls})
-            if cls == "DistilBertAdapterModel":
+            if key.endswith("|masked_lm_first"):
+                model.add_masked_lm_head("a")
+                model.add_classification_head("b", num_labels=3)
+            elif cls == "DistilBertAdapterModel":
                 model.add_classification_head("b", num_labels=3)
                 model.add_masked_lm_head("a")
             model.add_adapter("a", config=distilbert_fast.SeqBnConfig(reduction_factor=4))
@@ -321,6 +377,7 @@ def test_train_adapter_freezes_what_the_package_freezes_on_every_class(both_dire
             ours = sorted(n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
             trainable = expected["trainable"]
             assert ours == trainable, (cls, case, sorted(set(ours) - set(trainable)), sorted(set(trainable) - set(ours)))
+            assert getattr(model, "active_head", None) == expected["active_head"], (key, case)
             for our_rows, their_rows in zip(summaries, expected["summary"]):
                 assert [{**r, "%param": round(r["%param"], 9)} for r in our_rows] == [
                     {**r, "%param": round(r["%param"], 9)} for r in their_rows], (cls, case)
@@ -367,6 +424,58 @@ def test_a_task_class_checkpoint_loads_into_the_heads_model_with_its_head(both_d
         for key, expected in io["outputs"].items():
             _assert_rows([_row(cls, key, *(_real_positions(t, io["inputs"]["attention_mask"])
                                            for t in (out[key], expected)))])
+
+
+def test_adapter_setup_selects_the_heads_the_package_selects(both_directions):
+    """AdapterSetup(adapter_setup, head_setup=..., ignore_empty=...) on the heads model, nested or
+    not, with head= or not: the package's heads model (loaded with our from_pretrained) gives
+    each scenario's heads (logits of each) or its ValueError (a head that is not there)."""
+    directory = os.path.join(both_directions[3], "package", "head_selection")
+    io = torch.load(os.path.join(directory, "io.pt"), weights_only=True)
+    model = DistilBertAdapterModel.from_pretrained(directory)
+    assert model.active_head == "t" and model.active_adapters is None
+    ours = run_head_selection(model, distilbert_fast.AdapterSetup, io["inputs"])
+    assert set(ours) == set(io["outputs"]) == set(HEAD_SELECTION)
+    for name, expected in io["outputs"].items():
+        if expected == "ValueError":
+            assert ours[name] == "ValueError", name
+            continue
+        assert ours[name] != "ValueError" and len(ours[name]) == len(expected), (name, ours[name])
+        _assert_rows([_row(name, f"head {i}", o, e) for i, (o, e) in enumerate(zip(ours[name], expected))])
+
+
+def test_average_adapter_gives_the_package_average(both_directions):
+    """average_adapter of the package's adapters (bottleneck with learned scaling and ln_after;
+    LoRA by each combine strategy) gives the package's averaged adapter: its config and weights
+    (for the SVD strategy its B @ A: the SVD's signs are the solver's)."""
+    directory = os.path.join(both_directions[3], "package", "average")
+    model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
+    for name in ("x", "y", "lx", "ly"):
+        model.load_adapter(os.path.join(directory, name))
+    for name, inputs, kwargs in AVERAGES:
+        model.average_adapter(name, inputs, **kwargs)
+        theirs = model.load_adapter(os.path.join(directory, name), load_as="package_" + name)
+        assert model.adapters_config[name] == model.adapters_config[theirs], name
+        ours = model._adapter_state_dict(name)
+        expected = {k.replace(f".{theirs}.", f".{name}."): v for k, v in model._adapter_state_dict(theirs).items()}
+        assert set(ours) == set(expected) and ours, name
+        if kwargs.get("combine_strategy") == "lora_delta_w_svd":
+            for key in [k for k in ours if k.endswith("lora_A")]:
+                b = key[:-1] + "B"
+                _assert_rows([_row(name, key[:-7] + " B @ A", ours[b] @ ours[key], expected[b] @ expected[key])])
+            continue
+        _assert_rows([_row(name, key, ours[key], expected[key]) for key in ours])
+
+
+def test_adapter_fusion_cases_ran(both_directions):
+    """The AdapterFusion cases (dynamic; static with the query before the LayerNorm and the
+    residual before; value after the softmax with the temperature) ran both ways; their rows are
+    checked with the others, over outputs and every gradient (the fusion layers' included)."""
+    cases = both_directions[2]["fusion_cases"]
+    assert len(cases) == 3
+    for rows in (both_directions[0], both_directions[1]):
+        assert {row[0] for row in rows} >= set(cases)
+        assert all(any(r[0] == case and r[1].startswith("grads") for r in rows) for case in cases)
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

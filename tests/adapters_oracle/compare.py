@@ -28,7 +28,9 @@ import torch
 import adapters
 import transformers
 from adapters import (
+    AdapterFusionConfig,
     AdapterSetup,
+    Fuse,
     BnConfig,
     DistilBertAdapterModel,
     DoubleSeqBnConfig,
@@ -38,7 +40,8 @@ from adapters import (
     SeqBnConfig,
     Stack,
 )
-from runs import outputs_and_grads, prepare  # this script's folder: shared with test_adapters_oracle.py
+# (this script's folder: shared with test_adapters_oracle.py)
+from runs import AVERAGES, outputs_and_grads, prepare, run_head_selection
 
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 BATCH, SEQ = 3, 7
@@ -167,6 +170,34 @@ TASK_CASES = {
     "parallel_heads_lora": dict(cls="DistilBertAdapterModel",
                                 adapters={"a": LoRAConfig(r=4, alpha=8), "b": LoRAConfig(r=2, alpha=4)},
                                 setup=Parallel("a", "b"), labels=True),
+    # par_bn in a Parallel. The package's ParallelAdapter.post_forward adds the sublayer's output
+    # of the batch not yet replicated, so in the layer that replicates it runs one row only
+    # (one_row: the inputs' full-length row), or a batch a LoRA below has replicated already.
+    "parallel_par_bn_one_row": dict(
+        cls="DistilBertForSequenceClassification",
+        adapters={"a": ParBnConfig(reduction_factor=4, mh_adapter=True),
+                  "b": ParBnConfig(reduction_factor=2, mh_adapter=True, ln_after=True, scaling="learned")},
+        setup=Parallel("a", "b"), labels=False, one_row=True),
+    "parallel_heads_par_bn_one_row": dict(
+        cls="DistilBertAdapterModel",
+        adapters={"a": ParBnConfig(reduction_factor=4), "b": ParBnConfig(reduction_factor=2, non_linearity="gelu")},
+        setup=Parallel("a", "b"), labels=True, one_row=True),
+    # the first child's pre_forward and the last one's post_forward run on every copy
+    "parallel_seq_bn_par_bn_one_row": dict(
+        cls="DistilBertModel",
+        adapters={"s": SeqBnConfig(reduction_factor=4), "p": ParBnConfig(reduction_factor=2)},
+        setup=Parallel("s", "p"), labels=False, one_row=True),
+    "parallel_par_bn_houlsby_one_row": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"p": ParBnConfig(reduction_factor=2, mh_adapter=True), "h": DoubleSeqBnConfig(reduction_factor=4)},
+        setup=Parallel("p", "h"), labels=False, one_row=True),
+    "parallel_stacks_par_bn_lora": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"p1": ParBnConfig(reduction_factor=4, mh_adapter=True),
+                  "p2": ParBnConfig(reduction_factor=2, mh_adapter=True, scaling="learned"),
+                  "l1": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                  "l2": LoRAConfig(r=3, alpha=3, attn_matrices=["q", "k", "v"])},
+        setup=Parallel(Stack("p1", "l1"), Stack("p2", "l2")), labels=False),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
@@ -198,6 +229,8 @@ def task_inputs(spec, generator, vocab_size):
     if not spec["labels"]:
         for key in ("labels", "start_positions", "end_positions"):
             inputs.pop(key, None)
+    if spec.get("one_row"):
+        inputs = {k: v[1:2] for k, v in inputs.items()}  # row 1 has no padding
     return inputs
 
 
@@ -253,30 +286,39 @@ def produce_tasks(out_dir, real=None):
 
 
 # train_adapter on every class: (setup, train_embeddings). The heads model gets a masked-LM head
-# "a" (tied output embeddings) added after a classification head, so "a" is its active head.
+# "a" (tied output embeddings) added after a classification head "b", so "a" is its active head;
+# and (TRAIN_ADAPTER_HEADS_MLM_FIRST) the other way round: "b" stays active, train_adapter("a")
+# does not activate head "a", and so leaves its output embeddings' bias trainable.
 TRAIN_ADAPTER_SETUPS = [("a", False), ("a", True), (Stack("a", "l"), False), (Parallel("a", "l"), False)]
+TRAIN_ADAPTER_HEADS_MLM_FIRST = "DistilBertAdapterModel|masked_lm_first"
 
 
 def trainable_after_train_adapter():
     """{class: [{"trainable": sorted names of the trainable parameters after
     train_adapter(setup, train_embeddings), "summary": adapter_summary(as_dict=True) before and
-    after}, one per TRAIN_ADAPTER_SETUPS entry]}, and those setups (to_dict) for the other side."""
+    after, "active_head": the heads model's active head after}, one per TRAIN_ADAPTER_SETUPS
+    entry]}, and those setups (to_dict) for the other side."""
     result = {}
-    for cls in {spec["cls"]: None for spec in TASK_CASES.values()}:
-        result[cls] = []
+    for key in [*{spec["cls"]: None for spec in TASK_CASES.values()}, TRAIN_ADAPTER_HEADS_MLM_FIRST]:
+        cls = key.split("|")[0]
+        result[key] = []
         for setup, train_embeddings in TRAIN_ADAPTER_SETUPS:
             model = make_task_model(cls)
-            if cls == "DistilBertAdapterModel":
+            if key == TRAIN_ADAPTER_HEADS_MLM_FIRST:
+                model.add_masked_lm_head("a")
+                model.add_classification_head("b", num_labels=TASK_LABELS)
+            elif cls == "DistilBertAdapterModel":
                 model.add_classification_head("b", num_labels=TASK_LABELS)
                 model.add_masked_lm_head("a")
             model.add_adapter("a", config=SeqBnConfig(reduction_factor=4))
             model.add_adapter("l", config=LoRAConfig(r=2))
             before = model.adapter_summary(as_dict=True)
             model.train_adapter(setup, train_embeddings=train_embeddings)
-            result[cls].append({
+            result[key].append({
                 "trainable": sorted(n for n, p in model.named_parameters(remove_duplicate=False)
                                     if p.requires_grad and "prompt_tuning." not in n),
                 "summary": [before, model.adapter_summary(as_dict=True)],
+                "active_head": getattr(model, "active_head", None),
             })
     setups = [{"setup": Stack(s).to_dict() if isinstance(s, str) else s.to_dict(), "train_embeddings": e}
               for s, e in TRAIN_ADAPTER_SETUPS]
@@ -366,6 +408,122 @@ def produce_pretrained(out_dir):
     del inputs["labels"]
     torch.save({"inputs": inputs, "outputs": run_pretrained(model, inputs)}, os.path.join(directory, "io.pt"))
     return [[setup, head] for setup, head in PRETRAINED_SETUPS]
+
+
+def produce_head_selection(out_dir):
+    """OUT/head_selection/: the heads model of runs.HEAD_SELECTION (save_pretrained) and io.pt
+    (inputs, and what each scenario gives)."""
+    torch.manual_seed(800)
+    model = make_model()
+    for name in "abc":
+        model.add_adapter(name, config=SeqBnConfig(reduction_factor=4))
+    model.add_classification_head("a", num_labels=2)
+    model.add_classification_head("b", num_labels=3)
+    model.add_tagging_head("t", num_labels=4)
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(801))
+    directory = os.path.join(out_dir, "head_selection")
+    model.save_pretrained(directory)
+    generator = torch.Generator().manual_seed(802)
+    inputs = {"input_ids": torch.randint(1, SMALL["vocab_size"], (2, SEQ), generator=generator)}
+    torch.save({"inputs": inputs, "outputs": run_head_selection(model, AdapterSetup, inputs)},
+               os.path.join(directory, "io.pt"))
+
+
+def produce_averages(out_dir):
+    """OUT/average/: adapters x, y, lx, ly (save_adapter) and each runs.AVERAGES result, saved."""
+    torch.manual_seed(900)
+    model = make_model()
+    model.add_adapter("x", config=SeqBnConfig(reduction_factor=4, scaling="learned", ln_after=True))
+    model.add_adapter("y", config=SeqBnConfig(reduction_factor=4, scaling="learned", ln_after=True, dropout=0.1))
+    model.add_adapter("lx", config=LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"]))
+    model.add_adapter("ly", config=LoRAConfig(r=4, alpha=8, attn_matrices=["q", "v"], init_weights="bert"))
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(901))
+    directory = os.path.join(out_dir, "average")
+    os.makedirs(directory)
+    for name in ("x", "y", "lx", "ly"):
+        model.save_adapter(os.path.join(directory, name), name)
+    for name, inputs, kwargs in AVERAGES:
+        model.average_adapter(name, inputs, **kwargs)
+        model.save_adapter(os.path.join(directory, name), name)
+
+
+# AdapterFusion on the heads model (a classification head "h", labels): adapters to fuse, the
+# fusion config (a preset or AdapterFusionConfig's fields)
+FUSION_CASES = {
+    "fuse_dynamic": dict(adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2),
+                                   "c": SeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+                         config="dynamic"),
+    "fuse_static_houlsby_query_before_ln_residual_before": dict(
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2)},
+        config=dict(key=True, query=True, value=False, query_before_ln=True, regularization=False,
+                    residual_before=True, temperature=False, value_before_softmax=True, value_initialized=False,
+                    dropout_prob=None)),
+    "fuse_value_after_softmax_temperature": dict(
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=4, scaling="learned")},
+        config=dict(key=False, query=True, value=True, query_before_ln=False, regularization=True,
+                    residual_before=False, temperature=True, value_before_softmax=False, value_initialized=True,
+                    dropout_prob=None)),
+}
+
+
+def make_fusion_model(spec):
+    model = make_model()
+    for name, config in spec["adapters"].items():
+        model.add_adapter(name, config=config)
+    model.add_adapter_fusion(Fuse(*spec["adapters"]), config=spec["config"])
+    model.add_classification_head("h", num_labels=3)
+    return model
+
+
+def run_fusion(model, spec, inputs):
+    prepare(model)
+    model.set_active_adapters(Fuse(*spec["adapters"]))
+    return outputs_and_grads(model, model(**inputs, head="h"))
+
+
+def produce_fusions(out_dir):
+    """OUT/<fusion case>/: model.pt (every weight but the adapters' and the fusion's), each
+    adapter (save_adapter) and the fusion (save_adapter_fusion), io.pt (inputs, outputs, grads)."""
+    manifest = {}
+    for i, (case, spec) in enumerate(FUSION_CASES.items()):
+        torch.manual_seed(1000 + i)
+        generator = torch.Generator().manual_seed(1100 + i)
+        model = make_fusion_model(spec)
+        randomise_adapters_and_heads(model, generator)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "adapter_fusion_layer" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+        inputs = inputs_for("classification", {"num_labels": 3}, generator)
+        case_dir = os.path.join(out_dir, case)
+        os.makedirs(case_dir)
+        torch.save({k: v for k, v in model.state_dict().items()
+                    if not is_adapter_key(k) and "adapter_fusion_layer" not in k and "prompt_tuning." not in k},
+                   os.path.join(case_dir, "model.pt"))
+        torch.save({"inputs": inputs, "outputs": run_fusion(model, spec, inputs)}, os.path.join(case_dir, "io.pt"))
+        for name in spec["adapters"]:
+            model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=False)
+        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]))
+        manifest[case] = {"adapters": list(spec["adapters"])}
+    return manifest
+
+
+def check_fusions(root, manifest):
+    """For each fusion case saved by distilbert_fast under ROOT: load it and write oracle_out.pt."""
+    for case, spec in manifest.items():
+        case_dir = os.path.join(root, case)
+        model = make_model()
+        model.add_classification_head("h", num_labels=3)
+        missing, unexpected = model.load_state_dict(torch.load(os.path.join(case_dir, "model.pt")), strict=False)
+        fused = [k for k in missing if "adapter_fusion_layer" in k or is_adapter_key(k) or "prompt_tuning." in k]
+        if unexpected or len(fused) != len(missing):
+            raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
+        for name in spec["adapters"]:
+            model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=False)
+        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))
+        io = torch.load(os.path.join(case_dir, "io.pt"))
+        torch.save(run_fusion(model, {"adapters": {n: None for n in spec["adapters"]}}, io["inputs"]),
+                   os.path.join(case_dir, "oracle_out.pt"))
 
 
 def check_tasks(root, manifest):
@@ -495,10 +653,12 @@ def produce(out_dir, real_json=None):
         with open(real_json) as f:
             real = json.load(f)
     task_manifest = produce_tasks(out_dir, real)
+    produce_head_selection(out_dir)
+    produce_averages(out_dir)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
-                   "pretrained": produce_pretrained(out_dir),
+                   "pretrained": produce_pretrained(out_dir), "fusion_cases": produce_fusions(out_dir),
                    "adapters_version": adapters.__version__,
                    "transformers_version": transformers.__version__, "torch_version": torch.__version__}, f,
                   indent=2)
@@ -509,6 +669,7 @@ def check(root):
         full = json.load(f)
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
+    check_fusions(root, full.get("fusion_cases", {}))
     directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
     if os.path.isdir(directory):
         model = DistilBertAdapterModel.from_pretrained(directory)

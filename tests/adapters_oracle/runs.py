@@ -26,3 +26,56 @@ def outputs_and_grads(model, out) -> dict:
         out["loss"].backward()
         result["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return result
+
+
+# AdapterSetup's head selection on a heads model with adapters "a", "b", "c", heads "a"
+# (classification, 2 labels), "b" (classification, 3) and "t" (tagging, active: added last), no
+# active adapters. Each scenario: AdapterSetup blocks, outer to inner, as (adapter_setup (a name
+# or a list = Stack, or None), head_setup, ignore_empty), and the forward's head=.
+HEAD_SELECTION = {
+    "setup picks its head": dict(blocks=[("a", None, False)]),
+    "stack picks its last adapter's head": dict(blocks=[(["a", "b"], None, False)]),
+    "head_setup overrides": dict(blocks=[("a", "b", False)]),
+    "head_setup without adapters": dict(blocks=[(None, "b", False)]),
+    "head_setup list": dict(blocks=[("a", ["a", "b"], False)]),
+    "head_setup list of two kinds": dict(blocks=[("a", ["a", "t"], False)]),
+    "unknown head_setup": dict(blocks=[(["b", "a"], "zz", False)]),
+    "setup without a head": dict(blocks=[("c", None, False)]),
+    "inner block decides": dict(blocks=[("a", "b", False), ("a", None, False)]),
+    "inner empty block: active head": dict(blocks=[("a", "b", False), (None, None, False)]),
+    "inner empty block ignored": dict(blocks=[("a", "b", False), (None, None, True)]),
+    "head= wins": dict(blocks=[("a", "b", False)], head="t"),
+}
+
+
+def run_head_selection(model, adapter_setup_class, inputs) -> dict:
+    """{scenario: [logits of each head] or "ValueError"} for HEAD_SELECTION."""
+    import contextlib
+
+    result = {}
+    model.eval()
+    for name, scenario in HEAD_SELECTION.items():
+        with contextlib.ExitStack() as blocks, torch.no_grad():
+            for setup, head_setup, ignore_empty in scenario["blocks"]:
+                blocks.enter_context(adapter_setup_class(setup, head_setup=head_setup, ignore_empty=ignore_empty))
+            try:
+                out = model(**inputs, head=scenario.get("head"))
+            except ValueError:
+                result[name] = "ValueError"
+                continue
+        heads = getattr(out, "head_outputs", None)
+        result[name] = [o.logits for o in heads] if heads is not None else [out.logits]
+    return result
+
+
+# average_adapter calls: (new name, adapters averaged, keyword arguments), on bottleneck adapters
+# "x", "y" (one config but for dropout) and LoRAs "lx", "ly"
+AVERAGES = [
+    ("avg_bn", ["x", "y"], dict(weights=[0.7, 0.3])),
+    ("avg_bn_equal", ["x", "y"], {}),
+    ("avg_bn_unnormalised", ["x", "y"], dict(weights=[2.0, -1.0], normalize_weights=False)),
+    ("avg_lora", ["lx", "ly"], dict(weights=[0.6, 0.4])),
+    ("avg_lora_negate_b", ["lx", "ly"], dict(weights=[1.0, -0.5], combine_strategy="lora_linear_only_negate_b",
+                                              normalize_weights=False)),
+    ("avg_lora_svd", ["lx", "ly"], dict(weights=[0.5, 0.5], combine_strategy="lora_delta_w_svd", svd_rank=3)),
+]
