@@ -1525,7 +1525,10 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
                              sequences=[("start_positions", start_positions), ("end_positions", end_positions)])
         hidden = self.dropout(enc.hidden)  # (batch, seq, dim), or packed (total, dim)
         logits = self.qa_outputs(hidden)  # (..., 2)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        # (index_select, not split + contiguous: a contiguity check of the strided view makes
+        # torch.export guard that the number of tokens is not 1)
+        start_logits, end_logits = (logits.index_select(-1, logits.new_tensor([i], dtype=torch.long)).squeeze(-1)
+                                    for i in (0, 1))
         if enc.cu_seqlens is not None and enc.packing is None:
             loss = packed_span_loss(start_logits, end_logits, start_positions, end_positions,
                                     enc.cu_seqlens, max_seqlen)
