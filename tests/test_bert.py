@@ -225,3 +225,27 @@ def test_optimised_distilbert_treats_head_mask_as_transformers_does():
     head_mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
     with torch.no_grad():
         compare(model(**inputs, head_mask=head_mask), ref(**inputs, head_mask=head_mask), inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("class_name", ["BertModel", "BertForTokenClassification"])
+def test_flattened_batch_carries_token_types(class_name):
+    """The padding-free entry point of transformers' classes (DataCollatorWithFlattening's row,
+    cu_seq_lens_q) with token_type_ids of the row (the collator drops them; a caller adds them):
+    each sequence attends within itself with its own token types, as the same sequences padded."""
+    ref, model = pair(class_name)
+    lengths = (5, 9, 2)
+    features = [{"input_ids": torch.randint(1, 99, (n,)).tolist()} for n in lengths]
+    flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    flat.pop("labels", None)
+    types = [(torch.arange(n) >= n // 2).long() for n in lengths]
+    flat["token_type_ids"] = torch.cat(types)[None]
+    padded = {k: torch.zeros(3, max(lengths), dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for row, (f, n) in enumerate(zip(features, lengths)):
+        padded["input_ids"][row, :n] = torch.tensor(f["input_ids"])
+        padded["attention_mask"][row, :n] = 1
+        padded["token_type_ids"][row, :n] = types[row]
+    key = "last_hidden_state" if class_name == "BertModel" else "logits"
+    with torch.no_grad():
+        got, expected = model(**flat)[key], ref(**padded)[key]
+    assert got.shape[:2] == (1, sum(lengths))
+    assert_close(got[0], expected[padded["attention_mask"].bool()], atol=1e-5, name=key)
