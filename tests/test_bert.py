@@ -152,11 +152,12 @@ def test_resized_tied_embeddings_save_and_load_both_ways(class_name, tmp_path):
         compare(distilbert_fast.optimize(loaded)(**inputs), expected, inputs["attention_mask"])
 
 
-@pytest.mark.parametrize("class_name", ["BertForQuestionAnswering", "BertForMultipleChoice",
-                                        "BertForNextSentencePrediction", "BertForPreTraining"])
+@pytest.mark.parametrize("class_name", ["BertForQuestionAnswering", "BertForPreTraining"])
 def test_compiles_without_graph_breaks_and_exports(class_name):
-    """torch.compile(fullgraph=True) with no graph break and torch.export.export of each head
-    test_optimize does not cover: the unoptimised model's outputs at real positions."""
+    """torch.compile(fullgraph=True) with no graph break and torch.export.export of the heads
+    whose outputs test_optimize's compile test does not cover (token-level QA logits; MLM + NSP
+    with the pooler): the unoptimised model's outputs at real positions. (Multiple choice and NSP
+    compiled and exported as well when tried; left out here for the suite's time.)"""
     torch._dynamo.reset()
     ref, model = pair(class_name)
     inputs = batch(class_name)
