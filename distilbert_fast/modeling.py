@@ -1412,6 +1412,33 @@ def _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=(), sequen
                              f"cu_seqlens of {batch} sequences, got shape {tuple(labels.shape)}")
 
 
+def _empty_labelled_message(sequence: int) -> str:
+    return (f"labels must not count for an empty sequence (cu_seqlens[b] == cu_seqlens[b + 1]), found "
+            f"sequence {sequence}: it has no token to pool, so its logits mean nothing (a padded "
+            "batch's fully padded row would pool its padding, which packed input does not hold); "
+            "leave it out of cu_seqlens and labels, or label it -100 (single-label classification "
+            "ignores it)")
+
+
+def _check_no_empty_labelled_sequence(base, cu_seqlens, counted) -> None:
+    """ValueError naming labels where a sequence of packed input has no token but its label
+    counts in the loss (``counted``: (batch,) bool, None when every label counts). With
+    cu_seqlens and labels on the CPU it is checked at once; on a GPU a device-side flag reported
+    at the next sync (deferred_checks), so the forward never waits; skipped while tracing."""
+    if tracing():
+        return
+    cu = cu_seqlens if counted is None else cu_seqlens.to(counted.device, non_blocking=True)
+    bad = cu[1:] == cu[:-1]  # (batch,): empty sequences
+    if counted is not None:
+        bad = bad & counted
+    if bad.device.type == "cpu":
+        if bad.any():
+            raise ValueError(_empty_labelled_message(int(bad.nonzero()[0, 0])))
+        return
+    flag = torch.stack([bad.any().long(), bad.long().argmax()])
+    base._deferred().record("labels", flag, _empty_labelled_message)
+
+
 def _counted(labels, ignore_index=-100):
     """Where token labels count in a loss (None without labels): those positions must be HF's."""
     return None if labels is None else labels != ignore_index
@@ -1485,12 +1512,19 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact="first")
         _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, sequences=[("labels", labels)])
         logits = _pool_and_classify(self, enc.first_tokens())  # (batch, num_labels)
-        loss = None if labels is None else self._loss(logits, labels)
+        loss = None
+        if labels is not None:
+            self._infer_problem_type(labels)
+            if enc.cu_seqlens is not None and enc.packing is None:  # packed input
+                # a label counts unless cross-entropy ignores it
+                counted = (labels.reshape(-1) != -100
+                           if self.config.problem_type == "single_label_classification" else None)
+                _check_no_empty_labelled_sequence(self.distilbert, cu_seqlens, counted)
+            loss = self._loss(logits, labels)
         return _finish(SequenceClassifierOutput(loss, logits, enc.hidden_states, enc.attentions), return_dict)
 
-    def _loss(self, logits, labels):
-        """HuggingFace's rule: infer problem_type once (and record it in the config), then MSE,
-        cross-entropy or BCE-with-logits."""
+    def _infer_problem_type(self, labels):
+        """HuggingFace's rule: infer problem_type once, and record it in the config."""
         if self.config.problem_type is None:
             if self.num_labels == 1:
                 self.config.problem_type = "regression"
@@ -1498,6 +1532,10 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
                 self.config.problem_type = "single_label_classification"
             else:
                 self.config.problem_type = "multi_label_classification"
+
+    def _loss(self, logits, labels):
+        """MSE, cross-entropy or BCE-with-logits, as config.problem_type says (HF's)."""
+        self._infer_problem_type(labels)
         if self.config.problem_type == "regression":
             if self.num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
@@ -1574,7 +1612,10 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
                              sequences=[("start_positions", start_positions), ("end_positions", end_positions)])
         hidden = self.dropout(enc.hidden)  # (batch, seq, dim), or packed (total, dim)
         logits = self.qa_outputs(hidden)  # (..., 2)
-        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        # (index_select, not split + contiguous: a contiguity check of the strided view makes
+        # torch.export guard that the number of tokens is not 1)
+        start_logits, end_logits = (logits.index_select(-1, logits.new_tensor([i], dtype=torch.long)).squeeze(-1)
+                                    for i in (0, 1))
         if enc.cu_seqlens is not None and enc.packing is None:
             loss = packed_span_loss(start_logits, end_logits, start_positions, end_positions,
                                     enc.cu_seqlens, max_seqlen)

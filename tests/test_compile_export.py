@@ -359,6 +359,65 @@ def test_export_of_the_packed_entry_with_dynamic_tokens_and_batch(backend):
         assert_close(got, expected, atol=1e-5, name=f"last_hidden_state {lengths}")
 
 
+def _packed(lengths):
+    cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    return torch.randint(0, SMALL_CONFIG["vocab_size"], (int(cu[-1]),)), cu
+
+
+def _export_packed(model, max_seqlen, min_cu_seqlens):
+    ids, cu = _packed([4, 7, 2])
+    tokens = torch.export.Dim("tokens", min=1, max=4096)
+    sequences = torch.export.Dim("sequences", min=min_cu_seqlens, max=257)
+    return torch.export.export(model, (), dict(input_ids=ids, cu_seqlens=cu, max_seqlen=max_seqlen),
+                               dynamic_shapes=dict(input_ids={0: tokens}, cu_seqlens={0: sequences}, max_seqlen=None))
+
+
+def _backed_size_oblivious():
+    config = torch.fx.experimental._config
+    if not hasattr(config, "backed_size_oblivious"):
+        pytest.skip("this torch has no torch.fx.experimental._config.backed_size_oblivious")
+    return config.patch(backed_size_oblivious=True)
+
+
+HEADS = {"DistilBertForSequenceClassification": ("eager", "cpu"), "DistilBertForQuestionAnswering": ("cpu",),
+         "DistilBertForTokenClassification": ("cpu",)}
+
+
+@pytest.mark.parametrize("class_name,backend", [(c, b) for c, backends in HEADS.items() for b in backends])
+def test_export_of_a_heads_packed_entry_serves_one_sequence_too(class_name, backend):
+    """A task head's packed entry point exported once with a sequences Dim allowing one sequence
+    (cu_seqlens of 2 entries) runs batches of 1 and 5 sequences with the eager model's outputs.
+    A sequence-level output has cu_seqlens.shape[0] - 1 rows, and torch.export's default 0/1
+    specialisation guards that size against 1 (a contiguity check of any tensor of that size):
+    export under torch.fx.experimental._config.patch(backed_size_oblivious=True), as
+    torch.onnx's exporter does, takes batch 1 as a symbol like any other."""
+    model = small_model(getattr(distilbert_fast, class_name), backend)
+    with _backed_size_oblivious():
+        program = _export_packed(model, 8, min_cu_seqlens=2)
+    for lengths in ([5], [1], [8, 1, 3, 6, 2]):
+        ids, cu = _packed(lengths)
+        expected = model(input_ids=ids, cu_seqlens=cu, max_seqlen=8)
+        got = program.module()(input_ids=ids, cu_seqlens=cu, max_seqlen=8)
+        assert list(got.keys()) == list(expected.keys())
+        for key in expected.keys():
+            assert_close(got[key], expected[key], atol=1e-5, name=f"{key} {lengths}")
+
+
+def test_export_of_a_sequence_heads_packed_entry_without_the_option():
+    """The documented minimum without backed_size_oblivious: a sequences Dim from 3 entries (2
+    sequences); a single sequence then runs as [text, empty] (cu_seqlens [0, n, n]) and its row
+    is the first. A Dim allowing 2 entries fails in torch with the guard it names."""
+    model = small_model(DistilBertForSequenceClassification, "cpu")
+    with pytest.raises(Exception, match=r"3 <= L\['cu_seqlens'\]\.size\(\)\[0\]"):
+        _export_packed(model, 8, min_cu_seqlens=2)
+    program = _export_packed(model, 8, min_cu_seqlens=3)
+    ids, cu = _packed([6])
+    expected = model(input_ids=ids, cu_seqlens=cu, max_seqlen=8).logits
+    got = program.module()(input_ids=ids, cu_seqlens=torch.cat([cu, cu[-1:]]), max_seqlen=8).logits
+    assert got.shape == (2, SMALL_CONFIG.get("num_labels", 2))
+    assert_close(got[:1], expected, atol=1e-5, name="logits")
+
+
 class _Logits(torch.nn.Module):
     """model(input_ids, attention_mask).logits, the signature an ONNX graph has."""
 

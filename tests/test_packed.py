@@ -598,3 +598,49 @@ def test_multiple_choice_refuses_packed_input():
     _, ours = make_pair("DistilBertForMultipleChoice")
     with pytest.raises(ValueError, match="cu_seqlens"):
         ours(**_packed_inputs(ours.config))
+
+
+SEQUENCE_LABELS = {  # case: (config overrides, labels for sequences of lengths 3, 0, 4)
+    "single_label": (dict(num_labels=3), torch.tensor([2, 1, 0])),
+    "regression": (dict(num_labels=1), torch.tensor([0.5, 1.5, -1.0])),
+    "multi_label": (dict(num_labels=3), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQUENCE_LABELS))
+def test_packed_sequence_labels_of_an_empty_sequence_are_refused(case):
+    """A zero-length sequence (two equal consecutive cu_seqlens entries) has no token to pool:
+    its logits mean nothing, and the padded batch's analogue (a fully padded row) pools padding
+    packed input does not hold. A label that counts there is a ValueError naming labels and the
+    sequence, for every problem type; without labels the batch runs."""
+    overrides, labels = SEQUENCE_LABELS[case]
+    _, ours = make_pair("DistilBertForSequenceClassification", **overrides)
+    packed = dict(input_ids=torch.randint(1, ours.config.vocab_size, (7,)), cu_seqlens=cu_seqlens_of([3, 0, 4]),
+                  max_seqlen=4)
+    with pytest.raises(ValueError, match=r"labels must not count for an empty sequence .*found sequence 1"):
+        ours(**packed, labels=labels)
+    assert ours(**packed).logits.shape == (3, overrides["num_labels"])
+
+
+def test_packed_empty_sequence_labelled_minus_100_is_ignored():
+    """Single-label classification ignores a -100 label (as on a padded batch), so an empty
+    sequence may carry one: the loss is that of the batch without it, and so are the gradients."""
+    _, ours = make_pair("DistilBertForSequenceClassification", num_labels=3)
+    ids = torch.randint(1, ours.config.vocab_size, (7,))
+    with_empty = ours(input_ids=ids, cu_seqlens=cu_seqlens_of([3, 0, 4]), max_seqlen=4,
+                      labels=torch.tensor([2, -100, 0]))
+    without = ours(input_ids=ids, cu_seqlens=cu_seqlens_of([3, 4]), max_seqlen=4, labels=torch.tensor([2, 0]))
+    assert_close(with_empty.loss, without.loss, atol=1e-6, name="loss")
+    assert_close(with_empty.logits[[0, 2]], without.logits, atol=1e-6, name="logits")
+
+
+def test_packed_question_answering_ignores_an_empty_sequence():
+    """QA's positions count within each sequence and positions outside it are ignored, so an
+    empty sequence adds no loss term: the loss is that of the batch without it."""
+    _, ours = make_pair("DistilBertForQuestionAnswering")
+    ids = torch.randint(1, ours.config.vocab_size, (7,))
+    with_empty = ours(input_ids=ids, cu_seqlens=cu_seqlens_of([3, 0, 4]), max_seqlen=4,
+                      start_positions=torch.tensor([1, 0, 2]), end_positions=torch.tensor([2, 0, 3]))
+    without = ours(input_ids=ids, cu_seqlens=cu_seqlens_of([3, 4]), max_seqlen=4,
+                   start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([2, 3]))
+    assert_close(with_empty.loss, without.loss, atol=1e-6, name="loss")

@@ -188,11 +188,13 @@ class _HeadForward(_InstanceForward):
 
     def __call__(self, *args, **kwargs):
         head = self.module
+        if tracing():  # (a traced graph runs the padded computation: labels change nothing)
+            return type(head).forward(head, *args, **kwargs)
         labels = kwargs.get("labels", _MISSING)
         if labels is _MISSING:
             index = _labels_index(type(head))
             labels = args[index] if index is not None and len(args) > index else None
-        if not isinstance(labels, torch.Tensor) or tracing():
+        if not isinstance(labels, torch.Tensor):
             return type(head).forward(head, *args, **kwargs)
         token = _TOKEN_LABELS.set((self.base, labels))
         try:
@@ -253,12 +255,14 @@ def _optimize_distilbert(model, backend, record, pack):
                      values={"config": config, "attention_adapters": None, "output_adapters": None})
         _set_forward(model, block, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, values={"config": config})
-    _set_forward(model, model, functools.partial(_distilbert_model_forward, base, pack=pack), record)
+    _set_forward(model, model, functools.partial(_distilbert_model_forward, base, pack=pack,
+                                                 masks_heads=_takes_head_mask(model)), record)
 
 
 def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_embeds=None,
                               position_ids=None, head_mask=None, output_attentions=None,
-                              output_hidden_states=None, return_dict=None, pack=True, **kwargs):
+                              output_hidden_states=None, return_dict=None, pack=True, masks_heads=True,
+                              **kwargs):
     """transformers 5's DistilBertModel signature (other keywords, e.g. token_type_ids, are
     ignored as transformers 5 ignores them) over our DistilBertModel.forward. A flattened batch
     (DataCollatorWithFlattening's keywords, which transformers' heads pass down) runs on the packed
@@ -267,8 +271,15 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
     flattened = modeling.pop_flattened(kwargs)
     if flattened is None:
         view = _with_token_labels(view, input_ids, inputs_embeds)
-    return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask, inputs_embeds,
-                             output_attentions, output_hidden_states, return_dict, position_ids, pack)
+    return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask if masks_heads else None,
+                             inputs_embeds, output_attentions, output_hidden_states, return_dict, position_ids, pack)
+
+
+def _takes_head_mask(model) -> bool:
+    """Whether the installed transformers' forward of ``model`` applies ``head_mask``
+    (transformers 4); transformers 5 takes it into **kwargs and ignores it, so an optimised
+    model ignores it too: its outputs stay the unoptimised model's."""
+    return "head_mask" in inspect.signature(type(model).forward).parameters
 
 
 def _our_base_forward(view, flattened, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
@@ -341,7 +352,8 @@ def _optimize_bert(model, backend, record, pack):
                              "attention_adapters": None, "output_adapters": None})
         _set_forward(model, layer, functools.partial(modeling.TransformerBlock.forward, view), record)
     base = _View(model, modeling.DistilBertModel, names={"transformer": "encoder"}, values={"config": config})
-    _set_forward(model, model, functools.partial(_bert_model_forward, base, pack=pack), record)
+    _set_forward(model, model, functools.partial(_bert_model_forward, base, pack=pack,
+                                                 masks_heads=_takes_head_mask(model)), record)
 
 
 class _FFNCall(_View):
@@ -422,7 +434,7 @@ class _EmbeddingsCall:
 
 def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                         inputs_embeds=None, head_mask=None, output_attentions=None,
-                        output_hidden_states=None, return_dict=None, pack=True, **kwargs):
+                        output_hidden_states=None, return_dict=None, pack=True, masks_heads=True, **kwargs):
     """transformers' BertModel signature over our DistilBertModel.forward (a flattened batch as
     in _distilbert_model_forward); the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
@@ -444,12 +456,14 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
         **view._values,
         "embeddings": _EmbeddingsCall(embeddings, token_type_ids),
     })
-    out = _our_base_forward(per_call, flattened, input_ids, attention_mask, head_mask, inputs_embeds,
-                            output_attentions, output_hidden_states, True, position_ids, pack)
+    out = _our_base_forward(per_call, flattened, input_ids, attention_mask, head_mask if masks_heads else None,
+                            inputs_embeds, output_attentions, output_hidden_states, True, position_ids, pack)
     pooled = module.pooler(out.last_hidden_state) if module.pooler is not None else None
     result = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=out.last_hidden_state, pooler_output=pooled,
         hidden_states=out.hidden_states, attentions=out.attentions,
+        # as transformers' encoder: () with attentions (none without cross-attention layers)
+        cross_attentions=() if out.attentions is not None else None,
     )
     return_dict = module.config.return_dict if return_dict is None else return_dict  # (use_return_dict is deprecated)
     return result if return_dict else result.to_tuple()
