@@ -141,10 +141,31 @@ def _compile_variant(index):
         kernel = triton.compile(ASTSource(jit_fn, signature, constexprs, attrs), target=TARGET, options=options)
         regs, spill_stores, spill_loads = _parse_ptxas(_PTXAS_LOG.get("last", ""))
         row.update(regs=regs, spill_stores=spill_stores, spill_loads=spill_loads, shared=kernel.metadata.shared)
+        row["error"] = hopper_limits_error(row)
     except Exception as e:  # noqa: BLE001 - every failure is reported, then the run fails
         row.update(regs=-1, spill_stores=-1, spill_loads=-1, shared=-1,
                    error=f"{type(e).__name__}: {str(e)[:2000]}")
     return row
+
+
+# What one block may take on sm_90 (CUDA's compute capability 9.0 table): a compiled variant over
+# these would compile here and fail only at its launch on the GPU (Triton's OutOfResources).
+SM90_MAX_SHARED = 227 * 1024  # bytes of shared memory per block (the opt-in maximum)
+SM90_REGISTERS = 65536  # 32-bit registers per block (and per SM)
+SM90_MAX_THREADS = 1024
+
+
+def hopper_limits_error(row) -> str:
+    """Why a compiled variant (regs, shared, num_warps) cannot launch on sm_90, or ''."""
+    threads = row["num_warps"] * 32
+    problems = []
+    if row["shared"] > SM90_MAX_SHARED:
+        problems.append(f"{row['shared']} B of shared memory > {SM90_MAX_SHARED}")
+    if threads > SM90_MAX_THREADS:
+        problems.append(f"{threads} threads > {SM90_MAX_THREADS}")
+    if row["regs"] > 0 and row["regs"] * threads > SM90_REGISTERS:
+        problems.append(f"{row['regs']} registers x {threads} threads > {SM90_REGISTERS}")
+    return "over sm_90's per-block limits: " + "; ".join(problems) if problems else ""
 
 
 def _intercept(compiler):

@@ -747,6 +747,35 @@ def test_varlen_attention_matches_padded_eager(dtype, case):
 
 
 @needs_gpu
+@pytest.mark.parametrize("layout", ["varlen", "padded"])
+def test_attention_takes_more_than_65535_sequence_heads(layout):
+    """batch * heads above 65535, the grid's y limit: 5,600 short sequences x 12 heads (a packed
+    batch of short texts, or the static rows of a CUDA graph, half its token bucket). The kernels
+    put (sequence, head) on the grid's x; they refused this batch when it was the grid's y."""
+    batch, heads, head_dim = 5600, 12, 64
+    lengths = [1 + i % 4 for i in range(batch)]
+    if layout == "varlen":
+        q, k, v, cu_seqlens = packed_qkv(lengths, heads, head_dim, torch.float32, "cuda")
+    else:
+        q, k, v = (_cuda(batch, heads, 4, head_dim) for _ in range(3))
+        mask = torch.arange(4, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+
+    def run(backend, q, k, v):
+        if layout == "varlen":
+            return ops.varlen_attention(q, k, v, cu_seqlens, max(lengths), backend=backend)
+        return ops.masked_attention(q, k, v, key_padding_mask=mask, backend=backend)[0]
+
+    grad_out = torch.randn_like(q)
+    results = {}
+    for backend in ("cuda", "eager"):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = run(backend, *leaves)
+        results[backend] = (out.detach(), *torch.autograd.grad(out, leaves, grad_out))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results["cuda"], results["eager"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_gpu
 def test_varlen_dropout_is_deterministic_per_seed_and_local_to_each_sequence():
     be = _backend()
     lengths = [40, 3, 64]

@@ -194,3 +194,29 @@ def test_unsupported_dtypes_are_refused_by_name():
         x = torch.randn(2, 8, dtype=dtype, device=DEVICE)
         with pytest.raises(RuntimeError, match=f"backend 'triton' cannot run bias_activation.*{dtype}"):
             ops.bias_activation(x, None, backend="triton")
+
+
+@pytest.mark.skipif(not (ON_CUDA and torch.cuda.device_count() >= 2 and HAS_TRITON),
+                    reason="needs two CUDA devices and the triton backend")
+def test_model_on_a_second_gpu_runs_its_kernels_there():
+    """Triton launches on the current device; the backend makes the tensors' device current, so a
+    model on cuda:1 while cuda:0 is current computes there (forward and backward) and equals eager."""
+    eager, tri = make_models()
+    eager, tri = eager.to("cuda:1"), tri.to("cuda:1")
+    inputs = {k: v.to("cuda:1") for k, v in make_inputs().items()}
+    torch.cuda.set_device(0)
+
+    def run(model):
+        model.zero_grad()
+        out = model(**inputs)[0]
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out.device)
+        (out.float() * weights).sum().backward()
+        return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out_e, grads_e = run(eager)
+    out_t, grads_t = run(tri)
+    torch.cuda.synchronize(1)
+    assert ops.last_backend("masked_attention") == "triton" or ops.last_backend("varlen_attention") == "triton"
+    assert out_t.device == torch.device("cuda:1")
+    assert_close(out_t, out_e, atol=1e-4, name="output on cuda:1")
+    assert_grads_close(grads_t, grads_e, 1e-3)

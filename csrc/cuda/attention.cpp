@@ -17,7 +17,7 @@ namespace {
 void check_head_dim(const at::Tensor& q, int64_t batch_heads) {
   TORCH_CHECK_VALUE(q.size(-1) <= cuda::kMaxHeadDim, "q's head_dim must be <= ",
                     cuda::kMaxHeadDim, " for the cuda attention kernels, got ", q.size(-1));
-  TORCH_CHECK_VALUE(batch_heads <= 65535, "batch * heads must be <= 65535, got ", batch_heads);
+  TORCH_CHECK_VALUE(batch_heads <= INT32_MAX, "batch * heads must be < 2^31, got ", batch_heads);
 }
 
 // q (batch, heads, seq, head_dim) and the tensors that must match it.
@@ -32,7 +32,8 @@ void check_masked_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   check_like(v, q, "v", "q");
   check_shape(v, q.sizes(), "v");
   check_head_dim(q, q.size(0) * q.size(1));
-  TORCH_CHECK_VALUE(q.size(2) <= INT32_MAX / 2, "seq too long: ", q.size(2));
+  TORCH_CHECK_VALUE(q.size(2) <= cuda::kMaxAttnSeq, "q's seq must be <= ", cuda::kMaxAttnSeq,
+                    " for the cuda attention kernels, got ", q.size(2));
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;
     check_cuda(m, "key_padding_mask");
@@ -77,8 +78,9 @@ void check_varlen_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
                     "cu_seqlens must have shape (batch + 1,) with batch >= 1, got ",
                     shape_str(cu_seqlens.sizes()));
-  TORCH_CHECK_VALUE(max_seqlen >= 1 && max_seqlen <= INT32_MAX / 2,
-                    "max_seqlen must be at least 1 (and below 2^30), got ", max_seqlen);
+  TORCH_CHECK_VALUE(max_seqlen >= 1 && max_seqlen <= cuda::kMaxAttnSeq,
+                    "max_seqlen must be in [1, ", cuda::kMaxAttnSeq,
+                    "] for the cuda attention kernels, got ", max_seqlen);
   TORCH_CHECK_VALUE(q.size(0) <= INT32_MAX, "total_tokens must be < 2^31, got ", q.size(0));
   check_head_dim(q, (cu_seqlens.size(0) - 1) * q.size(1));
 }

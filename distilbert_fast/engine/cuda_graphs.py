@@ -54,6 +54,13 @@ class GraphedForward:
         return bucket // 2 + bucket // self.max_seqlen + 1
 
     def __call__(self, model, inputs):
+        # captured and replayed with the model's device current: a graph (its capture stream, its
+        # replay) belongs to the current device, not to the tensors' (cuda:1 in a worker whose
+        # current device is cuda:0)
+        with torch.cuda.device(self.device):
+            return self._replay(model, inputs)
+
+    def _replay(self, model, inputs):
         n, rows = inputs.ids.shape[0], inputs.cu_seqlens.shape[0] - 1
         bucket = next(b for b in self.buckets if b >= n)
         graph, static, outputs = self.graphs.get(bucket) or self._capture(bucket)

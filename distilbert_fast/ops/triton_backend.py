@@ -13,12 +13,19 @@ Paths other than the fused kernels, chosen per call:
   the shape; otherwise the base class's standalone path (torch matmul, then this backend's
   bias-activation kernel).
 
+Triton launches a kernel on the *current* CUDA device's current stream, whatever device its
+tensors are on: every forward and backward here runs with its tensors' device made current
+(``_on_tensor_device``), so a model on ``cuda:1`` in a process whose current device is ``cuda:0``
+(a worker per GPU, a user's second model) launches on cuda:1, on that device's current stream.
+
 Dropout seeds are drawn per call from the tensor's device generator (so ``torch.manual_seed``
 fixes them, and gradient checkpointing, which restores the RNG state, redraws the same ones) into
 a (1,) int64 device tensor the kernels read, so nothing waits for the GPU. The backward
 regenerates the mask from the saved seed.
 """
 
+import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -34,6 +41,36 @@ from .eager import BiasActivationSaved
 
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETER_DTYPES = (torch.float32, torch.float16)
+
+
+def _first_tensor(args):
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+        if isinstance(arg, tuple):  # a backward's saved tensors
+            found = _first_tensor(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def device_guard(tensor):
+    """``torch.cuda.device(tensor.device)`` where that is not already the current device; a no-op
+    on CPU (the interpreter) and on the current device."""
+    device = tensor.device
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _on_tensor_device(method):
+    """Runs a backend method with its first tensor argument's device current (see the module doc)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        tensor = _first_tensor(args)
+        with device_guard(tensor) if tensor is not None else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _new_seed(device) -> torch.Tensor:
@@ -103,12 +140,14 @@ class TritonBackend(Backend):
         return tensor.device.type == "cuda"
 
     # -- masked attention --------------------------------------------------------------------
+    @_on_tensor_device
     def attention_forward(self, q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights):
         seed = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed)
         saved = AttentionSaved(q, k, v, out, lse, key_padding_mask, head_mask, seed)
         return (out, None), saved, (dropout_p, scale)
 
+    @_on_tensor_device
     def attention_backward(self, saved_tensors, saved_state, grad_out, grad_weights, needs_grad):
         s = saved_tensors
         dropout_p, scale = saved_state
@@ -116,6 +155,7 @@ class TritonBackend(Backend):
                              dropout_p, scale, s.seed, needs_grad[4])
 
     # -- varlen attention --------------------------------------------------------------------
+    @_on_tensor_device
     def varlen_attention_forward(self, q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale):
         seed = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p,
@@ -123,6 +163,7 @@ class TritonBackend(Backend):
         saved = VarlenAttentionSaved(q, k, v, out, lse, cu_seqlens, head_mask, seed)
         return out, saved, (max_seqlen, dropout_p, scale)
 
+    @_on_tensor_device
     def varlen_attention_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         s = saved_tensors
         max_seqlen, dropout_p, scale = saved_state
@@ -130,9 +171,11 @@ class TritonBackend(Backend):
                                     s.head_mask, dropout_p, scale, s.seed, needs_grad[5])
 
     # -- bias + activation -------------------------------------------------------------------
+    @_on_tensor_device
     def bias_activation_forward(self, x, bias, activation):
         return bias_activation_fwd(x, bias, activation), BiasActivationSaved(x, bias), (activation,)
 
+    @_on_tensor_device
     def bias_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         s = saved_tensors
         (activation,) = saved_state
@@ -140,6 +183,7 @@ class TritonBackend(Backend):
                                    need_dbias=s.bias is not None and needs_grad[1])
 
     # -- residual + LayerNorm ----------------------------------------------------------------
+    @_on_tensor_device
     def residual_layernorm_forward(self, x, residual, weight, bias, eps, x_bias, dropout_p):
         # dtypes as eager's: z = h + residual promotes; LayerNorm's output follows z, except
         # under CUDA autocast, which runs layer_norm in float32
@@ -153,6 +197,7 @@ class TritonBackend(Backend):
         saved = LayerNormSaved(x, residual, weight, x_bias, mean, rstd, seed)
         return y, saved, (dropout_p, z_dtype)
 
+    @_on_tensor_device
     def residual_layernorm_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         s = saved_tensors
         dropout_p, z_dtype = saved_state
@@ -166,6 +211,7 @@ class TritonBackend(Backend):
                 dbias if needs_grad[3] else None, dx_bias)
 
     # -- linear + bias + activation ----------------------------------------------------------
+    @_on_tensor_device
     def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
         if not suits(x, weight):
             y, saved, state = super().linear_activation_forward(x, weight, bias, activation, needs_grad)
@@ -175,6 +221,7 @@ class TritonBackend(Backend):
         y, z = linear_activation_fwd(x, weight, bias, activation, store_preact=needs_grad)
         return y, LinearActivationSaved(x, weight, z), ("fused", activation)
 
+    @_on_tensor_device
     def linear_activation_backward(self, saved_tensors, saved_state, grad_out, needs_grad):
         path, state = saved_state
         if path == "standalone":

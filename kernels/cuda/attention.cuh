@@ -117,11 +117,11 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t bh = blockIdx.y;
+  const int64_t bh = blockIdx.x;  // (batch, head): grid.x, which holds 2^31 - 1 blocks
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
   const SeqRows S = seq_rows(L, b, h);
   const int seq = S.len;
-  const int row0 = blockIdx.x * kBlockRows;
+  const int row0 = blockIdx.y * kBlockRows;
   if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);  // every key masked: attend to all
@@ -219,11 +219,11 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t bh = blockIdx.y;
+  const int64_t bh = blockIdx.x;  // (batch, head): grid.x, which holds 2^31 - 1 blocks
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
   const SeqRows S = seq_rows(L, b, h);
   const int seq = S.len;
-  const int row0 = blockIdx.x * kBlockRows;
+  const int row0 = blockIdx.y * kBlockRows;
   if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);
@@ -332,11 +332,11 @@ __global__ void __launch_bounds__(kAttnWarps* kWarp)
   constexpr int kC = HD::kChunks;
   const int D = HD::get(dim_rt);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t bh = blockIdx.y;
+  const int64_t bh = blockIdx.x;  // (batch, head): grid.x, which holds 2^31 - 1 blocks
   const int b = static_cast<int>(bh / heads), h = static_cast<int>(bh % heads);
   const SeqRows S = seq_rows(L, b, h);
   const int seq = S.len;
-  const int row0 = blockIdx.x * kBlockRows;
+  const int row0 = blockIdx.y * kBlockRows;
   if (row0 >= seq) return;  // the whole block: past a shorter sequence's end
   const bool* mask_row = mask == nullptr ? nullptr : mask + static_cast<int64_t>(b) * seq;
   const bool uniform = !any_key_valid(mask_row, seq);
@@ -455,9 +455,12 @@ inline bool attn_vec_ok(const AttnLayout& L, int head_dim, int elem_bytes,
   return true;
 }
 
+// x: the (batch, head) pairs, up to 2^31 - 1 (a packed batch of thousands of short sequences, a
+// CUDA graph's static rows); y: the row blocks, at most 65535 (kMaxAttnSeq rows).
+static_assert(static_cast<int64_t>(kBlockRows) * 65535 == kMaxAttnSeq, "grid.y covers kMaxAttnSeq");
 inline dim3 attn_grid(const AttnLayout& L, int batch, int heads) {
-  return dim3(static_cast<unsigned>(ceil_div(L.seq, kBlockRows)),
-              static_cast<unsigned>(static_cast<int64_t>(batch) * heads));
+  return dim3(static_cast<unsigned>(static_cast<int64_t>(batch) * heads),
+              static_cast<unsigned>(ceil_div(L.seq, kBlockRows)));
 }
 
 template <typename T>

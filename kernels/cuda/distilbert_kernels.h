@@ -24,6 +24,9 @@ enum class Activation { kGelu = 0, kGeluNew = 1, kRelu = 2, kSilu = 3 };
 
 // Largest head_dim the attention kernels take.
 constexpr int kMaxHeadDim = 128;
+// Largest seq (padded) or max_seqlen (varlen) the attention kernels take: 65535 blocks of 16 rows
+// on the grid's y. batch * heads may be up to 2^31 - 1 (the grid's x).
+constexpr int64_t kMaxAttnSeq = 65535LL * 16;
 
 // Column sums (dbias, dweight) are reduced in two steps: each of `column_partial_blocks(rows)`
 // row blocks writes one partial row of float sums, then a second kernel adds those rows up.
@@ -100,7 +103,7 @@ inline AttnLayout varlen_attention_layout(const int* cu_seqlens, int max_seqlen,
                     static_cast<int64_t>(heads) * head_dim, 0, total};
 }
 
-// head_dim <= kMaxHeadDim; batch * heads <= 65535 (the grid's y).
+// head_dim <= kMaxHeadDim; seq <= kMaxAttnSeq; batch * heads <= 2^31 - 1.
 // key_padding_mask (padded layout only): bool[batch, seq] (true = attend) or null; head_mask:
 // float[heads] or null. out = (softmax(q k^T * scale, masked) . dropout) * head_mask @ v; a row
 // whose keys are all masked attends uniformly to every key. lse: per row (query), the
