@@ -55,6 +55,9 @@ def _worker(path, options, device, threads, inbox, outbox):
     try:
         if threads:
             torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            # this process's GPU as the current device too, where anything launches on it by default
+            torch.cuda.set_device(torch.device(device))
         engine = InferenceEngine.from_pretrained(path, device=device, **{**options, "progress": False})
         outbox.put(("ready", None, engine.model.config.dim))
     except BaseException as exc:  # reported to the parent
