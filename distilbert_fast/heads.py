@@ -33,8 +33,8 @@ from .adapters import (
     run_sequential,
 )
 from .configuration import DistilBertConfig
-from .modeling import (LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _check_packed_labels, _encode,
-                       _finish, packed_span_loss, span_loss)
+from .modeling import (LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _check_no_empty_labelled_sequence,
+                       _check_packed_labels, _encode, _finish, packed_span_loss, span_loss)
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -544,7 +544,8 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                 head_input = BaseModelOutput(out.last_hidden_state[part], out.hidden_states, out.attentions)
             labels = _inputs_for(self.heads[name], head_inputs)
             if packed:
-                _check_packed_head_labels(self.heads[name], labels, cu_seqlens, input_ids, inputs_embeds)
+                _check_packed_head_labels(self.heads[name], labels, cu_seqlens, input_ids, inputs_embeds,
+                                          self.distilbert)
             output = self.heads[name](head_input, attention_mask, backend=backend, **labels, **packed_args)
             if enc.packing is not None and isinstance(self.heads[name], _TOKEN_HEADS):
                 output = _zeros_at_padding(output, attention_mask)  # as the task classes' token outputs
@@ -711,14 +712,19 @@ def _zeros_at_padding(output: ModelOutput, attention_mask: torch.Tensor) -> Mode
     return type(output)(**{k: zeroed(v) if k in logits and v is not None else v for k, v in output.items()})
 
 
-def _check_packed_head_labels(head: PredictionHead, labels: dict, cu_seqlens, input_ids, inputs_embeds):
+def _check_packed_head_labels(head: PredictionHead, labels: dict, cu_seqlens, input_ids, inputs_embeds, base):
     """Packed input: a token-level head's labels hold one per token, a sequence-level head's one
-    per sequence (a ValueError naming them, as the task classes check theirs)."""
+    per sequence, and a classification label that counts is not an empty sequence's (nothing to
+    pool); a ValueError naming them, as the task classes check theirs."""
     given = list(labels.items())
     if isinstance(head, (TaggingHead, MaskedLMHead)):
         _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=given)
-    else:
-        _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, sequences=given)
+        return
+    _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, sequences=given)
+    if isinstance(head, ClassificationHead) and labels.get("labels") is not None:
+        single_label = type(head) is ClassificationHead and head.config["num_labels"] > 1
+        counted = labels["labels"].reshape(-1) != -100 if single_label else None  # (cross-entropy's ignore_index)
+        _check_no_empty_labelled_sequence(base, cu_seqlens, counted)
 
 
 def _inputs_for(head: PredictionHead, inputs: dict) -> dict:

@@ -141,3 +141,20 @@ def test_packed_entry_refuses_what_it_cannot_take():
         model(**packed, attention_mask=mask, head="tag")
     with pytest.raises(ValueError, match="max_seqlen must be given"):
         model(**{k: v for k, v in packed.items() if k != "max_seqlen"}, head="tag")
+
+
+@pytest.mark.parametrize("head, labels", [("cls", [2, 1, 0]), ("ml", [[1.0, 0.0, 1.0, 0.0]] * 3)])
+def test_packed_classification_label_of_an_empty_sequence_is_refused(head, labels):
+    """As the task classes: an empty sequence (cu_seqlens [0, 3, 3, 7]) has no token to pool, so a
+    label that counts for it is a ValueError naming labels; single-label classification ignores
+    a -100 label, so it may carry one (the loss is then the batch's without it)."""
+    model = heads_model()
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (7,))
+    packed = dict(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 3, 7], dtype=torch.int32), max_seqlen=4)
+    with pytest.raises(ValueError, match="labels must not count for an empty sequence .*found sequence 1"):
+        model(**packed, labels=torch.tensor(labels), head=head)
+    if head == "cls":
+        ignored = model(**packed, labels=torch.tensor([2, -100, 0]), head=head).loss
+        without = model(input_ids=ids, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4,
+                        labels=torch.tensor([2, 0]), head=head).loss
+        assert_close(ignored, without, atol=1e-6, name="loss")
