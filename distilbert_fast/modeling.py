@@ -99,9 +99,7 @@ def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None
 def _watched(module) -> bool:
     """Whether hooks watch ``module``'s calls: the attention and the FFN then return HF's output
     (bias and dropout included) for the hooks to see, and the block does not fold those in."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    return _global_hooks() or _hooked(module)
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -1213,7 +1211,7 @@ def has_hooks_below(base: nn.Module) -> bool:
     """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
     backward hook on a module below it (its own fire around our forward alike), or a global
     forward hook; enable_input_require_grads' hook aside."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if _global_hooks():
         return True
     # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
     stack = list(base._modules.values())
@@ -1221,11 +1219,21 @@ def has_hooks_below(base: nn.Module) -> bool:
         m = stack.pop()
         if m is None:
             continue
-        if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
-                m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))):
+        if _hooked(m):
             return True
         stack.extend(m._modules.values())
     return False
+
+
+def _global_hooks() -> bool:
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a forward, forward-pre or backward hook sits on ``m`` itself (global hooks aside),
+    enable_input_require_grads' hook aside."""
+    return bool(m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
+        m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))))
 
 
 def _only_requires_grad(hook) -> bool:
