@@ -34,7 +34,7 @@ from .adapters import (
 )
 from .configuration import DistilBertConfig
 from .modeling import (LAYER_NORM_EPS, DistilBertModel, DistilBertPreTrainedModel, _check_no_empty_labelled_sequence,
-                       _check_packed_labels, _encode, _finish, packed_span_loss, span_loss)
+                       _check_packed_labels, _encode, _finish, first_tokens, packed_span_loss, span_loss)
 from .outputs import (
     BaseModelOutput,
     MaskedLMOutput,
@@ -93,14 +93,6 @@ class PredictionHead(nn.Sequential):
         return run_sequential(self, x, backend)
 
 
-def _first_tokens(hidden, cu_seqlens) -> torch.Tensor:
-    """(batch, dim): each sequence's first ([CLS]) token of padded (batch, seq, dim) states, or of
-    packed (total, dim) ones whose sequences ``cu_seqlens`` delimits."""
-    if cu_seqlens is None:
-        return hidden[:, 0]
-    return hidden.index_select(0, cu_seqlens[:-1].long().clamp(max=hidden.shape[0] - 1))
-
-
 class ClassificationHead(PredictionHead):
     head_type = "classification"
 
@@ -117,7 +109,7 @@ class ClassificationHead(PredictionHead):
         self.build(model, num_labels)
 
     def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
-        logits = self.run(_first_tokens(out.last_hidden_state, cu_seqlens), backend)  # (batch, num_labels)
+        logits = self.run(first_tokens(out.last_hidden_state, cu_seqlens), backend)  # (batch, num_labels)
         loss = None
         if labels is not None:
             if self.config["num_labels"] == 1:
@@ -131,7 +123,7 @@ class MultiLabelClassificationHead(ClassificationHead):
     head_type = "multilabel_classification"
 
     def forward(self, out, attention_mask=None, labels=None, backend=None, cu_seqlens=None, max_seqlen=None):
-        logits = self.run(_first_tokens(out.last_hidden_state, cu_seqlens), backend)
+        logits = self.run(first_tokens(out.last_hidden_state, cu_seqlens), backend)
         loss = None
         if labels is not None:
             loss = F.binary_cross_entropy_with_logits(logits, labels.float())

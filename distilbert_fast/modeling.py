@@ -1324,12 +1324,7 @@ class Encoded:
         self.cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(self.hidden.device, non_blocking=True)
 
     def first_tokens(self) -> torch.Tensor:
-        """(batch, dim): each sequence's first ([CLS]) token (an empty packed sequence gets a
-        neighbour's: its pooled output means nothing)."""
-        if self.cu_seqlens is None:
-            return self.hidden[:, 0]
-        first = self.cu_seqlens[:-1].long().clamp(max=self.hidden.shape[0] - 1)
-        return self.hidden.index_select(0, first)
+        return first_tokens(self.hidden, self.cu_seqlens)
 
     def token_labels(self, labels):
         if self.packing is None or labels is None:
@@ -1349,6 +1344,15 @@ class Encoded:
     @property
     def attentions(self):
         return self.out.attentions
+
+
+def first_tokens(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """(batch, dim): each sequence's first ([CLS]) token of padded (batch, seq, dim) states, or of
+    packed (total, dim) ones whose sequences ``cu_seqlens`` delimits (an empty packed sequence
+    gets a neighbour's: its pooled output means nothing)."""
+    if cu_seqlens is None:
+        return hidden[:, 0]
+    return hidden.index_select(0, cu_seqlens[:-1].long().clamp(max=hidden.shape[0] - 1))
 
 
 def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
