@@ -27,6 +27,14 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _flag(name, value, allow_none=True) -> bool:
+    """A True / False option as a bool (None: False, where allowed); anything else, a string such
+    as 'no' that bool() would make True, is a ValueError."""
+    if not isinstance(value, (bool, np.bool_)) and not (value is None and allow_none):
+        raise ValueError(f"{name} must be True{', False or None' if allow_none else ' or False'}, got {value!r}")
+    return bool(value)
+
+
 def _check_positive_int(name, value, allow_none=False):
     if value is None and allow_none:
         return
@@ -122,9 +130,7 @@ class Embed(Task):
         _check_choice("pooling", pooling, POOLINGS)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
-        if normalize is not None and not isinstance(normalize, (bool, np.bool_)):  # ('no' was True)
-            raise ValueError(f"normalize must be True, False or None, got {normalize!r}")
-        self.pooling, self.normalize, self.prompt = pooling, bool(normalize), prompt or None
+        self.pooling, self.normalize, self.prompt = pooling, _flag("normalize", normalize), prompt or None
 
     def encode(self, tokenizer, texts, pairs):
         if self.prompt:  # sentence-transformers' prompt: text before every input, pooled with it
@@ -229,9 +235,7 @@ class Tag(Task):
     def __init__(self, config, tokenizer, aggregation="first", entities=False, **kw):
         super().__init__(config, tokenizer, **kw)
         _check_choice("aggregation", aggregation, AGGREGATIONS)
-        if entities is not None and not isinstance(entities, (bool, np.bool_)):
-            raise ValueError(f"entities must be True or False, got {entities!r}")
-        self.aggregation, self.entities = aggregation, bool(entities)
+        self.aggregation, self.entities = aggregation, _flag("entities", entities)
         self.labels = [config.id2label.get(i, config.id2label.get(str(i), f"LABEL_{i}"))
                        for i in range(config.num_labels)]
 
@@ -410,12 +414,8 @@ class QuestionAnswering(Task):
         _check_positive_int("top_k", top_k)
         _check_positive_int("max_answer_len", max_answer_len)
         self.top_k, self.max_answer_len = top_k, max_answer_len
-        if handle_impossible_answer is not None and not isinstance(handle_impossible_answer, (bool, np.bool_)):
-            raise ValueError(f"handle_impossible_answer must be True or False, got {handle_impossible_answer!r}")
-        self.handle_impossible_answer = bool(handle_impossible_answer)
-        if not isinstance(align_to_words, (bool, np.bool_)):
-            raise ValueError(f"align_to_words must be True or False, got {align_to_words!r}")
-        self.align_to_words = bool(align_to_words)
+        self.handle_impossible_answer = _flag("handle_impossible_answer", handle_impossible_answer)
+        self.align_to_words = _flag("align_to_words", align_to_words, allow_none=False)
         _check_choice("decoding", decoding, QA_DECODINGS)
         self.decoding = decoding
 
