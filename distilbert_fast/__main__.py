@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from .engine.tasks import TASKS
+from .engine.tasks import AGGREGATIONS, FUNCTIONS, POOLINGS, QA_DECODINGS, TASKS
 
 
 class BadInput(Exception):
@@ -61,7 +61,7 @@ def build_parser():
         p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the output")
         p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
         if task == "embed":
-            p.add_argument("--pooling", choices=("mean", "cls", "max"), default=None,
+            p.add_argument("--pooling", choices=POOLINGS, default=None,
                            help="default: a sentence-transformers model's own, else mean")
             p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                            help="L2-normalise the embeddings (default: a sentence-transformers model's "
@@ -76,10 +76,10 @@ def build_parser():
         if task == "classify":
             p.add_argument("--multi-label", action="store_true", default=None)
             p.add_argument("--threshold", type=float, default=0.5)
-            p.add_argument("--function-to-apply", choices=("softmax", "sigmoid", "none"), default=None,
+            p.add_argument("--function-to-apply", choices=FUNCTIONS, default=None,
                            help="scores from the logits (default: the model's kind, as HF's pipeline)")
         if task == "tag":
-            p.add_argument("--aggregation", choices=("first", "average", "max", "simple"), default="first",
+            p.add_argument("--aggregation", choices=AGGREGATIONS, default="first",
                            help="a word's label from its tokens' (simple: one entry per token)")
             p.add_argument("--entities", action="store_true", default=None,
                            help="HF pipeline's entity groups (B-X I-X... as one, 'O' left out) instead of words")
@@ -90,7 +90,7 @@ def build_parser():
             p.add_argument("--align-to-words", action=argparse.BooleanOptionalAction, default=True,
                            help="widen answers to whole words, as HF's pipeline (default: on; off for languages "
                                 "written without spaces)")
-            p.add_argument("--decoding", choices=("best-span", "pipeline"), default="best-span",
+            p.add_argument("--decoding", choices=QA_DECODINGS, default="best-span",
                            help="pipeline: transformers 4's QuestionAnsweringPipeline scoring, answers equal to its "
                                 "(same-text answers' scores summed, [CLS] in the softmax)")
     merge = sub.add_parser("merge", help="merge the .jsonl (or .npy) parts written by torchrun ranks, in input order")
