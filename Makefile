@@ -19,7 +19,7 @@ bench: setup
 	$(PY) bench/bench_engine.py --quick
 
 test: setup-test test-cpp
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 # The standalone C++ build (CMakeLists.txt): configure, build and run ctest (the tokenizer's unit
 # tests and a short fuzz run). The CUDA compile check is left to cuda-check / pytest, not done twice.

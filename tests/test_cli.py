@@ -694,3 +694,35 @@ def test_bench_subcommand_runs_the_engine_benchmark(monkeypatch, capsys):
         main(["bench", "engine", "--help"])
     assert exit_info.value.code == 0
     assert "max-batch-tokens" in capsys.readouterr().out
+
+
+def test_an_output_recorded_before_an_option_existed_resumes_with_the_value_it_was_made_with(tmp_path, capsys):
+    """qa's align_to_words and decoding came after outputs were first recorded: such a record
+    lacks them, and every rerun was refused ('align_to_words: None then, True now'), even one that
+    gives the old results. It now resumes exactly when the options give the results it was made
+    with (align_to_words off, best-span decoding), and names the option otherwise."""
+    model = tmp_path / "qa_model"
+    config = distilbert_fast.DistilBertConfig(vocab_size=30522, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                              max_position_embeddings=128)
+    distilbert_fast.DistilBertForQuestionAnswering(config).save_pretrained(model)
+    shutil.copy(os.path.join(reference_vocab_dir(), "vocab.txt"), model)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"q": t, "c": TEXTS[0]}) + "\n" for t in TEXTS[:3]), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    common = ["qa", "--model", str(model), "--input", str(src), "--output", str(out), "--text-field", "q",
+              "--pair-field", "c", "--device", "cpu", "--dtype", "float32", "--progress", "off"]
+    assert main([*common, "--no-align-to-words"]) == 0
+    record = tmp_path / "out.jsonl.run.json"
+    settings = json.loads(record.read_text(encoding="utf-8"))
+    assert (settings.pop("align_to_words"), settings.pop("decoding")) == (False, "best-span")
+    record.write_text(json.dumps(settings), encoding="utf-8")  # as a run before the two options wrote it
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(common) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "other settings (align_to_words: False then, True now)" in err, err
+    assert main([*common, "--no-align-to-words", "--decoding", "pipeline"]) == 2
+    assert "decoding: 'best-span' then, 'pipeline' now" in capsys.readouterr().err
+    assert main([*common, "--no-align-to-words"]) == 0
+    assert summary_of(capsys.readouterr().err)["already_written"] == 3
+    assert out.read_bytes() == before

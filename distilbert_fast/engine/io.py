@@ -298,6 +298,11 @@ def settings_path(path: str) -> str:
     return path + ".run.json"
 
 
+# Options added after outputs were first recorded, with the value that gives the results of the
+# runs before them: such a record lacks the key, and resumes with that value (and only with it).
+SETTINGS_BEFORE_OPTION = {"entities": None, "align_to_words": False, "decoding": "best-span"}
+
+
 def _check_settings(path, settings, resume):
     """Refuses to resume ``path`` if the run that wrote it had other settings (another model, input,
     task option...: the file would mix two kinds of results); else records ``settings``. An
@@ -308,6 +313,7 @@ def _check_settings(path, settings, resume):
     if resume and os.path.exists(record):
         with open(record, encoding="utf-8") as f:
             before = json.load(f)
+        before = {**{k: v for k, v in SETTINGS_BEFORE_OPTION.items() if k in settings}, **before}
         changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
