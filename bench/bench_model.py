@@ -29,6 +29,11 @@ same state_dict, into ours. Every provider runs every shape in the same process:
     ort             (with --onnxruntime; CPU, float32) hf-eager's model exported to ONNX and fused by
                     onnxruntime's BERT optimizer, run by onnxruntime on the padded batch: the
                     strongest fp32 peer on CPU (it prints which fusions matched)
+    gemm-floor[NAME] (with --gemm-floor) only the matrix products ours[NAME]:packed runs (each
+                    layer's fused QKV, out_lin, lin1, lin2 on the real tokens, no bias), through the
+                    same op: not a model (no output checked), a floor under any implementation
+                    that keeps those GEMMs, so "vs hf-eager" on its row is the most a speedup
+                    over hf-eager can be on these GEMMs
 
 Each provider is timed on its own, one after the other, or with --interleave in round-robin rounds
 over all providers of a shape (one call each per round), so that load from other work on a
@@ -110,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "per provider is spent: ratios that hold up on a shared machine")
     p.add_argument("--onnxruntime", action="store_true",
                    help="also run hf-eager's model exported to ONNX, fused, in onnxruntime (CPU, float32)")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help="also time only the GEMMs of ours on the real tokens (see gemm-floor above)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing; the first one's output is the one checked "
                         "against hf-eager (default cpu: 2, cuda: 10; compiled providers get 2 more)")
@@ -259,6 +266,7 @@ class Provider:
     compiled: bool
     forward: Callable[[dict], torch.Tensor]  # inputs -> last_hidden_state (batch, seq, dim)
     packed: bool = False  # takes case.packed_inputs, returns (real_tokens, dim)
+    checked: bool = True  # its output is last_hidden_state, compared with hf-eager's
 
     def inputs(self, case: "Case") -> dict:
         return case.packed_inputs if self.packed else case.inputs
@@ -344,6 +352,10 @@ def build_providers(args) -> list[Provider]:
 
     if args.onnxruntime:
         providers.append(Provider("ort", "ort", "onnxruntime", False, onnxruntime_forward(hf_eager, args)))
+    if args.gemm_floor:
+        for name, model in ours_by_backend.items():
+            providers.append(Provider(f"gemm-floor[{name}]", "bound", name, False, gemm_floor(model, name),
+                                      packed=True, checked=False))
 
     if args.compile:
         # dynamic=False: one specialised graph per shape, as a serving setup would use. Allow
@@ -375,6 +387,31 @@ def build_providers(args) -> list[Provider]:
                 providers.append(Provider(f"ours[{name}]+compile:dynamic-sizes", "ours", name, True,
                                           with_dynamic_sizes))
     return providers
+
+
+def gemm_floor(model, backend: str) -> Callable[[dict], torch.Tensor]:
+    """The matrix products of ``model``'s packed forward on the real tokens, nothing else: per
+    layer x @ Wqkv^T (3*dim, dim), then out_lin, lin1, lin2, each through the op layer's linear on
+    ``backend`` (the op ours runs them with). The values do not matter to a GEMM's time."""
+    from distilbert_fast.ops.functional import linear
+
+    weights = []
+    for layer in model.transformer.layer:
+        attention, ffn = layer.attention, layer.ffn
+        qkv = torch.cat([attention.q_lin.weight, attention.k_lin.weight, attention.v_lin.weight]).detach()
+        weights.append([qkv] + [m.weight.detach() for m in (attention.out_lin, ffn.lin1, ffn.lin2)])
+
+    def forward(inputs):
+        total = inputs["input_ids"].shape[0]
+        x = torch.randn(total, MODEL_CONFIG["dim"], device=weights[0][0].device, dtype=weights[0][0].dtype)
+        with torch.inference_mode():
+            for qkv, out, lin1, lin2 in weights:
+                linear(x, qkv, None, backend=backend)
+                hidden = linear(linear(x, out, None, backend=backend), lin1, None, backend=backend)
+                x = linear(hidden, lin2, None, backend=backend)
+        return x
+
+    return forward
 
 
 def onnxruntime_forward(hf_model, args) -> Callable[[dict], torch.Tensor]:
@@ -452,11 +489,11 @@ def measure(provider: Provider, case: Case, reference, args,
         out = provider.forward(inputs)
         if provider.compiled:
             result.compile_s = time.perf_counter() - start
-        if provider.impl == "ours" and not provider.compiled:
+        if provider.impl in ("ours", "bound") and not provider.compiled:
             ran = set(distilbert_fast.last_backend().values())
             if ran != {provider.backend}:
                 raise RuntimeError(f"asked for backend {provider.backend!r}, ops ran on {ran}")
-        if reference is not None:
+        if reference is not None and provider.checked:
             real = out if provider.packed else out[case.keep]
             diff = (real.float() - reference[case.keep].float()).abs()
             result.max_abs_diff = diff.max().item()
@@ -496,7 +533,7 @@ def table_cells(r: Result, by_label: dict) -> list[str]:
     if r.error:
         return [r.case.name, f"{r.case.real_tokens}", r.provider.label, "FAILED", "", "", "", "", "", "",
                 r.error]
-    diff = "ref" if r.provider.label == "hf-eager" else f"{r.max_abs_diff:.1e}"
+    diff = "ref" if r.provider.label == "hf-eager" else f"{r.max_abs_diff:.1e}" if r.provider.checked else "-"
     return [
         r.case.name,
         f"{r.case.real_tokens}",
