@@ -1415,8 +1415,8 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
         channels = parallel_channels_of(out.last_hidden_state.shape[0], total)  # (adapters.Parallel)
         return Encoded(out, widen_cu_seqlens(cu_seqlens, channels, total))
     attentions = model.config.output_attentions if output_attentions is None else output_attentions
-    if model._token_outputs and _head_hooked(model, base):
-        exact = "all"  # a hook on the head's modules sees HF's (batch, seq, ...) tensors
+    if _head_hooked(model, base):
+        exact = "all"  # a hook on the head's modules or the base model sees HF's (batch, seq, ...) tensors
     packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact,
                                 position_ids=position_ids)  # the forward's one sync
     args = (base, packing, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
@@ -1457,17 +1457,18 @@ def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_
 
 
 def _head_hooked(model: nn.Module, base: nn.Module) -> bool:
-    """Whether a hook watches a module of task model ``model`` outside its ``base`` model (or any
-    module: a global hook)."""
+    """Whether a hook watches a module of task model ``model`` outside its ``base`` model, or the
+    base model itself (the modules below it: see has_hooks_below), or any module (a global hook)."""
     if _global_hooks():
         return True
-    stack = [m for m in model._modules.values() if m is not base]
+    stack = list(model._modules.values())
     while stack:
         m = stack.pop()
         if m is not None:
             if _hooked(m):
                 return True
-            stack.extend(m._modules.values())
+            if m is not base:
+                stack.extend(m._modules.values())
     return False
 
 

@@ -298,6 +298,20 @@ def test_hooks_on_the_masked_lm_head_fire_as_in_transformers(path):
     assert_close(logits, hf_logits, atol=2e-5, rtol=1e-4, name="logits")
 
 
+@pytest.mark.parametrize("class_name", ["DistilBertForSequenceClassification", "DistilBertForTokenClassification"])
+def test_a_hook_on_the_base_model_inside_a_head_sees_transformers_output(class_name):
+    """A forward hook on a head's ``distilbert`` (a submodule there) sees transformers' hidden
+    states at every position, padding included, as transformers' model gives them."""
+    hf, ours = pair(class_name)
+    inputs = batch(class_name)
+    seen = []
+    for model in (hf, ours):
+        with model.distilbert.register_forward_hook(lambda m, args, out: seen.append(out.last_hidden_state)):
+            model(**inputs)
+    theirs, mine = seen
+    assert_close(mine, theirs, atol=2e-5, rtol=1e-4, name="last_hidden_state the hook saw")
+
+
 # -- the fast path stays the fast path ----------------------------------------------------------
 
 
