@@ -198,9 +198,7 @@ class Embeddings(nn.Module):
             inputs_embeds = self.word_embeddings(input_ids)  # (batch, seq, dim)
         if position_ids is None:
             position_ids = self.position_ids[:, : inputs_embeds.size(1)]  # (1, seq)
-        position_embeddings = self.position_embeddings(position_ids)  # (1 or batch, seq, dim)
-        if not _watched(self.LayerNorm):
-            position_embeddings = position_embeddings.expand_as(inputs_embeds)
+        position_embeddings = self.position_embeddings(position_ids).expand_as(inputs_embeds)
         embeddings = _layer_norm(self.LayerNorm, inputs_embeds, position_embeddings, self.config.backend)
         return self.dropout(embeddings)  # (batch, seq, dim)
 
