@@ -97,8 +97,11 @@ def _watched(module) -> bool:
     """Whether hooks watch ``module``'s calls (its own, or global ones): a module our fused ops
     stand in for (a LayerNorm, the activation, a dropout, a projection) then runs as the module,
     on what transformers gives it, and a hooked attention or FFN returns HF's output (bias and
-    dropout included) for the hooks to see, which the block then does not fold in."""
-    return _global_hooks() or _hooked(module)
+    dropout included) for the hooks to see, which the block then does not fold in. (Runs a
+    dozen times a layer: _global_hooks' dicts are read inline.)"""
+    g = _torch_module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks or _hooked(module))
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -316,13 +319,14 @@ class FFN(nn.Module):
         self.activation = Activation(config.activation)
 
     def forward(self, x):
-        chunk = self.chunk_size_feed_forward
+        chunk, whole = self.chunk_size_feed_forward, returns_whole(self)
         if chunk > 0:  # the same result, less memory
             token_dim = x.dim() - 2  # seq of (batch, seq, dim), tokens of packed (total, dim)
-            return torch.cat([self.ff_chunk(part) for part in x.split(chunk, dim=token_dim)], dim=token_dim)
-        return self.ff_chunk(x)
+            return torch.cat([self.ff_chunk(part, whole) for part in x.split(chunk, dim=token_dim)], dim=token_dim)
+        return self.ff_chunk(x, whole)
 
-    def ff_chunk(self, x):
+    def ff_chunk(self, x, whole: bool):
+        """lin1 -> activation -> lin2 (-> lin2's bias and the dropout when ``whole``)."""
         backend = self.config.backend
         activation = self.activation
         if _watched(activation):  # lin1, then the activation as its module
@@ -332,7 +336,7 @@ class FFN(nn.Module):
         else:  # a LoRA on lin1: run the module, then bias-free activation
             h = bias_activation(self.lin1(x), None, activation.name, backend=backend)
         # (batch, seq, hidden_dim)
-        if returns_whole(self):
+        if whole:
             return self.dropout(_project(self.lin2, h, backend))
         return _project_without_bias(self.lin2, h, backend)  # (batch, seq, dim)
 
@@ -1249,28 +1253,34 @@ def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def has_hooks_below(base: nn.Module) -> bool:
     """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
     backward hook on a module below it (its own fire around our forward alike), or a global
-    forward hook; enable_input_require_grads' hook aside."""
-    if _global_hooks():
-        return True
-    # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
-    stack = list(base._modules.values())
+    hook; enable_input_require_grads' hook aside."""
+    return _global_hooks() or _hooks_in(list(base._modules.values()))
+
+
+def _hooks_in(stack: list, stop: nn.Module | None = None) -> bool:
+    """Whether a hook (see _hooked) sits on a module of ``stack`` or below one (not below
+    ``stop``). A plain walk over _modules (a quarter of Module.modules()' time), which runs every
+    call, with _hooked's four dicts read inline first (most modules have none)."""
     while stack:
         m = stack.pop()
         if m is None:
             continue
-        if _hooked(m):
+        if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks) and _hooked(m):
             return True
-        stack.extend(m._modules.values())
+        if m is not stop:
+            stack.extend(m._modules.values())
     return False
+
+
+_torch_module = nn.modules.module  # (one name to look up: the checks run a dozen times a layer)
 
 
 def _global_hooks() -> bool:
     """Whether a global module hook is registered (torch.nn.modules.module's
     register_module_forward_hook, ..._forward_pre_hook, ..._full_backward_hook,
     ..._full_backward_pre_hook): it fires on every module call."""
-    module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks
-                or module._global_backward_hooks or module._global_backward_pre_hooks)
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -1457,17 +1467,7 @@ def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_
 def _head_hooked(model: nn.Module, base: nn.Module) -> bool:
     """Whether a hook watches a module of task model ``model`` outside its ``base`` model, or the
     base model itself (the modules below it: see has_hooks_below), or any module (a global hook)."""
-    if _global_hooks():
-        return True
-    stack = list(model._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is not None:
-            if _hooked(m):
-                return True
-            if m is not base:
-                stack.extend(m._modules.values())
-    return False
+    return _global_hooks() or _hooks_in(list(model._modules.values()), stop=base)
 
 
 def _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=(), sequences=()) -> None:
