@@ -98,10 +98,13 @@ def _watched(module) -> bool:
     stand in for (a LayerNorm, the activation, a dropout, a projection) then runs as the module,
     on what transformers gives it, and a hooked attention or FFN returns HF's output (bias and
     dropout included) for the hooks to see, which the block then does not fold in. (Runs a
-    dozen times a layer: _global_hooks' dicts are read inline.)"""
-    g = _torch_module
+    dozen times a layer: _global_hooks' and _hooked's dicts are read inline, _hooked called only
+    when the module has a hook.)"""
+    g, m = _torch_module, module
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks or _hooked(module))
+                or g._global_backward_pre_hooks or (
+                    (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks)
+                    and _hooked(m)))
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
