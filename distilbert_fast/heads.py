@@ -289,7 +289,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
 
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
-        self.distilbert = DistilBertModel(config)
+        self.distilbert = DistilBertModel(self.config)
         self.heads = nn.ModuleDict()
         self._active_heads: list[str] = []
         self.post_init()

@@ -54,6 +54,7 @@ from .deferred_checks import (
 from .packing import (Packing, check_cu_seqlens, compiled_packing_of, packing_of, sequence_positions,
                       varlen_to_padded_index)
 from .ops.backends import AUTO, check_backend_name
+from .ops.eager import activation_forward
 from .tracing import compiling_with_dynamic_shapes, tracing
 from .outputs import (
     BaseModelOutput,
@@ -68,14 +69,10 @@ LAYER_NORM_EPS = 1e-12
 
 
 def _is_plain_linear(layer: nn.Module) -> bool:
-    """True when layer(x) is just x @ W^T + b: a Linear with no forward hooks. A layer that adds
-    to it (a LoRA in use, e.g. PEFT's) or carries hooks must run as the module."""
+    """True when layer(x) is just x @ W^T + b: a Linear no hook watches. A layer that adds to it
+    (a LoRA in use, e.g. PEFT's) or carries hooks must run as the module."""
     acts_as_linear = type(layer) is nn.Linear or getattr(layer, "acts_as_linear", lambda: False)()
-    hooked = (
-        layer._forward_hooks or layer._forward_pre_hooks
-        or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-    )
-    return acts_as_linear and not hooked
+    return acts_as_linear and not _watched(layer)
 
 
 def _project(layer: nn.Linear, x: torch.Tensor, backend: str | None) -> torch.Tensor:
@@ -97,9 +94,17 @@ def _project_without_bias(layer: nn.Linear, x: torch.Tensor, backend: str | None
 
 
 def _watched(module) -> bool:
-    """Whether hooks watch ``module``'s calls: the attention and the FFN then return HF's output
-    (bias and dropout included) for the hooks to see, and the block does not fold those in."""
-    return _global_hooks() or _hooked(module)
+    """Whether hooks watch ``module``'s calls (its own, or global ones): a module our fused ops
+    stand in for (a LayerNorm, the activation, a dropout, a projection) then runs as the module,
+    on what transformers gives it, and a hooked attention or FFN returns HF's output (bias and
+    dropout included) for the hooks to see, which the block then does not fold in. (Runs a
+    dozen times a layer: _global_hooks' and _hooked's dicts are read inline, _hooked called only
+    when the module has a hook.)"""
+    g, m = _torch_module, module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks or (
+                    (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks)
+                    and _hooked(m)))
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -153,6 +158,35 @@ def sinusoidal_embeddings(n_pos: int, dim: int) -> torch.Tensor:
     return out.float()
 
 
+class Activation(nn.Module):
+    """The FFN's (and the masked-LM head's) activation, a module as transformers has it, so a hook
+    on it fires. The fused ops take its ``name``; called as a module (when hooks watch it), it
+    computes transformers' function in plain torch."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = canonical_activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return activation_forward(x, self.name)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def _layer_norm(norm: nn.LayerNorm, h, residual, backend, h_bias=None, dropout_p=0.0) -> torch.Tensor:
+    """norm(dropout(h + h_bias) + residual) (h_bias, residual: None for none) in one op; as HF
+    computes it, the LayerNorm run as its module, when hooks watch the LayerNorm."""
+    if _watched(norm):
+        if h_bias is not None:
+            h = h + h_bias
+        if dropout_p:
+            h = F.dropout(h, dropout_p)
+        return norm(h if residual is None else h + residual)
+    return residual_layernorm(h, residual, norm.weight, norm.bias, norm.eps, x_bias=h_bias,
+                              dropout_p=dropout_p, backend=backend)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -171,14 +205,7 @@ class Embeddings(nn.Module):
         if position_ids is None:
             position_ids = self.position_ids[:, : inputs_embeds.size(1)]  # (1, seq)
         position_embeddings = self.position_embeddings(position_ids).expand_as(inputs_embeds)
-        embeddings = residual_layernorm(
-            inputs_embeds,
-            position_embeddings,
-            self.LayerNorm.weight,
-            self.LayerNorm.bias,
-            self.LayerNorm.eps,
-            backend=self.config.backend,
-        )
+        embeddings = _layer_norm(self.LayerNorm, inputs_embeds, position_embeddings, self.config.backend)
         return self.dropout(embeddings)  # (batch, seq, dim)
 
 
@@ -201,17 +228,19 @@ class DistilBertSelfAttention(nn.Module):
         self.dropout = nn.Dropout(p=config.attention_dropout)
         self._qkv_cache = None  # a _StackedCache of the fused projection; see _fused_qkv
 
-    def forward(self, hidden_states, key_padding_mask=None, head_mask=None, output_attentions=False):
-        """hidden_states (batch, seq, dim) with key_padding_mask (batch, seq) bool or None; or
-        packed tokens (total, dim) with a ``Varlen`` in place of the mask."""
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
+        """hidden_states (batch, seq, dim) with attention_mask (batch, seq) bool (True: a real
+        token; not transformers' 4-D mask) or None; or packed tokens (total, dim) with a
+        ``Varlen`` in place of the mask. The block passes all but hidden_states by keyword, as
+        transformers' block does (what a hook with_kwargs sees)."""
         backend = self.config.backend
         dropout_p = self.dropout.p if self.training else 0.0
         q, k, v = self._qkv(hidden_states)  # (..., heads, head_dim) each
         if q.shape[0] != hidden_states.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
-            key_padding_mask, _ = replicate_for_parallel(q.shape[0] // hidden_states.shape[0], key_padding_mask, None)
-        if isinstance(key_padding_mask, Varlen):
+            attention_mask, _ = replicate_for_parallel(q.shape[0] // hidden_states.shape[0], attention_mask, None)
+        if isinstance(attention_mask, Varlen):
             context = varlen_attention(
-                q, k, v, key_padding_mask.cu_seqlens, key_padding_mask.max_seqlen,
+                q, k, v, attention_mask.cu_seqlens, attention_mask.max_seqlen,
                 head_mask=head_mask, dropout_p=dropout_p, scale=self.scaling, backend=backend,
             )  # (total, heads, head_dim)
             weights = None
@@ -220,7 +249,7 @@ class DistilBertSelfAttention(nn.Module):
                 q.transpose(1, 2),  # (batch, heads, seq, head_dim) views
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                key_padding_mask=key_padding_mask,
+                key_padding_mask=attention_mask,
                 head_mask=head_mask,
                 dropout_p=dropout_p,
                 scale=self.scaling,
@@ -277,9 +306,10 @@ class DistilBertSelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """lin1 -> activation -> lin2 -> dropout. ``forward`` stops before lin2's bias: the block
-    folds that bias and the dropout into the residual LayerNorm; with hooks on the module
-    (``_watched``), HF's output, bias and dropout included."""
+    """lin1 -> activation -> lin2 -> dropout, in chunks of ``chunk_size_feed_forward`` tokens
+    when set (transformers' apply_chunking_to_forward). ``forward`` stops before lin2's bias: the
+    block folds that bias and the dropout into the residual LayerNorm; when hooks watch the
+    module or its dropout (``returns_whole``), HF's output, bias and dropout included."""
 
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -289,19 +319,36 @@ class FFN(nn.Module):
         self.seq_len_dim = 1
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.activation = canonical_activation(config.activation)
+        self.activation = Activation(config.activation)
 
     def forward(self, x):
-        # act(lin1(x)) as one op: a backend may fuse the bias and activation into the matmul
+        chunk, whole = self.chunk_size_feed_forward, returns_whole(self)
+        if chunk > 0:  # the same result, less memory
+            token_dim = x.dim() - 2  # seq of (batch, seq, dim), tokens of packed (total, dim)
+            return torch.cat([self.ff_chunk(part, whole) for part in x.split(chunk, dim=token_dim)], dim=token_dim)
+        return self.ff_chunk(x, whole)
+
+    def ff_chunk(self, x, whole: bool):
+        """lin1 -> activation -> lin2 (-> lin2's bias and the dropout when ``whole``)."""
         backend = self.config.backend
-        if _is_plain_linear(self.lin1):
-            h = linear_activation(x, self.lin1.weight, self.lin1.bias, self.activation, backend=backend)
+        activation = self.activation
+        if _watched(activation):  # lin1, then the activation as its module
+            h = activation(_project(self.lin1, x, backend))
+        elif _is_plain_linear(self.lin1):  # act(lin1(x)) as one op: the backend may fuse it
+            h = linear_activation(x, self.lin1.weight, self.lin1.bias, activation.name, backend=backend)
         else:  # a LoRA on lin1: run the module, then bias-free activation
-            h = bias_activation(self.lin1(x), None, self.activation, backend=backend)
+            h = bias_activation(self.lin1(x), None, activation.name, backend=backend)
         # (batch, seq, hidden_dim)
-        if _watched(self):
+        if whole:
             return self.dropout(_project(self.lin2, h, backend))
         return _project_without_bias(self.lin2, h, backend)  # (batch, seq, dim)
+
+
+def returns_whole(ffn) -> bool:
+    """Whether ``ffn`` returns HF's output (lin2's bias and the dropout in): for hooks on it or on
+    its dropout to see, and in chunks (each chunk draws its dropout mask in turn, as in HF);
+    otherwise the block folds those into its residual LayerNorm."""
+    return ffn.chunk_size_feed_forward > 0 or _watched(ffn) or _watched(ffn.dropout)
 
 
 class TransformerBlock(nn.Module):
@@ -319,48 +366,44 @@ class TransformerBlock(nn.Module):
         self.attention_adapters = None
         self.output_adapters = None
 
-    def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False):
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
         """The block's output, as transformers 5's block returns it (what a forward hook on a
-        layer sees); (output, attention weights) with output_attentions."""
+        layer sees); (output, attention weights) with output_attentions. attention_mask: see
+        DistilBertSelfAttention.forward."""
+        x = hidden_states
         attn_bias = None if _watched(self.attention) else bias_of(self.attention.out_lin)
-        attn, weights = self.attention(x, key_padding_mask, head_mask, output_attentions)
+        # (as transformers calls its attention: what a hook sees)
+        attn, weights = self.attention(x, attention_mask=attention_mask, **_set_options(head_mask, output_attentions))
         if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
             x = repeat_rows(x, attn.shape[0] // x.shape[0])
         x = self._residual_layernorm(attn, x, attn_bias, 0.0, self.sa_layer_norm, self.attention_adapters)
-        chunk = self.ffn.chunk_size_feed_forward
-        if chunk > 0:  # HuggingFace's apply_chunking_to_forward: the same result, less memory
-            token_dim = x.dim() - 2  # seq of (batch, seq, dim), tokens of packed (total, dim)
-            parts = x.split(chunk, dim=token_dim)
-            out = torch.cat([self._ffn_sublayer(part) for part in parts], dim=token_dim)
-        else:
-            out = self._ffn_sublayer(x)
-        return (out, weights) if output_attentions else out
-
-    def _ffn_sublayer(self, x):
-        if _watched(self.ffn):  # its output holds lin2's bias and the dropout already
+        if returns_whole(self.ffn):  # its output holds lin2's bias and the dropout already
             h_bias, dropout_p = None, 0.0
         else:
             h_bias, dropout_p = bias_of(self.ffn.lin2), self.ffn.dropout.p if self.training else 0.0
-        return self._residual_layernorm(
-            self.ffn(x), x, h_bias, dropout_p, self.output_layer_norm, self.output_adapters
-        )
+        out = self._residual_layernorm(self.ffn(x), x, h_bias, dropout_p, self.output_layer_norm,
+                                       self.output_adapters)
+        return (out, weights) if output_attentions else out
 
     def _residual_layernorm(self, h, x, h_bias, dropout_p, layer_norm, adapters):
         """LayerNorm(dropout(h + h_bias) + x): the sublayer's bias, dropout, residual and LayerNorm
-        in one op. Active bottleneck adapters of this sublayer go between the sublayer and its
-        residual + LayerNorm, and call the same op themselves."""
+        in one op (see _layer_norm). Active bottleneck adapters of this sublayer go between the
+        sublayer and its residual + LayerNorm, and call the same op themselves."""
         if adapters is not None and adapters.active_setup() is not None:
             return adapters(h, x, h_bias, dropout_p, layer_norm)
-        return residual_layernorm(
-            h,
-            x,
-            layer_norm.weight,
-            layer_norm.bias,
-            layer_norm.eps,
-            x_bias=h_bias,
-            dropout_p=dropout_p,
-            backend=self.config.backend,
-        )
+        return _layer_norm(layer_norm, h, x, self.config.backend, h_bias, dropout_p)
+
+
+def _set_options(head_mask, output_attentions) -> dict:
+    """The keywords a layer or attention call passes besides the hidden states and the mask:
+    only those set, so that a hook sees the call transformers makes (no keywords) unless a
+    head mask or attention weights are asked for."""
+    options = {}
+    if head_mask is not None:
+        options["head_mask"] = head_mask
+    if output_attentions:
+        options["output_attentions"] = True
+    return options
 
 
 class Transformer(nn.Module):
@@ -370,11 +413,15 @@ class Transformer(nn.Module):
         self.layer = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, x, key_padding_mask=None, head_mask=None, output_attentions=False,
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False,
                 output_hidden_states=False):
+        """The layers over hidden_states (batch, seq, dim) or packed (total, dim); attention_mask:
+        see DistilBertSelfAttention.forward. The base model passes every argument by keyword, as
+        transformers' does (what a hook with_kwargs sees)."""
+        x = hidden_states
         all_hidden_states = (x,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        layers = (x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
+        layers = (x, attention_mask, head_mask, output_attentions, all_hidden_states, all_attentions)
         state = adapters_state_of(self.layer)
         if state is None:
             return self._layers(*layers)
@@ -390,11 +437,10 @@ class Transformer(nn.Module):
                 # backend chosen with use_backend, the adapters chosen for this call); a traced
                 # graph holds those already (a compiled backward recomputes from the graph).
                 run = layer if tracing() else functools.partial(contextvars.copy_context().run, layer)
-                out = checkpoint(
-                    run, x, key_padding_mask, layer_head_mask, output_attentions, use_reentrant=False,
-                )
-            else:
-                out = layer(x, key_padding_mask, layer_head_mask, output_attentions)
+                out = checkpoint(run, x, key_padding_mask, use_reentrant=False,
+                                 **_set_options(layer_head_mask, output_attentions))
+            else:  # (as transformers calls its layers: what a hook sees)
+                out = layer(x, key_padding_mask, **_set_options(layer_head_mask, output_attentions))
             x, weights = out if output_attentions else (out, None)
             if x.shape[0] != rows:  # a Parallel adapter setup replicated the batch in this layer
                 key_padding_mask, all_hidden_states = replicate_for_parallel(
@@ -902,8 +948,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
 
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
-        self.embeddings = Embeddings(config)
-        self.transformer = Transformer(config)
+        self.embeddings = Embeddings(self.config)  # (ours: config may be transformers')
+        self.transformer = Transformer(self.config)
         self.post_init()
 
     def forward(
@@ -966,9 +1012,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
         else:
             key_padding_mask = None if attention_mask is None else _as_keep_mask(attention_mask)
             embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (batch, seq, dim)
-            out = self.transformer(
-                embeddings, key_padding_mask, head_mask, output_attentions, output_hidden_states
-            )
+            out = self.transformer(hidden_states=embeddings, attention_mask=key_padding_mask, head_mask=head_mask,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         return out if return_dict else out.to_tuple()
 
     def _forward_packed(self, input_ids, inputs_embeds, position_ids, varlen, head_mask,
@@ -976,7 +1021,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
         """The model on packed tokens: ids (total,) or embeds (total, dim), position_ids
         (total,) -> BaseModelOutput of (total, dim) tensors."""
         embeddings = self.embeddings(input_ids, inputs_embeds, position_ids)  # (total, dim)
-        return self.transformer(embeddings, varlen, head_mask, False, output_hidden_states)
+        return self.transformer(hidden_states=embeddings, attention_mask=varlen, head_mask=head_mask,
+                                output_attentions=False, output_hidden_states=output_hidden_states)
 
     def _forward_packed_input(self, input_ids, attention_mask, head_mask, inputs_embeds,
                               output_attentions, output_hidden_states, position_ids, cu_seqlens,
@@ -1210,23 +1256,34 @@ def _as_keep_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def has_hooks_below(base: nn.Module) -> bool:
     """Whether a call of the ``base`` model would run a hook inside it: a forward, forward-pre or
     backward hook on a module below it (its own fire around our forward alike), or a global
-    forward hook; enable_input_require_grads' hook aside."""
-    if _global_hooks():
-        return True
-    # (a plain walk over _modules: a quarter of base.modules()' time, which runs every call)
-    stack = list(base._modules.values())
+    hook; enable_input_require_grads' hook aside."""
+    return _global_hooks() or _hooks_in(list(base._modules.values()))
+
+
+def _hooks_in(stack: list, stop: nn.Module | None = None) -> bool:
+    """Whether a hook (see _hooked) sits on a module of ``stack`` or below one (not below
+    ``stop``). A plain walk over _modules (a quarter of Module.modules()' time), which runs every
+    call, with _hooked's four dicts read inline first (most modules have none)."""
     while stack:
         m = stack.pop()
         if m is None:
             continue
-        if _hooked(m):
+        if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks) and _hooked(m):
             return True
-        stack.extend(m._modules.values())
+        if m is not stop:
+            stack.extend(m._modules.values())
     return False
 
 
+_torch_module = nn.modules.module  # (one name to look up: the checks run a dozen times a layer)
+
+
 def _global_hooks() -> bool:
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    """Whether a global module hook is registered (torch.nn.modules.module's
+    register_module_forward_hook, ..._forward_pre_hook, ..._full_backward_hook,
+    ..._full_backward_pre_hook): it fires on every module call."""
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -1369,6 +1426,8 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
         channels = parallel_channels_of(out.last_hidden_state.shape[0], total)  # (adapters.Parallel)
         return Encoded(out, widen_cu_seqlens(cu_seqlens, channels, total))
     attentions = model.config.output_attentions if output_attentions is None else output_attentions
+    if _head_hooked(model, base):
+        exact = "all"  # a hook on the head's modules or the base model sees HF's (batch, seq, ...) tensors
     packing = base.plan_packing(input_ids, attention_mask, inputs_embeds, attentions, exact=exact,
                                 position_ids=position_ids)  # the forward's one sync
     args = (base, packing, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
@@ -1384,9 +1443,11 @@ def _encode(model, input_ids, attention_mask, head_mask, inputs_embeds, output_a
 
 def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_embeds,
                     output_attentions, output_hidden_states, position_ids) -> Encoded:
-    if packing is None:
-        out = base(input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
-                   output_hidden_states, return_dict=True, position_ids=position_ids, pack=False)
+    if packing is None:  # (by keyword, as transformers' heads call theirs: what a hook with_kwargs sees)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, head_mask=head_mask,
+                   inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                   output_hidden_states=output_hidden_states, return_dict=True, position_ids=position_ids,
+                   pack=False)
         return Encoded(out)
     if position_ids is None:
         position_ids = base.embeddings.position_ids[:, : packing.seq]
@@ -1404,6 +1465,12 @@ def _encode_planned(base, packing, input_ids, attention_mask, head_mask, inputs_
     )
     packing = widen_packing(packing, parallel_channels_of(out.last_hidden_state.shape[0], packing.total))
     return Encoded(out, packing.cu_seqlens, packing)
+
+
+def _head_hooked(model: nn.Module, base: nn.Module) -> bool:
+    """Whether a hook watches a module of task model ``model`` outside its ``base`` model, or the
+    base model itself (the modules below it: see has_hooks_below), or any module (a global hook)."""
+    return _global_hooks() or _hooks_in(list(model._modules.values()), stop=base)
 
 
 def _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=(), sequences=()) -> None:
@@ -1462,8 +1529,8 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
 
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
-        self.activation = canonical_activation(config.activation)
-        self.distilbert = DistilBertModel(config)
+        self.activation = Activation(config.activation)
+        self.distilbert = DistilBertModel(self.config)
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
@@ -1483,22 +1550,14 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
         enc = _encode(self, input_ids, attention_mask, head_mask, inputs_embeds, output_attentions,
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
         _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=[("labels", labels)])
-        hidden = enc.hidden  # (batch, seq, dim), or packed (total, dim)
-        hidden = bias_activation(
-            _project_without_bias(self.vocab_transform, hidden, self.config.backend),
-            bias_of(self.vocab_transform),
-            self.activation,
-            backend=self.config.backend,
-        )
-        hidden = residual_layernorm(
-            hidden,
-            None,
-            self.vocab_layer_norm.weight,
-            self.vocab_layer_norm.bias,
-            self.vocab_layer_norm.eps,
-            backend=self.config.backend,
-        )
-        logits = _project(self.vocab_projector, hidden, self.config.backend)  # (..., vocab_size)
+        hidden, backend = enc.hidden, self.config.backend  # (batch, seq, dim), or packed (total, dim)
+        if _watched(self.activation):  # the activation as its module, on vocab_transform's output
+            hidden = self.activation(_project(self.vocab_transform, hidden, backend))
+        else:
+            hidden = bias_activation(_project_without_bias(self.vocab_transform, hidden, backend),
+                                     bias_of(self.vocab_transform), self.activation.name, backend=backend)
+        hidden = _layer_norm(self.vocab_layer_norm, hidden, None, backend)
+        logits = _project(self.vocab_projector, hidden, backend)  # (..., vocab_size)
         loss = None
         if labels is not None:
             loss = self.mlm_loss_fct(logits.view(-1, logits.size(-1)), enc.token_labels(labels).reshape(-1))
@@ -1510,7 +1569,7 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.distilbert = DistilBertModel(config)
+        self.distilbert = DistilBertModel(self.config)
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.classifier = nn.Linear(config.dim, config.num_labels)
         self.dropout = nn.Dropout(config.seq_classif_dropout)
@@ -1603,7 +1662,7 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
         super().__init__(config)
         if config.num_labels != 2:
             raise ValueError(f"config.num_labels must be 2 for question answering, got {config.num_labels}")
-        self.distilbert = DistilBertModel(config)
+        self.distilbert = DistilBertModel(self.config)
         self.qa_outputs = nn.Linear(config.dim, config.num_labels)
         self.dropout = nn.Dropout(config.qa_dropout)
         self.post_init()
@@ -1644,7 +1703,7 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.distilbert = DistilBertModel(config)
+        self.distilbert = DistilBertModel(self.config)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(config.dim, config.num_labels)
         self.post_init()
@@ -1667,7 +1726,7 @@ class DistilBertForTokenClassification(DistilBertPreTrainedModel):
 class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
     def __init__(self, config: DistilBertConfig):
         super().__init__(config)
-        self.distilbert = DistilBertModel(config)
+        self.distilbert = DistilBertModel(self.config)
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.classifier = nn.Linear(config.dim, 1)
         self.dropout = nn.Dropout(config.seq_classif_dropout)

@@ -374,7 +374,7 @@ def masked_lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     with the ops its forward uses."""
     backend = model.config.backend
     h = bias_activation(linear(hidden, model.vocab_transform.weight, backend=backend), model.vocab_transform.bias,
-                        model.activation, backend=backend)
+                        model.activation.name, backend=backend)
     norm = model.vocab_layer_norm
     h = residual_layernorm(h, None, norm.weight, norm.bias, norm.eps, backend=backend)
     return modeling._project(model.vocab_projector, h, backend)

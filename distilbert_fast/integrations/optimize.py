@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import modeling
-from ..ops import canonical_activation
 from ..ops.backends import AUTO, check_backend_name
 from ..tracing import tracing
 
@@ -245,7 +244,7 @@ def _optimize_distilbert(model, backend, record, pack):
     transformer = model.transformer
     _set_forward(model, transformer, functools.partial(modeling.Transformer.forward, _View(
         transformer, modeling.Transformer, values={"gradient_checkpointing": _checkpointing(transformer)})), record)
-    activation = canonical_activation(model.config.activation)
+    activation = modeling.Activation(model.config.activation)  # (our FFN reads its name)
     for block in transformer.layer:
         attention = _View(block.attention, modeling.DistilBertSelfAttention, values={"config": config})
         _set_forward(model, block.attention, functools.partial(modeling.DistilBertSelfAttention.forward, attention), record)
@@ -328,7 +327,7 @@ def _optimize_bert(model, backend, record, pack):
         raise ValueError("optimize() supports position_embedding_type='absolute' only, got "
                          f"{hf_config.position_embedding_type!r}")
     config = _Config(hf_config, backend, _BERT_CONFIG_NAMES)
-    activation = canonical_activation(hf_config.hidden_act)
+    activation = modeling.Activation(hf_config.hidden_act)
 
     emb = model.embeddings
     _set_forward(model, emb, functools.partial(_bert_embeddings_forward, _View(emb, modeling.Embeddings, values={"config": config})), record)
