@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import is_interpreted, sm_count
+from .triton_common import is_interpreted, launch_directly, nonempty, sm_count
 
 _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # the score of a masked or out-of-range key, in log2 units
@@ -571,7 +571,7 @@ def _common_args(q, key_padding_mask, head_mask, dropout_p, scale, seed, cu_seql
     return ptrs, mask_strides, meta, scalars
 
 
-def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
+def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed, launch=launch_directly):
     """Forward of masked attention. Returns (out, lse).
 
     q, k, v: (batch, heads, seq, head_dim) float32 / float16 / bfloat16, any strides (copied only
@@ -591,12 +591,12 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
     batch, heads, seq, head_dim = q.shape
     out = _grad_like(q)
     lse = torch.empty(batch, heads, 2, seq, dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
+    if not nonempty(q.numel()):
         return out, lse
     ptrs, mask_strides, meta, scalars = _common_args(
         q, key_padding_mask, head_mask, dropout_p, scale, seed)
     fwd, _, _ = _configs(q, batch * heads, seq, dropout_p > 0.0)
-    _attn_fwd_kernel[(triton.cdiv(seq, fwd["BLOCK_M"]) * batch * heads,)](
+    launch(_attn_fwd_kernel)[(triton.cdiv(seq, fwd["BLOCK_M"]) * batch * heads,)](
         q, k, v, out, lse, *ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides,
         *lse.stride()[:3], heads, seq, *scalars, **meta, **fwd,
@@ -605,7 +605,7 @@ def attention_fwd(q, k, v, key_padding_mask, head_mask, dropout_p, scale, seed):
 
 
 def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, dropout_p, scale, seed,
-                  need_head_mask_grad):
+                  need_head_mask_grad, launch=launch_directly):
     """Backward of ``attention_fwd``: the same q, k, v, mask, head_mask, dropout_p, scale and seed,
     with its (out, lse) and the gradient of out (any strides). Returns (dq, dk, dv, dhead_mask):
     dq, dk, dv in q's dtype, (batch, heads, seq, head_dim) views of (batch, seq, heads, head_dim)
@@ -627,7 +627,7 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
     grad_out = _unit_last_stride(grad_out.to(q.dtype))  # e.g. an expanded (stride-0) gradient
     dq, dk, dv = _grad_like(q), _grad_like(q), _grad_like(q)
     need_hm = bool(need_head_mask_grad) and head_mask is not None
-    if q.numel() == 0:
+    if not nonempty(q.numel()):
         dhm = torch.zeros(heads, dtype=torch.float32, device=q.device) if need_hm else None
         return dq, dk, dv, dhm
     ptrs, mask_strides, meta, scalars = _common_args(
@@ -636,20 +636,20 @@ def attention_bwd(q, k, v, out, lse, grad_out, key_padding_mask, head_mask, drop
     num_m = triton.cdiv(seq, dq_cfg["BLOCK_M"])
 
     delta = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(num_m * batch * heads,)](
+    launch(_attn_bwd_preprocess_kernel)[(num_m * batch * heads,)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, seq,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=dq_cfg["BLOCK_M"],
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     stats_strides = (*mask_strides, *lse.stride()[:3], *delta.stride()[:2])
     tail = (heads, seq, *scalars, float(scale))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(seq, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
         q, k, v, grad_out, dk, dv, lse, delta, *ptrs,
         *strides, *dk.stride()[:3], *stats_strides, *tail, **meta, **dkdv_cfg,
     )
     # per-row shares of dhead_mask, summed below (no atomics: deterministic)
     hm_rows = torch.empty_like(delta) if need_hm else delta
-    _attn_bwd_dq_kernel[(num_m * batch * heads,)](
+    launch(_attn_bwd_dq_kernel)[(num_m * batch * heads,)](
         q, k, v, grad_out, dq, lse, delta, hm_rows, *ptrs,
         *strides, *dq.stride()[:3], *stats_strides, *tail, int(need_hm), **meta, **dq_cfg,
     )

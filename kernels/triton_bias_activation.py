@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import is_interpreted, sm_count
+from .triton_common import at_least, is_interpreted, launch_directly, nonempty, sm_count
 
 # Activation codes: a constexpr per kernel variant. (In jit code a constexpr goes on the right of
 # a tensor: the interpreter turns `constexpr * tensor` into a constexpr that tl.exp rejects.)
@@ -175,9 +175,9 @@ def row_chunks(m, block_m, programs):
     chunks (torch's, pairwise) does the rest."""
     if INTERPRETED:
         programs = triton.cdiv(m, block_m)
-    chunks = max(1, min(triton.cdiv(m, block_m), programs))
-    rows_per_chunk = triton.cdiv(triton.cdiv(max(m, 1), chunks), block_m) * block_m
-    return rows_per_chunk, triton.cdiv(max(m, 1), rows_per_chunk)
+    chunks = at_least(1, torch.sym_min(triton.cdiv(m, block_m), programs))
+    rows_per_chunk = triton.cdiv(triton.cdiv(at_least(1, m), chunks), block_m) * block_m
+    return rows_per_chunk, triton.cdiv(at_least(1, m), rows_per_chunk)
 
 
 def _check(x, bias, activation):
@@ -193,18 +193,19 @@ def _check(x, bias, activation):
         )
 
 
-def bias_activation_fwd(x, bias, activation):
+def bias_activation_fwd(x, bias, activation, launch=launch_directly):
     """act(x + bias) over x's last dim; x (..., N) float32/float16/bfloat16, bias (N,) or None
-    (any float dtype: it is read as float32). Returns y, shaped and typed like x."""
+    (any float dtype: it is read as float32). Returns y, shaped and typed like x. ``launch``: see
+    ``triton_common.launch_directly``."""
     _check(x, bias, activation)
     n = x.shape[-1]
     x2 = x.contiguous().view(-1, n)
     m = x2.shape[0]
     y = torch.empty_like(x2)
-    if m > 0:
+    if nonempty(m):
         block_m, block_n, warps = _blocks(n)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _bias_activation_fwd_kernel[grid](
+        launch(_bias_activation_fwd_kernel)[grid](
             x2, x2 if bias is None else bias, y, m, n,
             ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -212,7 +213,7 @@ def bias_activation_fwd(x, bias, activation):
     return y.view(x.shape)
 
 
-def bias_activation_bwd(x, bias, grad_out, activation, need_dbias):
+def bias_activation_bwd(x, bias, grad_out, activation, need_dbias, launch=launch_directly):
     """Backward of ``bias_activation_fwd``: (dx, dbias). dx has x's shape and dtype; dbias is
     float32 (N,), the column sums of dx, or None unless ``need_dbias``. With ``bias=None`` and
     ``need_dbias`` the sums are still returned: the fused matmul passes its saved pre-activation
@@ -232,9 +233,11 @@ def bias_activation_bwd(x, bias, grad_out, activation, need_dbias):
     # about 4 programs per SM, each walking a chunk of rows
     programs = 1 if INTERPRETED else max(1, 4 * sm_count(x.device) // col_blocks)
     rows_per_chunk, chunks = row_chunks(m, block_m, programs)
-    partial = torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if need_dbias else dx
-    if m > 0:
-        _bias_activation_bwd_kernel[(col_blocks, chunks)](
+    # (an unused pointer gets an input, never an output: a tracer that cannot tell which pointers
+    # a kernel writes takes every one for written, and an output passed twice loses its values)
+    partial = torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if need_dbias else x2
+    if nonempty(m):
+        launch(_bias_activation_bwd_kernel)[(col_blocks, chunks)](
             x2, x2 if bias is None else bias, dy, dx, partial, m, n, rows_per_chunk,
             ACT=ACTIVATION_CODES[activation], HAS_BIAS=bias is not None, NEED_DBIAS=need_dbias,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import is_interpreted, sm_count
+from .triton_common import is_interpreted, launch_directly, nonempty, sm_count
 
 from .triton_bias_activation import row_chunks
 
@@ -267,7 +267,7 @@ def _check(x, residual, weight, bias, x_bias):
 
 
 def residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias=None, dropout_p=0.0, seed=None,
-                           out_dtype=None):
+                           out_dtype=None, launch=launch_directly):
     """y = LayerNorm(dropout(x + x_bias) + residual) * weight + bias over the last dim.
 
     x: (..., N) float32/float16/bfloat16; residual: x's shape (any float dtype, may be an
@@ -284,13 +284,13 @@ def residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias=None, dropout_
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m == 0:
+    if not nonempty(m):
         return y.view(x.shape), mean, rstd
     res, inner, s_outer, s_inner = _as_rows(residual, n) if residual is not None else (x2, 1, 0, 0)
     block_m, block_n, warps = _blocks(n)
-    _residual_layernorm_fwd_kernel[(triton.cdiv(m, block_m),)](
+    launch(_residual_layernorm_fwd_kernel)[(triton.cdiv(m, block_m),)](
         x2, x_bias if x_bias is not None else x2, res, weight, bias, y, mean, rstd,
-        seed if seed is not None else mean, m, n, inner, s_outer, s_inner, float(eps),
+        seed if seed is not None else x2, m, n, inner, s_outer, s_inner, float(eps),
         float(dropout_p), 1.0 / (1.0 - dropout_p),
         HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -299,7 +299,8 @@ def residual_layernorm_fwd(x, residual, weight, bias, eps, x_bias=None, dropout_
 
 
 def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dropout_p=0.0,
-                           seed=None, need_dweight_dbias=True, need_dx_bias=True, dz_dtype=None):
+                           seed=None, need_dweight_dbias=True, need_dx_bias=True, dz_dtype=None,
+                           launch=launch_directly):
     """Backward of ``residual_layernorm_fwd`` from its inputs, statistics and seed.
 
     Returns (dx, dresidual, dweight, dbias, dx_bias): dresidual (x's shape, ``dz_dtype``, default
@@ -314,7 +315,8 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
     m = x2.shape[0]
     has_dropout = dropout_p > 0.0
     dz = torch.empty(x2.shape, dtype=dz_dtype or x.dtype, device=x.device)
-    dx = torch.empty_like(x2) if has_dropout else dz
+    # (unused pointers get inputs, never outputs: see triton_bias_activation.bias_activation_bwd)
+    dx = torch.empty_like(x2) if has_dropout else x2
     block_m, block_n, warps = _blocks(n)
     if _INTERPRETED:
         block_m = min(block_m, 32)  # short sequential column sums (see row_chunks)
@@ -330,9 +332,9 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
         return torch.zeros(chunks, n, dtype=torch.float32, device=x.device) if needed else mean
 
     dw_p, db_p, dxb_p = partial(need_dweight_dbias), partial(need_dweight_dbias), partial(need_dx_bias)
-    if m > 0:
+    if nonempty(m):
         res, inner, s_outer, s_inner = _as_rows(residual, n) if residual is not None else (x2, 1, 0, 0)
-        _residual_layernorm_bwd_kernel[(chunks,)](
+        launch(_residual_layernorm_bwd_kernel)[(chunks,)](
             x2, x_bias if x_bias is not None else x2, res, weight, mean, rstd,
             seed if seed is not None else mean, dy, dz, dx, dw_p, db_p, dxb_p,
             m, n, inner, s_outer, s_inner, rows_per_chunk, float(dropout_p),
@@ -344,7 +346,7 @@ def residual_layernorm_bwd(x, residual, weight, x_bias, mean, rstd, grad_out, dr
     dweight = dw_p.sum(0) if need_dweight_dbias else None
     dbias = db_p.sum(0) if need_dweight_dbias else None
     dx_bias = dxb_p.sum(0) if need_dx_bias else None
-    return dx.view(x.shape), dz.view(x.shape), dweight, dbias, dx_bias
+    return (dx if has_dropout else dz).view(x.shape), dz.view(x.shape), dweight, dbias, dx_bias
 
 
 def dropout_keep_mask(seed, shape, dropout_p, device):

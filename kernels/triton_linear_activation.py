@@ -20,9 +20,10 @@ No autograd here.
 
 import torch
 import triton
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 import triton.language as tl
 
-from .triton_common import is_interpreted, sm_count
+from .triton_common import is_interpreted, launch_directly, nonempty, sm_count
 
 from .triton_bias_activation import ACTIVATION_CODES, activation
 
@@ -105,7 +106,7 @@ def _config(m, n, dtype, device):
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     for bm, bn, warps, stages in ((128, 128, 8, 4), (64, 128, 4, 3)):
-        if triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms:
+        if guard_or_true(triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms):  # m may be a symbol
             break
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=warps, num_stages=stages)
 
@@ -129,7 +130,7 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def linear_activation_fwd(x, weight, bias, activation_name, store_preact=False):
+def linear_activation_fwd(x, weight, bias, activation_name, store_preact=False, launch=launch_directly):
     """act(x @ weight^T + bias): x (..., K), weight (N, K), bias (N,) or None, x and weight of one
     dtype (float32, float16, bfloat16). Returns (y, z): y (..., N) in x's dtype; z the
     pre-activation (same shape and dtype) if ``store_preact``, else None."""
@@ -152,11 +153,12 @@ def linear_activation_fwd(x, weight, bias, activation_name, store_preact=False):
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     z = torch.empty_like(y) if store_preact else None
-    if m > 0 and n > 0:
+    if nonempty(m) and nonempty(n):
         config = _config(m, n, x.dtype, x.device)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _linear_activation_fwd_kernel[grid](
-            x2, w, w if bias is None else bias, y, y if z is None else z, m, n, k,
+        launch(_linear_activation_fwd_kernel)[grid](
+            # (unused pointers get inputs, never outputs: see triton_bias_activation.bias_activation_bwd)
+            x2, w, w if bias is None else bias, y, x2 if z is None else z, m, n, k,
             x2.stride(0), w.stride(0),
             ACT=ACTIVATION_CODES[activation_name], HAS_BIAS=bias is not None, STORE_Z=store_preact,
             DOT_PRECISION=_dot_precision(x.dtype), **config,

@@ -27,6 +27,7 @@ from .triton_attention import (
     _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel,
     _common_args, _configs, _unit_last_stride, check_head_mask_and_dropout, check_qkv,
 )
+from .triton_common import launch_directly, nonempty
 
 
 def _check_inputs(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, seed):
@@ -54,7 +55,8 @@ def _token_strides(t):
     return 0, t.stride(1), t.stride(0)
 
 
-def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, seed):
+def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, seed,
+                         launch=launch_directly):
     """Forward of varlen attention. Returns (out, lse).
 
     q, k, v: (total, heads, head_dim) float32 / float16 / bfloat16, any token and head strides
@@ -74,12 +76,12 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, 
     batch = cu_seqlens.numel() - 1
     out = torch.empty(total, heads, head_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, 2, total, dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or batch == 0 or max_seqlen == 0:
+    if not (nonempty(q.numel()) and nonempty(batch) and nonempty(max_seqlen)):
         return out, lse
     ptrs, mask_strides, meta, scalars = _common_args(
         q, None, head_mask, dropout_p, scale, seed, cu_seqlens)
     fwd, _, _ = _configs(q, batch * heads, max_seqlen, dropout_p > 0.0)
-    _attn_fwd_kernel[(triton.cdiv(max_seqlen, fwd["BLOCK_M"]) * batch * heads,)](
+    launch(_attn_fwd_kernel)[(triton.cdiv(max_seqlen, fwd["BLOCK_M"]) * batch * heads,)](
         q, k, v, out, lse, *ptrs,
         *_token_strides(q), *_token_strides(k), *_token_strides(v), *_token_strides(out),
         *mask_strides, 0, *lse.stride()[:2], heads, max_seqlen, *scalars, **meta, **fwd,
@@ -88,7 +90,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, 
 
 
 def varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen, head_mask, dropout_p,
-                         scale, seed, need_head_mask_grad):
+                         scale, seed, need_head_mask_grad, launch=launch_directly):
     """Backward of ``varlen_attention_fwd``: the same q, k, v, cu_seqlens, max_seqlen, head_mask,
     dropout_p, scale and seed, with its (out, lse) and the gradient of out (any strides).
     Returns (dq, dk, dv, dhead_mask): dq, dk, dv contiguous (total, heads, head_dim) in q's
@@ -113,7 +115,7 @@ def varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen, he
                   for _ in range(3))
     need_hm = bool(need_head_mask_grad) and head_mask is not None
     batch = cu_seqlens.numel() - 1
-    if q.numel() == 0 or batch == 0 or max_seqlen == 0:
+    if not (nonempty(q.numel()) and nonempty(batch) and nonempty(max_seqlen)):
         dhm = torch.zeros(heads, dtype=torch.float32, device=q.device) if need_hm else None
         return dq.zero_(), dk.zero_(), dv.zero_(), dhm
     ptrs, mask_strides, meta, scalars = _common_args(
@@ -123,7 +125,7 @@ def varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen, he
     # delta = rowsum(dO * O) per (head, token): the padded preprocess over one "batch element"
     # of all tokens
     delta = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(total, dq_cfg["BLOCK_M"]) * heads,)](
+    launch(_attn_bwd_preprocess_kernel)[(triton.cdiv(total, dq_cfg["BLOCK_M"]) * heads,)](
         out, grad_out, delta, *_token_strides(out), *_token_strides(grad_out), heads, total,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=dq_cfg["BLOCK_M"],
     )
@@ -131,13 +133,13 @@ def varlen_attention_bwd(q, k, v, out, lse, grad_out, cu_seqlens, max_seqlen, he
                *_token_strides(grad_out))
     stats_strides = (*mask_strides, 0, *lse.stride()[:2], 0, delta.stride(0))
     tail = (heads, max_seqlen, *scalars, float(scale))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, dkdv_cfg["BLOCK_N"]) * batch * heads,)](
         q, k, v, grad_out, dk, dv, lse, delta, *ptrs,
         *strides, *_token_strides(dk), *stats_strides, *tail, **meta, **dkdv_cfg,
     )
     # per-token shares of dhead_mask, summed below (no atomics: deterministic)
     hm_rows = torch.empty_like(delta) if need_hm else delta
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, dq_cfg["BLOCK_M"]) * batch * heads,)](
+    launch(_attn_bwd_dq_kernel)[(triton.cdiv(max_seqlen, dq_cfg["BLOCK_M"]) * batch * heads,)](
         q, k, v, grad_out, dq, lse, delta, hm_rows, *ptrs,
         *strides, *_token_strides(dq), *stats_strides, *tail, int(need_hm), **meta, **dq_cfg,
     )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU run 1 of 2 (about 4 minutes of command time; give the device tool timeout_s=300):
 #   build against the machine's torch with every core, then only the GPU tests (CUDA backend,
-#   Triton at full size in fp16/bf16/fp32, the model on each GPU backend against eager; pytest
+#   Triton at full size in fp16/bf16/fp32, the model on each GPU backend against eager, the triton
+#   backend under Inductor with and without CUDA graphs (tests/test_triton_compile.py); pytest
 #   -m gpu, in parallel, no -x), then the model benchmark against HF.
 #   Files under $OUT (at most 8): machine.txt build.log tests.log model.csv bench_model.log summary.txt
 #

@@ -55,8 +55,9 @@ class Backend:
 
     name = "?"
     priority = 0
-    # True for a backend whose forwards are plain torch (eager): under a tracer they are inlined
-    # and differentiated by torch; the others run as opaque custom ops (see ``custom``).
+    # True for a backend whose ``traced()`` forwards a tracer can inline and torch's autograd can
+    # differentiate (eager's plain torch; triton's kernels as triton ops); the others run as
+    # opaque custom ops (see ``custom``).
     traceable = False
     # Whether attention_forward can return the attention weights (need_weights=True).
     attention_weights = False
@@ -64,6 +65,11 @@ class Backend:
     def unsupported_reason(self, tensor: torch.Tensor) -> str | None:
         """None if this backend can run on ``tensor``'s device and dtype, else why not."""
         raise NotImplementedError
+
+    def traced(self) -> "Backend":
+        """The form of a ``traceable`` backend whose forwards a tracer inlines: the backend
+        itself unless it says otherwise."""
+        return self
 
     def auto_eligible(self, tensor: torch.Tensor) -> bool:
         """Whether ``auto`` may pick this backend for ``tensor`` (when it also supports it). A
@@ -289,7 +295,10 @@ def resolve_backend(op: str, tensor: torch.Tensor, requested: str | None = None)
 def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
     if torch.compiler.is_compiling():
         # dynamo would guard on _last's keys (recompiling when they change) and cannot trace the
-        # logging calls: the custom ops record what ran at run time instead (custom.py)
+        # logging calls: the custom ops record what ran at run time instead (custom.py); a
+        # traceable backend's graph runs no op of ours, so it is recorded when the graph is traced
+        if backend.traceable:
+            _record_when_traced(op, backend.name)
         return backend
     _last[op] = backend.name
     key = (op, tensor.device.type)
@@ -297,6 +306,13 @@ def _record(op: str, tensor: torch.Tensor, backend: Backend) -> Backend:
         logger.debug("%s on %s runs on backend %r", op, tensor.device.type, backend.name)
         _logged[key] = backend.name
     return backend
+
+
+@torch.compiler.assume_constant_result
+def _record_when_traced(op: str, name: str) -> bool:
+    # dynamo runs this once, while it traces (its result taken as a constant)
+    _last[op] = name
+    return True
 
 
 def last_backend(op: str | None = None):

@@ -16,9 +16,12 @@ restored so that dropout draws the same masks, and differentiates it. Compiled t
 extra forward of each fused op (as activation checkpointing does); compiled inference pays nothing.
 ``linear`` needs no recompute: its gradients are two matmuls of its inputs, traced as such.
 
-The eager backend is not wrapped (``Backend.traceable``): its forward is plain torch, so a tracer
-inlines it, Inductor fuses it, export and ONNX see standard ATen ops, and torch's autograd
-differentiates it.
+A ``traceable`` backend is not wrapped: a tracer inlines the forward of its ``traced()`` form.
+The eager backend's is plain torch, so Inductor fuses it, export and ONNX see standard ATen ops,
+and torch's autograd differentiates it. The triton backend's launches its kernels through one
+``torch.library.triton_op`` each, differentiated by the backend's own backward
+(``triton_ops``), so Inductor sees the Triton kernels themselves; where torch lacks triton_op
+it is wrapped like the others.
 
 Adding an op: a custom op ``<op>(tensors..., scalars..., str backend) -> (outputs..., Tensor[] rng)``
 whose impl calls the backend's forward, a fake giving the outputs' shapes, and ``_register_recompute``
@@ -280,7 +283,7 @@ _varlen_attention = recomputed_op(
 # The traced forms of functional's wrappers (arguments already checked there).
 def masked_attention(q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights, impl):
     if impl.traceable:
-        (out, weights), _, _ = impl.attention_forward(
+        (out, weights), _, _ = impl.traced().attention_forward(
             q, k, v, key_padding_mask, head_mask, dropout_p, scale, need_weights)
         return out, weights
     out, weights, _ = _masked_attention(
@@ -290,25 +293,26 @@ def masked_attention(q, k, v, key_padding_mask, head_mask, dropout_p, scale, nee
 
 def bias_activation(x, bias, activation, impl):
     if impl.traceable:
-        return impl.bias_activation_forward(x, bias, activation)[0]
+        return impl.traced().bias_activation_forward(x, bias, activation)[0]
     return _bias_activation(x, bias, activation, impl.name)[0]
 
 
 def residual_layernorm(x, residual, weight, bias, eps, x_bias, dropout_p, impl):
     if impl.traceable:
-        return impl.residual_layernorm_forward(x, residual, weight, bias, eps, x_bias, dropout_p)[0]
+        return impl.traced().residual_layernorm_forward(x, residual, weight, bias, eps, x_bias, dropout_p)[0]
     return _residual_layernorm(x, residual, weight, bias, eps, x_bias, dropout_p, impl.name)[0]
 
 
 def linear_activation(x, weight, bias, activation, impl):
     if impl.traceable:
-        return impl.linear_activation_forward(x, weight, bias, activation, torch.is_grad_enabled())[0]
+        return impl.traced().linear_activation_forward(x, weight, bias, activation, torch.is_grad_enabled())[0]
     return _linear_activation(x, weight, bias, activation, impl.name)[0]
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, impl):
     if impl.traceable:
-        return impl.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale)[0]
+        return impl.traced().varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p,
+                                                      scale)[0]
     return _varlen_attention(q, k, v, cu_seqlens, max_seqlen, head_mask, dropout_p, scale, impl.name)[0]
 
 
