@@ -8,7 +8,10 @@
     composition           Stack("a", "b"): adapters applied one after the other;
                           Parallel("a", "b"): side by side, the batch replicated at the first
                           layer holding one of them (bottleneck adapters, par_bn and LoRA);
-                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion)
+                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion),
+                          alone or in the outer Stack; Split("a", "b", splits=[4, 60]): parts of
+                          each sequence through each; BatchSplit("a", "b", batch_sizes=[2, 3]):
+                          rows of the batch through each (bottleneck adapters and LoRA)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -37,7 +40,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -398,17 +401,20 @@ def load_adapter_config(config) -> AdapterConfig:
 
 
 class Stack:
-    """Adapters applied one after the other, in order: ``Stack("lang", "task")``."""
+    """Adapters applied one after the other, in order: ``Stack("lang", "task")``. A Stack may also
+    hold a Fuse, a Split or a BatchSplit (``Stack("lang", Fuse("a", "b"))``), as the package's."""
 
-    def __init__(self, *children: str):
-        for child in children:
-            if not isinstance(child, str):
-                raise TypeError(
-                    f"Stack children must be adapter names (str); distilbert_fast nests no composition "
-                    f"in a Stack (a Parallel must be the outer block), got {type(child).__name__}"
-                )
+    def __init__(self, *children):
         if not children:
-            raise ValueError("Stack needs at least one adapter name")
+            raise ValueError(f"{type(self).__name__} needs at least one adapter name")
+        for child in children:
+            if not isinstance(child, str) and type(child) not in _NESTS[type(self)]:
+                raise TypeError(
+                    f"{type(self).__name__} children must be adapter names (str) or "
+                    f"{' / '.join(t.__name__ for t in _NESTS[type(self)]) or 'nothing else'}, got "
+                    f"{type(child).__name__}" + (" (a Parallel must be the outer block)" if isinstance(child, Parallel)
+                                                 else "")
+                )
         self.children = list(children)
 
     def __iter__(self):
@@ -420,31 +426,55 @@ class Stack:
     def __getitem__(self, i):
         return self.children[i]
 
+    def _kwargs(self) -> dict:
+        return {}
+
     def __eq__(self, other):
-        return type(other) is type(self) and self.children == other.children
+        return type(other) is type(self) and self.children == other.children and self._kwargs() == other._kwargs()
 
     __hash__ = None
 
     def __repr__(self):
-        return f"{type(self).__name__}[{', '.join(map(str, self.children))}]"
+        kwargs = "".join(f", {k}={v!r}" for k, v in self._kwargs().items())
+        return f"{type(self).__name__}[{', '.join(map(str, self.children))}{kwargs}]"
 
     def first(self) -> str:
-        return self.children[0]
+        child = self.children[0]
+        return child if isinstance(child, str) else child.first()
 
     def last(self) -> str:
-        return self.children[-1]
+        child = self.children[-1]
+        return child if isinstance(child, str) else child.last()
 
     def heads(self) -> list[str]:
-        """The head this setup runs on DistilBertAdapterModel: its last adapter's name, as the
-        package pairs them."""
-        return [self.last()]
+        """The heads this setup runs on DistilBertAdapterModel, as the package's
+        parse_heads_from_composition: a Stack's last adapter (or, where it ends in a BatchSplit,
+        that block's heads; none where it ends in a Fuse or a Split)."""
+        final = self.children[-1]
+        return [final] if isinstance(final, str) else final.heads() if isinstance(final, BatchSplit) else []
+
+    def head_batch_sizes(self) -> list[int] | None:
+        """Where the setup ends in a BatchSplit: its batch_sizes (head i takes those rows)."""
+        final = self.children[-1]
+        return final.head_batch_sizes() if isinstance(final, BatchSplit) else None
 
     def flatten(self) -> set[str]:
-        return set(self.children)
+        return set(self.names())
 
     def names(self) -> list[str]:
         """Every adapter name, in order of appearance."""
-        return list(self.children)
+        return [name for child in self.children for name in ([child] if isinstance(child, str) else child.names())]
+
+    def blocks(self):
+        """This block and every block inside it."""
+        yield self
+        for child in self.children:
+            if not isinstance(child, str):
+                yield from child.blocks()
+
+    def is_plain(self) -> bool:
+        """A Stack of adapter names only."""
+        return type(self) is Stack and all(isinstance(child, str) for child in self.children)
 
     @property
     def parallel_channels(self) -> int:
@@ -460,32 +490,13 @@ class Parallel(Stack):
     (on DistilBertAdapterModel each child's head gets its own rows). A LoRA of the setup
     replicates the batch at its projection (in the first layer holding one, each of q / k / v
     with a LoRA replicates its own input, and attention repeats the projections that have none),
-    as the package's ``LoRALinear.compose_parallel``."""
+    as the package's ``LoRALinear.compose_parallel``. Its children are names or Stacks of names."""
 
     def __init__(self, *children):
-        if not children:
-            raise ValueError("Parallel needs at least one adapter name or Stack")
-        for child in children:
-            if not isinstance(child, (str, Stack)) or isinstance(child, (Parallel, Fuse)):
-                raise TypeError(
-                    "Parallel children must be adapter names (str) or Stacks of names, got "
-                    f"{type(child).__name__}"
-                )
-        self.children = list(children)
-
-    def first(self) -> str:
-        child = self.children[0]
-        return child if isinstance(child, str) else child.first()
-
-    def last(self) -> str:
-        child = self.children[-1]
-        return child if isinstance(child, str) else child.last()
-
-    def flatten(self) -> set[str]:
-        return set(self.names())
-
-    def names(self) -> list[str]:
-        return [name for child in self.child_names() for name in child]
+        super().__init__(*children)
+        for child in self.children:
+            if not (isinstance(child, str) or child.is_plain()):
+                raise TypeError(f"Parallel children must be adapter names (str) or Stacks of names, got {child!r}")
 
     def child_names(self) -> list[list[str]]:
         """Each child's adapter names (one for a name, a Stack's in order)."""
@@ -495,6 +506,9 @@ class Parallel(Stack):
         """The head of each child: its (last) adapter's name, as the package pairs them."""
         return [child if isinstance(child, str) else child.last() for child in self.children]
 
+    def head_batch_sizes(self):
+        return None
+
     @property
     def parallel_channels(self) -> int:
         return len(self.children)
@@ -502,32 +516,107 @@ class Parallel(Stack):
 
 class Fuse(Stack):
     """AdapterFusion of bottleneck adapters, as the package's ``Fuse("a", "b", name=None)``: each
-    adapter runs on the same input and a fusion layer (added by ``add_adapter_fusion``) attends
-    over their outputs. distilbert_fast takes a Fuse of adapter names as the whole setup only (not
-    inside a Stack or Parallel)."""
+    child (an adapter, or a Stack of adapters) runs on the same input and a fusion layer (added by
+    ``add_adapter_fusion``) attends over their outputs. A Fuse is the whole setup or a child of
+    the outer Stack (``Stack("lang", Fuse("a", "b"))``), as in the package."""
 
-    def __init__(self, *children: str, name: str | None = None):
+    def __init__(self, *children, name: str | None = None):
         super().__init__(*children)
         self._name = name
 
     @property
     def name(self) -> str:
-        return self._name or ",".join(self.children)
+        return self._name or ",".join(c if isinstance(c, str) else c.last() for c in self.children)
 
     def heads(self) -> list[str]:
         return []  # the package's parse_heads_from_composition gives none for a Fuse
 
-    def __eq__(self, other):
-        return super().__eq__(other) and self.name == other.name
+    def head_batch_sizes(self):
+        return None
 
-    def __repr__(self):
-        return f"Fuse[{', '.join(self.children)}]" + ("" if self._name is None else f"(name={self._name!r})")
+    def _kwargs(self):
+        return {} if self._name is None else {"name": self._name}
+
+
+def _sizes(value, children, argument: str) -> list[int]:
+    sizes = [value] * len(children) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(sizes, (list, tuple)) or len(sizes) != len(children)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes)):
+        raise ValueError(f"{argument} must be an int >= 0 or a list of one per child ({len(children)}), got {value!r}")
+    return list(sizes)
+
+
+class Split(Stack):
+    """The package's ``Split("a", "b", splits=[4, 60])`` of bottleneck adapters: along the
+    sequence, positions 0-3 of every sequence go through "a" and 4-63 through "b" (``splits``:
+    one length per child, or one int for all); they must add up to the padded length. LoRA
+    refuses it, as in the package."""
+
+    def __init__(self, *children, splits):
+        super().__init__(*children)
+        self.splits = _sizes(splits, children, "splits")
+
+    def heads(self) -> list[str]:
+        return []  # as the package's parse_heads_from_composition
+
+    def head_batch_sizes(self):
+        return None
+
+    def _kwargs(self):
+        return {"splits": self.splits}
+
+
+class BatchSplit(Stack):
+    """The package's ``BatchSplit("a", "b", batch_sizes=[2, 3])``: rows 0-1 of the batch go
+    through "a", rows 2-4 through "b" (bottleneck adapters and LoRA); on DistilBertAdapterModel
+    each child's head takes its rows. ``batch_sizes`` (one per child, or one int for all) must add
+    up to the batch."""
+
+    def __init__(self, *children, batch_sizes):
+        super().__init__(*children)
+        self.batch_sizes = _sizes(batch_sizes, children, "batch_sizes")
+
+    def heads(self) -> list[str]:
+        return [child if isinstance(child, str) else child.last() for child in self.children]
+
+    def head_batch_sizes(self):
+        return list(self.batch_sizes)
+
+    def _kwargs(self):
+        return {"batch_sizes": self.batch_sizes}
+
+
+# What each block may hold besides adapter names (the package's ALLOWED_NESTINGS, less what
+# distilbert_fast does not run: Average, MultiTask, a Parallel inside another block)
+_NESTS = {
+    Stack: (Fuse, Split, BatchSplit),
+    Parallel: (Stack,),
+    Fuse: (Stack,),
+    Split: (Stack, Split, BatchSplit),
+    BatchSplit: (Stack, Split, BatchSplit),
+}
+
+
+def validate_composition(setup, level: int = 0):
+    """The package's depth rules: below the outer block's children only Stacks (of names) and
+    names; a Stack inside another block holds names only."""
+    if isinstance(setup, str):
+        return
+    if level > 1 and type(setup) is not Stack:
+        raise ValueError(f"Adapter setup is too deep. Cannot have {setup} at level {level}.")
+    for child in setup:
+        if level >= 1 and type(setup) is Stack and not isinstance(child, str):
+            raise ValueError(f"Specified adapter setup is too deep. Cannot have {type(child).__name__} at level {level}")
+        validate_composition(child, level + 1)
 
 
 def parse_composition(setup) -> Stack | None:
-    """None / a name / a list of names / a Stack / a Parallel -> a Stack or Parallel (or None), as
-    the package reads them."""
-    if setup is None or isinstance(setup, Stack):
+    """None / a name / a list of names / a composition block -> a block (or None), as the
+    package reads them (and checks their depth)."""
+    if setup is None:
+        return setup
+    if isinstance(setup, Stack):
+        validate_composition(setup)
         return setup
     if isinstance(setup, str):
         return Stack(setup)
@@ -536,14 +625,15 @@ def parse_composition(setup) -> Stack | None:
             return None
         return Stack(*setup)
     raise TypeError(
-        "adapter setup must be an adapter name, a list of names, a Stack or a Parallel, got "
+        "adapter setup must be an adapter name, a list of names, a Stack, Parallel, Fuse, Split or BatchSplit, got "
         f"{type(setup).__name__}"
     )
 
 
 # What one forward hands its adapter layers: the call's setup (AdapterSetup /
 # forward(adapter_names=...)), which overrides the model's active adapters, and the rows of the
-# encoder's input (where a Parallel setup replicates the batch). In eager mode each is a context
+# encoder's input (where a Parallel setup replicates the batch) with the cu_seqlens of packed
+# input (what BatchSplit / Split split packed tokens by). In eager mode each is a context
 # variable, so threads and async tasks each have their own, and gradient checkpointing
 # recomputes under the forward's values. Dynamo cannot trace ContextVar.get: while a tracer
 # records a forward they are plain attributes of the model's AdaptersState instead (see
@@ -593,10 +683,12 @@ class AdapterSetup:
 
 def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
     """The heads an adapter setup runs on a model with heads, as the package's
-    parse_heads_from_composition: a Stack's last adapter, a Parallel's (last) adapter per child."""
-    if setup is None or isinstance(setup, Fuse):
+    parse_heads_from_composition: a Stack's last adapter, a Parallel's or a BatchSplit's (last)
+    adapter per child; none for a setup ending in a Fuse or a Split."""
+    heads = [] if setup is None else setup.heads()
+    if not heads:
         return None
-    return setup.heads() if isinstance(setup, Parallel) else setup.last()
+    return heads if isinstance(setup, Parallel) or setup.head_batch_sizes() is not None else heads[0]
 
 
 def parse_head_setup(head_setup, argument: str) -> str | list[str]:
@@ -718,9 +810,9 @@ class AdaptersState:
     def __init__(self):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_setup: Stack | None = None
-        # the running forward's call setup and encoder rows while a tracer records it
+        # the running forward's call setup and encoder input (rows, cu_seqlens) while a tracer records it
         self.traced_setup: Stack | None = None
-        self.traced_rows: int | None = None
+        self.traced_encoder: tuple | None = None
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
         self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
@@ -739,27 +831,38 @@ class AdaptersState:
         setup = self.call_setup()
         return self.active_setup if setup is None else setup
 
+    def _encoder(self) -> tuple:
+        encoder = self.traced_encoder if tracing() else _ENCODER_ROWS.get()
+        return (None, None) if encoder is None else encoder
+
     def encoder_rows(self) -> int | None:
-        return self.traced_rows if tracing() else _ENCODER_ROWS.get()
+        return self._encoder()[0]
+
+    def encoder_cu_seqlens(self) -> torch.Tensor | None:
+        """The cu_seqlens of the encoder's packed input (None: padded input), for the blocks that
+        split it by rows or positions (BatchSplit, Split)."""
+        return self._encoder()[1]
 
     @contextlib.contextmanager
-    def calling(self, setup: Stack | None = None, rows: int | None = None):
+    def calling(self, setup: Stack | None = None, rows: int | None = None, cu_seqlens=None):
         """The block of a forward running with call setup ``setup`` (None: keep the caller's) or
-        with ``rows`` rows at the encoder's input: context variables in eager mode, plain
-        attributes (which dynamo traces and guards on) while a tracer records."""
+        with ``rows`` rows at the encoder's input (packed tokens of ``cu_seqlens``, or a padded
+        batch): context variables in eager mode, plain attributes (which dynamo traces and guards
+        on) while a tracer records."""
+        encoder = None if rows is None else (rows, cu_seqlens)
         if tracing():
-            saved = self.traced_setup, self.traced_rows
+            saved = self.traced_setup, self.traced_encoder
             if setup is not None:
                 self.traced_setup = setup
-            if rows is not None:
-                self.traced_rows = rows
+            if encoder is not None:
+                self.traced_encoder = encoder
             try:
                 yield
             finally:
-                self.traced_setup, self.traced_rows = saved
+                self.traced_setup, self.traced_encoder = saved
             return
         setup_token = None if setup is None else _set_call_setup(setup)
-        rows_token = None if rows is None else _ENCODER_ROWS.set(rows)
+        rows_token = None if encoder is None else _ENCODER_ROWS.set(encoder)
         try:
             yield
         finally:
@@ -923,8 +1026,17 @@ class BottleneckAdapter(nn.Module):
     def forward(self, hidden, residual, backend=None):
         """The adapter's output: dropout(up(act(down(hidden))) * scaling) + residual, with
         the optional ln_after as the package orders it."""
+        return self.output(self.scaled_up(hidden, backend), residual, backend)
+
+    def scaled_up(self, hidden, backend=None):
+        """The package's ``up``: up(act(down(hidden))) * scaling, before dropout (what a fusion
+        layer attends over)."""
         up, bias = self._scaled_up(self._down(hidden, backend))
-        out = self.dropout(up + bias)
+        return up + bias
+
+    def output(self, up, residual, backend=None):
+        """The adapter's output from its scaled up-projection ``up``."""
+        out = self.dropout(up)
         if self.is_parallel:  # the package's ParallelAdapter.forward: no residual here
             if self.add_layer_norm_after:
                 norm = self.adapter_norm_after
@@ -1003,8 +1115,8 @@ class BottleneckLayer(nn.Module):
         setup = self.active_setup()
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
-        if isinstance(setup, Fuse):
-            return self._forward_fuse(setup, hidden, x, layer_norm, backend)
+        if not setup.is_plain():
+            return self._forward_composed(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
         sublayer = hidden
         for i, name in enumerate(names):
@@ -1027,23 +1139,27 @@ class BottleneckLayer(nn.Module):
             fusion.train(self.training)
             self.adapter_fusion_layer[name] = fusion.to(like.device, like.dtype)
 
-    def _forward_fuse(self, setup: "Fuse", hidden, x, layer_norm, backend):
-        """The package's compose_fuse: the last adapter's pre_forward (the query before or after
-        the block's LayerNorm), each fused adapter's scaled up-projection of that input, the
-        fusion layer's attention over them, then the last adapter's post_forward."""
-        config = self.state.fusions[setup.name][0]
-        last = self.adapters[setup.last()]
-        sublayer = hidden
-        hidden, residual = last.pre_forward(hidden, x, layer_norm, backend)
-        query = x if last.is_parallel else sublayer if config.query_before_ln else hidden
-        ups = []
-        for name in setup:
-            if name in self.adapters:
-                up, bias = self.adapters[name]._scaled_up(self.adapters[name]._down(hidden, backend))
-                ups.append(up + bias)
-        if ups:
-            hidden = self.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
-        return last.post_forward(hidden, x, layer_norm, backend, sublayer)
+    # The package's composition of bottleneck adapters (its BottleneckLayer.compose_*), for a
+    # setup holding a Fuse, a Split or a BatchSplit: a _BnState goes through the blocks, then the
+    # last adapter applied finishes with the block's residual + LayerNorm. Where the package
+    # slices the batch (BatchSplit) or the sequence (Split) and concatenates the parts, each part
+    # here runs on every position and keeps its own (torch.where by position): the same result
+    # per position, on padded and packed input alike, with no host sync (bottleneck adapters
+    # are a small share of a layer's work).
+    def _forward_composed(self, setup: Stack, hidden, x, layer_norm, backend):
+        if self.location_key == "output_adapter" and self.model_config.chunk_size_feed_forward and any(
+                isinstance(block, (Split, BatchSplit)) for block in setup.blocks()):
+            raise NotImplementedError("Split / BatchSplit adapter setups do not run with chunk_size_feed_forward > 0")
+        run = _Composition(self, layer_norm, backend)
+        state = run.compose(setup, _BnState(hidden, x, x), 0)
+        last = state.last if state.last is not None else next(n for n in setup.names() if n in self.adapters)
+        out = self.adapters[last].post_forward(state.hidden, state.x, layer_norm, backend, hidden)
+        if isinstance(setup, BatchSplit) and run.bare_rows is not None:
+            # the rows of children with no adapter here get the plain residual + LayerNorm, as
+            # they would alone (the package fails where the first child has none here)
+            plain = residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps, backend=backend)
+            out = torch.where(run.bare_rows, plain, out)
+        return out
 
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
@@ -1083,6 +1199,154 @@ class BottleneckLayer(nn.Module):
                                backend=backend) if is_bare else out[part]
             for part, is_bare in zip(parts, bare)
         ])
+
+
+class _BnState(NamedTuple):
+    """The package's BottleneckState: the hidden states, the block's residual input, the
+    adapter residual, the last adapter's scaled up-projection (for a Fuse) and its name."""
+
+    hidden: torch.Tensor
+    x: torch.Tensor
+    residual: torch.Tensor
+    up: torch.Tensor | None = None
+    last: str | None = None
+
+
+def token_coordinates(state: AdaptersState, t: torch.Tensor):
+    """For the rows of ``t`` (a padded batch (batch, seq, dim) or packed tokens (total, dim) of
+    the encoder's input): each position's row in the batch and position in its sequence, shaped
+    to broadcast against ``t``, and the batch size and padded length (None when packed). Packed,
+    from the encoder's cu_seqlens on the device (no host sync)."""
+    if t.dim() == 3:
+        batch, seq = t.shape[:2]
+        rows = torch.arange(batch, device=t.device)[:, None, None]
+        return rows, torch.arange(seq, device=t.device)[None, :, None], batch, seq
+    cu_seqlens = state.encoder_cu_seqlens()
+    if cu_seqlens is None or t.shape[0] != state.encoder_rows():
+        raise NotImplementedError("Split / BatchSplit adapter setups need the encoder's packed tokens here")
+    tokens = torch.arange(t.shape[0], device=t.device, dtype=cu_seqlens.dtype)
+    rows = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    return rows[:, None], (tokens - cu_seqlens[rows])[:, None], cu_seqlens.shape[0] - 1, None
+
+
+def _check_batch_split(setup: "BatchSplit", batch: int):
+    if sum(setup.batch_sizes) != batch:
+        raise IndexError(f"The given batch has a size of {batch} which is not equal to the sum of "
+                         f"batch_sizes {setup.batch_sizes}")
+
+
+def _check_split(setup: "Split", seq: int | None):
+    """The package's check: the splits add up to the padded length. Packed input has none (the
+    positions of a sequence beyond the splits, which the package refuses, keep the first
+    adapter's pre_forward there)."""
+    if seq is not None and sum(setup.splits) != seq:
+        raise IndexError(f"The given input has sequence length {seq} which is not equal to the sum of splits "
+                         f"{setup.splits}")
+
+
+def _select(mask, new, old):
+    """Per position: ``new`` where ``mask``, else ``old`` (None stays None)."""
+    if new is None or old is None:
+        return None
+    return new if new is old else torch.where(mask, new, old)
+
+
+class _Composition:
+    """One bottleneck layer's run of a composed setup, as the package's compose_stack /
+    compose_fuse / compose_split / compose_batch_split (see BottleneckLayer._forward_composed)."""
+
+    def __init__(self, layer: "BottleneckLayer", layer_norm, backend):
+        self.layer, self.adapters, self.layer_norm, self.backend = layer, layer.adapters, layer_norm, backend
+        self.bare_rows = None  # the outer BatchSplit's rows whose child has no adapter here (a mask)
+
+    def compose(self, setup: Stack, state: _BnState, lvl: int) -> _BnState:
+        if not any(name in self.adapters for name in setup.names()):
+            return state  # (a block with no adapter here: the package fails in its pre_block)
+        if isinstance(setup, Fuse):
+            return self.fuse(setup, state, lvl)
+        if isinstance(setup, Split):
+            return self.split(setup, state, lvl)
+        if isinstance(setup, BatchSplit):
+            return self.batch_split(setup, state, lvl)
+        for child in setup:  # a Stack: each adapter's pre_forward, then the adapter
+            if not isinstance(child, str):
+                state = self.compose(child, state, lvl + 1)
+            elif child in self.adapters:
+                state = self.single(child, self.pre_block(child, state))
+        return state
+
+    def child(self, child, state: _BnState, lvl: int) -> _BnState | None:
+        """A child of a Fuse / Split / BatchSplit (no pre_forward of its own for a name, as
+        there); None for a name with no adapter here."""
+        if not isinstance(child, str):
+            return self.compose(child, state, lvl + 1)
+        return self.single(child, state) if child in self.adapters else None
+
+    def pre_block(self, setup, state: _BnState) -> _BnState:
+        """The pre_forward of the setup's first adapter (the package's pre_block; where that one
+        is not in this layer, the first one that is)."""
+        name = setup if isinstance(setup, str) else setup.first()
+        if name not in self.adapters:
+            name = next(n for n in setup.names() if n in self.adapters)
+        hidden, residual = self.adapters[name].pre_forward(state.hidden, state.x, self.layer_norm, self.backend)
+        return state._replace(hidden=hidden, residual=residual)
+
+    def single(self, name: str, state: _BnState) -> _BnState:
+        adapter = self.adapters[name]
+        up = adapter.scaled_up(state.hidden, self.backend)
+        return state._replace(hidden=adapter.output(up, state.residual, self.backend), up=up, last=name)
+
+    def fuse(self, setup: "Fuse", state: _BnState, lvl: int) -> _BnState:
+        """The last adapter's pre_forward (the query before or after the block's LayerNorm), each
+        child's scaled up-projection of that input, the fusion layer's attention over them."""
+        if setup.name not in self.layer.adapter_fusion_layer:  # (its adapters are not all here: the package fails)
+            return state
+        config = self.layer.state.fusions[setup.name][0]
+        last = self.adapters[setup.last()]
+        hidden, residual = last.pre_forward(state.hidden, state.x, self.layer_norm, self.backend)
+        query = state.x if last.is_parallel else state.hidden if config.query_before_ln else hidden
+        state = state._replace(hidden=hidden, residual=residual)
+        ups = [s.up for s in (self.child(c, state, lvl) for c in setup) if s is not None and s.up is not None]
+        if ups:
+            hidden = self.layer.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+        return state._replace(hidden=hidden, last=setup.last())
+
+    def split(self, setup: "Split", state: _BnState, lvl: int) -> _BnState:
+        """Positions [s_i, s_i + splits[i]) of every sequence through child i."""
+        _, positions, _, seq = token_coordinates(self.layer.state, state.hidden)
+        _check_split(setup, seq)
+        state = self.pre_block(setup, state)
+        hidden, last, start = state.hidden, None, 0
+        for child, size in zip(setup, setup.splits):
+            child_state = self.child(child, state._replace(last=None), lvl)
+            if child_state is not None:
+                hidden = _select((positions >= start) & (positions < start + size), child_state.hidden, hidden)
+                last = child_state.last or last
+            start += size
+        return state._replace(hidden=hidden, last=last)
+
+    def batch_split(self, setup: "BatchSplit", state: _BnState, lvl: int) -> _BnState:
+        """Rows [b_i, b_i + batch_sizes[i]) of the batch through child i; every part of the state
+        (residuals, up-projections) comes from the child of its row."""
+        rows, _, batch, _ = token_coordinates(self.layer.state, state.hidden)
+        _check_batch_split(setup, batch)
+        state = self.pre_block(setup, state)
+        merged, start = None, 0
+        for child, size in zip(setup, setup.batch_sizes):
+            child_state = self.child(child, state, lvl)
+            if child_state is None or child_state.last is None and not isinstance(child, str):
+                if lvl == 0:
+                    mine = (rows >= start) & (rows < start + size)
+                    self.bare_rows = mine if self.bare_rows is None else self.bare_rows | mine
+                child_state = child_state or state
+            if merged is None:
+                merged = child_state
+            else:
+                mine = (rows >= start) & (rows < start + size)
+                merged = _BnState(*(_select(mine, new, old) for new, old in zip(child_state[:4], merged[:4])),
+                                  last=child_state.last)
+            start += size
+        return merged
 
 
 class AdapterFusion(nn.Module):
@@ -1195,7 +1459,8 @@ class LoRALinear(nn.Linear):
             return out
         setup = self.state.current_setup()
         if not isinstance(setup, Parallel):
-            return out + self._stacked_update(setup, x)
+            update = self._stacked_update(setup, x) if setup.is_plain() else self._composed_update(setup, x, None)
+            return out if update is None else out + update
         # The package's compose_parallel: replicate the input (unless an earlier layer did),
         # then each child's LoRAs on its own copy.
         (x, out), parts = parallel_copies(setup, self.state.encoder_rows(), x, out)
@@ -1212,6 +1477,35 @@ class LoRALinear(nn.Linear):
         for name in names:
             if name in self.loras:
                 hidden = self.loras[name](x if hidden is None else hidden)
+        return hidden
+
+    def _composed_update(self, setup, x, hidden):
+        """The package's LoRALinear composition of a setup holding a BatchSplit (each child's
+        LoRAs on its rows) or blocks that leave LoRA out; a Split or Fuse of LoRAs held here is
+        refused, as in the package. ``hidden``: the update so far (None: none yet)."""
+        if isinstance(setup, str):
+            return self.loras[setup](x if hidden is None else hidden) if setup in self.loras else hidden
+        if isinstance(setup, (Split, Fuse)):
+            if any(name in self.loras for name in setup.names()):
+                raise NotImplementedError(f"LoRA adapters do not run in a {type(setup).__name__} composition "
+                                          f"(as in the adapters package), got {setup!r}")
+            return hidden
+        if isinstance(setup, BatchSplit):
+            rows, _, batch, _ = token_coordinates(self.state, x)
+            _check_batch_split(setup, batch)
+            merged, start = None, 0
+            for i, (child, size) in enumerate(zip(setup, setup.batch_sizes)):
+                update = self._composed_update(child, x, hidden)
+                if i == 0 or (update is None and merged is None):
+                    merged = update
+                else:  # (a child with no LoRA here: no update on its rows)
+                    new = torch.zeros_like(merged) if update is None else update
+                    merged = torch.where((rows >= start) & (rows < start + size), new,
+                                         torch.zeros_like(new) if merged is None else merged)
+                start += size
+            return merged
+        for child in setup:  # a Stack: each LoRA takes the previous one's output, as there
+            hidden = self._composed_update(child, x, hidden)
         return hidden
 
     @torch.no_grad()
@@ -1359,9 +1653,10 @@ class ModelAdaptersMixin:
         setup = parse_composition(adapter_setup)
         for name in setup.names() if setup is not None else ():
             self._check_adapter_name(name, argument)
-        if isinstance(setup, Fuse) and setup.name not in self._adapters_state.fusions:
-            raise ValueError(f"{argument}: no adapter fusion named {setup.name!r} (add_adapter_fusion adds it); "
-                             f"this model has {sorted(self._adapters_state.fusions)}")
+        for block in () if setup is None else setup.blocks():
+            if isinstance(block, Fuse) and block.name not in self._adapters_state.fusions:
+                raise ValueError(f"{argument}: no adapter fusion named {block.name!r} (add_adapter_fusion adds it); "
+                                 f"this model has {sorted(self._adapters_state.fusions)}")
         return setup
 
     def set_active_adapters(self, adapter_setup, skip_layers=None):
@@ -2032,12 +2327,14 @@ __all__ = [
     "LoRALinear",
     "ModelAdaptersMixin",
     "AdapterFusionConfig",
+    "BatchSplit",
     "DynamicAdapterFusionConfig",
     "Fuse",
     "StaticAdapterFusionConfig",
     "ParBnConfig",
     "Parallel",
     "SeqBnConfig",
+    "Split",
     "Stack",
     "load_adapter_config",
     "parse_composition",

@@ -65,7 +65,8 @@ def _oracle(mode, path, *extra):
 
 
 def _is_adapter_key(key):
-    return ".adapters." in key or ".loras." in key
+    """An adapter's or a fusion layer's weight (they travel in their own files)."""
+    return ".adapters." in key or ".loras." in key or ".adapter_fusion_layer." in key
 
 
 def _run(model, setup, head, inputs):
@@ -254,9 +255,9 @@ def _load_fusion_model(directory, spec):
 
 
 def _setup_from_dict(data):
-    """The package's AdapterCompositionBlock.to_dict() -> our Stack / Parallel."""
+    """The package's AdapterCompositionBlock.to_dict() -> our composition block."""
     children = [c["children"][0] if c["type"] == "single" else _setup_from_dict(c) for c in data["children"]]
-    return {"Stack": Stack, "Parallel": Parallel}[data["type"]](*children)
+    return getattr(distilbert_fast, data["type"])(*children, **data.get("kwargs", {}))
 
 
 def _task_model(spec):
@@ -306,6 +307,8 @@ def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
     model = _task_model(spec)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
+    for fused in spec.get("fusions", ()):
+        assert model.load_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused))) == ",".join(fused)
     weights = torch.load(os.path.join(case_dir, "model.pt"), weights_only=True)
     weights = {k: v for k, v in weights.items() if not _is_head_key(model, k)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -322,6 +325,8 @@ def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
     torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
     for name in spec["adapters"]:
         model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=True)
+    for fused in spec.get("fusions", ()):
+        model.save_adapter_fusion(os.path.join(out_dir, "fusion_" + ",".join(fused)), fused)
     ours_results[case] = _run_task(model, spec, setup, io["inputs"])
     return rows
 

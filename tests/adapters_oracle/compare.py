@@ -30,6 +30,7 @@ import transformers
 from adapters import (
     AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     Fuse,
     BnConfig,
     DistilBertAdapterModel,
@@ -38,6 +39,7 @@ from adapters import (
     Parallel,
     ParBnConfig,
     SeqBnConfig,
+    Split,
     Stack,
 )
 # (this script's folder: shared with test_adapters_oracle.py)
@@ -198,6 +200,44 @@ TASK_CASES = {
                   "l1": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
                   "l2": LoRAConfig(r=3, alpha=3, attn_matrices=["q", "k", "v"])},
         setup=Parallel(Stack("p1", "l1"), Stack("p2", "l2")), labels=False),
+    # BatchSplit: the first child's pre_forward on every row, each child's adapters on its rows,
+    # the last child's post_forward on every row (the package's compose_batch_split)
+    "batch_split_seqcls": dict(cls="DistilBertForSequenceClassification",
+                               adapters={"a": SeqBnConfig(reduction_factor=4, mh_adapter=True),
+                                         "b": DoubleSeqBnConfig(reduction_factor=2)},
+                               setup=BatchSplit("a", "b", batch_sizes=[1, 2]), labels=True),
+    # a head per child on its rows, each with its rows' labels (set_active_adapters' BatchSplit head)
+    "batch_split_heads": dict(cls="DistilBertAdapterModel",
+                              adapters={"a": SeqBnConfig(reduction_factor=4),
+                                        "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                              setup=BatchSplit("a", "b", batch_sizes=[2, 1]), labels=True),
+    "batch_split_lora_tokcls": dict(cls="DistilBertForTokenClassification",
+                                    adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                                              "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"])},
+                                    setup=BatchSplit("a", "b", batch_sizes=[1, 2]), labels=True),
+    "stack_lora_then_batch_split_of_stack_qa": dict(
+        cls="DistilBertForQuestionAnswering",
+        adapters={"l": LoRAConfig(r=2, alpha=4), "a": SeqBnConfig(reduction_factor=4),
+                  "b": SeqBnConfig(reduction_factor=2, scaling="learned"), "c": SeqBnConfig(reduction_factor=4, ln_after=True)},
+        setup=Stack("l", BatchSplit(Stack("a", "b"), "c", batch_sizes=[2, 1])), labels=True),
+    # Split: positions 0-2 of every sequence through "a", 3-6 through "b" (SEQ = 7)
+    "split_model": dict(cls="DistilBertModel",
+                        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                        setup=Split("a", "b", splits=[3, 4]), labels=False),
+    "split_houlsby_in_batch_split_mlm": dict(
+        cls="DistilBertForMaskedLM",
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
+                  "c": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=BatchSplit(Split("a", "b", splits=[2, 5]), "c", batch_sizes=[1, 2]), labels=True),
+    # a Fuse inside the outer Stack, and a Fuse with a Stack child (the fusion "b,c" over b and c)
+    "stack_then_fuse_seqcls": dict(cls="DistilBertForSequenceClassification",
+                                   adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                                             "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                                   fusions=[["a", "b"]], setup=Stack("s", Fuse("a", "b")), labels=True),
+    "fuse_of_stack_tokcls": dict(cls="DistilBertForTokenClassification",
+                                 adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
+                                           "c": DoubleSeqBnConfig(reduction_factor=4)},
+                                 fusions=[["b", "c"]], setup=Fuse(Stack("a", "b"), "c"), labels=True),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
@@ -265,6 +305,8 @@ def produce_tasks(out_dir, real=None):
                 raise SystemExit(f"{case}: the real weights do not fit: missing {missing}, unexpected {unexpected}")
         for name, config in spec["adapters"].items():
             model.add_adapter(name, config=config)
+        for fused in spec.get("fusions", ()):
+            model.add_adapter_fusion(fused)
         if spec["cls"] == "DistilBertAdapterModel":
             for name in spec["setup"].children:
                 model.add_classification_head(name, num_labels=TASK_LABELS)
@@ -274,12 +316,15 @@ def produce_tasks(out_dir, real=None):
         os.makedirs(case_dir)
         weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k) and "prompt_tuning." not in k}
         torch.save(weights, os.path.join(case_dir, "model.pt"))
+        for fused in spec.get("fusions", ()):
+            model.save_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)), fused)
         saved_inputs = {k: v.clone() for k, v in inputs.items()}  # a Parallel resizes the mask in place
         result = run_task(model, spec, spec["setup"], inputs)
         torch.save({"inputs": saved_inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
+                          "fusions": spec.get("fusions", []),
                           "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config,
                           "by_setup": spec.get("by_setup", False)}
     return manifest
@@ -539,6 +584,8 @@ def check_tasks(root, manifest):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
+        for fused in spec.get("fusions", ()):
+            model.load_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)))
         io = torch.load(os.path.join(case_dir, "io.pt"))
         setup = Stack.from_dict(spec["setup"])
         result = run_task(model, spec, setup, io["inputs"])
@@ -570,7 +617,8 @@ def add_head(model, head):
 
 
 def is_adapter_key(key):
-    return ".adapters." in key or ".loras." in key
+    """An adapter's or a fusion layer's weight (they travel in their own files)."""
+    return ".adapters." in key or ".loras." in key or ".adapter_fusion_layer." in key
 
 
 def is_base_key(key):
@@ -584,6 +632,8 @@ def randomise_adapters_and_heads(model, generator):
     for name, param in model.named_parameters():
         if is_adapter_key(name) or name.startswith("heads."):
             noise = torch.randn(param.shape, generator=generator) * 0.2
+            if ".adapter_fusion_layer." in name:  # around its init (the value projection: the identity)
+                noise = param + noise * 0.5
             if "norm" in name and name.endswith("weight") or name.endswith("scaling"):
                 noise = noise + 1.0
             param.copy_(noise)
