@@ -1907,12 +1907,11 @@ class ModelAdaptersMixin:
     def save_adapter_fusion(self, save_directory, adapter_names, meta_dict=None, custom_weights_loaders=None,
                             with_head=False, use_safetensors: bool = False):
         """Writes adapter_fusion_config.json and pytorch_model_adapter_fusion.bin
-        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format.
-        ``with_head`` (the package's heads of the fused adapters) is not supported here."""
+        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format, and
+        with ``with_head`` a head beside them, as the package: on DistilBertAdapterModel the head
+        named like the fusion (or ``with_head``, a head name), on a task class its own head (the
+        package fails there)."""
         _check_no_custom_loaders(custom_weights_loaders)
-        if with_head:
-            raise NotImplementedError("save_adapter_fusion(with_head=...) is not supported by distilbert_fast; "
-                                      "save the heads with save_head")
         name = self._fusion_name(adapter_names, "adapter_names")
         config, fused = self._adapters_state.fusions[name]
         os.makedirs(save_directory, exist_ok=True)
@@ -1921,12 +1920,34 @@ class ModelAdaptersMixin:
         tensors = {k: v for k, v in self.state_dict().items() if f"adapter_fusion_layer.{name}." in k}
         _save_tensors(tensors, save_directory,
                       ADAPTERFUSION_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTERFUSION_WEIGHTS_NAME)
+        if with_head:
+            self._save_fusion_head(save_directory, with_head if isinstance(with_head, str) else name, use_safetensors)
+
+    def _save_fusion_head(self, directory, head_name: str, use_safetensors: bool):
+        """save_adapter_fusion's head: a task class's own head (DistilBertModel has none)."""
+        if self.base_model is not self:
+            self.save_head(directory, use_safetensors=use_safetensors)
+
+    def _load_fusion_head(self, directory, load_as, use_safetensors, set_active):
+        """load_adapter_fusion's head: a task class's head saved by the same class."""
+        self._load_adapter_head(directory, load_as, use_safetensors)
+
+    def save_all_adapter_fusions(self, save_directory, meta_dict=None, custom_weights_loaders=None,
+                                 use_safetensors: bool = False):
+        """save_adapter_fusion for every fusion, each into ``save_directory``/<name>, as the package
+        (without heads)."""
+        os.makedirs(save_directory, exist_ok=True)
+        for name in self._adapters_state.fusions:
+            self.save_adapter_fusion(os.path.join(save_directory, name), name, meta_dict, custom_weights_loaders,
+                                     use_safetensors=use_safetensors)
 
     def load_adapter_fusion(self, adapter_fusion_name_or_path, load_as: str | None = None,
-                            custom_weights_loaders=None, set_active: bool = False, use_safetensors: bool = False,
-                            **kwargs):
+                            custom_weights_loaders=None, set_active: bool = False, with_head: bool = True,
+                            use_safetensors: bool = False, **kwargs):
         """Loads a fusion layer saved by save_adapter_fusion here or in the package (its adapters
-        must be loaded first). Returns its name here."""
+        must be loaded first), and with ``with_head`` the head saved beside it, if any (named
+        ``load_as`` or as saved; active with ``set_active``), as the package. Returns its name
+        here."""
         _check_no_custom_loaders(custom_weights_loaders)
         directory = os.fspath(adapter_fusion_name_or_path)
         meta = _read_json(os.path.join(directory, ADAPTERFUSION_CONFIG_NAME))
@@ -1951,6 +1972,8 @@ class ModelAdaptersMixin:
                 own[key].copy_(value)
         if set_active:
             self.set_active_adapters(Fuse(*self._adapters_state.fusions[name][1], name=name))
+        if with_head and os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
+            self._load_fusion_head(directory, load_as, use_safetensors or None, set_active)
         return name
 
     # -- files ------------------------------------------------------------------------------------

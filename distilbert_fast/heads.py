@@ -640,6 +640,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     def load_head(self, save_directory, load_as: str | None = None, id2label=None,
                   use_safetensors: bool | None = None) -> str:
         """Loads a head written by ``save_head`` here or in the package. Returns its name."""
+        return self._load_head(save_directory, load_as, id2label, use_safetensors)
+
+    def _load_head(self, save_directory, load_as=None, id2label=None, use_safetensors=None, set_active=True) -> str:
         directory = os.fspath(save_directory)
         meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
         model_class = meta.get("model_class", "")
@@ -655,7 +658,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
         old, new = f"heads.{saved}.", f"heads.{name}."
         state_dict = {new + k[len(old):]: v for k, v in state_dict.items() if k.startswith(old)}
-        self._add_head_from_config(name, config, overwrite_ok=True)
+        self._add_head_from_config(name, config, overwrite_ok=True, set_active=set_active)
         expected = {k for k in self.state_dict() if k.startswith(new)}
         tied = set(self._tied_weights_keys)
         missing = sorted(expected - set(state_dict) - tied)
@@ -692,6 +695,23 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                            "it is not loaded", directory, model_class)
             return
         self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+
+    def _save_fusion_head(self, directory, head_name: str, use_safetensors: bool):
+        """save_adapter_fusion's head (with_head): the head named like the fusion, or ``with_head``."""
+        if head_name not in self.heads:
+            raise ValueError(f"with_head: no head named {head_name!r} to save with the fusion; this model has heads "
+                             f"{sorted(self.heads)}")
+        self.save_head(directory, head_name, use_safetensors=use_safetensors)
+
+    def _load_fusion_head(self, directory, load_as, use_safetensors, set_active):
+        """load_adapter_fusion's head (with_head): named ``load_as`` or as saved; active only with
+        set_active, as in the package."""
+        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
+        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
+            logger.warning("load_adapter_fusion: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
+                           "it is not loaded", directory, model_class)
+            return
+        self._load_head(directory, load_as=load_as, use_safetensors=use_safetensors, set_active=set_active)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):

@@ -16,6 +16,7 @@ from distilbert_fast import (
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
+    DistilBertForSequenceClassification,
     Fuse,
     LoRAConfig,
     Parallel,
@@ -535,7 +536,7 @@ def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
         Parallel(Fuse("a", "b"), "a")
     with pytest.raises(ValueError, match="an adapter fusion named 'a,b' already exists"):
         model.add_adapter_fusion("a,b")
-    with pytest.raises(NotImplementedError, match="with_head"):
+    with pytest.raises(ValueError, match="with_head: no head named 'a,b'"):
         model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
     model.adapter_fusion_to(Fuse("a", "b"), dtype=torch.float64)
     assert {p.dtype for n, p in model.named_parameters() if "adapter_fusion_layer" in n} == {torch.float64}
@@ -562,3 +563,59 @@ def test_adapter_fusion_survives_save_pretrained(tmp_path):
         expected = model(x, adapter_names=setup, head="h").logits
         assert torch.equal(loaded(x, adapter_names=setup, head="h").logits, expected)
     assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_adapter_fusion_with_head_round_trip(tmp_path):
+    """save_adapter_fusion(with_head=...) writes the head beside the fusion (the head named like
+    the fusion, or the one named by with_head) and load_adapter_fusion brings it back, named
+    load_as or as saved, active only with set_active, as the package (the package's own files:
+    test_adapters_oracle's fusion cases). A task class saves and loads its own head with the fusion
+    (the package fails there); with_head=False leaves the head out."""
+    model = small_model()
+    for name in "ab":
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.add_classification_head("a,b", num_labels=3)
+    model.add_tagging_head("t", num_labels=2)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    model.save_adapter_fusion(str(tmp_path / "fused"), Fuse("a", "b"), with_head=True)
+    model.save_adapter_fusion(str(tmp_path / "tagged"), "a,b", with_head="t")
+    x = ids()
+    for directory, head, load_as, set_active in (("fused", "a,b", None, False), ("tagged", "t", "x,y", True)):
+        other = small_model()
+        other.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k
+                               and not k.startswith("heads.")})
+        for name in "ab":
+            other.load_adapter(_saved_adapter(model, tmp_path, name))
+        name = other.load_adapter_fusion(str(tmp_path / directory), load_as=load_as, set_active=set_active)
+        assert name == (load_as or "a,b") and list(other.heads) == [load_as or head]
+        assert other.active_head == (load_as if set_active else None)
+        expected = model(x, adapter_names=Fuse("a", "b"), head=head).logits
+        assert torch.equal(other(x, adapter_names=Fuse("a", "b", name=name), head=load_as or head).logits, expected)
+    other = small_model()
+    for name in "ab":
+        other.load_adapter(_saved_adapter(model, tmp_path, name))
+    other.load_adapter_fusion(str(tmp_path / "fused"), with_head=False)
+    assert not other.heads
+
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    for name in "ab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"], set_active=True)
+    randomise(task, (".adapters.", "adapter_fusion_layer", "classifier"))
+    task.save_adapter_fusion(str(tmp_path / "task"), "a,b", with_head=True)
+    fresh = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    fresh.load_state_dict({k: v for k, v in task.state_dict().items() if k.startswith("distilbert.")
+                           and "adapter" not in k}, strict=False)
+    for name in "ab":
+        task.save_adapter(str(tmp_path / f"task_{name}"), name, with_head=False)
+        fresh.load_adapter(str(tmp_path / f"task_{name}"))
+    fresh.load_adapter_fusion(str(tmp_path / "task"), set_active=True)
+    assert torch.equal(fresh(x).logits, task(x).logits)
+
+
+def _saved_adapter(model, tmp_path, name):
+    directory = tmp_path / f"adapter_{name}"
+    if not directory.exists():
+        model.save_adapter(str(directory), name, with_head=False)
+    return str(directory)

@@ -230,27 +230,28 @@ def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
             if "adapter_fusion_layer" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
     os.makedirs(out_dir)
-    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and "adapter_fusion_layer" not in k},
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and not k.startswith("heads.")},
                os.path.join(out_dir, "model.pt"))
     torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
     for name in spec["adapters"]:
         model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=False)
-    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"])
+    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"], with_head="h")
     # from what we saved, as the package loads it: a fresh model (a temperature anneals per forward)
     ours_results[case] = _run_fusion(_load_fusion_model(out_dir, spec), spec["adapters"], io["inputs"])
     return rows
 
 
 def _load_fusion_model(directory, spec):
-    """Our heads model with head "h" from ``directory``: model.pt, the adapters and the fusion."""
+    """Our heads model from ``directory``: model.pt, the adapters, and the fusion with head "h"
+    (saved beside it: save_adapter_fusion(with_head="h"))."""
     model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
-    model.add_classification_head("h", num_labels=3)
     weights = torch.load(os.path.join(directory, "model.pt"), weights_only=True)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and not missing, (directory, missing, unexpected)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(directory, "adapter_" + name), with_head=False) == name
     assert model.load_adapter_fusion(os.path.join(directory, "fusion")) == ",".join(spec["adapters"])
+    assert list(model.heads) == ["h"] and model.active_head is None, (list(model.heads), model.active_head)
     return model
 
 

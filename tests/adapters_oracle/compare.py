@@ -375,7 +375,9 @@ API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_ad
                "save_adapter", "load_adapter", "save_all_adapters", "merge_adapter", "reset_adapter",
                "has_adapters", "adapter_summary", "save_head",
                "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
-               "add_tagging_head", "add_qa_head", "add_masked_lm_head")
+               "add_tagging_head", "add_qa_head", "add_masked_lm_head", "add_adapter_fusion", "delete_adapter_fusion",
+               "save_adapter_fusion", "load_adapter_fusion", "save_all_adapter_fusions", "train_adapter_fusion",
+               "adapter_fusion_to")
 
 
 def api_arguments():
@@ -527,8 +529,9 @@ def run_fusion(model, spec, inputs):
 
 
 def produce_fusions(out_dir):
-    """OUT/<fusion case>/: model.pt (every weight but the adapters' and the fusion's), each
-    adapter (save_adapter) and the fusion (save_adapter_fusion), io.pt (inputs, outputs, grads)."""
+    """OUT/<fusion case>/: model.pt (every weight but the adapters', the fusion's and the head's),
+    each adapter (save_adapter) and the fusion with the head (save_adapter_fusion(with_head="h")),
+    io.pt (inputs, outputs, grads)."""
     manifest = {}
     for i, (case, spec) in enumerate(FUSION_CASES.items()):
         torch.manual_seed(1000 + i)
@@ -542,13 +545,14 @@ def produce_fusions(out_dir):
         inputs = inputs_for("classification", {"num_labels": 3}, generator)
         case_dir = os.path.join(out_dir, case)
         os.makedirs(case_dir)
-        torch.save({k: v for k, v in model.state_dict().items()
-                    if not is_adapter_key(k) and "adapter_fusion_layer" not in k and "prompt_tuning." not in k},
+        torch.save({k: v for k, v in model.state_dict().items() if not is_adapter_key(k)
+                    and not k.startswith("heads.") and "prompt_tuning." not in k},
                    os.path.join(case_dir, "model.pt"))
         torch.save({"inputs": inputs, "outputs": run_fusion(model, spec, inputs)}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=False)
-        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]))
+        # the head "h" travels with the fusion (with_head)
+        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]), with_head="h")
         manifest[case] = {"adapters": list(spec["adapters"])}
     return manifest
 
@@ -558,14 +562,13 @@ def check_fusions(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_model()
-        model.add_classification_head("h", num_labels=3)
         missing, unexpected = model.load_state_dict(torch.load(os.path.join(case_dir, "model.pt")), strict=False)
         fused = [k for k in missing if "adapter_fusion_layer" in k or is_adapter_key(k) or "prompt_tuning." in k]
         if unexpected or len(fused) != len(missing):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=False)
-        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))
+        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))  # with its head "h"
         io = torch.load(os.path.join(case_dir, "io.pt"))
         torch.save(run_fusion(model, {"adapters": {n: None for n in spec["adapters"]}}, io["inputs"]),
                    os.path.join(case_dir, "oracle_out.pt"))
