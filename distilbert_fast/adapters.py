@@ -1585,7 +1585,7 @@ class ModelAdaptersMixin:
                 raise ValueError(
                     f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to replace it"
                 )
-            self.delete_adapter(adapter_name)
+            self._delete_adapter(adapter_name)  # (its fusions stay, as in the package)
         added = 0
         for i, block in enumerate(self.base_model.transformer.layer):
             if isinstance(config, BnConfig):
@@ -1624,12 +1624,20 @@ class ModelAdaptersMixin:
                 yield modules[name]
 
     def delete_adapter(self, adapter_name: str):
-        """Removes adapter ``adapter_name`` (un-merging it); an unknown name is skipped with a
-        warning, as in the package."""
+        """Removes adapter ``adapter_name`` (un-merging it) and the fusions over it; an unknown
+        name is skipped with a warning, as in the package. (The package keeps the fusions, whose
+        layers then fuse what is left, and save_pretrained writes a config it cannot load.)"""
         if adapter_name not in self._adapters_state.configs:
             logger.warning("delete_adapter: no adapter named %r to delete; this model has adapters %s",
                            adapter_name, sorted(self._adapters_state.configs))
             return
+        self._delete_adapter(adapter_name)
+        for fusion, (_, fused) in list(self._adapters_state.fusions.items()):
+            if adapter_name in fused:
+                logger.info("delete_adapter: deleting adapter fusion %r, which fuses %r", fusion, adapter_name)
+                self.delete_adapter_fusion(fusion)
+
+    def _delete_adapter(self, adapter_name: str):
         for layer, attr in self._adapter_layers():
             if attr == "loras" and layer.merged == adapter_name:
                 layer.reset_adapter()
@@ -1871,8 +1879,8 @@ class ModelAdaptersMixin:
                 del layer.adapter_fusion_layer[name]
         del self._adapters_state.fusions[name]
         active = self._adapters_state.active_setup
-        if isinstance(active, Fuse) and active.name == name:
-            self._adapters_state.active_setup = None
+        if active is not None and any(isinstance(b, Fuse) and b.name == name for b in active.blocks()):
+            self._adapters_state.active_setup = _without_fusion(active, name)
 
     def train_adapter_fusion(self, adapter_setup, unfreeze_adapters: bool = False):
         """Training mode for the fusion layer of ``adapter_setup`` (a Fuse, or a list of names):
@@ -2212,7 +2220,11 @@ def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torc
 
 
 def _without(setup: Stack, name: str) -> Stack | None:
-    """``setup`` with adapter ``name`` left out (None when nothing is left)."""
+    """``setup`` with adapter ``name`` left out (None when nothing is left): out of a Stack or a
+    Parallel; a Fuse, Split or BatchSplit holding it goes as a whole (its fusion, splits or
+    batch sizes no longer fit)."""
+    if type(setup) not in (Stack, Parallel):
+        return None if name in setup.flatten() else setup
     children = []
     for child in setup:
         if isinstance(child, Stack):
@@ -2220,6 +2232,15 @@ def _without(setup: Stack, name: str) -> Stack | None:
         if child is not None and child != name:
             children.append(child)
     return type(setup)(*children) if children else None
+
+
+def _without_fusion(setup: Stack, name: str) -> Stack | None:
+    """``setup`` without its Fuse named ``name`` (the whole setup where it is that Fuse), as the
+    package's delete_adapter_fusion resets an active setup of that fusion."""
+    if isinstance(setup, Fuse):
+        return None if setup.name == name else setup
+    children = [child for child in setup if not (isinstance(child, Fuse) and child.name == name)]
+    return type(setup)(*children, **setup._kwargs()) if children else None
 
 
 _LABEL_INPUTS = ("labels", "start_positions", "end_positions")

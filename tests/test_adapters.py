@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distilbert_fast import (
     AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
@@ -619,3 +620,29 @@ def _saved_adapter(model, tmp_path, name):
     if not directory.exists():
         model.save_adapter(str(directory), name, with_head=False)
     return str(directory)
+
+
+def test_delete_adapter_deletes_its_fusions_and_leaves_a_loadable_model(tmp_path):
+    """delete_adapter also deletes the fusions over the adapter (their layers and config entry)
+    and takes a Fuse / BatchSplit holding it out of the active setup, so save_pretrained writes a
+    model from_pretrained loads (the package keeps such a fusion and writes one it cannot load);
+    replacing an adapter (add_adapter(overwrite_ok=True), load_adapter of a present name) keeps
+    its fusions, as in the package."""
+    model = small_model()
+    for name in "abc":
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.add_adapter_fusion(["b", "c"], name="bc")
+    model.add_adapter("b", config="seq_bn", overwrite_ok=True)
+    assert sorted(model._adapters_state.fusions) == ["a,b", "bc"]
+    model.set_active_adapters(Stack("c", Fuse("a", "b")))
+    model.delete_adapter("a")
+    assert list(model._adapters_state.fusions) == ["bc"]
+    assert not [k for k in model.state_dict() if "adapter_fusion_layer.a,b." in k]
+    assert model.active_adapters == Stack("c")
+    model.set_active_adapters(BatchSplit("b", "c", batch_sizes=[1, 1]))
+    model.delete_adapter("c")
+    assert model.active_adapters is None and not model._adapters_state.fusions
+    model.save_pretrained(str(tmp_path))
+    loaded = DistilBertAdapterModel.from_pretrained(str(tmp_path))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
