@@ -1883,16 +1883,19 @@ class ModelAdaptersMixin:
             self._adapters_state.active_setup = _without_fusion(active, name)
 
     def train_adapter_fusion(self, adapter_setup, unfreeze_adapters: bool = False):
-        """Training mode for the fusion layer of ``adapter_setup`` (a Fuse, or a list of names):
-        the model frozen but that fusion layer (and its adapters with ``unfreeze_adapters``), the
-        setup active; as in the package, the active head stays and its output embeddings freeze."""
+        """Training mode for the fusion layers of ``adapter_setup`` (a Fuse, a list of the fused
+        adapters, or a block holding a Fuse as a child, e.g. Stack("lang", Fuse("a", "b"))): the
+        model frozen but those fusion layers (and the setup's adapters with
+        ``unfreeze_adapters``), the setup active; as in the package, the active head stays and
+        its output embeddings freeze."""
         setup = self._parse_setup(adapter_setup if isinstance(adapter_setup, Stack) else Fuse(*adapter_setup))
-        if not isinstance(setup, Fuse):
-            raise ValueError(f"adapter_setup must be a Fuse (or a list of the fused adapters), got {setup!r}")
+        fuses = [setup] if isinstance(setup, Fuse) else [c for c in setup if isinstance(c, Fuse)]
+        if not fuses:
+            raise ValueError(f"adapter_setup must be a Fuse, a list of the fused adapters or hold a Fuse, got {setup!r}")
         self.train()
         self.freeze_model(True)
-        for module in [*self._fusion_layers(setup.name),
-                       *(m for n in setup if unfreeze_adapters for m in self._adapter_modules(n))]:
+        for module in [*(f for fuse in fuses for f in self._fusion_layers(fuse.name)),
+                       *(m for n in setup.flatten() if unfreeze_adapters for m in self._adapter_modules(n))]:
             for param in module.parameters():
                 param.requires_grad = True
         ModelAdaptersMixin.set_active_adapters(self, setup)

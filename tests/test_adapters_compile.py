@@ -17,17 +17,22 @@ import torch
 from conftest import SMALL_CONFIG, assert_close
 
 from distilbert_fast import (
+    AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     DistilBertAdapterModel,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DoubleSeqBnConfig,
+    Fuse,
     LoRAConfig,
     Parallel,
     SeqBnConfig,
+    Split,
     Stack,
     ops,
 )
+from distilbert_fast.adapters import AdapterFusion
 
 BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(
     n not in ops.available_backends(torch.zeros(1)), reason=f"backend {n} cannot run on CPU here"))
@@ -251,3 +256,72 @@ def test_compiled_training_step_with_adapters_matches_eager(setup):
         assert grads.keys() == grads_eager.keys()
         for name in grads_eager:
             assert_close(grads[name], grads_eager[name], atol=1e-5, name=name)
+
+
+def fusion_model():
+    """adapter_model with a third bottleneck adapter "c" and two fusions of "a" and "c": "a,c"
+    (dynamic) and "hot" (a temperature annealed per forward: a float the compiled graph updates)."""
+    model = adapter_model("eager")
+    model.add_adapter("c", SeqBnConfig(reduction_factor=2, non_linearity="gelu"))
+    model.add_adapter_fusion(["a", "c"])
+    model.add_adapter_fusion(["a", "c"], name="hot", config={**AdapterFusionConfig().to_dict(), "temperature": True})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.c." in name or "adapter_fusion_layer" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def temperatures(model):
+    return [m.T for m in model.modules() if isinstance(m, AdapterFusion)]
+
+
+def test_fusion_split_and_batch_split_compile_without_graph_breaks():
+    """A Fuse in a Stack with a LoRA and a fusion whose temperature anneals per call (one recompile)
+    (padded), a Split and a BatchSplit of a bottleneck adapter and a Stack (packed: rows and
+    positions from cu_seqlens on the device): fullgraph, each call equal to eager mode (from the
+    same temperatures), the temperatures annealed as in eager mode."""
+    model = fusion_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    calls = [(padded_batch(), setup) for setup in (Stack("l", Fuse("a", "c")), Fuse("a", "c", name="hot"),
+                                                   Fuse("a", "c", name="hot"))]
+    calls += [(packed_batch(), setup) for setup in (Split("a", "c", splits=[2, 3]),
+                                                    BatchSplit("a", Stack("l", "b"), batch_sizes=[1, 2]))]
+    with torch.no_grad():
+        for inputs, setup in calls:
+            saved = temperatures(model)
+            expected = model(**inputs, adapter_names=setup).logits
+            after_eager = temperatures(model)
+            for module, t in zip((m for m in model.modules() if isinstance(m, AdapterFusion)), saved):
+                module.T = t
+            got = compiled(**inputs, adapter_names=setup).logits
+            assert_close(got, expected, atol=1e-5, name=repr(setup))
+            assert temperatures(model) == pytest.approx(after_eager)
+    assert temperatures(model)[-1] == pytest.approx(50.0 - 2 * 0.05)  # (two calls)
+
+
+def test_compiled_adapter_fusion_training_step_matches_eager():
+    """train_adapter_fusion of a Fuse inside a Stack: a fullgraph-compiled forward + backward gives
+    eager mode's loss and gradients (the fusion layers' and the head's only)."""
+    model = fusion_model()
+    setup = Stack("b", Fuse("a", "c"))
+    model.train_adapter_fusion(setup)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    inputs = padded_batch()
+    labels = torch.tensor([0, 2, 1])
+
+    def step(fn):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(fn(**inputs).logits, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_eager, grads_eager = step(model)
+    assert grads_eager and all("adapter_fusion_layer.a,c." in n or "classifier" in n for n in grads_eager)
+    loss, grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert_close(loss, loss_eager, atol=1e-6, name="loss")
+    assert grads.keys() == grads_eager.keys()
+    for name in grads_eager:
+        assert_close(grads[name], grads_eager[name], atol=1e-5, name=name)
