@@ -687,14 +687,20 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
 
     def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
-        """The head saved with the adapter, under the adapter's name; a head of another class (a
-        task class's, saved with its adapter) is skipped with a warning, as in the package."""
+        """The head saved with the adapter, under the adapter's name."""
+        if self._head_of_this_class(directory, "load_adapter"):
+            self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+
+    @staticmethod
+    def _head_of_this_class(directory, caller: str) -> bool:
+        """Whether the head in ``directory`` is a heads model's; one of another class (a task
+        class's, saved with its adapter) is skipped with a warning, as in the package."""
         model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
-        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
-            logger.warning("load_adapter: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
-                           "it is not loaded", directory, model_class)
-            return
-        self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+        if model_class.replace("ModelWithHeads", "AdapterModel") == "DistilBertAdapterModel":
+            return True
+        logger.warning("%s: the head in %s belongs to a %s, not a DistilBertAdapterModel; it is not loaded",
+                       caller, directory, model_class)
+        return False
 
     def _save_fusion_head(self, directory, head_name: str, use_safetensors: bool):
         """save_adapter_fusion's head (with_head): the head named like the fusion, or ``with_head``."""
@@ -706,12 +712,8 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     def _load_fusion_head(self, directory, load_as, use_safetensors, set_active):
         """load_adapter_fusion's head (with_head): named ``load_as`` or as saved; active only with
         set_active, as in the package."""
-        model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
-        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
-            logger.warning("load_adapter_fusion: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
-                           "it is not loaded", directory, model_class)
-            return
-        self._load_head(directory, load_as=load_as, use_safetensors=use_safetensors, set_active=set_active)
+        if self._head_of_this_class(directory, "load_adapter_fusion"):
+            self._load_head(directory, load_as=load_as, use_safetensors=use_safetensors, set_active=set_active)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):

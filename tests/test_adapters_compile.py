@@ -224,13 +224,9 @@ def test_parallel_with_a_head_per_adapter_compiles():
                 assert_close(got.logits, expected.logits, atol=1e-5, name="head a alone")
 
 
-@pytest.mark.parametrize("setup", ["a", "l", Parallel("a", "l")], ids=["bottleneck", "lora", "parallel"])
-def test_compiled_training_step_with_adapters_matches_eager(setup):
-    """train_adapter, then a fullgraph-compiled forward + backward (dropout off): the same loss
-    and gradients as eager mode, only the adapters (and the head) trained; also with gradient
-    checkpointing."""
-    model = adapter_model("eager")
-    model.train_adapter(setup)
+def training_step(model):
+    """step(fn): the loss of fn (the model or its compiled form) on a padded batch (dropout off),
+    its backward, and the gradients."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -243,7 +239,17 @@ def test_compiled_training_step_with_adapters_matches_eager(setup):
         loss = torch.nn.functional.cross_entropy(out, labels.repeat(out.shape[0] // 3))
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return step
 
+
+@pytest.mark.parametrize("setup", ["a", "l", Parallel("a", "l")], ids=["bottleneck", "lora", "parallel"])
+def test_compiled_training_step_with_adapters_matches_eager(setup):
+    """train_adapter, then a fullgraph-compiled forward + backward (dropout off): the same loss
+    and gradients as eager mode, only the adapters (and the head) trained; also with gradient
+    checkpointing."""
+    model = adapter_model("eager")
+    model.train_adapter(setup)
+    step = training_step(model)
     loss_eager, grads_eager = step(model)
     assert grads_eager and all(".adapters." in n or ".loras." in n or n.startswith("classifier")
                                or n.startswith("pre_classifier") for n in grads_eager)
@@ -306,18 +312,7 @@ def test_compiled_adapter_fusion_training_step_matches_eager():
     model = fusion_model()
     setup = Stack("b", Fuse("a", "c"))
     model.train_adapter_fusion(setup)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    inputs = padded_batch()
-    labels = torch.tensor([0, 2, 1])
-
-    def step(fn):
-        model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(fn(**inputs).logits, labels)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
+    step = training_step(model)
     loss_eager, grads_eager = step(model)
     assert grads_eager and all("adapter_fusion_layer.a,c." in n or "classifier" in n for n in grads_eager)
     loss, grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
