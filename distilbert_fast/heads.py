@@ -687,9 +687,10 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
 
     def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
-        """The head saved with the adapter, under the adapter's name."""
+        """The head saved with the adapter, under the adapter's name; not activated (load_adapter's
+        set_active activates it with the adapter), as in the package."""
         if self._head_of_this_class(directory, "load_adapter"):
-            self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+            self._load_head(directory, name, id2label, use_safetensors, set_active=False)
 
     @staticmethod
     def _head_of_this_class(directory, caller: str) -> bool:

@@ -646,3 +646,24 @@ def test_delete_adapter_deletes_its_fusions_and_leaves_a_loadable_model(tmp_path
     model.save_pretrained(str(tmp_path))
     loaded = DistilBertAdapterModel.from_pretrained(str(tmp_path))
     assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_load_adapter_leaves_the_active_head_unless_set_active(tmp_path):
+    """As in the package: the head that comes with load_adapter is added, not activated (the
+    active head stays; a model without one keeps none), and set_active=True activates the adapter
+    and its head; load_head activates the head it loads."""
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_classification_head("a", num_labels=3)
+    model.save_adapter(str(tmp_path / "a"), "a")
+    other = small_model()
+    other.add_tagging_head("t", num_labels=2)
+    assert other.load_adapter(str(tmp_path / "a"), load_as="b") == "b"
+    assert sorted(other.heads) == ["b", "t"] and other.active_head == "t" and other.active_adapters is None
+    other.load_adapter(str(tmp_path / "a"), load_as="c", set_active=True)
+    assert other.active_head == "c" and other.active_adapters == Stack("c")
+    bare = small_model()
+    bare.load_adapter(str(tmp_path / "a"))
+    assert bare.active_head is None and list(bare.heads) == ["a"]
+    bare.load_head(str(tmp_path / "a"), load_as="h")
+    assert bare.active_head == "h"
