@@ -59,6 +59,7 @@ ADAPTER_SAFE_WEIGHTS_NAME = "adapter.safetensors"
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
 HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
+ADAPTER_SETUP_CONFIG_NAME = "adapter_setup.json"  # save_adapter_setup's
 
 # The module-name fragments under which each adapter's weights live (the package's filter).
 _WEIGHT_GROUPS = ("attention_adapters.adapters", "output_adapters.adapters", "loras")
@@ -428,6 +429,24 @@ class Stack:
 
     def _kwargs(self) -> dict:
         return {}
+
+    def to_dict(self) -> dict:
+        """The package's AdapterCompositionBlock.to_dict (adapter_setup.json's form)."""
+        data = {"type": type(self).__name__,
+                "children": [{"type": "single", "children": [c]} if isinstance(c, str) else c.to_dict()
+                             for c in self.children]}
+        if self._kwargs():
+            data["kwargs"] = self._kwargs()
+        return data
+
+    @staticmethod
+    def from_dict(data: Mapping) -> "Stack":
+        """A block from the package's to_dict form."""
+        blocks = {cls.__name__: cls for cls in (Stack, Parallel, Fuse, Split, BatchSplit)}
+        if not isinstance(data, Mapping) or data.get("type") not in blocks:
+            raise ValueError(f"adapter setup must be a dict with 'type' one of {sorted(blocks)}, got {data!r}")
+        children = [c["children"][0] if c["type"] == "single" else Stack.from_dict(c) for c in data["children"]]
+        return blocks[data["type"]](*children, **data.get("kwargs", {}))
 
     def __eq__(self, other):
         return type(other) is type(self) and self.children == other.children and self._kwargs() == other._kwargs()
@@ -2016,6 +2035,60 @@ class ModelAdaptersMixin:
         if with_head:
             self._save_adapter_head(save_directory, adapter_name, use_safetensors)
 
+    def save_adapter_setup(self, save_directory, adapter_setup, head_setup=None, meta_dict=None,
+                           custom_weights_loaders=None, use_safetensors: bool = False):
+        """The package's save_adapter_setup: adapter_setup.json (the setup and ``head_setup``),
+        each adapter of the setup in <dir>/<name> (save_adapter, with its head), each Fuse of the
+        setup (or of its children) in <dir>/<fusion name>, and the heads of ``head_setup``: True,
+        the task class's own head in <dir>; a name, a list or a block of names on
+        DistilBertAdapterModel, each in <dir>/<head>."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        setup = self._parse_setup(adapter_setup)
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(os.path.join(save_directory, ADAPTER_SETUP_CONFIG_NAME), {
+            "adapter_setup": setup.to_dict(),
+            "head_setup": head_setup.to_dict() if isinstance(head_setup, Stack) else head_setup,
+            "version": f"distilbert_fast.{_version()}"})
+        for name in setup.flatten():
+            self.save_adapter(os.path.join(save_directory, name), name, meta_dict=meta_dict,
+                              use_safetensors=use_safetensors)
+        for fuse in _fuses_of(setup):
+            self.save_adapter_fusion(os.path.join(save_directory, fuse.name), fuse, meta_dict,
+                                     use_safetensors=use_safetensors)
+        if head_setup is True:
+            self.save_head(save_directory, use_safetensors=use_safetensors)
+        else:
+            for name in _head_names(head_setup):
+                self.save_head(os.path.join(save_directory, name), name, use_safetensors=use_safetensors)
+
+    def load_adapter_setup(self, adapter_setup_name_or_path, version=None, custom_weights_loaders=None,
+                           set_active: bool = False, use_safetensors: bool = False, **kwargs):
+        """Loads a setup written by save_adapter_setup (here or in the package): its adapters
+        (with their heads), fusions and heads; with ``set_active`` the setup is made active and,
+        on DistilBertAdapterModel, its head setup the active head. Returns (adapter setup, head
+        setup)."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        directory = os.fspath(adapter_setup_name_or_path)
+        meta = _read_json(os.path.join(directory, ADAPTER_SETUP_CONFIG_NAME))
+        setup = Stack.from_dict(meta["adapter_setup"])
+        head_setup = meta.get("head_setup")
+        if isinstance(head_setup, Mapping):
+            head_setup = Stack.from_dict(head_setup)
+        for name in setup.flatten():
+            self.load_adapter(os.path.join(directory, name), use_safetensors=use_safetensors)
+        for fuse in _fuses_of(setup):
+            self.load_adapter_fusion(os.path.join(directory, fuse.name), use_safetensors=use_safetensors)
+        if set_active:
+            self.set_active_adapters(setup)
+        if head_setup is True:
+            self.load_head(directory, use_safetensors=use_safetensors)
+        elif head_setup:
+            for name in _head_names(head_setup):
+                self.load_head(os.path.join(directory, name), name, use_safetensors=use_safetensors)
+            if set_active:
+                self.active_head = head_setup
+        return setup, head_setup
+
     def save_all_adapters(self, save_directory, with_head: bool = True, meta_dict=None,
                           custom_weights_loaders=None, use_safetensors: bool = False):
         """save_adapter for every adapter, each into ``save_directory``/<name>, as the package."""
@@ -2169,8 +2242,6 @@ class ModelAdaptersMixin:
 
     def _file_meta(self, name: str, config) -> dict:
         """The package's build_full_config: what adapter_config.json / head_config.json hold."""
-        from . import __version__
-
         return {
             "config": config,
             "hidden_size": self.config.dim,
@@ -2178,7 +2249,7 @@ class ModelAdaptersMixin:
             "model_name": getattr(self.config, "_name_or_path", None) or getattr(self.config, "name_or_path", None),
             "model_type": "distilbert",
             "name": name,
-            "version": f"distilbert_fast.{__version__}",
+            "version": f"distilbert_fast.{_version()}",
         }
 
     # -- surviving save_pretrained / from_pretrained ---------------------------------------------
@@ -2205,6 +2276,26 @@ class ModelAdaptersMixin:
         for name, key in recorded.get("fusions", {}).items():
             if name not in self._adapters_state.fusions:
                 self.add_adapter_fusion(fused.get(name, name.split(",")), fusion_configs.get(key, key), name=name)
+
+
+def _fuses_of(setup: Stack) -> list:
+    """The Fuse blocks a saved setup carries: itself, or its children (as the package's)."""
+    return [setup] if isinstance(setup, Fuse) else [child for child in setup if isinstance(child, Fuse)]
+
+
+def _head_names(head_setup) -> list[str]:
+    """The heads of save_adapter_setup's head_setup (a name, a list, a block; None / False: none)."""
+    if not head_setup:
+        return []
+    if isinstance(head_setup, str):
+        return [head_setup]
+    return sorted(head_setup.flatten()) if isinstance(head_setup, Stack) else list(head_setup)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torch.Tensor]:

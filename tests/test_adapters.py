@@ -667,3 +667,26 @@ def test_load_adapter_leaves_the_active_head_unless_set_active(tmp_path):
     assert bare.active_head is None and list(bare.heads) == ["a"]
     bare.load_head(str(tmp_path / "a"), load_as="h")
     assert bare.active_head == "h"
+
+
+def test_adapter_setup_round_trip_on_a_task_class(tmp_path):
+    """save_adapter_setup(head_setup=True) on a task class writes adapter_setup.json, each adapter,
+    the fusions of the setup and the class's own head; load_adapter_setup(set_active=True) on a
+    fresh model of the class gives the same outputs (the heads model, both ways with the package:
+    test_adapters_oracle)."""
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    for name in "sab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"])
+    setup = Stack("s", Fuse("a", "b"))
+    randomise(task, (".adapters.", "adapter_fusion_layer", "classifier"))
+    task.save_adapter_setup(str(tmp_path), setup, head_setup=True)
+    assert json.loads((tmp_path / "adapter_setup.json").read_text())["adapter_setup"] == setup.to_dict()
+    fresh = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    fresh.load_state_dict({k: v for k, v in task.state_dict().items() if k.startswith("distilbert.")
+                           and "adapter" not in k}, strict=False)
+    assert fresh.load_adapter_setup(str(tmp_path), set_active=True) == (setup, True)
+    x = ids()
+    assert torch.equal(fresh(x).logits, task(x, adapter_names=setup).logits)
+    assert Stack.from_dict(BatchSplit("a", Stack("s", "b"), batch_sizes=[1, 2]).to_dict()) == BatchSplit(
+        "a", Stack("s", "b"), batch_sizes=[1, 2])

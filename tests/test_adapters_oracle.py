@@ -168,6 +168,8 @@ def compare_both_directions(workdir):
     for case, spec in manifest.get("fusion_cases", {}).items():
         to_ours += _fusion_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                                 ours_results, seed=len(ours_results))
+    ours_results["adapter_setup"] = _adapter_setup_case(os.path.join(produced, "adapter_setup"),
+                                                        os.path.join(ours_dir, "adapter_setup"), to_ours)
     ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
                                                   os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
@@ -205,6 +207,37 @@ def _pretrained_case(package_dir, ours_dir, manifest, rows):
     model.save_pretrained(ours_dir)
     torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
     return _run_pretrained(model, manifest["pretrained"], io["inputs"])
+
+
+def _adapter_setup_case(package_dir, ours_dir, rows):
+    """save_adapter_setup / load_adapter_setup across the libraries: the package's saved setup
+    (Stack("s", Fuse("a", "b")) with heads "c" and "t") loads with our load_adapter_setup(set_active=True)
+    and gives its outputs (rows appended to ``rows``); ours, changed and saved by our
+    save_adapter_setup, is what the package must load (returns our outputs for it)."""
+    io = torch.load(os.path.join(package_dir, "io.pt"), weights_only=True)
+    model = _our_model(torch.load(os.path.join(package_dir, "model.pt"), weights_only=True))
+    setup, heads = model.load_adapter_setup(os.path.join(package_dir, "setup"), set_active=True)
+    assert (setup, heads) == (Stack("s", distilbert_fast.Fuse("a", "b")), ["c", "t"]), (setup, heads)
+    assert (model.active_adapters, model.active_head) == (setup, heads)
+    rows += _diffs(_run_saved_setup(model, io["inputs"]), io["outputs"], "adapter_setup",
+                   io["inputs"]["attention_mask"])
+    _change_adapters_and_heads(model, seed=98)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_fusion_layer" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(97)))
+    model.save_adapter_setup(os.path.join(ours_dir, "setup"), setup, head_setup=heads)
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and not _is_head_key(model, k)},
+               os.path.join(ours_dir, "model.pt"))
+    torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
+    return _run_saved_setup(model, io["inputs"])
+
+
+def _run_saved_setup(model, inputs):
+    """compare.run_saved_setup on our side: each active head's logits."""
+    model.eval()
+    with torch.no_grad():
+        return {f"head{i}": out.logits for i, out in enumerate(model(**inputs).head_outputs)}
 
 
 def _run_fusion(model, adapters, inputs):
@@ -409,8 +442,8 @@ def test_every_class_takes_the_package_arguments_in_its_order(both_directions):
         for name, expected in methods.items():
             ours = [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            if cls == "DistilBertModel":  # ours also takes with_head, which the package's base model lacks
-                ours = [p for p in ours if p != "with_head"]
+            if cls == "DistilBertModel":  # ours also takes with_head / head_setup, which the package's base lacks
+                ours = [p for p in ours if p not in ("with_head", "head_setup")]
             assert ours == expected, (cls, name, ours, expected)
 
 
@@ -482,6 +515,13 @@ def test_adapter_fusion_cases_ran(both_directions):
     for rows in (both_directions[0], both_directions[1]):
         assert {row[0] for row in rows} >= set(cases)
         assert all(any(r[0] == case and r[1].startswith("grads") for r in rows) for case in cases)
+
+
+def test_adapter_setup_was_compared_both_ways(both_directions):
+    """save_adapter_setup / load_adapter_setup ran both ways (a Fuse in a Stack, two heads); the
+    rows are checked with the others."""
+    for rows in (both_directions[0], both_directions[1]):
+        assert sorted(r[1] for r in rows if r[0] == "adapter_setup") == ["head0", "head1"]
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

@@ -377,7 +377,7 @@ API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_ad
                "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
                "add_tagging_head", "add_qa_head", "add_masked_lm_head", "add_adapter_fusion", "delete_adapter_fusion",
                "save_adapter_fusion", "load_adapter_fusion", "save_all_adapter_fusions", "train_adapter_fusion",
-               "adapter_fusion_to")
+               "adapter_fusion_to", "save_adapter_setup", "load_adapter_setup")
 
 
 def api_arguments():
@@ -492,6 +492,57 @@ def produce_averages(out_dir):
     for name, inputs, kwargs in AVERAGES:
         model.average_adapter(name, inputs, **kwargs)
         model.save_adapter(os.path.join(directory, name), name)
+
+
+# save_adapter_setup / load_adapter_setup: a Fuse inside a Stack, saved with two heads (each on the
+# whole batch: a MultiHeadOutput)
+SAVED_SETUP, SAVED_HEADS = Stack("s", Fuse("a", "b")), ["c", "t"]
+
+
+def make_setup_model():
+    model = make_model()
+    model.add_adapter("s", config=SeqBnConfig(reduction_factor=4))
+    model.add_adapter("a", config=DoubleSeqBnConfig(reduction_factor=4))
+    model.add_adapter("b", config=DoubleSeqBnConfig(reduction_factor=2, non_linearity="gelu"))
+    model.add_adapter_fusion(["a", "b"])
+    model.add_classification_head("c", num_labels=3)
+    model.add_tagging_head("t", num_labels=2)
+    return model
+
+
+def run_saved_setup(model, inputs):
+    """The active setup and heads (as load_adapter_setup(set_active=True) leaves them): {"head<i>": logits}."""
+    model.eval()
+    with torch.no_grad():
+        return {f"head{i}": out.logits for i, out in enumerate(model(**inputs).head_outputs)}
+
+
+def produce_adapter_setup(out_dir):
+    """OUT/adapter_setup/: model.pt (the base weights), the setup (save_adapter_setup) and io.pt."""
+    torch.manual_seed(1200)
+    model = make_setup_model()
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(1201))
+    directory = os.path.join(out_dir, "adapter_setup")
+    model.save_adapter_setup(os.path.join(directory, "setup"), SAVED_SETUP, head_setup=SAVED_HEADS)
+    torch.save({k: v for k, v in model.state_dict().items() if is_base_key(k)}, os.path.join(directory, "model.pt"))
+    model.set_active_adapters(SAVED_SETUP)
+    model.active_head = SAVED_HEADS
+    inputs = inputs_for("tagging", {"num_labels": 2}, torch.Generator().manual_seed(1202))
+    del inputs["labels"]
+    torch.save({"inputs": inputs, "outputs": run_saved_setup(model, inputs)}, os.path.join(directory, "io.pt"))
+
+
+def check_adapter_setup(root):
+    """ROOT/adapter_setup/ saved by distilbert_fast: load it and write oracle_out.pt."""
+    directory = os.path.join(root, "adapter_setup")
+    model = make_model()
+    missing, unexpected = model.load_state_dict(torch.load(os.path.join(directory, "model.pt")), strict=False)
+    if unexpected or any(is_base_key(k) for k in missing):
+        raise SystemExit(f"adapter_setup: base weights do not fit: missing {missing}, unexpected {unexpected}")
+    setup, heads = model.load_adapter_setup(os.path.join(directory, "setup"), set_active=True)
+    assert (setup, heads) == (SAVED_SETUP, SAVED_HEADS), (setup, heads)
+    inputs = torch.load(os.path.join(directory, "io.pt"))["inputs"]
+    torch.save(run_saved_setup(model, inputs), os.path.join(directory, "oracle_out.pt"))
 
 
 # AdapterFusion on the heads model (a classification head "h", labels): adapters to fuse, the
@@ -708,6 +759,7 @@ def produce(out_dir, real_json=None):
     task_manifest = produce_tasks(out_dir, real)
     produce_head_selection(out_dir)
     produce_averages(out_dir)
+    produce_adapter_setup(out_dir)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
@@ -723,6 +775,8 @@ def check(root):
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
     check_fusions(root, full.get("fusion_cases", {}))
+    if os.path.isdir(os.path.join(root, "adapter_setup")):
+        check_adapter_setup(root)
     directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
     if os.path.isdir(directory):
         model = DistilBertAdapterModel.from_pretrained(directory)
