@@ -410,12 +410,9 @@ class Stack:
             raise ValueError(f"{type(self).__name__} needs at least one adapter name")
         for child in children:
             if not isinstance(child, str) and type(child) not in _NESTS[type(self)]:
-                raise TypeError(
-                    f"{type(self).__name__} children must be adapter names (str) or "
-                    f"{' / '.join(t.__name__ for t in _NESTS[type(self)]) or 'nothing else'}, got "
-                    f"{type(child).__name__}" + (" (a Parallel must be the outer block)" if isinstance(child, Parallel)
-                                                 else "")
-                )
+                where = " (a Parallel is the outer block or in the outer Stack)" if isinstance(child, Parallel) else ""
+                raise TypeError(f"{type(self).__name__} children must be adapter names (str) or "
+                                f"{' / '.join(t.__name__ for t in _NESTS[type(self)])}, got {type(child).__name__}{where}")
         self.children = list(children)
 
     def __iter__(self):
@@ -470,7 +467,7 @@ class Stack:
         parse_heads_from_composition: a Stack's last adapter (or, where it ends in a BatchSplit,
         that block's heads; none where it ends in a Fuse or a Split)."""
         final = self.children[-1]
-        return [final] if isinstance(final, str) else final.heads() if isinstance(final, BatchSplit) else []
+        return [final] if isinstance(final, str) else final.heads() if isinstance(final, (BatchSplit, Parallel)) else []
 
     def head_batch_sizes(self) -> list[int] | None:
         """Where the setup ends in a BatchSplit: its batch_sizes (head i takes those rows)."""
@@ -497,7 +494,8 @@ class Stack:
 
     @property
     def parallel_channels(self) -> int:
-        return 1
+        """The copies of the batch this setup makes (a Stack holding a Parallel: its children's)."""
+        return max([1] + [child.parallel_channels for child in self.children if not isinstance(child, str)])
 
 
 class Parallel(Stack):
@@ -608,7 +606,7 @@ class BatchSplit(Stack):
 # What each block may hold besides adapter names (the package's ALLOWED_NESTINGS, less what
 # distilbert_fast does not run: Average, MultiTask, a Parallel inside another block)
 _NESTS = {
-    Stack: (Fuse, Split, BatchSplit),
+    Stack: (Fuse, Split, BatchSplit, Parallel),
     Parallel: (Stack,),
     Fuse: (Stack,),
     Split: (Stack, Split, BatchSplit),
@@ -707,7 +705,7 @@ def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
     heads = [] if setup is None else setup.heads()
     if not heads:
         return None
-    return heads if isinstance(setup, Parallel) or setup.head_batch_sizes() is not None else heads[0]
+    return heads if setup.parallel_channels > 1 or setup.head_batch_sizes() is not None else heads[0]
 
 
 def parse_head_setup(head_setup, argument: str) -> str | list[str]:
@@ -1287,6 +1285,8 @@ class _Composition:
             return self.split(setup, state, lvl)
         if isinstance(setup, BatchSplit):
             return self.batch_split(setup, state, lvl)
+        if isinstance(setup, Parallel):  # (inside a Stack; an outer Parallel is _forward_parallel's)
+            return self.parallel(setup, state, lvl)
         for child in setup:  # a Stack: each adapter's pre_forward, then the adapter
             if not isinstance(child, str):
                 state = self.compose(child, state, lvl + 1)
@@ -1343,6 +1343,22 @@ class _Composition:
                 last = child_state.last or last
             start += size
         return state._replace(hidden=hidden, last=last)
+
+    def parallel(self, setup: "Parallel", state: _BnState, lvl: int) -> _BnState:
+        """The package's compose_parallel inside a Stack (Stack("lang", Parallel("a", "b"))): the
+        state replicated once per child (unless an earlier layer did), the first adapter's
+        pre_forward on all copies, each child on its copy."""
+        fields = [t for t in state[:4] if t is not None]
+        fields, parts = parallel_copies(setup, self.layer.state.encoder_rows(), *fields)
+        state = _BnState(*fields, *([None] if state.up is None else []), last=state.last)
+        state = self.pre_block(setup, state)
+        copies = []
+        for part, child in zip(parts, setup):
+            copy = _BnState(*(None if t is None else t[part] for t in state[:4]), last=state.last)
+            copies.append(self.child(child, copy, lvl) or copy)
+        ups = [c.up for c in copies]
+        return _BnState(*(torch.cat([c[i] for c in copies]) for i in range(3)),
+                        None if any(u is None for u in ups) else torch.cat(ups), last=copies[-1].last)
 
     def batch_split(self, setup: "BatchSplit", state: _BnState, lvl: int) -> _BnState:
         """Rows [b_i, b_i + batch_sizes[i]) of the batch through child i; every part of the state
@@ -1504,7 +1520,10 @@ class LoRALinear(nn.Linear):
         refused, as in the package. ``hidden``: the update so far (None: none yet)."""
         if isinstance(setup, str):
             return self.loras[setup](x if hidden is None else hidden) if setup in self.loras else hidden
-        if isinstance(setup, (Split, Fuse)):
+        if isinstance(setup, Parallel) and any(name in self.loras for name in setup.names()):
+            raise NotImplementedError(f"LoRA adapters in a Parallel inside a Stack do not run in distilbert_fast, got "
+                                      f"{setup!r} (a Parallel of LoRAs runs as the outer block)")
+        if isinstance(setup, (Split, Fuse, Parallel)):
             if any(name in self.loras for name in setup.names()):
                 raise NotImplementedError(f"LoRA adapters do not run in a {type(setup).__name__} composition "
                                           f"(as in the adapters package), got {setup!r}")

@@ -431,7 +431,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         if heads and all(name in self.heads for name in heads):
             sizes = setup.head_batch_sizes()
             self.active_head = (BatchSplit(*heads, batch_sizes=sizes) if sizes is not None
-                                else heads if isinstance(setup, Parallel) else heads[0])
+                                else heads if setup.parallel_channels > 1 else heads[0])
 
     def _freeze_output_embeddings(self):
         """train_adapter's: the output embeddings of every active head (tied to the word

@@ -282,17 +282,18 @@ def temperatures(model):
     return [m.T for m in model.modules() if isinstance(m, AdapterFusion)]
 
 
-def test_fusion_split_and_batch_split_compile_without_graph_breaks():
-    """A Fuse in a Stack with a LoRA and a fusion whose temperature anneals per call (one recompile)
-    (padded), a Split and a BatchSplit of a bottleneck adapter and a Stack (packed: rows and
-    positions from cu_seqlens on the device): fullgraph, each call equal to eager mode (from the
-    same temperatures), the temperatures annealed as in eager mode."""
+def test_fusion_split_batch_split_and_nested_parallel_compile_without_graph_breaks():
+    """Padded: a Fuse in a Stack with a LoRA, a fusion whose temperature anneals per call (one
+    recompile); packed: a Split, a BatchSplit of a bottleneck adapter and a Stack (rows and
+    positions from cu_seqlens on the device), a Parallel in a Stack. Fullgraph, each call equal to
+    eager mode (from the same temperatures), the temperatures annealed as in eager mode."""
     model = fusion_model()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     calls = [(padded_batch(), setup) for setup in (Stack("l", Fuse("a", "c")), Fuse("a", "c", name="hot"),
                                                    Fuse("a", "c", name="hot"))]
     calls += [(packed_batch(), setup) for setup in (Split("a", "c", splits=[2, 3]),
-                                                    BatchSplit("a", Stack("l", "b"), batch_sizes=[1, 2]))]
+                                                    BatchSplit("a", Stack("l", "b"), batch_sizes=[1, 2]),
+                                                    Stack("l", Parallel("a", "b")))]
     with torch.no_grad():
         for inputs, setup in calls:
             saved = temperatures(model)

@@ -42,6 +42,7 @@ from adapters import (
     Split,
     Stack,
 )
+from adapters.composition import parse_heads_from_composition
 # (this script's folder: shared with test_adapters_oracle.py)
 from runs import AVERAGES, outputs_and_grads, prepare, run_head_selection
 
@@ -238,6 +239,17 @@ TASK_CASES = {
                                  adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
                                            "c": DoubleSeqBnConfig(reduction_factor=4)},
                                  fusions=[["b", "c"]], setup=Fuse(Stack("a", "b"), "c"), labels=True),
+    # a Parallel inside the outer Stack: the batch replicated after "s" (MAD-X's language adapter,
+    # then one task adapter and head per copy), and after a LoRA and inside a Stack child
+    "stack_then_parallel_heads": dict(cls="DistilBertAdapterModel",
+                                      adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                                                "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                                      setup=Stack("s", Parallel("a", "b")), labels=True),
+    "stack_lora_then_parallel_of_stack_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"l": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]), "a": DoubleSeqBnConfig(reduction_factor=4),
+                  "h": DoubleSeqBnConfig(reduction_factor=2), "b": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=Stack("l", Parallel(Stack("a", "h"), "b")), labels=False),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
@@ -308,7 +320,9 @@ def produce_tasks(out_dir, real=None):
         for fused in spec.get("fusions", ()):
             model.add_adapter_fusion(fused)
         if spec["cls"] == "DistilBertAdapterModel":
-            for name in spec["setup"].children:
+            # (by_setup: a head per adapter, so that the setup's choice among them shows)
+            heads = spec["setup"].children if spec.get("by_setup") else parse_heads_from_composition(spec["setup"])
+            for name in [heads] if isinstance(heads, str) else heads:
                 model.add_classification_head(name, num_labels=TASK_LABELS)
         randomise_adapters_and_heads(model, generator)
         inputs = task_inputs(spec, generator, model_config["vocab_size"])
