@@ -658,6 +658,8 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# forward(output_adapter_fusion_attentions=True)'s record: {fusion: {layer: {location: probs}}}
+_FUSION_ATTENTIONS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_fusion_attentions", default=None)
 # an AdapterSetup block's head setup (read by DistilBertAdapterModel's forward)
 _CALL_HEADS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_head_setup", default=None)
 # The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
@@ -1327,7 +1329,11 @@ class _Composition:
         state = state._replace(hidden=hidden, residual=residual)
         ups = [s.up for s in (self.child(c, state, lvl) for c in setup) if s is not None and s.up is not None]
         if ups:
-            hidden = self.layer.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+            record = None if tracing() else _FUSION_ATTENTIONS.get()
+            hidden, probs = self.layer.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+            if record is not None:  # forward(output_adapter_fusion_attentions=True)
+                places = record.setdefault(setup.name, {}).setdefault(self.layer.layer_idx, {})
+                places[self.layer.location_key] = probs.detach().float().cpu()
         return state._replace(hidden=hidden, last=setup.last())
 
     def split(self, setup: "Split", state: _BnState, lvl: int) -> _BnState:
@@ -1409,7 +1415,8 @@ class AdapterFusion(nn.Module):
         self.reduction = self.T / 1000.0
 
     def forward(self, query, values, residual):
-        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)."""
+        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)
+        and the attention over the n adapters (..., n)."""
         config = self.config
         if config.residual_before:
             values = values + residual.unsqueeze(-2)  # (the package adds in place: its keys too)
@@ -1423,7 +1430,7 @@ class AdapterFusion(nn.Module):
         context = (probs.unsqueeze(-2) @ values).squeeze(-2)
         if config.value and not config.value_before_softmax:
             context = self.value(context)
-        return context if config.residual_before else context + residual
+        return (context if config.residual_before else context + residual), probs
 
 
 class LoRA(nn.Module):
@@ -2370,7 +2377,31 @@ def _taking_adapter_names(forward):
     positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()) - 1  # self
 
     @functools.wraps(forward)
-    def forward_with_adapters(self, *args, adapter_names=None, **kwargs):
+    def forward_with_adapters(self, *args, adapter_names=None, output_adapter_fusion_attentions=False,
+                              output_adapter_gating_scores=False, **kwargs):
+        if not (output_adapter_fusion_attentions or output_adapter_gating_scores):
+            return run(self, *args, adapter_names=adapter_names, **kwargs)
+        # the package's ForwardContext outputs: each fusion layer's attention over its adapters
+        # (and gating scores, always empty: gating is not implemented)
+        attentions = {}
+        token = _FUSION_ATTENTIONS.set(attentions if output_adapter_fusion_attentions else None)
+        try:
+            out = run(self, *args, adapter_names=adapter_names, **kwargs)
+        finally:
+            _FUSION_ATTENTIONS.reset(token)
+        mask = signature.bind_partial(self, *args, **kwargs).arguments.get("attention_mask")
+        extra = {}
+        if output_adapter_gating_scores:
+            extra["adapter_gating_scores"] = {}
+        if output_adapter_fusion_attentions:
+            extra["adapter_fusion_attentions"] = _padded_attentions(attentions, mask)
+        if isinstance(out, tuple):
+            return out + tuple(extra.values())
+        for key, value in extra.items():
+            out[key] = value
+        return out
+
+    def run(self, *args, adapter_names=None, **kwargs):
         if not takes_it and len(args) > positional:
             args, adapter_names = args[:positional], args[positional]
         if takes_it:  # the class handles adapter_names itself (DistilBertAdapterModel)
@@ -2396,9 +2427,30 @@ def _taking_adapter_names(forward):
         parameters = list(signature.parameters.values())
         at = next((i for i, p in enumerate(parameters) if p.kind != p.POSITIONAL_OR_KEYWORD), len(parameters))
         parameters.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+        at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
+        parameters[at:at] = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False) for name in
+                             ("output_adapter_fusion_attentions", "output_adapter_gating_scores")]
         forward_with_adapters.__signature__ = signature.replace(parameters=parameters)
     forward_with_adapters._takes_adapter_names = True
     return forward_with_adapters
+
+
+def _padded_attentions(attentions: dict, attention_mask) -> dict:
+    """{fusion: {layer: {location: (batch, seq, n_adapters) numpy array}}}, as the package returns
+    them: a padded batch that ran packed gets its tokens' attentions scattered back (zeros at
+    padding, as our token outputs); packed input keeps (total, n_adapters)."""
+    mask = None if attention_mask is None else attention_mask.reshape(-1, attention_mask.shape[-1]).bool().cpu()
+    result = {}
+    for name, layers in attentions.items():
+        for layer, places in layers.items():
+            for place, probs in places.items():
+                if probs.dim() == 2 and mask is not None:  # (total, n): packed tokens of a padded batch
+                    copies = mask.repeat(probs.shape[0] // int(mask.sum()), 1)  # (a Parallel's copies)
+                    padded = probs.new_zeros(*copies.shape, probs.shape[-1])
+                    padded[copies] = probs
+                    probs = padded
+                result.setdefault(name, {}).setdefault(layer, {})[place] = probs.numpy()
+    return result
 
 
 def _is_adapter_key(key: str, name: str) -> bool:

@@ -690,3 +690,33 @@ def test_adapter_setup_round_trip_on_a_task_class(tmp_path):
     assert torch.equal(fresh(x).logits, task(x, adapter_names=setup).logits)
     assert Stack.from_dict(BatchSplit("a", Stack("s", "b"), batch_sizes=[1, 2]).to_dict()) == BatchSplit(
         "a", Stack("s", "b"), batch_sizes=[1, 2])
+
+
+def test_output_adapter_fusion_attentions():
+    """forward(output_adapter_fusion_attentions=True) adds the package's adapter_fusion_attentions
+    ({fusion: {layer: {place: (batch, seq, n_adapters) array}}}; values against the package in
+    test_adapters_oracle): a padded batch that ran packed gets zeros at padding, packed input
+    keeps (total, n_adapters), return_dict=False appends it; output_adapter_gating_scores gives {}
+    (no gating adapters here)."""
+    model = small_model()
+    for name in "ab":
+        model.add_adapter(name, config="double_seq_bn")
+    model.add_adapter_fusion(["a", "b"], set_active=True)
+    model.add_classification_head("h", num_labels=3)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    x, mask = ids(batch=3, seq=7), torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    out = model(x, attention_mask=mask, output_adapter_fusion_attentions=True, output_adapter_gating_scores=True)
+    attentions = out.adapter_fusion_attentions
+    assert out.adapter_gating_scores == {} and list(attentions) == ["a,b"]
+    assert sorted(attentions["a,b"]) == [0, 1] and sorted(attentions["a,b"][0]) == ["mh_adapter", "output_adapter"]
+    probs = torch.as_tensor(attentions["a,b"][1]["output_adapter"])
+    assert probs.shape == (3, 7, 2)
+    assert_close(probs[mask.bool()].sum(-1), torch.ones(int(mask.sum())), atol=1e-6, name="softmax rows")
+    assert not probs[~mask.bool()].any()
+    packed = model(x[mask.bool()], cu_seqlens=torch.tensor([0, 4, 11, 18], dtype=torch.int32), max_seqlen=7,
+                   output_adapter_fusion_attentions=True)
+    assert_close(torch.as_tensor(packed.adapter_fusion_attentions["a,b"][1]["output_adapter"]), probs[mask.bool()],
+                 atol=1e-6, name="packed input")
+    as_tuple = model(x, attention_mask=mask, return_dict=False, output_adapter_fusion_attentions=True)
+    assert as_tuple[-1].keys() == attentions.keys() and torch.equal(as_tuple[0], out.logits)

@@ -40,8 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
 COMPARE = os.path.join(REPO, "tests", "adapters_oracle", "compare.py")
 sys.path.insert(0, os.path.dirname(COMPARE))
-from runs import (AVERAGES, HEAD_SELECTION, outputs_and_grads, prepare,  # noqa: E402  (shared with compare.py)
-                  run_head_selection)
+from runs import (AVERAGES, HEAD_SELECTION, fusion_attentions, outputs_and_grads,  # noqa: E402  (shared with compare.py)
+                  prepare, run_head_selection)
 RECORD = os.path.join(REPO, "bench", "results", "adapters_parity.txt")
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 ATOL, RTOL = 2e-5, 1e-4
@@ -241,10 +241,14 @@ def _run_saved_setup(model, inputs):
 
 
 def _run_fusion(model, adapters, inputs):
-    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"."""
+    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"; then the fusion
+    layers' attentions (output_adapter_fusion_attentions=True)."""
     prepare(model)
     model.set_active_adapters(distilbert_fast.Fuse(*adapters))
-    return outputs_and_grads(model, model(**inputs, head="h"))
+    result = outputs_and_grads(model, model(**inputs, head="h"))
+    with torch.no_grad():
+        out = model(**inputs, head="h", output_adapter_fusion_attentions=True)
+    return {**result, **fusion_attentions(out.adapter_fusion_attentions)}
 
 
 def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
@@ -515,6 +519,8 @@ def test_adapter_fusion_cases_ran(both_directions):
     for rows in (both_directions[0], both_directions[1]):
         assert {row[0] for row in rows} >= set(cases)
         assert all(any(r[0] == case and r[1].startswith("grads") for r in rows) for case in cases)
+        # output_adapter_fusion_attentions: one per layer (of a place every fused adapter has)
+        assert all(sum(r[0] == case and r[1].startswith("attn ") for r in rows) >= 2 for case in cases)
 
 
 def test_adapter_setup_was_compared_both_ways(both_directions):

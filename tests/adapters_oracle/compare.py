@@ -44,7 +44,7 @@ from adapters import (
 )
 from adapters.composition import parse_heads_from_composition
 # (this script's folder: shared with test_adapters_oracle.py)
-from runs import AVERAGES, outputs_and_grads, prepare, run_head_selection
+from runs import AVERAGES, fusion_attentions, outputs_and_grads, prepare, run_head_selection
 
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 BATCH, SEQ = 3, 7
@@ -588,9 +588,14 @@ def make_fusion_model(spec):
 
 
 def run_fusion(model, spec, inputs):
+    """Outputs and gradients, then (a second forward) each fusion layer's attention over the
+    adapters, by forward(output_adapter_fusion_attentions=True)."""
     prepare(model)
     model.set_active_adapters(Fuse(*spec["adapters"]))
-    return outputs_and_grads(model, model(**inputs, head="h"))
+    result = outputs_and_grads(model, model(**inputs, head="h"))
+    with torch.no_grad():
+        out = model(**inputs, head="h", output_adapter_fusion_attentions=True)
+    return {**result, **fusion_attentions(out.adapter_fusion_attentions)}
 
 
 def produce_fusions(out_dir):
