@@ -2389,7 +2389,7 @@ def _taking_adapter_names(forward):
             out = run(self, *args, adapter_names=adapter_names, **kwargs)
         finally:
             _FUSION_ATTENTIONS.reset(token)
-        mask = signature.bind_partial(self, *args, **kwargs).arguments.get("attention_mask")
+        mask = signature.bind_partial(self, *args[:positional], **kwargs).arguments.get("attention_mask")
         extra = {}
         if output_adapter_gating_scores:
             extra["adapter_gating_scores"] = {}

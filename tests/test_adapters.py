@@ -3,6 +3,7 @@ test_adapters_oracle.py): which parameters train, a short training run, exact sa
 trips, the fused residual + LayerNorm op serving the adapters, no cost when none is active,
 LoRA merging, and clear errors for bad input."""
 
+import inspect
 import json
 
 import pytest
@@ -720,3 +721,11 @@ def test_output_adapter_fusion_attentions():
                  atol=1e-6, name="packed input")
     as_tuple = model(x, attention_mask=mask, return_dict=False, output_adapter_fusion_attentions=True)
     assert as_tuple[-1].keys() == attentions.keys() and torch.equal(as_tuple[0], out.logits)
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG)).eval()
+    for name in "ab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"])
+    names = list(inspect.signature(task.forward).parameters)  # adapter_names by position, as ONNX's exporter
+    args = [x, mask] + [None] * (names.index("adapter_names") - 2) + [Fuse("a", "b")]
+    probs = task(*args, output_adapter_fusion_attentions=True).adapter_fusion_attentions["a,b"][0]["output_adapter"]
+    assert probs.shape == (3, 7, 2)
