@@ -25,6 +25,15 @@ half runs once for both; "-lora": two LoRAs r=8 on q_lin and v_lin instead):
     parallel-drop3     as parallel, the batch replicated in layer 3
     *-lora             the same four with LoRA: the batch replicated at layer 0's (or 3's) q / v
 
+With ``--compose``, BatchSplit against one call per part of the batch (half the rows each; two
+seq_bn adapters "a" and "b", or "-lora": two LoRAs r=8):
+
+    plain              as above
+    two-calls-rows     rows 0 .. B/2 - 1 with "a", the rest with "b": two forwards of half the batch
+    batch-split        BatchSplit("a", "b", batch_sizes=[B/2, B/2]): one forward (each adapter runs
+                       on every token and keeps its rows': the cost of that beside one forward saved)
+    *-lora             the same with LoRA
+
 Prints median / p20 / p80 per provider and the ratio to plain; appends one row per provider to
 bench/results/adapters.csv (see bench/_common.py for the columns that say where it came from).
 """
@@ -45,6 +54,7 @@ from distilbert_fast import (  # noqa: E402
     DistilBertAdapterModel,
     DistilBertConfig,
     DistilBertModel,
+    BatchSplit,
     LoRAConfig,
     Parallel,
     SeqBnConfig,
@@ -62,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed calls per provider (default 10 CPU, 50 CUDA)")
     p.add_argument("--backend", default=None, help="op backend (default: auto)")
     p.add_argument("--parallel", action="store_true", help="Parallel(a, b) against one call per adapter")
+    p.add_argument("--compose", action="store_true", help="BatchSplit(a, b) against one call per half batch")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results/adapters.csv")
     return p.parse_args(argv)
 
@@ -111,6 +122,25 @@ def build_parallel_providers(device, dtype, backend):
     return providers
 
 
+def build_compose_providers(device, dtype, backend, batch):
+    config = DistilBertConfig(**MODEL_CONFIG, backend=backend)
+    plain = DistilBertModel(config).eval()
+    plain.to(device=device, dtype=dtype)
+    providers = {"plain": lambda x: plain(x)}
+    half = batch // 2
+    for kind, adapter_config in (("", SeqBnConfig), ("-lora", LoRAConfig)):
+        model = DistilBertModel(copy.deepcopy(config)).eval()
+        model.load_state_dict(plain.state_dict())
+        for name in "ab":
+            model.add_adapter(name, config=adapter_config())
+        model.to(device=device, dtype=dtype)
+        providers["two-calls-rows" + kind] = lambda x, m=model: [m(x[:half], adapter_names="a"),
+                                                                 m(x[half:], adapter_names="b")]
+        split = BatchSplit("a", "b", batch_sizes=[half, batch - half])
+        providers["batch-split" + kind] = lambda x, m=model, s=split: m(x, adapter_names=s)
+    return providers
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -121,7 +151,10 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     env = environment(device)
     torch.manual_seed(0)
-    providers = (build_parallel_providers if args.parallel else build_providers)(device, dtype, args.backend)
+    if args.compose:
+        providers = build_compose_providers(device, dtype, args.backend, batch)
+    else:
+        providers = (build_parallel_providers if args.parallel else build_providers)(device, dtype, args.backend)
     x = torch.randint(1, MODEL_CONFIG["vocab_size"], (batch, seq), device=device)
     sync = torch.cuda.synchronize if is_cuda else (lambda: None)
 

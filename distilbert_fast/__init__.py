@@ -9,7 +9,7 @@ outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.op
 
 from . import _extension, ops
 from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, Parallel, ParBnConfig, SeqBnConfig, Stack
-from .adapters import AdapterFusionConfig, Fuse
+from .adapters import AdapterFusionConfig, BatchSplit, Fuse, Split
 from .configuration import DistilBertConfig
 from .heads import DistilBertAdapterModel, DistilBertModelWithHeads, MultiHeadOutput
 from .modeling import (
@@ -57,6 +57,7 @@ __all__ = [
     "DistilBertTokenizer",
     "DistilBertTokenizerFast",
     "DoubleSeqBnConfig",
+    "BatchSplit",
     "Fuse",
     "LoRAConfig",
     "MaskedLMOutput",
@@ -68,6 +69,7 @@ __all__ = [
     "QuestionAnsweringModelOutput",
     "SeqBnConfig",
     "SequenceClassifierOutput",
+    "Split",
     "Stack",
     "TokenClassifierOutput",
     "available_backends",

@@ -8,7 +8,10 @@
     composition           Stack("a", "b"): adapters applied one after the other;
                           Parallel("a", "b"): side by side, the batch replicated at the first
                           layer holding one of them (bottleneck adapters, par_bn and LoRA);
-                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion)
+                          Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion),
+                          alone or in the outer Stack; Split("a", "b", splits=[4, 60]): parts of
+                          each sequence through each; BatchSplit("a", "b", batch_sizes=[2, 3]):
+                          rows of the batch through each (bottleneck adapters and LoRA)
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -37,7 +40,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,7 @@ ADAPTER_SAFE_WEIGHTS_NAME = "adapter.safetensors"
 HEAD_CONFIG_NAME = "head_config.json"
 HEAD_WEIGHTS_NAME = "pytorch_model_head.bin"
 HEAD_SAFE_WEIGHTS_NAME = "model_head.safetensors"
+ADAPTER_SETUP_CONFIG_NAME = "adapter_setup.json"  # save_adapter_setup's
 
 # The module-name fragments under which each adapter's weights live (the package's filter).
 _WEIGHT_GROUPS = ("attention_adapters.adapters", "output_adapters.adapters", "loras")
@@ -398,17 +402,17 @@ def load_adapter_config(config) -> AdapterConfig:
 
 
 class Stack:
-    """Adapters applied one after the other, in order: ``Stack("lang", "task")``."""
+    """Adapters applied one after the other, in order: ``Stack("lang", "task")``. A Stack may also
+    hold a Fuse, a Split or a BatchSplit (``Stack("lang", Fuse("a", "b"))``), as the package's."""
 
-    def __init__(self, *children: str):
-        for child in children:
-            if not isinstance(child, str):
-                raise TypeError(
-                    f"Stack children must be adapter names (str); distilbert_fast nests no composition "
-                    f"in a Stack (a Parallel must be the outer block), got {type(child).__name__}"
-                )
+    def __init__(self, *children):
         if not children:
-            raise ValueError("Stack needs at least one adapter name")
+            raise ValueError(f"{type(self).__name__} needs at least one adapter name")
+        for child in children:
+            if not isinstance(child, str) and type(child) not in _NESTS[type(self)]:
+                where = " (a Parallel is the outer block or in the outer Stack)" if isinstance(child, Parallel) else ""
+                raise TypeError(f"{type(self).__name__} children must be adapter names (str) or "
+                                f"{' / '.join(t.__name__ for t in _NESTS[type(self)])}, got {type(child).__name__}{where}")
         self.children = list(children)
 
     def __iter__(self):
@@ -420,35 +424,78 @@ class Stack:
     def __getitem__(self, i):
         return self.children[i]
 
+    def _kwargs(self) -> dict:
+        return {}
+
+    def to_dict(self) -> dict:
+        """The package's AdapterCompositionBlock.to_dict (adapter_setup.json's form)."""
+        data = {"type": type(self).__name__,
+                "children": [{"type": "single", "children": [c]} if isinstance(c, str) else c.to_dict()
+                             for c in self.children]}
+        if self._kwargs():
+            data["kwargs"] = self._kwargs()
+        return data
+
+    @staticmethod
+    def from_dict(data: Mapping) -> "Stack":
+        """A block from the package's to_dict form."""
+        blocks = {cls.__name__: cls for cls in (Stack, Parallel, Fuse, Split, BatchSplit)}
+        if not isinstance(data, Mapping) or data.get("type") not in blocks:
+            raise ValueError(f"adapter setup must be a dict with 'type' one of {sorted(blocks)}, got {data!r}")
+        children = [c["children"][0] if c["type"] == "single" else Stack.from_dict(c) for c in data["children"]]
+        return blocks[data["type"]](*children, **data.get("kwargs", {}))
+
     def __eq__(self, other):
-        return type(other) is type(self) and self.children == other.children
+        return type(other) is type(self) and self.children == other.children and self._kwargs() == other._kwargs()
 
     __hash__ = None
 
     def __repr__(self):
-        return f"{type(self).__name__}[{', '.join(map(str, self.children))}]"
+        kwargs = "".join(f", {k}={v!r}" for k, v in self._kwargs().items())
+        return f"{type(self).__name__}[{', '.join(map(str, self.children))}{kwargs}]"
 
     def first(self) -> str:
-        return self.children[0]
+        child = self.children[0]
+        return child if isinstance(child, str) else child.first()
 
     def last(self) -> str:
-        return self.children[-1]
+        child = self.children[-1]
+        return child if isinstance(child, str) else child.last()
 
     def heads(self) -> list[str]:
-        """The head this setup runs on DistilBertAdapterModel: its last adapter's name, as the
-        package pairs them."""
-        return [self.last()]
+        """The heads this setup runs on DistilBertAdapterModel, as the package's
+        parse_heads_from_composition: a Stack's last adapter (or, where it ends in a BatchSplit,
+        that block's heads; none where it ends in a Fuse or a Split)."""
+        final = self.children[-1]
+        return [final] if isinstance(final, str) else final.heads() if isinstance(final, (BatchSplit, Parallel)) else []
+
+    def head_batch_sizes(self) -> list[int] | None:
+        """Where the setup ends in a BatchSplit: its batch_sizes (head i takes those rows)."""
+        final = self.children[-1]
+        return final.head_batch_sizes() if isinstance(final, BatchSplit) else None
 
     def flatten(self) -> set[str]:
-        return set(self.children)
+        return set(self.names())
 
     def names(self) -> list[str]:
         """Every adapter name, in order of appearance."""
-        return list(self.children)
+        return [name for child in self.children for name in ([child] if isinstance(child, str) else child.names())]
+
+    def blocks(self):
+        """This block and every block inside it."""
+        yield self
+        for child in self.children:
+            if not isinstance(child, str):
+                yield from child.blocks()
+
+    def is_plain(self) -> bool:
+        """A Stack of adapter names only."""
+        return type(self) is Stack and all(isinstance(child, str) for child in self.children)
 
     @property
     def parallel_channels(self) -> int:
-        return 1
+        """The copies of the batch this setup makes (a Stack holding a Parallel: its children's)."""
+        return max([1] + [child.parallel_channels for child in self.children if not isinstance(child, str)])
 
 
 class Parallel(Stack):
@@ -460,32 +507,13 @@ class Parallel(Stack):
     (on DistilBertAdapterModel each child's head gets its own rows). A LoRA of the setup
     replicates the batch at its projection (in the first layer holding one, each of q / k / v
     with a LoRA replicates its own input, and attention repeats the projections that have none),
-    as the package's ``LoRALinear.compose_parallel``."""
+    as the package's ``LoRALinear.compose_parallel``. Its children are names or Stacks of names."""
 
     def __init__(self, *children):
-        if not children:
-            raise ValueError("Parallel needs at least one adapter name or Stack")
-        for child in children:
-            if not isinstance(child, (str, Stack)) or isinstance(child, (Parallel, Fuse)):
-                raise TypeError(
-                    "Parallel children must be adapter names (str) or Stacks of names, got "
-                    f"{type(child).__name__}"
-                )
-        self.children = list(children)
-
-    def first(self) -> str:
-        child = self.children[0]
-        return child if isinstance(child, str) else child.first()
-
-    def last(self) -> str:
-        child = self.children[-1]
-        return child if isinstance(child, str) else child.last()
-
-    def flatten(self) -> set[str]:
-        return set(self.names())
-
-    def names(self) -> list[str]:
-        return [name for child in self.child_names() for name in child]
+        super().__init__(*children)
+        for child in self.children:
+            if not (isinstance(child, str) or child.is_plain()):
+                raise TypeError(f"Parallel children must be adapter names (str) or Stacks of names, got {child!r}")
 
     def child_names(self) -> list[list[str]]:
         """Each child's adapter names (one for a name, a Stack's in order)."""
@@ -495,6 +523,9 @@ class Parallel(Stack):
         """The head of each child: its (last) adapter's name, as the package pairs them."""
         return [child if isinstance(child, str) else child.last() for child in self.children]
 
+    def head_batch_sizes(self):
+        return None
+
     @property
     def parallel_channels(self) -> int:
         return len(self.children)
@@ -502,32 +533,107 @@ class Parallel(Stack):
 
 class Fuse(Stack):
     """AdapterFusion of bottleneck adapters, as the package's ``Fuse("a", "b", name=None)``: each
-    adapter runs on the same input and a fusion layer (added by ``add_adapter_fusion``) attends
-    over their outputs. distilbert_fast takes a Fuse of adapter names as the whole setup only (not
-    inside a Stack or Parallel)."""
+    child (an adapter, or a Stack of adapters) runs on the same input and a fusion layer (added by
+    ``add_adapter_fusion``) attends over their outputs. A Fuse is the whole setup or a child of
+    the outer Stack (``Stack("lang", Fuse("a", "b"))``), as in the package."""
 
-    def __init__(self, *children: str, name: str | None = None):
+    def __init__(self, *children, name: str | None = None):
         super().__init__(*children)
         self._name = name
 
     @property
     def name(self) -> str:
-        return self._name or ",".join(self.children)
+        return self._name or ",".join(c if isinstance(c, str) else c.last() for c in self.children)
 
     def heads(self) -> list[str]:
         return []  # the package's parse_heads_from_composition gives none for a Fuse
 
-    def __eq__(self, other):
-        return super().__eq__(other) and self.name == other.name
+    def head_batch_sizes(self):
+        return None
 
-    def __repr__(self):
-        return f"Fuse[{', '.join(self.children)}]" + ("" if self._name is None else f"(name={self._name!r})")
+    def _kwargs(self):
+        return {} if self._name is None else {"name": self._name}
+
+
+def _sizes(value, children, argument: str) -> list[int]:
+    sizes = [value] * len(children) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(sizes, (list, tuple)) or len(sizes) != len(children)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes)):
+        raise ValueError(f"{argument} must be an int >= 0 or a list of one per child ({len(children)}), got {value!r}")
+    return list(sizes)
+
+
+class Split(Stack):
+    """The package's ``Split("a", "b", splits=[4, 60])`` of bottleneck adapters: along the
+    sequence, positions 0-3 of every sequence go through "a" and 4-63 through "b" (``splits``:
+    one length per child, or one int for all); they must add up to the padded length. LoRA
+    refuses it, as in the package."""
+
+    def __init__(self, *children, splits):
+        super().__init__(*children)
+        self.splits = _sizes(splits, children, "splits")
+
+    def heads(self) -> list[str]:
+        return []  # as the package's parse_heads_from_composition
+
+    def head_batch_sizes(self):
+        return None
+
+    def _kwargs(self):
+        return {"splits": self.splits}
+
+
+class BatchSplit(Stack):
+    """The package's ``BatchSplit("a", "b", batch_sizes=[2, 3])``: rows 0-1 of the batch go
+    through "a", rows 2-4 through "b" (bottleneck adapters and LoRA); on DistilBertAdapterModel
+    each child's head takes its rows. ``batch_sizes`` (one per child, or one int for all) must add
+    up to the batch."""
+
+    def __init__(self, *children, batch_sizes):
+        super().__init__(*children)
+        self.batch_sizes = _sizes(batch_sizes, children, "batch_sizes")
+
+    def heads(self) -> list[str]:
+        return [child if isinstance(child, str) else child.last() for child in self.children]
+
+    def head_batch_sizes(self):
+        return list(self.batch_sizes)
+
+    def _kwargs(self):
+        return {"batch_sizes": self.batch_sizes}
+
+
+# What each block may hold besides adapter names (the package's ALLOWED_NESTINGS, less what
+# distilbert_fast does not run: Average, MultiTask, a Parallel inside another block)
+_NESTS = {
+    Stack: (Fuse, Split, BatchSplit, Parallel),
+    Parallel: (Stack,),
+    Fuse: (Stack,),
+    Split: (Stack, Split, BatchSplit),
+    BatchSplit: (Stack, Split, BatchSplit),
+}
+
+
+def validate_composition(setup, level: int = 0):
+    """The package's depth rules: below the outer block's children only Stacks (of names) and
+    names; a Stack inside another block holds names only."""
+    if isinstance(setup, str):
+        return
+    if level > 1 and type(setup) is not Stack:
+        raise ValueError(f"Adapter setup is too deep. Cannot have {setup} at level {level}.")
+    for child in setup:
+        if level >= 1 and type(setup) is Stack and not isinstance(child, str):
+            raise ValueError(f"Specified adapter setup is too deep. Cannot have {type(child).__name__} at level {level}")
+        validate_composition(child, level + 1)
 
 
 def parse_composition(setup) -> Stack | None:
-    """None / a name / a list of names / a Stack / a Parallel -> a Stack or Parallel (or None), as
-    the package reads them."""
-    if setup is None or isinstance(setup, Stack):
+    """None / a name / a list of names / a composition block -> a block (or None), as the
+    package reads them (and checks their depth)."""
+    if setup is None:
+        return setup
+    if isinstance(setup, Stack):
+        validate_composition(setup)
         return setup
     if isinstance(setup, str):
         return Stack(setup)
@@ -536,14 +642,15 @@ def parse_composition(setup) -> Stack | None:
             return None
         return Stack(*setup)
     raise TypeError(
-        "adapter setup must be an adapter name, a list of names, a Stack or a Parallel, got "
+        "adapter setup must be an adapter name, a list of names, a Stack, Parallel, Fuse, Split or BatchSplit, got "
         f"{type(setup).__name__}"
     )
 
 
 # What one forward hands its adapter layers: the call's setup (AdapterSetup /
 # forward(adapter_names=...)), which overrides the model's active adapters, and the rows of the
-# encoder's input (where a Parallel setup replicates the batch). In eager mode each is a context
+# encoder's input (where a Parallel setup replicates the batch) with the cu_seqlens of packed
+# input (what BatchSplit / Split split packed tokens by). In eager mode each is a context
 # variable, so threads and async tasks each have their own, and gradient checkpointing
 # recomputes under the forward's values. Dynamo cannot trace ContextVar.get: while a tracer
 # records a forward they are plain attributes of the model's AdaptersState instead (see
@@ -551,6 +658,8 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# forward(output_adapter_fusion_attentions=True)'s record: {fusion: {layer: {location: probs}}}
+_FUSION_ATTENTIONS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_fusion_attentions", default=None)
 # an AdapterSetup block's head setup (read by DistilBertAdapterModel's forward)
 _CALL_HEADS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_head_setup", default=None)
 # The call setup open on this thread (an AdapterSetup block, or an eager forward's adapter_names
@@ -593,10 +702,12 @@ class AdapterSetup:
 
 def parse_heads_from_composition(setup: Stack | None) -> str | list[str] | None:
     """The heads an adapter setup runs on a model with heads, as the package's
-    parse_heads_from_composition: a Stack's last adapter, a Parallel's (last) adapter per child."""
-    if setup is None or isinstance(setup, Fuse):
+    parse_heads_from_composition: a Stack's last adapter, a Parallel's or a BatchSplit's (last)
+    adapter per child; none for a setup ending in a Fuse or a Split."""
+    heads = [] if setup is None else setup.heads()
+    if not heads:
         return None
-    return setup.heads() if isinstance(setup, Parallel) else setup.last()
+    return heads if setup.parallel_channels > 1 or setup.head_batch_sizes() is not None else heads[0]
 
 
 def parse_head_setup(head_setup, argument: str) -> str | list[str]:
@@ -718,9 +829,9 @@ class AdaptersState:
     def __init__(self):
         self.configs: dict[str, AdapterConfig] = {}
         self.active_setup: Stack | None = None
-        # the running forward's call setup and encoder rows while a tracer records it
+        # the running forward's call setup and encoder input (rows, cu_seqlens) while a tracer records it
         self.traced_setup: Stack | None = None
-        self.traced_rows: int | None = None
+        self.traced_encoder: tuple | None = None
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
         self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
@@ -739,27 +850,38 @@ class AdaptersState:
         setup = self.call_setup()
         return self.active_setup if setup is None else setup
 
+    def _encoder(self) -> tuple:
+        encoder = self.traced_encoder if tracing() else _ENCODER_ROWS.get()
+        return (None, None) if encoder is None else encoder
+
     def encoder_rows(self) -> int | None:
-        return self.traced_rows if tracing() else _ENCODER_ROWS.get()
+        return self._encoder()[0]
+
+    def encoder_cu_seqlens(self) -> torch.Tensor | None:
+        """The cu_seqlens of the encoder's packed input (None: padded input), for the blocks that
+        split it by rows or positions (BatchSplit, Split)."""
+        return self._encoder()[1]
 
     @contextlib.contextmanager
-    def calling(self, setup: Stack | None = None, rows: int | None = None):
+    def calling(self, setup: Stack | None = None, rows: int | None = None, cu_seqlens=None):
         """The block of a forward running with call setup ``setup`` (None: keep the caller's) or
-        with ``rows`` rows at the encoder's input: context variables in eager mode, plain
-        attributes (which dynamo traces and guards on) while a tracer records."""
+        with ``rows`` rows at the encoder's input (packed tokens of ``cu_seqlens``, or a padded
+        batch): context variables in eager mode, plain attributes (which dynamo traces and guards
+        on) while a tracer records."""
+        encoder = None if rows is None else (rows, cu_seqlens)
         if tracing():
-            saved = self.traced_setup, self.traced_rows
+            saved = self.traced_setup, self.traced_encoder
             if setup is not None:
                 self.traced_setup = setup
-            if rows is not None:
-                self.traced_rows = rows
+            if encoder is not None:
+                self.traced_encoder = encoder
             try:
                 yield
             finally:
-                self.traced_setup, self.traced_rows = saved
+                self.traced_setup, self.traced_encoder = saved
             return
         setup_token = None if setup is None else _set_call_setup(setup)
-        rows_token = None if rows is None else _ENCODER_ROWS.set(rows)
+        rows_token = None if encoder is None else _ENCODER_ROWS.set(encoder)
         try:
             yield
         finally:
@@ -923,8 +1045,17 @@ class BottleneckAdapter(nn.Module):
     def forward(self, hidden, residual, backend=None):
         """The adapter's output: dropout(up(act(down(hidden))) * scaling) + residual, with
         the optional ln_after as the package orders it."""
+        return self.output(self.scaled_up(hidden, backend), residual, backend)
+
+    def scaled_up(self, hidden, backend=None):
+        """The package's ``up``: up(act(down(hidden))) * scaling, before dropout (what a fusion
+        layer attends over)."""
         up, bias = self._scaled_up(self._down(hidden, backend))
-        out = self.dropout(up + bias)
+        return up + bias
+
+    def output(self, up, residual, backend=None):
+        """The adapter's output from its scaled up-projection ``up``."""
+        out = self.dropout(up)
         if self.is_parallel:  # the package's ParallelAdapter.forward: no residual here
             if self.add_layer_norm_after:
                 norm = self.adapter_norm_after
@@ -1003,8 +1134,8 @@ class BottleneckLayer(nn.Module):
         setup = self.active_setup()
         if isinstance(setup, Parallel):
             return self._forward_parallel(setup, hidden, x, layer_norm, backend)
-        if isinstance(setup, Fuse):
-            return self._forward_fuse(setup, hidden, x, layer_norm, backend)
+        if not setup.is_plain():
+            return self._forward_composed(setup, hidden, x, layer_norm, backend)
         names = [name for name in setup if name in self.adapters]
         sublayer = hidden
         for i, name in enumerate(names):
@@ -1027,23 +1158,27 @@ class BottleneckLayer(nn.Module):
             fusion.train(self.training)
             self.adapter_fusion_layer[name] = fusion.to(like.device, like.dtype)
 
-    def _forward_fuse(self, setup: "Fuse", hidden, x, layer_norm, backend):
-        """The package's compose_fuse: the last adapter's pre_forward (the query before or after
-        the block's LayerNorm), each fused adapter's scaled up-projection of that input, the
-        fusion layer's attention over them, then the last adapter's post_forward."""
-        config = self.state.fusions[setup.name][0]
-        last = self.adapters[setup.last()]
-        sublayer = hidden
-        hidden, residual = last.pre_forward(hidden, x, layer_norm, backend)
-        query = x if last.is_parallel else sublayer if config.query_before_ln else hidden
-        ups = []
-        for name in setup:
-            if name in self.adapters:
-                up, bias = self.adapters[name]._scaled_up(self.adapters[name]._down(hidden, backend))
-                ups.append(up + bias)
-        if ups:
-            hidden = self.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
-        return last.post_forward(hidden, x, layer_norm, backend, sublayer)
+    # The package's composition of bottleneck adapters (its BottleneckLayer.compose_*), for a
+    # setup holding a Fuse, a Split or a BatchSplit: a _BnState goes through the blocks, then the
+    # last adapter applied finishes with the block's residual + LayerNorm. Where the package
+    # slices the batch (BatchSplit) or the sequence (Split) and concatenates the parts, each part
+    # here runs on every position and keeps its own (torch.where by position): the same result
+    # per position, on padded and packed input alike, with no host sync (bottleneck adapters
+    # are a small share of a layer's work).
+    def _forward_composed(self, setup: Stack, hidden, x, layer_norm, backend):
+        if self.location_key == "output_adapter" and self.model_config.chunk_size_feed_forward and any(
+                isinstance(block, (Split, BatchSplit)) for block in setup.blocks()):
+            raise NotImplementedError("Split / BatchSplit adapter setups do not run with chunk_size_feed_forward > 0")
+        run = _Composition(self, layer_norm, backend)
+        state = run.compose(setup, _BnState(hidden, x, x), 0)
+        last = state.last if state.last is not None else next(n for n in setup.names() if n in self.adapters)
+        out = self.adapters[last].post_forward(state.hidden, state.x, layer_norm, backend, hidden)
+        if isinstance(setup, BatchSplit) and run.bare_rows is not None:
+            # the rows of children with no adapter here get the plain residual + LayerNorm, as
+            # they would alone (the package fails where the first child has none here)
+            plain = residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps, backend=backend)
+            out = torch.where(run.bare_rows, plain, out)
+        return out
 
     def _forward_parallel(self, setup: "Parallel", hidden, x, layer_norm, backend):
         """The package's compose_parallel: the batch replicated once per child (unless an
@@ -1085,6 +1220,176 @@ class BottleneckLayer(nn.Module):
         ])
 
 
+class _BnState(NamedTuple):
+    """The package's BottleneckState: the hidden states, the block's residual input, the
+    adapter residual, the last adapter's scaled up-projection (for a Fuse) and its name."""
+
+    hidden: torch.Tensor
+    x: torch.Tensor
+    residual: torch.Tensor
+    up: torch.Tensor | None = None
+    last: str | None = None
+
+
+def token_coordinates(state: AdaptersState, t: torch.Tensor):
+    """For the rows of ``t`` (a padded batch (batch, seq, dim) or packed tokens (total, dim) of
+    the encoder's input): each position's row in the batch and position in its sequence, shaped
+    to broadcast against ``t``, and the batch size and padded length (None when packed). Packed,
+    from the encoder's cu_seqlens on the device (no host sync)."""
+    if t.dim() == 3:
+        batch, seq = t.shape[:2]
+        rows = torch.arange(batch, device=t.device)[:, None, None]
+        return rows, torch.arange(seq, device=t.device)[None, :, None], batch, seq
+    cu_seqlens = state.encoder_cu_seqlens()
+    if cu_seqlens is None or t.shape[0] != state.encoder_rows():
+        raise NotImplementedError("Split / BatchSplit adapter setups need the encoder's packed tokens here")
+    tokens = torch.arange(t.shape[0], device=t.device, dtype=cu_seqlens.dtype)
+    rows = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+    return rows[:, None], (tokens - cu_seqlens[rows])[:, None], cu_seqlens.shape[0] - 1, None
+
+
+def _check_batch_split(setup: "BatchSplit", batch: int):
+    if sum(setup.batch_sizes) != batch:
+        raise IndexError(f"The given batch has a size of {batch} which is not equal to the sum of "
+                         f"batch_sizes {setup.batch_sizes}")
+
+
+def _check_split(setup: "Split", seq: int | None):
+    """The package's check: the splits add up to the padded length. Packed input has none (the
+    positions of a sequence beyond the splits, which the package refuses, keep the first
+    adapter's pre_forward there)."""
+    if seq is not None and sum(setup.splits) != seq:
+        raise IndexError(f"The given input has sequence length {seq} which is not equal to the sum of splits "
+                         f"{setup.splits}")
+
+
+def _select(mask, new, old):
+    """Per position: ``new`` where ``mask``, else ``old`` (None stays None)."""
+    if new is None or old is None:
+        return None
+    return new if new is old else torch.where(mask, new, old)
+
+
+class _Composition:
+    """One bottleneck layer's run of a composed setup, as the package's compose_stack /
+    compose_fuse / compose_split / compose_batch_split (see BottleneckLayer._forward_composed)."""
+
+    def __init__(self, layer: "BottleneckLayer", layer_norm, backend):
+        self.layer, self.adapters, self.layer_norm, self.backend = layer, layer.adapters, layer_norm, backend
+        self.bare_rows = None  # the outer BatchSplit's rows whose child has no adapter here (a mask)
+
+    def compose(self, setup: Stack, state: _BnState, lvl: int) -> _BnState:
+        if not any(name in self.adapters for name in setup.names()):
+            return state  # (a block with no adapter here: the package fails in its pre_block)
+        if isinstance(setup, Fuse):
+            return self.fuse(setup, state, lvl)
+        if isinstance(setup, Split):
+            return self.split(setup, state, lvl)
+        if isinstance(setup, BatchSplit):
+            return self.batch_split(setup, state, lvl)
+        if isinstance(setup, Parallel):  # (inside a Stack; an outer Parallel is _forward_parallel's)
+            return self.parallel(setup, state, lvl)
+        for child in setup:  # a Stack: each adapter's pre_forward, then the adapter
+            if not isinstance(child, str):
+                state = self.compose(child, state, lvl + 1)
+            elif child in self.adapters:
+                state = self.single(child, self.pre_block(child, state))
+        return state
+
+    def child(self, child, state: _BnState, lvl: int) -> _BnState | None:
+        """A child of a Fuse / Split / BatchSplit (no pre_forward of its own for a name, as
+        there); None for a name with no adapter here."""
+        if not isinstance(child, str):
+            return self.compose(child, state, lvl + 1)
+        return self.single(child, state) if child in self.adapters else None
+
+    def pre_block(self, setup, state: _BnState) -> _BnState:
+        """The pre_forward of the setup's first adapter (the package's pre_block; where that one
+        is not in this layer, the first one that is)."""
+        name = setup if isinstance(setup, str) else setup.first()
+        if name not in self.adapters:
+            name = next(n for n in setup.names() if n in self.adapters)
+        hidden, residual = self.adapters[name].pre_forward(state.hidden, state.x, self.layer_norm, self.backend)
+        return state._replace(hidden=hidden, residual=residual)
+
+    def single(self, name: str, state: _BnState) -> _BnState:
+        adapter = self.adapters[name]
+        up = adapter.scaled_up(state.hidden, self.backend)
+        return state._replace(hidden=adapter.output(up, state.residual, self.backend), up=up, last=name)
+
+    def fuse(self, setup: "Fuse", state: _BnState, lvl: int) -> _BnState:
+        """The last adapter's pre_forward (the query before or after the block's LayerNorm), each
+        child's scaled up-projection of that input, the fusion layer's attention over them."""
+        if setup.name not in self.layer.adapter_fusion_layer:  # (its adapters are not all here: the package fails)
+            return state
+        config = self.layer.state.fusions[setup.name][0]
+        last = self.adapters[setup.last()]
+        hidden, residual = last.pre_forward(state.hidden, state.x, self.layer_norm, self.backend)
+        query = state.x if last.is_parallel else state.hidden if config.query_before_ln else hidden
+        state = state._replace(hidden=hidden, residual=residual)
+        ups = [s.up for s in (self.child(c, state, lvl) for c in setup) if s is not None and s.up is not None]
+        if ups:
+            record = None if tracing() else _FUSION_ATTENTIONS.get()
+            hidden, probs = self.layer.adapter_fusion_layer[setup.name](query, torch.stack(ups, dim=-2), residual)
+            if record is not None:  # forward(output_adapter_fusion_attentions=True)
+                places = record.setdefault(setup.name, {}).setdefault(self.layer.layer_idx, {})
+                places[self.layer.location_key] = probs.detach().float().cpu()
+        return state._replace(hidden=hidden, last=setup.last())
+
+    def split(self, setup: "Split", state: _BnState, lvl: int) -> _BnState:
+        """Positions [s_i, s_i + splits[i]) of every sequence through child i."""
+        _, positions, _, seq = token_coordinates(self.layer.state, state.hidden)
+        _check_split(setup, seq)
+        state = self.pre_block(setup, state)
+        hidden, last, start = state.hidden, None, 0
+        for child, size in zip(setup, setup.splits):
+            child_state = self.child(child, state._replace(last=None), lvl)
+            if child_state is not None:
+                hidden = _select((positions >= start) & (positions < start + size), child_state.hidden, hidden)
+                last = child_state.last or last
+            start += size
+        return state._replace(hidden=hidden, last=last)
+
+    def parallel(self, setup: "Parallel", state: _BnState, lvl: int) -> _BnState:
+        """The package's compose_parallel inside a Stack (Stack("lang", Parallel("a", "b"))): the
+        state replicated once per child (unless an earlier layer did), the first adapter's
+        pre_forward on all copies, each child on its copy."""
+        fields = [t for t in state[:4] if t is not None]
+        fields, parts = parallel_copies(setup, self.layer.state.encoder_rows(), *fields)
+        state = _BnState(*fields, *([None] if state.up is None else []), last=state.last)
+        state = self.pre_block(setup, state)
+        copies = []
+        for part, child in zip(parts, setup):
+            copy = _BnState(*(None if t is None else t[part] for t in state[:4]), last=state.last)
+            copies.append(self.child(child, copy, lvl) or copy)
+        ups = [c.up for c in copies]
+        return _BnState(*(torch.cat([c[i] for c in copies]) for i in range(3)),
+                        None if any(u is None for u in ups) else torch.cat(ups), last=copies[-1].last)
+
+    def batch_split(self, setup: "BatchSplit", state: _BnState, lvl: int) -> _BnState:
+        """Rows [b_i, b_i + batch_sizes[i]) of the batch through child i; every part of the state
+        (residuals, up-projections) comes from the child of its row."""
+        rows, _, batch, _ = token_coordinates(self.layer.state, state.hidden)
+        _check_batch_split(setup, batch)
+        state = self.pre_block(setup, state)
+        merged, start = None, 0
+        for child, size in zip(setup, setup.batch_sizes):
+            child_state = self.child(child, state, lvl)
+            if child_state is None or child_state.last is None and not isinstance(child, str):
+                if lvl == 0:
+                    mine = (rows >= start) & (rows < start + size)
+                    self.bare_rows = mine if self.bare_rows is None else self.bare_rows | mine
+                child_state = child_state or state
+            if merged is None:
+                merged = child_state
+            else:
+                mine = (rows >= start) & (rows < start + size)
+                merged = _BnState(*(_select(mine, new, old) for new, old in zip(child_state[:4], merged[:4])),
+                                  last=child_state.last)
+            start += size
+        return merged
+
+
 class AdapterFusion(nn.Module):
     """The package's ``BertFusion`` (same parameter names): attention of each token's query over
     the fused adapters' outputs (..., n_adapters, dim)."""
@@ -1110,7 +1415,8 @@ class AdapterFusion(nn.Module):
         self.reduction = self.T / 1000.0
 
     def forward(self, query, values, residual):
-        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)."""
+        """query, residual (..., dim); values (..., n, dim): the fused hidden states (..., dim)
+        and the attention over the n adapters (..., n)."""
         config = self.config
         if config.residual_before:
             values = values + residual.unsqueeze(-2)  # (the package adds in place: its keys too)
@@ -1124,7 +1430,7 @@ class AdapterFusion(nn.Module):
         context = (probs.unsqueeze(-2) @ values).squeeze(-2)
         if config.value and not config.value_before_softmax:
             context = self.value(context)
-        return context if config.residual_before else context + residual
+        return (context if config.residual_before else context + residual), probs
 
 
 class LoRA(nn.Module):
@@ -1195,7 +1501,8 @@ class LoRALinear(nn.Linear):
             return out
         setup = self.state.current_setup()
         if not isinstance(setup, Parallel):
-            return out + self._stacked_update(setup, x)
+            update = self._stacked_update(setup, x) if setup.is_plain() else self._composed_update(setup, x, None)
+            return out if update is None else out + update
         # The package's compose_parallel: replicate the input (unless an earlier layer did),
         # then each child's LoRAs on its own copy.
         (x, out), parts = parallel_copies(setup, self.state.encoder_rows(), x, out)
@@ -1212,6 +1519,38 @@ class LoRALinear(nn.Linear):
         for name in names:
             if name in self.loras:
                 hidden = self.loras[name](x if hidden is None else hidden)
+        return hidden
+
+    def _composed_update(self, setup, x, hidden):
+        """The package's LoRALinear composition of a setup holding a BatchSplit (each child's
+        LoRAs on its rows) or blocks that leave LoRA out; a Split or Fuse of LoRAs held here is
+        refused, as in the package. ``hidden``: the update so far (None: none yet)."""
+        if isinstance(setup, str):
+            return self.loras[setup](x if hidden is None else hidden) if setup in self.loras else hidden
+        if isinstance(setup, Parallel) and any(name in self.loras for name in setup.names()):
+            raise NotImplementedError(f"LoRA adapters in a Parallel inside a Stack do not run in distilbert_fast, got "
+                                      f"{setup!r} (a Parallel of LoRAs runs as the outer block)")
+        if isinstance(setup, (Split, Fuse, Parallel)):
+            if any(name in self.loras for name in setup.names()):
+                raise NotImplementedError(f"LoRA adapters do not run in a {type(setup).__name__} composition "
+                                          f"(as in the adapters package), got {setup!r}")
+            return hidden
+        if isinstance(setup, BatchSplit):
+            rows, _, batch, _ = token_coordinates(self.state, x)
+            _check_batch_split(setup, batch)
+            merged, start = None, 0
+            for i, (child, size) in enumerate(zip(setup, setup.batch_sizes)):
+                update = self._composed_update(child, x, hidden)
+                if i == 0 or (update is None and merged is None):
+                    merged = update
+                else:  # (a child with no LoRA here: no update on its rows)
+                    new = torch.zeros_like(merged) if update is None else update
+                    merged = torch.where((rows >= start) & (rows < start + size), new,
+                                         torch.zeros_like(new) if merged is None else merged)
+                start += size
+            return merged
+        for child in setup:  # a Stack: each LoRA takes the previous one's output, as there
+            hidden = self._composed_update(child, x, hidden)
         return hidden
 
     @torch.no_grad()
@@ -1291,7 +1630,7 @@ class ModelAdaptersMixin:
                 raise ValueError(
                     f"an adapter named {adapter_name!r} already exists; pass overwrite_ok=True to replace it"
                 )
-            self.delete_adapter(adapter_name)
+            self._delete_adapter(adapter_name)  # (its fusions stay, as in the package)
         added = 0
         for i, block in enumerate(self.base_model.transformer.layer):
             if isinstance(config, BnConfig):
@@ -1330,12 +1669,20 @@ class ModelAdaptersMixin:
                 yield modules[name]
 
     def delete_adapter(self, adapter_name: str):
-        """Removes adapter ``adapter_name`` (un-merging it); an unknown name is skipped with a
-        warning, as in the package."""
+        """Removes adapter ``adapter_name`` (un-merging it) and the fusions over it; an unknown
+        name is skipped with a warning, as in the package. (The package keeps the fusions, whose
+        layers then fuse what is left, and save_pretrained writes a config it cannot load.)"""
         if adapter_name not in self._adapters_state.configs:
             logger.warning("delete_adapter: no adapter named %r to delete; this model has adapters %s",
                            adapter_name, sorted(self._adapters_state.configs))
             return
+        self._delete_adapter(adapter_name)
+        for fusion, (_, fused) in list(self._adapters_state.fusions.items()):
+            if adapter_name in fused:
+                logger.info("delete_adapter: deleting adapter fusion %r, which fuses %r", fusion, adapter_name)
+                self.delete_adapter_fusion(fusion)
+
+    def _delete_adapter(self, adapter_name: str):
         for layer, attr in self._adapter_layers():
             if attr == "loras" and layer.merged == adapter_name:
                 layer.reset_adapter()
@@ -1359,9 +1706,10 @@ class ModelAdaptersMixin:
         setup = parse_composition(adapter_setup)
         for name in setup.names() if setup is not None else ():
             self._check_adapter_name(name, argument)
-        if isinstance(setup, Fuse) and setup.name not in self._adapters_state.fusions:
-            raise ValueError(f"{argument}: no adapter fusion named {setup.name!r} (add_adapter_fusion adds it); "
-                             f"this model has {sorted(self._adapters_state.fusions)}")
+        for block in () if setup is None else setup.blocks():
+            if isinstance(block, Fuse) and block.name not in self._adapters_state.fusions:
+                raise ValueError(f"{argument}: no adapter fusion named {block.name!r} (add_adapter_fusion adds it); "
+                                 f"this model has {sorted(self._adapters_state.fusions)}")
         return setup
 
     def set_active_adapters(self, adapter_setup, skip_layers=None):
@@ -1576,20 +1924,23 @@ class ModelAdaptersMixin:
                 del layer.adapter_fusion_layer[name]
         del self._adapters_state.fusions[name]
         active = self._adapters_state.active_setup
-        if isinstance(active, Fuse) and active.name == name:
-            self._adapters_state.active_setup = None
+        if active is not None and any(isinstance(b, Fuse) and b.name == name for b in active.blocks()):
+            self._adapters_state.active_setup = _without_fusion(active, name)
 
     def train_adapter_fusion(self, adapter_setup, unfreeze_adapters: bool = False):
-        """Training mode for the fusion layer of ``adapter_setup`` (a Fuse, or a list of names):
-        the model frozen but that fusion layer (and its adapters with ``unfreeze_adapters``), the
-        setup active; as in the package, the active head stays and its output embeddings freeze."""
+        """Training mode for the fusion layers of ``adapter_setup`` (a Fuse, a list of the fused
+        adapters, or a block holding a Fuse as a child, e.g. Stack("lang", Fuse("a", "b"))): the
+        model frozen but those fusion layers (and the setup's adapters with
+        ``unfreeze_adapters``), the setup active; as in the package, the active head stays and
+        its output embeddings freeze."""
         setup = self._parse_setup(adapter_setup if isinstance(adapter_setup, Stack) else Fuse(*adapter_setup))
-        if not isinstance(setup, Fuse):
-            raise ValueError(f"adapter_setup must be a Fuse (or a list of the fused adapters), got {setup!r}")
+        fuses = [setup] if isinstance(setup, Fuse) else [c for c in setup if isinstance(c, Fuse)]
+        if not fuses:
+            raise ValueError(f"adapter_setup must be a Fuse, a list of the fused adapters or hold a Fuse, got {setup!r}")
         self.train()
         self.freeze_model(True)
-        for module in [*self._fusion_layers(setup.name),
-                       *(m for n in setup if unfreeze_adapters for m in self._adapter_modules(n))]:
+        for module in [*(f for fuse in fuses for f in self._fusion_layers(fuse.name)),
+                       *(m for n in setup.flatten() if unfreeze_adapters for m in self._adapter_modules(n))]:
             for param in module.parameters():
                 param.requires_grad = True
         ModelAdaptersMixin.set_active_adapters(self, setup)
@@ -1612,12 +1963,11 @@ class ModelAdaptersMixin:
     def save_adapter_fusion(self, save_directory, adapter_names, meta_dict=None, custom_weights_loaders=None,
                             with_head=False, use_safetensors: bool = False):
         """Writes adapter_fusion_config.json and pytorch_model_adapter_fusion.bin
-        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format.
-        ``with_head`` (the package's heads of the fused adapters) is not supported here."""
+        (model_adapter_fusion.safetensors with ``use_safetensors``) in the package's format, and
+        with ``with_head`` a head beside them, as the package: on DistilBertAdapterModel the head
+        named like the fusion (or ``with_head``, a head name), on a task class its own head (the
+        package fails there)."""
         _check_no_custom_loaders(custom_weights_loaders)
-        if with_head:
-            raise NotImplementedError("save_adapter_fusion(with_head=...) is not supported by distilbert_fast; "
-                                      "save the heads with save_head")
         name = self._fusion_name(adapter_names, "adapter_names")
         config, fused = self._adapters_state.fusions[name]
         os.makedirs(save_directory, exist_ok=True)
@@ -1626,12 +1976,34 @@ class ModelAdaptersMixin:
         tensors = {k: v for k, v in self.state_dict().items() if f"adapter_fusion_layer.{name}." in k}
         _save_tensors(tensors, save_directory,
                       ADAPTERFUSION_SAFE_WEIGHTS_NAME if use_safetensors else ADAPTERFUSION_WEIGHTS_NAME)
+        if with_head:
+            self._save_fusion_head(save_directory, with_head if isinstance(with_head, str) else name, use_safetensors)
+
+    def _save_fusion_head(self, directory, head_name: str, use_safetensors: bool):
+        """save_adapter_fusion's head: a task class's own head (DistilBertModel has none)."""
+        if self.base_model is not self:
+            self.save_head(directory, use_safetensors=use_safetensors)
+
+    def _load_fusion_head(self, directory, load_as, use_safetensors, set_active):
+        """load_adapter_fusion's head: a task class's head saved by the same class."""
+        self._load_adapter_head(directory, load_as, use_safetensors)
+
+    def save_all_adapter_fusions(self, save_directory, meta_dict=None, custom_weights_loaders=None,
+                                 use_safetensors: bool = False):
+        """save_adapter_fusion for every fusion, each into ``save_directory``/<name>, as the package
+        (without heads)."""
+        os.makedirs(save_directory, exist_ok=True)
+        for name in self._adapters_state.fusions:
+            self.save_adapter_fusion(os.path.join(save_directory, name), name, meta_dict, custom_weights_loaders,
+                                     use_safetensors=use_safetensors)
 
     def load_adapter_fusion(self, adapter_fusion_name_or_path, load_as: str | None = None,
-                            custom_weights_loaders=None, set_active: bool = False, use_safetensors: bool = False,
-                            **kwargs):
+                            custom_weights_loaders=None, set_active: bool = False, with_head: bool = True,
+                            use_safetensors: bool = False, **kwargs):
         """Loads a fusion layer saved by save_adapter_fusion here or in the package (its adapters
-        must be loaded first). Returns its name here."""
+        must be loaded first), and with ``with_head`` the head saved beside it, if any (named
+        ``load_as`` or as saved; active with ``set_active``), as the package. Returns its name
+        here."""
         _check_no_custom_loaders(custom_weights_loaders)
         directory = os.fspath(adapter_fusion_name_or_path)
         meta = _read_json(os.path.join(directory, ADAPTERFUSION_CONFIG_NAME))
@@ -1656,6 +2028,8 @@ class ModelAdaptersMixin:
                 own[key].copy_(value)
         if set_active:
             self.set_active_adapters(Fuse(*self._adapters_state.fusions[name][1], name=name))
+        if with_head and os.path.isfile(os.path.join(directory, HEAD_CONFIG_NAME)):
+            self._load_fusion_head(directory, load_as, use_safetensors or None, set_active)
         return name
 
     # -- files ------------------------------------------------------------------------------------
@@ -1686,6 +2060,60 @@ class ModelAdaptersMixin:
         )
         if with_head:
             self._save_adapter_head(save_directory, adapter_name, use_safetensors)
+
+    def save_adapter_setup(self, save_directory, adapter_setup, head_setup=None, meta_dict=None,
+                           custom_weights_loaders=None, use_safetensors: bool = False):
+        """The package's save_adapter_setup: adapter_setup.json (the setup and ``head_setup``),
+        each adapter of the setup in <dir>/<name> (save_adapter, with its head), each Fuse of the
+        setup (or of its children) in <dir>/<fusion name>, and the heads of ``head_setup``: True,
+        the task class's own head in <dir>; a name, a list or a block of names on
+        DistilBertAdapterModel, each in <dir>/<head>."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        setup = self._parse_setup(adapter_setup)
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(os.path.join(save_directory, ADAPTER_SETUP_CONFIG_NAME), {
+            "adapter_setup": setup.to_dict(),
+            "head_setup": head_setup.to_dict() if isinstance(head_setup, Stack) else head_setup,
+            "version": f"distilbert_fast.{_version()}"})
+        for name in setup.flatten():
+            self.save_adapter(os.path.join(save_directory, name), name, meta_dict=meta_dict,
+                              use_safetensors=use_safetensors)
+        for fuse in _fuses_of(setup):
+            self.save_adapter_fusion(os.path.join(save_directory, fuse.name), fuse, meta_dict,
+                                     use_safetensors=use_safetensors)
+        if head_setup is True:
+            self.save_head(save_directory, use_safetensors=use_safetensors)
+        else:
+            for name in _head_names(head_setup):
+                self.save_head(os.path.join(save_directory, name), name, use_safetensors=use_safetensors)
+
+    def load_adapter_setup(self, adapter_setup_name_or_path, version=None, custom_weights_loaders=None,
+                           set_active: bool = False, use_safetensors: bool = False, **kwargs):
+        """Loads a setup written by save_adapter_setup (here or in the package): its adapters
+        (with their heads), fusions and heads; with ``set_active`` the setup is made active and,
+        on DistilBertAdapterModel, its head setup the active head. Returns (adapter setup, head
+        setup)."""
+        _check_no_custom_loaders(custom_weights_loaders)
+        directory = os.fspath(adapter_setup_name_or_path)
+        meta = _read_json(os.path.join(directory, ADAPTER_SETUP_CONFIG_NAME))
+        setup = Stack.from_dict(meta["adapter_setup"])
+        head_setup = meta.get("head_setup")
+        if isinstance(head_setup, Mapping):
+            head_setup = Stack.from_dict(head_setup)
+        for name in setup.flatten():
+            self.load_adapter(os.path.join(directory, name), use_safetensors=use_safetensors)
+        for fuse in _fuses_of(setup):
+            self.load_adapter_fusion(os.path.join(directory, fuse.name), use_safetensors=use_safetensors)
+        if set_active:
+            self.set_active_adapters(setup)
+        if head_setup is True:
+            self.load_head(directory, use_safetensors=use_safetensors)
+        elif head_setup:
+            for name in _head_names(head_setup):
+                self.load_head(os.path.join(directory, name), name, use_safetensors=use_safetensors)
+            if set_active:
+                self.active_head = head_setup
+        return setup, head_setup
 
     def save_all_adapters(self, save_directory, with_head: bool = True, meta_dict=None,
                           custom_weights_loaders=None, use_safetensors: bool = False):
@@ -1840,8 +2268,6 @@ class ModelAdaptersMixin:
 
     def _file_meta(self, name: str, config) -> dict:
         """The package's build_full_config: what adapter_config.json / head_config.json hold."""
-        from . import __version__
-
         return {
             "config": config,
             "hidden_size": self.config.dim,
@@ -1849,7 +2275,7 @@ class ModelAdaptersMixin:
             "model_name": getattr(self.config, "_name_or_path", None) or getattr(self.config, "name_or_path", None),
             "model_type": "distilbert",
             "name": name,
-            "version": f"distilbert_fast.{__version__}",
+            "version": f"distilbert_fast.{_version()}",
         }
 
     # -- surviving save_pretrained / from_pretrained ---------------------------------------------
@@ -1878,6 +2304,26 @@ class ModelAdaptersMixin:
                 self.add_adapter_fusion(fused.get(name, name.split(",")), fusion_configs.get(key, key), name=name)
 
 
+def _fuses_of(setup: Stack) -> list:
+    """The Fuse blocks a saved setup carries: itself, or its children (as the package's)."""
+    return [setup] if isinstance(setup, Fuse) else [child for child in setup if isinstance(child, Fuse)]
+
+
+def _head_names(head_setup) -> list[str]:
+    """The heads of save_adapter_setup's head_setup (a name, a list, a block; None / False: none)."""
+    if not head_setup:
+        return []
+    if isinstance(head_setup, str):
+        return [head_setup]
+    return sorted(head_setup.flatten()) if isinstance(head_setup, Stack) else list(head_setup)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torch.Tensor]:
     """The state_dict of the weighted average of ``modules`` (one place's adapters), by the
     package's combine strategies (see average_adapter)."""
@@ -1894,7 +2340,11 @@ def _averaged_state(modules, weights, strategy: str, svd_rank) -> dict[str, torc
 
 
 def _without(setup: Stack, name: str) -> Stack | None:
-    """``setup`` with adapter ``name`` left out (None when nothing is left)."""
+    """``setup`` with adapter ``name`` left out (None when nothing is left): out of a Stack or a
+    Parallel; a Fuse, Split or BatchSplit holding it goes as a whole (its fusion, splits or
+    batch sizes no longer fit)."""
+    if type(setup) not in (Stack, Parallel):
+        return None if name in setup.flatten() else setup
     children = []
     for child in setup:
         if isinstance(child, Stack):
@@ -1902,6 +2352,15 @@ def _without(setup: Stack, name: str) -> Stack | None:
         if child is not None and child != name:
             children.append(child)
     return type(setup)(*children) if children else None
+
+
+def _without_fusion(setup: Stack, name: str) -> Stack | None:
+    """``setup`` without its Fuse named ``name`` (the whole setup where it is that Fuse), as the
+    package's delete_adapter_fusion resets an active setup of that fusion."""
+    if isinstance(setup, Fuse):
+        return None if setup.name == name else setup
+    children = [child for child in setup if not (isinstance(child, Fuse) and child.name == name)]
+    return type(setup)(*children, **setup._kwargs()) if children else None
 
 
 _LABEL_INPUTS = ("labels", "start_positions", "end_positions")
@@ -1918,7 +2377,31 @@ def _taking_adapter_names(forward):
     positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()) - 1  # self
 
     @functools.wraps(forward)
-    def forward_with_adapters(self, *args, adapter_names=None, **kwargs):
+    def forward_with_adapters(self, *args, adapter_names=None, output_adapter_fusion_attentions=False,
+                              output_adapter_gating_scores=False, **kwargs):
+        if not (output_adapter_fusion_attentions or output_adapter_gating_scores):
+            return run(self, *args, adapter_names=adapter_names, **kwargs)
+        # the package's ForwardContext outputs: each fusion layer's attention over its adapters
+        # (and gating scores, always empty: gating is not implemented)
+        attentions = {}
+        token = _FUSION_ATTENTIONS.set(attentions if output_adapter_fusion_attentions else None)
+        try:
+            out = run(self, *args, adapter_names=adapter_names, **kwargs)
+        finally:
+            _FUSION_ATTENTIONS.reset(token)
+        mask = signature.bind_partial(self, *args[:positional], **kwargs).arguments.get("attention_mask")
+        extra = {}
+        if output_adapter_gating_scores:
+            extra["adapter_gating_scores"] = {}
+        if output_adapter_fusion_attentions:
+            extra["adapter_fusion_attentions"] = _padded_attentions(attentions, mask)
+        if isinstance(out, tuple):
+            return out + tuple(extra.values())
+        for key, value in extra.items():
+            out[key] = value
+        return out
+
+    def run(self, *args, adapter_names=None, **kwargs):
         if not takes_it and len(args) > positional:
             args, adapter_names = args[:positional], args[positional]
         if takes_it:  # the class handles adapter_names itself (DistilBertAdapterModel)
@@ -1944,9 +2427,30 @@ def _taking_adapter_names(forward):
         parameters = list(signature.parameters.values())
         at = next((i for i, p in enumerate(parameters) if p.kind != p.POSITIONAL_OR_KEYWORD), len(parameters))
         parameters.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+        at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
+        parameters[at:at] = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False) for name in
+                             ("output_adapter_fusion_attentions", "output_adapter_gating_scores")]
         forward_with_adapters.__signature__ = signature.replace(parameters=parameters)
     forward_with_adapters._takes_adapter_names = True
     return forward_with_adapters
+
+
+def _padded_attentions(attentions: dict, attention_mask) -> dict:
+    """{fusion: {layer: {location: (batch, seq, n_adapters) numpy array}}}, as the package returns
+    them: a padded batch that ran packed gets its tokens' attentions scattered back (zeros at
+    padding, as our token outputs); packed input keeps (total, n_adapters)."""
+    mask = None if attention_mask is None else attention_mask.reshape(-1, attention_mask.shape[-1]).bool().cpu()
+    result = {}
+    for name, layers in attentions.items():
+        for layer, places in layers.items():
+            for place, probs in places.items():
+                if probs.dim() == 2 and mask is not None:  # (total, n): packed tokens of a padded batch
+                    copies = mask.repeat(probs.shape[0] // int(mask.sum()), 1)  # (a Parallel's copies)
+                    padded = probs.new_zeros(*copies.shape, probs.shape[-1])
+                    padded[copies] = probs
+                    probs = padded
+                result.setdefault(name, {}).setdefault(layer, {})[place] = probs.numpy()
+    return result
 
 
 def _is_adapter_key(key: str, name: str) -> bool:
@@ -2032,12 +2536,14 @@ __all__ = [
     "LoRALinear",
     "ModelAdaptersMixin",
     "AdapterFusionConfig",
+    "BatchSplit",
     "DynamicAdapterFusionConfig",
     "Fuse",
     "StaticAdapterFusionConfig",
     "ParBnConfig",
     "Parallel",
     "SeqBnConfig",
+    "Split",
     "Stack",
     "load_adapter_config",
     "parse_composition",

@@ -22,6 +22,7 @@ from .adapters import (
     HEAD_SAFE_WEIGHTS_NAME,
     HEAD_WEIGHTS_NAME,
     Activation,
+    BatchSplit,
     Parallel,
     call_head_setup,
     parallel_channels_of,
@@ -389,17 +390,23 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
 
     @property
     def active_head(self):
-        """The head(s) a forward without ``head=`` uses: a name, a list of names, or None."""
+        """The head(s) a forward without ``head=`` uses: a name, a list of names, a BatchSplit
+        of names (head i on rows of child i), or None."""
         if not self._active_heads:
             return None
+        sizes = self.__dict__.get("_head_batch_sizes")
+        if sizes is not None:
+            return BatchSplit(*self._active_heads, batch_sizes=sizes)
         return self._active_heads[0] if len(self._active_heads) == 1 else list(self._active_heads)
 
     @active_head.setter
     def active_head(self, names):
+        sizes = names.head_batch_sizes() if isinstance(names, BatchSplit) else None
         names = [] if names is None else [names] if isinstance(names, str) else list(names)
         for name in names:
             self._check_head_name(name, "active_head")
         self._active_heads = names
+        self._head_batch_sizes = sizes  # (as the package's active_head BatchSplit)
         label2id = self.heads[names[0]].config.get("label2id") if len(names) == 1 else None
         if label2id:  # as the package: one active head's labels become the config's (pipelines read them)
             self.config.id2label = {int(i): label for label, i in label2id.items()}
@@ -412,6 +419,8 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
                            head_name, sorted(self.heads))
             return
         del self.heads[head_name]
+        if head_name in self._active_heads:
+            self._head_batch_sizes = None
         self._active_heads = [name for name in self._active_heads if name != head_name]
 
     def set_active_adapters(self, adapter_setup, skip_layers=None):
@@ -420,7 +429,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         setup = self.active_adapters
         heads = [] if setup is None else setup.heads()  # one per child of a Parallel; none for a Fuse
         if heads and all(name in self.heads for name in heads):
-            self.active_head = heads if isinstance(setup, Parallel) else heads[0]
+            sizes = setup.head_batch_sizes()
+            self.active_head = (BatchSplit(*heads, batch_sizes=sizes) if sizes is not None
+                                else heads if setup.parallel_channels > 1 else heads[0])
 
     def _freeze_output_embeddings(self):
         """train_adapter's: the output embeddings of every active head (tied to the word
@@ -498,12 +509,15 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             in_force = self._adapters_state.current_setup()
         channels = 1 if in_force is None else in_force.parallel_channels
         heads = self._used_heads(head, setup)
+        head_rows = self._head_rows(head, setup, heads)
         if channels > 1 and heads and len(heads) != channels:
             raise ValueError(
                 f"the Parallel adapter setup {in_force!r} has {channels} channels but {len(heads)} heads "
                 f"are active ({heads}): pass head=None with a head named like each channel's last adapter"
             )
         packed = cu_seqlens is not None or max_seqlen is not None
+        if packed and head_rows is not None:
+            raise ValueError(f"cu_seqlens: the BatchSplit heads {heads} take rows of a padded batch, not packed input")
         if packed:
             for name in heads:
                 if isinstance(self.heads[name], MultipleChoiceHead):
@@ -528,13 +542,22 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         packed_args = {}
         if packed:  # each head (each copy of a Parallel) sees the sequences of cu_seqlens
             packed_args = dict(cu_seqlens=cu_seqlens.to(out.last_hidden_state.device), max_seqlen=max_seqlen)
-        outputs = []
+        if head_rows is not None and sum(head_rows) != rows:
+            raise ValueError(f"The specified batch sizes {head_rows} do not match the actual batch size {rows}")
+        outputs, batch_mask = [], attention_mask
         for i, name in enumerate(heads):
             head_input = out
+            part = None
             if channels > 1:  # the package's Parallel: head i takes copy i of the batch
                 part = slice(i * rows // channels, (i + 1) * rows // channels)
+            elif head_rows is not None:  # the package's BatchSplit heads: head i takes child i's rows
+                part = slice(sum(head_rows[:i]), sum(head_rows[:i + 1]))
+            if part is not None:
                 head_input = BaseModelOutput(out.last_hidden_state[part], out.hidden_states, out.attentions)
             labels = _inputs_for(self.heads[name], head_inputs)
+            if head_rows is not None:
+                labels = {k: v if v is None else v[part] for k, v in labels.items()}
+                attention_mask = None if batch_mask is None else batch_mask[part]
             if packed:
                 _check_packed_head_labels(self.heads[name], labels, cu_seqlens, input_ids, inputs_embeds,
                                           self.distilbert)
@@ -547,6 +570,16 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         losses = [o.loss for o in outputs]
         loss = sum(losses) if all(x is not None for x in losses) else None
         return MultiHeadOutput(outputs, loss)
+
+    def _head_rows(self, head, setup, heads) -> list[int] | None:
+        """The rows of each head where they come from a BatchSplit (the call's setup, or the
+        active heads set from one): head i on child i's rows; else None."""
+        if head is not None:
+            return None
+        if setup is not None:
+            return setup.head_batch_sizes() if heads == setup.heads() else None
+        sizes = self.__dict__.get("_head_batch_sizes")
+        return sizes if sizes is not None and heads == self._active_heads else None
 
     def _used_heads(self, head, setup) -> list[str]:
         """The heads a forward runs: ``head``; else with ``adapter_names``, the head named like
@@ -607,6 +640,9 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
     def load_head(self, save_directory, load_as: str | None = None, id2label=None,
                   use_safetensors: bool | None = None) -> str:
         """Loads a head written by ``save_head`` here or in the package. Returns its name."""
+        return self._load_head(save_directory, load_as, id2label, use_safetensors)
+
+    def _load_head(self, save_directory, load_as=None, id2label=None, use_safetensors=None, set_active=True) -> str:
         directory = os.fspath(save_directory)
         meta = _read_json(os.path.join(directory, HEAD_CONFIG_NAME))
         model_class = meta.get("model_class", "")
@@ -622,7 +658,7 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
         state_dict = _load_tensors(directory, HEAD_SAFE_WEIGHTS_NAME, HEAD_WEIGHTS_NAME, use_safetensors)
         old, new = f"heads.{saved}.", f"heads.{name}."
         state_dict = {new + k[len(old):]: v for k, v in state_dict.items() if k.startswith(old)}
-        self._add_head_from_config(name, config, overwrite_ok=True)
+        self._add_head_from_config(name, config, overwrite_ok=True, set_active=set_active)
         expected = {k for k in self.state_dict() if k.startswith(new)}
         tied = set(self._tied_weights_keys)
         missing = sorted(expected - set(state_dict) - tied)
@@ -651,14 +687,34 @@ class DistilBertAdapterModel(DistilBertPreTrainedModel):
             self.save_head(directory, adapter_name, use_safetensors=use_safetensors)
 
     def _load_adapter_head(self, directory, name: str, use_safetensors: bool | None, id2label=None):
-        """The head saved with the adapter, under the adapter's name; a head of another class (a
-        task class's, saved with its adapter) is skipped with a warning, as in the package."""
+        """The head saved with the adapter, under the adapter's name; not activated (load_adapter's
+        set_active activates it with the adapter), as in the package."""
+        if self._head_of_this_class(directory, "load_adapter"):
+            self._load_head(directory, name, id2label, use_safetensors, set_active=False)
+
+    @staticmethod
+    def _head_of_this_class(directory, caller: str) -> bool:
+        """Whether the head in ``directory`` is a heads model's; one of another class (a task
+        class's, saved with its adapter) is skipped with a warning, as in the package."""
         model_class = _read_json(os.path.join(directory, HEAD_CONFIG_NAME)).get("model_class") or ""
-        if model_class.replace("ModelWithHeads", "AdapterModel") != "DistilBertAdapterModel":
-            logger.warning("load_adapter: the head in %s belongs to a %s, not a DistilBertAdapterModel; "
-                           "it is not loaded", directory, model_class)
-            return
-        self.load_head(directory, load_as=name, id2label=id2label, use_safetensors=use_safetensors)
+        if model_class.replace("ModelWithHeads", "AdapterModel") == "DistilBertAdapterModel":
+            return True
+        logger.warning("%s: the head in %s belongs to a %s, not a DistilBertAdapterModel; it is not loaded",
+                       caller, directory, model_class)
+        return False
+
+    def _save_fusion_head(self, directory, head_name: str, use_safetensors: bool):
+        """save_adapter_fusion's head (with_head): the head named like the fusion, or ``with_head``."""
+        if head_name not in self.heads:
+            raise ValueError(f"with_head: no head named {head_name!r} to save with the fusion; this model has heads "
+                             f"{sorted(self.heads)}")
+        self.save_head(directory, head_name, use_safetensors=use_safetensors)
+
+    def _load_fusion_head(self, directory, load_as, use_safetensors, set_active):
+        """load_adapter_fusion's head (with_head): named ``load_as`` or as saved; active only with
+        set_active, as in the package."""
+        if self._head_of_this_class(directory, "load_adapter_fusion"):
+            self._load_head(directory, load_as=load_as, use_safetensors=use_safetensors, set_active=set_active)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_pretrained(self, directory, **kwargs):

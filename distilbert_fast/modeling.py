@@ -425,7 +425,10 @@ class Transformer(nn.Module):
         state = adapters_state_of(self.layer)
         if state is None:
             return self._layers(*layers)
-        with state.calling(rows=x.shape[0]):  # where a Parallel adapter setup replicates the batch
+        # (rows: where a Parallel adapter setup replicates the batch; cu_seqlens: the rows a
+        # BatchSplit / Split setup splits packed tokens by)
+        cu_seqlens = key_padding_mask.cu_seqlens if isinstance(key_padding_mask, Varlen) else None
+        with state.calling(rows=x.shape[0], cu_seqlens=cu_seqlens):
             return self._layers(*layers)
 
     def _layers(self, x, key_padding_mask, head_mask, output_attentions, all_hidden_states, all_attentions):

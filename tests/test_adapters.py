@@ -3,6 +3,7 @@ test_adapters_oracle.py): which parameters train, a short training run, exact sa
 trips, the fused residual + LayerNorm op serving the adapters, no cost when none is active,
 LoRA merging, and clear errors for bad input."""
 
+import inspect
 import json
 
 import pytest
@@ -13,9 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distilbert_fast import (
     AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     BnConfig,
     DistilBertAdapterModel,
     DistilBertConfig,
+    DistilBertForSequenceClassification,
     Fuse,
     LoRAConfig,
     Parallel,
@@ -535,7 +538,7 @@ def test_adapter_fusion_round_trip_training_and_refusals(tmp_path):
         Parallel(Fuse("a", "b"), "a")
     with pytest.raises(ValueError, match="an adapter fusion named 'a,b' already exists"):
         model.add_adapter_fusion("a,b")
-    with pytest.raises(NotImplementedError, match="with_head"):
+    with pytest.raises(ValueError, match="with_head: no head named 'a,b'"):
         model.save_adapter_fusion(str(tmp_path / "f2"), "a,b", with_head=True)
     model.adapter_fusion_to(Fuse("a", "b"), dtype=torch.float64)
     assert {p.dtype for n, p in model.named_parameters() if "adapter_fusion_layer" in n} == {torch.float64}
@@ -562,3 +565,167 @@ def test_adapter_fusion_survives_save_pretrained(tmp_path):
         expected = model(x, adapter_names=setup, head="h").logits
         assert torch.equal(loaded(x, adapter_names=setup, head="h").logits, expected)
     assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_adapter_fusion_with_head_round_trip(tmp_path):
+    """save_adapter_fusion(with_head=...) writes the head beside the fusion (the head named like
+    the fusion, or the one named by with_head) and load_adapter_fusion brings it back, named
+    load_as or as saved, active only with set_active, as the package (the package's own files:
+    test_adapters_oracle's fusion cases). A task class saves and loads its own head with the fusion
+    (the package fails there); with_head=False leaves the head out."""
+    model = small_model()
+    for name in "ab":
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.add_classification_head("a,b", num_labels=3)
+    model.add_tagging_head("t", num_labels=2)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    model.save_adapter_fusion(str(tmp_path / "fused"), Fuse("a", "b"), with_head=True)
+    model.save_adapter_fusion(str(tmp_path / "tagged"), "a,b", with_head="t")
+    x = ids()
+    for directory, head, load_as, set_active in (("fused", "a,b", None, False), ("tagged", "t", "x,y", True)):
+        other = small_model()
+        other.load_state_dict({k: v for k, v in model.state_dict().items() if "adapter" not in k
+                               and not k.startswith("heads.")})
+        for name in "ab":
+            other.load_adapter(_saved_adapter(model, tmp_path, name))
+        name = other.load_adapter_fusion(str(tmp_path / directory), load_as=load_as, set_active=set_active)
+        assert name == (load_as or "a,b") and list(other.heads) == [load_as or head]
+        assert other.active_head == (load_as if set_active else None)
+        expected = model(x, adapter_names=Fuse("a", "b"), head=head).logits
+        assert torch.equal(other(x, adapter_names=Fuse("a", "b", name=name), head=load_as or head).logits, expected)
+    other = small_model()
+    for name in "ab":
+        other.load_adapter(_saved_adapter(model, tmp_path, name))
+    other.load_adapter_fusion(str(tmp_path / "fused"), with_head=False)
+    assert not other.heads
+
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    for name in "ab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"], set_active=True)
+    randomise(task, (".adapters.", "adapter_fusion_layer", "classifier"))
+    task.save_adapter_fusion(str(tmp_path / "task"), "a,b", with_head=True)
+    fresh = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    fresh.load_state_dict({k: v for k, v in task.state_dict().items() if k.startswith("distilbert.")
+                           and "adapter" not in k}, strict=False)
+    for name in "ab":
+        task.save_adapter(str(tmp_path / f"task_{name}"), name, with_head=False)
+        fresh.load_adapter(str(tmp_path / f"task_{name}"))
+    fresh.load_adapter_fusion(str(tmp_path / "task"), set_active=True)
+    assert torch.equal(fresh(x).logits, task(x).logits)
+
+
+def _saved_adapter(model, tmp_path, name):
+    directory = tmp_path / f"adapter_{name}"
+    if not directory.exists():
+        model.save_adapter(str(directory), name, with_head=False)
+    return str(directory)
+
+
+def test_delete_adapter_deletes_its_fusions_and_leaves_a_loadable_model(tmp_path):
+    """delete_adapter also deletes the fusions over the adapter (their layers and config entry)
+    and takes a Fuse / BatchSplit holding it out of the active setup, so save_pretrained writes a
+    model from_pretrained loads (the package keeps such a fusion and writes one it cannot load);
+    replacing an adapter (add_adapter(overwrite_ok=True), load_adapter of a present name) keeps
+    its fusions, as in the package."""
+    model = small_model()
+    for name in "abc":
+        model.add_adapter(name, config="seq_bn")
+    model.add_adapter_fusion(["a", "b"])
+    model.add_adapter_fusion(["b", "c"], name="bc")
+    model.add_adapter("b", config="seq_bn", overwrite_ok=True)
+    assert sorted(model._adapters_state.fusions) == ["a,b", "bc"]
+    model.set_active_adapters(Stack("c", Fuse("a", "b")))
+    model.delete_adapter("a")
+    assert list(model._adapters_state.fusions) == ["bc"]
+    assert not [k for k in model.state_dict() if "adapter_fusion_layer.a,b." in k]
+    assert model.active_adapters == Stack("c")
+    model.set_active_adapters(BatchSplit("b", "c", batch_sizes=[1, 1]))
+    model.delete_adapter("c")
+    assert model.active_adapters is None and not model._adapters_state.fusions
+    model.save_pretrained(str(tmp_path))
+    loaded = DistilBertAdapterModel.from_pretrained(str(tmp_path))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_load_adapter_leaves_the_active_head_unless_set_active(tmp_path):
+    """As in the package: the head that comes with load_adapter is added, not activated (the
+    active head stays; a model without one keeps none), and set_active=True activates the adapter
+    and its head; load_head activates the head it loads."""
+    model = small_model()
+    model.add_adapter("a", config="seq_bn")
+    model.add_classification_head("a", num_labels=3)
+    model.save_adapter(str(tmp_path / "a"), "a")
+    other = small_model()
+    other.add_tagging_head("t", num_labels=2)
+    assert other.load_adapter(str(tmp_path / "a"), load_as="b") == "b"
+    assert sorted(other.heads) == ["b", "t"] and other.active_head == "t" and other.active_adapters is None
+    other.load_adapter(str(tmp_path / "a"), load_as="c", set_active=True)
+    assert other.active_head == "c" and other.active_adapters == Stack("c")
+    bare = small_model()
+    bare.load_adapter(str(tmp_path / "a"))
+    assert bare.active_head is None and list(bare.heads) == ["a"]
+    bare.load_head(str(tmp_path / "a"), load_as="h")
+    assert bare.active_head == "h"
+
+
+def test_adapter_setup_round_trip_on_a_task_class(tmp_path):
+    """save_adapter_setup(head_setup=True) on a task class writes adapter_setup.json, each adapter,
+    the fusions of the setup and the class's own head; load_adapter_setup(set_active=True) on a
+    fresh model of the class gives the same outputs (the heads model, both ways with the package:
+    test_adapters_oracle)."""
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    for name in "sab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"])
+    setup = Stack("s", Fuse("a", "b"))
+    randomise(task, (".adapters.", "adapter_fusion_layer", "classifier"))
+    task.save_adapter_setup(str(tmp_path), setup, head_setup=True)
+    assert json.loads((tmp_path / "adapter_setup.json").read_text())["adapter_setup"] == setup.to_dict()
+    fresh = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG, num_labels=3)).eval()
+    fresh.load_state_dict({k: v for k, v in task.state_dict().items() if k.startswith("distilbert.")
+                           and "adapter" not in k}, strict=False)
+    assert fresh.load_adapter_setup(str(tmp_path), set_active=True) == (setup, True)
+    x = ids()
+    assert torch.equal(fresh(x).logits, task(x, adapter_names=setup).logits)
+    assert Stack.from_dict(BatchSplit("a", Stack("s", "b"), batch_sizes=[1, 2]).to_dict()) == BatchSplit(
+        "a", Stack("s", "b"), batch_sizes=[1, 2])
+
+
+def test_output_adapter_fusion_attentions():
+    """forward(output_adapter_fusion_attentions=True) adds the package's adapter_fusion_attentions
+    ({fusion: {layer: {place: (batch, seq, n_adapters) array}}}; values against the package in
+    test_adapters_oracle): a padded batch that ran packed gets zeros at padding, packed input
+    keeps (total, n_adapters), return_dict=False appends it; output_adapter_gating_scores gives {}
+    (no gating adapters here)."""
+    model = small_model()
+    for name in "ab":
+        model.add_adapter(name, config="double_seq_bn")
+    model.add_adapter_fusion(["a", "b"], set_active=True)
+    model.add_classification_head("h", num_labels=3)
+    randomise(model, (".adapters.", "adapter_fusion_layer", "heads."))
+    x, mask = ids(batch=3, seq=7), torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    out = model(x, attention_mask=mask, output_adapter_fusion_attentions=True, output_adapter_gating_scores=True)
+    attentions = out.adapter_fusion_attentions
+    assert out.adapter_gating_scores == {} and list(attentions) == ["a,b"]
+    assert sorted(attentions["a,b"]) == [0, 1] and sorted(attentions["a,b"][0]) == ["mh_adapter", "output_adapter"]
+    probs = torch.as_tensor(attentions["a,b"][1]["output_adapter"])
+    assert probs.shape == (3, 7, 2)
+    assert_close(probs[mask.bool()].sum(-1), torch.ones(int(mask.sum())), atol=1e-6, name="softmax rows")
+    assert not probs[~mask.bool()].any()
+    packed = model(x[mask.bool()], cu_seqlens=torch.tensor([0, 4, 11, 18], dtype=torch.int32), max_seqlen=7,
+                   output_adapter_fusion_attentions=True)
+    assert_close(torch.as_tensor(packed.adapter_fusion_attentions["a,b"][1]["output_adapter"]), probs[mask.bool()],
+                 atol=1e-6, name="packed input")
+    as_tuple = model(x, attention_mask=mask, return_dict=False, output_adapter_fusion_attentions=True)
+    assert as_tuple[-1].keys() == attentions.keys() and torch.equal(as_tuple[0], out.logits)
+    task = DistilBertForSequenceClassification(DistilBertConfig(**SMALL_CONFIG)).eval()
+    for name in "ab":
+        task.add_adapter(name, config="seq_bn")
+    task.add_adapter_fusion(["a", "b"])
+    names = list(inspect.signature(task.forward).parameters)  # adapter_names by position, as ONNX's exporter
+    args = [x, mask] + [None] * (names.index("adapter_names") - 2) + [Fuse("a", "b")]
+    probs = task(*args, output_adapter_fusion_attentions=True).adapter_fusion_attentions["a,b"][0]["output_adapter"]
+    assert probs.shape == (3, 7, 2)

@@ -315,7 +315,7 @@ def test_unsupported_compositions_name_the_argument():
     with pytest.raises(ValueError, match="adapter_setup: no adapter named 'z'"):
         model.set_active_adapters(Parallel("a", "z"))
     with pytest.raises(TypeError, match="Stack children"):
-        Stack("a", Parallel("a", "b"))
+        Stack("a", Stack("a", "b"))
     with pytest.raises(TypeError, match="Parallel children"):
         Parallel("a", Parallel("a", "b"))
     with pytest.raises(ValueError, match="labels with the Parallel"):

@@ -17,17 +17,22 @@ import torch
 from conftest import SMALL_CONFIG, assert_close
 
 from distilbert_fast import (
+    AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     DistilBertAdapterModel,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     DoubleSeqBnConfig,
+    Fuse,
     LoRAConfig,
     Parallel,
     SeqBnConfig,
+    Split,
     Stack,
     ops,
 )
+from distilbert_fast.adapters import AdapterFusion
 
 BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(
     n not in ops.available_backends(torch.zeros(1)), reason=f"backend {n} cannot run on CPU here"))
@@ -219,13 +224,9 @@ def test_parallel_with_a_head_per_adapter_compiles():
                 assert_close(got.logits, expected.logits, atol=1e-5, name="head a alone")
 
 
-@pytest.mark.parametrize("setup", ["a", "l", Parallel("a", "l")], ids=["bottleneck", "lora", "parallel"])
-def test_compiled_training_step_with_adapters_matches_eager(setup):
-    """train_adapter, then a fullgraph-compiled forward + backward (dropout off): the same loss
-    and gradients as eager mode, only the adapters (and the head) trained; also with gradient
-    checkpointing."""
-    model = adapter_model("eager")
-    model.train_adapter(setup)
+def training_step(model):
+    """step(fn): the loss of fn (the model or its compiled form) on a padded batch (dropout off),
+    its backward, and the gradients."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -238,7 +239,17 @@ def test_compiled_training_step_with_adapters_matches_eager(setup):
         loss = torch.nn.functional.cross_entropy(out, labels.repeat(out.shape[0] // 3))
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return step
 
+
+@pytest.mark.parametrize("setup", ["a", "l", Parallel("a", "l")], ids=["bottleneck", "lora", "parallel"])
+def test_compiled_training_step_with_adapters_matches_eager(setup):
+    """train_adapter, then a fullgraph-compiled forward + backward (dropout off): the same loss
+    and gradients as eager mode, only the adapters (and the head) trained; also with gradient
+    checkpointing."""
+    model = adapter_model("eager")
+    model.train_adapter(setup)
+    step = training_step(model)
     loss_eager, grads_eager = step(model)
     assert grads_eager and all(".adapters." in n or ".loras." in n or n.startswith("classifier")
                                or n.startswith("pre_classifier") for n in grads_eager)
@@ -251,3 +262,62 @@ def test_compiled_training_step_with_adapters_matches_eager(setup):
         assert grads.keys() == grads_eager.keys()
         for name in grads_eager:
             assert_close(grads[name], grads_eager[name], atol=1e-5, name=name)
+
+
+def fusion_model():
+    """adapter_model with a third bottleneck adapter "c" and two fusions of "a" and "c": "a,c"
+    (dynamic) and "hot" (a temperature annealed per forward: a float the compiled graph updates)."""
+    model = adapter_model("eager")
+    model.add_adapter("c", SeqBnConfig(reduction_factor=2, non_linearity="gelu"))
+    model.add_adapter_fusion(["a", "c"])
+    model.add_adapter_fusion(["a", "c"], name="hot", config={**AdapterFusionConfig().to_dict(), "temperature": True})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.c." in name or "adapter_fusion_layer" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def temperatures(model):
+    return [m.T for m in model.modules() if isinstance(m, AdapterFusion)]
+
+
+def test_fusion_split_batch_split_and_nested_parallel_compile_without_graph_breaks():
+    """Padded: a Fuse in a Stack with a LoRA, a fusion whose temperature anneals per call (one
+    recompile); packed: a Split, a BatchSplit of a bottleneck adapter and a Stack (rows and
+    positions from cu_seqlens on the device), a Parallel in a Stack. Fullgraph, each call equal to
+    eager mode (from the same temperatures), the temperatures annealed as in eager mode."""
+    model = fusion_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    calls = [(padded_batch(), setup) for setup in (Stack("l", Fuse("a", "c")), Fuse("a", "c", name="hot"),
+                                                   Fuse("a", "c", name="hot"))]
+    calls += [(packed_batch(), setup) for setup in (Split("a", "c", splits=[2, 3]),
+                                                    BatchSplit("a", Stack("l", "b"), batch_sizes=[1, 2]),
+                                                    Stack("l", Parallel("a", "b")))]
+    with torch.no_grad():
+        for inputs, setup in calls:
+            saved = temperatures(model)
+            expected = model(**inputs, adapter_names=setup).logits
+            after_eager = temperatures(model)
+            for module, t in zip((m for m in model.modules() if isinstance(m, AdapterFusion)), saved):
+                module.T = t
+            got = compiled(**inputs, adapter_names=setup).logits
+            assert_close(got, expected, atol=1e-5, name=repr(setup))
+            assert temperatures(model) == pytest.approx(after_eager)
+    assert temperatures(model)[-1] == pytest.approx(50.0 - 2 * 0.05)  # (two calls)
+
+
+def test_compiled_adapter_fusion_training_step_matches_eager():
+    """train_adapter_fusion of a Fuse inside a Stack: a fullgraph-compiled forward + backward gives
+    eager mode's loss and gradients (the fusion layers' and the head's only)."""
+    model = fusion_model()
+    setup = Stack("b", Fuse("a", "c"))
+    model.train_adapter_fusion(setup)
+    step = training_step(model)
+    loss_eager, grads_eager = step(model)
+    assert grads_eager and all("adapter_fusion_layer.a,c." in n or "classifier" in n for n in grads_eager)
+    loss, grads = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert_close(loss, loss_eager, atol=1e-6, name="loss")
+    assert grads.keys() == grads_eager.keys()
+    for name in grads_eager:
+        assert_close(grads[name], grads_eager[name], atol=1e-5, name=name)

@@ -40,8 +40,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORACLE_PYTHON = os.path.join(REPO, os.environ.get("ORACLE_VENV", ".venv-adapters"), "bin", "python")
 COMPARE = os.path.join(REPO, "tests", "adapters_oracle", "compare.py")
 sys.path.insert(0, os.path.dirname(COMPARE))
-from runs import (AVERAGES, HEAD_SELECTION, outputs_and_grads, prepare,  # noqa: E402  (shared with compare.py)
-                  run_head_selection)
+from runs import (AVERAGES, HEAD_SELECTION, fusion_attentions, outputs_and_grads,  # noqa: E402  (shared with compare.py)
+                  prepare, run_head_selection)
 RECORD = os.path.join(REPO, "bench", "results", "adapters_parity.txt")
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 ATOL, RTOL = 2e-5, 1e-4
@@ -65,7 +65,8 @@ def _oracle(mode, path, *extra):
 
 
 def _is_adapter_key(key):
-    return ".adapters." in key or ".loras." in key
+    """An adapter's or a fusion layer's weight (they travel in their own files)."""
+    return ".adapters." in key or ".loras." in key or ".adapter_fusion_layer." in key
 
 
 def _run(model, setup, head, inputs):
@@ -167,6 +168,8 @@ def compare_both_directions(workdir):
     for case, spec in manifest.get("fusion_cases", {}).items():
         to_ours += _fusion_case(os.path.join(produced, case), os.path.join(ours_dir, case), case, spec,
                                 ours_results, seed=len(ours_results))
+    ours_results["adapter_setup"] = _adapter_setup_case(os.path.join(produced, "adapter_setup"),
+                                                        os.path.join(ours_dir, "adapter_setup"), to_ours)
     ours_results["pretrained"] = _pretrained_case(os.path.join(produced, "pretrained"),
                                                   os.path.join(ours_dir, "pretrained"), manifest, to_ours)
     with open(os.path.join(ours_dir, "manifest.json"), "w") as f:
@@ -206,11 +209,46 @@ def _pretrained_case(package_dir, ours_dir, manifest, rows):
     return _run_pretrained(model, manifest["pretrained"], io["inputs"])
 
 
+def _adapter_setup_case(package_dir, ours_dir, rows):
+    """save_adapter_setup / load_adapter_setup across the libraries: the package's saved setup
+    (Stack("s", Fuse("a", "b")) with heads "c" and "t") loads with our load_adapter_setup(set_active=True)
+    and gives its outputs (rows appended to ``rows``); ours, changed and saved by our
+    save_adapter_setup, is what the package must load (returns our outputs for it)."""
+    io = torch.load(os.path.join(package_dir, "io.pt"), weights_only=True)
+    model = _our_model(torch.load(os.path.join(package_dir, "model.pt"), weights_only=True))
+    setup, heads = model.load_adapter_setup(os.path.join(package_dir, "setup"), set_active=True)
+    assert (setup, heads) == (Stack("s", distilbert_fast.Fuse("a", "b")), ["c", "t"]), (setup, heads)
+    assert (model.active_adapters, model.active_head) == (setup, heads)
+    rows += _diffs(_run_saved_setup(model, io["inputs"]), io["outputs"], "adapter_setup",
+                   io["inputs"]["attention_mask"])
+    _change_adapters_and_heads(model, seed=98)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_fusion_layer" in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(97)))
+    model.save_adapter_setup(os.path.join(ours_dir, "setup"), setup, head_setup=heads)
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and not _is_head_key(model, k)},
+               os.path.join(ours_dir, "model.pt"))
+    torch.save({"inputs": io["inputs"]}, os.path.join(ours_dir, "io.pt"))
+    return _run_saved_setup(model, io["inputs"])
+
+
+def _run_saved_setup(model, inputs):
+    """compare.run_saved_setup on our side: each active head's logits."""
+    model.eval()
+    with torch.no_grad():
+        return {f"head{i}": out.logits for i, out in enumerate(model(**inputs).head_outputs)}
+
+
 def _run_fusion(model, adapters, inputs):
-    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"."""
+    """compare.run_fusion on our side: the Fuse of ``adapters`` active, head "h"; then the fusion
+    layers' attentions (output_adapter_fusion_attentions=True)."""
     prepare(model)
     model.set_active_adapters(distilbert_fast.Fuse(*adapters))
-    return outputs_and_grads(model, model(**inputs, head="h"))
+    result = outputs_and_grads(model, model(**inputs, head="h"))
+    with torch.no_grad():
+        out = model(**inputs, head="h", output_adapter_fusion_attentions=True)
+    return {**result, **fusion_attentions(out.adapter_fusion_attentions)}
 
 
 def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
@@ -229,34 +267,35 @@ def _fusion_case(case_dir, out_dir, case, spec, ours_results, seed):
             if "adapter_fusion_layer" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
     os.makedirs(out_dir)
-    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and "adapter_fusion_layer" not in k},
+    torch.save({k: v for k, v in model.state_dict().items() if not _is_adapter_key(k) and not k.startswith("heads.")},
                os.path.join(out_dir, "model.pt"))
     torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
     for name in spec["adapters"]:
         model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=False)
-    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"])
+    model.save_adapter_fusion(os.path.join(out_dir, "fusion"), spec["adapters"], with_head="h")
     # from what we saved, as the package loads it: a fresh model (a temperature anneals per forward)
     ours_results[case] = _run_fusion(_load_fusion_model(out_dir, spec), spec["adapters"], io["inputs"])
     return rows
 
 
 def _load_fusion_model(directory, spec):
-    """Our heads model with head "h" from ``directory``: model.pt, the adapters and the fusion."""
+    """Our heads model from ``directory``: model.pt, the adapters, and the fusion with head "h"
+    (saved beside it: save_adapter_fusion(with_head="h"))."""
     model = DistilBertAdapterModel(DistilBertConfig(**SMALL))
-    model.add_classification_head("h", num_labels=3)
     weights = torch.load(os.path.join(directory, "model.pt"), weights_only=True)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and not missing, (directory, missing, unexpected)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(directory, "adapter_" + name), with_head=False) == name
     assert model.load_adapter_fusion(os.path.join(directory, "fusion")) == ",".join(spec["adapters"])
+    assert list(model.heads) == ["h"] and model.active_head is None, (list(model.heads), model.active_head)
     return model
 
 
 def _setup_from_dict(data):
-    """The package's AdapterCompositionBlock.to_dict() -> our Stack / Parallel."""
+    """The package's AdapterCompositionBlock.to_dict() -> our composition block."""
     children = [c["children"][0] if c["type"] == "single" else _setup_from_dict(c) for c in data["children"]]
-    return {"Stack": Stack, "Parallel": Parallel}[data["type"]](*children)
+    return getattr(distilbert_fast, data["type"])(*children, **data.get("kwargs", {}))
 
 
 def _task_model(spec):
@@ -306,6 +345,8 @@ def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
     model = _task_model(spec)
     for name in spec["adapters"]:
         assert model.load_adapter(os.path.join(case_dir, "adapter_" + name)) == name
+    for fused in spec.get("fusions", ()):
+        assert model.load_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused))) == ",".join(fused)
     weights = torch.load(os.path.join(case_dir, "model.pt"), weights_only=True)
     weights = {k: v for k, v in weights.items() if not _is_head_key(model, k)}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -322,6 +363,8 @@ def _task_case(case_dir, out_dir, case, spec, ours_results, seed):
     torch.save({"inputs": io["inputs"]}, os.path.join(out_dir, "io.pt"))
     for name in spec["adapters"]:
         model.save_adapter(os.path.join(out_dir, "adapter_" + name), name, with_head=True)
+    for fused in spec.get("fusions", ()):
+        model.save_adapter_fusion(os.path.join(out_dir, "fusion_" + ",".join(fused)), fused)
     ours_results[case] = _run_task(model, spec, setup, io["inputs"])
     return rows
 
@@ -403,8 +446,8 @@ def test_every_class_takes_the_package_arguments_in_its_order(both_directions):
         for name, expected in methods.items():
             ours = [p.name for p in inspect.signature(getattr(model, name)).parameters.values()
                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            if cls == "DistilBertModel":  # ours also takes with_head, which the package's base model lacks
-                ours = [p for p in ours if p != "with_head"]
+            if cls == "DistilBertModel":  # ours also takes with_head / head_setup, which the package's base lacks
+                ours = [p for p in ours if p not in ("with_head", "head_setup")]
             assert ours == expected, (cls, name, ours, expected)
 
 
@@ -476,6 +519,15 @@ def test_adapter_fusion_cases_ran(both_directions):
     for rows in (both_directions[0], both_directions[1]):
         assert {row[0] for row in rows} >= set(cases)
         assert all(any(r[0] == case and r[1].startswith("grads") for r in rows) for case in cases)
+        # output_adapter_fusion_attentions: one per layer (of a place every fused adapter has)
+        assert all(sum(r[0] == case and r[1].startswith("attn ") for r in rows) >= 2 for case in cases)
+
+
+def test_adapter_setup_was_compared_both_ways(both_directions):
+    """save_adapter_setup / load_adapter_setup ran both ways (a Fuse in a Stack, two heads); the
+    rows are checked with the others."""
+    for rows in (both_directions[0], both_directions[1]):
+        assert sorted(r[1] for r in rows if r[0] == "adapter_setup") == ["head0", "head1"]
 
 
 def test_adapters_saved_by_the_package_load_and_match(both_directions):

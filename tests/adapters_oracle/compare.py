@@ -30,6 +30,7 @@ import transformers
 from adapters import (
     AdapterFusionConfig,
     AdapterSetup,
+    BatchSplit,
     Fuse,
     BnConfig,
     DistilBertAdapterModel,
@@ -38,10 +39,12 @@ from adapters import (
     Parallel,
     ParBnConfig,
     SeqBnConfig,
+    Split,
     Stack,
 )
+from adapters.composition import parse_heads_from_composition
 # (this script's folder: shared with test_adapters_oracle.py)
-from runs import AVERAGES, outputs_and_grads, prepare, run_head_selection
+from runs import AVERAGES, fusion_attentions, outputs_and_grads, prepare, run_head_selection
 
 SMALL = dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
 BATCH, SEQ = 3, 7
@@ -198,6 +201,55 @@ TASK_CASES = {
                   "l1": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
                   "l2": LoRAConfig(r=3, alpha=3, attn_matrices=["q", "k", "v"])},
         setup=Parallel(Stack("p1", "l1"), Stack("p2", "l2")), labels=False),
+    # BatchSplit: the first child's pre_forward on every row, each child's adapters on its rows,
+    # the last child's post_forward on every row (the package's compose_batch_split)
+    "batch_split_seqcls": dict(cls="DistilBertForSequenceClassification",
+                               adapters={"a": SeqBnConfig(reduction_factor=4, mh_adapter=True),
+                                         "b": DoubleSeqBnConfig(reduction_factor=2)},
+                               setup=BatchSplit("a", "b", batch_sizes=[1, 2]), labels=True),
+    # a head per child on its rows, each with its rows' labels (set_active_adapters' BatchSplit head)
+    "batch_split_heads": dict(cls="DistilBertAdapterModel",
+                              adapters={"a": SeqBnConfig(reduction_factor=4),
+                                        "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                              setup=BatchSplit("a", "b", batch_sizes=[2, 1]), labels=True),
+    "batch_split_lora_tokcls": dict(cls="DistilBertForTokenClassification",
+                                    adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                                              "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"])},
+                                    setup=BatchSplit("a", "b", batch_sizes=[1, 2]), labels=True),
+    "stack_lora_then_batch_split_of_stack_qa": dict(
+        cls="DistilBertForQuestionAnswering",
+        adapters={"l": LoRAConfig(r=2, alpha=4), "a": SeqBnConfig(reduction_factor=4),
+                  "b": SeqBnConfig(reduction_factor=2, scaling="learned"), "c": SeqBnConfig(reduction_factor=4, ln_after=True)},
+        setup=Stack("l", BatchSplit(Stack("a", "b"), "c", batch_sizes=[2, 1])), labels=True),
+    # Split: positions 0-2 of every sequence through "a", 3-6 through "b" (SEQ = 7)
+    "split_model": dict(cls="DistilBertModel",
+                        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                        setup=Split("a", "b", splits=[3, 4]), labels=False),
+    "split_houlsby_in_batch_split_mlm": dict(
+        cls="DistilBertForMaskedLM",
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
+                  "c": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=BatchSplit(Split("a", "b", splits=[2, 5]), "c", batch_sizes=[1, 2]), labels=True),
+    # a Fuse inside the outer Stack, and a Fuse with a Stack child (the fusion "b,c" over b and c)
+    "stack_then_fuse_seqcls": dict(cls="DistilBertForSequenceClassification",
+                                   adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                                             "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                                   fusions=[["a", "b"]], setup=Stack("s", Fuse("a", "b")), labels=True),
+    "fuse_of_stack_tokcls": dict(cls="DistilBertForTokenClassification",
+                                 adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
+                                           "c": DoubleSeqBnConfig(reduction_factor=4)},
+                                 fusions=[["b", "c"]], setup=Fuse(Stack("a", "b"), "c"), labels=True),
+    # a Parallel inside the outer Stack: the batch replicated after "s" (MAD-X's language adapter,
+    # then one task adapter and head per copy), and after a LoRA and inside a Stack child
+    "stack_then_parallel_heads": dict(cls="DistilBertAdapterModel",
+                                      adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                                                "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu")},
+                                      setup=Stack("s", Parallel("a", "b")), labels=True),
+    "stack_lora_then_parallel_of_stack_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"l": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]), "a": DoubleSeqBnConfig(reduction_factor=4),
+                  "h": DoubleSeqBnConfig(reduction_factor=2), "b": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=Stack("l", Parallel(Stack("a", "h"), "b")), labels=False),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
@@ -265,8 +317,12 @@ def produce_tasks(out_dir, real=None):
                 raise SystemExit(f"{case}: the real weights do not fit: missing {missing}, unexpected {unexpected}")
         for name, config in spec["adapters"].items():
             model.add_adapter(name, config=config)
+        for fused in spec.get("fusions", ()):
+            model.add_adapter_fusion(fused)
         if spec["cls"] == "DistilBertAdapterModel":
-            for name in spec["setup"].children:
+            # (by_setup: a head per adapter, so that the setup's choice among them shows)
+            heads = spec["setup"].children if spec.get("by_setup") else parse_heads_from_composition(spec["setup"])
+            for name in [heads] if isinstance(heads, str) else heads:
                 model.add_classification_head(name, num_labels=TASK_LABELS)
         randomise_adapters_and_heads(model, generator)
         inputs = task_inputs(spec, generator, model_config["vocab_size"])
@@ -274,12 +330,15 @@ def produce_tasks(out_dir, real=None):
         os.makedirs(case_dir)
         weights = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k) and "prompt_tuning." not in k}
         torch.save(weights, os.path.join(case_dir, "model.pt"))
+        for fused in spec.get("fusions", ()):
+            model.save_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)), fused)
         saved_inputs = {k: v.clone() for k, v in inputs.items()}  # a Parallel resizes the mask in place
         result = run_task(model, spec, spec["setup"], inputs)
         torch.save({"inputs": saved_inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=True)
         manifest[case] = {"cls": spec["cls"], "adapters": list(spec["adapters"]), "setup": spec["setup"].to_dict(),
+                          "fusions": spec.get("fusions", []),
                           "labels": spec["labels"], "num_labels": TASK_LABELS, "config": model_config,
                           "by_setup": spec.get("by_setup", False)}
     return manifest
@@ -330,7 +389,9 @@ API_METHODS = ("add_adapter", "delete_adapter", "set_active_adapters", "train_ad
                "save_adapter", "load_adapter", "save_all_adapters", "merge_adapter", "reset_adapter",
                "has_adapters", "adapter_summary", "save_head",
                "load_head", "delete_head", "add_classification_head", "add_multiple_choice_head",
-               "add_tagging_head", "add_qa_head", "add_masked_lm_head")
+               "add_tagging_head", "add_qa_head", "add_masked_lm_head", "add_adapter_fusion", "delete_adapter_fusion",
+               "save_adapter_fusion", "load_adapter_fusion", "save_all_adapter_fusions", "train_adapter_fusion",
+               "adapter_fusion_to", "save_adapter_setup", "load_adapter_setup")
 
 
 def api_arguments():
@@ -447,6 +508,57 @@ def produce_averages(out_dir):
         model.save_adapter(os.path.join(directory, name), name)
 
 
+# save_adapter_setup / load_adapter_setup: a Fuse inside a Stack, saved with two heads (each on the
+# whole batch: a MultiHeadOutput)
+SAVED_SETUP, SAVED_HEADS = Stack("s", Fuse("a", "b")), ["c", "t"]
+
+
+def make_setup_model():
+    model = make_model()
+    model.add_adapter("s", config=SeqBnConfig(reduction_factor=4))
+    model.add_adapter("a", config=DoubleSeqBnConfig(reduction_factor=4))
+    model.add_adapter("b", config=DoubleSeqBnConfig(reduction_factor=2, non_linearity="gelu"))
+    model.add_adapter_fusion(["a", "b"])
+    model.add_classification_head("c", num_labels=3)
+    model.add_tagging_head("t", num_labels=2)
+    return model
+
+
+def run_saved_setup(model, inputs):
+    """The active setup and heads (as load_adapter_setup(set_active=True) leaves them): {"head<i>": logits}."""
+    model.eval()
+    with torch.no_grad():
+        return {f"head{i}": out.logits for i, out in enumerate(model(**inputs).head_outputs)}
+
+
+def produce_adapter_setup(out_dir):
+    """OUT/adapter_setup/: model.pt (the base weights), the setup (save_adapter_setup) and io.pt."""
+    torch.manual_seed(1200)
+    model = make_setup_model()
+    randomise_adapters_and_heads(model, torch.Generator().manual_seed(1201))
+    directory = os.path.join(out_dir, "adapter_setup")
+    model.save_adapter_setup(os.path.join(directory, "setup"), SAVED_SETUP, head_setup=SAVED_HEADS)
+    torch.save({k: v for k, v in model.state_dict().items() if is_base_key(k)}, os.path.join(directory, "model.pt"))
+    model.set_active_adapters(SAVED_SETUP)
+    model.active_head = SAVED_HEADS
+    inputs = inputs_for("tagging", {"num_labels": 2}, torch.Generator().manual_seed(1202))
+    del inputs["labels"]
+    torch.save({"inputs": inputs, "outputs": run_saved_setup(model, inputs)}, os.path.join(directory, "io.pt"))
+
+
+def check_adapter_setup(root):
+    """ROOT/adapter_setup/ saved by distilbert_fast: load it and write oracle_out.pt."""
+    directory = os.path.join(root, "adapter_setup")
+    model = make_model()
+    missing, unexpected = model.load_state_dict(torch.load(os.path.join(directory, "model.pt")), strict=False)
+    if unexpected or any(is_base_key(k) for k in missing):
+        raise SystemExit(f"adapter_setup: base weights do not fit: missing {missing}, unexpected {unexpected}")
+    setup, heads = model.load_adapter_setup(os.path.join(directory, "setup"), set_active=True)
+    assert (setup, heads) == (SAVED_SETUP, SAVED_HEADS), (setup, heads)
+    inputs = torch.load(os.path.join(directory, "io.pt"))["inputs"]
+    torch.save(run_saved_setup(model, inputs), os.path.join(directory, "oracle_out.pt"))
+
+
 # AdapterFusion on the heads model (a classification head "h", labels): adapters to fuse, the
 # fusion config (a preset or AdapterFusionConfig's fields)
 FUSION_CASES = {
@@ -476,14 +588,20 @@ def make_fusion_model(spec):
 
 
 def run_fusion(model, spec, inputs):
+    """Outputs and gradients, then (a second forward) each fusion layer's attention over the
+    adapters, by forward(output_adapter_fusion_attentions=True)."""
     prepare(model)
     model.set_active_adapters(Fuse(*spec["adapters"]))
-    return outputs_and_grads(model, model(**inputs, head="h"))
+    result = outputs_and_grads(model, model(**inputs, head="h"))
+    with torch.no_grad():
+        out = model(**inputs, head="h", output_adapter_fusion_attentions=True)
+    return {**result, **fusion_attentions(out.adapter_fusion_attentions)}
 
 
 def produce_fusions(out_dir):
-    """OUT/<fusion case>/: model.pt (every weight but the adapters' and the fusion's), each
-    adapter (save_adapter) and the fusion (save_adapter_fusion), io.pt (inputs, outputs, grads)."""
+    """OUT/<fusion case>/: model.pt (every weight but the adapters', the fusion's and the head's),
+    each adapter (save_adapter) and the fusion with the head (save_adapter_fusion(with_head="h")),
+    io.pt (inputs, outputs, grads)."""
     manifest = {}
     for i, (case, spec) in enumerate(FUSION_CASES.items()):
         torch.manual_seed(1000 + i)
@@ -497,13 +615,14 @@ def produce_fusions(out_dir):
         inputs = inputs_for("classification", {"num_labels": 3}, generator)
         case_dir = os.path.join(out_dir, case)
         os.makedirs(case_dir)
-        torch.save({k: v for k, v in model.state_dict().items()
-                    if not is_adapter_key(k) and "adapter_fusion_layer" not in k and "prompt_tuning." not in k},
+        torch.save({k: v for k, v in model.state_dict().items() if not is_adapter_key(k)
+                    and not k.startswith("heads.") and "prompt_tuning." not in k},
                    os.path.join(case_dir, "model.pt"))
         torch.save({"inputs": inputs, "outputs": run_fusion(model, spec, inputs)}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
             model.save_adapter(os.path.join(case_dir, "adapter_" + name), name, with_head=False)
-        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]))
+        # the head "h" travels with the fusion (with_head)
+        model.save_adapter_fusion(os.path.join(case_dir, "fusion"), Fuse(*spec["adapters"]), with_head="h")
         manifest[case] = {"adapters": list(spec["adapters"])}
     return manifest
 
@@ -513,14 +632,13 @@ def check_fusions(root, manifest):
     for case, spec in manifest.items():
         case_dir = os.path.join(root, case)
         model = make_model()
-        model.add_classification_head("h", num_labels=3)
         missing, unexpected = model.load_state_dict(torch.load(os.path.join(case_dir, "model.pt")), strict=False)
         fused = [k for k in missing if "adapter_fusion_layer" in k or is_adapter_key(k) or "prompt_tuning." in k]
         if unexpected or len(fused) != len(missing):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=False)
-        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))
+        model.load_adapter_fusion(os.path.join(case_dir, "fusion"))  # with its head "h"
         io = torch.load(os.path.join(case_dir, "io.pt"))
         torch.save(run_fusion(model, {"adapters": {n: None for n in spec["adapters"]}}, io["inputs"]),
                    os.path.join(case_dir, "oracle_out.pt"))
@@ -539,6 +657,8 @@ def check_tasks(root, manifest):
             raise SystemExit(f"{case}: weights do not fit: missing {missing}, unexpected {unexpected}")
         for name in spec["adapters"]:
             model.load_adapter(os.path.join(case_dir, "adapter_" + name), with_head=True)
+        for fused in spec.get("fusions", ()):
+            model.load_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)))
         io = torch.load(os.path.join(case_dir, "io.pt"))
         setup = Stack.from_dict(spec["setup"])
         result = run_task(model, spec, setup, io["inputs"])
@@ -570,7 +690,8 @@ def add_head(model, head):
 
 
 def is_adapter_key(key):
-    return ".adapters." in key or ".loras." in key
+    """An adapter's or a fusion layer's weight (they travel in their own files)."""
+    return ".adapters." in key or ".loras." in key or ".adapter_fusion_layer." in key
 
 
 def is_base_key(key):
@@ -584,6 +705,8 @@ def randomise_adapters_and_heads(model, generator):
     for name, param in model.named_parameters():
         if is_adapter_key(name) or name.startswith("heads."):
             noise = torch.randn(param.shape, generator=generator) * 0.2
+            if ".adapter_fusion_layer." in name:  # around its init (the value projection: the identity)
+                noise = param + noise * 0.5
             if "norm" in name and name.endswith("weight") or name.endswith("scaling"):
                 noise = noise + 1.0
             param.copy_(noise)
@@ -655,6 +778,7 @@ def produce(out_dir, real_json=None):
     task_manifest = produce_tasks(out_dir, real)
     produce_head_selection(out_dir)
     produce_averages(out_dir)
+    produce_adapter_setup(out_dir)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump({"cases": manifest, "task_cases": task_manifest, "train_adapter": trainable_after_train_adapter(),
                    "api_arguments": api_arguments(), "task_checkpoints": task_checkpoints_as_heads_model(out_dir),
@@ -670,6 +794,8 @@ def check(root):
     manifest = full["cases"]
     check_tasks(root, full.get("task_cases", {}))
     check_fusions(root, full.get("fusion_cases", {}))
+    if os.path.isdir(os.path.join(root, "adapter_setup")):
+        check_adapter_setup(root)
     directory = os.path.join(root, "pretrained")  # saved by our save_pretrained
     if os.path.isdir(directory):
         model = DistilBertAdapterModel.from_pretrained(directory)

@@ -28,6 +28,14 @@ def outputs_and_grads(model, out) -> dict:
     return result
 
 
+def fusion_attentions(attentions) -> dict:
+    """forward(output_adapter_fusion_attentions=True)'s {fusion: {layer: {location: array}}} as
+    {"attn <fusion> <layer> <location>": tensor}."""
+    return {f"attn {fusion} {layer} {place}": torch.as_tensor(probs)
+            for fusion, layers in attentions.items() for layer, places in layers.items()
+            for place, probs in places.items()}
+
+
 # AdapterSetup's head selection on a heads model with adapters "a", "b", "c", heads "a"
 # (classification, 2 labels), "b" (classification, 3) and "t" (tagging, active: added last), no
 # active adapters. Each scenario: AdapterSetup blocks, outer to inner, as (adapter_setup (a name

@@ -1,0 +1,164 @@
+"""Split, BatchSplit, and Fuse and Parallel inside the outer Stack (parity with the adapters package itself is in
+test_adapters_oracle.py's task cases): a padded batch packed inside, the padded computation
+(pack=False) and packed input (cu_seqlens) give the same result at every real position, with
+gradients; BatchSplit rows of children that share no adapter place equal each child alone;
+and the package's refusals (LoRA in a Split, sizes that do not add up, setups too deep)."""
+
+import pytest
+import torch
+from conftest import SMALL_CONFIG, assert_close
+
+from distilbert_fast import (
+    BatchSplit,
+    DistilBertAdapterModel,
+    DistilBertConfig,
+    DistilBertModel,
+    Fuse,
+    LoRAConfig,
+    Parallel,
+    SeqBnConfig,
+    Split,
+    Stack,
+)
+
+MASK_LENGTHS = [5, 7, 2]  # real tokens per row of the padded batch (seq 7)
+SETUPS = {
+    "batch_split": BatchSplit("a", "h", batch_sizes=[1, 2]),
+    "batch_split_lora_bottleneck": BatchSplit("l", Stack("a", "m"), batch_sizes=[2, 1]),
+    "split": Split("a", "b", splits=[3, 4]),
+    "split_in_batch_split": BatchSplit(Split("a", "b", splits=[2, 5]), "b", batch_sizes=[2, 1]),
+    "stack_fuse": Stack("l", Fuse("a", "b")),
+    "fuse_of_stack": Fuse(Stack("h", "a"), "b"),
+    "stack_batch_split": Stack("h", BatchSplit("a", Stack("b", "m"), batch_sizes=[1, 2])),
+    "stack_parallel": Stack("l", Parallel(Stack("h", "a"), "b")),  # (copy i: rows i * 3 .. i * 3 + 2)
+}
+
+
+def composed_model(cls=DistilBertModel):
+    torch.manual_seed(0)
+    model = cls(DistilBertConfig(**SMALL_CONFIG)).eval()
+    model.add_adapter("a", SeqBnConfig(reduction_factor=4))
+    model.add_adapter("b", SeqBnConfig(reduction_factor=2, non_linearity="gelu", scaling="learned"))
+    model.add_adapter("h", "double_seq_bn")
+    model.add_adapter("l", LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]))
+    model.add_adapter("m", LoRAConfig(r=3, alpha=3))
+    model.add_adapter_fusion(["a", "b"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter" in name or ".loras." in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def batch():
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (3, 7))
+    mask = (torch.arange(7)[None] < torch.tensor(MASK_LENGTHS)[:, None]).long()
+    return ids, mask
+
+
+def hidden_and_grads(model, **inputs):
+    """The hidden states at real positions, and the gradients of a weighted sum of them."""
+    model.zero_grad()
+    out = model(**inputs).last_hidden_state
+    mask = inputs.get("attention_mask")
+    out = out if mask is None else out[mask.bool().repeat(out.shape[0] // mask.shape[0], 1)]
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+def test_packed_padded_and_packed_input_agree(name):
+    model = composed_model()
+    ids, mask = batch()
+    real = mask.bool()
+    setup = SETUPS[name]
+    packed, packed_grads = hidden_and_grads(model, input_ids=ids, attention_mask=mask, adapter_names=setup)
+    padded, padded_grads = hidden_and_grads(model, input_ids=ids, attention_mask=mask, adapter_names=setup,
+                                            pack=False)
+    cu_seqlens = torch.tensor([0, *torch.tensor(MASK_LENGTHS).cumsum(0)], dtype=torch.int32)
+    entry, entry_grads = hidden_and_grads(model, input_ids=ids[real], cu_seqlens=cu_seqlens,
+                                          max_seqlen=max(MASK_LENGTHS), adapter_names=setup)
+    plain = model(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+    assert (packed[:len(plain)] - plain).abs().max() > 1e-2  # the setup changes the output
+    assert_close(packed, padded, atol=2e-5, name="packed vs padded")
+    assert_close(entry, padded, atol=2e-5, name="packed input vs padded")
+    assert set(packed_grads) == set(padded_grads) == set(entry_grads)
+    assert all(any(f".{n}." in g for g in packed_grads) for n in setup.flatten())  # every adapter trains
+    for key, grad in padded_grads.items():
+        atol = 2e-5 * (1 + grad.abs().max().item())  # (fp32 sums of up to ~1000)
+        assert_close(packed_grads[key], grad, atol=atol, name=f"grad {key} packed")
+        assert_close(entry_grads[key], grad, atol=atol, name=f"grad {key} packed input")
+
+
+def test_batch_split_rows_of_children_apart_equal_each_child_alone():
+    """Where no two children hold an adapter at the same place (a LoRA and a bottleneck adapter,
+    two LoRAs), each child's rows are that child alone: the rows of a child with no adapter at a
+    place get the plain residual + LayerNorm there (the package fails on the bottleneck one)."""
+    model = composed_model()
+    ids, mask = batch()
+    real = mask.bool()
+    for setup in (BatchSplit("l", "a", batch_sizes=[2, 1]), BatchSplit("m", "l", "a", batch_sizes=1)):
+        out = model(ids, attention_mask=mask, adapter_names=setup).last_hidden_state
+        start = 0
+        for child, size in zip(setup, setup.batch_sizes):
+            rows = slice(start, start + size)
+            alone = model(ids[rows], attention_mask=mask[rows], adapter_names=child).last_hidden_state
+            assert_close(out[rows][real[rows]], alone[real[rows]], atol=2e-5, name=f"{setup} rows of {child}")
+            start += size
+
+
+def test_batch_split_heads_take_their_rows_labels_and_mask():
+    """On DistilBertAdapterModel a BatchSplit runs head i on child i's rows with those rows'
+    labels and attention mask (set_active_adapters makes the active head that BatchSplit, as
+    the package; its heads get the whole batch's mask, which a token head's loss cannot take);
+    the loss is the heads' sum. Packed input is refused (the heads take rows of a padded batch)."""
+    model = composed_model(DistilBertAdapterModel)
+    model.add_tagging_head("a", num_labels=3)
+    model.add_tagging_head("h", num_labels=2)
+    ids, mask = batch()
+    setup = BatchSplit("a", "h", batch_sizes=[1, 2])
+    model.set_active_adapters(setup)
+    assert model.active_head == setup
+    labels = torch.randint(0, 2, (3, 7))
+    out = model(ids, attention_mask=mask, labels=labels)
+    hidden = model.distilbert(ids, attention_mask=mask, adapter_names=setup)
+    losses = []
+    for head_out, name, rows in zip(out.head_outputs, ("a", "h"), (slice(0, 1), slice(1, 3))):
+        rows_out = type(hidden)(last_hidden_state=hidden.last_hidden_state[rows])
+        expected = model.heads[name](rows_out, mask[rows], labels=labels[rows])
+        real = mask[rows].bool()
+        assert_close(head_out.logits[real], expected.logits[real], atol=1e-5, name=f"head {name}")
+        assert_close(head_out.loss, expected.loss, atol=1e-6, name=f"loss {name}")
+        losses.append(expected.loss)
+    assert_close(out.loss, sum(losses), atol=1e-6, name="loss")
+    with pytest.raises(ValueError, match="BatchSplit heads"):
+        model(ids[mask.bool()], cu_seqlens=torch.tensor([0, 5, 12, 14], dtype=torch.int32), max_seqlen=7)
+    with pytest.raises(IndexError, match=r"batch has a size of 2 which is not equal to the sum of batch_sizes \[1, 2\]"):
+        model(ids[:2], attention_mask=mask[:2])
+
+
+def test_the_package_refusals():
+    """What the package refuses, refused alike: LoRA in a Split (NotImplementedError), batch sizes
+    or splits that do not add up to the batch / padded length (IndexError), setups nested too deep
+    (ValueError); and ours: a Parallel inside another block, sizes that are not one per child."""
+    model = composed_model()
+    ids, mask = batch()
+    with pytest.raises(NotImplementedError, match="LoRA adapters in a Parallel inside a Stack"):
+        model(ids, attention_mask=mask, adapter_names=Stack("a", Parallel("l", "b")))
+    with pytest.raises(NotImplementedError, match="LoRA adapters do not run in a Split"):
+        model(ids, attention_mask=mask, adapter_names=Split("a", "l", splits=[3, 4]))
+    with pytest.raises(IndexError, match=r"sequence length 7 which is not equal to the sum of splits \[3, 3\]"):
+        model(ids, attention_mask=mask, adapter_names=Split("a", "b", splits=3), pack=False)
+    with pytest.raises(IndexError, match="batch has a size of 3"):
+        model(ids, attention_mask=mask, adapter_names=BatchSplit("l", "m", batch_sizes=[1, 1]))
+    with pytest.raises(ValueError, match="too deep"):
+        model(ids, attention_mask=mask, adapter_names=BatchSplit(Stack("a", Split("a", "b", splits=[3, 4])), "b",
+                                                                 batch_sizes=[1, 2]))
+    with pytest.raises(ValueError, match="too deep"):
+        model.set_active_adapters(Split(BatchSplit(Split("a", "b", splits=1), "a", batch_sizes=1), "b", splits=1))
+    with pytest.raises(TypeError, match="a Parallel is the outer block or in the outer Stack"):
+        BatchSplit(Parallel("a", "b"), "h", batch_sizes=1)
+    with pytest.raises(ValueError, match="batch_sizes must be an int >= 0 or a list of one per child"):
+        BatchSplit("a", "b", batch_sizes=[1, 2, 3])
+    with pytest.raises(ValueError, match="no adapter fusion named 'b,a'"):
+        model.set_active_adapters(Stack("l", Fuse("b", "a")))
