@@ -427,7 +427,7 @@ class Transformer(nn.Module):
             return self._layers(*layers)
         # (rows: where a Parallel adapter setup replicates the batch; cu_seqlens: the rows a
         # BatchSplit / Split setup splits packed tokens by)
-        cu_seqlens = key_padding_mask.cu_seqlens if isinstance(key_padding_mask, Varlen) else None
+        cu_seqlens = attention_mask.cu_seqlens if isinstance(attention_mask, Varlen) else None
         with state.calling(rows=x.shape[0], cu_seqlens=cu_seqlens):
             return self._layers(*layers)
 
