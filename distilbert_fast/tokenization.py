@@ -647,6 +647,9 @@ class DistilBertTokenizer:
             model = core.read_tokenizer_json(os.fspath(tokenizer_file))
             tokens = model["vocab"]
             prefix, max_chars = model["continuing_subword_prefix"], model["max_input_chars_per_word"]
+            # the file's added tokens, as HF's fast tokenizer takes them from it; those given win
+            added_tokens_decoder = {**{t.pop("id"): t for t in model["added_tokens"]},
+                                    **{int(i): t for i, t in (added_tokens_decoder or {}).items()}}
             with open(tokenizer_file, encoding="utf-8") as f:
                 saved = json.load(f)  # the backend's truncation / padding (see to_tokenizer_json)
             self._backend_truncation, self._backend_padding = saved.get("truncation"), saved.get("padding")
@@ -959,7 +962,10 @@ class DistilBertTokenizer:
                 init.setdefault("tokenize_chinese_chars", model["handle_chinese_chars"])
             init["tokenizer_file"] = json_file
         elif not os.path.isfile(vocab_file):
-            raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json")
+            prefixed = sorted(name for name in os.listdir(path) if name.endswith(("-tokenizer.json", "-vocab.txt")))
+            hint = (f"; it holds {', '.join(prefixed)}, written by save_pretrained(filename_prefix=...): load "
+                    f"those with {cls.__name__}(tokenizer_file=...) or vocab_file=..." if prefixed else "")
+            raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json{hint}")
         if added:
             init["added_tokens_decoder"] = added
         init.update(kwargs)
@@ -1026,14 +1032,28 @@ class DistilBertTokenizer:
                       "vocab": {token: i for i, token in enumerate(self._core.vocab())}},
         }
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def save_pretrained(self, save_directory, legacy_format=None, filename_prefix=None, push_to_hub=False, **kwargs):
         """Writes tokenizer.json (``to_tokenizer_json``: what transformers' fast tokenizers and
         ``tokenizers.Tokenizer.from_file`` load), vocab.txt, tokenizer_config.json (with the added
         tokens in its added_tokens_decoder, as HF writes them), special_tokens_map.json and, when
-        tokens were added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
+        tokens were added beyond the vocab, added_tokens.json (content -> id); returns their paths.
+
+        ``filename_prefix`` names every file ``PREFIX-<name>``, as transformers does (so several
+        tokenizers can share a folder); ``from_pretrained`` (ours and transformers') reads the
+        unprefixed names only: load such a save with ``tokenizer_file=".../PREFIX-tokenizer.json"``.
+        ``legacy_format`` and the hub's other keywords change nothing; ``push_to_hub`` must be
+        False (there is no network)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: distilbert_fast never uploads; save to a "
+                             "directory and upload it with huggingface_hub")
+        if filename_prefix is not None and not isinstance(filename_prefix, str):
+            raise TypeError(f"filename_prefix must be a str or None, got {type(filename_prefix).__name__}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {os.fspath(save_directory)!s} is a file")
         os.makedirs(save_directory, exist_ok=True)
-        (vocab_path,) = self.save_vocabulary(save_directory)
-        json_path = os.path.join(save_directory, "tokenizer.json")
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        (vocab_path,) = self.save_vocabulary(save_directory, filename_prefix)
+        json_path = os.path.join(save_directory, prefix + "tokenizer.json")
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(self.to_tokenizer_json(), f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -1058,12 +1078,12 @@ class DistilBertTokenizer:
         if self._extra_special_tokens:
             config["extra_special_tokens"] = list(self._extra_special_tokens)
             specials["additional_special_tokens"] = list(self._extra_special_tokens)
-        config_path = os.path.join(save_directory, "tokenizer_config.json")
-        map_path = os.path.join(save_directory, "special_tokens_map.json")
+        config_path = os.path.join(save_directory, prefix + "tokenizer_config.json")
+        map_path = os.path.join(save_directory, prefix + "special_tokens_map.json")
         files = [(config_path, config), (map_path, specials)]
         vocab_size = self._core.vocab_size()
         new_tokens = {t.content: index for index, t in sorted(self._added.items()) if index >= vocab_size}
-        added_path = os.path.join(save_directory, "added_tokens.json")
+        added_path = os.path.join(save_directory, prefix + "added_tokens.json")
         if new_tokens:
             files.append((added_path, new_tokens))
         elif os.path.isfile(added_path):
