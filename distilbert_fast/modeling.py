@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
@@ -109,16 +110,33 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
     return bias() if callable(bias) else bias
 
 
+# Optimizer steps taken in this process. A fused optimizer (torch.optim's fused=True, the
+# Trainer's default "adamw_torch_fused") writes parameters in place without bumping their version
+# counters, so a cache keyed by versions alone went stale after Trainer.train(): every step counts
+# as a possible write (a global post-step hook, registered with the first cache).
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
 class _StackedCache:
     """A tensor built from ``sources`` (the fused QKV weight), valid while each source is the same
     tensor (a weak reference: a replaced weight is neither kept alive nor mistaken for a new one
     at its address) at the same version counter, over the same storage and dtype
-    (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version).
-    Copies and pickles start empty."""
+    (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version),
+    and no optimizer has stepped since (see _optimizer_steps). Copies and pickles start empty."""
 
     def __init__(self, sources=(), stacked=None):
+        global _step_hook
+        if sources and _step_hook is None:
+            _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
         self.refs = tuple(weakref.ref(t) for t in sources)
         self.states = tuple(self._state(t) for t in sources)
+        self.steps = _optimizer_steps
         self.stacked = stacked
 
     @staticmethod
@@ -126,7 +144,7 @@ class _StackedCache:
         return t._version, t.data_ptr(), t.dtype, t.device
 
     def holds(self, sources) -> bool:
-        return len(sources) == len(self.refs) and all(
+        return self.steps == _optimizer_steps and len(sources) == len(self.refs) and all(
             ref() is t and state == self._state(t) for ref, state, t in zip(self.refs, self.states, sources))
 
     def __reduce__(self):

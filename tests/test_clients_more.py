@@ -1,0 +1,180 @@
+"""More of the ecosystem's own clients, each run twice on the same weights: once with
+transformers' classes and tokenizer, once with ours (our model class and our tokenizer in their
+place), and the results compared: sentence-transformers (CrossEncoder predict / rank / training /
+save and load, SentenceTransformer's encode options, SparseEncoder), transformers' pipelines with
+their less common options, and Trainer options.
+
+Tiny random DistilBERTs on the real uncased vocab (tests/conftest.py's fixture), so the real
+tokenizer's ids fit; initializer_range is large enough that outputs differ from text to text.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import assert_close, reference_vocab_dir
+
+import distilbert_fast
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 30522
+TINY = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=128,
+            initializer_range=0.2)
+NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+QUERY = "Where is Paris?"
+DOCS = ["Paris is the capital of France.", "A man is eating food.", "hi",
+        "The Eiffel tower stands in Paris, France, a city on the Seine. " * 2]
+
+
+def _save_hf(class_name, path, **overrides):
+    """A tiny random transformers model of ``class_name`` and transformers' tokenizer (real vocab),
+    saved in ``path``; returns the model."""
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(transformers.DistilBertConfig(**{**TINY, **overrides})).eval()
+    model.save_pretrained(path)
+    transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()).save_pretrained(path)
+    return model
+
+
+def _ours_in(module, class_name, path):
+    """A sentence-transformers Transformer module running our class and our tokenizer, loaded
+    from the same folder as transformers' ones it replaces."""
+    module.model = getattr(distilbert_fast, class_name).from_pretrained(path)
+    module.processor = distilbert_fast.DistilBertTokenizerFast.from_pretrained(path)
+    return module
+
+
+# -- Trainer ---------------------------------------------------------------------------------------
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, n=12):
+        texts = [DOCS[i % len(DOCS)] + f" number {i}" for i in range(n)]
+        self.rows = [dict(tokenizer(t, truncation=True, max_length=24), labels=i % 2) for i, t in enumerate(texts)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _train_both(tmp_path, make_args, class_name="DistilBertForSequenceClassification", collator=None,
+                model_overrides=None, **trainer_kwargs):
+    """Trains transformers' model with its tokenizer and ours with ours from the same weights and
+    seed; returns the two trainers."""
+    pytest.importorskip("accelerate")
+    path = tmp_path / "hf"
+    _save_hf(class_name, path, **{**NO_DROPOUT, **(model_overrides or {})})
+    trainers = []
+    for lib in (transformers, distilbert_fast):
+        model = getattr(lib, class_name).from_pretrained(path)
+        tokenizer = lib.DistilBertTokenizerFast.from_pretrained(path)
+        data = _Rows(tokenizer)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / lib.__name__), report_to=[], use_cpu=True,
+                                              seed=0, save_strategy="no", **make_args())
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                                       data_collator=collator(tokenizer) if collator else
+                                       transformers.DataCollatorWithPadding(tokenizer), **trainer_kwargs)
+        trainer.train()
+        trainers.append(trainer)
+    return trainers
+
+
+def _logged(trainer, key):
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+def test_evaluation_after_fused_optimizer_steps_like_transformers(tmp_path):
+    """The Trainer's default optimizer is torch's fused AdamW, which writes the parameters in place
+    without bumping their version counters: our fused-QKV weight, cached for no-grad forwards,
+    went stale, so evaluation during and after training used the weights of the first
+    evaluation. Losses, eval losses and predictions equal transformers' run."""
+    theirs, ours = _train_both(tmp_path, lambda: dict(
+        per_device_train_batch_size=4, per_device_eval_batch_size=4, num_train_epochs=2, learning_rate=1e-2,
+        logging_steps=1, eval_strategy="steps", eval_steps=2))
+    assert ours.args.optim == "adamw_torch_fused"
+    assert _logged(ours, "loss") == pytest.approx(_logged(theirs, "loss"), rel=1e-4)
+    assert len(_logged(ours, "eval_loss")) == 3
+    assert _logged(ours, "eval_loss") == pytest.approx(_logged(theirs, "eval_loss"), rel=1e-4)
+    expected = torch.as_tensor(theirs.predict(theirs.eval_dataset).predictions)
+    assert_close(torch.as_tensor(ours.predict(ours.eval_dataset).predictions), expected, atol=1e-4)
+
+
+# -- sentence-transformers: CrossEncoder -----------------------------------------------------------
+
+
+def _cross_encoders(tmp_path, num_labels):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    path = tmp_path / f"hf{num_labels}"
+    _save_hf("DistilBertForSequenceClassification", path, num_labels=num_labels, **NO_DROPOUT)
+    reference = CrossEncoder(str(path), device="cpu")
+    ours = CrossEncoder(str(path), device="cpu")
+    _ours_in(ours[0], "DistilBertForSequenceClassification", path)
+    assert isinstance(ours.model, distilbert_fast.DistilBertForSequenceClassification) and st
+    return reference, ours
+
+
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_cross_encoder_predict_rank_save_load(num_labels, tmp_path):
+    """CrossEncoder over our DistilBertForSequenceClassification and our tokenizer: predict (one
+    pair, a batch, batch_size 1, softmax, tensors, a shorter max_seq_length), rank, half and
+    bfloat16; saved, it loads back in sentence-transformers (transformers' classes) and in ours."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    reference, ours = _cross_encoders(tmp_path, num_labels)
+    pairs = [(QUERY, doc) for doc in DOCS]
+    for kwargs in ({}, {"batch_size": 1}, {"apply_softmax": True}, {"convert_to_tensor": True}):
+        expected = torch.as_tensor(reference.predict(pairs, **kwargs))
+        assert_close(torch.as_tensor(ours.predict(pairs, **kwargs)), expected, name=str(kwargs))
+    assert_close(torch.as_tensor(ours.predict(pairs[0])), torch.as_tensor(reference.predict(pairs[0])))
+    if num_labels == 1:
+        ranked, expected = ours.rank(QUERY, DOCS, return_documents=True), reference.rank(QUERY, DOCS, return_documents=True)
+        assert [(r["corpus_id"], r["text"]) for r in ranked] == [(r["corpus_id"], r["text"]) for r in expected]
+        assert [r["score"] for r in ranked] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    for dtype, atol in ((torch.float16, 5e-3), (torch.bfloat16, 3e-2)):
+        got = torch.as_tensor(copy.deepcopy(ours).to(dtype).predict(pairs))
+        assert_close(got, torch.as_tensor(copy.deepcopy(reference).to(dtype).predict(pairs)), atol=atol, name=str(dtype))
+    reference.max_seq_length = ours.max_seq_length = 10
+    expected = torch.as_tensor(reference.predict(pairs))
+    assert_close(torch.as_tensor(ours.predict(pairs)), expected, name="max_seq_length 10")
+    ours.save_pretrained(str(tmp_path / "saved"))
+    reloaded = CrossEncoder(str(tmp_path / "saved"), device="cpu")
+    reloaded.max_seq_length = 10
+    assert_close(torch.as_tensor(reloaded.predict(pairs)), expected, name="reloaded")
+    again = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert_close(again.state_dict()["classifier.weight"], ours.model.state_dict()["classifier.weight"], atol=0.0)
+
+
+def test_cross_encoder_trainer_like_transformers(tmp_path):
+    """CrossEncoderTrainer (BinaryCrossEntropyLoss, evaluation every 2 steps, the Trainer's fused
+    AdamW) trains ours as it trains transformers' model: the same losses, eval losses and
+    predictions after training, and the saved model predicts the same once reloaded."""
+    datasets = pytest.importorskip("datasets")
+    from sentence_transformers.cross_encoder import (CrossEncoder, CrossEncoderTrainer,
+                                                     CrossEncoderTrainingArguments)
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+
+    data = datasets.Dataset.from_dict({"query": [QUERY] * 8, "doc": DOCS * 2, "label": [1.0, 0.0, 0.0, 1.0] * 2})
+    pairs = [(QUERY, doc) for doc in DOCS]
+    runs = []
+    for model in _cross_encoders(tmp_path, 1):
+        args = CrossEncoderTrainingArguments(
+            output_dir=str(tmp_path / f"run{len(runs)}"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+            num_train_epochs=2, learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+            seed=0, eval_strategy="steps", eval_steps=2)
+        trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                                      loss=BinaryCrossEntropyLoss(model))
+        trainer.train()
+        runs.append((trainer, torch.as_tensor(model.predict(pairs))))
+    (theirs, expected), (ours, got) = runs
+    assert _logged(ours, "loss") == pytest.approx(_logged(theirs, "loss"), rel=1e-4)
+    assert _logged(ours, "eval_loss") == pytest.approx(_logged(theirs, "eval_loss"), rel=1e-4)
+    assert_close(got, expected, atol=1e-5)
+    ours.model.save_pretrained(str(tmp_path / "trained"))
+    assert_close(torch.as_tensor(CrossEncoder(str(tmp_path / "trained"), device="cpu").predict(pairs)), expected,
+                 atol=1e-5, name="reloaded")
