@@ -448,6 +448,8 @@ def _ignoring_tokenizer_outputs(forward):
         for key in _IGNORED_INPUTS:
             kwargs.pop(key, None)
         flat = pop_flattened(kwargs)
+        if flat is None and self._token_outputs and len(args) <= 1:
+            flat = flattened_by_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"))
         if flat is not None:
             return _forward_flattened(forward, self, args, kwargs, flat)
         return forward(self, *args, **kwargs)
@@ -466,6 +468,28 @@ def pop_flattened(kwargs: dict) -> dict | None:
     if not any(key in kwargs for key in _FLATTENED_INPUTS):
         return None
     return {key: kwargs.pop(key, None) for key in _FLATTENED_INPUTS}
+
+
+def flattened_by_positions(position_ids, attention_mask) -> dict | None:
+    """The flattened-batch keywords of a padding-free batch given by its position ids alone
+    (DataCollatorWithFlattening's default: one (1, total) row, no attention mask, position ids
+    0 .. len - 1 per sequence), or None where position_ids are not that. transformers' DistilBERT
+    runs such a row as one sequence on eager / sdpa (each sequence then attends to the others;
+    its flash-attention models read the boundaries from the position ids, as here): ours runs each
+    sequence alone. Reads position_ids on the host (one sync), never while tracing or capturing."""
+    if (attention_mask is not None or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
+            or position_ids.shape[0] != 1 or position_ids.shape[1] < 2 or tracing()
+            or (position_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    positions = position_ids[0]
+    starts = (positions == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None  # one sequence (or none): nothing to split
+    total = positions.numel()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+    if not torch.equal(positions, sequence_positions(cu_seqlens, total)[1].to(positions.dtype)):
+        return None  # not 0 .. len - 1 per sequence: the caller's own position ids
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": None, "max_length_q": None, "max_length_k": None}
 
 
 def packed_from_flattened(flat: dict, inputs: dict) -> int:
