@@ -178,3 +178,95 @@ def test_cross_encoder_trainer_like_transformers(tmp_path):
     ours.model.save_pretrained(str(tmp_path / "trained"))
     assert_close(torch.as_tensor(CrossEncoder(str(tmp_path / "trained"), device="cpu").predict(pairs)), expected,
                  atol=1e-5, name="reloaded")
+
+
+# -- sentence-transformers: SentenceTransformer and SparseEncoder ----------------------------------
+
+
+def _sentence_transformers(tmp_path):
+    """SentenceTransformer(Transformer + mean Pooling, with prompts) on transformers' DistilBertModel,
+    and the same on ours with our tokenizer."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.models import Pooling, Transformer
+
+    path = tmp_path / "hf"
+    _save_hf("DistilBertModel", path)
+    prompts = {"query": "query: ", "passage": "passage: "}
+    models = [st.SentenceTransformer(modules=[Transformer(str(path)), Pooling(TINY["dim"], "mean")], device="cpu",
+                                     prompts=prompts) for _ in range(2)]
+    _ours_in(models[1][0], "DistilBertModel", path)
+    return models
+
+
+def test_sentence_transformer_encode_options_save_load(tmp_path):
+    """encode with token embeddings (ragged rows, several batch sizes), prompts, truncate_dim,
+    normalisation, int8 precision, half and bfloat16, on our class and tokenizer as on
+    transformers'; saved, the folder loads back in sentence-transformers."""
+    st = pytest.importorskip("sentence_transformers")
+    reference, ours = _sentence_transformers(tmp_path)
+    texts = DOCS + ["x"]
+    for kwargs in ({}, {"batch_size": 2}, {"prompt_name": "query"}, {"prompt": "search: "}, {"truncate_dim": 8},
+                   {"normalize_embeddings": True}):
+        expected = reference.encode(texts, convert_to_tensor=True, **kwargs)
+        assert_close(ours.encode(texts, convert_to_tensor=True, **kwargs), expected, name=str(kwargs))
+    assert_close(ours.encode_query(texts, convert_to_tensor=True), reference.encode_query(texts, convert_to_tensor=True))
+    for batch_size in (1, 3):
+        expected = reference.encode(texts, output_value="token_embeddings", batch_size=batch_size)
+        got = ours.encode(texts, output_value="token_embeddings", batch_size=batch_size)
+        assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in expected]
+        for g, e in zip(got, expected):
+            assert_close(g, e, name="token embeddings")
+    quantized = [torch.as_tensor(m.encode(texts, precision="int8")).int() for m in (reference, ours)]
+    assert (quantized[1] - quantized[0]).abs().max() <= 1  # (a rounding at a bucket's edge may differ)
+    exact = reference.encode(texts, convert_to_tensor=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        theirs = copy.deepcopy(reference).to(dtype).encode(texts, convert_to_tensor=True).float()
+        got = copy.deepcopy(ours).to(dtype).encode(texts, convert_to_tensor=True).float()
+        # our error against float32 at most ~2x theirs
+        assert (got - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-3, dtype
+    ours.save(str(tmp_path / "saved"))
+    reloaded = st.SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+    assert reloaded.prompts["query"] == "query: "
+    assert_close(reloaded.encode(texts, convert_to_tensor=True), exact)
+
+
+def test_sentence_transformer_multi_process_pool(tmp_path):
+    """encode over a pool of worker processes (the model and tokenizer pickled to each): ours as
+    transformers' in one process."""
+    reference, ours = _sentence_transformers(tmp_path)
+    texts = DOCS * 3
+    expected = reference.encode(texts, convert_to_tensor=True)
+    pool = ours.start_multi_process_pool(["cpu"])  # one worker process: pickling is what is tested
+    try:
+        got = ours.encode(texts, pool=pool, batch_size=2, chunk_size=4)
+    finally:
+        ours.stop_multi_process_pool(pool)
+    assert_close(torch.as_tensor(got), expected)
+
+
+def test_sparse_encoder_splade_over_our_masked_lm(tmp_path):
+    """SparseEncoder (SPLADE: the fill-mask Transformer module + SpladePooling) over our
+    DistilBertForMaskedLM and tokenizer: the same sparse vectors, decoded terms and saved folder
+    as over transformers'."""
+    st = pytest.importorskip("sentence_transformers")
+    if not hasattr(st, "SparseEncoder"):
+        pytest.skip("this sentence-transformers has no SparseEncoder")
+    from sentence_transformers.models import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    path = tmp_path / "hf"
+    _save_hf("DistilBertForMaskedLM", path)
+    models = [st.SparseEncoder(modules=[Transformer(str(path), transformer_task="fill-mask"), SpladePooling("max")],
+                               device="cpu") for _ in range(2)]
+    reference, ours = models
+    _ours_in(ours[0], "DistilBertForMaskedLM", path)
+    for kwargs in ({}, {"batch_size": 1}, {"max_active_dims": 10}):
+        expected = reference.encode(DOCS, **kwargs).to_dense()
+        got = ours.encode(DOCS, **kwargs).to_dense()
+        assert torch.equal(got != 0, expected != 0), kwargs
+        assert_close(got, expected, name=str(kwargs))
+    terms = [t for t, _ in reference.decode(reference.encode(DOCS[0]), top_k=5)]
+    assert [t for t, _ in ours.decode(ours.encode(DOCS[0]), top_k=5)] == terms
+    ours.save(str(tmp_path / "saved"))
+    reloaded = st.SparseEncoder(str(tmp_path / "saved"), device="cpu")
+    assert_close(reloaded.encode(DOCS).to_dense(), reference.encode(DOCS).to_dense())
