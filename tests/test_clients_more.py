@@ -103,6 +103,31 @@ def test_evaluation_after_fused_optimizer_steps_like_transformers(tmp_path):
     assert_close(torch.as_tensor(ours.predict(ours.eval_dataset).predictions), expected, atol=1e-4)
 
 
+def test_gradient_accumulation_averages_over_the_accumulated_batch(tmp_path):
+    """gradient_accumulation_steps=2 with batches of 2 trains ours as batches of 4 do (SGD: the
+    same logged losses and weights): the Trainer divides our loss by the steps, since our forward
+    takes no **kwargs. (transformers' DistilBERT takes **kwargs but ignores num_items_in_batch,
+    so there the Trainer leaves its loss undivided: twice the batch's mean here; see README.)"""
+    pytest.importorskip("accelerate")
+    path = tmp_path / "hf"
+    _save_hf("DistilBertForSequenceClassification", path, **NO_DROPOUT)
+    runs = []
+    for batch, steps in ((4, 1), (2, 2)):
+        model = distilbert_fast.DistilBertForSequenceClassification.from_pretrained(path)
+        tokenizer = distilbert_fast.DistilBertTokenizerFast.from_pretrained(path)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch}"), report_to=[], use_cpu=True, seed=0, save_strategy="no",
+            per_device_train_batch_size=batch, gradient_accumulation_steps=steps, max_steps=3, optim="sgd",
+            learning_rate=0.5, logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(tokenizer),
+                                       data_collator=transformers.DataCollatorWithPadding(tokenizer))
+        trainer.train()
+        runs.append((_logged(trainer, "loss"), model.classifier.weight.detach().clone()))
+    (losses, weight), (accumulated, accumulated_weight) = runs
+    assert len(losses) == 3 and accumulated == pytest.approx(losses, rel=1e-5)
+    assert_close(accumulated_weight, weight, atol=1e-5)
+
+
 # -- sentence-transformers: CrossEncoder -----------------------------------------------------------
 
 
