@@ -41,8 +41,10 @@ def _save_hf(class_name, path, **overrides):
 def _ours_in(module, class_name, path):
     """A sentence-transformers Transformer module running our class and our tokenizer, loaded
     from the same folder as transformers' ones it replaces."""
+    max_seq_length = module.max_seq_length  # (sentence-transformers capped its own tokenizer's at the model's)
     module.model = getattr(distilbert_fast, class_name).from_pretrained(path)
     module.processor = distilbert_fast.DistilBertTokenizerFast.from_pretrained(path)
+    module.max_seq_length = max_seq_length
     return module
 
 
@@ -229,7 +231,8 @@ def test_sentence_transformer_encode_options_save_load(tmp_path):
     transformers'; saved, the folder loads back in sentence-transformers."""
     st = pytest.importorskip("sentence_transformers")
     reference, ours = _sentence_transformers(tmp_path)
-    texts = DOCS + ["x"]
+    assert ours.max_seq_length == reference.max_seq_length == TINY["max_position_embeddings"]
+    texts = DOCS + ["x", "a long text " * 100]  # (truncated at max_seq_length)
     for kwargs in ({}, {"batch_size": 2}, {"prompt_name": "query"}, {"prompt": "search: "}, {"truncate_dim": 8},
                    {"normalize_embeddings": True}):
         expected = reference.encode(texts, convert_to_tensor=True, **kwargs)
