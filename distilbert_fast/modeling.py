@@ -448,7 +448,7 @@ def _ignoring_tokenizer_outputs(forward):
         for key in _IGNORED_INPUTS:
             kwargs.pop(key, None)
         flat = pop_flattened(kwargs)
-        if flat is None and self._token_outputs and len(args) <= 1:
+        if flat is None and self._token_outputs and len(args) <= 1 and kwargs.get("cu_seqlens") is None:
             flat = flattened_by_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"))
         if flat is not None:
             return _forward_flattened(forward, self, args, kwargs, flat)

@@ -10,6 +10,7 @@ BertTokenizerFast / DistilBertTokenizerFast (the Rust ``tokenizers`` library); t
 released; the result does not depend on the number of threads.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -602,6 +603,12 @@ class DistilBertTokenizer:
     isinstance (sentence-transformers, Trainer) take it; transformers is never imported here.
     """
 
+    # The C++ cores and the caches live in slots, outside the instance's __dict__: datasets
+    # fingerprints a transformers tokenizer (Dataset.map's cache key) by pickling its __dict__,
+    # which must then pickle (the cores do not) and depend only on the settings, not on the calls
+    # made so far; _vocab_digest stands in there for the core's vocab.
+    __slots__ = ("_core", "_split_core", "_plans", "_backend_cache", "__dict__", "__weakref__")
+
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = list(_INPUT_NAMES)
     pad_token_type_id = 0
@@ -610,7 +617,6 @@ class DistilBertTokenizer:
     _transformers_twin = False  # True on the transformers-compatible subclass
     # the backend's truncation / padding, as tokenizer.json holds them (see to_tokenizer_json)
     _backend_truncation = _backend_padding = None
-    _backend_cache = None  # (core, tokenizers.Tokenizer) behind backend_tokenizer
     _no_pad_token = False  # True after tokenizer.pad_token = None: padding is then an error, as in HF
     # what transformers' clients read of a tokenizer that adds no BOS / EOS and no prefix space
     add_bos_token = add_eos_token = add_prefix_space = False
@@ -712,8 +718,11 @@ class DistilBertTokenizer:
                             "model_max_length": self.model_max_length, **specials}
 
     def _build_core(self, tokens):
+        if "_vocab_digest" not in self.__dict__:  # (the vocab never changes; added tokens are in _added)
+            self._vocab_digest = hashlib.sha256("\n".join(tokens).encode("utf-8", "surrogatepass")).hexdigest()
         self._core = self._make_core(tokens, split_special_tokens=False)
         self._split_core = None  # made on first use by a call with split_special_tokens=True
+        self._backend_cache = None  # (core, tokenizers.Tokenizer) behind backend_tokenizer
         vocab_size = self._core.vocab_size()
         # HF's len(): the vocab's tokens and the added tokens' contents, each once
         self._num_tokens = vocab_size + sum(
@@ -1168,7 +1177,8 @@ class DistilBertTokenizer:
                                   "comes with transformers); the tokenizer itself does not") from exc
             backend = Tokenizer.from_str(json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
             backend.encode_special_tokens = self.split_special_tokens
-            cache = self.__dict__["_backend_cache"] = (self._core, backend)
+            cache = (self._core, backend)
+            object.__setattr__(self, "_backend_cache", cache)
         backend = cache[1]
         if backend.encode_special_tokens != self.split_special_tokens:
             backend.encode_special_tokens = self.split_special_tokens
@@ -1344,7 +1354,7 @@ class DistilBertTokenizer:
         super().__setattr__(name, value)
         if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
             super().__setattr__("_plans", {})
-        elif name in ("pad_token", "pad_token_id") and "_core" in self.__dict__:
+        elif name in ("pad_token", "pad_token_id") and _is_set(self, "_core"):
             self._pad_token_changed(name, value)
 
     def _pad_token_changed(self, name, value):
@@ -1836,6 +1846,16 @@ def _transformers_twin(cls):
                 "__init__": __init__, "_transformers_twin": True}
         twin = _TWINS[cls] = type(cls.__name__, (cls, PreTrainedTokenizerBase), body)
     return twin
+
+
+def _is_set(tokenizer, slot):
+    """Whether a slot of ``tokenizer`` holds a value (not through transformers' __getattr__ on
+    the twin, which answers for names it does not know)."""
+    try:
+        object.__getattribute__(tokenizer, slot)
+    except AttributeError:
+        return False
+    return True
 
 
 def _plain_class(cls):
