@@ -476,12 +476,14 @@ def flattened_by_positions(position_ids, attention_mask) -> dict | None:
     0 .. len - 1 per sequence), or None where position_ids are not that. transformers' DistilBERT
     runs such a row as one sequence on eager / sdpa (each sequence then attends to the others;
     its flash-attention models read the boundaries from the position ids, as here): ours runs each
-    sequence alone. Reads position_ids on the host (one sync), never while tracing or capturing."""
+    sequence alone. Reads position_ids on the host (on a GPU, one copy: the packed forward that
+    follows then takes the host's cu_seqlens and max_seqlen without another sync); never while
+    tracing or capturing."""
     if (attention_mask is not None or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
             or position_ids.shape[0] != 1 or position_ids.shape[1] < 2 or tracing()
             or (position_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
         return None
-    positions = position_ids[0]
+    positions = position_ids[0].cpu()
     starts = (positions == 0).nonzero().flatten()
     if starts.numel() < 2 or int(starts[0]) != 0:
         return None  # one sequence (or none): nothing to split
@@ -489,7 +491,8 @@ def flattened_by_positions(position_ids, attention_mask) -> dict | None:
     cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
     if not torch.equal(positions, sequence_positions(cu_seqlens, total)[1].to(positions.dtype)):
         return None  # not 0 .. len - 1 per sequence: the caller's own position ids
-    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": None, "max_length_q": None, "max_length_k": None}
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": None, "max_length_q": int(cu_seqlens.diff().max()),
+            "max_length_k": None}
 
 
 def packed_from_flattened(flat: dict, inputs: dict) -> int:
