@@ -110,12 +110,15 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
     return bias() if callable(bias) else bias
 
 
-# Optimizer steps taken in this process. A fused optimizer (torch.optim's fused=True, the
-# Trainer's default "adamw_torch_fused") writes parameters in place without bumping their version
-# counters, so a cache keyed by versions alone went stale after Trainer.train(): every step counts
-# as a possible write (a global post-step hook, registered with the first cache).
+# Writes no version counter sees, watched by global hooks registered with the first cache:
+# - a fused optimizer (torch.optim's fused=True, the Trainer's default "adamw_torch_fused") writes
+#   parameters in place without bumping their versions (the cache went stale after
+#   Trainer.train()): every optimizer step counts as a possible write;
+# - PEFT merges a LoRA into the weight through .data (merge_and_unload): it wraps and unwraps
+#   q_lin / k_lin / v_lin by setattr, and a projection set anew drops its module's cache.
 _optimizer_steps = 0
-_step_hook = None
+_hooks = None
+_FUSED_PROJECTIONS = frozenset({"q_lin", "k_lin", "v_lin"})
 
 
 def _count_optimizer_step(optimizer, args, kwargs):
@@ -123,17 +126,24 @@ def _count_optimizer_step(optimizer, args, kwargs):
     _optimizer_steps += 1
 
 
+def _forget_stack_of_swapped(module, name, submodule):
+    if name in _FUSED_PROJECTIONS and module.__dict__.get("_qkv_cache") is not None:
+        module.__dict__["_qkv_cache"] = None
+
+
 class _StackedCache:
     """A tensor built from ``sources`` (the fused QKV weight), valid while each source is the same
     tensor (a weak reference: a replaced weight is neither kept alive nor mistaken for a new one
     at its address) at the same version counter, over the same storage and dtype
     (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version),
-    and no optimizer has stepped since (see _optimizer_steps). Copies and pickles start empty."""
+    and no optimizer has stepped since (see _optimizer_steps); a projection set anew on its module
+    drops it (_forget_stack_of_swapped). Copies and pickles start empty."""
 
     def __init__(self, sources=(), stacked=None):
-        global _step_hook
-        if sources and _step_hook is None:
-            _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+        global _hooks
+        if sources and _hooks is None:
+            _hooks = (register_optimizer_step_post_hook(_count_optimizer_step),
+                      nn.modules.module.register_module_module_registration_hook(_forget_stack_of_swapped))
         self.refs = tuple(weakref.ref(t) for t in sources)
         self.states = tuple(self._state(t) for t in sources)
         self.steps = _optimizer_steps

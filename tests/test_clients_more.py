@@ -298,3 +298,39 @@ def test_sparse_encoder_splade_over_our_masked_lm(tmp_path):
     ours.save(str(tmp_path / "saved"))
     reloaded = st.SparseEncoder(str(tmp_path / "saved"), device="cpu")
     assert_close(reloaded.encode(DOCS).to_dense(), reference.encode(DOCS).to_dense())
+
+
+# -- PEFT ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+@pytest.mark.parametrize("forward_while_wrapped", [False, True])
+def test_peft_merge_and_unload_after_inference_like_transformers(optimized, forward_while_wrapped):
+    """A LoRA merged into q/k/v (merge_and_unload, which writes the weights through .data: no
+    version counter sees it) after the model ran inference (which cached our fused q/k/v
+    weight): the merged model's outputs are transformers' merged model's, not the old weights'."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = {**TINY, "vocab_size": 100}
+    hf = transformers.DistilBertModel(transformers.DistilBertConfig(**config)).eval()
+    if optimized:
+        ours = distilbert_fast.optimize(copy.deepcopy(hf))
+    else:
+        ours = distilbert_fast.DistilBertModel(distilbert_fast.DistilBertConfig(**config)).eval()
+        ours.load_state_dict(hf.state_dict())
+    ids = torch.tensor([[1, 5, 7, 9, 2], [1, 8, 2, 0, 0]])
+    mask = (ids != 0).long()
+    outputs = []
+    for model in (hf, ours):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # caches our stacked q/k/v weight
+        torch.manual_seed(1)
+        lora = peft.LoraConfig(r=4, target_modules=["q_lin", "k_lin", "v_lin"], init_lora_weights=False)
+        wrapped = peft.get_peft_model(model, lora)
+        if forward_while_wrapped:
+            with torch.no_grad():
+                wrapped(input_ids=ids, attention_mask=mask)
+        merged = wrapped.merge_and_unload()
+        with torch.no_grad():
+            outputs.append(merged(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None])
+    assert_close(outputs[1], outputs[0])
