@@ -64,15 +64,18 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _train_both(tmp_path, make_args, class_name="DistilBertForSequenceClassification", collator=None,
-                model_overrides=None, **trainer_kwargs):
-    """Trains transformers' model with its tokenizer and ours with ours from the same weights and
-    seed; returns the two trainers."""
+                model_overrides=None, optimized=False, **trainer_kwargs):
+    """Trains transformers' model with its tokenizer and ours with ours (or, optimized,
+    transformers' model after optimize() with our tokenizer) from the same weights and seed;
+    returns the two trainers."""
     pytest.importorskip("accelerate")
     path = tmp_path / "hf"
     _save_hf(class_name, path, **{**NO_DROPOUT, **(model_overrides or {})})
     trainers = []
     for lib in (transformers, distilbert_fast):
-        model = getattr(lib, class_name).from_pretrained(path)
+        model = getattr(transformers if optimized else lib, class_name).from_pretrained(path)
+        if optimized and lib is distilbert_fast:
+            distilbert_fast.optimize(model)
         tokenizer = lib.DistilBertTokenizerFast.from_pretrained(path)
         data = _Rows(tokenizer)
         args = transformers.TrainingArguments(output_dir=str(tmp_path / lib.__name__), report_to=[], use_cpu=True,
@@ -89,14 +92,15 @@ def _logged(trainer, key):
     return [log[key] for log in trainer.state.log_history if key in log]
 
 
-def test_evaluation_after_fused_optimizer_steps_like_transformers(tmp_path):
+@pytest.mark.parametrize("optimized", [False, True], ids=["ours", "optimized"])
+def test_evaluation_after_fused_optimizer_steps_like_transformers(optimized, tmp_path):
     """The Trainer's default optimizer is torch's fused AdamW, which writes the parameters in place
     without bumping their version counters: our fused-QKV weight, cached for no-grad forwards,
     went stale, so evaluation during and after training used the weights of the first
     evaluation. Losses, eval losses and predictions equal transformers' run."""
     theirs, ours = _train_both(tmp_path, lambda: dict(
         per_device_train_batch_size=4, per_device_eval_batch_size=4, num_train_epochs=2, learning_rate=1e-2,
-        logging_steps=1, eval_strategy="steps", eval_steps=2))
+        logging_steps=1, eval_strategy="steps", eval_steps=2), optimized=optimized)
     assert ours.args.optim == "adamw_torch_fused"
     assert _logged(ours, "loss") == pytest.approx(_logged(theirs, "loss"), rel=1e-4)
     assert len(_logged(ours, "eval_loss")) == 3
