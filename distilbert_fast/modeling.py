@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
@@ -114,16 +115,43 @@ def bias_of(layer: nn.Module) -> torch.Tensor | None:
     return bias() if callable(bias) else bias
 
 
+# Writes no version counter sees, watched by global hooks registered with the first cache:
+# - a fused optimizer (torch.optim's fused=True, the Trainer's default "adamw_torch_fused") writes
+#   parameters in place without bumping their versions (the cache went stale after
+#   Trainer.train()): every optimizer step counts as a possible write;
+# - PEFT merges a LoRA into the weight through .data (merge_and_unload): it wraps and unwraps
+#   q_lin / k_lin / v_lin by setattr, and a projection set anew drops its module's cache.
+_optimizer_steps = 0
+_hooks = None
+_FUSED_PROJECTIONS = frozenset({"q_lin", "k_lin", "v_lin"})
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _forget_stack_of_swapped(module, name, submodule):
+    if name in _FUSED_PROJECTIONS and module.__dict__.get("_qkv_cache") is not None:
+        module.__dict__["_qkv_cache"] = None
+
+
 class _StackedCache:
     """A tensor built from ``sources`` (the fused QKV weight), valid while each source is the same
     tensor (a weak reference: a replaced weight is neither kept alive nor mistaken for a new one
     at its address) at the same version counter, over the same storage and dtype
-    (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version).
-    Copies and pickles start empty."""
+    (``model.to(torch.bfloat16)`` or ``.to(device)`` swap a parameter's data without a new version),
+    and no optimizer has stepped since (see _optimizer_steps); a projection set anew on its module
+    drops it (_forget_stack_of_swapped). Copies and pickles start empty."""
 
     def __init__(self, sources=(), stacked=None):
+        global _hooks
+        if sources and _hooks is None:
+            _hooks = (register_optimizer_step_post_hook(_count_optimizer_step),
+                      nn.modules.module.register_module_module_registration_hook(_forget_stack_of_swapped))
         self.refs = tuple(weakref.ref(t) for t in sources)
         self.states = tuple(self._state(t) for t in sources)
+        self.steps = _optimizer_steps
         self.stacked = stacked
 
     @staticmethod
@@ -131,7 +159,7 @@ class _StackedCache:
         return t._version, t.data_ptr(), t.dtype, t.device
 
     def holds(self, sources) -> bool:
-        return len(sources) == len(self.refs) and all(
+        return self.steps == _optimizer_steps and len(sources) == len(self.refs) and all(
             ref() is t and state == self._state(t) for ref, state, t in zip(self.refs, self.states, sources))
 
     def __reduce__(self):
@@ -479,6 +507,8 @@ def _ignoring_tokenizer_outputs(forward):
         for key in _IGNORED_INPUTS:
             kwargs.pop(key, None)
         flat = pop_flattened(kwargs)
+        if flat is None and self._token_outputs and len(args) <= 1 and kwargs.get("cu_seqlens") is None:
+            flat = flattened_by_positions(kwargs.get("position_ids"), kwargs.get("attention_mask"))
         if flat is not None:
             return _forward_flattened(forward, self, args, kwargs, flat)
         return forward(self, *args, **kwargs)
@@ -497,6 +527,31 @@ def pop_flattened(kwargs: dict) -> dict | None:
     if not any(key in kwargs for key in _FLATTENED_INPUTS):
         return None
     return {key: kwargs.pop(key, None) for key in _FLATTENED_INPUTS}
+
+
+def flattened_by_positions(position_ids, attention_mask) -> dict | None:
+    """The flattened-batch keywords of a padding-free batch given by its position ids alone
+    (DataCollatorWithFlattening's default: one (1, total) row, no attention mask, position ids
+    0 .. len - 1 per sequence), or None where position_ids are not that. transformers' DistilBERT
+    runs such a row as one sequence on eager / sdpa (each sequence then attends to the others;
+    its flash-attention models read the boundaries from the position ids, as here): ours runs each
+    sequence alone. Reads position_ids on the host (on a GPU, one copy: the packed forward that
+    follows then takes the host's cu_seqlens and max_seqlen without another sync); never while
+    tracing or capturing."""
+    if (attention_mask is not None or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2
+            or position_ids.shape[0] != 1 or position_ids.shape[1] < 2 or tracing()
+            or (position_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return None
+    positions = position_ids[0].cpu()
+    starts = (positions == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None  # one sequence (or none): nothing to split
+    total = positions.numel()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([total])]).to(torch.int32)
+    if not torch.equal(positions, sequence_positions(cu_seqlens, total)[1].to(positions.dtype)):
+        return None  # not 0 .. len - 1 per sequence: the caller's own position ids
+    return {"cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": None, "max_length_q": int(cu_seqlens.diff().max()),
+            "max_length_k": None}
 
 
 def packed_from_flattened(flat: dict, inputs: dict) -> int:

@@ -10,6 +10,7 @@ BertTokenizerFast / DistilBertTokenizerFast (the Rust ``tokenizers`` library); t
 released; the result does not depend on the number of threads.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -602,6 +603,12 @@ class DistilBertTokenizer:
     isinstance (sentence-transformers, Trainer) take it; transformers is never imported here.
     """
 
+    # The C++ cores and the caches live in slots, outside the instance's __dict__: datasets
+    # fingerprints a transformers tokenizer (Dataset.map's cache key) by pickling its __dict__,
+    # which must then pickle (the cores do not) and depend only on the settings, not on the calls
+    # made so far; _vocab_digest stands in there for the core's vocab.
+    __slots__ = ("_core", "_split_core", "_plans", "_backend_cache", "__dict__", "__weakref__")
+
     vocab_files_names = VOCAB_FILES_NAMES
     model_input_names = list(_INPUT_NAMES)
     pad_token_type_id = 0
@@ -610,7 +617,6 @@ class DistilBertTokenizer:
     _transformers_twin = False  # True on the transformers-compatible subclass
     # the backend's truncation / padding, as tokenizer.json holds them (see to_tokenizer_json)
     _backend_truncation = _backend_padding = None
-    _backend_cache = None  # (core, tokenizers.Tokenizer) behind backend_tokenizer
     _no_pad_token = False  # True after tokenizer.pad_token = None: padding is then an error, as in HF
     # what transformers' clients read of a tokenizer that adds no BOS / EOS and no prefix space
     add_bos_token = add_eos_token = add_prefix_space = False
@@ -647,6 +653,9 @@ class DistilBertTokenizer:
             model = core.read_tokenizer_json(os.fspath(tokenizer_file))
             tokens = model["vocab"]
             prefix, max_chars = model["continuing_subword_prefix"], model["max_input_chars_per_word"]
+            # the file's added tokens, as HF's fast tokenizer takes them from it; those given win
+            added_tokens_decoder = {**{t.pop("id"): t for t in model["added_tokens"]},
+                                    **{int(i): t for i, t in (added_tokens_decoder or {}).items()}}
             with open(tokenizer_file, encoding="utf-8") as f:
                 saved = json.load(f)  # the backend's truncation / padding (see to_tokenizer_json)
             self._backend_truncation, self._backend_padding = saved.get("truncation"), saved.get("padding")
@@ -709,8 +718,11 @@ class DistilBertTokenizer:
                             "model_max_length": self.model_max_length, **specials}
 
     def _build_core(self, tokens):
+        if "_vocab_digest" not in self.__dict__:  # (the vocab never changes; added tokens are in _added)
+            self._vocab_digest = hashlib.sha256("\n".join(tokens).encode("utf-8", "surrogatepass")).hexdigest()
         self._core = self._make_core(tokens, split_special_tokens=False)
         self._split_core = None  # made on first use by a call with split_special_tokens=True
+        self._backend_cache = None  # (core, tokenizers.Tokenizer) behind backend_tokenizer
         vocab_size = self._core.vocab_size()
         # HF's len(): the vocab's tokens and the added tokens' contents, each once
         self._num_tokens = vocab_size + sum(
@@ -959,7 +971,10 @@ class DistilBertTokenizer:
                 init.setdefault("tokenize_chinese_chars", model["handle_chinese_chars"])
             init["tokenizer_file"] = json_file
         elif not os.path.isfile(vocab_file):
-            raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json")
+            prefixed = sorted(name for name in os.listdir(path) if name.endswith(("-tokenizer.json", "-vocab.txt")))
+            hint = (f"; it holds {', '.join(prefixed)}, written by save_pretrained(filename_prefix=...): load "
+                    f"those with {cls.__name__}(tokenizer_file=...) or vocab_file=..." if prefixed else "")
+            raise ValueError(f"'{path}' holds neither vocab.txt nor tokenizer.json{hint}")
         if added:
             init["added_tokens_decoder"] = added
         init.update(kwargs)
@@ -1026,14 +1041,28 @@ class DistilBertTokenizer:
                       "vocab": {token: i for i, token in enumerate(self._core.vocab())}},
         }
 
-    def save_pretrained(self, save_directory, **kwargs):
+    def save_pretrained(self, save_directory, legacy_format=None, filename_prefix=None, push_to_hub=False, **kwargs):
         """Writes tokenizer.json (``to_tokenizer_json``: what transformers' fast tokenizers and
         ``tokenizers.Tokenizer.from_file`` load), vocab.txt, tokenizer_config.json (with the added
         tokens in its added_tokens_decoder, as HF writes them), special_tokens_map.json and, when
-        tokens were added beyond the vocab, added_tokens.json (content -> id); returns their paths."""
+        tokens were added beyond the vocab, added_tokens.json (content -> id); returns their paths.
+
+        ``filename_prefix`` names every file ``PREFIX-<name>``, as transformers does (so several
+        tokenizers can share a folder); ``from_pretrained`` (ours and transformers') reads the
+        unprefixed names only: load such a save with ``tokenizer_file=".../PREFIX-tokenizer.json"``.
+        ``legacy_format`` and the hub's other keywords change nothing; ``push_to_hub`` must be
+        False (there is no network)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub=True is not supported: distilbert_fast never uploads; save to a "
+                             "directory and upload it with huggingface_hub")
+        if filename_prefix is not None and not isinstance(filename_prefix, str):
+            raise TypeError(f"filename_prefix must be a str or None, got {type(filename_prefix).__name__}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained needs a directory, but {os.fspath(save_directory)!s} is a file")
         os.makedirs(save_directory, exist_ok=True)
-        (vocab_path,) = self.save_vocabulary(save_directory)
-        json_path = os.path.join(save_directory, "tokenizer.json")
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        (vocab_path,) = self.save_vocabulary(save_directory, filename_prefix)
+        json_path = os.path.join(save_directory, prefix + "tokenizer.json")
         with open(json_path, "w", encoding="utf-8") as f:
             json.dump(self.to_tokenizer_json(), f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -1058,12 +1087,12 @@ class DistilBertTokenizer:
         if self._extra_special_tokens:
             config["extra_special_tokens"] = list(self._extra_special_tokens)
             specials["additional_special_tokens"] = list(self._extra_special_tokens)
-        config_path = os.path.join(save_directory, "tokenizer_config.json")
-        map_path = os.path.join(save_directory, "special_tokens_map.json")
+        config_path = os.path.join(save_directory, prefix + "tokenizer_config.json")
+        map_path = os.path.join(save_directory, prefix + "special_tokens_map.json")
         files = [(config_path, config), (map_path, specials)]
         vocab_size = self._core.vocab_size()
         new_tokens = {t.content: index for index, t in sorted(self._added.items()) if index >= vocab_size}
-        added_path = os.path.join(save_directory, "added_tokens.json")
+        added_path = os.path.join(save_directory, prefix + "added_tokens.json")
         if new_tokens:
             files.append((added_path, new_tokens))
         elif os.path.isfile(added_path):
@@ -1148,7 +1177,8 @@ class DistilBertTokenizer:
                                   "comes with transformers); the tokenizer itself does not") from exc
             backend = Tokenizer.from_str(json.dumps(self.to_tokenizer_json(), ensure_ascii=False))
             backend.encode_special_tokens = self.split_special_tokens
-            cache = self.__dict__["_backend_cache"] = (self._core, backend)
+            cache = (self._core, backend)
+            object.__setattr__(self, "_backend_cache", cache)
         backend = cache[1]
         if backend.encode_special_tokens != self.split_special_tokens:
             backend.encode_special_tokens = self.split_special_tokens
@@ -1324,7 +1354,7 @@ class DistilBertTokenizer:
         super().__setattr__(name, value)
         if name in _PLAN_INPUTS:  # a setting a cached plan was worked out from: forget the plans
             super().__setattr__("_plans", {})
-        elif name in ("pad_token", "pad_token_id") and "_core" in self.__dict__:
+        elif name in ("pad_token", "pad_token_id") and _is_set(self, "_core"):
             self._pad_token_changed(name, value)
 
     def _pad_token_changed(self, name, value):
@@ -1816,6 +1846,16 @@ def _transformers_twin(cls):
                 "__init__": __init__, "_transformers_twin": True}
         twin = _TWINS[cls] = type(cls.__name__, (cls, PreTrainedTokenizerBase), body)
     return twin
+
+
+def _is_set(tokenizer, slot):
+    """Whether a slot of ``tokenizer`` holds a value (not through transformers' __getattr__ on
+    the twin, which answers for names it does not know)."""
+    try:
+        object.__getattribute__(tokenizer, slot)
+    except AttributeError:
+        return False
+    return True
 
 
 def _plain_class(cls):

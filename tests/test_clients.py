@@ -455,27 +455,32 @@ def test_sentence_transformers_our_model_as_transformer_module(hf_tokenizer, tmp
 # -- flattened batches (DataCollatorWithFlattening) ------------------------------------------------
 
 
-def _flattened(hf_tokenizer, with_labels=True):
-    """transformers' DataCollatorWithFlattening (flash-attention keywords on) over three texts, and
-    the features it flattened."""
+def _flattened(hf_tokenizer, with_labels=True, flash_keywords=True):
+    """transformers' DataCollatorWithFlattening over three texts (flash-attention keywords on, or
+    its default: position ids alone), and the features it flattened."""
     features = [dict(hf_tokenizer(t)) for t in TEXTS[:3]]
     for f in features:
         f.pop("attention_mask")
         if with_labels:
             f["labels"] = [-100] + [i % 3 for i in range(len(f["input_ids"]) - 2)] + [-100]
-    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_keywords)
     return collator([dict(f) for f in features]), features
 
 
 @pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM",
                                         "DistilBertForTokenClassification", "DistilBertForQuestionAnswering"])
-def test_flattened_batch_runs_each_sequence_alone(class_name, hf_tokenizer):
-    """A flattened batch (one row of concatenated sequences with cu_seq_lens_q) runs packed: each
-    sequence's outputs equal transformers' model run on that sequence alone, in (1, total, ...)
-    shapes, and the token loss equals transformers' on the padded batch."""
+@pytest.mark.parametrize("flash_keywords", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_flattened_batch_runs_each_sequence_alone(class_name, flash_keywords, hf_tokenizer):
+    """A flattened batch (one row of concatenated sequences with cu_seq_lens_q, or with position
+    ids alone restarting at 0 per sequence, the collator's default) runs packed: each sequence's
+    outputs equal transformers' model run on that sequence alone, in (1, total, ...) shapes, and
+    the token loss equals transformers' on the padded batch. (transformers' DistilBERT on sdpa or
+    eager attention runs the row as one sequence, its sequences attending to each other; its
+    flash-attention models compute what ours does.)"""
     tagging = class_name == "DistilBertForTokenClassification"
     hf, ours = pair(class_name, num_labels=3 if tagging else 2)
-    batch, features = _flattened(hf_tokenizer, with_labels=tagging)
+    batch, features = _flattened(hf_tokenizer, with_labels=tagging, flash_keywords=flash_keywords)
+    assert ("cu_seq_lens_q" in batch) == flash_keywords
     with torch.no_grad():
         out = ours(**batch)
         start = 0
@@ -491,7 +496,8 @@ def test_flattened_batch_runs_each_sequence_alone(class_name, hf_tokenizer):
             assert_close(out.loss, hf(**padded).loss, atol=1e-5, name="loss")
 
 
-def test_flattened_batch_trains_in_trainer(hf_tokenizer, tmp_path):
+@pytest.mark.parametrize("flash_keywords", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_flattened_batch_trains_in_trainer(flash_keywords, hf_tokenizer, tmp_path):
     """Trainer with DataCollatorWithFlattening, padding-free token classification: it trains."""
     pytest.importorskip("accelerate")
     _, ours = pair("DistilBertForTokenClassification", num_labels=3)
@@ -499,8 +505,8 @@ def test_flattened_batch_trains_in_trainer(hf_tokenizer, tmp_path):
     arguments = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3,
                                                max_steps=3, learning_rate=1e-3, report_to=[], use_cpu=True,
                                                save_strategy="no", remove_unused_columns=False)
-    trainer = transformers.Trainer(model=ours, args=arguments, train_dataset=features * 3,
-                                   data_collator=transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True))
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_keywords)
+    trainer = transformers.Trainer(model=ours, args=arguments, train_dataset=features * 3, data_collator=collator)
     assert trainer.train().global_step == 3
 
 

@@ -137,11 +137,13 @@ def test_gradients_equal_unoptimised(class_name):
 
 @pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM", "DistilBertForTokenClassification",
                                         "BertModel", "BertForMaskedLM", "BertForTokenClassification"])
-def test_flattened_batch_runs_each_sequence_alone(class_name):
+@pytest.mark.parametrize("flash_keywords", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_flattened_batch_runs_each_sequence_alone(class_name, flash_keywords):
     """DataCollatorWithFlattening's batch (one row of concatenated sequences, cu_seq_lens_q, which
-    transformers' heads pass down to the base model): each sequence attends within itself, as
-    transformers computes it with flash attention, so outputs, loss and every gradient equal the
-    unoptimised model's on the same sequences padded (its sdpa attention mixed the sequences)."""
+    transformers' heads pass down to the base model, or by default only position ids restarting
+    at 0 per sequence): each sequence attends within itself, as transformers computes it with
+    flash attention, so outputs, loss and every gradient equal the unoptimised model's on the
+    same sequences padded (its sdpa attention mixed the sequences)."""
     overrides = (
         dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if class_name.startswith("Bert")
         else dict(dropout=0.0, attention_dropout=0.0)
@@ -152,7 +154,8 @@ def test_flattened_batch_runs_each_sequence_alone(class_name):
     lengths = (5, 9, 2)
     features = [{"input_ids": torch.randint(1, 99, (n,)).tolist(), "labels": torch.randint(0, high, (n,)).tolist()}
                 for n in lengths]
-    flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    flat = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash_keywords)(features)
+    assert ("cu_seq_lens_q" in flat) == flash_keywords and "position_ids" in flat
     labels = flat["labels"][0].split(lengths)  # the collator's: -100 at each sequence's first token
     padded = {"input_ids": torch.zeros(3, max(lengths), dtype=torch.long),
               "attention_mask": torch.zeros(3, max(lengths), dtype=torch.long),

@@ -112,6 +112,36 @@ def test_transformers_loads_our_saved_folder(tmp_path, loader):
     assert dict(hf(long, **kwargs)) == dict(ours(long, **kwargs))
 
 
+def test_filename_prefix_names_every_file_as_transformers(tmp_path):
+    """save_pretrained(filename_prefix="p") writes every file as p-<name>, as transformers' does
+    (its files are a subset of ours), and neither library's from_pretrained reads them: ours says
+    what the folder holds; each tokenizer loads the other's p-tokenizer.json by tokenizer_file=."""
+    hf = transformers.DistilBertTokenizerFast.from_pretrained(reference_vocab_dir())
+    ours = _with_added(DistilBertTokenizerFast.from_pretrained(reference_vocab_dir()))
+    hf.add_tokens([tokenizers.AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                         normalized=t.normalized) for t in ADDED])
+    hf.add_special_tokens({"additional_special_tokens": [tokenizers.AddedToken("<sp>", special=True,
+                                                                              normalized=False)]})
+    theirs_dir, ours_dir = tmp_path / "hf", tmp_path / "ours"
+    theirs_files = hf.save_pretrained(theirs_dir, filename_prefix="p")
+    ours_files = ours.save_pretrained(ours_dir, filename_prefix="p")
+    names = sorted(os.listdir(ours_dir))
+    assert names == sorted(os.path.basename(f) for f in ours_files)
+    assert all(name.startswith("p-") for name in names), names
+    assert {os.path.basename(f) for f in theirs_files if os.path.exists(f)} <= set(names)
+    with pytest.raises(ValueError, match="p-tokenizer.json"):
+        DistilBertTokenizerFast.from_pretrained(ours_dir)
+    from_ours = transformers.DistilBertTokenizerFast(tokenizer_file=str(ours_dir / "p-tokenizer.json"))
+    from_theirs = DistilBertTokenizerFast(tokenizer_file=theirs_dir / "p-tokenizer.json")
+    for text in TEXTS:
+        expected = dict(hf(text, return_offsets_mapping=True))
+        assert dict(from_ours(text, return_offsets_mapping=True)) == expected
+        assert dict(from_theirs(text, return_offsets_mapping=True)) == expected
+        assert dict(ours(text, return_offsets_mapping=True)) == expected
+    with pytest.raises(ValueError, match="push_to_hub"):
+        ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
+
+
 def test_backend_tokenizer_reads_as_hfs():
     """What the clients read: normalizer, pre-tokenizer, model, post-processor, decoder, vocab,
     truncation and padding, as on HF's tokenizer loaded from the same folder."""

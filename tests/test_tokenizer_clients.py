@@ -268,3 +268,36 @@ def test_sentence_transformers_encode_with_our_tokenizer(tmp_path, input_names):
     model.save(str(tmp_path))
     reloaded = st.SentenceTransformer(str(tmp_path), device="cpu")
     assert torch.equal(reloaded.encode(TEXTS, batch_size=4, convert_to_tensor=True), expected)
+
+
+# -- datasets ---------------------------------------------------------------------------------------
+
+
+def test_datasets_map_fingerprints_our_tokenizer_as_hfs(both):
+    """Dataset.map's cache key hashes the function with the tokenizer in it, by pickling a
+    transformers tokenizer's __dict__ (our C++ core does not pickle: datasets fell back to a
+    random hash, so a rerun never found its cache). Ours now hashes: the same for the same vocab
+    and settings, whatever calls it has served, and otherwise different; map gives HF's columns."""
+    datasets = pytest.importorskip("datasets")
+    from datasets.fingerprint import Hasher
+
+    hf, ours = both
+    path = reference_vocab_dir()
+    fresh = DistilBertTokenizerFast.from_pretrained(path)
+    expected = Hasher.hash(fresh)
+    assert Hasher.hash(DistilBertTokenizerFast.from_pretrained(path)) == expected
+    fresh("a b"), fresh("a b", truncation=True, max_length=8), fresh(["c", "d"], padding=True)
+    fresh("e", split_special_tokens=True), fresh.backend_tokenizer
+    assert Hasher.hash(fresh) == expected
+    assert Hasher.hash(DistilBertTokenizerFast.from_pretrained(path, do_lower_case=False)) != expected
+    fresh.add_tokens(["<new_tok>"])
+    assert Hasher.hash(fresh) != expected
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert (Hasher.hash(DistilBertTokenizerFast(vocab=specials + ["a"]))
+            != Hasher.hash(DistilBertTokenizerFast(vocab=specials + ["b"])))
+    data = datasets.Dataset.from_dict({"text": TEXTS})
+    maps = {}
+    for name, tok in (("hf", hf), ("ours", ours), ("ours again", DistilBertTokenizerFast.from_pretrained(path))):
+        maps[name] = data.map(lambda batch: tok(batch["text"], truncation=True, max_length=16), batched=True)
+    assert maps["ours"]._fingerprint == maps["ours again"]._fingerprint  # (a random hash differs each time)
+    assert maps["ours"].to_dict() == maps["hf"].to_dict()

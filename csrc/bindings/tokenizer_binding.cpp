@@ -223,8 +223,18 @@ struct BatchResult {
     CheckRow(i);
     py::list out(batch.Length(i));
     size_t k = 0;
-    auto write = [&](int64_t id) { PyList_SET_ITEM(out.ptr(), k++, py::str(*tok->IdToToken(id)).release().ptr()); };
-    FieldSink<Field::kIds, decltype(write)&> sink{write};
+    auto put = [&](const std::string& token) { PyList_SET_ITEM(out.ptr(), k++, py::str(token).release().ptr()); };
+    struct Sink {
+      const dbf_tok::Tokenizer& tok;
+      decltype(put)& out;
+      void Special(int32_t id, int32_t) { out(*tok.IdToToken(id)); }
+      void Piece(const Pieces& p, int32_t, size_t begin, size_t end) {
+        for (size_t k = begin; k < end; ++k) out(*tok.PieceToken(p, k));
+      }
+      void Pad(size_t n, int32_t pad_id, int32_t) {
+        for (size_t k = 0; k < n; ++k) out(*tok.IdToToken(pad_id));
+      }
+    } sink{*tok, put};
     batch.Emit(i, &sink);
     return out;
   }
@@ -506,7 +516,7 @@ class PyTokenizer {
     Check(st);
     std::vector<std::string> out;
     out.reserve(pieces.size());
-    for (int32_t id : pieces.ids) out.push_back(*tok_->IdToToken(id));
+    for (size_t k = 0; k < pieces.size(); ++k) out.push_back(*tok_->PieceToken(pieces, k));
     return out;
   }
 

@@ -401,6 +401,11 @@ struct Tokenizer::Impl {
             while (stop < n && IsRegexSpace(norm[stop].cp)) ++stop;
           if (done < start) pre_tokenize_range(done, start);
           out->Push(hit.id, {norm[start].orig, norm[stop - 1].orig + 1}, (*word_id)++);
+          if (start < i || stop > i + len) {  // shown with the (normalized) white space it took
+            std::string shown;
+            for (size_t k = start; k < stop; ++k) unicode::AppendUtf8(norm[k].cp, &shown);
+            out->ShowLast(std::move(shown));
+          }
           // as HF's Aho-Corasick search, the next match is looked for from the end of this one,
           // not of the white space rstrip took: it may start inside that white space
           i += len;
@@ -472,6 +477,8 @@ struct Tokenizer::Impl {
           if (!st.ok) return st;
         }
         out->Push(hit.id, {start_char, stop_char}, word_id++);
+        if (start < pos || stop > pos + len)  // shown with the white space it took, as in the text
+          out->ShowLast(std::string(text.substr(start, stop - start)));
         // as HF's Aho-Corasick search, the next match is looked for from the end of this one, not
         // of the white space rstrip took (a match starting in it overlaps this token, as in HF)
         pos += len;

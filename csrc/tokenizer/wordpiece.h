@@ -101,16 +101,30 @@ struct Pieces {
   std::vector<int32_t> ids;
   std::vector<std::pair<int32_t, int32_t>> offsets;
   std::vector<int32_t> word_ids;
+  // (index, text) of the few tokens shown otherwise than their id's text, sorted by index: an
+  // lstrip / rstrip added token with the white space it took, as HF shows it (its text slice,
+  // normalized for a normalized token). Empty unless such a match took white space.
+  std::vector<std::pair<uint32_t, std::string>> shown;
   size_t size() const { return ids.size(); }
   void Push(int32_t id, std::pair<int32_t, int32_t> offset, int32_t word) {
     ids.push_back(id);
     offsets.push_back(offset);
     word_ids.push_back(word);
   }
+  // The last token pushed is shown as text.
+  void ShowLast(std::string text) { shown.emplace_back(static_cast<uint32_t>(ids.size() - 1), std::move(text)); }
+  // Token k's text, if it is shown otherwise than its id's; nullptr if not.
+  const std::string* Shown(size_t k) const {
+    if (shown.empty()) return nullptr;
+    auto it = std::lower_bound(shown.begin(), shown.end(), k,
+                               [](const std::pair<uint32_t, std::string>& e, size_t v) { return e.first < v; });
+    return it != shown.end() && it->first == k ? &it->second : nullptr;
+  }
   void Resize(size_t n) {
     ids.resize(n);
     offsets.resize(n);
     word_ids.resize(n);
+    while (!shown.empty() && shown.back().first >= n) shown.pop_back();
   }
 };
 
@@ -223,6 +237,12 @@ class Tokenizer {
   // An added token's text (normalized if it is matched normalized, as HF shows it), else the
   // vocab's; nullptr if no token has this id.
   const std::string* IdToToken(int64_t id) const;
+  // Token k of pieces as HF shows it in tokens(): the text it was matched with (an lstrip /
+  // rstrip token's white space included), else IdToToken.
+  const std::string* PieceToken(const Pieces& pieces, size_t k) const {
+    const std::string* shown = pieces.Shown(k);
+    return shown ? shown : IdToToken(pieces.ids[k]);
+  }
   size_t VocabSize() const;                          // the vocab alone, without added tokens
   size_t NumIds() const;                             // one past the largest id (added tokens too)
   const std::vector<std::string>& Vocab() const;     // the vocab's tokens by id

@@ -266,8 +266,9 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
     ignored as transformers 5 ignores them) over our DistilBertModel.forward. A flattened batch
     (DataCollatorWithFlattening's keywords, which transformers' heads pass down) runs on the packed
     entry point: each sequence attends within itself, as transformers computes it with flash
-    attention (its sdpa and eager attention ignore those keywords and attend across the row)."""
-    flattened = modeling.pop_flattened(kwargs)
+    attention (its sdpa and eager attention ignore those keywords and attend across the row); so
+    does one given by its position ids alone (modeling.flattened_by_positions)."""
+    flattened = modeling.pop_flattened(kwargs) or modeling.flattened_by_positions(position_ids, attention_mask)
     if flattened is None:
         view = _with_token_labels(view, input_ids, inputs_embeds)
     return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask if masks_heads else None,
@@ -438,7 +439,7 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
     in _distilbert_model_forward); the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    flattened = modeling.pop_flattened(kwargs)
+    flattened = modeling.pop_flattened(kwargs) or modeling.flattened_by_positions(position_ids, attention_mask)
     if flattened is None:
         view = _with_token_labels(view, input_ids, inputs_embeds)
     module = view._module
