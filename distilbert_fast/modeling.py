@@ -256,6 +256,12 @@ class DistilBertSelfAttention(nn.Module):
         self.dropout = nn.Dropout(p=config.attention_dropout)
         self._qkv_cache = None  # a _StackedCache of the fused projection; see _fused_qkv
 
+    def train(self, mode: bool = True):
+        # train() / eval() drop the cache: the one call that code editing weights through
+        # ``.data`` (an EMA copied in, pruning) makes before it evaluates
+        self._qkv_cache = None
+        return super().train(mode)
+
     def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
         """hidden_states (batch, seq, dim) with attention_mask (batch, seq) bool (True: a real
         token; not transformers' 4-D mask) or None; or packed tokens (total, dim) with a
@@ -311,10 +317,10 @@ class DistilBertSelfAttention(nn.Module):
 
         The parameters stay q_lin / k_lin / v_lin's (HF's state_dict, tying, optimizers). Where a
         gradient may flow to them the stack is built each forward (torch.cat passes the gradient
-        back); otherwise it is cached, keyed by each tensor and its version counter, so an
-        in-place update (load_state_dict, an optimizer step, a merged LoRA) or a move rebuilds it.
-        (Writes through ``param.data`` bypass the version counter: call ``load_state_dict`` or
-        write under ``torch.no_grad()`` instead.)"""
+        back); otherwise it is cached (_StackedCache), keyed by each tensor and its version
+        counter, so an in-place update (load_state_dict) or a move rebuilds it; so do an optimizer
+        step, a projection set anew (a merged LoRA) and train() / eval(). Other writes through
+        ``param.data`` bypass the version counter: call ``model.eval()`` after them."""
         layers = (self.q_lin, self.k_lin, self.v_lin)
         if not all(_is_plain_linear(layer) and layer.bias is not None for layer in layers):
             return None

@@ -514,6 +514,24 @@ def test_fused_qkv_follows_a_change_of_dtype_after_a_forward(dtype):
     assert torch.equal(got, expected)
 
 
+def test_fused_qkv_follows_a_write_through_data_once_the_model_is_put_in_eval_mode():
+    """An EMA copied in through ``param.data`` (no version counter sees it) ran the cached stack
+    of the old weights; eval() (or train()) is the documented point where it is dropped."""
+    hf, ours = make_pair("DistilBertModel")
+    other, _ = make_pair("DistilBertModel")
+    ours.eval()
+    inputs = padded_batch("DistilBertModel", ours.config, labels=False)
+    with torch.no_grad():
+        ours(**inputs)
+        for name, param in ours.named_parameters():
+            param.data.copy_(other.state_dict()[name])
+        ours.eval()
+        got = ours(**inputs).last_hidden_state
+        expected = hf_forward(other, **inputs).last_hidden_state
+    real = inputs["attention_mask"].bool()
+    assert_close(got[real], expected[real], atol=ATOL_MODEL)
+
+
 def test_packed_position_ids_are_per_sequence():
     _, ours = make_pair("DistilBertModel")
     inputs = padded_batch("DistilBertModel", ours.config, [[1] * 5 + [0] * 3, [1] * 8], labels=False)
