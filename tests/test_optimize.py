@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, reference_vocab_dir
+from conftest import CLASS_NAMES, SMALL_CONFIG, assert_close, packed_attention_calls, reference_vocab_dir
 
 import distilbert_fast
 
@@ -343,19 +343,6 @@ def test_import_does_not_load_transformers():
             "m(torch.tensor([[1, 2]])); assert 'transformers' not in sys.modules, 'imported'")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-
-
-def packed_attention_calls(monkeypatch, model, inputs):
-    """How many times one call of ``model`` runs our packed attention op (0: transformers' own
-    forward ran)."""
-    calls = []
-    real = distilbert_fast.modeling.varlen_attention
-    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention",
-                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    with torch.no_grad():
-        model(**inputs)
-    monkeypatch.setattr(distilbert_fast.modeling, "varlen_attention", real)
-    return len(calls)
 
 
 # module paths (below the base model) to hook, per family: modules our forward fuses or skips
