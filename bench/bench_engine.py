@@ -79,6 +79,8 @@ def parse_args(argv):
     p.add_argument("--classify", action="store_true",
                    help="also classify (3 labels, random head) beside HF's model in the same loop (on by default on CUDA)")
     p.add_argument("--no-pipeline", action="store_true", help="skip transformers.pipeline (the slowest)")
+    p.add_argument("--gemm-floor", action="store_true",
+                   help="also time only the GEMMs ours fp32 runs on the corpus's tokens (a ceiling, see GemmFloor)")
     p.add_argument("--no-record", action="store_true", help="do not append rows to the results file")
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "engine.csv"))
     p.add_argument("--plot", default=os.path.join(RESULTS_DIR, "engine.png"))
@@ -149,6 +151,25 @@ class Ours:
     def idle_fraction(self) -> str:
         idle = self.engine.device_idle_fraction
         return "" if idle is None else f"{idle:.4f}"
+
+
+class GemmFloor:
+    """Not a provider of results: only the matrix products ours fp32 runs on the corpus's real
+    tokens (bench_model.gemm_floor, batches of max_batch_tokens), on the engine's own model. The
+    st-way's time over this one is the most any fp32 engine keeping those GEMMs can gain."""
+
+    dtype = "float32"
+
+    def __init__(self, ours: Ours, tokens: int, max_batch_tokens: int):
+        from bench_model import gemm_floor
+
+        self.forward = gemm_floor(ours.engine.model, "cpu" if DEVICE == "cpu" else None)
+        self.batches = [max_batch_tokens] * (tokens // max_batch_tokens) + [tokens % max_batch_tokens]
+
+    def __call__(self, texts):
+        for total in filter(None, self.batches):
+            self.forward({"input_ids": torch.empty(total, dtype=torch.long)})
+        return None
 
 
 class OwnAttention:
@@ -419,6 +440,8 @@ def main(argv=None) -> int:
         }
         if not args.no_pipeline:
             providers["pipeline"] = Pipeline(path)
+        if args.gemm_floor:
+            providers["gemm-floor"] = GemmFloor(providers["ours"], tokens, args.max_batch_tokens)
         if auto != torch.float32:
             providers["ours-auto"] = Ours(path, "auto", args.max_batch_tokens)
             providers[f"st-way-{str(auto).removeprefix('torch.')}"] = SentenceTransformersWay(path, auto)
@@ -431,6 +454,14 @@ def main(argv=None) -> int:
         rows, table = [], []
         for name, (seconds, vectors) in measured.items():
             is_fp32 = providers[name].dtype == "float32"
+            if vectors is None:  # the GEMM floor: a time, no results
+                row = {**env, "benchmark": "embed-mixed", "provider": name, "dtype": "float32", "texts": len(texts),
+                       "tokens": tokens, "max_batch_tokens": args.max_batch_tokens, "seconds": f"{seconds:.3f}",
+                       "texts_per_s": f"{len(texts) / seconds:.2f}", "tokens_per_s": f"{tokens / seconds:.1f}",
+                       "vs_st_way_fp32": f"{measured['st-way'][0] / seconds:.2f}"}
+                rows.append(row)
+                table.append([name, "float32", row["texts_per_s"], row["tokens_per_s"], row["vs_st_way_fp32"], "-", "-", "-"])
+                continue
             cos = cosine(vectors, fp32_ours if name.startswith("ours") else reference)
             row = {**env, "benchmark": "embed-mixed", "provider": name, "dtype": providers[name].dtype,
                    "texts": len(texts), "tokens": tokens, "max_batch_tokens": args.max_batch_tokens,
