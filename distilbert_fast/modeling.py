@@ -1669,8 +1669,8 @@ class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
                 self.config.problem_type = "multi_label_classification"
 
     def _loss(self, logits, labels):
-        """MSE, cross-entropy or BCE-with-logits, as config.problem_type says (HF's)."""
-        self._infer_problem_type(labels)
+        """MSE, cross-entropy or BCE-with-logits, as config.problem_type says (HF's; forward
+        infers it first)."""
         if self.config.problem_type == "regression":
             if self.num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
