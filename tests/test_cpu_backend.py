@@ -158,8 +158,11 @@ def test_linear_matches_eager(dtype, shape, with_bias):
     )
 
 
-@pytest.mark.skipif(not cpu_backend.ONEDNN_LINEAR, reason="torch was built without oneDNN")
-def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-gemm"])
+def test_linear_float32_runs_the_chosen_gemm_and_agrees_with_and_without_grad(monkeypatch, onednn):
+    if onednn and not cpu_backend.ONEDNN_AVAILABLE:
+        pytest.skip("torch was built without oneDNN")
+    monkeypatch.setattr(cpu_backend, "ONEDNN_LINEAR", onednn)
     x, weight, bias = torch.randn(3, 9, 40), torch.randn(24, 40), torch.randn(24)
     calls = []
     real = cpu_backend._onednn_linear
@@ -167,7 +170,7 @@ def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch
     with torch.no_grad():
         y_inference = ops.linear(x, weight, bias, backend="cpu")
     y_train = ops.linear(x.requires_grad_(), weight, bias, backend="cpu")
-    assert len(calls) == 2, "float32 linear did not run on oneDNN"
+    assert len(calls) == (2 if onednn else 0), f"float32 linear ran oneDNN {len(calls)} times"
     assert torch.equal(y_train.detach(), y_inference)  # training and inference: the same forward
     # and through the model: a forward with grad and one without give the same bits
     model = distilbert_fast.DistilBertModel(distilbert_fast.DistilBertConfig(**SMALL_CONFIG)).set_backend("cpu").eval()
@@ -179,6 +182,7 @@ def test_linear_float32_runs_onednn_and_agrees_with_and_without_grad(monkeypatch
 
 
 def test_linear_falls_back_to_torch_where_onednn_does_not_suit(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "ONEDNN_LINEAR", True)  # the choice it must decline
     monkeypatch.setattr(cpu_backend, "_onednn_linear", lambda *a: pytest.fail("oneDNN ran"))
     weight, bias = torch.randn(6, 8), torch.randn(6)
     x = torch.randn(5, 8)
@@ -202,8 +206,9 @@ def test_linear_falls_back_to_torch_where_onednn_does_not_suit(monkeypatch):
         assert y.dtype == torch.bfloat16 and torch.equal(y, torch.nn.functional.linear(x, weight, bias))
 
 
-@pytest.mark.skipif(not cpu_backend.ONEDNN_LINEAR, reason="torch was built without oneDNN")
-def test_linear_second_order_gradient_is_an_error():
+@pytest.mark.skipif(not cpu_backend.ONEDNN_AVAILABLE, reason="torch was built without oneDNN")
+def test_linear_second_order_gradient_is_an_error(monkeypatch):
+    monkeypatch.setattr(cpu_backend, "ONEDNN_LINEAR", True)  # (torch's GEMM has second order)
     x = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(6, 8, requires_grad=True)
     y = ops.linear(x, weight, None, backend="cpu")

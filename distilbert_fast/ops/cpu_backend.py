@@ -7,11 +7,14 @@ extension ``distilbert_fast._C``.
 - linear + bias + activation (the FFN's first matmul): the matmul, then the bias and the
   activation; in inference they are applied in place on the matmul's fresh output (a second
   buffer of that size costs more in page faults than the activation itself).
-- linear (the other projections) and the matmul of linear + activation: in float32, oneDNN's
-  matmul (torch's own ``mkldnn._linear_pointwise``, the GEMM torch.compile uses on CPU), which
-  with the bias folded in runs 10-20% faster than the MKL sgemm behind torch's F.linear on the
-  AVX-512 CPU we measured. Forward only: the backward runs torch's matmuls, as F.linear's does.
-  Training and inference take the same forward, so their outputs agree bit for bit.
+- linear (the other projections) and the matmul of linear + activation: in float32, on CPUs
+  with AVX-512, oneDNN's matmul (torch's own ``mkldnn._linear_pointwise``, the GEMM
+  torch.compile uses on CPU), which with the bias folded in runs 10-20% faster than the MKL
+  sgemm behind torch's F.linear on the AVX-512 Xeon we measured, and about twice as fast on an
+  AVX-512 AMD EPYC; on an AVX2-only AMD EPYC it ran 10-15% slower than MKL, so there (and on any
+  CPU without AVX-512) torch's GEMM runs (``ONEDNN_LINEAR``). Forward only: the backward runs
+  torch's matmuls, as F.linear's does. Training and inference take the same forward, so their
+  outputs agree bit for bit.
 - masked attention: blocked over keys with an online softmax, never materialising the scores;
   parallel over (batch, head). Varlen attention runs the same kernels with one window per packed
   sequence (parallel over (sequence, head)). ``need_weights=True`` asks for the materialised
@@ -76,9 +79,19 @@ def _has_onednn_linear() -> bool:
         return False
 
 
-# Whether float32 GEMMs (forward) run on oneDNN (see the module docstring); tests and benchmarks
-# may set it False to compare with torch's GEMM.
-ONEDNN_LINEAR = _has_onednn_linear()
+def _onednn_is_faster() -> bool:
+    """Whether oneDNN's float32 GEMM beats torch's (MKL's sgemm) on this CPU: where torch runs
+    AVX-512 kernels. Measured at DistilBERT's shapes, 2 threads: on an AVX-512 Xeon oneDNN took
+    10-20% less time; on an AVX-512 AMD EPYC about half (MKL's AVX-512 code does not run on AMD
+    CPUs); on an AVX2-only AMD EPYC (Zen 3) 10-15% more."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+# Whether float32 GEMMs (forward) run on oneDNN (see the module docstring) rather than torch's
+# GEMM. ONEDNN_AVAILABLE: whether they can; tests and benchmarks may set ONEDNN_LINEAR either way
+# to compare the two.
+ONEDNN_AVAILABLE = _has_onednn_linear()
+ONEDNN_LINEAR = ONEDNN_AVAILABLE and _onednn_is_faster()
 
 
 def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
