@@ -21,12 +21,12 @@ fi
 if [[ $DRY_RUN == 1 ]]; then
   model_args=(--quick --device cpu --backends cpu --shapes 1x8 --varlen none --ragged 2x4-8)
   dtypes=(float32)
-  optimize_args=(--quick)
+  optimize_args=(--quick --gemm-floor)
   engine_args=(--quick --texts 12 --no-pipeline --no-record --classify)
 else
   model_args=(--device cuda --shapes 32x128 --varlen 16x512 --ragged none)
   dtypes=(float16 bfloat16)
-  optimize_args=(--device cuda --output "$OUT/optimize.csv")
+  optimize_args=(--device cuda --gemm-floor --output "$OUT/optimize.csv")
   engine_args=(--device cuda --texts 4000 --repeats 3 --no-pipeline --budgets "" --lengths "" --output "$OUT/engine.csv")
 fi
 model_rc=0
