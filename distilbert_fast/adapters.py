@@ -11,7 +11,10 @@
                           Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion),
                           alone or in the outer Stack; Split("a", "b", splits=[4, 60]): parts of
                           each sequence through each; BatchSplit("a", "b", batch_sizes=[2, 3]):
-                          rows of the batch through each (bottleneck adapters and LoRA)
+                          rows of the batch through each (bottleneck adapters and LoRA);
+                          Average("a", "b", weights=[...]): the children's outputs averaged;
+                          MultiTask("a", "b") with forward(task_ids=...): each row through its
+                          task's child
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -509,17 +512,15 @@ class Parallel(Stack):
     (on DistilBertAdapterModel each child's head gets its own rows). A LoRA of the setup
     replicates the batch at its projection (in the first layer holding one, each of q / k / v
     with a LoRA replicates its own input, and attention repeats the projections that have none),
-    as the package's ``LoRALinear.compose_parallel``. Its children are names or Stacks of names."""
+    as the package's ``LoRALinear.compose_parallel``. Its children are names, Stacks of names, and
+    (as the package allows) Averages or BatchSplits, each running on its own copy."""
 
     def __init__(self, *children):
         super().__init__(*children)
         for child in self.children:
-            if not (isinstance(child, str) or child.is_plain()):
-                raise TypeError(f"Parallel children must be adapter names (str) or Stacks of names, got {child!r}")
-
-    def child_names(self) -> list[list[str]]:
-        """Each child's adapter names (one for a name, a Stack's in order)."""
-        return [[child] if isinstance(child, str) else list(child) for child in self.children]
+            if type(child) is Stack and not child.is_plain():
+                raise TypeError(f"Parallel children must be adapter names (str), Stacks of names, Averages or "
+                                f"BatchSplits, got {child!r}")
 
     def heads(self) -> list[str]:
         """The head of each child: its (last) adapter's name, as the package pairs them."""
@@ -651,12 +652,11 @@ class MultiTask(Stack):
         return None
 
 
-# What each block may hold besides adapter names: the package's ALLOWED_NESTINGS, less what
-# distilbert_fast does not run (a BatchSplit or an Average inside a Parallel) and what the
+# What each block may hold besides adapter names: the package's ALLOWED_NESTINGS, less what the
 # package's forward refuses (a Fuse inside a MultiTask)
 _NESTS = {
     Stack: (Fuse, Split, BatchSplit, Parallel, Average, MultiTask),
-    Parallel: (Stack,),
+    Parallel: (Stack, BatchSplit, Average),
     Fuse: (Stack,),
     Split: (Stack, Split, BatchSplit, Average),
     BatchSplit: (Stack, Split, BatchSplit, Average),
@@ -1278,7 +1278,10 @@ class BottleneckLayer(nn.Module):
         outputs, last, bare = [], None, []
         for part, child in zip(parts, setup):
             out, last = hidden[part], None
-            if isinstance(child, Stack):
+            if isinstance(child, (Average, BatchSplit)):  # (as the package's compose_* on this copy)
+                state = _Composition(self, layer_norm, backend).compose(child, _BnState(out, x[part], residual[part]), 1)
+                out, last = state.hidden, state.last
+            elif isinstance(child, Stack):
                 for name in child:
                     if name in self.adapters:
                         out, child_residual = self.adapters[name].pre_forward(out, x[part], layer_norm, backend)
@@ -1620,8 +1623,10 @@ class LoRALinear(nn.Linear):
         # then each child's LoRAs on its own copy.
         (x, out), parts = parallel_copies(setup, self.state.encoder_rows(), x, out)
         copies = []
-        for part, names in zip(parts, setup.child_names()):
-            update = self._stacked_update(names, x[part])
+        for part, child in zip(parts, setup):
+            update = (self._stacked_update([child], x[part]) if isinstance(child, str) else
+                      self._stacked_update(child, x[part]) if child.is_plain() else
+                      self._composed_update(child, x[part], None))  # (an Average or a BatchSplit)
             copies.append(out[part] if update is None else out[part] + update)
         return torch.cat(copies)
 
@@ -2484,7 +2489,8 @@ _LABEL_INPUTS = ("labels", "start_positions", "end_positions")
 
 def _taking_adapter_names(forward):
     """Wraps a model class's forward so it takes ``adapter_names=``: the adapter setup (a name, a
-    list = Stack, a Stack or a Parallel) for this call, in place of the active adapters."""
+    list = Stack, a Stack or a Parallel) for this call, in place of the active adapters; and
+    ``task_ids=``: a MultiTask setup's task of each row (as the package's forward context)."""
     signature = inspect.signature(forward)
     takes_it = "adapter_names" in signature.parameters
     # adapter_names comes after forward's positional arguments, also as one: clients that call

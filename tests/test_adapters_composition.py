@@ -39,6 +39,7 @@ SETUPS = {
     "batch_split_of_average": BatchSplit(Average("a", "b"), "h", batch_sizes=[2, 1]),
     "multi_task": MultiTask(Stack("l", "a"), Average("h", "b"), "m"),
     "stack_multi_task": Stack("h", MultiTask("l", "m", "a")),
+    "parallel_of_average_and_batch_split": Parallel(Average("a", "h"), BatchSplit("l", Stack("m", "b"), batch_sizes=[1, 2])),
 }
 TASK_IDS = torch.tensor([1, 0, 2])  # (forward(task_ids=...) of the MultiTask setups: row r's child)
 
@@ -240,7 +241,7 @@ def test_multi_task_rows_take_their_task_by_index_or_name():
 
 def test_average_and_multi_task_nest_as_the_package_allows():
     """The package's ALLOWED_NESTINGS and depth rules: an Average may hold Stacks, Splits and
-    BatchSplits and sit in a Stack, Split or BatchSplit; a MultiTask holds Stacks and Averages
+    BatchSplits and sit in a Stack, Split, BatchSplit or Parallel; a MultiTask holds Stacks and Averages
     (the package takes a Fuse and then fails in its forward); a Parallel goes in neither; below
     the outer block's children only Stacks of names."""
     model = composed_model()
@@ -251,6 +252,9 @@ def test_average_and_multi_task_nest_as_the_package_allows():
         (lambda: Fuse(Average("a", "b"), "h"), TypeError, "Fuse children must be adapter names"),
         (lambda: MultiTask(Fuse("a", "b"), "h"), TypeError, "cannot hold a Fuse"),
         (lambda: Average(Parallel("a", "b"), "h"), TypeError, "a Parallel is the outer block or in the outer Stack"),
+        (lambda: Parallel(Split("a", "b", splits=1), "h"), TypeError, "Parallel children must be"),
+        (lambda: model.set_active_adapters(Parallel(Average(Split("a", "b", splits=[3, 4]), "h"), "b")), ValueError,
+         "too deep"),
         (lambda: MultiTask(Parallel("a", "b"), "h"), TypeError, "a Parallel is the outer block or in the outer Stack"),
         (lambda: Average(MultiTask("a", "b"), "h"), TypeError, "Average children must be"),
         (lambda: model.set_active_adapters(Stack("a", Average(Split("a", "b", splits=[3, 4]), "h"))), ValueError,

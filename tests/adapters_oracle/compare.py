@@ -316,6 +316,19 @@ TASK_CASES = {
         adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
                   "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"), "c": SeqBnConfig(reduction_factor=2)},
         setup=MultiTask(Stack("s", "a"), Average("b", "c")), task_ids=torch.tensor([0, 1, 0]), labels=False),
+    # a Parallel of an Average and a BatchSplit (each on its copy of the batch; head "b" on copy 0,
+    # "d" on copy 1), of bottleneck adapters and of LoRAs
+    "parallel_of_average_and_batch_split_heads": dict(
+        cls="DistilBertAdapterModel",
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"),
+                  "c": SeqBnConfig(reduction_factor=4, scaling="learned"), "d": SeqBnConfig(reduction_factor=2)},
+        setup=Parallel(Average("a", "b", weights=[0.6, 0.4]), BatchSplit("c", "d", batch_sizes=[2, 1])), labels=True),
+    "parallel_lora_of_average_and_batch_split_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                  "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
+                  "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
+        setup=Parallel(Average("a", "b"), BatchSplit("a", "c", batch_sizes=[1, 2])), labels=False),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
