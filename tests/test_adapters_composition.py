@@ -264,3 +264,21 @@ def test_average_and_multi_task_nest_as_the_package_allows():
     for make, error, match in bad:
         with pytest.raises(error, match=match):
             make()
+
+
+def test_multi_task_and_average_on_the_heads_model_keep_the_active_head():
+    """On DistilBertAdapterModel a MultiTask or an Average names no head (the package's
+    parse_heads_from_composition gives none), so set_active_adapters keeps the active head, and
+    forward(task_ids=...) runs it on the setup's hidden states."""
+    model = composed_model(DistilBertAdapterModel)
+    model.add_classification_head("x", num_labels=3)
+    ids, mask = batch()
+    for setup in (MultiTask("a", Stack("l", "b")), Average("a", "b")):
+        model.set_active_adapters(setup)
+        assert model.active_head == "x" and model.active_adapters == setup
+        tasks = {"task_ids": torch.tensor([0, 1, 1])} if isinstance(setup, MultiTask) else {}
+        logits = model(ids, attention_mask=mask, **tasks).logits
+        hidden = model.distilbert(ids, attention_mask=mask, **tasks)
+        assert_close(logits, model.heads["x"](hidden, mask).logits, atol=1e-6, name=repr(setup))
+        plain = model.distilbert(ids, attention_mask=mask, adapter_names="a").last_hidden_state
+        assert (hidden.last_hidden_state - plain)[mask.bool()].abs().max() > 1e-2
