@@ -1279,7 +1279,8 @@ class BottleneckLayer(nn.Module):
         for part, child in zip(parts, setup):
             out, last = hidden[part], None
             if isinstance(child, (Average, BatchSplit)):  # (as the package's compose_* on this copy)
-                state = _Composition(self, layer_norm, backend).compose(child, _BnState(out, x[part], residual[part]), 1)
+                state = _BnState(out, x[part], residual[part])
+                state = _Composition(self, layer_norm, backend).compose(child, state, 1)
                 out, last = state.hidden, state.last
             elif isinstance(child, Stack):
                 for name in child:

@@ -39,7 +39,8 @@ SETUPS = {
     "batch_split_of_average": BatchSplit(Average("a", "b"), "h", batch_sizes=[2, 1]),
     "multi_task": MultiTask(Stack("l", "a"), Average("h", "b"), "m"),
     "stack_multi_task": Stack("h", MultiTask("l", "m", "a")),
-    "parallel_of_average_and_batch_split": Parallel(Average("a", "h"), BatchSplit("l", Stack("m", "b"), batch_sizes=[1, 2])),
+    "parallel_of_average_and_batch_split": Parallel(Average("a", "h"),
+                                                    BatchSplit("l", Stack("m", "b"), batch_sizes=[1, 2])),
 }
 TASK_IDS = torch.tensor([1, 0, 2])  # (forward(task_ids=...) of the MultiTask setups: row r's child)
 
@@ -184,9 +185,8 @@ def test_average_weights_as_the_package_keeps_them():
     unnormalised = Average("a", Stack("b", "c"), weights=[2.0, -0.5], normalize_weights=False)
     assert unnormalised.weights == [2.0, -0.5]
     data = unnormalised.to_dict()
-    assert data == {"type": "Average", "children": [{"type": "single", "children": ["a"]},
-                                                    {"type": "Stack", "children": [{"type": "single", "children": ["b"]},
-                                                                                   {"type": "single", "children": ["c"]}]}],
+    single = [{"type": "single", "children": [name]} for name in "abc"]
+    assert data == {"type": "Average", "children": [single[0], {"type": "Stack", "children": single[1:]}],
                     "kwargs": {"weights": [2.0, -0.5]}}
     assert Stack.from_dict(data).weights == pytest.approx([2.0 / 1.5, -0.5 / 1.5])
     assert Stack.from_dict(MultiTask("a", Average("b", "c")).to_dict()) == MultiTask("a", Average("b", "c"))

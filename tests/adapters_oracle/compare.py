@@ -270,7 +270,8 @@ TASK_CASES = {
     "stack_then_average_of_stack_qa": dict(
         cls="DistilBertForQuestionAnswering",
         adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
-                  "b": SeqBnConfig(reduction_factor=2, ln_after=True), "c": SeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+                  "b": SeqBnConfig(reduction_factor=2, ln_after=True),
+                  "c": SeqBnConfig(reduction_factor=4, non_linearity="gelu")},
         setup=Stack("s", Average(Stack("a", "b"), "c", weights=[0.25, 0.75])), labels=True),
     "stack_lora_then_average_of_loras_mlm": dict(
         cls="DistilBertForMaskedLM",
@@ -413,7 +414,8 @@ def produce_tasks(out_dir, real=None):
         torch.save(weights, os.path.join(case_dir, "model.pt"))
         for fused in spec.get("fusions", ()):
             model.save_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)), fused)
-        saved_inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}  # a Parallel resizes the mask in place
+        # (a Parallel resizes the mask in place; task_ids may be a list of names)
+        saved_inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}
         result = run_task(model, spec, spec["setup"], inputs)
         torch.save({"inputs": saved_inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
