@@ -9,7 +9,7 @@ outputs). The hot ops run on a backend chosen per call: see ``distilbert_fast.op
 
 from . import _extension, ops
 from .adapters import AdapterSetup, BnConfig, DoubleSeqBnConfig, LoRAConfig, Parallel, ParBnConfig, SeqBnConfig, Stack
-from .adapters import AdapterFusionConfig, BatchSplit, Fuse, Split
+from .adapters import AdapterFusionConfig, Average, BatchSplit, Fuse, MultiTask, Split
 from .configuration import DistilBertConfig
 from .heads import DistilBertAdapterModel, DistilBertModelWithHeads, MultiHeadOutput
 from .modeling import (
@@ -57,12 +57,14 @@ __all__ = [
     "DistilBertTokenizer",
     "DistilBertTokenizerFast",
     "DoubleSeqBnConfig",
+    "Average",
     "BatchSplit",
     "Fuse",
     "LoRAConfig",
     "MaskedLMOutput",
     "ModelOutput",
     "MultiHeadOutput",
+    "MultiTask",
     "MultipleChoiceModelOutput",
     "ParBnConfig",
     "Parallel",

@@ -11,7 +11,10 @@
                           Fuse("a", "b"): AdapterFusion of bottleneck adapters (add_adapter_fusion),
                           alone or in the outer Stack; Split("a", "b", splits=[4, 60]): parts of
                           each sequence through each; BatchSplit("a", "b", batch_sizes=[2, 3]):
-                          rows of the batch through each (bottleneck adapters and LoRA)
+                          rows of the batch through each (bottleneck adapters and LoRA);
+                          Average("a", "b", weights=[...]): the children's outputs averaged;
+                          MultiTask("a", "b") with forward(task_ids=...): each row through its
+                          task's child
     files                 adapter_config.json + pytorch_adapter.bin (or adapter.safetensors),
                           with that package's key names, so adapters move between the two
 
@@ -410,7 +413,9 @@ class Stack:
             raise ValueError(f"{type(self).__name__} needs at least one adapter name")
         for child in children:
             if not isinstance(child, str) and type(child) not in _NESTS[type(self)]:
-                where = " (a Parallel is the outer block or in the outer Stack)" if isinstance(child, Parallel) else ""
+                where = (" (a Parallel is the outer block or in the outer Stack)" if isinstance(child, Parallel) else
+                         " (the package runs a MultiTask as a BatchSplit, which cannot hold a Fuse)"
+                         if isinstance(child, Fuse) and isinstance(self, MultiTask) else "")
                 raise TypeError(f"{type(self).__name__} children must be adapter names (str) or "
                                 f"{' / '.join(t.__name__ for t in _NESTS[type(self)])}, got {type(child).__name__}{where}")
         self.children = list(children)
@@ -439,7 +444,7 @@ class Stack:
     @staticmethod
     def from_dict(data: Mapping) -> "Stack":
         """A block from the package's to_dict form."""
-        blocks = {cls.__name__: cls for cls in (Stack, Parallel, Fuse, Split, BatchSplit)}
+        blocks = {cls.__name__: cls for cls in (Stack, Parallel, Fuse, Split, BatchSplit, Average, MultiTask)}
         if not isinstance(data, Mapping) or data.get("type") not in blocks:
             raise ValueError(f"adapter setup must be a dict with 'type' one of {sorted(blocks)}, got {data!r}")
         children = [c["children"][0] if c["type"] == "single" else Stack.from_dict(c) for c in data["children"]]
@@ -507,17 +512,15 @@ class Parallel(Stack):
     (on DistilBertAdapterModel each child's head gets its own rows). A LoRA of the setup
     replicates the batch at its projection (in the first layer holding one, each of q / k / v
     with a LoRA replicates its own input, and attention repeats the projections that have none),
-    as the package's ``LoRALinear.compose_parallel``. Its children are names or Stacks of names."""
+    as the package's ``LoRALinear.compose_parallel``. Its children are names, Stacks of names, and
+    (as the package allows) Averages or BatchSplits, each running on its own copy."""
 
     def __init__(self, *children):
         super().__init__(*children)
         for child in self.children:
-            if not (isinstance(child, str) or child.is_plain()):
-                raise TypeError(f"Parallel children must be adapter names (str) or Stacks of names, got {child!r}")
-
-    def child_names(self) -> list[list[str]]:
-        """Each child's adapter names (one for a name, a Stack's in order)."""
-        return [[child] if isinstance(child, str) else list(child) for child in self.children]
+            if type(child) is Stack and not child.is_plain():
+                raise TypeError(f"Parallel children must be adapter names (str), Stacks of names, Averages or "
+                                f"BatchSplits, got {child!r}")
 
     def heads(self) -> list[str]:
         """The head of each child: its (last) adapter's name, as the package pairs them."""
@@ -603,14 +606,62 @@ class BatchSplit(Stack):
         return {"batch_sizes": self.batch_sizes}
 
 
-# What each block may hold besides adapter names (the package's ALLOWED_NESTINGS, less what
-# distilbert_fast does not run: Average, MultiTask, a Parallel inside another block)
+class Average(Stack):
+    """The package's ``Average("a", "b", weights=None, normalize_weights=True)``: each child
+    (bottleneck adapters or LoRA) runs on the same input and their outputs are averaged, as the
+    package computes it: ``mean_i(w_i * out_i)``, i.e. ``sum_i(w_i * out_i) / n`` (so the
+    default weights, ``1 / n`` each, give the plain mean divided by n once more), with ``weights``
+    divided by their sum when ``normalize_weights``. Bottleneck adapters then take the last
+    child's residual + LayerNorm; a LoRA adds the average to the projection. Where fewer children
+    than weights hold an adapter at a place, the package broadcasts a single one over the weights
+    (``out * sum(w) / n``) and fails on more; so does this."""
+
+    def __init__(self, *children, weights=None, normalize_weights: bool = True):
+        super().__init__(*children)
+        if weights is None:
+            self.weights = [1 / len(children)] * len(children)
+            return
+        if (not isinstance(weights, (list, tuple)) or len(weights) != len(children)
+                or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights)):
+            raise ValueError(f"weights must be a list of one number per child ({len(children)}), got {weights!r}")
+        if normalize_weights and sum(weights) == 0:
+            raise ValueError(f"weights must not sum to 0 with normalize_weights=True, got {weights!r}")
+        self.weights = [w / sum(weights) for w in weights] if normalize_weights else list(weights)
+
+    def heads(self) -> list[str]:
+        return []  # as the package's parse_heads_from_composition
+
+    def head_batch_sizes(self):
+        return None
+
+    def _kwargs(self):
+        return {"weights": self.weights}
+
+
+class MultiTask(Stack):
+    """The package's ``MultiTask("a", "b")``: each row of the batch goes through the child its
+    task id names, ``forward(..., task_ids=...)`` (a tensor of child indices, one per row, or a
+    list of child names), as a BatchSplit of the rows sorted by task would (bottleneck adapters
+    and LoRA). Its children are names, Stacks or Averages (the package also takes a Fuse, then
+    fails in the forward: it runs a MultiTask as a BatchSplit, which cannot hold one)."""
+
+    def heads(self) -> list[str]:
+        return []  # as the package's parse_heads_from_composition
+
+    def head_batch_sizes(self):
+        return None
+
+
+# What each block may hold besides adapter names: the package's ALLOWED_NESTINGS, less what the
+# package's forward refuses (a Fuse inside a MultiTask)
 _NESTS = {
-    Stack: (Fuse, Split, BatchSplit, Parallel),
-    Parallel: (Stack,),
+    Stack: (Fuse, Split, BatchSplit, Parallel, Average, MultiTask),
+    Parallel: (Stack, BatchSplit, Average),
     Fuse: (Stack,),
-    Split: (Stack, Split, BatchSplit),
-    BatchSplit: (Stack, Split, BatchSplit),
+    Split: (Stack, Split, BatchSplit, Average),
+    BatchSplit: (Stack, Split, BatchSplit, Average),
+    Average: (Stack, Split, BatchSplit),
+    MultiTask: (Stack, Average),
 }
 
 
@@ -642,7 +693,8 @@ def parse_composition(setup) -> Stack | None:
             return None
         return Stack(*setup)
     raise TypeError(
-        "adapter setup must be an adapter name, a list of names, a Stack, Parallel, Fuse, Split or BatchSplit, got "
+        "adapter setup must be an adapter name, a list of names, a Stack, Parallel, Fuse, Split, BatchSplit, "
+        "Average or MultiTask, got "
         f"{type(setup).__name__}"
     )
 
@@ -658,6 +710,8 @@ def parse_composition(setup) -> Stack | None:
 # (or takes another cached graph) when the setup changes, never reusing a stale one.
 _CALL_SETUP: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_adapter_setup", default=None)
 _ENCODER_ROWS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_encoder_rows", default=None)
+# forward(task_ids=...): the task of each row, for a MultiTask setup
+_TASK_IDS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_task_ids", default=None)
 # forward(output_adapter_fusion_attentions=True)'s record: {fusion: {layer: {location: probs}}}
 _FUSION_ATTENTIONS: contextvars.ContextVar = contextvars.ContextVar("distilbert_fast_fusion_attentions", default=None)
 # an AdapterSetup block's head setup (read by DistilBertAdapterModel's forward)
@@ -832,6 +886,7 @@ class AdaptersState:
         # the running forward's call setup and encoder input (rows, cu_seqlens) while a tracer records it
         self.traced_setup: Stack | None = None
         self.traced_encoder: tuple | None = None
+        self.traced_task_ids = None
         # set_active_adapters(skip_layers=...): blocks where no adapter runs, whatever the setup
         self.skip_layers: frozenset[int] = frozenset()
         self.model_frozen = False  # freeze_model's last call (adapter_summary reports it)
@@ -862,29 +917,53 @@ class AdaptersState:
         split it by rows or positions (BatchSplit, Split)."""
         return self._encoder()[1]
 
+    def task_ids(self, setup: "MultiTask", batch: int, device) -> torch.Tensor:
+        """forward(task_ids=...) as a tensor of child indices (batch,) on ``device``, for the
+        MultiTask ``setup`` (a list of names: each one's index among its children)."""
+        ids = self.traced_task_ids if tracing() else _TASK_IDS.get()
+        if ids is None:
+            raise ValueError(f"the MultiTask adapter setup {setup!r} needs forward(task_ids=...): the child "
+                             "(index or name) of each row")
+        if isinstance(ids, (list, tuple)) and ids and all(isinstance(t, str) for t in ids):
+            names = [c if isinstance(c, str) else None for c in setup.children]
+            unknown = [t for t in ids if t not in names]
+            if unknown:
+                raise ValueError(f"task_ids: {unknown[0]!r} is not a child of {setup!r}")
+            ids = [names.index(t) for t in ids]
+        ids = torch.as_tensor(ids, device=device)
+        if ids.shape != (batch,) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"task_ids must be integer child indices, one per row ({batch}), got "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")
+        return ids
+
     @contextlib.contextmanager
-    def calling(self, setup: Stack | None = None, rows: int | None = None, cu_seqlens=None):
-        """The block of a forward running with call setup ``setup`` (None: keep the caller's) or
+    def calling(self, setup: Stack | None = None, rows: int | None = None, cu_seqlens=None, task_ids=None):
+        """The block of a forward running with call setup ``setup`` (None: keep the caller's),
         with ``rows`` rows at the encoder's input (packed tokens of ``cu_seqlens``, or a padded
-        batch): context variables in eager mode, plain attributes (which dynamo traces and guards
-        on) while a tracer records."""
+        batch) or with ``task_ids``: context variables in eager mode, plain attributes (which
+        dynamo traces and guards on) while a tracer records."""
         encoder = None if rows is None else (rows, cu_seqlens)
         if tracing():
-            saved = self.traced_setup, self.traced_encoder
+            saved = self.traced_setup, self.traced_encoder, self.traced_task_ids
             if setup is not None:
                 self.traced_setup = setup
             if encoder is not None:
                 self.traced_encoder = encoder
+            if task_ids is not None:
+                self.traced_task_ids = task_ids
             try:
                 yield
             finally:
-                self.traced_setup, self.traced_encoder = saved
+                self.traced_setup, self.traced_encoder, self.traced_task_ids = saved
             return
         setup_token = None if setup is None else _set_call_setup(setup)
         rows_token = None if encoder is None else _ENCODER_ROWS.set(encoder)
+        task_token = None if task_ids is None else _TASK_IDS.set(task_ids)
         try:
             yield
         finally:
+            if task_token is not None:
+                _TASK_IDS.reset(task_token)
             if rows_token is not None:
                 _ENCODER_ROWS.reset(rows_token)
             if setup_token is not None:
@@ -1167,13 +1246,14 @@ class BottleneckLayer(nn.Module):
     # are a small share of a layer's work).
     def _forward_composed(self, setup: Stack, hidden, x, layer_norm, backend):
         if self.location_key == "output_adapter" and self.model_config.chunk_size_feed_forward and any(
-                isinstance(block, (Split, BatchSplit)) for block in setup.blocks()):
-            raise NotImplementedError("Split / BatchSplit adapter setups do not run with chunk_size_feed_forward > 0")
+                isinstance(block, (Split, BatchSplit, MultiTask)) for block in setup.blocks()):
+            raise NotImplementedError("Split / BatchSplit / MultiTask adapter setups do not run with "
+                                      "chunk_size_feed_forward > 0")
         run = _Composition(self, layer_norm, backend)
         state = run.compose(setup, _BnState(hidden, x, x), 0)
         last = state.last if state.last is not None else next(n for n in setup.names() if n in self.adapters)
         out = self.adapters[last].post_forward(state.hidden, state.x, layer_norm, backend, hidden)
-        if isinstance(setup, BatchSplit) and run.bare_rows is not None:
+        if isinstance(setup, (BatchSplit, MultiTask)) and run.bare_rows is not None:
             # the rows of children with no adapter here get the plain residual + LayerNorm, as
             # they would alone (the package fails where the first child has none here)
             plain = residual_layernorm(hidden, x, layer_norm.weight, layer_norm.bias, layer_norm.eps, backend=backend)
@@ -1198,7 +1278,11 @@ class BottleneckLayer(nn.Module):
         outputs, last, bare = [], None, []
         for part, child in zip(parts, setup):
             out, last = hidden[part], None
-            if isinstance(child, Stack):
+            if isinstance(child, (Average, BatchSplit)):  # (as the package's compose_* on this copy)
+                state = _BnState(out, x[part], residual[part])
+                state = _Composition(self, layer_norm, backend).compose(child, state, 1)
+                out, last = state.hidden, state.last
+            elif isinstance(child, Stack):
                 for name in child:
                     if name in self.adapters:
                         out, child_residual = self.adapters[name].pre_forward(out, x[part], layer_norm, backend)
@@ -1254,6 +1338,29 @@ def _check_batch_split(setup: "BatchSplit", batch: int):
                          f"batch_sizes {setup.batch_sizes}")
 
 
+def child_rows(state: AdaptersState, setup: "BatchSplit | MultiTask", t: torch.Tensor) -> list[torch.Tensor]:
+    """For each child of a BatchSplit (its rows of the batch) or a MultiTask (the rows of its
+    task id): a mask over ``t``'s positions (padded or packed; see token_coordinates)."""
+    rows, _, batch, _ = token_coordinates(state, t)
+    if isinstance(setup, MultiTask):
+        tasks = state.task_ids(setup, batch, t.device)[rows]
+        return [tasks == i for i in range(len(setup))]
+    _check_batch_split(setup, batch)
+    starts = [sum(setup.batch_sizes[:i]) for i in range(len(setup))]
+    return [(rows >= start) & (rows < start + size) for start, size in zip(starts, setup.batch_sizes)]
+
+
+def weighted_mean(setup: "Average", outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The package's Average: mean over the children of weight * output (one output broadcast
+    over every weight, as there, where only one child has an adapter at this place)."""
+    if len(outputs) not in (1, len(setup.weights)):
+        raise ValueError(f"{setup!r}: {len(outputs)} of its {len(setup.weights)} children have an adapter at this "
+                         "place; the package averages one or all of them")
+    stacked = torch.stack(outputs)
+    weights = torch.tensor(setup.weights, dtype=stacked.dtype, device=stacked.device)
+    return torch.mean(stacked * weights.view(-1, *[1] * (stacked.dim() - 1)), dim=0)
+
+
 def _check_split(setup: "Split", seq: int | None):
     """The package's check: the splits add up to the padded length. Packed input has none (the
     positions of a sequence beyond the splits, which the package refuses, keep the first
@@ -1285,8 +1392,10 @@ class _Composition:
             return self.fuse(setup, state, lvl)
         if isinstance(setup, Split):
             return self.split(setup, state, lvl)
-        if isinstance(setup, BatchSplit):
+        if isinstance(setup, (BatchSplit, MultiTask)):
             return self.batch_split(setup, state, lvl)
+        if isinstance(setup, Average):
+            return self.average(setup, state, lvl)
         if isinstance(setup, Parallel):  # (inside a Stack; an outer Parallel is _forward_parallel's)
             return self.parallel(setup, state, lvl)
         for child in setup:  # a Stack: each adapter's pre_forward, then the adapter
@@ -1366,28 +1475,36 @@ class _Composition:
         return _BnState(*(torch.cat([c[i] for c in copies]) for i in range(3)),
                         None if any(u is None for u in ups) else torch.cat(ups), last=copies[-1].last)
 
-    def batch_split(self, setup: "BatchSplit", state: _BnState, lvl: int) -> _BnState:
-        """Rows [b_i, b_i + batch_sizes[i]) of the batch through child i; every part of the state
-        (residuals, up-projections) comes from the child of its row."""
-        rows, _, batch, _ = token_coordinates(self.layer.state, state.hidden)
-        _check_batch_split(setup, batch)
+    def batch_split(self, setup: "BatchSplit | MultiTask", state: _BnState, lvl: int) -> _BnState:
+        """Rows [b_i, b_i + batch_sizes[i]) of the batch (a MultiTask: the rows of task i) through
+        child i; every part of the state (residuals, up-projections) comes from the child of its
+        row. A MultiTask runs the first adapter's pre_forward twice, as the package's
+        compose_multi_task (its own, then its compose_batch_split's)."""
+        masks = child_rows(self.layer.state, setup, state.hidden)
+        if isinstance(setup, MultiTask):
+            state = self.pre_block(setup, state)
         state = self.pre_block(setup, state)
-        merged, start = None, 0
-        for child, size in zip(setup, setup.batch_sizes):
+        merged = None
+        for child, mine in zip(setup, masks):
             child_state = self.child(child, state, lvl)
             if child_state is None or child_state.last is None and not isinstance(child, str):
                 if lvl == 0:
-                    mine = (rows >= start) & (rows < start + size)
                     self.bare_rows = mine if self.bare_rows is None else self.bare_rows | mine
                 child_state = child_state or state
             if merged is None:
                 merged = child_state
             else:
-                mine = (rows >= start) & (rows < start + size)
                 merged = _BnState(*(_select(mine, new, old) for new, old in zip(child_state[:4], merged[:4])),
                                   last=child_state.last)
-            start += size
         return merged
+
+    def average(self, setup: "Average", state: _BnState, lvl: int) -> _BnState:
+        """The package's compose_average: the first adapter's pre_forward, each child on that
+        input, the weighted mean of their hidden states; the rest of the state is the first
+        child's, the last adapter the last child's."""
+        state = self.pre_block(setup, state)
+        children = [s for s in (self.child(c, state, lvl) for c in setup) if s is not None]
+        return children[0]._replace(hidden=weighted_mean(setup, [c.hidden for c in children]), last=children[-1].last)
 
 
 class AdapterFusion(nn.Module):
@@ -1507,8 +1624,10 @@ class LoRALinear(nn.Linear):
         # then each child's LoRAs on its own copy.
         (x, out), parts = parallel_copies(setup, self.state.encoder_rows(), x, out)
         copies = []
-        for part, names in zip(parts, setup.child_names()):
-            update = self._stacked_update(names, x[part])
+        for part, child in zip(parts, setup):
+            update = (self._stacked_update([child], x[part]) if isinstance(child, str) else
+                      self._stacked_update(child, x[part]) if child.is_plain() else
+                      self._composed_update(child, x[part], None))  # (an Average or a BatchSplit)
             copies.append(out[part] if update is None else out[part] + update)
         return torch.cat(copies)
 
@@ -1522,9 +1641,10 @@ class LoRALinear(nn.Linear):
         return hidden
 
     def _composed_update(self, setup, x, hidden):
-        """The package's LoRALinear composition of a setup holding a BatchSplit (each child's
-        LoRAs on its rows) or blocks that leave LoRA out; a Split or Fuse of LoRAs held here is
-        refused, as in the package. ``hidden``: the update so far (None: none yet)."""
+        """The package's LoRALinear composition of a setup holding a BatchSplit or a MultiTask
+        (each child's LoRAs on its rows), an Average (the children's updates averaged) or blocks
+        that leave LoRA out; a Split or Fuse of LoRAs held here is refused, as in the package.
+        ``hidden``: the update so far (None: none yet)."""
         if isinstance(setup, str):
             return self.loras[setup](x if hidden is None else hidden) if setup in self.loras else hidden
         if isinstance(setup, Parallel) and any(name in self.loras for name in setup.names()):
@@ -1535,20 +1655,22 @@ class LoRALinear(nn.Linear):
                 raise NotImplementedError(f"LoRA adapters do not run in a {type(setup).__name__} composition "
                                           f"(as in the adapters package), got {setup!r}")
             return hidden
-        if isinstance(setup, BatchSplit):
-            rows, _, batch, _ = token_coordinates(self.state, x)
-            _check_batch_split(setup, batch)
-            merged, start = None, 0
-            for i, (child, size) in enumerate(zip(setup, setup.batch_sizes)):
+        if not any(name in self.loras for name in setup.names()):
+            return hidden  # (an Average with no LoRA here: the package fails on its empty mean)
+        if isinstance(setup, (BatchSplit, MultiTask)):
+            merged = None
+            for i, (child, mine) in enumerate(zip(setup, child_rows(self.state, setup, x))):
                 update = self._composed_update(child, x, hidden)
                 if i == 0 or (update is None and merged is None):
                     merged = update
                 else:  # (a child with no LoRA here: no update on its rows)
                     new = torch.zeros_like(merged) if update is None else update
-                    merged = torch.where((rows >= start) & (rows < start + size), new,
-                                         torch.zeros_like(new) if merged is None else merged)
-                start += size
+                    merged = torch.where(mine, new, torch.zeros_like(new) if merged is None else merged)
             return merged
+        if isinstance(setup, Average):  # each child's update of the same input, averaged
+            updates = [self._composed_update(c, x, hidden) for c in setup if not isinstance(c, str) or c in self.loras]
+            present = next(u for u in updates if u is not None)
+            return weighted_mean(setup, [torch.zeros_like(present) if u is None else u for u in updates])
         for child in setup:  # a Stack: each LoRA takes the previous one's output, as there
             hidden = self._composed_update(child, x, hidden)
         return hidden
@@ -2368,7 +2490,8 @@ _LABEL_INPUTS = ("labels", "start_positions", "end_positions")
 
 def _taking_adapter_names(forward):
     """Wraps a model class's forward so it takes ``adapter_names=``: the adapter setup (a name, a
-    list = Stack, a Stack or a Parallel) for this call, in place of the active adapters."""
+    list = Stack, a Stack or a Parallel) for this call, in place of the active adapters; and
+    ``task_ids=``: a MultiTask setup's task of each row (as the package's forward context)."""
     signature = inspect.signature(forward)
     takes_it = "adapter_names" in signature.parameters
     # adapter_names comes after forward's positional arguments, also as one: clients that call
@@ -2378,7 +2501,12 @@ def _taking_adapter_names(forward):
 
     @functools.wraps(forward)
     def forward_with_adapters(self, *args, adapter_names=None, output_adapter_fusion_attentions=False,
-                              output_adapter_gating_scores=False, **kwargs):
+                              output_adapter_gating_scores=False, task_ids=None, **kwargs):
+        if task_ids is not None:  # (a MultiTask setup's rows, read by the adapter layers)
+            with self._adapters_state.calling(task_ids=task_ids):
+                return forward_with_adapters(self, *args, adapter_names=adapter_names,
+                                             output_adapter_fusion_attentions=output_adapter_fusion_attentions,
+                                             output_adapter_gating_scores=output_adapter_gating_scores, **kwargs)
         if not (output_adapter_fusion_attentions or output_adapter_gating_scores):
             return run(self, *args, adapter_names=adapter_names, **kwargs)
         # the package's ForwardContext outputs: each fusion layer's attention over its adapters
@@ -2430,6 +2558,7 @@ def _taking_adapter_names(forward):
         at = next((i for i, p in enumerate(parameters) if p.kind == p.VAR_KEYWORD), len(parameters))
         parameters[at:at] = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False) for name in
                              ("output_adapter_fusion_attentions", "output_adapter_gating_scores")]
+        parameters.insert(at + 2, inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
         forward_with_adapters.__signature__ = signature.replace(parameters=parameters)
     forward_with_adapters._takes_adapter_names = True
     return forward_with_adapters
@@ -2535,7 +2664,9 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelAdaptersMixin",
+    "MultiTask",
     "AdapterFusionConfig",
+    "Average",
     "BatchSplit",
     "DynamicAdapterFusionConfig",
     "Fuse",

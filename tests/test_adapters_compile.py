@@ -1,4 +1,5 @@
-"""Adapters under torch.compile(fullgraph=True): bottleneck adapters, LoRA, Stack and Parallel,
+"""Adapters under torch.compile(fullgraph=True): bottleneck adapters, LoRA, Stack and Parallel
+(and Fuse, Split, BatchSplit, Average, MultiTask),
 chosen by set_active_adapters / train_adapter, by forward(adapter_names=...) or by an
 AdapterSetup block, on padded and packed input, trace with no graph break and give eager mode's
 outputs; changing the setup between calls of one compiled model gives the new setup's result
@@ -19,6 +20,7 @@ from conftest import SMALL_CONFIG, assert_close
 from distilbert_fast import (
     AdapterFusionConfig,
     AdapterSetup,
+    Average,
     BatchSplit,
     DistilBertAdapterModel,
     DistilBertConfig,
@@ -26,6 +28,7 @@ from distilbert_fast import (
     DoubleSeqBnConfig,
     Fuse,
     LoRAConfig,
+    MultiTask,
     Parallel,
     SeqBnConfig,
     Split,
@@ -321,3 +324,25 @@ def test_compiled_adapter_fusion_training_step_matches_eager():
     assert grads.keys() == grads_eager.keys()
     for name in grads_eager:
         assert_close(grads[name], grads_eager[name], atol=1e-5, name=name)
+
+
+def test_average_multi_task_and_parallel_of_blocks_compile_without_graph_breaks():
+    """Padded: an Average of bottleneck adapters, a MultiTask (task_ids on the device: other ids
+    of one shape give their own result, never a stale one); packed: an Average of LoRAs after a
+    bottleneck adapter, a Parallel of an Average and a BatchSplit. Fullgraph, each call equal to
+    eager mode, the calls' results all different."""
+    model = adapter_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    padded, packed = padded_batch(), packed_batch()
+    multi_task = MultiTask("a", Stack("l", "b"))
+    calls = [
+        ("padded average", padded, Average("a", "b", weights=[0.8, 0.2]), {}),
+        ("padded multi task 101", padded, multi_task, {"task_ids": torch.tensor([1, 0, 1])}),
+        ("padded multi task 011", padded, multi_task, {"task_ids": torch.tensor([0, 1, 1])}),
+        ("packed lora average", packed, Stack("a", Average("l", "b")), {}),
+        ("packed parallel", packed, Parallel(Average("a", "b"), BatchSplit("l", "a", batch_sizes=[1, 2])), {}),
+    ]
+    with torch.no_grad():
+        check_sequence(model, compiled, [
+            (label, lambda fn, i=inputs, s=setup, e=extra: fn(**i, adapter_names=s, **e).logits)
+            for label, inputs, setup, extra in calls])

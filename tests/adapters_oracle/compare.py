@@ -39,10 +39,11 @@ from adapters import (
     Parallel,
     ParBnConfig,
     SeqBnConfig,
+    MultiTask,
     Split,
     Stack,
 )
-from adapters.composition import parse_heads_from_composition
+from adapters.composition import Average, parse_heads_from_composition
 # (this script's folder: shared with test_adapters_oracle.py)
 from runs import AVERAGES, fusion_attentions, outputs_and_grads, prepare, run_head_selection
 
@@ -250,6 +251,85 @@ TASK_CASES = {
         adapters={"l": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]), "a": DoubleSeqBnConfig(reduction_factor=4),
                   "h": DoubleSeqBnConfig(reduction_factor=2), "b": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
         setup=Stack("l", Parallel(Stack("a", "h"), "b")), labels=False),
+    # Average: mean_i(w_i * out_i) of the children on the same input (weights normalised unless
+    # normalize_weights=False), then the last child's post_forward; LoRA: the updates averaged
+    "average_seqcls": dict(cls="DistilBertForSequenceClassification",
+                           adapters={"a": SeqBnConfig(reduction_factor=4),
+                                     "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu", scaling="learned")},
+                           setup=Average("a", "b", weights=[0.7, 0.3]), labels=True),
+    # (unnormalised weights summing to 1: to_dict / from_dict normalise them again, in both libraries)
+    "average_houlsby_unnormalised_model": dict(
+        cls="DistilBertModel",
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2)},
+        setup=Average("a", "b", weights=[1.5, -0.5], normalize_weights=False), labels=False),
+    "average_lora_tokcls": dict(cls="DistilBertForTokenClassification",
+                                adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                                          "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
+                                          "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
+                                setup=Average("a", "b", "c"), labels=True),
+    "stack_then_average_of_stack_qa": dict(
+        cls="DistilBertForQuestionAnswering",
+        adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                  "b": SeqBnConfig(reduction_factor=2, ln_after=True),
+                  "c": SeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=Stack("s", Average(Stack("a", "b"), "c", weights=[0.25, 0.75])), labels=True),
+    "stack_lora_then_average_of_loras_mlm": dict(
+        cls="DistilBertForMaskedLM",
+        adapters={"l": LoRAConfig(r=2, alpha=4), "k": LoRAConfig(r=3, alpha=3), "m": LoRAConfig(r=2, alpha=8)},
+        setup=Stack("l", Average("k", "m", weights=[2.0, 1.0])), labels=True),
+    "average_of_split_and_batch_split_mlm": dict(
+        cls="DistilBertForMaskedLM",
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"),
+                  "c": SeqBnConfig(reduction_factor=4, scaling="learned")},
+        setup=Average(Split("a", "b", splits=[3, 4]), BatchSplit("b", "c", batch_sizes=[1, 2])), labels=True),
+    # head i on child i's rows: the Average's last adapter's head ("b"), then "c"'s
+    "batch_split_of_average_heads": dict(
+        cls="DistilBertAdapterModel",
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"),
+                  "c": SeqBnConfig(reduction_factor=4)},
+        setup=BatchSplit(Average("a", "b"), "c", batch_sizes=[2, 1]), labels=True),
+    "split_of_average_model": dict(
+        cls="DistilBertModel",
+        adapters={"a": DoubleSeqBnConfig(reduction_factor=4), "b": DoubleSeqBnConfig(reduction_factor=2),
+                  "c": DoubleSeqBnConfig(reduction_factor=4, non_linearity="gelu")},
+        setup=Split(Average("a", "b", weights=[0.4, 0.6]), "c", splits=[3, 4]), labels=False),
+    # a bottleneck adapter and a LoRA: at each place one child has an adapter, which the package
+    # broadcasts over both weights (out * (w_a + w_l) / 2)
+    "average_bottleneck_and_lora_mc": dict(
+        cls="DistilBertForMultipleChoice",
+        adapters={"a": SeqBnConfig(reduction_factor=4), "l": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"])},
+        setup=Average("a", "l"), labels=True),
+    # MultiTask: row r through the child task_ids[r] names (a BatchSplit of the rows sorted by task;
+    # bottleneck adapters: the first adapter's pre_forward twice, as there)
+    "multi_task_seqcls": dict(cls="DistilBertForSequenceClassification",
+                              adapters={"a": SeqBnConfig(reduction_factor=4, mh_adapter=True),
+                                        "b": DoubleSeqBnConfig(reduction_factor=2)},
+                              setup=MultiTask("a", "b"), task_ids=torch.tensor([1, 0, 1]), labels=True),
+    # in a Stack after a LoRA; task_ids by name (no row for "b")
+    "stack_lora_then_multi_task_names_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"l": LoRAConfig(r=2, alpha=2), "a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                  "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
+                  "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
+        setup=Stack("l", MultiTask("a", "b", "c")), task_ids=["c", "a", "c"], labels=True),
+    "multi_task_of_stack_and_average_model": dict(
+        cls="DistilBertModel",
+        adapters={"s": SeqBnConfig(reduction_factor=4), "a": SeqBnConfig(reduction_factor=4),
+                  "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"), "c": SeqBnConfig(reduction_factor=2)},
+        setup=MultiTask(Stack("s", "a"), Average("b", "c")), task_ids=torch.tensor([0, 1, 0]), labels=False),
+    # a Parallel of an Average and a BatchSplit (each on its copy of the batch; head "b" on copy 0,
+    # "d" on copy 1), of bottleneck adapters and of LoRAs
+    "parallel_of_average_and_batch_split_heads": dict(
+        cls="DistilBertAdapterModel",
+        adapters={"a": SeqBnConfig(reduction_factor=4), "b": SeqBnConfig(reduction_factor=2, non_linearity="gelu"),
+                  "c": SeqBnConfig(reduction_factor=4, scaling="learned"), "d": SeqBnConfig(reduction_factor=2)},
+        setup=Parallel(Average("a", "b", weights=[0.6, 0.4]), BatchSplit("c", "d", batch_sizes=[2, 1])), labels=True),
+    "parallel_lora_of_average_and_batch_split_tokcls": dict(
+        cls="DistilBertForTokenClassification",
+        adapters={"a": LoRAConfig(r=2, alpha=4, attn_matrices=["q", "k", "v"]),
+                  "b": LoRAConfig(r=3, alpha=6, attn_matrices=["q", "k", "v"]),
+                  "c": LoRAConfig(r=2, alpha=2, attn_matrices=["q", "k", "v"])},
+        setup=Parallel(Average("a", "b"), BatchSplit("a", "c", batch_sizes=[1, 2])), labels=False),
 }
 TASK_LABELS = 3  # num_labels of the task classes (2 for question answering)
 # Run only where the test passes the real checkpoint fixture (all-MiniLM-L6-v2's weights as a
@@ -283,6 +363,8 @@ def task_inputs(spec, generator, vocab_size):
             inputs.pop(key, None)
     if spec.get("one_row"):
         inputs = {k: v[1:2] for k, v in inputs.items()}  # row 1 has no padding
+    if spec.get("task_ids") is not None:  # (a MultiTask setup's: forward(task_ids=...))
+        inputs["task_ids"] = spec["task_ids"]
     return inputs
 
 
@@ -332,7 +414,8 @@ def produce_tasks(out_dir, real=None):
         torch.save(weights, os.path.join(case_dir, "model.pt"))
         for fused in spec.get("fusions", ()):
             model.save_adapter_fusion(os.path.join(case_dir, "fusion_" + ",".join(fused)), fused)
-        saved_inputs = {k: v.clone() for k, v in inputs.items()}  # a Parallel resizes the mask in place
+        # (a Parallel resizes the mask in place; task_ids may be a list of names)
+        saved_inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}
         result = run_task(model, spec, spec["setup"], inputs)
         torch.save({"inputs": saved_inputs, "outputs": result}, os.path.join(case_dir, "io.pt"))
         for name in spec["adapters"]:
