@@ -907,14 +907,16 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, directory, *, config=None, dtype="auto", torch_dtype=None,
                         backend=None, use_safetensors=None, ignore_mismatched_sizes=False,
-                        **config_kwargs):
+                        output_loading_info=False, **config_kwargs):
         """Loads config.json and the weights (model.safetensors, pytorch_model.bin, or either
         sharded with an index) from a local directory. A checkpoint of the base model loads into a
         task model and the reverse (the 'distilbert.' prefix is added or stripped). Missing and
         unexpected keys are reported in one warning; wrong shapes are an error unless
         ``ignore_mismatched_sizes``, which re-initialises those weights with a warning.
         ``dtype`` (or its old name ``torch_dtype``) defaults to 'auto', as in transformers 5: the
-        dtype config.json records, else the checkpoint's; pass torch.float32 to upcast."""
+        dtype config.json records, else the checkpoint's; pass torch.float32 to upcast.
+        ``output_loading_info=True`` returns ``(model, info)`` as transformers does, ``info`` the
+        dict of ``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` and ``error_msgs``."""
         directory = ckpt.local_directory(directory)
         device = _device_from_map(config_kwargs.get("device_map"))
         attn_implementation = config_kwargs.get("attn_implementation")
@@ -936,7 +938,7 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
             model.set_attn_implementation(attn_implementation)
         model._adapters_from_config()  # adapters saved with the model, before their weights load
         state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
-        ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        info = ckpt.load_into_model_with_info(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
         if torch_dtype is not None:
             dtype = torch_dtype
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -945,7 +947,8 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         model.config.dtype = str(model.dtype).removeprefix("torch.")
         if device is not None:
             model.to(device)
-        return model.eval()
+        model.eval()
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None,
                         is_main_process=True, push_to_hub=False, **hub_kwargs):
