@@ -6,7 +6,7 @@ same tiny random weights."""
 import pytest
 import torch
 
-from conftest import SMALL_CONFIG
+from conftest import SMALL_CONFIG, assert_close
 
 import distilbert_fast
 
@@ -43,3 +43,61 @@ def test_output_loading_info_like_transformers(saved, loaded, kwargs, tmp_path):
     assert info == expected
     assert {key: type(value) for key, value in info.items()} == {key: type(value) for key, value in expected.items()}
     assert not isinstance(getattr(distilbert_fast, loaded).from_pretrained(tmp_path, **kwargs), tuple)
+
+
+# -- accelerate's offloading hooks ------------------------------------------------------------------
+
+
+def _inputs(class_name):
+    torch.manual_seed(1)
+    ids = torch.randint(1, SMALL_CONFIG["vocab_size"], (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row: the batch would run packed
+    if class_name == "DistilBertForMultipleChoice":
+        return dict(input_ids=ids.unsqueeze(0), attention_mask=mask.unsqueeze(0))
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def _offload(how, model, tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    if how == "cpu_offload":
+        return accelerate.cpu_offload(model, execution_device="cpu")
+    if how == "disk_offload":
+        return accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    # dispatch_model: one layer on disk (a hook on the block), the rest on the CPU
+    base = model.base_model_prefix + "." if model.base_model is not model else ""
+    device_map = {name: "cpu" for name, _ in model.named_children() if name != model.base_model_prefix}
+    device_map.update({f"{base}embeddings": "cpu", f"{base}transformer.layer.0": "cpu",
+                       f"{base}transformer.layer.1": "disk"})
+    return accelerate.dispatch_model(model, device_map=device_map, main_device="cpu",
+                                     offload_dir=str(tmp_path / "offload"))
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "dispatch_model"])
+@pytest.mark.parametrize("class_name", ["DistilBertModel", "DistilBertForMaskedLM", "DistilBertForSequenceClassification",
+                                        "DistilBertForTokenClassification", "DistilBertForQuestionAnswering",
+                                        "DistilBertForMultipleChoice"])
+def test_accelerate_offloaded_model_like_transformers(class_name, how, tmp_path):
+    """accelerate's offloading (cpu_offload, disk_offload, dispatch_model with a layer on disk)
+    keeps offloaded weights on the meta device and loads them in a hook around each module's own
+    call. Our fused ops read weights without calling their modules (a bias folded into the next
+    LayerNorm), so they met meta tensors: ours and a transformers model after optimize() failed
+    where transformers' model runs. Each offloaded module now runs as its module, as a hooked one
+    does, and the outputs equal transformers' (at every real position)."""
+    hf = _save_hf(class_name, tmp_path / "hf", **dict(dropout=0.0, attention_dropout=0.0)).eval()
+    inputs = _inputs(class_name)
+    with torch.no_grad():
+        expected = hf(**inputs)[0]
+    ours = getattr(distilbert_fast, class_name).from_pretrained(tmp_path / "hf")
+    optimized = distilbert_fast.optimize(getattr(transformers, class_name).from_pretrained(tmp_path / "hf").eval())
+    real = inputs["attention_mask"].bool()
+    for name, model in (("ours", ours), ("optimized", optimized)):
+        model = _offload(how, model, tmp_path / name)
+        assert any(p.device.type == "meta" for p in model.parameters())  # offloaded
+        with torch.no_grad():
+            out = model(**inputs)[0]
+        if out.dim() == 3 or (out.dim() == 2 and out.shape == real.shape):  # token outputs: real positions
+            out, ref = out[real], expected[real]
+        else:
+            out, ref = out, expected
+        assert_close(out, ref, atol=1e-5, name=f"{name} after {how}")  # (fp32 parity, as test_clients)
