@@ -673,6 +673,9 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         if getattr(config, "_attn_implementation", None) is None:
             config._attn_implementation = "sdpa"  # transformers' default, which clients read
         self.name_or_path = getattr(config, "name_or_path", "")  # as transformers' models (PEFT records it)
+        # the module classes device-map planning keeps whole: none, as transformers' post_init
+        # makes it for DistilBERT (a set, not the class default None: PEFT's FSDP wrap policy joins it)
+        self._no_split_modules = set()
         if config.dim % config.n_heads != 0:
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)

@@ -101,3 +101,22 @@ def test_accelerate_offloaded_model_like_transformers(class_name, how, tmp_path)
         else:
             out, ref = out, expected
         assert_close(out, ref, atol=1e-5, name=f"{name} after {how}")  # (fp32 parity, as test_clients)
+
+
+# -- PEFT's FSDP wrap policy -------------------------------------------------------------------------
+
+
+def test_peft_fsdp_wrap_policy_like_transformers(monkeypatch):
+    """PEFT's ``fsdp_auto_wrap_policy(model)`` (what its FSDP recipes hand accelerate) joins the
+    model's ``_no_split_modules``, which transformers' post_init makes a set; ours was the class
+    default None, a TypeError there. Both now give the same policy."""
+    pytest.importorskip("accelerate")
+    other = pytest.importorskip("peft.utils.other")
+    monkeypatch.delenv("FSDP_TRANSFORMER_CLS_TO_WRAP", raising=False)
+    config = dict(SMALL_CONFIG, num_labels=2)
+    hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**config))
+    ours = distilbert_fast.DistilBertForSequenceClassification(distilbert_fast.DistilBertConfig(**config))
+    assert ours._no_split_modules == hf._no_split_modules == set()
+    policies = [other.fsdp_auto_wrap_policy(model).keywords["policies"] for model in (hf, ours)]
+    wrapped = [[p.keywords.get("transformer_layer_cls") for p in policy] for policy in policies]
+    assert wrapped[0] == wrapped[1]
