@@ -112,6 +112,22 @@ def load_into_model(model, state_dict: dict[str, torch.Tensor], ignore_mismatche
     adds or strips the base-model prefix, refuses wrong shapes (or re-initialises them with
     ``ignore_mismatched_sizes``), reports missing / unexpected keys in one warning and re-ties
     tied weights. Returns ``(missing, unexpected)``."""
+    missing, unexpected, _ = _load_into_model(model, state_dict, ignore_mismatched_sizes)
+    return missing, unexpected
+
+
+def load_into_model_with_info(model, state_dict: dict[str, torch.Tensor], ignore_mismatched_sizes: bool = False) -> dict:
+    """load_into_model, returning what transformers' ``from_pretrained(output_loading_info=True)``
+    returns beside the model, in its types: sets ``missing_keys``, ``unexpected_keys`` and
+    ``mismatched_keys`` ((key, checkpoint shape, model shape) of each re-initialised weight, shapes
+    as torch.Size), and the list ``error_msgs`` (empty: a load that fails raises)."""
+    missing, unexpected, mismatched = _load_into_model(model, state_dict, ignore_mismatched_sizes)
+    return {"missing_keys": set(missing), "unexpected_keys": set(unexpected),
+            "mismatched_keys": {(k, torch.Size(a), torch.Size(b)) for k, a, b in mismatched}, "error_msgs": []}
+
+
+def _load_into_model(model, state_dict, ignore_mismatched_sizes):
+    """load_into_model's work; returns (missing, unexpected, mismatched) lists."""
     state_dict = {_modern_key(k): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     state_dict = _match_prefix(model, state_dict)
 
@@ -128,7 +144,7 @@ def load_into_model(model, state_dict: dict[str, torch.Tensor], ignore_mismatche
                 f"checkpoint shapes do not match {type(model).__name__}: {listing}. Check the "
                 "config, or pass ignore_mismatched_sizes=True to re-initialise those weights."
             )
-        warnings.warn(f"re-initialised weights whose shapes differ: {listing}", CheckpointWarning, stacklevel=3)
+        warnings.warn(f"re-initialised weights whose shapes differ: {listing}", CheckpointWarning, stacklevel=4)
         for key, _, _ in mismatched:
             del state_dict[key]
 
@@ -144,10 +160,10 @@ def load_into_model(model, state_dict: dict[str, torch.Tensor], ignore_mismatche
             f"initial values: {missing}; and has {len(unexpected)} unexpected keys, ignored: "
             f"{unexpected}",
             CheckpointWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     model.tie_weights()
-    return missing, unexpected
+    return missing, unexpected, mismatched
 
 
 def _modern_key(key: str) -> str:

@@ -34,7 +34,7 @@ LOADING_KWARGS = (
     "local_files_only", "token", "revision", "trust_remote_code", "proxies", "subfolder",
     "use_auth_token", "resume_download", "_from_auto", "_from_pipeline", "_commit_hash",
     "adapter_kwargs", "key_mapping", "offload_folder", "offload_state_dict", "variant",
-    "weights_only", "tp_plan", "output_loading_info",
+    "weights_only", "tp_plan",
 )
 
 

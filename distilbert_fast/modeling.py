@@ -104,8 +104,8 @@ def _watched(module) -> bool:
     g, m = _torch_module, module
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
                 or g._global_backward_pre_hooks or (
-                    (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks)
-                    and _hooked(m)))
+                    (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks
+                     or _ACCELERATE_HOOK in m.__dict__) and _hooked(m)))
 
 
 def bias_of(layer: nn.Module) -> torch.Tensor | None:
@@ -292,7 +292,7 @@ class DistilBertSelfAttention(nn.Module):
             )
             context = context.transpose(1, 2)  # (batch, seq, heads, head_dim)
         context = context.reshape(*q.shape[:-2], self.dim)
-        if _watched(self):
+        if returns_whole_attention(self):
             return _project(self.out_lin, context, backend), weights
         return _project_without_bias(self.out_lin, context, backend), weights
 
@@ -380,9 +380,24 @@ class FFN(nn.Module):
 
 def returns_whole(ffn) -> bool:
     """Whether ``ffn`` returns HF's output (lin2's bias and the dropout in): for hooks on it or on
-    its dropout to see, and in chunks (each chunk draws its dropout mask in turn, as in HF);
-    otherwise the block folds those into its residual LayerNorm."""
-    return ffn.chunk_size_feed_forward > 0 or _watched(ffn) or _watched(ffn.dropout)
+    its dropout to see, in chunks (each chunk draws its dropout mask in turn, as in HF), and when
+    accelerate offloads lin2 (_offloaded); otherwise the block folds those into its residual
+    LayerNorm."""
+    return ffn.chunk_size_feed_forward > 0 or _watched(ffn) or _watched(ffn.dropout) or _offloaded(ffn.lin2)
+
+
+def returns_whole_attention(attention) -> bool:
+    """Whether ``attention`` returns HF's output (out_lin's bias in): for hooks on it to see, and
+    when accelerate offloads out_lin; otherwise the block folds the bias into its LayerNorm."""
+    return _watched(attention) or _offloaded(attention.out_lin)
+
+
+def _offloaded(layer: nn.Module) -> bool:
+    """Whether an accelerate hook sits on ``layer`` (cpu_offload, disk_offload, dispatch_model):
+    its weights may be in place (off the meta device) only during its own call, so no caller
+    reads them around it (a bias folded into a later op). (optimize()'s projections may be
+    NamedTuples: no hook; a hook below an optimised model runs transformers' forward anyway.)"""
+    return _ACCELERATE_HOOK in getattr(layer, "__dict__", ())
 
 
 class TransformerBlock(nn.Module):
@@ -405,7 +420,7 @@ class TransformerBlock(nn.Module):
         layer sees); (output, attention weights) with output_attentions. attention_mask: see
         DistilBertSelfAttention.forward."""
         x = hidden_states
-        attn_bias = None if _watched(self.attention) else bias_of(self.attention.out_lin)
+        attn_bias = None if returns_whole_attention(self.attention) else bias_of(self.attention.out_lin)
         # (as transformers calls its attention: what a hook sees)
         attn, weights = self.attention(x, attention_mask=attention_mask, **_set_options(head_mask, output_attentions))
         if attn.shape[0] != x.shape[0]:  # a LoRA of a Parallel adapter setup replicated the batch
@@ -658,6 +673,9 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         if getattr(config, "_attn_implementation", None) is None:
             config._attn_implementation = "sdpa"  # transformers' default, which clients read
         self.name_or_path = getattr(config, "name_or_path", "")  # as transformers' models (PEFT records it)
+        # the module classes device-map planning keeps whole: none, as transformers' post_init
+        # makes it for DistilBERT (a set, not the class default None: PEFT's FSDP wrap policy joins it)
+        self._no_split_modules = set()
         if config.dim % config.n_heads != 0:
             raise ValueError(f"config.n_heads={config.n_heads} must divide config.dim={config.dim} evenly")
         canonical_activation(config.activation)
@@ -907,14 +925,16 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, directory, *, config=None, dtype="auto", torch_dtype=None,
                         backend=None, use_safetensors=None, ignore_mismatched_sizes=False,
-                        **config_kwargs):
+                        output_loading_info=False, **config_kwargs):
         """Loads config.json and the weights (model.safetensors, pytorch_model.bin, or either
         sharded with an index) from a local directory. A checkpoint of the base model loads into a
         task model and the reverse (the 'distilbert.' prefix is added or stripped). Missing and
         unexpected keys are reported in one warning; wrong shapes are an error unless
         ``ignore_mismatched_sizes``, which re-initialises those weights with a warning.
         ``dtype`` (or its old name ``torch_dtype``) defaults to 'auto', as in transformers 5: the
-        dtype config.json records, else the checkpoint's; pass torch.float32 to upcast."""
+        dtype config.json records, else the checkpoint's; pass torch.float32 to upcast.
+        ``output_loading_info=True`` returns ``(model, info)`` as transformers does, ``info`` the
+        dict of ``missing_keys``, ``unexpected_keys``, ``mismatched_keys`` and ``error_msgs``."""
         directory = ckpt.local_directory(directory)
         device = _device_from_map(config_kwargs.get("device_map"))
         attn_implementation = config_kwargs.get("attn_implementation")
@@ -936,7 +956,7 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
             model.set_attn_implementation(attn_implementation)
         model._adapters_from_config()  # adapters saved with the model, before their weights load
         state_dict = ckpt.load_state_dict(directory, use_safetensors=use_safetensors)
-        ckpt.load_into_model(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
+        info = ckpt.load_into_model_with_info(model, state_dict, ignore_mismatched_sizes=ignore_mismatched_sizes)
         if torch_dtype is not None:
             dtype = torch_dtype
         config_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -945,7 +965,8 @@ class DistilBertPreTrainedModel(ModelAdaptersMixin, nn.Module):
         model.config.dtype = str(model.dtype).removeprefix("torch.")
         if device is not None:
             model.to(device)
-        return model.eval()
+        model.eval()
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(self, directory, *, safe_serialization=True, max_shard_size="50GB", state_dict=None,
                         is_main_process=True, push_to_hub=False, **hub_kwargs):
@@ -1332,7 +1353,8 @@ def _hooks_in(stack: list, stop: nn.Module | None = None) -> bool:
         m = stack.pop()
         if m is None:
             continue
-        if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks) and _hooked(m):
+        if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or m._forward_hooks
+                or _ACCELERATE_HOOK in m.__dict__) and _hooked(m):
             return True
         if m is not stop:
             stack.extend(m._modules.values())
@@ -1350,10 +1372,17 @@ def _global_hooks() -> bool:
                 or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
+# accelerate's hooks (cpu_offload, disk_offload, dispatch_model with offloaded or split layers)
+# are no torch hooks: add_hook_to_module wraps the module's forward, whose pre_forward loads
+# offloaded weights (on the meta device until then) and moves inputs to the execution device.
+_ACCELERATE_HOOK = "_hf_hook"
+
+
 def _hooked(m: nn.Module) -> bool:
     """Whether a forward, forward-pre or backward hook sits on ``m`` itself (global hooks aside),
-    enable_input_require_grads' hook aside."""
-    return bool(m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or (
+    enable_input_require_grads' hook aside, or an accelerate hook (the module must then be
+    called for its weights to be in place)."""
+    return bool(m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or _ACCELERATE_HOOK in m.__dict__ or (
         m._forward_hooks and not all(map(_only_requires_grad, m._forward_hooks.values()))))
 
 
@@ -1615,7 +1644,8 @@ class DistilBertForMaskedLM(DistilBertPreTrainedModel):
                       output_hidden_states, position_ids, cu_seqlens, max_seqlen, exact=_counted(labels))
         _check_packed_labels(cu_seqlens, input_ids, inputs_embeds, tokens=[("labels", labels)])
         hidden, backend = enc.hidden, self.config.backend  # (batch, seq, dim), or packed (total, dim)
-        if _watched(self.activation):  # the activation as its module, on vocab_transform's output
+        if _watched(self.activation) or _offloaded(self.vocab_transform):
+            # the activation as its module, on vocab_transform's output, bias included
             hidden = self.activation(_project(self.vocab_transform, hidden, backend))
         else:
             hidden = bias_activation(_project_without_bias(self.vocab_transform, hidden, backend),
