@@ -268,11 +268,19 @@ def _distilbert_model_forward(view, input_ids=None, attention_mask=None, inputs_
     entry point: each sequence attends within itself, as transformers computes it with flash
     attention (its sdpa and eager attention ignore those keywords and attend across the row); so
     does one given by its position ids alone (modeling.flattened_by_positions)."""
+    flattened, view = _flattened_or_labelled(view, kwargs, input_ids, inputs_embeds, position_ids, attention_mask)
+    return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask if masks_heads else None,
+                             inputs_embeds, output_attentions, output_hidden_states, return_dict, position_ids, pack)
+
+
+def _flattened_or_labelled(view, kwargs, input_ids, inputs_embeds, position_ids, attention_mask):
+    """(flattened, view): a flattened batch's packing (DataCollatorWithFlattening's keywords, popped
+    from ``kwargs``, or its position ids alone), or None and ``view`` showing its head's token
+    labels (_with_token_labels)."""
     flattened = modeling.pop_flattened(kwargs) or modeling.flattened_by_positions(position_ids, attention_mask)
     if flattened is None:
         view = _with_token_labels(view, input_ids, inputs_embeds)
-    return _our_base_forward(view, flattened, input_ids, attention_mask, head_mask if masks_heads else None,
-                             inputs_embeds, output_attentions, output_hidden_states, return_dict, position_ids, pack)
+    return flattened, view
 
 
 def _takes_head_mask(model) -> bool:
@@ -439,9 +447,7 @@ def _bert_model_forward(view, input_ids=None, attention_mask=None, token_type_id
     in _distilbert_model_forward); the pooler after."""
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    flattened = modeling.pop_flattened(kwargs) or modeling.flattened_by_positions(position_ids, attention_mask)
-    if flattened is None:
-        view = _with_token_labels(view, input_ids, inputs_embeds)
+    flattened, view = _flattened_or_labelled(view, kwargs, input_ids, inputs_embeds, position_ids, attention_mask)
     module = view._module
     embeddings = module.embeddings
     if token_type_ids is not None:
