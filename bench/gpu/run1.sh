@@ -23,7 +23,8 @@ fi
 
 if [[ $DRY_RUN == 1 ]]; then
   test_args=(--collect-only -q)
-  bench_args=(--quick --device cpu --shapes 1x8 --varlen none)
+  # (the cpu backend only: the Triton interpreter runs the base-size model at seconds per call)
+  bench_args=(--quick --device cpu --backends cpu --shapes 1x8 --varlen none --ragged 2x4-8)
 else
   # per-test timeout: a hung kernel costs one test, not the run
   test_args=(-n "$(( JOBS < 8 ? JOBS : 8 ))" -q -rfEs --timeout 120)
