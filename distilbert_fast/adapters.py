@@ -503,6 +503,17 @@ class Stack:
         return max([1] + [child.parallel_channels for child in self.children if not isinstance(child, str)])
 
 
+class _HeadlessBlock(Stack):
+    """A block after which DistilBertAdapterModel runs no head: the package's
+    parse_heads_from_composition gives none for a Fuse, Split, Average or MultiTask."""
+
+    def heads(self) -> list[str]:
+        return []
+
+    def head_batch_sizes(self):
+        return None
+
+
 class Parallel(Stack):
     """Adapters side by side on the same input, as the ``adapters`` package's ``Parallel``:
     ``Parallel("a", "b")`` or ``Parallel(Stack("lang", "a"), "b")``. The layers below the first
@@ -534,7 +545,7 @@ class Parallel(Stack):
         return len(self.children)
 
 
-class Fuse(Stack):
+class Fuse(_HeadlessBlock):
     """AdapterFusion of bottleneck adapters, as the package's ``Fuse("a", "b", name=None)``: each
     child (an adapter, or a Stack of adapters) runs on the same input and a fusion layer (added by
     ``add_adapter_fusion``) attends over their outputs. A Fuse is the whole setup or a child of
@@ -548,12 +559,6 @@ class Fuse(Stack):
     def name(self) -> str:
         return self._name or ",".join(c if isinstance(c, str) else c.last() for c in self.children)
 
-    def heads(self) -> list[str]:
-        return []  # the package's parse_heads_from_composition gives none for a Fuse
-
-    def head_batch_sizes(self):
-        return None
-
     def _kwargs(self):
         return {} if self._name is None else {"name": self._name}
 
@@ -566,7 +571,7 @@ def _sizes(value, children, argument: str) -> list[int]:
     return list(sizes)
 
 
-class Split(Stack):
+class Split(_HeadlessBlock):
     """The package's ``Split("a", "b", splits=[4, 60])`` of bottleneck adapters: along the
     sequence, positions 0-3 of every sequence go through "a" and 4-63 through "b" (``splits``:
     one length per child, or one int for all); they must add up to the padded length. LoRA
@@ -575,12 +580,6 @@ class Split(Stack):
     def __init__(self, *children, splits):
         super().__init__(*children)
         self.splits = _sizes(splits, children, "splits")
-
-    def heads(self) -> list[str]:
-        return []  # as the package's parse_heads_from_composition
-
-    def head_batch_sizes(self):
-        return None
 
     def _kwargs(self):
         return {"splits": self.splits}
@@ -606,7 +605,7 @@ class BatchSplit(Stack):
         return {"batch_sizes": self.batch_sizes}
 
 
-class Average(Stack):
+class Average(_HeadlessBlock):
     """The package's ``Average("a", "b", weights=None, normalize_weights=True)``: each child
     (bottleneck adapters or LoRA) runs on the same input and their outputs are averaged, as the
     package computes it: ``mean_i(w_i * out_i)``, i.e. ``sum_i(w_i * out_i) / n`` (so the
@@ -628,28 +627,16 @@ class Average(Stack):
             raise ValueError(f"weights must not sum to 0 with normalize_weights=True, got {weights!r}")
         self.weights = [w / sum(weights) for w in weights] if normalize_weights else list(weights)
 
-    def heads(self) -> list[str]:
-        return []  # as the package's parse_heads_from_composition
-
-    def head_batch_sizes(self):
-        return None
-
     def _kwargs(self):
         return {"weights": self.weights}
 
 
-class MultiTask(Stack):
+class MultiTask(_HeadlessBlock):
     """The package's ``MultiTask("a", "b")``: each row of the batch goes through the child its
     task id names, ``forward(..., task_ids=...)`` (a tensor of child indices, one per row, or a
     list of child names), as a BatchSplit of the rows sorted by task would (bottleneck adapters
     and LoRA). Its children are names, Stacks or Averages (the package also takes a Fuse, then
     fails in the forward: it runs a MultiTask as a BatchSplit, which cannot hold one)."""
-
-    def heads(self) -> list[str]:
-        return []  # as the package's parse_heads_from_composition
-
-    def head_batch_sizes(self):
-        return None
 
 
 # What each block may hold besides adapter names: the package's ALLOWED_NESTINGS, less what the
