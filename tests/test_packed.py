@@ -60,6 +60,8 @@ VARLEN_CASES = {  # name: (lengths, heads, head_dim)
     "empty_sequences": ([0, 5, 0, 2, 0], 2, 8),
     "long_odd": ([130, 65, 1], 2, 17),
     "head_dim_64": ([70, 9], 2, 64),
+    # longer than the cpu forward's key block (512): folded in two blocks by the online softmax
+    "longer_than_a_key_block": ([700, 3], 2, 16),
 }
 
 

@@ -172,8 +172,8 @@ inline void row_axpy(T alpha, const T* x, T* y, int64_t n) {
 
 // at::parallel_for's grain for items of `work` elements each: parallel regions cost microseconds
 // (more on a loaded machine), so small problems run inline on the calling thread.
+constexpr int64_t kMinWorkPerTask = 32768;
 inline int64_t grain_for(int64_t work) {
-  constexpr int64_t kMinWorkPerTask = 32768;
   return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, work));
 }
 
