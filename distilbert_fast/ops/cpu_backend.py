@@ -110,6 +110,19 @@ def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
+def _torch_gemm_into_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x @ weight^T + bias may be written by torch's GEMM into a buffer of our own
+    (``CpuBackend._torch_gemm_into_fresh``): CPU tensors of one dtype, no autocast (F.linear would
+    cast), x of 2 or more dims and operands of matching shapes (F.linear says clearly what is wrong
+    with others)."""
+    if torch.is_autocast_enabled("cpu") or x.dim() < 2 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        return False
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors)
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight^T + bias by oneDNN, outside autograd (the op has no backward of its own)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -366,12 +379,25 @@ class CpuBackend(Backend):
 
     # -- linear, linear + bias + activation -------------------------------------------------
     def linear(self, x, weight, bias):
-        if not _onednn_suits(x, weight, bias):
-            return F.linear(x, weight, bias)
         tensors = (x, weight) if bias is None else (x, weight, bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return OneDnnLinearFunction.apply(x, weight, bias)
-        return _onednn_linear(x, weight, bias)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if _onednn_suits(x, weight, bias):
+            return OneDnnLinearFunction.apply(x, weight, bias) if needs_grad else _onednn_linear(x, weight, bias)
+        if needs_grad or not _torch_gemm_into_suits(x, weight, bias):
+            return F.linear(x, weight, bias)
+        return self._torch_gemm_into_fresh(x, weight, bias)
+
+    def _torch_gemm_into_fresh(self, x, weight, bias):
+        """x @ weight^T (+ bias) by torch's GEMM (the addmm F.linear runs), written into
+        ``cpu_empty``: huge pages where the output is large, as the fused QKV projection's and the
+        FFN's are (see csrc/cpu/common.h). Inference only: out= is not differentiable."""
+        h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(x2, weight.t(), out=h2)
+        else:
+            torch.addmm(bias, x2, weight.t(), out=h2)
+        return h
 
     def linear_activation_forward(self, x, weight, bias, activation, needs_grad):
         if needs_grad:
@@ -381,10 +407,10 @@ class CpuBackend(Backend):
         # matmul's fresh output, instead of faulting in a second buffer of (tokens, 4 * dim).
         if _onednn_suits(x, weight, None):
             h = _onednn_linear(x, weight, None)
+        elif _torch_gemm_into_suits(x, weight, None):
+            h = self._torch_gemm_into_fresh(x, weight, None)
         else:
-            # cpu_empty: huge pages where the output is large (see csrc/cpu/common.h)
-            h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
-            torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out=h.view(-1, weight.shape[0]))
+            h = F.linear(x, weight)
         self._C.cpu_bias_activation_fwd(h.view(-1, weight.shape[0]), _acc(bias, x.dtype), activation, True)
         return h, (), None
 
