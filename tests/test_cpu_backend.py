@@ -229,9 +229,9 @@ def test_model_projection_hooks_still_fire():
     assert_close(hooked, plain, atol=1e-5)
 
 
-def test_cpu_empty_gives_writable_contiguous_outputs_either_side_of_32_mib():
-    """Below 32 MiB cpu_empty is torch's allocator, from 32 MiB a huge-page mapping: both must be
-    plain contiguous tensors of the asked shape and dtype that hold what is written."""
+def test_cpu_empty_gives_writable_contiguous_outputs_either_side_of_1_mib():
+    """Below 1 MiB cpu_empty is torch's allocator, from 1 MiB a block of the output cache: both must
+    be plain contiguous tensors of the asked shape and dtype that hold what is written."""
     like = torch.zeros(1)
     for shape in ([3, 5], [1024, 768], [4, 2 * 1024 * 1024 + 7]):  # 60 B, 3 MiB, just over 32 MiB
         t = _C.cpu_empty(shape, like)
@@ -239,6 +239,34 @@ def test_cpu_empty_gives_writable_contiguous_outputs_either_side_of_32_mib():
         t.fill_(1.5)
         assert t.sum().item() == 1.5 * t.numel()
     assert _C.cpu_empty([2, 3], like.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_output_cache_reuses_a_dead_outputs_block_and_never_a_live_one():
+    """A block returns to the cache when its tensor dies and serves the next output of about its
+    size; a live tensor's block is never handed out; release frees the idle blocks."""
+    like = torch.zeros(1)
+    _C.cpu_release_cached_outputs()
+    a = _C.cpu_empty([1024, 1024], like)  # 4 MiB
+    b = _C.cpu_empty([1024, 1024], like)
+    assert a.data_ptr() != b.data_ptr()
+    a_ptr = a.data_ptr()
+    a.fill_(2.0)
+    del a
+    assert _C.cpu_cached_output_bytes() >= 4 << 20
+    c = _C.cpu_empty([1000, 1024], like)  # a little smaller: the same block
+    assert c.data_ptr() == a_ptr and _C.cpu_cached_output_bytes() == 0
+    d = _C.cpu_empty([1024, 1024], like)  # c is alive: a new block
+    assert d.data_ptr() not in (a_ptr, b.data_ptr())
+    del b, c, d
+    assert cpu_backend.empty_cache() >= 12 << 20
+    assert _C.cpu_cached_output_bytes() == 0
+    e = _C.cpu_empty([2048, 1024], like)  # 8 MiB: wastes too much for a 4 MiB request
+    e_ptr = e.data_ptr()
+    del e
+    f = _C.cpu_empty([1024, 1024], like)
+    assert f.data_ptr() != e_ptr and _C.cpu_cached_output_bytes() >= 8 << 20
+    del f
+    _C.cpu_release_cached_outputs()
 
 
 # -- masked attention ------------------------------------------------------------------------------

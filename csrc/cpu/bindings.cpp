@@ -25,7 +25,10 @@ void init_cpu_ops(pybind11::module_& m) {
         TORCH_CHECK_VALUE(like.device().is_cpu(), "like must be a CPU tensor, got one on ", like.device());
         return cpu::empty_output(sizes, like.options());
       },
-      "an uninitialised contiguous CPU tensor of like's dtype, on huge pages when 32 MiB or more");
+      "an uninitialised contiguous CPU tensor of like's dtype; from 1 MiB from the output cache, on huge pages");
+  m.def("cpu_cached_output_bytes", &cpu::cached_output_bytes, "bytes of idle blocks in the output cache");
+  m.def("cpu_release_cached_outputs", &cpu::release_cached_outputs,
+        "frees the output cache's idle blocks; returns the bytes freed");
   m.def("cpu_masked_attention_fwd", &cpu::masked_attention_fwd,
         "out, lse of softmax(q k^T * scale, key padding) [dropout] [* head_mask] @ v");
   m.def("cpu_masked_attention_bwd", &cpu::masked_attention_bwd,

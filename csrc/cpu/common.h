@@ -11,8 +11,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
-#include <sys/mman.h>
-
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -85,30 +83,15 @@ inline at::ScalarType acc_dtype(at::ScalarType dtype) {
 
 // -- output buffers ------------------------------------------------------------------------------
 
-// A fresh (uninitialised) CPU tensor for a kernel's output. Below 32 MiB it is at::empty: glibc
-// serves it from its heap, whose freed pages it keeps (its mmap threshold rises to the largest
-// block freed, up to 32 MiB), so a buffer reallocated each call costs no page faults. From 32 MiB
-// glibc maps and unmaps every block, which is then faulted in 4 KiB at a time on its first write,
-// costing more than the kernels' own work (4096x3072 float: ~22 ms of faults vs ~5 ms of GELU on
-// one core); such a buffer is 2 MiB-aligned and advised to use transparent huge pages (Linux's
-// usual THP setting, "madvise", gives them only on request). Measured, 4096x768 float, fill:
-// at::empty 0.63 ms, huge pages 1.25 ms (each call zeroes fresh pages); 4096x3072: 29 vs 8.2 ms.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr size_t kHugePage = size_t(2) << 20, kMapped = size_t(32) << 20;
-  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
-                        c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-#ifdef __linux__
-  if (nbytes >= kMapped) {
-    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHugePage, rounded) == 0) {
-      madvise(p, rounded, MADV_HUGEPAGE);  // advice only: failure just means small pages
-      return at::from_blob(p, sizes, [](void* q) { std::free(q); }, options.device(at::kCPU));
-    }
-  }
-#endif
-  return at::empty(sizes, options);
-}
+// A fresh (uninitialised) contiguous CPU tensor for a kernel's output (buffers.cpp). From 1 MiB it
+// comes from a process-wide cache of 2 MiB-aligned blocks on transparent huge pages, to which its
+// memory returns when the tensor dies: the model's outputs of one call are the next call's, already
+// faulted in. Such tensors cannot be resize_d. Smaller ones are at::empty.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The cache's idle blocks: their bytes, and freeing them all (returns the bytes freed).
+int64_t cached_output_bytes();
+int64_t release_cached_outputs();
 
 // -- rows in and out of acc_t --------------------------------------------------------------------
 
