@@ -255,6 +255,13 @@ def test_output_cache_reuses_a_dead_outputs_block_and_never_a_live_one():
     assert _C.cpu_cached_output_bytes() >= 4 << 20
     c = _C.cpu_empty([1000, 1024], like)  # a little smaller: the same block
     assert c.data_ptr() == a_ptr and _C.cpu_cached_output_bytes() == 0
+    # 3 MiB, not a whole number of 2 MiB pages: its 4 MiB block serves the next 3 MiB output
+    g = _C.cpu_empty([768, 1024], like)
+    g_ptr = g.data_ptr()
+    del g
+    g = _C.cpu_empty([768, 1024], like)
+    assert g.data_ptr() == g_ptr
+    del g
     d = _C.cpu_empty([1024, 1024], like)  # c is alive: a new block
     assert d.data_ptr() not in (a_ptr, b.data_ptr())
     del b, c, d

@@ -37,12 +37,15 @@ class OutputCache {
  public:
   // A block of at least `bytes` (its size in *capacity), or nullptr if none can be had.
   void* take(size_t bytes, size_t* capacity) {
+    // blocks are whole huge pages: a 3 MiB output needs a 4 MiB block
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      // the smallest idle block that fits, wasting at most a quarter
+      // the smallest idle block that fits, a quarter larger at most
       auto best = idle_.end();
       for (auto it = idle_.begin(); it != idle_.end(); ++it) {
-        if (it->bytes >= bytes && it->bytes <= bytes + bytes / 4 && (best == idle_.end() || it->bytes < best->bytes)) {
+        if (it->bytes >= rounded && it->bytes <= rounded + rounded / 4 &&
+            (best == idle_.end() || it->bytes < best->bytes)) {
           best = it;
         }
       }
@@ -54,7 +57,6 @@ class OutputCache {
         return p;
       }
     }
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
     void* p = nullptr;
     if (posix_memalign(&p, kHugePage, rounded) != 0) return nullptr;
 #ifdef MADV_HUGEPAGE
