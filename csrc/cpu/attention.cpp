@@ -86,30 +86,6 @@ constexpr int rows_per_pass() {
   return vecs >= kAccumulators ? 1 : static_cast<int>(kAccumulators / vecs);
 }
 
-// out[r * kBlock + 0:kBlock] = sum_d a[r * dim + d] * bt[d * kBlock + 0:kBlock] for r < R: R rows
-// against a transposed block.
-template <int R, typename T>
-inline void rows_times_block(const T* a, const T* bt, int64_t dim, T* out) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t n = kBlock / Vec::size();
-  Vec acc[R][n];
-  for (int r = 0; r < R; ++r) {
-    for (int64_t t = 0; t < n; ++t) acc[r][t] = Vec(T(0));
-  }
-  for (int64_t d = 0; d < dim; ++d) {
-    const T* brow = bt + d * kBlock;
-    Vec bv[n];
-    for (int64_t t = 0; t < n; ++t) bv[t] = Vec::loadu(brow + t * Vec::size());
-    for (int r = 0; r < R; ++r) {
-      const Vec ad(a[r * dim + d]);
-      for (int64_t t = 0; t < n; ++t) acc[r][t] = at::vec::fmadd(ad, bv[t], acc[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int64_t t = 0; t < n; ++t) acc[r][t].store(out + r * kBlock + t * Vec::size());
-  }
-}
-
 // o[r * dim + 0:dim] += sum_j w[r * kBlock + j] * rows[j * dim + 0:dim], j < nb, r < R: the
 // outputs stay in registers across the keys.
 template <int R, typename T>
@@ -180,7 +156,7 @@ inline void add_row_products(const T* w, const T* src, int64_t nb, int64_t dim, 
   }
 }
 
-// -- the forward's register tiles ----------------------------------------------------------------
+// -- register tiles (the forward's q k^T and P v; the backward's scores and dout v^T) --------------
 // The forward takes up to kFwdBlock keys per block (every window of DistilBERT's 512 positions in
 // one block, so the online softmax rescales nothing), and works in tiles of kTileRows query rows x
 // kTileVecs vectors: q k^T and P v as small GEMMs whose accumulators stay in registers, each
@@ -191,11 +167,7 @@ inline void add_row_products(const T* w, const T* src, int64_t nb, int64_t dim, 
 // per-sequence bmm + softmax + bmm (ours / bmm, median of 12 rounds: 1.08 before, 0.73 after).
 constexpr int64_t kFwdBlock = 512;
 constexpr int kTileRows = 6;
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int64_t kTileVecs = 4;
-#else
-constexpr int64_t kTileVecs = 2;
-#endif
+constexpr int64_t kTileVecs = kAccumulators / 4;  // 2 on AVX2, 4 on AVX-512: 12 or 24 accumulators
 
 // Keys (columns) of one tile.
 template <typename T>
@@ -203,28 +175,35 @@ constexpr int64_t tile_width() {
   return kTileVecs * Vectorized<T>::size();
 }
 
+// out[r * ldo + 0:tile_width] (+)= sum_k a[r * lda + k] * b[k * ldb + 0:tile_width], k < depth, for
+// r < R: one register tile of a small GEMM, R x kTileVecs accumulators.
+template <int R, bool kAccumulate, typename T>
+inline void tile_product(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* out, int64_t ldo) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t C = kTileVecs;
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < C; ++c) acc[r][c] = kAccumulate ? Vec::loadu(out + r * ldo + c * Vec::size()) : Vec(T(0));
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec bv[C];
+    for (int64_t c = 0; c < C; ++c) bv[c] = Vec::loadu(b + k * ldb + c * Vec::size());
+    for (int r = 0; r < R; ++r) {
+      const Vec ak(a[r * lda + k]);
+      for (int64_t c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(ak, bv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < C; ++c) acc[r][c].store(out + r * ldo + c * Vec::size());
+  }
+}
+
 // out[r * width + c] = sum_d a[r * dim + d] * bt[d * width + c] for r < R, c < width (a multiple of
 // tile_width): R query rows' scores against keys stored transposed.
 template <int R, typename T>
 inline void scores_tile(const T* a, int64_t dim, const T* bt, int64_t width, T* out) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t C = kTileVecs;
   for (int64_t c0 = 0; c0 < width; c0 += tile_width<T>()) {
-    Vec acc[R][C];
-    for (int r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; ++c) acc[r][c] = Vec(T(0));
-    }
-    for (int64_t d = 0; d < dim; ++d) {
-      Vec bv[C];
-      for (int64_t c = 0; c < C; ++c) bv[c] = Vec::loadu(bt + d * width + c0 + c * Vec::size());
-      for (int r = 0; r < R; ++r) {
-        const Vec ad(a[r * dim + d]);
-        for (int64_t c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(ad, bv[c], acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; ++c) acc[r][c].store(out + r * width + c0 + c * Vec::size());
-    }
+    tile_product<R, false>(a, dim, bt + c0, width, dim, out + c0, width);
   }
 }
 
@@ -232,25 +211,9 @@ inline void scores_tile(const T* a, int64_t dim, const T* bt, int64_t width, T* 
 // rows, tile_width output columns at a time kept in registers across the keys.
 template <int R, typename T>
 inline void weighted_rows_tile(const T* w, int64_t width, const T* rows, int64_t nb, int64_t dim, T* o) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t C = kTileVecs;
   int64_t d0 = 0;
   for (; d0 + tile_width<T>() <= dim; d0 += tile_width<T>()) {
-    Vec acc[R][C];
-    for (int r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; ++c) acc[r][c] = Vec::loadu(o + r * dim + d0 + c * Vec::size());
-    }
-    for (int64_t j = 0; j < nb; ++j) {
-      Vec rv[C];
-      for (int64_t c = 0; c < C; ++c) rv[c] = Vec::loadu(rows + j * dim + d0 + c * Vec::size());
-      for (int r = 0; r < R; ++r) {
-        const Vec wj(w[r * width + j]);
-        for (int64_t c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(wj, rv[c], acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < C; ++c) acc[r][c].store(o + r * dim + d0 + c * Vec::size());
-    }
+    tile_product<R, true>(w, width, rows + d0, dim, nb, o + d0, dim);
   }
   if (d0 < dim) {  // head_dim not a multiple of the tile: the last columns row by row
     for (int r = 0; r < R; ++r) {
@@ -489,6 +452,7 @@ void attention_bwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Head
   const acc keep_scale = acc(1.0 / (1.0 - dropout_p));
   for_task_lists(n, [&](const std::vector<int64_t>& tasks) {
     std::vector<acc> qs(M * D), dO(M * D), dQ(M * D), delta(M);
+    static_assert(kBlock % tile_width<acc>() == 0, "a key block holds whole score tiles");
     constexpr int kRows = rows_per_pass<acc>();
     std::vector<acc> kt(D * kBlock), vt(D * kBlock), kb_rows(kBlock * D), dK(kBlock * D),
         dV(kBlock * D), s(kRows * kBlock), pr(kRows * kBlock), dw(kRows * kBlock);
@@ -539,9 +503,9 @@ void attention_bwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Head
           if (uniform) {
             std::fill(s.begin(), s.end(), acc(0));
           } else {
-            rows_times_block<R>(q0, kt.data(), D, s.data());
+            scores_tile<R>(q0, D, kt.data(), kBlock, s.data());
           }
-          rows_times_block<R>(do0, vt.data(), D, dw.data());  // dW_ij = dout_i . v_j
+          scores_tile<R>(do0, D, vt.data(), kBlock, dw.data());  // dW_ij = dout_i . v_j
           for (int r = 0; r < R; ++r) {
             const int64_t i = i0 + r;
             acc* pi = pr.data() + r * kBlock;  // P_ij, then W_ij = P_ij * keep_ij / (1 - p) * hm
