@@ -404,8 +404,9 @@ class CpuBackend(Backend):
 
     def _torch_gemm_into_fresh(self, x, weight, bias):
         """x @ weight^T (+ bias) by torch's GEMM (the addmm F.linear runs), written into
-        ``cpu_empty``: huge pages where the output is large, as the fused QKV projection's and the
-        FFN's are (see csrc/cpu/common.h). Inference only: out= is not differentiable."""
+        ``cpu_empty``: from 1 MiB a block of the output cache (csrc/cpu/buffers.cpp), already
+        faulted in, as the fused QKV projection's and the FFN's outputs are. Inference only: out=
+        is not differentiable."""
         h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
         x2, h2 = x.reshape(-1, x.shape[-1]), h.view(-1, weight.shape[0])
         if bias is None:
