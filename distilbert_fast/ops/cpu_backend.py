@@ -98,33 +98,28 @@ ONEDNN_AVAILABLE = _has_onednn_linear()
 ONEDNN_LINEAR = ONEDNN_AVAILABLE and _onednn_is_faster()
 
 
-def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether x @ weight^T + bias may run on oneDNN: float32 CPU tensors, no autocast (F.linear
-    would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x), contiguous operands of matching
-    shapes (F.linear says clearly what is wrong with others; oneDNN does not). Under
-    torch.compile the backend's GEMMs run inside opaque custom ops (``custom.linear``), so
-    Inductor never has to lower this op."""
-    if not ONEDNN_LINEAR or torch.is_autocast_enabled("cpu"):
-        return False
-    if x.dim() < 2 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        return False
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        return False
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-
-
-def _torch_gemm_into_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether x @ weight^T + bias may be written by torch's GEMM into a buffer of our own
-    (``CpuBackend._torch_gemm_into_fresh``): CPU tensors of one dtype, no autocast (F.linear would
-    cast), x of 2 or more dims and operands of matching shapes (F.linear says clearly what is wrong
-    with others)."""
+def _linear_operands_suit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x @ weight^T + bias may run on a GEMM call of our own rather than F.linear: no
+    autocast (F.linear would cast), x of 2 or more dims (oneDNN mis-handles a 1-d x), CPU operands
+    of one dtype and matching shapes (F.linear says clearly what is wrong with others; the GEMMs
+    do not)."""
     if torch.is_autocast_enabled("cpu") or x.dim() < 2 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         return False
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         return False
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors)
+
+
+def _onednn_suits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x @ weight^T + bias may run on oneDNN: where it is the faster GEMM, on operands
+    that suit our own GEMM calls (``_linear_operands_suit``), float32 and contiguous. Under
+    torch.compile the backend's GEMMs run inside opaque custom ops (``custom.linear``), so
+    Inductor never has to lower this op."""
+    if not ONEDNN_LINEAR or not _linear_operands_suit(x, weight, bias):
+        return False
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    return x.dtype == torch.float32 and all(t.is_contiguous() for t in tensors)
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -395,18 +390,21 @@ class CpuBackend(Backend):
     # -- linear, linear + bias + activation -------------------------------------------------
     def linear(self, x, weight, bias):
         tensors = (x, weight) if bias is None else (x, weight, bias)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return self._linear_without_grad(x, weight, bias)
         if _onednn_suits(x, weight, bias):
-            return OneDnnLinearFunction.apply(x, weight, bias) if needs_grad else _onednn_linear(x, weight, bias)
-        if needs_grad or not _torch_gemm_into_suits(x, weight, bias):
-            return F.linear(x, weight, bias)
-        return self._torch_gemm_into_fresh(x, weight, bias)
+            return OneDnnLinearFunction.apply(x, weight, bias)
+        return F.linear(x, weight, bias)
 
-    def _torch_gemm_into_fresh(self, x, weight, bias):
-        """x @ weight^T (+ bias) by torch's GEMM (the addmm F.linear runs), written into
-        ``cpu_empty``: from 1 MiB a block of the output cache (csrc/cpu/buffers.cpp), already
-        faulted in, as the fused QKV projection's and the FFN's outputs are. Inference only: out=
-        is not differentiable."""
+    def _linear_without_grad(self, x, weight, bias):
+        """x @ weight^T (+ bias) where no backward follows: oneDNN where it is the faster GEMM,
+        else torch's GEMM (the addmm F.linear runs) written into ``cpu_empty``, from 1 MiB a block
+        of the output cache (csrc/cpu/buffers.cpp), already faulted in (out= is not
+        differentiable)."""
+        if _onednn_suits(x, weight, bias):
+            return _onednn_linear(x, weight, bias)
+        if not _linear_operands_suit(x, weight, bias):
+            return F.linear(x, weight, bias)
         h = self._C.cpu_empty([*x.shape[:-1], weight.shape[0]], x)
         x2, h2 = x.reshape(-1, x.shape[-1]), h.view(-1, weight.shape[0])
         if bias is None:
@@ -421,12 +419,7 @@ class CpuBackend(Backend):
             return super().linear_activation_forward(x, weight, bias, activation, needs_grad)
         # No backward follows (inference): the bias and activation are applied in place on the
         # matmul's fresh output, instead of filling a second buffer of (tokens, 4 * dim).
-        if _onednn_suits(x, weight, None):
-            h = _onednn_linear(x, weight, None)
-        elif _torch_gemm_into_suits(x, weight, None):
-            h = self._torch_gemm_into_fresh(x, weight, None)
-        else:
-            h = F.linear(x, weight)
+        h = self._linear_without_grad(x, weight, None)
         self._C.cpu_bias_activation_fwd(h.view(-1, weight.shape[0]), _acc(bias, x.dtype), activation, True)
         return h, (), None
 
