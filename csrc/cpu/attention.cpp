@@ -86,44 +86,9 @@ constexpr int rows_per_pass() {
   return vecs >= kAccumulators ? 1 : static_cast<int>(kAccumulators / vecs);
 }
 
-// o[r * dim + 0:dim] += sum_j w[r * kBlock + j] * rows[j * dim + 0:dim], j < nb, r < R: the
-// outputs stay in registers across the keys.
-template <int R, typename T>
-inline void accumulate_rows(const T* w, const T* rows, int64_t nb, int64_t dim, T* o) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kVecs = 4;
-  int64_t d0 = 0;
-  for (; d0 + kVecs * Vec::size() <= dim; d0 += kVecs * Vec::size()) {
-    Vec acc[R][kVecs];
-    for (int r = 0; r < R; ++r) {
-      for (int64_t t = 0; t < kVecs; ++t) acc[r][t] = Vec::loadu(o + r * dim + d0 + t * Vec::size());
-    }
-    for (int64_t j = 0; j < nb; ++j) {
-      const T* src = rows + j * dim + d0;
-      Vec rv[kVecs];
-      for (int64_t t = 0; t < kVecs; ++t) rv[t] = Vec::loadu(src + t * Vec::size());
-      for (int r = 0; r < R; ++r) {
-        const Vec wj(w[r * kBlock + j]);
-        for (int64_t t = 0; t < kVecs; ++t) acc[r][t] = at::vec::fmadd(wj, rv[t], acc[r][t]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      for (int64_t t = 0; t < kVecs; ++t) acc[r][t].store(o + r * dim + d0 + t * Vec::size());
-    }
-  }
-  if (d0 < dim) {
-    for (int r = 0; r < R; ++r) {
-      for (int64_t j = 0; j < nb; ++j) {
-        const T wj = w[r * kBlock + j];
-        if (wj != T(0)) row_axpy(wj, rows + j * dim + d0, o + r * dim + d0, dim - d0);
-      }
-    }
-  }
-}
-
 // dst[j * dim + 0:dim] += sum_r w[r * kBlock + j] * src[r * dim + 0:dim], j < nb, r < R: the
 // backward's dK and dV updates from R query rows at once, each dst row loaded and stored once.
-// accumulate_rows's transpose: there the R outputs stay in registers while the nb rows stream
+// weighted_rows_tile's transpose: there the R outputs stay in registers while the nb rows stream
 // through; here the R sources stay while the nb outputs stream.
 template <int R, typename T>
 inline void add_row_products(const T* w, const T* src, int64_t nb, int64_t dim, T* dst) {
@@ -524,7 +489,7 @@ void attention_bwd_kernel(const Windows& n, const Heads<scalar_t>& q, const Head
           add_row_products<R>(pr.data(), do0, nb, D, dV.data());
           if (!uniform) {
             add_row_products<R>(s.data(), q0, nb, D, dK.data());
-            accumulate_rows<R>(s.data(), kb_rows.data(), nb, D, dQ.data() + i0 * D);
+            weighted_rows_tile<R>(s.data(), kBlock, kb_rows.data(), nb, D, dQ.data() + i0 * D);
           }
         };
         int64_t i0 = 0;
